@@ -1,0 +1,286 @@
+"""Read the sublayers of one traced layer off its fx graph.
+
+The residual stream enters as a placeholder. Walking the graph in order, an add is a
+*residual add* when one operand comes from the current stream (through nothing but
+norms, dropout and casts) and the other from a branch that reads the stream. For
+each residual add, norms are assigned to slots by where they sit:
+
+* ``pre``: between the stream and the branch's first real operation;
+* ``out``: between the branch's last real operation and the add;
+* ``post``: on the stream itself after the add (the next residual operand, or the
+  layer output, reaches the add only through it).
+
+Branches that read the same stream point and meet only at adds form one parallel
+sublayer (GPT-J, GPT-NeoX).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from ..errors import TopologyError
+from ..topology import Branch, BranchKind, NormSite, Sublayer, placement_of_slots
+from .norms import NormInfo
+from .trace_layer import WRAPPED_LAYER, TracedLayer
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = frozenset({"add", "add_"})
+_LIGHT_FUNCTIONS = (F.dropout, torch.dropout, operator.getitem)
+_LIGHT_METHODS = frozenset({
+    "to", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach",
+    "view", "reshape", "view_as", "reshape_as",
+})
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_CROSS = re.compile(r"cross|encoder_?attn|encdec", re.IGNORECASE)
+_SOURCE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+@dataclass
+class _RawSublayer:
+    add: fx.Node
+    residual_norms: list[fx.Node]
+    out_norms: list[fx.Node]
+    read_point: fx.Node
+    pre_norms: list[fx.Node]
+    branches: list[set[fx.Node]]
+    post_norms: list[fx.Node] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class LayerGraph:
+    """Graph queries over one traced layer: which nodes are norms, light, adds, and where they come from."""
+
+    def __init__(self, traced: TracedLayer, layer: nn.Module, norms: dict[str, NormInfo]) -> None:
+        self.traced = traced
+        self.layer = layer
+        self.norms = norms  # relative module path -> what it computes
+        self.nodes = list(traced.graph.nodes)
+        self.stream_input = next(n for n in self.nodes if n.op == "placeholder" and n.name == traced.stream_input)
+
+    def module_path(self, node: fx.Node) -> str | None:
+        if node.op != "call_module":
+            return None
+        return str(node.target).removeprefix(f"{WRAPPED_LAYER}.")
+
+    def is_norm(self, node: fx.Node) -> bool:
+        return self.module_path(node) in self.norms
+
+    def is_light(self, node: fx.Node) -> bool:
+        """Operations that pass the stream on unchanged in meaning: dropout, casts, tuple indexing."""
+        if node.op == "call_module":
+            module = self.layer.get_submodule(self.module_path(node) or "")
+            return isinstance(module, (nn.Dropout, nn.Identity)) and not self.is_norm(node)
+        if node.op == "call_function":
+            if node.target is operator.getitem:
+                container = node.args[0].meta.get("meta_value") if isinstance(node.args[0], fx.Node) else None
+                return not isinstance(container, torch.Tensor)
+            return node.target in _LIGHT_FUNCTIONS
+        if node.op == "call_method":
+            return node.target in _LIGHT_METHODS
+        return False
+
+    def is_add(self, node: fx.Node) -> bool:
+        if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+            return True
+        return node.op == "call_method" and node.target in _ADD_METHODS
+
+    def trace_back(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+        """Follow ``node`` back through light operations and norms; returns (origin, norms in call order)."""
+        norms: list[fx.Node] = []
+        while (self.is_norm(node) or self.is_light(node)) and node.args and isinstance(node.args[0], fx.Node):
+            if self.is_norm(node):
+                norms.append(node)
+            node = node.args[0]
+        return node, norms[::-1]
+
+    def source_of(self, node: fx.Node) -> str | None:
+        """``modeling_x.py:123``: the innermost modeling-code frame in the node's stack trace."""
+        matches = [m for m in _SOURCE_LINE.finditer(node.stack_trace or "") if "/models/" in m.group(1)]
+        if not matches:
+            return None
+        filename, line = matches[-1].groups()
+        return f"{filename.rsplit('/', 1)[-1]}:{line}"
+
+
+def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], set[str]]:
+    """The sublayers of one layer, and the relative paths of the norms they use."""
+    raw = _find_residual_adds(graph)
+    if not raw:
+        raise TopologyError(
+            f"{type(graph.layer).__name__} ({layer_path}) shows no residual add in its traced graph; "
+            "normswap converts residual transformers only"
+        )
+    raw = _merge_parallel(raw)
+    _assign_post_norms(graph, raw)
+    used: set[str] = set()
+    sublayers = []
+    for item in raw:
+        sites = []
+        for slot, nodes in (("pre", item.pre_norms), ("post", item.post_norms), ("out", item.out_norms)):
+            for node in nodes:
+                path = graph.module_path(node) or ""
+                used.add(path)
+                info = graph.norms[path]
+                sites.append(NormSite(_join(layer_path, path), slot, info.kind, info.eps, info.dim,
+                                      graph.source_of(node)))
+        branches = tuple(_describe_branch(graph, nodes) for nodes in item.branches)
+        parallel = len(branches) > 1
+        slots = {site.slot for site in sites}
+        sublayers.append(Sublayer(
+            kind="parallel" if parallel else branches[0].kind,
+            placement=placement_of_slots(slots, parallel),
+            branches=branches,
+            norms=tuple(sites),
+            residual_add=graph.source_of(item.add),
+            notes=tuple(item.notes),
+        ))
+    return sublayers, used
+
+
+def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
+    stream: list[fx.Node] = [graph.stream_input]
+    raw: list[_RawSublayer] = []
+    for node in graph.nodes:
+        if not graph.is_add(node):
+            continue
+        operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
+        if len(operands) != 2:
+            continue
+        (origin_a, norms_a), (origin_b, norms_b) = (graph.trace_back(op) for op in operands)
+        a_on_stream, b_on_stream = origin_a in stream, origin_b in stream
+        if a_on_stream == b_on_stream:
+            continue
+        residual_norms, branch_origin, out_norms = (
+            (norms_a, origin_b, norms_b) if a_on_stream else (norms_b, origin_a, norms_a)
+        )
+        entries = _branch_entries(graph, branch_origin, stream)
+        if not entries:
+            continue  # e.g. adding a position bias: the other operand does not read the stream
+        read_points = {origin for _, origin, _ in entries}
+        read_point = max(read_points, key=stream.index)
+        pre = _unique(norm for _, origin, norms in entries if origin is read_point for norm in norms)
+        pre = [n for n in pre if n not in residual_norms]
+        branch_nodes = _branch_nodes(graph, branch_origin, stream)
+        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre,
+                                _split_branches(graph, branch_nodes, [e for e, _, _ in entries])))
+        stream.append(node)
+    return raw
+
+
+def _branch_entries(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> list[tuple[fx.Node, fx.Node, list]]:
+    """Heavy nodes of the branch that read the stream directly: (node, stream point, norms in between)."""
+    entries = []
+    for node in _branch_nodes(graph, origin, stream):
+        if graph.is_norm(node) or graph.is_light(node):
+            continue
+        for arg in node.all_input_nodes:
+            source, norms = graph.trace_back(arg)
+            if source in stream:
+                entries.append((node, source, norms))
+    return entries
+
+
+def _branch_nodes(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> set[fx.Node]:
+    """Everything the branch output depends on, back to (not including) the stream points."""
+    seen: set[fx.Node] = set()
+    todo = [origin]
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stream or node.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return seen
+
+
+def _split_branches(graph: LayerGraph, nodes: set[fx.Node], entries: list[fx.Node]) -> list[set[fx.Node]]:
+    """Entries whose downstream nodes meet at anything but an add belong to one branch."""
+    closures = []
+    for entry in _unique(entries):
+        closure: set[fx.Node] = set()
+        todo = [entry]
+        while todo:
+            node = todo.pop()
+            if node in closure or node not in nodes:
+                continue
+            closure.add(node)
+            todo.extend(node.users)
+        closures.append(closure)
+    groups: list[set[fx.Node]] = []
+    for closure in closures:
+        joined = [g for g in groups if any(not graph.is_add(n) for n in g & closure)]
+        merged = set(closure).union(*joined) if joined else set(closure)
+        groups = [g for g in groups if g not in joined] + [merged]
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return sorted(groups, key=lambda g: min(order[n] for n in g))
+
+
+def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
+    """``h + A(x) + M(x)`` written as two adds: the second branch reads the stream before the first add."""
+    merged: list[_RawSublayer] = []
+    for item in raw:
+        if merged and item.read_point is merged[-1].read_point and not item.residual_norms:
+            previous = merged[-1]
+            previous.branches.extend(item.branches)
+            previous.pre_norms.extend(n for n in item.pre_norms if n not in previous.pre_norms)
+            previous.out_norms.extend(item.out_norms)
+            previous.add = item.add
+            continue
+        merged.append(item)
+    return merged
+
+
+def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
+    """Norms on the stream after an add are that sublayer's post norms."""
+    for previous, item in zip(raw, raw[1:], strict=False):
+        previous.post_norms.extend(item.residual_norms)
+    if raw[0].residual_norms:
+        raw[0].pre_norms[:0] = raw[0].residual_norms
+        raw[0].notes.append("the residual is taken after the pre norm")
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    while isinstance(result, (tuple, list)) and result:
+        result = result[0]
+    if isinstance(result, dict):
+        result = next(iter(result.values()))
+    if not isinstance(result, fx.Node):
+        raise TopologyError(f"{type(graph.layer).__name__} returns no tensor that normswap can follow")
+    origin, norms = graph.trace_back(result)
+    if origin is not raw[-1].add:
+        raise TopologyError(
+            f"{type(graph.layer).__name__}: the layer output does not come from its last residual add; "
+            "normswap cannot tell its norm placement"
+        )
+    raw[-1].post_norms.extend(norms)
+
+
+def _describe_branch(graph: LayerGraph, nodes: set[fx.Node]) -> Branch:
+    paths = sorted({p for n in nodes if (p := graph.module_path(n)) and not graph.is_norm(n)
+                    and not graph.is_light(n)})
+    names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
+    reads_encoder = any(i.op == "placeholder" and "encoder" in i.name for n in nodes for i in n.all_input_nodes)
+    kind: BranchKind
+    if _ATTENTION.search(names):
+        kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"
+    else:
+        kind = "mlp"
+    return Branch(kind, tuple(paths))
+
+
+def _unique(items: object) -> list:
+    seen: list = []
+    for item in items:  # type: ignore[attr-defined]
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path

@@ -1,0 +1,130 @@
+"""Run the model once on the meta device and record what each layer is called with.
+
+Layers take family-specific inputs (RoPE ``position_embeddings``, BLOOM's ``alibi``,
+T5's ``position_bias``, cross-attention states). Rather than synthesising them per
+family, we run the whole model on meta tensors and capture each layer's real
+arguments, plus the order in which norms and layers run (which tells embedding
+norms from final norms). Meta tensors cost no memory and no arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import SourceError
+
+_BATCH, _SEQUENCE = 1, 8
+
+
+@dataclass
+class LayerCall:
+    """The positional and keyword arguments one layer module was called with."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class CapturedRun:
+    """Per-layer inputs and the order of module calls (by module path) during one meta forward."""
+
+    layer_calls: dict[str, LayerCall] = field(default_factory=dict)
+    call_order: list[str] = field(default_factory=list)
+
+
+def find_layer_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """The ``nn.ModuleList``s that hold the model's residual layers, outermost only.
+
+    A stack is a ModuleList of modules of one class that hold weight matrices; lists
+    nested inside another stack's layers (MoE experts, T5's sublayer list) are not stacks.
+    """
+    stacks: list[tuple[str, list[tuple[str, nn.Module]]]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(stack_path + ".") for stack_path, _ in stacks):
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        holds_matrices = all(any(p.dim() >= 2 for p in child.parameters()) for child in module)
+        has_children = all(any(True for _ in child.children()) for child in module)
+        if holds_matrices and has_children:
+            prefix = f"{path}." if path else ""
+            stacks.append((path, [(f"{prefix}{index}", child) for index, child in enumerate(module)]))
+    return stacks
+
+
+def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """Meta inputs of the model's main input kind (tokens, pixels or audio features)."""
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids":
+        inputs = {"input_ids": torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")}
+    elif name == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        inputs = {"pixel_values": torch.zeros(_BATCH, getattr(config, "num_channels", 3), size, size, device="meta")}
+    elif name == "input_features":
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        inputs = {"input_features": torch.zeros(_BATCH, config.num_mel_bins, frames, device="meta")}
+    else:
+        raise SourceError(
+            f"{type(model).__name__} takes '{name}' as its main input, which normswap cannot synthesise yet; "
+            "please open an issue with the model_type"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")
+    return inputs
+
+
+def capture_run(model: nn.Module, config: Any, layer_paths: set[str], watched: dict[str, nn.Module]) -> CapturedRun:
+    """Run ``model`` on meta inputs; record layer arguments and the call order of ``watched`` modules."""
+    run = CapturedRun()
+    handles = []
+    for path in layer_paths:
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=True), with_kwargs=True))
+    for path, module in watched.items():
+        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
+    try:
+        with torch.no_grad(), _AnswerMetaScalars():
+            model(**synthetic_inputs(model, config))
+    except Exception as error:
+        missed = sorted(layer_paths - set(run.layer_calls))
+        raise SourceError(
+            f"running {type(model).__name__} on meta tensors failed ({type(error).__name__}: {error}) "
+            f"before layer {missed[0] if missed else '?'} ran; the model may need inputs normswap cannot synthesise"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return run
+
+
+def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        run.call_order.append(path)
+        if capture and path not in run.layer_calls:
+            run.layer_calls[path] = LayerCall(args, dict(kwargs))
+
+    return hook
+
+
+class _AnswerMetaScalars(TorchDispatchMode):
+    """Answer ``.item()`` / ``bool()`` on meta tensors with "true" (1).
+
+    Mask helpers take shortcuts on checks such as ``padding_mask.all()``; meta tensors
+    hold no data, so we answer as for an unpadded batch of one ordinary sequence. Only
+    mask shortcuts depend on these answers, never the layer structure that we record.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and args and args[0].is_meta:
+            dtype = args[0].dtype
+            return True if dtype is torch.bool else (1.0 if dtype.is_floating_point else 1)
+        return func(*args, **(kwargs or {}))

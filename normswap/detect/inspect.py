@@ -1,0 +1,181 @@
+"""``normswap.inspect``: detect the residual/norm topology of a model.
+
+Pipeline: build the model on the meta device -> find layer stacks and norm modules ->
+run once on meta tensors to capture each layer's inputs and the call order -> trace
+each distinct layer with torch.fx -> read sublayers off the graph -> place the
+embedding and final norms.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..recipe import recipe_for
+from ..topology import Layer, NormSite, Stack, Topology
+from .analysis import LayerGraph, analyse_layer
+from .capture import CapturedRun, capture_run, find_layer_stacks
+from .norms import NormInfo, classify_norm
+from .source import build_meta_model
+from .trace_layer import trace_layer
+
+_NORM_LIKE_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm)(_?\d+)?$|norm$", re.IGNORECASE)
+
+
+def inspect(model_or_path: str | Path | nn.Module, trust_remote_code: bool = False) -> Topology:
+    """Detect where each norm sits relative to each residual add, and what kind of norm it is.
+
+    ``model_or_path`` is a checkpoint folder, a ``config.json``, or a loaded transformers model.
+    No weights are read: the model is rebuilt on the meta device.
+    """
+    meta = build_meta_model(model_or_path, trust_remote_code)
+    model = meta.model
+    base_prefix = _base_model_prefix(model)
+    stacks = find_layer_stacks(model)
+    if not stacks:
+        from ..errors import TopologyError
+
+        raise TopologyError(
+            f"{type(model).__name__} ({meta.model_type}) has no list of layer modules; "
+            "normswap works on transformer stacks"
+        )
+    layer_paths = {path for _, layers in stacks for path, _ in layers}
+    norms = _classify_all_norms(model, _hidden_size(meta.config))
+    model_level_norms = {
+        path: model.get_submodule(path) for path in norms
+        if not any(path.startswith(layer + ".") for layer in layer_paths) and path.startswith(base_prefix)
+        and norms[path].kind != "identity"
+    }
+    run = capture_run(model, meta.config, layer_paths, model_level_norms)
+
+    layers: list[Layer] = []
+    analysed: dict[Any, tuple[list, set[str], list[str]]] = {}
+    for stack_path, stack_layers in stacks:
+        for index, (path, layer) in enumerate(stack_layers):
+            call = run.layer_calls.get(path)
+            if call is None:
+                continue  # a layer the forward skipped (e.g. a decoder-only pass of an encoder stack)
+            relative_norms = {p.removeprefix(path + "."): info for p, info in norms.items()
+                              if p.startswith(path + ".")}
+            key = _layer_signature(layer, relative_norms, call)
+            if key not in analysed:
+                traced = trace_layer(layer, call, {id(layer.get_submodule(p)) for p in relative_norms})
+                graph = LayerGraph(traced, layer, relative_norms)
+                sublayers, used = analyse_layer(graph, "")
+                analysed[key] = (sublayers, used, sorted(relative_norms))
+            template, used, all_relative = analysed[key]
+            layers.append(Layer(
+                index=index,
+                stack=stack_path,
+                path=path,
+                layer_class=type(layer).__name__,
+                sublayers=tuple(_relocate(sub, path) for sub in template),
+                inner_norms=tuple(
+                    NormSite(f"{path}.{rel}", "inner", relative_norms[rel].kind, relative_norms[rel].eps,
+                             relative_norms[rel].dim)
+                    for rel in all_relative if rel not in used and relative_norms[rel].kind != "identity"
+                ),
+            ))
+
+    stack_records = _place_edge_norms(stacks, run, norms, model_level_norms)
+    recipe = recipe_for(meta.model_type)
+    notes = tuple(recipe.notes) if recipe else ()
+    return Topology(
+        model_type=meta.model_type,
+        model_class=type(model).__name__,
+        stacks=tuple(stack_records),
+        layers=tuple(layers),
+        notes=notes,
+    )
+
+
+def _hidden_size(config: Any) -> int:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd", "dim", "embed_dim"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int):
+            return value
+    return 64
+
+
+def _base_model_prefix(model: nn.Module) -> str:
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for path, module in model.named_modules():
+        if module is base:
+            return path + "."
+    return ""
+
+
+def _classify_all_norms(model: nn.Module, hidden_size: int) -> dict[str, NormInfo]:
+    """Every norm module of the model by path; probes run once per distinct module shape."""
+    cache: dict[Any, NormInfo | None] = {}
+    found: dict[str, NormInfo] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Identity):
+            if _NORM_LIKE_NAME.search(path.rsplit(".", 1)[-1]):
+                found[path] = NormInfo("identity", None, hidden_size)
+            continue
+        key = (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)),
+               tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (int, float, tuple)))))
+        if key not in cache:
+            cache[key] = classify_norm(module, hidden_size)
+        if cache[key] is not None:
+            found[path] = cache[key]  # type: ignore[assignment]
+    return found
+
+
+def _layer_signature(layer: nn.Module, norms: dict[str, NormInfo], call: Any) -> Any:
+    """Layers with equal signatures have equal topologies, so 80 identical layers are traced once."""
+    modules = tuple((path, type(module).__name__) for path, module in layer.named_modules())
+    inputs = tuple((k, tuple(v.shape) if hasattr(v, "shape") else type(v).__name__)
+                   for k, v in sorted(call.kwargs.items()))
+    args = tuple(tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in call.args)
+    return type(layer), modules, tuple(sorted(norms.items())), inputs, args
+
+
+def _relocate(sub: Any, layer_path: str) -> Any:
+    from dataclasses import replace
+
+    return replace(
+        sub,
+        norms=tuple(replace(n, path=f"{layer_path}.{n.path}") for n in sub.norms),
+        branches=tuple(replace(b, modules=tuple(f"{layer_path}.{m}" for m in b.modules)) for b in sub.branches),
+    )
+
+
+def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo],
+                      model_level: dict[str, nn.Module]) -> list[Stack]:
+    """Embedding norms run after the previous stack and before a stack; final norms right after it."""
+    order = run.call_order
+    records: list[Stack] = []
+    called = [(path, layers) for path, layers in stacks if layers[0][0] in run.layer_calls]
+    for position, (stack_path, stack_layers) in enumerate(called):
+        first = order.index(stack_layers[0][0])
+        last = max(i for i, name in enumerate(order) if name == stack_layers[-1][0])
+        previous_end = (max(i for i, name in enumerate(order) if name == called[position - 1][1][-1][0])
+                        if position else -1)
+        next_start = (order.index(called[position + 1][1][0][0]) if position + 1 < len(called) else len(order))
+        parent = stack_path.rsplit(".", 1)[0] + "." if "." in stack_path else ""
+        previous_parent = (called[position - 1][0].rsplit(".", 1)[0] + "."
+                           if position and "." in called[position - 1][0] else None)
+        before = [n for n in order[previous_end + 1:first] if n in model_level
+                  and not (previous_parent and n.startswith(previous_parent))]
+        is_last = position + 1 == len(called)
+        after = [n for n in order[last + 1:next_start] if n in model_level and (is_last or n.startswith(parent))]
+        records.append(Stack(
+            path=stack_path,
+            num_layers=len(stack_layers),
+            embedding_norm=_site(before[-1], "embedding", norms) if before else None,
+            final_norm=_site(after[0], "final", norms) if after else None,
+        ))
+    return records
+
+
+def _site(path: str, slot: Any, norms: dict[str, NormInfo]) -> NormSite:
+    info = norms[path]
+    return NormSite(path, slot, info.kind, info.eps, info.dim)

@@ -1,0 +1,163 @@
+"""A torch.fx tracer that carries meta-device values alongside every proxy.
+
+transformers 5 removed its HFTracer. Plain ``torch.fx`` tracing of a decoder layer
+fails on ordinary Python that inspects tensors: ``if x.dtype == torch.float16``,
+``q, k = self.attn(x)``, ``x.shape[-1]``. We run every traced operation on the
+meta device as well, so such questions get concrete answers (shapes, dtypes,
+tuple lengths) while the graph records the operations. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+_CONCRETE_TENSOR_ATTRIBUTES = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "is_meta"})
+
+
+class MetaProxy(fx.Proxy):
+    """A proxy that knows the meta value of the node it stands for."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer | None = None, meta: Any = None) -> None:
+        super().__init__(node, tracer)
+        object.__setattr__(self, "meta_value", meta)
+
+    def __getattr__(self, name: str) -> Any:
+        meta = object.__getattribute__(self, "meta_value")
+        if isinstance(meta, torch.Tensor) and name in _CONCRETE_TENSOR_ATTRIBUTES:
+            return getattr(meta, name)
+        return super().__getattr__(name)
+
+    def size(self, dim: int | None = None) -> Any:
+        """Shapes are answered concretely: tracing is for one input shape only."""
+        meta = self.meta_value
+        if isinstance(meta, torch.Tensor):
+            return meta.size() if dim is None else meta.size(dim)
+        return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+
+    def dim(self) -> Any:
+        meta = self.meta_value
+        if isinstance(meta, torch.Tensor):
+            return meta.dim()
+        return self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def __len__(self) -> int:
+        meta = self.meta_value
+        if meta is None:
+            raise fx.proxy.TraceError(f"len() of {self.node.name}, whose value is unknown while tracing")
+        return len(meta)
+
+
+def to_meta_value(value: Any) -> Any:
+    """Replace proxies by their meta values, leaving everything else as it is."""
+    return tree_map(lambda item: item.meta_value if isinstance(item, MetaProxy) else item, value)
+
+
+class LayerTracer(fx.Tracer):
+    """Traces one layer; modules for which ``is_leaf`` is true become single graph nodes.
+
+    ``record_stack_traces`` is on, so every node keeps the source line that produced it,
+    which is what a source rewrite of the modeling code needs.
+    """
+
+    def __init__(self, is_leaf: Callable[[torch.nn.Module, str], bool], placeholder_values: dict[str, Any]) -> None:
+        super().__init__(autowrap_modules=(), autowrap_functions=())
+        self.record_stack_traces = True
+        self._is_leaf = is_leaf
+        self._placeholder_values = placeholder_values
+        self._computing_meta = False
+        self.module_stack_paths: list[str] = []
+        self.failed_inside: list[str] | None = None  # the module stack when tracing first failed
+
+    # -- leaves and module calls ------------------------------------------------
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return self._is_leaf(module, qualified_name)
+
+    def call_module(self, module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._computing_meta:
+            return forward(*args, **kwargs)
+        path = self.path_of_module(module)
+        self.module_stack_paths.append(path)
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_inside is None:
+                self.failed_inside = list(self.module_stack_paths)
+            raise
+        finally:
+            self.module_stack_paths.pop()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._computing_meta:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- meta propagation -------------------------------------------------------
+    def proxy(self, node: fx.Node) -> MetaProxy:
+        return MetaProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(proxy, MetaProxy):
+            meta = self._meta_value(kind, target, args, kwargs, proxy.node)
+            object.__setattr__(proxy, "meta_value", meta)
+            proxy.node.meta["meta_value"] = meta
+        return proxy
+
+    def _meta_value(self, kind: str, target: Any, args: tuple, kwargs: dict, node: fx.Node) -> Any:
+        if kind == "placeholder":
+            return self._placeholder_values.get(node.name, self._placeholder_values.get(target))
+        if kind == "output":
+            return None
+        meta_args, meta_kwargs = to_meta_value(args), to_meta_value(kwargs)
+        self._computing_meta = True
+        try:
+            with torch.no_grad():
+                if kind == "call_function":
+                    return target(*meta_args, **meta_kwargs)
+                if kind == "call_method":
+                    return getattr(meta_args[0], target)(*meta_args[1:], **meta_kwargs)
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*meta_args, **meta_kwargs)
+                if kind == "get_attr":
+                    return _resolve_attribute(self.root, target)
+        except Exception:  # noqa: BLE001 - an unknown value only means fewer concrete answers
+            return None
+        finally:
+            self._computing_meta = False
+        return None
+
+    # -- Python protocol questions answered from meta values -----------------------
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        meta = getattr(obj, "meta_value", None)
+        if isinstance(meta, (tuple, list)) or (isinstance(meta, torch.Tensor) and meta.dim() > 0):
+            return iter([self.create_proxy("call_function", operator.getitem, (obj, index), {})
+                         for index in range(len(meta))])
+        return super().iter(obj)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        meta = getattr(obj, "meta_value", None)
+        if meta is not None and not isinstance(meta, torch.Tensor):
+            return bool(meta)
+        raise fx.proxy.TraceError(
+            f"branching on the value of tensor '{obj.node.name}' (data-dependent control flow)"
+        )
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        meta = getattr(obj, "meta_value", None)
+        if isinstance(meta, dict):
+            return meta.keys()
+        return super().keys(obj)
+
+
+def _resolve_attribute(root: torch.nn.Module, dotted: str) -> Any:
+    value: Any = root
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,27 @@
+"""Domain errors. Each carries a one-line message that says what is wrong and how to fix it.
+
+The CLI maps ``NormswapError`` to ``Error: <message>`` and exit code 1; anything else
+is a bug and is not swallowed.
+"""
+
+from __future__ import annotations
+
+
+class NormswapError(Exception):
+    """A known failure with an actionable one-line message."""
+
+
+class SourceError(NormswapError):
+    """The input checkpoint or config cannot be used as given."""
+
+
+class TracingError(NormswapError):
+    """torch.fx could not trace a layer; the message names the layer class and the construct."""
+
+
+class TopologyError(NormswapError):
+    """The traced model does not have the residual structure normswap works on."""
+
+
+class RecipeError(NormswapError):
+    """A recipe file does not follow the schema."""

@@ -1,0 +1,220 @@
+"""The detected residual/norm topology: frozen, printable and JSON-serialisable.
+
+A ``Topology`` is what ``normswap inspect`` reports and what a conversion plan is
+built from. Example, BERT (Post-LN)::
+
+    embeddings.LayerNorm -> [attn -> + -> LayerNorm] -> [mlp -> + -> LayerNorm] x 6
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+NormKind = Literal[
+    "layernorm", "layernorm-nobias", "layernorm-noaffine", "rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine", "identity"
+]
+NormSlot = Literal["pre", "post", "out"]
+BranchKind = Literal["attention", "cross-attention", "mlp"]
+Placement = Literal["pre", "post", "sandwich", "post-sublayer", "parallel", "pre-post", "none", "mixed"]
+
+NORM_KIND_LABELS: dict[str, str] = {
+    "layernorm": "LayerNorm",
+    "layernorm-nobias": "LayerNorm (no bias)",
+    "layernorm-noaffine": "LayerNorm (no affine)",
+    "rmsnorm": "RMSNorm",
+    "rmsnorm-offset": "RMSNorm (1 + w)",
+    "rmsnorm-noaffine": "RMSNorm (no affine)",
+    "identity": "Identity",
+}
+PLACEMENT_LABELS: dict[str, str] = {
+    "pre": "Pre-Norm",
+    "post": "Post-Norm",
+    "sandwich": "Sandwich-Norm",
+    "post-sublayer": "Post-sublayer-Norm",
+    "parallel": "Parallel-residual (Pre-Norm)",
+    "pre-post": "Pre+Post-Norm",
+    "none": "no residual norms",
+    "mixed": "mixed placement",
+}
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """One norm module call on the residual path of a sublayer (or the embedding/final norm)."""
+
+    path: str
+    slot: NormSlot | Literal["embedding", "final", "inner"]
+    kind: NormKind
+    eps: float | None
+    dim: int
+    source: str | None = None  # "modeling_bert.py:293", where the call sits in the modeling code
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch F of a sublayer: the modules it runs, and the branch kind they add up to."""
+
+    kind: BranchKind
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual add ``h + F(...)`` together with the norms around it.
+
+    A parallel group (GPT-J, GPT-NeoX) is one sublayer with several branches.
+    """
+
+    kind: BranchKind | Literal["parallel"]
+    placement: Placement
+    branches: tuple[Branch, ...]
+    norms: tuple[NormSite, ...]
+    residual_add: str | None  # source line of the add, e.g. "modeling_llama.py:301"
+    notes: tuple[str, ...] = ()
+
+    def norms_in(self, slot: str) -> tuple[NormSite, ...]:
+        return tuple(norm for norm in self.norms if norm.slot == slot)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer module of a stack (``encoder.layer.3``) and its sublayers in execution order."""
+
+    index: int
+    stack: str
+    path: str
+    layer_class: str
+    sublayers: tuple[Sublayer, ...]
+    inner_norms: tuple[NormSite, ...] = ()  # q/k norms and other norms inside a branch
+
+    @property
+    def placement(self) -> Placement:
+        return combine_placements(sub.placement for sub in self.sublayers)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A sequence of layers sharing one residual stream (a decoder, or an encoder)."""
+
+    path: str
+    num_layers: int
+    embedding_norm: NormSite | None
+    final_norm: NormSite | None
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The model's residual/norm topology, as detected."""
+
+    model_type: str
+    model_class: str
+    stacks: tuple[Stack, ...]
+    layers: tuple[Layer, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def placement(self) -> Placement:
+        return combine_placements(layer.placement for layer in self.layers)
+
+    @property
+    def residual_norms(self) -> tuple[NormSite, ...]:
+        return tuple(norm for layer in self.layers for sub in layer.sublayers for norm in sub.norms)
+
+    @property
+    def all_norms(self) -> tuple[NormSite, ...]:
+        edges = [norm for stack in self.stacks for norm in (stack.embedding_norm, stack.final_norm) if norm]
+        return (*edges, *self.residual_norms)
+
+    @property
+    def norm(self) -> str:
+        """The norm kind of the model, ``mixed`` where norms differ (identity placeholders ignored)."""
+        kinds = {norm.kind for norm in self.all_norms if norm.kind != "identity"}
+        if not kinds:
+            return "none"
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def eps(self) -> float | None:
+        values = {norm.eps for norm in self.all_norms if norm.kind != "identity"}
+        return values.pop() if len(values) == 1 else None
+
+    @property
+    def embedding_norm(self) -> NormSite | None:
+        return self.stacks[0].embedding_norm if self.stacks else None
+
+    @property
+    def final_norm(self) -> NormSite | None:
+        return self.stacks[-1].final_norm if self.stacks else None
+
+    def summary(self) -> str:
+        """One line, e.g. ``Post-Norm, LayerNorm (eps 1e-12), embedding norm, no final norm, 6 layers``."""
+        norm = NORM_KIND_LABELS.get(self.norm, self.norm)
+        eps = f" (eps {self.eps:g})" if self.eps is not None else ""
+        parts = [PLACEMENT_LABELS[self.placement], f"{norm}{eps}"]
+        parts.append("embedding norm" if any(s.embedding_norm for s in self.stacks) else "no embedding norm")
+        parts.append("final norm" if any(s.final_norm for s in self.stacks) else "no final norm")
+        parts.append(" + ".join(f"{s.num_layers} layers" for s in self.stacks) if len(self.stacks) > 1
+                     else f"{len(self.layers)} layers")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract documented in the README ("inspect --json")."""
+        return {
+            "model_type": self.model_type,
+            "model_class": self.model_class,
+            "summary": self.summary(),
+            "placement": self.placement,
+            "norm": self.norm,
+            "eps": self.eps,
+            "embedding_norm": self.embedding_norm.path if self.embedding_norm else None,
+            "final_norm": self.final_norm.path if self.final_norm else None,
+            "stacks": [asdict(stack) for stack in self.stacks],
+            "layers": [
+                {
+                    "index": layer.index,
+                    "stack": layer.stack,
+                    "path": layer.path,
+                    "class": layer.layer_class,
+                    "placement": layer.placement,
+                    "sublayers": [_sublayer_dict(sub) for sub in layer.sublayers],
+                    "inner_norms": [asdict(norm) for norm in layer.inner_norms],
+                }
+                for layer in self.layers
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def _sublayer_dict(sub: Sublayer) -> dict[str, Any]:
+    return {
+        "kind": sub.kind,
+        "placement": sub.placement,
+        "branches": [{"kind": b.kind, "modules": list(b.modules)} for b in sub.branches],
+        "norms": [asdict(norm) for norm in sub.norms],
+        "residual_add": sub.residual_add,
+        "notes": list(sub.notes),
+    }
+
+
+def combine_placements(placements: Any) -> Placement:
+    """One placement if all agree, ``mixed`` otherwise."""
+    seen = set(placements)
+    if not seen:
+        return "none"
+    return seen.pop() if len(seen) == 1 else "mixed"
+
+
+def placement_of_slots(slots: set[str], parallel: bool) -> Placement:
+    """What a sublayer's occupied norm slots add up to."""
+    if parallel:
+        return "parallel"
+    table: dict[frozenset[str], Placement] = {
+        frozenset({"pre"}): "pre",
+        frozenset({"post"}): "post",
+        frozenset({"out"}): "post-sublayer",
+        frozenset({"pre", "out"}): "sandwich",
+        frozenset({"pre", "post"}): "pre-post",
+        frozenset(): "none",
+    }
+    return table.get(frozenset(slots), "mixed")

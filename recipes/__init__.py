@@ -1,0 +1,1 @@
+"""Per-family recipe files (TOML), installed as the ``normswap.recipes`` data package."""
