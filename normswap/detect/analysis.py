@@ -94,11 +94,32 @@ class LayerGraph:
     def trace_back(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         """Follow ``node`` back through light operations and norms; returns (origin, norms in call order)."""
         norms: list[fx.Node] = []
-        while (self.is_norm(node) or self.is_light(node)) and node.args and isinstance(node.args[0], fx.Node):
-            if self.is_norm(node):
-                norms.append(node)
-            node = node.args[0]
-        return node, norms[::-1]
+        while True:
+            item = self.tuple_item(node)
+            if item is not None:
+                node = item
+            elif (self.is_norm(node) or self.is_light(node)) and node.args and isinstance(node.args[0], fx.Node):
+                if self.is_norm(node):
+                    norms.append(node)
+                node = node.args[0]
+            else:
+                return node, norms[::-1]
+
+    def tuple_item(self, node: fx.Node) -> fx.Node | None:
+        """``((h,) + rest)[0]`` is ``h``: see through tuple concatenation of layer outputs."""
+        if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+            return None
+        container, index = node.args
+        if isinstance(container, fx.Node) and self.is_add(container) and isinstance(container.args[0], (tuple, list)):
+            items = container.args[0]
+            if isinstance(index, int) and -len(items) <= index < len(items) and isinstance(items[index], fx.Node):
+                return items[index]
+        return None
+
+    def inputs_of(self, node: fx.Node) -> list[fx.Node]:
+        """Data inputs of ``node``; a tuple item depends only on the item it selects."""
+        item = self.tuple_item(node)
+        return [item] if item is not None else node.all_input_nodes
 
     def source_of(self, node: fx.Node) -> str | None:
         """``modeling_x.py:123``: the innermost modeling-code frame in the node's stack trace."""
@@ -180,7 +201,7 @@ def _branch_entries(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -
     for node in _branch_nodes(graph, origin, stream):
         if graph.is_norm(node) or graph.is_light(node):
             continue
-        for arg in node.all_input_nodes:
+        for arg in graph.inputs_of(node):
             source, norms = graph.trace_back(arg)
             if source in stream:
                 entries.append((node, source, norms))
@@ -196,7 +217,7 @@ def _branch_nodes(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> 
         if node in seen or node in stream or node.op in ("placeholder", "get_attr"):
             continue
         seen.add(node)
-        todo.extend(node.all_input_nodes)
+        todo.extend(graph.inputs_of(node))
     return seen
 
 
@@ -245,11 +266,7 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
         raw[0].pre_norms[:0] = raw[0].residual_norms
         raw[0].notes.append("the residual is taken after the pre norm")
     output = next(n for n in graph.nodes if n.op == "output")
-    result = output.args[0]
-    while isinstance(result, (tuple, list)) and result:
-        result = result[0]
-    if isinstance(result, dict):
-        result = next(iter(result.values()))
+    result = _first_output(graph, output.args[0])
     if not isinstance(result, fx.Node):
         raise TopologyError(f"{type(graph.layer).__name__} returns no tensor that normswap can follow")
     origin, norms = graph.trace_back(result)
@@ -259,6 +276,19 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
             "normswap cannot tell its norm placement"
         )
     raw[-1].post_norms.extend(norms)
+
+
+def _first_output(graph: LayerGraph, result: object) -> object:
+    """The hidden states a layer returns: the first element of its output, also through ``(h,) + rest``."""
+    while True:
+        if isinstance(result, (tuple, list)) and result:
+            result = result[0]
+        elif isinstance(result, dict) and result:
+            result = next(iter(result.values()))
+        elif isinstance(result, fx.Node) and graph.is_add(result) and isinstance(result.args[0], (tuple, list)):
+            result = result.args[0]  # tuple concatenation, e.g. `(layer_output,) + outputs`
+        else:
+            return result
 
 
 def _describe_branch(graph: LayerGraph, nodes: set[fx.Node]) -> Branch:

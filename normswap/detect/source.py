@@ -55,6 +55,11 @@ def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
         raise SourceError(f"{config_path} is not a UTF-8 text file; pass a config.json") from None
     if not isinstance(data, dict):
         raise SourceError(f"{config_path} holds a JSON {type(data).__name__}, not an object; pass a config.json")
+    if "auto_map" in data and trust_remote_code:
+        from transformers import AutoConfig
+
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=True)
     return config_from_dict(data, str(config_path), trust_remote_code)
 
 

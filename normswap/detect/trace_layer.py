@@ -166,7 +166,8 @@ def _innermost_descended(tracer: LayerTracer, wrapper: nn.Module) -> nn.Module |
 
 
 def _describe_failure(layer: nn.Module, error: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/transformers/" in f.filename]
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not any(part in f.filename for part in ("/torch/", "/normswap/", "<"))]
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} `{frames[-1].line}`" if frames else ""
     return (f"cannot trace {type(layer).__name__}{where}: {type(error).__name__}: {error}. "
             "Please report it with the model_type; a recipe can mark the failing module as a leaf meanwhile")
