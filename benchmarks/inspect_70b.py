@@ -8,11 +8,9 @@ as a user running ``normswap inspect`` would pay; the import-only time is printe
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 LLAMA_70B = {
@@ -56,7 +54,7 @@ def main() -> int:
             "assert len(topology.layers) == 80 and topology.placement == 'pre', topology.summary()\n"
             "print(topology.summary(), file=sys.stderr)"
         )
-    print(f"config: Llama-70B shape (hidden 8192, 80 layers, intermediate 28672, 64 heads, 8 kv heads)")
+    print("config: Llama-70B shape (hidden 8192, 80 layers, intermediate 28672, 64 heads, 8 kv heads)")
     print(f"inspect, incl. imports: {run['seconds']:.2f} s   peak RSS {run['peak_rss_mib']:.0f} MiB")
     print(f"imports alone:          {imports['seconds']:.2f} s   peak RSS {imports['peak_rss_mib']:.0f} MiB")
     print(f"inspect work beyond imports: {run['seconds'] - imports['seconds']:.2f} s, "

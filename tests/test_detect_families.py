@@ -92,7 +92,8 @@ EXPECTED: dict[str, Expected] = {
     "gpt_neox_parallel": Expected("parallel", LN, 1e-5, [StackSpec(
         "layers", None, "final_layer_norm",
         [parallel(("input_layernorm", LN), ("post_attention_layernorm", LN))])], branches=("attention", "mlp")),
-    "gpt_neox_sequential": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "final_layer_norm", HF_DECODER_LN)]),
+    "gpt_neox_sequential": Expected("pre", LN, 1e-5, [
+        StackSpec("layers", None, "final_layer_norm", HF_DECODER_LN)]),
     # GPT-J: attn(ln_1(x)) + mlp(ln_1(x)) + x, one shared norm
     "gptj": Expected("parallel", LN, 1e-5, [StackSpec("h", None, "ln_f", [parallel(("ln_1", LN))])],
                      branches=("attention", "mlp")),
@@ -157,7 +158,8 @@ EXPECTED: dict[str, Expected] = {
         StackSpec("decoder.layers", None, "decoder.layer_norm", FAIRSEQ_PRE_DECODER),
     ]),
     "vit": Expected("pre", LN, 1e-12, [StackSpec(
-        "layers", None, "layernorm", [pre("attention", ("layernorm_before", LN)), pre("mlp", ("layernorm_after", LN))])]),
+        "layers", None, "layernorm",
+        [pre("attention", ("layernorm_before", LN)), pre("mlp", ("layernorm_after", LN))])]),
     # MPT: nn.LayerNorm with its bias removed; 2nd residual add inside MptMLP
     "mpt": Expected("pre", LN_NOBIAS, 1e-5, [StackSpec(
         "blocks", None, "norm_f", [pre("attention", ("norm_1", LN_NOBIAS)), pre("mlp", ("norm_2", LN_NOBIAS))])]),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.fx as fx
@@ -62,6 +63,7 @@ class LayerGraph:
         self.layer = layer
         self.norms = norms  # relative module path -> what it computes
         self.nodes = list(traced.graph.nodes)
+        self.position = {node: index for index, node in enumerate(self.nodes)}
         self.stream_input = next(n for n in self.nodes if n.op == "placeholder" and n.name == traced.stream_input)
 
     def module_path(self, node: fx.Node) -> str | None:
@@ -131,7 +133,10 @@ class LayerGraph:
 
 
 def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], set[str]]:
-    """The sublayers of one layer, and the relative paths of the norms they use."""
+    """The sublayers of one layer, and the relative paths of the norms they use.
+
+    Norm and module paths in the result are relative to the layer; ``layer_path`` names it in errors.
+    """
     raw = _find_residual_adds(graph)
     if not raw:
         raise TopologyError(
@@ -149,7 +154,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], s
                 path = graph.module_path(node) or ""
                 used.add(path)
                 info = graph.norms[path]
-                sites.append(NormSite(_join(layer_path, path), slot, info.kind, info.eps, info.dim,
+                sites.append(NormSite(path, slot, info.kind, info.eps, info.dim,
                                       graph.source_of(node)))
         branches = tuple(_describe_branch(graph, nodes) for nodes in item.branches)
         parallel = len(branches) > 1
@@ -198,7 +203,7 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
 def _branch_entries(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> list[tuple[fx.Node, fx.Node, list]]:
     """Heavy nodes of the branch that read the stream directly: (node, stream point, norms in between)."""
     entries = []
-    for node in _branch_nodes(graph, origin, stream):
+    for node in sorted(_branch_nodes(graph, origin, stream), key=graph.position.__getitem__):
         if graph.is_norm(node) or graph.is_light(node):
             continue
         for arg in graph.inputs_of(node):
@@ -239,8 +244,7 @@ def _split_branches(graph: LayerGraph, nodes: set[fx.Node], entries: list[fx.Nod
         joined = [g for g in groups if any(not graph.is_add(n) for n in g & closure)]
         merged = set(closure).union(*joined) if joined else set(closure)
         groups = [g for g in groups if g not in joined] + [merged]
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    return sorted(groups, key=lambda g: min(order[n] for n in g))
+    return sorted(groups, key=lambda g: min(graph.position[n] for n in g))
 
 
 def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
@@ -260,7 +264,7 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
 
 def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
     """Norms on the stream after an add are that sublayer's post norms."""
-    for previous, item in zip(raw, raw[1:], strict=False):
+    for previous, item in pairwise(raw):
         previous.post_norms.extend(item.residual_norms)
     if raw[0].residual_norms:
         raw[0].pre_norms[:0] = raw[0].residual_norms
@@ -311,6 +315,3 @@ def _unique(items: object) -> list:
             seen.append(item)
     return seen
 
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path

@@ -60,11 +60,11 @@ def inspect(model_or_path: str | Path | nn.Module, trust_remote_code: bool = Fal
                 continue  # a layer the forward skipped (e.g. a decoder-only pass of an encoder stack)
             relative_norms = {p.removeprefix(path + "."): info for p, info in norms.items()
                               if p.startswith(path + ".")}
-            key = _layer_signature(layer, relative_norms, call)
+            key = _layer_signature(layer, index, relative_norms, call)
             if key not in analysed:
                 traced = trace_layer(layer, call, {id(layer.get_submodule(p)) for p in relative_norms})
                 graph = LayerGraph(traced, layer, relative_norms)
-                sublayers, used = analyse_layer(graph, "")
+                sublayers, used = analyse_layer(graph, path)
                 analysed[key] = (sublayers, used, sorted(relative_norms))
             template, used, all_relative = analysed[key]
             layers.append(Layer(
@@ -129,13 +129,31 @@ def _classify_all_norms(model: nn.Module, hidden_size: int) -> dict[str, NormInf
     return found
 
 
-def _layer_signature(layer: nn.Module, norms: dict[str, NormInfo], call: Any) -> Any:
-    """Layers with equal signatures have equal topologies, so 80 identical layers are traced once."""
-    modules = tuple((path, type(module).__name__) for path, module in layer.named_modules())
+def _layer_signature(layer: nn.Module, index: int, norms: dict[str, NormInfo], call: Any) -> Any:
+    """Layers with equal signatures have equal topologies, so 80 identical layers are traced once.
+
+    The signature holds the module tree, the norms, the call's inputs and every plain attribute
+    (flags such as ``is_sliding`` can switch code paths); an int equal to the layer's own index
+    (``layer_idx``) is abstracted, or no two layers would ever match.
+    """
+    modules = tuple((path, type(module).__name__, _plain_attributes(module, index))
+                    for path, module in layer.named_modules())
     inputs = tuple((k, tuple(v.shape) if hasattr(v, "shape") else type(v).__name__)
                    for k, v in sorted(call.kwargs.items()))
     args = tuple(tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in call.args)
     return type(layer), modules, tuple(sorted(norms.items())), inputs, args
+
+
+def _plain_attributes(module: nn.Module, index: int) -> tuple:
+    plain = (bool, int, float, str, type(None))
+    items = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or not isinstance(value, plain):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value == index:
+            value = "<layer index>"
+        items.append((name, value))
+    return tuple(sorted(items, key=lambda item: item[0]))
 
 
 def _relocate(sub: Any, layer_path: str) -> Any:

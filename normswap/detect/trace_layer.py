@@ -66,7 +66,7 @@ def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> Tr
         tracer = LayerTracer(_leaf_policy(wrapper, norm_modules, forced_leaves), placeholder_values)
         try:
             graph = tracer.trace(wrapper)
-        except Exception as error:  # noqa: BLE001 - turned into a retry or a TracingError below
+        except Exception as error:
             failing = _innermost_descended(tracer, wrapper)
             if failing is None or id(failing) in forced_leaves:
                 raise TracingError(_describe_failure(layer, error)) from error
@@ -121,9 +121,10 @@ def _make_wrapper(layer: nn.Module, specs: list, placeholders: list[str]) -> nn.
                 kwargs[name] = tree_unflatten(values, spec)
             return getattr(self, WRAPPED_LAYER)(**kwargs)
 
-    source = f"def forward(self, {', '.join(placeholders)}):\n    return self.call_layer(({', '.join(placeholders)},))\n"
+    arguments = ", ".join(placeholders)
+    source = f"def forward(self, {arguments}):\n    return self.call_layer(({arguments},))\n"
     namespace: dict[str, Any] = {}
-    exec(compile(source, "<normswap layer wrapper>", "exec"), namespace)  # noqa: S102 - names checked above
+    exec(compile(source, "<normswap layer wrapper>", "exec"), namespace)
     LayerWrapper.forward = namespace["forward"]  # type: ignore[method-assign]
     return LayerWrapper()
 

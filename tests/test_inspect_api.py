@@ -1,0 +1,79 @@
+"""The Python API: loaded models, custom models, mixed placement and the JSON contract."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from custom_modeling import ToyConfig, ToyModel
+from tiny_configs import TINY_CONFIGS
+
+import normswap
+
+
+def test_loaded_model_inspects_like_its_config(write_config: Any) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(TINY_CONFIGS["llama"])
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    from_model = normswap.inspect(model)
+    from_path = normswap.inspect(write_config(config))
+
+    assert from_model.model_class == "LlamaForCausalLM"
+    assert from_model.stacks[0].path == "model.layers"
+    assert from_model.final_norm is not None and from_model.final_norm.path == "model.norm"
+    strip = [[(s.kind, s.placement, [(n.path.removeprefix("model."), n.slot, n.kind) for n in s.norms])
+              for s in layer.sublayers] for layer in from_model.layers]
+    want = [[(s.kind, s.placement, [(n.path, n.slot, n.kind) for n in s.norms]) for s in layer.sublayers]
+            for layer in from_path.layers]
+    assert strip == want
+    # inspecting works on a meta copy: the real weights are neither moved nor changed
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(not p.is_meta for p in model.parameters())
+
+
+def test_layers_that_differ_make_a_mixed_placement() -> None:
+    topology = normswap.inspect(ToyModel(ToyConfig(layouts=("post", "pre", "pre"))))
+    assert [layer.placement for layer in topology.layers] == ["post", "pre", "pre"]
+    assert topology.placement == "mixed"
+    assert topology.summary().startswith("mixed placement, LayerNorm (eps 1e-05)")
+
+
+def test_layers_without_residual_add_are_refused() -> None:
+    with pytest.raises(normswap.TopologyError, match=r"ToyLayer \(layers.0\) shows no residual add"):
+        normswap.inspect(ToyModel(ToyConfig(layouts=("no-residual", "no-residual"))))
+
+
+def test_tracing_failure_names_the_layer_class_and_the_construct() -> None:
+    with pytest.raises(normswap.TracingError) as caught:
+        normswap.inspect(ToyModel(ToyConfig(layouts=("data-dependent",))))
+    message = str(caught.value)
+    assert "ToyLayer" in message
+    assert "custom_modeling.py" in message and "if hidden_states.sum() > 0:" in message
+    assert "data-dependent control flow" in message
+
+
+def test_json_contract_keys(write_config: Any) -> None:
+    payload = json.loads(json.dumps(normswap.inspect(write_config(TINY_CONFIGS["gpt_neox_parallel"])).to_dict()))
+    assert {"model_type", "placement", "norm", "embedding_norm", "final_norm", "layers"} <= set(payload)
+    assert payload["placement"] == "parallel" and payload["norm"] == "layernorm"
+    assert payload["embedding_norm"] is None and payload["final_norm"] == "final_layer_norm"
+    layer = payload["layers"][1]
+    assert layer["index"] == 1
+    (sublayer,) = layer["sublayers"]
+    assert sublayer["kind"] == "parallel" and sublayer["placement"] == "parallel"
+    assert [b["kind"] for b in sublayer["branches"]] == ["attention", "mlp"]
+    assert [{k: n[k] for k in ("path", "slot", "kind", "eps")} for n in sublayer["norms"]] == [
+        {"path": "layers.1.input_layernorm", "slot": "pre", "kind": "layernorm", "eps": 1e-5},
+        {"path": "layers.1.post_attention_layernorm", "slot": "pre", "kind": "layernorm", "eps": 1e-5},
+    ]
+
+
+def test_topology_is_frozen(write_config: Any) -> None:
+    topology = normswap.inspect(write_config(TINY_CONFIGS["gpt2"]))
+    with pytest.raises(AttributeError):
+        topology.model_type = "x"  # type: ignore[misc]
