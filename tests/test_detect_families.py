@@ -118,6 +118,8 @@ EXPECTED: dict[str, Expected] = {
     "llama": Expected("pre", RMS, 1e-6, [StackSpec("layers", None, "norm", HF_DECODER_RMS)]),
     "mistral": Expected("pre", RMS, 1e-6, [StackSpec("layers", None, "norm", HF_DECODER_RMS)]),
     "qwen2": Expected("pre", RMS, 1e-6, [StackSpec("layers", None, "norm", HF_DECODER_RMS)]),
+    # Mixtral: sparse MoE MLP (experts routed by data; the meta run routes no token)
+    "mixtral": Expected("pre", RMS, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_RMS)]),
     # Qwen3: q_norm / k_norm over head_dim inside attention are not residual norms
     "qwen3": Expected("pre", RMS, 1e-6, [StackSpec(
         "layers", None, "norm", HF_DECODER_RMS, inner_norms=(("self_attn.k_norm", 16), ("self_attn.q_norm", 16)))]),

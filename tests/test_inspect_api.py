@@ -77,3 +77,9 @@ def test_topology_is_frozen(write_config: Any) -> None:
     topology = normswap.inspect(write_config(TINY_CONFIGS["gpt2"]))
     with pytest.raises(AttributeError):
         topology.model_type = "x"  # type: ignore[misc]
+
+
+def test_topology_errors_carry_the_recipe_note(write_config: Any) -> None:
+    config = {"model_type": "flaubert", "emb_dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128}
+    with pytest.raises(normswap.TopologyError, match=r"shows no residual add.*recipe note for flaubert: norms live"):
+        normswap.inspect(write_config(config))

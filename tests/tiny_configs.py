@@ -52,6 +52,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", **_GQA},
     "mistral": {"model_type": "mistral", **_GQA},
     "qwen2": {"model_type": "qwen2", **_GQA},
+    "mixtral": {"model_type": "mixtral", **_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3": {"model_type": "qwen3", **_GQA, "head_dim": 16},
     "gemma": {"model_type": "gemma", **_GQA, "head_dim": 16},
     "gemma2": {"model_type": "gemma2", **_GQA, "head_dim": 16},

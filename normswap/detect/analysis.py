@@ -64,7 +64,7 @@ class LayerGraph:
         self.norms = norms  # relative module path -> what it computes
         self.nodes = list(traced.graph.nodes)
         self.position = {node: index for index, node in enumerate(self.nodes)}
-        self.stream_input = next(n for n in self.nodes if n.op == "placeholder" and n.name == traced.stream_input)
+        self.stream_input = next(n for n in self.nodes if n.op == "placeholder" and n.target == traced.stream_input)
 
     def module_path(self, node: fx.Node) -> str | None:
         if node.op != "call_module":
@@ -299,7 +299,7 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node]) -> Branch:
     paths = sorted({p for n in nodes if (p := graph.module_path(n)) and not graph.is_norm(n)
                     and not graph.is_light(n)})
     names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
-    reads_encoder = any(i.op == "placeholder" and "encoder" in i.name for n in nodes for i in n.all_input_nodes)
+    reads_encoder = any(i.op == "placeholder" and "encoder" in str(i.target) for n in nodes for i in n.all_input_nodes)
     kind: BranchKind
     if _ATTENTION.search(names):
         kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import SourceError
 
 _BATCH, _SEQUENCE = 1, 8
+_AUDIO_SAMPLES = 4000  # a quarter second at 16 kHz: enough frames for wav2vec2-style feature encoders
 
 
 @dataclass
@@ -71,7 +72,10 @@ def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
         inputs = {"pixel_values": torch.zeros(_BATCH, getattr(config, "num_channels", 3), size, size, device="meta")}
     elif name == "input_features":
         frames = 2 * getattr(config, "max_source_positions", 1500)
-        inputs = {"input_features": torch.zeros(_BATCH, config.num_mel_bins, frames, device="meta")}
+        channels = getattr(config, "num_mel_bins", None) or getattr(config, "input_feat_per_channel", 80)
+        inputs = {"input_features": torch.zeros(_BATCH, channels, frames, device="meta")}
+    elif name == "input_values":
+        inputs = {"input_values": torch.zeros(_BATCH, _AUDIO_SAMPLES, device="meta")}
     else:
         raise SourceError(
             f"{type(model).__name__} takes '{name}' as its main input, which normswap cannot synthesise yet; "
@@ -92,7 +96,7 @@ def capture_run(model: nn.Module, config: Any, layer_paths: set[str], watched: d
     for path, module in watched.items():
         handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
     try:
-        with torch.no_grad(), _AnswerMetaScalars():
+        with torch.no_grad(), AnswerDataQuestions():
             model(**synthetic_inputs(model, config))
     except Exception as error:
         missed = sorted(layer_paths - set(run.layer_calls))
@@ -115,16 +119,22 @@ def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:
     return hook
 
 
-class _AnswerMetaScalars(TorchDispatchMode):
-    """Answer ``.item()`` / ``bool()`` on meta tensors with "true" (1).
+class AnswerDataQuestions(TorchDispatchMode):
+    """Answer the data-dependent questions that meta tensors cannot.
 
-    Mask helpers take shortcuts on checks such as ``padding_mask.all()``; meta tensors
-    hold no data, so we answer as for an unpadded batch of one ordinary sequence. Only
-    mask shortcuts depend on these answers, never the layer structure that we record.
+    * ``.item()`` / ``bool()`` answer "true" (1): mask helpers take shortcuts on checks such
+      as ``padding_mask.all()``, and we answer as for an unpadded batch of one sequence.
+    * ``nonzero()`` answers "none": mixture-of-experts routing then sends no token to any
+      expert, which changes no module's place in the residual structure.
+
+    Only such shortcuts depend on these answers, never the layer structure that we record.
     """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default and args and args[0].is_meta:
-            dtype = args[0].dtype
-            return True if dtype is torch.bool else (1.0 if dtype.is_floating_point else 1)
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                dtype = args[0].dtype
+                return True if dtype is torch.bool else (1.0 if dtype.is_floating_point else 1)
+            if func is torch.ops.aten.nonzero.default:
+                return torch.empty((0, args[0].dim()), dtype=torch.long, device="meta")
         return func(*args, **(kwargs or {}))

@@ -14,12 +14,13 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import TopologyError
 from ..recipe import recipe_for
 from ..topology import Layer, NormSite, Stack, Topology
 from .analysis import LayerGraph, analyse_layer
 from .capture import CapturedRun, capture_run, find_layer_stacks
 from .norms import NormInfo, classify_norm
-from .source import build_meta_model
+from .source import MetaModel, build_meta_model
 from .trace_layer import trace_layer
 
 _NORM_LIKE_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm)(_?\d+)?$|norm$", re.IGNORECASE)
@@ -32,12 +33,20 @@ def inspect(model_or_path: str | Path | nn.Module, trust_remote_code: bool = Fal
     No weights are read: the model is rebuilt on the meta device.
     """
     meta = build_meta_model(model_or_path, trust_remote_code)
+    recipe = recipe_for(meta.model_type)
+    try:
+        return _inspect_meta_model(meta, recipe.notes if recipe else ())
+    except TopologyError as error:
+        if recipe and recipe.notes:
+            raise TopologyError(f"{error} (recipe note for {meta.model_type}: {recipe.notes[0]})") from error
+        raise
+
+
+def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
     model = meta.model
     base_prefix = _base_model_prefix(model)
     stacks = find_layer_stacks(model)
     if not stacks:
-        from ..errors import TopologyError
-
         raise TopologyError(
             f"{type(model).__name__} ({meta.model_type}) has no list of layer modules; "
             "normswap works on transformer stacks"
@@ -81,8 +90,6 @@ def inspect(model_or_path: str | Path | nn.Module, trust_remote_code: bool = Fal
             ))
 
     stack_records = _place_edge_norms(stacks, run, norms, model_level_norms)
-    recipe = recipe_for(meta.model_type)
-    notes = tuple(recipe.notes) if recipe else ()
     return Topology(
         model_type=meta.model_type,
         model_class=type(model).__name__,

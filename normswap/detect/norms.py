@@ -56,7 +56,7 @@ def classify_norm(module: nn.Module, hidden_size: int) -> NormInfo | None:
     try:
         probe = _cpu_copy(module)
         return _probe(probe, dim)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a module that cannot run on a (.., dim) tensor is not a norm
         return None
 
 

@@ -7,6 +7,7 @@ so an 80-layer, 8192-wide config inspects in seconds with almost no memory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,8 +80,14 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
             "upgrade transformers, fix the model_type, or pass --trust-remote-code for a custom model"
         )
     fields = {key: value for key, value in data.items() if key != "model_type"}
-    with _quiet_transformers():
-        return CONFIG_MAPPING[model_type].from_dict(fields)
+    try:
+        with _quiet_transformers():
+            return CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as error:  # config classes validate with many exception types
+        raise SourceError(
+            f"{origin} is not a valid {model_type} config ({type(error).__name__}: {_first_line(error)}); "
+            "fix the named value"
+        ) from error
 
 
 def build_meta_model(source: str | Path | nn.Module, trust_remote_code: bool = False) -> MetaModel:
@@ -91,20 +98,26 @@ def build_meta_model(source: str | Path | nn.Module, trust_remote_code: bool = F
         config = getattr(source, "config", None)
         if config is None:
             raise SourceError(f"{type(source).__name__} has no .config; pass a transformers PreTrainedModel")
+        config = copy.deepcopy(config)  # building a model writes to its config; the user's stays as it is
         model_class: Any = type(source)
         model_type = getattr(config, "model_type", type(source).__name__)
     else:
         config = load_config(source, trust_remote_code)
         model_class = AutoModel
         model_type = config.model_type
+    # mixture-of-experts kernels have no meta implementation; the eager loop is the same topology
+    options = {"experts_implementation": "eager"}
     try:
         with torch.device("meta"), _quiet_transformers():
             if model_class is AutoModel:
-                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, **options)
             else:
-                model = model_class._from_config(config)
-    except ValueError as error:
-        raise SourceError(f"transformers cannot build a model for model_type '{model_type}': {error}") from None
+                model = model_class._from_config(config, **options)
+    except Exception as error:  # any failure here means the config does not describe a model
+        raise SourceError(
+            f"transformers cannot build a {model_type} model from this config "
+            f"({type(error).__name__}: {_first_line(error)}); check the config values"
+        ) from error
     model.eval()
     return MetaModel(model, config, model_type)
 
@@ -120,3 +133,9 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(previous)
+
+
+def _first_line(error: Exception) -> str:
+    """Exception texts can span many lines; errors here are one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(error).__name__

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import TracingError
-from .capture import LayerCall
+from .capture import AnswerDataQuestions, LayerCall
 from .tracer import LayerTracer
 
 WRAPPED_LAYER = "layer"
@@ -65,7 +65,8 @@ def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> Tr
         wrapper = _make_wrapper(layer, specs, ordered_placeholders)
         tracer = LayerTracer(_leaf_policy(wrapper, norm_modules, forced_leaves), placeholder_values)
         try:
-            graph = tracer.trace(wrapper)
+            with AnswerDataQuestions():
+                graph = tracer.trace(wrapper)
         except Exception as error:
             failing = _innermost_descended(tracer, wrapper)
             if failing is None or id(failing) in forced_leaves:
@@ -155,7 +156,7 @@ def _takes_residual(module: nn.Module) -> bool:
         parameters = pyinspect.signature(pyinspect.unwrap(type(module).forward)).parameters
     except (TypeError, ValueError):
         return False
-    return bool(_RESIDUAL_ARGUMENT_NAMES & set(parameters))
+    return any(name in _RESIDUAL_ARGUMENT_NAMES or "residual" in name for name in parameters)
 
 
 def _innermost_descended(tracer: LayerTracer, wrapper: nn.Module) -> nn.Module | None:

@@ -127,7 +127,7 @@ class LayerTracer(fx.Tracer):
                     return self.root.get_submodule(target)(*meta_args, **meta_kwargs)
                 if kind == "get_attr":
                     return _resolve_attribute(self.root, target)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an unknown value only means fewer concrete answers
             return None
         finally:
             self._computing_meta = False
