@@ -9,6 +9,7 @@ norms from final norms). Meta tensors cost no memory and no arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import SourceError
+from .signature import input_signature, module_signature
 
 _BATCH, _SEQUENCE = 1, 8
 _AUDIO_SAMPLES = 4000  # a quarter second at 16 kHz: enough frames for wav2vec2-style feature encoders
@@ -36,6 +38,7 @@ class CapturedRun:
 
     layer_calls: dict[str, LayerCall] = field(default_factory=dict)
     call_order: list[str] = field(default_factory=list)
+    outputs: dict[Any, Any] = field(default_factory=dict)  # layer output by (signature, input shapes)
 
 
 def find_layer_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
@@ -86,28 +89,73 @@ def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def capture_run(model: nn.Module, config: Any, layer_paths: set[str], watched: dict[str, nn.Module]) -> CapturedRun:
-    """Run ``model`` on meta inputs; record layer arguments and the call order of ``watched`` modules."""
-    run = CapturedRun()
-    handles = []
-    for path in layer_paths:
-        module = model.get_submodule(path)
-        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=True), with_kwargs=True))
-    for path, module in watched.items():
-        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
+def capture_run(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Module]],
+                watched: dict[str, nn.Module]) -> CapturedRun:
+    """Run ``model`` on meta inputs; record layer arguments and the call order of ``watched`` modules.
+
+    ``layers`` maps each layer's path to its index in its stack and its module. A layer that
+    equals one already run (same signature, same input shapes) is not run again: its
+    predecessor's output is passed on, since on meta tensors only shapes flow anyway.
+    The run goes plain first; only if the model asks a data-dependent question (``.item()``,
+    ``nonzero()``) is it repeated with those questions answered, which costs a Python
+    dispatch per operation.
+    """
     try:
-        with torch.no_grad(), AnswerDataQuestions():
-            model(**synthetic_inputs(model, config))
-    except Exception as error:
-        missed = sorted(layer_paths - set(run.layer_calls))
+        return _run_once(model, config, layers, watched, answer_data_questions=False)
+    except Exception:  # noqa: BLE001 - retried with data questions answered; a second failure is reported
+        pass
+    try:
+        return _run_once(model, config, layers, watched, answer_data_questions=True)
+    except _MetaRunError as failed:
+        missed = sorted(set(layers) - set(failed.run.layer_calls))
+        error = failed.__cause__
         raise SourceError(
             f"running {type(model).__name__} on meta tensors failed ({type(error).__name__}: {error}) "
             f"before layer {missed[0] if missed else '?'} ran; the model may need inputs normswap cannot synthesise"
         ) from error
+
+
+class _MetaRunError(Exception):
+    def __init__(self, run: CapturedRun) -> None:
+        super().__init__("meta run failed")
+        self.run = run
+
+
+def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Module]],
+              watched: dict[str, nn.Module], answer_data_questions: bool) -> CapturedRun:
+    run = CapturedRun()
+    handles = []
+    for path, (index, module) in layers.items():
+        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=True), with_kwargs=True))
+        module.forward = _reusing_forward(module, module_signature(module, index), run)
+    for path, module in watched.items():
+        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
+    answers = AnswerDataQuestions() if answer_data_questions else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), answers:
+            model(**synthetic_inputs(model, config))
+    except SourceError:
+        raise
+    except Exception as error:
+        raise _MetaRunError(run) from error
     finally:
         for handle in handles:
             handle.remove()
+        for _, module in layers.values():
+            del module.forward
     return run
+
+
+def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: CapturedRun) -> Any:
+    original = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        key = (signature, input_signature(args, kwargs))
+        if key not in run.outputs:
+            run.outputs[key] = original(module, *args, **kwargs)
+        return run.outputs[key]
+
+    return forward
 
 
 def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:

@@ -18,8 +18,9 @@ from ..errors import TopologyError
 from ..recipe import recipe_for
 from ..topology import Layer, NormSite, Stack, Topology
 from .analysis import LayerGraph, analyse_layer
-from .capture import CapturedRun, capture_run, find_layer_stacks
+from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .norms import NormInfo, classify_norm
+from .signature import input_signature, module_signature
 from .source import MetaModel, build_meta_model
 from .trace_layer import trace_layer
 
@@ -51,14 +52,15 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
             f"{type(model).__name__} ({meta.model_type}) has no list of layer modules; "
             "normswap works on transformer stacks"
         )
-    layer_paths = {path for _, layers in stacks for path, _ in layers}
+    layers_by_path = {path: (index, layer) for _, stack in stacks for index, (path, layer) in enumerate(stack)}
+    layer_paths = set(layers_by_path)
     norms = _classify_all_norms(model, _hidden_size(meta.config))
     model_level_norms = {
         path: model.get_submodule(path) for path in norms
         if not any(path.startswith(layer + ".") for layer in layer_paths) and path.startswith(base_prefix)
         and norms[path].kind != "identity"
     }
-    run = capture_run(model, meta.config, layer_paths, model_level_norms)
+    run = capture_run(model, meta.config, layers_by_path, model_level_norms)
 
     layers: list[Layer] = []
     analysed: dict[Any, tuple[list, set[str], list[str]]] = {}
@@ -136,31 +138,9 @@ def _classify_all_norms(model: nn.Module, hidden_size: int) -> dict[str, NormInf
     return found
 
 
-def _layer_signature(layer: nn.Module, index: int, norms: dict[str, NormInfo], call: Any) -> Any:
-    """Layers with equal signatures have equal topologies, so 80 identical layers are traced once.
-
-    The signature holds the module tree, the norms, the call's inputs and every plain attribute
-    (flags such as ``is_sliding`` can switch code paths); an int equal to the layer's own index
-    (``layer_idx``) is abstracted, or no two layers would ever match.
-    """
-    modules = tuple((path, type(module).__name__, _plain_attributes(module, index))
-                    for path, module in layer.named_modules())
-    inputs = tuple((k, tuple(v.shape) if hasattr(v, "shape") else type(v).__name__)
-                   for k, v in sorted(call.kwargs.items()))
-    args = tuple(tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in call.args)
-    return type(layer), modules, tuple(sorted(norms.items())), inputs, args
-
-
-def _plain_attributes(module: nn.Module, index: int) -> tuple:
-    plain = (bool, int, float, str, type(None))
-    items = []
-    for name, value in vars(module).items():
-        if name.startswith("_") or not isinstance(value, plain):
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value == index:
-            value = "<layer index>"
-        items.append((name, value))
-    return tuple(sorted(items, key=lambda item: item[0]))
+def _layer_signature(layer: nn.Module, index: int, norms: dict[str, NormInfo], call: LayerCall) -> Any:
+    """Layers with equal signatures have equal topologies, so 80 identical layers are traced once."""
+    return module_signature(layer, index), tuple(sorted(norms.items())), input_signature(call.args, call.kwargs)
 
 
 def _relocate(sub: Any, layer_path: str) -> Any:
