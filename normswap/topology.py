@@ -53,10 +53,15 @@ class NormSite:
 
 @dataclass(frozen=True)
 class Branch:
-    """One branch F of a sublayer: the modules it runs, and the branch kind they add up to."""
+    """One branch F of a sublayer: the modules it runs, the kind they add up to, and the pre norms it reads.
+
+    In a parallel group the branches may read different norms (GPT-NeoX: attention reads
+    ``input_layernorm``, the MLP ``post_attention_layernorm``) or share one (GPT-J ``ln_1``).
+    """
 
     kind: BranchKind
     modules: tuple[str, ...]
+    reads: tuple[str, ...] = ()  # paths of the pre norms between the stream and this branch
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ def _sublayer_dict(sub: Sublayer) -> dict[str, Any]:
     return {
         "kind": sub.kind,
         "placement": sub.placement,
-        "branches": [{"kind": b.kind, "modules": list(b.modules)} for b in sub.branches],
+        "branches": [{"kind": b.kind, "modules": list(b.modules), "reads": list(b.reads)} for b in sub.branches],
         "norms": [asdict(norm) for norm in sub.norms],
         "residual_add": sub.residual_add,
         "notes": list(sub.notes),

@@ -66,7 +66,8 @@ def test_json_contract_keys(write_config: Any) -> None:
     assert layer["index"] == 1
     (sublayer,) = layer["sublayers"]
     assert sublayer["kind"] == "parallel" and sublayer["placement"] == "parallel"
-    assert [b["kind"] for b in sublayer["branches"]] == ["attention", "mlp"]
+    assert [(b["kind"], b["reads"]) for b in sublayer["branches"]] == [
+        ("attention", ["layers.1.input_layernorm"]), ("mlp", ["layers.1.post_attention_layernorm"])]
     assert [{k: n[k] for k in ("path", "slot", "kind", "eps")} for n in sublayer["norms"]] == [
         {"path": "layers.1.input_layernorm", "slot": "pre", "kind": "layernorm", "eps": 1e-5},
         {"path": "layers.1.post_attention_layernorm", "slot": "pre", "kind": "layernorm", "eps": 1e-5},
@@ -83,3 +84,14 @@ def test_topology_errors_carry_the_recipe_note(write_config: Any) -> None:
     config = {"model_type": "flaubert", "emb_dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128}
     with pytest.raises(normswap.TopologyError, match=r"shows no residual add.*recipe note for flaubert: norms live"):
         normswap.inspect(write_config(config))
+
+
+def test_parallel_branches_sharing_one_norm(write_config: Any) -> None:
+    (sublayer,) = normswap.inspect(write_config(TINY_CONFIGS["gptj"])).layers[0].sublayers
+    assert [(b.kind, b.reads) for b in sublayer.branches] == [("attention", ("h.0.ln_1",)), ("mlp", ("h.0.ln_1",))]
+    assert [n.path for n in sublayer.norms] == ["h.0.ln_1"]
+
+
+def test_post_norm_branches_read_no_pre_norm(minilm_path: Any) -> None:
+    layer = normswap.inspect(minilm_path).layers[2]
+    assert [b.reads for sub in layer.sublayers for b in sub.branches] == [(), ()]

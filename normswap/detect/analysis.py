@@ -156,7 +156,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], s
                 info = graph.norms[path]
                 sites.append(NormSite(path, slot, info.kind, info.eps, info.dim,
                                       graph.source_of(node)))
-        branches = tuple(_describe_branch(graph, nodes) for nodes in item.branches)
+        branches = tuple(_describe_branch(graph, nodes, item.pre_norms) for nodes in item.branches)
         parallel = len(branches) > 1
         slots = {site.slot for site in sites}
         sublayers.append(Sublayer(
@@ -194,8 +194,10 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         pre = _unique(norm for _, origin, norms in entries if origin is read_point for norm in norms)
         pre = [n for n in pre if n not in residual_norms]
         branch_nodes = _branch_nodes(graph, branch_origin, stream)
-        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre,
-                                _split_branches(graph, branch_nodes, [e for e, _, _ in entries])))
+        groups = _split_branches(graph, branch_nodes, [e for e, _, _ in entries])
+        for group in groups:  # each branch remembers the norms its entries read through
+            group.update(norm for entry, _, norms in entries if entry in group for norm in norms)
+        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups))
         stream.append(node)
     return raw
 
@@ -295,9 +297,10 @@ def _first_output(graph: LayerGraph, result: object) -> object:
             return result
 
 
-def _describe_branch(graph: LayerGraph, nodes: set[fx.Node]) -> Branch:
+def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.Node]) -> Branch:
     paths = sorted({p for n in nodes if (p := graph.module_path(n)) and not graph.is_norm(n)
                     and not graph.is_light(n)})
+    reads = tuple(graph.module_path(n) or "" for n in pre_norms if n in nodes)
     names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
     reads_encoder = any(i.op == "placeholder" and "encoder" in str(i.target) for n in nodes for i in n.all_input_nodes)
     kind: BranchKind
@@ -305,7 +308,7 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node]) -> Branch:
         kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"
     else:
         kind = "mlp"
-    return Branch(kind, tuple(paths))
+    return Branch(kind, tuple(paths), reads)
 
 
 def _unique(items: object) -> list:

@@ -149,7 +149,8 @@ def _relocate(sub: Any, layer_path: str) -> Any:
     return replace(
         sub,
         norms=tuple(replace(n, path=f"{layer_path}.{n.path}") for n in sub.norms),
-        branches=tuple(replace(b, modules=tuple(f"{layer_path}.{m}" for m in b.modules)) for b in sub.branches),
+        branches=tuple(replace(b, modules=tuple(f"{layer_path}.{m}" for m in b.modules),
+                               reads=tuple(f"{layer_path}.{r}" for r in b.reads)) for b in sub.branches),
     )
 
 
