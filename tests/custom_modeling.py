@@ -20,12 +20,29 @@ class ToyConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+class ToyAttention(nn.Module):
+    """Holds a q norm and branches on data, so tracing inside it fails and it must become one node."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        query = self.q_norm(self.q_proj(hidden_states))
+        if query.amax() > 100:
+            query = query.clamp(max=100)
+        return query
+
+
 class ToyLayer(nn.Module):
     def __init__(self, hidden_size: int, layout: str) -> None:
         super().__init__()
         self.layout = layout
         self.norm = nn.LayerNorm(hidden_size)
         self.mlp = nn.Linear(hidden_size, hidden_size)
+        if layout == "opaque-attention":
+            self.attn = ToyAttention(hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.layout == "pre":
@@ -34,6 +51,8 @@ class ToyLayer(nn.Module):
             return self.norm(hidden_states + self.mlp(hidden_states))
         if self.layout == "no-residual":
             return self.mlp(self.norm(hidden_states))
+        if self.layout == "opaque-attention":
+            return hidden_states + self.attn(self.norm(hidden_states))
         if self.layout == "data-dependent":
             if hidden_states.sum() > 0:
                 hidden_states = -hidden_states

@@ -95,3 +95,13 @@ def test_parallel_branches_sharing_one_norm(write_config: Any) -> None:
 def test_post_norm_branches_read_no_pre_norm(minilm_path: Any) -> None:
     layer = normswap.inspect(minilm_path).layers[2]
     assert [b.reads for sub in layer.sublayers for b in sub.branches] == [(), ()]
+
+
+def test_module_that_cannot_be_traced_inside_becomes_one_node() -> None:
+    topology = normswap.inspect(ToyModel(ToyConfig(layouts=("opaque-attention",))))
+    (layer,) = topology.layers
+    (sublayer,) = layer.sublayers
+    assert (sublayer.kind, sublayer.placement) == ("attention", "pre")
+    assert [(n.path, n.slot) for n in sublayer.norms] == [("layers.0.norm", "pre")]
+    assert [(n.path, n.kind) for n in layer.inner_norms] == [("layers.0.attn.q_norm", "rmsnorm")]
+    assert any("layers.0.attn was traced as one node" in note for note in topology.notes)

@@ -144,7 +144,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], s
             "normswap converts residual transformers only"
         )
     raw = _merge_parallel(raw)
-    _assign_post_norms(graph, raw)
+    _assign_post_norms(graph, raw, layer_path)
     used: set[str] = set()
     sublayers = []
     for item in raw:
@@ -186,14 +186,14 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         residual_norms, branch_origin, out_norms = (
             (norms_a, origin_b, norms_b) if a_on_stream else (norms_b, origin_a, norms_a)
         )
-        entries = _branch_entries(graph, branch_origin, stream)
+        branch_nodes = _branch_nodes(graph, branch_origin, stream)
+        entries = _branch_entries(graph, branch_nodes, stream)
         if not entries:
             continue  # e.g. adding a position bias: the other operand does not read the stream
         read_points = {origin for _, origin, _ in entries}
         read_point = max(read_points, key=stream.index)
         pre = _unique(norm for _, origin, norms in entries if origin is read_point for norm in norms)
         pre = [n for n in pre if n not in residual_norms]
-        branch_nodes = _branch_nodes(graph, branch_origin, stream)
         groups = _split_branches(graph, branch_nodes, [e for e, _, _ in entries])
         for group in groups:  # each branch remembers the norms its entries read through
             group.update(norm for entry, _, norms in entries if entry in group for norm in norms)
@@ -202,10 +202,11 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
     return raw
 
 
-def _branch_entries(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> list[tuple[fx.Node, fx.Node, list]]:
+def _branch_entries(graph: LayerGraph, branch_nodes: set[fx.Node],
+                    stream: list[fx.Node]) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
     """Heavy nodes of the branch that read the stream directly: (node, stream point, norms in between)."""
     entries = []
-    for node in sorted(_branch_nodes(graph, origin, stream), key=graph.position.__getitem__):
+    for node in sorted(branch_nodes, key=graph.position.__getitem__):
         if graph.is_norm(node) or graph.is_light(node):
             continue
         for arg in graph.inputs_of(node):
@@ -264,7 +265,7 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
     return merged
 
 
-def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
+def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: str) -> None:
     """Norms on the stream after an add are that sublayer's post norms."""
     for previous, item in pairwise(raw):
         previous.post_norms.extend(item.residual_norms)
@@ -274,11 +275,11 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer]) -> None:
     output = next(n for n in graph.nodes if n.op == "output")
     result = _first_output(graph, output.args[0])
     if not isinstance(result, fx.Node):
-        raise TopologyError(f"{type(graph.layer).__name__} returns no tensor that normswap can follow")
+        raise TopologyError(f"{type(graph.layer).__name__} ({layer_path}) returns no tensor normswap can follow")
     origin, norms = graph.trace_back(result)
     if origin is not raw[-1].add:
         raise TopologyError(
-            f"{type(graph.layer).__name__}: the layer output does not come from its last residual add; "
+            f"{type(graph.layer).__name__} ({layer_path}): the layer output does not come from its last residual add; "
             "normswap cannot tell its norm placement"
         )
     raw[-1].post_norms.extend(norms)

@@ -9,14 +9,15 @@ embedding and final norms.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import TopologyError
+from ..errors import SourceError, TopologyError
 from ..recipe import recipe_for
-from ..topology import Layer, NormSite, Stack, Topology
+from ..topology import Layer, NormSite, Stack, Sublayer, Topology
 from .analysis import LayerGraph, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .norms import NormInfo, classify_norm
@@ -54,7 +55,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
         )
     layers_by_path = {path: (index, layer) for _, stack in stacks for index, (path, layer) in enumerate(stack)}
     layer_paths = set(layers_by_path)
-    norms = _classify_all_norms(model, _hidden_size(meta.config))
+    norms = _classify_all_norms(model, _hidden_size(model, meta.config))
     model_level_norms = {
         path: model.get_submodule(path) for path in norms
         if not any(path.startswith(layer + ".") for layer in layer_paths) and path.startswith(base_prefix)
@@ -63,7 +64,8 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
     run = capture_run(model, meta.config, layers_by_path, model_level_norms)
 
     layers: list[Layer] = []
-    analysed: dict[Any, tuple[list, set[str], list[str]]] = {}
+    notes = list(notes)
+    analysed: dict[Any, tuple[list[Sublayer], set[str], list[str]]] = {}
     for stack_path, stack_layers in stacks:
         for index, (path, layer) in enumerate(stack_layers):
             call = run.layer_calls.get(path)
@@ -77,6 +79,8 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
                 graph = LayerGraph(traced, layer, relative_norms)
                 sublayers, used = analyse_layer(graph, path)
                 analysed[key] = (sublayers, used, sorted(relative_norms))
+                notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
+                             "it are listed as inner norms" for opaque in traced.opaque)
             template, used, all_relative = analysed[key]
             layers.append(Layer(
                 index=index,
@@ -97,17 +101,21 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
         model_class=type(model).__name__,
         stacks=tuple(stack_records),
         layers=tuple(layers),
-        notes=notes,
+        notes=tuple(notes),
     )
 
 
-def _hidden_size(config: Any) -> int:
+def _hidden_size(model: nn.Module, config: Any) -> int:
+    """The residual width, for probing norms that have no weight to tell their size."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("hidden_size", "d_model", "n_embd", "dim", "embed_dim"):
         value = getattr(text_config, name, None)
         if isinstance(value, int):
             return value
-    return 64
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding):
+        return embeddings.embedding_dim
+    raise SourceError(f"{type(config).__name__} names no hidden size normswap knows; please report the model_type")
 
 
 def _base_model_prefix(model: nn.Module) -> str:
@@ -143,9 +151,8 @@ def _layer_signature(layer: nn.Module, index: int, norms: dict[str, NormInfo], c
     return module_signature(layer, index), tuple(sorted(norms.items())), input_signature(call.args, call.kwargs)
 
 
-def _relocate(sub: Any, layer_path: str) -> Any:
-    from dataclasses import replace
-
+def _relocate(sub: Sublayer, layer_path: str) -> Sublayer:
+    """A template sublayer (paths relative to its layer) placed at ``layer_path``."""
     return replace(
         sub,
         norms=tuple(replace(n, path=f"{layer_path}.{n.path}") for n in sub.norms),

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import TracingError
-from .capture import AnswerDataQuestions, LayerCall
+from .capture import LayerCall
+from .meta_answers import AnswerDataQuestions
 from .tracer import LayerTracer
 
 WRAPPED_LAYER = "layer"
@@ -32,12 +33,11 @@ _MAX_RETRIES = 8
 
 @dataclass(frozen=True)
 class TracedLayer:
-    """A layer's graph; node targets are paths relative to the layer (``attention.output.LayerNorm``)."""
+    """A layer's graph; ``call_module`` targets are ``layer.<path in the layer>``."""
 
     graph: fx.Graph
-    stream_input: str  # name of the placeholder that carries the residual stream in
-    placeholders: dict[str, str]  # placeholder node name -> argument name it came from
-    leaves: frozenset[str]  # modules traced as single nodes
+    stream_input: str  # the argument that carries the residual stream in: the layer's first one
+    opaque: tuple[str, ...] = ()  # modules traced as one node because tracing inside them failed
 
 
 def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> TracedLayer:
@@ -73,11 +73,9 @@ def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> Tr
                 raise TracingError(_describe_failure(layer, error)) from error
             forced_leaves.add(id(failing))
             continue
-        leaves = frozenset(
-            node.target.removeprefix(f"{WRAPPED_LAYER}.") for node in graph.nodes if node.op == "call_module"
-        )
-        placeholders = {p: p for p in ordered_placeholders}
-        return TracedLayer(graph, ordered_placeholders[0], placeholders, leaves)
+        opaque = tuple(sorted(path.removeprefix(f"{WRAPPED_LAYER}.") for path, module in wrapper.named_modules()
+                              if id(module) in forced_leaves))
+        return TracedLayer(graph, ordered_placeholders[0], opaque)
     raise TracingError(f"{type(layer).__name__}: tracing kept failing after {_MAX_RETRIES} retries")
 
 
