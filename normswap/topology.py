@@ -62,6 +62,7 @@ class Branch:
     kind: BranchKind
     modules: tuple[str, ...]
     reads: tuple[str, ...] = ()  # paths of the pre norms between the stream and this branch
+    entry: str | None = None  # the first module the branch runs: its input is what the branch reads
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ def _sublayer_dict(sub: Sublayer) -> dict[str, Any]:
     return {
         "kind": sub.kind,
         "placement": sub.placement,
-        "branches": [{"kind": b.kind, "modules": list(b.modules), "reads": list(b.reads)} for b in sub.branches],
+        "branches": [{"kind": b.kind, "modules": list(b.modules), "reads": list(b.reads), "entry": b.entry}
+                     for b in sub.branches],
         "norms": [asdict(norm) for norm in sub.norms],
         "residual_add": sub.residual_add,
         "notes": list(sub.notes),

@@ -302,6 +302,9 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
     paths = sorted({p for n in nodes if (p := graph.module_path(n)) and not graph.is_norm(n)
                     and not graph.is_light(n)})
     reads = tuple(graph.module_path(n) or "" for n in pre_norms if n in nodes)
+    heavy_modules = [n for n in sorted(nodes, key=graph.position.__getitem__)
+                     if graph.module_path(n) and not graph.is_norm(n) and not graph.is_light(n)]
+    entry = graph.module_path(heavy_modules[0]) if heavy_modules else None
     names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
     reads_encoder = any(i.op == "placeholder" and "encoder" in str(i.target) for n in nodes for i in n.all_input_nodes)
     kind: BranchKind
@@ -309,7 +312,7 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
         kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"
     else:
         kind = "mlp"
-    return Branch(kind, tuple(paths), reads)
+    return Branch(kind, tuple(paths), reads, entry)
 
 
 def _unique(items: object) -> list:

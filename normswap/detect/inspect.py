@@ -157,7 +157,8 @@ def _relocate(sub: Sublayer, layer_path: str) -> Sublayer:
         sub,
         norms=tuple(replace(n, path=f"{layer_path}.{n.path}") for n in sub.norms),
         branches=tuple(replace(b, modules=tuple(f"{layer_path}.{m}" for m in b.modules),
-                               reads=tuple(f"{layer_path}.{r}" for r in b.reads)) for b in sub.branches),
+                               reads=tuple(f"{layer_path}.{r}" for r in b.reads),
+                               entry=f"{layer_path}.{b.entry}" if b.entry else None) for b in sub.branches),
     )
 
 
