@@ -7,6 +7,10 @@ Schema (all keys optional except ``model_types``)::
     notes = ["..."]                             # caveats shown by `normswap inspect`
     [placement_flags]                           # config flags that switch norm placement
     do_layer_norm_before = { true = "pre", false = "post" }
+    [native.pre]                                # a stock family that expresses the Pre-Norm layout
+    model_type = "megatron-bert"
+    class_prefix = ["Bert", "MegatronBert"]     # BertForMaskedLM -> MegatronBertForMaskedLM
+    config = { some_key = 1 }                   # config values to set
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-_KNOWN_KEYS = frozenset({"model_types", "notes", "placement_flags"})
+_KNOWN_KEYS = frozenset({"model_types", "notes", "placement_flags", "native"})
+_NATIVE_KEYS = frozenset({"model_type", "class_prefix", "config"})
 _PLACEMENTS = frozenset({"pre", "post", "parallel", "sandwich", "post-sublayer"})
 
 
@@ -37,6 +42,26 @@ class PlacementFlag:
 
 
 @dataclass(frozen=True)
+class NativeTarget:
+    """A stock transformers family that loads the converted weights with no custom code."""
+
+    placement: str
+    model_type: str
+    class_prefix: tuple[str, str] | None = None  # (source prefix, target prefix) of model class names
+    config: tuple[tuple[str, Any], ...] = ()  # config values the target needs
+
+    def target_class_name(self, source_class_name: str) -> str:
+        """``BertForMaskedLM`` -> ``MegatronBertForMaskedLM``; unchanged without a prefix rule."""
+        if self.class_prefix is None:
+            return source_class_name
+        old, new = self.class_prefix
+        if not source_class_name.startswith(old):
+            raise RecipeError(f"native target {self.model_type}: class {source_class_name} does not start with "
+                              f"{old!r}; fix class_prefix in the recipe")
+        return new + source_class_name[len(old):]
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What one family's recipe file says."""
 
@@ -44,6 +69,10 @@ class Recipe:
     model_types: tuple[str, ...]
     notes: tuple[str, ...] = ()
     placement_flags: tuple[PlacementFlag, ...] = ()
+    native: tuple[NativeTarget, ...] = ()
+
+    def native_target(self, placement: str) -> NativeTarget | None:
+        return next((target for target in self.native if target.placement == placement), None)
 
 
 def parse_recipe(name: str, data: dict[str, Any]) -> Recipe:
@@ -65,7 +94,28 @@ def parse_recipe(name: str, data: dict[str, Any]) -> Recipe:
                 f"{where}: placement_flags.{key} must map config values to one of {sorted(_PLACEMENTS)}"
             )
         flags.append(PlacementFlag(key, tuple(sorted(table.items()))))
-    return Recipe(name, tuple(model_types), tuple(notes), tuple(flags))
+    native = tuple(_parse_native(where, placement, table) for placement, table in data.get("native", {}).items())
+    return Recipe(name, tuple(model_types), tuple(notes), tuple(flags), native)
+
+
+def _parse_native(where: str, placement: str, table: Any) -> NativeTarget:
+    if placement not in ("pre", "post") or not isinstance(table, dict):
+        raise RecipeError(f"{where}: [native.{placement}] must be [native.pre] or [native.post] tables")
+    unknown = set(table) - _NATIVE_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} in [native.{placement}]; "
+                          f"allowed: {sorted(_NATIVE_KEYS)}")
+    if not isinstance(table.get("model_type"), str):
+        raise RecipeError(f"{where}: [native.{placement}] needs model_type, the stock family's model_type")
+    prefix = table.get("class_prefix")
+    if prefix is not None and (not isinstance(prefix, list) or len(prefix) != 2
+                               or not all(isinstance(p, str) for p in prefix)):
+        raise RecipeError(f"{where}: [native.{placement}] class_prefix must be [source prefix, target prefix]")
+    config = table.get("config", {})
+    if not isinstance(config, dict):
+        raise RecipeError(f"{where}: [native.{placement}] config must be a table of config values")
+    return NativeTarget(placement, table["model_type"], tuple(prefix) if prefix else None,
+                        tuple(sorted(config.items())))
 
 
 @functools.cache

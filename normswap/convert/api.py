@@ -1,0 +1,106 @@
+"""``normswap.convert``: change a loaded model's norm placement, in memory.
+
+The result is an ordinary transformers model (a stock class for native targets), ready for
+``Trainer``, PEFT or ``generate()``. It carries ``normswap_plan`` (what was done) and
+``normswap_carried`` (norm tensors the target had no slot for, restored by a conversion back).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..detect import inspect
+from ..errors import NormswapError
+from ..recipe import NativeTarget, recipe_for
+from ..topology import Topology
+from .native import build_with_weights, meta_instance, target_class, target_config
+from .plan import ConversionPlan, build_placement_plan
+from .weights import apply_plan
+
+logger = logging.getLogger("normswap")
+
+PLACEMENTS = ("pre", "post")
+
+
+class RealisationError(NormswapError):
+    """No way to express the target layout for this model (yet)."""
+
+
+def placement_of(topology: Topology) -> str:
+    """``pre`` or ``post`` for the placements a conversion starts from; parallel blocks are pre-norm."""
+    return "pre" if topology.placement == "parallel" else topology.placement
+
+
+def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> tuple[ConversionPlan, Any, Any]:
+    """The plan, the target class and the target config for converting ``model`` to ``placement``."""
+    if placement not in PLACEMENTS:
+        raise NormswapError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    source = inspect(model)
+    model_type = source.model_type
+    if placement_of(source) == placement:
+        plan = ConversionPlan(model_type, model_type, source.placement, placement, "none", exact=True,
+                              notes=(f"{model_type} already has {placement} placement: nothing to do",))
+        return plan, None, None
+    target = _native_target(model_type, placement) if native else None
+    if target is None:
+        how = "without a native target" if native else "with --no-native"
+        raise RealisationError(
+            f"converting {model_type} to {placement} placement {how} needs generated modeling code, which this "
+            "release does not have yet; native targets exist for bert, roberta, bart, opt and their Pre-LN twins"
+        )
+    config = target_config(model.config, target)
+    cls = target_class(model, target)
+    target_topology = inspect(meta_instance(cls, config))
+    if placement_of(target_topology) != placement:
+        raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} placement, "
+                               f"not {placement}; the recipe for {model_type} is wrong")
+    plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
+    return plan, cls, config
+
+
+def convert(model: nn.Module, placement: str, *, native: bool = True) -> nn.Module:
+    """Return ``model`` converted to ``placement`` (``"pre"`` or ``"post"``) under the norm-shift mapping.
+
+    Converting to the placement the model already has returns ``model`` itself and logs that.
+    """
+    plan, cls, config = plan_conversion(model, placement, native)
+    if plan.noop:
+        logger.warning(plan.notes[0])
+        return model
+    meta_target = meta_instance(cls, config)
+    shapes = {key: value.shape for key, value in meta_target.state_dict().items()}
+    state, dropped = apply_plan(model.state_dict(), plan, shapes, getattr(model, "normswap_carried", None))
+    parameter = next(model.parameters())
+    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
+    converted.train(model.training)
+    converted.config.normswap = provenance(model, plan)
+    converted.normswap_plan = plan
+    converted.normswap_carried = dropped
+    return converted
+
+
+def provenance(model: nn.Module, plan: ConversionPlan, source: str | None = None) -> dict[str, Any]:
+    """The ``normswap`` block written into the converted config."""
+    return {
+        "version": __version__,
+        "source": source or getattr(model.config, "_name_or_path", "") or None,
+        "source_model_type": plan.source_model_type,
+        "conversion": f"placement {plan.source_placement} -> {plan.target_placement}",
+        "realisation": plan.realisation,
+        "exact": plan.exact,
+    }
+
+
+def _native_target(model_type: str, placement: str) -> NativeTarget | None:
+    recipe = recipe_for(model_type)
+    return recipe.native_target(placement) if recipe else None
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-identical state dicts (same keys, same dtypes, same bits)."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,201 @@
+"""The conversion plan: which norm goes to which slot under the norm-shift mapping (DESIGN.md §2).
+
+Every branch keeps the normalisation it was trained with. Read a stack's norms as one
+sequence of S + 1 entries, S being its number of sublayers:
+
+    Post-Norm:  E,   P_0, P_1, ..., P_{S-1}      (embedding norm, then each sublayer's post norm)
+    Pre-Norm:   N_0, N_1, ..., N_{S-1}, Z        (each sublayer's pre norm, then the final norm)
+
+Entry k feeds the same branch in both layouts (branch k reads ``P_{k-1}``'s output in a
+Post-Norm model and ``N_k``'s in a Pre-Norm one), so the mapping is entry k -> entry k, both
+ways, and branch 0 reads exactly what it read before. Where one layout has a slot the other
+lacks (OPT has no embedding norm; mBART has one *and* a final norm), the plan says what is
+dropped, what starts as a unit norm, and what that costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..errors import NormswapError
+from ..topology import NormSite, Stack, Sublayer, Topology
+
+Placement = Literal["pre", "post"]
+
+
+class PlanError(NormswapError):
+    """The source and target topologies cannot be matched by the norm-shift mapping."""
+
+
+@dataclass(frozen=True)
+class NormMove:
+    """One entry of the norm sequence: where its weights come from and where they go.
+
+    ``source`` is None when the source has no norm in that entry (the target norm starts as a
+    unit norm: weight 1, bias 0); ``target`` is None when the target has no slot (the source
+    norm is dropped, and kept aside in the checkpoint so a round trip can restore it).
+    """
+
+    index: int
+    source_role: str
+    source: str | None
+    target_role: str
+    target: str | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """The moves of one layer stack, plus target norms that only ever start as unit norms."""
+
+    source_stack: str
+    target_stack: str
+    moves: tuple[NormMove, ...]
+    unit_norms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Everything a conversion will do, before it does it. Frozen, printable, JSON-serialisable."""
+
+    source_model_type: str
+    target_model_type: str
+    source_placement: str
+    target_placement: str
+    realisation: str  # "native: <model_type>" or "generated code"
+    exact: bool
+    stacks: tuple[StackPlan, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def noop(self) -> bool:
+        return self.source_placement == self.target_placement and self.source_model_type == self.target_model_type
+
+    def describe(self) -> str:
+        """A human-readable listing of the plan, one move per line."""
+        lines = [f"plan: {self.source_model_type} ({self.source_placement}) -> {self.target_model_type} "
+                 f"({self.target_placement}) via {self.realisation}; exact: {str(self.exact).lower()}"]
+        if self.noop:
+            lines.append("  nothing to do: the model already has this placement")
+        for stack in self.stacks:
+            lines.append(f"  stack {stack.source_stack} -> {stack.target_stack}:")
+            for move in stack.moves:
+                source = move.source or "(none: starts as a unit norm)"
+                target = move.target or "(no slot: dropped, kept aside for round trips)"
+                note = f"   # {move.note}" if move.note else ""
+                lines.append(f"    {move.source_role:>9} {source}  ->  {move.target_role:<9} {target}{note}")
+            for path in stack.unit_norms:
+                lines.append(f"    {'':>9} (none: starts as a unit norm)  ->  {path}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "noop": self.noop}
+
+
+def norm_sequence(stack: Stack, sublayers: list[Sublayer], placement: str) -> list[tuple[str, tuple[NormSite, ...]]]:
+    """The S + 1 entries of a stack's norm sequence as (role, norms); an entry may hold 0, 1 or 2 norms."""
+    if placement == "post":
+        entries = [("embedding", (stack.embedding_norm,) if stack.embedding_norm else ())]
+        for index, sub in enumerate(sublayers):
+            entries.append((f"post {index}", sub.norms_in("post")))
+        return entries
+    if placement in ("pre", "parallel"):
+        entries = [(f"pre {index}", sub.norms_in("pre")) for index, sub in enumerate(sublayers)]
+        entries.append(("final", (stack.final_norm,) if stack.final_norm else ()))
+        return entries
+    raise PlanError(f"normswap converts between Post-Norm and Pre-Norm; this model is {placement}")
+
+
+def build_placement_plan(source: Topology, target: Topology, realisation: str) -> ConversionPlan:
+    """The norm-shift plan from ``source`` to ``target`` (both detected), stack by stack."""
+    source_placement = _uniform(source)
+    target_placement = _uniform(target)
+    if len(source.stacks) != len(target.stacks):
+        raise PlanError(f"{source.model_type} has {len(source.stacks)} layer stacks but the target "
+                        f"{target.model_type} has {len(target.stacks)}")
+    stacks = []
+    notes: list[str] = []
+    for source_stack, target_stack in zip(source.stacks, target.stacks, strict=True):
+        source_subs = [s for layer in source.layers if layer.stack == source_stack.path for s in layer.sublayers]
+        target_subs = [s for layer in target.layers if layer.stack == target_stack.path for s in layer.sublayers]
+        if [s.kind for s in source_subs] != [s.kind for s in target_subs]:
+            raise PlanError(f"the sublayers of {source_stack.path} ({len(source_subs)}) and of the target's "
+                            f"{target_stack.path} ({len(target_subs)}) do not line up")
+        stacks.append(_stack_plan(source_stack, source_subs, source_placement,
+                                  target_stack, target_subs, target_placement, notes))
+    if any(sub.kind == "parallel" for sub in source_subs):
+        notes.append("parallel blocks: see the moves for which norm each branch keeps")
+    return ConversionPlan(
+        source_model_type=source.model_type,
+        target_model_type=target.model_type,
+        source_placement=source_placement,
+        target_placement=target_placement,
+        realisation=realisation,
+        exact=source_placement == target_placement,
+        stacks=tuple(stacks),
+        notes=tuple(_unique(notes)),
+    )
+
+
+def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placement: str,
+                target_stack: Stack, target_subs: list[Sublayer], target_placement: str,
+                notes: list[str]) -> StackPlan:
+    source_entries = norm_sequence(source_stack, source_subs, source_placement)
+    target_entries = norm_sequence(target_stack, target_subs, target_placement)
+    unit_norms: list[str] = []
+    # a Pre-Norm layout with an embedding norm before N_0 (mBART, BLOOM) has one entry more
+    if target_placement != "post" and target_stack.embedding_norm and source_placement == "post":
+        unit_norms.append(target_stack.embedding_norm.path)
+        notes.append(f"{target_stack.embedding_norm.path} starts as a unit norm and the embedding norm moves to "
+                     "the first pre norm: branch 0 reads N_0(LN(e)), equal to the original up to eps")
+    moves: list[NormMove] = []
+    if source_placement != "post" and source_stack.embedding_norm and target_placement == "post":
+        moves.append(NormMove(-1, "embedding", source_stack.embedding_norm.path, "-", None,
+                              "a Post-Norm model has one norm before branch 0; the pre-layer embedding norm "
+                              "is dropped"))
+    for index, ((source_role, sources), (target_role, targets)) in enumerate(
+            zip(source_entries, target_entries, strict=True)):
+        moves.extend(_entry_moves(index, source_role, sources, target_role, targets, notes))
+    return StackPlan(source_stack.path, target_stack.path, tuple(moves), tuple(unit_norms))
+
+
+def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], target_role: str,
+                 targets: tuple[NormSite, ...], notes: list[str]) -> list[NormMove]:
+    if not sources and not targets:
+        return []
+    if not targets:
+        note = "the target has no norm here; branch 0 no longer reads it" if index == 0 else "no target slot"
+        notes.append(f"{sources[0].path} has no slot in the target ({target_role}) and is dropped")
+        return [NormMove(index, source_role, s.path, target_role, None, note) for s in sources]
+    if not sources:
+        note = "branch 0 read no norm before; now it reads a unit norm" if index == 0 else "no source norm"
+        notes.append(f"{targets[0].path} ({target_role}) has no source norm and starts as a unit norm")
+        return [NormMove(index, source_role, None, target_role, t.path, note) for t in targets]
+    if len(sources) == len(targets):
+        return [NormMove(index, source_role, s.path, target_role, t.path) for s, t in zip(sources, targets,
+                                                                                          strict=True)]
+    if len(targets) == 1:  # two branch norms -> one post norm: both branches will read one input
+        kept, *dropped = sources
+        notes.append(f"parallel block: {targets[0].path} takes {kept.path} (the first branch's norm); "
+                     f"{', '.join(d.path for d in dropped)} is dropped")
+        return [NormMove(index, source_role, kept.path, target_role, targets[0].path, "kept: first branch's norm"),
+                *(NormMove(index, source_role, d.path, target_role, None, "dropped: branches share one input")
+                  for d in dropped)]
+    if len(sources) == 1:  # one norm -> one per branch: every branch reads a copy
+        return [NormMove(index, source_role, sources[0].path, target_role, t.path, "copied to each branch")
+                for t in targets]
+    raise PlanError(f"cannot map {len(sources)} norms ({source_role}) onto {len(targets)} ({target_role})")
+
+
+def _uniform(topology: Topology) -> str:
+    placement = topology.placement
+    if placement not in ("pre", "post", "parallel"):
+        raise PlanError(f"{topology.model_type} has {placement} placement; normswap converts Post-Norm <-> "
+                        "Pre-Norm (sandwich and post-sublayer layouts come later)")
+    return placement
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

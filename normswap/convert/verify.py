@@ -1,0 +1,200 @@
+"""Verification that is part of every conversion.
+
+1. Re-detect the realised model and require the target topology (a mismatch is an error).
+2. Run probe inputs through the original and the converted model and measure what the
+   norm-shift mapping keeps equal: what each branch reads. Branch 0 must read exactly what it
+   read before; later branches drift, and the report says by how much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from ..detect import inspect
+from ..errors import NormswapError
+from ..topology import Topology
+
+_PROBE_TOKENS = 64
+_PROBE_BATCH = 8
+
+
+class VerificationError(NormswapError):
+    """The realised model is not what the plan promised."""
+
+
+@dataclass(frozen=True)
+class SublayerDrift:
+    """How far what one branch reads moved: cosine and max abs difference over probe tokens."""
+
+    stack: str
+    index: int
+    kind: str
+    source_entry: str
+    target_entry: str
+    cosine: float
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What ``normswap_report.json`` holds about a conversion's effect on probe inputs."""
+
+    exact: bool
+    probe_tokens: int
+    sublayers: tuple[SublayerDrift, ...]
+    output_cosine: float
+    output_max_abs_diff: float
+    output_max_abs_reference: float
+    next_token_kl: float | None
+
+    def summary(self) -> str:
+        first = self.sublayers[0] if self.sublayers else None
+        lines = [f"probe: {self.probe_tokens} tokens; output cosine {self.output_cosine:.4f}, max abs diff "
+                 f"{self.output_max_abs_diff:.3g} (reference max {self.output_max_abs_reference:.3g})"]
+        if first:
+            lines.append(f"branch 0 reads the same input: max abs diff {first.max_abs_diff:.3g}")
+            worst = min(self.sublayers, key=lambda s: s.cosine)
+            lines.append(f"branch inputs: cosine {first.cosine:.4f} at sublayer 0 -> {self.sublayers[-1].cosine:.4f} "
+                         f"at sublayer {self.sublayers[-1].index} (lowest {worst.cosine:.4f})")
+        if self.next_token_kl is not None:
+            lines.append(f"next-token KL(original || converted): {self.next_token_kl:.4g} nats")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def require_topology(converted: nn.Module, expected: Topology) -> Topology:
+    """Re-trace the realised model; its layers must show exactly the expected sublayers and norms."""
+    found = inspect(converted)
+    if _shape(found) != _shape(expected):
+        raise VerificationError(
+            f"the converted {found.model_type} model detects as '{found.summary()}', not the planned "
+            f"'{expected.summary()}'; this is a normswap bug, please report it"
+        )
+    return found
+
+
+def _shape(topology: Topology) -> Any:
+    base = topology.stacks[0].path.split(".")[0] + "." if topology.stacks else ""
+
+    def strip(path: str | None) -> str | None:
+        return path[len(base):] if path and base and path.startswith(base) and base != path + "." else path
+
+    return (
+        topology.placement,
+        [(s.num_layers, s.embedding_norm.kind if s.embedding_norm else None,
+          s.final_norm.kind if s.final_norm else None) for s in topology.stacks],
+        [[(sub.kind, sub.placement, [(n.slot, n.kind) for n in sub.norms]) for sub in layer.sublayers]
+         for layer in topology.layers],
+    )
+
+
+def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any | None) -> dict[str, torch.Tensor]:
+    """Token ids for the probe: the tokenizer on ``texts`` where there is one, else fixed random ids."""
+    device = next(model.parameters()).device
+    if tokenizer is not None and texts:
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batch = tokenizer(list(texts[:_PROBE_BATCH]), return_tensors="pt", padding=True, truncation=True,
+                          max_length=_PROBE_TOKENS)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    else:
+        vocab = model.get_input_embeddings().num_embeddings
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (4, 32), generator=generator)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+        inputs["decoder_attention_mask"] = inputs["attention_mask"]
+    return {name: value.to(device) for name, value in inputs.items()}
+
+
+@torch.no_grad()
+def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, target: Topology,
+                  inputs: dict[str, torch.Tensor], exact: bool) -> DriftReport:
+    """Branch inputs and outputs of both models on the same probe inputs."""
+    source_reads, source_out = _run(original, _entries(source), inputs)
+    target_reads, target_out = _run(converted, _entries(target), inputs)
+    mask = inputs["attention_mask"].bool()
+    sublayers = []
+    for (stack, index, kind, source_entry), (_, _, _, target_entry) in zip(_entries(source), _entries(target),
+                                                                             strict=True):
+        a, b = source_reads.get(source_entry), target_reads.get(target_entry)
+        if a is None or b is None:
+            continue
+        keep = mask if a.shape[:2] == mask.shape else torch.ones(a.shape[:2], dtype=torch.bool)
+        sublayers.append(SublayerDrift(stack, index, kind, source_entry, target_entry,
+                                       _cosine(a[keep], b[keep]), float((a[keep] - b[keep]).abs().max())))
+    hidden_a, hidden_b = _last_hidden(source_out), _last_hidden(target_out)
+    keep = mask if hidden_a.shape[:2] == mask.shape else torch.ones(hidden_a.shape[:2], dtype=torch.bool)
+    kl = None
+    if getattr(source_out, "logits", None) is not None and getattr(target_out, "logits", None) is not None:
+        log_p = F.log_softmax(source_out.logits[keep].double(), -1)
+        log_q = F.log_softmax(target_out.logits[keep].double(), -1)
+        kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return DriftReport(
+        exact=exact,
+        probe_tokens=int(mask.sum()),
+        sublayers=tuple(sublayers),
+        output_cosine=_cosine(hidden_a[keep], hidden_b[keep]),
+        output_max_abs_diff=float((hidden_a[keep] - hidden_b[keep]).abs().max()),
+        output_max_abs_reference=float(hidden_a[keep].abs().max()),
+        next_token_kl=kl,
+    )
+
+
+def _entries(topology: Topology) -> list[tuple[str, int, str, str]]:
+    """(stack, sublayer index in the stack, kind, entry module) for the first branch of every sublayer."""
+    entries = []
+    for stack in topology.stacks:
+        subs = [sub for layer in topology.layers if layer.stack == stack.path for sub in layer.sublayers]
+        for index, sub in enumerate(subs):
+            entry = sub.branches[0].entry
+            if entry:
+                entries.append((stack.path, index, sub.kind, entry))
+    return entries
+
+
+def _run(model: nn.Module, entries: list[tuple[str, int, str, str]],
+         inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for _, _, _, path in entries:
+        module = model.get_submodule(path)
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+            value = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if isinstance(value, torch.Tensor) and path not in captured:
+                captured[path] = value.detach().double()
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        was_training = model.training
+        model.eval()
+        output = model(**inputs, output_hidden_states=True)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, output
+
+
+def _last_hidden(output: Any) -> torch.Tensor:
+    for name in ("last_hidden_state", "decoder_hidden_states", "hidden_states"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value.double()
+        if isinstance(value, (tuple, list)) and value:
+            return value[-1].double()
+    raise VerificationError(f"{type(output).__name__} has no hidden states to compare")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).mean())
