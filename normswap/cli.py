@@ -33,7 +33,45 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
     inspect.add_argument("--trust-remote-code", action="store_true",
                          help="allow custom modeling code named by the checkpoint's auto_map")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint to another norm placement",
+        description="Rewrite a checkpoint between Post-Norm and Pre-Norm under the norm-shift mapping "
+        "(every branch keeps the normalisation it was trained with), verify it, and save it.",
+    )
+    convert.add_argument("source", metavar="SRC", help="checkpoint folder")
+    convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
+    convert.add_argument("--placement", choices=("pre", "post"), required=True, help="target norm placement")
+    convert.add_argument("--no-native", dest="native", action="store_false",
+                         help="do not use a stock transformers family as the target")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    convert.add_argument("--calib", metavar="FILE", help="probe text, one document per line "
+                         "(default: Python standard-library docstrings)")
+    convert.add_argument("--json", action="store_true", help="print the plan and report as one JSON object")
+    convert.add_argument("--trust-remote-code", action="store_true",
+                         help="allow custom modeling code named by the checkpoint's auto_map")
     return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert.checkpoint import convert_checkpoint
+
+    result = convert_checkpoint(args.source, args.destination, args.placement, native=args.native,
+                                overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,
+                                trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(result.setup.plan.describe())
+    if result.destination is None:
+        print(f"nothing written: {result.setup.plan.notes[0]}")
+        return 0
+    assert result.report is not None
+    print(result.report.summary())
+    print(f"wrote {result.destination}")
+    return 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -54,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command == "convert":
+            return _run_convert(args)
     except NormswapError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1

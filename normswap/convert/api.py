@@ -8,9 +8,9 @@ The result is an ordinary transformers model (a stock class for native targets),
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import __version__
@@ -20,6 +20,7 @@ from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
 from .native import build_with_weights, meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan
+from .verify import require_topology
 from .weights import apply_plan
 
 logger = logging.getLogger("normswap")
@@ -36,8 +37,19 @@ def placement_of(topology: Topology) -> str:
     return "pre" if topology.placement == "parallel" else topology.placement
 
 
-def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> tuple[ConversionPlan, Any, Any]:
-    """The plan, the target class and the target config for converting ``model`` to ``placement``."""
+@dataclass(frozen=True)
+class ConversionSetup:
+    """What converting one model needs: the plan, the detected source and target, and the target class."""
+
+    plan: ConversionPlan
+    source: Topology
+    target: Topology | None = None
+    target_class: Any = None
+    target_config: Any = None
+
+
+def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> ConversionSetup:
+    """Detect ``model``, choose the realisation and plan the norm moves to ``placement``."""
     if placement not in PLACEMENTS:
         raise NormswapError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     source = inspect(model)
@@ -45,7 +57,7 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> tu
     if placement_of(source) == placement:
         plan = ConversionPlan(model_type, model_type, source.placement, placement, "none", exact=True,
                               notes=(f"{model_type} already has {placement} placement: nothing to do",))
-        return plan, None, None
+        return ConversionSetup(plan, source)
     target = _native_target(model_type, placement) if native else None
     if target is None:
         how = "without a native target" if native else "with --no-native"
@@ -60,27 +72,35 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> tu
         raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} placement, "
                                f"not {placement}; the recipe for {model_type} is wrong")
     plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
-    return plan, cls, config
+    return ConversionSetup(plan, source, target_topology, cls, config)
 
 
 def convert(model: nn.Module, placement: str, *, native: bool = True) -> nn.Module:
     """Return ``model`` converted to ``placement`` (``"pre"`` or ``"post"``) under the norm-shift mapping.
 
     Converting to the placement the model already has returns ``model`` itself and logs that.
+    The realised model is re-detected and must show the planned topology.
     """
-    plan, cls, config = plan_conversion(model, placement, native)
+    return realise(model, plan_conversion(model, placement, native))
+
+
+def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:
+    """Build the converted model that ``setup`` plans, and check its topology."""
+    plan = setup.plan
     if plan.noop:
         logger.warning(plan.notes[0])
         return model
-    meta_target = meta_instance(cls, config)
+    meta_target = meta_instance(setup.target_class, setup.target_config)
     shapes = {key: value.shape for key, value in meta_target.state_dict().items()}
     state, dropped = apply_plan(model.state_dict(), plan, shapes, getattr(model, "normswap_carried", None))
     parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
+    converted = build_with_weights(setup.target_class, setup.target_config, state, parameter.dtype,
+                                   parameter.device)
     converted.train(model.training)
     converted.config.normswap = provenance(model, plan)
     converted.normswap_plan = plan
     converted.normswap_carried = dropped
+    require_topology(converted, setup.target)
     return converted
 
 
@@ -99,8 +119,3 @@ def provenance(model: nn.Module, plan: ConversionPlan, source: str | None = None
 def _native_target(model_type: str, placement: str) -> NativeTarget | None:
     recipe = recipe_for(model_type)
     return recipe.native_target(placement) if recipe else None
-
-
-def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Bit-identical state dicts (same keys, same dtypes, same bits)."""
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

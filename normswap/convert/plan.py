@@ -148,13 +148,15 @@ def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placeme
     # a Pre-Norm layout with an embedding norm before N_0 (mBART, BLOOM) has one entry more
     if target_placement != "post" and target_stack.embedding_norm and source_placement == "post":
         unit_norms.append(target_stack.embedding_norm.path)
-        notes.append(f"{target_stack.embedding_norm.path} starts as a unit norm and the embedding norm moves to "
-                     "the first pre norm: branch 0 reads N_0(LN(e)), equal to the original up to eps")
+        notes.append(f"{target_stack.embedding_norm.path} starts as a unit norm and the embedding norm becomes "
+                     "the first pre norm: branch 0 reads E(LN(e)) instead of E(e), which differs only through eps "
+                     "in the second normalisation (little where the embeddings' variance is far above eps)")
     moves: list[NormMove] = []
     if source_placement != "post" and source_stack.embedding_norm and target_placement == "post":
         moves.append(NormMove(-1, "embedding", source_stack.embedding_norm.path, "-", None,
-                              "a Post-Norm model has one norm before branch 0; the pre-layer embedding norm "
-                              "is dropped"))
+                              "a Post-Norm model has one norm before branch 0"))
+        notes.append(f"{source_stack.embedding_norm.path} is dropped: a Post-Norm model has one norm before branch "
+                     "0, which takes the first pre norm; branch 0 is exact only if the dropped norm was a unit norm")
     for index, ((source_role, sources), (target_role, targets)) in enumerate(
             zip(source_entries, target_entries, strict=True)):
         moves.extend(_entry_moves(index, source_role, sources, target_role, targets, notes))

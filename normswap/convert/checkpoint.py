@@ -1,0 +1,120 @@
+"""``normswap convert SRC DST``: load a checkpoint, convert it, verify it, write it atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..corpus import default_corpus, read_corpus
+from ..detect.source import load_config
+from ..errors import SourceError
+from ..io.destination import atomic_output, check_destination
+from ..io.model_card import model_card
+from ..io.support_files import copy_support_files
+from .api import ConversionSetup, plan_conversion, provenance, realise
+from .verify import DriftReport, measure_drift, probe_inputs
+
+CARRIED_FILE = "normswap_carried.safetensors"
+REPORT_FILE = "normswap_report.json"
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert_checkpoint`` did: the plan, the drift report, and where it wrote (None for a no-op)."""
+
+    setup: ConversionSetup
+    report: DriftReport | None
+    destination: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.setup.plan.to_dict(),
+            "report": self.report.to_dict() if self.report else None,
+            "destination": str(self.destination) if self.destination else None,
+        }
+
+
+def convert_checkpoint(source: str | Path, destination: str | Path, placement: str, *, native: bool = True,
+                       overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
+                       trust_remote_code: bool = False) -> ConversionResult:
+    """Convert the checkpoint folder ``source`` to ``placement`` and write it to ``destination``."""
+    source_path, destination_path = Path(source), Path(destination)
+    config = load_config(source_path, trust_remote_code)
+    if not source_path.is_dir():
+        raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
+    check_destination(source_path, destination_path, overwrite)
+    texts = read_corpus(calib) if calib else None
+
+    model = _load_model(source_path, config, trust_remote_code)
+    setup = plan_conversion(model, placement, native)
+    if setup.plan.noop:
+        return ConversionResult(setup, None, None)
+    converted = realise(model, setup)
+    tokenizer = _load_tokenizer(source_path)
+    inputs = probe_inputs(model, texts or default_corpus(), tokenizer)
+    report = measure_drift(model, converted, setup.source, setup.target, inputs, exact=setup.plan.exact)
+
+    converted.config.normswap = provenance(model, setup.plan, str(source_path.resolve()))
+    with atomic_output(destination_path, overwrite) as folder:
+        converted.save_pretrained(folder, max_shard_size=max_shard_size)
+        if converted.normswap_carried:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in converted.normswap_carried.items()}, str(folder / CARRIED_FILE),
+                      metadata={"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
+        copy_support_files(source_path, folder)
+        (folder / REPORT_FILE).write_text(json.dumps(
+            {"normswap": converted.config.normswap, "plan": setup.plan.to_dict(), **report.to_dict()}, indent=2))
+        (folder / "README.md").write_text(model_card(destination_path.name, converted.config.normswap,
+                                                     setup.plan.describe(), report.summary(), loads_natively=True))
+    return ConversionResult(setup, report, destination_path.resolve())
+
+
+def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
+    """The checkpoint's own architecture class where transformers has it, else its base model."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    cls = cls or transformers.AutoModel
+    hf_logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise SourceError(f"cannot load the weights in {source}: {str(error).splitlines()[0]}") from error
+    finally:
+        hf_logging.enable_progress_bar()
+    model.eval()
+    carried = source / CARRIED_FILE
+    if carried.is_file():
+        from safetensors.torch import load_file
+
+        model.normswap_carried = load_file(str(carried))
+    return model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _load_tokenizer(source: Path) -> Any | None:
+    """The checkpoint's own tokenizer, or None (probes then use fixed random token ids)."""
+    from transformers import AutoTokenizer
+
+    if not any((source / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-identical tensor dicts: same keys, dtypes and bits."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

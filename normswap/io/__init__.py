@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: destination checks, atomic output folders."""
