@@ -1,13 +1,14 @@
 """normswap: convert pretrained transformers between norm placements and norm kinds."""
 
+from .conversion import ConversionPlan, convert
 from .detect import inspect
 from .errors import NormswapError, RecipeError, SourceError, TopologyError, TracingError
 from .topology import Branch, Layer, NormSite, Stack, Sublayer, Topology
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Branch",
+    "ConversionPlan",
     "Layer",
     "NormSite",
     "NormswapError",
@@ -19,5 +20,6 @@ __all__ = [
     "TopologyError",
     "TracingError",
     "__version__",
+    "convert",
     "inspect",
 ]

@@ -11,8 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
 from .errors import NormswapError
+from .version import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert.checkpoint import convert_checkpoint
+    from .conversion.checkpoint import convert_checkpoint
 
     result = convert_checkpoint(args.source, args.destination, args.placement, native=args.native,
                                 overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,

@@ -17,10 +17,10 @@ from tiny_configs import TINY_CONFIGS
 from transformers import CONFIG_MAPPING
 
 import normswap
-from normswap.convert import convert, plan_conversion
-from normswap.convert.api import RealisationError
-from normswap.convert.checkpoint import convert_checkpoint, tensors_equal
-from normswap.convert.verify import measure_drift, probe_inputs
+from normswap.conversion import convert, plan_conversion
+from normswap.conversion.api import RealisationError
+from normswap.conversion.checkpoint import convert_checkpoint, tensors_equal
+from normswap.conversion.verify import measure_drift, probe_inputs
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,14 @@ def test_family_without_recipe_still_inspects(write_config: Any) -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"model_types": ["x"], "native": "y"}, r"recipes/bad.toml: unknown key\(s\) \['native'\]"),
+        ({"model_types": ["x"], "natives": "y"}, r"recipes/bad.toml: unknown key\(s\) \['natives'\]"),
+        ({"model_types": ["x"], "native": {"sideways": {"model_type": "y"}}},
+         r"recipes/bad.toml: \[native.sideways\] must be \[native.pre\] or \[native.post\]"),
+        ({"model_types": ["x"], "native": {"pre": {"class": "y"}}},
+         r"recipes/bad.toml: unknown key\(s\) \['class'\] in \[native.pre\]"),
+        ({"model_types": ["x"], "native": {"pre": {"config": {}}}}, r"\[native.pre\] needs model_type"),
+        ({"model_types": ["x"], "native": {"pre": {"model_type": "y", "class_prefix": ["A"]}}},
+         r"class_prefix must be \[source prefix, target prefix\]"),
         ({"notes": []}, "recipes/bad.toml: 'model_types' must be a non-empty list"),
         ({"model_types": ["x"], "notes": "one"}, "recipes/bad.toml: 'notes' must be a list of strings"),
         ({"model_types": ["x"], "placement_flags": {"flag": {"true": "upside-down"}}},
@@ -76,6 +83,9 @@ def test_recipes_are_inside_the_built_wheel(tmp_path: Path) -> None:
                     str(ROOT)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("normswap-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "normswap").rglob("*.py"))
+    missing = [path for path in sources if path not in names]
+    assert not missing, f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
     assert sorted(n.removeprefix("normswap/recipes/") for n in names if n.startswith("normswap/recipes/")
                   and n.endswith(".toml")) == SHIPPED
 
@@ -94,3 +104,18 @@ def test_recipes_are_inside_the_built_wheel(tmp_path: Path) -> None:
     files_line, types_line = result.stdout.strip().splitlines()
     assert files_line == str(SHIPPED)
     assert "'opt'" in types_line and "'gpt_neox'" in types_line
+
+
+def test_native_targets_name_real_families_and_classes() -> None:
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    targets = [(model_type, target) for model_type, recipe in load_recipes().items() for target in recipe.native]
+    assert {t.model_type for _, t in targets} >= {"megatron-bert", "xlm-roberta-xl", "mbart", "opt", "bert"}
+    for model_type, target in targets:
+        assert target.model_type in CONFIG_MAPPING
+        if target.class_prefix:
+            source_prefix, _ = target.class_prefix
+            base = getattr(transformers, f"{source_prefix}Model", None)
+            assert base is not None, f"{model_type}: no class {source_prefix}Model"
+            assert getattr(transformers, target.target_class_name(base.__name__), None) is not None

@@ -1,5 +1,5 @@
 """Detection: residual/norm topology from torch.fx traces on the meta device."""
 
-from .inspect import inspect
+from .pipeline import inspect
 
 __all__ = ["inspect"]

@@ -13,11 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from .. import __version__
 from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
+from ..version import __version__
 from .native import build_with_weights, meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan
 from .verify import require_topology

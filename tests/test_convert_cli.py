@@ -1,0 +1,160 @@
+"""``normswap convert`` on the real MiniLM checkpoint, and the rules that keep data safe."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from normswap.cli import main
+
+
+@pytest.fixture(scope="module")
+def minilm_pre(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """The real MiniLM converted to Pre-Norm once for this module."""
+    out = tmp_path_factory.mktemp("convert") / "minilm-pre"
+    assert main(["convert", str(minilm_path), str(out), "--placement", "pre"]) == 0
+    return out
+
+
+def test_minilm_converts_to_megatron_bert_that_loads_natively(minilm_pre: Path, minilm_path: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer, BertModel
+
+    config = json.loads((minilm_pre / "config.json").read_text())
+    assert config["model_type"] == "megatron-bert" and config["architectures"] == ["MegatronBertModel"]
+    assert "auto_map" not in config
+    assert config["normswap"]["source_model_type"] == "bert"
+    assert config["normswap"]["conversion"] == "placement post -> pre" and config["normswap"]["exact"] is False
+
+    converted = AutoModel.from_pretrained(minilm_pre).eval()
+    original = BertModel.from_pretrained(minilm_path).eval()
+    assert type(converted).__name__ == "MegatronBertModel"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_pre)  # copied from the source
+    batch = tokenizer(["Norms move, branches keep what they read."], return_tensors="pt")
+    reads: dict[str, torch.Tensor] = {}
+    hooks = [
+        original.encoder.layer[0].attention.self.register_forward_pre_hook(
+            lambda m, a: reads.__setitem__("original", a[0])),
+        converted.encoder.layer[0].attention.self.register_forward_pre_hook(
+            lambda m, a: reads.__setitem__("converted", a[0])),
+    ]
+    with torch.no_grad():
+        original(**batch)
+        converted(**batch)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(reads["original"], reads["converted"])  # branch 0 is exact
+
+
+def test_minilm_report_and_card(minilm_pre: Path) -> None:
+    report = json.loads((minilm_pre / "normswap_report.json").read_text())
+    assert report["exact"] is False
+    assert report["probe_tokens"] > 100
+    assert len(report["sublayers"]) == 12
+    assert report["sublayers"][0]["max_abs_diff"] == 0.0
+    assert all(0.0 < s["cosine"] < 1.0 for s in report["sublayers"][1:])
+    assert 0.0 < report["output_cosine"] < 0.5  # the norm-shift mapping alone does not preserve the output
+    assert report["plan"]["realisation"] == "native: megatron-bert"
+    card = (minilm_pre / "README.md").read_text()
+    assert "not exact" in card and "normswap heal" in card and "AutoModel.from_pretrained" in card
+    for name in ("tokenizer.json", "vocab.txt", "modules.json", "1_Pooling"):
+        assert (minilm_pre / name).exists(), name
+
+
+def test_existing_destination_needs_overwrite(minilm_path: Path, minilm_pre: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    before = (minilm_pre / "model.safetensors").stat().st_mtime_ns
+    assert main(["convert", str(minilm_path), str(minilm_pre), "--placement", "pre"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"Error: {minilm_pre.resolve()} already exists; pass --overwrite to replace it"
+    assert (minilm_pre / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_overwrite_replaces_atomically(minilm_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["convert", str(minilm_path), str(out), "--placement", "pre", "--overwrite", "--json"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old folders left
+
+
+def test_destination_inside_source_or_a_file_is_refused(minilm_path: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(minilm_path), str(minilm_path / "converted"), "--placement", "pre"]) == 1
+    assert "is inside the source checkpoint" in capsys.readouterr().err
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["convert", str(minilm_path), str(target), "--placement", "pre", "--overwrite"]) == 1
+    assert "is an existing file" in capsys.readouterr().err
+
+
+def test_read_only_parent_is_refused(minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import normswap.io.destination as destination
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    real_access = os.access
+    # root ignores permission bits, so ask os.access the way an unprivileged user would be answered
+    monkeypatch.setattr(destination.os, "access",
+                        lambda path, mode: False if Path(path) == parent else real_access(path, mode))
+    try:
+        assert main(["convert", str(minilm_path), str(parent / "out"), "--placement", "pre"]) == 1
+        assert f"Error: cannot write in {parent}" in capsys.readouterr().err
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o700)
+
+
+def test_failure_while_writing_leaves_nothing(minilm_path: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import normswap.conversion.checkpoint as checkpoint
+
+    def explode(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "copy_support_files", explode)
+    with pytest.raises(KeyboardInterrupt):
+        main(["convert", str(minilm_path), str(tmp_path / "out"), "--placement", "pre"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_source_is_never_modified(minilm_path: Path, minilm_pre: Path) -> None:
+    assert not any(".normswap" in p.name for p in minilm_path.iterdir())
+    assert json.loads((minilm_path / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_same_placement_writes_nothing(minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(minilm_path), str(tmp_path / "out"), "--placement", "post"]) == 0
+    assert "nothing written: bert already has post placement" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_round_trip_through_the_cli_restores_the_weights(minilm_path: Path, minilm_pre: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    back = tmp_path / "back"
+    assert main(["convert", str(minilm_pre), str(back), "--placement", "post"]) == 0
+    assert json.loads((back / "config.json").read_text())["model_type"] == "bert"
+    original = load_file(str(minilm_path / "model.safetensors"))
+    restored = load_file(str(back / "model.safetensors"))
+    # the checkpoint still carries a position_ids buffer that transformers 5 no longer saves
+    assert set(original) - set(restored) == {"embeddings.position_ids"}
+    assert set(restored) <= set(original)
+    assert all(torch.equal(original[k], restored[k]) for k in restored)
+
+
+def test_generated_code_family_is_refused_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tiny_configs import TINY_CONFIGS
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = {k: v for k, v in TINY_CONFIGS["gpt2"].items() if k != "model_type"}
+    GPT2LMHeadModel(GPT2Config(**fields)).save_pretrained(tmp_path / "gpt2")
+    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--placement", "post"]) == 1
+    assert "needs generated modeling code" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
