@@ -63,6 +63,7 @@ class Branch:
     modules: tuple[str, ...]
     reads: tuple[str, ...] = ()  # paths of the pre norms between the stream and this branch
     entry: str | None = None  # the first module the branch runs: its input is what the branch reads
+    entry_source: str | None = None  # where the entry module is called, "modeling_bert.py:364"
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def _sublayer_dict(sub: Sublayer) -> dict[str, Any]:
     return {
         "kind": sub.kind,
         "placement": sub.placement,
-        "branches": [{"kind": b.kind, "modules": list(b.modules), "reads": list(b.reads), "entry": b.entry}
+        "branches": [{"kind": b.kind, "modules": list(b.modules), "reads": list(b.reads), "entry": b.entry,
+                      "entry_source": b.entry_source}
                      for b in sub.branches],
         "norms": [asdict(norm) for norm in sub.norms],
         "residual_add": sub.residual_add,
@@ -213,9 +215,13 @@ def combine_placements(placements: Any) -> Placement:
 
 
 def placement_of_slots(slots: set[str], parallel: bool) -> Placement:
-    """What a sublayer's occupied norm slots add up to."""
+    """What a sublayer's occupied norm slots add up to.
+
+    A parallel group normalised before its branches is ``parallel``; one normalised after the
+    sum, ``N(h + A(h) + M(h))``, is ``post`` (its kind still says ``parallel``).
+    """
     if parallel:
-        return "parallel"
+        return "post" if slots == {"post"} else "parallel"
     table: dict[frozenset[str], Placement] = {
         frozenset({"pre"}): "pre",
         frozenset({"post"}): "post",

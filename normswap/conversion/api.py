@@ -13,11 +13,13 @@ from typing import Any
 
 from torch import nn
 
+from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
 from ..version import __version__
+from .generated import generated_target
 from .native import build_with_weights, meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan
 from .verify import require_topology
@@ -46,6 +48,7 @@ class ConversionSetup:
     target: Topology | None = None
     target_class: Any = None
     target_config: Any = None
+    generated: GeneratedModule | None = None  # the modeling code to ship beside the weights, if any
 
 
 def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> ConversionSetup:
@@ -58,21 +61,27 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
         plan = ConversionPlan(model_type, model_type, source.placement, placement, "none", exact=True,
                               notes=(f"{model_type} already has {placement} placement: nothing to do",))
         return ConversionSetup(plan, source)
-    target = _native_target(model_type, placement) if native else None
-    if target is None:
-        how = "without a native target" if native else "with --no-native"
-        raise RealisationError(
-            f"converting {model_type} to {placement} placement {how} needs generated modeling code, which this "
-            "release does not have yet; native targets exist for bert, roberta, bart, opt and their Pre-LN twins"
-        )
-    config = target_config(model.config, target)
-    cls = target_class(model, target)
+    back_home = _original_family(model, placement)
+    target = back_home or (_native_target(model_type, placement) if native else None)
+    if target is not None:
+        config = target_config(model.config, target)
+        cls = target_class(model, target)
+        target_topology = inspect(meta_instance(cls, config))
+        if placement_of(target_topology) != placement:
+            raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} "
+                                   f"placement, not {placement}; the recipe for {model_type} is wrong")
+        plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
+        return ConversionSetup(plan, source, target_topology, cls, config)
+    if getattr(model.config, "normswap", None):
+        raise RealisationError(f"{model_type} is already normswap-generated code; convert the original "
+                               f"{model.config.normswap.get('source_model_type')} checkpoint instead")
+    generated, cls, config = generated_target(model, source, placement)
     target_topology = inspect(meta_instance(cls, config))
     if placement_of(target_topology) != placement:
-        raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} placement, "
-                               f"not {placement}; the recipe for {model_type} is wrong")
-    plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
-    return ConversionSetup(plan, source, target_topology, cls, config)
+        raise RealisationError(f"the generated {generated.model_type} code detects as {target_topology.placement}, "
+                               f"not {placement}; this is a normswap bug, please report it")
+    plan = build_placement_plan(source, target_topology, f"generated code: {generated.file_name}")
+    return ConversionSetup(plan, source, target_topology, cls, config, generated)
 
 
 def convert(model: nn.Module, placement: str, *, native: bool = True) -> nn.Module:
@@ -114,6 +123,20 @@ def provenance(model: nn.Module, plan: ConversionPlan, source: str | None = None
         "realisation": plan.realisation,
         "exact": plan.exact,
     }
+
+
+def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:
+    """A normswap-generated model goes back to its stock family when that family has the target placement."""
+    provenance = getattr(model.config, "normswap", None)
+    original = provenance.get("source_model_type") if isinstance(provenance, dict) else None
+    if not original or original == model.config.model_type:
+        return None
+    target = NativeTarget(placement, original)
+    try:
+        target_topology = inspect(meta_instance(target_class(model, target), target_config(model.config, target)))
+    except NormswapError:
+        return None
+    return target if placement_of(target_topology) == placement else None
 
 
 def _native_target(model_type: str, placement: str) -> NativeTarget | None:

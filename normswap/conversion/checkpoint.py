@@ -68,10 +68,13 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
             save_file({k: v.contiguous() for k, v in converted.normswap_carried.items()}, str(folder / CARRIED_FILE),
                       metadata={"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
         copy_support_files(source_path, folder)
+        if setup.generated is not None:
+            (folder / setup.generated.file_name).write_text(setup.generated.source, encoding="utf-8")
         (folder / REPORT_FILE).write_text(json.dumps(
             {"normswap": converted.config.normswap, "plan": setup.plan.to_dict(), **report.to_dict()}, indent=2))
         (folder / "README.md").write_text(model_card(destination_path.name, converted.config.normswap,
-                                                     setup.plan.describe(), report.summary(), loads_natively=True))
+                                                     setup.plan.describe(), report.summary(),
+                                                     loads_natively=setup.generated is None))
     return ConversionResult(setup, report, destination_path.resolve())
 
 

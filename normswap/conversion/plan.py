@@ -43,6 +43,7 @@ class NormMove:
     target_role: str
     target: str | None
     note: str = ""
+    copy: bool = False  # one source norm copied to several branches: a carried original takes precedence
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], ta
                 *(NormMove(index, source_role, d.path, target_role, None, "dropped: branches share one input")
                   for d in dropped)]
     if len(sources) == 1:  # one norm -> one per branch: every branch reads a copy
-        return [NormMove(index, source_role, sources[0].path, target_role, t.path, "copied to each branch")
-                for t in targets]
+        return [NormMove(index, source_role, sources[0].path, target_role, t.path, "copied to each branch",
+                         copy=True) for t in targets]
     raise PlanError(f"cannot map {len(sources)} norms ({source_role}) onto {len(targets)} ({target_role})")
 
 

@@ -46,9 +46,11 @@ def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
                 dropped.update({f"{move.source}.{name}": t for name, t in norm_tensors(state, move.source).items()})
                 continue
             wanted = norm_tensors(target_shapes, move.target)  # type: ignore[arg-type]
-            if move.source is None:
-                restored = norm_tensors(carried, move.target)
-                source = restored or None
+            restored = norm_tensors(carried, move.target) if move.source is None or move.copy else {}
+            if restored:  # this slot's own norm, dropped by an earlier conversion: restore it bit for bit
+                source = restored
+            elif move.source is None:
+                source = None
             else:
                 source = norm_tensors(state, move.source)
             for name, shape in wanted.items():

@@ -125,7 +125,8 @@ class LayerGraph:
 
     def source_of(self, node: fx.Node) -> str | None:
         """``modeling_x.py:123``: the innermost modeling-code frame in the node's stack trace."""
-        matches = [m for m in _SOURCE_LINE.finditer(node.stack_trace or "") if "/models/" in m.group(1)]
+        matches = [m for m in _SOURCE_LINE.finditer(node.stack_trace or "")
+                   if m.group(1).rsplit("/", 1)[-1].startswith("modeling_")]
         if not matches:
             return None
         filename, line = matches[-1].groups()
@@ -305,6 +306,7 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
     heavy_modules = [n for n in sorted(nodes, key=graph.position.__getitem__)
                      if graph.module_path(n) and not graph.is_norm(n) and not graph.is_light(n)]
     entry = graph.module_path(heavy_modules[0]) if heavy_modules else None
+    entry_source = graph.source_of(heavy_modules[0]) if heavy_modules else None
     names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
     reads_encoder = any(i.op == "placeholder" and "encoder" in str(i.target) for n in nodes for i in n.all_input_nodes)
     kind: BranchKind
@@ -312,7 +314,7 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
         kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"
     else:
         kind = "mlp"
-    return Branch(kind, tuple(paths), reads, entry)
+    return Branch(kind, tuple(paths), reads, entry, entry_source)
 
 
 def _unique(items: object) -> list:

@@ -16,8 +16,8 @@ def copy_support_files(source: Path, destination: Path) -> list[str]:
     copied = []
     for entry in sorted(source.iterdir()):
         name = entry.name
-        if name in _REPLACED or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(
-                ".index.json"):
+        if (name in _REPLACED or name.startswith((".", "modeling_normswap_")) or name.endswith(_WEIGHT_SUFFIXES)
+                or name.endswith(".index.json")):
             continue
         target = destination / name
         if entry.is_dir():

@@ -1,0 +1,1 @@
+"""Generated-code realisation: rewrite a family's transformers modeling source with libcst."""

@@ -1,0 +1,237 @@
+"""Apply source edits to a modeling file with libcst. Every edit must apply exactly once, or we fail.
+
+Statements are matched by the line the fx stack trace gave; inside a statement, by the
+``self.<attribute>`` expression the edit names. Everything else is left byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from .derive import CodegenError
+from .edits import (
+    AddStackNorm,
+    Edit,
+    NeutraliseNorm,
+    UnwrapModelNorm,
+    UnwrapNormCall,
+    WrapBranchInput,
+    WrapResidualAdd,
+)
+
+_EMPTY = cst.Module(body=[])
+
+
+def apply_edits(source: str, edits: Sequence[Edit]) -> str:
+    """The rewritten source; raises ``CodegenError`` naming any edit that did not apply exactly once."""
+    module = cst.parse_module(source)
+    constructors = _constructors(module)
+    rewriter = _Rewriter(edits, constructors)
+    rewritten = MetadataWrapper(module).visit(rewriter)
+    wrong = [edit for edit in edits if rewriter.applied[edit] != 1]
+    if wrong:
+        details = ", ".join(f"{edit} applied {rewriter.applied[edit]} times" for edit in wrong)
+        raise CodegenError(f"the modeling source did not take the planned edits ({details})")
+    return rewritten.code
+
+
+def _code(node: cst.CSTNode) -> str:
+    return _EMPTY.code_for_node(node)
+
+
+def _self_attribute(node: cst.BaseExpression) -> str | None:
+    """``self.a.b`` -> ``"a.b"``; anything else -> None."""
+    parts: list[str] = []
+    while isinstance(node, cst.Attribute):
+        parts.append(node.attr.value)
+        node = node.value
+    if isinstance(node, cst.Name) and node.value == "self" and parts:
+        return ".".join(reversed(parts))
+    return None
+
+
+def _self_call(attribute: str, argument: cst.BaseExpression) -> cst.Call:
+    return cst.Call(func=cst.parse_expression(f"self.{attribute}"), args=[cst.Arg(value=argument)])
+
+
+def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
+    """``(class, attribute) -> constructor source`` for every ``self.<attribute> = ...`` in an ``__init__``."""
+    found: dict[tuple[str, str], str] = {}
+    for statement in module.body:
+        if not isinstance(statement, cst.ClassDef):
+            continue
+        for item in statement.body.body:
+            if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
+                for node in _walk(item):
+                    if isinstance(node, cst.Assign) and len(node.targets) == 1:
+                        attribute = _self_attribute(node.targets[0].target)
+                        if attribute:
+                            found[(statement.name.value, attribute)] = _code(node.value)
+    return found
+
+
+def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
+    nodes = [node]
+    for child in node.children:
+        nodes.extend(_walk(child))
+    return nodes
+
+
+class _Rewriter(cst.CSTTransformer):
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], str]) -> None:
+        super().__init__()
+        self.edits = list(edits)
+        self.constructors = constructors
+        self.applied: Counter[Edit] = Counter({edit: 0 for edit in edits})
+        self.classes: list[str] = []
+        self.functions: list[str] = []
+        self.statement_lines: list[tuple[int, int]] = []
+        self.additions: list[bool] = []
+
+    # -- context ---------------------------------------------------------------------
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.classes.append(node.name.value)
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
+        self.classes.pop()
+        return updated
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.functions.append(node.name.value)
+
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
+        span = self.get_metadata(PositionProvider, node)
+        self.statement_lines.append((span.start.line, span.end.line))
+
+    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
+                                  ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
+        self.statement_lines.pop()
+        if original is not updated and all(_is_self_assignment(small) for small in updated.body):
+            return cst.RemoveFromParent()  # `x = self.norm(x)` became `x = x`
+        return updated
+
+    def _here(self, edit: Edit) -> bool:
+        if not self.classes or self.classes[-1] != edit.class_name:
+            return False
+        line = getattr(edit, "line", None)
+        if line is None:
+            return True
+        return bool(self.statement_lines) and self.statement_lines[-1][0] <= line <= self.statement_lines[-1][1]
+
+    # -- expressions -----------------------------------------------------------------
+    def visit_BinaryOperation(self, node: cst.BinaryOperation) -> None:
+        self.additions.append(isinstance(node.operator, cst.Add))
+
+    def leave_BinaryOperation(self, original: cst.BinaryOperation,
+                              updated: cst.BinaryOperation) -> cst.BaseExpression:
+        is_add = self.additions.pop()
+        inside_add = any(self.additions)
+        if not is_add or inside_add:
+            return updated
+        for edit in self.edits:
+            if isinstance(edit, WrapResidualAdd) and self._here(edit):
+                self.applied[edit] += 1
+                return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]))
+        return updated
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        callee = _self_attribute(updated.func)
+        if callee is None:
+            return updated
+        for edit in self.edits:
+            if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
+                self.applied[edit] += 1
+                return updated.args[0].value
+            if (isinstance(edit, UnwrapModelNorm) and edit.norm == callee and self._here(edit)
+                    and self.functions and self.functions[-1] == "forward"):
+                self.applied[edit] += 1
+                return updated.args[0].value
+            if isinstance(edit, WrapBranchInput) and edit.branch == callee and self._here(edit):
+                self.applied[edit] += 1
+                return _wrap_first_argument(updated, edit.norm)
+        return updated
+
+    # -- statements ------------------------------------------------------------------
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        if not self.functions or self.functions[-1] != "__init__" or len(updated.targets) != 1:
+            return updated
+        attribute = _self_attribute(updated.targets[0].target)
+        for edit in self.edits:
+            if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
+                self.applied[edit] += 1
+                return updated.with_changes(value=cst.parse_expression("torch.nn.Identity()"))
+        return updated
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        name = self.functions.pop()
+        for edit in self.edits:
+            if isinstance(edit, AddStackNorm) and self._here(edit):
+                if name == "__init__":
+                    updated = self._add_module(updated, edit)
+                elif name == "forward":
+                    updated = self._add_call(updated, edit)
+        return updated
+
+    def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        constructor = self.constructors.get((edit.copy_from, edit.copy_attribute))
+        if constructor is None:
+            raise CodegenError(f"no `self.{edit.copy_attribute} = ...` in {edit.copy_from}.__init__ to copy")
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if _assigns(statement, edit.stack_attribute):
+                body.insert(index + 1, cst.parse_statement(f"self.{edit.norm} = {constructor}\n"))
+                self.applied[edit] += 1
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute}")
+
+    def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if isinstance(statement, cst.For) and f"self.{edit.stack_attribute}" in _code(statement.iter):
+                stream = _stream_variable(statement)
+                call = cst.parse_statement(f"{stream} = self.{edit.norm}({stream})\n")
+                body.insert(index if edit.where == "before" else index + 1, call)
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.forward has no `for ... in self.{edit.stack_attribute}` loop")
+
+
+def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:
+    return (isinstance(statement, cst.Assign) and len(statement.targets) == 1
+            and isinstance(statement.targets[0].target, cst.Name) and isinstance(statement.value, cst.Name)
+            and statement.targets[0].target.value == statement.value.value)
+
+
+def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
+    if not isinstance(statement, cst.SimpleStatementLine):
+        return False
+    return any(isinstance(small, cst.Assign) and any(_self_attribute(t.target) == attribute for t in small.targets)
+               for small in statement.body)
+
+
+def _stream_variable(loop: cst.For) -> str:
+    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``."""
+    target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
+    if not isinstance(target, cst.Name):
+        raise CodegenError("the layer loop does not bind its layer to a name")
+    for node in _walk(loop.body):
+        if (isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value == target.value
+                and node.args and isinstance(node.args[0].value, cst.Name)):
+            return node.args[0].value.value
+    raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
+
+
+def _wrap_first_argument(call: cst.Call, norm: str) -> cst.Call:
+    args = list(call.args)
+    positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
+    index = positional[0] if positional else next(
+        (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value == "hidden_states"), None)
+    if index is None:
+        raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
+    args[index] = args[index].with_changes(value=_self_call(norm, args[index].value))
+    return call.with_changes(args=args)
