@@ -149,12 +149,13 @@ def test_round_trip_through_the_cli_restores_the_weights(minilm_path: Path, mini
     assert all(torch.equal(original[k], restored[k]) for k in restored)
 
 
-def test_generated_code_family_is_refused_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_layout_is_refused_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tiny_configs import TINY_CONFIGS
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import T5Config, T5Model
 
-    fields = {k: v for k, v in TINY_CONFIGS["gpt2"].items() if k != "model_type"}
-    GPT2LMHeadModel(GPT2Config(**fields)).save_pretrained(tmp_path / "gpt2")
-    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--placement", "post"]) == 1
-    assert "needs generated modeling code" in capsys.readouterr().err
+    fields = {k: v for k, v in TINY_CONFIGS["t5"].items() if k != "model_type"}
+    T5Model(T5Config(**fields)).save_pretrained(tmp_path / "t5")
+    assert main(["convert", str(tmp_path / "t5"), str(tmp_path / "out"), "--placement", "post"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: t5 has 2 layer stacks; generated code handles single-stack models")
     assert not (tmp_path / "out").exists()

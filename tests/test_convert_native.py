@@ -18,7 +18,6 @@ from transformers import CONFIG_MAPPING
 
 import normswap
 from normswap.conversion import convert, plan_conversion
-from normswap.conversion.api import RealisationError
 from normswap.conversion.checkpoint import convert_checkpoint, tensors_equal
 from normswap.conversion.verify import measure_drift, probe_inputs
 
@@ -170,8 +169,8 @@ def test_plan_is_printable_and_serialisable() -> None:
     assert len(payload["stacks"][0]["moves"]) == 5  # S + 1 entries for S = 4 sublayers
 
 
-def test_families_without_native_target_are_refused_clearly() -> None:
-    with pytest.raises(RealisationError, match="needs generated modeling code"):
-        convert(tiny_model("gpt2", "GPT2LMHeadModel"), "post")
-    with pytest.raises(RealisationError, match="with --no-native"):
-        convert(tiny_model("bert", "BertModel"), "pre", native=False)
+def test_layouts_nothing_can_express_are_refused_clearly() -> None:
+    from normswap.codegen.derive import CodegenError
+
+    with pytest.raises(CodegenError, match="has 2 layer stacks; generated code handles single-stack models"):
+        convert(tiny_model("t5", "T5Model"), "post")
