@@ -101,7 +101,10 @@ def test_saved_checkpoint_needs_trust_remote_code_and_matches(case: Case, tmp_pa
     assert "trust_remote_code=True" in card
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.decoder], ids=[i for c, i in zip(CASES, IDS) if c.decoder])
+DECODERS = [c for c in CASES if c.decoder]
+
+
+@pytest.mark.parametrize("case", DECODERS, ids=[f"{c.config}-to-{c.placement}" for c in DECODERS])
 def test_generate_with_cache_equals_without(case: Case) -> None:
     _, converted = converted_pair(case)
     prompt = torch.tensor([[5, 17, 42, 7]])
