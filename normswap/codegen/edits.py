@@ -48,7 +48,7 @@ class UnwrapModelNorm:
 
 @dataclass(frozen=True)
 class NeutraliseNorm:
-    """``self.<norm> = ...`` in ``__init__`` -> ``torch.nn.Identity()``: the module no longer holds weights."""
+    """Every ``self.<norm> = ...`` in ``__init__`` -> ``torch.nn.Identity()``: the module holds no weights."""
 
     class_name: str
     norm: str

@@ -32,7 +32,10 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     constructors = _constructors(module)
     rewriter = _Rewriter(edits, constructors)
     rewritten = MetadataWrapper(module).visit(rewriter)
-    wrong = [edit for edit in edits if rewriter.applied[edit] != 1]
+    # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
+    class_wide = (UnwrapModelNorm, NeutraliseNorm)
+    wrong = [edit for edit in edits
+             if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
         details = ", ".join(f"{edit} applied {rewriter.applied[edit]} times" for edit in wrong)
         raise CodegenError(f"the modeling source did not take the planned edits ({details})")
@@ -59,7 +62,7 @@ def _self_call(attribute: str, argument: cst.BaseExpression) -> cst.Call:
 
 
 def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
-    """``(class, attribute) -> constructor source`` for every ``self.<attribute> = ...`` in an ``__init__``."""
+    """``(class, attribute) -> constructor source`` for every ``self.<attribute> = Cls(...)`` in an ``__init__``."""
     found: dict[tuple[str, str], str] = {}
     for statement in module.body:
         if not isinstance(statement, cst.ClassDef):
@@ -67,10 +70,10 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
         for item in statement.body.body:
             if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
                 for node in _walk(item):
-                    if isinstance(node, cst.Assign) and len(node.targets) == 1:
+                    if isinstance(node, cst.Assign) and len(node.targets) == 1 and isinstance(node.value, cst.Call):
                         attribute = _self_attribute(node.targets[0].target)
-                        if attribute:
-                            found[(statement.name.value, attribute)] = _code(node.value)
+                        if attribute:  # the first constructor call wins (`else: self.norm = None` is no constructor)
+                            found.setdefault((statement.name.value, attribute), _code(node.value))
     return found
 
 
