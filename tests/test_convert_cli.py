@@ -160,3 +160,32 @@ def test_unsupported_layout_is_refused_with_exit_1(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: t5 has 2 layer stacks; generated code handles single-stack models")
     assert not (tmp_path / "out").exists()
+
+
+def test_calib_text_and_sharding(minilm_path: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog.\n\nNorms move; branches keep their inputs.\n")
+    out = tmp_path / "out"
+    assert main(["convert", str(minilm_path), str(out), "--placement", "pre", "--calib", str(calib),
+                 "--max-shard-size", "20MB"]) == 0
+    report = json.loads((out / "normswap_report.json").read_text())
+    assert report["probe_tokens"] < 40  # two short documents, not the built-in corpus
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    tensors_in = {shard: sum(1 for s in index["weight_map"].values() if s == shard) for shard in shards}
+    assert len(shards) >= 3
+    # a shard stays under the limit unless one tensor alone is larger (the 47 MB word embedding)
+    assert all((out / shard).stat().st_size <= 20 * 10**6 or tensors_in[shard] == 1 for shard in shards)
+    from transformers import AutoModel
+
+    assert type(AutoModel.from_pretrained(out)).__name__ == "MegatronBertModel"
+
+
+def test_unreadable_calib_is_a_one_line_error(minilm_path: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["convert", str(minilm_path), str(tmp_path / "out"), "--placement", "pre",
+                 "--calib", str(empty)]) == 1
+    assert capsys.readouterr().err.strip() == f"Error: {empty} holds no text; pass a file with one document per line"
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,7 @@ CASES = [
     Case("llama", "LlamaForCausalLM", "post", "AutoModelForCausalLM", True),
     Case("qwen2", "Qwen2ForCausalLM", "post", "AutoModelForCausalLM", True),
     Case("gpt_neox_parallel", "GPTNeoXForCausalLM", "post", "AutoModelForCausalLM", True),
+    Case("opt_pre", "OPTForCausalLM", "post", "AutoModelForCausalLM", True),  # --no-native keeps branch 0 exact
     Case("bert", "BertForMaskedLM", "pre", "AutoModelForMaskedLM", False),
 ]
 IDS = [f"{c.config}-to-{c.placement}" for c in CASES]
