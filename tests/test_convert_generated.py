@@ -127,3 +127,25 @@ def test_training_step_with_gradient_checkpointing(case: Case) -> None:
     assert norm_grads and all(g is not None and torch.isfinite(g).all() for g in norm_grads)
     optimizer.step()
     assert torch.isfinite(loss)
+
+
+def test_cli_round_trip_through_generated_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from normswap.cli import main
+
+    model = tiny_model("llama", "LlamaForCausalLM")
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "post"), "--placement", "post"]) == 0
+    capsys.readouterr()
+    # the generated checkpoint carries custom code: converting it needs the user's consent too
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre"]) == 1
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre",
+                 "--trust-remote-code"]) == 0
+    back = tmp_path / "back"
+    assert not (back / "modeling_normswap_llama.py").exists()
+    assert transformers.AutoConfig.from_pretrained(back).model_type == "llama"
+    original = load_file(str(tmp_path / "source" / "model.safetensors"))
+    restored = load_file(str(back / "model.safetensors"))
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)

@@ -79,13 +79,24 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
 
 
 def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
-    """The checkpoint's own architecture class where transformers has it, else its base model."""
+    """The checkpoint's own architecture: its stock class, or for custom code the Auto class ``auto_map`` names.
+
+    A checkpoint with custom code (``auto_map``, e.g. normswap-generated) is never loaded into the stock
+    class of the same name; ``load_config`` has already refused it without ``trust_remote_code``.
+    """
     import transformers
     from transformers.utils import logging as hf_logging
 
     architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    cls = cls or transformers.AutoModel
+    auto_map = getattr(config, "auto_map", None) or {}
+    if auto_map:
+        wanted = architectures[0] if architectures else None
+        auto_name = next((name for name, target in auto_map.items() if name != "AutoConfig"
+                          and (wanted is None or target.rsplit(".", 1)[-1] == wanted)), "AutoModel")
+        cls = getattr(transformers, auto_name)
+    else:
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        cls = cls or transformers.AutoModel
     hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code)
