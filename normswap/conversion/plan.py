@@ -44,16 +44,17 @@ class NormMove:
     target: str | None
     note: str = ""
     copy: bool = False  # one source norm copied to several branches: a carried original takes precedence
+    target_kind: str = ""  # the target norm's kind; a unit rmsnorm-offset norm has weight 0, not 1
 
 
 @dataclass(frozen=True)
 class StackPlan:
-    """The moves of one layer stack, plus target norms that only ever start as unit norms."""
+    """The moves of one layer stack, plus target norms that only ever start as unit norms (path, kind)."""
 
     source_stack: str
     target_stack: str
     moves: tuple[NormMove, ...]
-    unit_norms: tuple[str, ...] = ()
+    unit_norms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ConversionPlan:
                 target = move.target or "(no slot: dropped, kept aside for round trips)"
                 note = f"   # {move.note}" if move.note else ""
                 lines.append(f"    {move.source_role:>9} {source}  ->  {move.target_role:<9} {target}{note}")
-            for path in stack.unit_norms:
+            for path, _ in stack.unit_norms:
                 lines.append(f"    {'':>9} (none: starts as a unit norm)  ->  {path}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -126,7 +127,7 @@ def build_placement_plan(source: Topology, target: Topology, realisation: str) -
                             f"{target_stack.path} ({len(target_subs)}) do not line up")
         stacks.append(_stack_plan(source_stack, source_subs, source_placement,
                                   target_stack, target_subs, target_placement, notes))
-    if any(sub.kind == "parallel" for sub in source_subs):
+    if any(sub.kind == "parallel" for layer in source.layers for sub in layer.sublayers):
         notes.append("parallel blocks: see the moves for which norm each branch keeps")
     return ConversionPlan(
         source_model_type=source.model_type,
@@ -145,10 +146,10 @@ def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placeme
                 notes: list[str]) -> StackPlan:
     source_entries = norm_sequence(source_stack, source_subs, source_placement)
     target_entries = norm_sequence(target_stack, target_subs, target_placement)
-    unit_norms: list[str] = []
+    unit_norms: list[tuple[str, str]] = []
     # a Pre-Norm layout with an embedding norm before N_0 (mBART, BLOOM) has one entry more
     if target_placement != "post" and target_stack.embedding_norm and source_placement == "post":
-        unit_norms.append(target_stack.embedding_norm.path)
+        unit_norms.append((target_stack.embedding_norm.path, target_stack.embedding_norm.kind))
         notes.append(f"{target_stack.embedding_norm.path} starts as a unit norm and the embedding norm becomes "
                      "the first pre norm: branch 0 reads E(LN(e)) instead of E(e), which differs only through eps "
                      "in the second normalisation (little where the embeddings' variance is far above eps)")
@@ -168,6 +169,10 @@ def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], ta
                  targets: tuple[NormSite, ...], notes: list[str]) -> list[NormMove]:
     if not sources and not targets:
         return []
+    kinds = {norm.kind for norm in (*sources, *targets) if norm.kind != "identity"}
+    if len(kinds) > 1:
+        raise PlanError(f"{source_role} holds {', '.join(sorted(kinds))} norms on the two sides; a placement change "
+                        "keeps the norm kind (changing it is a separate conversion)")
     if not targets:
         note = "the target has no norm here; branch 0 no longer reads it" if index == 0 else "no target slot"
         notes.append(f"{sources[0].path} has no slot in the target ({target_role}) and is dropped")
@@ -175,20 +180,21 @@ def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], ta
     if not sources:
         note = "branch 0 read no norm before; now it reads a unit norm" if index == 0 else "no source norm"
         notes.append(f"{targets[0].path} ({target_role}) has no source norm and starts as a unit norm")
-        return [NormMove(index, source_role, None, target_role, t.path, note) for t in targets]
+        return [NormMove(index, source_role, None, target_role, t.path, note, target_kind=t.kind) for t in targets]
     if len(sources) == len(targets):
-        return [NormMove(index, source_role, s.path, target_role, t.path) for s, t in zip(sources, targets,
-                                                                                          strict=True)]
+        return [NormMove(index, source_role, s.path, target_role, t.path, target_kind=t.kind)
+                for s, t in zip(sources, targets, strict=True)]
     if len(targets) == 1:  # two branch norms -> one post norm: both branches will read one input
         kept, *dropped = sources
         notes.append(f"parallel block: {targets[0].path} takes {kept.path} (the first branch's norm); "
                      f"{', '.join(d.path for d in dropped)} is dropped")
-        return [NormMove(index, source_role, kept.path, target_role, targets[0].path, "kept: first branch's norm"),
+        return [NormMove(index, source_role, kept.path, target_role, targets[0].path, "kept: first branch's norm",
+                         target_kind=targets[0].kind),
                 *(NormMove(index, source_role, d.path, target_role, None, "dropped: branches share one input")
                   for d in dropped)]
     if len(sources) == 1:  # one norm -> one per branch: every branch reads a copy
         return [NormMove(index, source_role, sources[0].path, target_role, t.path, "copied to each branch",
-                         copy=True) for t in targets]
+                         copy=True, target_kind=t.kind) for t in targets]
     raise PlanError(f"cannot map {len(sources)} norms ({source_role}) onto {len(targets)} ({target_role})")
 
 

@@ -54,13 +54,13 @@ def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
             else:
                 source = norm_tensors(state, move.source)
             for name, shape in wanted.items():
-                result[f"{move.target}.{name}"] = _fill(source, name, shape, move.target)
+                result[f"{move.target}.{name}"] = _fill(source, name, shape, move.target, move.target_kind)
             if source:
                 _check_nothing_lost(source, wanted, move.source or move.target)
-        for path in stack.unit_norms:
+        for path, kind in stack.unit_norms:
             restored = norm_tensors(carried, path)
             for name, shape in norm_tensors(target_shapes, path).items():  # type: ignore[arg-type]
-                result[f"{path}.{name}"] = _fill(restored or None, name, shape, path)
+                result[f"{path}.{name}"] = _fill(restored or None, name, shape, path, kind)
 
     reference = next(iter(state.values()))
     for key, value in result.items():
@@ -70,8 +70,9 @@ def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
     return result, dropped
 
 
-def _fill(source: dict[str, torch.Tensor] | None, name: str, shape: torch.Size, path: str) -> torch.Tensor:
-    """The source's tensor of that name, or a unit-norm value (weight 1, bias 0)."""
+def _fill(source: dict[str, torch.Tensor] | None, name: str, shape: torch.Size, path: str,
+          kind: str) -> torch.Tensor:
+    """The source's tensor of that name, or a unit-norm value: weight 1 (0 for ``(1 + w)`` norms), bias 0."""
     if source and name in source:
         tensor = source[name]
         if tensor.shape != shape:
@@ -79,7 +80,8 @@ def _fill(source: dict[str, torch.Tensor] | None, name: str, shape: torch.Size, 
                                      f"target expects {tuple(shape)}")
         return tensor.clone()
     dtype = next(iter(source.values())).dtype if source else torch.float32
-    return torch.ones(shape, dtype=dtype) if name == "weight" else torch.zeros(shape, dtype=dtype)
+    unit_weight = name == "weight" and kind != "rmsnorm-offset"
+    return torch.ones(shape, dtype=dtype) if unit_weight else torch.zeros(shape, dtype=dtype)
 
 
 def _check_nothing_lost(source: dict[str, torch.Tensor], wanted: Mapping[str, object], path: str) -> None:
