@@ -101,7 +101,8 @@ def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module
     try:
         model = cls.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise SourceError(f"cannot load the weights in {source}: {str(error).splitlines()[0]}") from error
+        raise SourceError(f"cannot load the weights in {source}: {str(error).splitlines()[0]} Point SRC at a "
+                          "checkpoint folder with its weights (model.safetensors, sharded or not)") from error
     finally:
         hf_logging.enable_progress_bar()
     model.eval()
