@@ -79,12 +79,13 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
                 edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
             for extra in pre_norms[1:]:
                 owner, attribute = _owner_and_attribute(model, extra.path)
-                edits.append(NeutraliseNorm(owner, attribute))
+                edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
             next_norm = subs[(index + 1) % len(subs)].norms_in("pre")[0]
             class_name, attribute = locate.attribute(sub.residual_add, next_norm.path)
             edits.append(WrapResidualAdd(class_name, locate.line(sub.residual_add), attribute))
         owner, attribute = _owner_and_attribute(model, stack.final_norm.path)
-        edits += [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute),
+        edits += [UnwrapModelNorm(owner, attribute),
+                  NeutraliseNorm(owner, attribute, _parameter_names(model, stack.final_norm.path)),
                   AddStackNorm(loop_owner, stack_attribute, EMBEDDING_NORM, "before", owner, attribute)]
         return edits
 
@@ -103,7 +104,8 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
                                          norm_attribute))
         owner, attribute = _owner_and_attribute(model, stack.embedding_norm.path)
-        edits += [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute),
+        edits += [UnwrapModelNorm(owner, attribute),
+                  NeutraliseNorm(owner, attribute, _parameter_names(model, stack.embedding_norm.path)),
                   AddStackNorm(loop_owner, stack_attribute, FINAL_NORM, "after", owner, attribute)]
         return edits
     raise CodegenError(f"placement must be pre or post, got {placement!r}")
@@ -150,6 +152,10 @@ def _owner(model: nn.Module, path: str) -> str:
 
 def _owner_and_attribute(model: nn.Module, path: str) -> tuple[str, str]:
     return _owner(model, path), path.rsplit(".", 1)[-1]
+
+
+def _parameter_names(model: nn.Module, path: str) -> tuple[str, ...]:
+    return tuple(name for name, _ in model.get_submodule(path).named_parameters(recurse=False))
 
 
 def _class_lines(path: Path) -> list[tuple[str, int, int]]:

@@ -48,10 +48,15 @@ class UnwrapModelNorm:
 
 @dataclass(frozen=True)
 class NeutraliseNorm:
-    """Every ``self.<norm> = ...`` in ``__init__`` -> ``torch.nn.Identity()``: the module holds no weights."""
+    """Every ``self.<norm> = ...`` in ``__init__`` -> ``NormswapRemovedNorm(parameters)``.
+
+    The placeholder passes its input through and keeps an empty tensor under each of the norm's
+    parameter names, so the stock class refuses the checkpoint (size mismatch) instead of loading it.
+    """
 
     class_name: str
     norm: str
+    parameters: tuple[str, ...] = ("weight",)
 
 
 @dataclass(frozen=True)

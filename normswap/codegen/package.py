@@ -68,6 +68,22 @@ def package_module(original: ModuleType, rewritten: str, config_class: type, con
               "regenerate with `normswap convert` instead.\n")
     footer = f'''
 
+class NormswapRemovedNorm(torch.nn.Module):
+    """A norm this layout no longer applies: it passes its input through.
+
+    It keeps an empty tensor under each of the removed norm's parameter names, so that loading this
+    checkpoint into the stock class fails with a size mismatch instead of running the wrong layout.
+    """
+
+    def __init__(self, parameter_names: tuple[str, ...]) -> None:
+        super().__init__()
+        for name in parameter_names:
+            self.register_buffer(name, torch.empty(0), persistent=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
 class {generated_config}({config_class.__name__}):
     """{config_class.__name__} under its own model_type, so this layout never loads into the stock classes."""
 
@@ -78,6 +94,8 @@ class {generated_config}({config_class.__name__}):
 for _model_class in ({", ".join(model_classes)},):
     _model_class.config_class = {generated_config}
 '''
+    if not any(line.strip() == "import torch" for line in body.splitlines()):
+        body = "import torch\n" + body
     if config_class.__name__ not in body:
         raise CodegenError(f"{original.__name__} does not import {config_class.__name__}; cannot subclass it")
     return GeneratedModule(family, f"modeling_normswap_{family}.py", header + body + footer, generated_config,

@@ -168,7 +168,7 @@ class _Rewriter(cst.CSTTransformer):
         for edit in self.edits:
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
-                return updated.with_changes(value=cst.parse_expression("torch.nn.Identity()"))
+                return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
         return updated
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:

@@ -63,6 +63,9 @@ def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
                 result[f"{path}.{name}"] = _fill(restored or None, name, shape, path, kind)
 
     reference = next(iter(state.values()))
+    for key, shape in target_shapes.items():  # removed-norm placeholders hold empty tensors
+        if key not in result and 0 in tuple(shape):
+            result[key] = torch.empty(shape, dtype=reference.dtype)
     for key, value in result.items():
         if key in target_shapes and value.device != reference.device:
             result[key] = value.to(reference.device)
