@@ -152,3 +152,13 @@ def test_cli_round_trip_through_generated_code(tmp_path: Path, capsys: pytest.Ca
     original = load_file(str(tmp_path / "source" / "model.safetensors"))
     restored = load_file(str(back / "model.safetensors"))
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_vision_model_converts_with_pixel_probes(tmp_path: Path) -> None:
+    model = tiny_model("vit", "ViTModel")
+    model.save_pretrained(tmp_path / "source")
+    result = convert_checkpoint(tmp_path / "source", tmp_path / "out", "post")
+    assert result.report is not None and result.report.sublayers[0].max_abs_diff == 0.0
+    assert result.report.probe_tokens == 4 * 17  # 4 random images, 16 patches + [CLS]
+    loaded = transformers.AutoModel.from_pretrained(result.destination, trust_remote_code=True)
+    assert normswap.inspect(loaded).placement == "post"

@@ -95,6 +95,16 @@ def _shape(topology: Topology) -> Any:
 def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any | None) -> dict[str, torch.Tensor]:
     """Token ids for the probe: the tokenizer on ``texts`` where there is one, else fixed random ids."""
     device = next(model.parameters()).device
+    main_input = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(0)
+    if main_input == "pixel_values":  # fixed random images of the configured size
+        size = getattr(model.config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(model.config, "num_channels", 3)
+        return {"pixel_values": torch.randn(4, channels, size, size, generator=generator).to(device)}
+    if main_input != "input_ids":
+        raise VerificationError(f"{type(model).__name__} takes '{main_input}'; drift probes for this input "
+                                "are not supported yet, so normswap cannot verify this conversion")
     if tokenizer is not None and texts:
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -106,7 +116,6 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
                                     "pass --calib with text it can encode")
     else:
         vocab = model.get_input_embeddings().num_embeddings
-        generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (4, 32), generator=generator)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(model.config, "is_encoder_decoder", False):
@@ -121,7 +130,9 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
     """Branch inputs and outputs of both models on the same probe inputs."""
     source_reads, source_out = _run(original, _entries(source), inputs)
     target_reads, target_out = _run(converted, _entries(target), inputs)
-    mask = inputs["attention_mask"].bool()
+    reference = _last_hidden(source_out)
+    mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(
+        reference.shape[:2], dtype=torch.bool, device=reference.device)
     sublayers = []
     for (stack, index, kind, source_entry), (_, _, _, target_entry) in zip(_entries(source), _entries(target),
                                                                              strict=True):
