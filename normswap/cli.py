@@ -42,7 +42,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
-    convert.add_argument("--placement", choices=("pre", "post"), required=True, help="target norm placement")
+    convert.add_argument("--placement", choices=("pre", "post"), help="target norm placement")
+    convert.add_argument("--norm", choices=("rmsnorm",),
+                         help="target norm kind: LayerNorm -> RMSNorm, exact for Pre-LN models")
     convert.add_argument("--no-native", dest="native", action="store_false",
                          help="do not use a stock transformers family as the target")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -58,15 +60,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion.checkpoint import convert_checkpoint
 
-    result = convert_checkpoint(args.source, args.destination, args.placement, native=args.native,
+    result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, native=args.native,
                                 overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,
                                 trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    print(result.setup.plan.describe())
+    print(result.plan.describe())
     if result.destination is None:
-        print(f"nothing written: {result.setup.plan.notes[0]}")
+        print(f"nothing written: {result.note}")
         return 0
     assert result.report is not None
     print(result.report.summary())
@@ -88,7 +90,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "convert" and (args.placement is None) == (args.norm is None):
+        parser.error("convert needs exactly one of --placement and --norm")
     try:
         if args.command == "inspect":
             return _run_inspect(args)

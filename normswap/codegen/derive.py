@@ -23,8 +23,10 @@ from ..errors import NormswapError
 from ..topology import Topology
 from .edits import (
     AddStackNorm,
+    CentreStream,
     Edit,
     NeutraliseNorm,
+    ReplaceNormClass,
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
@@ -109,6 +111,27 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
                   AddStackNorm(loop_owner, stack_attribute, FINAL_NORM, "after", owner, attribute)]
         return edits
     raise CodegenError(f"placement must be pre or post, got {placement!r}")
+
+
+def rms_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
+    """The edits that make a Pre-LN model run RMSNorm on a zero-mean stream (DESIGN.md §3).
+
+    Every norm that reads the residual stream (pre norms, final norm) becomes ``NormswapRMSNorm``; the
+    stream is centred once before the layer loop, which also centres the embeddings without touching
+    their weights, so a tied ``lm_head`` stays tied. An embedding LayerNorm (BLOOM) reads raw embeddings
+    and stays a LayerNorm: the centring after it takes care of its output.
+    """
+    paths = [norm.path for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
+    paths += [stack.final_norm.path for stack in topology.stacks if stack.final_norm is not None]
+    edits: list[Edit] = []
+    for path in paths:
+        owner, attribute = _owner_and_attribute(model, path)
+        edit = ReplaceNormClass(owner, attribute)
+        if edit not in edits:
+            edits.append(edit)
+    for stack in topology.stacks:  # an encoder-decoder has two streams to centre
+        edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
+    return edits
 
 
 class _Locator:

@@ -74,4 +74,25 @@ class AddStackNorm:
     copy_attribute: str
 
 
-Edit = UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
+@dataclass(frozen=True)
+class ReplaceNormClass:
+    """Every ``self.<norm> = SomeLayerNorm(args)`` in ``__init__`` -> ``NormswapRMSNorm(args)``.
+
+    ``NormswapRMSNorm`` takes ``nn.LayerNorm``'s arguments, so the constructor call keeps its arguments and the
+    weight and bias keep their names.
+    """
+
+    class_name: str
+    norm: str
+
+
+@dataclass(frozen=True)
+class CentreStream:
+    """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean."""
+
+    class_name: str
+    stack_attribute: str
+
+
+Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
+        | ReplaceNormClass | CentreStream)

@@ -52,7 +52,32 @@ class GeneratedModule:
         return mapping
 
 
-def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str) -> GeneratedModule:
+_RMS_NORM_CLASS = '''
+
+class NormswapRMSNorm(torch.nn.Module):
+    """RMSNorm that takes nn.LayerNorm's arguments, with an optional bias: LN(h) on a zero-mean stream.
+
+    normswap centres every writer to the residual stream, so the LayerNorms that read it see zero-mean
+    inputs, where LN(h) = w * h / sqrt(mean(h^2) + eps) + b exactly, with the same eps.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape = shape
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.weight = torch.nn.Parameter(torch.ones(shape, **factory)) if elementwise_affine else None
+        self.bias = torch.nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.rms_norm(hidden_states, self.normalized_shape, self.weight, self.eps)
+        return normed + self.bias if self.bias is not None else normed
+'''
+
+
+def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
+                   rms_norm: bool = False) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source)."""
     family = original.__name__.rsplit(".", 2)[-2]
     prefix = config_class.__name__.removesuffix("Config")
@@ -98,6 +123,8 @@ for _model_class in ({", ".join(model_classes)},):
         body = "import torch\n" + body
     if config_class.__name__ not in body:
         raise CodegenError(f"{original.__name__} does not import {config_class.__name__}; cannot subclass it")
+    if rms_norm:
+        footer = _RMS_NORM_CLASS + footer
     return GeneratedModule(family, f"modeling_normswap_{family}.py", header + body + footer, generated_config,
                            model_type, model_classes)
 

@@ -15,8 +15,10 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 from .derive import CodegenError
 from .edits import (
     AddStackNorm,
+    CentreStream,
     Edit,
     NeutraliseNorm,
+    ReplaceNormClass,
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
@@ -33,7 +35,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     rewriter = _Rewriter(edits, constructors)
     rewritten = MetadataWrapper(module).visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
-    class_wide = (UnwrapModelNorm, NeutraliseNorm)
+    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass)
     wrong = [edit for edit in edits
              if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
@@ -169,6 +171,10 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
+            if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
+                    and isinstance(updated.value, cst.Call)):
+                self.applied[edit] += 1
+                return updated.with_changes(value=updated.value.with_changes(func=cst.Name("NormswapRMSNorm")))
         return updated
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
@@ -179,6 +185,9 @@ class _Rewriter(cst.CSTTransformer):
                     updated = self._add_module(updated, edit)
                 elif name == "forward":
                     updated = self._add_call(updated, edit)
+            if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
+                updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
+                                               "{stream} = {stream} - {stream}.mean(-1, keepdim=True)")
         return updated
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
@@ -194,14 +203,21 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute}")
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        return self._insert_at_loop(function, edit.stack_attribute, edit.where, None,
+                                    f"{{stream}} = self.{edit.norm}({{stream}})")
+
+    def _insert_at_loop(self, function: cst.FunctionDef, stack_attribute: str, where: str, edit: Edit | None,
+                        template: str) -> cst.FunctionDef:
+        """Insert ``template`` (with ``{stream}``, the variable the loop passes to each layer) at the layer loop."""
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if isinstance(statement, cst.For) and f"self.{edit.stack_attribute}" in _code(statement.iter):
-                stream = _stream_variable(statement)
-                call = cst.parse_statement(f"{stream} = self.{edit.norm}({stream})\n")
-                body.insert(index if edit.where == "before" else index + 1, call)
+            if isinstance(statement, cst.For) and f"self.{stack_attribute}" in _code(statement.iter):
+                line = template.format(stream=_stream_variable(statement))
+                body.insert(index if where == "before" else index + 1, cst.parse_statement(line + "\n"))
+                if edit is not None:
+                    self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{edit.class_name}.forward has no `for ... in self.{edit.stack_attribute}` loop")
+        raise CodegenError(f"{function.name.value} has no `for ... in self.{stack_attribute}` loop")
 
 
 def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:

@@ -84,12 +84,25 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     return ConversionSetup(plan, source, target_topology, cls, config, generated)
 
 
-def convert(model: nn.Module, placement: str, *, native: bool = True) -> nn.Module:
-    """Return ``model`` converted to ``placement`` (``"pre"`` or ``"post"``) under the norm-shift mapping.
+def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None,
+            native: bool = True) -> nn.Module:
+    """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm`` (``"rmsnorm"``).
 
-    Converting to the placement the model already has returns ``model`` itself and logs that.
+    Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
+    has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model is exact and checked:
+    the result matches the original to 1e-4 x max|reference| in fp32, or ``ExactnessError`` is raised.
     The realised model is re-detected and must show the planned topology.
     """
+    if (placement is None) == (norm is None):
+        raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
+    if norm is not None:
+        if norm != "rmsnorm":
+            raise NormswapError(f"norm={norm!r}: this release converts LayerNorm -> RMSNorm ('rmsnorm') only")
+        from .norm_kind import convert_to_rms_norm
+
+        converted, _, report, _ = convert_to_rms_norm(model)
+        converted.normswap_report = report
+        return converted
     return realise(model, plan_conversion(model, placement, native))
 
 

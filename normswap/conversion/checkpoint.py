@@ -12,12 +12,13 @@ from torch import nn
 
 from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
-from ..errors import SourceError
+from ..errors import NormswapError, SourceError
 from ..io.destination import atomic_output, check_destination
 from ..io.model_card import model_card
 from ..io.support_files import copy_support_files
-from .api import ConversionSetup, plan_conversion, provenance, realise
-from .verify import DriftReport, measure_drift, probe_inputs
+from .api import plan_conversion, provenance, realise
+from .norm_kind import convert_to_rms_norm
+from .verify import measure_drift, probe_inputs
 
 CARRIED_FILE = "normswap_carried.safetensors"
 REPORT_FILE = "normswap_report.json"
@@ -25,24 +26,30 @@ REPORT_FILE = "normswap_report.json"
 
 @dataclass(frozen=True)
 class ConversionResult:
-    """What ``convert_checkpoint`` did: the plan, the drift report, and where it wrote (None for a no-op)."""
+    """What ``convert_checkpoint`` did: the plan, the report, and where it wrote (None for a no-op)."""
 
-    setup: ConversionSetup
-    report: DriftReport | None
+    plan: Any  # ConversionPlan (placement) or NormKindPlan (norm kind)
+    report: Any  # DriftReport (inexact) or ExactnessReport (exact); None for a no-op
     destination: Path | None
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "plan": self.setup.plan.to_dict(),
+            "plan": self.plan.to_dict(),
             "report": self.report.to_dict() if self.report else None,
             "destination": str(self.destination) if self.destination else None,
         }
 
 
-def convert_checkpoint(source: str | Path, destination: str | Path, placement: str, *, native: bool = True,
-                       overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
+def convert_checkpoint(source: str | Path, destination: str | Path, placement: str | None = None, *,
+                       norm: str | None = None, native: bool = True, overwrite: bool = False,
+                       max_shard_size: str = "5GB", calib: str | Path | None = None,
                        trust_remote_code: bool = False) -> ConversionResult:
-    """Convert the checkpoint folder ``source`` to ``placement`` and write it to ``destination``."""
+    """Convert the checkpoint folder ``source`` to ``placement`` or ``norm`` and write it to ``destination``."""
+    if (placement is None) == (norm is None):
+        raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
+    if norm not in (None, "rmsnorm"):
+        raise NormswapError(f"--norm {norm}: this release converts LayerNorm -> RMSNorm (--norm rmsnorm) only")
     source_path, destination_path = Path(source), Path(destination)
     config = load_config(source_path, trust_remote_code)
     if not source_path.is_dir():
@@ -51,31 +58,40 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     texts = read_corpus(calib) if calib else None
 
     model = _load_model(source_path, config, trust_remote_code)
-    setup = plan_conversion(model, placement, native)
-    if setup.plan.noop:
-        return ConversionResult(setup, None, None)
-    converted = realise(model, setup)
-    tokenizer = _load_tokenizer(source_path)
-    inputs = probe_inputs(model, texts or default_corpus(), tokenizer)
-    report = measure_drift(model, converted, setup.source, setup.target, inputs, exact=setup.plan.exact)
+    inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
+    if norm is not None:
+        converted, plan, report, generated = convert_to_rms_norm(model, inputs)
+    else:
+        setup = plan_conversion(model, placement or "", native)
+        if setup.plan.noop:
+            return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
+        converted = realise(model, setup)
+        plan, generated = setup.plan, setup.generated
+        report = measure_drift(model, converted, setup.source, setup.target, inputs, exact=plan.exact)
+        converted.config.normswap = provenance(model, plan, str(source_path.resolve()))
+    converted.config.normswap["source"] = str(source_path.resolve())
+    _write(destination_path, overwrite, source_path, converted, generated, plan, report, max_shard_size)
+    return ConversionResult(plan, report, destination_path.resolve())
 
-    converted.config.normswap = provenance(model, setup.plan, str(source_path.resolve()))
-    with atomic_output(destination_path, overwrite) as folder:
+
+def _write(destination: Path, overwrite: bool, source: Path, converted: nn.Module, generated: Any, plan: Any,
+           report: Any, max_shard_size: str) -> None:
+    """Weights, config, carried norms, support files, generated code, report and card, atomically."""
+    with atomic_output(destination, overwrite) as folder:
         converted.save_pretrained(folder, max_shard_size=max_shard_size)
-        if converted.normswap_carried:
+        carried = getattr(converted, "normswap_carried", None)
+        if carried:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in converted.normswap_carried.items()}, str(folder / CARRIED_FILE),
+            save_file({k: v.contiguous() for k, v in carried.items()}, str(folder / CARRIED_FILE),
                       metadata={"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
-        copy_support_files(source_path, folder)
-        if setup.generated is not None:
-            (folder / setup.generated.file_name).write_text(setup.generated.source, encoding="utf-8")
+        copy_support_files(source, folder)
+        if generated is not None:
+            (folder / generated.file_name).write_text(generated.source, encoding="utf-8")
         (folder / REPORT_FILE).write_text(json.dumps(
-            {"normswap": converted.config.normswap, "plan": setup.plan.to_dict(), **report.to_dict()}, indent=2))
-        (folder / "README.md").write_text(model_card(destination_path.name, converted.config.normswap,
-                                                     setup.plan.describe(), report.summary(),
-                                                     loads_natively=setup.generated is None))
-    return ConversionResult(setup, report, destination_path.resolve())
+            {"normswap": converted.config.normswap, "plan": plan.to_dict(), **report.to_dict()}, indent=2))
+        (folder / "README.md").write_text(model_card(destination.name, converted.config.normswap, plan.describe(),
+                                                     report.summary(), loads_natively=generated is None))
 
 
 def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:

@@ -102,6 +102,11 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
         size = size if isinstance(size, int) else size[0]
         channels = getattr(model.config, "num_channels", 3)
         return {"pixel_values": torch.randn(4, channels, size, size, generator=generator).to(device)}
+    if main_input == "input_features":  # fixed random audio features, e.g. Whisper's log-mel frames
+        frames = 2 * getattr(model.config, "max_source_positions", 1500)
+        features = torch.randn(2, model.config.num_mel_bins, frames, generator=generator)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator)
+        return {"input_features": features.to(device), "decoder_input_ids": ids.to(device)}
     if main_input != "input_ids":
         raise VerificationError(f"{type(model).__name__} takes '{main_input}'; drift probes for this input "
                                 "are not supported yet, so normswap cannot verify this conversion")

@@ -1,0 +1,246 @@
+"""LayerNorm -> RMSNorm, exact, for Pre-LN models (DESIGN.md §3, Jiang et al. 2023).
+
+Every reader of a Pre-LN residual stream is a LayerNorm, which ignores the stream's component along
+the all-ones vector. Remove that component everywhere and the LayerNorms see zero-mean inputs, where
+``LN(h) = w * h / sqrt(mean(h^2) + eps) + b``: an RMSNorm with the same weight, bias and eps.
+
+* each branch's output projection (the last linear map of the branch) is centred over the hidden
+  dimension, in float64, then cast back to the checkpoint dtype;
+* the stream is centred once in code before the layer loop, which covers token, position and
+  token-type embeddings and an embedding LayerNorm's output without touching any weight, so a tied
+  ``lm_head`` stays tied;
+* the residual norms become ``NormswapRMSNorm`` (``torch.nn.functional.rms_norm`` plus the LN bias).
+
+The result must match the original on probe inputs to ``1e-4 x max|reference|`` (fp32), or the
+conversion fails with the measured figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codegen.derive import modeling_file, rms_norm_edits
+from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
+from ..codegen.rewrite import apply_edits
+from ..detect import inspect
+from ..errors import NormswapError
+from ..topology import Topology
+from ..version import __version__
+from .native import build_with_weights
+from .verify import probe_inputs
+
+_LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine"})
+_PRE_PLACEMENTS = frozenset({"pre", "parallel"})
+TOLERANCE = 1e-4  # of max|reference|, fp32 (DESIGN.md §3)
+_NOISE_FACTOR = 3.0  # bf16/fp16 bound, in units of the checkpoint's own rounding noise (see check_exact)
+
+
+class ExactnessError(NormswapError):
+    """An exact conversion did not reproduce the original within the tolerance."""
+
+
+@dataclass(frozen=True)
+class NormKindPlan:
+    """What an exact LayerNorm -> RMSNorm conversion changes. Frozen, printable, JSON-serialisable."""
+
+    source_model_type: str
+    target_model_type: str
+    realisation: str
+    norms: tuple[str, ...]  # LayerNorms that become RMSNorms (weight, bias and eps kept)
+    writers: tuple[str, ...]  # linear maps whose outputs are centred
+    exact: bool = True
+
+    def describe(self) -> str:
+        lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true",
+                 "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)"]
+        lines += [f"  centre the output of {writer}" for writer in self.writers]
+        lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight, bias, eps)" for norm in self.norms]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExactnessReport:
+    """The achieved agreement with the original on probe inputs."""
+
+    exact: bool
+    probe_tokens: int
+    max_abs_diff: float
+    max_abs_reference: float
+    relative: float  # max_abs_diff / max_abs_reference, over final hidden states and logits
+    tolerance: float
+
+    def summary(self) -> str:
+        return (f"exact: max abs diff {self.max_abs_diff:.3g} over {self.probe_tokens} probe tokens = "
+                f"{self.relative:.2e} x max|reference| (tolerance {self.tolerance:.1e})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
+    """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code."""
+    topology = inspect(model)
+    _require_pre_layer_norm(topology)
+    probe = inputs or probe_inputs(model, None, None)
+    writers = _branch_writers(model, topology, probe)
+    generated, cls, config = _generated_rms_target(model, topology)
+    plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
+                        tuple(n.path for n in topology.residual_norms) + _final(topology), tuple(writers))
+
+    state = dict(model.state_dict())
+    for path in writers:
+        _centre_output(model.get_submodule(path), path, state)
+    parameter = next(model.parameters())
+    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
+    converted.train(model.training)
+    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+                                 "source_model_type": topology.model_type, "conversion": "norm layernorm -> rmsnorm",
+                                 "realisation": plan.realisation, "exact": True}
+    report = check_exact(model, converted, probe)
+    converted.normswap_plan = plan
+    return converted, plan, report, generated
+
+
+def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor]) -> ExactnessReport:
+    """The converted model must reproduce the original's final hidden states and logits.
+
+    fp32: within ``TOLERANCE x max|reference|``. bf16/fp16: the two models round independently at every
+    operation, so no fixed figure is fair. The bound is three times the low-precision model's own distance
+    from its fp32 twin: its rounding, the converted model's rounding (the same size), and the rounding of the
+    centred weights back to the checkpoint dtype (smaller).
+    """
+    outputs = _final_outputs(_run(original, inputs))
+    converted_outputs = _final_outputs(_run(converted, inputs))
+    diff = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, converted_outputs, strict=True))
+    reference = max(float(x.double().abs().max()) for x in outputs)
+    if next(original.parameters()).dtype == torch.float32:
+        tolerance = TOLERANCE
+    else:
+        fp32_outputs = _final_outputs(_run(copy.deepcopy(original).float(), inputs))
+        noise = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, fp32_outputs, strict=True))
+        tolerance = _NOISE_FACTOR * noise / reference if reference else _NOISE_FACTOR * noise
+    relative = diff / reference if reference else diff
+    first = outputs[0]
+    tokens = int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else first.numel()
+    report = ExactnessReport(relative <= tolerance, tokens, diff, reference, relative, tolerance)
+    if not report.exact:
+        raise ExactnessError(f"the RMSNorm model differs from the original by {diff:.3g} = {relative:.2e} x "
+                             f"max|reference| (tolerance {tolerance:.1e}); this conversion is not exact for "
+                             f"{type(original).__name__}, please report it")
+    return report
+
+
+def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model(**inputs, output_hidden_states=True)
+    model.train(was_training)
+    return output
+
+
+def _require_pre_layer_norm(topology: Topology) -> None:
+    if topology.placement not in _PRE_PLACEMENTS:
+        raise NormswapError(f"{topology.model_type} is {topology.placement}; LayerNorm -> RMSNorm is exact only for "
+                            "Pre-LN models (convert the placement first, or wait for the approximate path)")
+    kinds = {n.kind for n in topology.residual_norms} | {n.kind for n in _final_sites(topology)}
+    if not kinds <= _LAYER_NORMS:
+        raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
+                            "nothing to convert to RMSNorm")
+
+
+def _final_sites(topology: Topology) -> tuple[Any, ...]:
+    return tuple(s.final_norm for s in topology.stacks if s.final_norm)
+
+
+def _final(topology: Topology) -> tuple[str, ...]:
+    return tuple(n.path for n in _final_sites(topology))
+
+
+def _linear_layout(module: nn.Module) -> str | None:
+    """``"out_in"`` for nn.Linear weights (out, in), ``"in_out"`` for GPT-2's Conv1D (in, out)."""
+    if isinstance(module, nn.Linear):
+        return "out_in"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "in_out"
+    return None
+
+
+def _branch_writers(model: nn.Module, topology: Topology, inputs: dict[str, torch.Tensor]) -> list[str]:
+    """The last linear map each branch runs: its output is what the branch adds to the stream."""
+    calls: list[str] = []
+    handles = [module.register_forward_hook(lambda m, a, o, path=path: calls.append(path))
+               for path, module in model.named_modules() if _linear_layout(module)]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    writers = []
+    for layer in topology.layers:
+        for sub in layer.sublayers:
+            for branch in sub.branches:
+                inside = [p for p in calls if any(p == m or p.startswith(m + ".") for m in branch.modules)]
+                if not inside:
+                    raise NormswapError(f"cannot find the output projection of a branch of {layer.path}; "
+                                        "this family's branches end in no linear layer normswap knows")
+                if inside[-1] not in writers:
+                    writers.append(inside[-1])
+    return writers
+
+
+def _centre_output(module: nn.Module, path: str, state: dict[str, torch.Tensor]) -> None:
+    """Remove the mean over output features from a linear map's weight and bias, in float64."""
+    layout = _linear_layout(module)
+    weight_key, bias_key = f"{path}.weight", f"{path}.bias"
+    weight = state[weight_key].double()
+    dim = 0 if layout == "out_in" else 1
+    state[weight_key] = (weight - weight.mean(dim, keepdim=True)).to(state[weight_key].dtype)
+    if bias_key in state:
+        bias = state[bias_key].double()
+        state[bias_key] = (bias - bias.mean()).to(state[bias_key].dtype)
+
+
+def _generated_rms_target(model: nn.Module, topology: Topology) -> tuple[GeneratedModule, Any, Any]:
+    path = modeling_file(model, topology)
+    rewritten = apply_edits(path.read_text(encoding="utf-8"), rms_norm_edits(model, topology))
+    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
+    generated = package_module(original, rewritten, type(model.config),
+                               "norm LayerNorm -> RMSNorm (exact: centred writers, zero-mean stream)", rms_norm=True)
+    module = load_generated(generated)
+    cls = getattr(module, type(model).__name__)
+    config = getattr(module, generated.config_class).from_dict(config_fields(model.config))
+    config.architectures = [type(model).__name__]
+    config.auto_map = generated.auto_map(topology.model_type)
+    return generated, cls, config
+
+
+def _final_outputs(output: Any) -> list[torch.Tensor]:
+    """What the model hands on: final (normalised) hidden states of every stack, and logits.
+
+    The raw stream itself changes under centring; only what the norms read is kept.
+    """
+    found = []
+    for name in ("last_hidden_state", "encoder_last_hidden_state", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+    for name in ("hidden_states", "decoder_hidden_states"):  # causal LMs append the final norm's output last
+        value = getattr(output, name, None)
+        if isinstance(value, (tuple, list)) and value and getattr(output, "last_hidden_state", None) is None:
+            found.append(value[-1])
+    if not found:
+        raise ExactnessError(f"{type(output).__name__} has no hidden states to compare")
+    return found

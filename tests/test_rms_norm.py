@@ -1,0 +1,125 @@
+"""LayerNorm -> RMSNorm on Pre-LN models: exact to fp rounding, checked on models whose every weight,
+norm weight and norm bias is perturbed away from its init value (with init values, folding bugs hide)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tiny_configs import TINY_CONFIGS
+from transformers import CONFIG_MAPPING
+
+import normswap
+from normswap.cli import main
+from normswap.conversion import norm_kind
+from normswap.conversion.norm_kind import ExactnessError, convert_to_rms_norm
+from normswap.conversion.verify import probe_inputs
+
+FAMILIES = [
+    ("gpt2", "GPT2LMHeadModel"), ("gpt_neo", "GPTNeoForCausalLM"),
+    ("gpt_neox_parallel", "GPTNeoXForCausalLM"), ("gpt_neox_sequential", "GPTNeoXForCausalLM"),
+    ("gptj", "GPTJForCausalLM"), ("phi", "PhiForCausalLM"), ("opt_pre", "OPTForCausalLM"),
+    ("bloom", "BloomForCausalLM"), ("falcon", "FalconForCausalLM"), ("falcon_sequential", "FalconForCausalLM"),
+    ("stablelm", "StableLmForCausalLM"), ("starcoder2", "Starcoder2ForCausalLM"), ("biogpt", "BioGptForCausalLM"),
+    ("vit", "ViTModel"), ("whisper", "WhisperForConditionalGeneration"),
+]
+
+
+def perturbed(config_name: str, class_name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    fields = dict(TINY_CONFIGS[config_name])
+    config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # biases start at 0 and norm weights at 1: move them all
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.to(dtype)
+
+
+def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    return norm_kind._final_outputs(out)
+
+
+@pytest.mark.parametrize(("config", "model_class"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_pre_ln_to_rms_norm_is_exact_in_fp32(config: str, model_class: str) -> None:
+    model = perturbed(config, model_class)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = normswap.convert(model, norm="rmsnorm")
+    report = converted.normswap_report
+    assert report.exact and report.relative <= 1e-4
+
+    inputs = probe_inputs(model, None, None)
+    expected, actual = outputs(model, inputs), outputs(converted, inputs)
+    reference = max(float(e.abs().max()) for e in expected)
+    assert max(float((e - a).abs().max()) for e, a in zip(expected, actual, strict=True)) <= 1e-4 * reference
+
+    source, target = normswap.inspect(model), normswap.inspect(converted)
+    assert {n.kind for n in target.residual_norms} == {"rmsnorm"}
+    assert [n.eps for n in target.residual_norms] == [n.eps for n in source.residual_norms]  # eps kept
+    assert target.placement == source.placement
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the source is untouched
+
+
+@pytest.mark.parametrize(("config", "model_class"), [("gpt2", "GPT2LMHeadModel"), ("opt_pre", "OPTForCausalLM"),
+                                                     ("bloom", "BloomForCausalLM")])
+def test_bf16_stays_within_bf16_rounding(config: str, model_class: str) -> None:
+    """bf16 keeps 8 significant bits and both models round at every op, so a fixed 1e-4 cannot hold. The bound:
+    the conversion may differ from the bf16 original by at most 3x the bf16 original's own distance from fp32."""
+    fp32 = perturbed(config, model_class)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    converted = normswap.convert(bf16, norm="rmsnorm")
+    assert next(converted.parameters()).dtype == torch.bfloat16
+    inputs = probe_inputs(fp32, None, None)
+    noise = max(float((a.float() - b).abs().max()) for a, b in zip(outputs(bf16, inputs), outputs(fp32, inputs),
+                                                                   strict=True))
+    error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outputs(converted, inputs),
+                                                                           outputs(bf16, inputs), strict=True))
+    assert 0 < error <= 3 * noise
+
+
+@pytest.mark.parametrize(("config", "model_class"), [("gpt2", "GPT2LMHeadModel"), ("opt_pre", "OPTForCausalLM")])
+def test_tied_embeddings_stay_tied(config: str, model_class: str) -> None:
+    model = perturbed(config, model_class)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.get_output_embeddings().weight is converted.get_input_embeddings().weight
+    assert torch.equal(converted.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_the_exactness_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(norm_kind, "_centre_output", lambda module, path, state: None)  # forget to centre
+    with pytest.raises(ExactnessError, match=r"differs from the original by .* x max\|reference\| \(tolerance"):
+        convert_to_rms_norm(perturbed("gpt2", "GPT2LMHeadModel"))
+
+
+def test_refusals() -> None:
+    with pytest.raises(normswap.NormswapError, match="exact only for Pre-LN models"):
+        normswap.convert(perturbed("bert", "BertModel"), norm="rmsnorm")
+    with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
+        normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="rmsnorm")
+    with pytest.raises(normswap.NormswapError, match="exactly one of placement= and norm="):
+        normswap.convert(perturbed("gpt2", "GPT2LMHeadModel"), "post", norm="rmsnorm")
+
+
+def test_cli_checkpoint_reloads_and_reproduces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = perturbed("gpt2", "GPT2LMHeadModel")
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "rms"), "--norm", "rmsnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "LayerNorm -> RMSNorm" in out and "exact: max abs diff" in out
+    report = json.loads((tmp_path / "rms" / "normswap_report.json").read_text())
+    assert report["exact"] is True and report["relative"] <= 1e-4 and report["normswap"]["exact"] is True
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rms", trust_remote_code=True)
+    inputs = probe_inputs(model, None, None)
+    in_memory = normswap.convert(model, norm="rmsnorm")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, in_memory(**inputs).logits)
+    assert {n.kind for n in normswap.inspect(loaded).residual_norms} == {"rmsnorm"}
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "source"), str(tmp_path / "x")])  # neither --placement nor --norm
