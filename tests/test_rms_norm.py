@@ -123,3 +123,17 @@ def test_cli_checkpoint_reloads_and_reproduces(tmp_path: Path, capsys: pytest.Ca
     assert {n.kind for n in normswap.inspect(loaded).residual_norms} == {"rmsnorm"}
     with pytest.raises(SystemExit):
         main(["convert", str(tmp_path / "source"), str(tmp_path / "x")])  # neither --placement nor --norm
+
+
+def test_ln_bias_folds_into_reader_biases_where_they_exist() -> None:
+    model = perturbed("gpt_neo", "GPTNeoForCausalLM")  # attention q/k/v have no bias, the MLP's c_fc has one
+    converted, plan, report, _ = convert_to_rms_norm(model)
+    assert plan.folded == ("transformer.h.0.ln_2", "transformer.h.1.ln_2")
+    for layer in (0, 1):
+        folded, kept = converted.transformer.h[layer].ln_2, converted.transformer.h[layer].ln_1
+        assert torch.equal(folded.bias, torch.zeros_like(folded.bias))
+        assert torch.equal(kept.bias, model.transformer.h[layer].ln_1.bias)  # no bias to take it: kept
+        original_fc, beta = model.transformer.h[layer].mlp.c_fc, model.transformer.h[layer].ln_2.bias.double()
+        expected = original_fc.bias.double() + original_fc.weight.double() @ beta
+        assert torch.allclose(converted.transformer.h[layer].mlp.c_fc.bias.double(), expected, atol=1e-6)
+    assert report.relative <= 1e-4

@@ -54,13 +54,15 @@ class NormKindPlan:
     realisation: str
     norms: tuple[str, ...]  # LayerNorms that become RMSNorms (weight, bias and eps kept)
     writers: tuple[str, ...]  # linear maps whose outputs are centred
+    folded: tuple[str, ...] = ()  # pre norms whose bias moved into the biases of the linear maps reading them
     exact: bool = True
 
     def describe(self) -> str:
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true",
                  "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)"]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
-        lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight, bias, eps)" for norm in self.norms]
+        lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight and eps; "
+                  f"{'bias folded into its readers' if norm in self.folded else 'bias kept'})" for norm in self.norms]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,27 +88,42 @@ class ExactnessReport:
         return asdict(self)
 
 
-def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True
                         ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
-    """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code."""
+    """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code.
+
+    With ``fold_bias``, a pre norm's bias moves into the biases of the linear maps that read it
+    (``b += W @ beta``) where all of them have one; otherwise it stays an RMSNorm bias. Both are exact;
+    if folding ever fails the exactness check, the conversion is redone without it.
+    """
     topology = inspect(model)
     _require_pre_layer_norm(topology)
     probe = inputs or probe_inputs(model, None, None)
-    writers = _branch_writers(model, topology, probe)
+    pre_norms = tuple(n.path for n in topology.residual_norms)
+    order, readers = _linear_calls(model, probe, pre_norms)
+    writers = _branch_writers(order, topology)
+    folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
     generated, cls, config = _generated_rms_target(model, topology)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
-                        tuple(n.path for n in topology.residual_norms) + _final(topology), tuple(writers))
+                        pre_norms + _final(topology), tuple(writers), tuple(sorted(folds)))
 
     state = dict(model.state_dict())
     for path in writers:
         _centre_output(model.get_submodule(path), path, state)
+    for norm, found in folds.items():
+        _fold_bias(model, norm, found, state)
     parameter = next(model.parameters())
     converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
     converted.train(model.training)
     converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
                                  "source_model_type": topology.model_type, "conversion": "norm layernorm -> rmsnorm",
                                  "realisation": plan.realisation, "exact": True}
-    report = check_exact(model, converted, probe)
+    try:
+        report = check_exact(model, converted, probe)
+    except ExactnessError:
+        if not folds:
+            raise
+        return convert_to_rms_norm(model, probe, fold_bias=False)
     converted.normswap_plan = plan
     return converted, plan, report, generated
 
@@ -176,18 +193,38 @@ def _linear_layout(module: nn.Module) -> str | None:
     return None
 
 
-def _branch_writers(model: nn.Module, topology: Topology, inputs: dict[str, torch.Tensor]) -> list[str]:
-    """The last linear map each branch runs: its output is what the branch adds to the stream."""
-    calls: list[str] = []
-    handles = [module.register_forward_hook(lambda m, a, o, path=path: calls.append(path))
-               for path, module in model.named_modules() if _linear_layout(module)]
+def _linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tuple[str, ...]
+                  ) -> tuple[list[str], dict[str, list[str]]]:
+    """One forward pass: the linear maps in call order, and for each norm the linear maps that read its output."""
+    order: list[str] = []
+    readers: dict[str, list[str]] = {norm: [] for norm in norms}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its id from being reused
+    handles = []
+    for path in norms:
+        handles.append(model.get_submodule(path).register_forward_hook(
+            lambda m, a, output, path=path: produced.__setitem__(id(output), (path, output))))
+    for path, module in model.named_modules():
+        if _linear_layout(module):
+            def hook(m: nn.Module, args: tuple, output: Any, path: str = path) -> None:
+                order.append(path)
+                source, tensor = produced.get(id(args[0]), (None, None)) if args else (None, None)
+                if source is not None and tensor is args[0] and path not in readers[source]:
+                    readers[source].append(path)
+            handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
+            was_training = model.training
             model.eval()
             model(**inputs)
+            model.train(was_training)
     finally:
         for handle in handles:
             handle.remove()
+    return order, readers
+
+
+def _branch_writers(calls: list[str], topology: Topology) -> list[str]:
+    """The last linear map each branch runs: its output is what the branch adds to the stream."""
     writers = []
     for layer in topology.layers:
         for sub in layer.sublayers:
@@ -199,6 +236,24 @@ def _branch_writers(model: nn.Module, topology: Topology, inputs: dict[str, torc
                 if inside[-1] not in writers:
                     writers.append(inside[-1])
     return writers
+
+
+def _can_fold(model: nn.Module, norm: str, readers: list[str]) -> bool:
+    """Fold only where the norm has a bias and every linear map reading it has a bias to take it."""
+    if getattr(model.get_submodule(norm), "bias", None) is None or not readers:
+        return False
+    return all(getattr(model.get_submodule(r), "bias", None) is not None for r in readers)
+
+
+def _fold_bias(model: nn.Module, norm: str, readers: list[str], state: dict[str, torch.Tensor]) -> None:
+    """``W (g*n + beta) + b = W (g*n) + (W beta + b)``, computed in float64."""
+    beta = state[f"{norm}.bias"].double()
+    for reader in readers:
+        weight = state[f"{reader}.weight"].double()
+        shift = weight @ beta if _linear_layout(model.get_submodule(reader)) == "out_in" else beta @ weight
+        bias_key = f"{reader}.bias"
+        state[bias_key] = (state[bias_key].double() + shift).to(state[bias_key].dtype)
+    state[f"{norm}.bias"] = torch.zeros_like(state[f"{norm}.bias"])
 
 
 def _centre_output(module: nn.Module, path: str, state: dict[str, torch.Tensor]) -> None:
