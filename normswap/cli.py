@@ -43,8 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
     convert.add_argument("--placement", choices=("pre", "post"), help="target norm placement")
-    convert.add_argument("--norm", choices=("rmsnorm",),
-                         help="target norm kind: LayerNorm -> RMSNorm, exact for Pre-LN models")
+    convert.add_argument("--norm", choices=("rmsnorm", "layernorm"),
+                         help="target norm kind: rmsnorm (exact for Pre-LN models) or layernorm (with --exact)")
+    convert.add_argument("--exact", action="store_true",
+                         help="RMSNorm -> LayerNorm exactly, by one extra hidden dimension (Llama, Mistral, Qwen2)")
     convert.add_argument("--no-native", dest="native", action="store_false",
                          help="do not use a stock transformers family as the target")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -60,7 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion.checkpoint import convert_checkpoint
 
-    result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, native=args.native,
+    result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, exact=args.exact,
+                                native=args.native,
                                 overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,
                                 trust_remote_code=args.trust_remote_code)
     if args.json:

@@ -113,6 +113,18 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
     raise CodegenError(f"placement must be pre or post, got {placement!r}")
 
 
+def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
+    """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm``, arguments unchanged."""
+    paths = [norm.path for norm in topology.residual_norms]
+    paths += [stack.final_norm.path for stack in topology.stacks if stack.final_norm is not None]
+    edits: list[Edit] = []
+    for path in paths:
+        edit = ReplaceNormClass(*_owner_and_attribute(model, path), new_class="NormswapLayerNorm")
+        if edit not in edits:
+            edits.append(edit)
+    return edits
+
+
 def rms_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
     """The edits that make a Pre-LN model run RMSNorm on a zero-mean stream (DESIGN.md §3).
 

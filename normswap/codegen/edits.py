@@ -76,14 +76,16 @@ class AddStackNorm:
 
 @dataclass(frozen=True)
 class ReplaceNormClass:
-    """Every ``self.<norm> = SomeLayerNorm(args)`` in ``__init__`` -> ``NormswapRMSNorm(args)``.
+    """Every ``self.<norm> = SomeNorm(args)`` in ``__init__`` -> ``<new_class>(args)``.
 
-    ``NormswapRMSNorm`` takes ``nn.LayerNorm``'s arguments, so the constructor call keeps its arguments and the
-    weight and bias keep their names.
+    The replacement classes take the replaced class's arguments (``NormswapRMSNorm`` those of
+    ``nn.LayerNorm``, ``NormswapLayerNorm`` those of a ``(hidden_size, eps)`` RMSNorm), so the call keeps
+    its arguments and the parameters keep their names.
     """
 
     class_name: str
     norm: str
+    new_class: str = "NormswapRMSNorm"
 
 
 @dataclass(frozen=True)

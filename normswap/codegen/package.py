@@ -76,8 +76,32 @@ class NormswapRMSNorm(torch.nn.Module):
 '''
 
 
+_LAYER_NORM_CLASS = '''
+
+class NormswapLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm that takes an RMSNorm's ``(hidden_size, eps)`` arguments.
+
+    normswap's exact RMSNorm -> LayerNorm map adds one hidden dimension: U (d+1 x d, orthonormal columns
+    orthogonal to the all-ones vector) carries the stream to zero mean, where this LayerNorm with eps * d/(d+1)
+    equals sqrt((d+1)/d) * U * RMSNorm; the readers' weights absorb the rest.
+    """
+
+    def __init__(self, hidden_size, eps=1e-6, **kwargs):
+        super().__init__(hidden_size, eps=eps)
+'''
+
+
+_EXTRA_DIMENSION_VALIDATOR = '''
+    def validate(self):
+        """The stock checks, except validate_architecture: hidden_size is heads * head_dim + 1 here."""
+        for validator in getattr(type(self), "__class_validators__", ()):
+            if validator.__name__ != "validate_architecture":
+                validator(self)
+'''
+
+
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
-                   rms_norm: bool = False) -> GeneratedModule:
+                   rms_norm: bool = False, layer_norm: bool = False) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source)."""
     family = original.__name__.rsplit(".", 2)[-2]
     prefix = config_class.__name__.removesuffix("Config")
@@ -113,7 +137,7 @@ class {generated_config}({config_class.__name__}):
     """{config_class.__name__} under its own model_type, so this layout never loads into the stock classes."""
 
     model_type = "{model_type}"
-
+{_EXTRA_DIMENSION_VALIDATOR if layer_norm else ""}
 
 # every model class of this module reads its configuration as {generated_config}
 for _model_class in ({", ".join(model_classes)},):
@@ -125,6 +149,8 @@ for _model_class in ({", ".join(model_classes)},):
         raise CodegenError(f"{original.__name__} does not import {config_class.__name__}; cannot subclass it")
     if rms_norm:
         footer = _RMS_NORM_CLASS + footer
+    if layer_norm:
+        footer = _LAYER_NORM_CLASS + footer
     return GeneratedModule(family, f"modeling_normswap_{family}.py", header + body + footer, generated_config,
                            model_type, model_classes)
 

@@ -174,7 +174,7 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
                     and isinstance(updated.value, cst.Call)):
                 self.applied[edit] += 1
-                return updated.with_changes(value=updated.value.with_changes(func=cst.Name("NormswapRMSNorm")))
+                return updated.with_changes(value=updated.value.with_changes(func=cst.Name(edit.new_class)))
         return updated
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:

@@ -84,26 +84,39 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     return ConversionSetup(plan, source, target_topology, cls, config, generated)
 
 
-def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None,
+def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
             native: bool = True) -> nn.Module:
-    """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm`` (``"rmsnorm"``).
+    """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm``.
 
     Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
-    has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model is exact and checked:
-    the result matches the original to 1e-4 x max|reference| in fp32, or ``ExactnessError`` is raised.
-    The realised model is re-detected and must show the planned topology.
+    has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model and
+    ``norm="layernorm", exact=True`` on a Pre-RMSNorm Llama/Mistral/Qwen2 (one extra hidden dimension) are
+    exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or
+    ``ExactnessError`` is raised. The realised model is re-detected and must show the planned topology.
     """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
     if norm is not None:
-        if norm != "rmsnorm":
-            raise NormswapError(f"norm={norm!r}: this release converts LayerNorm -> RMSNorm ('rmsnorm') only")
-        from .norm_kind import convert_to_rms_norm
-
-        converted, _, report, _ = convert_to_rms_norm(model)
+        converted, report = _convert_norm(model, norm, exact)
         converted.normswap_report = report
         return converted
     return realise(model, plan_conversion(model, placement, native))
+
+
+def _convert_norm(model: nn.Module, norm: str, exact: bool) -> tuple[nn.Module, Any]:
+    from .extra_dimension import convert_to_layer_norm_exact
+    from .norm_kind import convert_to_rms_norm
+
+    if norm == "rmsnorm":
+        converted, _, report, _ = convert_to_rms_norm(model)
+    elif norm == "layernorm" and exact:
+        converted, _, report, _ = convert_to_layer_norm_exact(model)
+    elif norm == "layernorm":
+        raise NormswapError("the approximate RMSNorm -> LayerNorm conversion is not in this release; pass "
+                            "exact=True (--exact) for Llama, Mistral or Qwen2 with an explicit head_dim")
+    else:
+        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
+    return converted, report
 
 
 def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:

@@ -56,8 +56,15 @@ class NormKindPlan:
     writers: tuple[str, ...]  # linear maps whose outputs are centred
     folded: tuple[str, ...] = ()  # pre norms whose bias moved into the biases of the linear maps reading them
     exact: bool = True
+    kind: str = "rmsnorm"  # the target norm kind
 
     def describe(self) -> str:
+        if self.kind == "layernorm":
+            lines = [f"plan: {self.source_model_type} RMSNorm -> LayerNorm via {self.realisation}; exact: true, "
+                     "one extra hidden dimension (writers W -> U W, readers W -> W diag(g) U^T / sqrt((d+1)/d))"]
+            lines += [f"  lift {writer}" for writer in self.writers]
+            lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
+            return "\n".join(lines)
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true",
                  "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)"]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
@@ -128,7 +135,8 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     return converted, plan, report, generated
 
 
-def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor]) -> ExactnessReport:
+def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor],
+                logits_only: bool = False) -> ExactnessReport:
     """The converted model must reproduce the original's final hidden states and logits.
 
     fp32: within ``TOLERANCE x max|reference|``. bf16/fp16: the two models round independently at every
@@ -136,14 +144,15 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
     from its fp32 twin: its rounding, the converted model's rounding (the same size), and the rounding of the
     centred weights back to the checkpoint dtype (smaller).
     """
-    outputs = _final_outputs(_run(original, inputs))
-    converted_outputs = _final_outputs(_run(converted, inputs))
+    pick = (lambda output: [output.logits]) if logits_only else _final_outputs
+    outputs = pick(_run(original, inputs))
+    converted_outputs = pick(_run(converted, inputs))
     diff = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, converted_outputs, strict=True))
     reference = max(float(x.double().abs().max()) for x in outputs)
     if next(original.parameters()).dtype == torch.float32:
         tolerance = TOLERANCE
     else:
-        fp32_outputs = _final_outputs(_run(copy.deepcopy(original).float(), inputs))
+        fp32_outputs = pick(_run(copy.deepcopy(original).float(), inputs))
         noise = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, fp32_outputs, strict=True))
         tolerance = _NOISE_FACTOR * noise / reference if reference else _NOISE_FACTOR * noise
     relative = diff / reference if reference else diff
@@ -151,7 +160,7 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
     tokens = int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else first.numel()
     report = ExactnessReport(relative <= tolerance, tokens, diff, reference, relative, tolerance)
     if not report.exact:
-        raise ExactnessError(f"the RMSNorm model differs from the original by {diff:.3g} = {relative:.2e} x "
+        raise ExactnessError(f"the converted model differs from the original by {diff:.3g} = {relative:.2e} x "
                              f"max|reference| (tolerance {tolerance:.1e}); this conversion is not exact for "
                              f"{type(original).__name__}, please report it")
     return report

@@ -1,0 +1,144 @@
+"""RMSNorm -> LayerNorm, exact, by one extra hidden dimension (DESIGN.md §3).
+
+A trained RMSNorm model's stream does not have zero mean, so LayerNorm cannot replace RMSNorm in place.
+Carry the stream into d+1 dimensions with ``U`` ((d+1) x d, orthonormal columns orthogonal to the
+all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm over d+1 with
+``eps' = eps * d/(d+1)`` equals ``sqrt((d+1)/d) * U * RMSNorm_1(h)``. Then
+
+* writers (embedding rows, every branch's output projection): ``W -> U W``;
+* readers of a norm with weight g (q/k/v, gate/up, lm_head): ``W -> W diag(g) U^T / sqrt((d+1)/d)``;
+* every norm becomes a LayerNorm over d+1 with weight 1, bias 0.
+
+This needs a family that lets ``hidden_size`` differ from ``heads x head_dim`` (an explicit ``head_dim``) and
+that uses ``hidden_size`` nowhere else: Llama, Mistral, Qwen2. Everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codegen.derive import layer_norm_edits, modeling_file
+from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
+from ..codegen.rewrite import apply_edits
+from ..detect import inspect
+from ..errors import NormswapError
+from ..topology import Topology
+from ..version import __version__
+from .native import build_with_weights
+from .norm_kind import ExactnessReport, NormKindPlan, _branch_writers, _linear_calls, _linear_layout, check_exact
+from .verify import probe_inputs
+
+SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
+
+
+def orthonormal_lift(d: int) -> torch.Tensor:
+    """U, (d+1) x d in float64: orthonormal columns orthogonal to the all-ones vector (a Householder reflection)."""
+    ones = torch.full((d + 1,), 1.0 / math.sqrt(d + 1), dtype=torch.float64)
+    last = torch.zeros(d + 1, dtype=torch.float64)
+    last[-1] = 1.0
+    v = last - ones
+    reflection = torch.eye(d + 1, dtype=torch.float64) - 2.0 * torch.outer(v, v) / v.dot(v)
+    return reflection[:, :d]  # the reflection maps e_{d+1} to ones/sqrt(d+1); the other columns are orthogonal to it
+
+
+def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+                                ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
+    """The exact LayerNorm twin of a Pre-RMSNorm model, one hidden dimension wider."""
+    topology = inspect(model)
+    _require_supported(model, topology)
+    probe = inputs or probe_inputs(model, None, None)
+    norms = tuple(n.path for n in topology.residual_norms)
+    final = topology.stacks[0].final_norm.path  # type: ignore[union-attr]
+    order, readers = _linear_calls(model, probe, norms)
+    output_embeddings = _path_of(model, model.get_output_embeddings())
+    readers[final] = [output_embeddings]  # lm_head reads a slice of the final norm's output
+    writers = _branch_writers(order, topology)
+    embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
+                  and not any(path.startswith(layer.path + ".") for layer in topology.layers)]
+
+    d = int(model.config.hidden_size)
+    lift = orthonormal_lift(d)
+    scale = math.sqrt((d + 1) / d)
+    state = {key: value.double() for key, value in model.state_dict().items()}
+    for path in writers:
+        _lift_writer(model.get_submodule(path), path, state, lift)
+    for path in embeddings:
+        state[f"{path}.weight"] = state[f"{path}.weight"] @ lift.T
+    for norm, found in readers.items():
+        gamma = state.pop(f"{norm}.weight")
+        for reader in found:
+            if _linear_layout(model.get_submodule(reader)) != "out_in":
+                raise NormswapError(f"{reader} is not an nn.Linear; the extra-dimension map handles nn.Linear readers")
+            state[f"{reader}.weight"] = state[f"{reader}.weight"] * gamma @ lift.T / scale
+        state[f"{norm}.weight"] = torch.ones(d + 1, dtype=torch.float64)
+        state[f"{norm}.bias"] = torch.zeros(d + 1, dtype=torch.float64)
+    dtype = next(model.parameters()).dtype
+    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+
+    generated, cls, config = _generated_layer_norm_target(model, topology, d)
+    plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
+                        (*norms, final), tuple(writers + embeddings), kind="layernorm")
+    converted = build_with_weights(cls, config, state, dtype, next(model.parameters()).device)
+    converted.train(model.training)
+    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+                                 "source_model_type": topology.model_type,
+                                 "conversion": f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})",
+                                 "realisation": plan.realisation, "exact": True}
+    report = check_exact(model, converted, probe, logits_only=True)
+    converted.normswap_plan = plan
+    return converted, plan, report, generated
+
+
+def _require_supported(model: nn.Module, topology: Topology) -> None:
+    if topology.model_type not in SUPPORTED:
+        raise NormswapError(
+            f"exact RMSNorm -> LayerNorm adds one hidden dimension, which {topology.model_type} cannot take (its "
+            f"code ties hidden_size to the heads or scales by it); supported: {', '.join(sorted(SUPPORTED))}. "
+            "Use the approximate conversion instead")
+    if topology.placement != "pre" or {n.kind for n in topology.residual_norms} != {"rmsnorm"}:
+        raise NormswapError(f"{topology.model_type} is not a Pre-RMSNorm model ({topology.summary()})")
+    config = model.config
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim:
+        raise NormswapError(f"{topology.model_type} needs an explicit head_dim in its config for the extra dimension")
+    if model.get_output_embeddings() is None:
+        raise NormswapError("exact RMSNorm -> LayerNorm needs the model with its LM head (e.g. LlamaForCausalLM): the "
+                            "final norm's weight moves into lm_head")
+    if getattr(config, "tie_word_embeddings", False):
+        raise NormswapError("the input and output embeddings are tied; the extra-dimension map changes them "
+                            "differently, so untie them first (set tie_word_embeddings=False and copy lm_head)")
+
+
+def _lift_writer(module: nn.Module, path: str, state: dict[str, torch.Tensor], lift: torch.Tensor) -> None:
+    if _linear_layout(module) != "out_in":
+        raise NormswapError(f"{path} is not an nn.Linear; the extra-dimension map handles nn.Linear writers")
+    state[f"{path}.weight"] = lift @ state[f"{path}.weight"]
+    if f"{path}.bias" in state:
+        state[f"{path}.bias"] = lift @ state[f"{path}.bias"]
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    return next(path for path, module in model.named_modules() if module is target)
+
+
+def _generated_layer_norm_target(model: nn.Module, topology: Topology, d: int) -> tuple[GeneratedModule, Any, Any]:
+    path = modeling_file(model, topology)
+    rewritten = apply_edits(path.read_text(encoding="utf-8"), layer_norm_edits(model, topology))
+    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
+    generated = package_module(original, rewritten, type(model.config),
+                               f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
+                               layer_norm=True)
+    module = load_generated(generated)
+    cls = getattr(module, type(model).__name__)
+    fields = config_fields(model.config)
+    fields.update(hidden_size=d + 1, head_dim=model.config.head_dim,
+                  rms_norm_eps=model.config.rms_norm_eps * d / (d + 1))
+    config = getattr(module, generated.config_class).from_dict(fields)
+    config.architectures = [type(model).__name__]
+    config.auto_map = generated.auto_map(topology.model_type)
+    return generated, cls, config

@@ -1,0 +1,72 @@
+"""RMSNorm -> LayerNorm exactly, by one extra hidden dimension (DESIGN.md §3), on perturbed tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from test_rms_norm import perturbed
+
+import normswap
+from normswap.cli import main
+from normswap.conversion.extra_dimension import orthonormal_lift
+from normswap.conversion.verify import probe_inputs
+
+FAMILIES = [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")]
+
+
+def with_head_dim(model: torch.nn.Module) -> torch.nn.Module:
+    model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
+    return model
+
+
+def test_lift_is_orthonormal_and_orthogonal_to_ones() -> None:
+    lift = orthonormal_lift(7)
+    assert lift.shape == (8, 7)
+    assert torch.allclose(lift.T @ lift, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(lift.sum(0), torch.zeros(7, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize(("config", "model_class"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_rms_norm_to_layer_norm_is_exact(config: str, model_class: str) -> None:
+    model = with_head_dim(perturbed(config, model_class))
+    converted = normswap.convert(model, norm="layernorm", exact=True)
+    assert converted.normswap_report.relative <= 1e-4
+    d = model.config.hidden_size
+    assert converted.config.hidden_size == d + 1
+    topology = normswap.inspect(converted)
+    assert {n.kind for n in topology.residual_norms} == {"layernorm"}
+    assert all(n.eps == pytest.approx(model.config.rms_norm_eps * d / (d + 1)) for n in topology.residual_norms)
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        expected, actual = model(**inputs).logits, converted(**inputs).logits
+    assert float((expected - actual).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_refusals() -> None:
+    with pytest.raises(normswap.NormswapError, match="gemma cannot take"):
+        normswap.convert(perturbed("gemma", "GemmaForCausalLM"), norm="layernorm", exact=True)
+    tied = with_head_dim(perturbed("qwen2", "Qwen2ForCausalLM"))
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(normswap.NormswapError, match="embeddings are tied"):
+        normswap.convert(tied, norm="layernorm", exact=True)
+    with pytest.raises(normswap.NormswapError, match="approximate RMSNorm -> LayerNorm conversion is not in"):
+        normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="layernorm")
+
+
+def test_cli_exact_checkpoint_reloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = with_head_dim(perturbed("llama", "LlamaForCausalLM"))
+    model.save_pretrained(tmp_path / "source")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm"]) == 1
+    assert "pass --exact" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact"]) == 0
+    assert "RMSNorm -> LayerNorm" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ln", trust_remote_code=True)
+    assert loaded.config.hidden_size == model.config.hidden_size + 1
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        assert float((loaded(**inputs).logits - reference).abs().max()) <= 1e-4 * float(reference.abs().max())
