@@ -45,6 +45,9 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--placement", choices=("pre", "post"), help="target norm placement")
     convert.add_argument("--norm", choices=("rmsnorm", "layernorm"),
                          help="target norm kind: rmsnorm (exact for Pre-LN models) or layernorm (with --exact)")
+    convert.add_argument("--untie", action="store_true",
+                         help="with --norm rmsnorm: centre the embedding weights and untie lm_head, instead of "
+                         "centring the stream in code")
     convert.add_argument("--exact", action="store_true",
                          help="RMSNorm -> LayerNorm exactly, by one extra hidden dimension (Llama, Mistral, Qwen2)")
     convert.add_argument("--no-native", dest="native", action="store_false",
@@ -63,6 +66,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .conversion.checkpoint import convert_checkpoint
 
     result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, exact=args.exact,
+                                untie=args.untie,
                                 native=args.native,
                                 overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,
                                 trust_remote_code=args.trust_remote_code)

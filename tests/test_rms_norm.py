@@ -137,3 +137,21 @@ def test_ln_bias_folds_into_reader_biases_where_they_exist() -> None:
         expected = original_fc.bias.double() + original_fc.weight.double() @ beta
         assert torch.allclose(converted.transformer.h[layer].mlp.c_fc.bias.double(), expected, atol=1e-6)
     assert report.relative <= 1e-4
+
+
+@pytest.mark.parametrize(("config", "model_class"), [("gpt2", "GPT2LMHeadModel"), ("opt_pre", "OPTForCausalLM")])
+def test_untie_is_exact_too(config: str, model_class: str) -> None:
+    model = perturbed(config, model_class)
+    converted = normswap.convert(model, norm="rmsnorm", untie=True)
+    assert converted.normswap_report.relative <= 1e-4
+    assert converted.get_output_embeddings().weight is not converted.get_input_embeddings().weight
+    assert converted.config.tie_word_embeddings is False
+    rows = converted.get_input_embeddings().weight.double()
+    assert float(rows.mean(-1).abs().max()) < 1e-6  # centred rows ...
+    original_head = model.get_output_embeddings().weight
+    assert torch.equal(converted.get_output_embeddings().weight, original_head)  # ... not lm_head
+
+
+def test_untie_refuses_where_the_stream_is_not_a_sum_of_lookups() -> None:
+    with pytest.raises(ExactnessError, match="With --untie only embedding weights are centred"):
+        normswap.convert(perturbed("bloom", "BloomForCausalLM"), norm="rmsnorm", untie=True)

@@ -125,7 +125,7 @@ def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
     return edits
 
 
-def rms_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
+def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = True) -> list[Edit]:
     """The edits that make a Pre-LN model run RMSNorm on a zero-mean stream (DESIGN.md §3).
 
     Every norm that reads the residual stream (pre norms, final norm) becomes ``NormswapRMSNorm``; the
@@ -141,7 +141,7 @@ def rms_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
         edit = ReplaceNormClass(owner, attribute)
         if edit not in edits:
             edits.append(edit)
-    for stack in topology.stacks:  # an encoder-decoder has two streams to centre
+    for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
         edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
     return edits
 

@@ -85,7 +85,7 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
 
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
-            native: bool = True) -> nn.Module:
+            untie: bool = False, native: bool = True) -> nn.Module:
     """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm``.
 
     Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
@@ -97,18 +97,18 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
     if norm is not None:
-        converted, report = _convert_norm(model, norm, exact)
+        converted, report = _convert_norm(model, norm, exact, untie)
         converted.normswap_report = report
         return converted
     return realise(model, plan_conversion(model, placement, native))
 
 
-def _convert_norm(model: nn.Module, norm: str, exact: bool) -> tuple[nn.Module, Any]:
+def _convert_norm(model: nn.Module, norm: str, exact: bool, untie: bool) -> tuple[nn.Module, Any]:
     from .extra_dimension import convert_to_layer_norm_exact
     from .norm_kind import convert_to_rms_norm
 
     if norm == "rmsnorm":
-        converted, _, report, _ = convert_to_rms_norm(model)
+        converted, _, report, _ = convert_to_rms_norm(model, untie=untie)
     elif norm == "layernorm" and exact:
         converted, _, report, _ = convert_to_layer_norm_exact(model)
     elif norm == "layernorm":

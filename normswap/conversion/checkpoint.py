@@ -43,7 +43,8 @@ class ConversionResult:
 
 
 def convert_checkpoint(source: str | Path, destination: str | Path, placement: str | None = None, *,
-                       norm: str | None = None, exact: bool = False, native: bool = True, overwrite: bool = False,
+                       norm: str | None = None, exact: bool = False, untie: bool = False, native: bool = True,
+                       overwrite: bool = False,
                        max_shard_size: str = "5GB", calib: str | Path | None = None,
                        trust_remote_code: bool = False) -> ConversionResult:
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm`` and write it to ``destination``."""
@@ -62,7 +63,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     model = _load_model(source_path, config, trust_remote_code)
     inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
     if norm == "rmsnorm":
-        converted, plan, report, generated = convert_to_rms_norm(model, inputs)
+        converted, plan, report, generated = convert_to_rms_norm(model, inputs, untie=untie)
     elif norm == "layernorm":
         converted, plan, report, generated = convert_to_layer_norm_exact(model, inputs)
     else:

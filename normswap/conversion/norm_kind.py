@@ -57,6 +57,7 @@ class NormKindPlan:
     folded: tuple[str, ...] = ()  # pre norms whose bias moved into the biases of the linear maps reading them
     exact: bool = True
     kind: str = "rmsnorm"  # the target norm kind
+    untied: bool = False  # embeddings centred as weights (and lm_head untied) instead of in code
 
     def describe(self) -> str:
         if self.kind == "layernorm":
@@ -65,8 +66,9 @@ class NormKindPlan:
             lines += [f"  lift {writer}" for writer in self.writers]
             lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
             return "\n".join(lines)
-        lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true",
-                 "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)"]
+        centring = ("  centre the embedding weights; lm_head keeps an uncentred copy (untied)" if self.untied else
+                    "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)")
+        lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true", centring]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
         lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight and eps; "
                   f"{'bias folded into its readers' if norm in self.folded else 'bias kept'})" for norm in self.norms]
@@ -95,13 +97,17 @@ class ExactnessReport:
         return asdict(self)
 
 
-def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True
-                        ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
+def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True,
+                        untie: bool = False) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
     """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code.
 
     With ``fold_bias``, a pre norm's bias moves into the biases of the linear maps that read it
     (``b += W @ beta``) where all of them have one; otherwise it stays an RMSNorm bias. Both are exact;
     if folding ever fails the exactness check, the conversion is redone without it.
+
+    By default the stream is centred in code, which keeps tied embeddings tied. With ``untie`` the
+    embedding weights are centred instead and a tied ``lm_head`` gets its own, uncentred copy; that works
+    where the stream starts as a sum of embedding lookups.
     """
     topology = inspect(model)
     _require_pre_layer_norm(topology)
@@ -110,13 +116,17 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     order, readers = _linear_calls(model, probe, pre_norms)
     writers = _branch_writers(order, topology)
     folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
-    generated, cls, config = _generated_rms_target(model, topology)
+    embeddings = _embedding_writers(model, topology) if untie else []
+    generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
-                        pre_norms + _final(topology), tuple(writers), tuple(sorted(folds)))
+                        pre_norms + _final(topology), tuple(writers + embeddings), tuple(sorted(folds)),
+                        untied=untie)
 
     state = dict(model.state_dict())
     for path in writers:
         _centre_output(model.get_submodule(path), path, state)
+    if untie:
+        _untie_and_centre_embeddings(model, embeddings, state, config)
     for norm, found in folds.items():
         _fold_bias(model, norm, found, state)
     parameter = next(model.parameters())
@@ -127,10 +137,14 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
                                  "realisation": plan.realisation, "exact": True}
     try:
         report = check_exact(model, converted, probe)
-    except ExactnessError:
-        if not folds:
-            raise
-        return convert_to_rms_norm(model, probe, fold_bias=False)
+    except ExactnessError as error:
+        if folds:
+            return convert_to_rms_norm(model, probe, fold_bias=False, untie=untie)
+        if untie:
+            raise ExactnessError(f"{error}. With --untie only embedding weights are centred, and "
+                                 f"{topology.model_type} adds to its stream outside embedding lookups: use the "
+                                 "default, which centres the stream in code") from error
+        raise
     converted.normswap_plan = plan
     return converted, plan, report, generated
 
@@ -277,9 +291,33 @@ def _centre_output(module: nn.Module, path: str, state: dict[str, torch.Tensor])
         state[bias_key] = (bias - bias.mean()).to(state[bias_key].dtype)
 
 
-def _generated_rms_target(model: nn.Module, topology: Topology) -> tuple[GeneratedModule, Any, Any]:
+def _embedding_writers(model: nn.Module, topology: Topology) -> list[str]:
+    """Embedding tables outside the layers: their rows are what the stream starts from."""
+    return [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
+            and not any(path.startswith(layer.path + ".") for layer in topology.layers)]
+
+
+def _untie_and_centre_embeddings(model: nn.Module, embeddings: list[str], state: dict[str, torch.Tensor],
+                                 config: Any) -> None:
+    """Centre embedding rows in float64; a tied output embedding keeps the original rows as its own copy."""
+    output = model.get_output_embeddings()
+    tied_to = None
+    for path in embeddings:
+        module = model.get_submodule(path)
+        if output is not None and output.weight is module.weight:
+            tied_to = path
+        weight = state[f"{path}.weight"].double()
+        state[f"{path}.weight"] = (weight - weight.mean(-1, keepdim=True)).to(state[f"{path}.weight"].dtype)
+    if tied_to is not None:
+        output_path = next(p for p, m in model.named_modules() if m is output)
+        state[f"{output_path}.weight"] = model.get_submodule(tied_to).weight.detach().clone()
+        config.tie_word_embeddings = False
+
+
+def _generated_rms_target(model: nn.Module, topology: Topology, centre_in_code: bool = True
+                          ) -> tuple[GeneratedModule, Any, Any]:
     path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), rms_norm_edits(model, topology))
+    rewritten = apply_edits(path.read_text(encoding="utf-8"), rms_norm_edits(model, topology, centre_in_code))
     original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
     generated = package_module(original, rewritten, type(model.config),
                                "norm LayerNorm -> RMSNorm (exact: centred writers, zero-mean stream)", rms_norm=True)
