@@ -155,3 +155,11 @@ def test_untie_is_exact_too(config: str, model_class: str) -> None:
 def test_untie_refuses_where_the_stream_is_not_a_sum_of_lookups() -> None:
     with pytest.raises(ExactnessError, match="With --untie only embedding weights are centred"):
         normswap.convert(perturbed("bloom", "BloomForCausalLM"), norm="rmsnorm", untie=True)
+
+
+def test_weightless_layer_norm_becomes_weightless_rms_norm() -> None:
+    model = perturbed("olmo", "OlmoForCausalLM")  # OlmoLayerNorm: no weight, no bias, eps 1e-5 in its code
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.relative <= 1e-4
+    norms = normswap.inspect(converted).residual_norms
+    assert {(n.kind, n.eps) for n in norms} == {("rmsnorm-noaffine", 1e-5)}

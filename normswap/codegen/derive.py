@@ -133,12 +133,15 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     their weights, so a tied ``lm_head`` stays tied. An embedding LayerNorm (BLOOM) reads raw embeddings
     and stays a LayerNorm: the centring after it takes care of its output.
     """
-    paths = [norm.path for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
-    paths += [stack.final_norm.path for stack in topology.stacks if stack.final_norm is not None]
+    norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
+    norms += [stack.final_norm for stack in topology.stacks if stack.final_norm is not None]
     edits: list[Edit] = []
-    for path in paths:
-        owner, attribute = _owner_and_attribute(model, path)
-        edit = ReplaceNormClass(owner, attribute)
+    for norm in norms:
+        owner, attribute = _owner_and_attribute(model, norm.path)
+        # a weightless LayerNorm (OLMo) keeps eps in its code, not its arguments: state both
+        keywords = ((("eps", repr(norm.eps)), ("elementwise_affine", "False"))
+                    if norm.kind == "layernorm-noaffine" else ())
+        edit = ReplaceNormClass(owner, attribute, keywords=keywords)
         if edit not in edits:
             edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre

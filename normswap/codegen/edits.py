@@ -86,6 +86,7 @@ class ReplaceNormClass:
     class_name: str
     norm: str
     new_class: str = "NormswapRMSNorm"
+    keywords: tuple[tuple[str, str], ...] = ()  # arguments to set, as source text (a weightless norm's eps)
 
 
 @dataclass(frozen=True)

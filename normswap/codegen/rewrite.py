@@ -174,7 +174,12 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
                     and isinstance(updated.value, cst.Call)):
                 self.applied[edit] += 1
-                return updated.with_changes(value=updated.value.with_changes(func=cst.Name(edit.new_class)))
+                call = updated.value
+                keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
+                extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
+                                 equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
+                         for name, value in edit.keywords]
+                return updated.with_changes(value=call.with_changes(func=cst.Name(edit.new_class), args=keep + extra))
         return updated
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:

@@ -180,5 +180,6 @@ def _measure_eps(module: nn.Module, dim: int, mean_subtracting: bool) -> float |
         out = module(z * scale)
         ratio = float(out.pow(2).mean().sqrt())  # = s / sqrt(s^2 + eps) (weight 1, bias 0)
         if 0.0 < ratio < 1.0 - 1e-9:
-            return max(scale_squared / ratio**2 - scale_squared, 0.0)
+            # modules that compute in fp32 blur the last digits: keep the 3 significant ones (1e-05, not 9.99999e-06)
+            return float(f"{max(scale_squared / ratio**2 - scale_squared, 0.0):.3g}")
     return None
