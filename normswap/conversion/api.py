@@ -92,7 +92,8 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model and
     ``norm="layernorm", exact=True`` on a Pre-RMSNorm Llama/Mistral/Qwen2 (one extra hidden dimension) are
     exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or
-    ``ExactnessError`` is raised. The realised model is re-detected and must show the planned topology.
+    ``ExactnessError`` is raised. ``norm="layernorm"`` alone is approximate and carries a drift report.
+    The realised model is re-detected and must show the planned topology.
     """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
@@ -104,6 +105,7 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
 
 
 def _convert_norm(model: nn.Module, norm: str, exact: bool, untie: bool) -> tuple[nn.Module, Any]:
+    from .approximate_kind import convert_to_layer_norm_approximate
     from .extra_dimension import convert_to_layer_norm_exact
     from .norm_kind import convert_to_rms_norm
 
@@ -112,8 +114,7 @@ def _convert_norm(model: nn.Module, norm: str, exact: bool, untie: bool) -> tupl
     elif norm == "layernorm" and exact:
         converted, _, report, _ = convert_to_layer_norm_exact(model)
     elif norm == "layernorm":
-        raise NormswapError("the approximate RMSNorm -> LayerNorm conversion is not in this release; pass "
-                            "exact=True (--exact) for Llama, Mistral or Qwen2 with an explicit head_dim")
+        converted, _, report, _ = convert_to_layer_norm_approximate(model)
     else:
         raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
     return converted, report

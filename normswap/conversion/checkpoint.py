@@ -17,6 +17,7 @@ from ..io.destination import atomic_output, check_destination
 from ..io.model_card import model_card
 from ..io.support_files import copy_support_files
 from .api import plan_conversion, provenance, realise
+from .approximate_kind import convert_to_layer_norm_approximate
 from .extra_dimension import convert_to_layer_norm_exact
 from .norm_kind import convert_to_rms_norm
 from .verify import measure_drift, probe_inputs
@@ -50,9 +51,6 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm`` and write it to ``destination``."""
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
-    if norm == "layernorm" and not exact:
-        raise NormswapError("the approximate RMSNorm -> LayerNorm conversion is not in this release; pass --exact "
-                            "for Llama, Mistral or Qwen2 with an explicit head_dim")
     source_path, destination_path = Path(source), Path(destination)
     config = load_config(source_path, trust_remote_code)
     if not source_path.is_dir():
@@ -64,8 +62,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
     if norm == "rmsnorm":
         converted, plan, report, generated = convert_to_rms_norm(model, inputs, untie=untie)
-    elif norm == "layernorm":
+    elif norm == "layernorm" and exact:
         converted, plan, report, generated = convert_to_layer_norm_exact(model, inputs)
+    elif norm == "layernorm":
+        converted, plan, report, generated = convert_to_layer_norm_approximate(model, inputs)
     else:
         setup = plan_conversion(model, placement or "", native)
         if setup.plan.noop:

@@ -60,6 +60,12 @@ class NormKindPlan:
     untied: bool = False  # embeddings centred as weights (and lm_head untied) instead of in code
 
     def describe(self) -> str:
+        if self.kind == "layernorm" and not self.exact:
+            lines = [f"plan: {self.source_model_type} RMSNorm -> LayerNorm via {self.realisation}; exact: false "
+                     "(LayerNorm also removes the stream's mean; heal the result)"]
+            lines += [f"  {norm}: RMSNorm -> LayerNorm (weight kept, 1 + w for offset norms; bias 0)"
+                      for norm in self.norms]
+            return "\n".join(lines)
         if self.kind == "layernorm":
             lines = [f"plan: {self.source_model_type} RMSNorm -> LayerNorm via {self.realisation}; exact: true, "
                      "one extra hidden dimension (writers W -> U W, readers W -> W diag(g) U^T / sqrt((d+1)/d))"]

@@ -58,7 +58,7 @@ class DriftReport:
         lines = [f"probe: {self.probe_tokens} tokens; output cosine {self.output_cosine:.4f}, max abs diff "
                  f"{self.output_max_abs_diff:.3g} (reference max {self.output_max_abs_reference:.3g})"]
         if first:
-            lines.append(f"branch 0 reads the same input: max abs diff {first.max_abs_diff:.3g}")
+            lines.append(f"branch 0 input: max abs diff {first.max_abs_diff:.3g} from the original")
             worst = min(self.sublayers, key=lambda s: s.cosine)
             lines.append(f"branch inputs: cosine {first.cosine:.4f} at sublayer 0 -> {self.sublayers[-1].cosine:.4f} "
                          f"at sublayer {self.sublayers[-1].index} (lowest {worst.cosine:.4f})")
