@@ -98,9 +98,20 @@ def test_the_exactness_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
         convert_to_rms_norm(perturbed("gpt2", "GPT2LMHeadModel"))
 
 
+def test_post_ln_converts_approximately_with_a_drift_report() -> None:
+    model = perturbed("bert", "BertForMaskedLM")
+    converted = normswap.convert(model, norm="rmsnorm")
+    report = converted.normswap_report
+    assert report.exact is False and 0.5 < report.output_cosine < 1.0
+    assert report.sublayers[0].max_abs_diff > 0  # even branch 0 reads an RMS-normalised embedding now
+    topology = normswap.inspect(converted)
+    assert topology.placement == "post" and topology.norm == "rmsnorm"
+    assert torch.equal(converted.bert.embeddings.LayerNorm.bias, model.bert.embeddings.LayerNorm.bias)  # kept
+
+
 def test_refusals() -> None:
     with pytest.raises(normswap.NormswapError, match="exact only for Pre-LN models"):
-        normswap.convert(perturbed("bert", "BertModel"), norm="rmsnorm")
+        convert_to_rms_norm(perturbed("bert", "BertModel"))
     with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
         normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="rmsnorm")
     with pytest.raises(normswap.NormswapError, match="exactly one of placement= and norm="):

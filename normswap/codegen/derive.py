@@ -80,12 +80,12 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
                 class_name, attribute = locate.attribute(norm.source, norm.path)
                 edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
             for extra in pre_norms[1:]:
-                owner, attribute = _owner_and_attribute(model, extra.path)
+                owner, attribute = owner_and_attribute(model, extra.path)
                 edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
             next_norm = subs[(index + 1) % len(subs)].norms_in("pre")[0]
             class_name, attribute = locate.attribute(sub.residual_add, next_norm.path)
             edits.append(WrapResidualAdd(class_name, locate.line(sub.residual_add), attribute))
-        owner, attribute = _owner_and_attribute(model, stack.final_norm.path)
+        owner, attribute = owner_and_attribute(model, stack.final_norm.path)
         edits += [UnwrapModelNorm(owner, attribute),
                   NeutraliseNorm(owner, attribute, _parameter_names(model, stack.final_norm.path)),
                   AddStackNorm(loop_owner, stack_attribute, EMBEDDING_NORM, "before", owner, attribute)]
@@ -105,7 +105,7 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
             edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
                                          norm_attribute))
-        owner, attribute = _owner_and_attribute(model, stack.embedding_norm.path)
+        owner, attribute = owner_and_attribute(model, stack.embedding_norm.path)
         edits += [UnwrapModelNorm(owner, attribute),
                   NeutraliseNorm(owner, attribute, _parameter_names(model, stack.embedding_norm.path)),
                   AddStackNorm(loop_owner, stack_attribute, FINAL_NORM, "after", owner, attribute)]
@@ -119,7 +119,7 @@ def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
     paths += [stack.final_norm.path for stack in topology.stacks if stack.final_norm is not None]
     edits: list[Edit] = []
     for path in paths:
-        edit = ReplaceNormClass(*_owner_and_attribute(model, path), new_class="NormswapLayerNorm")
+        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm")
         if edit not in edits:
             edits.append(edit)
     return edits
@@ -137,7 +137,7 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     norms += [stack.final_norm for stack in topology.stacks if stack.final_norm is not None]
     edits: list[Edit] = []
     for norm in norms:
-        owner, attribute = _owner_and_attribute(model, norm.path)
+        owner, attribute = owner_and_attribute(model, norm.path)
         # a weightless LayerNorm (OLMo) keeps eps in its code, not its arguments: state both
         keywords = ((("eps", repr(norm.eps)), ("elementwise_affine", "False"))
                     if norm.kind == "layernorm-noaffine" else ())
@@ -188,7 +188,8 @@ def _owner(model: nn.Module, path: str) -> str:
     return type(model.get_submodule(parent)).__name__
 
 
-def _owner_and_attribute(model: nn.Module, path: str) -> tuple[str, str]:
+def owner_and_attribute(model: nn.Module, path: str) -> tuple[str, str]:
+    """The class that owns the module at ``path`` and the attribute it is stored under."""
     return _owner(model, path), path.rsplit(".", 1)[-1]
 
 

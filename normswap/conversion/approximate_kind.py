@@ -14,17 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file
+from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
+from ..codegen.edits import Edit, ReplaceNormClass
 from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
 from ..codegen.rewrite import apply_edits
 from ..detect import inspect
 from ..errors import NormswapError
+from ..topology import Topology
 from ..version import __version__
 from .native import build_with_weights
 from .norm_kind import NormKindPlan
 from .verify import DriftReport, measure_drift, probe_inputs
 
 _RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})
+_LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias"})
 
 
 def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
@@ -37,16 +40,8 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
                             "Pre-RMSNorm model")
     probe = inputs or probe_inputs(model, None, None)
-    path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), layer_norm_edits(model, topology))
-    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
-    generated = package_module(original, rewritten, type(model.config),
-                               "norm RMSNorm -> LayerNorm (approximate: same weights, bias 0)", layer_norm=True)
-    module = load_generated(generated)
-    cls = getattr(module, type(model).__name__)
-    config: Any = getattr(module, generated.config_class).from_dict(config_fields(model.config))
-    config.architectures = [type(model).__name__]
-    config.auto_map = generated.auto_map(topology.model_type)
+    generated, cls, config = _generate(model, topology, layer_norm_edits(model, topology),
+                                       "norm RMSNorm -> LayerNorm (approximate: same weights, bias 0)", layer_norm=True)
 
     state = dict(model.state_dict())
     for site in sites:
@@ -67,3 +62,50 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
     report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
     converted.normswap_plan = plan
     return converted, plan, report, generated
+
+
+def convert_to_rms_norm_approximate(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+                                    ) -> tuple[nn.Module, NormKindPlan, DriftReport, GeneratedModule]:
+    """RMSNorm for a Post-LN ``model``: not exact, with a drift report.
+
+    A Post-LN norm reads ``h + F(h)`` where ``h`` is the previous norm's output ``g * n + b``, whose mean no
+    weight change can remove (DESIGN.md §3); the RMSNorm keeps the weight and the bias, and healing closes
+    the gap.
+    """
+    topology = inspect(model)
+    sites = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms]
+    sites += [edge for stack in topology.stacks for edge in (stack.embedding_norm, stack.final_norm) if edge]
+    if topology.placement != "post" or not {site.kind for site in sites} <= _LAYER_NORM_KINDS:
+        raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
+                            "path is for Post-LN models (Pre-LN models convert exactly)")
+    probe = inputs or probe_inputs(model, None, None)
+    edits = [ReplaceNormClass(*owner_and_attribute(model, site.path)) for site in sites]
+    generated, cls, config = _generate(model, topology, list(dict.fromkeys(edits)),
+                                       "norm LayerNorm -> RMSNorm (approximate: Post-LN)", rms_norm=True)
+    parameter = next(model.parameters())
+    converted = build_with_weights(cls, config, dict(model.state_dict()), parameter.dtype, parameter.device)
+    converted.train(model.training)
+    plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
+                        tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
+    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+                                 "source_model_type": topology.model_type,
+                                 "conversion": "norm layernorm -> rmsnorm (approximate, Post-LN)",
+                                 "realisation": plan.realisation, "exact": False}
+    report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
+    converted.normswap_plan = plan
+    return converted, plan, report, generated
+
+
+def _generate(model: nn.Module, topology: Topology, edits: list[Edit], conversion: str, **helpers: bool
+              ) -> tuple[GeneratedModule, Any, Any]:
+    """Rewrite the family's modeling source with ``edits``; return the module, the model's class and its config."""
+    path = modeling_file(model, topology)
+    rewritten = apply_edits(path.read_text(encoding="utf-8"), edits)
+    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
+    generated = package_module(original, rewritten, type(model.config), conversion, **helpers)
+    module = load_generated(generated)
+    cls = getattr(module, type(model).__name__)
+    config: Any = getattr(module, generated.config_class).from_dict(config_fields(model.config))
+    config.architectures = [type(model).__name__]
+    config.auto_map = generated.auto_map(topology.model_type)
+    return generated, cls, config

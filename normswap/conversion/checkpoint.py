@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from ..corpus import default_corpus, read_corpus
+from ..detect import inspect
 from ..detect.source import load_config
 from ..errors import NormswapError, SourceError
 from ..io.destination import atomic_output, check_destination
 from ..io.model_card import model_card
 from ..io.support_files import copy_support_files
 from .api import plan_conversion, provenance, realise
-from .approximate_kind import convert_to_layer_norm_approximate
+from .approximate_kind import convert_to_layer_norm_approximate, convert_to_rms_norm_approximate
 from .extra_dimension import convert_to_layer_norm_exact
 from .norm_kind import convert_to_rms_norm
 from .verify import measure_drift, probe_inputs
@@ -60,7 +61,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
 
     model = _load_model(source_path, config, trust_remote_code)
     inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
-    if norm == "rmsnorm":
+    if norm == "rmsnorm" and inspect(model).placement == "post":
+        converted, plan, report, generated = convert_to_rms_norm_approximate(model, inputs)
+    elif norm == "rmsnorm":
         converted, plan, report, generated = convert_to_rms_norm(model, inputs, untie=untie)
     elif norm == "layernorm" and exact:
         converted, plan, report, generated = convert_to_layer_norm_exact(model, inputs)
