@@ -82,3 +82,12 @@ def test_approximate_rms_norm_to_layer_norm_reports_drift(config: str, model_cla
     norm_out = converted.get_submodule(site.path)
     offset = 1.0 if site.kind == "rmsnorm-offset" else 0.0  # Gemma: (1 + w) becomes the LayerNorm weight
     assert torch.equal(norm_out.weight, norm_in.weight + offset) and not norm_out.bias.any()
+
+
+def test_gemma_offset_norms_become_plain_rms_norms_exactly() -> None:
+    model = perturbed("gemma", "GemmaForCausalLM")
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact and converted.normswap_report.relative <= 1e-4
+    assert {n.kind for n in normswap.inspect(converted).residual_norms} == {"rmsnorm"}
+    path = normswap.inspect(model).layers[0].sublayers[0].norms[0].path
+    assert torch.equal(converted.get_submodule(path).weight, model.get_submodule(path).weight + 1.0)

@@ -100,8 +100,28 @@ _EXTRA_DIMENSION_VALIDATOR = '''
 '''
 
 
+_PLAIN_RMS_NORM_CLASS = '''
+
+class NormswapPlainRMSNorm(torch.nn.Module):
+    """RMSNorm ``w * x / rms(x)`` that takes an offset RMSNorm's ``(dim, eps)`` arguments; computes in fp32.
+
+    normswap replaces Gemma-style ``(1 + w) * x / rms(x)`` by this, with ``w := 1 + w``: the same function.
+    """
+
+    def __init__(self, dim, eps=1e-6, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.rms_norm(hidden_states.float(), (hidden_states.shape[-1],),
+                                              self.weight.float(), self.eps)
+        return normed.type_as(hidden_states)
+'''
+
+
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
-                   rms_norm: bool = False, layer_norm: bool = False) -> GeneratedModule:
+                   rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source)."""
     family = original.__name__.rsplit(".", 2)[-2]
     prefix = config_class.__name__.removesuffix("Config")
@@ -151,6 +171,8 @@ for _model_class in ({", ".join(model_classes)},):
         footer = _RMS_NORM_CLASS + footer
     if layer_norm:
         footer = _LAYER_NORM_CLASS + footer
+    if plain_rms_norm:
+        footer = _PLAIN_RMS_NORM_CLASS + footer
     return GeneratedModule(family, f"modeling_normswap_{family}.py", header + body + footer, generated_config,
                            model_type, model_classes)
 

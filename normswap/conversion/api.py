@@ -105,11 +105,18 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
 
 
 def _convert_norm(model: nn.Module, norm: str, exact: bool, untie: bool) -> tuple[nn.Module, Any]:
-    from .approximate_kind import convert_to_layer_norm_approximate, convert_to_rms_norm_approximate
+    from .approximate_kind import (
+        convert_offset_to_rms_norm,
+        convert_to_layer_norm_approximate,
+        convert_to_rms_norm_approximate,
+    )
     from .extra_dimension import convert_to_layer_norm_exact
     from .norm_kind import convert_to_rms_norm
 
-    if norm == "rmsnorm" and inspect(model).placement == "post":
+    kinds = {n.kind for n in inspect(model).all_norms}
+    if norm == "rmsnorm" and kinds == {"rmsnorm-offset"}:
+        converted, _, report, _ = convert_offset_to_rms_norm(model)
+    elif norm == "rmsnorm" and inspect(model).placement == "post":
         converted, _, report, _ = convert_to_rms_norm_approximate(model)
     elif norm == "rmsnorm":
         converted, _, report, _ = convert_to_rms_norm(model, untie=untie)

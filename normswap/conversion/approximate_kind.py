@@ -109,3 +109,35 @@ def _generate(model: nn.Module, topology: Topology, edits: list[Edit], conversio
     config.architectures = [type(model).__name__]
     config.auto_map = generated.auto_map(topology.model_type)
     return generated, cls, config
+
+
+def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+                               ) -> tuple[nn.Module, NormKindPlan, Any, GeneratedModule]:
+    """Gemma-style ``(1 + w)`` RMSNorms as plain RMSNorms with weight ``1 + w``: exact, and checked."""
+    from .norm_kind import check_exact
+
+    topology = inspect(model)
+    sites = [*topology.residual_norms, *(s.final_norm for s in topology.stacks if s.final_norm)]
+    if {site.kind for site in sites} != {"rmsnorm-offset"}:
+        raise NormswapError(f"{topology.model_type} has no offset RMSNorms to make plain")
+    probe = inputs or probe_inputs(model, None, None)
+    edits = [ReplaceNormClass(*owner_and_attribute(model, site.path), new_class="NormswapPlainRMSNorm")
+             for site in sites]
+    generated, cls, config = _generate(model, topology, list(dict.fromkeys(edits)),
+                                       "norm RMSNorm (1 + w) -> RMSNorm (exact: w := 1 + w)", plain_rms_norm=True)
+    state = dict(model.state_dict())
+    for site in sites:
+        weight = state[f"{site.path}.weight"]
+        state[f"{site.path}.weight"] = (weight.double() + 1.0).to(weight.dtype)
+    parameter = next(model.parameters())
+    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
+    converted.train(model.training)
+    plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
+                        tuple(site.path for site in sites), (), kind="rmsnorm")
+    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+                                 "source_model_type": topology.model_type,
+                                 "conversion": "norm rmsnorm-offset -> rmsnorm (exact)",
+                                 "realisation": plan.realisation, "exact": True}
+    report = check_exact(model, converted, probe)
+    converted.normswap_plan = plan
+    return converted, plan, report, generated

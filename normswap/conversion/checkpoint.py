@@ -18,7 +18,11 @@ from ..io.destination import atomic_output, check_destination
 from ..io.model_card import model_card
 from ..io.support_files import copy_support_files
 from .api import plan_conversion, provenance, realise
-from .approximate_kind import convert_to_layer_norm_approximate, convert_to_rms_norm_approximate
+from .approximate_kind import (
+    convert_offset_to_rms_norm,
+    convert_to_layer_norm_approximate,
+    convert_to_rms_norm_approximate,
+)
 from .extra_dimension import convert_to_layer_norm_exact
 from .norm_kind import convert_to_rms_norm
 from .verify import measure_drift, probe_inputs
@@ -61,7 +65,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
 
     model = _load_model(source_path, config, trust_remote_code)
     inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
-    if norm == "rmsnorm" and inspect(model).placement == "post":
+    if norm == "rmsnorm" and {n.kind for n in inspect(model).all_norms} == {"rmsnorm-offset"}:
+        converted, plan, report, generated = convert_offset_to_rms_norm(model, inputs)
+    elif norm == "rmsnorm" and inspect(model).placement == "post":
         converted, plan, report, generated = convert_to_rms_norm_approximate(model, inputs)
     elif norm == "rmsnorm":
         converted, plan, report, generated = convert_to_rms_norm(model, inputs, untie=untie)
