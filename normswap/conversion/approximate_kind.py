@@ -8,22 +8,19 @@ Llama, Mistral and Qwen2 use ``exact=True`` (one extra hidden dimension).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
-from ..codegen.edits import Edit, ReplaceNormClass
-from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
-from ..codegen.rewrite import apply_edits
+from ..codegen.derive import layer_norm_edits, owner_and_attribute
+from ..codegen.edits import ReplaceNormClass
+from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
-from ..topology import Topology
-from ..version import __version__
+from .generated import generate_family_code
 from .native import build_with_weights
-from .norm_kind import NormKindPlan
+from .norm_kind import NormKindPlan, check_exact, kind_provenance
 from .verify import DriftReport, measure_drift, probe_inputs
 
 _RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})
@@ -40,7 +37,7 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
                             "Pre-RMSNorm model")
     probe = inputs or probe_inputs(model, None, None)
-    generated, cls, config = _generate(model, topology, layer_norm_edits(model, topology),
+    generated, cls, config = generate_family_code(model, topology, layer_norm_edits(model, topology),
                                        "norm RMSNorm -> LayerNorm (approximate: same weights, bias 0)", layer_norm=True)
 
     state = dict(model.state_dict())
@@ -55,10 +52,7 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
     converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="layernorm")
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": topology.model_type,
-                                 "conversion": "norm rmsnorm -> layernorm (approximate)",
-                                 "realisation": plan.realisation, "exact": False}
+    converted.config.normswap = kind_provenance(model, plan, "norm rmsnorm -> layernorm (approximate)")
     report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
     converted.normswap_plan = plan
     return converted, plan, report, generated
@@ -80,42 +74,22 @@ def convert_to_rms_norm_approximate(model: nn.Module, inputs: dict[str, torch.Te
                             "path is for Post-LN models (Pre-LN models convert exactly)")
     probe = inputs or probe_inputs(model, None, None)
     edits = [ReplaceNormClass(*owner_and_attribute(model, site.path)) for site in sites]
-    generated, cls, config = _generate(model, topology, list(dict.fromkeys(edits)),
+    generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        "norm LayerNorm -> RMSNorm (approximate: Post-LN)", rms_norm=True)
     parameter = next(model.parameters())
     converted = build_with_weights(cls, config, dict(model.state_dict()), parameter.dtype, parameter.device)
     converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": topology.model_type,
-                                 "conversion": "norm layernorm -> rmsnorm (approximate, Post-LN)",
-                                 "realisation": plan.realisation, "exact": False}
+    converted.config.normswap = kind_provenance(model, plan, "norm layernorm -> rmsnorm (approximate, Post-LN)")
     report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
     converted.normswap_plan = plan
     return converted, plan, report, generated
 
 
-def _generate(model: nn.Module, topology: Topology, edits: list[Edit], conversion: str, **helpers: bool
-              ) -> tuple[GeneratedModule, Any, Any]:
-    """Rewrite the family's modeling source with ``edits``; return the module, the model's class and its config."""
-    path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), edits)
-    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
-    generated = package_module(original, rewritten, type(model.config), conversion, **helpers)
-    module = load_generated(generated)
-    cls = getattr(module, type(model).__name__)
-    config: Any = getattr(module, generated.config_class).from_dict(config_fields(model.config))
-    config.architectures = [type(model).__name__]
-    config.auto_map = generated.auto_map(topology.model_type)
-    return generated, cls, config
-
-
 def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
                                ) -> tuple[nn.Module, NormKindPlan, Any, GeneratedModule]:
     """Gemma-style ``(1 + w)`` RMSNorms as plain RMSNorms with weight ``1 + w``: exact, and checked."""
-    from .norm_kind import check_exact
-
     topology = inspect(model)
     sites = [*topology.residual_norms, *(s.final_norm for s in topology.stacks if s.final_norm)]
     if {site.kind for site in sites} != {"rmsnorm-offset"}:
@@ -123,7 +97,7 @@ def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor]
     probe = inputs or probe_inputs(model, None, None)
     edits = [ReplaceNormClass(*owner_and_attribute(model, site.path), new_class="NormswapPlainRMSNorm")
              for site in sites]
-    generated, cls, config = _generate(model, topology, list(dict.fromkeys(edits)),
+    generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        "norm RMSNorm (1 + w) -> RMSNorm (exact: w := 1 + w)", plain_rms_norm=True)
     state = dict(model.state_dict())
     for site in sites:
@@ -134,10 +108,7 @@ def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor]
     converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), kind="rmsnorm")
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": topology.model_type,
-                                 "conversion": "norm rmsnorm-offset -> rmsnorm (exact)",
-                                 "realisation": plan.realisation, "exact": True}
+    converted.config.normswap = kind_provenance(model, plan, "norm rmsnorm-offset -> rmsnorm (exact)")
     report = check_exact(model, converted, probe)
     converted.normswap_plan = plan
     return converted, plan, report, generated

@@ -16,21 +16,27 @@ that uses ``hidden_size`` nowhere else: Llama, Mistral, Qwen2. Everything is com
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file
-from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
-from ..codegen.rewrite import apply_edits
+from ..codegen.derive import layer_norm_edits
+from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
-from ..version import __version__
+from .generated import generate_family_code
 from .native import build_with_weights
-from .norm_kind import ExactnessReport, NormKindPlan, _branch_writers, _linear_calls, _linear_layout, check_exact
+from .norm_kind import (
+    ExactnessReport,
+    NormKindPlan,
+    branch_writers,
+    check_exact,
+    kind_provenance,
+    linear_calls,
+    linear_layout,
+)
 from .verify import probe_inputs
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -54,10 +60,10 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     probe = inputs or probe_inputs(model, None, None)
     norms = tuple(n.path for n in topology.residual_norms)
     final = topology.stacks[0].final_norm.path  # type: ignore[union-attr]
-    order, readers = _linear_calls(model, probe, norms)
+    order, readers = linear_calls(model, probe, norms)
     output_embeddings = _path_of(model, model.get_output_embeddings())
     readers[final] = [output_embeddings]  # lm_head reads a slice of the final norm's output
-    writers = _branch_writers(order, topology)
+    writers = branch_writers(order, topology)
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
                   and not any(path.startswith(layer.path + ".") for layer in topology.layers)]
 
@@ -72,7 +78,7 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     for norm, found in readers.items():
         gamma = state.pop(f"{norm}.weight")
         for reader in found:
-            if _linear_layout(model.get_submodule(reader)) != "out_in":
+            if linear_layout(model.get_submodule(reader)) != "out_in":
                 raise NormswapError(f"{reader} is not an nn.Linear; the extra-dimension map handles nn.Linear readers")
             state[f"{reader}.weight"] = state[f"{reader}.weight"] * gamma @ lift.T / scale
         state[f"{norm}.weight"] = torch.ones(d + 1, dtype=torch.float64)
@@ -85,10 +91,8 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
                         (*norms, final), tuple(writers + embeddings), kind="layernorm")
     converted = build_with_weights(cls, config, state, dtype, next(model.parameters()).device)
     converted.train(model.training)
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": topology.model_type,
-                                 "conversion": f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})",
-                                 "realisation": plan.realisation, "exact": True}
+    conversion = f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})"
+    converted.config.normswap = kind_provenance(model, plan, conversion)
     report = check_exact(model, converted, probe, logits_only=True)
     converted.normswap_plan = plan
     return converted, plan, report, generated
@@ -115,7 +119,7 @@ def _require_supported(model: nn.Module, topology: Topology) -> None:
 
 
 def _lift_writer(module: nn.Module, path: str, state: dict[str, torch.Tensor], lift: torch.Tensor) -> None:
-    if _linear_layout(module) != "out_in":
+    if linear_layout(module) != "out_in":
         raise NormswapError(f"{path} is not an nn.Linear; the extra-dimension map handles nn.Linear writers")
     state[f"{path}.weight"] = lift @ state[f"{path}.weight"]
     if f"{path}.bias" in state:
@@ -127,18 +131,8 @@ def _path_of(model: nn.Module, target: nn.Module) -> str:
 
 
 def _generated_layer_norm_target(model: nn.Module, topology: Topology, d: int) -> tuple[GeneratedModule, Any, Any]:
-    path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), layer_norm_edits(model, topology))
-    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
-    generated = package_module(original, rewritten, type(model.config),
-                               f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
-                               layer_norm=True)
-    module = load_generated(generated)
-    cls = getattr(module, type(model).__name__)
-    fields = config_fields(model.config)
-    fields.update(hidden_size=d + 1, head_dim=model.config.head_dim,
-                  rms_norm_eps=model.config.rms_norm_eps * d / (d + 1))
-    config = getattr(module, generated.config_class).from_dict(fields)
-    config.architectures = [type(model).__name__]
-    config.auto_map = generated.auto_map(topology.model_type)
-    return generated, cls, config
+    values = {"hidden_size": d + 1, "head_dim": model.config.head_dim,
+              "rms_norm_eps": model.config.rms_norm_eps * d / (d + 1)}
+    return generate_family_code(model, topology, layer_norm_edits(model, topology),
+                                f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
+                                values, layer_norm=True)

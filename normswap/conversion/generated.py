@@ -1,8 +1,8 @@
-"""Generated-code realisation: the family's own modeling source, rewritten for the target placement.
+"""Generated-code realisation: the family's own modeling source, rewritten for the target layout.
 
-Used where no stock family expresses the target (Llama, GPT-2, Qwen2, GPT-NeoX as Post-Norm) or
-when the user asks for it (``--no-native``). The target classes are the family's classes,
-regenerated, so everything the original code does (KV cache, ``generate()``, attention backends,
+Used where no stock family expresses the target (Llama, GPT-2, Qwen2, GPT-NeoX as Post-Norm; every
+norm-kind change) or when the user asks for it (``--no-native``). The target classes are the family's
+classes, regenerated, so everything the original code does (KV cache, ``generate()``, attention backends,
 gradient checkpointing) still works.
 """
 
@@ -14,23 +14,34 @@ from typing import Any
 from torch import nn
 
 from ..codegen.derive import modeling_file, placement_edits
+from ..codegen.edits import Edit
 from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
 from ..codegen.rewrite import apply_edits
 from ..topology import Topology
 
 
-def generated_target(model: nn.Module, source: Topology, placement: str) -> tuple[GeneratedModule, Any, Any]:
-    """The generated module, the class that plays ``model``'s role in it, and the converted config."""
-    edits = placement_edits(model, source, placement)
-    path = modeling_file(model, source)
+def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit], conversion: str,
+                         config_values: dict[str, Any] | None = None, **helpers: bool
+                         ) -> tuple[GeneratedModule, Any, Any]:
+    """Rewrite the family's modeling source with ``edits`` and load it.
+
+    Returns the generated module, the class that plays ``model``'s role in it, and the converted config
+    (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship.
+    """
+    path = modeling_file(model, topology)
     rewritten = apply_edits(path.read_text(encoding="utf-8"), edits)
-    layer_class = type(model.get_submodule(source.layers[0].path))
-    original = sys.modules[layer_class.__module__]
-    conversion = f"placement {source.placement} -> {placement} (norm-shift mapping)"
-    generated = package_module(original, rewritten, type(model.config), conversion)
+    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
+    generated = package_module(original, rewritten, type(model.config), conversion, **helpers)
     module = load_generated(generated)
     cls = getattr(module, type(model).__name__)
-    config = getattr(module, generated.config_class).from_dict(config_fields(model.config))
+    fields = {**config_fields(model.config), **(config_values or {})}
+    config = getattr(module, generated.config_class).from_dict(fields)
     config.architectures = [type(model).__name__]
-    config.auto_map = generated.auto_map(source.model_type)
+    config.auto_map = generated.auto_map(topology.model_type)
     return generated, cls, config
+
+
+def generated_target(model: nn.Module, source: Topology, placement: str) -> tuple[GeneratedModule, Any, Any]:
+    """The generated module, class and config for a placement change."""
+    return generate_family_code(model, source, placement_edits(model, source, placement),
+                                f"placement {source.placement} -> {placement} (norm-shift mapping)")

@@ -18,20 +18,19 @@ conversion fails with the measured figure.
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..codegen.derive import modeling_file, rms_norm_edits
-from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
-from ..codegen.rewrite import apply_edits
+from ..codegen.derive import rms_norm_edits
+from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
 from ..version import __version__
+from .generated import generate_family_code
 from .native import build_with_weights
 from .verify import probe_inputs
 
@@ -119,8 +118,8 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     _require_pre_layer_norm(topology)
     probe = inputs or probe_inputs(model, None, None)
     pre_norms = tuple(n.path for n in topology.residual_norms)
-    order, readers = _linear_calls(model, probe, pre_norms)
-    writers = _branch_writers(order, topology)
+    order, readers = linear_calls(model, probe, pre_norms)
+    writers = branch_writers(order, topology)
     folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
     embeddings = _embedding_writers(model, topology) if untie else []
     generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
@@ -138,9 +137,7 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     parameter = next(model.parameters())
     converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
     converted.train(model.training)
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": topology.model_type, "conversion": "norm layernorm -> rmsnorm",
-                                 "realisation": plan.realisation, "exact": True}
+    converted.config.normswap = kind_provenance(model, plan, "norm layernorm -> rmsnorm")
     try:
         report = check_exact(model, converted, probe)
     except ExactnessError as error:
@@ -153,6 +150,13 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
         raise
     converted.normswap_plan = plan
     return converted, plan, report, generated
+
+
+def kind_provenance(model: nn.Module, plan: NormKindPlan, conversion: str) -> dict[str, Any]:
+    """The ``normswap`` block of a norm-kind conversion's config."""
+    return {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+            "source_model_type": plan.source_model_type, "conversion": conversion,
+            "realisation": plan.realisation, "exact": plan.exact}
 
 
 def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor],
@@ -213,7 +217,7 @@ def _final(topology: Topology) -> tuple[str, ...]:
     return tuple(n.path for n in _final_sites(topology))
 
 
-def _linear_layout(module: nn.Module) -> str | None:
+def linear_layout(module: nn.Module) -> str | None:
     """``"out_in"`` for nn.Linear weights (out, in), ``"in_out"`` for GPT-2's Conv1D (in, out)."""
     if isinstance(module, nn.Linear):
         return "out_in"
@@ -222,7 +226,7 @@ def _linear_layout(module: nn.Module) -> str | None:
     return None
 
 
-def _linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tuple[str, ...]
+def linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tuple[str, ...]
                   ) -> tuple[list[str], dict[str, list[str]]]:
     """One forward pass: the linear maps in call order, and for each norm the linear maps that read its output."""
     order: list[str] = []
@@ -233,7 +237,7 @@ def _linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tupl
         handles.append(model.get_submodule(path).register_forward_hook(
             lambda m, a, output, path=path: produced.__setitem__(id(output), (path, output))))
     for path, module in model.named_modules():
-        if _linear_layout(module):
+        if linear_layout(module):
             def hook(m: nn.Module, args: tuple, output: Any, path: str = path) -> None:
                 order.append(path)
                 source, tensor = produced.get(id(args[0]), (None, None)) if args else (None, None)
@@ -252,7 +256,7 @@ def _linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tupl
     return order, readers
 
 
-def _branch_writers(calls: list[str], topology: Topology) -> list[str]:
+def branch_writers(calls: list[str], topology: Topology) -> list[str]:
     """The last linear map each branch runs: its output is what the branch adds to the stream."""
     writers = []
     for layer in topology.layers:
@@ -279,7 +283,7 @@ def _fold_bias(model: nn.Module, norm: str, readers: list[str], state: dict[str,
     beta = state[f"{norm}.bias"].double()
     for reader in readers:
         weight = state[f"{reader}.weight"].double()
-        shift = weight @ beta if _linear_layout(model.get_submodule(reader)) == "out_in" else beta @ weight
+        shift = weight @ beta if linear_layout(model.get_submodule(reader)) == "out_in" else beta @ weight
         bias_key = f"{reader}.bias"
         state[bias_key] = (state[bias_key].double() + shift).to(state[bias_key].dtype)
     state[f"{norm}.bias"] = torch.zeros_like(state[f"{norm}.bias"])
@@ -287,7 +291,7 @@ def _fold_bias(model: nn.Module, norm: str, readers: list[str], state: dict[str,
 
 def _centre_output(module: nn.Module, path: str, state: dict[str, torch.Tensor]) -> None:
     """Remove the mean over output features from a linear map's weight and bias, in float64."""
-    layout = _linear_layout(module)
+    layout = linear_layout(module)
     weight_key, bias_key = f"{path}.weight", f"{path}.bias"
     weight = state[weight_key].double()
     dim = 0 if layout == "out_in" else 1
@@ -322,18 +326,9 @@ def _untie_and_centre_embeddings(model: nn.Module, embeddings: list[str], state:
 
 def _generated_rms_target(model: nn.Module, topology: Topology, centre_in_code: bool = True
                           ) -> tuple[GeneratedModule, Any, Any]:
-    path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), rms_norm_edits(model, topology, centre_in_code))
-    original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
-    generated = package_module(original, rewritten, type(model.config),
-                               "norm LayerNorm -> RMSNorm (exact: centred writers, zero-mean stream)", rms_norm=True)
-    module = load_generated(generated)
-    cls = getattr(module, type(model).__name__)
-    config = getattr(module, generated.config_class).from_dict(config_fields(model.config))
-    config.architectures = [type(model).__name__]
-    config.auto_map = generated.auto_map(topology.model_type)
-    return generated, cls, config
-
+    return generate_family_code(model, topology, rms_norm_edits(model, topology, centre_in_code),
+                                "norm LayerNorm -> RMSNorm (exact: centred writers, zero-mean stream)",
+                                rms_norm=True)
 
 def _final_outputs(output: Any) -> list[torch.Tensor]:
     """What the model hands on: final (normalised) hidden states of every stack, and logits.
