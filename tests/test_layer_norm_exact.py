@@ -91,3 +91,14 @@ def test_gemma_offset_norms_become_plain_rms_norms_exactly() -> None:
     assert {n.kind for n in normswap.inspect(converted).residual_norms} == {"rmsnorm"}
     path = normswap.inspect(model).layers[0].sublayers[0].norms[0].path
     assert torch.equal(converted.get_submodule(path).weight, model.get_submodule(path).weight + 1.0)
+
+
+def test_round_trip_through_both_exact_paths() -> None:
+    """RMSNorm -> LayerNorm (one dimension wider) -> RMSNorm again: the outputs stay the original's."""
+    model = with_head_dim(perturbed("llama", "LlamaForCausalLM"))
+    back = normswap.convert(normswap.convert(model, norm="layernorm", exact=True), norm="rmsnorm")
+    assert {n.kind for n in normswap.inspect(back).residual_norms} == {"rmsnorm"}
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference, actual = model(**inputs).logits, back(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
