@@ -102,3 +102,18 @@ def test_round_trip_through_both_exact_paths() -> None:
     with torch.no_grad():
         reference, actual = model(**inputs).logits, back(**inputs).logits
     assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+def test_layer_norm_round_trip_through_both_exact_paths() -> None:
+    """LayerNorm -> RMSNorm -> LayerNorm by the exact paths, starting from a LayerNorm Llama (one made by the
+    extra-dimension map: the stock LayerNorm families cannot take an extra dimension)."""
+    layer_norm_model = normswap.convert(with_head_dim(perturbed("llama", "LlamaForCausalLM")), norm="layernorm",
+                                        exact=True)
+    rms = normswap.convert(layer_norm_model, norm="rmsnorm")
+    back = normswap.convert(rms, norm="layernorm", exact=True)
+    assert normswap.inspect(back).norm == "layernorm"
+    assert back.config.hidden_size == layer_norm_model.config.hidden_size + 1
+    inputs = probe_inputs(layer_norm_model, None, None)
+    with torch.no_grad():
+        reference, actual = layer_norm_model(**inputs).logits, back(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())

@@ -98,8 +98,15 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     return converted, plan, report, generated
 
 
+def base_family(model_type: str) -> str:
+    """``normswap-normswap-llama`` -> ``llama``: generated code keeps its family's code and constraints."""
+    while model_type.startswith("normswap-"):
+        model_type = model_type.removeprefix("normswap-")
+    return model_type
+
+
 def _require_supported(model: nn.Module, topology: Topology) -> None:
-    if topology.model_type not in SUPPORTED:
+    if base_family(topology.model_type) not in SUPPORTED:
         raise NormswapError(
             f"exact RMSNorm -> LayerNorm adds one hidden dimension, which {topology.model_type} cannot take (its "
             f"code ties hidden_size to the heads or scales by it); supported: {', '.join(sorted(SUPPORTED))}. "
