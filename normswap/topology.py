@@ -129,6 +129,16 @@ class Topology:
         return tuple(norm for layer in self.layers for sub in layer.sublayers for norm in sub.norms)
 
     @property
+    def final_norms(self) -> tuple[NormSite, ...]:
+        """The final norm of every stack that has one."""
+        return tuple(stack.final_norm for stack in self.stacks if stack.final_norm)
+
+    @property
+    def stream_norms(self) -> tuple[NormSite, ...]:
+        """The norms of the layers plus the final norms: in a Pre-Norm model, every reader of the stream."""
+        return (*self.residual_norms, *self.final_norms)
+
+    @property
     def all_norms(self) -> tuple[NormSite, ...]:
         edges = [norm for stack in self.stacks for norm in (stack.embedding_norm, stack.final_norm) if norm]
         return (*edges, *self.residual_norms)

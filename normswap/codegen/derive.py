@@ -115,10 +115,8 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
 
 def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
     """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm``, arguments unchanged."""
-    paths = [norm.path for norm in topology.residual_norms]
-    paths += [stack.final_norm.path for stack in topology.stacks if stack.final_norm is not None]
     edits: list[Edit] = []
-    for path in paths:
+    for path in (norm.path for norm in topology.stream_norms):
         edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm")
         if edit not in edits:
             edits.append(edit)
@@ -133,10 +131,8 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     their weights, so a tied ``lm_head`` stays tied. An embedding LayerNorm (BLOOM) reads raw embeddings
     and stays a LayerNorm: the centring after it takes care of its output.
     """
-    norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
-    norms += [stack.final_norm for stack in topology.stacks if stack.final_norm is not None]
     edits: list[Edit] = []
-    for norm in norms:
+    for norm in topology.stream_norms:  # a Pre-LN model's layer norms are all pre norms
         owner, attribute = owner_and_attribute(model, norm.path)
         # a weightless LayerNorm (OLMo) keeps eps in its code, not its arguments: state both
         keywords = ((("eps", repr(norm.eps)), ("elementwise_affine", "False"))

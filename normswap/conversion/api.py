@@ -21,6 +21,7 @@ from ..topology import Topology
 from ..version import __version__
 from .generated import generated_target
 from .native import build_with_weights, meta_instance, target_class, target_config
+from .norm_change import convert_norm_kind
 from .plan import ConversionPlan, build_placement_plan
 from .verify import require_topology
 from .weights import apply_plan
@@ -98,35 +99,10 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
     if norm is not None:
-        converted, report = _convert_norm(model, norm, exact, untie)
+        converted, _, report, _ = convert_norm_kind(model, norm, exact=exact, untie=untie)
         converted.normswap_report = report
         return converted
     return realise(model, plan_conversion(model, placement, native))
-
-
-def _convert_norm(model: nn.Module, norm: str, exact: bool, untie: bool) -> tuple[nn.Module, Any]:
-    from .approximate_kind import (
-        convert_offset_to_rms_norm,
-        convert_to_layer_norm_approximate,
-        convert_to_rms_norm_approximate,
-    )
-    from .extra_dimension import convert_to_layer_norm_exact
-    from .norm_kind import convert_to_rms_norm
-
-    kinds = {n.kind for n in inspect(model).all_norms}
-    if norm == "rmsnorm" and kinds == {"rmsnorm-offset"}:
-        converted, _, report, _ = convert_offset_to_rms_norm(model)
-    elif norm == "rmsnorm" and inspect(model).placement == "post":
-        converted, _, report, _ = convert_to_rms_norm_approximate(model)
-    elif norm == "rmsnorm":
-        converted, _, report, _ = convert_to_rms_norm(model, untie=untie)
-    elif norm == "layernorm" and exact:
-        converted, _, report, _ = convert_to_layer_norm_exact(model)
-    elif norm == "layernorm":
-        converted, _, report, _ = convert_to_layer_norm_approximate(model)
-    else:
-        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
-    return converted, report
 
 
 def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:

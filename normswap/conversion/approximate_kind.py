@@ -19,8 +19,7 @@ from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
 from .generated import generate_family_code
-from .native import build_with_weights
-from .norm_kind import NormKindPlan, check_exact, kind_provenance
+from .norm_kind import NormKindPlan, build_kind_model, check_exact
 from .verify import DriftReport, measure_drift, probe_inputs
 
 _RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})
@@ -31,7 +30,7 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
                                       ) -> tuple[nn.Module, NormKindPlan, DriftReport, GeneratedModule]:
     """The LayerNorm version of a Pre-RMSNorm ``model`` (not exact), its plan and drift report."""
     topology = inspect(model)
-    sites = [*topology.residual_norms, *(s.final_norm for s in topology.stacks if s.final_norm)]
+    sites = topology.stream_norms
     kinds = {site.kind for site in sites}
     if topology.placement not in ("pre", "parallel") or not kinds <= _RMS_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
@@ -47,14 +46,10 @@ def convert_to_layer_norm_approximate(model: nn.Module, inputs: dict[str, torch.
             weight = (weight.double() + 1.0).to(weight.dtype)  # (1 + w) * n
         state[f"{site.path}.weight"] = weight
         state[f"{site.path}.bias"] = torch.zeros_like(weight)
-    parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
-    converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="layernorm")
-    converted.config.normswap = kind_provenance(model, plan, "norm rmsnorm -> layernorm (approximate)")
+    converted = build_kind_model(model, cls, config, state, plan, "norm rmsnorm -> layernorm (approximate)")
     report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
-    converted.normswap_plan = plan
     return converted, plan, report, generated
 
 
@@ -76,14 +71,11 @@ def convert_to_rms_norm_approximate(model: nn.Module, inputs: dict[str, torch.Te
     edits = [ReplaceNormClass(*owner_and_attribute(model, site.path)) for site in sites]
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        "norm LayerNorm -> RMSNorm (approximate: Post-LN)", rms_norm=True)
-    parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, dict(model.state_dict()), parameter.dtype, parameter.device)
-    converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
-    converted.config.normswap = kind_provenance(model, plan, "norm layernorm -> rmsnorm (approximate, Post-LN)")
+    converted = build_kind_model(model, cls, config, dict(model.state_dict()), plan,
+                                 "norm layernorm -> rmsnorm (approximate, Post-LN)")
     report = measure_drift(model, converted, topology, inspect(converted), probe, exact=False)
-    converted.normswap_plan = plan
     return converted, plan, report, generated
 
 
@@ -91,7 +83,7 @@ def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor]
                                ) -> tuple[nn.Module, NormKindPlan, Any, GeneratedModule]:
     """Gemma-style ``(1 + w)`` RMSNorms as plain RMSNorms with weight ``1 + w``: exact, and checked."""
     topology = inspect(model)
-    sites = [*topology.residual_norms, *(s.final_norm for s in topology.stacks if s.final_norm)]
+    sites = topology.stream_norms
     if {site.kind for site in sites} != {"rmsnorm-offset"}:
         raise NormswapError(f"{topology.model_type} has no offset RMSNorms to make plain")
     probe = inputs or probe_inputs(model, None, None)
@@ -103,12 +95,8 @@ def convert_offset_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor]
     for site in sites:
         weight = state[f"{site.path}.weight"]
         state[f"{site.path}.weight"] = (weight.double() + 1.0).to(weight.dtype)
-    parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
-    converted.train(model.training)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), kind="rmsnorm")
-    converted.config.normswap = kind_provenance(model, plan, "norm rmsnorm-offset -> rmsnorm (exact)")
+    converted = build_kind_model(model, cls, config, state, plan, "norm rmsnorm-offset -> rmsnorm (exact)")
     report = check_exact(model, converted, probe)
-    converted.normswap_plan = plan
     return converted, plan, report, generated

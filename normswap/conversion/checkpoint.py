@@ -11,20 +11,13 @@ import torch
 from torch import nn
 
 from ..corpus import default_corpus, read_corpus
-from ..detect import inspect
 from ..detect.source import load_config
 from ..errors import NormswapError, SourceError
 from ..io.destination import atomic_output, check_destination
 from ..io.model_card import model_card
 from ..io.support_files import copy_support_files
 from .api import plan_conversion, provenance, realise
-from .approximate_kind import (
-    convert_offset_to_rms_norm,
-    convert_to_layer_norm_approximate,
-    convert_to_rms_norm_approximate,
-)
-from .extra_dimension import convert_to_layer_norm_exact
-from .norm_kind import convert_to_rms_norm
+from .norm_change import convert_norm_kind
 from .verify import measure_drift, probe_inputs
 
 CARRIED_FILE = "normswap_carried.safetensors"
@@ -64,24 +57,19 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     texts = read_corpus(calib) if calib else None
 
     model = _load_model(source_path, config, trust_remote_code)
-    inputs = probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
-    if norm == "rmsnorm" and {n.kind for n in inspect(model).all_norms} == {"rmsnorm-offset"}:
-        converted, plan, report, generated = convert_offset_to_rms_norm(model, inputs)
-    elif norm == "rmsnorm" and inspect(model).placement == "post":
-        converted, plan, report, generated = convert_to_rms_norm_approximate(model, inputs)
-    elif norm == "rmsnorm":
-        converted, plan, report, generated = convert_to_rms_norm(model, inputs, untie=untie)
-    elif norm == "layernorm" and exact:
-        converted, plan, report, generated = convert_to_layer_norm_exact(model, inputs)
-    elif norm == "layernorm":
-        converted, plan, report, generated = convert_to_layer_norm_approximate(model, inputs)
+
+    def probe() -> dict[str, torch.Tensor]:  # the tokenizer is loaded only when something will be converted
+        return probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
+
+    if norm is not None:
+        converted, plan, report, generated = convert_norm_kind(model, norm, exact=exact, untie=untie, inputs=probe())
     else:
         setup = plan_conversion(model, placement or "", native)
         if setup.plan.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
         converted = realise(model, setup)
         plan, generated = setup.plan, setup.generated
-        report = measure_drift(model, converted, setup.source, setup.target, inputs, exact=plan.exact)
+        report = measure_drift(model, converted, setup.source, setup.target, probe(), exact=plan.exact)
         converted.config.normswap = provenance(model, plan, str(source_path.resolve()))
     converted.config.normswap["source"] = str(source_path.resolve())
     _write(destination_path, overwrite, source_path, converted, generated, plan, report, max_shard_size)

@@ -27,13 +27,12 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
 from .generated import generate_family_code
-from .native import build_with_weights
 from .norm_kind import (
     ExactnessReport,
     NormKindPlan,
     branch_writers,
+    build_kind_model,
     check_exact,
-    kind_provenance,
     linear_calls,
     linear_layout,
 )
@@ -89,12 +88,9 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     generated, cls, config = _generated_layer_norm_target(model, topology, d)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, final), tuple(writers + embeddings), kind="layernorm")
-    converted = build_with_weights(cls, config, state, dtype, next(model.parameters()).device)
-    converted.train(model.training)
-    conversion = f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})"
-    converted.config.normswap = kind_provenance(model, plan, conversion)
+    converted = build_kind_model(model, cls, config, state, plan,
+                                 f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})")
     report = check_exact(model, converted, probe, logits_only=True)
-    converted.normswap_plan = plan
     return converted, plan, report, generated
 
 

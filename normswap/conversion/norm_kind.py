@@ -124,7 +124,7 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     embeddings = _embedding_writers(model, topology) if untie else []
     generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
-                        pre_norms + _final(topology), tuple(writers + embeddings), tuple(sorted(folds)),
+                        tuple(n.path for n in topology.stream_norms), tuple(writers + embeddings), tuple(sorted(folds)),
                         untied=untie)
 
     state = dict(model.state_dict())
@@ -134,10 +134,7 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
         _untie_and_centre_embeddings(model, embeddings, state, config)
     for norm, found in folds.items():
         _fold_bias(model, norm, found, state)
-    parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
-    converted.train(model.training)
-    converted.config.normswap = kind_provenance(model, plan, "norm layernorm -> rmsnorm")
+    converted = build_kind_model(model, cls, config, state, plan, "norm layernorm -> rmsnorm")
     try:
         report = check_exact(model, converted, probe)
     except ExactnessError as error:
@@ -148,15 +145,20 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
                                  f"{topology.model_type} adds to its stream outside embedding lookups: use the "
                                  "default, which centres the stream in code") from error
         raise
-    converted.normswap_plan = plan
     return converted, plan, report, generated
 
 
-def kind_provenance(model: nn.Module, plan: NormKindPlan, conversion: str) -> dict[str, Any]:
-    """The ``normswap`` block of a norm-kind conversion's config."""
-    return {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-            "source_model_type": plan.source_model_type, "conversion": conversion,
-            "realisation": plan.realisation, "exact": plan.exact}
+def build_kind_model(model: nn.Module, cls: Any, config: Any, state: dict[str, torch.Tensor], plan: NormKindPlan,
+                     conversion: str) -> nn.Module:
+    """The converted model: ``cls`` holding ``state`` in ``model``'s dtype, device and mode, with provenance."""
+    parameter = next(model.parameters())
+    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
+    converted.train(model.training)
+    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
+                                 "source_model_type": plan.source_model_type, "conversion": conversion,
+                                 "realisation": plan.realisation, "exact": plan.exact}
+    converted.normswap_plan = plan
+    return converted
 
 
 def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor],
@@ -203,18 +205,10 @@ def _require_pre_layer_norm(topology: Topology) -> None:
     if topology.placement not in _PRE_PLACEMENTS:
         raise NormswapError(f"{topology.model_type} is {topology.placement}; LayerNorm -> RMSNorm is exact only for "
                             "Pre-LN models (convert the placement first, or wait for the approximate path)")
-    kinds = {n.kind for n in topology.residual_norms} | {n.kind for n in _final_sites(topology)}
+    kinds = {n.kind for n in topology.stream_norms}
     if not kinds <= _LAYER_NORMS:
         raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
                             "nothing to convert to RMSNorm")
-
-
-def _final_sites(topology: Topology) -> tuple[Any, ...]:
-    return tuple(s.final_norm for s in topology.stacks if s.final_norm)
-
-
-def _final(topology: Topology) -> tuple[str, ...]:
-    return tuple(n.path for n in _final_sites(topology))
 
 
 def linear_layout(module: nn.Module) -> str | None:
