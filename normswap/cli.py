@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -56,6 +57,14 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     convert.add_argument("--calib", metavar="FILE", help="probe text, one document per line "
                          "(default: Python standard-library docstrings)")
+    convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+                         default="auto", help="output dtype of floating-point tensors (default: each tensor's own)")
+    convert.add_argument("--verify-max-size", default="1GB", metavar="SIZE",
+                         help="verify against the original (both loaded in memory) up to this much weight data; "
+                         "larger conversions are streamed and reported as not verified (default 1GB)")
+    convert.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert even if a tensor the conversion computes with holds NaN or Inf")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--json", action="store_true", help="print the plan and report as one JSON object")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow custom modeling code named by the checkpoint's auto_map")
@@ -69,7 +78,9 @@ def _run_convert(args: argparse.Namespace) -> int:
                                 untie=args.untie,
                                 native=args.native,
                                 overwrite=args.overwrite, max_shard_size=args.max_shard_size, calib=args.calib,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                                allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+                                verify_max_size=args.verify_max_size)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -95,12 +106,21 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and (args.placement is None) == (args.norm is None):
         parser.error("convert needs exactly one of --placement and --norm")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "inspect":
             return _run_inspect(args)
@@ -109,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NormswapError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        name = "SIGTERM" if isinstance(interrupt, Terminated) else "interrupt"
+        print(f"Stopped by {name}: nothing was written (the temporary output was removed)", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 2
 
 

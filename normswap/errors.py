@@ -25,3 +25,7 @@ class TopologyError(NormswapError):
 
 class RecipeError(NormswapError):
     """A recipe file does not follow the schema."""
+
+
+class ExactnessError(NormswapError):
+    """An exact conversion did not reproduce the original within the tolerance."""

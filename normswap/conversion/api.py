@@ -7,10 +7,9 @@ The result is an ordinary transformers model (a stock class for native targets),
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..codegen.package import GeneratedModule
@@ -18,15 +17,14 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
-from ..version import __version__
 from .generated import generated_target
-from .native import build_with_weights, meta_instance, target_class, target_config
+from .native import meta_instance, target_class, target_config
 from .norm_change import convert_norm_kind
 from .plan import ConversionPlan, build_placement_plan
-from .verify import require_topology
-from .weights import apply_plan
-
-logger = logging.getLogger("normswap")
+from .program import shapes_of
+from .setup import ConversionSetup, realise
+from .verify import DriftReport, measure_drift, require_topology
+from .weights import placement_program
 
 PLACEMENTS = ("pre", "post")
 
@@ -40,18 +38,6 @@ def placement_of(topology: Topology) -> str:
     return "pre" if topology.placement == "parallel" else topology.placement
 
 
-@dataclass(frozen=True)
-class ConversionSetup:
-    """What converting one model needs: the plan, the detected source and target, and the target class."""
-
-    plan: ConversionPlan
-    source: Topology
-    target: Topology | None = None
-    target_class: Any = None
-    target_config: Any = None
-    generated: GeneratedModule | None = None  # the modeling code to ship beside the weights, if any
-
-
 def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> ConversionSetup:
     """Detect ``model``, choose the realisation and plan the norm moves to ``placement``."""
     if placement not in PLACEMENTS:
@@ -61,7 +47,7 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     if placement_of(source) == placement:
         plan = ConversionPlan(model_type, model_type, source.placement, placement, "none", exact=True,
                               notes=(f"{model_type} already has {placement} placement: nothing to do",))
-        return ConversionSetup(plan, source)
+        return ConversionSetup(plan, None, source=source)
     back_home = _original_family(model, placement)
     target = back_home or (_native_target(model_type, placement) if native else None)
     if target is not None:
@@ -72,7 +58,7 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
             raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} "
                                    f"placement, not {placement}; the recipe for {model_type} is wrong")
         plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
-        return ConversionSetup(plan, source, target_topology, cls, config)
+        return _placement_setup(model, plan, source, target_topology, cls, config, None)
     if getattr(model.config, "normswap", None):
         raise RealisationError(f"{model_type} is already normswap-generated code; convert the original "
                                f"{model.config.normswap.get('source_model_type')} checkpoint instead")
@@ -82,7 +68,22 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
         raise RealisationError(f"the generated {generated.model_type} code detects as {target_topology.placement}, "
                                f"not {placement}; this is a normswap bug, please report it")
     plan = build_placement_plan(source, target_topology, f"generated code: {generated.file_name}")
-    return ConversionSetup(plan, source, target_topology, cls, config, generated)
+    return _placement_setup(model, plan, source, target_topology, cls, config, generated)
+
+
+def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, target: Topology, cls: Any,
+                     config: Any, generated: GeneratedModule | None) -> ConversionSetup:
+    """The plan's tensor program against the target's expected tensors, and its verification."""
+    target_shapes = shapes_of(meta_instance(cls, config).state_dict())
+    program = placement_program(shapes_of(model.state_dict()), plan, target_shapes,
+                                getattr(model, "normswap_carried", None))
+
+    def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> DriftReport:
+        require_topology(converted, target)
+        return measure_drift(original, converted, source, target, probe, exact=plan.exact)
+
+    return ConversionSetup(plan, program, cls, config, generated,
+                           f"placement {plan.source_placement} -> {plan.target_placement}", source, target, verify)
 
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
@@ -99,42 +100,12 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
     if norm is not None:
-        converted, _, report, _ = convert_norm_kind(model, norm, exact=exact, untie=untie)
-        converted.normswap_report = report
-        return converted
-    return realise(model, plan_conversion(model, placement, native))
-
-
-def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:
-    """Build the converted model that ``setup`` plans, and check its topology."""
-    plan = setup.plan
-    if plan.noop:
-        logger.warning(plan.notes[0])
-        return model
-    meta_target = meta_instance(setup.target_class, setup.target_config)
-    shapes = {key: value.shape for key, value in meta_target.state_dict().items()}
-    state, dropped = apply_plan(model.state_dict(), plan, shapes, getattr(model, "normswap_carried", None))
-    parameter = next(model.parameters())
-    converted = build_with_weights(setup.target_class, setup.target_config, state, parameter.dtype,
-                                   parameter.device)
-    converted.train(model.training)
-    converted.config.normswap = provenance(model, plan)
-    converted.normswap_plan = plan
-    converted.normswap_carried = dropped
-    require_topology(converted, setup.target)
+        return convert_norm_kind(model, norm, exact=exact, untie=untie)[0]
+    setup = plan_conversion(model, placement, native)
+    converted = realise(model, setup)
+    if setup.target is not None:
+        require_topology(converted, setup.target)
     return converted
-
-
-def provenance(model: nn.Module, plan: ConversionPlan, source: str | None = None) -> dict[str, Any]:
-    """The ``normswap`` block written into the converted config."""
-    return {
-        "version": __version__,
-        "source": source or getattr(model.config, "_name_or_path", "") or None,
-        "source_model_type": plan.source_model_type,
-        "conversion": f"placement {plan.source_placement} -> {plan.target_placement}",
-        "realisation": plan.realisation,
-        "exact": plan.exact,
-    }
 
 
 def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:

@@ -8,20 +8,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
-from ..errors import NormswapError, SourceError
-from ..io.destination import atomic_output, check_destination
+from ..errors import ExactnessError, NormswapError, SourceError
+from ..io.destination import atomic_output, check_destination, require_space
 from ..io.model_card import model_card
+from ..io.shard_writer import PlannedTensor, parse_size
+from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
-from .api import plan_conversion, provenance, realise
-from .norm_change import convert_norm_kind
-from .verify import measure_drift, probe_inputs
+from .api import plan_conversion
+from .native import meta_instance
+from .norm_change import plan_norm_kind
+from .program import shapes_of
+from .setup import ConversionSetup, provenance
+from .streaming import planned_outputs, stream_program
+from .verify import SkippedVerification, probe_inputs
 
 CARRIED_FILE = "normswap_carried.safetensors"
 REPORT_FILE = "normswap_report.json"
+DEFAULT_VERIFY_LIMIT = "1GB"
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,16 @@ class ConversionResult:
 
 def convert_checkpoint(source: str | Path, destination: str | Path, placement: str | None = None, *,
                        norm: str | None = None, exact: bool = False, untie: bool = False, native: bool = True,
-                       overwrite: bool = False,
-                       max_shard_size: str = "5GB", calib: str | Path | None = None,
-                       trust_remote_code: bool = False) -> ConversionResult:
-    """Convert the checkpoint folder ``source`` to ``placement`` or ``norm`` and write it to ``destination``."""
+                       overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
+                       trust_remote_code: bool = False, dtype: str | None = None, allow_nonfinite: bool = False,
+                       progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT) -> ConversionResult:
+    """Convert the checkpoint folder ``source`` to ``placement`` or ``norm``, streamed, into ``destination``.
+
+    Planning reads config.json only; the weights are then read one tensor at a time and written to
+    shards as they fill, so memory stays at a few tensors. Models up to ``verify_max_size`` of weights
+    are then loaded and verified against the original (drift report or exactness check); larger ones
+    are not, and the report says so.
+    """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
     source_path, destination_path = Path(source), Path(destination)
@@ -54,56 +68,125 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     if not source_path.is_dir():
         raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
     check_destination(source_path, destination_path, overwrite)
+    output_dtype = parse_dtype(dtype)
+    verify_limit = parse_size(verify_max_size)
+    shard_bytes = parse_size(max_shard_size)
     texts = read_corpus(calib) if calib else None
+    weights = CheckpointWeights(source_path)
+    meta = meta_model(config, trust_remote_code)
+    carried_path = source_path / CARRIED_FILE
+    if carried_path.is_file():
+        meta.normswap_carried = load_file(str(carried_path))
 
-    model = _load_model(source_path, config, trust_remote_code)
+    setup = _plan(meta, placement, norm, exact, untie, native)
+    if setup.noop:
+        return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
+    names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
+                        transformers_renamings(meta, weights.tensors))
+    default_dtype = checkpoint_dtype(config, weights)
+    verify = weights.total_bytes <= verify_limit
+    with atomic_output(destination_path, overwrite) as folder:
+        while True:
+            planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
+            require_space(destination_path, sum(t.nbytes for t in planned))
+            stream_program(setup.program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,  # type: ignore[arg-type]
+                           dtype=output_dtype, allow_nonfinite=allow_nonfinite, progress=progress)
+            _write_config(folder, setup, str(source_path.resolve()), planned)
+            if not verify:
+                report: Any = SkippedVerification(
+                    f"not verified: {weights.total_bytes / 1e9:.2f} GB of weights is above the verification limit "
+                    f"of {verify_limit / 1e9:.2f} GB (--verify-max-size); verification loads both models in memory")
+                break
+            try:
+                report = _verify(source_path, config, folder, setup, texts, trust_remote_code)
+                break
+            except ExactnessError:
+                if setup.fallback is None:
+                    raise
+                setup = setup.fallback()
+                for leftover in folder.iterdir():
+                    leftover.unlink()
+        _write_extras(folder, destination_path, source_path, setup, report)
+    return ConversionResult(setup.plan, report, destination_path.resolve())
 
-    def probe() -> dict[str, torch.Tensor]:  # the tokenizer is loaded only when something will be converted
-        return probe_inputs(model, texts or default_corpus(), _load_tokenizer(source_path))
 
+def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool,
+          native: bool) -> ConversionSetup:
     if norm is not None:
-        converted, plan, report, generated = convert_norm_kind(model, norm, exact=exact, untie=untie, inputs=probe())
-    else:
-        setup = plan_conversion(model, placement or "", native)
-        if setup.plan.noop:
-            return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
-        converted = realise(model, setup)
-        plan, generated = setup.plan, setup.generated
-        report = measure_drift(model, converted, setup.source, setup.target, probe(), exact=plan.exact)
-        converted.config.normswap = provenance(model, plan, str(source_path.resolve()))
-    converted.config.normswap["source"] = str(source_path.resolve())
-    _write(destination_path, overwrite, source_path, converted, generated, plan, report, max_shard_size)
-    return ConversionResult(plan, report, destination_path.resolve())
+        return plan_norm_kind(meta, norm, exact=exact, untie=untie)
+    return plan_conversion(meta, placement or "", native)
 
 
-def _write(destination: Path, overwrite: bool, source: Path, converted: nn.Module, generated: Any, plan: Any,
-           report: Any, max_shard_size: str) -> None:
-    """Weights, config, carried norms, support files, generated code, report and card, atomically."""
-    with atomic_output(destination, overwrite) as folder:
-        converted.save_pretrained(folder, max_shard_size=max_shard_size)
-        carried = getattr(converted, "normswap_carried", None)
-        if carried:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in carried.items()}, str(folder / CARRIED_FILE),
-                      metadata={"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
-        copy_support_files(source, folder)
-        if generated is not None:
-            (folder / generated.file_name).write_text(generated.source, encoding="utf-8")
-        (folder / REPORT_FILE).write_text(json.dumps(
-            {"normswap": converted.config.normswap, "plan": plan.to_dict(), **report.to_dict()}, indent=2))
-        (folder / "README.md").write_text(model_card(destination.name, converted.config.normswap, plan.describe(),
-                                                     report.summary(), loads_natively=generated is None))
+def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dict[str, str],
+                  default_dtype: torch.dtype, dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """The converted checkpoint's tensors in the target's state-dict order; tied copies are saved once."""
+    program = setup.program
+    assert program is not None
+    target = meta_instance(setup.target_class, setup.target_config)
+    target_shapes = shapes_of(target.state_dict())
+    tied = tied_keys(target)
+    order = [key for key in target_shapes if not any(twin in target_shapes and list(target_shapes).index(twin) <
+                                                      list(target_shapes).index(key) for twin in tied.get(key, ()))]
+    missing = [key for key in order if key not in program.outputs]
+    extra = [key for key in program.outputs if key not in target_shapes]
+    if missing or extra:
+        raise NormswapError(f"internal: the conversion makes {extra[:3]} that the target lacks and lacks "
+                            f"{missing[:3]}; please report it")
+    return planned_outputs(program, order, target_shapes, weights, names, default_dtype, dtype)
 
 
-def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
-    """The checkpoint's own architecture: its stock class, or for custom code the Auto class ``auto_map`` names.
+def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: list[PlannedTensor]) -> None:
+    config = setup.target_config
+    config.normswap = provenance(setup.plan, setup.conversion, source)
+    floating = [t.dtype for t in planned if t.dtype.is_floating_point]
+    if floating:
+        config.dtype = max(set(floating), key=floating.count)
+    config.save_pretrained(folder)
+    if setup.generated is not None:
+        (folder / setup.generated.file_name).write_text(setup.generated.source, encoding="utf-8")
+
+
+def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, texts: list[str] | None,
+            trust_remote_code: bool) -> Any:
+    """Load the original and the written checkpoint and run the conversion's own verification."""
+    original = _load_model(source, config, trust_remote_code)
+    converted = _load_converted(folder, setup)
+    if converted.dtype != original.dtype:
+        original = original.to(converted.dtype)
+    probe = probe_inputs(original, texts or default_corpus(), _load_tokenizer(source))
+    assert setup.verify is not None
+    return setup.verify(original, converted, probe)
+
+
+def _load_converted(folder: Path, setup: ConversionSetup) -> nn.Module:
+    """The written checkpoint, loaded by the target class itself (normswap's own generated code or stock)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = setup.target_class.from_pretrained(folder, dtype="auto")
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.eval()
+
+
+def _write_extras(folder: Path, destination: Path, source: Path, setup: ConversionSetup, report: Any) -> None:
+    """Support files (tokenizer, generation config), report and model card."""
+    copy_support_files(source, folder)
+    provenance_block = setup.target_config.normswap
+    (folder / REPORT_FILE).write_text(json.dumps(
+        {"normswap": provenance_block, "plan": setup.plan.to_dict(), **report.to_dict()}, indent=2))
+    (folder / "README.md").write_text(model_card(destination.name, provenance_block, setup.plan.describe(),
+                                                 report.summary(), loads_natively=setup.generated is None))
+
+
+def model_class(config: Any) -> Any:
+    """The class that loads this checkpoint: its architecture, or for custom code the Auto class ``auto_map`` names.
 
     A checkpoint with custom code (``auto_map``, e.g. normswap-generated) is never loaded into the stock
     class of the same name; ``load_config`` has already refused it without ``trust_remote_code``.
     """
     import transformers
-    from transformers.utils import logging as hf_logging
 
     architectures = getattr(config, "architectures", None) or []
     auto_map = getattr(config, "auto_map", None) or {}
@@ -111,10 +194,58 @@ def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module
         wanted = architectures[0] if architectures else None
         auto_name = next((name for name, target in auto_map.items() if name != "AutoConfig"
                           and (wanted is None or target.rsplit(".", 1)[-1] == wanted)), "AutoModel")
-        cls = getattr(transformers, auto_name)
-    else:
-        cls = getattr(transformers, architectures[0], None) if architectures else None
-        cls = cls or transformers.AutoModel
+        return getattr(transformers, auto_name)
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    return cls or transformers.AutoModel
+
+
+def meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
+    """The checkpoint's model on the meta device: its structure and state-dict keys, no weights."""
+    import copy
+
+    cls = model_class(config)
+    config = copy.deepcopy(config)
+    try:
+        with torch.device("meta"):
+            if cls.__name__.startswith("Auto"):
+                model = cls.from_config(config, trust_remote_code=trust_remote_code)
+            else:
+                model = cls._from_config(config)
+    except Exception as error:  # any failure here means the config does not describe a model
+        first = str(error).splitlines()[0][:200] if str(error) else ""
+        raise SourceError(f"transformers cannot build {cls.__name__} from this config.json "
+                          f"({type(error).__name__}: {first}); check the config values") from error
+    return model.eval()
+
+
+def checkpoint_dtype(config: Any, weights: CheckpointWeights) -> torch.dtype:
+    """The dtype new tensors (unit norms, placeholders) take: the config's, else the first floating tensor's."""
+    declared = getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return next((t.dtype for t in weights.tensors.values() if t.dtype.is_floating_point), torch.float32)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``--dtype``: None or "auto" keeps each tensor's own dtype."""
+    if name is None or name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise NormswapError(f"--dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
+    """The checkpoint loaded in memory (for verification and the in-memory path)."""
+    from transformers.utils import logging as hf_logging
+
+    cls = model_class(config)
     hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code)
@@ -126,8 +257,6 @@ def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module
     model.eval()
     carried = source / CARRIED_FILE
     if carried.is_file():
-        from safetensors.torch import load_file
-
         model.normswap_carried = load_file(str(carried))
     return model
 

@@ -27,16 +27,9 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
 from .generated import generate_family_code
-from .norm_kind import (
-    ExactnessReport,
-    NormKindPlan,
-    branch_writers,
-    build_kind_model,
-    check_exact,
-    linear_calls,
-    linear_layout,
-)
-from .verify import probe_inputs
+from .norm_kind import ExactnessReport, NormKindPlan, branch_writers, check_exact, linear_calls, linear_layout
+from .program import Step, TensorProgram, combine, copy_of
+from .setup import ConversionSetup, convert_in_memory
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 
@@ -51,15 +44,13 @@ def orthonormal_lift(d: int) -> torch.Tensor:
     return reflection[:, :d]  # the reflection maps e_{d+1} to ones/sqrt(d+1); the other columns are orthogonal to it
 
 
-def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
-                                ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
-    """The exact LayerNorm twin of a Pre-RMSNorm model, one hidden dimension wider."""
+def plan_layer_norm_exact(model: nn.Module) -> ConversionSetup:
+    """Plan the exact LayerNorm twin of a Pre-RMSNorm model, one hidden dimension wider."""
     topology = inspect(model)
     _require_supported(model, topology)
-    probe = inputs or probe_inputs(model, None, None)
     norms = tuple(n.path for n in topology.residual_norms)
     final = topology.stacks[0].final_norm.path  # type: ignore[union-attr]
-    order, readers = linear_calls(model, probe, norms)
+    order, readers = linear_calls(model, norms)
     output_embeddings = _path_of(model, model.get_output_embeddings())
     readers[final] = [output_embeddings]  # lm_head reads a slice of the final norm's output
     writers = branch_writers(order, topology)
@@ -69,29 +60,41 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     d = int(model.config.hidden_size)
     lift = orthonormal_lift(d)
     scale = math.sqrt((d + 1) / d)
-    state = {key: value.double() for key, value in model.state_dict().items()}
+    steps = {key: copy_of(key) for key in model.state_dict()}
     for path in writers:
-        _lift_writer(model.get_submodule(path), path, state, lift)
+        _lift_writer(model.get_submodule(path), path, steps, lift)
     for path in embeddings:
-        state[f"{path}.weight"] = state[f"{path}.weight"] @ lift.T
+        steps[f"{path}.weight"] = combine(lambda weight: _wide(weight, lambda w: w @ lift.T), steps[f"{path}.weight"])
     for norm, found in readers.items():
-        gamma = state.pop(f"{norm}.weight")
+        gamma = steps.pop(f"{norm}.weight")
         for reader in found:
             if linear_layout(model.get_submodule(reader)) != "out_in":
                 raise NormswapError(f"{reader} is not an nn.Linear; the extra-dimension map handles nn.Linear readers")
-            state[f"{reader}.weight"] = state[f"{reader}.weight"] * gamma @ lift.T / scale
-        state[f"{norm}.weight"] = torch.ones(d + 1, dtype=torch.float64)
-        state[f"{norm}.bias"] = torch.zeros(d + 1, dtype=torch.float64)
-    dtype = next(model.parameters()).dtype
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+            steps[f"{reader}.weight"] = combine(
+                lambda weight, gamma: (weight.double() * gamma.double() @ lift.T / scale).to(weight.dtype),
+                steps[f"{reader}.weight"], gamma)
+        steps[f"{norm}.weight"] = combine(lambda gamma: torch.ones(d + 1, dtype=gamma.dtype), gamma)
+        steps[f"{norm}.bias"] = combine(lambda gamma: torch.zeros(d + 1, dtype=gamma.dtype), gamma)
 
     generated, cls, config = _generated_layer_norm_target(model, topology, d)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, final), tuple(writers + embeddings), kind="layernorm")
-    converted = build_kind_model(model, cls, config, state, plan,
-                                 f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})")
-    report = check_exact(model, converted, probe, logits_only=True)
-    return converted, plan, report, generated
+    return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
+                           f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1})",
+                           verify=lambda original, converted, probe: check_exact(original, converted, probe,
+                                                                                 logits_only=True))
+
+
+def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None
+                                ) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
+    """The exact LayerNorm twin of a Pre-RMSNorm model, one hidden dimension wider, verified."""
+    converted, setup, report = convert_in_memory(model, plan_layer_norm_exact(model), inputs)
+    return converted, setup.plan, report, setup.generated
+
+
+def _wide(tensor: torch.Tensor, function: Any) -> torch.Tensor:
+    """``function`` applied in float64, the result back in the tensor's dtype."""
+    return function(tensor.double()).to(tensor.dtype)
 
 
 def base_family(model_type: str) -> str:
@@ -121,12 +124,12 @@ def _require_supported(model: nn.Module, topology: Topology) -> None:
                             "differently, so untie them first (set tie_word_embeddings=False and copy lm_head)")
 
 
-def _lift_writer(module: nn.Module, path: str, state: dict[str, torch.Tensor], lift: torch.Tensor) -> None:
+def _lift_writer(module: nn.Module, path: str, steps: dict[str, Step], lift: torch.Tensor) -> None:
     if linear_layout(module) != "out_in":
         raise NormswapError(f"{path} is not an nn.Linear; the extra-dimension map handles nn.Linear writers")
-    state[f"{path}.weight"] = lift @ state[f"{path}.weight"]
-    if f"{path}.bias" in state:
-        state[f"{path}.bias"] = lift @ state[f"{path}.bias"]
+    for key in (f"{path}.weight", f"{path}.bias"):
+        if key in steps:
+            steps[key] = combine(lambda tensor: _wide(tensor, lambda t: lift @ t), steps[key])
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str:

@@ -60,3 +60,12 @@ def build_with_weights(cls: type[nn.Module], config: Any, state: dict[str, torch
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.to(device)
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is weightless already, else a weightless copy of the same class and config."""
+    if all(parameter.is_meta for parameter in model.parameters()):
+        return model
+    from ..detect.source import build_meta_model
+
+    return build_meta_model(model).model

@@ -9,18 +9,14 @@ from torch import nn
 
 from ..detect import inspect
 from ..errors import NormswapError
-from .approximate_kind import (
-    convert_offset_to_rms_norm,
-    convert_to_layer_norm_approximate,
-    convert_to_rms_norm_approximate,
-)
-from .extra_dimension import convert_to_layer_norm_exact
-from .norm_kind import convert_to_rms_norm
+from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
+from .extra_dimension import plan_layer_norm_exact
+from .norm_kind import plan_rms_norm
+from .setup import ConversionSetup, convert_in_memory
 
 
-def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
-                      inputs: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Any, Any, Any]:
-    """(converted model, plan, report, generated module) for ``norm`` = ``"rmsnorm"`` or ``"layernorm"``.
+def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False) -> ConversionSetup:
+    """The setup for ``norm`` = ``"rmsnorm"`` or ``"layernorm"`` on a loaded or meta-device ``model``.
 
     rmsnorm: Gemma's (1 + w) norms become plain RMSNorms (exact), Post-LN models convert approximately,
     Pre-LN models exactly. layernorm: exactly by one extra dimension with ``exact``, else approximately.
@@ -28,10 +24,18 @@ def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie
     if norm == "rmsnorm":
         topology = inspect(model)
         if {n.kind for n in topology.all_norms} == {"rmsnorm-offset"}:
-            return convert_offset_to_rms_norm(model, inputs)
+            return plan_offset_to_rms_norm(model)
         if topology.placement == "post":
-            return convert_to_rms_norm_approximate(model, inputs)
-        return convert_to_rms_norm(model, inputs, untie=untie)
+            return plan_rms_norm_approximate(model)
+        return plan_rms_norm(model, untie=untie)
     if norm == "layernorm":
-        return convert_to_layer_norm_exact(model, inputs) if exact else convert_to_layer_norm_approximate(model, inputs)
+        return plan_layer_norm_exact(model) if exact else plan_layer_norm_approximate(model)
     raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
+
+
+def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
+                      inputs: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Any, Any, Any]:
+    """(converted model, plan, report, generated module), converted and verified in memory."""
+    converted, setup, report = convert_in_memory(model, plan_norm_kind(model, norm, exact=exact, untie=untie),
+                                                 inputs)
+    return converted, setup.plan, report, setup.generated

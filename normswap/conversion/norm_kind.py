@@ -27,21 +27,19 @@ from torch import nn
 from ..codegen.derive import rms_norm_edits
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
-from ..errors import NormswapError
+from ..detect.capture import synthetic_inputs
+from ..detect.meta_answers import AnswerDataQuestions
+from ..errors import ExactnessError, NormswapError
 from ..topology import Topology
-from ..version import __version__
 from .generated import generate_family_code
-from .native import build_with_weights
-from .verify import probe_inputs
+from .native import meta_twin
+from .program import Step, TensorProgram, combine, copy_of
+from .setup import ConversionSetup, convert_in_memory
 
 _LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine"})
 _PRE_PLACEMENTS = frozenset({"pre", "parallel"})
 TOLERANCE = 1e-4  # of max|reference|, fp32 (DESIGN.md §3)
 _NOISE_FACTOR = 3.0  # bf16/fp16 bound, in units of the checkpoint's own rounding noise (see check_exact)
-
-
-class ExactnessError(NormswapError):
-    """An exact conversion did not reproduce the original within the tolerance."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +100,12 @@ class ExactnessReport:
         return asdict(self)
 
 
-def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True,
-                        untie: bool = False) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
-    """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code.
+def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = False) -> ConversionSetup:
+    """Plan the exact RMSNorm twin of a Pre-LN ``model`` (loaded or on the meta device).
 
     With ``fold_bias``, a pre norm's bias moves into the biases of the linear maps that read it
     (``b += W @ beta``) where all of them have one; otherwise it stays an RMSNorm bias. Both are exact;
-    if folding ever fails the exactness check, the conversion is redone without it.
+    if folding ever fails the exactness check, the conversion is redone without it (``fallback``).
 
     By default the stream is centred in code, which keeps tied embeddings tied. With ``untie`` the
     embedding weights are centred instead and a tied ``lm_head`` gets its own, uncentred copy; that works
@@ -116,9 +113,8 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     """
     topology = inspect(model)
     _require_pre_layer_norm(topology)
-    probe = inputs or probe_inputs(model, None, None)
     pre_norms = tuple(n.path for n in topology.residual_norms)
-    order, readers = linear_calls(model, probe, pre_norms)
+    order, readers = linear_calls(model, pre_norms)
     writers = branch_writers(order, topology)
     folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
     embeddings = _embedding_writers(model, topology) if untie else []
@@ -127,38 +123,35 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
                         tuple(n.path for n in topology.stream_norms), tuple(writers + embeddings), tuple(sorted(folds)),
                         untied=untie)
 
-    state = dict(model.state_dict())
+    steps = {key: copy_of(key) for key in model.state_dict()}
     for path in writers:
-        _centre_output(model.get_submodule(path), path, state)
+        _centre_output(model.get_submodule(path), path, steps)
     if untie:
-        _untie_and_centre_embeddings(model, embeddings, state, config)
+        _untie_and_centre_embeddings(model, embeddings, steps, config)
     for norm, found in folds.items():
-        _fold_bias(model, norm, found, state)
-    converted = build_kind_model(model, cls, config, state, plan, "norm layernorm -> rmsnorm")
-    try:
-        report = check_exact(model, converted, probe)
-    except ExactnessError as error:
-        if folds:
-            return convert_to_rms_norm(model, probe, fold_bias=False, untie=untie)
-        if untie:
-            raise ExactnessError(f"{error}. With --untie only embedding weights are centred, and "
-                                 f"{topology.model_type} adds to its stream outside embedding lookups: use the "
-                                 "default, which centres the stream in code") from error
-        raise
-    return converted, plan, report, generated
+        _fold_bias(model, norm, found, steps)
+
+    def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> ExactnessReport:
+        try:
+            return check_exact(original, converted, probe)
+        except ExactnessError as error:
+            if untie and not folds:
+                raise ExactnessError(f"{error}. With --untie only embedding weights are centred, and "
+                                     f"{topology.model_type} adds to its stream outside embedding lookups: use the "
+                                     "default, which centres the stream in code") from error
+            raise
+
+    fallback = (lambda: plan_rms_norm(model, fold_bias=False, untie=untie)) if folds else None
+    return ConversionSetup(plan, TensorProgram(steps), cls, config, generated, "norm layernorm -> rmsnorm",
+                           verify=verify, fallback=fallback)
 
 
-def build_kind_model(model: nn.Module, cls: Any, config: Any, state: dict[str, torch.Tensor], plan: NormKindPlan,
-                     conversion: str) -> nn.Module:
-    """The converted model: ``cls`` holding ``state`` in ``model``'s dtype, device and mode, with provenance."""
-    parameter = next(model.parameters())
-    converted = build_with_weights(cls, config, state, parameter.dtype, parameter.device)
-    converted.train(model.training)
-    converted.config.normswap = {"version": __version__, "source": getattr(model.config, "_name_or_path", None),
-                                 "source_model_type": plan.source_model_type, "conversion": conversion,
-                                 "realisation": plan.realisation, "exact": plan.exact}
-    converted.normswap_plan = plan
-    return converted
+def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True,
+                        untie: bool = False) -> tuple[nn.Module, NormKindPlan, ExactnessReport, GeneratedModule]:
+    """The exact RMSNorm twin of a Pre-LN ``model``, its plan, the exactness report and the generated code."""
+    converted, setup, report = convert_in_memory(model, plan_rms_norm(model, fold_bias=fold_bias, untie=untie),
+                                                 inputs)
+    return converted, setup.plan, report, setup.generated
 
 
 def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, torch.Tensor],
@@ -220,17 +213,21 @@ def linear_layout(module: nn.Module) -> str | None:
     return None
 
 
-def linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tuple[str, ...]
-                  ) -> tuple[list[str], dict[str, list[str]]]:
-    """One forward pass: the linear maps in call order, and for each norm the linear maps that read its output."""
+def linear_calls(model: nn.Module, norms: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """The linear maps in call order, and for each norm the linear maps that read its output.
+
+    Found by one forward pass of the model's meta twin on synthetic inputs, so planning reads no
+    weights and a loaded model and its checkpoint on disk get the same plan.
+    """
+    meta = meta_twin(model)
     order: list[str] = []
     readers: dict[str, list[str]] = {norm: [] for norm in norms}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its id from being reused
     handles = []
     for path in norms:
-        handles.append(model.get_submodule(path).register_forward_hook(
+        handles.append(meta.get_submodule(path).register_forward_hook(
             lambda m, a, output, path=path: produced.__setitem__(id(output), (path, output))))
-    for path, module in model.named_modules():
+    for path, module in meta.named_modules():
         if linear_layout(module):
             def hook(m: nn.Module, args: tuple, output: Any, path: str = path) -> None:
                 order.append(path)
@@ -239,11 +236,8 @@ def linear_calls(model: nn.Module, inputs: dict[str, torch.Tensor], norms: tuple
                     readers[source].append(path)
             handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model(**inputs)
-            model.train(was_training)
+        with torch.no_grad(), AnswerDataQuestions():
+            meta(**synthetic_inputs(meta, meta.config))
     finally:
         for handle in handles:
             handle.remove()
@@ -272,27 +266,34 @@ def _can_fold(model: nn.Module, norm: str, readers: list[str]) -> bool:
     return all(getattr(model.get_submodule(r), "bias", None) is not None for r in readers)
 
 
-def _fold_bias(model: nn.Module, norm: str, readers: list[str], state: dict[str, torch.Tensor]) -> None:
+def _fold_bias(model: nn.Module, norm: str, readers: list[str], steps: dict[str, Step]) -> None:
     """``W (g*n + beta) + b = W (g*n) + (W beta + b)``, computed in float64."""
-    beta = state[f"{norm}.bias"].double()
+    beta = steps[f"{norm}.bias"]
     for reader in readers:
-        weight = state[f"{reader}.weight"].double()
-        shift = weight @ beta if linear_layout(model.get_submodule(reader)) == "out_in" else beta @ weight
+        out_in = linear_layout(model.get_submodule(reader)) == "out_in"
         bias_key = f"{reader}.bias"
-        state[bias_key] = (state[bias_key].double() + shift).to(state[bias_key].dtype)
-    state[f"{norm}.bias"] = torch.zeros_like(state[f"{norm}.bias"])
+        steps[bias_key] = combine(lambda bias, weight, beta, out_in=out_in: _folded(bias, weight, beta, out_in),
+                                  steps[bias_key], steps[f"{reader}.weight"], beta)
+    steps[f"{norm}.bias"] = combine(torch.zeros_like, beta)
 
 
-def _centre_output(module: nn.Module, path: str, state: dict[str, torch.Tensor]) -> None:
+def _folded(bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, out_in: bool) -> torch.Tensor:
+    shift = weight.double() @ beta.double() if out_in else beta.double() @ weight.double()
+    return (bias.double() + shift).to(bias.dtype)
+
+
+def _centre_output(module: nn.Module, path: str, steps: dict[str, Step]) -> None:
     """Remove the mean over output features from a linear map's weight and bias, in float64."""
-    layout = linear_layout(module)
+    dim = 0 if linear_layout(module) == "out_in" else 1
     weight_key, bias_key = f"{path}.weight", f"{path}.bias"
-    weight = state[weight_key].double()
-    dim = 0 if layout == "out_in" else 1
-    state[weight_key] = (weight - weight.mean(dim, keepdim=True)).to(state[weight_key].dtype)
-    if bias_key in state:
-        bias = state[bias_key].double()
-        state[bias_key] = (bias - bias.mean()).to(state[bias_key].dtype)
+    steps[weight_key] = combine(lambda weight: _centred(weight, dim), steps[weight_key])
+    if bias_key in steps:
+        steps[bias_key] = combine(lambda bias: _centred(bias, 0), steps[bias_key])
+
+
+def _centred(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    wide = tensor.double()
+    return (wide - wide.mean(dim, keepdim=True)).to(tensor.dtype)
 
 
 def _embedding_writers(model: nn.Module, topology: Topology) -> list[str]:
@@ -301,7 +302,7 @@ def _embedding_writers(model: nn.Module, topology: Topology) -> list[str]:
             and not any(path.startswith(layer.path + ".") for layer in topology.layers)]
 
 
-def _untie_and_centre_embeddings(model: nn.Module, embeddings: list[str], state: dict[str, torch.Tensor],
+def _untie_and_centre_embeddings(model: nn.Module, embeddings: list[str], steps: dict[str, Step],
                                  config: Any) -> None:
     """Centre embedding rows in float64; a tied output embedding keeps the original rows as its own copy."""
     output = model.get_output_embeddings()
@@ -310,11 +311,10 @@ def _untie_and_centre_embeddings(model: nn.Module, embeddings: list[str], state:
         module = model.get_submodule(path)
         if output is not None and output.weight is module.weight:
             tied_to = path
-        weight = state[f"{path}.weight"].double()
-        state[f"{path}.weight"] = (weight - weight.mean(-1, keepdim=True)).to(state[f"{path}.weight"].dtype)
+        steps[f"{path}.weight"] = combine(lambda weight: _centred(weight, -1), steps[f"{path}.weight"])
     if tied_to is not None:
         output_path = next(p for p, m in model.named_modules() if m is output)
-        state[f"{output_path}.weight"] = model.get_submodule(tied_to).weight.detach().clone()
+        steps[f"{output_path}.weight"] = copy_of(f"{tied_to}.weight")
         config.tie_word_embeddings = False
 
 

@@ -70,6 +70,20 @@ class DriftReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SkippedVerification:
+    """The report of a conversion too large to verify in memory: says so, and why."""
+
+    reason: str
+    exact: bool | None = None
+
+    def summary(self) -> str:
+        return self.reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verified": False, "reason": self.reason}
+
+
 def require_topology(converted: nn.Module, expected: Topology | None) -> Topology:
     """Re-trace the realised model; its layers must show exactly the expected sublayers and norms."""
     found = inspect(converted)

@@ -8,94 +8,130 @@ kept aside under its source name, so that converting back can restore it bit for
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ..errors import NormswapError
 from .plan import ConversionPlan
+from .program import Step, TensorProgram, combine, constant, copy_of, evaluate, shapes_of
 
 
 class WeightMappingError(NormswapError):
     """The converted tensors do not fit the target model."""
 
 
-def norm_tensors(state: Mapping[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def norm_tensors(state: Mapping[str, Any], path: str) -> dict[str, Any]:
     """The parameters of the norm module at ``path``: ``{"weight": ..., "bias": ...}``."""
     prefix = f"{path}."
     return {key[len(prefix):]: value for key, value in state.items()
             if key.startswith(prefix) and "." not in key[len(prefix):]}
 
 
-def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
-               target_shapes: Mapping[str, torch.Size], carried: Mapping[str, torch.Tensor] | None = None,
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The target state dict, and the tensors of dropped norms (carried for round trips).
+def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionPlan,
+                      target_shapes: Mapping[str, torch.Size], carried: Mapping[str, torch.Tensor] | None = None,
+                      ) -> TensorProgram:
+    """The target's tensors, and the tensors of dropped norms (carried for round trips), as a program.
 
-    ``target_shapes`` lists every tensor the target model expects; the result must fill exactly
+    ``target_shapes`` lists every tensor the target model expects; the program must fill exactly
     those, or the mapping is wrong and we say which tensors do not fit.
     """
     carried = dict(carried or {})
     moved_sources = {move.source for stack in plan.stacks for move in stack.moves if move.source}
-    result = {key: value for key, value in state.items()
-              if not any(key.startswith(f"{path}.") and "." not in key[len(path) + 1:] for path in moved_sources)}
-    dropped: dict[str, torch.Tensor] = {}
+    outputs = {key: copy_of(key) for key in source_shapes
+               if not any(key.startswith(f"{path}.") and "." not in key[len(path) + 1:] for path in moved_sources)}
+    shapes = dict(source_shapes)
+    dropped: dict[str, Step] = {}
+    checks: list[Step] = []
 
     for stack in plan.stacks:
         for move in stack.moves:
             if move.target is None:
-                dropped.update({f"{move.source}.{name}": t for name, t in norm_tensors(state, move.source).items()})
+                dropped.update({f"{move.source}.{name}": copy_of(f"{move.source}.{name}")
+                                for name in norm_tensors(source_shapes, move.source)})  # type: ignore[arg-type]
                 continue
             wanted = norm_tensors(target_shapes, move.target)  # type: ignore[arg-type]
             restored = norm_tensors(carried, move.target) if move.source is None or move.copy else {}
             if restored:  # this slot's own norm, dropped by an earlier conversion: restore it bit for bit
-                source = restored
+                source = {name: _carried(tensor) for name, tensor in restored.items()}
+                shapes.update({f"{move.target}.{name}": t.shape for name, t in restored.items()})
+                source_path = move.target
             elif move.source is None:
-                source = None
+                source, source_path = None, None
             else:
-                source = norm_tensors(state, move.source)
+                source = {name: copy_of(f"{move.source}.{name}")
+                          for name in norm_tensors(source_shapes, move.source)}  # type: ignore[arg-type]
+                source_path = move.source
             for name, shape in wanted.items():
-                result[f"{move.target}.{name}"] = _fill(source, name, shape, move.target, move.target_kind)
+                outputs[f"{move.target}.{name}"] = _fill(source, shapes, source_path, name, shape, move.target,
+                                                         move.target_kind)
             if source:
-                _check_nothing_lost(source, wanted, move.source or move.target)
+                checks += _nothing_lost(source, wanted, move.source or move.target)
         for path, kind in stack.unit_norms:
             restored = norm_tensors(carried, path)
+            source = {name: _carried(tensor) for name, tensor in restored.items()} or None
+            shapes.update({f"{path}.{name}": t.shape for name, t in restored.items()})
             for name, shape in norm_tensors(target_shapes, path).items():  # type: ignore[arg-type]
-                result[f"{path}.{name}"] = _fill(restored or None, name, shape, path, kind)
+                outputs[f"{path}.{name}"] = _fill(source, shapes, path, name, shape, path, kind)
 
-    reference = next(iter(state.values()))
     for key, shape in target_shapes.items():  # removed-norm placeholders hold empty tensors
-        if key not in result and 0 in tuple(shape):
-            result[key] = torch.empty(shape, dtype=reference.dtype)
-    for key, value in result.items():
-        if key in target_shapes and value.device != reference.device:
-            result[key] = value.to(reference.device)
-    _check_fits(result, target_shapes)
-    return result, dropped
+        if key not in outputs and 0 in tuple(shape):
+            outputs[key] = constant(lambda shape=shape: torch.empty(shape))
+    _check_fits({key: _shape_of(step, shapes, target_shapes, key) for key, step in outputs.items()}, target_shapes)
+    return TensorProgram(outputs, dropped, tuple(checks))
 
 
-def _fill(source: dict[str, torch.Tensor] | None, name: str, shape: torch.Size, path: str,
-          kind: str) -> torch.Tensor:
+def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
+               target_shapes: Mapping[str, torch.Size], carried: Mapping[str, torch.Tensor] | None = None,
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``placement_program`` run in memory: (target state dict, carried norms)."""
+    reference = next(iter(state.values()))
+    program = placement_program(shapes_of(state), plan, target_shapes, carried)
+    result, dropped = evaluate(program, state, reference.dtype)
+    return {key: value.to(reference.device) for key, value in result.items()}, dropped
+
+
+def _carried(tensor: torch.Tensor) -> Step:
+    return Step((), lambda: tensor.clone(), touches=False)
+
+
+def _shape_of(step: Step, shapes: Mapping[str, torch.Size], target_shapes: Mapping[str, torch.Size],
+              key: str) -> torch.Size:
+    """The shape a step produces: a copy keeps its source's; everything else is made to the target's."""
+    return shapes[step.reads[0]] if not step.touches and step.reads else target_shapes.get(key, torch.Size([-1]))
+
+
+def _fill(source: dict[str, Step] | None, shapes: Mapping[str, torch.Size], source_path: str | None,
+          name: str, shape: torch.Size, path: str, kind: str) -> Step:
     """The source's tensor of that name, or a unit-norm value: weight 1 (0 for ``(1 + w)`` norms), bias 0."""
     if source and name in source:
-        tensor = source[name]
-        if tensor.shape != shape:
-            raise WeightMappingError(f"{path}.{name}: the source norm has shape {tuple(tensor.shape)} but the "
+        found = shapes[f"{source_path}.{name}"]
+        if tuple(found) != tuple(shape):
+            raise WeightMappingError(f"{path}.{name}: the source norm has shape {tuple(found)} but the "
                                      f"target expects {tuple(shape)}")
-        return tensor.clone()
-    dtype = next(iter(source.values())).dtype if source else torch.float32
+        return source[name]
     unit_weight = name == "weight" and kind != "rmsnorm-offset"
-    return torch.ones(shape, dtype=dtype) if unit_weight else torch.zeros(shape, dtype=dtype)
+    sibling = next(iter(source.values()), None) if source else None
+    make = torch.ones if unit_weight else torch.zeros
+    if sibling is None:
+        return constant(lambda: make(shape))
+    return combine(lambda other: make(shape, dtype=other.dtype), sibling)  # the norm's other tensor's dtype
 
 
-def _check_nothing_lost(source: dict[str, torch.Tensor], wanted: Mapping[str, object], path: str) -> None:
+def _nothing_lost(source: dict[str, Step], wanted: Mapping[str, object], path: str) -> list[Step]:
     """A source bias the target norm cannot hold would be silently lost unless it is zero."""
-    for name, tensor in source.items():
-        if name not in wanted and bool(tensor.ne(0).any()):
-            raise WeightMappingError(f"{path}.{name} is non-zero but the target norm has no {name}; "
-                                     "this target cannot hold the model exactly")
+    return [combine(lambda tensor, name=name: _require_zero(tensor, f"{path}.{name}", name), step)
+            for name, step in source.items() if name not in wanted]
 
 
-def _check_fits(result: Mapping[str, torch.Tensor], target_shapes: Mapping[str, torch.Size]) -> None:
+def _require_zero(tensor: torch.Tensor, key: str, name: str) -> torch.Tensor:
+    if bool(tensor.ne(0).any()):
+        raise WeightMappingError(f"{key} is non-zero but the target norm has no {name}; "
+                                 "this target cannot hold the model exactly")
+    return tensor
+
+
+def _check_fits(result: Mapping[str, torch.Size], target_shapes: Mapping[str, torch.Size]) -> None:
     missing = sorted(set(target_shapes) - set(result))
     unexpected = sorted(set(result) - set(target_shapes))
     if missing or unexpected:
@@ -105,6 +141,6 @@ def _check_fits(result: Mapping[str, torch.Tensor], target_shapes: Mapping[str, 
             "not match this model"
         )
     for key, shape in target_shapes.items():
-        if tuple(result[key].shape) != tuple(shape):
-            raise WeightMappingError(f"{key} has shape {tuple(result[key].shape)} but the target expects "
+        if tuple(result[key]) != tuple(shape):
+            raise WeightMappingError(f"{key} has shape {tuple(result[key])} but the target expects "
                                      f"{tuple(shape)}")

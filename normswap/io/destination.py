@@ -63,6 +63,20 @@ def atomic_output(destination: Path, overwrite: bool) -> Iterator[Path]:
         temporary.rename(destination)
 
 
+def require_space(destination: Path, needed: int) -> None:
+    """Refuse up front when the output will not fit: a full disk halfway through helps no one."""
+    folder = _existing_ancestor(destination.resolve().parent)
+    free = shutil.disk_usage(folder).free
+    margin = 16 * 2**20  # config, code, report, card
+    if needed + margin > free:
+        raise DestinationError(f"the output needs {_gb(needed + margin)} but {folder} has only {_gb(free)} free; "
+                               "free some space or choose a DST on another disk")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 10**8 else f"{size / 1e6:.1f} MB"
+
+
 def _existing_ancestor(path: Path) -> Path:
     while not path.exists():
         path = path.parent

@@ -1,0 +1,93 @@
+"""A planned conversion, and how it is carried out in memory.
+
+Planning reads no weights: it works on a loaded model or on its meta-device twin built from
+config.json alone. What it produces (``ConversionSetup``) is enough to carry the conversion out
+either in memory (``convert_in_memory``, for models already loaded) or streamed tensor by tensor
+from disk (``streaming.stream_conversion``); both run the same tensor program.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codegen.package import GeneratedModule
+from ..errors import ExactnessError
+from ..topology import Topology
+from ..version import __version__
+from .native import build_with_weights
+from .program import TensorProgram, evaluate
+from .verify import probe_inputs
+
+logger = logging.getLogger("normswap")
+
+Verifier = Callable[[nn.Module, nn.Module, dict[str, torch.Tensor]], Any]
+
+
+@dataclass(frozen=True)
+class ConversionSetup:
+    """Everything one conversion needs before touching a weight.
+
+    ``verify(original, converted, probe)`` returns the report (``DriftReport`` or ``ExactnessReport``)
+    or raises; ``fallback`` plans a more conservative variant to use if verification fails.
+    """
+
+    plan: Any  # ConversionPlan (placement) or NormKindPlan (norm kind)
+    program: TensorProgram | None  # None for a no-op
+    target_class: Any = None
+    target_config: Any = None
+    generated: GeneratedModule | None = None  # the modeling code to ship beside the weights, if any
+    conversion: str = ""  # one line for the provenance block, e.g. "placement post -> pre"
+    source: Topology | None = None
+    target: Topology | None = None
+    verify: Verifier | None = None
+    fallback: Callable[[], ConversionSetup] | None = None
+
+    @property
+    def noop(self) -> bool:
+        return self.program is None
+
+
+def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]:
+    """The ``normswap`` block written into the converted config."""
+    return {"version": __version__, "source": source or None, "source_model_type": plan.source_model_type,
+            "conversion": conversion, "realisation": plan.realisation, "exact": plan.exact}
+
+
+def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:
+    """The converted model, built in memory from ``model``'s weights: same dtype, device and mode."""
+    if setup.program is None:
+        logger.warning(setup.plan.notes[0])
+        return model
+    parameter = next(model.parameters())
+    state, carried = evaluate(setup.program, model.state_dict(), parameter.dtype)
+    converted = build_with_weights(setup.target_class, setup.target_config, state, parameter.dtype,
+                                   parameter.device)
+    converted.train(model.training)
+    converted.config.normswap = provenance(setup.plan, setup.conversion,
+                                           getattr(model.config, "_name_or_path", "") or None)
+    converted.normswap_plan = setup.plan
+    converted.normswap_carried = carried
+    return converted
+
+
+def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[nn.Module, ConversionSetup, Any]:
+    """Realise and verify ``setup`` on a loaded model; (converted model, the setup used, report)."""
+    converted = realise(model, setup)
+    if setup.verify is None:
+        return converted, setup, None
+    probe = inputs or probe_inputs(model, None, None)
+    try:
+        report = setup.verify(model, converted, probe)
+    except ExactnessError:
+        if setup.fallback is None:
+            raise
+        return convert_in_memory(model, setup.fallback(), probe)
+    converted.normswap_report = report
+    return converted, setup, report

@@ -1,0 +1,149 @@
+"""Carry out a planned conversion tensor by tensor, from checkpoint files to output shards.
+
+Memory stays at a few tensors: each output tensor is computed from the source tensors its step
+reads (kept in a small cache, so a bias fold that reads its layer's weight does not read it twice),
+written to its shard and dropped. Plain copies pass their bytes straight through.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import NormswapError, SourceError
+from ..io.shard_writer import PlannedTensor, ShardWriter, write_small
+from ..io.source_weights import CheckpointWeights
+from .program import Step, TensorProgram, run_step
+
+_CACHED_MATRICES = 3
+
+
+@dataclass(frozen=True)
+class StreamedOutput:
+    """What a streamed conversion wrote."""
+
+    shard_files: tuple[str, ...]
+    tensors: int
+    bytes_written: int
+    carried: tuple[str, ...]
+
+
+class NonFiniteError(SourceError):
+    """A tensor the conversion computes with holds NaN or Inf."""
+
+
+class SourceReader:
+    """Source tensors by the model's key names, with a small cache and NaN/Inf checks where arithmetic reads."""
+
+    def __init__(self, weights: CheckpointWeights, names: Mapping[str, str], checked: frozenset[str],
+                 dtype: torch.dtype | None = None) -> None:
+        self.weights = weights
+        self.names = names
+        self.checked = checked
+        self.dtype = dtype  # --dtype: floating tensors are read in the output dtype, so arithmetic rounds once
+        self._vectors: dict[str, torch.Tensor] = {}
+        self._matrices: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._verified: set[str] = set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        name = self.names[key]
+        if name in self._vectors:
+            return self._vectors[name]
+        if name in self._matrices:
+            self._matrices.move_to_end(name)
+            return self._matrices[name]
+        tensor = self.weights.read(name)
+        if key in self.checked and name not in self._verified:
+            _require_finite(tensor, name, self.weights.tensors[name].file)
+            self._verified.add(name)
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        if tensor.dim() <= 1:
+            self._vectors[name] = tensor
+        else:
+            self._matrices[name] = tensor
+            while len(self._matrices) > _CACHED_MATRICES:
+                self._matrices.popitem(last=False)
+        return tensor
+
+
+def _require_finite(tensor: torch.Tensor, name: str, file: Path) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"{file.name}: tensor {name!r} has {bad} NaN/Inf value(s), and the conversion computes "
+                             "with it; fix the checkpoint, or pass --allow-nonfinite to convert anyway")
+
+
+def planned_outputs(program: TensorProgram, order: list[str], target_shapes: Mapping[str, torch.Size],
+                    weights: CheckpointWeights, names: Mapping[str, str], default_dtype: torch.dtype,
+                    dtype: torch.dtype | None) -> list[PlannedTensor]:
+    """Name, dtype and shape of every output tensor, in writing order, before any is computed.
+
+    A tensor keeps the dtype of the first source tensor its step reads (constants take the checkpoint's
+    dtype); ``dtype`` overrides every floating-point tensor.
+    """
+    planned = []
+    for key in order:
+        step = program.outputs[key]
+        found = weights.tensors[names[step.reads[0]]].dtype if step.reads else default_dtype
+        if dtype is not None and found.is_floating_point:
+            found = dtype
+        planned.append(PlannedTensor(key, found, tuple(target_shapes[key])))
+    return planned
+
+
+def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights: CheckpointWeights,
+                   names: Mapping[str, str], folder: Path, max_shard_bytes: int, carried_file: str, *,
+                   dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
+                   progress: bool = True) -> StreamedOutput:
+    """Compute and write every planned output tensor, then the carried norms."""
+    from tqdm.auto import tqdm
+
+    checked = frozenset() if allow_nonfinite else program.touched_reads()
+    read = SourceReader(weights, names, checked, dtype)
+    for check in program.checks:
+        run_step(check, read)
+    writer = ShardWriter(folder, planned, max_shard_bytes)
+    total = sum(t.nbytes for t in planned)
+    written = 0
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", delay=2.0,
+              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for done, tensor in enumerate(planned, 1):
+            step = program.outputs[tensor.name]
+            written += writer.write(tensor.name, _produce(step, tensor, read, weights, names))
+            bar.update(tensor.nbytes)
+            if done % 16 == 0 or done == len(planned):
+                bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
+    files = writer.close()
+    carried = {key: _settle_carried(run_step(step, read), step) for key, step in program.carried.items()}
+    if carried:
+        write_small(folder / carried_file, carried,
+                    {"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
+    return StreamedOutput(tuple(files), len(planned), written, tuple(carried))
+
+
+def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: CheckpointWeights,
+             names: Mapping[str, str]) -> torch.Tensor | bytearray:
+    """The output's bytes: passed through for an unchanged copy, else computed and cast to the planned dtype."""
+    if not step.touches and step.reads:
+        source = weights.tensors[names[step.reads[0]]]
+        if source.dtype == tensor.dtype and source.entry is not None:
+            raw = weights.raw(source.name)
+            if raw is not None:
+                return raw
+    value = run_step(step, read)
+    if value.dtype != tensor.dtype:
+        if not (value.is_floating_point() and tensor.dtype.is_floating_point):
+            raise NormswapError(f"internal: {tensor.name} came out {value.dtype}, planned {tensor.dtype}; "
+                                "please report it")
+        value = value.to(tensor.dtype)
+    return value.contiguous()
+
+
+def _settle_carried(tensor: torch.Tensor, step: Step) -> torch.Tensor:
+    return tensor.clone() if not step.touches else tensor

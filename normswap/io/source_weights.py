@@ -1,0 +1,231 @@
+"""A checkpoint folder's weights, listed up front and read one tensor at a time.
+
+Handles ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, and legacy
+``pytorch_model.bin`` (sharded or not), which is only ever read with ``torch.load(weights_only=True)``.
+Names are matched to the model's own state-dict keys (tied weights, a missing or extra base-model
+prefix, legacy ``gamma``/``beta`` names), and every tensor's shape is checked against the model that
+config.json describes before any conversion work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SourceError
+from .safetensors_file import TensorEntry, read_bytes, read_header, tensor_from_bytes
+
+logger = logging.getLogger("normswap")
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS = "model.safetensors"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_BIN = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One checkpoint tensor: its name in the file, dtype, shape and bytes."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    entry: TensorEntry | None  # None for tensors in a .bin pickle
+
+    @property
+    def nbytes(self) -> int:
+        size = 1
+        for n in self.shape:
+            size *= n
+        return size * self.dtype.itemsize
+
+
+class CheckpointWeights:
+    """The tensors of one checkpoint folder, by their names in the files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.tensors: dict[str, SourceTensor] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        files = self._weight_files()
+        for file in files:
+            self._list(file)
+        self._check_index(files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors.values())
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if tensor.entry is None:
+            return self._pickles[tensor.file][name]
+        return tensor_from_bytes(read_bytes(tensor.entry), tensor.dtype, tensor.shape)
+
+    def raw(self, name: str) -> bytearray | None:
+        """The tensor's bytes as stored (safetensors only), for copies that need no arithmetic."""
+        tensor = self.tensors[name]
+        return read_bytes(tensor.entry) if tensor.entry is not None else None
+
+    def _weight_files(self) -> list[Path]:
+        for index_name, single in ((_SAFETENSORS_INDEX, _SAFETENSORS), (_BIN_INDEX, _BIN)):
+            index = self.folder / index_name
+            if index.is_file():
+                self._index = self._read_index(index)
+                files = sorted(set(self._index.values()))
+                for name in files:
+                    if not (self.folder / name).is_file():
+                        tensor = next(k for k, v in self._index.items() if v == name)
+                        raise SourceError(f"{index} names the shard {name} (for {tensor!r} and others) but "
+                                          f"{self.folder / name} is missing; copy the missing shard into the folder")
+                return [self.folder / name for name in files]
+            if (self.folder / single).is_file():
+                self._index = {}
+                return [self.folder / single]
+        found = ", ".join(sorted(p.name for p in self.folder.iterdir())[:8])
+        raise SourceError(f"{self.folder} has no weights (found: {found}); expected model.safetensors, "
+                          "model.safetensors.index.json with its shards, or pytorch_model.bin")
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise SourceError(f"{index} is not a valid index ({type(error).__name__}: {error}); it needs a "
+                              "'weight_map' object of tensor name -> shard file") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SourceError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        return weight_map
+
+    def _check_index(self, files: list[Path]) -> None:
+        for name, shard in self._index.items():
+            if name not in self.tensors:
+                raise SourceError(f"{self.folder / _index_name(files)} says {name!r} is in {shard}, but that shard "
+                                  "has no such tensor; regenerate the index or re-copy the shard")
+
+    def _list(self, file: Path) -> None:
+        if file.suffix == ".safetensors":
+            for name, entry in read_header(file).items():
+                self.tensors[name] = SourceTensor(name, file, entry.dtype, entry.shape, entry)
+            return
+        state = load_pickled_weights(file)
+        self._pickles[file] = state
+        for name, tensor in state.items():
+            self.tensors[name] = SourceTensor(name, file, tensor.dtype, tuple(tensor.shape), None)
+
+
+def _index_name(files: list[Path]) -> str:
+    return _SAFETENSORS_INDEX if files and files[0].suffix == ".safetensors" else _BIN_INDEX
+
+
+def load_pickled_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A legacy ``.bin`` state dict, read with ``weights_only=True`` (never arbitrary pickled code).
+
+    Zip-format files are memory-mapped, so their tensors are paged in only as they are read.
+    """
+    try:
+        mmap = zipfile.is_zipfile(file)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "not a pickle"
+        raise SourceError(f"{file} is not a PyTorch state dict normswap can read safely ({first[:160]}); "
+                          "re-save it with torch.save(model.state_dict()) or as safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise SourceError(f"{file} is not a PyTorch zip/pickle file ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:160] if str(error) else 'unreadable'}); re-download it or "
+                          "re-save it with torch.save") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{file} holds a {type(state).__name__}, not a state dict of tensors; re-save it with "
+                          "torch.save(model.state_dict())")
+    return dict(state)
+
+
+def match_names(weights: CheckpointWeights, expected: Mapping[str, torch.Size], tied: Mapping[str, tuple[str, ...]],
+                prefix: str, renamed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """For each of the model's state-dict keys, the checkpoint tensor that holds it.
+
+    ``tied`` maps a tied key to the keys it shares storage with (only one of them is saved); ``prefix``
+    is the model's base-model prefix, which checkpoints saved from a bare model lack; ``renamed`` maps
+    model-side names to checkpoint names for families whose saved names differ (transformers' renamings).
+    Missing tensors and shapes that disagree with the config are errors; unused ones are a warning.
+    """
+    names: dict[str, Any] = {**weights.tensors, **{new: weights.tensors[old] for new, old in (renamed or {}).items()}}
+    found: dict[str, str] = {}
+    for key in expected:
+        candidates = [key, *tied.get(key, ())]
+        match = next((name for candidate in candidates for name in _spellings(candidate, prefix) if name in names),
+                     None)
+        if match is None:
+            example = next(iter(names), "nothing")
+            raise SourceError(f"the checkpoint in {weights.folder} has no tensor {key!r} (it has {len(names)} "
+                              f"tensors, e.g. {example!r}); the weights do not belong to this config.json, or a "
+                              "shard or index entry is missing")
+        found[key] = (renamed or {}).get(match, match)
+    names = weights.tensors
+    for key, name in found.items():
+        shape = tuple(names[name].shape)
+        if shape != tuple(expected[key]):
+            raise SourceError(f"{names[name].file.name}: tensor {name!r} has shape {shape} but config.json implies "
+                              f"{tuple(expected[key])}; the config does not match the weights (fix config.json or "
+                              "use the matching checkpoint)")
+    unused = sorted(set(weights.tensors) - set(found.values()))
+    if unused:
+        logger.warning("ignoring %d checkpoint tensor(s) the model does not use: %s%s", len(unused),
+                       ", ".join(unused[:4]), "..." if len(unused) > 4 else "")
+    return found
+
+
+def _spellings(key: str, prefix: str) -> list[str]:
+    """The names a key may have in older or bare-model checkpoints."""
+    forms = [key]
+    if prefix:
+        forms += [key.removeprefix(f"{prefix}.")] if key.startswith(f"{prefix}.") else [f"{prefix}.{key}"]
+    legacy = []
+    for form in forms:
+        if form.endswith(".weight"):
+            legacy.append(form.removesuffix(".weight") + ".gamma")
+        elif form.endswith(".bias"):
+            legacy.append(form.removesuffix(".bias") + ".beta")
+    return forms + legacy
+
+
+def tied_keys(model: Any) -> dict[str, tuple[str, ...]]:
+    """For each state-dict key that shares its tensor with others, those other keys."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(key)
+    return {key: tuple(k for k in group if k != key) for group in groups.values() if len(group) > 1
+            for key in group}
+
+
+def transformers_renamings(model: Any, names: Iterable[str]) -> dict[str, str]:
+    """Model-side names of checkpoint tensors that transformers renames while loading (``embed_out`` ->
+    ``lm_head``); refuses checkpoints that need more than renaming (e.g. per-expert tensors to fuse)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    result: dict[str, str] = {}
+    for name in names:
+        new = name
+        for renaming in renamings:
+            new, _ = renaming.rename_source_key(new)
+        for converter in converters:
+            if converter.rename_source_key(new)[1] is not None:
+                raise SourceError(f"tensor {name!r} is stored in a layout transformers converts while loading "
+                                  f"({type(converter).__name__}); streaming cannot convert this checkpoint yet, "
+                                  "so load the model and use normswap.convert() in Python")
+        if new != name:
+            result[new] = name
+    return result
