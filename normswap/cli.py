@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -114,12 +115,26 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+class _StderrWarnings(logging.Handler):
+    """One ``Warning: ...`` line on whatever ``sys.stderr`` is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"Warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("normswap")
+    if not any(isinstance(handler, _StderrWarnings) for handler in logger.handlers):
+        logger.addHandler(_StderrWarnings(logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and (args.placement is None) == (args.norm is None):
         parser.error("convert needs exactly one of --placement and --norm")
+    _show_warnings()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "inspect":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +35,12 @@ def check_destination(source: Path | None, destination: Path, overwrite: bool) -
     if destination.exists() and not overwrite:
         raise DestinationError(f"{destination} already exists; pass --overwrite to replace it")
     parent = _existing_ancestor(destination.parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DestinationError(f"cannot write in {parent}; choose an output folder you can write to")
+    try:  # a real attempt: permission bits say nothing for root, nor about read-only mounts
+        probe = tempfile.mkdtemp(prefix=".normswap-probe-", dir=parent)
+    except OSError as error:
+        raise DestinationError(f"cannot write in {parent} ({error.strerror}); choose an output folder you can "
+                               "write to") from None
+    os.rmdir(probe)
 
 
 @contextlib.contextmanager

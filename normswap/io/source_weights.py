@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -134,12 +135,14 @@ def load_pickled_weights(file: Path) -> dict[str, torch.Tensor]:
     """
     try:
         mmap = zipfile.is_zipfile(file)
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol chatter; failures raise below
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "not a pickle"
         raise SourceError(f"{file} is not a PyTorch state dict normswap can read safely ({first[:160]}); "
                           "re-save it with torch.save(model.state_dict()) or as safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - garbage makes torch.load fail with no common exception type
         raise SourceError(f"{file} is not a PyTorch zip/pickle file ({type(error).__name__}: "
                           f"{str(error).splitlines()[0][:160] if str(error) else 'unreadable'}); re-download it or "
                           "re-save it with torch.save") from None
