@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NormswapError, SourceError
-from ..io.shard_writer import PlannedTensor, ShardWriter, write_small
+from ..io.shard_writer import FileRange, PlannedTensor, ShardWriter, write_small
 from ..io.source_weights import CheckpointWeights
 from .program import Step, TensorProgram, run_step
 
@@ -128,14 +128,13 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
 
 
 def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: CheckpointWeights,
-             names: Mapping[str, str]) -> torch.Tensor | bytearray:
-    """The output's bytes: passed through for an unchanged copy, else computed and cast to the planned dtype."""
+             names: Mapping[str, str]) -> torch.Tensor | FileRange:
+    """An unchanged copy's place in its source file (copied by the kernel), else the computed tensor in the
+    planned dtype."""
     if not step.touches and step.reads:
         source = weights.tensors[names[step.reads[0]]]
         if source.dtype == tensor.dtype and source.entry is not None:
-            raw = weights.raw(source.name)
-            if raw is not None:
-                return raw
+            return FileRange(source.file, source.entry.begin, source.entry.nbytes)
     value = run_step(step, read)
     if value.dtype != tensor.dtype:
         if not (value.is_floating_point() and tensor.dtype.is_floating_point):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,39 @@ from .safetensors_file import header_bytes, tensor_bytes
 INDEX_FILE = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes ``[offset, offset + length)`` of a file: an unchanged tensor to copy as it is."""
+
+    file: Path
+    offset: int
+    length: int
+
+    def copy_to(self, handle: BinaryIO) -> None:
+        with self.file.open("rb", buffering=0) as source:
+            offset, left = self.offset, self.length
+            while left:
+                try:
+                    done = os.copy_file_range(source.fileno(), handle.fileno(), left, offset)
+                except OSError:  # file systems or kernels without it: plain reads and writes
+                    done = 0
+                if done == 0:
+                    _copy_plainly(source, handle, offset, left)
+                    return
+                offset += done
+                left -= done
+
+
+def _copy_plainly(source: BinaryIO, handle: BinaryIO, offset: int, length: int) -> None:
+    source.seek(offset)
+    while length:
+        chunk = source.read(min(length, 64 * 2**20))
+        if not chunk:
+            raise NormswapError(f"{source.name} ended before its tensor did; the file is truncated")
+        handle.write(chunk)
+        length -= len(chunk)
 
 
 @dataclass(frozen=True)
@@ -72,11 +106,24 @@ class ShardWriter:
         self._handle: BinaryIO | None = None
         self._open_shard = -1
 
-    def write(self, name: str, data: torch.Tensor | bytes | bytearray) -> int:
-        """Write the next tensor; it must be the one planned next, with the planned dtype and shape."""
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | FileRange) -> int:
+        """Write the next tensor; it must be the one planned next, with the planned dtype and shape.
+
+        A ``FileRange`` (an unchanged tensor's bytes in a source file) is copied by the kernel
+        (``copy_file_range``), without passing through this process's memory.
+        """
         shard_index, planned = self._order[self._next]
         if name != planned.name:
             raise NormswapError(f"internal: wrote {name!r} where {planned.name!r} was planned; please report it")
+        if isinstance(data, FileRange):
+            if data.length != planned.nbytes:
+                raise NormswapError(f"internal: {name} has {data.length} bytes, planned {planned.nbytes}")
+            if shard_index != self._open_shard:
+                self._start(shard_index)
+            assert self._handle is not None
+            data.copy_to(self._handle)
+            self._next += 1
+            return planned.nbytes
         if isinstance(data, torch.Tensor):
             if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
                 raise NormswapError(f"internal: {name} came out {data.dtype} {tuple(data.shape)}, planned "
@@ -116,7 +163,7 @@ class ShardWriter:
         if self._handle is not None:
             self._handle.close()
         header, _ = header_bytes({t.name: (t.dtype, t.shape) for t in self.shards[shard_index]}, {"format": "pt"})
-        self._handle = (self.folder / self.file_names[shard_index]).open("wb")
+        self._handle = (self.folder / self.file_names[shard_index]).open("wb", buffering=0)
         self._handle.write(header)
         self._open_shard = shard_index
 

@@ -72,11 +72,6 @@ class CheckpointWeights:
             return self._pickles[tensor.file][name]
         return tensor_from_bytes(read_bytes(tensor.entry), tensor.dtype, tensor.shape)
 
-    def raw(self, name: str) -> bytearray | None:
-        """The tensor's bytes as stored (safetensors only), for copies that need no arithmetic."""
-        tensor = self.tensors[name]
-        return read_bytes(tensor.entry) if tensor.entry is not None else None
-
     def _weight_files(self) -> list[Path]:
         for index_name, single in ((_SAFETENSORS_INDEX, _SAFETENSORS), (_BIN_INDEX, _BIN)):
             index = self.folder / index_name

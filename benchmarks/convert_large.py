@@ -1,0 +1,105 @@
+"""Streamed conversion of a large checkpoint: time against ``cp -r``, peak memory against the largest shard.
+
+Generates a Llama-shaped bf16 checkpoint (random weights, default 4.8 GB in 2 GB shards), then, in one
+run and on the same disk:
+
+* ``cp -r`` of the checkpoint folder (the floor: reading and writing every byte once);
+* ``normswap convert --placement post`` (pre -> post, generated code) and ``--norm layernorm``
+  (RMSNorm -> LayerNorm, approximate), each streamed;
+* the in-memory path, ``from_pretrained`` -> ``normswap.convert`` -> ``save_pretrained``, for comparison.
+
+Each runs as its own process; its peak RSS comes from ``os.wait4``. Prints time / copy time and
+peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
+
+    python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+IN_MEMORY = """
+import sys, torch, transformers, normswap
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
+options = {"placement": "post"} if sys.argv[3] == "placement" else {"norm": "layernorm"}
+converted = normswap.convert(model, **options)
+converted.save_pretrained(sys.argv[2], max_shard_size="2GB")
+"""
+
+
+def measured(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in bytes) of one child process."""
+    os.sync()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+    return elapsed, usage.ru_maxrss * 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--hidden", type=int, default=2560)
+    parser.add_argument("--intermediate", type=int, default=6912)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--skip-in-memory", action="store_true", help="leave out the from_pretrained comparison")
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="normswap-bench-"))
+    source = work / "llama-bf16"
+    if not source.is_dir():  # in a child: this process stays lean, so children's peak RSS is their own
+        subprocess.run([sys.executable, str(HERE / "synthetic_checkpoint.py"), str(source), "--hidden",
+                        str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
+                        "--shard-size", "2GB"], check=True)
+    shards = sorted(source.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in shards)
+    largest = max(p.stat().st_size for p in shards)
+    print(f"checkpoint: {total / 1e9:.2f} GB in {len(shards)} shards, largest {largest / 1e9:.2f} GB")
+
+    subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for all
+    copy_time, copy_rss = measured(["cp", "-r", str(source), str(work / "copy")])
+    shutil.rmtree(work / "copy")
+    print(f"cp -r: {copy_time:.1f} s, peak RSS {copy_rss / 1e6:.0f} MB")
+
+    normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet",
+                "--max-shard-size", "2GB"]
+    rows = []
+    for label, flags in (("streamed placement pre -> post", ["--placement", "post"]),
+                         ("streamed norm rmsnorm -> layernorm", ["--norm", "layernorm"])):
+        elapsed, rss = measured([*normswap, *flags])
+        shutil.rmtree(work / "out")
+        rows.append((label, elapsed, rss))
+    if not args.skip_in_memory:
+        for label, kind in (("in-memory placement pre -> post", "placement"),
+                            ("in-memory norm rmsnorm -> layernorm", "norm")):
+            elapsed, rss = measured([sys.executable, "-c", IN_MEMORY, str(source), str(work / "out"), kind])
+            shutil.rmtree(work / "out")
+            rows.append((label, elapsed, rss))
+
+    print(f"\n{'conversion':38} {'time':>8} {'time/cp':>8} {'peak RSS':>10} {'RSS/shard':>10}")
+    for label, elapsed, rss in rows:
+        print(f"{label:38} {elapsed:7.1f}s {elapsed / copy_time:8.2f} {rss / 1e9:8.2f}GB {rss / largest:10.2f}")
+    streamed = [row for row in rows if row[0].startswith("streamed")]
+    worst_time = max(elapsed / copy_time for _, elapsed, _ in streamed)
+    worst_rss = max(rss for _, _, rss in streamed)
+    print(f"\nstreamed: worst time ratio {worst_time:.2f} (target <= 2.0), worst peak RSS {worst_rss / 1e9:.2f} GB "
+          f"(target <= 1.5 GB for a {total / 1e9:.1f} GB checkpoint)")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
