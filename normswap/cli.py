@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import NormswapError
 from .version import __version__
@@ -69,11 +71,54 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print the plan and report as one JSON object")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow custom modeling code named by the checkpoint's auto_map")
+    convert.add_argument("--heal", action="store_true",
+                         help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
+    convert.add_argument("--heal-data", metavar="PATH", help="healing text for --heal (default: built-in corpus)")
+    convert.add_argument("--heal-max-time", type=float, metavar="SECONDS", help="time budget for --heal")
+
+    heal = commands.add_parser(
+        "heal",
+        help="distil a converted checkpoint back toward its original",
+        description="Train CONVERTED to behave like ORIGINAL: a closed-form warm start of every branch's output "
+        "projection, then per-sublayer distillation with transformers' Trainer; writes DST atomically.",
+    )
+    heal.add_argument("original", metavar="ORIGINAL", help="the checkpoint that was converted (the teacher)")
+    heal.add_argument("converted", metavar="CONVERTED", help="the converted checkpoint (the student)")
+    heal.add_argument("destination", metavar="DST", help="output folder (written atomically)")
+    heal.add_argument("--data", metavar="PATH",
+                      help=".txt (one document per line), .jsonl (a 'text' field) or a datasets save_to_disk "
+                      "folder (default: the built-in corpus)")
+    heal.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
+    heal.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall-clock time")
+    heal.add_argument("--target-cosine", type=float, help="stop once the held-out output cosine reaches this")
+    heal.add_argument("--batch-size", type=int, default=32)
+    heal.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    heal.add_argument("--learning-rate", type=float, default=5e-4)
+    heal.add_argument("--held-out", type=int, default=256, help="texts kept for evaluation, never trained on")
+    heal.add_argument("--eval-steps", type=int, default=100, help="evaluate and checkpoint every N steps")
+    heal.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                      help="skip the closed-form refit of the branch output projections")
+    heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
+                      help="train the embedding tables too (frozen by default)")
+    heal.add_argument("--work-dir", metavar="DIR", help="Trainer checkpoints (default: a temporary folder)")
+    heal.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    heal.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    heal.add_argument("--trust-remote-code", action="store_true",
+                      help="allow the modeling code the checkpoints name (needed for normswap-generated code)")
+    heal.add_argument("--quiet", action="store_true", help="no progress bar")
+    heal.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion.checkpoint import convert_checkpoint
+    from .io.destination import check_destination
+
+    if args.heal:  # convert into a hidden sibling, heal from there into DST
+        args.final_destination = args.destination
+        check_destination(Path(args.source), Path(args.destination), args.overwrite)
+        args.destination = str(Path(args.destination).resolve().parent / f".{Path(args.destination).name}.converted")
+        shutil.rmtree(args.destination, ignore_errors=True)
 
     result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, exact=args.exact,
                                 untie=args.untie,
@@ -82,6 +127,8 @@ def _run_convert(args: argparse.Namespace) -> int:
                                 trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                 allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
                                 verify_max_size=args.verify_max_size)
+    if args.heal and result.destination is not None:
+        return _heal_converted(args, result)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -92,6 +139,46 @@ def _run_convert(args: argparse.Namespace) -> int:
     assert result.report is not None
     print(result.report.summary())
     print(f"wrote {result.destination}")
+    return 0
+
+
+def _heal_converted(args: argparse.Namespace, result: object) -> int:
+    """``convert --heal``: the conversion went to a hidden sibling; healing writes DST from it."""
+    from .heal.checkpoint import heal_checkpoint
+
+    converted = Path(str(result.destination))  # type: ignore[attr-defined]
+    try:
+        report = heal_checkpoint(args.source, converted, args.final_destination, overwrite=args.overwrite,
+                                 trust_remote_code=True, data=args.heal_data, max_time=args.heal_max_time,
+                                 quiet=args.quiet)  # the code in ``converted`` is what normswap just generated
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "heal": report.to_dict()}, indent=2))  # type: ignore[attr-defined]
+    else:
+        print(result.plan.describe())  # type: ignore[attr-defined]
+        print(report.summary())
+        print(f"wrote {Path(args.final_destination).resolve()}")
+    return 0
+
+
+def _run_heal(args: argparse.Namespace) -> int:
+    from .heal.checkpoint import heal_checkpoint
+
+    if args.resume and not args.work_dir:
+        raise NormswapError("--resume needs --work-dir (the folder that holds the checkpoints to resume)")
+    report = heal_checkpoint(args.original, args.converted, args.destination, overwrite=args.overwrite,
+                             trust_remote_code=args.trust_remote_code, data=args.data, max_steps=args.max_steps,
+                             max_time=args.max_time, target_cosine=args.target_cosine, batch_size=args.batch_size,
+                             max_length=args.max_length, learning_rate=args.learning_rate,
+                             held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
+                             freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
+                             resume=args.resume, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+        print(f"wrote {Path(args.destination).resolve()}")
     return 0
 
 
@@ -141,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_inspect(args)
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "heal":
+            return _run_heal(args)
     except NormswapError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1

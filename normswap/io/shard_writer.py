@@ -176,3 +176,19 @@ def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         handle.write(header)
         for tensor in tensors.values():
             handle.write(tensor_bytes(tensor))
+
+
+def save_state_dict(folder: Path, state: dict[str, torch.Tensor], max_bytes: int) -> list[str]:
+    """A loaded model's tensors as HF shards, through the same writer; tied tensors are saved once."""
+    seen: set[tuple[int, int]] = set()
+    kept = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (id(tensor), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor.detach().cpu().contiguous()
+    writer = ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()], max_bytes)
+    for name, tensor in kept.items():
+        writer.write(name, tensor)
+    return writer.close()

@@ -1,4 +1,7 @@
-"""Non-weight files that travel with a converted checkpoint: tokenizer, generation config, and the rest."""
+"""Non-weight files that travel with a converted checkpoint: tokenizer, generation config, and the rest.
+
+The generation config is copied as it is: a conversion changes weights and layout, never decoding defaults.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,7 @@ import shutil
 from pathlib import Path
 
 # written anew for the converted model, never copied from the source
-_REPLACED = frozenset({"config.json", "README.md", "normswap_report.json", "normswap_carried.safetensors",
-                       "generation_config.json"})
+_REPLACED = frozenset({"config.json", "README.md", "normswap_report.json", "normswap_carried.safetensors"})
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 
 

@@ -1,0 +1,1 @@
+"""Healing: distil an inexactly converted model back toward the original, sublayer by sublayer."""

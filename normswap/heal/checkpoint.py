@@ -1,0 +1,70 @@
+"""``normswap heal ORIGINAL CONVERTED DST``: heal a converted checkpoint and write it like a conversion.
+
+The healed model keeps the converted checkpoint's realisation (stock family or normswap-generated code,
+shipped again beside the weights), its carried norms and support files; the weights go through the same
+shard writer, into a temporary sibling that becomes DST only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..conversion.checkpoint import CARRIED_FILE, REPORT_FILE, _load_model, _load_tokenizer
+from ..detect.source import load_config
+from ..errors import SourceError
+from ..io.destination import atomic_output, check_destination, require_space
+from ..io.shard_writer import parse_size, save_state_dict
+from ..io.support_files import copy_support_files
+from .api import HealReport, heal
+
+
+def heal_checkpoint(original: str | Path, converted: str | Path, destination: str | Path, *,
+                    overwrite: bool = False, trust_remote_code: bool = False, max_shard_size: str = "5GB",
+                    **options: Any) -> HealReport:
+    """Load both checkpoints, heal the converted one toward the original, write it to ``destination``."""
+    original_path, converted_path, destination_path = Path(original), Path(converted), Path(destination)
+    for path in (original_path, converted_path):
+        if not path.is_dir():
+            raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
+    check_destination(converted_path, destination_path, overwrite)
+    check_destination(original_path, destination_path, overwrite=True)
+    teacher = _load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
+    student = _load_model(converted_path, load_config(converted_path, trust_remote_code), trust_remote_code)
+    tokenizer = _load_tokenizer(converted_path) or _load_tokenizer(original_path)
+    student, report = heal(teacher, student, tokenizer=tokenizer, **options)
+    state = student.state_dict()
+    require_space(destination_path, sum(t.numel() * t.element_size() for t in state.values()))
+    with atomic_output(destination_path, overwrite) as folder:
+        save_state_dict(folder, state, parse_size(max_shard_size))
+        provenance = dict(getattr(student.config, "normswap", None) or {})
+        provenance["healed"] = {"from": str(converted_path.resolve()), "teacher": str(original_path.resolve()),
+                                "steps": report.steps, "pooled_cosine": report.after["pooled_cosine"],
+                                "output_cosine": report.after["output_cosine"]}
+        student.config.normswap = provenance
+        student.config.save_pretrained(folder)
+        for code in converted_path.glob("modeling_normswap_*.py"):
+            shutil.copy2(code, folder / code.name)
+        if (converted_path / CARRIED_FILE).is_file():
+            shutil.copy2(converted_path / CARRIED_FILE, folder / CARRIED_FILE)
+        copy_support_files(converted_path, folder)
+        conversion = _previous_report(converted_path)
+        (folder / REPORT_FILE).write_text(json.dumps({**conversion, "normswap": provenance,
+                                                      "heal": report.to_dict()}, indent=2))
+        (folder / "README.md").write_text(_card(destination_path.name, provenance, report))
+    return report
+
+
+def _previous_report(converted: Path) -> dict[str, Any]:
+    try:
+        return json.loads((converted / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _card(name: str, provenance: dict[str, Any], report: HealReport) -> str:
+    return (f"# {name}\n\nHealed with normswap: {provenance.get('conversion', 'a converted model')} of "
+            f"{provenance.get('source_model_type', 'the original')}, distilled back toward the original.\n\n"
+            f"```\n{report.summary()}\n```\n\n`normswap_report.json` holds the full figures.\n")

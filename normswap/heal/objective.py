@@ -1,0 +1,90 @@
+"""The healing loss: what every branch reads, and every stack's output, matched to the teacher's.
+
+Per-sublayer matching (not only the output) gives each branch its own gradient signal: a student whose
+early branches read the wrong input cannot make it up later. Each entry's loss is the relative squared
+error ``||s - t||^2 / ||t||^2`` over real tokens, so entries of different scale weigh the same; the
+stack outputs count ``output_weight`` times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .taps import Correspondence
+
+
+class HealingObjective(nn.Module):
+    """Wraps the student for ``Trainer``: ``forward(input_ids, attention_mask)`` returns ``{"loss": ...}``.
+
+    The teacher is held outside the module tree, so it is neither trained, nor saved in checkpoints, nor
+    wrapped for distribution; it follows the student's device.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, correspondence: Correspondence,
+                 output_weight: float = 4.0, only_outputs: bool = False) -> None:
+        super().__init__()
+        self.student = student
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+        self.correspondence = correspondence
+        self.output_weight = output_weight
+        self._student_found: dict[str, torch.Tensor] = {}
+        self._teacher_found: dict[str, torch.Tensor] = {}
+        finals = {entry.student for entry in correspondence.final_entries()}
+        self._weights = {entry.student: output_weight if entry.student in finals else 1.0
+                         for entry in correspondence.entries if entry.student in finals or not only_outputs}
+        self._handles = [handle for entry in correspondence.entries for handle in (
+            _record_output(student, entry.student, self._student_found, entry.student),
+            _record_output(teacher, entry.teacher, self._teacher_found, entry.student))]
+
+    def close(self) -> None:
+        """Remove the hooks: the student goes back to the caller as it came, only with new weights."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.__dict__["teacher"]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HealingObjective:
+        self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> dict[str, torch.Tensor]:
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
+        with torch.no_grad():
+            self.teacher(input_ids=input_ids, attention_mask=attention_mask)
+        self.student(input_ids=input_ids, attention_mask=attention_mask)
+        total, weight = 0.0, 0.0
+        for key, entry_weight in self._weights.items():
+            student_value = self._student_found.pop(key, None)
+            teacher_value = self._teacher_found.pop(key, None)
+            if student_value is None or teacher_value is None:
+                continue
+            s = student_value[mask].float()
+            t = teacher_value[mask].float()
+            total = total + entry_weight * ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+            weight += entry_weight
+        return {"loss": total / max(weight, 1.0)}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The student's tensors; tied ones are copied so safetensors can write every key."""
+        state = super().state_dict(*args, **kwargs)
+        seen: set[int] = set()
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.numel():
+                pointer = value.data_ptr()
+                if pointer in seen:
+                    state[key] = value.clone()
+                seen.add(pointer)
+        return state
+
+
+def _record_output(model: nn.Module, path: str, found: dict[str, torch.Tensor], key: str) -> Any:
+    def hook(_m: nn.Module, _args: tuple, output: Any) -> None:
+        found[key] = output[0] if isinstance(output, tuple) else output
+    return model.get_submodule(path).register_forward_hook(hook)

@@ -1,0 +1,125 @@
+"""Which teacher activation each student activation should equal, read off the two detected topologies.
+
+Both layouts have one norm sequence per stack (DESIGN.md §2): entry k is what branch k reads, entry S
+is the stack's output. Entry k's norm *output* must match across the two models (what each branch
+reads, and the final hidden state); the norm *input* is the residual stream there. For the closed-form
+warm start we also need, per sublayer, the student's branch output projection (its writer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..conversion.norm_kind import linear_calls
+from ..conversion.plan import norm_sequence
+from ..detect import inspect
+from ..errors import NormswapError
+from ..topology import Topology
+
+
+@dataclass(frozen=True)
+class EntryPair:
+    """Entry ``index`` of one stack's norm sequence, in both models."""
+
+    stack: str
+    index: int
+    teacher: str  # norm module path in the teacher
+    student: str  # norm module path in the student
+    student_kind: str  # the student norm's kind: LayerNorm targets may shift, RMSNorm ones only scale
+
+
+@dataclass(frozen=True)
+class WriterSite:
+    """A student sublayer's output projection, and the entry its result must reach (the next one)."""
+
+    stack: str
+    sublayer: int
+    path: str
+    next_entry: EntryPair
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    entries: tuple[EntryPair, ...]
+    writers: tuple[WriterSite, ...]
+
+    def final_entries(self) -> tuple[EntryPair, ...]:
+        """The last entry of each stack: the stack's output."""
+        last: dict[str, EntryPair] = {}
+        for entry in self.entries:
+            last[entry.stack] = entry
+        return tuple(last.values())
+
+
+def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
+    """Pair the two models' norm sequences entry by entry, and find the student's branch writers."""
+    teacher_topology, student_topology = inspect(teacher), inspect(student)
+    if len(teacher_topology.stacks) != len(student_topology.stacks):
+        raise NormswapError(f"the teacher ({teacher_topology.model_type}) and the student "
+                            f"({student_topology.model_type}) have different layer stacks; heal a model with "
+                            "the checkpoint it was converted from")
+    calls, _ = linear_calls(student, ())
+    entries: list[EntryPair] = []
+    writers: list[WriterSite] = []
+    for teacher_stack, student_stack in zip(teacher_topology.stacks, student_topology.stacks, strict=True):
+        teacher_sequence = norm_sequence(teacher_stack, _sublayers(teacher_topology, teacher_stack.path),
+                                         _placement(teacher_topology))
+        student_subs = _sublayers(student_topology, student_stack.path)
+        student_sequence = norm_sequence(student_stack, student_subs, _placement(student_topology))
+        if len(teacher_sequence) != len(student_sequence):
+            raise NormswapError(f"{teacher_stack.path} has {len(teacher_sequence) - 1} sublayers in the teacher and "
+                                f"{len(student_sequence) - 1} in the student; they must be the same model")
+        pairs: dict[int, EntryPair] = {}
+        for index, ((_, teacher_norms), (_, student_norms)) in enumerate(zip(teacher_sequence, student_sequence,
+                                                                              strict=True)):
+            if teacher_norms and student_norms:
+                pairs[index] = EntryPair(student_stack.path, index, teacher_norms[0].path, student_norms[0].path,
+                                         student_norms[0].kind)
+        entries.extend(pairs.values())
+        for index, sub in enumerate(student_subs):
+            if len(sub.branches) != 1 or index + 1 not in pairs:
+                continue
+            inside = [p for p in calls if any(p == m or p.startswith(m + ".") for m in sub.branches[0].modules)]
+            if inside:
+                writers.append(WriterSite(student_stack.path, index, inside[-1], pairs[index + 1]))
+    if not entries:
+        raise NormswapError("the teacher and the student share no norm positions to match")
+    return Correspondence(tuple(entries), tuple(writers))
+
+
+def _sublayers(topology: Topology, stack: str) -> list[Any]:
+    return [sub for layer in topology.layers if layer.stack == stack for sub in layer.sublayers]
+
+
+def _placement(topology: Topology) -> str:
+    return "pre" if topology.placement == "parallel" else topology.placement
+
+
+@contextmanager
+def capture(model: nn.Module, norms: dict[str, str], linears: tuple[str, ...] = (),
+            keep_inputs: bool = False) -> Iterator[dict[str, Any]]:
+    """Record norm outputs (and inputs with ``keep_inputs``) by key, and linear inputs/outputs by path."""
+    found: dict[str, Any] = {}
+    handles = []
+    for key, path in norms.items():
+        def norm_hook(_m: nn.Module, args: tuple, output: Any, key: str = key) -> None:
+            found[key] = output[0] if isinstance(output, tuple) else output
+            if keep_inputs:
+                found[f"{key}:in"] = args[0]
+        handles.append(model.get_submodule(path).register_forward_hook(norm_hook))
+    for path in linears:
+        def linear_hook(_m: nn.Module, args: tuple, output: torch.Tensor, path: str = path) -> None:
+            found[f"{path}:in"] = args[0]
+            found[f"{path}:out"] = output
+        handles.append(model.get_submodule(path).register_forward_hook(linear_hook))
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()

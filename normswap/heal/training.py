@@ -1,0 +1,93 @@
+"""Healing runs on transformers' ``Trainer``: checkpoints, resumption, devices and ``accelerate launch`` /
+``torchrun`` (DDP, FSDP, DeepSpeed) come from it, not from normswap.
+
+normswap adds an evaluation on held-out text (``metrics.compare``), a progress bar that shows it, and
+stopping rules: a target output cosine, a step budget and a wall-clock budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+
+class HealingTrainer(Trainer):
+    """``evaluate`` measures the student against the teacher on the held-out texts."""
+
+    def __init__(self, *args: Any, measure: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.measure = measure
+        self.history: list[dict[str, Any]] = []
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        found = self.measure()
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in found.items()
+                   if isinstance(value, float)}
+        self.history.append({"step": self.state.global_step, **found})
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class StopRules(TrainerCallback):
+    """Stop at the target output cosine (checked at each evaluation) or when the time budget is spent."""
+
+    def __init__(self, target_cosine: float | None, max_seconds: float | None) -> None:
+        self.target_cosine = target_cosine
+        self.max_seconds = max_seconds
+        self.started = time.monotonic()
+        self.reason = ""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.started = time.monotonic()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
+            self.reason = f"time budget of {self.max_seconds:.0f} s spent"
+            control.should_training_stop = True
+            control.should_evaluate = True
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        cosine = (metrics or {}).get("eval_output_cosine")
+        if self.target_cosine is not None and cosine is not None and cosine >= self.target_cosine:
+            self.reason = f"target output cosine {self.target_cosine} reached ({cosine:.4f})"
+            control.should_training_stop = True
+
+
+class MetricProgressBar(ProgressCallback):
+    """Trainer's progress bar, with the latest held-out cosine and loss in its postfix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.postfix: dict[str, str] = {}
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "eval_output_cosine" in logs:
+            self.postfix["cos"] = f"{logs['eval_output_cosine']:.4f}"
+        if "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.4g}"
+        if self.training_bar is not None:
+            self.training_bar.set_postfix(self.postfix, refresh=False)
+
+
+def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int,
+                       eval_steps: int, save_steps: int, seed: int, quiet: bool) -> TrainingArguments:
+    """Defaults sized for a CPU and a small model; a GPU is used when there is one."""
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+        max_steps=max_steps, lr_scheduler_type="cosine", warmup_steps=min(20, max_steps // 10),
+        weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
+        save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
+        seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )

@@ -1,0 +1,127 @@
+"""Healing on tiny models: the loss falls, every sublayer gets closer, runs resume, held-out text is never
+trained on, the CLI writes a loadable checkpoint atomically, and ``accelerate launch`` runs it unchanged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_rms_norm import perturbed
+
+import normswap
+from normswap.cli import main
+from normswap.heal import api as heal_api
+from normswap.heal.data import load_texts, split_texts
+from normswap.heal.taps import correspond
+
+QUICK = {"max_length": 24, "batch_size": 8, "held_out": 32, "eval_steps": 10, "quiet": True}
+
+
+def pair(config: str = "llama", model_class: str = "LlamaForCausalLM", placement: str = "post"
+         ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    teacher = perturbed(config, model_class)
+    return teacher, normswap.convert(perturbed(config, model_class), placement=placement)
+
+
+def test_correspondence_pairs_entries_and_writers() -> None:
+    teacher, student = pair()
+    found = correspond(teacher, student)
+    layers = teacher.config.num_hidden_layers
+    assert len(found.entries) == 2 * layers + 1  # N_0..N_{S-1}, Z  <->  E?, P_0..P_{S-1}
+    assert [w.path.rsplit(".", 1)[-1] for w in found.writers] == ["o_proj", "down_proj"] * layers
+    assert found.final_entries()[0].teacher == "model.norm"
+
+
+@pytest.mark.parametrize(("config", "model_class", "placement"),
+                         [("llama", "LlamaForCausalLM", "post"), ("bert", "BertModel", "pre")],
+                         ids=["llama-pre-to-post", "bert-post-to-pre"])
+def test_loss_falls_and_every_sublayer_gets_closer(config: str, model_class: str, placement: str,
+                                                   tmp_path: Path) -> None:
+    teacher, student = pair(config, model_class, placement)
+    _, report = heal_api.heal(teacher, student, max_steps=30, learning_rate=1e-3, work_dir=tmp_path, **QUICK)
+    assert report.losses[-1] < report.losses[0]
+    before, after = report.before["entry_cosines"], report.after["entry_cosines"]
+    assert sum(after) / len(after) > sum(before) / len(before)
+    assert min(after) > min(before)
+    assert report.after["output_cosine"] > report.before["output_cosine"]
+    assert report.warm_start is not None and report.warm_start["output_cosine"] > report.before["output_cosine"]
+    if config == "llama":
+        assert report.after["next_token_kl"] < report.before["next_token_kl"]
+    assert not teacher.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    teacher, student = pair()
+    _, first = heal_api.heal(teacher, student, max_steps=10, work_dir=tmp_path, **QUICK)
+    assert first.steps == 10 and (tmp_path / "checkpoint-10").is_dir()
+    _, resumed = heal_api.heal(teacher, student, max_steps=20, work_dir=tmp_path, resume=True, **QUICK)
+    assert resumed.steps == 20
+    assert resumed.warm_start is None  # the checkpoint already holds the warm start's result
+    assert [entry["step"] for entry in resumed.history] == [20]  # only steps 11..20 ran
+
+
+def test_held_out_texts_are_never_trained_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    texts = split_texts(load_texts(None), 32)
+    assert not set(texts.train) & set(texts.held_out) and len(texts.held_out) == 32
+    assert split_texts(list(reversed(load_texts(None))), 32).held_out == texts.held_out or \
+        set(split_texts(list(reversed(load_texts(None))), 32).held_out) == set(texts.held_out)
+
+    seen: list[torch.Tensor] = []
+    real = heal_api.HealingTrainer.compute_loss
+
+    def spy(self: object, model: object, inputs: dict, *args: object, **kwargs: object) -> object:
+        seen.append(inputs["input_ids"].clone())
+        return real(self, model, inputs, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(heal_api.HealingTrainer, "compute_loss", spy)
+    teacher, student = pair()
+    heal_api.heal(teacher, student, max_steps=5, work_dir=tmp_path, **QUICK)
+    held_out = heal_api.TokenisedTexts(texts.held_out, None, 24, teacher.config.vocab_size).input_ids
+    trained = torch.cat(seen)
+    assert len(trained) == 5 * QUICK["batch_size"]
+    assert not any(bool((row == held_out).all(-1).any()) for row in trained)
+
+
+def test_cli_heals_a_converted_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "original")
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "post"), "--placement", "post",
+                 "--quiet"]) == 0
+    args = ["heal", str(tmp_path / "original"), str(tmp_path / "post"), str(tmp_path / "healed"), "--max-steps",
+            "12", "--eval-steps", "6", "--batch-size", "8", "--max-length", "24", "--held-out", "32", "--quiet"]
+    assert main(args) == 1  # generated code needs --trust-remote-code
+    assert "--trust-remote-code" in capsys.readouterr().err and not (tmp_path / "healed").exists()
+    assert main([*args, "--trust-remote-code"]) == 0
+    report = json.loads((tmp_path / "healed" / "normswap_report.json").read_text())
+    assert report["heal"]["steps"] == 12 and report["plan"]["target_placement"] == "post"
+    assert report["heal"]["after"]["output_cosine"] > report["heal"]["before"]["output_cosine"]
+    assert list((tmp_path / "healed").glob("modeling_normswap_*.py"))
+    healed = __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "healed",
+                                                                              trust_remote_code=True)
+    assert normswap.inspect(healed).placement == "post"
+    assert json.loads((tmp_path / "healed" / "config.json").read_text())["normswap"]["healed"]["steps"] == 12
+    assert not list(tmp_path.glob(".healed*"))
+
+
+def test_accelerate_single_process_launcher(tmp_path: Path) -> None:
+    script = tmp_path / "heal_script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import normswap, torch\n"
+        "from test_rms_norm import perturbed\n"
+        "from normswap.heal.api import heal\n"
+        "teacher = perturbed('llama', 'LlamaForCausalLM')\n"
+        "student = normswap.convert(perturbed('llama', 'LlamaForCausalLM'), placement='post')\n"
+        f"_, report = heal(teacher, student, max_steps=6, work_dir={str(tmp_path / 'work')!r}, max_length=24, "
+        "batch_size=8, held_out=32, eval_steps=3, quiet=True)\n"
+        "print('STEPS', report.steps, report.after['output_cosine'] > report.before['output_cosine'])\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "STEPS 6 True" in done.stdout
