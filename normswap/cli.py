@@ -144,7 +144,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 def _heal_converted(args: argparse.Namespace, result: object) -> int:
     """``convert --heal``: the conversion went to a hidden sibling; healing writes DST from it."""
-    from .heal.checkpoint import heal_checkpoint
+    from .healing.checkpoint import heal_checkpoint
 
     converted = Path(str(result.destination))  # type: ignore[attr-defined]
     try:
@@ -163,7 +163,7 @@ def _heal_converted(args: argparse.Namespace, result: object) -> int:
 
 
 def _run_heal(args: argparse.Namespace) -> int:
-    from .heal.checkpoint import heal_checkpoint
+    from .healing.checkpoint import heal_checkpoint
 
     if args.resume and not args.work_dir:
         raise NormswapError("--resume needs --work-dir (the folder that holds the checkpoints to resume)")

@@ -3,7 +3,6 @@ exit code 1, and nothing left behind (no DST, no temporary folder, SRC unchanged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checksums import checksum
 from safetensors.torch import load_file, save_file
 from test_rms_norm import perturbed
 
@@ -30,14 +30,6 @@ def source(pristine: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "src"
     shutil.copytree(pristine, folder)
     return folder
-
-
-def checksum(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 def refused(source: Path, capsys: pytest.CaptureFixture[str], *flags: str, dst: Path | None = None) -> str:

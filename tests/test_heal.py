@@ -14,9 +14,9 @@ from test_rms_norm import perturbed
 
 import normswap
 from normswap.cli import main
-from normswap.heal import api as heal_api
-from normswap.heal.data import load_texts, split_texts
-from normswap.heal.taps import correspond
+from normswap.healing import api as heal_api
+from normswap.healing.data import load_texts, split_texts
+from normswap.healing.taps import correspond
 
 QUICK = {"max_length": 24, "batch_size": 8, "held_out": 32, "eval_steps": 10, "quiet": True}
 
@@ -67,8 +67,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
 def test_held_out_texts_are_never_trained_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     texts = split_texts(load_texts(None), 32)
     assert not set(texts.train) & set(texts.held_out) and len(texts.held_out) == 32
-    assert split_texts(list(reversed(load_texts(None))), 32).held_out == texts.held_out or \
-        set(split_texts(list(reversed(load_texts(None))), 32).held_out) == set(texts.held_out)
+    assert set(split_texts(list(reversed(load_texts(None))), 32).held_out) == set(texts.held_out)  # order-free
 
     seen: list[torch.Tensor] = []
     real = heal_api.HealingTrainer.compute_loss
@@ -113,7 +112,7 @@ def test_accelerate_single_process_launcher(tmp_path: Path) -> None:
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import normswap, torch\n"
         "from test_rms_norm import perturbed\n"
-        "from normswap.heal.api import heal\n"
+        "from normswap.healing.api import heal\n"
         "teacher = perturbed('llama', 'LlamaForCausalLM')\n"
         "student = normswap.convert(perturbed('llama', 'LlamaForCausalLM'), placement='post')\n"
         f"_, report = heal(teacher, student, max_steps=6, work_dir={str(tmp_path / 'work')!r}, max_length=24, "

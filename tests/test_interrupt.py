@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -11,17 +10,10 @@ import time
 from pathlib import Path
 
 import torch
+from checksums import checksum
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from synthetic_checkpoint import write_llama_checkpoint
-
-
-def checksum(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_sigterm_midway_leaves_nothing(tmp_path: Path) -> None:

@@ -125,8 +125,9 @@ def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dic
     target = meta_instance(setup.target_class, setup.target_config)
     target_shapes = shapes_of(target.state_dict())
     tied = tied_keys(target)
-    order = [key for key in target_shapes if not any(twin in target_shapes and list(target_shapes).index(twin) <
-                                                      list(target_shapes).index(key) for twin in tied.get(key, ()))]
+    position = {key: index for index, key in enumerate(target_shapes)}
+    order = [key for key in target_shapes
+             if not any(position.get(twin, len(position)) < position[key] for twin in tied.get(key, ()))]
     missing = [key for key in order if key not in program.outputs]
     extra = [key for key in program.outputs if key not in target_shapes]
     if missing or extra:

@@ -36,25 +36,58 @@ class WriterFit:
 @torch.no_grad()
 def fit_writers(teacher: nn.Module, student: nn.Module, correspondence: Correspondence,
                 batches: Sequence[dict[str, torch.Tensor]], ridge: float = 1e-3) -> list[WriterFit]:
-    """Refit every student writer in order; returns one ``WriterFit`` per writer."""
-    teacher_streams = _teacher_streams(teacher, correspondence, batches)
+    """Refit every student writer in order, then the affine part of the norm that reads its result.
+
+    The norm refit is per channel: ``gamma, beta`` by least squares so that what the next branch reads
+    (``gamma * n + beta``, ``n`` the normalised student stream) matches what it reads in the teacher.
+    """
+    teacher_streams = _teacher_values(teacher, correspondence, batches)
     fits = []
     for site in correspondence.writers:
-        fits.append(_fit_one(student, site, teacher_streams[site.next_entry.teacher], batches, ridge))
+        fits.append(_fit_one(student, site, teacher_streams[f"{site.next_entry.teacher}:in"], batches, ridge))
+        _fit_norm(student, site.next_entry.student, teacher_streams[site.next_entry.teacher], batches)
     return fits
 
 
-def _teacher_streams(teacher: nn.Module, correspondence: Correspondence,
-                     batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+def _teacher_values(teacher: nn.Module, correspondence: Correspondence,
+                    batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """The teacher's stream (norm input, ``path:in``) and branch input (norm output, ``path``) per batch."""
     wanted = {site.next_entry.teacher: site.next_entry.teacher for site in correspondence.writers}
-    streams: dict[str, list[torch.Tensor]] = {path: [] for path in wanted}
+    values: dict[str, list[torch.Tensor]] = {}
     with capture(teacher, wanted, keep_inputs=True) as found:
         for batch in batches:
             teacher(**batch)
             mask = batch["attention_mask"].bool()
             for path in wanted:
-                streams[path].append(found[f"{path}:in"][mask].float())
-    return streams
+                for key in (path, f"{path}:in"):
+                    values.setdefault(key, []).append(found[key][mask].float())
+    return values
+
+
+def _fit_norm(student: nn.Module, path: str, targets: list[torch.Tensor],
+              batches: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Per-channel least squares for the norm's weight (and bias, if it has one)."""
+    norm = student.get_submodule(path)
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if weight is None or weight.dim() != 1 or bool((weight == 0).any()):
+        return
+    sums = torch.zeros(5, weight.numel(), dtype=torch.float64)  # n, t, n*n, n*t, count
+    with capture(student, {"norm": path}) as found:
+        for batch, target in zip(batches, targets, strict=True):
+            student(**batch)
+            output = found["norm"][batch["attention_mask"].bool()].double()
+            normalised = (output - (bias.double() if bias is not None else 0.0)) / weight.double()
+            t = target.double()
+            sums += torch.stack([normalised.sum(0), t.sum(0), (normalised * normalised).sum(0),
+                                 (normalised * t).sum(0), torch.full_like(t[0], len(t))])
+    n, t, nn_, nt, count = sums
+    if bias is not None:
+        variance = nn_ / count - (n / count) ** 2
+        new_weight = (nt / count - (n / count) * (t / count)) / variance.clamp_min(1e-12)
+        bias.copy_((t / count - new_weight * n / count).to(bias.dtype))
+    else:
+        new_weight = nt / nn_.clamp_min(1e-12)
+    weight.copy_(new_weight.to(weight.dtype))
 
 
 def _fit_one(student: nn.Module, site: WriterSite, targets: list[torch.Tensor],
