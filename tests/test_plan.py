@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from normswap.conversion.plan import PlanError, build_placement_plan
-from normswap.conversion.weights import apply_plan
+from normswap.conversion.program import evaluate, shapes_of
+from normswap.conversion.weights import placement_program
 from normswap.topology import Branch, Layer, NormSite, Stack, Sublayer, Topology
 
 
@@ -102,7 +103,7 @@ def test_unit_offset_norm_gets_weight_zero() -> None:
     plan = build_placement_plan(source, target, "test")
     state = {"layers.0.a.weight": torch.full((4,), 0.25), "other": torch.ones(2)}
     shapes = {"layers.0.n.weight": torch.Size([4]), "final.weight": torch.Size([4]), "other": torch.Size([2])}
-    result, dropped = apply_plan(state, plan, shapes)
+    result, dropped = evaluate(placement_program(shapes_of(state), plan, shapes), state, torch.float32)
     assert torch.equal(result["layers.0.n.weight"], torch.zeros(4))  # (1 + 0) * x: a unit offset norm
     assert torch.equal(result["final.weight"], torch.full((4,), 0.25))
     assert not dropped

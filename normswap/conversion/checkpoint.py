@@ -90,6 +90,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
             planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
             require_space(destination_path, sum(t.nbytes for t in planned))
             stream_program(setup.program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,  # type: ignore[arg-type]
+                           default_dtype,
                            dtype=output_dtype, allow_nonfinite=allow_nonfinite, progress=progress)
             _write_config(folder, setup, str(source_path.resolve()), planned)
             if not verify:
@@ -150,11 +151,11 @@ def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: li
 def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, texts: list[str] | None,
             trust_remote_code: bool) -> Any:
     """Load the original and the written checkpoint and run the conversion's own verification."""
-    original = _load_model(source, config, trust_remote_code)
+    original = load_model(source, config, trust_remote_code)
     converted = _load_converted(folder, setup)
     if converted.dtype != original.dtype:
         original = original.to(converted.dtype)
-    probe = probe_inputs(original, texts or default_corpus(), _load_tokenizer(source))
+    probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
     assert setup.verify is not None
     return setup.verify(original, converted, probe)
 
@@ -242,7 +243,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
+def load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
     """The checkpoint loaded in memory (for verification and the in-memory path)."""
     from transformers.utils import logging as hf_logging
 
@@ -266,7 +267,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "spiece.model", "sentencepiece.bpe.model")
 
 
-def _load_tokenizer(source: Path) -> Any | None:
+def load_tokenizer(source: Path) -> Any | None:
     """The checkpoint's own tokenizer, or None (probes then use fixed random token ids)."""
     from transformers import AutoTokenizer
 

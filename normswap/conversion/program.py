@@ -84,12 +84,12 @@ def evaluate(program: TensorProgram, source: Mapping[str, Tensor], default_dtype
     """Run the whole program in memory: (outputs, carried)."""
     for check in program.checks:
         run_step(check, source)
-    outputs = {key: _settle(step, run_step(step, source), default_dtype) for key, step in program.outputs.items()}
-    carried = {key: _settle(step, run_step(step, source), default_dtype) for key, step in program.carried.items()}
+    outputs = {key: settle(step, run_step(step, source), default_dtype) for key, step in program.outputs.items()}
+    carried = {key: settle(step, run_step(step, source), default_dtype) for key, step in program.carried.items()}
     return outputs, carried
 
 
-def _settle(step: Step, tensor: Tensor, default_dtype: torch.dtype) -> Tensor:
+def settle(step: Step, tensor: Tensor, default_dtype: torch.dtype) -> Tensor:
     """Constants take the checkpoint's dtype; a copied tensor is cloned, so the result never aliases the source."""
     if not step.reads and tensor.is_floating_point():
         return tensor.to(default_dtype)

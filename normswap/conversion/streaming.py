@@ -18,7 +18,7 @@ import torch
 from ..errors import NormswapError, SourceError
 from ..io.shard_writer import FileRange, PlannedTensor, ShardWriter, write_small
 from ..io.source_weights import CheckpointWeights
-from .program import Step, TensorProgram, run_step
+from .program import Step, TensorProgram, run_step, settle
 
 _CACHED_MATRICES = 3
 
@@ -98,8 +98,8 @@ def planned_outputs(program: TensorProgram, order: list[str], target_shapes: Map
 
 
 def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights: CheckpointWeights,
-                   names: Mapping[str, str], folder: Path, max_shard_bytes: int, carried_file: str, *,
-                   dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
+                   names: Mapping[str, str], folder: Path, max_shard_bytes: int, carried_file: str,
+                   default_dtype: torch.dtype, *, dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
                    progress: bool = True) -> StreamedOutput:
     """Compute and write every planned output tensor, then the carried norms."""
     from tqdm.auto import tqdm
@@ -120,7 +120,7 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
             if done % 16 == 0 or done == len(planned):
                 bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
     files = writer.close()
-    carried = {key: _settle_carried(run_step(step, read), step) for key, step in program.carried.items()}
+    carried = {key: settle(step, run_step(step, read), default_dtype) for key, step in program.carried.items()}
     if carried:
         write_small(folder / carried_file, carried,
                     {"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
@@ -143,6 +143,3 @@ def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: Che
         value = value.to(tensor.dtype)
     return value.contiguous()
 
-
-def _settle_carried(tensor: torch.Tensor, step: Step) -> torch.Tensor:
-    return tensor.clone() if not step.touches else tensor

@@ -1,4 +1,4 @@
-"""Apply a plan's norm moves to a state dict. Every other tensor keeps its name and its bits.
+"""A plan's norm moves as a tensor program. Every other tensor keeps its name and its bits.
 
 Norm weights move between slots unchanged (a move is a rename), so a round trip through the
 inverse plan returns bit-identical tensors. A norm the target has no slot for is *carried*:
@@ -14,7 +14,7 @@ import torch
 
 from ..errors import NormswapError
 from .plan import ConversionPlan
-from .program import Step, TensorProgram, combine, constant, copy_of, evaluate, shapes_of
+from .program import Step, TensorProgram, combine, constant, copy_of
 
 
 class WeightMappingError(NormswapError):
@@ -79,16 +79,6 @@ def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionP
             outputs[key] = constant(lambda shape=shape: torch.empty(shape))
     _check_fits({key: _shape_of(step, shapes, target_shapes, key) for key, step in outputs.items()}, target_shapes)
     return TensorProgram(outputs, dropped, tuple(checks))
-
-
-def apply_plan(state: Mapping[str, torch.Tensor], plan: ConversionPlan,
-               target_shapes: Mapping[str, torch.Size], carried: Mapping[str, torch.Tensor] | None = None,
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``placement_program`` run in memory: (target state dict, carried norms)."""
-    reference = next(iter(state.values()))
-    program = placement_program(shapes_of(state), plan, target_shapes, carried)
-    result, dropped = evaluate(program, state, reference.dtype)
-    return {key: value.to(reference.device) for key, value in result.items()}, dropped
 
 
 def _carried(tensor: torch.Tensor) -> Step:

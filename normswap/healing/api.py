@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
 from .data import TokenisedTexts, load_texts, split_texts
@@ -94,7 +95,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     before = measure()
     evaluation_seconds = time.monotonic() - measured_at  # the final evaluation costs as much: keep it in budget
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
-    checkpoint = _latest_checkpoint(work) if resume else None
+    checkpoint = get_last_checkpoint(str(work)) if resume and work.is_dir() else None
     warm: dict[str, Any] | None = None
     if warm_start and checkpoint is None:
         device = next(student.parameters()).device
@@ -120,7 +121,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         trainer.add_callback(MetricProgressBar())
     student.train()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         objective.close()
         for parameter in frozen:
@@ -144,12 +145,6 @@ def _freeze_embeddings(student: nn.Module) -> tuple[str, ...]:
                     parameter.requires_grad_(False)
                     frozen.append(f"{path}.{name}")
     return tuple(frozen)
-
-
-def _latest_checkpoint(work: Path) -> Path | None:
-    found = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if
-                   p.name.split("-")[-1].isdigit() else -1)
-    return found[-1] if found else None
 
 
 def require_same_vocabulary(teacher: nn.Module, student: nn.Module) -> None:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..conversion.checkpoint import CARRIED_FILE, REPORT_FILE, _load_model, _load_tokenizer
+from ..conversion.checkpoint import CARRIED_FILE, REPORT_FILE, load_model, load_tokenizer
 from ..detect.source import load_config
 from ..errors import SourceError
 from ..io.destination import atomic_output, check_destination, require_space
@@ -31,9 +31,9 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
     check_destination(converted_path, destination_path, overwrite)
     check_destination(original_path, destination_path, overwrite=True)
-    teacher = _load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
-    student = _load_model(converted_path, load_config(converted_path, trust_remote_code), trust_remote_code)
-    tokenizer = _load_tokenizer(converted_path) or _load_tokenizer(original_path)
+    teacher = load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
+    student = load_model(converted_path, load_config(converted_path, trust_remote_code), trust_remote_code)
+    tokenizer = load_tokenizer(converted_path) or load_tokenizer(original_path)
     student, report = heal(teacher, student, tokenizer=tokenizer, **options)
     state = student.state_dict()
     require_space(destination_path, sum(t.numel() * t.element_size() for t in state.values()))

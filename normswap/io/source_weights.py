@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import warnings
 import zipfile
@@ -44,10 +45,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        size = 1
-        for n in self.shape:
-            size *= n
-        return size * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class CheckpointWeights:
