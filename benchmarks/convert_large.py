@@ -8,10 +8,12 @@ run and on the same disk:
   (RMSNorm -> LayerNorm, approximate), each streamed;
 * the in-memory path, ``from_pretrained`` -> ``normswap.convert`` -> ``save_pretrained``, for comparison.
 
-Each runs as its own process; its peak RSS comes from ``os.wait4``. Prints time / copy time and
-peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
+Each runs as its own process; its peak RSS comes from ``os.wait4``. Every conversion is timed right
+after its own ``cp -r`` (the disk's speed drifts by 2x or more between minutes on these machines), and
+the ratios are medians over ``--repeats`` such pairs. Prints time / copy time and peak RSS / largest
+shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
 
-    python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--keep]
+    python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--repeats 3] [--keep]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the from_pretrained comparison")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument("--repeats", type=int, default=3, help="side-by-side (cp, conversion) pairs per conversion")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="normswap-bench-"))
@@ -70,33 +74,46 @@ def main() -> None:
     print(f"checkpoint: {total / 1e9:.2f} GB in {len(shards)} shards, largest {largest / 1e9:.2f} GB")
 
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for all
-    copy_time, copy_rss = measured(["cp", "-r", str(source), str(work / "copy")])
-    shutil.rmtree(work / "copy")
-    print(f"cp -r: {copy_time:.1f} s, peak RSS {copy_rss / 1e6:.0f} MB")
+
+    def copy_then(command: list[str]) -> tuple[float, float, float]:
+        """(copy seconds, command seconds, command peak RSS): ``cp -r`` right before, so both see the same disk."""
+        copy_time, _ = measured(["cp", "-r", str(source), str(work / "copy")])
+        shutil.rmtree(work / "copy")
+        elapsed, rss = measured(command)
+        shutil.rmtree(work / "out")
+        return copy_time, elapsed, rss
 
     normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet",
                 "--max-shard-size", "2GB"]
-    rows = []
-    for label, flags in (("streamed placement pre -> post", ["--placement", "post"]),
-                         ("streamed norm rmsnorm -> layernorm", ["--norm", "layernorm"])):
-        elapsed, rss = measured([*normswap, *flags])
-        shutil.rmtree(work / "out")
-        rows.append((label, elapsed, rss))
+    commands = [("streamed placement pre -> post", [*normswap, "--placement", "post"]),
+                ("streamed norm rmsnorm -> layernorm", [*normswap, "--norm", "layernorm"])]
+    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in commands}
+    for repeat in range(args.repeats):
+        for label, command in commands:
+            runs[label].append(copy_then(command))
+            copy_time, elapsed, rss = runs[label][-1]
+            print(f"run {repeat + 1}: {label}: {elapsed:.1f} s, cp -r {copy_time:.1f} s, "
+                  f"ratio {elapsed / copy_time:.2f}", flush=True)
     if not args.skip_in_memory:
         for label, kind in (("in-memory placement pre -> post", "placement"),
                             ("in-memory norm rmsnorm -> layernorm", "norm")):
-            elapsed, rss = measured([sys.executable, "-c", IN_MEMORY, str(source), str(work / "out"), kind])
-            shutil.rmtree(work / "out")
-            rows.append((label, elapsed, rss))
+            runs[label] = [copy_then([sys.executable, "-c", IN_MEMORY, str(source), str(work / "out"), kind])]
 
-    print(f"\n{'conversion':38} {'time':>8} {'time/cp':>8} {'peak RSS':>10} {'RSS/shard':>10}")
-    for label, elapsed, rss in rows:
-        print(f"{label:38} {elapsed:7.1f}s {elapsed / copy_time:8.2f} {rss / 1e9:8.2f}GB {rss / largest:10.2f}")
-    streamed = [row for row in rows if row[0].startswith("streamed")]
-    worst_time = max(elapsed / copy_time for _, elapsed, _ in streamed)
-    worst_rss = max(rss for _, _, rss in streamed)
-    print(f"\nstreamed: worst time ratio {worst_time:.2f} (target <= 2.0), worst peak RSS {worst_rss / 1e9:.2f} GB "
-          f"(target <= 1.5 GB for a {total / 1e9:.1f} GB checkpoint)")
+    print(f"\n{'conversion':38} {'time':>8} {'cp -r':>7} {'time/cp':>8} {'peak RSS':>10} {'RSS/shard':>10}")
+    summary = {}
+    for label, measurements in runs.items():
+        ratio = statistics.median(elapsed / copy_time for copy_time, elapsed, _ in measurements)
+        elapsed = statistics.median(m[1] for m in measurements)
+        copy_time = statistics.median(m[0] for m in measurements)
+        rss = max(m[2] for m in measurements)
+        summary[label] = (ratio, rss)
+        print(f"{label:38} {elapsed:7.1f}s {copy_time:6.1f}s {ratio:8.2f} {rss / 1e9:8.2f}GB {rss / largest:10.2f}")
+    streamed = [value for label, value in summary.items() if label.startswith("streamed")]
+    worst_time = max(ratio for ratio, _ in streamed)
+    worst_rss = max(rss for _, rss in streamed)
+    print(f"\nstreamed (median of {args.repeats} side-by-side pairs): worst time ratio {worst_time:.2f} "
+          f"(target <= 2.0), worst peak RSS {worst_rss / 1e9:.2f} GB (target <= 1.5 GB for a {total / 1e9:.1f} GB "
+          "checkpoint)")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
 

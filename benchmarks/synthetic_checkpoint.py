@@ -33,15 +33,15 @@ def write_llama_checkpoint(folder: Path, hidden: int, intermediate: int, layers:
     planned = [PlannedTensor(key, dtype, shape) for key, shape in shapes.items()]
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    writer = ShardWriter(folder, planned, parse_size(shard_size))
     generator = torch.Generator().manual_seed(seed)
-    for tensor in planned:
-        if tensor.name.endswith("norm.weight"):
-            value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        else:
-            value = 0.02 * torch.randn(tensor.shape, generator=generator)
-        writer.write(tensor.name, value.to(dtype))
-    writer.close()
+    with ShardWriter(folder, planned, parse_size(shard_size)) as writer:
+        for tensor in planned:
+            if tensor.name.endswith("norm.weight"):
+                value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
+            else:
+                value = 0.02 * torch.randn(tensor.shape, generator=generator)
+            writer.write(tensor.name, value.to(dtype))
+        writer.close()
     return sum(t.nbytes for t in planned)
 
 

@@ -108,18 +108,17 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
     read = SourceReader(weights, names, checked, dtype)
     for check in program.checks:
         run_step(check, read)
-    writer = ShardWriter(folder, planned, max_shard_bytes)
     total = sum(t.nbytes for t in planned)
     written = 0
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", delay=2.0,
-              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
+            ShardWriter(folder, planned, max_shard_bytes, on_written=bar.update) as writer:
         for done, tensor in enumerate(planned, 1):
             step = program.outputs[tensor.name]
             written += writer.write(tensor.name, _produce(step, tensor, read, weights, names))
-            bar.update(tensor.nbytes)
             if done % 16 == 0 or done == len(planned):
                 bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
-    files = writer.close()
+        files = writer.close()
     carried = {key: settle(step, run_step(step, read), default_dtype) for key, step in program.carried.items()}
     if carried:
         write_small(folder / carried_file, carried,

@@ -20,7 +20,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
-from .data import TokenisedTexts, load_texts, split_texts
+from .data import AugmentedTexts, TokenisedTexts, load_texts, split_texts
 from .metrics import compare
 from .objective import HealingObjective
 from .taps import correspond
@@ -66,7 +66,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          learning_rate: float = 2e-4, warm_start: bool = True, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
-         output_weight: float = 4.0) -> tuple[nn.Module, HealReport]:
+         output_weight: float = 4.0, augment: bool = True) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
@@ -99,9 +99,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     warm: dict[str, Any] | None = None
     if warm_start and checkpoint is None:
         device = next(student.parameters()).device
-        calibration = [{"input_ids": train.input_ids[i:i + batch_size].to(device),
-                        "attention_mask": train.attention_mask[i:i + batch_size].to(device)}
-                       for i in range(0, min(len(train), 4 * batch_size), batch_size)]
+        calibration = [{name: value.to(device) for name, value in rows.items()}
+                       for rows in train.batches(batch_size, limit=4 * batch_size)]
         fits = fit_writers(teacher, student, correspondence, calibration)
         warm = {**measure(), "writers": [asdict(f) for f in fits]}
     frozen = _freeze_embeddings(student) if freeze_embeddings else ()
@@ -112,9 +111,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     arguments = training_arguments(str(work), batch_size=batch_size, learning_rate=learning_rate,
                                    max_steps=max_steps, eval_steps=eval_steps, save_steps=eval_steps, seed=seed,
                                    quiet=quiet)
-    trainer = HealingTrainer(model=objective, args=arguments, train_dataset=train, eval_dataset=evaluation,
-                             measure=lambda: measure(full=False),
-                             callbacks=[stop])
+    training_rows = AugmentedTexts(train, tokenizer) if augment else train
+    trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
+                             data_collator=training_rows.pad_batch, measure=lambda: measure(full=False),
+                             max_seconds=remaining, callbacks=[stop])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs belong in the report, not on stdout
     if not quiet:

@@ -32,9 +32,8 @@ def compare(teacher: nn.Module, student: nn.Module, correspondence: Corresponden
     pooled_t, pooled_s = [], []
     kl_sum = nll_t = nll_s = 0.0
     lm_tokens = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = {name: value[start:start + batch_size].to(device) for name, value in
-                 (("input_ids", dataset.input_ids), ("attention_mask", dataset.attention_mask))}
+    for rows in dataset.batches(batch_size, by_length=True):
+        batch = {name: value.to(device) for name, value in rows.items()}
         mask = batch["attention_mask"].bool()
         with capture(teacher, teacher_map) as found_t:
             out_t = teacher(**batch)

@@ -7,21 +7,54 @@ stopping rules: a target output cosine, a step budget and a wall-clock budget.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from .data import LengthBucketSampler
+
 
 class HealingTrainer(Trainer):
-    """``evaluate`` measures the student against the teacher on the held-out texts."""
+    """``evaluate`` measures the student against the teacher on the held-out texts; training batches group
+    texts of similar length; the learning rate decays over the step budget or the time budget, whichever
+    runs out first (a time-limited run still ends at a low rate, where it converges best)."""
 
-    def __init__(self, *args: Any, measure: Callable[[], dict[str, Any]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, measure: Callable[[], dict[str, Any]], max_seconds: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.measure = measure
+        self.max_seconds = max_seconds
         self.history: list[dict[str, Any]] = []
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> LRScheduler:
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            started = time.monotonic()
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = (step - warmup) / max(1, num_training_steps - warmup)
+                if self.max_seconds:
+                    progress = max(progress, (time.monotonic() - started) / self.max_seconds)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
+        return self.lr_scheduler
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -85,7 +118,7 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
     """Defaults sized for a CPU and a small model; a GPU is used when there is one."""
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        max_steps=max_steps, lr_scheduler_type="cosine", warmup_steps=min(20, max_steps // 10),
+        max_steps=max_steps, warmup_steps=min(20, max_steps // 10),
         weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
         save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,

@@ -1,8 +1,11 @@
 """Write safetensors shards as tensors arrive, in the HF layout (``model-0000i-of-0000n.safetensors`` + index).
 
 Every output tensor's name, dtype and shape is known before the first byte is computed, so the
-shards are planned up front, each header is written first and the tensor bytes follow as they are
-produced: at no time does more than one tensor sit in memory.
+shards are planned up front: each file's header is written first and every tensor has a fixed place
+in its file. Tensors are then written *at* their place, by a small pool of threads, while the caller
+computes the next one. Unchanged tensors are copied by the kernel (``copy_file_range``) in 64 MiB
+pieces; on this kind of machine two such copies in flight move bytes about 1.5x as fast as one, and
+``cp`` uses one. Computed tensors wait in memory only until written (at most ``_IN_FLIGHT`` of them).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import torch
 
@@ -24,6 +29,9 @@ from .safetensors_file import header_bytes, tensor_bytes
 INDEX_FILE = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
+_PIECE = 64 * 2**20  # one kernel copy or write; small enough to share a large tensor between the threads
+_IN_FLIGHT = 4  # computed tensors allowed to wait for their write
+_WRITERS = 2
 
 
 @dataclass(frozen=True)
@@ -33,30 +41,6 @@ class FileRange:
     file: Path
     offset: int
     length: int
-
-    def copy_to(self, handle: BinaryIO) -> None:
-        with self.file.open("rb", buffering=0) as source:
-            offset, left = self.offset, self.length
-            while left:
-                try:
-                    done = os.copy_file_range(source.fileno(), handle.fileno(), left, offset)
-                except OSError:  # file systems or kernels without it: plain reads and writes
-                    done = 0
-                if done == 0:
-                    _copy_plainly(source, handle, offset, left)
-                    return
-                offset += done
-                left -= done
-
-
-def _copy_plainly(source: BinaryIO, handle: BinaryIO, offset: int, length: int) -> None:
-    source.seek(offset)
-    while length:
-        chunk = source.read(min(length, 64 * 2**20))
-        if not chunk:
-            raise NormswapError(f"{source.name} ended before its tensor did; the file is truncated")
-        handle.write(chunk)
-        length -= len(chunk)
 
 
 @dataclass(frozen=True)
@@ -92,66 +76,106 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[P
     return shards
 
 
-class ShardWriter:
-    """Writes the planned tensors, in order, into ``folder``; ``close`` adds the index for several shards."""
+@dataclass(frozen=True)
+class _Place:
+    shard: int
+    offset: int  # from the start of the shard file
+    planned: PlannedTensor
 
-    def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model") -> None:
+
+class ShardWriter:
+    """Writes the planned tensors, in any order, into ``folder``; ``close`` waits for them and adds the index
+    for several shards. Use it as a context manager: leaving on an error stops the writes still queued.
+
+    ``on_written(nbytes)`` is called (from a writer thread) as bytes reach their file, for progress bars.
+    """
+
+    def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model",
+                 on_written: Callable[[int], Any] | None = None, workers: int = _WRITERS) -> None:
         self.folder = folder
         self.shards = plan_shards(tensors, max_bytes)
         count = len(self.shards)
         self.file_names = ([f"{stem}.safetensors"] if count == 1 else
                            [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        self._order = [(shard_index, tensor) for shard_index, shard in enumerate(self.shards) for tensor in shard]
-        self._next = 0
-        self._handle: BinaryIO | None = None
-        self._open_shard = -1
+        self._places: dict[str, _Place] = {}
+        self._descriptors: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normswap-writer")
+        self._futures: list[Future[None]] = []
+        self._room = threading.BoundedSemaphore(_IN_FLIGHT)
+        self._written: set[str] = set()
+        self._on_written = on_written
+        try:
+            for index, shard in enumerate(self.shards):
+                header, offsets = header_bytes({t.name: (t.dtype, t.shape) for t in shard}, {"format": "pt"})
+                descriptor = os.open(folder / self.file_names[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._descriptors.append(descriptor)
+                _write_at(descriptor, memoryview(header), 0)
+                os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in shard))
+                for tensor in shard:
+                    self._places[tensor.name] = _Place(index, len(header) + offsets[tensor.name][0], tensor)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None:
+            self.abort()
 
     def write(self, name: str, data: torch.Tensor | bytes | bytearray | FileRange) -> int:
-        """Write the next tensor; it must be the one planned next, with the planned dtype and shape.
+        """Queue one planned tensor's bytes for writing at its place; returns its size.
 
         A ``FileRange`` (an unchanged tensor's bytes in a source file) is copied by the kernel
         (``copy_file_range``), without passing through this process's memory.
         """
-        shard_index, planned = self._order[self._next]
-        if name != planned.name:
-            raise NormswapError(f"internal: wrote {name!r} where {planned.name!r} was planned; please report it")
+        self._raise_failures()
+        place = self._places.get(name)
+        if place is None or name in self._written:
+            raise NormswapError(f"internal: {name!r} was not planned or is written twice; please report it")
+        planned = place.planned
+        descriptor = self._descriptors[place.shard]
         if isinstance(data, FileRange):
             if data.length != planned.nbytes:
                 raise NormswapError(f"internal: {name} has {data.length} bytes, planned {planned.nbytes}")
-            if shard_index != self._open_shard:
-                self._start(shard_index)
-            assert self._handle is not None
-            data.copy_to(self._handle)
-            self._next += 1
-            return planned.nbytes
-        if isinstance(data, torch.Tensor):
-            if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
-                raise NormswapError(f"internal: {name} came out {data.dtype} {tuple(data.shape)}, planned "
-                                    f"{planned.dtype} {planned.shape}; please report it")
-            payload: memoryview | bytes | bytearray = tensor_bytes(data)
+            for start in range(0, data.length, _PIECE):
+                length = min(_PIECE, data.length - start)
+                self._submit(_copy_range, data.file, data.offset + start, descriptor, place.offset + start, length)
         else:
-            payload = data
-        if len(payload) != planned.nbytes:
-            raise NormswapError(f"internal: {name} has {len(payload)} bytes, planned {planned.nbytes}")
-        if shard_index != self._open_shard:
-            self._start(shard_index)
-        assert self._handle is not None
-        self._handle.write(payload)
-        self._next += 1
+            if isinstance(data, torch.Tensor):
+                if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
+                    raise NormswapError(f"internal: {name} came out {data.dtype} {tuple(data.shape)}, planned "
+                                        f"{planned.dtype} {planned.shape}; please report it")
+                payload: memoryview = tensor_bytes(data)
+            else:
+                payload = memoryview(data)
+            if payload.nbytes != planned.nbytes:
+                raise NormswapError(f"internal: {name} has {payload.nbytes} bytes, planned {planned.nbytes}")
+            self._room.acquire()  # bounded memory: wait while _IN_FLIGHT computed tensors are queued
+            try:
+                future = self._submit(_write_at, descriptor, payload, place.offset)
+            except BaseException:
+                self._room.release()
+                raise
+            future.add_done_callback(lambda _: self._room.release())
+        self._written.add(name)
         return planned.nbytes
 
     def close(self) -> list[str]:
-        """Finish the last shard and write the index; returns the shard file names."""
-        if self._next != len(self._order):
-            raise NormswapError(f"internal: {len(self._order) - self._next} planned tensors were never written")
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        for index in range(self._open_shard + 1, len(self.shards)):  # shards of only empty tensors
-            self._start(index)
-            assert self._handle is not None
-            self._handle.close()
-            self._handle = None
+        """Wait for every write, close the files and write the index; returns the shard file names."""
+        missing = len(self._places) - len(self._written)
+        if missing:
+            self.abort()
+            raise NormswapError(f"internal: {missing} planned tensors were never written")
+        try:
+            for future in self._futures:
+                future.result()
+        except BaseException:
+            self.abort()
+            raise
+        self._pool.shutdown()
+        self._close_files()
         if len(self.shards) > 1:
             weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
@@ -159,13 +183,61 @@ class ShardWriter:
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
         return self.file_names
 
-    def _start(self, shard_index: int) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        header, _ = header_bytes({t.name: (t.dtype, t.shape) for t in self.shards[shard_index]}, {"format": "pt"})
-        self._handle = (self.folder / self.file_names[shard_index]).open("wb", buffering=0)
-        self._handle.write(header)
-        self._open_shard = shard_index
+    def abort(self) -> None:
+        """Drop queued writes, wait for the ones under way (one piece each), close the files."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._close_files()
+
+    def _submit(self, function: Callable[..., None], *arguments: Any) -> Future[None]:
+        future = self._pool.submit(function, *arguments)
+        if self._on_written is not None:
+            size = arguments[-1] if function is _copy_range else arguments[1].nbytes
+            report = self._on_written
+            future.add_done_callback(lambda done: None if done.cancelled() or done.exception() else report(size))
+        self._futures.append(future)
+        return future
+
+    def _raise_failures(self) -> None:
+        for future in self._futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        self._futures = [future for future in self._futures if not future.done()]
+
+    def _close_files(self) -> None:
+        while self._descriptors:
+            os.close(self._descriptors.pop())
+
+
+def _write_at(descriptor: int, payload: memoryview, offset: int) -> None:
+    view = payload.cast("B") if payload.ndim != 1 or payload.format != "B" else payload
+    while view.nbytes:
+        done = os.pwrite(descriptor, view[:_PIECE], offset)
+        view, offset = view[done:], offset + done
+
+
+def _copy_range(file: Path, offset: int, descriptor: int, destination: int, length: int) -> None:
+    source = os.open(file, os.O_RDONLY)
+    try:
+        while length:
+            try:
+                done = os.copy_file_range(source, descriptor, length, offset, destination)
+            except OSError:  # file systems or kernels without it: plain reads and writes
+                done = 0
+            if done == 0:
+                _copy_plainly(file, source, offset, descriptor, destination, length)
+                return
+            offset, destination, length = offset + done, destination + done, length - done
+    finally:
+        os.close(source)
+
+
+def _copy_plainly(file: Path, source: int, offset: int, descriptor: int, destination: int, length: int) -> None:
+    while length:
+        chunk = os.pread(source, min(length, _PIECE), offset)
+        if not chunk:
+            raise NormswapError(f"{file} ended before its tensor did; the file is truncated")
+        _write_at(descriptor, memoryview(chunk), destination)
+        offset, destination, length = offset + len(chunk), destination + len(chunk), length - len(chunk)
 
 
 def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -188,7 +260,8 @@ def save_state_dict(folder: Path, state: dict[str, torch.Tensor], max_bytes: int
             continue
         seen.add(key)
         kept[name] = tensor.detach().cpu().contiguous()
-    writer = ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()], max_bytes)
-    for name, tensor in kept.items():
-        writer.write(name, tensor)
-    return writer.close()
+    with ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()],
+                     max_bytes) as writer:
+        for name, tensor in kept.items():
+            writer.write(name, tensor)
+        return writer.close()
