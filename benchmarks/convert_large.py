@@ -10,8 +10,9 @@ run and on the same disk:
 
 Each runs as its own process; its peak RSS comes from ``os.wait4``. Every conversion is timed right
 after its own ``cp -r`` (the disk's speed drifts by 2x or more between minutes on these machines), and
-the ratios are medians over ``--repeats`` such pairs. Prints time / copy time and peak RSS / largest
-shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
+the ratios are medians over ``--repeats`` such pairs. Prints time / copy time; the part of it spent
+writing tensors (``seconds.writing`` of ``--json``; the rest is start-up and planning) / copy time; and
+peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
 
     python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--repeats 3] [--keep]
 """
@@ -19,6 +20,7 @@ shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -39,16 +41,18 @@ converted.save_pretrained(sys.argv[2], max_shard_size="2GB")
 """
 
 
-def measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in bytes) of one child process."""
+def measured(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in bytes, stdout) of one child process."""
     os.sync()
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(command[:4])} ... failed: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    return elapsed, usage.ru_maxrss * 1024.0
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - start
+        if status != 0:
+            raise SystemExit(f"{' '.join(command[:4])} ... failed: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        output.seek(0)
+        return elapsed, usage.ru_maxrss * 1024.0, output.read().decode()
 
 
 def main() -> None:
@@ -75,39 +79,45 @@ def main() -> None:
 
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for all
 
-    def copy_then(command: list[str]) -> tuple[float, float, float]:
-        """(copy seconds, command seconds, command peak RSS): ``cp -r`` right before, so both see the same disk."""
-        copy_time, _ = measured(["cp", "-r", str(source), str(work / "copy")])
+    def copy_then(command: list[str]) -> tuple[float, float, float, float]:
+        """(copy seconds, command seconds, command peak RSS, seconds spent writing tensors): ``cp -r`` right
+        before, so both see the same disk. The writing time comes from ``normswap convert --json``."""
+        copy_time, _, _ = measured(["cp", "-r", str(source), str(work / "copy")])
         shutil.rmtree(work / "copy")
-        elapsed, rss = measured(command)
+        elapsed, rss, output = measured(command)
         shutil.rmtree(work / "out")
-        return copy_time, elapsed, rss
+        writing = json.loads(output)["seconds"]["writing"] if "--json" in command else float("nan")
+        return copy_time, elapsed, rss, writing
 
-    normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet",
+    normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet", "--json",
                 "--max-shard-size", "2GB"]
     commands = [("streamed placement pre -> post", [*normswap, "--placement", "post"]),
                 ("streamed norm rmsnorm -> layernorm", [*normswap, "--norm", "layernorm"])]
-    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in commands}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in commands}
     for repeat in range(args.repeats):
         for label, command in commands:
             runs[label].append(copy_then(command))
-            copy_time, elapsed, rss = runs[label][-1]
+            copy_time, elapsed, rss, writing = runs[label][-1]
             print(f"run {repeat + 1}: {label}: {elapsed:.1f} s, cp -r {copy_time:.1f} s, "
-                  f"ratio {elapsed / copy_time:.2f}", flush=True)
+                  f"ratio {elapsed / copy_time:.2f}; of which writing tensors {writing:.1f} s "
+                  f"({writing / copy_time:.2f} x cp)", flush=True)
     if not args.skip_in_memory:
         for label, kind in (("in-memory placement pre -> post", "placement"),
                             ("in-memory norm rmsnorm -> layernorm", "norm")):
             runs[label] = [copy_then([sys.executable, "-c", IN_MEMORY, str(source), str(work / "out"), kind])]
 
-    print(f"\n{'conversion':38} {'time':>8} {'cp -r':>7} {'time/cp':>8} {'peak RSS':>10} {'RSS/shard':>10}")
+    print(f"\n{'conversion':38} {'time':>8} {'cp -r':>7} {'time/cp':>8} {'write/cp':>9} {'peak RSS':>10} "
+          f"{'RSS/shard':>10}")
     summary = {}
     for label, measurements in runs.items():
-        ratio = statistics.median(elapsed / copy_time for copy_time, elapsed, _ in measurements)
+        ratio = statistics.median(elapsed / copy_time for copy_time, elapsed, _, _ in measurements)
+        writing_ratio = statistics.median(writing / copy_time for copy_time, _, _, writing in measurements)
         elapsed = statistics.median(m[1] for m in measurements)
         copy_time = statistics.median(m[0] for m in measurements)
         rss = max(m[2] for m in measurements)
         summary[label] = (ratio, rss)
-        print(f"{label:38} {elapsed:7.1f}s {copy_time:6.1f}s {ratio:8.2f} {rss / 1e9:8.2f}GB {rss / largest:10.2f}")
+        print(f"{label:38} {elapsed:7.1f}s {copy_time:6.1f}s {ratio:8.2f} {writing_ratio:9.2f} {rss / 1e9:8.2f}GB "
+              f"{rss / largest:10.2f}")
     streamed = [value for label, value in summary.items() if label.startswith("streamed")]
     worst_time = max(ratio for ratio, _ in streamed)
     worst_rss = max(rss for _, rss in streamed)

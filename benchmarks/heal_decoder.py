@@ -3,7 +3,8 @@
 For a tiny GPT-2-style and a tiny Llama-style model: pretrain for a few minutes on the training split of
 the built-in corpus (byte-level tokens), so the weights are not random; convert Pre -> Post (generated
 code, norm-shift mapping); heal; report next-token KL(original || converted) on held-out text before and
-after. Target: healed KL <= 10% of the unhealed KL.
+after, for per-sublayer distillation with and without the closed-form warm start. Target: healed KL <= 10%
+of the unhealed KL.
 
     python benchmarks/heal_decoder.py [--pretrain-minutes 3] [--heal-minutes 3]
 """
@@ -61,16 +62,18 @@ def main() -> None:
         steps, loss = pretrain(original, train, args.pretrain_minutes)
         original.eval()
         print(f"{name}: pretrained {steps} steps, loss {loss:.3f}", flush=True)
-        student = normswap.convert(original, placement="post")
-        _, report = heal(original, student, max_steps=100_000, max_time=args.heal_minutes * 60,
-                         batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True)
-        before, after = report.before["next_token_kl"], report.after["next_token_kl"]
-        rows.append((name, steps, before, after, report.steps, report.seconds))
-        print(f"{name}: KL {before:.4f} -> {after:.4f} ({after / before:.1%}) in {report.steps} heal steps, "
-              f"{report.seconds:.0f} s", flush=True)
-    print(f"\n{'model':8} {'pretrain':>9} {'KL before':>10} {'KL after':>9} {'after/before':>13} {'heal steps':>11}")
-    for name, steps, before, after, heal_steps, _ in rows:
-        print(f"{name:8} {steps:9d} {before:10.4f} {after:9.4f} {after / before:13.1%} {heal_steps:11d}")
+        for variant, warm_start in (("per-sublayer", False), ("warm start + per-sublayer", True)):
+            student = normswap.convert(original, placement="post")
+            _, report = heal(original, student, max_steps=100_000, max_time=args.heal_minutes * 60,
+                             batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True, warm_start=warm_start)
+            before, after = report.before["next_token_kl"], report.after["next_token_kl"]
+            rows.append((name, variant, steps, before, after, report.steps))
+            print(f"{name} {variant}: KL {before:.4f} -> {after:.4f} ({after / before:.1%}) in {report.steps} heal "
+                  f"steps, {report.seconds:.0f} s", flush=True)
+    print(f"\n{'model':8} {'healing':26} {'pretrain':>9} {'KL before':>10} {'KL after':>9} {'after/before':>13} "
+          f"{'heal steps':>11}")
+    for name, variant, steps, before, after, heal_steps in rows:
+        print(f"{name:8} {variant:26} {steps:9d} {before:10.4f} {after:9.4f} {after / before:13.1%} {heal_steps:11d}")
     print("target: healed KL <= 10% of the unhealed KL")
 
 

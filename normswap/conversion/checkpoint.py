@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,14 @@ class ConversionResult:
     report: Any  # DriftReport (inexact) or ExactnessReport (exact); None for a no-op
     destination: Path | None
     note: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # planning, writing, verification
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.to_dict(),
             "report": self.report.to_dict() if self.report else None,
             "destination": str(self.destination) if self.destination else None,
+            "seconds": {stage: round(value, 3) for stage, value in self.seconds.items()},
         }
 
 
@@ -63,6 +66,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
     source_path, destination_path = Path(source), Path(destination)
     config = load_config(source_path, trust_remote_code)
     if not source_path.is_dir():
@@ -85,19 +90,23 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                         transformers_renamings(meta, weights.tensors))
     default_dtype = checkpoint_dtype(config, weights)
     verify = weights.total_bytes <= verify_limit
+    seconds["planning"] = time.monotonic() - started
     with atomic_output(destination_path, overwrite) as folder:
         while True:
+            stage = time.monotonic()
             planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
             require_space(destination_path, sum(t.nbytes for t in planned))
             stream_program(setup.program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,  # type: ignore[arg-type]
                            default_dtype,
                            dtype=output_dtype, allow_nonfinite=allow_nonfinite, progress=progress)
             _write_config(folder, setup, str(source_path.resolve()), planned)
+            seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
             if not verify:
                 report: Any = SkippedVerification(
                     f"not verified: {weights.total_bytes / 1e9:.2f} GB of weights is above the verification limit "
                     f"of {verify_limit / 1e9:.2f} GB (--verify-max-size); verification loads both models in memory")
                 break
+            stage = time.monotonic()
             try:
                 report = _verify(source_path, config, folder, setup, texts, trust_remote_code)
                 break
@@ -107,8 +116,11 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 setup = setup.fallback()
                 for leftover in folder.iterdir():
                     leftover.unlink()
+            finally:
+                seconds["verification"] = seconds.get("verification", 0.0) + time.monotonic() - stage
         _write_extras(folder, destination_path, source_path, setup, report)
-    return ConversionResult(setup.plan, report, destination_path.resolve())
+    seconds["total"] = time.monotonic() - started
+    return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds)
 
 
 def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool,

@@ -103,7 +103,7 @@ class TokenisedTexts(torch.utils.data.Dataset):
                 tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
             self.pad_id = int(tokenizer.pad_token_id or 0)
             batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                              return_tensors="pt")
+                              padding_side="right", return_tensors="pt")
             self.input_ids, self.attention_mask = batch["input_ids"], batch["attention_mask"]
         else:  # no tokenizer: bytes as token ids, folded into the vocabulary
             self.pad_id = 0

@@ -3,9 +3,9 @@
 Every output tensor's name, dtype and shape is known before the first byte is computed, so the
 shards are planned up front: each file's header is written first and every tensor has a fixed place
 in its file. Tensors are then written *at* their place, by a small pool of threads, while the caller
-computes the next one. Unchanged tensors are copied by the kernel (``copy_file_range``) in 64 MiB
-pieces; on this kind of machine two such copies in flight move bytes about 1.5x as fast as one, and
-``cp`` uses one. Computed tensors wait in memory only until written (at most ``_IN_FLIGHT`` of them).
+computes the next one, so arithmetic and disk overlap. Unchanged tensors are copied by the kernel
+(``copy_file_range``) in 64 MiB pieces. Computed tensors wait in memory only until written (at most
+``_IN_FLIGHT`` of them).
 """
 
 from __future__ import annotations
