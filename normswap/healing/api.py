@@ -88,10 +88,9 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     teacher.eval()
     student.eval()
 
-    probe = TokenisedTexts(texts.held_out[:64], tokenizer, max_length, vocab)  # quick checks while training
-
     def measure(full: bool = True) -> dict[str, Any]:
-        return compare(teacher, student, correspondence, evaluation if full else probe, batch_size)
+        """All held-out texts, or (while training) a quick check on the first 64."""
+        return compare(teacher, student, correspondence, evaluation, batch_size, limit=None if full else 64)
 
     measured_at = time.monotonic()
     before = measure()

@@ -114,7 +114,7 @@ class TokenisedTexts(torch.utils.data.Dataset):
                 self.input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
                 self.attention_mask[i, :len(row)] = 1
         # right padding: a row's real tokens are its first ``length`` positions
-        self.lengths = [max(1, int(m.nonzero().max()) + 1) if m.any() else 1 for m in self.attention_mask]
+        self.lengths: list[int] = self.attention_mask.sum(1).clamp_min(1).tolist()
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -198,11 +198,10 @@ class AugmentedTexts(torch.utils.data.Dataset):
         self.keep = keep
         self.substitute = substitute
         self.prefix, self.suffix = _special_wrapping(tokenizer)
-        wrap = len(self.prefix) + len(self.suffix)
+        self.wrap = len(self.prefix) + len(self.suffix)
         pieces = [rows.input_ids[i, len(self.prefix):max(len(self.prefix), length - len(self.suffix))]
                   for i, length in enumerate(rows.lengths)]
         self.stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        self.wrap = wrap
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -20,7 +20,8 @@ from .taps import Correspondence, capture
 
 @torch.no_grad()
 def compare(teacher: nn.Module, student: nn.Module, correspondence: Correspondence, dataset: Any,
-            batch_size: int = 32) -> dict[str, Any]:
+            batch_size: int = 32, limit: int | None = None) -> dict[str, Any]:
+    """Every figure above on the first ``limit`` rows of ``dataset`` (all by default)."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
@@ -32,7 +33,7 @@ def compare(teacher: nn.Module, student: nn.Module, correspondence: Corresponden
     pooled_t, pooled_s = [], []
     kl_sum = nll_t = nll_s = 0.0
     lm_tokens = 0
-    for rows in dataset.batches(batch_size, by_length=True):
+    for rows in dataset.batches(batch_size, limit=limit, by_length=True):
         batch = {name: value.to(device) for name, value in rows.items()}
         mask = batch["attention_mask"].bool()
         with capture(teacher, teacher_map) as found_t:

@@ -141,7 +141,8 @@ class ShardWriter:
                 raise NormswapError(f"internal: {name} has {data.length} bytes, planned {planned.nbytes}")
             for start in range(0, data.length, _PIECE):
                 length = min(_PIECE, data.length - start)
-                self._submit(_copy_range, data.file, data.offset + start, descriptor, place.offset + start, length)
+                self._submit(length, _copy_range, data.file, data.offset + start, descriptor, place.offset + start,
+                             length)
         else:
             if isinstance(data, torch.Tensor):
                 if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
@@ -154,7 +155,7 @@ class ShardWriter:
                 raise NormswapError(f"internal: {name} has {payload.nbytes} bytes, planned {planned.nbytes}")
             self._room.acquire()  # bounded memory: wait while _IN_FLIGHT computed tensors are queued
             try:
-                future = self._submit(_write_at, descriptor, payload, place.offset)
+                future = self._submit(payload.nbytes, _write_at, descriptor, payload, place.offset)
             except BaseException:
                 self._room.release()
                 raise
@@ -188,10 +189,10 @@ class ShardWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._close_files()
 
-    def _submit(self, function: Callable[..., None], *arguments: Any) -> Future[None]:
+    def _submit(self, size: int, function: Callable[..., None], *arguments: Any) -> Future[None]:
+        """Run ``function(*arguments)``, which writes ``size`` bytes, on a writer thread."""
         future = self._pool.submit(function, *arguments)
         if self._on_written is not None:
-            size = arguments[-1] if function is _copy_range else arguments[1].nbytes
             report = self._on_written
             future.add_done_callback(lambda done: None if done.cancelled() or done.exception() else report(size))
         self._futures.append(future)
