@@ -127,3 +127,19 @@ def test_accelerate_single_process_launcher(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "STEPS 6 True" in done.stdout
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("true", True), ("1", True), ("false", False), (None, False)])
+def test_accelerate_cpu_flag_reaches_the_training_device(flag: str | None, expected: bool, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accelerate launch --cpu`` on a GPU machine sent inputs to cuda:0 and left the model on the CPU (seen on
+    an H100): the flag must reach ``TrainingArguments.use_cpu`` as well as the accelerator."""
+    from normswap.healing.training import training_arguments
+
+    if flag is None:
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", flag)
+    arguments = training_arguments(str(tmp_path), batch_size=2, learning_rate=1e-3, max_steps=1, eval_steps=1,
+                                   save_steps=1, seed=0, quiet=True)
+    assert arguments.use_cpu is expected

@@ -46,8 +46,8 @@ def compare(teacher: nn.Module, student: nn.Module, correspondence: Corresponden
                 sums[key] += float(F.cosine_similarity(a, b, dim=-1).sum())
         tokens += int(mask.sum())
         final = finals[-1]
-        pooled_t.append(_mean_pool(found_t[final], mask))
-        pooled_s.append(_mean_pool(found_s[final], mask))
+        pooled_t.append(_mean_pool(found_t[final], mask).cpu())  # the pairwise figures are computed on CPU
+        pooled_s.append(_mean_pool(found_s[final], mask).cpu())
         logits_t, logits_s = getattr(out_t, "logits", None), getattr(out_s, "logits", None)
         if logits_t is not None and logits_s is not None and logits_t.dim() == 3:
             keep = mask[:, 1:]
@@ -80,9 +80,9 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def spearman_of_similarities(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman correlation between the pairwise cosine similarities within ``a`` and within ``b``."""
-    upper = torch.triu_indices(len(a), len(a), 1)
+    upper = torch.triu_indices(len(a), len(a), 1, device=a.device)
     x = (a @ a.T)[upper[0], upper[1]]
     y = (b @ b.T)[upper[0], upper[1]]
-    rank_x = torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(len(x), dtype=x.dtype))
-    rank_y = torch.empty_like(y).scatter_(0, y.argsort(), torch.arange(len(y), dtype=y.dtype))
+    rank_x = torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(len(x), dtype=x.dtype, device=x.device))
+    rank_y = torch.empty_like(y).scatter_(0, y.argsort(), torch.arange(len(y), dtype=y.dtype, device=y.device))
     return float(torch.corrcoef(torch.stack([rank_x, rank_y]))[0, 1])

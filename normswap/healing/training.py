@@ -8,6 +8,7 @@ stopping rules: a target output cosine, a step budget and a wall-clock budget.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,12 +116,20 @@ class MetricProgressBar(ProgressCallback):
 
 def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int,
                        eval_steps: int, save_steps: int, seed: int, quiet: bool) -> TrainingArguments:
-    """Defaults sized for a CPU and a small model; a GPU is used when there is one."""
+    """Defaults sized for a CPU and a small model; a GPU is used when there is one.
+
+    ``accelerate launch --cpu`` says "CPU" through ``ACCELERATE_USE_CPU``: transformers' accelerator honours it
+    but ``args.device`` does not (inputs went to cuda:0, the model stayed on the CPU), so it is passed on here.
+    """
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         max_steps=max_steps, warmup_steps=min(20, max_steps // 10),
         weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
         save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
-        max_grad_norm=1.0,
+        max_grad_norm=1.0, use_cpu=_accelerate_wants_cpu(),
     )
+
+
+def _accelerate_wants_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
