@@ -45,7 +45,8 @@ def main() -> None:
 
     import normswap
     from normswap.healing.api import heal
-    from normswap.healing.data import TokenisedTexts, load_texts, split_texts
+    from normswap.healing.rows import TokenisedTexts
+    from normswap.healing.texts import load_texts, split_texts
 
     texts = split_texts(load_texts(None))
     train = TokenisedTexts(texts.train, None, 64, 256)

@@ -109,6 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="allow the modeling code the checkpoints name (needed for normswap-generated code)")
     heal.add_argument("--quiet", action="store_true", help="no progress bar")
     heal.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    heal.add_argument("--plot", action="store_true",
+                      help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib)")
     return parser
 
 
@@ -175,7 +177,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              max_length=args.max_length, learning_rate=args.learning_rate,
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
-                             resume=args.resume, quiet=args.quiet)
+                             resume=args.resume, quiet=args.quiet, plot=args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -15,8 +15,8 @@ from test_rms_norm import perturbed
 import normswap
 from normswap.cli import main
 from normswap.healing import api as heal_api
-from normswap.healing.data import load_texts, split_texts
 from normswap.healing.taps import correspond
+from normswap.healing.texts import load_texts, split_texts
 
 QUICK = {"max_length": 24, "batch_size": 8, "held_out": 32, "eval_steps": 10, "quiet": True}
 
@@ -96,8 +96,11 @@ def test_cli_heals_a_converted_checkpoint(tmp_path: Path, capsys: pytest.Capture
             "12", "--eval-steps", "6", "--batch-size", "8", "--max-length", "24", "--held-out", "32", "--quiet"]
     assert main(args) == 1  # generated code needs --trust-remote-code
     assert "--trust-remote-code" in capsys.readouterr().err and not (tmp_path / "healed").exists()
-    assert main([*args, "--trust-remote-code"]) == 0
+    assert main([*args, "--trust-remote-code", "--plot"]) == 0
     report = json.loads((tmp_path / "healed" / "normswap_report.json").read_text())
+    plot = (tmp_path / "healed" / "normswap_drift.png").read_bytes()
+    assert plot.startswith(b"\x89PNG\r\n\x1a\n") and len(plot) > 10_000
+    assert len(report["heal"]["entries"]) == len(report["heal"]["after"]["entry_cosines"]) > 2
     assert report["heal"]["steps"] == 12 and report["plan"]["target_placement"] == "post"
     assert report["heal"]["after"]["output_cosine"] > report["heal"]["before"]["output_cosine"]
     assert list((tmp_path / "healed").glob("modeling_normswap_*.py"))
@@ -143,3 +146,17 @@ def test_accelerate_cpu_flag_reaches_the_training_device(flag: str | None, expec
     arguments = training_arguments(str(tmp_path), batch_size=2, learning_rate=1e-3, max_steps=1, eval_steps=1,
                                    save_steps=1, seed=0, quiet=True)
     assert arguments.use_cpu is expected
+
+
+def test_plot_without_matplotlib_is_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "original")
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "other")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    capsys.readouterr()  # the saves' progress bars
+    monkeypatch.setattr(heal_api, "heal", lambda *a, **k: pytest.fail("trained although the plot cannot be made"))
+    assert main(["heal", str(tmp_path / "original"), str(tmp_path / "other"), str(tmp_path / "healed"),
+                 "--plot", "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "pip install 'normswap[plot]'" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "healed").exists()

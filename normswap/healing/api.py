@@ -22,10 +22,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
-from .data import AugmentedTexts, TokenisedTexts, load_texts, split_texts
 from .metrics import compare
 from .objective import HealingObjective
+from .rows import AugmentedTexts, TokenisedTexts
 from .taps import correspond
+from .texts import load_texts, split_texts
 from .training import HealingTrainer, MetricProgressBar, StopRules, training_arguments
 from .warm_start import fit_writers
 
@@ -45,6 +46,7 @@ class HealReport:
     frozen: tuple[str, ...] = field(default=())
     history: tuple[dict[str, Any], ...] = field(default=())  # held-out checks during training
     losses: tuple[float, ...] = field(default=())  # training loss at each logging step
+    entries: tuple[str, ...] = field(default=())  # student module of each entry_cosines position
 
     def summary(self) -> str:
         lines = [f"healed {self.steps} steps in {self.seconds:.0f} s ({self.stopped}); "
@@ -132,7 +134,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     stopped = stop.reason or f"{trainer.state.global_step} steps done"
     report = HealReport(before, after, warm, trainer.state.global_step, time.monotonic() - started, stopped,
                         len(texts.train), len(texts.held_out), frozen, tuple(trainer.history),
-                        tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry))
+                        tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
+                        tuple(entry.student for entry in correspondence.entries))
     return student, report
 
 

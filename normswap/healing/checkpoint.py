@@ -19,18 +19,22 @@ from ..io.destination import atomic_output, check_destination, require_space
 from ..io.shard_writer import parse_size, save_state_dict
 from ..io.support_files import copy_support_files
 from .api import HealReport, heal
+from .plot import PLOT_FILE, plot_drift, require_matplotlib
 
 
 def heal_checkpoint(original: str | Path, converted: str | Path, destination: str | Path, *,
                     overwrite: bool = False, trust_remote_code: bool = False, max_shard_size: str = "5GB",
-                    **options: Any) -> HealReport:
-    """Load both checkpoints, heal the converted one toward the original, write it to ``destination``."""
+                    plot: bool = False, **options: Any) -> HealReport:
+    """Load both checkpoints, heal the converted one toward the original, write it to ``destination``
+    (with ``plot``, also a PNG of per-sublayer drift before and after)."""
     original_path, converted_path, destination_path = Path(original), Path(converted), Path(destination)
     for path in (original_path, converted_path):
         if not path.is_dir():
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
     check_destination(converted_path, destination_path, overwrite)
     check_destination(original_path, destination_path, overwrite=True)
+    if plot:
+        require_matplotlib()
     teacher = load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
     student = load_model(converted_path, load_config(converted_path, trust_remote_code), trust_remote_code)
     tokenizer = load_tokenizer(converted_path) or load_tokenizer(original_path)
@@ -54,6 +58,8 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
         (folder / REPORT_FILE).write_text(json.dumps({**conversion, "normswap": provenance,
                                                       "heal": report.to_dict()}, indent=2))
         (folder / "README.md").write_text(_card(destination_path.name, provenance, report))
+        if plot:
+            plot_drift(report, folder / PLOT_FILE)
     return report
 
 

@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .data import LengthBucketSampler
+from .sampler import LengthBucketSampler
 
 
 class HealingTrainer(Trainer):
@@ -128,6 +129,7 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
         save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
         max_grad_norm=1.0, use_cpu=_accelerate_wants_cpu(),
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
     )
 
 

@@ -1,4 +1,4 @@
-"""Healing batches: every training text once per epoch in batches of similar length, a new order each
+"""Healing rows and batches: every training text once per epoch in batches of similar length, a new order each
 epoch, augmented rows built from training text only, and a learning rate that decays over a time budget."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from normswap.healing.data import AugmentedTexts, LengthBucketSampler, TokenisedTexts
+from normswap.healing.rows import AugmentedTexts, TokenisedTexts
+from normswap.healing.sampler import LengthBucketSampler
 from normswap.healing.training import HealingTrainer
 
 

@@ -1,93 +1,14 @@
-"""Healing text: the user's files or the built-in corpus, split once into training and held-out parts.
+"""Token rows for the Trainer: the texts tokenised once, and augmented rows cut from them.
 
-The held-out part is chosen by a hash of each text, so it is the same on every run and machine and
-never depends on the order of the input; it is never trained on.
+Rows are kept unpadded in spirit (each knows its length); batches are padded only to their longest row.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-from ..corpus import default_corpus
-from ..errors import NormswapError
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-@dataclass(frozen=True)
-class HealingTexts:
-    train: tuple[str, ...]
-    held_out: tuple[str, ...]
-
-
-def load_texts(source: str | Path | Sequence[str] | None) -> list[str]:
-    """Texts from a .txt (one document per line), a .jsonl (``text`` field), a ``datasets`` folder saved with
-    ``save_to_disk``, a list of strings, or (None) the built-in corpus split into sentences."""
-    if source is None:
-        return [s for paragraph in default_corpus() for s in _SENTENCE_END.split(paragraph) if len(s) >= 40]
-    if not isinstance(source, (str, Path)):
-        texts = [t for t in source if isinstance(t, str) and t.strip()]
-        if not texts:
-            raise NormswapError("the healing data holds no text")
-        return texts
-    path = Path(source)
-    if path.is_dir():
-        return _dataset_folder(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise NormswapError(f"cannot read healing data {path}: {error}; pass a UTF-8 .txt or .jsonl file") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise NormswapError(f"{path}:{number} is not JSON ({error.msg}); each line must be an object with "
-                                    "a 'text' field") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise NormswapError(f"{path}:{number} has no string 'text' field")
-            texts.append(record["text"])
-    else:
-        texts = [line.strip() for line in lines if line.strip()]
-    if not texts:
-        raise NormswapError(f"{path} holds no text; pass one document per line")
-    return texts
-
-
-def _dataset_folder(path: Path) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise NormswapError(f"{path} is a folder; reading a datasets save_to_disk folder needs the 'datasets' "
-                            "package (pip install datasets)") from None
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    if "text" not in loaded.column_names:
-        raise NormswapError(f"{path} has no 'text' column (columns: {', '.join(loaded.column_names)})")
-    return [t for t in loaded["text"] if isinstance(t, str) and t.strip()]
-
-
-def split_texts(texts: Sequence[str], held_out: int = 256) -> HealingTexts:
-    """Hold out ``held_out`` texts (at most a third), picked by hash; the rest are for training."""
-    unique = list(dict.fromkeys(texts))
-    if len(unique) < 8:
-        raise NormswapError(f"healing needs at least 8 distinct texts, got {len(unique)}")
-    count = min(held_out, len(unique) // 3)
-    ranked = sorted(unique, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
-    chosen = set(ranked[:count])
-    return HealingTexts(tuple(t for t in unique if t not in chosen), tuple(t for t in unique if t in chosen))
 
 
 class TokenisedTexts(torch.utils.data.Dataset):
@@ -143,43 +64,6 @@ class TokenisedTexts(torch.utils.data.Dataset):
         return [self.pad_batch([self[i] for i in rows[start:start + batch_size]])
                 for start in range(0, len(rows), batch_size)]
 
-
-class LengthBucketSampler(torch.utils.data.Sampler[int]):
-    """Random batches of similar length: each epoch shuffles, sorts pools of ``pool`` batches by length and
-    shuffles the batches, so padding is small but no two epochs (or batches) repeat an order.
-
-    Yields indices batch by batch, so the DataLoader's consecutive ``batch_size`` chunks are these batches.
-    ``set_epoch`` (called by accelerate) makes the order a function of (seed, epoch): resumption and every
-    process see the same batches.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool: int = 8) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pool = pool
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        size = self.batch_size * self.pool
-        batches: list[list[int]] = []
-        for start in range(0, len(order), size):
-            pool = sorted(order[start:start + size], key=self.lengths.__getitem__)
-            batches += [pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        # the one short batch (if any) goes last, or the DataLoader's chunks would straddle two batches
-        shuffled += [b for b in batches if len(b) < self.batch_size]
-        self.epoch += 1
-        return iter([index for batch in shuffled for index in batch])
 
 
 class AugmentedTexts(torch.utils.data.Dataset):
