@@ -100,6 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--warm-start", action="store_true",
                       help="first refit every branch's output projection in closed form (measured slower to "
                       "converge on MiniLM; see the README)")
+    heal.add_argument("--match", choices=("sublayers", "branches", "output"), default="sublayers",
+                      help="what is matched to the original: what every branch reads plus the output (default), "
+                      "also what every branch writes, or the output only (plain distillation)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
     heal.add_argument("--work-dir", metavar="DIR", help="Trainer checkpoints (default: a temporary folder)")
@@ -177,7 +180,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              max_length=args.max_length, learning_rate=args.learning_rate,
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
-                             resume=args.resume, quiet=args.quiet, plot=args.plot)
+                             resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

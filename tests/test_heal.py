@@ -17,6 +17,7 @@ from normswap.cli import main
 from normswap.healing import api as heal_api
 from normswap.healing.taps import correspond
 from normswap.healing.texts import load_texts, split_texts
+from normswap.healing.training import TrainingClock, spent_seconds
 
 QUICK = {"max_length": 24, "batch_size": 8, "held_out": 32, "eval_steps": 10, "quiet": True}
 
@@ -74,15 +75,28 @@ def test_loss_falls_and_every_sublayer_gets_closer(config: str, model_class: str
     assert not teacher.training and all(p.requires_grad for p in student.parameters())
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
+def test_resume_continues_from_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     teacher, student = pair()
     _, first = heal_api.heal(teacher, student, max_steps=10, work_dir=tmp_path, warm_start=True, **QUICK)
     assert first.steps == 10 and (tmp_path / "checkpoint-10").is_dir() and first.warm_start is not None
+    spent = spent_seconds(str(tmp_path / "checkpoint-10"))
+    assert spent == first.history[-1]["training_seconds"] > 0
+
+    clocks: list[TrainingClock] = []
+
+    class RecordedClock(TrainingClock):
+        def __init__(self, spent: float = 0.0) -> None:
+            super().__init__(spent)
+            clocks.append(self)
+
+    monkeypatch.setattr(heal_api, "TrainingClock", RecordedClock)
     _, resumed = heal_api.heal(teacher, student, max_steps=20, work_dir=tmp_path, resume=True, warm_start=True,
-                               **QUICK)
+                               max_time=3600, **QUICK)
     assert resumed.steps == 20
     assert resumed.warm_start is None  # the checkpoint already holds the warm start's result
     assert [entry["step"] for entry in resumed.history] == [20]  # only steps 11..20 ran
+    assert [clock.spent for clock in clocks] == [spent]  # the time budget and the decay go on from there
+    assert resumed.history[-1]["training_seconds"] > spent
 
 
 def test_held_out_texts_are_never_trained_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -179,3 +193,24 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path: Path, monk
     error = capsys.readouterr().err.strip()
     assert "pip install 'normswap[plot]'" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "healed").exists()
+
+
+def test_cli_match_option_reaches_heal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from normswap.healing import checkpoint
+
+    class Reached(BaseException):  # not an Exception: the CLI's error handling must not swallow it
+        pass
+
+    seen: dict[str, object] = {}
+
+    def record(*_args: object, **options: object) -> None:
+        seen.update(options)
+        raise Reached
+
+    monkeypatch.setattr(checkpoint, "heal_checkpoint", record)
+    with pytest.raises(Reached):
+        main(["heal", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--match", "branches"])
+    assert seen["match"] == "branches"
+    with pytest.raises(SystemExit) as exited:
+        main(["heal", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--match", "everything"])
+    assert exited.value.code == 2

@@ -10,7 +10,7 @@ import torch
 
 from normswap.healing.rows import AugmentedTexts, TokenisedTexts
 from normswap.healing.sampler import LengthBucketSampler
-from normswap.healing.training import HealingTrainer
+from normswap.healing.training import HealingTrainer, TrainingClock
 
 
 def _lengths(count: int = 203) -> list[int]:
@@ -77,6 +77,7 @@ def test_learning_rate_decays_over_the_time_budget() -> None:
     trainer = HealingTrainer.__new__(HealingTrainer)
     trainer.lr_scheduler = None
     trainer.max_seconds = 0.3
+    trainer.clock = TrainingClock()
     trainer.args = SimpleNamespace(get_warmup_steps=lambda steps: 2)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = trainer.create_scheduler(num_training_steps=100_000, optimizer=optimizer)
@@ -90,3 +91,15 @@ def test_learning_rate_decays_over_the_time_budget() -> None:
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] < 1e-6  # the time budget is spent: decayed to zero
+
+
+def test_a_resumed_clock_continues_the_decay() -> None:
+    """Half the time budget spent before the checkpoint: the resumed run starts at half the peak rate."""
+    trainer = HealingTrainer.__new__(HealingTrainer)
+    trainer.lr_scheduler = None
+    trainer.max_seconds = 100.0
+    trainer.clock = TrainingClock(spent=50.0)
+    trainer.args = SimpleNamespace(get_warmup_steps=lambda steps: 0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer.create_scheduler(num_training_steps=100_000, optimizer=optimizer)
+    assert 0.45 < optimizer.param_groups[0]["lr"] <= 0.5

@@ -27,7 +27,7 @@ from .objective import HealingObjective
 from .rows import AugmentedTexts, TokenisedTexts
 from .taps import correspond
 from .texts import load_texts, split_texts
-from .training import HealingTrainer, MetricProgressBar, StopRules, training_arguments
+from .training import HealingTrainer, MetricProgressBar, StopRules, TrainingClock, spent_seconds, training_arguments
 from .warm_start import fit_writers
 
 
@@ -75,9 +75,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
     texts are never trained on. ``work_dir`` keeps Trainer checkpoints; ``resume`` continues from its
-    latest one (the warm start is then skipped: the checkpoint already holds its result). ``match="output"``
-    trains on the stacks' outputs only (the plain distillation baseline); ``match="branches"`` adds what each
-    branch writes to what each branch reads (measured: not better on MiniLM, see benchmarks/README.md).
+    latest one (the warm start is then skipped: the checkpoint already holds its result), and, like
+    ``max_steps``, ``max_time`` then counts the training time of the runs it resumes (checkpoints keep the
+    clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation baseline);
+    ``match="branches"`` adds what each branch writes to what each branch reads.
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
@@ -112,14 +113,15 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
                                  branch_weight=1.0 if match == "branches" else 0.0)
     remaining = None if max_time is None else max(1.0, max_time - (time.monotonic() - started) - evaluation_seconds)
-    stop = StopRules(target_cosine, remaining)
+    clock = TrainingClock(spent_seconds(checkpoint))  # a resumed run continues the earlier runs' clock
+    stop = StopRules(target_cosine, remaining, clock)
     arguments = training_arguments(str(work), batch_size=batch_size, learning_rate=learning_rate,
                                    max_steps=max_steps, eval_steps=eval_steps, save_steps=eval_steps, seed=seed,
                                    quiet=quiet)
     training_rows = AugmentedTexts(train, tokenizer) if augment else train
     trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
                              data_collator=training_rows.pad_batch, measure=lambda: measure(full=False),
-                             max_seconds=remaining, callbacks=[stop])
+                             max_seconds=remaining, clock=clock, callbacks=[stop])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs belong in the report, not on stdout
     if not quiet:

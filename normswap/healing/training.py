@@ -7,10 +7,12 @@ stopping rules: a target output cosine, a step budget and a wall-clock budget.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +31,11 @@ class HealingTrainer(Trainer):
     runs out first (a time-limited run still ends at a low rate, where it converges best)."""
 
     def __init__(self, *args: Any, measure: Callable[[], dict[str, Any]], max_seconds: float | None = None,
-                 **kwargs: Any) -> None:
+                 clock: TrainingClock | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.measure = measure
         self.max_seconds = max_seconds
+        self.clock = clock or TrainingClock()
         self.history: list[dict[str, Any]] = []
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
@@ -45,14 +48,14 @@ class HealingTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> LRScheduler:
         if self.lr_scheduler is None:
             warmup = self.args.get_warmup_steps(num_training_steps)
-            started = time.monotonic()
+            self.clock.start()
 
             def factor(step: int) -> float:
                 if step < warmup:
                     return (step + 1) / (warmup + 1)
                 progress = (step - warmup) / max(1, num_training_steps - warmup)
                 if self.max_seconds:
-                    progress = max(progress, (time.monotonic() - started) / self.max_seconds)
+                    progress = max(progress, self.clock.seconds() / self.max_seconds)
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
@@ -63,28 +66,63 @@ class HealingTrainer(Trainer):
         found = self.measure()
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in found.items()
                    if isinstance(value, float)}
-        self.history.append({"step": self.state.global_step, **found})
+        seconds = self.clock.seconds()
+        metrics[CLOCK_LOG_KEY] = seconds  # kept in the checkpoint's trainer_state.json for resuming
+        self.history.append({"step": self.state.global_step, "training_seconds": seconds, **found})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 
+class TrainingClock:
+    """Seconds spent training, across resumptions: what earlier runs spent (read from the checkpoint they
+    left) plus this run's time since it started, so a resumed run continues the time budget and the learning
+    rate's decay where they were, as ``max_steps`` does for steps."""
+
+    def __init__(self, spent: float = 0.0) -> None:
+        self.spent = spent
+        self._started: float | None = None
+
+    def start(self) -> None:
+        if self._started is None:
+            self._started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.spent + (0.0 if self._started is None else time.monotonic() - self._started)
+
+
+CLOCK_LOG_KEY = "eval_training_seconds"
+
+
+def spent_seconds(checkpoint: str | None) -> float:
+    """The training clock as the checkpoint's last evaluation logged it (0 for none, or an older checkpoint)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        history = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    logged = [entry[CLOCK_LOG_KEY] for entry in history if isinstance(entry, dict) and CLOCK_LOG_KEY in entry]
+    return float(logged[-1]) if logged else 0.0
+
+
 class StopRules(TrainerCallback):
     """Stop at the target output cosine (checked at each evaluation) or when the time budget is spent."""
 
-    def __init__(self, target_cosine: float | None, max_seconds: float | None) -> None:
+    def __init__(self, target_cosine: float | None, max_seconds: float | None,
+                 clock: TrainingClock | None = None) -> None:
         self.target_cosine = target_cosine
         self.max_seconds = max_seconds
-        self.started = time.monotonic()
+        self.clock = clock or TrainingClock()
         self.reason = ""
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self.started = time.monotonic()
+        self.clock.start()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
+        if self.max_seconds is not None and self.clock.seconds() >= self.max_seconds:
             self.reason = f"time budget of {self.max_seconds:.0f} s spent"
             control.should_training_stop = True
             control.should_evaluate = True
