@@ -1,12 +1,32 @@
-"""normswap: convert pretrained transformers between norm placements and norm kinds."""
+"""normswap: convert pretrained transformers between norm placements and norm kinds.
 
+The public names are imported on first use (PEP 562), so that ``import normswap`` and the CLI start
+without torch and transformers: ``normswap convert`` starts copying the source shards while those import.
+"""
+
+from importlib import import_module
 from typing import Any
 
-from .conversion import ConversionPlan, convert
-from .detect import inspect
 from .errors import NormswapError, RecipeError, SourceError, TopologyError, TracingError
-from .topology import Branch, Layer, NormSite, Stack, Sublayer, Topology
 from .version import __version__
+
+_LAZY = {
+    "ConversionPlan": ".conversion", "convert": ".conversion", "inspect": ".detect",
+    "Branch": ".topology", "Layer": ".topology", "NormSite": ".topology", "Stack": ".topology",
+    "Sublayer": ".topology", "Topology": ".topology",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'normswap' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 def heal(teacher: Any, student: Any, data: Any = None, **options: Any) -> Any:
@@ -18,6 +38,7 @@ def heal(teacher: Any, student: Any, data: Any = None, **options: Any) -> Any:
     from .healing.api import heal as run
 
     return run(teacher, student, data, **options)
+
 
 __all__ = [
     "Branch",

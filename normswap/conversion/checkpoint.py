@@ -16,8 +16,10 @@ from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
 from ..errors import ExactnessError, NormswapError, SourceError
 from ..io.destination import atomic_output, check_destination, require_space
+from ..io.mirror import SourceMirror, mirror_helps, start_mirror
+from ..io.mirror_layout import mirror_layout
 from ..io.model_card import model_card
-from ..io.shard_writer import PlannedTensor, parse_size
+from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
 from .api import plan_conversion
@@ -25,7 +27,7 @@ from .native import meta_instance
 from .norm_change import plan_norm_kind
 from .program import shapes_of
 from .setup import ConversionSetup, provenance
-from .streaming import planned_outputs, stream_program
+from .streaming import byte_copies, planned_outputs, stream_program
 from .verify import SkippedVerification, probe_inputs
 
 CARRIED_FILE = "normswap_carried.safetensors"
@@ -42,6 +44,7 @@ class ConversionResult:
     destination: Path | None
     note: str = ""
     seconds: dict[str, float] = field(default_factory=dict)  # planning, writing, verification
+    reused_bytes: int = 0  # tensor bytes copied while planning and kept in place (the source's shard layout)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class ConversionResult:
             "report": self.report.to_dict() if self.report else None,
             "destination": str(self.destination) if self.destination else None,
             "seconds": {stage: round(value, 3) for stage, value in self.seconds.items()},
+            "reused_bytes": self.reused_bytes,
         }
 
 
@@ -56,19 +60,41 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                        norm: str | None = None, exact: bool = False, untie: bool = False, native: bool = True,
                        overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
                        trust_remote_code: bool = False, dtype: str | None = None, allow_nonfinite: bool = False,
-                       progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT) -> ConversionResult:
+                       progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT,
+                       mirror: SourceMirror | None = None) -> ConversionResult:
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm``, streamed, into ``destination``.
 
     Planning reads config.json only; the weights are then read one tensor at a time and written to
     shards as they fill, so memory stays at a few tensors. Models up to ``verify_max_size`` of weights
     are then loaded and verified against the original (drift report or exactness check); larger ones
     are not, and the report says so.
+
+    The source shards' bytes are copied to the output while planning (``mirror``; started here unless the
+    caller, the CLI, started it before importing torch), and the output keeps the source's shard layout when
+    it can, writing only the tensors that change; the caller discards a mirror it passed.
     """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
     started = time.monotonic()
-    seconds: dict[str, float] = {}
     source_path, destination_path = Path(source), Path(destination)
+    own_mirror = None
+    if mirror is None and source_path.is_dir() and mirror_helps(norm, exact, dtype):
+        check_destination(source_path, destination_path, overwrite)
+        mirror = own_mirror = start_mirror(source_path, destination_path)
+    try:
+        return _convert(source_path, destination_path, placement, norm, exact, untie, native, overwrite,
+                        max_shard_size, calib, trust_remote_code, dtype, allow_nonfinite, progress, verify_max_size,
+                        mirror, started)
+    finally:
+        if own_mirror is not None:
+            own_mirror.discard()
+
+
+def _convert(source_path: Path, destination_path: Path, placement: str | None, norm: str | None, exact: bool,
+             untie: bool, native: bool, overwrite: bool, max_shard_size: str, calib: str | Path | None,
+             trust_remote_code: bool, dtype: str | None, allow_nonfinite: bool, progress: bool,
+             verify_max_size: str, mirror: SourceMirror | None, started: float) -> ConversionResult:
+    seconds: dict[str, float] = {}
     config = load_config(source_path, trust_remote_code)
     if not source_path.is_dir():
         raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
@@ -95,10 +121,16 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         while True:
             stage = time.monotonic()
             planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
-            require_space(destination_path, sum(t.nbytes for t in planned))
-            stream_program(setup.program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,  # type: ignore[arg-type]
-                           default_dtype,
-                           dtype=output_dtype, allow_nonfinite=allow_nonfinite, progress=progress)
+            layout = None
+            if mirror is not None:
+                layout = _adopt_mirror(mirror, setup.program, planned, weights, names, shard_bytes, folder)
+                mirror = None  # used once: a fallback plan writes its own layout
+            require_space(destination_path, sum(t.nbytes for t in planned if layout is None or t.name not in
+                                                layout.in_place))
+            stream_program(setup.program, planned, weights, names, folder, shard_bytes,  # type: ignore[arg-type]
+                           CARRIED_FILE, default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
+                           progress=progress, layout=layout)
+            reused = sum(t.nbytes for t in planned if layout is not None and t.name in layout.in_place)
             _write_config(folder, setup, str(source_path.resolve()), planned)
             seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
             if not verify:
@@ -120,7 +152,19 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 seconds["verification"] = seconds.get("verification", 0.0) + time.monotonic() - stage
         _write_extras(folder, destination_path, source_path, setup, report)
     seconds["total"] = time.monotonic() - started
-    return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds)
+    return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds, reused_bytes=reused)
+
+
+def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTensor], weights: CheckpointWeights,
+                  names: dict[str, str], shard_bytes: int, folder: Path) -> ShardLayout | None:
+    """The mirrored files moved into the output with their layout, or (discarded) None where it does not fit."""
+    sources, unchanged = byte_copies(program, planned, weights, names)
+    layout = mirror_layout(mirror.wait(), planned, weights, sources, unchanged, shard_bytes)
+    if layout is None:
+        mirror.discard()
+        return None
+    mirror.move_into(folder)
+    return layout
 
 
 def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool,

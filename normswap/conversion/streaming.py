@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NormswapError, SourceError
-from ..io.shard_writer import FileRange, PlannedTensor, ShardWriter, write_small
+from ..io.shard_writer import FileRange, PlannedTensor, ShardLayout, ShardWriter, write_small
 from ..io.source_weights import CheckpointWeights
 from .program import Step, TensorProgram, run_step, settle
 
@@ -29,7 +29,7 @@ class StreamedOutput:
 
     shard_files: tuple[str, ...]
     tensors: int
-    bytes_written: int
+    bytes_written: int  # computed or copied here; mirrored bytes already in place are not counted
     carried: tuple[str, ...]
 
 
@@ -100,8 +100,9 @@ def planned_outputs(program: TensorProgram, order: list[str], target_shapes: Map
 def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights: CheckpointWeights,
                    names: Mapping[str, str], folder: Path, max_shard_bytes: int, carried_file: str,
                    default_dtype: torch.dtype, *, dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
-                   progress: bool = True) -> StreamedOutput:
-    """Compute and write every planned output tensor, then the carried norms."""
+                   progress: bool = True, layout: ShardLayout | None = None) -> StreamedOutput:
+    """Compute and write every planned output tensor, then the carried norms. With a ``layout`` from
+    ``mirror_layout``, the tensors it has in place are already written."""
     from tqdm.auto import tqdm
 
     checked = frozenset() if allow_nonfinite else program.touched_reads()
@@ -112,10 +113,13 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
     written = 0
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", delay=2.0,
               disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
-            ShardWriter(folder, planned, max_shard_bytes, on_written=bar.update) as writer:
+            ShardWriter(folder, planned, max_shard_bytes, on_written=bar.update, layout=layout) as writer:
+        in_place = layout.in_place if layout is not None else frozenset()
+        bar.update(sum(tensor.nbytes for tensor in planned if tensor.name in in_place))
         for done, tensor in enumerate(planned, 1):
-            step = program.outputs[tensor.name]
-            written += writer.write(tensor.name, _produce(step, tensor, read, weights, names))
+            if tensor.name not in in_place:
+                step = program.outputs[tensor.name]
+                written += writer.write(tensor.name, _produce(step, tensor, read, weights, names))
             if done % 16 == 0 or done == len(planned):
                 bar.set_postfix_str(f"{done}/{len(planned)} tensors", refresh=False)
         files = writer.close()
@@ -142,3 +146,19 @@ def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: Che
         value = value.to(tensor.dtype)
     return value.contiguous()
 
+
+
+def byte_copies(program: TensorProgram, planned: list[PlannedTensor], weights: CheckpointWeights,
+                names: Mapping[str, str]) -> tuple[dict[str, str], frozenset[str]]:
+    """Each output's source tensor (its first read), and the outputs that are those bytes unchanged."""
+    sources: dict[str, str] = {}
+    unchanged = set()
+    for tensor in planned:
+        step = program.outputs[tensor.name]
+        if not step.reads:
+            continue
+        source = names[step.reads[0]]
+        sources[tensor.name] = source
+        if not step.touches and weights.tensors[source].dtype == tensor.dtype:
+            unchanged.add(tensor.name)
+    return sources, frozenset(unchanged)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 _PIECE = 64 * 2**20  # one kernel copy or write; small enough to share a large tensor between the threads
 _IN_FLIGHT = 4  # computed tensors allowed to wait for their write
 _WRITERS = 2
+
+
+@dataclass(frozen=True)
+class _Place:
+    shard: int
+    offset: int  # from the start of the shard file
+    planned: PlannedTensor
 
 
 @dataclass(frozen=True)
@@ -77,42 +84,75 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[P
 
 
 @dataclass(frozen=True)
-class _Place:
-    shard: int
-    offset: int  # from the start of the shard file
-    planned: PlannedTensor
+class ShardFile:
+    """One output file: its header (the 8-byte length and the JSON, padded) and its final size.
+    ``fresh`` files are created empty; the others already hold mirrored source bytes (``mirror``)."""
+
+    name: str
+    header: bytes
+    size: int
+    fresh: bool = True
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where every output tensor goes: ``places[name] = (file index, absolute offset)``. Tensors in
+    ``in_place`` are already there (mirrored source bytes) and are not written again."""
+
+    files: tuple[ShardFile, ...]
+    places: Mapping[str, tuple[int, int]]
+    in_place: frozenset[str] = frozenset()
+
+    def weight_map(self) -> dict[str, str]:
+        return {name: self.files[index].name for name, (index, _) in self.places.items()}
+
+
+def sequential_layout(tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model") -> ShardLayout:
+    """The tensors in order, in shards of at most ``max_bytes``, named as transformers names them."""
+    shards = plan_shards(tensors, max_bytes)
+    count = len(shards)
+    names = ([f"{stem}.safetensors"] if count == 1 else
+             [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+    files, places = [], {}
+    for index, shard in enumerate(shards):
+        header, offsets = header_bytes({t.name: (t.dtype, t.shape) for t in shard}, {"format": "pt"})
+        files.append(ShardFile(names[index], header, len(header) + sum(t.nbytes for t in shard)))
+        places.update({t.name: (index, len(header) + offsets[t.name][0]) for t in shard})
+    return ShardLayout(tuple(files), places)
 
 
 class ShardWriter:
     """Writes the planned tensors, in any order, into ``folder``; ``close`` waits for them and adds the index
     for several shards. Use it as a context manager: leaving on an error stops the writes still queued.
 
-    ``on_written(nbytes)`` is called (from a writer thread) as bytes reach their file, for progress bars.
+    The layout is ``sequential_layout`` unless given (``mirror_layout``). ``on_written(nbytes)`` is called
+    (from a writer thread) as bytes reach their file, for progress bars.
     """
 
     def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model",
-                 on_written: Callable[[int], Any] | None = None, workers: int = _WRITERS) -> None:
+                 on_written: Callable[[int], Any] | None = None, workers: int = _WRITERS,
+                 layout: ShardLayout | None = None) -> None:
         self.folder = folder
-        self.shards = plan_shards(tensors, max_bytes)
-        count = len(self.shards)
-        self.file_names = ([f"{stem}.safetensors"] if count == 1 else
-                           [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        self._places: dict[str, _Place] = {}
+        self.layout = layout or sequential_layout(tensors, max_bytes, stem)
+        self.file_names = [file.name for file in self.layout.files]
+        planned = {tensor.name: tensor for tensor in tensors}
+        if set(planned) != set(self.layout.places):
+            raise NormswapError("internal: the shard layout does not hold the planned tensors; please report it")
+        self._places = {name: _Place(index, offset, planned[name])
+                        for name, (index, offset) in self.layout.places.items()}
         self._descriptors: list[int] = []
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="normswap-writer")
         self._futures: list[Future[None]] = []
         self._room = threading.BoundedSemaphore(_IN_FLIGHT)
-        self._written: set[str] = set()
+        self._written: set[str] = set(self.layout.in_place)
         self._on_written = on_written
         try:
-            for index, shard in enumerate(self.shards):
-                header, offsets = header_bytes({t.name: (t.dtype, t.shape) for t in shard}, {"format": "pt"})
-                descriptor = os.open(folder / self.file_names[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            for file in self.layout.files:
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if file.fresh else 0)
+                descriptor = os.open(folder / file.name, flags, 0o644)
                 self._descriptors.append(descriptor)
-                _write_at(descriptor, memoryview(header), 0)
-                os.ftruncate(descriptor, len(header) + sum(t.nbytes for t in shard))
-                for tensor in shard:
-                    self._places[tensor.name] = _Place(index, len(header) + offsets[tensor.name][0], tensor)
+                _write_at(descriptor, memoryview(file.header), 0)
+                os.ftruncate(descriptor, file.size)
         except BaseException:
             self.abort()
             raise
@@ -177,11 +217,11 @@ class ShardWriter:
             raise
         self._pool.shutdown()
         self._close_files()
-        if len(self.shards) > 1:
-            weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
-            total = sum(t.nbytes for shard in self.shards for t in shard)
+        if len(self.layout.files) > 1:
+            total = sum(place.planned.nbytes for place in self._places.values())
             (self.folder / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+                {"metadata": {"total_size": total}, "weight_map": self.layout.weight_map()}, indent=2),
+                encoding="utf-8")
         return self.file_names
 
     def abort(self) -> None:

@@ -1,0 +1,174 @@
+"""Copy the source shards' bytes to the output while the conversion is still being planned.
+
+Most conversions copy almost every byte unchanged (a Post <-> Pre conversion moves only norm vectors), but
+planning needs torch, transformers and the model's code, which take seconds to import and trace. So the
+copy starts first, in a thread (the kernel's ``copy_file_range`` releases the GIL): each source shard's data
+goes to a file of the same name, at the same place after a header region reserved larger than the source's.
+Once the plan is known, ``mirror_layout`` decides whether the output can keep this layout (every source
+tensor's bytes either reused as they are or overwritten by an output tensor of the same size) and the
+shard writer then writes only what changed, and the headers. If not, the copy is thrown away and the output
+is written in the planned layout, as without a mirror.
+
+Stdlib only: the CLI starts it before importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NormswapError
+from .destination import require_space
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_PIECE = 64 * 2**20
+_ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class MirroredFile:
+    """One source shard and where its data goes in the output file of the same name."""
+
+    name: str
+    source: Path
+    source_data_start: int  # 8 + the source's header length
+    data_bytes: int
+    data_start: int  # 8 + the reserved header length: where the data begins in the output
+
+    @property
+    def header_room(self) -> int:
+        return self.data_start - 8
+
+
+class SourceMirror:
+    """The copy in flight. ``wait`` returns the files once copied (raising what the copy raised);
+    ``discard`` stops it and removes what it wrote; ``move_into`` hands the files to the output folder."""
+
+    def __init__(self, files: list[MirroredFile], folder: Path) -> None:
+        self.files = files
+        self.folder = folder
+        self._cancelled = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy_all, name="normswap-mirror", daemon=True)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(file.data_bytes for file in self.files)
+
+    def start(self) -> SourceMirror:
+        self.folder.mkdir()
+        self._thread.start()
+        return self
+
+    def wait(self) -> list[MirroredFile]:
+        self._thread.join()
+        if self._error is not None:
+            raise NormswapError(f"copying the source shards failed ({self._error}); free some space or check "
+                                "the disk, then run again") from self._error
+        return self.files
+
+    def discard(self) -> None:
+        self._cancelled.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def move_into(self, folder: Path) -> None:
+        """The copied files become the output's (same file system: renames, no bytes move)."""
+        self.wait()
+        for file in self.files:
+            os.replace(self.folder / file.name, folder / file.name)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _copy_all(self) -> None:
+        try:
+            for file in self.files:
+                self._copy(file)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            self._error = error
+
+    def _copy(self, file: MirroredFile) -> None:
+        source = os.open(file.source, os.O_RDONLY)
+        target = os.open(self.folder / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            done = 0
+            while done < file.data_bytes and not self._cancelled.is_set():
+                length = min(_PIECE, file.data_bytes - done)
+                try:
+                    copied = os.copy_file_range(source, target, length, file.source_data_start + done,
+                                                file.data_start + done)
+                except OSError:  # file systems or kernels without it: plain reads and writes
+                    copied = os.pwrite(target, os.pread(source, length, file.source_data_start + done),
+                                       file.data_start + done)
+                if copied == 0:
+                    raise NormswapError(f"{file.source} ended before its header said")
+                done += copied
+        finally:
+            os.close(source)
+            os.close(target)
+
+
+def mirror_helps(norm: str | None, exact: bool, dtype: str | None) -> bool:
+    """Conversions that keep most tensors' bytes: not a new dtype, not the one-dimension-wider LayerNorm."""
+    return dtype in (None, "auto") and not (norm == "layernorm" and exact)
+
+
+def start_mirror(source: Path, destination: Path) -> SourceMirror | None:
+    """Start copying ``source``'s safetensors shards beside ``destination``, or None where that cannot help
+    (legacy .bin weights, unreadable files: the conversion then reports those as usual). Refuses a disk
+    without room for the copy (``require_space``), as the conversion would."""
+    files = _mirrored_files(source)
+    if not files or not hasattr(os, "copy_file_range"):
+        return None
+    destination = destination.resolve()
+    folder = destination.parent / f".{destination.name}.normswap-mirror-{os.getpid()}"
+    mirror = SourceMirror(files, folder)
+    require_space(destination, mirror.data_bytes)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        return mirror.start()
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _mirrored_files(source: Path) -> list[MirroredFile]:
+    names = _shard_names(source)
+    files = []
+    for name in names:
+        path = source / name
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as handle:
+                prefix = handle.read(8)
+        except OSError:
+            return []
+        if len(prefix) < 8:
+            return []
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            return []
+        room = 2 * length + 4096  # renamed and added tensors need more header than the source had
+        room += -room % _ALIGNMENT
+        files.append(MirroredFile(name, path, 8 + length, size - 8 - length, 8 + room))
+    return files
+
+
+def _shard_names(source: Path) -> list[str]:
+    index = source / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        if not isinstance(weight_map, dict):
+            return []
+        names = sorted({str(name) for name in weight_map.values()})
+        return names if all("/" not in name and name.endswith(".safetensors") for name in names) else []
+    return [_SINGLE] if (source / _SINGLE).is_file() else []
