@@ -10,9 +10,9 @@ run and on the same disk:
 
 Each runs as its own process; its peak RSS comes from ``os.wait4``. Every conversion is timed right
 after its own ``cp -r`` (the disk's speed drifts by 2x or more between minutes on these machines), and
-the ratios are medians over ``--repeats`` such pairs. Prints time / copy time; the part of it spent
-writing tensors (``seconds.writing`` of ``--json``; the rest is start-up and planning) / copy time; and
-peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
+the ratios are medians over ``--repeats`` such pairs. Prints time / copy time; the share of bytes copied
+while planning (``reused_bytes``); the part spent writing after planning (``seconds.writing``) / copy time;
+and peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
 
     python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--repeats 3] [--keep]
 """
@@ -79,28 +79,29 @@ def main() -> None:
 
     subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # same page-cache state for all
 
-    def copy_then(command: list[str]) -> tuple[float, float, float, float]:
-        """(copy seconds, command seconds, command peak RSS, seconds spent writing tensors): ``cp -r`` right
-        before, so both see the same disk. The writing time comes from ``normswap convert --json``."""
+    def copy_then(command: list[str]) -> tuple[float, float, float, float, float]:
+        """(copy seconds, command seconds, command peak RSS, seconds spent writing after planning, bytes reused
+        from the copy made while planning): ``cp -r`` right before, so both see the same disk. The last two come
+        from ``normswap convert --json``."""
         copy_time, _, _ = measured(["cp", "-r", str(source), str(work / "copy")])
         shutil.rmtree(work / "copy")
         elapsed, rss, output = measured(command)
         shutil.rmtree(work / "out")
-        writing = json.loads(output)["seconds"]["writing"] if "--json" in command else float("nan")
-        return copy_time, elapsed, rss, writing
+        report = json.loads(output) if "--json" in command else {"seconds": {"writing": float("nan")}}
+        return copy_time, elapsed, rss, report["seconds"]["writing"], float(report.get("reused_bytes", 0))
 
     normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet", "--json",
                 "--max-shard-size", "2GB"]
     commands = [("streamed placement pre -> post", [*normswap, "--placement", "post"]),
                 ("streamed norm rmsnorm -> layernorm", [*normswap, "--norm", "layernorm"])]
-    runs: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in commands}
+    runs: dict[str, list[tuple[float, float, float, float, float]]] = {label: [] for label, _ in commands}
     for repeat in range(args.repeats):
         for label, command in commands:
             runs[label].append(copy_then(command))
-            copy_time, elapsed, rss, writing = runs[label][-1]
+            copy_time, elapsed, rss, writing, reused = runs[label][-1]
             print(f"run {repeat + 1}: {label}: {elapsed:.1f} s, cp -r {copy_time:.1f} s, "
-                  f"ratio {elapsed / copy_time:.2f}; of which writing tensors {writing:.1f} s "
-                  f"({writing / copy_time:.2f} x cp)", flush=True)
+                  f"ratio {elapsed / copy_time:.2f}; {reused / total:.1%} of the bytes copied while planning, "
+                  f"writing after planning {writing:.1f} s ({writing / copy_time:.2f} x cp)", flush=True)
     if not args.skip_in_memory:
         for label, kind in (("in-memory placement pre -> post", "placement"),
                             ("in-memory norm rmsnorm -> layernorm", "norm")):
@@ -110,8 +111,8 @@ def main() -> None:
           f"{'RSS/shard':>10}")
     summary = {}
     for label, measurements in runs.items():
-        ratio = statistics.median(elapsed / copy_time for copy_time, elapsed, _, _ in measurements)
-        writing_ratio = statistics.median(writing / copy_time for copy_time, _, _, writing in measurements)
+        ratio = statistics.median(m[1] / m[0] for m in measurements)
+        writing_ratio = statistics.median(m[3] / m[0] for m in measurements)
         elapsed = statistics.median(m[1] for m in measurements)
         copy_time = statistics.median(m[0] for m in measurements)
         rss = max(m[2] for m in measurements)

@@ -57,7 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-native", dest="native", action="store_false",
                          help="do not use a stock transformers family as the target")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    convert.add_argument("--max-shard-size", default="5GB",
+                         help="largest safetensors shard (default 5GB); the source's shards are kept when they fit")
     convert.add_argument("--calib", metavar="FILE", help="probe text, one document per line "
                          "(default: Python standard-library docstrings)")
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
