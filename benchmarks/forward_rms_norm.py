@@ -8,32 +8,13 @@ converted model is expected to be slower there; this script measures by how much
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from timing import median_ratio
 
 import normswap
-
-
-def _median_ratio(baseline: object, candidate: object, repeats: int) -> tuple[float, float, float]:
-    base_times, cand_times, ratios = [], [], []
-    for _ in range(3):
-        baseline(), candidate()
-    for index in range(repeats):
-        order = (baseline, candidate) if index % 2 == 0 else (candidate, baseline)
-        times = []
-        for run in order:
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        t_base, t_cand = times if index % 2 == 0 else times[::-1]
-        base_times.append(t_base)
-        cand_times.append(t_cand)
-        ratios.append(t_cand / t_base)
-    return statistics.median(base_times), statistics.median(cand_times), statistics.median(ratios)
 
 
 def main() -> int:
@@ -53,13 +34,13 @@ def main() -> int:
                 m(input_ids=ids)
         return run
 
-    base, cand, ratio = _median_ratio(forward(model), forward(converted), args.repeats)
+    base, cand, ratio = median_ratio(forward(model), forward(converted), args.repeats)
     print(f"GPT-2 512x6, batch 4x256, forward: LayerNorm {base * 1e3:.1f} ms, RMSNorm {cand * 1e3:.1f} ms, "
           f"ratio {ratio:.3f}")
 
     x = torch.randn(4, 256, 512)
     weight, bias = torch.randn(512), torch.randn(512)
-    norm_base, norm_cand, norm_ratio = _median_ratio(
+    norm_base, norm_cand, norm_ratio = median_ratio(
         lambda: F.layer_norm(x, (512,), weight, bias, 1e-5),
         lambda: F.rms_norm(x, (512,), weight, 1e-5) + bias, args.repeats * 10)
     per_forward = 13 * (norm_cand - norm_base)  # 12 residual norms + the final norm

@@ -15,37 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from timing import median_ratio
 
 import normswap
-
-
-def _median_ratio(baseline: Callable[[], object], candidate: Callable[[], object], repeats: int,
-                  synchronise: Callable[[], None]) -> tuple[float, float, float]:
-    """Median times of each, and the median of per-pair ratios (pairs interleaved, order alternating)."""
-    for _ in range(5):
-        baseline(), candidate()
-    base_times, cand_times, ratios = [], [], []
-    for index in range(repeats):
-        order = (baseline, candidate) if index % 2 == 0 else (candidate, baseline)
-        times = []
-        for run in order:
-            synchronise()
-            start = time.perf_counter()
-            run()
-            synchronise()
-            times.append(time.perf_counter() - start)
-        t_base, t_cand = times if index % 2 == 0 else times[::-1]
-        base_times.append(t_base)
-        cand_times.append(t_cand)
-        ratios.append(t_cand / t_base)
-    return statistics.median(base_times), statistics.median(cand_times), statistics.median(ratios)
 
 
 def _perturbed_gpt2(width: int, layers: int, vocab: int) -> torch.nn.Module:
@@ -68,9 +45,9 @@ def norm_speed(device: torch.device, repeats: int) -> None:
         width = shape[-1]
         x = torch.randn(shape, device=device, dtype=dtype)
         weight, bias = torch.randn(width, device=device, dtype=dtype), torch.randn(width, device=device, dtype=dtype)
-        base, cand, ratio = _median_ratio(lambda: F.layer_norm(x, (width,), weight, bias, 1e-5),  # noqa: B023
+        base, cand, ratio = median_ratio(lambda: F.layer_norm(x, (width,), weight, bias, 1e-5),  # noqa: B023
                                           lambda: F.rms_norm(x, (width,), weight, 1e-5) + bias,  # noqa: B023
-                                          repeats * 5, synchronise)
+                                          repeats * 5, synchronise, warmup=5)
         print(f"norm {tuple(shape)} {dtype}: layer_norm {base * 1e6:.1f} us, rms_norm + bias {cand * 1e6:.1f} us, "
               f"ratio {ratio:.3f}")
     model = _perturbed_gpt2(1024, 12, 32000).to(device, dtype)
@@ -83,7 +60,7 @@ def norm_speed(device: torch.device, repeats: int) -> None:
                 m(input_ids=ids)
         return run
 
-    base, cand, ratio = _median_ratio(forward(model), forward(converted), repeats, synchronise)
+    base, cand, ratio = median_ratio(forward(model), forward(converted), repeats, synchronise, warmup=5)
     print(f"GPT-2 1024x12 {dtype}, batch 8x512, forward: LayerNorm {base * 1e3:.2f} ms, "
           f"RMSNorm (converted) {cand * 1e3:.2f} ms, ratio {ratio:.3f}")
 
