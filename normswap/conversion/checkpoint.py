@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,82 +79,82 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
     started = time.monotonic()
     source_path, destination_path = Path(source), Path(destination)
-    own_mirror = None
-    if mirror is None and source_path.is_dir() and mirror_helps(norm, exact, dtype):
+    with _early_copy(mirror, source_path, destination_path, overwrite, norm, exact, dtype) as mirror:
+        seconds: dict[str, float] = {}
+        config = load_config(source_path, trust_remote_code)
+        if not source_path.is_dir():
+            raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
         check_destination(source_path, destination_path, overwrite)
-        mirror = own_mirror = start_mirror(source_path, destination_path)
+        output_dtype = parse_dtype(dtype)
+        verify_limit = parse_size(verify_max_size)
+        shard_bytes = parse_size(max_shard_size)
+        texts = read_corpus(calib) if calib else None
+        weights = CheckpointWeights(source_path)
+        meta = meta_model(config, trust_remote_code)
+        carried_path = source_path / CARRIED_FILE
+        if carried_path.is_file():
+            meta.normswap_carried = load_file(str(carried_path))
+
+        setup = _plan(meta, placement, norm, exact, untie, native)
+        if setup.noop:
+            return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
+        names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
+                            transformers_renamings(meta, weights.tensors))
+        default_dtype = checkpoint_dtype(config, weights)
+        verify = weights.total_bytes <= verify_limit
+        seconds["planning"] = time.monotonic() - started
+        with atomic_output(destination_path, overwrite) as folder:
+            while True:
+                stage = time.monotonic()
+                planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
+                layout = None
+                if mirror is not None:
+                    layout = _adopt_mirror(mirror, setup.program, planned, weights, names, shard_bytes, folder)
+                    mirror = None  # used once: a fallback plan writes its own layout
+                require_space(destination_path, sum(t.nbytes for t in planned if layout is None or t.name not in
+                                                    layout.in_place))
+                stream_program(setup.program, planned, weights, names, folder, shard_bytes,  # type: ignore[arg-type]
+                               CARRIED_FILE, default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
+                               progress=progress, layout=layout)
+                reused = sum(t.nbytes for t in planned if layout is not None and t.name in layout.in_place)
+                _write_config(folder, setup, str(source_path.resolve()), planned)
+                seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
+                if not verify:
+                    report: Any = SkippedVerification(
+                        f"not verified: {weights.total_bytes / 1e9:.2f} GB of weights is above the verification limit "
+                        f"of {verify_limit / 1e9:.2f} GB (--verify-max-size); verification loads both models in memory")
+                    break
+                stage = time.monotonic()
+                try:
+                    report = _verify(source_path, config, folder, setup, texts, trust_remote_code)
+                    break
+                except ExactnessError:
+                    if setup.fallback is None:
+                        raise
+                    setup = setup.fallback()
+                    for leftover in folder.iterdir():
+                        leftover.unlink()
+                finally:
+                    seconds["verification"] = seconds.get("verification", 0.0) + time.monotonic() - stage
+            _write_extras(folder, destination_path, source_path, setup, report)
+        seconds["total"] = time.monotonic() - started
+        return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds, reused_bytes=reused)
+
+
+@contextlib.contextmanager
+def _early_copy(given: SourceMirror | None, source: Path, destination: Path, overwrite: bool, norm: str | None,
+                exact: bool, dtype: str | None) -> Iterator[SourceMirror | None]:
+    """The caller's mirror, or one started here (where it can help) and discarded on the way out, used or not."""
+    if given is not None or not source.is_dir() or not mirror_helps(norm, exact, dtype):
+        yield given
+        return
+    check_destination(source, destination, overwrite)
+    own = start_mirror(source, destination)
     try:
-        return _convert(source_path, destination_path, placement, norm, exact, untie, native, overwrite,
-                        max_shard_size, calib, trust_remote_code, dtype, allow_nonfinite, progress, verify_max_size,
-                        mirror, started)
+        yield own
     finally:
-        if own_mirror is not None:
-            own_mirror.discard()
-
-
-def _convert(source_path: Path, destination_path: Path, placement: str | None, norm: str | None, exact: bool,
-             untie: bool, native: bool, overwrite: bool, max_shard_size: str, calib: str | Path | None,
-             trust_remote_code: bool, dtype: str | None, allow_nonfinite: bool, progress: bool,
-             verify_max_size: str, mirror: SourceMirror | None, started: float) -> ConversionResult:
-    seconds: dict[str, float] = {}
-    config = load_config(source_path, trust_remote_code)
-    if not source_path.is_dir():
-        raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
-    check_destination(source_path, destination_path, overwrite)
-    output_dtype = parse_dtype(dtype)
-    verify_limit = parse_size(verify_max_size)
-    shard_bytes = parse_size(max_shard_size)
-    texts = read_corpus(calib) if calib else None
-    weights = CheckpointWeights(source_path)
-    meta = meta_model(config, trust_remote_code)
-    carried_path = source_path / CARRIED_FILE
-    if carried_path.is_file():
-        meta.normswap_carried = load_file(str(carried_path))
-
-    setup = _plan(meta, placement, norm, exact, untie, native)
-    if setup.noop:
-        return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
-    names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
-                        transformers_renamings(meta, weights.tensors))
-    default_dtype = checkpoint_dtype(config, weights)
-    verify = weights.total_bytes <= verify_limit
-    seconds["planning"] = time.monotonic() - started
-    with atomic_output(destination_path, overwrite) as folder:
-        while True:
-            stage = time.monotonic()
-            planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
-            layout = None
-            if mirror is not None:
-                layout = _adopt_mirror(mirror, setup.program, planned, weights, names, shard_bytes, folder)
-                mirror = None  # used once: a fallback plan writes its own layout
-            require_space(destination_path, sum(t.nbytes for t in planned if layout is None or t.name not in
-                                                layout.in_place))
-            stream_program(setup.program, planned, weights, names, folder, shard_bytes,  # type: ignore[arg-type]
-                           CARRIED_FILE, default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
-                           progress=progress, layout=layout)
-            reused = sum(t.nbytes for t in planned if layout is not None and t.name in layout.in_place)
-            _write_config(folder, setup, str(source_path.resolve()), planned)
-            seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
-            if not verify:
-                report: Any = SkippedVerification(
-                    f"not verified: {weights.total_bytes / 1e9:.2f} GB of weights is above the verification limit "
-                    f"of {verify_limit / 1e9:.2f} GB (--verify-max-size); verification loads both models in memory")
-                break
-            stage = time.monotonic()
-            try:
-                report = _verify(source_path, config, folder, setup, texts, trust_remote_code)
-                break
-            except ExactnessError:
-                if setup.fallback is None:
-                    raise
-                setup = setup.fallback()
-                for leftover in folder.iterdir():
-                    leftover.unlink()
-            finally:
-                seconds["verification"] = seconds.get("verification", 0.0) + time.monotonic() - stage
-        _write_extras(folder, destination_path, source_path, setup, report)
-    seconds["total"] = time.monotonic() - started
-    return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds, reused_bytes=reused)
+        if own is not None:
+            own.discard()
 
 
 def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTensor], weights: CheckpointWeights,
