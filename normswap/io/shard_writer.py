@@ -2,8 +2,9 @@
 
 Every output tensor's name, dtype and shape is known before the first byte is computed, so the
 shards are planned up front (``sequential_layout``, or the source's own shards, already copied, from
-``mirror_layout``): each file's header is written first and every tensor has a fixed place in its file. Tensors are then written *at* their place, by a small pool of threads, while the caller
-computes the next one, so arithmetic and disk overlap. Unchanged tensors are copied by the kernel
+``mirror_layout``): each file's header is written first and every tensor has a fixed place in its file.
+Tensors are then written *at* their place, by a small pool of threads, while the caller computes the next
+one, so arithmetic and disk overlap. Unchanged tensors are copied by the kernel
 (``copy_file_range``) in 64 MiB pieces. Computed tensors wait in memory only until written (at most
 ``_IN_FLIGHT`` of them).
 """
