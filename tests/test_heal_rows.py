@@ -3,7 +3,9 @@ epoch, augmented rows built from training text only, and a learning rate that de
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -103,3 +105,15 @@ def test_a_resumed_clock_continues_the_decay() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     trainer.create_scheduler(num_training_steps=100_000, optimizer=optimizer)
     assert 0.45 < optimizer.param_groups[0]["lr"] <= 0.5
+
+
+def test_spent_seconds_reads_the_last_logged_clock(tmp_path: Path) -> None:
+    from normswap.healing.training import CLOCK_LOG_KEY, spent_seconds
+
+    assert spent_seconds(None) == 0.0
+    assert spent_seconds(str(tmp_path / "missing")) == 0.0
+    (tmp_path / "trainer_state.json").write_text("{not json")
+    assert spent_seconds(str(tmp_path)) == 0.0  # an unreadable state starts the clock again rather than failing
+    history = [{"loss": 1.0}, {CLOCK_LOG_KEY: 12.5}, {"loss": 0.5}, {CLOCK_LOG_KEY: 30.25}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert spent_seconds(str(tmp_path)) == 30.25
