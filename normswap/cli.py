@@ -120,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .io.destination import check_destination
-    from .io.mirror import mirror_helps, start_mirror
+    from .io.mirror import early_copy
 
     if args.heal:  # convert into a hidden sibling, heal from there into DST
         args.final_destination = args.destination
@@ -128,11 +128,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         args.destination = str(Path(args.destination).resolve().parent / f".{Path(args.destination).name}.converted")
         shutil.rmtree(args.destination, ignore_errors=True)
 
-    mirror = None
-    if Path(args.source).is_dir() and mirror_helps(args.norm, args.exact, args.dtype):
-        check_destination(Path(args.source), Path(args.destination), args.overwrite)
-        mirror = start_mirror(Path(args.source), Path(args.destination))  # copies while torch imports
-    try:
+    # started before torch is imported, so the source shards are copied while it imports
+    with early_copy(Path(args.source), Path(args.destination), args.overwrite, args.norm, args.exact,
+                    args.dtype) as mirror:
         from .conversion.checkpoint import convert_checkpoint
 
         result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, exact=args.exact,
@@ -141,9 +139,6 @@ def _run_convert(args: argparse.Namespace) -> int:
                                     trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                     allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
                                     verify_max_size=args.verify_max_size, mirror=mirror)
-    finally:
-        if mirror is not None:
-            mirror.discard()  # used or not, nothing of it stays beside DST
     if args.heal and result.destination is not None:
         return _heal_converted(args, result)
     if args.json:

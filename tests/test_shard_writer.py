@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from normswap.errors import NormswapError
-from normswap.io import shard_writer
+from normswap.io import file_copy
 from normswap.io.shard_writer import FileRange, PlannedTensor, ShardWriter
 from normswap.io.source_weights import CheckpointWeights
 
@@ -28,7 +28,7 @@ def _planned(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:
 
 
 def test_any_write_order_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shard_writer, "_PIECE", 1000)  # several pieces per tensor, shared between threads
+    monkeypatch.setattr(file_copy, "PIECE", 1000)  # several pieces per tensor, shared between threads
     tensors = _tensors()
     outputs = []
     for name, order in (("forward", list(tensors)), ("backward", list(reversed(tensors)))):
@@ -48,7 +48,7 @@ def test_any_write_order_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_kernel_copies_reproduce_the_source_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shard_writer, "_PIECE", 512)
+    monkeypatch.setattr(file_copy, "PIECE", 512)
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "model.safetensors"))
     source = CheckpointWeights(tmp_path)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
 from ..errors import ExactnessError, NormswapError, SourceError
 from ..io.destination import atomic_output, check_destination, require_space
-from ..io.mirror import SourceMirror, mirror_helps, start_mirror
+from ..io.mirror import SourceMirror, early_copy
 from ..io.mirror_layout import mirror_layout
 from ..io.model_card import model_card
 from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
@@ -79,7 +77,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
     started = time.monotonic()
     source_path, destination_path = Path(source), Path(destination)
-    with _early_copy(mirror, source_path, destination_path, overwrite, norm, exact, dtype) as mirror:
+    with early_copy(source_path, destination_path, overwrite, norm, exact, dtype, given=mirror) as mirror:
         seconds: dict[str, float] = {}
         config = load_config(source_path, trust_remote_code)
         if not source_path.is_dir():
@@ -113,10 +111,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                     mirror = None  # used once: a fallback plan writes its own layout
                 require_space(destination_path, sum(t.nbytes for t in planned if layout is None or t.name not in
                                                     layout.in_place))
-                stream_program(setup.program, planned, weights, names, folder, shard_bytes,  # type: ignore[arg-type]
-                               CARRIED_FILE, default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
-                               progress=progress, layout=layout)
-                reused = sum(t.nbytes for t in planned if layout is not None and t.name in layout.in_place)
+                output = stream_program(setup.program, planned, weights, names, folder,  # type: ignore[arg-type]
+                                        shard_bytes, CARRIED_FILE, default_dtype, dtype=output_dtype,
+                                        allow_nonfinite=allow_nonfinite, progress=progress, layout=layout)
                 _write_config(folder, setup, str(source_path.resolve()), planned)
                 seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
                 if not verify:
@@ -138,23 +135,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                     seconds["verification"] = seconds.get("verification", 0.0) + time.monotonic() - stage
             _write_extras(folder, destination_path, source_path, setup, report)
         seconds["total"] = time.monotonic() - started
-        return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds, reused_bytes=reused)
-
-
-@contextlib.contextmanager
-def _early_copy(given: SourceMirror | None, source: Path, destination: Path, overwrite: bool, norm: str | None,
-                exact: bool, dtype: str | None) -> Iterator[SourceMirror | None]:
-    """The caller's mirror, or one started here (where it can help) and discarded on the way out, used or not."""
-    if given is not None or not source.is_dir() or not mirror_helps(norm, exact, dtype):
-        yield given
-        return
-    check_destination(source, destination, overwrite)
-    own = start_mirror(source, destination)
-    try:
-        yield own
-    finally:
-        if own is not None:
-            own.discard()
+        return ConversionResult(setup.plan, report, destination_path.resolve(), seconds=seconds,
+                                reused_bytes=output.reused_bytes)
 
 
 def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTensor], weights: CheckpointWeights,

@@ -31,6 +31,7 @@ class StreamedOutput:
     tensors: int
     bytes_written: int  # computed or copied here; mirrored bytes already in place are not counted
     carried: tuple[str, ...]
+    reused_bytes: int = 0  # the mirrored bytes already in place (``layout.in_place``)
 
 
 class NonFiniteError(SourceError):
@@ -115,7 +116,8 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
               disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
             ShardWriter(folder, planned, max_shard_bytes, on_written=bar.update, layout=layout) as writer:
         in_place = layout.in_place if layout is not None else frozenset()
-        bar.update(sum(tensor.nbytes for tensor in planned if tensor.name in in_place))
+        reused = sum(tensor.nbytes for tensor in planned if tensor.name in in_place)
+        bar.update(reused)
         for done, tensor in enumerate(planned, 1):
             if tensor.name not in in_place:
                 step = program.outputs[tensor.name]
@@ -127,7 +129,7 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
     if carried:
         write_small(folder / carried_file, carried,
                     {"normswap": "norm tensors the target layout has no slot for, kept for round trips"})
-    return StreamedOutput(tuple(files), len(planned), written, tuple(carried))
+    return StreamedOutput(tuple(files), len(planned), written, tuple(carried), reused)
 
 
 def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: CheckpointWeights,
@@ -145,7 +147,6 @@ def _produce(step: Step, tensor: PlannedTensor, read: SourceReader, weights: Che
                                 "please report it")
         value = value.to(tensor.dtype)
     return value.contiguous()
-
 
 
 def byte_copies(program: TensorProgram, planned: list[PlannedTensor], weights: CheckpointWeights,

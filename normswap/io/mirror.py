@@ -14,20 +14,22 @@ Stdlib only: the CLI starts it before importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NormswapError
-from .destination import require_space
+from .destination import check_destination, require_space
+from .file_copy import PIECE, copy_range
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_PIECE = 64 * 2**20
 _ALIGNMENT = 8
 
 
@@ -94,24 +96,32 @@ class SourceMirror:
             self._error = error
 
     def _copy(self, file: MirroredFile) -> None:
-        source = os.open(file.source, os.O_RDONLY)
         target = os.open(self.folder / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            done = 0
-            while done < file.data_bytes and not self._cancelled.is_set():
-                length = min(_PIECE, file.data_bytes - done)
-                try:
-                    copied = os.copy_file_range(source, target, length, file.source_data_start + done,
-                                                file.data_start + done)
-                except OSError:  # file systems or kernels without it: plain reads and writes
-                    copied = os.pwrite(target, os.pread(source, length, file.source_data_start + done),
-                                       file.data_start + done)
-                if copied == 0:
-                    raise NormswapError(f"{file.source} ended before its header said")
-                done += copied
+            for done in range(0, file.data_bytes, PIECE):
+                if self._cancelled.is_set():
+                    return
+                copy_range(file.source, file.source_data_start + done, target, file.data_start + done,
+                           min(PIECE, file.data_bytes - done))
         finally:
-            os.close(source)
             os.close(target)
+
+
+@contextlib.contextmanager
+def early_copy(source: Path, destination: Path, overwrite: bool, norm: str | None, exact: bool, dtype: str | None,
+               given: SourceMirror | None = None) -> Iterator[SourceMirror | None]:
+    """The caller's mirror (``given``), or one started here where it can help, and discarded on the way out,
+    used or not: nothing of it stays beside DST."""
+    if given is not None or not source.is_dir() or not mirror_helps(norm, exact, dtype):
+        yield given
+        return
+    check_destination(source, destination, overwrite)
+    own = start_mirror(source, destination)
+    try:
+        yield own
+    finally:
+        if own is not None:
+            own.discard()
 
 
 def mirror_helps(norm: str | None, exact: bool, dtype: str | None) -> bool:

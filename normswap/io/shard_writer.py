@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from ..errors import NormswapError
+from . import file_copy
 from .safetensors_file import header_bytes, tensor_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
-_PIECE = 64 * 2**20  # one kernel copy or write; small enough to share a large tensor between the threads
 _IN_FLIGHT = 4  # computed tensors allowed to wait for their write
 _WRITERS = 2
 
@@ -152,7 +152,7 @@ class ShardWriter:
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if file.fresh else 0)
                 descriptor = os.open(folder / file.name, flags, 0o644)
                 self._descriptors.append(descriptor)
-                _write_at(descriptor, memoryview(file.header), 0)
+                file_copy.write_at(descriptor, memoryview(file.header), 0)
                 os.ftruncate(descriptor, file.size)
         except BaseException:
             self.abort()
@@ -180,10 +180,10 @@ class ShardWriter:
         if isinstance(data, FileRange):
             if data.length != planned.nbytes:
                 raise NormswapError(f"internal: {name} has {data.length} bytes, planned {planned.nbytes}")
-            for start in range(0, data.length, _PIECE):
-                length = min(_PIECE, data.length - start)
-                self._submit(length, _copy_range, data.file, data.offset + start, descriptor, place.offset + start,
-                             length)
+            for start in range(0, data.length, file_copy.PIECE):
+                length = min(file_copy.PIECE, data.length - start)
+                self._submit(length, file_copy.copy_range, data.file, data.offset + start, descriptor,
+                             place.offset + start, length)
         else:
             if isinstance(data, torch.Tensor):
                 if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
@@ -196,7 +196,7 @@ class ShardWriter:
                 raise NormswapError(f"internal: {name} has {payload.nbytes} bytes, planned {planned.nbytes}")
             self._room.acquire()  # bounded memory: wait while _IN_FLIGHT computed tensors are queued
             try:
-                future = self._submit(payload.nbytes, _write_at, descriptor, payload, place.offset)
+                future = self._submit(payload.nbytes, file_copy.write_at, descriptor, payload, place.offset)
             except BaseException:
                 self._room.release()
                 raise
@@ -248,38 +248,6 @@ class ShardWriter:
     def _close_files(self) -> None:
         while self._descriptors:
             os.close(self._descriptors.pop())
-
-
-def _write_at(descriptor: int, payload: memoryview, offset: int) -> None:
-    view = payload.cast("B") if payload.ndim != 1 or payload.format != "B" else payload
-    while view.nbytes:
-        done = os.pwrite(descriptor, view[:_PIECE], offset)
-        view, offset = view[done:], offset + done
-
-
-def _copy_range(file: Path, offset: int, descriptor: int, destination: int, length: int) -> None:
-    source = os.open(file, os.O_RDONLY)
-    try:
-        while length:
-            try:
-                done = os.copy_file_range(source, descriptor, length, offset, destination)
-            except OSError:  # file systems or kernels without it: plain reads and writes
-                done = 0
-            if done == 0:
-                _copy_plainly(file, source, offset, descriptor, destination, length)
-                return
-            offset, destination, length = offset + done, destination + done, length - done
-    finally:
-        os.close(source)
-
-
-def _copy_plainly(file: Path, source: int, offset: int, descriptor: int, destination: int, length: int) -> None:
-    while length:
-        chunk = os.pread(source, min(length, _PIECE), offset)
-        if not chunk:
-            raise NormswapError(f"{file} ended before its tensor did; the file is truncated")
-        _write_at(descriptor, memoryview(chunk), destination)
-        offset, destination, length = offset + len(chunk), destination + len(chunk), length - len(chunk)
 
 
 def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
