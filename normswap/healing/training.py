@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset, Sampler
@@ -166,10 +166,7 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
         weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
         save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
-        max_grad_norm=1.0, use_cpu=_accelerate_wants_cpu(),
+        max_grad_norm=1.0, use_cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
     )
 
-
-def _accelerate_wants_cpu() -> bool:
-    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
