@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       "also what every branch writes, or the output only (plain distillation)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
+    heal.add_argument("--keep-dropout", action="store_true",
+                      help="train with the model's dropout (off by default: it holds healing back; the saved "
+                      "config keeps its rates either way)")
     heal.add_argument("--work-dir", metavar="DIR", help="Trainer checkpoints (default: a temporary folder)")
     heal.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
     heal.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -185,7 +188,8 @@ def _run_heal(args: argparse.Namespace) -> int:
                              max_length=args.max_length, learning_rate=args.learning_rate,
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
-                             resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match)
+                             resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
+                             keep_dropout=args.keep_dropout)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -4,12 +4,14 @@
 2. Optionally (``warm_start``), refit each branch's output projection in closed form, sublayer by sublayer.
    Off by default: on MiniLM it raised the intermediate cosines but cost 40 s and ended lower (README).
 3. Train end to end on per-sublayer targets (``objective``) with transformers' ``Trainer``, on length-grouped,
-   augmented batches, the learning rate decaying over the step or time budget.
+   augmented batches, the learning rate decaying over the step or time budget, and the student's dropout
+   switched off (``dropout``).
 4. Measure on held-out text before and after (``metrics``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
+from .dropout import without_dropout
 from .metrics import compare
 from .objective import HealingObjective
 from .rows import AugmentedTexts, TokenisedTexts
@@ -47,6 +50,7 @@ class HealReport:
     history: tuple[dict[str, Any], ...] = field(default=())  # held-out checks during training
     losses: tuple[float, ...] = field(default=())  # training loss at each logging step
     entries: tuple[str, ...] = field(default=())  # student module of each entry_cosines position
+    dropout_rates_off: int = 0  # dropout rates set to 0 for training (restored afterwards)
 
     def summary(self) -> str:
         lines = [f"healed {self.steps} steps in {self.seconds:.0f} s ({self.stopped}); "
@@ -70,7 +74,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          learning_rate: float = 5e-4, warm_start: bool = False, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
-         output_weight: float = 4.0, augment: bool = True) -> tuple[nn.Module, HealReport]:
+         output_weight: float = 4.0, augment: bool = True,
+         keep_dropout: bool = False) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
@@ -78,7 +83,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     latest one (the warm start is then skipped: the checkpoint already holds its result), and, like
     ``max_steps``, ``max_time`` then counts the training time of the runs it resumes (checkpoints keep the
     clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation baseline);
-    ``match="branches"`` adds what each branch writes to what each branch reads.
+    ``match="branches"`` adds what each branch writes to what each branch reads. The student trains without
+    dropout unless ``keep_dropout``; its rates are restored before it is returned.
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
@@ -128,7 +134,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         trainer.add_callback(MetricProgressBar())
     student.train()
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with contextlib.nullcontext(0) if keep_dropout else without_dropout(student) as dropout_rates_off:
+            trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         objective.close()
         for parameter in frozen:
@@ -139,7 +146,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     report = HealReport(before, after, warm, trainer.state.global_step, time.monotonic() - started, stopped,
                         len(texts.train), len(texts.held_out), frozen, tuple(trainer.history),
                         tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
-                        tuple(entry.student for entry in correspondence.entries))
+                        tuple(entry.student for entry in correspondence.entries), dropout_rates_off)
     return student, report
 
 
