@@ -76,6 +76,29 @@ def test_a_tensor_the_output_drops_falls_back_to_the_planned_layout(tmp_path: Pa
     assert not _leftovers(tmp_path)
 
 
+def test_a_hole_rewrites_only_its_own_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = perturbed("llama", "LlamaForCausalLM")
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="40KB")
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    holed = shards[1]
+    save_file({**load_file(str(holed)), "stray.weight": torch.ones(3)}, str(holed), {"format": "pt"})
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"]["stray.weight"] = holed.name
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    assert main(["convert", str(source), str(tmp_path / "out"), "--placement", "post", "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("model-*.safetensors")) == [p.name for p in shards]
+    kept = sum(p.stat().st_size for p in shards if p != holed)
+    assert 0 < report["reused_bytes"] < kept + holed.stat().st_size  # the holed shard's bytes were written again
+    assert "stray.weight" not in load_file(str(out / holed.name))
+    assert_bit_identical(saved_tensors(out), expected_tensors(normswap.convert(model, placement="post")))
+    assert not _leftovers(tmp_path)
+
+
 def test_a_failing_conversion_leaves_no_copy_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "source"
     perturbed("gpt2", "GPT2LMHeadModel").save_pretrained(source)
@@ -96,6 +119,20 @@ def _file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[Mirror
     return files, CheckpointWeights(tmp_path)
 
 
+def _shards(folder: Path, shards: dict[str, dict[str, torch.Tensor]]
+            ) -> tuple[list[MirroredFile], CheckpointWeights]:
+    folder.mkdir(parents=True)
+    files = []
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name), {"format": "pt"})
+        (length,) = struct.unpack("<Q", (folder / name).read_bytes()[:8])
+        size = (folder / name).stat().st_size
+        files.append(MirroredFile(name, folder / name, 8 + length, size - 8 - length, 8 + 2 * length + 4096))
+    weight_map = {tensor: name for name, tensors in shards.items() for tensor in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return files, CheckpointWeights(folder)
+
+
 def _planned(**shapes: tuple[int, ...]) -> list[PlannedTensor]:
     return [PlannedTensor(name, torch.float32, shape) for name, shape in shapes.items()]
 
@@ -114,6 +151,19 @@ def test_layout_rules(tmp_path: Path) -> None:
     assert layout.files[0].size == files[0].data_start + files[0].data_bytes + 8
     # a dropped source tensor that nothing of its size replaces is a hole: refused
     assert mirror_layout(files, _planned(a=(4, 4), b=(4,)), weights, sources, frozenset({"a", "b"}), 10**9) is None
+    # with several files, only the one with the hole is written afresh (packed, in source order)
+    two, two_weights = _shards(tmp_path / "two", {"one.safetensors": {"a": torch.zeros(4, 4), "b": torch.zeros(4),
+                                                                      "c": torch.zeros(4)},
+                                                  "two.safetensors": {"d": torch.zeros(2, 4), "e": torch.zeros(3)}})
+    split = mirror_layout(two, _planned(a=(4, 4), b=(4,), c=(4,), d=(2, 4)), two_weights,
+                          {**sources, "d": "d", "e": "e"}, frozenset("abcd"), 10**9)
+    assert split is not None and [f.fresh for f in split.files] == [False, True]
+    assert split.in_place == {"a", "b", "c"}
+    assert split.places["d"] == (1, len(split.files[1].header))
+    assert split.files[1].size == len(split.files[1].header) + 32
+    # when every file has a hole, the planned layout is used instead
+    assert mirror_layout(two, _planned(a=(4, 4), b=(4,), d=(2, 4)), two_weights, {**sources, "d": "d"},
+                         frozenset("abd"), 10**9) is None
     # ... but a renamed one of the same size fills it
     renamed = mirror_layout(files, _planned(a=(4, 4), b=(4,), z=(4,)), weights, {**sources, "z": "c"},
                             frozenset({"a", "b", "z"}), 10**9)
