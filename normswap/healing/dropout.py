@@ -16,25 +16,25 @@ from torch import nn
 
 # float attributes that transformers' modeling code passes to ``F.dropout`` / attention as a probability
 _RATE_NAMES = ("dropout", "layerdrop")
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @contextmanager
 def without_dropout(model: nn.Module) -> Iterator[int]:
     """Set every dropout rate in ``model`` to 0 while the block runs; yields how many were switched off.
 
-    Covers ``nn.Dropout`` modules (all ``_DropoutNd`` kinds) and float attributes such as Llama's
+    Covers torch's dropout modules and float attributes such as Llama's
     ``attention_dropout`` or BART's ``dropout`` / ``layerdrop``, which modeling code reads at each forward.
     The config is not touched, so a checkpoint saved afterwards keeps the model's dropout for fine-tuning.
     """
     changed: list[tuple[object, str, float]] = []
     for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, _DROPOUT_MODULES):
             if module.p:
                 changed.append((module, "p", module.p))
             continue
         for name, value in vars(module).items():
-            if (isinstance(value, float) and not isinstance(value, bool) and value
-                    and any(rate in name.lower() for rate in _RATE_NAMES)):
+            if isinstance(value, float) and value and any(rate in name.lower() for rate in _RATE_NAMES):
                 changed.append((module, name, value))
     for owner, name, _ in changed:
         setattr(owner, name, 0.0)
