@@ -93,7 +93,7 @@ def test_a_hole_rewrites_only_its_own_shard(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("model-*.safetensors")) == [p.name for p in shards]
     kept = sum(p.stat().st_size for p in shards if p != holed)
-    assert 0 < report["reused_bytes"] < kept + holed.stat().st_size  # the holed shard's bytes were written again
+    assert 0 < report["reused_bytes"] <= kept  # reused bytes come only from the other shards
     assert "stray.weight" not in load_file(str(out / holed.name))
     assert_bit_identical(saved_tensors(out), expected_tensors(normswap.convert(model, placement="post")))
     assert not _leftovers(tmp_path)
