@@ -27,7 +27,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per method, conversion included")
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output-weight", type=float, default=4.0, help="weight of the output among the entries")
     parser.add_argument("--only", choices=("normswap", "baseline"), help="run one method only")

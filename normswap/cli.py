@@ -95,7 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--batch-size", type=int, default=8,
                       help="texts per step (default 8; on MiniLM and 2 CPU cores 8 beat 4, 16 and 32)")
     heal.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
-    heal.add_argument("--learning-rate", type=float, default=5e-4)
+    heal.add_argument("--learning-rate", type=float, default=3e-4)
     heal.add_argument("--held-out", type=int, default=256, help="texts kept for evaluation, never trained on")
     heal.add_argument("--eval-steps", type=int, default=100, help="evaluate and checkpoint every N steps")
     heal.add_argument("--warm-start", action="store_true",

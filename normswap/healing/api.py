@@ -71,7 +71,7 @@ class HealReport:
 def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str] | None = None, *,
          tokenizer: Any = None, max_steps: int = 300, max_time: float | None = None,
          target_cosine: float | None = None, batch_size: int = 8, max_length: int = 64,
-         learning_rate: float = 5e-4, warm_start: bool = False, freeze_embeddings: bool = True,
+         learning_rate: float = 3e-4, warm_start: bool = False, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
          output_weight: float = 4.0, augment: bool = True,
