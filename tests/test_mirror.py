@@ -110,26 +110,21 @@ def test_a_failing_conversion_leaves_no_copy_behind(tmp_path: Path, capsys: pyte
 
 
 def _file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[MirroredFile], CheckpointWeights]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp_path / "model.safetensors"), {"format": "pt"})
-    (length,) = struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])
-    size = (tmp_path / "model.safetensors").stat().st_size
-    files = [MirroredFile("model.safetensors", tmp_path / "model.safetensors", 8 + length, size - 8 - length,
-                          8 + 2 * length + 4096)]
-    return files, CheckpointWeights(tmp_path)
+    return _shards(tmp_path, {"model.safetensors": tensors})
 
 
 def _shards(folder: Path, shards: dict[str, dict[str, torch.Tensor]]
             ) -> tuple[list[MirroredFile], CheckpointWeights]:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     files = []
     for name, tensors in shards.items():
         save_file(tensors, str(folder / name), {"format": "pt"})
         (length,) = struct.unpack("<Q", (folder / name).read_bytes()[:8])
         size = (folder / name).stat().st_size
         files.append(MirroredFile(name, folder / name, 8 + length, size - 8 - length, 8 + 2 * length + 4096))
-    weight_map = {tensor: name for name, tensors in shards.items() for tensor in tensors}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if len(shards) > 1:
+        weight_map = {tensor: name for name, tensors in shards.items() for tensor in tensors}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return files, CheckpointWeights(folder)
 
 
