@@ -27,9 +27,9 @@ def test_sigterm_midway_leaves_nothing(options: list[str], writing: str, tmp_pat
                            shard_size="64MB")  # ~230 MB in 4 shards: long enough to be caught midway
     before = checksum(source)
     destination = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "normswap", "convert", str(source), str(destination),
-                                "--placement", "post", "--quiet", "--verify-max-size", "0", *options],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "normswap", "convert", str(source),
+                                str(destination), "--placement", "post", "--quiet", "--verify-max-size", "0",
+                                *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     caught = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -40,7 +40,11 @@ def test_sigterm_midway_leaves_nothing(options: list[str], writing: str, tmp_pat
         time.sleep(0.002)
     assert caught is not None, f"the conversion never started writing: {process.communicate()}"
     os.kill(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGABRT)  # faulthandler prints every thread's stack: where it hangs
+        pytest.fail(f"no exit within 60 s of SIGTERM:\n{process.communicate(timeout=60)[1]}")
     assert process.returncode == 143, err
     assert "Stopped by SIGTERM: nothing was written" in err
     assert not destination.exists()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import NormswapError
+from ..interrupts import deferred_interrupts
 from . import file_copy
 from .safetensors_file import header_bytes, tensor_bytes
 
@@ -127,7 +128,8 @@ class ShardWriter:
     for several shards. Use it as a context manager: leaving on an error stops the writes still queued.
 
     The layout is ``sequential_layout`` unless given (``mirror_layout``). ``on_written(nbytes)`` is called
-    (from a writer thread) as bytes reach their file, for progress bars.
+    (from a writer thread) as bytes reach their file, for progress bars. Drive it inside
+    ``deferred_interrupts``: a Ctrl-C raised while the caller holds a future's lock would hang ``abort``.
     """
 
     def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model",
@@ -270,8 +272,10 @@ def save_state_dict(folder: Path, state: dict[str, torch.Tensor], max_bytes: int
             continue
         seen.add(key)
         kept[name] = tensor.detach().cpu().contiguous()
-    with ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()],
-                     max_bytes) as writer:
+    with deferred_interrupts() as interrupts, \
+            ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()],
+                        max_bytes) as writer:
         for name, tensor in kept.items():
+            interrupts.check()
             writer.write(name, tensor)
         return writer.close()

@@ -1,0 +1,66 @@
+"""Ctrl-C and SIGTERM while writer threads run: noted at once, raised only where it is safe.
+
+Python raises a signal handler's exception in the main thread between any two bytecodes, including inside a
+pure-Python ``__enter__`` that has just taken a lock, such as a ``Future``'s ``Condition``. The ``with`` then
+never releases it. A writer thread finishing that future waits for the lock forever, and the main thread, on
+its way out, waits for the writer forever. ``deferred_interrupts`` swaps the handlers for ones that only note
+the signal; the loop calls ``check`` between tensors, where no lock is held, and the signal is handled there
+by the handler it would have met, as if it had just arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+class PendingInterrupts:
+    """The signals noted while deferred, and the handlers they would have met."""
+
+    def __init__(self, handlers: dict[int, Any]) -> None:
+        self.handlers = handlers
+        self.pending: list[int] = []
+
+    def note(self, signum: int, frame: FrameType | None) -> None:
+        if signum not in self.pending:
+            self.pending.append(signum)
+
+    def check(self) -> None:
+        """Hand every noted signal to its own handler now (which usually raises)."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            handler = self.handlers[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[PendingInterrupts]:
+    """Within: SIGINT and SIGTERM are noted, and handled at ``check()`` or, at the latest, on the way out.
+
+    Outside the main thread no signal arrives, and nothing is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield PendingInterrupts({})
+        return
+    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED}
+    pending = PendingInterrupts(previous)
+    for signum in _DEFERRED:
+        if previous[signum] is not None:  # None: a handler not installed from Python, left alone
+            signal.signal(signum, pending.note)
+    try:
+        yield pending
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        pending.check()
