@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,22 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path, monkeypatch: pytes
     assert [entry["step"] for entry in resumed.history] == [20]  # only steps 11..20 ran
     assert [clock.spent for clock in clocks] == [spent]  # the time budget and the decay go on from there
     assert resumed.history[-1]["training_seconds"] > spent
+
+
+def test_without_a_work_dir_no_checkpoint_folder_is_left(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    created = []
+    real = tempfile.mkdtemp
+
+    def spy(*args: object, **kwargs: object) -> str:
+        created.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return created[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    teacher, student = pair()
+    heal_api.heal(teacher, student, max_steps=4, **{**QUICK, "eval_steps": 2})  # Trainer checkpoints every 2 steps
+    assert created and all(Path(folder).parent == tmp_path for folder in created)
+    assert not list(tmp_path.iterdir())
 
 
 def test_held_out_texts_are_never_trained_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -105,6 +106,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     measured_at = time.monotonic()
     before = measure()
     evaluation_seconds = time.monotonic() - measured_at  # the final evaluation costs as much: keep it in budget
+    own_work = not work_dir  # a temporary folder of Trainer checkpoints (hundreds of MB), removed at the end
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
     checkpoint = get_last_checkpoint(str(work)) if resume and work.is_dir() else None
     warm: dict[str, Any] | None = None
@@ -140,6 +142,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         objective.close()
         for parameter in frozen:
             student.get_parameter(parameter).requires_grad_(True)
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
     student.eval()
     after = measure()
     stopped = stop.reason or f"{trainer.state.global_step} steps done"
