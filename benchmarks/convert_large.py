@@ -13,8 +13,11 @@ after its own ``cp -r`` (the disk's speed drifts by 2x or more between minutes o
 the ratios are medians over ``--repeats`` such pairs. Prints time / copy time; the share of bytes copied
 while planning (``reused_bytes``); the part spent writing after planning (``seconds.writing``) / copy time;
 and peak RSS / largest shard. Targets (issue 5): time ratio <= 2.0, peak RSS <= 1.5 GB for >= 4 GB.
+Also prints the start-up floor: a fresh process that only imports what planning needs (torch, normswap,
+transformers' Llama code), against ``cp -r`` in the same way; and with ``--verify-offloaded``, one placement
+conversion verified with the weights left on disk.
 
-    python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--repeats 3] [--keep]
+    python benchmarks/convert_large.py [--workdir DIR] [--layers 28] [--repeats 3] [--keep] [--verify-offloaded]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ converted = normswap.convert(model, **options)
 converted.save_pretrained(sys.argv[2], max_shard_size="2GB")
 """
 
+IMPORTS = "import normswap.conversion.checkpoint, transformers.models.llama.modeling_llama"
+
 
 def measured(command: list[str]) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in bytes, stdout) of one child process."""
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=6912)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the from_pretrained comparison")
+    parser.add_argument("--verify-offloaded", action="store_true",
+                        help="also run the placement conversion verified with --verify-offloaded (one pair)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     parser.add_argument("--repeats", type=int, default=3, help="side-by-side (cp, conversion) pairs per conversion")
     args = parser.parse_args()
@@ -102,6 +109,14 @@ def main() -> None:
             print(f"run {repeat + 1}: {label}: {elapsed:.1f} s, cp -r {copy_time:.1f} s, "
                   f"ratio {elapsed / copy_time:.2f}; {reused / total:.1%} of the bytes copied while planning, "
                   f"writing after planning {writing:.1f} s ({writing / copy_time:.2f} x cp)", flush=True)
+    floor = []  # (cp -r seconds, import seconds): the start-up no conversion can go below, against the copy
+    for _ in range(args.repeats):
+        copy_time = measured(["cp", "-r", str(source), str(work / "copy")])[0]
+        shutil.rmtree(work / "copy")
+        floor.append((copy_time, measured([sys.executable, "-c", IMPORTS])[0]))
+    if args.verify_offloaded:
+        runs["streamed placement, --verify-offloaded"] = [copy_then([*normswap, "--placement", "post",
+                                                                     "--verify-offloaded"])]
     if not args.skip_in_memory:
         for label, kind in (("in-memory placement pre -> post", "placement"),
                             ("in-memory norm rmsnorm -> layernorm", "norm")):
@@ -125,6 +140,9 @@ def main() -> None:
     print(f"\nstreamed (median of {args.repeats} side-by-side pairs): worst time ratio {worst_time:.2f} "
           f"(target <= 2.0), worst peak RSS {worst_rss / 1e9:.2f} GB (target <= 1.5 GB for a {total / 1e9:.1f} GB "
           "checkpoint)")
+    imports = statistics.median(seconds for _, seconds in floor)
+    print(f"start-up floor: importing what planning needs ({IMPORTS.strip()!r}) takes {imports:.1f} s in a fresh "
+          f"process, {statistics.median(s / c for c, s in floor):.2f} x cp -r (median of {len(floor)} pairs)")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)
 

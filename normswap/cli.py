@@ -66,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify-max-size", default="1GB", metavar="SIZE",
                          help="verify against the original (both loaded in memory) up to this much weight data; "
                          "larger conversions are streamed and reported as not verified (default 1GB)")
+    convert.add_argument("--verify-offloaded", action="store_true",
+                         help="verify conversions above --verify-max-size too, reading each module's weights from "
+                         "disk as it runs (needs accelerate; slow, but memory stays near one layer)")
     convert.add_argument("--allow-nonfinite", action="store_true",
                          help="convert even if a tensor the conversion computes with holds NaN or Inf")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -141,7 +144,8 @@ def _run_convert(args: argparse.Namespace) -> int:
                                     max_shard_size=args.max_shard_size, calib=args.calib,
                                     trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                     allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-                                    verify_max_size=args.verify_max_size, mirror=mirror)
+                                    verify_max_size=args.verify_max_size,
+                                    verify_offloaded=args.verify_offloaded, mirror=mirror)
     if args.heal and result.destination is not None:
         return _heal_converted(args, result)
     if args.json:

@@ -25,6 +25,7 @@ from ..io.support_files import copy_support_files
 from .api import plan_conversion
 from .native import meta_instance
 from .norm_change import plan_norm_kind
+from .offload import offload_options, offloaded, require_accelerate
 from .program import shapes_of
 from .setup import ConversionSetup, provenance
 from .streaming import byte_copies, planned_outputs, stream_program
@@ -61,13 +62,15 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                        overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
                        trust_remote_code: bool = False, dtype: str | None = None, allow_nonfinite: bool = False,
                        progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT,
-                       mirror: SourceMirror | None = None) -> ConversionResult:
+                       verify_offloaded: bool = False, mirror: SourceMirror | None = None) -> ConversionResult:
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm``, streamed, into ``destination``.
 
     Planning reads config.json only; the weights are then read one tensor at a time and written to
     shards as they fill, so memory stays at a few tensors. Models up to ``verify_max_size`` of weights
-    are then loaded and verified against the original (drift report or exactness check); larger ones
-    are not, and the report says so.
+    are then loaded and verified against the original (drift report or exactness check). Larger ones are
+    verified with their weights left on disk and read one module at a time (``verify_offloaded``, which
+    needs accelerate; slow: every weight is read again for each forward pass), or not at all, and the
+    report says so.
 
     The source shards' bytes are copied to the output while planning (``mirror``; started here unless the
     caller, the CLI, started it before importing torch), and the output keeps the source's shard layout when
@@ -99,7 +102,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
                             transformers_renamings(meta, weights.tensors))
         default_dtype = checkpoint_dtype(config, weights)
-        verify = weights.total_bytes <= verify_limit
+        offloaded = weights.total_bytes > verify_limit
+        verify = not offloaded or verify_offloaded
+        if offloaded and verify_offloaded:
+            require_accelerate()
         seconds["planning"] = time.monotonic() - started
         with atomic_output(destination_path, overwrite) as folder:
             while True:
@@ -119,11 +125,13 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 if not verify:
                     report: Any = SkippedVerification(
                         f"not verified: {weights.total_bytes / 1e9:.2f} GB of weights is above the verification limit "
-                        f"of {verify_limit / 1e9:.2f} GB (--verify-max-size); verification loads both models in memory")
+                        f"of {verify_limit / 1e9:.2f} GB (--verify-max-size), where verification would load both "
+                        "models in memory; pass --verify-offloaded to verify reading one module at a time from disk")
                     break
                 stage = time.monotonic()
                 try:
-                    report = _verify(source_path, config, folder, setup, texts, trust_remote_code)
+                    report = _verify(source_path, config, folder, setup, texts, trust_remote_code,
+                                     offload_beside=destination_path if offloaded else None)
                     break
                 except ExactnessError:
                     if setup.fallback is None:
@@ -189,24 +197,35 @@ def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: li
 
 
 def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, texts: list[str] | None,
-            trust_remote_code: bool) -> Any:
-    """Load the original and the written checkpoint and run the conversion's own verification."""
-    original = load_model(source, config, trust_remote_code)
-    converted = _load_converted(folder, setup)
-    if converted.dtype != original.dtype:
-        original = original.to(converted.dtype)
-    probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
+            trust_remote_code: bool, offload_beside: Path | None = None) -> Any:
+    """Load the original and the written checkpoint and run the conversion's own verification.
+
+    With ``offload_beside`` (DST), both stay on disk and each module's weights are read as it runs
+    (``offloaded``); the original is then read in the converted model's dtype, as ``.to`` would make it.
+    """
     assert setup.verify is not None
-    return setup.verify(original, converted, probe)
+    if offload_beside is None:
+        original = load_model(source, config, trust_remote_code)
+        converted = _load_converted(folder, setup)
+        if converted.dtype != original.dtype:
+            original = original.to(converted.dtype)
+        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
+        return setup.verify(original, converted, probe)
+    with offloaded(offload_beside) as offload:
+        converted = _load_converted(folder, setup, offload)
+        original = load_model(source, config, trust_remote_code, offload, converted.dtype)
+        original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
+        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
+        return setup.verify(original, converted, probe)
 
 
-def _load_converted(folder: Path, setup: ConversionSetup) -> nn.Module:
+def _load_converted(folder: Path, setup: ConversionSetup, offload: Path | None = None) -> nn.Module:
     """The written checkpoint, loaded by the target class itself (normswap's own generated code or stock)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        model = setup.target_class.from_pretrained(folder, dtype="auto")
+        model = setup.target_class.from_pretrained(folder, dtype="auto", **offload_options(offload))
     finally:
         hf_logging.enable_progress_bar()
     return model.eval()
@@ -283,14 +302,16 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def load_model(source: Path, config: Any, trust_remote_code: bool) -> nn.Module:
-    """The checkpoint loaded in memory (for verification and the in-memory path)."""
+def load_model(source: Path, config: Any, trust_remote_code: bool, offload: Path | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """The checkpoint loaded in memory (for verification and the in-memory path), or ``offloaded`` to disk."""
     from transformers.utils import logging as hf_logging
 
     cls = model_class(config)
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(source, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+                                    **offload_options(offload))
     except (OSError, ValueError) as error:
         raise SourceError(f"cannot load the weights in {source}: {str(error).splitlines()[0]} Point SRC at a "
                           "checkpoint folder with its weights (model.safetensors, sharded or not)") from error

@@ -109,6 +109,8 @@ def _shape(topology: Topology) -> Any:
 def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any | None) -> dict[str, torch.Tensor]:
     """Token ids for the probe: the tokenizer on ``texts`` where there is one, else fixed random ids."""
     device = next(model.parameters()).device
+    if device.type == "meta":  # weights offloaded to disk: the hooks bring each module's to the CPU
+        device = torch.device("cpu")
     main_input = getattr(model, "main_input_name", "input_ids")
     generator = torch.Generator().manual_seed(0)
     if main_input == "pixel_values":  # fixed random images of the configured size
