@@ -134,7 +134,7 @@ def main() -> None:
         summary[label] = (ratio, rss)
         print(f"{label:38} {elapsed:7.1f}s {copy_time:6.1f}s {ratio:8.2f} {writing_ratio:9.2f} {rss / 1e9:8.2f}GB "
               f"{rss / largest:10.2f}")
-    streamed = [value for label, value in summary.items() if label.startswith("streamed")]
+    streamed = [value for label, value in summary.items() if label in dict(commands)]  # the targets' conversions
     worst_time = max(ratio for ratio, _ in streamed)
     worst_rss = max(rss for _, rss in streamed)
     print(f"\nstreamed (median of {args.repeats} side-by-side pairs): worst time ratio {worst_time:.2f} "

@@ -160,6 +160,7 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
         a, b = source_reads.get(source_entry), target_reads.get(target_entry)
         if a is None or b is None:
             continue
+        a, b = a.double(), b.double()
         keep = mask if a.shape[:2] == mask.shape else torch.ones(a.shape[:2], dtype=torch.bool)
         sublayers.append(SublayerDrift(stack, index, kind, source_entry, target_entry,
                                        _cosine(a[keep], b[keep]), float((a[keep] - b[keep]).abs().max())))
@@ -203,7 +204,8 @@ def _run(model: nn.Module, entries: list[tuple[str, int, str, str]],
         def hook(_module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
             value = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             if isinstance(value, torch.Tensor) and path not in captured:
-                captured[path] = value.detach().double()
+                # kept in its own dtype (bf16: a quarter of fp64) and widened, losslessly, when compared
+                captured[path] = value.detach().clone()
 
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
