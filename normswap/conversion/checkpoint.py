@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -102,9 +103,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
                             transformers_renamings(meta, weights.tensors))
         default_dtype = checkpoint_dtype(config, weights)
-        offloaded = weights.total_bytes > verify_limit
-        verify = not offloaded or verify_offloaded
-        if offloaded and verify_offloaded:
+        above_limit = weights.total_bytes > verify_limit
+        verify = not above_limit or verify_offloaded
+        if above_limit and verify_offloaded:
             require_accelerate()
         seconds["planning"] = time.monotonic() - started
         with atomic_output(destination_path, overwrite) as folder:
@@ -131,7 +132,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 stage = time.monotonic()
                 try:
                     report = _verify(source_path, config, folder, setup, texts, trust_remote_code,
-                                     offload_beside=destination_path if offloaded else None)
+                                     offload_beside=destination_path if above_limit else None)
                     break
                 except ExactnessError:
                     if setup.fallback is None:
@@ -204,17 +205,15 @@ def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, tex
     (``offloaded``); the original is then read in the converted model's dtype, as ``.to`` would make it.
     """
     assert setup.verify is not None
-    if offload_beside is None:
-        original = load_model(source, config, trust_remote_code)
-        converted = _load_converted(folder, setup)
-        if converted.dtype != original.dtype:
-            original = original.to(converted.dtype)
-        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
-        return setup.verify(original, converted, probe)
-    with offloaded(offload_beside) as offload:
+    with offloaded(offload_beside) if offload_beside else contextlib.nullcontext() as offload:
         converted = _load_converted(folder, setup, offload)
-        original = load_model(source, config, trust_remote_code, offload, converted.dtype)
-        original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
+        if offload is None:
+            original = load_model(source, config, trust_remote_code)
+            if converted.dtype != original.dtype:
+                original = original.to(converted.dtype)
+        else:
+            original = load_model(source, config, trust_remote_code, offload, converted.dtype)
+            original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
         probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
         return setup.verify(original, converted, probe)
 
