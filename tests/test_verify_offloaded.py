@@ -91,3 +91,15 @@ def test_without_accelerate_offloaded_verification_is_refused_before_writing(
     error = capsys.readouterr().err.strip()
     assert error.startswith("Error: --verify-offloaded needs the accelerate package") and "\n" not in error
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_legacy_bin_source_verifies_offloaded(tmp_path: Path) -> None:
+    model = perturbed("gpt2", "GPT2LMHeadModel")
+    model.save_pretrained(tmp_path / "source")
+    (tmp_path / "source" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "source" / "pytorch_model.bin")
+    in_memory = convert_checkpoint(tmp_path / "source", tmp_path / "memory", norm="rmsnorm").report.to_dict()
+    offloaded = convert_checkpoint(tmp_path / "source", tmp_path / "offloaded", norm="rmsnorm", verify_max_size="0",
+                                   verify_offloaded=True).report.to_dict()
+    assert offloaded == in_memory
+    assert not list(tmp_path.glob(".*normswap*"))

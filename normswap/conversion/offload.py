@@ -3,7 +3,8 @@
 transformers loads a checkpoint with ``device_map={"": "disk"}`` on the meta device, and accelerate's hooks
 read each module's tensors from the safetensors files just before it runs and drop them after it. Peak memory
 is then about the largest module plus the probe's activations, and every weight is read once per forward pass.
-Legacy ``.bin`` weights are first written out to the offload folder, which is removed afterwards.
+Whatever accelerate must write out to offload (weights it cannot read in place) goes to a scratch folder
+beside DST, removed afterwards.
 """
 
 from __future__ import annotations
