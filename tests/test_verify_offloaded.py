@@ -24,6 +24,7 @@ CASES = [
     ("bert", "BertModel", {"placement": "pre"}, torch.float32),  # native target, encoder
     ("bart", "BartModel", {"placement": "pre"}, torch.float32),  # encoder-decoder
     ("gpt2", "GPT2LMHeadModel", {"norm": "rmsnorm"}, torch.bfloat16),  # exact in bf16: the fp32 twin is read again
+    ("gpt2", "GPT2LMHeadModel", {"norm": "rmsnorm", "dtype": "bfloat16"}, torch.float32),  # fp32 source, bf16 out
     ("llama", "LlamaForCausalLM", {"norm": "layernorm", "exact": True}, torch.float32),  # one dimension wider
     ("llama", "LlamaForCausalLM", {"norm": "layernorm"}, torch.float32),  # approximate
 ]
@@ -60,7 +61,7 @@ def test_offloaded_report_equals_the_in_memory_one(config: str, model_class: str
 
     assert offloaded == in_memory
     assert devices[:2] == ["meta", "meta"]  # the converted model, then the original: both offloaded
-    if options.get("norm") == "rmsnorm" and dtype == torch.bfloat16:
+    if options.get("norm") == "rmsnorm" and (dtype == torch.bfloat16 or options.get("dtype") == "bfloat16"):
         assert devices == ["meta", "meta", "meta"]  # and the fp32 twin of the exactness bound, read again
     assert not list(tmp_path.glob(".*normswap*"))  # the offload folder is gone
 

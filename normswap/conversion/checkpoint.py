@@ -203,6 +203,7 @@ def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, tex
 
     With ``offload_beside`` (DST), both stay on disk and each module's weights are read as it runs
     (``offloaded``); the original is then read in the converted model's dtype, as ``.to`` would make it.
+    Either way, the fp32 reference of a low-precision exactness check is the source read again in fp32.
     """
     assert setup.verify is not None
     with offloaded(offload_beside) if offload_beside else contextlib.nullcontext() as offload:
@@ -213,7 +214,8 @@ def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, tex
                 original = original.to(converted.dtype)
         else:
             original = load_model(source, config, trust_remote_code, offload, converted.dtype)
-            original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
+        # an exactness bound in bf16/fp16 compares with the source in fp32: read again, in memory or offloaded
+        original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
         probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
         return setup.verify(original, converted, probe)
 

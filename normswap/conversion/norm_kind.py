@@ -171,7 +171,7 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
     if next(original.parameters()).dtype == torch.float32:
         tolerance = TOLERANCE
     else:
-        in_fp32 = getattr(original, "normswap_in_fp32", None)  # offloaded: read again in fp32, not copied
+        in_fp32 = getattr(original, "normswap_in_fp32", None)  # a checkpoint's source, read again in fp32
         fp32_outputs = pick(_run(in_fp32() if in_fp32 else copy.deepcopy(original).float(), inputs))
         noise = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, fp32_outputs, strict=True))
         tolerance = _NOISE_FACTOR * noise / reference if reference else _NOISE_FACTOR * noise
