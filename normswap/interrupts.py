@@ -54,13 +54,13 @@ def deferred_interrupts() -> Iterator[PendingInterrupts]:
         return
     previous = {signum: signal.getsignal(signum) for signum in _DEFERRED}
     pending = PendingInterrupts(previous)
-    for signum in _DEFERRED:
-        if previous[signum] is not None:  # None: a handler not installed from Python, left alone
-            signal.signal(signum, pending.note)
+    swapped = [signum for signum, handler in previous.items()  # ignored, or not set from Python: left alone
+               if handler is not None and handler != signal.SIG_IGN]
+    for signum in swapped:
+        signal.signal(signum, pending.note)
     try:
         yield pending
     finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        for signum in swapped:
+            signal.signal(signum, previous[signum])
         pending.check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,8 +19,16 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise StopError(signum)
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises() -> Iterator[None]:
+    """Python's own Ctrl-C handler, which a shell's background job (CI) does not get: SIGINT is ignored there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture()
-def sigterm_raises_stop():
+def sigterm_raises_stop() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     yield
     signal.signal(signal.SIGTERM, previous)
@@ -66,6 +75,7 @@ def test_an_ignored_signal_stays_ignored() -> None:
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with deferred_interrupts() as interrupts:
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
             signal.raise_signal(signal.SIGTERM)
             interrupts.check()
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
