@@ -5,9 +5,14 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from test_rms_norm import perturbed
 
+from normswap.conversion import streaming
+from normswap.conversion.checkpoint import convert_checkpoint
 from normswap.interrupts import deferred_interrupts
 
 
@@ -95,3 +100,26 @@ def test_outside_the_main_thread_nothing_changes() -> None:
     thread.start()
     thread.join()
     assert seen == [signal.default_int_handler]
+
+
+def test_a_conversion_acts_on_sigterm_at_the_next_tensor_and_leaves_nothing(
+        sigterm_raises_stop: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed writer defers a signal that arrives while a tensor is computed to the next tensor boundary."""
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "source")
+    produce = streaming._produce
+    produced = []
+
+    def signalled_on_the_third(*args: Any, **kwargs: Any) -> Any:
+        produced.append(args[1].name)
+        if len(produced) == 3:
+            signal.raise_signal(signal.SIGTERM)
+            produced.append("still computing")  # the handler has not run yet
+        return produce(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "_produce", signalled_on_the_third)
+    with pytest.raises(StopError):
+        convert_checkpoint(tmp_path / "source", tmp_path / "out", placement="post", verify_max_size="0",
+                           max_shard_size="10KB")  # the planned layout: every tensor is produced here
+    assert len(produced) == 4 and produced[3] == "still computing"  # no fourth tensor was started
+    assert signal.getsignal(signal.SIGTERM) is _raise_stop
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
