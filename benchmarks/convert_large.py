@@ -141,7 +141,7 @@ def main() -> None:
           f"(target <= 2.0), worst peak RSS {worst_rss / 1e9:.2f} GB (target <= 1.5 GB for a {total / 1e9:.1f} GB "
           "checkpoint)")
     imports = statistics.median(seconds for _, seconds in floor)
-    print(f"start-up floor: importing what planning needs ({IMPORTS.strip()!r}) takes {imports:.1f} s in a fresh "
+    print(f"start-up floor: importing what planning needs ({IMPORTS!r}) takes {imports:.1f} s in a fresh "
           f"process, {statistics.median(s / c for c, s in floor):.2f} x cp -r (median of {len(floor)} pairs)")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work)

@@ -78,7 +78,7 @@ class LayerTracer(fx.Tracer):
     def _filter_traceback_frames(self, user_stack_summary: traceback.StackSummary) -> traceback.StackSummary:
         """Every frame from the first ``forward`` on, as torch keeps them, without torch's further filter of its own
         files: only modeling-code frames are read (``source_of``), and that filter's first use imports
-        ``torch.export`` (about 0.5 s of every conversion's planning)."""
+        ``torch.export`` (0.25 s of planning on the 4.8 GB benchmark Llama)."""
         frames = list(user_stack_summary)
         first = next((index for index, frame in enumerate(frames) if frame.name == "forward"), len(frames))
         return traceback.StackSummary.from_list(frames[first:])
