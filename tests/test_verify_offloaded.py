@@ -104,3 +104,14 @@ def test_legacy_bin_source_verifies_offloaded(tmp_path: Path) -> None:
                                    verify_offloaded=True).report.to_dict()
     assert offloaded == in_memory
     assert not list(tmp_path.glob(".*normswap*"))
+
+
+def test_a_generated_code_source_verifies_offloaded(tmp_path: Path) -> None:
+    """Converting back from normswap's own generated code: the source loads offloaded through its ``auto_map``."""
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "source")
+    convert_checkpoint(tmp_path / "source", tmp_path / "post", placement="post")
+    in_memory = convert_checkpoint(tmp_path / "post", tmp_path / "memory", placement="pre",
+                                   trust_remote_code=True).report.to_dict()
+    offloaded = convert_checkpoint(tmp_path / "post", tmp_path / "offloaded", placement="pre", trust_remote_code=True,
+                                   verify_max_size="0", verify_offloaded=True).report.to_dict()
+    assert offloaded == in_memory
