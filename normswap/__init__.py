@@ -11,7 +11,8 @@ from .errors import NormswapError, RecipeError, SourceError, TopologyError, Trac
 from .version import __version__
 
 _LAZY = {
-    "ConversionPlan": ".conversion", "convert": ".conversion", "inspect": ".detect",
+    "ConversionPlan": ".conversion", "convert": ".conversion", "convert_checkpoint": ".conversion.checkpoint",
+    "inspect": ".detect",
     "Branch": ".topology", "Layer": ".topology", "NormSite": ".topology", "Stack": ".topology",
     "Sublayer": ".topology", "Topology": ".topology",
 }
@@ -55,6 +56,7 @@ __all__ = [
     "TracingError",
     "__version__",
     "convert",
+    "convert_checkpoint",
     "heal",
     "inspect",
 ]

@@ -8,6 +8,8 @@ every saved tensor and every carried norm with ``torch.equal`` and equal dtypes.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,20 @@ def test_large_models_are_streamed_without_verification_and_say_so(tmp_path: Pat
     report = json.loads((tmp_path / "out" / "normswap_report.json").read_text())
     assert report["verified"] is False and "above the verification limit" in report["reason"]
     assert "not verified" in result.report.summary()
+
+
+def test_many_checkpoints_convert_in_one_process_through_the_public_api(tmp_path: Path) -> None:
+    """``normswap.convert_checkpoint`` is the CLI's streamed conversion; a loop pays the imports once."""
+    model = perturbed("llama", "LlamaForCausalLM")
+    for step in (1, 2):
+        save(model, tmp_path / f"checkpoint-{step}")
+    script = ("import sys, normswap; lazy = 'torch' not in sys.modules\n"
+              "for step in (1, 2):\n"
+              "    normswap.convert_checkpoint(f'{sys.argv[1]}/checkpoint-{step}', f'{sys.argv[1]}/post-{step}', "
+              "placement='post')\n"
+              "print(lazy)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"  # importing normswap alone does not import torch
+    for step in (1, 2):
+        assert_bit_identical(saved_tensors(tmp_path / f"post-{step}"),
+                             expected_tensors(normswap.convert(model, placement="post")))
