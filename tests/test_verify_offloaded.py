@@ -115,3 +115,13 @@ def test_a_generated_code_source_verifies_offloaded(tmp_path: Path) -> None:
     offloaded = convert_checkpoint(tmp_path / "post", tmp_path / "offloaded", placement="pre", trust_remote_code=True,
                                    verify_max_size="0", verify_offloaded=True).report.to_dict()
     assert offloaded == in_memory
+
+
+def test_offloaded_verification_says_so_unless_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    perturbed("gpt2", "GPT2LMHeadModel").save_pretrained(tmp_path / "source")
+    capsys.readouterr()
+    common = ["--placement", "post", "--verify-max-size", "0", "--verify-offloaded", "--json"]
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "loud"), *common]) == 0
+    assert "verifying with the weights offloaded to disk" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "quiet"), *common, "--quiet"]) == 0
+    assert "offloaded" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                         "models in memory; pass --verify-offloaded to verify reading one module at a time from disk")
                     break
                 stage = time.monotonic()
+                if above_limit and progress:
+                    print(f"verifying with the weights offloaded to disk: each forward pass reads all "
+                          f"{weights.total_bytes / 1e9:.2f} GB again (--verify-offloaded)", file=sys.stderr)
                 try:
                     report = _verify(source_path, config, folder, setup, texts, trust_remote_code,
                                      offload_beside=destination_path if above_limit else None)
