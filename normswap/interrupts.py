@@ -4,8 +4,8 @@ Python raises a signal handler's exception in the main thread between any two by
 pure-Python ``__enter__`` that has just taken a lock, such as a ``Future``'s ``Condition``. The ``with`` then
 never releases it. A writer thread finishing that future waits for the lock forever, and the main thread, on
 its way out, waits for the writer forever. ``deferred_interrupts`` swaps the handlers for ones that only note
-the signal; the loop calls ``check`` between tensors, where no lock is held, and the signal is handled there
-by the handler it would have met, as if it had just arrived.
+the signal; the shard writer calls ``check`` as each ``write`` begins, where no lock is held, and the signal
+is handled there by the handler it would have met, as if it had just arrived.
 """
 
 from __future__ import annotations

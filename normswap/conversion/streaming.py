@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..errors import NormswapError, SourceError
-from ..interrupts import deferred_interrupts
 from ..io.shard_writer import FileRange, PlannedTensor, ShardLayout, ShardWriter, write_small
 from ..io.source_weights import CheckpointWeights
 from .program import Step, TensorProgram, run_step, settle
@@ -113,15 +112,13 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
         run_step(check, read)
     total = sum(t.nbytes for t in planned)
     written = 0
-    with deferred_interrupts() as interrupts, \
-            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", delay=2.0,
-                 disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", delay=2.0,
+              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar, \
             ShardWriter(folder, planned, max_shard_bytes, on_written=bar.update, layout=layout) as writer:
         in_place = layout.in_place if layout is not None else frozenset()
         reused = sum(tensor.nbytes for tensor in planned if tensor.name in in_place)
         bar.update(reused)
         for done, tensor in enumerate(planned, 1):
-            interrupts.check()  # Ctrl-C / SIGTERM raise here, between tensors, with no writer's lock held
             if tensor.name not in in_place:
                 step = program.outputs[tensor.name]
                 written += writer.write(tensor.name, _produce(step, tensor, read, weights, names))

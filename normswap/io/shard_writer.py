@@ -11,6 +11,7 @@ one, so arithmetic and disk overlap. Unchanged tensors are copied by the kernel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import NormswapError
-from ..interrupts import deferred_interrupts
+from ..interrupts import PendingInterrupts, deferred_interrupts
 from . import file_copy
 from .safetensors_file import header_bytes, tensor_bytes
 
@@ -126,10 +127,11 @@ def sequential_layout(tensors: Sequence[PlannedTensor], max_bytes: int, stem: st
 class ShardWriter:
     """Writes the planned tensors, in any order, into ``folder``; ``close`` waits for them and adds the index
     for several shards. Use it as a context manager: leaving on an error stops the writes still queued.
+    Within it, Ctrl-C and SIGTERM are deferred (``deferred_interrupts``) to the start of the next ``write``
+    or to the exit: raised while the caller held a future's lock, they would hang ``abort`` on its writers.
 
     The layout is ``sequential_layout`` unless given (``mirror_layout``). ``on_written(nbytes)`` is called
-    (from a writer thread) as bytes reach their file, for progress bars. Drive it inside
-    ``deferred_interrupts``: a Ctrl-C raised while the caller holds a future's lock would hang ``abort``.
+    (from a writer thread) as bytes reach their file, for progress bars.
     """
 
     def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], max_bytes: int, stem: str = "model",
@@ -149,6 +151,8 @@ class ShardWriter:
         self._room = threading.BoundedSemaphore(_IN_FLIGHT)
         self._written: set[str] = set(self.layout.in_place)
         self._on_written = on_written
+        self._deferral = contextlib.ExitStack()
+        self._interrupts = PendingInterrupts({})  # none deferred until __enter__
         try:
             for file in self.layout.files:
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if file.fresh else 0)
@@ -161,11 +165,15 @@ class ShardWriter:
             raise
 
     def __enter__(self) -> ShardWriter:
+        self._interrupts = self._deferral.enter_context(deferred_interrupts())
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
-        if kind is not None:
-            self.abort()
+    def __exit__(self, kind: type[BaseException] | None, *details: Any) -> None:
+        try:
+            if kind is not None:
+                self.abort()
+        finally:
+            self._deferral.__exit__(kind, *details)  # a signal noted and not yet handled is handled here
 
     def write(self, name: str, data: torch.Tensor | bytes | bytearray | FileRange) -> int:
         """Queue one planned tensor's bytes for writing at its place; returns its size.
@@ -173,6 +181,7 @@ class ShardWriter:
         A ``FileRange`` (an unchanged tensor's bytes in a source file) is copied by the kernel
         (``copy_file_range``), without passing through this process's memory.
         """
+        self._interrupts.check()  # a deferred Ctrl-C / SIGTERM is raised here, holding no lock
         self._raise_failures()
         place = self._places.get(name)
         if place is None or name in self._written:
@@ -272,10 +281,8 @@ def save_state_dict(folder: Path, state: dict[str, torch.Tensor], max_bytes: int
             continue
         seen.add(key)
         kept[name] = tensor.detach().cpu().contiguous()
-    with deferred_interrupts() as interrupts, \
-            ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()],
-                        max_bytes) as writer:
+    with ShardWriter(folder, [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in kept.items()],
+                     max_bytes) as writer:
         for name, tensor in kept.items():
-            interrupts.check()
             writer.write(name, tensor)
         return writer.close()
