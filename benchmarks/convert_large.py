@@ -45,7 +45,8 @@ converted = normswap.convert(model, **options)
 converted.save_pretrained(sys.argv[2], max_shard_size="2GB")
 """
 
-IMPORTS = "import normswap.conversion.checkpoint, transformers.models.llama.modeling_llama"
+# ends like the command line does, without interpreter teardown (normswap.process_exit)
+IMPORTS = "import os, normswap.conversion.checkpoint, transformers.models.llama.modeling_llama; os._exit(0)"
 
 # Many checkpoints converted in one process (normswap.convert_checkpoint in a loop): the first conversion pays
 # the imports; each later one is timed in-process right after its own `cp -r`. Prints [[cp, conversion], ...].

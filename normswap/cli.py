@@ -262,5 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def run() -> None:
+    """The ``normswap`` console script: ``main``, then a quick exit (``exit_without_teardown``)."""
+    from .process_exit import exit_without_teardown
+
+    exit_without_teardown(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from .derive import CodegenError
 from .edits import (
@@ -24,6 +23,7 @@ from .edits import (
     WrapBranchInput,
     WrapResidualAdd,
 )
+from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
 
@@ -32,8 +32,9 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     """The rewritten source; raises ``CodegenError`` naming any edit that did not apply exactly once."""
     module = cst.parse_module(source)
     constructors = _constructors(module)
-    rewriter = _Rewriter(edits, constructors)
-    rewritten = MetadataWrapper(module).visit(rewriter)
+    lines = statement_lines(source, module) if any(getattr(edit, "line", None) is not None for edit in edits) else {}
+    rewriter = _Rewriter(edits, constructors, lines)
+    rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass)
     wrong = [edit for edit in edits
@@ -87,12 +88,14 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
 
 
 class _Rewriter(cst.CSTTransformer):
-    METADATA_DEPENDENCIES = (PositionProvider,)
+    """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
-    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], str]) -> None:
+    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], str], lines: Spans) -> None:
         super().__init__()
         self.edits = list(edits)
+        self.edited_classes = {edit.class_name for edit in edits}
         self.constructors = constructors
+        self.lines = lines
         self.applied: Counter[Edit] = Counter({edit: 0 for edit in edits})
         self.classes: list[str] = []
         self.functions: list[str] = []
@@ -100,19 +103,20 @@ class _Rewriter(cst.CSTTransformer):
         self.additions: list[bool] = []
 
     # -- context ---------------------------------------------------------------------
-    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
         self.classes.append(node.name.value)
+        return node.name.value in self.edited_classes
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef) -> cst.ClassDef:
         self.classes.pop()
         return updated
 
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         self.functions.append(node.name.value)
+        return bool(self.classes)  # a module-level function holds nothing to edit
 
     def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
-        span = self.get_metadata(PositionProvider, node)
-        self.statement_lines.append((span.start.line, span.end.line))
+        self.statement_lines.append(self.lines.get(id(node), (0, -1)))  # no span: only class-wide edits wanted
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
                                   ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
