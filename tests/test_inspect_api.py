@@ -105,3 +105,21 @@ def test_module_that_cannot_be_traced_inside_becomes_one_node() -> None:
     assert [(n.path, n.slot) for n in sublayer.norms] == [("layers.0.norm", "pre")]
     assert [(n.path, n.kind) for n in layer.inner_norms] == [("layers.0.attn.q_norm", "rmsnorm")]
     assert any("layers.0.attn was traced as one node" in note for note in topology.notes)
+
+
+def test_detection_passes_an_attention_mask(monkeypatch: pytest.MonkeyPatch, write_config: Any) -> None:
+    """Without one, MegatronBERT (BERT's native Pre-LN target) and GPT-2 warn the user to pass an attention mask,
+    about normswap's own probe."""
+    from transformers import PreTrainedModel
+
+    masks: list[Any] = []
+    original = PreTrainedModel.warn_if_padding_and_no_attention_mask
+
+    def record(self: Any, input_ids: Any, attention_mask: Any) -> None:
+        masks.append(attention_mask)
+        original(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", record)
+    assert normswap.inspect(write_config(dict(TINY_CONFIGS["megatron_bert"]))).placement == "pre"
+    assert normswap.inspect(write_config(dict(TINY_CONFIGS["gpt2"]))).placement == "pre"
+    assert len(masks) >= 2 and all(mask is not None for mask in masks)

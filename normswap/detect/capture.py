@@ -67,8 +67,9 @@ def find_layer_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Mo
 def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """Meta inputs of the model's main input kind (tokens, pixels or audio features)."""
     name = getattr(model, "main_input_name", "input_ids")
-    if name == "input_ids":
-        inputs = {"input_ids": torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")}
+    if name == "input_ids":  # with a mask, as models expect (without one, BERT-likes check the ids for padding)
+        inputs = {"input_ids": torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta"),
+                  "attention_mask": torch.ones(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")}
     elif name == "pixel_values":
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
