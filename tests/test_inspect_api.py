@@ -108,8 +108,8 @@ def test_module_that_cannot_be_traced_inside_becomes_one_node() -> None:
 
 
 def test_detection_passes_an_attention_mask(monkeypatch: pytest.MonkeyPatch, write_config: Any) -> None:
-    """Without one, MegatronBERT (BERT's native Pre-LN target) and GPT-2 warn the user to pass an attention mask,
-    about normswap's own probe."""
+    """Without one, MegatronBERT (BERT's native Pre-LN target) warns the user to pass an attention mask, about
+    normswap's own input; GPT-2 asks too (and stays quiet only because its config has no pad token)."""
     from transformers import PreTrainedModel
 
     masks: list[Any] = []
