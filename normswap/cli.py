@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import NormswapError
+from .errors import NormswapError, SourceError
+from .failures import Terminated, report_failure
 from .version import __version__
 
 
@@ -25,10 +25,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Convert pretrained transformers between norm placements (Post/Pre) and kinds (LayerNorm/RMSNorm).",
     )
     parser.add_argument("--version", action="version", version=f"normswap {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on failure, print the traceback before the error line")
+    debug = argparse.ArgumentParser(add_help=False)  # accepted after the command too; set only when given there
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on failure, print the traceback before the error line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser(
-        "inspect",
+        "inspect", parents=[debug],
         help="detect the residual and norm topology of a model",
         description="Detect where every norm sits relative to every residual add, from config.json alone "
         "(the model is built on the meta device; no weights are read).",
@@ -39,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="allow custom modeling code named by the checkpoint's auto_map")
 
     convert = commands.add_parser(
-        "convert",
+        "convert", parents=[debug],
         help="convert a checkpoint to another norm placement",
         description="Rewrite a checkpoint between Post-Norm and Pre-Norm under the norm-shift mapping "
         "(every branch keeps the normalisation it was trained with), verify it, and save it.",
@@ -81,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--heal-max-time", type=float, metavar="SECONDS", help="time budget for --heal")
 
     heal = commands.add_parser(
-        "heal",
+        "heal", parents=[debug],
         help="distil a converted checkpoint back toward its original",
         description="Train CONVERTED to behave like ORIGINAL: per-sublayer distillation (what every branch "
         "reads, and the output) with transformers' Trainer; writes DST atomically.",
@@ -127,12 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_convert(args: argparse.Namespace) -> int:
     from .io.destination import check_destination
     from .io.mirror import early_copy
+    from .io.scratch import scratch_path
 
-    if args.heal:  # convert into a hidden sibling, heal from there into DST
+    if args.heal:  # convert into a scratch sibling of DST, heal from there into DST
         args.final_destination = args.destination
         check_destination(Path(args.source), Path(args.destination), args.overwrite)
-        args.destination = str(Path(args.destination).resolve().parent / f".{Path(args.destination).name}.converted")
-        shutil.rmtree(args.destination, ignore_errors=True)
+        args.destination = str(scratch_path(Path(args.destination), "converted"))
 
     # started before torch is imported, so the source shards are copied while it imports
     with early_copy(Path(args.source), Path(args.destination), args.overwrite, args.norm, args.exact,
@@ -164,16 +168,19 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _heal_converted(args: argparse.Namespace, result: object) -> int:
     """``convert --heal``: the conversion went to a hidden sibling; healing writes DST from it."""
     from .healing.checkpoint import heal_checkpoint
+    from .io.scratch import mark, remove_scratch
 
     converted = Path(str(result.destination))  # type: ignore[attr-defined]
+    mark(converted, Path(args.final_destination))  # a scratch folder now: swept if this process is killed
     try:
+        # the code in ``converted`` is what normswap just generated; the source's stays untrusted unless asked
         report = heal_checkpoint(args.source, converted, args.final_destination, overwrite=args.overwrite,
-                                 trust_remote_code=True, data=args.heal_data, max_time=args.heal_max_time,
-                                 quiet=args.quiet)  # the code in ``converted`` is what normswap just generated
+                                 trust_remote_code=args.trust_remote_code, trust_converted_code=True,
+                                 data=args.heal_data, max_time=args.heal_max_time, quiet=args.quiet)
     finally:
-        shutil.rmtree(converted, ignore_errors=True)
+        remove_scratch(converted)
     if args.json:
-        print(json.dumps({**result.to_dict(), "heal": report.to_dict()}, indent=2))  # type: ignore[attr-defined]
+        print(json.dumps({**result.to_dict(), "heal": _finite(report.to_dict())}, indent=2))  # type: ignore[attr-defined]
     else:
         print(result.plan.describe())  # type: ignore[attr-defined]
         print(report.summary())
@@ -182,10 +189,18 @@ def _heal_converted(args: argparse.Namespace, result: object) -> int:
 
 
 def _run_heal(args: argparse.Namespace) -> int:
-    from .healing.checkpoint import heal_checkpoint
+    from .io.destination import check_destination
 
     if args.resume and not args.work_dir:
         raise NormswapError("--resume needs --work-dir (the folder that holds the checkpoints to resume)")
+    # before the heavy imports: a DST that would be refused is refused at once
+    sources = (Path(args.original), Path(args.converted))
+    for path in sources:
+        if not path.is_dir():
+            raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
+    check_destination(sources, Path(args.destination), args.overwrite)
+
+    from .healing.checkpoint import heal_checkpoint
     report = heal_checkpoint(args.original, args.converted, args.destination, overwrite=args.overwrite,
                              trust_remote_code=args.trust_remote_code, data=args.data, max_steps=args.max_steps,
                              max_time=args.max_time, target_cosine=args.target_cosine, batch_size=args.batch_size,
@@ -195,11 +210,17 @@ def _run_heal(args: argparse.Namespace) -> int:
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(_finite(report.to_dict()), indent=2))
     else:
         print(report.summary())
         print(f"wrote {Path(args.destination).resolve()}")
     return 0
+
+
+def _finite(report: dict) -> dict:
+    from .conversion.finite import finite_for_json
+
+    return finite_for_json(report)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -212,10 +233,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     else:
         print(render_topology(topology))
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup runs."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -236,7 +253,8 @@ def _show_warnings() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code. Every failure is one line on stderr
+    (``failures.report_failure``); ``--debug`` adds the traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and (args.placement is None) == (args.norm is None):
@@ -250,13 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_convert(args)
         if args.command == "heal":
             return _run_heal(args)
-    except NormswapError as error:
-        print(f"Error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interrupt:
-        name = "SIGTERM" if isinstance(interrupt, Terminated) else "interrupt"
-        print(f"Stopped by {name}: nothing was written (the temporary output was removed)", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure: one line and an exit code
+        return report_failure(error, debug=args.debug)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 2
@@ -266,7 +279,11 @@ def run() -> None:
     """The ``normswap`` console script: ``main``, then a quick exit (``exit_without_teardown``)."""
     from .process_exit import exit_without_teardown
 
-    exit_without_teardown(main())
+    try:
+        code = main()
+    except KeyboardInterrupt as interrupt:  # landed outside main's own handling (parsing, the handler itself)
+        code = report_failure(interrupt, debug=False)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_existing_destination_needs_overwrite(minilm_path: Path, minilm_pre: Pat
 def test_overwrite_replaces_atomically(minilm_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier output: --overwrite replaces checkpoint folders only
     (out / "stale.txt").write_text("old")
     assert main(["convert", str(minilm_path), str(out), "--placement", "pre", "--overwrite", "--json"]) == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()

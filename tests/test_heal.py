@@ -225,6 +225,8 @@ def test_cli_match_option_reaches_heal(tmp_path: Path, monkeypatch: pytest.Monke
         raise Reached
 
     monkeypatch.setattr(checkpoint, "heal_checkpoint", record)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     with pytest.raises(Reached):
         main(["heal", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--match", "branches"])
     assert seen["match"] == "branches"

@@ -87,7 +87,7 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
-            untie: bool = False, native: bool = True) -> nn.Module:
+            untie: bool = False, native: bool = True, allow_nonfinite: bool = False) -> nn.Module:
     """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm``.
 
     Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
@@ -95,14 +95,15 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     ``norm="layernorm", exact=True`` on a Pre-RMSNorm Llama/Mistral/Qwen2 (one extra hidden dimension) are
     exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or
     ``ExactnessError`` is raised. ``norm="layernorm"`` alone is approximate and carries a drift report.
-    The realised model is re-detected and must show the planned topology.
+    The realised model is re-detected and must show the planned topology. A model holding NaN or Inf is
+    refused (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``.
     """
     if (placement is None) == (norm is None):
         raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
     if norm is not None:
-        return convert_norm_kind(model, norm, exact=exact, untie=untie)[0]
+        return convert_norm_kind(model, norm, exact=exact, untie=untie, allow_nonfinite=allow_nonfinite)[0]
     setup = plan_conversion(model, placement, native)
-    converted = realise(model, setup)
+    converted = realise(model, setup, allow_nonfinite)
     if setup.target is not None:
         require_topology(converted, setup.target)
     return converted

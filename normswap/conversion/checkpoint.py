@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..corpus import default_corpus, read_corpus
@@ -21,10 +21,12 @@ from ..io.destination import atomic_output, check_destination, require_space
 from ..io.mirror import SourceMirror, early_copy
 from ..io.mirror_layout import mirror_layout
 from ..io.model_card import model_card
+from ..io.safetensors_file import read_safetensors_file
 from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
 from .api import plan_conversion
+from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, require_finite_model
 from .native import meta_instance
 from .norm_change import plan_norm_kind
 from .offload import offload_options, offloaded, require_accelerate
@@ -32,6 +34,8 @@ from .program import shapes_of
 from .setup import ConversionSetup, provenance
 from .streaming import byte_copies, planned_outputs, stream_program
 from .verify import SkippedVerification, probe_inputs
+
+logger = logging.getLogger("normswap")
 
 CARRIED_FILE = "normswap_carried.safetensors"
 REPORT_FILE = "normswap_report.json"
@@ -52,7 +56,7 @@ class ConversionResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.to_dict(),
-            "report": self.report.to_dict() if self.report else None,
+            "report": finite_for_json(self.report.to_dict()) if self.report else None,
             "destination": str(self.destination) if self.destination else None,
             "seconds": {stage: round(value, 3) for stage, value in self.seconds.items()},
             "reused_bytes": self.reused_bytes,
@@ -96,7 +100,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         meta = meta_model(config, trust_remote_code)
         carried_path = source_path / CARRIED_FILE
         if carried_path.is_file():
-            meta.normswap_carried = load_file(str(carried_path))
+            meta.normswap_carried = read_safetensors_file(carried_path)
 
         setup = _plan(meta, placement, norm, exact, untie, native)
         if setup.noop:
@@ -136,7 +140,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                           f"{weights.total_bytes / 1e9:.2f} GB again (--verify-offloaded)", file=sys.stderr)
                 try:
                     report = _verify(source_path, config, folder, setup, texts, trust_remote_code,
-                                     offload_beside=destination_path if above_limit else None)
+                                     offload_beside=destination_path if above_limit else None,
+                                     allow_nonfinite=allow_nonfinite)
                     break
                 except ExactnessError:
                     if setup.fallback is None:
@@ -202,7 +207,7 @@ def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: li
 
 
 def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, texts: list[str] | None,
-            trust_remote_code: bool, offload_beside: Path | None = None) -> Any:
+            trust_remote_code: bool, offload_beside: Path | None = None, allow_nonfinite: bool = False) -> Any:
     """Load the original and the written checkpoint and run the conversion's own verification.
 
     With ``offload_beside`` (DST), both stay on disk and each module's weights are read as it runs
@@ -218,9 +223,16 @@ def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, tex
                 original = original.to(converted.dtype)
         else:
             original = load_model(source, config, trust_remote_code, offload, converted.dtype)
+        if offload is None:  # every tensor, not only those the conversion read (offloaded: those were checked)
+            found = first_nonfinite(original.state_dict().items())
+            if found is not None and not allow_nonfinite:
+                require_finite_model(original)
+            if found is not None:
+                return SkippedVerification(f"not verified: tensor {found[0]!r} of the source holds {found[1]} NaN/Inf "
+                                           f"value(s) ({ALLOW_FLAG}), so drift cannot be measured")
         # an exactness bound in bf16/fp16 compares with the source in fp32: read again, in memory or offloaded
         original.normswap_in_fp32 = lambda: load_model(source, config, trust_remote_code, offload, torch.float32)
-        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source))
+        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source, trust_remote_code))
         return setup.verify(original, converted, probe)
 
 
@@ -230,7 +242,8 @@ def _load_converted(folder: Path, setup: ConversionSetup, offload: Path | None =
 
     hf_logging.disable_progress_bar()
     try:
-        model = setup.target_class.from_pretrained(folder, dtype="auto", **offload_options(offload))
+        model = setup.target_class.from_pretrained(folder, dtype="auto", trust_remote_code=False,
+                                                   **offload_options(offload))
     finally:
         hf_logging.enable_progress_bar()
     return model.eval()
@@ -238,10 +251,11 @@ def _load_converted(folder: Path, setup: ConversionSetup, offload: Path | None =
 
 def _write_extras(folder: Path, destination: Path, source: Path, setup: ConversionSetup, report: Any) -> None:
     """Support files (tokenizer, generation config), report and model card."""
-    copy_support_files(source, folder)
+    support = copy_support_files(source, folder)
     provenance_block = setup.target_config.normswap
-    (folder / REPORT_FILE).write_text(json.dumps(
-        {"normswap": provenance_block, "plan": setup.plan.to_dict(), **report.to_dict()}, indent=2))
+    (folder / REPORT_FILE).write_text(json.dumps(finite_for_json(
+        {"normswap": provenance_block, "plan": setup.plan.to_dict(), **report.to_dict(),
+         "support_files": support.to_dict()}), indent=2, allow_nan=False))
     (folder / "README.md").write_text(model_card(destination.name, provenance_block, setup.plan.describe(),
                                                  report.summary(), loads_natively=setup.generated is None))
 
@@ -325,7 +339,7 @@ def load_model(source: Path, config: Any, trust_remote_code: bool, offload: Path
     model.eval()
     carried = source / CARRIED_FILE
     if carried.is_file():
-        model.normswap_carried = load_file(str(carried))
+        model.normswap_carried = read_safetensors_file(carried)
     return model
 
 
@@ -333,16 +347,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "spiece.model", "sentencepiece.bpe.model")
 
 
-def load_tokenizer(source: Path) -> Any | None:
-    """The checkpoint's own tokenizer, or None (probes then use fixed random token ids)."""
+def load_tokenizer(source: Path, trust_remote_code: bool) -> Any | None:
+    """The checkpoint's own tokenizer, or None (probes then use fixed random token ids).
+
+    ``trust_remote_code`` is always passed: left unset, transformers asks on a terminal whether to run a
+    custom tokenizer's code (``auto_map`` in tokenizer_config.json), and answering yes runs it.
+    """
     from transformers import AutoTokenizer
 
     if not any((source / name).is_file() for name in _TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as error:
+        logger.warning("the tokenizer in %s did not load (%s); probing with fixed random token ids instead%s",
+                       source, _first_line(error), "" if trust_remote_code or not _custom_tokenizer(source)
+                       else " (it needs custom code: pass --trust-remote-code to run it)")
         return None
+
+
+def _custom_tokenizer(source: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, RecursionError):
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -34,8 +34,9 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
-                      inputs: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, Any, Any, Any]:
+                      inputs: dict[str, torch.Tensor] | None = None, allow_nonfinite: bool = False
+                      ) -> tuple[nn.Module, Any, Any, Any]:
     """(converted model, plan, report, generated module), converted and verified in memory."""
     converted, setup, report = convert_in_memory(model, plan_norm_kind(model, norm, exact=exact, untie=untie),
-                                                 inputs)
+                                                 inputs, allow_nonfinite)
     return converted, setup.plan, report, setup.generated

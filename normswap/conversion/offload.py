@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import NormswapError
+from ..io.scratch import make_scratch, remove_scratch
 
 
 def require_accelerate() -> None:
@@ -32,10 +31,7 @@ def require_accelerate() -> None:
 def offloaded(destination: Path) -> Iterator[Path]:
     """A scratch folder beside ``destination`` for offloaded weights, removed on the way out. accelerate's
     warning that parameters are on the meta device (by request, here) is silenced meanwhile."""
-    destination = destination.resolve()
-    folder = destination.parent / f".{destination.name}.normswap-offload-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
+    folder = make_scratch(destination, "offload")
     accelerate_logger = logging.getLogger("accelerate.big_modeling")
     level = accelerate_logger.level
     accelerate_logger.setLevel(logging.ERROR)
@@ -43,7 +39,7 @@ def offloaded(destination: Path) -> Iterator[Path]:
         yield folder
     finally:
         accelerate_logger.setLevel(level)
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_scratch(folder)
 
 
 def offload_options(folder: Path | None) -> dict[str, Any]:

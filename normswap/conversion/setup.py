@@ -20,6 +20,7 @@ from ..codegen.package import GeneratedModule
 from ..errors import ExactnessError
 from ..topology import Topology
 from ..version import __version__
+from .finite import require_finite_model
 from .native import build_with_weights
 from .program import TensorProgram, evaluate
 from .verify import probe_inputs
@@ -59,11 +60,14 @@ def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]
             "conversion": conversion, "realisation": plan.realisation, "exact": plan.exact}
 
 
-def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:
-    """The converted model, built in memory from ``model``'s weights: same dtype, device and mode."""
+def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = False) -> nn.Module:
+    """The converted model, built in memory from ``model``'s weights: same dtype, device and mode.
+    A model holding NaN or Inf is refused unless ``allow_nonfinite``."""
     if setup.program is None:
         logger.warning(setup.plan.notes[0])
         return model
+    if not allow_nonfinite:
+        require_finite_model(model)
     parameter = next(model.parameters())
     state, carried = evaluate(setup.program, model.state_dict(), parameter.dtype)
     converted = build_with_weights(setup.target_class, setup.target_config, state, parameter.dtype,
@@ -76,10 +80,10 @@ def realise(model: nn.Module, setup: ConversionSetup) -> nn.Module:
     return converted
 
 
-def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str, torch.Tensor] | None = None
-                      ) -> tuple[nn.Module, ConversionSetup, Any]:
+def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str, torch.Tensor] | None = None,
+                      allow_nonfinite: bool = False) -> tuple[nn.Module, ConversionSetup, Any]:
     """Realise and verify ``setup`` on a loaded model; (converted model, the setup used, report)."""
-    converted = realise(model, setup)
+    converted = realise(model, setup, allow_nonfinite)
     if setup.verify is None:
         return converted, setup, None
     probe = inputs or probe_inputs(model, None, None)
@@ -88,6 +92,6 @@ def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str
     except ExactnessError:
         if setup.fallback is None:
             raise
-        return convert_in_memory(model, setup.fallback(), probe)
+        return convert_in_memory(model, setup.fallback(), probe, allow_nonfinite)
     converted.normswap_report = report
     return converted, setup, report

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NormswapError, SourceError
+from ..errors import NormswapError
 from ..io.shard_writer import FileRange, PlannedTensor, ShardLayout, ShardWriter, write_small
 from ..io.source_weights import CheckpointWeights
+from .finite import require_finite
 from .program import Step, TensorProgram, run_step, settle
 
 _CACHED_MATRICES = 3
@@ -32,10 +33,6 @@ class StreamedOutput:
     bytes_written: int  # computed or copied here; mirrored bytes already in place are not counted
     carried: tuple[str, ...]
     reused_bytes: int = 0  # the mirrored bytes already in place (``layout.in_place``)
-
-
-class NonFiniteError(SourceError):
-    """A tensor the conversion computes with holds NaN or Inf."""
 
 
 class SourceReader:
@@ -60,7 +57,7 @@ class SourceReader:
             return self._matrices[name]
         tensor = self.weights.read(name)
         if key in self.checked and name not in self._verified:
-            _require_finite(tensor, name, self.weights.tensors[name].file)
+            require_finite(tensor, name, self.weights.tensors[name].file)
             self._verified.add(name)
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
@@ -71,13 +68,6 @@ class SourceReader:
             while len(self._matrices) > _CACHED_MATRICES:
                 self._matrices.popitem(last=False)
         return tensor
-
-
-def _require_finite(tensor: torch.Tensor, name: str, file: Path) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteError(f"{file.name}: tensor {name!r} has {bad} NaN/Inf value(s), and the conversion computes "
-                             "with it; fix the checkpoint, or pass --allow-nonfinite to convert anyway")
 
 
 def planned_outputs(program: TensorProgram, order: list[str], target_shapes: Mapping[str, torch.Size],
@@ -106,8 +96,11 @@ def stream_program(program: TensorProgram, planned: list[PlannedTensor], weights
     ``mirror_layout``, the tensors it has in place are already written."""
     from tqdm.auto import tqdm
 
-    checked = frozenset() if allow_nonfinite else program.touched_reads()
+    vectors = frozenset(key for key, name in names.items() if len(weights.tensors[name].shape) <= 1)
+    checked = frozenset() if allow_nonfinite else program.touched_reads() | vectors
     read = SourceReader(weights, names, checked, dtype)
+    for key in sorted(checked & vectors):  # norm weights and biases, even where they are only moved
+        read(key)
     for check in program.checks:
         run_step(check, read)
     total = sum(t.nbytes for t in planned)

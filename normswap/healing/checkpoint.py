@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..conversion.checkpoint import CARRIED_FILE, REPORT_FILE, load_model, load_tokenizer
+from ..conversion.finite import NonFiniteError, finite_for_json, first_nonfinite
 from ..detect.source import load_config
 from ..errors import SourceError
 from ..io.destination import atomic_output, check_destination, require_space
+from ..io.scratch import make_scratch, remove_scratch
 from ..io.shard_writer import parse_size, save_state_dict
 from ..io.support_files import copy_support_files
 from .api import HealReport, heal
@@ -24,21 +26,40 @@ from .plot import PLOT_FILE, plot_drift, require_matplotlib
 
 def heal_checkpoint(original: str | Path, converted: str | Path, destination: str | Path, *,
                     overwrite: bool = False, trust_remote_code: bool = False, max_shard_size: str = "5GB",
-                    plot: bool = False, **options: Any) -> HealReport:
+                    plot: bool = False, trust_converted_code: bool | None = None, **options: Any) -> HealReport:
     """Load both checkpoints, heal the converted one toward the original, write it to ``destination``
-    (with ``plot``, also a PNG of per-sublayer drift before and after)."""
+    (with ``plot``, also a PNG of per-sublayer drift before and after).
+
+    ``trust_remote_code`` allows the custom code of the original and of both tokenizers (the converted
+    checkpoint's tokenizer files are the original's); ``trust_converted_code`` (default: the same) allows
+    the converted checkpoint's modeling code, which ``convert --heal`` sets for the code it just generated.
+    """
+    trust_converted = trust_remote_code if trust_converted_code is None else trust_converted_code
     original_path, converted_path, destination_path = Path(original), Path(converted), Path(destination)
     for path in (original_path, converted_path):
         if not path.is_dir():
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
-    check_destination(converted_path, destination_path, overwrite)
-    check_destination(original_path, destination_path, overwrite=True)
+    check_destination((original_path, converted_path), destination_path, overwrite)
     if plot:
         require_matplotlib()
     teacher = load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
-    student = load_model(converted_path, load_config(converted_path, trust_remote_code), trust_remote_code)
-    tokenizer = load_tokenizer(converted_path) or load_tokenizer(original_path)
-    student, report = heal(teacher, student, tokenizer=tokenizer, **options)
+    student = load_model(converted_path, load_config(converted_path, trust_converted), trust_converted)
+    for path, model in ((original_path, teacher), (converted_path, student)):
+        found = first_nonfinite(model.state_dict().items())
+        if found is not None:
+            raise NonFiniteError(f"{path}: tensor {found[0]!r} holds {found[1]} NaN/Inf value(s), and healing would "
+                                 "train on NaN; fix the checkpoint (re-convert it from a finite source)")
+    tokenizer = (load_tokenizer(converted_path, trust_remote_code)
+                 or load_tokenizer(original_path, trust_remote_code))
+    # Trainer checkpoints (hundreds of MB) go to a marked scratch folder beside DST unless the user keeps them:
+    # after a SIGKILL the next run to DST finds and removes it, where a folder in /tmp would stay
+    scratch = None if options.get("work_dir") else make_scratch(destination_path, "heal")
+    try:
+        student, report = heal(teacher, student, tokenizer=tokenizer,
+                               **{**options, "work_dir": options.get("work_dir") or scratch})
+    finally:
+        if scratch is not None:
+            remove_scratch(scratch)
     state = student.state_dict()
     require_space(destination_path, sum(t.numel() * t.element_size() for t in state.values()))
     with atomic_output(destination_path, overwrite) as folder:
@@ -55,8 +76,8 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
             shutil.copy2(converted_path / CARRIED_FILE, folder / CARRIED_FILE)
         copy_support_files(converted_path, folder)
         conversion = _previous_report(converted_path)
-        (folder / REPORT_FILE).write_text(json.dumps({**conversion, "normswap": provenance,
-                                                      "heal": report.to_dict()}, indent=2))
+        (folder / REPORT_FILE).write_text(json.dumps(finite_for_json(
+            {**conversion, "normswap": provenance, "heal": report.to_dict()}), indent=2, allow_nan=False))
         (folder / "README.md").write_text(_card(destination_path.name, provenance, report))
         if plot:
             plot_drift(report, folder / PLOT_FILE)

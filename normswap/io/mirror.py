@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -27,6 +26,8 @@ from pathlib import Path
 from ..errors import NormswapError
 from .destination import check_destination, require_space
 from .file_copy import PIECE, copy_range
+from .scratch import make_scratch, remove_scratch, scratch_path
+from .shard_names import is_plain_shard_name
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -52,9 +53,10 @@ class SourceMirror:
     """The copy in flight. ``wait`` returns the files once copied (raising what the copy raised);
     ``discard`` stops it and removes what it wrote; ``move_into`` hands the files to the output folder."""
 
-    def __init__(self, files: list[MirroredFile], folder: Path) -> None:
+    def __init__(self, files: list[MirroredFile], destination: Path) -> None:
         self.files = files
-        self.folder = folder
+        self.destination = destination
+        self.folder = scratch_path(destination, "mirror")
         self._cancelled = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy_all, name="normswap-mirror", daemon=True)
@@ -64,7 +66,7 @@ class SourceMirror:
         return sum(file.data_bytes for file in self.files)
 
     def start(self) -> SourceMirror:
-        self.folder.mkdir()
+        self.folder = make_scratch(self.destination, "mirror")
         self._thread.start()
         return self
 
@@ -79,14 +81,14 @@ class SourceMirror:
         self._cancelled.set()
         if self._thread.is_alive():
             self._thread.join()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_scratch(self.folder)
 
     def move_into(self, folder: Path) -> None:
         """The copied files become the output's (same file system: renames, no bytes move)."""
         self.wait()
         for file in self.files:
             os.replace(self.folder / file.name, folder / file.name)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_scratch(self.folder)
 
     def _copy_all(self) -> None:
         try:
@@ -136,15 +138,12 @@ def start_mirror(source: Path, destination: Path) -> SourceMirror | None:
     files = _mirrored_files(source)
     if not files or not hasattr(os, "copy_file_range"):
         return None
-    destination = destination.resolve()
-    folder = destination.parent / f".{destination.name}.normswap-mirror-{os.getpid()}"
-    mirror = SourceMirror(files, folder)
+    mirror = SourceMirror(files, destination.resolve())
     require_space(destination, mirror.data_bytes)
-    shutil.rmtree(folder, ignore_errors=True)
     try:
         return mirror.start()
     except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_scratch(mirror.folder)
         return None
 
 
@@ -180,5 +179,5 @@ def _shard_names(source: Path) -> list[str]:
         if not isinstance(weight_map, dict):
             return []
         names = sorted({str(name) for name in weight_map.values()})
-        return names if all("/" not in name and name.endswith(".safetensors") for name in names) else []
+        return names if all(is_plain_shard_name(name, ".safetensors") for name in names) else []
     return [_SINGLE] if (source / _SINGLE).is_file() else []

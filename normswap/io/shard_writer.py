@@ -158,8 +158,8 @@ class ShardWriter:
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if file.fresh else 0)
                 descriptor = os.open(folder / file.name, flags, 0o644)
                 self._descriptors.append(descriptor)
-                file_copy.write_at(descriptor, memoryview(file.header), 0)
-                os.ftruncate(descriptor, file.size)
+                _naming_the_file(folder / file.name, file_copy.write_at, descriptor, memoryview(file.header), 0)
+                _naming_the_file(folder / file.name, os.ftruncate, descriptor, file.size)
         except BaseException:
             self.abort()
             raise
@@ -193,8 +193,8 @@ class ShardWriter:
                 raise NormswapError(f"internal: {name} has {data.length} bytes, planned {planned.nbytes}")
             for start in range(0, data.length, file_copy.PIECE):
                 length = min(file_copy.PIECE, data.length - start)
-                self._submit(length, file_copy.copy_range, data.file, data.offset + start, descriptor,
-                             place.offset + start, length)
+                self._submit(length, place.shard, file_copy.copy_range, data.file, data.offset + start,
+                             descriptor, place.offset + start, length)
         else:
             if isinstance(data, torch.Tensor):
                 if data.dtype != planned.dtype or tuple(data.shape) != planned.shape:
@@ -207,7 +207,8 @@ class ShardWriter:
                 raise NormswapError(f"internal: {name} has {payload.nbytes} bytes, planned {planned.nbytes}")
             self._room.acquire()  # bounded memory: wait while _IN_FLIGHT computed tensors are queued
             try:
-                future = self._submit(payload.nbytes, file_copy.write_at, descriptor, payload, place.offset)
+                future = self._submit(payload.nbytes, place.shard, file_copy.write_at, descriptor, payload,
+                                      place.offset)
             except BaseException:
                 self._room.release()
                 raise
@@ -241,9 +242,9 @@ class ShardWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._close_files()
 
-    def _submit(self, size: int, function: Callable[..., None], *arguments: Any) -> Future[None]:
-        """Run ``function(*arguments)``, which writes ``size`` bytes, on a writer thread."""
-        future = self._pool.submit(function, *arguments)
+    def _submit(self, size: int, shard: int, function: Callable[..., None], *arguments: Any) -> Future[None]:
+        """Run ``function(*arguments)``, which writes ``size`` bytes into file ``shard``, on a writer thread."""
+        future = self._pool.submit(_naming_the_file, self.folder / self.file_names[shard], function, *arguments)
         if self._on_written is not None:
             report = self._on_written
             future.add_done_callback(lambda done: None if done.cancelled() or done.exception() else report(size))
@@ -286,3 +287,14 @@ def save_state_dict(folder: Path, state: dict[str, torch.Tensor], max_bytes: int
         for name, tensor in kept.items():
             writer.write(name, tensor)
         return writer.close()
+
+
+def _naming_the_file(target: Path, function: Callable[..., Any], *arguments: Any) -> None:
+    """``function(*arguments)``; a write error on a descriptor (a full disk, the file-size limit) names no
+    file, so it is raised again naming ``target``."""
+    try:
+        function(*arguments)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(target)) from error

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import SourceError
 from .safetensors_file import TensorEntry, read_bytes, read_header, tensor_from_bytes
+from .shard_names import is_plain_shard_name
 
 logger = logging.getLogger("normswap")
 
@@ -93,11 +94,17 @@ class CheckpointWeights:
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
             weight_map = data["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as error:
             raise SourceError(f"{index} is not a valid index ({type(error).__name__}: {error}); it needs a "
                               "'weight_map' object of tensor name -> shard file") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SourceError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        suffix = ".safetensors" if index.name == _SAFETENSORS_INDEX else ".bin"
+        for tensor, shard in weight_map.items():
+            if not is_plain_shard_name(shard, suffix):
+                raise SourceError(f"{index} names the shard {shard!r} for {tensor!r}, which is not a plain "
+                                  f"*{suffix} file name in the checkpoint folder; normswap reads shards only from "
+                                  "SRC itself: fix the index")
         return weight_map
 
     def _check_index(self, files: list[Path]) -> None:
