@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import NormswapError, SourceError
-from .failures import Terminated, report_failure
+from .failures import SignalsSeen, report_failure
 from .version import __version__
 
 
@@ -74,7 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="verify conversions above --verify-max-size too, reading each module's weights from "
                          "disk as it runs (needs accelerate; slow, but memory stays near one layer)")
     convert.add_argument("--allow-nonfinite", action="store_true",
-                         help="convert even if a tensor the conversion computes with holds NaN or Inf")
+                         help="convert even if a tensor of the source holds NaN or Inf (the report then says the "
+                         "drift was not measured)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--json", action="store_true", help="print the plan and report as one JSON object")
     convert.add_argument("--trust-remote-code", action="store_true",
@@ -235,10 +236,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 class _StderrWarnings(logging.Handler):
     """One ``Warning: ...`` line on whatever ``sys.stderr`` is at the time."""
 
@@ -260,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "convert" and (args.placement is None) == (args.norm is None):
         parser.error("convert needs exactly one of --placement and --norm")
     _show_warnings()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    signals = SignalsSeen()
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signals.interrupt),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signals.terminate)}
     try:
         if args.command == "inspect":
             return _run_inspect(args)
@@ -269,9 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "heal":
             return _run_heal(args)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure: one line and an exit code
-        return report_failure(error, debug=args.debug)
+        return report_failure(error, debug=args.debug, signals=signals)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 2
 
 

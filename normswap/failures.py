@@ -27,9 +27,29 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup runs."""
 
 
-def report_failure(error: BaseException, debug: bool) -> int:
+class SignalsSeen:
+    """SIGINT and SIGTERM handlers that raise as usual and remember that the user asked to stop.
+
+    A library may catch the interrupt and raise something else in its place (transformers' lazy import turns
+    a Ctrl-C that lands while a model module imports into ``ModuleNotFoundError``, with the interrupt lost);
+    whatever a run fails with after the user asked it to stop is reported as the stop.
+    """
+
+    def __init__(self) -> None:
+        self.first: KeyboardInterrupt | None = None
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        self.first = self.first or KeyboardInterrupt()
+        raise KeyboardInterrupt
+
+    def terminate(self, signum: int, frame: object) -> None:
+        self.first = self.first or Terminated()
+        raise Terminated
+
+
+def report_failure(error: BaseException, debug: bool, signals: SignalsSeen | None = None) -> int:
     """Print the one line for ``error`` (after the traceback with ``debug``) and return the exit code."""
-    interrupt = _interrupt_in_chain(error)
+    interrupt = _interrupt_in_chain(error) or (signals.first if signals is not None else None)
     if isinstance(error, BrokenPipeError) and interrupt is None:
         _silence_stdout()  # the reader (``| head``) has all it wanted; nothing more can be said there
         return EXIT_BROKEN_PIPE

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NormswapError
+from ..failures import describe_os_error
 from .destination import check_destination, require_space
 from .file_copy import PIECE, copy_range
 from .scratch import make_scratch, remove_scratch, scratch_path
@@ -73,8 +74,11 @@ class SourceMirror:
     def wait(self) -> list[MirroredFile]:
         self._thread.join()
         if self._error is not None:
-            raise NormswapError(f"copying the source shards failed ({self._error}); free some space or check "
-                                "the disk, then run again") from self._error
+            if isinstance(self._error, OSError):
+                raise NormswapError(f"copying the source shards failed: {describe_os_error(self._error)}"
+                                    ) from self._error
+            raise NormswapError(f"copying the source shards failed ({self._error}); check the disk, then run "
+                                "again") from self._error
         return self.files
 
     def discard(self) -> None:
@@ -105,6 +109,10 @@ class SourceMirror:
                     return
                 copy_range(file.source, file.source_data_start + done, target, file.data_start + done,
                            min(PIECE, file.data_bytes - done))
+        except OSError as error:  # a write on a descriptor names no file: name the one being written
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror or str(error), str(self.folder / file.name)) from error
         finally:
             os.close(target)
 
