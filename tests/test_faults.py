@@ -468,3 +468,18 @@ def test_an_interrupt_wrapped_by_python_is_an_interrupt(src: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert err.startswith("Stopped by interrupt") and "Traceback" not in err
     assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_every_transformers_loading_call_passes_trust_remote_code() -> None:
+    """Left unset, transformers prompts on a terminal (and runs the code on "y"): every call says what it wants."""
+    import ast
+
+    package = Path(__file__).parent.parent / "normswap"
+    unset = []
+    for file in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("from_pretrained", "from_config")
+                    and not any(keyword.arg == "trust_remote_code" for keyword in node.keywords)):
+                unset.append(f"{file.relative_to(package)}:{node.lineno}")
+    assert unset == []

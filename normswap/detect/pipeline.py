@@ -4,6 +4,12 @@ Pipeline: build the model on the meta device -> find layer stacks and norm modul
 run once on meta tensors to capture each layer's inputs and the call order -> trace
 each distinct layer with torch.fx -> read sublayers off the graph -> place the
 embedding and final norms.
+
+A path or config whose stacks have more than 64 layers (``sampling.FULL_BUILD_LAYERS``) is built
+with a sample of its layers: at most 64 (``sampling.MAX_SAMPLE_LAYERS``), enough for a prefix, a few
+leading layers and two periods of whatever the config says repeats. The sample is checked, and the
+topology expanded to the real layer count with a note saying so; a sample that does not hold up is
+replaced by the full build. Loaded models are never sampled. See ``sampling.py`` for the rules.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from ..topology import Layer, NormSite, Stack, Sublayer, Topology
 from .analysis import LayerGraph, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .norms import NormInfo, classify_norm
+from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
-from .source import MetaModel, build_meta_model
+from .source import MetaModel, build_meta_model, load_config, meta_model_from_config
 from .trace_layer import trace_layer
 
 _NORM_LIKE_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm)(_?\d+)?$|norm$", re.IGNORECASE)
@@ -34,17 +41,41 @@ def inspect(model_or_path: str | Path | nn.Module, trust_remote_code: bool = Fal
     ``model_or_path`` is a checkpoint folder, a ``config.json``, or a loaded transformers model.
     No weights are read: the model is rebuilt on the meta device.
     """
-    meta = build_meta_model(model_or_path, trust_remote_code)
+    if isinstance(model_or_path, nn.Module):
+        return _inspect_built(build_meta_model(model_or_path, trust_remote_code))
+    config = load_config(model_or_path, trust_remote_code)
+    sampled = _inspect_sample(config, trust_remote_code)
+    if sampled is not None:
+        return sampled
+    return _inspect_built(meta_model_from_config(config, trust_remote_code))
+
+
+def _inspect_sample(config: Any, trust_remote_code: bool) -> Topology | None:
+    """The topology from a sample of a deep config's layers; None where the full build must answer."""
+    try:
+        plan = plan_sample(config)
+        if plan is None:
+            return None
+        return _inspect_built(meta_model_from_config(plan.config, trust_remote_code), plan)
+    except Exception:  # noqa: BLE001 - whatever went wrong with the sample, the full build reports it truthfully
+        return None
+
+
+def _inspect_built(meta: MetaModel, sample: SamplePlan | None = None) -> Topology:
     recipe = recipe_for(meta.model_type)
     try:
-        return _inspect_meta_model(meta, recipe.notes if recipe else ())
+        return _inspect_meta_model(meta, recipe.notes if recipe else (), sample)
     except TopologyError as error:
         if recipe and recipe.notes:
             raise TopologyError(f"{error} (recipe note for {meta.model_type}: {recipe.notes[0]})") from error
         raise
 
 
-def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
+class _SampleMismatchError(Exception):
+    """The built sample does not stand for the full model."""
+
+
+def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SamplePlan | None = None) -> Topology:
     model = meta.model
     base_prefix = _base_model_prefix(model)
     stacks = find_layer_stacks(model)
@@ -66,6 +97,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
     layers: list[Layer] = []
     notes = list(notes)
     analysed: dict[Any, tuple[list[Sublayer], set[str], list[str]]] = {}
+    keys: dict[str, Any] = {}
     for stack_path, stack_layers in stacks:
         for index, (path, layer) in enumerate(stack_layers):
             call = run.layer_calls.get(path)
@@ -73,7 +105,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
                 continue  # a layer the forward skipped (e.g. a decoder-only pass of an encoder stack)
             relative_norms = {p.removeprefix(path + "."): info for p, info in norms.items()
                               if p.startswith(path + ".")}
-            key = _layer_signature(layer, index, relative_norms, call)
+            key = keys[path] = _layer_signature(layer, index, relative_norms, call)
             if key not in analysed:
                 traced = trace_layer(layer, call, {id(layer.get_submodule(p)) for p in relative_norms})
                 graph = LayerGraph(traced, layer, relative_norms)
@@ -96,13 +128,19 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...]) -> Topology:
             ))
 
     stack_records = _place_edge_norms(stacks, run, norms, model_level_norms)
-    return Topology(
+    topology = Topology(
         model_type=meta.model_type,
         model_class=type(model).__name__,
         stacks=tuple(stack_records),
         layers=tuple(layers),
         notes=tuple(notes),
     )
+    if sample is None:
+        return topology
+    mismatch = sample_mismatch(sample, stacks, keys)
+    if mismatch:
+        raise _SampleMismatchError(mismatch)
+    return expand_sample(topology, sample)
 
 
 def _hidden_size(model: nn.Module, config: Any) -> int:

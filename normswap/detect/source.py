@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import heapq
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
+
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+"""config.json files above this are refused before they are read: a real config is a few KB, and a
+2 GB one would take twice its size in memory to parse."""
 
 
 @dataclass(frozen=True)
@@ -32,21 +39,78 @@ class MetaModel:
 def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
     """Read a config from a checkpoint folder or a config.json, with one-line errors for bad input."""
     path = Path(source)
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
-            raise SourceError(
-                f"{path} has no config.json (found: {found}); point normswap at a Hugging Face checkpoint "
-                "folder or at its config.json"
-            )
-    elif path.is_file():
-        config_path = path
-    else:
-        raise SourceError(f"{path} does not exist; pass a checkpoint folder or a config.json file")
+    config_path = _config_file(path)
+    data = _parse_config_json(config_path, _read_config_bytes(config_path))
+    if "auto_map" in data and trust_remote_code:
+        from transformers import AutoConfig
 
+        try:
+            with _quiet_transformers():
+                return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=True)
+        except Exception as error:  # custom config code fails in its own ways
+            raise SourceError(
+                f"{config_path} cannot be loaded with its custom code ({type(error).__name__}: "
+                f"{_first_line(error)}); fix the config or its configuration module"
+            ) from error
+    return config_from_dict(data, str(config_path), trust_remote_code)
+
+
+def _config_file(path: Path) -> Path:
+    """The config.json that ``path`` names: the path itself, or the file of that name in a folder."""
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
+        if path.is_dir():
+            config_path = path / "config.json"
+            if not config_path.exists() and not config_path.is_symlink():
+                found = ", ".join(_printable(name) for name in heapq.nsmallest(6, (p.name for p in path.iterdir())))
+                raise SourceError(
+                    f"{path} has no config.json (found: {found or 'nothing'}); point normswap at a Hugging Face "
+                    "checkpoint folder or at its config.json"
+                )
+        else:
+            config_path = path
+        if config_path.exists():
+            return config_path
+        if config_path.is_symlink():
+            raise SourceError(f"{config_path} is a link whose target does not exist; fix the link or replace it with "
+                              "the checkpoint's config.json")
+    except OSError as error:
+        raise SourceError(_unreadable(path, error)) from None
+    raise SourceError(f"{path} does not exist; pass a checkpoint folder or a config.json file")
+
+
+def _read_config_bytes(config_path: Path) -> bytes:
+    """At most ``MAX_CONFIG_BYTES`` + 1 bytes of a regular file: a huge, growing or special file is refused unread.
+
+    The file is opened non-blocking so that a FIFO without a writer does not hang the open; its
+    type and size are then checked on the open descriptor, so a swap after the check cannot slip past.
+    """
+    try:
+        descriptor = os.open(config_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise SourceError(_unreadable(config_path, error)) from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceError(
+                f"{config_path} is {_file_kind(info.st_mode)}, not a regular file; pass the checkpoint's "
+                "config.json file"
+            )
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise SourceError(_too_large(config_path, f"is {info.st_size} bytes"))
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise SourceError(_unreadable(config_path, error)) from None
+    finally:
+        os.close(descriptor)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SourceError(_too_large(config_path, "grew past that size while it was read"))
+    return raw
+
+
+def _parse_config_json(config_path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as error:
         raise SourceError(
             f"{config_path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
@@ -54,14 +118,19 @@ def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise SourceError(f"{config_path} is not a UTF-8 text file; pass a config.json") from None
+    except RecursionError:
+        raise SourceError(
+            f"{config_path} nests JSON arrays or objects too deeply to parse (a real config nests a few levels); "
+            "pass the checkpoint's own config.json"
+        ) from None
+    except (ValueError, MemoryError) as error:  # e.g. an integer of more digits than Python converts
+        raise SourceError(
+            f"{config_path} cannot be parsed as JSON ({type(error).__name__}: {_first_line(error)}); "
+            "fix or regenerate the file"
+        ) from None
     if not isinstance(data, dict):
         raise SourceError(f"{config_path} holds a JSON {type(data).__name__}, not an object; pass a config.json")
-    if "auto_map" in data and trust_remote_code:
-        from transformers import AutoConfig
-
-        with _quiet_transformers():
-            return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=True)
-    return config_from_dict(data, str(config_path), trust_remote_code)
+    return data
 
 
 def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool = False) -> Any:
@@ -72,11 +141,24 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
         raise SourceError(
             f"{origin} asks for custom modeling code (auto_map); normswap runs it only with --trust-remote-code"
         )
-    if not model_type:
+    if model_type is None or model_type == "":
         raise SourceError(f"{origin} has no 'model_type' key; add the model family, e.g. \"model_type\": \"llama\"")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise SourceError(
+            f"{origin} has \"model_type\": {_json_excerpt(model_type)}, which is not a model family name; "
+            "make it a string such as \"model_type\": \"llama\""
+        )
+    architectures = data.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise SourceError(
+            f"{origin} has \"architectures\": {_json_excerpt(architectures)}, which is not a list of class names; "
+            "make it a list of strings such as [\"LlamaForCausalLM\"] or remove the key"
+        )
     if model_type not in CONFIG_MAPPING:
         raise SourceError(
-            f"{origin} has model_type '{model_type}', which this transformers version does not know; "
+            f"{origin} has model_type '{_printable(model_type)}', which this transformers version does not know; "
             "upgrade transformers, fix the model_type, or pass --trust-remote-code for a custom model"
         )
     fields = {key: value for key, value in data.items() if key != "model_type"}
@@ -92,19 +174,26 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
 
 def build_meta_model(source: str | Path | nn.Module, trust_remote_code: bool = False) -> MetaModel:
     """A weightless copy of the model: from its config for paths, of the same class for loaded models."""
-    from transformers import AutoModel
-
     if isinstance(source, nn.Module):
         config = getattr(source, "config", None)
         if config is None:
             raise SourceError(f"{type(source).__name__} has no .config; pass a transformers PreTrainedModel")
         config = copy.deepcopy(config)  # building a model writes to its config; the user's stays as it is
-        model_class: Any = type(source)
         model_type = getattr(config, "model_type", type(source).__name__)
-    else:
-        config = load_config(source, trust_remote_code)
-        model_class = AutoModel
-        model_type = config.model_type
+        return _build(type(source), config, model_type, trust_remote_code)
+    return meta_model_from_config(load_config(source, trust_remote_code), trust_remote_code)
+
+
+def meta_model_from_config(config: Any, trust_remote_code: bool = False) -> MetaModel:
+    """The ``AutoModel`` of ``config`` on the meta device; building writes to ``config``, so pass one you own."""
+    from transformers import AutoModel
+
+    return _build(AutoModel, config, config.model_type, trust_remote_code)
+
+
+def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bool) -> MetaModel:
+    from transformers import AutoModel
+
     # mixture-of-experts kernels have no meta implementation; the eager loop is the same topology
     options = {"experts_implementation": "eager"}
     try:
@@ -133,6 +222,44 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(previous)
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    """The one-line message for a path the operating system would not let us read."""
+    if isinstance(error, PermissionError):
+        return f"cannot read {path}: permission denied; make it readable (chmod) or run as a user who can read it"
+    if isinstance(error, FileNotFoundError):
+        return f"{path} does not exist (it may have been removed while normswap read it); pass an existing path"
+    reason = error.strerror or type(error).__name__
+    return f"cannot read {path}: {reason}; check that the path is a readable file or folder on a working disk"
+
+
+def _too_large(path: Path, what: str) -> str:
+    return (f"{path} {what}; normswap reads config.json files up to {MAX_CONFIG_BYTES // (1024 * 1024)} MiB "
+            "(a real config is a few KB): pass the checkpoint's own config.json")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _json_excerpt(value: Any) -> str:
+    """A JSON value as it appears in the file, cut short: the message stays one readable line."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (RecursionError, ValueError):  # nested deeper than json re-encodes, or an integer too long to print
+        text = f"(a {type(value).__name__} too large to show)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _printable(text: str) -> str:
+    """Names from the file system or a config may hold newlines or control characters; errors are one line."""
+    if text.isprintable() and len(text) <= 100:
+        return text
+    escaped = ascii(text)[1:-1]
+    return escaped if len(escaped) <= 100 else escaped[:97] + "..."
 
 
 def _first_line(error: Exception) -> str:

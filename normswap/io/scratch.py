@@ -58,6 +58,7 @@ def make_scratch(destination: Path, kind: str) -> Path:
             raise FileExistsError(errno.EEXIST, "exists and is not a marked normswap scratch folder; remove it "
                                   "or choose another DST", str(folder))
         remove_scratch(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     folder.mkdir()
     mark(folder, destination)
     return folder
