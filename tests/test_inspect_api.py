@@ -123,3 +123,21 @@ def test_detection_passes_an_attention_mask(monkeypatch: pytest.MonkeyPatch, wri
     assert normswap.inspect(write_config(dict(TINY_CONFIGS["megatron_bert"]))).placement == "pre"
     assert normswap.inspect(write_config(dict(TINY_CONFIGS["gpt2"]))).placement == "pre"
     assert len(masks) >= 2 and all(mask is not None for mask in masks)
+
+
+def test_a_failure_in_model_code_under_a_folder_named_normswap_is_named() -> None:
+    """A clone named ``normswap`` holds the venv, so transformers' files have ``/normswap/`` in their paths:
+    only normswap's own package folder is skipped, not every path that contains the word."""
+    from torch import nn
+
+    from normswap.detect.trace_layer import _describe_failure
+
+    fake = "/home/me/normswap/.venv/lib/python3.11/site-packages/transformers/models/llama/modeling_llama.py"
+    code = compile("def forward():\n    raise ValueError('data-dependent branch')\n", fake, "exec")
+    namespace: dict = {}
+    exec(code, namespace)
+    try:
+        namespace["forward"]()
+    except ValueError as error:
+        message = _describe_failure(nn.Linear(2, 2), error)
+    assert "at modeling_llama.py:2" in message and "data-dependent branch" in message

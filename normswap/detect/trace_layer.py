@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import keyword
+import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,9 +167,15 @@ def _innermost_descended(tracer: LayerTracer, wrapper: nn.Module) -> nn.Module |
     return None
 
 
+_SKIPPED_PACKAGES = tuple(os.path.dirname(os.path.abspath(module.__file__ or "")) + os.sep
+                          for module in (torch, sys.modules[__name__.split(".")[0]]))
+
+
 def _describe_failure(layer: nn.Module, error: Exception) -> str:
+    """The message names the model's own source line: frames of torch and of normswap itself are skipped, told
+    apart by the packages' real folders (a checkout named ``normswap`` holds the venv and transformers too)."""
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not any(part in f.filename for part in ("/torch/", "/normswap/", "<"))]
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_SKIPPED_PACKAGES)]
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} `{frames[-1].line}`" if frames else ""
     return (f"cannot trace {type(layer).__name__}{where}: {type(error).__name__}: {error}. "
             "Please report it with the model_type; a recipe can mark the failing module as a leaf meanwhile")
