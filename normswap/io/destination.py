@@ -65,8 +65,10 @@ def require_utf8_path(path: Path, role: str) -> None:
 
 def _refuse_overlap(source: Path, destination: Path) -> None:
     source_folder = source if source.is_dir() else source.parent
-    if destination == source_folder or source_folder in destination.parents or _same_folder(destination,
-                                                                                             source_folder):
+    if destination == source_folder or _same_folder(destination, source_folder):
+        raise DestinationError(f"{destination} is the source checkpoint; choose another output folder (the source "
+                               "is never written to)")
+    if source_folder in destination.parents:
         raise DestinationError(f"{destination} is inside the source checkpoint {source_folder}; "
                                "choose an output folder outside it")
     if destination in source_folder.parents or _is_ancestor_by_inode(destination, source_folder):
