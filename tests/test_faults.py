@@ -483,3 +483,13 @@ def test_every_transformers_loading_call_passes_trust_remote_code() -> None:
                     and not any(keyword.arg == "trust_remote_code" for keyword in node.keywords)):
                 unset.append(f"{file.relative_to(package)}:{node.lineno}")
     assert unset == []
+
+
+def test_heal_refuses_nonfinite_weights(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conversion = tmp_path / "converted"
+    converted(capsys, "convert", str(src), str(conversion), "--norm", "rmsnorm")
+    _poison(src, NORM_WEIGHT, float("nan"))
+    healed = tmp_path / "healed"
+    line = refused(capsys, src, "heal", str(src), str(conversion), str(healed), "--trust-remote-code", dst=healed)
+    assert f"{src}: tensor {NORM_WEIGHT!r} has 1 NaN/Inf" in line and "healing would train on NaN" in line
+    assert not healed.exists()

@@ -26,7 +26,7 @@ from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
 from .api import plan_conversion
-from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, require_finite_model
+from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_error
 from .native import meta_instance
 from .norm_change import plan_norm_kind
 from .offload import offload_options, offloaded, require_accelerate
@@ -226,7 +226,7 @@ def _verify(source: Path, config: Any, folder: Path, setup: ConversionSetup, tex
         if offload is None:  # every tensor, not only those the conversion read (offloaded: those were checked)
             found = first_nonfinite(original.state_dict().items())
             if found is not None and not allow_nonfinite:
-                require_finite_model(original)
+                raise nonfinite_error(f"{source}: tensor {found[0]!r}", found[1])
             if found is not None:
                 return SkippedVerification(f"not verified: tensor {found[0]!r} of the source holds {found[1]} NaN/Inf "
                                            f"value(s) ({ALLOW_FLAG}), so drift cannot be measured")

@@ -32,13 +32,16 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return 0 if bool(finite.all()) else int((~finite).sum())
 
 
+def nonfinite_error(where: str, bad: int, allow: str = ALLOW_FLAG) -> NonFiniteError:
+    """``<where> has N NaN/Inf value(s)`` and the two ways out."""
+    return NonFiniteError(f"{where} has {bad} NaN/Inf value(s), so the converted model would compute NaN; fix the "
+                          f"checkpoint (re-download it or restore an earlier save), or pass {allow} to convert anyway")
+
+
 def require_finite(tensor: torch.Tensor, name: str, file: Path | None = None) -> None:
     bad = count_nonfinite(tensor)
     if bad:
-        where = f"{file.name}: tensor {name!r}" if file is not None else f"tensor {name!r}"
-        raise NonFiniteError(f"{where} has {bad} NaN/Inf value(s), so the converted model would compute NaN; fix "
-                             f"the checkpoint (re-download it or restore an earlier save), or pass {ALLOW_FLAG} "
-                             "to convert anyway")
+        raise nonfinite_error(f"{file.name}: tensor {name!r}" if file is not None else f"tensor {name!r}", bad)
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
@@ -54,10 +57,7 @@ def require_finite_model(model: nn.Module) -> None:
     """Every parameter and buffer of a loaded model is finite, or ``NonFiniteError`` names the first that is not."""
     found = first_nonfinite(model.state_dict().items())
     if found is not None:
-        name, bad = found
-        raise NonFiniteError(f"tensor {name!r} of the model has {bad} NaN/Inf value(s), so the converted model "
-                             "would compute NaN; fix the weights, or pass allow_nonfinite=True "
-                             f"({ALLOW_FLAG}) to convert anyway")
+        raise nonfinite_error(f"tensor {found[0]!r} of the model", found[1], "allow_nonfinite=True")
 
 
 def finite_for_json(value: Any) -> Any:

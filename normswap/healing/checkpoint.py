@@ -47,7 +47,7 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     for path, model in ((original_path, teacher), (converted_path, student)):
         found = first_nonfinite(model.state_dict().items())
         if found is not None:
-            raise NonFiniteError(f"{path}: tensor {found[0]!r} holds {found[1]} NaN/Inf value(s), and healing would "
+            raise NonFiniteError(f"{path}: tensor {found[0]!r} has {found[1]} NaN/Inf value(s), and healing would "
                                  "train on NaN; fix the checkpoint (re-convert it from a finite source)")
     tokenizer = (load_tokenizer(converted_path, trust_remote_code)
                  or load_tokenizer(original_path, trust_remote_code))
