@@ -58,6 +58,7 @@ class SourceMirror:
         self.files = files
         self.destination = destination
         self.folder = scratch_path(destination, "mirror")
+        self._made = False  # whether this process made ``folder`` (only then is it removed)
         self._cancelled = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy_all, name="normswap-mirror", daemon=True)
@@ -66,10 +67,16 @@ class SourceMirror:
     def data_bytes(self) -> int:
         return sum(file.data_bytes for file in self.files)
 
-    def start(self) -> SourceMirror:
-        self.folder = make_scratch(self.destination, "mirror")
+    def try_start(self) -> bool:
+        """Create the scratch folder and start copying; False (nothing left behind) where the folder cannot be
+        made: the conversion then writes without a mirror."""
+        try:
+            self.folder = make_scratch(self.destination, "mirror")
+        except OSError:
+            return False
+        self._made = True
         self._thread.start()
-        return self
+        return True
 
     def wait(self) -> list[MirroredFile]:
         self._thread.join()
@@ -85,7 +92,8 @@ class SourceMirror:
         self._cancelled.set()
         if self._thread.is_alive():
             self._thread.join()
-        remove_scratch(self.folder)
+        if self._made:
+            remove_scratch(self.folder)
 
     def move_into(self, folder: Path) -> None:
         """The copied files become the output's (same file system: renames, no bytes move)."""
@@ -126,8 +134,10 @@ def early_copy(source: Path, destination: Path, overwrite: bool, norm: str | Non
         yield given
         return
     check_destination(source, destination, overwrite)
-    own = start_mirror(source, destination)
-    try:
+    own = planned_mirror(source, destination)
+    try:  # started inside: a signal that lands while the thread starts still finds the mirror to discard
+        if own is not None and not own.try_start():
+            own = None
         yield own
     finally:
         if own is not None:
@@ -139,20 +149,16 @@ def mirror_helps(norm: str | None, exact: bool, dtype: str | None) -> bool:
     return dtype in (None, "auto") and not (norm == "layernorm" and exact)
 
 
-def start_mirror(source: Path, destination: Path) -> SourceMirror | None:
-    """Start copying ``source``'s safetensors shards beside ``destination``, or None where that cannot help
-    (legacy .bin weights, unreadable files: the conversion then reports those as usual). Refuses a disk
-    without room for the copy (``require_space``), as the conversion would."""
+def planned_mirror(source: Path, destination: Path) -> SourceMirror | None:
+    """A copy of ``source``'s safetensors shards beside ``destination``, not yet started, or None where it
+    cannot help (legacy .bin weights, unreadable files: the conversion then reports those as usual). Refuses
+    a disk without room for the copy (``require_space``), as the conversion would."""
     files = _mirrored_files(source)
     if not files or not hasattr(os, "copy_file_range"):
         return None
     mirror = SourceMirror(files, destination.resolve())
     require_space(destination, mirror.data_bytes)
-    try:
-        return mirror.start()
-    except OSError:
-        remove_scratch(mirror.folder)
-        return None
+    return mirror
 
 
 def _mirrored_files(source: Path) -> list[MirroredFile]:
