@@ -7,6 +7,13 @@ is a bug and is not swallowed.
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's text for a one-line message: texts can span many lines (the first two, joined, at most
+    300 characters), and an empty one says its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(error).__name__
+
+
 class NormswapError(Exception):
     """A known failure with an actionable one-line message."""
 

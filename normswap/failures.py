@@ -101,12 +101,12 @@ _FIXES = {
 def describe_os_error(error: OSError) -> str:
     """``<what went wrong>: <file>; <fix>``, from the errno."""
     reason = error.strerror or (str(error) or type(error).__name__)
-    where = " and ".join(_shown(name) for name in (error.filename, error.filename2) if name is not None)
+    where = " and ".join(printable_path(name) for name in (error.filename, error.filename2) if name is not None)
     fix = _FIXES.get(error.errno or -1, "check the file and the disk, then run again")
     return f"{reason[:1].lower()}{reason[1:]}{': ' + where if where else ''}; {fix}"
 
 
-def _shown(name: object) -> str:
+def printable_path(name: object) -> str:
     """A path as text, with bytes that are not UTF-8 escaped (printing them would fail)."""
     if isinstance(name, bytes):
         return name.decode("utf-8", errors="backslashreplace")

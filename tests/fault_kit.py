@@ -1,9 +1,8 @@
-"""Tools of the fault and attack suite: a tiny checkpoint with a tokenizer, a digest of a folder that sees
-links, the check every refused case must pass, and a record of every file the process opens."""
+"""Tools of the fault and attack suite: a tiny checkpoint with a tokenizer, the scratch folders left beside a
+DST, and a record of every file the process opens (the folder digest is ``checksums.checksum``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -31,26 +30,6 @@ def opened_files() -> Iterator[list[str]]:
         yield _OPENED
     finally:
         _OPENED = None
-
-
-def digest(folder: Path) -> str:
-    """Names, link targets, file modes and bytes of everything under ``folder``, links not followed."""
-    sha = hashlib.sha256()
-    for root, folders, files in os.walk(folder, followlinks=False):
-        folders.sort()
-        for name in sorted(files + [f for f in folders if os.path.islink(os.path.join(root, f))]):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, folder).encode("utf-8", "surrogateescape")
-            if os.path.islink(path):
-                sha.update(b"L" + relative + os.fsencode(os.readlink(path)))
-            elif os.path.isfile(path):
-                sha.update(b"F" + relative + oct(os.stat(path).st_mode).encode())
-                try:
-                    with open(path, "rb") as handle:
-                        sha.update(handle.read())
-                except PermissionError:  # run without root's override: the mode says it is unreadable
-                    sha.update(b"unreadable")
-    return sha.hexdigest()
 
 
 def leftovers(parent: Path) -> list[str]:

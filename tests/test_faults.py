@@ -1,7 +1,7 @@
 """The fault and attack suite (issue 15): what an attacker or an unlucky user does to normswap.
 
 Every refused case asserts the exit code, one ``Error:`` line naming the file or tensor (never a
-traceback), nothing left beside DST, and SRC unchanged by digest (names, link targets, modes, bytes).
+traceback), nothing left beside DST, and SRC unchanged by checksum (names, link targets, modes, bytes).
 Cases that need a process of their own (permissions without root's override, kills, signals, a file-size
 limit, a terminal) are in ``test_faults_process.py``.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_kit import digest, edit_json, leftovers, opened_files, write_tiny_gpt2
+from checksums import checksum
+from fault_kit import edit_json, leftovers, opened_files, write_tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 from normswap.cli import main
@@ -47,13 +48,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def refused(capsys: pytest.CaptureFixture[str], source: Path, *argv: str, dst: Path | None = None) -> str:
     """Run, require exit 1 with one error line and no traceback, SRC unchanged, nothing left; the line."""
-    before = digest(source)
+    before = checksum(source)
     code, _, err = run(capsys, *argv)
     assert code == 1, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1, err
-    assert digest(source) == before
+    assert checksum(source) == before
     if dst is not None:
         assert leftovers(dst.parent) == []
     return lines[0]
@@ -128,10 +129,10 @@ def test_heal_never_deletes_either_source(src: Path, tmp_path: Path, capsys: pyt
     shutil.copytree(src, other)
     for original, student, dst in ((src, other, src.parent), (src, other, other.parent), (src, other, other),
                                    (src, other, src)):
-        before = digest(other)
+        before = checksum(other)
         line = refused(capsys, src, "heal", str(original), str(student), str(dst), "--overwrite")
         assert "the source checkpoint" in line and str(dst) in line
-        assert digest(other) == before
+        assert checksum(other) == before
 
 
 # --- reading outside SRC ---------------------------------------------------------------------------------------
@@ -160,12 +161,12 @@ def test_index_naming_a_file_outside_src_is_refused_before_any_shard_is_opened(
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = named
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    before = digest(src)
+    before = checksum(src)
     with opened_files() as opened:
         code = main(["convert", str(src), str(tmp_path / "out"), "--placement", "post", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("Error:") == 1 and "Traceback" not in err
-    assert digest(src) == before and leftovers(tmp_path) == []
+    assert checksum(src) == before and leftovers(tmp_path) == []
     assert f"names the shard {named!r} for {first!r}" in err and "fix the index" in err
     assert not [path for path in opened if path.endswith(("OUTSIDE.safetensors", "passwd"))]
     assert not [path for path in opened if path.endswith(".safetensors") and "model-0000" in path]
@@ -229,11 +230,11 @@ def test_a_symlink_loop_in_src_is_not_followed(src: Path, tmp_path: Path, capsys
     (src / "1_Pooling" / "up").symlink_to(src)  # a folder link back to SRC: copying through it never ends
     (src / "modules.json").write_text(json.dumps([{"idx": 0, "name": "1", "path": "1_Pooling",
                                                    "type": "sentence_transformers.models.Pooling"}]))
-    before = digest(src)
+    before = checksum(src)
     out = tmp_path / "out"
     converted(capsys, "convert", str(src), str(out), "--placement", "post")
     assert (out / "1_Pooling" / "config.json").is_file() and not (out / "1_Pooling" / "up").exists()
-    assert not (out / "loop").exists() and digest(src) == before
+    assert not (out / "loop").exists() and checksum(src) == before
 
 
 # --- NaN and Inf -----------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_kit import digest, leftovers, write_tiny_gpt2
+from checksums import checksum
+from fault_kit import leftovers, write_tiny_gpt2
 
 from normswap.cli import main
 
@@ -88,7 +89,7 @@ def test_unreadable_files_and_folders_are_one_line_naming_them(pristine: Path, t
             out = tmp_path / f"out{index}-{command}"
             runs.append((target, command, out, ["inspect", str(source)] if command == "inspect" else
                          ["convert", str(source), str(out), "--placement", "post", "--quiet"]))
-    before = {target: digest(source) for target, source in sources.items()}
+    before = {target: checksum(source) for target, source in sources.items()}
     modes = {target: (source / target).stat().st_mode for target, source in sources.items()}
     for target, source in sources.items():
         (source / target).chmod(0)
@@ -109,7 +110,7 @@ def test_unreadable_files_and_folders_are_one_line_naming_them(pristine: Path, t
         assert str(named) in line and "ermission denied" in line, shown
         assert not out.exists() and leftovers(tmp_path) == [], shown
     for target, source in sources.items():
-        assert digest(source) == before[target]
+        assert checksum(source) == before[target]
 
 
 def test_a_killed_conversion_leaves_what_the_next_one_sweeps(tmp_path: Path,
@@ -171,7 +172,7 @@ def test_ctrl_c_in_the_first_seconds_is_one_line(src: Path, tmp_path: Path, comm
 
 def test_the_file_size_limit_is_one_line(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    before = digest(src)
+    before = checksum(src)
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
@@ -181,7 +182,7 @@ def test_the_file_size_limit_is_one_line(src: Path, tmp_path: Path) -> None:
     assert process.returncode == 1, stderr
     line = one_error_line(stderr)
     assert "file too large" in line.lower() and "ulimit -f" in line and str(tmp_path) in line
-    assert not out.exists() and leftovers(tmp_path) == [] and digest(src) == before
+    assert not out.exists() and leftovers(tmp_path) == [] and checksum(src) == before
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
-from ..errors import ExactnessError, NormswapError, SourceError
+from ..errors import ExactnessError, NormswapError, SourceError, first_line
 from ..io.destination import atomic_output, check_destination, require_space
 from ..io.mirror import SourceMirror, early_copy
 from ..io.mirror_layout import mirror_layout
@@ -361,7 +361,7 @@ def load_tokenizer(source: Path, trust_remote_code: bool) -> Any | None:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as error:
         logger.warning("the tokenizer in %s did not load (%s); probing with fixed random token ids instead%s",
-                       source, _first_line(error), "" if trust_remote_code or not _custom_tokenizer(source)
+                       source, first_line(error), "" if trust_remote_code or not _custom_tokenizer(source)
                        else " (it needs custom code: pass --trust-remote-code to run it)")
         return None
 
@@ -371,11 +371,6 @@ def _custom_tokenizer(source: Path) -> bool:
         return "auto_map" in json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError, RecursionError):
         return False
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
 
 
 def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SourceError
+from ..errors import SourceError, first_line
 
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 """config.json files above this are refused before they are read: a real config is a few KB, and a
@@ -50,7 +50,7 @@ def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
         except Exception as error:  # custom config code fails in its own ways
             raise SourceError(
                 f"{config_path} cannot be loaded with its custom code ({type(error).__name__}: "
-                f"{_first_line(error)}); fix the config or its configuration module"
+                f"{first_line(error)}); fix the config or its configuration module"
             ) from error
     return config_from_dict(data, str(config_path), trust_remote_code)
 
@@ -125,7 +125,7 @@ def _parse_config_json(config_path: Path, raw: bytes) -> dict[str, Any]:
         ) from None
     except (ValueError, MemoryError) as error:  # e.g. an integer of more digits than Python converts
         raise SourceError(
-            f"{config_path} cannot be parsed as JSON ({type(error).__name__}: {_first_line(error)}); "
+            f"{config_path} cannot be parsed as JSON ({type(error).__name__}: {first_line(error)}); "
             "fix or regenerate the file"
         ) from None
     if not isinstance(data, dict):
@@ -167,7 +167,7 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
             return CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as error:  # config classes validate with many exception types
         raise SourceError(
-            f"{origin} is not a valid {model_type} config ({type(error).__name__}: {_first_line(error)}); "
+            f"{origin} is not a valid {model_type} config ({type(error).__name__}: {first_line(error)}); "
             "fix the named value"
         ) from error
 
@@ -205,7 +205,7 @@ def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bo
     except Exception as error:  # any failure here means the config does not describe a model
         raise SourceError(
             f"transformers cannot build a {model_type} model from this config "
-            f"({type(error).__name__}: {_first_line(error)}); check the config values"
+            f"({type(error).__name__}: {first_line(error)}); check the config values"
         ) from error
     model.eval()
     return MetaModel(model, config, model_type)
@@ -260,9 +260,3 @@ def _printable(text: str) -> str:
         return text
     escaped = ascii(text)[1:-1]
     return escaped if len(escaped) <= 100 else escaped[:97] + "..."
-
-
-def _first_line(error: Exception) -> str:
-    """Exception texts can span many lines; errors here are one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300] if lines else type(error).__name__

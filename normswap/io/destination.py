@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import NormswapError
-from .scratch import make_scratch, mark, remove_scratch, scratch_path, sweep_leftovers, unmark
+from ..failures import printable_path
+from .scratch import make_scratch, mark, remove_scratch, scratch_path, size_text, sweep_leftovers, unmark
 
 
 class DestinationError(NormswapError):
@@ -58,7 +59,7 @@ def require_utf8_path(path: Path, role: str) -> None:
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("ascii", errors="backslashreplace")
+        shown = printable_path(path)
         raise DestinationError(f"the {role} path {shown} holds bytes that are not UTF-8; rename it (or link to "
                                "it under a UTF-8 name) and pass that name") from None
 
@@ -166,12 +167,9 @@ def require_space(destination: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     margin = 16 * 2**20  # config, code, report, card
     if needed + margin > free:
-        raise DestinationError(f"the output needs {_gb(needed + margin)} but {folder} has only {_gb(free)} free; "
+        raise DestinationError(f"the output needs {size_text(needed + margin)} but {folder} has only "
+                               f"{size_text(free)} free; "
                                "free some space or choose a DST on another disk")
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 10**8 else f"{size / 1e6:.1f} MB"
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -113,7 +113,7 @@ def sweep_leftovers(destination: Path) -> list[Path]:
         if not entry.exists():
             removed.append(entry)
             logger.warning("removed %s (%s), left by normswap process %d, which is no longer running",
-                           entry, _size_text(size), owner.pid)
+                           entry, size_text(size), owner.pid)
     return removed
 
 
@@ -191,5 +191,6 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-def _size_text(size: int) -> str:
+def size_text(size: int) -> str:
+    """Bytes as GB from 0.1 GB up, else MB."""
     return f"{size / 1e9:.2f} GB" if size >= 10**8 else f"{size / 1e6:.1f} MB"

@@ -10,8 +10,13 @@ from __future__ import annotations
 _FORBIDDEN_CHARACTERS = ("/", "\\", "\0")
 
 
+def is_plain_file_name(name: object) -> bool:
+    """A name of a file in the folder itself: no folder part, not ``.`` or ``..``, no drive letter."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in _FORBIDDEN_CHARACTERS) and ":" not in name[:2])
+
+
 def is_plain_shard_name(name: object, suffix: str) -> bool:
-    """A non-hidden file name with no folder part, ending in ``suffix`` (``.safetensors`` or ``.bin``)."""
-    return (isinstance(name, str) and name.endswith(suffix) and len(name) > len(suffix)
-            and not name.startswith(".") and not any(c in name for c in _FORBIDDEN_CHARACTERS)
-            and ":" not in name[:2])  # no drive letter either
+    """A non-hidden plain file name ending in ``suffix`` (``.safetensors`` or ``.bin``)."""
+    return (isinstance(name, str) and is_plain_file_name(name) and name.endswith(suffix)
+            and len(name) > len(suffix) and not name.startswith("."))

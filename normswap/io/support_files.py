@@ -27,6 +27,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .shard_names import is_plain_file_name
+
 logger = logging.getLogger("normswap")
 
 # file names (glob patterns) that checkpoints carry beside their weights and config
@@ -150,7 +152,7 @@ def _sentence_transformers_modules(source: Path) -> set[str]:
     if not isinstance(data, list):
         return set()
     paths = {module.get("path") for module in data if isinstance(module, dict)}
-    return {path for path in paths if isinstance(path, str) and _plain_name(path)}
+    return {path for path in paths if is_plain_file_name(path)}
 
 
 def _auto_map_code_files(source: Path) -> set[str]:
@@ -166,13 +168,9 @@ def _auto_map_code_files(source: Path) -> set[str]:
             for reference in value if isinstance(value, list) else [value]:
                 if isinstance(reference, str) and "--" not in reference and "." in reference:
                     module = reference.rsplit(".", 1)[0] + ".py"
-                    if _plain_name(module):
+                    if is_plain_file_name(module):
                         names.add(module)
     return names
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 def _small_json(path: Path) -> object:
