@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(the model is built on the meta device; no weights are read).",
     )
     inspect.add_argument("source", metavar="SRC", help="checkpoint folder or config.json")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/inspect.md)")
     inspect.add_argument("--trust-remote-code", action="store_true",
                          help="allow custom modeling code named by the checkpoint's auto_map")
 
@@ -108,7 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--eval-steps", type=int, default=100, help="evaluate and checkpoint every N steps")
     heal.add_argument("--warm-start", action="store_true",
                       help="first refit every branch's output projection in closed form (measured slower to "
-                      "converge on MiniLM; see the README)")
+                      "converge on MiniLM; see docs/heal.md)")
     heal.add_argument("--match", choices=("sublayers", "branches", "output"), default="sublayers",
                       help="what is matched to the original: what every branch reads plus the output (default), "
                       "also what every branch writes, or the output only (plain distillation)")

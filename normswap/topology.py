@@ -176,7 +176,7 @@ class Topology:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract documented in the README ("inspect --json")."""
+        """The JSON contract documented in docs/inspect.md ("inspect --json")."""
         return {
             "model_type": self.model_type,
             "model_class": self.model_class,

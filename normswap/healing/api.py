@@ -2,7 +2,7 @@
 
 1. Pair the two models' norm sequences (``taps``): what each branch reads, and each stack's output.
 2. Optionally (``warm_start``), refit each branch's output projection in closed form, sublayer by sublayer.
-   Off by default: on MiniLM it raised the intermediate cosines but cost 40 s and ended lower (README).
+   Off by default: on MiniLM it raised the intermediate cosines but cost 40 s and ended lower (docs/heal.md).
 3. Train end to end on per-sublayer targets (``objective``) with transformers' ``Trainer``, on length-grouped,
    augmented batches, the learning rate decaying over the step or time budget, and the student's dropout
    switched off (``dropout``).

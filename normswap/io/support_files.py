@@ -1,7 +1,7 @@
 """Non-weight files that travel with a converted checkpoint: tokenizer, generation config, licence, and the
 files the source itself lists.
 
-The rule (documented in the README, "What DST copies from SRC"):
+The rule (documented in docs/safety.md, "What DST copies from SRC"):
 
 - By name, only the files a checkpoint has: tokenizer and processor files, the generation config, chat
   templates, licence and notice files, sentence-transformers' configs; plus what the source lists itself:
