@@ -133,10 +133,11 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     edits: list[Edit] = []
     for norm in topology.stream_norms:  # a Pre-LN model's layer norms are all pre norms
         owner, attribute = owner_and_attribute(model, norm.path)
-        # a weightless LayerNorm (OLMo) keeps eps in its code, not its arguments: state both
-        keywords = ((("eps", repr(norm.eps)), ("elementwise_affine", "False"))
-                    if norm.kind == "layernorm-noaffine" else ())
-        edit = ReplaceNormClass(owner, attribute, keywords=keywords)
+        # the original norm is built as written and handed to NormswapRMSNorm.like, which takes its shape,
+        # eps and affine parameters whatever its constructor's arguments are called (Cohere: hidden_size);
+        # a weightless LayerNorm (OLMo) keeps eps in its code, not in an attribute: state it
+        keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
+        edit = ReplaceNormClass(owner, attribute, keywords=keywords, wrap=True)
         if edit not in edits:
             edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre

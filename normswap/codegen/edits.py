@@ -78,15 +78,17 @@ class AddStackNorm:
 class ReplaceNormClass:
     """Every ``self.<norm> = SomeNorm(args)`` in ``__init__`` -> ``<new_class>(args)``.
 
-    The replacement classes take the replaced class's arguments (``NormswapRMSNorm`` those of
-    ``nn.LayerNorm``, ``NormswapLayerNorm`` those of a ``(hidden_size, eps)`` RMSNorm), so the call keeps
-    its arguments and the parameters keep their names.
+    ``NormswapLayerNorm`` takes a ``(hidden_size, eps)`` RMSNorm's arguments, so the call keeps them. A
+    LayerNorm's arguments differ by family (``normalized_shape``, ``hidden_size``, ``dim``), so with ``wrap``
+    the original norm is built as written and ``NormswapRMSNorm.like`` copies its shape, eps and affine
+    parameters. Either way the parameters keep their names.
     """
 
     class_name: str
     norm: str
     new_class: str = "NormswapRMSNorm"
     keywords: tuple[tuple[str, str], ...] = ()  # arguments to set, as source text (a weightless norm's eps)
+    wrap: bool = False  # build the original norm and pass it to ``new_class.like`` instead of its arguments
 
 
 @dataclass(frozen=True)

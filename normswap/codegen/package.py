@@ -70,6 +70,18 @@ class NormswapRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(shape, **factory)) if elementwise_affine else None
         self.bias = torch.nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
 
+    @classmethod
+    def like(cls, norm, eps=None):
+        """The RMSNorm standing in for ``norm``, a LayerNorm of any family's class built with its own
+        arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias."""
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        shape = tuple(weight.shape) if weight is not None else tuple(norm.normalized_shape)
+        if eps is None:
+            eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
+                       if isinstance(value, float))
+        factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
+        return cls(shape, eps, elementwise_affine=weight is not None, bias=bias is not None, **factory)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         normed = torch.nn.functional.rms_norm(hidden_states, self.normalized_shape, self.weight, self.eps)
         return normed + self.bias if self.bias is not None else normed

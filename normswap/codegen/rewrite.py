@@ -183,6 +183,9 @@ class _Rewriter(cst.CSTTransformer):
                 extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
                                  equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
                          for name, value in edit.keywords]
+                if edit.wrap:  # ``New.like(Original(args), keywords)``: any family's constructor arguments
+                    like = cst.Attribute(value=cst.Name(edit.new_class), attr=cst.Name("like"))
+                    return updated.with_changes(value=cst.Call(func=like, args=[cst.Arg(value=call), *extra]))
                 return updated.with_changes(value=call.with_changes(func=cst.Name(edit.new_class), args=keep + extra))
         return updated
 
