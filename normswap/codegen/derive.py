@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import NormswapError
-from ..topology import Topology
+from ..topology import NormSite, Topology
 from .edits import (
     AddStackNorm,
     CentreStream,
@@ -132,17 +132,23 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     """
     edits: list[Edit] = []
     for norm in topology.stream_norms:  # a Pre-LN model's layer norms are all pre norms
-        owner, attribute = owner_and_attribute(model, norm.path)
-        # the original norm is built as written and handed to NormswapRMSNorm.like, which takes its shape,
-        # eps and affine parameters whatever its constructor's arguments are called (Cohere: hidden_size);
-        # a weightless LayerNorm (OLMo) keeps eps in its code, not in an attribute: state it
-        keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
-        edit = ReplaceNormClass(owner, attribute, keywords=keywords, wrap=True)
+        edit = rms_norm_replacement(model, norm)
         if edit not in edits:
             edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
         edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
     return edits
+
+
+def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
+    """``NormswapRMSNorm`` in place of the LayerNorm at ``norm``.
+
+    The original norm is built as written and handed to ``NormswapRMSNorm.like``, which copies its shape, eps
+    and affine parameters whatever its constructor's arguments are called (Cohere: ``hidden_size``); a
+    weightless LayerNorm (OLMo) keeps eps in its code, not in an attribute, so the edit states it.
+    """
+    keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
+    return ReplaceNormClass(*owner_and_attribute(model, norm.path), keywords=keywords, wrap=True)
 
 
 class _Locator:

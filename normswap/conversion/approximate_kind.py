@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, owner_and_attribute
+from ..codegen.derive import layer_norm_edits, owner_and_attribute, rms_norm_replacement
 from ..codegen.edits import ReplaceNormClass
 from ..detect import inspect
 from ..errors import NormswapError
@@ -75,7 +75,7 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
     if topology.placement != "post" or not {site.kind for site in sites} <= _LAYER_NORM_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
                             "path is for Post-LN models (Pre-LN models convert exactly)")
-    edits = [ReplaceNormClass(*owner_and_attribute(model, site.path)) for site in sites]
+    edits = [rms_norm_replacement(model, site) for site in sites]
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        "norm LayerNorm -> RMSNorm (approximate: Post-LN)", rms_norm=True)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",

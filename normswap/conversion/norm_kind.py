@@ -69,6 +69,12 @@ class NormKindPlan:
             lines += [f"  lift {writer}" for writer in self.writers]
             lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
             return "\n".join(lines)
+        if not self.exact:
+            lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: false "
+                     "(a Post-LN model's norms read a stream no weight change can centre, where RMSNorm and "
+                     "LayerNorm differ; heal the result)"]
+            lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight, bias and eps)" for norm in self.norms]
+            return "\n".join(lines)
         centring = ("  centre the embedding weights; lm_head keeps an uncentred copy (untied)" if self.untied else
                     "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)")
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true", centring]
