@@ -7,6 +7,7 @@ Results go to stdout; errors are one line on stderr. Exit codes: 0 success,
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import signal
@@ -15,11 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import NormswapError, SourceError
-from .failures import SignalsSeen, report_failure
+from .failures import SignalsSeen, printable_path, report_failure
 from .version import __version__
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's own (for usage errors that show the command's usage)."""
     parser = argparse.ArgumentParser(
         prog="normswap",
         description="Convert pretrained transformers between norm placements (Post/Pre) and kinds (LayerNorm/RMSNorm).",
@@ -44,27 +46,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert", parents=[debug],
-        help="convert a checkpoint to another norm placement",
+        help="convert a checkpoint to another norm placement (--placement) or norm kind (--norm)",
         description="Rewrite a checkpoint between Post-Norm and Pre-Norm under the norm-shift mapping "
-        "(every branch keeps the normalisation it was trained with), verify it, and save it.",
+        "(every branch keeps the normalisation it was trained with; --placement), or between LayerNorm and "
+        "RMSNorm (--norm); verify it against the original, and save it. Give one of --placement and --norm.",
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
-    convert.add_argument("--placement", choices=("pre", "post"), help="target norm placement")
+    convert.add_argument("--placement", choices=("pre", "post"),
+                         help="target norm placement: pre (norm before each branch) or post (after each residual "
+                         "add); not exact, heal the result")
     convert.add_argument("--norm", choices=("rmsnorm", "layernorm"),
-                         help="target norm kind: rmsnorm (exact for Pre-LN models) or layernorm (with --exact)")
+                         help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN) or "
+                         "layernorm (approximate; exact with --exact)")
     convert.add_argument("--untie", action="store_true",
                          help="with --norm rmsnorm: centre the embedding weights and untie lm_head, instead of "
                          "centring the stream in code")
     convert.add_argument("--exact", action="store_true",
-                         help="RMSNorm -> LayerNorm exactly, by one extra hidden dimension (Llama, Mistral, Qwen2)")
+                         help="with --norm layernorm: exactly, by one extra hidden dimension (Llama, Mistral, "
+                         "Qwen2), instead of approximately in the same width")
     convert.add_argument("--no-native", dest="native", action="store_false",
                          help="do not use a stock transformers family as the target")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.add_argument("--max-shard-size", default="5GB",
                          help="largest safetensors shard (default 5GB); the source's shards are kept when they fit")
-    convert.add_argument("--calib", metavar="FILE", help="probe text, one document per line "
-                         "(default: Python standard-library docstrings)")
+    convert.add_argument("--calib", metavar="FILE", help="probe text for verification, one document per line "
+                         "(default: the built-in corpus)")
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                          default="auto", help="output dtype of floating-point tensors (default: each tensor's own)")
     convert.add_argument("--verify-max-size", default="1GB", metavar="SIZE",
@@ -83,7 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--heal", action="store_true",
                          help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
     convert.add_argument("--heal-data", metavar="PATH", help="healing text for --heal (default: built-in corpus)")
-    convert.add_argument("--heal-max-time", type=float, metavar="SECONDS", help="time budget for --heal")
+    convert.add_argument("--heal-max-time", type=float, metavar="SECONDS",
+                         help="time budget for --heal (default: heal's own default)")
 
     heal = commands.add_parser(
         "heal", parents=[debug],
@@ -126,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--json", action="store_true", help="print the report as one JSON object")
     heal.add_argument("--plot", action="store_true",
                       help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib)")
-    return parser
+    return parser, {"inspect": inspect, "convert": convert, "heal": heal}
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -236,6 +244,50 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed arguments; a usage error shows the command's own usage, and the closest flag to a mistyped one."""
+    parser, commands = _build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    named = next((token for token in given if not token.startswith("-")), None)
+    if named is not None and named not in commands:
+        close = difflib.get_close_matches(named, commands, n=1, cutoff=0.5)
+        parser.error(f"unknown command {named!r}{f' (did you mean {close[0]}?)' if close else ''}; the commands are "
+                     f"{', '.join(commands)}")
+    args, unknown = parser.parse_known_args(given)
+    command = commands[args.command]
+    if unknown:
+        command.error(_unrecognised(command, unknown))
+    if args.command == "convert" and args.placement is None and args.norm is None:
+        command.error("give the conversion: --placement pre|post (move the norms) or --norm rmsnorm|layernorm "
+                      "(change their kind)")
+    if args.command == "convert" and args.placement is not None and args.norm is not None:
+        command.error("give one of --placement and --norm: combining them in one conversion is not supported; "
+                      "convert twice")
+    return args
+
+
+def _activity(args: argparse.Namespace) -> str:
+    """What the command was doing, for the line that reports a normswap bug."""
+    if args.command == "heal":
+        return f"healing {printable_path(args.converted)} toward {printable_path(args.original)}"
+    verb = "inspecting" if args.command == "inspect" else "converting"
+    return f"{verb} {printable_path(args.source)}"
+
+
+def _unrecognised(command: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """``unrecognised argument --placment (did you mean --placement?)``."""
+    flags = [flag for action in command._actions for flag in action.option_strings if flag.startswith("--")]
+    described: list[str] = []
+    for index, argument in enumerate(unknown):
+        if index and unknown[index - 1].startswith("-") and not argument.startswith("-"):
+            continue  # the value of the unknown flag before it
+        name = argument.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6) if name.startswith("-") else []
+        described.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+    noun = "argument" if len(described) == 1 else "arguments"
+    return f"unrecognised {noun}: {', '.join(described)}"
+
+
 class _StderrWarnings(logging.Handler):
     """One ``Warning: ...`` line on whatever ``sys.stderr`` is at the time."""
 
@@ -252,10 +304,7 @@ def _show_warnings() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code. Every failure is one line on stderr
     (``failures.report_failure``); ``--debug`` adds the traceback."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "convert" and (args.placement is None) == (args.norm is None):
-        parser.error("convert needs exactly one of --placement and --norm")
+    args = _parse(argv)
     _show_warnings()
     signals = SignalsSeen()
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signals.interrupt),
@@ -268,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "heal":
             return _run_heal(args)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure: one line and an exit code
-        return report_failure(error, debug=args.debug, signals=signals)
+        return report_failure(error, debug=args.debug, signals=signals, activity=_activity(args))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -47,8 +47,11 @@ class SignalsSeen:
         raise Terminated
 
 
-def report_failure(error: BaseException, debug: bool, signals: SignalsSeen | None = None) -> int:
-    """Print the one line for ``error`` (after the traceback with ``debug``) and return the exit code."""
+def report_failure(error: BaseException, debug: bool, signals: SignalsSeen | None = None,
+                   activity: str = "") -> int:
+    """Print the one line for ``error`` (after the traceback with ``debug``) and return the exit code.
+
+    ``activity`` (``"converting SRC"``) says, for a normswap bug, what the command was doing."""
     interrupt = _interrupt_in_chain(error) or (signals.first if signals is not None else None)
     if isinstance(error, BrokenPipeError) and interrupt is None:
         _silence_stdout()  # the reader (``| head``) has all it wanted; nothing more can be said there
@@ -59,12 +62,12 @@ def report_failure(error: BaseException, debug: bool, signals: SignalsSeen | Non
         name = "SIGTERM" if isinstance(interrupt, Terminated) else "interrupt"
         _say(f"Stopped by {name}: nothing was written (the temporary output was removed)")
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
-    _say(f"Error: {describe(error)}")
+    _say(f"Error: {describe(error, activity)}")
     return EXIT_FAILURE
 
 
-def describe(error: BaseException) -> str:
-    """The one-line message for any exception."""
+def describe(error: BaseException, activity: str = "") -> str:
+    """The one-line message for any exception; ``activity`` is what was being done, for a bug's message."""
     if isinstance(error, NormswapError):
         return _one_line(str(error))
     if isinstance(error, OSError):
@@ -76,8 +79,9 @@ def describe(error: BaseException) -> str:
         return ("an input is nested too deeply to read (a JSON file or header built to exhaust the parser?); "
                 "check the checkpoint's files")
     first = _one_line(str(error)) or "no message"
-    return (f"internal error ({type(error).__name__}: {first[:200]}); this is a normswap bug: rerun with --debug "
-            "and report the traceback")
+    during = f" while {activity}" if activity else ""
+    return (f"internal error ({type(error).__name__}: {first[:200]}){during}; this is a normswap bug: rerun with "
+            "--debug for the traceback, and please report it")
 
 
 _FIXES = {

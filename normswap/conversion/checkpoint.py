@@ -17,6 +17,7 @@ from torch import nn
 from ..corpus import default_corpus, read_corpus
 from ..detect.source import load_config
 from ..errors import ExactnessError, NormswapError, SourceError, first_line
+from ..failures import printable_path
 from ..io.destination import atomic_output, check_destination, require_space
 from ..io.mirror import SourceMirror, early_copy
 from ..io.mirror_layout import mirror_layout
@@ -88,9 +89,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     source_path, destination_path = Path(source), Path(destination)
     with early_copy(source_path, destination_path, overwrite, norm, exact, dtype, given=mirror) as mirror:
         seconds: dict[str, float] = {}
+        if source_path.exists() and not source_path.is_dir():  # config.json or a weights file: name the folder
+            raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder that holds config.json "
+                              f"and the weights: pass {printable_path(source_path.parent)}")
         config = load_config(source_path, trust_remote_code)
-        if not source_path.is_dir():
-            raise SourceError(f"{source_path} is a file; convert needs the checkpoint folder (config.json and weights)")
         check_destination(source_path, destination_path, overwrite)
         output_dtype = parse_dtype(dtype)
         verify_limit = parse_size(verify_max_size)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SourceError, first_line
+from ..failures import printable_path
 
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 """config.json files above this are refused before they are read: a real config is a few KB, and a
@@ -68,6 +69,9 @@ def _config_file(path: Path) -> Path:
                 )
         else:
             config_path = path
+            if path.suffix in WEIGHT_SUFFIXES:
+                raise SourceError(f"{path} is a weights file; pass the checkpoint folder that holds it and its "
+                                  f"config.json ({printable_path(path.parent)})")
         if config_path.exists():
             return config_path
         if config_path.is_symlink():
@@ -76,6 +80,9 @@ def _config_file(path: Path) -> Path:
     except OSError as error:
         raise SourceError(_unreadable(path, error)) from None
     raise SourceError(f"{path} does not exist; pass a checkpoint folder or a config.json file")
+
+
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx"})
 
 
 def _read_config_bytes(config_path: Path) -> bytes:
