@@ -95,3 +95,19 @@ def test_a_normswap_bug_is_one_line_that_says_what_was_being_done(
     assert line.startswith("Error: internal error (TypeError: __init__() got an unexpected keyword argument")
     assert f"while converting {minilm_path}" in line and "--debug" in line and "report" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_named(minilm_path: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """MiniLM's tokenizer (30522 ids) beside a 128-row embedding: said plainly, not an IndexError."""
+    import shutil
+
+    from fault_kit import write_tiny_gpt2
+
+    source = write_tiny_gpt2(tmp_path / "src", tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path / name, source / name)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--norm", "rmsnorm", "--quiet"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own warnings on the config
+    assert "embedding has 128 rows" in line and "do not belong to this model" in line, line
+    assert "internal error" not in line and not (tmp_path / "out").exists()

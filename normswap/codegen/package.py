@@ -270,8 +270,8 @@ def _guard_optional_imports(source: str) -> str:
         if indent.strip() or lines[last].rstrip().endswith(";"):  # shares a line with other code: leave it
             continue
         body = ["    " + line for line in lines[first:last + 1]]
-        lines[first:last + 1] = [f"{indent}try:  # optional: stock loads without it, and transformers' import check skips try blocks",
-                                 *body, f"{indent}except ImportError:", f"{indent}    raise"]
+        note = "optional: stock loads without it, and transformers' import check skips try blocks"
+        lines[first:last + 1] = [f"{indent}try:  # {note}", *body, f"{indent}except ImportError:", f"{indent}    raise"]
     return "\n".join(lines)
 
 

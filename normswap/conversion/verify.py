@@ -135,6 +135,11 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
         if inputs["input_ids"].shape[-1] < 2:
             raise VerificationError("the checkpoint's tokenizer turned the probe text into no tokens; "
                                     "pass --calib with text it can encode")
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(inputs["input_ids"].max()) >= vocab:
+            raise VerificationError(f"the checkpoint's tokenizer gives token id {int(inputs['input_ids'].max())}, "
+                                    f"but the model's embedding has {vocab} rows: the tokenizer files do not belong "
+                                    "to this model; replace them with the model's own tokenizer")
     else:
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (4, 32), generator=generator)
