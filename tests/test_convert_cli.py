@@ -212,5 +212,5 @@ def test_sentence_transformers_loads_the_converted_minilm(minilm_pre: Path, mini
     a = torch.tensor(converted.encode(sentences))
     b = torch.tensor(original.encode(sentences))
     assert a.shape == b.shape == (2, 384)
-    # unhealed, the pooled embeddings are far from the original's (DESIGN.md: cosine about 0.05)
+    # unhealed, the pooled embeddings are far from the original's (benchmarks/README.md: cosine about 0.05)
     assert torch.nn.functional.cosine_similarity(a, b).abs().max() < 0.5

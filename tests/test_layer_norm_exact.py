@@ -1,4 +1,4 @@
-"""RMSNorm -> LayerNorm exactly, by one extra hidden dimension (DESIGN.md §3), on perturbed tiny models."""
+"""RMSNorm -> LayerNorm exactly, by one extra hidden dimension (docs/design.md §5), on perturbed tiny models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""From a detected topology to the source edits that move the norms (DESIGN.md §5).
+"""From a detected topology to the source edits that move the norms (docs/internals.md, code generation).
 
 Pre -> Post: every pre-norm call is unwrapped; every residual add is wrapped in a norm. The
 layer reuses its own norm modules cyclically (sublayer j's add takes the module that was
@@ -123,7 +123,7 @@ def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
 
 
 def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = True) -> list[Edit]:
-    """The edits that make a Pre-LN model run RMSNorm on a zero-mean stream (DESIGN.md §3).
+    """The edits that make a Pre-LN model run RMSNorm on a zero-mean stream (docs/design.md §4).
 
     Every norm that reads the residual stream (pre norms, final norm) becomes ``NormswapRMSNorm``; the
     stream is centred once before the layer loop, which also centres the embeddings without touching

@@ -66,7 +66,7 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
     """RMSNorm for a Post-LN ``model``: not exact, with a drift report.
 
     A Post-LN norm reads ``h + F(h)`` where ``h`` is the previous norm's output ``g * n + b``, whose mean no
-    weight change can remove (DESIGN.md §3); the RMSNorm keeps the weight and the bias, and healing closes
+    weight change can remove (docs/design.md §7); the RMSNorm keeps the weight and the bias, and healing closes
     the gap.
     """
     topology = inspect(model)

@@ -24,8 +24,11 @@ from ..io.mirror_layout import mirror_layout
 from ..io.model_card import model_card
 from ..io.safetensors_file import read_safetensors_file
 from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
+from ..io.source_card import read_source_card
+from ..io.source_identity import identify_source
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
+from ..io.tokenizer_files import pin_tokenizer_class
 from .api import plan_conversion
 from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_error
 from .native import meta_instance
@@ -128,7 +131,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 output = stream_program(setup.program, planned, weights, names, folder,  # type: ignore[arg-type]
                                         shard_bytes, CARRIED_FILE, default_dtype, dtype=output_dtype,
                                         allow_nonfinite=allow_nonfinite, progress=progress, layout=layout)
-                _write_config(folder, setup, str(source_path.resolve()), planned)
+                _write_config(folder, setup, identify_source(source_path).name, planned)
                 seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
                 if not verify:
                     report: Any = SkippedVerification(
@@ -252,14 +255,19 @@ def _load_converted(folder: Path, setup: ConversionSetup, offload: Path | None =
 
 
 def _write_extras(folder: Path, destination: Path, source: Path, setup: ConversionSetup, report: Any) -> None:
-    """Support files (tokenizer, generation config), report and model card."""
-    support = copy_support_files(source, folder)
+    """Support files (tokenizer, generation config), report and model card (the source's carried along)."""
+    support = copy_support_files(source, folder).to_dict()
+    pinned = pin_tokenizer_class(source, folder)
+    if pinned:
+        support["tokenizer_class"] = pinned
     provenance_block = setup.target_config.normswap
     (folder / REPORT_FILE).write_text(json.dumps(finite_for_json(
         {"normswap": provenance_block, "plan": setup.plan.to_dict(), **report.to_dict(),
-         "support_files": support.to_dict()}), indent=2, allow_nan=False))
+         "support_files": support}), indent=2, allow_nan=False))
     (folder / "README.md").write_text(model_card(destination.name, provenance_block, setup.plan.describe(),
-                                                 report.summary(), loads_natively=setup.generated is None))
+                                                 report.summary(), loads_natively=setup.generated is None,
+                                                 source_card=read_source_card(source),
+                                                 base_model=identify_source(source).hub_id), encoding="utf-8")
 
 
 def model_class(config: Any) -> Any:
@@ -287,12 +295,13 @@ def meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
 
     cls = model_class(config)
     config = copy.deepcopy(config)
+    options = {"experts_implementation": "eager"}  # fused-expert kernels have no meta implementation
     try:
         with torch.device("meta"):
             if cls.__name__.startswith("Auto"):
-                model = cls.from_config(config, trust_remote_code=trust_remote_code)
+                model = cls.from_config(config, trust_remote_code=trust_remote_code, **options)
             else:
-                model = cls._from_config(config)
+                model = cls._from_config(config, **options)
     except Exception as error:  # any failure here means the config does not describe a model
         first = str(error).splitlines()[0][:200] if str(error) else ""
         raise SourceError(f"transformers cannot build {cls.__name__} from this config.json "

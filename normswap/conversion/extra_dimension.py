@@ -1,4 +1,4 @@
-"""RMSNorm -> LayerNorm, exact, by one extra hidden dimension (DESIGN.md §3).
+"""RMSNorm -> LayerNorm, exact, by one extra hidden dimension (docs/design.md §5).
 
 A trained RMSNorm model's stream does not have zero mean, so LayerNorm cannot replace RMSNorm in place.
 Carry the stream into d+1 dimensions with ``U`` ((d+1) x d, orthonormal columns orthogonal to the

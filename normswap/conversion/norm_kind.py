@@ -1,4 +1,4 @@
-"""LayerNorm -> RMSNorm, exact, for Pre-LN models (DESIGN.md §3, Jiang et al. 2023).
+"""LayerNorm -> RMSNorm, exact, for Pre-LN models (docs/design.md §4, Jiang et al. 2023).
 
 Every reader of a Pre-LN residual stream is a LayerNorm, which ignores the stream's component along
 the all-ones vector. Remove that component everywhere and the LayerNorms see zero-mean inputs, where
@@ -38,7 +38,7 @@ from .setup import ConversionSetup, convert_in_memory
 
 _LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine"})
 _PRE_PLACEMENTS = frozenset({"pre", "parallel"})
-TOLERANCE = 1e-4  # of max|reference|, fp32 (DESIGN.md §3)
+TOLERANCE = 1e-4  # of max|reference|, fp32 (docs/design.md §8)
 _NOISE_FACTOR = 3.0  # bf16/fp16 bound, in units of the checkpoint's own rounding noise (see check_exact)
 
 

@@ -1,4 +1,4 @@
-"""The conversion plan: which norm goes to which slot under the norm-shift mapping (DESIGN.md §2).
+"""The conversion plan: which norm goes to which slot under the norm-shift mapping (docs/design.md §3).
 
 Every branch keeps the normalisation it was trained with. Read a stack's norms as one
 sequence of S + 1 entries, S being its number of sublayers:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..codegen.package import GeneratedModule
 from ..errors import ExactnessError
+from ..io.source_identity import source_name
 from ..topology import Topology
 from ..version import __version__
 from .finite import require_finite_model
@@ -55,8 +56,9 @@ class ConversionSetup:
 
 
 def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]:
-    """The ``normswap`` block written into the converted config."""
-    return {"version": __version__, "source": source or None, "source_model_type": plan.source_model_type,
+    """The ``normswap`` block written into the converted config; ``source`` named as ``source_name`` says
+    (never an absolute path: the config travels)."""
+    return {"version": __version__, "source": source_name(source), "source_model_type": plan.source_model_type,
             "conversion": conversion, "realisation": plan.realisation, "exact": plan.exact}
 
 

@@ -79,6 +79,17 @@ def copy_support_files(source: Path, destination: Path) -> CopiedSupportFiles:
     return CopiedSupportFiles(tuple(copied), skipped)
 
 
+def readable_source_file(source: Path, name: str) -> Path | None:
+    """The file to read for ``source / name`` under the same link rule as the copy (the source's model card
+    is read, not copied: its metadata and text go into DST's card), or None."""
+    source = source.resolve()
+    entry = source / name
+    if not (entry.is_file() or entry.is_symlink()):
+        return None
+    real, _ = _link_target(entry, _allowed_roots(source))
+    return real if real is not None and real.is_file() else None
+
+
 def _is_support_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in SUPPORT_FILE_PATTERNS)
 
