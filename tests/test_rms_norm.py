@@ -168,9 +168,24 @@ def test_untie_is_exact_too(config: str, model_class: str) -> None:
     assert torch.equal(converted.get_output_embeddings().weight, original_head)  # ... not lm_head
 
 
-def test_untie_refuses_where_the_stream_is_not_a_sum_of_lookups() -> None:
-    with pytest.raises(ExactnessError, match="With --untie only embedding weights are centred"):
+def test_untie_refuses_an_embedding_layer_norm_up_front() -> None:
+    """No weight change centres the output of BLOOM's embedding LayerNorm: refused before any work, saying why."""
+    with pytest.raises(normswap.NormswapError, match="word_embeddings_layernorm .*no weight change can undo"):
         normswap.convert(perturbed("bloom", "BloomForCausalLM"), norm="rmsnorm", untie=True)
+
+
+@pytest.mark.parametrize(("config", "model_class"), [
+    ("bloom", "BloomForCausalLM"), ("roberta_prelayernorm", "RobertaPreLayerNormForMaskedLM"),
+    ("mbart", "MBartForConditionalGeneration"),
+])
+def test_an_embedding_layer_norm_becomes_rms_norm_too(config: str, model_class: str) -> None:
+    """A --norm rmsnorm result has no LayerNorm left: the embedding norm's input is centred in code."""
+    model = perturbed(config, model_class)
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact and converted.normswap_report.relative <= 1e-4
+    source, target = normswap.inspect(model), normswap.inspect(converted)
+    assert any(stack.embedding_norm for stack in source.stacks)
+    assert source.norm == "layernorm" and target.norm == "rmsnorm"  # every norm, the embedding norms included
 
 
 def test_weightless_layer_norm_becomes_weightless_rms_norm() -> None:

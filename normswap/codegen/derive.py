@@ -22,6 +22,7 @@ from ..errors import NormswapError
 from ..topology import NormSite, Topology
 from .edits import (
     AddStackNorm,
+    CentreNormInput,
     CentreStream,
     Edit,
     NeutraliseNorm,
@@ -127,17 +128,28 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
 
     Every norm that reads the residual stream (pre norms, final norm) becomes ``NormswapRMSNorm``; the
     stream is centred once before the layer loop, which also centres the embeddings without touching
-    their weights, so a tied ``lm_head`` stays tied. An embedding LayerNorm (BLOOM) reads raw embeddings
-    and stays a LayerNorm: the centring after it takes care of its output.
+    their weights, so a tied ``lm_head`` stays tied. An embedding LayerNorm (BLOOM, BERT-style embeddings)
+    reads the raw embeddings: its input is centred in code too, where it equals the RMSNorm that replaces it;
+    the centring before the loop then takes care of its output (its weight and bias).
     """
     edits: list[Edit] = []
     for norm in topology.stream_norms:  # a Pre-LN model's layer norms are all pre norms
         edit = rms_norm_replacement(model, norm)
         if edit not in edits:
             edits.append(edit)
+    for norm in embedding_layer_norms(topology) if centre_in_code else ():
+        for edit in (rms_norm_replacement(model, norm), CentreNormInput(*owner_and_attribute(model, norm.path))):
+            if edit not in edits:
+                edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
         edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
     return edits
+
+
+def embedding_layer_norms(topology: Topology) -> list[NormSite]:
+    """The LayerNorms that read a stack's raw embeddings, before its first layer."""
+    return [stack.embedding_norm for stack in topology.stacks
+            if stack.embedding_norm is not None and stack.embedding_norm.kind.startswith("layernorm")]
 
 
 def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:

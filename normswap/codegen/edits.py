@@ -99,5 +99,16 @@ class CentreStream:
     stack_attribute: str
 
 
+@dataclass(frozen=True)
+class CentreNormInput:
+    """Every ``self.<norm>(x)`` in ``forward`` -> ``self.<norm>(x - x.mean(-1, keepdim=True))``.
+
+    An embedding LayerNorm reads the raw embeddings; on a centred input it equals the RMSNorm that replaces it.
+    """
+
+    class_name: str
+    norm: str
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
-        | ReplaceNormClass | CentreStream)
+        | ReplaceNormClass | CentreStream | CentreNormInput)

@@ -14,6 +14,7 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     AddStackNorm,
+    CentreNormInput,
     CentreStream,
     Edit,
     NeutraliseNorm,
@@ -36,7 +37,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     rewriter = _Rewriter(edits, constructors, lines)
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
-    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass)
+    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput)
     wrong = [edit for edit in edits
              if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
@@ -164,6 +165,10 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, WrapBranchInput) and edit.branch == callee and self._here(edit):
                 self.applied[edit] += 1
                 return _wrap_first_argument(updated, edit.norm)
+            if (isinstance(edit, CentreNormInput) and edit.norm == callee and self._here(edit)
+                    and self.functions and self.functions[-1] == "forward"):
+                self.applied[edit] += 1
+                return _centre_first_argument(updated)
         return updated
 
     # -- statements ------------------------------------------------------------------
@@ -255,6 +260,16 @@ def _stream_variable(loop: cst.For) -> str:
                 and node.args and isinstance(node.args[0].value, cst.Name)):
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
+
+
+def _centre_first_argument(call: cst.Call) -> cst.Call:
+    """``f(x, ...)`` -> ``f(x - x.mean(-1, keepdim=True), ...)``; ``x`` is read twice, so it must be a name."""
+    args = list(call.args)
+    if not args or args[0].keyword is not None or not isinstance(args[0].value, (cst.Name, cst.Attribute)):
+        raise CodegenError(f"the input of {_code(call.func)}(...) is not a plain variable, so it cannot be centred")
+    value = _code(args[0].value)
+    args[0] = args[0].with_changes(value=cst.parse_expression(f"{value} - {value}.mean(-1, keepdim=True)"))
+    return call.with_changes(args=args)
 
 
 def _wrap_first_argument(call: cst.Call, norm: str) -> cst.Call:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.derive import rms_norm_edits
+from ..codegen.derive import embedding_layer_norms, rms_norm_edits
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.capture import synthetic_inputs
@@ -55,6 +55,7 @@ class NormKindPlan:
     exact: bool = True
     kind: str = "rmsnorm"  # the target norm kind
     untied: bool = False  # embeddings centred as weights (and lm_head untied) instead of in code
+    centred_inputs: tuple[str, ...] = ()  # embedding norms whose input is centred in code
 
     def describe(self) -> str:
         if self.kind == "layernorm" and not self.exact:
@@ -80,7 +81,9 @@ class NormKindPlan:
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true", centring]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
         lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight and eps; "
-                  f"{'bias folded into its readers' if norm in self.folded else 'bias kept'})" for norm in self.norms]
+                  f"{'bias folded into its readers' if norm in self.folded else 'bias kept'}"
+                  f"{'; its input, the raw embeddings, centred in code' if norm in self.centred_inputs else ''})"
+                  for norm in self.norms]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +122,11 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     """
     topology = inspect(model)
     _require_pre_layer_norm(topology)
+    embedding_norms = embedding_layer_norms(topology)
+    if untie and embedding_norms:
+        raise NormswapError(f"--untie centres the embedding weights, but {embedding_norms[0].path} (a LayerNorm) "
+                            "follows them and its weight and bias make its output uncentred, which no weight "
+                            "change can undo: leave out --untie, so that the stream is centred in code")
     pre_norms = tuple(n.path for n in topology.residual_norms)
     order, readers = linear_calls(model, pre_norms)
     writers = branch_writers(order, topology)
@@ -126,8 +134,9 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     embeddings = _embedding_writers(model, topology) if untie else []
     generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
-                        tuple(n.path for n in topology.stream_norms), tuple(writers + embeddings), tuple(sorted(folds)),
-                        untied=untie)
+                        tuple(n.path for n in (*topology.stream_norms, *embedding_norms)),
+                        tuple(writers + embeddings), tuple(sorted(folds)), untied=untie,
+                        centred_inputs=tuple(n.path for n in embedding_norms))
 
     steps = {key: copy_of(key) for key in model.state_dict()}
     for path in writers:
