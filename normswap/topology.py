@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 NormKind = Literal[
-    "layernorm", "layernorm-nobias", "layernorm-noaffine", "rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine", "identity"
+    "layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset", "rmsnorm", "rmsnorm-offset",
+    "rmsnorm-noaffine", "identity"
 ]
 NormSlot = Literal["pre", "post", "out"]
+OFFSET_NORM_KINDS = frozenset({"rmsnorm-offset", "layernorm-offset"})  # (1 + w) * n: a unit norm has w = 0
 BranchKind = Literal["attention", "cross-attention", "mlp"]
 Placement = Literal["pre", "post", "sandwich", "post-sublayer", "parallel", "pre-post", "none", "mixed"]
 
@@ -22,6 +24,7 @@ NORM_KIND_LABELS: dict[str, str] = {
     "layernorm": "LayerNorm",
     "layernorm-nobias": "LayerNorm (no bias)",
     "layernorm-noaffine": "LayerNorm (no affine)",
+    "layernorm-offset": "LayerNorm (1 + w)",
     "rmsnorm": "RMSNorm",
     "rmsnorm-offset": "RMSNorm (1 + w)",
     "rmsnorm-noaffine": "RMSNorm (no affine)",

@@ -15,7 +15,7 @@ from tiny_configs import TINY_CONFIGS
 
 import normswap
 
-LN, LN_NOBIAS, LN_NOAFFINE = "layernorm", "layernorm-nobias", "layernorm-noaffine"
+LN, LN_NOBIAS, LN_NOAFFINE, LN_OFFSET = "layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"
 RMS, RMS_OFFSET = "rmsnorm", "rmsnorm-offset"
 
 SublayerSpec = tuple[str, str, list[tuple[str, str, str]]]
@@ -170,6 +170,9 @@ EXPECTED: dict[str, Expected] = {
         "layers", None, "norm", [parallel(("input_layernorm", LN_NOBIAS))])], branches=("attention", "mlp")),
     "biogpt": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "layer_norm", FAIRSEQ_PRE)]),
     "starcoder2": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_LN)]),
+    # Nemotron: LayerNorm1P, (1 + w) * n + b
+    "nemotron": Expected("pre", LN_OFFSET, 1e-5, [StackSpec("layers", None, "norm", [
+        pre("attention", ("input_layernorm", LN_OFFSET)), pre("mlp", ("post_attention_layernorm", LN_OFFSET))])]),
 }
 
 

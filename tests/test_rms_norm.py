@@ -28,6 +28,7 @@ FAMILIES = [
     ("vit", "ViTModel"), ("whisper", "WhisperForConditionalGeneration"),
     ("cohere", "CohereForCausalLM"),  # its LayerNorm's arguments are (hidden_size, eps), with no bias
     ("olmo", "OlmoForCausalLM"),  # a LayerNorm with no weight and eps in its code
+    ("nemotron", "NemotronForCausalLM"),  # LayerNorm1P: (1 + w) * n + b, so the RMSNorm's weight is 1 + w
 ]
 
 
@@ -64,7 +65,8 @@ def test_pre_ln_to_rms_norm_is_exact_in_fp32(config: str, model_class: str) -> N
     source, target = normswap.inspect(model), normswap.inspect(converted)
     # every LayerNorm is an RMSNorm now, weightless where the LayerNorm was (OLMo's); detection does not
     # tell an RMSNorm's bias apart, so Cohere's bias-free LayerNorms become plain "rmsnorm"
-    rms_kind = {"layernorm": "rmsnorm", "layernorm-nobias": "rmsnorm", "layernorm-noaffine": "rmsnorm-noaffine"}
+    rms_kind = {"layernorm": "rmsnorm", "layernorm-nobias": "rmsnorm", "layernorm-noaffine": "rmsnorm-noaffine",
+                "layernorm-offset": "rmsnorm"}
     assert [n.kind for n in target.residual_norms] == [rms_kind[n.kind] for n in source.residual_norms]
     assert [n.eps for n in target.residual_norms] == [n.eps for n in source.residual_norms]  # eps kept
     assert target.placement == source.placement
@@ -170,7 +172,7 @@ def test_untie_is_exact_too(config: str, model_class: str) -> None:
 
 def test_untie_refuses_an_embedding_layer_norm_up_front() -> None:
     """No weight change centres the output of BLOOM's embedding LayerNorm: refused before any work, saying why."""
-    with pytest.raises(normswap.NormswapError, match="word_embeddings_layernorm .*no weight change can undo"):
+    with pytest.raises(normswap.NormswapError, match=r"word_embeddings_layernorm .*no weight change can undo"):
         normswap.convert(perturbed("bloom", "BloomForCausalLM"), norm="rmsnorm", untie=True)
 
 

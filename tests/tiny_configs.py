@@ -48,6 +48,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "phi": {"model_type": "phi", **_DECODER},
     "phi_qk_layernorm": {"model_type": "phi", **_DECODER, "qk_layernorm": True},
     "stablelm": {"model_type": "stablelm", **_GQA},
+    "nemotron": {"model_type": "nemotron", **_GQA},
     "stablelm_parallel": {"model_type": "stablelm", **_GQA, "use_parallel_residual": True},
     "llama": {"model_type": "llama", **_GQA},
     "mistral": {"model_type": "mistral", **_GQA},

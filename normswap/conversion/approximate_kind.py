@@ -18,12 +18,12 @@ from ..errors import NormswapError
 from ..topology import Topology
 from .generated import generate_family_code
 from .norm_kind import NormKindPlan, check_exact
-from .program import TensorProgram, combine, copy_of
+from .program import TensorProgram, combine, copy_of, one_plus
 from .setup import ConversionSetup, Verifier
 from .verify import DriftReport, measure_drift
 
 _RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})
-_LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias"})
+_LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias", "layernorm-offset"})
 
 
 def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
@@ -41,17 +41,13 @@ def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
     for site in sites:
         weight = steps[f"{site.path}.weight"]
         if site.kind == "rmsnorm-offset":
-            weight = combine(_one_plus, weight)  # (1 + w) * n
+            weight = combine(one_plus, weight)  # (1 + w) * n
         steps[f"{site.path}.weight"] = weight
         steps[f"{site.path}.bias"] = combine(torch.zeros_like, weight)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="layernorm")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            "norm rmsnorm -> layernorm (approximate)", verify=_drift(topology))
-
-
-def _one_plus(weight: torch.Tensor) -> torch.Tensor:
-    return (weight.double() + 1.0).to(weight.dtype)
 
 
 def _drift(topology: Topology) -> Verifier:
@@ -81,6 +77,9 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
     steps = {key: copy_of(key) for key in model.state_dict()}
+    for site in sites:  # Nemotron's (1 + w) LayerNorms: plain weights
+        if site.kind == "layernorm-offset":
+            steps[f"{site.path}.weight"] = combine(one_plus, steps[f"{site.path}.weight"])
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            "norm layernorm -> rmsnorm (approximate, Post-LN)", verify=_drift(topology))
 
@@ -97,7 +96,7 @@ def plan_offset_to_rms_norm(model: nn.Module) -> ConversionSetup:
                                        "norm RMSNorm (1 + w) -> RMSNorm (exact: w := 1 + w)", plain_rms_norm=True)
     steps = {key: copy_of(key) for key in model.state_dict()}
     for site in sites:
-        steps[f"{site.path}.weight"] = combine(_one_plus, steps[f"{site.path}.weight"])
+        steps[f"{site.path}.weight"] = combine(one_plus, steps[f"{site.path}.weight"])
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), kind="rmsnorm")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,

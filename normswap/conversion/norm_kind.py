@@ -33,10 +33,10 @@ from ..errors import ExactnessError, NormswapError
 from ..topology import Topology
 from .generated import generate_family_code
 from .native import meta_twin
-from .program import Step, TensorProgram, combine, copy_of
+from .program import Step, TensorProgram, combine, copy_of, one_plus
 from .setup import ConversionSetup, convert_in_memory
 
-_LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine"})
+_LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})
 _PRE_PLACEMENTS = frozenset({"pre", "parallel"})
 TOLERANCE = 1e-4  # of max|reference|, fp32 (docs/design.md §8)
 _NOISE_FACTOR = 3.0  # bf16/fp16 bound, in units of the checkpoint's own rounding noise (see check_exact)
@@ -56,6 +56,7 @@ class NormKindPlan:
     kind: str = "rmsnorm"  # the target norm kind
     untied: bool = False  # embeddings centred as weights (and lm_head untied) instead of in code
     centred_inputs: tuple[str, ...] = ()  # embedding norms whose input is centred in code
+    offset: tuple[str, ...] = ()  # (1 + w) LayerNorms (Nemotron), whose RMSNorm takes the weight 1 + w
 
     def describe(self) -> str:
         if self.kind == "layernorm" and not self.exact:
@@ -80,7 +81,8 @@ class NormKindPlan:
                     "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)")
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true", centring]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
-        lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight and eps; "
+        lines += [f"  {norm}: LayerNorm -> RMSNorm "
+                  f"({'weight 1 + w' if norm in self.offset else 'same weight'} and eps; "
                   f"{'bias folded into its readers' if norm in self.folded else 'bias kept'}"
                   f"{'; its input, the raw embeddings, centred in code' if norm in self.centred_inputs else ''})"
                   for norm in self.norms]
@@ -136,13 +138,18 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(n.path for n in (*topology.stream_norms, *embedding_norms)),
                         tuple(writers + embeddings), tuple(sorted(folds)), untied=untie,
-                        centred_inputs=tuple(n.path for n in embedding_norms))
+                        centred_inputs=tuple(n.path for n in embedding_norms),
+                        offset=tuple(n.path for n in (*topology.stream_norms, *embedding_norms)
+                                     if n.kind == "layernorm-offset"))
 
     steps = {key: copy_of(key) for key in model.state_dict()}
     for path in writers:
         _centre_output(model.get_submodule(path), path, steps)
     if untie:
         _untie_and_centre_embeddings(model, embeddings, steps, config)
+    for norm in (*topology.stream_norms, *embedding_norms):  # Nemotron's (1 + w) LayerNorms: plain weights
+        if norm.kind == "layernorm-offset":
+            steps[f"{norm.path}.weight"] = combine(one_plus, steps[f"{norm.path}.weight"])
     for norm, found in folds.items():
         _fold_bias(model, norm, found, steps)
 

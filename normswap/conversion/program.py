@@ -98,3 +98,8 @@ def settle(step: Step, tensor: Tensor, default_dtype: torch.dtype) -> Tensor:
 
 def shapes_of(state: Mapping[str, Any]) -> dict[str, torch.Size]:
     return {key: value.shape for key, value in state.items()}
+
+
+def one_plus(weight: torch.Tensor) -> torch.Tensor:
+    """``1 + w``, computed in fp64: the plain weight of an offset norm, ``(1 + w) * n``."""
+    return (weight.double() + 1.0).to(weight.dtype)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import NormswapError
+from ..topology import OFFSET_NORM_KINDS
 from .plan import ConversionPlan
 from .program import Step, TensorProgram, combine, constant, copy_of
 
@@ -100,7 +101,7 @@ def _fill(source: dict[str, Step] | None, shapes: Mapping[str, torch.Size], sour
             raise WeightMappingError(f"{path}.{name}: the source norm has shape {tuple(found)} but the "
                                      f"target expects {tuple(shape)}")
         return source[name]
-    unit_weight = name == "weight" and kind != "rmsnorm-offset"
+    unit_weight = name == "weight" and kind not in OFFSET_NORM_KINDS
     sibling = next(iter(source.values()), None) if source else None
     make = torch.ones if unit_weight else torch.zeros
     if sibling is None:

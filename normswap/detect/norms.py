@@ -134,6 +134,8 @@ def _probe(module: nn.Module, dim: int) -> NormInfo | None:
     if mean_subtracting:
         kind: NormKind = "layernorm" if bias is not None else ("layernorm-nobias" if weight is not None
                                                                   else "layernorm-noaffine")
+        if offset:  # Nemotron's LayerNorm1P: (1 + w) * n + b
+            kind = "layernorm-offset"
     elif weight is None:
         kind = "rmsnorm-noaffine"
     else:

@@ -20,7 +20,7 @@ from torch import nn
 from ..conversion.norm_kind import linear_layout
 from .taps import Correspondence, WriterSite, capture
 
-_LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine"})
+_LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})
 
 
 @dataclass(frozen=True)
