@@ -170,6 +170,8 @@ EXPECTED: dict[str, Expected] = {
         "layers", None, "norm", [parallel(("input_layernorm", LN_NOBIAS))])], branches=("attention", "mlp")),
     "biogpt": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "layer_norm", FAIRSEQ_PRE)]),
     "starcoder2": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_LN)]),
+    # PhiMoE: LayerNorm, fused mixture-of-experts MLP
+    "phimoe": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_LN)]),
     # Nemotron: LayerNorm1P, (1 + w) * n + b
     "nemotron": Expected("pre", LN_OFFSET, 1e-5, [StackSpec("layers", None, "norm", [
         pre("attention", ("input_layernorm", LN_OFFSET)), pre("mlp", ("post_attention_layernorm", LN_OFFSET))])]),

@@ -29,6 +29,7 @@ FAMILIES = [
     ("cohere", "CohereForCausalLM"),  # its LayerNorm's arguments are (hidden_size, eps), with no bias
     ("olmo", "OlmoForCausalLM"),  # a LayerNorm with no weight and eps in its code
     ("nemotron", "NemotronForCausalLM"),  # LayerNorm1P: (1 + w) * n + b, so the RMSNorm's weight is 1 + w
+    ("phimoe", "PhimoeForCausalLM"),  # fused experts: each expert's down_proj is a writer, the router is not
 ]
 
 

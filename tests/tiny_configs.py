@@ -49,6 +49,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "phi_qk_layernorm": {"model_type": "phi", **_DECODER, "qk_layernorm": True},
     "stablelm": {"model_type": "stablelm", **_GQA},
     "nemotron": {"model_type": "nemotron", **_GQA},
+    "phimoe": {"model_type": "phimoe", **_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
     "stablelm_parallel": {"model_type": "stablelm", **_GQA, "use_parallel_residual": True},
     "llama": {"model_type": "llama", **_GQA},
     "mistral": {"model_type": "mistral", **_GQA},

@@ -251,7 +251,9 @@ def linear_calls(model: nn.Module, norms: tuple[str, ...]) -> tuple[list[str], d
         handles.append(meta.get_submodule(path).register_forward_hook(
             lambda m, a, output, path=path: produced.__setitem__(id(output), (path, output))))
     for path, module in meta.named_modules():
-        if linear_layout(module):
+        if fused_experts(module):  # a writer like a linear map, but never a reader whose bias takes a fold
+            handles.append(module.register_forward_hook(lambda m, a, o, path=path: order.append(path)))
+        elif linear_layout(module):
             def hook(m: nn.Module, args: tuple, output: Any, path: str = path) -> None:
                 order.append(path)
                 source, tensor = produced.get(id(args[0]), (None, None)) if args else (None, None)
@@ -305,8 +307,23 @@ def _folded(bias: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, out_in
     return (bias.double() + shift).to(bias.dtype)
 
 
+def fused_experts(module: nn.Module) -> bool:
+    """transformers' fused mixture-of-experts weights: ``down_proj`` of shape (experts, hidden, intermediate).
+
+    Their module returns the routed sum of every expert's ``down_proj[e] @ y``: centring each expert's
+    ``down_proj`` (and ``down_proj_bias``) centres that sum, whatever the routing weights are.
+    """
+    down = getattr(module, "down_proj", None)
+    return isinstance(down, nn.Parameter) and down.dim() == 3
+
+
 def _centre_output(module: nn.Module, path: str, steps: dict[str, Step]) -> None:
     """Remove the mean over output features from a linear map's weight and bias, in float64."""
+    if fused_experts(module):
+        steps[f"{path}.down_proj"] = combine(lambda weight: _centred(weight, 1), steps[f"{path}.down_proj"])
+        if f"{path}.down_proj_bias" in steps:
+            steps[f"{path}.down_proj_bias"] = combine(lambda bias: _centred(bias, -1), steps[f"{path}.down_proj_bias"])
+        return
     dim = 0 if linear_layout(module) == "out_in" else 1
     weight_key, bias_key = f"{path}.weight", f"{path}.bias"
     steps[weight_key] = combine(lambda weight: _centred(weight, dim), steps[weight_key])
