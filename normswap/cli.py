@@ -105,18 +105,32 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--data", metavar="PATH",
                       help=".txt (one document per line), .jsonl (a 'text' field) or a datasets save_to_disk "
                       "folder (default: the built-in corpus)")
-    heal.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
-    heal.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall-clock time")
-    heal.add_argument("--target-cosine", type=float, help="stop once the held-out output cosine reaches this")
-    heal.add_argument("--batch-size", type=int, default=8,
+    heal.add_argument("--max-steps", type=int, metavar="N",
+                      help="stop after N training steps (default: 300 without --max-time; with --max-time, no "
+                      "step limit: the time budget ends training; with both, whichever comes first)")
+    heal.add_argument("--max-time", type=float, metavar="SECONDS",
+                      help="time budget of the whole command: loading, the evaluations before and after "
+                      "training, training and saving end within it; fewer held-out texts are evaluated when "
+                      "all would take over a quarter of it, and a budget that cannot fit one training step is "
+                      "refused (default: none; see docs/heal.md)")
+    heal.add_argument("--target-cosine", type=float, metavar="COSINE",
+                      help="stop once the held-out output cosine, checked every --eval-steps, reaches COSINE "
+                      "(default: none)")
+    heal.add_argument("--batch-size", type=int, default=8, metavar="N",
                       help="texts per step (default 8; on MiniLM and 2 CPU cores 8 beat 4, 16 and 32)")
-    heal.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
-    heal.add_argument("--learning-rate", type=float, default=3e-4)
-    heal.add_argument("--held-out", type=int, default=256, help="texts kept for evaluation, never trained on")
-    heal.add_argument("--eval-steps", type=int, default=100, help="evaluate and checkpoint every N steps")
+    heal.add_argument("--max-length", type=int, default=64, metavar="N", help="tokens per text (default 64)")
+    heal.add_argument("--learning-rate", type=float, default=3e-4, metavar="RATE",
+                      help="AdamW's peak learning rate; it warms up over 20 steps, then decays on a cosine over "
+                      "the step limit or the time budget (default 3e-4)")
+    heal.add_argument("--held-out", type=int, default=256, metavar="N",
+                      help="texts kept for evaluation before and after training, never trained on (default 256, "
+                      "at most a third of the texts)")
+    heal.add_argument("--eval-steps", type=int, default=100, metavar="N",
+                      help="every N steps, check the output cosine on 64 held-out texts and, with --work-dir, "
+                      "write a Trainer checkpoint (default 100)")
     heal.add_argument("--warm-start", action="store_true",
-                      help="first refit every branch's output projection in closed form (measured slower to "
-                      "converge on MiniLM; see docs/heal.md)")
+                      help="first refit every branch's output projection in closed form (off by default: "
+                      "measured slower to converge on MiniLM; see docs/heal.md)")
     heal.add_argument("--match", choices=("sublayers", "branches", "output"), default="sublayers",
                       help="what is matched to the original: what every branch reads plus the output (default), "
                       "also what every branch writes, or the output only (plain distillation)")
@@ -125,15 +139,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--keep-dropout", action="store_true",
                       help="train with the model's dropout (off by default: it holds healing back; the saved "
                       "config keeps its rates either way)")
-    heal.add_argument("--work-dir", metavar="DIR", help="Trainer checkpoints (default: a temporary folder)")
-    heal.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
-    heal.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    heal.add_argument("--work-dir", metavar="DIR",
+                      help="keep Trainer checkpoints here, every --eval-steps, for --resume (default: none kept)")
+    heal.add_argument("--resume", action="store_true",
+                      help="continue from the latest checkpoint in --work-dir; its steps and training time count "
+                      "against --max-steps and --max-time (off by default)")
+    heal.add_argument("--overwrite", action="store_true", help="replace DST if it exists (off by default)")
     heal.add_argument("--trust-remote-code", action="store_true",
-                      help="allow the modeling code the checkpoints name (needed for normswap-generated code)")
-    heal.add_argument("--quiet", action="store_true", help="no progress bar")
-    heal.add_argument("--json", action="store_true", help="print the report as one JSON object")
+                      help="allow the modeling code the checkpoints name (needed for normswap-generated code; "
+                      "off by default)")
+    heal.add_argument("--quiet", action="store_true", help="no progress bar (shown by default)")
+    heal.add_argument("--json", action="store_true",
+                      help="print the report as one JSON object (default: a summary)")
     heal.add_argument("--plot", action="store_true",
-                      help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib)")
+                      help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib; "
+                      "off by default)")
     return parser, {"inspect": inspect, "convert": convert, "heal": heal}
 
 
@@ -198,8 +218,13 @@ def _heal_converted(args: argparse.Namespace, result: object) -> int:
 
 
 def _run_heal(args: argparse.Namespace) -> int:
+    import time
+
+    from .healing.budget import check_limits
     from .io.destination import check_destination
 
+    started = time.monotonic()  # --max-time counts from here (budget.now's clock): loading and saving are in it
+    check_limits(args.max_steps, args.max_time)
     if args.resume and not args.work_dir:
         raise NormswapError("--resume needs --work-dir (the folder that holds the checkpoints to resume)")
     # before the heavy imports: a DST that would be refused is refused at once
@@ -217,7 +242,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
-                             keep_dropout=args.keep_dropout)
+                             keep_dropout=args.keep_dropout, started=started)
     if args.json:
         print(json.dumps(_finite(report.to_dict()), indent=2))
     else:

@@ -6,17 +6,21 @@
 3. Train end to end on per-sublayer targets (``objective``) with transformers' ``Trainer``, on length-grouped,
    augmented batches, the learning rate decaying over the step or time budget, and the student's dropout
    switched off (``dropout``).
-4. Measure on held-out text before and after (``metrics``).
+4. Measure on held-out text before and after (``evaluation``, ``metrics``), the teacher's side once.
+5. With a time budget (``budget``), the whole call fits in it: the first batch of the evaluation is timed,
+   the evaluations get at most a quarter of the budget (fewer held-out texts when all would take more),
+   training stops before a step, check or save would overrun (``stopping``), and the final evaluation stops
+   at the deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,71 +29,49 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
+from . import budget
+from .budget import BudgetError, check_limits, plan_budget, step_limit
 from .dropout import without_dropout
-from .metrics import compare
+from .evaluation import HeldOutEvaluation
 from .objective import HealingObjective
+from .report import HealReport, plural
 from .rows import AugmentedTexts, TokenisedTexts
+from .stopping import StopRules
 from .taps import correspond
 from .texts import load_texts, split_texts
-from .training import HealingTrainer, MetricProgressBar, StopRules, TrainingClock, spent_seconds, training_arguments
+from .training import HealingTrainer, MetricProgressBar, TrainingClock, spent_seconds, training_arguments
 from .warm_start import fit_writers
 
-
-@dataclass(frozen=True)
-class HealReport:
-    """Before and after figures on held-out text, and what the run did."""
-
-    before: dict[str, Any]
-    after: dict[str, Any]
-    warm_start: dict[str, Any] | None
-    steps: int
-    seconds: float
-    stopped: str
-    train_texts: int
-    held_out_texts: int
-    frozen: tuple[str, ...] = field(default=())
-    history: tuple[dict[str, Any], ...] = field(default=())  # held-out checks during training
-    losses: tuple[float, ...] = field(default=())  # training loss at each logging step
-    entries: tuple[str, ...] = field(default=())  # student module of each entry_cosines position
-    dropout_rates_off: int = 0  # dropout rates set to 0 for training (restored afterwards)
-
-    def summary(self) -> str:
-        lines = [f"healed {self.steps} steps in {self.seconds:.0f} s ({self.stopped}); "
-                 f"{self.train_texts} training texts, {self.held_out_texts} held out"]
-        for name in ("output_cosine", "pooled_cosine", "spearman", "next_token_kl", "perplexity_ratio"):
-            if name in self.before:
-                lines.append(f"  {name:17} {self.before[name]:.4f} -> {self.after[name]:.4f}")
-        if self.warm_start:
-            lines.append(f"  after the closed-form warm start: output cosine {self.warm_start['output_cosine']:.4f}")
-        worst_before, worst_after = min(self.before["entry_cosines"]), min(self.after["entry_cosines"])
-        lines.append(f"  lowest per-sublayer cosine {worst_before:.4f} -> {worst_after:.4f}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["HealReport", "heal"]
 
 
 def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str] | None = None, *,
-         tokenizer: Any = None, max_steps: int = 300, max_time: float | None = None,
+         tokenizer: Any = None, max_steps: int | None = None, max_time: float | None = None,
          target_cosine: float | None = None, batch_size: int = 8, max_length: int = 64,
          learning_rate: float = 3e-4, warm_start: bool = False, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
-         output_weight: float = 4.0, augment: bool = True,
-         keep_dropout: bool = False) -> tuple[nn.Module, HealReport]:
+         output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
+         started: float | None = None, reserve: float = 0.0,
+         checkpoints: bool | None = None) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
-    texts are never trained on. ``work_dir`` keeps Trainer checkpoints; ``resume`` continues from its
-    latest one (the warm start is then skipped: the checkpoint already holds its result), and, like
-    ``max_steps``, ``max_time`` then counts the training time of the runs it resumes (checkpoints keep the
-    clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation baseline);
-    ``match="branches"`` adds what each branch writes to what each branch reads. The student trains without
-    dropout unless ``keep_dropout``; its rates are restored before it is returned.
+    texts are never trained on. ``max_steps`` and ``max_time`` (seconds) limit training, whichever ends
+    first; with ``max_time`` alone the time ends it, with neither 300 steps do. ``max_time`` bounds the whole
+    call, the evaluations included, counted from ``started`` (a ``budget.now()`` reading, e.g. before the
+    models were loaded; default: now) and keeping ``reserve`` seconds for what the caller does afterwards
+    (``budget``). ``work_dir`` keeps Trainer checkpoints (``checkpoints``, default: when ``work_dir`` is
+    given); ``resume`` continues from its latest one (the warm start is then skipped: the checkpoint already
+    holds its result), and the runs it resumes count against ``max_steps`` and ``max_time`` (checkpoints keep
+    the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
+    baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
+    trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
-    started = time.monotonic()
+    check_limits(max_steps, max_time)
+    begun = budget.now() if started is None else started
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
     texts = split_texts(load_texts(data), held_out)
@@ -98,43 +80,80 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     evaluation = TokenisedTexts(texts.held_out, tokenizer, max_length, vocab)
     teacher.eval()
     student.eval()
+    checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir and Path(work_dir).is_dir() else None
+    earlier = spent_seconds(checkpoint)  # a resumed run continues the earlier runs' training clock
+    marks = {"loading": budget.now()}
 
-    def measure(full: bool = True) -> dict[str, Any]:
-        """All held-out texts, or (while training) a quick check on the first 64."""
-        return compare(teacher, student, correspondence, evaluation, batch_size, limit=None if full else 64)
+    # the held-out texts are in hash order, so the first n are a fair sample; the first batch plans the budget
+    evaluator = HeldOutEvaluation(teacher, student, correspondence, evaluation, batch_size)
+    order = list(range(len(evaluation)))
+    first = order[:batch_size]
+    measured = evaluator.measure(first)
+    plan = None
+    lengths = [evaluation.lengths[i] for i in order]
+    if max_time is None:
+        measured.update(evaluator.measure(order[len(first):]))
+    else:
+        step = _timed_step(HealingObjective(teacher, student, correspondence, output_weight,
+                                            only_outputs=match == "output",
+                                            branch_weight=1.0 if match == "branches" else 0.0),
+                           train.batches(batch_size, limit=batch_size)[0], keep_dropout)
+        marks["planning"] = budget.now()  # a batch through each model, and a training step, timed
+        plan = plan_budget(max_time, budget.now() - begun, reserve, evaluator.cost(), lengths, len(first), step,
+                           earlier_training=earlier, cached=evaluator.cacheable(lengths))
+        measured.update(evaluator.measure(order[len(first):], deadline=budget.now() + plan.before_seconds,
+                                          at_least=plan.least - len(first)))
+        order = [i for i in order if i in measured]
+    marks["evaluating before"] = budget.now()
+    quick = order[:64]  # the checks during training
 
-    measured_at = time.monotonic()
-    before = measure()
-    evaluation_seconds = time.monotonic() - measured_at  # the final evaluation costs as much: keep it in budget
-    own_work = not work_dir  # a temporary folder of Trainer checkpoints (hundreds of MB), removed at the end
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
-    checkpoint = get_last_checkpoint(str(work)) if resume and work.is_dir() else None
     warm: dict[str, Any] | None = None
     if warm_start and checkpoint is None:
         device = next(student.parameters()).device
         calibration = [{name: value.to(device) for name, value in rows.items()}
                        for rows in train.batches(batch_size, limit=4 * batch_size)]
         fits = fit_writers(teacher, student, correspondence, calibration)
-        warm = {**measure(), "writers": [asdict(f) for f in fits]}
-    frozen = _freeze_embeddings(student) if freeze_embeddings else ()
+        warm = {**evaluator.summary(evaluator.measure(order)), "writers": [asdict(f) for f in fits]}
+        marks["warm start"] = budget.now()
 
+    finish = training_end = None  # when healing must end, and training (budget.now readings)
+    if plan is not None:
+        finish = begun + max_time - earlier - reserve
+        training_end = finish - evaluator.estimate(order)
+        short = plan.step_seconds - (training_end - budget.now())
+        if short > 0:
+            raise BudgetError(f"--max-time {max_time:g} s leaves no time to train: loading and evaluating took "
+                              f"{budget.now() - begun:.0f} s, and one training step, the evaluation after it and "
+                              f"saving need about {plan.step_seconds + evaluator.estimate(order) + reserve:.0f} s "
+                              f"more; give --max-time {math.ceil(max_time + short)} or more")
+    frozen = _freeze_embeddings(student) if freeze_embeddings else ()
     objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
                                  branch_weight=1.0 if match == "branches" else 0.0)
-    remaining = None if max_time is None else max(1.0, max_time - (time.monotonic() - started) - evaluation_seconds)
-    clock = TrainingClock(spent_seconds(checkpoint))  # a resumed run continues the earlier runs' clock
-    stop = StopRules(target_cosine, remaining, clock)
+    limit = step_limit(max_steps, max_time)
+    saving = work_dir is not None if checkpoints is None else checkpoints
+    trainable = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+    clock = TrainingClock(earlier)
+    stop = StopRules(target_cosine, None, clock, step_seconds=plan.step_seconds if plan else 0.0,
+                     check_seconds=evaluator.estimate(quick), save_seconds=budget.save_seconds(3 * trainable))
+    own_work = not work_dir  # a temporary folder for the Trainer, removed at the end
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
     arguments = training_arguments(str(work), batch_size=batch_size, learning_rate=learning_rate,
-                                   max_steps=max_steps, eval_steps=eval_steps, save_steps=eval_steps, seed=seed,
-                                   quiet=quiet)
+                                   max_steps=limit, eval_steps=eval_steps,
+                                   save_steps=eval_steps if saving else None, seed=seed, quiet=quiet)
     training_rows = AugmentedTexts(train, tokenizer) if augment else train
     trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
-                             data_collator=training_rows.pad_batch, measure=lambda: measure(full=False),
-                             max_seconds=remaining, clock=clock, callbacks=[stop])
+                             data_collator=training_rows.pad_batch,
+                             measure=lambda: evaluator.summary(evaluator.measure(quick)),
+                             clock=clock, callbacks=[stop])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs belong in the report, not on stdout
     if not quiet:
         trainer.add_callback(MetricProgressBar())
     student.train()
+    training_started = budget.now()
+    clock.start()  # the Trainer's own start counts against the budget too
+    deadline = None if training_end is None else clock.at(training_end)  # on the training clock
+    stop.deadline = trainer.max_seconds = deadline
     try:
         with contextlib.nullcontext(0) if keep_dropout else without_dropout(student) as dropout_rates_off:
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -145,13 +164,63 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     student.eval()
-    after = measure()
-    stopped = stop.reason or f"{trainer.state.global_step} steps done"
-    report = HealReport(before, after, warm, trainer.state.global_step, time.monotonic() - started, stopped,
+    marks["training"] = budget.now()
+    after_figures = evaluator.measure(order, deadline=finish)
+    marks["evaluating after"] = budget.now()
+    done = [i for i in order if i in after_figures]
+    notes = [note for note in (plan.note(len(order), evaluator.cost(), lengths) if plan else "",) if note]
+    if len(done) < len(order):
+        notes.append(f"the evaluation after training was cut to {len(done)} of {len(order)} held-out texts to "
+                     "end within --max-time; before and after are both measured on those")
+    report = HealReport(evaluator.summary(measured, done), evaluator.summary(after_figures, done), warm,
+                        trainer.state.global_step, budget.now() - begun,
+                        _stopped(stop, limit, trainer.state.global_step, max_time,
+                                 None if deadline is None else deadline - earlier),
                         len(texts.train), len(texts.held_out), frozen, tuple(trainer.history),
                         tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
-                        tuple(entry.student for entry in correspondence.entries), dropout_rates_off)
+                        tuple(entry.student for entry in correspondence.entries), dropout_rates_off,
+                        evaluated_texts=len(done), training_seconds=marks["training"] - training_started,
+                        timings=_phases(begun, marks), max_time=max_time, notes=tuple(notes))
     return student, report
+
+
+def _timed_step(objective: HealingObjective, batch: dict[str, Any], keep_dropout: bool) -> float:
+    """Seconds of one forward and backward of ``batch``, cold as the Trainer's first step will be (the first
+    backward is the slowest); nothing is updated, and the objective's hooks are removed."""
+    student = objective.student
+    device = next(student.parameters()).device
+    batch = {name: value.to(device) for name, value in batch.items()}
+    student.train()
+    try:
+        with contextlib.nullcontext() if keep_dropout else without_dropout(student):
+            started = budget.now()
+            objective(**batch)["loss"].backward()
+            return budget.now() - started
+    finally:
+        objective.close()
+        student.zero_grad(set_to_none=True)
+        student.eval()
+
+
+def _stopped(stop: StopRules, limit: int | None, steps: int, max_time: float | None,
+             training_budget: float | None) -> str:
+    """What ended training, in words."""
+    if stop.reason == "target":
+        return f"the target output cosine ({stop.target_cosine:g} reached: {stop.detail})"
+    if stop.reason == "time":
+        return (f"the time budget (--max-time {max_time:g} s left {training_budget:.0f} s for training, after "
+                "loading and evaluating, and before the final evaluation and saving)")
+    if limit is not None and (stop.reason == "steps" or steps >= limit):  # a resumed run may start at its limit
+        return f"the step limit ({plural(limit, 'step')})"
+    return "the Trainer"
+
+
+def _phases(begun: float, marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase, from the times each one ended."""
+    phases, previous = {}, begun
+    for name, ended in marks.items():
+        phases[name], previous = ended - previous, ended
+    return phases
 
 
 def _freeze_embeddings(student: nn.Module) -> tuple[str, ...]:

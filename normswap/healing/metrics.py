@@ -5,74 +5,58 @@
   Spearman correlation of all pairwise similarities (what a sentence-embedding user sees);
 * ``entry_cosines``: per-sublayer cosine of what each branch reads;
 * for language models, ``next_token_kl`` (teacher || student) and ``perplexity_ratio`` (student / teacher).
+
+Each text's share of every figure is kept (``TextFigures``), so the figures of any subset of texts can be
+summed: when the time budget cuts the evaluation after training short, the one before training is
+summarised over the same texts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
-
-from .taps import Correspondence, capture
 
 
-@torch.no_grad()
-def compare(teacher: nn.Module, student: nn.Module, correspondence: Correspondence, dataset: Any,
-            batch_size: int = 32, limit: int | None = None) -> dict[str, Any]:
-    """Every figure above on the first ``limit`` rows of ``dataset`` (all by default)."""
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    keys = [entry.student for entry in correspondence.entries]
-    teacher_map = {entry.student: entry.teacher for entry in correspondence.entries}
-    finals = [entry.student for entry in correspondence.final_entries()]
-    sums = {key: 0.0 for key in keys}
-    tokens = 0
-    pooled_t, pooled_s = [], []
-    kl_sum = nll_t = nll_s = 0.0
-    lm_tokens = 0
-    for rows in dataset.batches(batch_size, limit=limit, by_length=True):
-        batch = {name: value.to(device) for name, value in rows.items()}
-        mask = batch["attention_mask"].bool()
-        with capture(teacher, teacher_map) as found_t:
-            out_t = teacher(**batch)
-        with capture(student, {key: key for key in keys}) as found_s:
-            out_s = student(**batch)
-        for key in keys:
-            if key in found_t and key in found_s:
-                a, b = found_t[key][mask].double(), found_s[key][mask].double()
-                sums[key] += float(F.cosine_similarity(a, b, dim=-1).sum())
-        tokens += int(mask.sum())
-        final = finals[-1]
-        pooled_t.append(_mean_pool(found_t[final], mask).cpu())  # the pairwise figures are computed on CPU
-        pooled_s.append(_mean_pool(found_s[final], mask).cpu())
-        logits_t, logits_s = getattr(out_t, "logits", None), getattr(out_s, "logits", None)
-        if logits_t is not None and logits_s is not None and logits_t.dim() == 3:
-            keep = mask[:, 1:]
-            log_p = F.log_softmax(logits_t[:, :-1][keep].double(), -1)
-            log_q = F.log_softmax(logits_s[:, :-1][keep].double(), -1)
-            labels = batch["input_ids"][:, 1:][keep]
-            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-            nll_t -= float(log_p.gather(-1, labels[:, None]).sum())
-            nll_s -= float(log_q.gather(-1, labels[:, None]).sum())
-            lm_tokens += int(keep.sum())
-    student.train(was_training)
-    a, b = torch.cat(pooled_t), torch.cat(pooled_s)
+@dataclass(frozen=True)
+class TextFigures:
+    """One held-out text's share of every figure."""
+
+    tokens: int
+    entry_sums: tuple[float, ...]  # per entry: the sum over the text's tokens of the teacher-student cosine
+    pooled_teacher: torch.Tensor  # normalised mean-pooled final hidden state (float64, CPU)
+    pooled_student: torch.Tensor
+    lm_tokens: int = 0  # next-token positions (language models)
+    kl: float = 0.0  # summed over those positions
+    nll_teacher: float = 0.0
+    nll_student: float = 0.0
+
+
+def summarise(texts: Sequence[TextFigures], output_entry: int) -> dict[str, Any]:
+    """Every figure over ``texts``; ``output_entry`` is the entry of the (last) stack's output."""
+    tokens = sum(text.tokens for text in texts)
+    sums = [sum(column) for column in zip(*(text.entry_sums for text in texts), strict=True)]
+    a = torch.stack([text.pooled_teacher for text in texts])
+    b = torch.stack([text.pooled_student for text in texts])
     result: dict[str, Any] = {
-        "output_cosine": sums[finals[-1]] / tokens,
+        "output_cosine": sums[output_entry] / tokens,
         "pooled_cosine": float((a * b).sum(-1).mean()),
         "spearman": spearman_of_similarities(a, b),
-        "entry_cosines": [sums[key] / tokens for key in keys],
+        "entry_cosines": [value / tokens for value in sums],
     }
+    lm_tokens = sum(text.lm_tokens for text in texts)
     if lm_tokens:
-        result["next_token_kl"] = kl_sum / lm_tokens
-        result["perplexity_ratio"] = float(torch.exp(torch.tensor((nll_s - nll_t) / lm_tokens)))
+        result["next_token_kl"] = sum(text.kl for text in texts) / lm_tokens
+        nll = sum(text.nll_student - text.nll_teacher for text in texts)
+        result["perplexity_ratio"] = float(torch.exp(torch.tensor(nll / lm_tokens)))
     return result
 
 
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised mean over each row's real tokens, in float64."""
     weights = mask.unsqueeze(-1).double()
     pooled = (hidden.double() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     return F.normalize(pooled, dim=-1)

@@ -1,6 +1,6 @@
 """Which teacher activation each student activation should equal, read off the two detected topologies.
 
-Both layouts have one norm sequence per stack (DESIGN.md §2): entry k is what branch k reads, entry S
+Both layouts have one norm sequence per stack (docs/design.md §3): entry k is what branch k reads, entry S
 is the stack's output. Entry k's norm *output* must match across the two models (what each branch
 reads, and the final hidden state); the norm *input* is the residual stream there. For the closed-form
 warm start we also need, per sublayer, the student's branch output projection (its writer).

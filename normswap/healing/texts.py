@@ -81,12 +81,13 @@ def _dataset_folder(path: Path) -> list[str]:
 
 
 def split_texts(texts: Sequence[str], held_out: int = 256) -> HealingTexts:
-    """Hold out ``held_out`` texts (at most a third), picked by hash; the rest are for training."""
+    """Hold out ``held_out`` texts (at most a third), picked by hash and kept in hash order (so the first n of
+    them are a fair sample, when a time budget evaluates fewer); the rest, in their order, are for training."""
     unique = list(dict.fromkeys(texts))
     if len(unique) < 8:
         raise NormswapError(f"healing needs at least 8 distinct texts, got {len(unique)}")
     count = min(held_out, len(unique) // 3)
     ranked = sorted(unique, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
     chosen = set(ranked[:count])
-    return HealingTexts(tuple(t for t in unique if t not in chosen), tuple(t for t in unique if t in chosen))
+    return HealingTexts(tuple(t for t in unique if t not in chosen), tuple(ranked[:count]))
 

@@ -1,15 +1,14 @@
 """Healing runs on transformers' ``Trainer``: checkpoints, resumption, devices and ``accelerate launch`` /
 ``torchrun`` (DDP, FSDP, DeepSpeed) come from it, not from normswap.
 
-normswap adds an evaluation on held-out text (``metrics.compare``), a progress bar that shows it, and
-stopping rules: a target output cosine, a step budget and a wall-clock budget.
+normswap adds an evaluation on held-out text (``evaluation``), a progress bar that shows it, and a training
+clock that survives resumption; when training stops is ``stopping``'s business.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,11 @@ from accelerate.utils import parse_flag_from_env
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset, Sampler
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from . import budget
 from .sampler import LengthBucketSampler
 
 
@@ -85,10 +86,14 @@ class TrainingClock:
 
     def start(self) -> None:
         if self._started is None:
-            self._started = time.monotonic()
+            self._started = budget.now()
 
     def seconds(self) -> float:
-        return self.spent + (0.0 if self._started is None else time.monotonic() - self._started)
+        return self.at(budget.now())
+
+    def at(self, moment: float) -> float:
+        """The clock's reading at ``moment`` (a ``budget.now()`` reading), once started."""
+        return self.spent + (0.0 if self._started is None else moment - self._started)
 
 
 CLOCK_LOG_KEY = "eval_training_seconds"
@@ -106,41 +111,21 @@ def spent_seconds(checkpoint: str | None) -> float:
     return float(logged[-1]) if logged else 0.0
 
 
-class StopRules(TrainerCallback):
-    """Stop at the target output cosine (checked at each evaluation) or when the time budget is spent."""
-
-    def __init__(self, target_cosine: float | None, max_seconds: float | None,
-                 clock: TrainingClock | None = None) -> None:
-        self.target_cosine = target_cosine
-        self.max_seconds = max_seconds
-        self.clock = clock or TrainingClock()
-        self.reason = ""
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
-        self.clock.start()
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
-        if self.max_seconds is not None and self.clock.seconds() >= self.max_seconds:
-            self.reason = f"time budget of {self.max_seconds:.0f} s spent"
-            control.should_training_stop = True
-            control.should_evaluate = True
-
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        cosine = (metrics or {}).get("eval_output_cosine")
-        if self.target_cosine is not None and cosine is not None and cosine >= self.target_cosine:
-            self.reason = f"target output cosine {self.target_cosine} reached ({cosine:.4f})"
-            control.should_training_stop = True
-
-
 class MetricProgressBar(ProgressCallback):
     """Trainer's progress bar, with the latest held-out cosine and loss in its postfix."""
 
     def __init__(self) -> None:
         super().__init__()
         self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if state.max_steps < budget.UNBOUNDED_STEPS:
+            super().on_train_begin(args, state, control, **kwargs)
+        else:  # the time budget ends training: a count of steps, not a bar toward a billion
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=None, dynamic_ncols=True, unit="step")
+            self.current_step = 0
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -153,18 +138,22 @@ class MetricProgressBar(ProgressCallback):
             self.training_bar.set_postfix(self.postfix, refresh=False)
 
 
-def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int,
-                       eval_steps: int, save_steps: int, seed: int, quiet: bool) -> TrainingArguments:
-    """Defaults sized for a CPU and a small model; a GPU is used when there is one.
+def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int | None,
+                       eval_steps: int, save_steps: int | None, seed: int, quiet: bool) -> TrainingArguments:
+    """Defaults sized for a CPU and a small model; a GPU is used when there is one. ``max_steps=None``: no step
+    limit (the time budget ends training); ``save_steps=None``: no Trainer checkpoints (nothing would resume
+    from them).
 
     ``accelerate launch --cpu`` says "CPU" through ``ACCELERATE_USE_CPU``: transformers' accelerator honours it
     but ``args.device`` does not (inputs went to cuda:0, the model stayed on the CPU), so it is passed on here.
     """
+    steps = budget.UNBOUNDED_STEPS if max_steps is None else max_steps
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        max_steps=max_steps, warmup_steps=min(20, max_steps // 10),
-        weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
-        save_steps=save_steps, save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
+        max_steps=steps, warmup_steps=min(20, steps // 10),
+        weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps,
+        save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or eval_steps,
+        save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
         max_grad_norm=1.0, use_cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
