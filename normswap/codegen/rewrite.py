@@ -183,7 +183,7 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
                     and isinstance(updated.value, cst.Call)):
                 self.applied[edit] += 1
-                call = updated.value
+                call = _unwrap_like(updated.value)
                 keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
                 extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
                                  equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
@@ -260,6 +260,15 @@ def _stream_variable(loop: cst.For) -> str:
                 and node.args and isinstance(node.args[0].value, cst.Name)):
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
+
+
+def _unwrap_like(call: cst.Call) -> cst.Call:
+    """``New.like(Original(args))`` (code normswap generated before) -> ``Original(args)``, the norm as written."""
+    func = call.func
+    if (isinstance(func, cst.Attribute) and func.attr.value == "like" and len(call.args) >= 1
+            and isinstance(call.args[0].value, cst.Call)):
+        return call.args[0].value
+    return call
 
 
 def _centre_first_argument(call: cst.Call) -> cst.Call:
