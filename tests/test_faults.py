@@ -494,3 +494,25 @@ def test_heal_refuses_nonfinite_weights(src: Path, tmp_path: Path, capsys: pytes
     line = refused(capsys, src, "heal", str(src), str(conversion), str(healed), "--trust-remote-code", dst=healed)
     assert f"{src}: tensor {NORM_WEIGHT!r} has 1 NaN/Inf" in line and "healing would train on NaN" in line
     assert not healed.exists()
+
+
+def test_a_scratch_folder_appears_only_with_its_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between mkdir and the marker must not leave an unmarked folder under the scratch name (no run would
+    remove it): the folder is made under a staging name and renamed once marked; an empty staging folder is swept."""
+    import normswap.io.scratch as scratch
+
+    destination = tmp_path / "out"
+
+    def killed(folder: Path, destination: Path) -> None:
+        raise KeyboardInterrupt  # stands for a SIGKILL right after mkdir
+
+    monkeypatch.setattr(scratch, "mark", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_scratch(destination, "tmp")
+    assert not scratch.scratch_path(destination, "tmp").exists()
+    assert [path.name for path in tmp_path.iterdir()] == [f".out.normswap-staging-tmp-{os.getpid()}"]
+    monkeypatch.undo()
+    scratch.sweep_leftovers(destination)
+    assert list(tmp_path.iterdir()) == []
+    folder = make_scratch(destination, "tmp")
+    assert (folder / MARKER).is_file() and folder == scratch.scratch_path(destination, "tmp")

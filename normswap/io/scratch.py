@@ -59,8 +59,14 @@ def make_scratch(destination: Path, kind: str) -> Path:
                                   "or choose another DST", str(folder))
         remove_scratch(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    folder.mkdir()
-    mark(folder, destination)
+    # made marked, under a staging name, then renamed: a kill between mkdir and the marker cannot leave an
+    # unmarked folder under the scratch name, which no later run would dare to remove
+    staging = folder.with_name(folder.name.replace(".normswap-", ".normswap-staging-", 1))
+    if _owner_of(staging) is not None:
+        remove_scratch(staging)
+    staging.mkdir()
+    mark(staging, destination)
+    staging.rename(folder)
     return folder
 
 
@@ -106,6 +112,10 @@ def sweep_leftovers(destination: Path) -> list[Path]:
         if not _looks_like_scratch(entry.name, destination.name):
             continue
         owner = _owner_of(entry)
+        if owner is None and ".normswap-staging-" in entry.name:
+            with contextlib.suppress(OSError):
+                entry.rmdir()  # killed between mkdir and its marker: removed only while empty
+            continue
         if owner is None or not _is_for(owner, destination) or _may_be_running(owner):
             continue
         size = _folder_bytes(entry)
