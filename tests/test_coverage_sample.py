@@ -1,0 +1,80 @@
+"""The CI sample of the coverage matrix (``benchmarks/coverage.py --sample``): one family of each layout.
+
+Converted through the command line in subprocesses, as a user would, then loaded, run, generated from and
+re-inspected (``docs/coverage.md`` is the full run). A cell that passes today must stay free of crashes, bad
+outputs and usage errors; a cell that fails today is an expected failure (strict), so that fixing it turns
+this test red until the cell is moved out of ``KNOWN_FAILURES``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+FAILED = ("crash", "bad output", "usage")
+
+
+def _coverage() -> ModuleType:
+    """``benchmarks/coverage.py`` under a name of its own (``coverage`` is also a well-known package); it puts
+    ``benchmarks/`` on the path itself, for its helper module."""
+    spec = importlib.util.spec_from_file_location("normswap_coverage_matrix", BENCHMARKS / "coverage.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+coverage = _coverage()
+
+
+def _cells() -> list[Any]:
+    cells = []
+    for family, names in coverage.SAMPLE.items():
+        for cell in names:
+            reason = coverage.KNOWN_FAILURES.get((family, cell))
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            cells.append(pytest.param(family, cell, marks=marks, id=f"{family}-{cell.replace(' ', '-')}"))
+    return cells
+
+
+@pytest.fixture(scope="module")
+def sample() -> Any:
+    """The sample, run once for the module, two families at a time."""
+    return coverage.run(list(coverage.SAMPLE), jobs=2, scope="sample", sample=True)
+
+
+def _cell(sample: Any, family: str, cell: str) -> Any:
+    row = next((f for f in sample.families if f.name == family), None)
+    assert row is not None, f"{family} was skipped: {[f.skipped for f in sample.skipped if f.name == family]}"
+    found = next((c for c in row.cells if c.cell == cell), None)
+    assert found is not None, f"{family} {cell} did not run"
+    return found
+
+
+def test_sample_covers_every_layout(sample: Any) -> None:
+    layouts = {f.placement for f in sample.families}
+    assert {"post", "pre", "parallel", "sandwich", "post-sublayer"} <= layouts, layouts
+    assert any(f.encoder_decoder for f in sample.families)
+    failed = [(c.family, c.message) for f in sample.families for c in f.cells if c.cell == "inspect"
+              and c.category != "ok"]
+    assert not failed
+
+
+@pytest.mark.parametrize(("family", "cell"), _cells())
+def test_sample_cell(sample: Any, family: str, cell: str) -> None:
+    found = _cell(sample, family, cell)
+    assert found.category not in FAILED, f"{family} {cell}: {found.category}: {found.message}"
+
+
+@pytest.mark.parametrize(("family", "cell"), coverage.SAMPLE_EXACT)
+def test_sample_exact_cell_stays_exact(sample: Any, family: str, cell: str) -> None:
+    """An exact conversion that became approximate (or refused) is a regression even without a bad output."""
+    found = _cell(sample, family, cell)
+    assert found.category == "exact", f"{family} {cell}: {found.category}: {found.message}"
