@@ -54,8 +54,6 @@ SAMPLE_EXACT = (("gpt2", "norm rmsnorm"), ("llama", "norm layernorm --exact"), (
                 ("gemma2", "norm rmsnorm"))
 # cells of the sample that fail today, and why: the sample test expects them to fail, strictly
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("gemma2", "placement post"): "coverage matrix: the generated code detects as mixed, not post (a crash: "
-                                  "normswap's own check of its output fails)",
 }
 FAMILY_SECONDS = 1800  # a worker's time limit is this per family it takes
 FAMILY_BATCH = 5  # families per worker process at most: each start costs ~4 s of imports

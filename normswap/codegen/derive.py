@@ -114,10 +114,11 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
 
 
 def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
-    """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm``, arguments unchanged."""
+    """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm.like(<the norm as written>)``,
+    which reads its width and eps from the built norm whatever its constructor takes (CpmAnt's takes the config)."""
     edits: list[Edit] = []
     for path in (norm.path for norm in topology.stream_norms):
-        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm")
+        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True)
         if edit not in edits:
             edits.append(edit)
     return edits

@@ -78,10 +78,10 @@ class AddStackNorm:
 class ReplaceNormClass:
     """Every ``self.<norm> = SomeNorm(args)`` in ``__init__`` -> ``<new_class>(args)``.
 
-    ``NormswapLayerNorm`` takes a ``(hidden_size, eps)`` RMSNorm's arguments, so the call keeps them. A
-    LayerNorm's arguments differ by family (``normalized_shape``, ``hidden_size``, ``dim``), so with ``wrap``
-    the original norm is built as written and ``NormswapRMSNorm.like`` copies its shape, eps and affine
-    parameters. Either way the parameters keep their names.
+    A norm's constructor arguments differ by family (``normalized_shape``, ``hidden_size``, ``dim``, the whole
+    config), so with ``wrap`` the original norm is built as written and ``<new_class>.like`` copies its shape,
+    eps and affine parameters; without it the call keeps its arguments. Either way the parameters keep their
+    names.
     """
 
     class_name: str

@@ -100,6 +100,19 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
 
     def __init__(self, hidden_size, eps=1e-6, **kwargs):
         super().__init__(hidden_size, eps=eps)
+
+    @classmethod
+    def like(cls, norm, eps=None):
+        """The LayerNorm standing in for ``norm``, an RMSNorm of any family's class built with its own
+        arguments (their names differ: hidden_size, dim, config): its width and eps."""
+        weight = getattr(norm, "weight", None)
+        width = weight.shape[-1] if weight is not None else next(
+            value for value in (getattr(norm, name, None) for name in ("hidden_size", "dim", "normalized_shape"))
+            if value is not None)
+        if eps is None:
+            eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
+                       if isinstance(value, float))
+        return cls(width if isinstance(width, int) else tuple(width)[-1], eps=eps)
 '''
 
 

@@ -73,12 +73,43 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
             continue
         for item in statement.body.body:
             if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
+                local: dict[str, cst.BaseExpression] = {}
                 for node in _walk(item):
-                    if isinstance(node, cst.Assign) and len(node.targets) == 1 and isinstance(node.value, cst.Call):
-                        attribute = _self_attribute(node.targets[0].target)
-                        if attribute:  # the first constructor call wins (`else: self.norm = None` is no constructor)
-                            found.setdefault((statement.name.value, attribute), _code(node.value))
+                    if not isinstance(node, cst.Assign) or len(node.targets) != 1:
+                        continue
+                    target = node.targets[0].target
+                    if isinstance(target, cst.Name):  # `embed_dim = config.hidden_size`, in order
+                        local[target.value] = node.value.visit(_InlineLocals(dict(local)))
+                        continue
+                    attribute = _self_attribute(target)
+                    if attribute and isinstance(node.value, cst.Call):
+                        # the first constructor call wins (`else: self.norm = None` is no constructor)
+                        inlined = node.value.visit(_InlineLocals(local))
+                        found.setdefault((statement.name.value, attribute), _code(inlined))
     return found
+
+
+class _InlineLocals(cst.CSTTransformer):
+    """A constructor copied into another class's ``__init__`` cannot use the local variables of the one it came
+    from (CLIP's ``nn.LayerNorm(embed_dim, ...)`` after ``embed_dim = config.hidden_size``): each local is
+    replaced by what was assigned to it."""
+
+    def __init__(self, local: dict[str, cst.BaseExpression]) -> None:
+        super().__init__()
+        self.local = local
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
+        value = self.local.get(updated.value)
+        if value is None:
+            return updated
+        return value if isinstance(value, (cst.Name, cst.Attribute, cst.Integer, cst.Float)) else \
+            value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.Attribute:
+        return updated.with_changes(attr=original.attr)  # `x.embed_dim` names an attribute, not the local
+
+    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+        return updated.with_changes(keyword=original.keyword)  # `f(embed_dim=...)` names a parameter
 
 
 def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:

@@ -20,7 +20,7 @@ from ..topology import Topology
 from .generated import generated_target
 from .native import meta_instance, target_class, target_config
 from .norm_change import convert_norm_kind
-from .plan import ConversionPlan, build_placement_plan
+from .plan import ConversionPlan, build_placement_plan, require_placement_source
 from .program import shapes_of
 from .setup import ConversionSetup, realise
 from .verify import DriftReport, measure_drift, require_topology
@@ -34,31 +34,45 @@ class RealisationError(NormswapError):
 
 
 def placement_of(topology: Topology) -> str:
-    """``pre`` or ``post`` for the placements a conversion starts from; parallel blocks are pre-norm."""
+    """``pre`` or ``post``: a model with parallel blocks normalised before them counts as pre-norm where a
+    target is checked (a post-norm parallel model converted back to ``pre`` returns to its parallel blocks)."""
     return "pre" if topology.placement == "parallel" else topology.placement
 
 
 def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> ConversionSetup:
-    """Detect ``model``, choose the realisation and plan the norm moves to ``placement``."""
+    """Detect ``model``, choose the realisation and plan the norm moves to ``placement``.
+
+    ``pre`` on a parallel Pre-Norm model means sequential Pre-Norm (each branch its own sublayer), the
+    layout it is not yet in; it is realised by the family's own switch (GPT-NeoX ``use_parallel_residual``).
+    """
     if placement not in PLACEMENTS:
         raise NormswapError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     source = inspect(model)
     model_type = source.model_type
-    if placement_of(source) == placement:
+    if source.placement == placement:
         plan = ConversionPlan(model_type, model_type, source.placement, placement, "none", exact=True,
                               notes=(f"{model_type} already has {placement} placement: nothing to do",))
         return ConversionSetup(plan, None, source=source)
+    require_placement_source(source)
+    serial = source.placement == "parallel" and placement == "pre"
     back_home = _original_family(model, placement)
     target = back_home or (_native_target(model_type, placement) if native else None)
     if target is not None:
         config = target_config(model.config, target)
         cls = target_class(model, target)
         target_topology = inspect(meta_instance(cls, config))
-        if placement_of(target_topology) != placement:
+        reached = target_topology.placement if serial else placement_of(target_topology)
+        if reached != placement and serial:
+            raise _no_sequential_form(model_type, f"its code builds {reached} blocks even with "
+                                      f"{dict(target.config) or 'the recipe config'}")
+        if reached != placement:
             raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} "
                                    f"placement, not {placement}; the recipe for {model_type} is wrong")
         plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
         return _placement_setup(model, plan, source, target_topology, cls, config, None)
+    if serial:
+        raise _no_sequential_form(model_type, "its stock code has only the parallel form" if native else
+                                  "it is realised by the family's own sequential form, and --no-native rules that out")
     if getattr(model.config, "normswap", None):
         raise RealisationError(f"{model_type} is already normswap-generated code; convert the original "
                                f"{model.config.normswap.get('source_model_type')} checkpoint instead")
@@ -107,6 +121,14 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if setup.target is not None:
         require_topology(converted, setup.target)
     return converted
+
+
+def _no_sequential_form(model_type: str, why: str) -> RealisationError:
+    return RealisationError(
+        f"{model_type} is parallel Pre-Norm (attention and MLP both read the normalised h) and --placement pre means "
+        f"sequential Pre-Norm, where the MLP reads h + attention(h): a different forward, which {model_type} "
+        f"cannot express ({why}); normswap's generated code moves norms but does not reorder a block's branches. "
+        "Families whose code has both forms (gpt_neox, stablelm, falcon) convert")
 
 
 def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:

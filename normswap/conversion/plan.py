@@ -15,7 +15,7 @@ dropped, what starts as a unit norm, and what that costs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..errors import NormswapError
@@ -111,23 +111,32 @@ def norm_sequence(stack: Stack, sublayers: list[Sublayer], placement: str) -> li
 
 
 def build_placement_plan(source: Topology, target: Topology, realisation: str) -> ConversionPlan:
-    """The norm-shift plan from ``source`` to ``target`` (both detected), stack by stack."""
-    source_placement = _uniform(source)
-    target_placement = _uniform(target)
+    """The norm-shift plan from ``source`` to ``target`` (both detected), stack by stack.
+
+    A parallel Pre-Norm source going to a sequential Pre-Norm target is *serialised*: each branch of a
+    parallel block becomes a sublayer of its own and keeps the norm it read.
+    """
+    source_placement = require_placement_source(source)
+    target_placement = require_placement_source(target)
     if len(source.stacks) != len(target.stacks):
         raise PlanError(f"{source.model_type} has {len(source.stacks)} layer stacks but the target "
                         f"{target.model_type} has {len(target.stacks)}")
+    serial = source_placement == "parallel" and target_placement == "pre"
     stacks = []
     notes: list[str] = []
     for source_stack, target_stack in zip(source.stacks, target.stacks, strict=True):
         source_subs = [s for layer in source.layers if layer.stack == source_stack.path for s in layer.sublayers]
         target_subs = [s for layer in target.layers if layer.stack == target_stack.path for s in layer.sublayers]
-        if [s.kind for s in source_subs] != [s.kind for s in target_subs]:
-            raise PlanError(f"the sublayers of {source_stack.path} ({len(source_subs)}) and of the target's "
+        source_kinds = _serial_kinds(source_subs) if serial else [s.kind for s in source_subs]
+        if source_kinds != [s.kind for s in target_subs]:
+            raise PlanError(f"the sublayers of {source_stack.path} ({len(source_kinds)}) and of the target's "
                             f"{target_stack.path} ({len(target_subs)}) do not line up")
         stacks.append(_stack_plan(source_stack, source_subs, source_placement,
                                   target_stack, target_subs, target_placement, notes))
-    if any(sub.kind == "parallel" for layer in source.layers for sub in layer.sublayers):
+    if serial:
+        notes.append("parallel -> sequential: each branch keeps the norm it read, but the MLP now reads "
+                     "h + attention(h) instead of h, a different function (approximate; heal to recover)")
+    elif any(sub.kind == "parallel" for layer in source.layers for sub in layer.sublayers):
         notes.append("parallel blocks: see the moves for which norm each branch keeps")
     return ConversionPlan(
         source_model_type=source.model_type,
@@ -144,7 +153,8 @@ def build_placement_plan(source: Topology, target: Topology, realisation: str) -
 def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placement: str,
                 target_stack: Stack, target_subs: list[Sublayer], target_placement: str,
                 notes: list[str]) -> StackPlan:
-    source_entries = norm_sequence(source_stack, source_subs, source_placement)
+    source_entries = (serial_sequence(source_stack, source_subs) if source_placement == "parallel"
+                      and target_placement == "pre" else norm_sequence(source_stack, source_subs, source_placement))
     target_entries = norm_sequence(target_stack, target_subs, target_placement)
     unit_norms: list[tuple[str, str]] = []
     # a Pre-Norm layout with an embedding norm before N_0 (mBART, BLOOM) has one entry more
@@ -162,7 +172,40 @@ def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placeme
     for index, ((source_role, sources), (target_role, targets)) in enumerate(
             zip(source_entries, target_entries, strict=True)):
         moves.extend(_entry_moves(index, source_role, sources, target_role, targets, notes))
-    return StackPlan(source_stack.path, target_stack.path, tuple(moves), tuple(unit_norms))
+    return StackPlan(source_stack.path, target_stack.path, _mark_copies(moves), tuple(unit_norms))
+
+
+def serial_sequence(stack: Stack, sublayers: list[Sublayer]) -> list[tuple[str, tuple[NormSite, ...]]]:
+    """A parallel Pre-Norm stack's entries as the sequential Pre-Norm model it becomes: one entry per branch,
+    holding the norm that branch reads (GPT-J's shared ``ln_1`` appears in both entries of its block)."""
+    entries: list[tuple[str, tuple[NormSite, ...]]] = []
+    for sub in sublayers:
+        if sub.kind != "parallel":
+            entries.append((f"pre {len(entries)}", sub.norms_in("pre")))
+            continue
+        by_path = {norm.path: norm for norm in sub.norms_in("pre")}
+        for branch in sub.branches:
+            entries.append((f"pre {len(entries)}", tuple(by_path[p] for p in branch.reads if p in by_path)))
+    entries.append(("final", (stack.final_norm,) if stack.final_norm else ()))
+    return entries
+
+
+def _serial_kinds(sublayers: list[Sublayer]) -> list[str]:
+    return [kind for sub in sublayers
+            for kind in ([b.kind for b in sub.branches] if sub.kind == "parallel" else [sub.kind])]
+
+
+def _mark_copies(moves: list[NormMove]) -> tuple[NormMove, ...]:
+    """A source norm moved to more than one slot is copied: only its first move takes it as its own."""
+    seen: set[str] = set()
+    marked = []
+    for move in moves:
+        if move.source is not None and move.target is not None and move.source in seen and not move.copy:
+            move = replace(move, copy=True, note=move.note or "copied: the branches shared this norm")
+        if move.source is not None:
+            seen.add(move.source)
+        marked.append(move)
+    return tuple(marked)
 
 
 def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], target_role: str,
@@ -198,12 +241,26 @@ def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], ta
     raise PlanError(f"cannot map {len(sources)} norms ({source_role}) onto {len(targets)} ({target_role})")
 
 
-def _uniform(topology: Topology) -> str:
+_BRANCH_NORM_PLACEMENTS = {
+    "sandwich": "a norm on each sublayer's input and another on its branch output, inside the residual add",
+    "post-sublayer": "a norm on each branch output, inside the residual add, and none on the stream",
+    "pre-post": "a norm before and after each sublayer",
+}
+
+
+def require_placement_source(topology: Topology) -> str:
+    """The placement of ``topology`` if the norm-shift mapping applies to it, else why not (one line)."""
     placement = topology.placement
-    if placement not in ("pre", "post", "parallel"):
-        raise PlanError(f"{topology.model_type} has {placement} placement; normswap converts Post-Norm <-> "
-                        "Pre-Norm (sandwich and post-sublayer layouts come later)")
-    return placement
+    if placement in ("pre", "post", "parallel"):
+        return placement
+    if placement in _BRANCH_NORM_PLACEMENTS:
+        raise PlanError(
+            f"{topology.model_type} has {placement} placement ({_BRANCH_NORM_PLACEMENTS[placement]}); the norm-shift "
+            "mapping moves each stream norm to the next branch (docs/design.md §3), and a norm inside a branch has "
+            "no such image: removing it changes the function, so it needs a calibrated stand-in (§6), a different, "
+            "approximate conversion than --placement pre/post")
+    raise PlanError(f"{topology.model_type} has {placement} placement (its layers or sublayers place their norms "
+                    "differently); the norm-shift mapping needs one placement throughout a stack")
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -124,8 +124,9 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
         ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator)
         return {"input_features": features.to(device), "decoder_input_ids": ids.to(device)}
     if main_input != "input_ids":
-        raise VerificationError(f"{type(model).__name__} takes '{main_input}'; drift probes for this input "
-                                "are not supported yet, so normswap cannot verify this conversion")
+        raise VerificationError(f"{type(model).__name__} takes '{main_input}'; verifying a conversion runs both "
+                                "models on probe inputs, and normswap makes only token ids, pixel values and audio "
+                                "features")
     if tokenizer is not None and texts:
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -145,22 +146,34 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
         ids = torch.randint(0, vocab, (4, 32), generator=generator)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = inputs["input_ids"]
+        # the decoder may have a vocabulary of its own (FSMT: source and target languages)
+        inputs["decoder_input_ids"] = inputs["input_ids"] % _decoder_vocab(model, vocab)
         inputs["decoder_attention_mask"] = inputs["attention_mask"]
     return {name: value.to(device) for name, value in inputs.items()}
+
+
+def _decoder_vocab(model: nn.Module, vocab: int) -> int:
+    """The rows of the decoder's token embedding (``vocab``, the encoder's, where it has none of its own)."""
+    try:
+        embeddings = model.get_decoder().get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = getattr(getattr(model, "get_decoder", lambda: None)(), "embed_tokens", None)
+    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else vocab
 
 
 @torch.no_grad()
 def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, target: Topology,
                   inputs: dict[str, torch.Tensor], exact: bool) -> DriftReport:
     """Branch inputs and outputs of both models on the same probe inputs."""
-    source_reads, source_out = _run(original, _entries(source), inputs)
-    target_reads, target_out = _run(converted, _entries(target), inputs)
+    serial = source.placement == "parallel" and target.placement == "pre"  # each branch became a sublayer
+    source_entries, target_entries = _entries(source, serial), _entries(target)
+    source_reads, source_out = _run(original, source_entries, inputs)
+    target_reads, target_out = _run(converted, target_entries, inputs)
     reference = _last_hidden(source_out)
     mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(
         reference.shape[:2], dtype=torch.bool, device=reference.device)
     sublayers = []
-    for (stack, index, kind, source_entry), (_, _, _, target_entry) in zip(_entries(source), _entries(target),
+    for (stack, index, kind, source_entry), (_, _, _, target_entry) in zip(source_entries, target_entries,
                                                                              strict=True):
         a, b = source_reads.get(source_entry), target_reads.get(target_entry)
         if a is None or b is None:
@@ -187,15 +200,17 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
     )
 
 
-def _entries(topology: Topology) -> list[tuple[str, int, str, str]]:
-    """(stack, sublayer index in the stack, kind, entry module) for the first branch of every sublayer."""
+def _entries(topology: Topology, serial: bool = False) -> list[tuple[str, int, str, str]]:
+    """(stack, sublayer index in the stack, kind, entry module) for the first branch of every sublayer;
+    ``serial``: every branch of a parallel block, as the sublayers it becomes in a sequential model."""
     entries = []
     for stack in topology.stacks:
         subs = [sub for layer in topology.layers if layer.stack == stack.path for sub in layer.sublayers]
-        for index, sub in enumerate(subs):
-            entry = sub.branches[0].entry
-            if entry:
-                entries.append((stack.path, index, sub.kind, entry))
+        branches = [(sub.kind if len(sub.branches) == 1 or not serial else branch.kind, branch)
+                    for sub in subs for branch in (sub.branches if serial else sub.branches[:1])]
+        for index, (kind, branch) in enumerate(branches):
+            if branch.entry:
+                entries.append((stack.path, index, kind, branch.entry))
     return entries
 
 

@@ -82,8 +82,8 @@ def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
         inputs = {"input_values": torch.zeros(_BATCH, _AUDIO_SAMPLES, device="meta")}
     else:
         raise SourceError(
-            f"{type(model).__name__} takes '{name}' as its main input, which normswap cannot synthesise yet; "
-            "please open an issue with the model_type"
+            f"{type(model).__name__} takes '{name}' as its main input; tracing needs a synthetic example of it, "
+            "and normswap makes only token ids, pixel values and audio features or samples"
         )
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")

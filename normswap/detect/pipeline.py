@@ -150,10 +150,21 @@ def _hidden_size(model: nn.Module, config: Any) -> int:
         value = getattr(text_config, name, None)
         if isinstance(value, int):
             return value
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # vision models have no token embedding to ask
+        embeddings = None
     if isinstance(embeddings, nn.Embedding):
         return embeddings.embedding_dim
-    raise SourceError(f"{type(config).__name__} names no hidden size normswap knows; please report the model_type")
+    widths = {name: value for name in ("hidden_sizes", "hidden_size", "embed_dim", "d_model", "dim")
+              if isinstance(value := getattr(text_config, name, None), (list, tuple))}
+    if widths:
+        name, value = next(iter(widths.items()))
+        raise SourceError(f"{type(config).__name__} has no single residual width ({name} = {list(value)}: its "
+                          "stages differ in width); a norm layout is a property of one residual stream, so "
+                          "normswap converts models whose layers share one hidden size")
+    raise SourceError(f"{type(config).__name__} names no hidden size (hidden_size, d_model, n_embd, dim or "
+                      "embed_dim) and has no token embedding to read it from; normswap needs the residual width")
 
 
 def _base_model_prefix(model: nn.Module) -> str:

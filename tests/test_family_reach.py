@@ -1,0 +1,99 @@
+"""Families the coverage matrix found crashing (issue 17), each converted as a user would.
+
+Each case was an ``internal error`` before: a traceback's worth of normswap bug in one line. Now each
+converts through the command line, loads as its card says and matches the in-memory conversion, or is
+refused with the structural reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import normswap
+from normswap.cli import main
+from normswap.conversion.verify import probe_inputs
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():  # norm weights away from 1, biases away from 0
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+def _first_output(output: object) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise AssertionError(f"{type(output).__name__} has no output tensor")
+
+
+def _converted_matches(model: torch.nn.Module, tmp_path: Path, flags: list[str], auto: str,
+                       **in_memory: object) -> torch.nn.Module:
+    """Convert ``model`` saved under tmp_path with ``flags``; the loaded result must equal ``normswap.convert``."""
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *flags, "--quiet"]) == 0
+    loaded = getattr(transformers, auto).from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
+    expected = normswap.convert(model, **in_memory)
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        assert torch.allclose(_first_output(loaded(**inputs)), _first_output(expected(**inputs)), atol=1e-5)
+    return loaded
+
+
+def test_clip_text_post_copies_a_norm_whose_width_is_a_local_variable(tmp_path: Path) -> None:
+    """CLIP builds its final norm as ``nn.LayerNorm(embed_dim, ...)`` after ``embed_dim = config.hidden_size``;
+    the embedding norm copied from it into another method referred to a name that did not exist there."""
+    config = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=128, max_position_embeddings=64)
+    model = _perturbed(transformers.CLIPTextModel(config))
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+    source = (tmp_path / "dst" / "modeling_normswap_clip.py").read_text()
+    assert "self.normswap_embedding_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)" in source
+
+
+def test_cpmant_layer_norm_replaces_a_norm_built_from_the_config(tmp_path: Path) -> None:
+    """``CpmAntLayerNorm(config)``: the LayerNorm standing in reads width and eps from the built norm."""
+    config = transformers.CpmAntConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, dim_head=16,
+                                       dim_ff=128, vocab_size=128, prompt_length=8, segment_types=8)
+    model = _perturbed(transformers.CpmAntForCausalLM(config))
+    loaded = _converted_matches(model, tmp_path, ["--norm", "layernorm"], "AutoModelForCausalLM",
+                                norm="layernorm")
+    assert normswap.inspect(loaded).norm.startswith("layernorm")
+    norm = loaded.cpmant.encoder.output_layernorm
+    assert norm.normalized_shape == (64,) and norm.eps == pytest.approx(config.eps)
+
+
+def test_fsmt_probe_reads_the_decoder_vocabulary(tmp_path: Path) -> None:
+    """FSMT's decoder has its own vocabulary (128 rows against the encoder's 1000): the probe's decoder ids
+    used to be the encoder's, out of range."""
+    config = transformers.FSMTConfig(langs=["en", "de"], src_vocab_size=1000, tgt_vocab_size=128, d_model=64,
+                                     encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                     max_position_embeddings=64)
+    model = _perturbed(transformers.FSMTForConditionalGeneration(config))
+    inputs = probe_inputs(model, None, None)
+    assert int(inputs["decoder_input_ids"].max()) < 128 and int(inputs["input_ids"].max()) >= 128
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--norm", "rmsnorm", "--quiet"]) == 0
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(**inputs).logits).all()
+
+
+def test_a_model_without_one_residual_width_is_refused_with_the_reason(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """CvT's stages have widths [64, 192, 384]: ``inspect`` crashed asking it for token embeddings."""
+    transformers.CvtModel(transformers.CvtConfig()).save_pretrained(tmp_path / "cvt")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "cvt")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no single residual width" in error[0] and "[64, 192, 384]" in error[0]
+    assert "internal error" not in error[0] and "report" not in error[0]
