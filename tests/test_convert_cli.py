@@ -160,14 +160,14 @@ def test_round_trip_through_the_cli_restores_the_weights(minilm_path: Path, mini
 
 def test_unsupported_layout_is_refused_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tiny_configs import TINY_CONFIGS
-    from transformers import T5Config, T5Model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    fields = {k: v for k, v in TINY_CONFIGS["t5"].items() if k != "model_type"}
-    T5Model(T5Config(**fields)).save_pretrained(tmp_path / "t5")
+    fields = {k: v for k, v in TINY_CONFIGS["gemma2"].items() if k != "model_type"}
+    Gemma2ForCausalLM(Gemma2Config(**fields)).save_pretrained(tmp_path / "gemma2")
     capsys.readouterr()  # drop the progress output of the save above
-    assert main(["convert", str(tmp_path / "t5"), str(tmp_path / "out"), "--placement", "post"]) == 1
+    assert main(["convert", str(tmp_path / "gemma2"), str(tmp_path / "out"), "--placement", "post"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("Error: t5 has 2 layer stacks; generated code handles single-stack models")
+    assert err.startswith("Error: gemma2 has sandwich placement") and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 

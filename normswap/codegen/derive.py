@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import NormswapError
-from ..topology import NormSite, Topology
+from ..topology import Layer, NormSite, Stack, Sublayer, Topology
 from .edits import (
     AddStackNorm,
     CentreNormInput,
@@ -48,69 +48,116 @@ def modeling_file(model: nn.Module, topology: Topology) -> Path:
 
 
 def placement_edits(model: nn.Module, topology: Topology, placement: str) -> list[Edit]:
-    """The edits that turn ``model``'s layout into ``placement``."""
-    if len(topology.stacks) != 1:
-        raise CodegenError(f"{topology.model_type} has {len(topology.stacks)} layer stacks; generated code handles "
-                           "single-stack models (encoder-decoders come later)")
-    if len({layer.layer_class for layer in topology.layers}) != 1 or len(
-            {tuple((s.kind, s.placement) for s in layer.sublayers) for layer in topology.layers}) != 1:
-        raise CodegenError(f"{topology.model_type} layers differ from each other; generated code needs one layout")
+    """The edits that turn ``model``'s layout into ``placement``, stack by stack (an encoder-decoder has two;
+    classes both stacks share, such as T5's, take each edit once)."""
+    if placement not in ("pre", "post"):
+        raise CodegenError(f"placement must be pre or post, got {placement!r}")
     path = modeling_file(model, topology)
     classes = _class_lines(path)
-    stack = topology.stacks[0]
-    layer = topology.layers[0]
-    layer_module = model.get_submodule(layer.path)
-    locate = _Locator(layer_module, layer.path, classes, path.name)
-    loop_owner = _owner(model, stack.path)
-    stack_attribute = stack.path.rsplit(".", 1)[-1]
     edits: list[Edit] = []
+    for stack in topology.stacks:
+        layers = [layer for layer in topology.layers if layer.stack == stack.path]
+        if len({layer.layer_class for layer in layers}) != 1 or len(
+                {tuple((s.kind, s.placement) for s in layer.sublayers) for layer in layers}) != 1:
+            raise CodegenError(f"the layers of {topology.model_type}'s {stack.path} differ from each other "
+                               "(their classes or sublayers); generated code rewrites one layer class per stack")
+        stack_edits = (_post_edits if placement == "post" else _pre_edits)(model, stack, layers[0], path, classes)
+        edits += [edit for edit in stack_edits if edit not in edits]
+    return edits
+
+
+def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
+                ) -> list[Edit]:
+    """Pre -> Post for one stack: unwrap the pre norms, wrap each add in the next sublayer's norm, and move
+    the final norm before the loop (an embedding norm, where the model has one, leaves: the plan drops it)."""
+    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
     subs = layer.sublayers
-
-    if placement == "post":
-        if stack.embedding_norm is not None:
-            raise CodegenError(f"{topology.model_type} has an embedding norm before its Pre-Norm layers; generated "
-                               "Post-Norm code for that layout is not supported yet")
-        if stack.final_norm is None:
-            raise CodegenError(f"{topology.model_type} has no final norm to become the embedding norm")
-        for index, sub in enumerate(subs):
-            pre_norms = sub.norms_in("pre")
-            if not pre_norms:
-                raise CodegenError(f"sublayer {index} of {layer.path} has no pre norm")
-            for norm in pre_norms:
-                class_name, attribute = locate.attribute(norm.source, norm.path)
-                edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
-            for extra in pre_norms[1:]:
-                owner, attribute = owner_and_attribute(model, extra.path)
-                edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
-            next_norm = subs[(index + 1) % len(subs)].norms_in("pre")[0]
-            class_name, attribute = locate.attribute(sub.residual_add, next_norm.path)
-            edits.append(WrapResidualAdd(class_name, locate.line(sub.residual_add), attribute))
-        owner, attribute = owner_and_attribute(model, stack.final_norm.path)
-        edits += [UnwrapModelNorm(owner, attribute),
-                  NeutraliseNorm(owner, attribute, _parameter_names(model, stack.final_norm.path)),
-                  AddStackNorm(loop_owner, stack_attribute, EMBEDDING_NORM, "before", owner, attribute)]
-        return edits
-
-    if placement == "pre":
-        if stack.embedding_norm is None:
-            raise CodegenError(f"{topology.model_type} has no embedding norm to become the final norm")
-        for index, sub in enumerate(subs):
-            (norm,) = sub.norms_in("post") or (None,)
-            if norm is None or len(sub.branches) != 1 or not sub.branches[0].entry:
-                raise CodegenError(f"sublayer {index} of {layer.path} is not a single branch with one post norm")
+    edits: list[Edit] = []
+    for index, sub in enumerate(subs):
+        pre_norms = sub.norms_in("pre")
+        if not pre_norms:
+            raise CodegenError(f"sublayer {index} of {layer.path} has no pre norm")
+        for norm in pre_norms:
             class_name, attribute = locate.attribute(norm.source, norm.path)
             edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
-            branch = sub.branches[0]
-            class_name, branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")
-            _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
-            edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
-                                         norm_attribute))
-        owner, attribute = owner_and_attribute(model, stack.embedding_norm.path)
-        edits += [UnwrapModelNorm(owner, attribute),
-                  NeutraliseNorm(owner, attribute, _parameter_names(model, stack.embedding_norm.path)),
-                  AddStackNorm(loop_owner, stack_attribute, FINAL_NORM, "after", owner, attribute)]
-        return edits
-    raise CodegenError(f"placement must be pre or post, got {placement!r}")
+        for extra in pre_norms[1:]:
+            owner, attribute = owner_and_attribute(model, extra.path)
+            edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
+    edits += _wrapped_adds(subs, locate)
+    if stack.embedding_norm is not None:
+        edits += _removed_model_norm(model, stack.embedding_norm.path)
+    template = _template(model, stack.final_norm, subs[0].norms_in("pre")[0], locate)
+    if stack.final_norm is not None:
+        edits += _removed_model_norm(model, stack.final_norm.path)
+    return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
+                                 *template)]
+
+
+def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator) -> list[Edit]:
+    """Each residual add wrapped in one of the layer's former pre norms, each norm used once.
+
+    Sublayer j's add takes sublayer j+1's norm (the last add the first), which keeps names meaningful
+    (Llama's ``post_attention_layernorm`` ends up after attention). Where that norm is not reachable from the
+    class that adds (T5 keeps each sublayer's norm in the sublayer's own module), every add takes its own
+    sublayer's norm instead. Either way the plan, read from the generated code, moves the weights to match.
+    """
+    for shift in (1, 0):
+        try:
+            edits: list[Edit] = []
+            for index, sub in enumerate(subs):
+                norm = subs[(index + shift) % len(subs)].norms_in("pre")[0]
+                class_name, attribute = locate.attribute(sub.residual_add, norm.path)
+                edits.append(WrapResidualAdd(class_name, locate.line(sub.residual_add), attribute))
+            return edits
+        except CodegenError as error:
+            unreachable = error
+    raise unreachable
+
+
+def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
+               ) -> list[Edit]:
+    """Post -> Pre for one stack: unwrap the post norms, wrap each branch input in its sublayer's norm, and
+    move the embedding norm after the loop (where there is none, the final norm is built like a layer norm)."""
+    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
+    edits: list[Edit] = []
+    first_post: NormSite | None = None
+    for index, sub in enumerate(layer.sublayers):
+        (norm,) = sub.norms_in("post") or (None,)
+        if norm is None or len(sub.branches) != 1 or not sub.branches[0].entry:
+            raise CodegenError(f"sublayer {index} of {layer.path} is not a single branch with one post norm")
+        first_post = first_post or norm
+        class_name, attribute = locate.attribute(norm.source, norm.path)
+        edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
+        branch = sub.branches[0]
+        class_name, branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")
+        _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
+        edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
+                                     norm_attribute))
+    assert first_post is not None  # a layer has at least one sublayer
+    template = _template(model, stack.embedding_norm, first_post, locate)
+    if stack.embedding_norm is not None:
+        edits += _removed_model_norm(model, stack.embedding_norm.path)
+    return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
+                                 *template)]
+
+
+def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:
+    """A stack-level norm (embedding or final) that the target layout no longer runs."""
+    owner, attribute = owner_and_attribute(model, path)
+    return [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute, _parameter_names(model, path))]
+
+
+def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite, locate: _Locator) -> tuple[str, str]:
+    """(class, attribute) whose constructor the new stack norm copies: the stack norm that moves, else (a
+    layout with no norm in that slot: Marian has no embedding norm, some Pre-Norm models no final norm) the
+    layer's own norm, which the plan starts as a unit norm."""
+    if moved is not None:
+        return owner_and_attribute(model, moved.path)
+    class_name, attribute = locate.attribute(layer_norm.source, layer_norm.path)
+    if "." in attribute:
+        raise CodegenError(f"{layer_norm.path} is built in a submodule of {class_name}, so there is no constructor "
+                           "in one class to copy for the new stack norm")
+    return class_name, attribute
 
 
 def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
