@@ -234,7 +234,9 @@ class _Locator:
         line = self.line(source)
         enclosing = [(name, start, end) for name, start, end in self.classes if start <= line <= end]
         if not enclosing:
-            raise CodegenError(f"{source} is not inside a class")
+            raise CodegenError(f"{source} (a norm call or residual add the conversion must rewrite) is in a "
+                               "module-level function, which holds no norm module to wrap it in: generated code "
+                               "edits the classes of the modeling file")
         class_name = max(enclosing, key=lambda item: item[1])[0]
         relative = module_path.removeprefix(self.layer_path + ".")
         for class_path in self.class_paths.get(class_name, []):
@@ -242,7 +244,9 @@ class _Locator:
                 return class_name, relative
             if relative.startswith(class_path + "."):
                 return class_name, relative[len(class_path) + 1:]
-        raise CodegenError(f"{module_path} is not reachable from {class_name} (at {source})")
+        raise CodegenError(f"{module_path} is not reachable from {class_name} (at {source}): the code there "
+                           "cannot call that norm, because it belongs to an enclosing module, and generated code "
+                           "keeps each family's module tree")
 
 
 def _owner(model: nn.Module, path: str) -> str:
