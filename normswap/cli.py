@@ -42,7 +42,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     inspect.add_argument("source", metavar="SRC", help="checkpoint folder or config.json")
     inspect.add_argument("--json", action="store_true", help="print one JSON object (schema in docs/inspect.md)")
     inspect.add_argument("--trust-remote-code", action="store_true",
-                         help="allow custom modeling code named by the checkpoint's auto_map")
+                         help="allow custom modeling code named by the checkpoint's auto_map (normswap-generated "
+                         "code that is byte for byte this normswap's own runs without it)")
 
     convert = commands.add_parser(
         "convert", parents=[debug],
@@ -60,11 +61,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN) or "
                          "layernorm (approximate; exact with --exact)")
     convert.add_argument("--untie", action="store_true",
-                         help="with --norm rmsnorm: centre the embedding weights and untie lm_head, instead of "
-                         "centring the stream in code")
+                         help="write lm_head as its own tensor: with --norm rmsnorm, centre the embedding weights "
+                         "instead of centring the stream in code; with --norm layernorm --exact, needed where the "
+                         "embeddings are tied")
     convert.add_argument("--exact", action="store_true",
-                         help="with --norm layernorm: exactly, by one extra hidden dimension (Llama, Mistral, "
-                         "Qwen2), instead of approximately in the same width")
+                         help="with --norm layernorm: exactly, by one extra hidden dimension (any Pre-RMSNorm "
+                         "decoder whose code takes it: checked by building it), instead of approximately in the "
+                         "same width")
     convert.add_argument("--no-native", dest="native", action="store_false",
                          help="do not use a stock transformers family as the target")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -86,7 +89,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--json", action="store_true", help="print the plan and report as one JSON object")
     convert.add_argument("--trust-remote-code", action="store_true",
-                         help="allow custom modeling code named by the checkpoint's auto_map")
+                         help="allow custom modeling code named by the checkpoint's auto_map (normswap-generated "
+                         "code that is byte for byte this normswap's own runs without it)")
     convert.add_argument("--heal", action="store_true",
                          help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
     convert.add_argument("--heal-data", metavar="PATH", help="healing text for --heal (default: built-in corpus)")
@@ -146,8 +150,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       "against --max-steps and --max-time (off by default)")
     heal.add_argument("--overwrite", action="store_true", help="replace DST if it exists (off by default)")
     heal.add_argument("--trust-remote-code", action="store_true",
-                      help="allow the modeling code the checkpoints name (needed for normswap-generated code; "
-                      "off by default)")
+                      help="allow the modeling code the checkpoints name (normswap-generated code that is byte "
+                      "for byte this normswap's own runs without it; off by default)")
     heal.add_argument("--quiet", action="store_true", help="no progress bar (shown by default)")
     heal.add_argument("--json", action="store_true",
                       help="print the report as one JSON object (default: a summary)")

@@ -141,11 +141,8 @@ def test_cli_round_trip_through_generated_code(tmp_path: Path, capsys: pytest.Ca
     model.save_pretrained(tmp_path / "source")
     assert main(["convert", str(tmp_path / "source"), str(tmp_path / "post"), "--placement", "post"]) == 0
     capsys.readouterr()
-    # the generated checkpoint carries custom code: converting it needs the user's consent too
-    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre"]) == 1
-    assert "--trust-remote-code" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre",
-                 "--trust-remote-code"]) == 0
+    # normswap's own code, byte for byte: converting it back needs no --trust-remote-code (issue 17)
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre"]) == 0
     back = tmp_path / "back"
     assert not (back / "modeling_normswap_llama.py").exists()
     assert transformers.AutoConfig.from_pretrained(back).model_type == "llama"

@@ -97,3 +97,17 @@ def test_a_model_without_one_residual_width_is_refused_with_the_reason(tmp_path:
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no single residual width" in error[0] and "[64, 192, 384]" in error[0]
     assert "internal error" not in error[0] and "report" not in error[0]
+
+
+def test_funnel_whose_embedding_norm_feeds_no_detected_stack_is_refused_not_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Funnel's embedding norm feeds an encoder of nested blocks that detection does not take for a stack; the
+    norm-shift moved it into the decoder, whose branch 0 then read something else (a bad output, exit 0)."""
+    config = transformers.FunnelConfig(block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
+                                       vocab_size=128)
+    _perturbed(transformers.FunnelModel(config)).save_pretrained(tmp_path / "src")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "branch 0 of decoder.layers should read exactly what it read before" in error[0]
+    assert not (tmp_path / "dst").exists()

@@ -144,7 +144,9 @@ def test_cli_heals_a_converted_checkpoint(tmp_path: Path, capsys: pytest.Capture
                  "--quiet"]) == 0
     args = ["heal", str(tmp_path / "original"), str(tmp_path / "post"), str(tmp_path / "healed"), "--max-steps",
             "12", "--eval-steps", "6", "--batch-size", "8", "--max-length", "24", "--held-out", "32", "--quiet"]
-    assert main(args) == 1  # generated code needs --trust-remote-code
+    with (tmp_path / "post" / "modeling_normswap_llama.py").open("a") as code:
+        code.write("# edited\n")  # no longer normswap's own code: running it needs --trust-remote-code
+    assert main(args) == 1
     assert "--trust-remote-code" in capsys.readouterr().err and not (tmp_path / "healed").exists()
     assert main([*args, "--trust-remote-code", "--plot"]) == 0
     report = json.loads((tmp_path / "healed" / "normswap_report.json").read_text())

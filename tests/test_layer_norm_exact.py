@@ -17,11 +17,6 @@ from normswap.conversion.verify import probe_inputs
 FAMILIES = [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")]
 
 
-def with_head_dim(model: torch.nn.Module) -> torch.nn.Module:
-    model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
-    return model
-
-
 def test_lift_is_orthonormal_and_orthogonal_to_ones() -> None:
     lift = orthonormal_lift(7)
     assert lift.shape == (8, 7)
@@ -31,7 +26,8 @@ def test_lift_is_orthonormal_and_orthogonal_to_ones() -> None:
 
 @pytest.mark.parametrize(("config", "model_class"), FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_rms_norm_to_layer_norm_is_exact(config: str, model_class: str) -> None:
-    model = with_head_dim(perturbed(config, model_class))
+    """Qwen2's config has no head_dim: the conversion writes the derived one into the wider config."""
+    model = perturbed(config, model_class)
     converted = normswap.convert(model, norm="layernorm", exact=True)
     assert converted.normswap_report.relative <= 1e-4
     d = model.config.hidden_size
@@ -46,16 +42,19 @@ def test_rms_norm_to_layer_norm_is_exact(config: str, model_class: str) -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(normswap.NormswapError, match="gemma cannot take"):
-        normswap.convert(perturbed("gemma", "GemmaForCausalLM"), norm="layernorm", exact=True)
-    tied = with_head_dim(perturbed("qwen2", "Qwen2ForCausalLM"))
+    """Structural refusals name their reason: Gemma 2's sandwich norms, T5's two stacks, a tie without --untie."""
+    with pytest.raises(normswap.NormswapError, match="gemma2 is not a Pre-RMSNorm model"):
+        normswap.convert(perturbed("gemma2", "Gemma2ForCausalLM"), norm="layernorm", exact=True)
+    with pytest.raises(normswap.NormswapError, match=r"t5 has 2 layer stacks \(an encoder-decoder\)"):
+        normswap.convert(perturbed("t5", "T5ForConditionalGeneration"), norm="layernorm", exact=True)
+    tied = perturbed("qwen2", "Qwen2ForCausalLM")
     tied.config.tie_word_embeddings = True
-    with pytest.raises(normswap.NormswapError, match="embeddings are tied"):
+    with pytest.raises(normswap.NormswapError, match=r"pass --untie .* adds 33 kB \(128 x 65 x 4 bytes\)"):
         normswap.convert(tied, norm="layernorm", exact=True)
 
 
 def test_cli_exact_checkpoint_reloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = with_head_dim(perturbed("llama", "LlamaForCausalLM"))
+    model = perturbed("llama", "LlamaForCausalLM")
     model.save_pretrained(tmp_path / "source")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact"]) == 0
@@ -95,7 +94,7 @@ def test_gemma_offset_norms_become_plain_rms_norms_exactly() -> None:
 
 def test_round_trip_through_both_exact_paths() -> None:
     """RMSNorm -> LayerNorm (one dimension wider) -> RMSNorm again: the outputs stay the original's."""
-    model = with_head_dim(perturbed("llama", "LlamaForCausalLM"))
+    model = perturbed("llama", "LlamaForCausalLM")
     back = normswap.convert(normswap.convert(model, norm="layernorm", exact=True), norm="rmsnorm")
     assert {n.kind for n in normswap.inspect(back).residual_norms} == {"rmsnorm"}
     inputs = probe_inputs(model, None, None)
@@ -107,8 +106,7 @@ def test_round_trip_through_both_exact_paths() -> None:
 def test_layer_norm_round_trip_through_both_exact_paths() -> None:
     """LayerNorm -> RMSNorm -> LayerNorm by the exact paths, starting from a LayerNorm Llama (one made by the
     extra-dimension map: the stock LayerNorm families cannot take an extra dimension)."""
-    layer_norm_model = normswap.convert(with_head_dim(perturbed("llama", "LlamaForCausalLM")), norm="layernorm",
-                                        exact=True)
+    layer_norm_model = normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="layernorm", exact=True)
     rms = normswap.convert(layer_norm_model, norm="rmsnorm")
     back = normswap.convert(rms, norm="layernorm", exact=True)
     assert normswap.inspect(back).norm == "layernorm"

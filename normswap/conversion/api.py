@@ -23,7 +23,7 @@ from .norm_change import convert_norm_kind
 from .plan import ConversionPlan, build_placement_plan, require_placement_source
 from .program import shapes_of
 from .setup import ConversionSetup, realise
-from .verify import DriftReport, measure_drift, require_topology
+from .verify import DriftReport, measure_drift, require_branch_zero, require_topology
 from .weights import placement_program
 
 PLACEMENTS = ("pre", "post")
@@ -94,7 +94,9 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 
     def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> DriftReport:
         require_topology(converted, target)
-        return measure_drift(original, converted, source, target, probe, exact=plan.exact)
+        report = measure_drift(original, converted, source, target, probe, exact=plan.exact)
+        require_branch_zero(plan, report)
+        return report
 
     return ConversionSetup(plan, program, cls, config, generated,
                            f"placement {plan.source_placement} -> {plan.target_placement}", source, target, verify)
@@ -106,7 +108,7 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
 
     Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
     has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model and
-    ``norm="layernorm", exact=True`` on a Pre-RMSNorm Llama/Mistral/Qwen2 (one extra hidden dimension) are
+    ``norm="layernorm", exact=True`` on a Pre-RMSNorm decoder (one extra hidden dimension) are
     exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or
     ``ExactnessError`` is raised. ``norm="layernorm"`` alone is approximate and carries a drift report.
     The realised model is re-detected and must show the planned topology. A model holding NaN or Inf is

@@ -2,8 +2,8 @@
 
 LayerNorm also removes the stream's mean, which an RMSNorm model never saw removed, so the function
 changes; the report says by how much, and healing (``normswap heal``) closes the gap. Gemma's offset
-norms (``(1 + w) * x / rms(x)``) take ``1 + w`` as their LayerNorm weight. For an exact conversion of
-Llama, Mistral and Qwen2 use ``exact=True`` (one extra hidden dimension).
+norms (``(1 + w) * x / rms(x)``) take ``1 + w`` as their LayerNorm weight. For an exact conversion of a
+Pre-RMSNorm decoder use ``exact=True`` (one extra hidden dimension).
 """
 
 from __future__ import annotations

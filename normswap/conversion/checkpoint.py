@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..corpus import default_corpus, read_corpus
+from ..detect.own_code import own_model_class
 from ..detect.source import load_config
 from ..errors import ExactnessError, NormswapError, SourceError, first_line
 from ..failures import printable_path
@@ -274,7 +275,8 @@ def model_class(config: Any) -> Any:
     """The class that loads this checkpoint: its architecture, or for custom code the Auto class ``auto_map`` names.
 
     A checkpoint with custom code (``auto_map``, e.g. normswap-generated) is never loaded into the stock
-    class of the same name; ``load_config`` has already refused it without ``trust_remote_code``.
+    class of the same name; ``load_config`` has already refused it without ``trust_remote_code``, unless the
+    code is byte for byte normswap's own: then the class is that of normswap's own copy (``own_model_class``).
     """
     import transformers
 
@@ -284,7 +286,7 @@ def model_class(config: Any) -> Any:
         wanted = architectures[0] if architectures else None
         auto_name = next((name for name, target in auto_map.items() if name != "AutoConfig"
                           and (wanted is None or target.rsplit(".", 1)[-1] == wanted)), "AutoModel")
-        return getattr(transformers, auto_name)
+        return own_model_class(config, auto_name) or getattr(transformers, auto_name)
     cls = getattr(transformers, architectures[0], None) if architectures else None
     return cls or transformers.AutoModel
 

@@ -29,7 +29,7 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
             return plan_rms_norm_approximate(model)
         return plan_rms_norm(model, untie=untie)
     if norm == "layernorm":
-        return plan_layer_norm_exact(model) if exact else plan_layer_norm_approximate(model)
+        return plan_layer_norm_exact(model, untie=untie) if exact else plan_layer_norm_approximate(model)
     raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
 
 

@@ -152,6 +152,29 @@ def probe_inputs(model: nn.Module, texts: Sequence[str] | None, tokenizer: Any |
     return {name: value.to(device) for name, value in inputs.items()}
 
 
+BRANCH_ZERO_COSINE = 0.999  # far below the float noise of the same norm on the same input, far above a moved one
+
+
+def require_branch_zero(plan: Any, report: DriftReport) -> None:
+    """The norm-shift mapping keeps what each stack's branch 0 reads wherever the plan moves a norm into a norm
+    at entry 0 (docs/design.md §3); if it moved, detection took a norm for the stack's embedding norm that
+    does not feed its first layer (Funnel's embedding norm feeds an encoder of nested blocks), and the output
+    would be wrong without saying so."""
+    for stack in plan.stacks:
+        entry = [move for move in stack.moves if move.index == 0]
+        dropped_before = any(move.index < 0 for move in stack.moves)  # mBART's embedding norm, going to post
+        kept = (entry and all(move.source and move.target and not move.copy for move in entry)
+                and not stack.unit_norms and not dropped_before)
+        first = next((drift for drift in report.sublayers if drift.stack == stack.target_stack and drift.index == 0),
+                     None)
+        if kept and first is not None and first.cosine < BRANCH_ZERO_COSINE:
+            raise VerificationError(
+                f"branch 0 of {stack.source_stack} should read exactly what it read before ({entry[0].source} "
+                f"moves to {entry[0].target}), but its input moved (cosine {first.cosine:.4f}): "
+                f"{entry[0].source} does not feed {stack.source_stack}'s first layer directly, so this model's "
+                "norms do not form the one sequence per stack that the norm-shift mapping needs")
+
+
 def _decoder_vocab(model: nn.Module, vocab: int) -> int:
     """The rows of the decoder's token embedding (``vocab``, the encoder's, where it has none of its own)."""
     try:

@@ -38,7 +38,12 @@ class MetaModel:
 
 
 def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
-    """Read a config from a checkpoint folder or a config.json, with one-line errors for bad input."""
+    """Read a config from a checkpoint folder or a config.json, with one-line errors for bad input.
+
+    Custom code (``auto_map``) runs only with ``trust_remote_code``; without it, a normswap-generated
+    checkpoint whose modeling file is byte for byte this normswap's own gets a config of normswap's own
+    copy of that code (``own_code``), and every other one is refused naming the flag.
+    """
     path = Path(source)
     config_path = _config_file(path)
     data = _parse_config_json(config_path, _read_config_bytes(config_path))
@@ -46,13 +51,17 @@ def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
         from transformers import AutoConfig
 
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=True)
         except Exception as error:  # custom config code fails in its own ways
             raise SourceError(
                 f"{config_path} cannot be loaded with its custom code ({type(error).__name__}: "
                 f"{first_line(error)}); fix the config or its configuration module"
             ) from error
+    from .own_code import claims_own_code, own_generated_config
+
+    if claims_own_code(data):  # normswap-generated: its code runs only if it is byte for byte normswap's own
+        return own_generated_config(config_path, data)
     return config_from_dict(data, str(config_path), trust_remote_code)
 
 
@@ -170,7 +179,7 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
         )
     fields = {key: value for key, value in data.items() if key != "model_type"}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return CONFIG_MAPPING[model_type].from_dict(fields)
     except Exception as error:  # config classes validate with many exception types
         raise SourceError(
@@ -192,10 +201,14 @@ def build_meta_model(source: str | Path | nn.Module, trust_remote_code: bool = F
 
 
 def meta_model_from_config(config: Any, trust_remote_code: bool = False) -> MetaModel:
-    """The ``AutoModel`` of ``config`` on the meta device; building writes to ``config``, so pass one you own."""
+    """The ``AutoModel`` of ``config`` on the meta device; building writes to ``config``, so pass one you own.
+    A normswap-generated checkpoint's config that ``load_config`` verified builds normswap's own class."""
     from transformers import AutoModel
 
-    return _build(AutoModel, config, config.model_type, trust_remote_code)
+    from .own_code import own_model_class
+
+    own = own_model_class(config, "AutoModel")
+    return _build(own or AutoModel, config, config.model_type, trust_remote_code)
 
 
 def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bool) -> MetaModel:
@@ -204,7 +217,7 @@ def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bo
     # mixture-of-experts kernels have no meta implementation; the eager loop is the same topology
     options = {"experts_implementation": "eager"}
     try:
-        with torch.device("meta"), _quiet_transformers():
+        with torch.device("meta"), quiet_transformers():
             if model_class is AutoModel:
                 model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, **options)
             else:
@@ -219,7 +232,7 @@ def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bo
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Config and init chatter from transformers is noise for a topology report."""
     from transformers.utils import logging
 

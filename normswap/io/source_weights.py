@@ -3,7 +3,8 @@
 Handles ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, and legacy
 ``pytorch_model.bin`` (sharded or not), which is only ever read with ``torch.load(weights_only=True)``.
 Names are matched to the model's own state-dict keys (tied weights, a missing or extra base-model
-prefix, legacy ``gamma``/``beta`` names), and every tensor's shape is checked against the model that
+prefix, legacy ``gamma``/``beta`` names, transformers' renamings, and tensors transformers fuses from
+per-expert ones: ``fused_tensors``), and every tensor's shape is checked against the model that
 config.json describes before any conversion work starts.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import SourceError
+from .fused_tensors import FusedTensor, loading_conversions
 from .safetensors_file import TensorEntry, read_bytes, read_header, tensor_from_bytes
 from .shard_names import is_plain_shard_name
 
@@ -50,11 +52,13 @@ class SourceTensor:
 
 
 class CheckpointWeights:
-    """The tensors of one checkpoint folder, by their names in the files."""
+    """The tensors of one checkpoint folder, by their names in the files, and the fused tensors ``add_fused``
+    names (listed among ``tensors`` with no ``entry``: built from their parts when read)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.tensors: dict[str, SourceTensor] = {}
+        self.fused: dict[str, FusedTensor] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         files = self._weight_files()
         for file in files:
@@ -63,13 +67,26 @@ class CheckpointWeights:
 
     @property
     def total_bytes(self) -> int:
-        return sum(tensor.nbytes for tensor in self.tensors.values())
+        """The bytes stored in the files (a fused tensor's are its parts')."""
+        return sum(tensor.nbytes for name, tensor in self.tensors.items() if name not in self.fused)
 
     def read(self, name: str) -> torch.Tensor:
+        if name in self.fused:
+            return self.fused[name].build(self.read)
         tensor = self.tensors[name]
         if tensor.entry is None:
             return self._pickles[tensor.file][name]
         return tensor_from_bytes(read_bytes(tensor.entry), tensor.dtype, tensor.shape)
+
+    def add_fused(self, fused: FusedTensor) -> None:
+        """List ``fused`` under its model-side name, with the dtype and shape transformers' operations give it."""
+        if fused.name in self.tensors:
+            raise SourceError(f"the checkpoint in {self.folder} holds {fused.name!r} both as one tensor and as the "
+                              f"parts transformers fuses into it ({fused.parts[0]!r} and others); keep one of them")
+        parts = {name: (self.tensors[name].dtype, self.tensors[name].shape) for name in fused.parts}
+        dtype, shape = fused.describe(parts)
+        self.tensors[fused.name] = SourceTensor(fused.name, self.tensors[fused.parts[0]].file, dtype, shape, None)
+        self.fused[fused.name] = fused
 
     def _weight_files(self) -> list[Path]:
         for index_name, single in ((_SAFETENSORS_INDEX, _SAFETENSORS), (_BIN_INDEX, _BIN)):
@@ -153,15 +170,19 @@ def load_pickled_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 def match_names(weights: CheckpointWeights, expected: Mapping[str, torch.Size], tied: Mapping[str, tuple[str, ...]],
-                prefix: str, renamed: Mapping[str, str] | None = None) -> dict[str, str]:
+                prefix: str, renamed: Mapping[str, str | FusedTensor] | None = None) -> dict[str, str]:
     """For each of the model's state-dict keys, the checkpoint tensor that holds it.
 
     ``tied`` maps a tied key to the keys it shares storage with (only one of them is saved); ``prefix``
     is the model's base-model prefix, which checkpoints saved from a bare model lack; ``renamed`` maps
-    model-side names to checkpoint names for families whose saved names differ (transformers' renamings).
-    Missing tensors and shapes that disagree with the config are errors; unused ones are a warning.
+    model-side names to checkpoint names for families whose saved names differ (transformers' renamings),
+    or to the ``FusedTensor`` transformers builds for them (per-expert tensors), which is then added to
+    ``weights`` under the model-side name. Missing tensors and shapes that disagree with the config are
+    errors; unused ones are a warning.
     """
-    names: dict[str, Any] = {**weights.tensors, **{new: weights.tensors[old] for new, old in (renamed or {}).items()}}
+    renamed = renamed or {}
+    names: dict[str, Any] = {**weights.tensors, **{new: old if isinstance(old, FusedTensor) else weights.tensors[old]
+                                                   for new, old in renamed.items()}}
     found: dict[str, str] = {}
     for key in expected:
         candidates = [key, *tied.get(key, ())]
@@ -172,15 +193,24 @@ def match_names(weights: CheckpointWeights, expected: Mapping[str, torch.Size], 
             raise SourceError(f"the checkpoint in {weights.folder} has no tensor {key!r} (it has {len(names)} "
                               f"tensors, e.g. {example!r}); the weights do not belong to this config.json, or a "
                               "shard or index entry is missing")
-        found[key] = (renamed or {}).get(match, match)
+        source = renamed.get(match, match)
+        if isinstance(source, FusedTensor):
+            if source.name not in weights.fused:
+                weights.add_fused(source)
+            source = source.name
+        found[key] = source
     names = weights.tensors
     for key, name in found.items():
         shape = tuple(names[name].shape)
         if shape != tuple(expected[key]):
-            raise SourceError(f"{names[name].file.name}: tensor {name!r} has shape {shape} but config.json implies "
-                              f"{tuple(expected[key])}; the config does not match the weights (fix config.json or "
-                              "use the matching checkpoint)")
-    unused = sorted(set(weights.tensors) - set(found.values()))
+            fused = weights.fused.get(name)
+            parts = f" (fused from {len(fused.parts)} tensors, e.g. {fused.parts[0]!r})" if fused else ""
+            raise SourceError(f"{names[name].file.name}: tensor {name!r}{parts} has shape {shape} but config.json "
+                              f"implies {tuple(expected[key])}; the config does not match the weights (fix "
+                              "config.json or use the matching checkpoint)")
+    used = set(found.values()) | {part for name in found.values() if name in weights.fused
+                                  for part in weights.fused[name].parts}
+    unused = sorted(set(weights.tensors) - used)
     if unused:
         logger.warning("ignoring %d checkpoint tensor(s) the model does not use: %s%s", len(unused),
                        ", ".join(unused[:4]), "..." if len(unused) > 4 else "")
@@ -210,25 +240,8 @@ def tied_keys(model: Any) -> dict[str, tuple[str, ...]]:
             for key in group}
 
 
-def transformers_renamings(model: Any, names: Iterable[str]) -> dict[str, str]:
+def transformers_renamings(model: Any, names: Iterable[str]) -> dict[str, str | FusedTensor]:
     """Model-side names of checkpoint tensors that transformers renames while loading (``embed_out`` ->
-    ``lm_head``); refuses checkpoints that need more than renaming (e.g. per-expert tensors to fuse)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    result: dict[str, str] = {}
-    for name in names:
-        new = name
-        for renaming in renamings:
-            new, _ = renaming.rename_source_key(new)
-        for converter in converters:
-            if converter.rename_source_key(new)[1] is not None:
-                raise SourceError(f"tensor {name!r} is stored in a layout transformers converts while loading "
-                                  f"({type(converter).__name__}); streaming cannot convert this checkpoint yet, "
-                                  "so load the model and use normswap.convert() in Python")
-        if new != name:
-            result[new] = name
-    return result
+    ``lm_head``), or of the tensors it fuses from several (per-expert weights into ``experts.gate_up_proj``),
+    for ``match_names``."""
+    return loading_conversions(model, names)
