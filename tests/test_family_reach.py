@@ -111,3 +111,15 @@ def test_funnel_whose_embedding_norm_feeds_no_detected_stack_is_refused_not_writ
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "branch 0 of decoder.layers should read exactly what it read before" in error[0]
     assert not (tmp_path / "dst").exists()
+
+
+def test_a_branch_reading_the_raw_stream_blocks_the_exact_rms_norm_map_with_the_reason() -> None:
+    """ModernBERT's first attention reads the stream through an Identity placeholder; centring the stream would
+    change its input. It used to be refused as 'residual norms are identity, layernorm-nobias'."""
+    config = transformers.ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, vocab_size=128, pad_token_id=0,
+                                           bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = _perturbed(transformers.ModernBertModel(config))
+    with pytest.raises(normswap.NormswapError, match="identity placeholder") as error:
+        normswap.convert(model, norm="rmsnorm")
+    assert "layers.0.attn_norm" in str(error.value) and "centres the stream" in str(error.value)

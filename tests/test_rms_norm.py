@@ -118,7 +118,7 @@ def test_post_ln_converts_approximately_with_a_drift_report() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(normswap.NormswapError, match="exact only for Pre-LN models"):
+    with pytest.raises(normswap.NormswapError, match="exact only where every norm reads the residual stream"):
         convert_to_rms_norm(perturbed("bert", "BertModel"))
     with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
         normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="rmsnorm")

@@ -115,7 +115,8 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     refused (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``.
     """
     if (placement is None) == (norm is None):
-        raise NormswapError("pass exactly one of placement= and norm= (combining them is not supported yet)")
+        raise NormswapError("pass exactly one of placement= and norm=: convert twice to change both (the placement, "
+                            "then the norm kind)")
     if norm is not None:
         return convert_norm_kind(model, norm, exact=exact, untie=untie, allow_nonfinite=allow_nonfinite)[0]
     setup = plan_conversion(model, placement, native)

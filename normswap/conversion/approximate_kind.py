@@ -68,12 +68,13 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
     topology = inspect(model)
     sites = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms]
     sites += [edge for stack in topology.stacks for edge in (stack.embedding_norm, stack.final_norm) if edge]
-    if topology.placement != "post" or not {site.kind for site in sites} <= _LAYER_NORM_KINDS:
+    if topology.placement in ("pre", "parallel") or not {site.kind for site in sites} <= _LAYER_NORM_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
-                            "path is for Post-LN models (Pre-LN models convert exactly)")
+                            "path is for models with norms after their sublayers (Pre-LN models convert exactly)")
+    layout = "Post-LN" if topology.placement == "post" else topology.placement
     edits = [rms_norm_replacement(model, site) for site in sites]
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
-                                       "norm LayerNorm -> RMSNorm (approximate: Post-LN)", rms_norm=True)
+                                       f"norm LayerNorm -> RMSNorm (approximate: {layout})", rms_norm=True)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
                         tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
     steps = {key: copy_of(key) for key in model.state_dict()}
@@ -81,7 +82,7 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
         if site.kind == "layernorm-offset":
             steps[f"{site.path}.weight"] = combine(one_plus, steps[f"{site.path}.weight"])
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
-                           "norm layernorm -> rmsnorm (approximate, Post-LN)", verify=_drift(topology))
+                           f"norm layernorm -> rmsnorm (approximate, {layout})", verify=_drift(topology))
 
 
 def plan_offset_to_rms_norm(model: nn.Module) -> ConversionSetup:

@@ -88,7 +88,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     it can, writing only the tensors that change; the caller discards a mirror it passed.
     """
     if (placement is None) == (norm is None):
-        raise NormswapError("pass exactly one of --placement and --norm (combining them is not supported yet)")
+        raise NormswapError("pass exactly one of --placement and --norm: to change both, convert twice (the "
+                            "placement into one folder, then the norm kind from it)")
     started = time.monotonic()
     source_path, destination_path = Path(source), Path(destination)
     with early_copy(source_path, destination_path, overwrite, norm, exact, dtype, given=mirror) as mirror:

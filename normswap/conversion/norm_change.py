@@ -25,7 +25,7 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         topology = inspect(model)
         if {n.kind for n in topology.all_norms} == {"rmsnorm-offset"}:
             return plan_offset_to_rms_norm(model)
-        if topology.placement == "post":
+        if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
             return plan_rms_norm_approximate(model)
         return plan_rms_norm(model, untie=untie)
     if norm == "layernorm":

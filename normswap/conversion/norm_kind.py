@@ -219,8 +219,14 @@ def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
 
 def _require_pre_layer_norm(topology: Topology) -> None:
     if topology.placement not in _PRE_PLACEMENTS:
-        raise NormswapError(f"{topology.model_type} is {topology.placement}; LayerNorm -> RMSNorm is exact only for "
-                            "Pre-LN models (convert the placement first, or wait for the approximate path)")
+        raise NormswapError(f"{topology.model_type} is {topology.placement}; LayerNorm -> RMSNorm is exact only where "
+                            "every norm reads the residual stream, which can be centred once (Pre-LN); "
+                            "normswap.convert(model, norm='rmsnorm') converts other layouts approximately")
+    raw = [n.path for n in topology.stream_norms if n.kind == "identity"]
+    if raw:
+        raise NormswapError(f"{topology.model_type} has a branch that reads the residual stream with no norm ({raw[0]} "
+                            "is an identity placeholder): the exact LayerNorm -> RMSNorm map centres the stream, "
+                            "which would change what that branch reads")
     kinds = {n.kind for n in topology.stream_norms}
     if not kinds <= _LAYER_NORMS:
         raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
