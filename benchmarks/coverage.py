@@ -43,7 +43,9 @@ SAMPLE: dict[str, tuple[str, ...]] = {
     "distilbert": ("placement pre",),  # post: issue 17's bad output, good since its generated code loads
     "gpt2": ("norm rmsnorm",),  # pre, LayerNorm
     "llama": ("placement post", "norm layernorm --exact"),  # pre, RMSNorm
-    "gpt_neox": ("placement post",),  # parallel
+    "gpt_neox": ("placement post", "placement pre"),  # parallel: pre is its stock sequential form
+    "t5": ("placement post",),  # pre, encoder-decoder through generated code
+    "qwen3": ("norm layernorm --exact",),  # exact by construction (it was refused by a name list)
     "cohere": ("norm rmsnorm",),  # parallel: issue 17's, fixed
     "gemma2": ("norm rmsnorm", "placement post"),  # sandwich
     "olmo2": ("placement pre",),  # post-sublayer: refused
@@ -51,7 +53,7 @@ SAMPLE: dict[str, tuple[str, ...]] = {
     "bloom": ("norm rmsnorm",),
 }
 SAMPLE_EXACT = (("gpt2", "norm rmsnorm"), ("llama", "norm layernorm --exact"), ("cohere", "norm rmsnorm"),
-                ("gemma2", "norm rmsnorm"))
+                ("gemma2", "norm rmsnorm"), ("qwen3", "norm layernorm --exact"))
 # cells of the sample that fail today, and why: the sample test expects them to fail, strictly
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
 }
