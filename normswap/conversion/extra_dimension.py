@@ -307,8 +307,23 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> None:
         if fused_experts(module):
             raise NormswapError(f"{path} in {family} holds its mixture-of-experts weights fused in 3-d tensors; the "
                                 "extra-dimension map lifts and reads through nn.Linear maps only")
-    if getattr(model.config, "rms_norm_eps", None) is None:
-        raise NormswapError(f"{family}'s config has no rms_norm_eps, which the wider LayerNorms take as eps * d/(d+1)")
+    eps_field(model.config, topology, family)
+
+
+_EPS_FIELDS = ("rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rms_norm_epsilon", "eps",
+               "norm_epsilon")
+
+
+def eps_field(config: Any, topology: Topology, family: str) -> str:
+    """The config field the norms take their eps from (Llama's ``rms_norm_eps``, CpmAnt's ``eps``): the wider
+    LayerNorms need it set to eps * d/(d+1)."""
+    values = {norm.eps for norm in topology.stream_norms if norm.eps is not None}
+    for name in _EPS_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, float) and all(math.isclose(value, eps) for eps in values):
+            return name
+    raise NormswapError(f"no field of {family}'s config holds its norms' eps ({', '.join(map(str, sorted(values)))}), "
+                        "which the wider LayerNorms must take as eps * d/(d+1)")
 
 
 def _tied(model: nn.Module) -> bool:
@@ -357,7 +372,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, d: int, u
     families reading ``getattr(config, "head_dim", hidden_size // heads)`` keep their head size.
     """
     config = model.config
-    values: dict[str, Any] = {"hidden_size": d + 1, "rms_norm_eps": config.rms_norm_eps * d / (d + 1)}
+    eps = eps_field(config, topology, topology.model_type)
+    values: dict[str, Any] = {"hidden_size": d + 1, eps: getattr(config, eps) * d / (d + 1)}
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
     if head_dim or heads:
@@ -407,4 +423,5 @@ def _require_scaled_eps(family: str, topology: Topology, target: nn.Module, d: i
         found = getattr(target.get_submodule(norm.path), "eps", None)
         if norm.eps is not None and found is not None and not math.isclose(found, norm.eps * d / (d + 1)):
             raise NormswapError(f"{family}'s {norm.path} takes eps {found:g} one dimension wider, not "
-                                f"{norm.eps * d / (d + 1):g}: its code does not read eps from config.rms_norm_eps")
+                                f"{norm.eps * d / (d + 1):g}: its code does not read eps from the config field "
+                                "that holds it")
