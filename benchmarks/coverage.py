@@ -126,6 +126,28 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
     return Run(families, tuple(skipped), clock.tick(), jobs, scope, _versions())
 
 
+def from_state(state: Path, jobs: int) -> Run:
+    """The families a stopped run (``--state``) has finished, as a run of its own: the full matrix takes hours on
+    2 cores, so it is run in pieces, and the document says how many candidates it covers so far."""
+    journal = state / "families.jsonl"
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for line in map(json.loads, journal.read_text().splitlines() if journal.exists() else []):
+        lines.setdefault(line["name"], []).append(line)
+    finished = {name: own for name, own in lines.items() if any(line["kind"] in _FINAL for line in own)}
+    discovered = state / "discovery.jsonl"
+    found: dict[str, list[dict[str, Any]]] = {}
+    for line in map(json.loads, discovered.read_text().splitlines() if discovered.exists() else []):
+        found.setdefault(line["name"], []).append(line)
+    skipped = [Family(name, skipped=_skip_reason(own)) for name, own in found.items() if _skip_reason(own)]
+    rows = [_family(name, own) for name, own in finished.items()]
+    families = tuple(sorted((r for r in rows if not r.skipped), key=lambda r: r.name))
+    skipped += [r for r in rows if r.skipped]
+    to_run = len(found) - len(skipped) + len([r for r in rows if r.skipped])
+    scope = f"every family, in part: {len(finished)} of the {to_run} candidates that build, so far"
+    seconds = json.loads((state / "clock.json").read_text())["seconds"] if (state / "clock.json").exists() else 0.0
+    return Run(families, tuple(sorted(skipped, key=lambda r: r.name)), seconds, jobs, scope, _versions())
+
+
 class _Clock:
     """Wall time of a run, summed over the sessions of a resumed one (kept in ``state/clock.json``)."""
 
@@ -490,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", help="a folder that keeps finished families, so that rerunning the same command "
                                          "after a stop goes on where it was")
     parser.add_argument("--render", help="write --out from an earlier run's --json file instead of running")
+    parser.add_argument("--render-state", help="write --out (and --json) from the families a stopped run's --state "
+                                               "folder has finished, instead of running")
     parser.add_argument("--discover", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
@@ -506,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.render:
         Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(load(Path(args.render))))
+        return 0
+    if args.render_state:
+        result = from_state(Path(args.render_state), max(1, args.jobs))
+        Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(result))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=1))
+        print(summary(result))
         return 0
     names = list(SAMPLE) if args.sample else (args.families.split(",") if args.families else None)
     scope = "sample" if args.sample else ("selected families" if args.families else "every family")
