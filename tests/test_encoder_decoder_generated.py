@@ -1,7 +1,7 @@
 """Encoder-decoders through generated code (issue 17): both stacks, cross-attention a sublayer of its own.
 
 Each stack of an encoder-decoder is rewritten as a single-stack model is: BART Post -> Pre without its
-native target, T5, Pegasus and Whisper Pre -> Post (T5 keeps each sublayer's norm in the sublayer's own
+native target, T5, Pegasus Pre -> Post, FSMT Post -> Pre (T5 keeps each sublayer's norm in the sublayer's own
 module, so each add takes its own norm). The output loads with the Auto class and ``trust_remote_code``,
 re-inspects as the target layout, matches the in-memory conversion, generates with the cache, and converts
 back to the original bit for bit.
@@ -25,15 +25,19 @@ CASES = [  # (tiny config, class, target placement, extra flags)
     ("bart", "BartForConditionalGeneration", "pre", ["--no-native"]),
     ("t5", "T5ForConditionalGeneration", "post", []),
     ("pegasus", "PegasusForConditionalGeneration", "post", []),
+    ("fsmt", "FSMTForConditionalGeneration", "pre", []),  # its attention takes its input as query=
 ]
 PEGASUS = {"model_type": "pegasus", "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
            "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
            "decoder_ffn_dim": 128, "vocab_size": 128, "max_position_embeddings": 64, "pad_token_id": 0,
            "eos_token_id": 1, "decoder_start_token_id": 0}
+FSMT = {"model_type": "fsmt", "langs": ["en", "de"], "src_vocab_size": 128, "tgt_vocab_size": 128, "d_model": 64,
+        "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "max_position_embeddings": 64}
 
 
 def _model(config_name: str, class_name: str) -> torch.nn.Module:
-    fields = dict(PEGASUS if config_name == "pegasus" else TINY_CONFIGS[config_name])
+    fields = dict({"pegasus": PEGASUS, "fsmt": FSMT}.get(config_name) or TINY_CONFIGS[config_name])
     config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(config).eval()

@@ -110,5 +110,20 @@ class CentreNormInput:
     norm: str
 
 
+@dataclass(frozen=True)
+class BuildSubmodelDirectly:
+    """``<auto_class>.from_config(args)`` in the statement at ``line`` -> ``<model_class>._from_config(args)``.
+
+    The Auto classes map a stock config to the stock class, so a composite model (Llava, Aria) would build its
+    language model from transformers, not from the generated file; for a plain sub-config ``from_config`` is
+    exactly ``<the class it resolves to>._from_config``, so naming the regenerated class changes nothing else.
+    """
+
+    class_name: str
+    line: int
+    auto_class: str
+    model_class: str
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
-        | ReplaceNormClass | CentreStream | CentreNormInput)
+        | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly)

@@ -14,6 +14,7 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     AddStackNorm,
+    BuildSubmodelDirectly,
     CentreNormInput,
     CentreStream,
     Edit,
@@ -74,42 +75,53 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
         for item in statement.body.body:
             if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
                 local: dict[str, cst.BaseExpression] = {}
+                fields: dict[str, cst.BaseExpression] = {}
                 for node in _walk(item):
                     if not isinstance(node, cst.Assign) or len(node.targets) != 1:
                         continue
                     target = node.targets[0].target
                     if isinstance(target, cst.Name):  # `embed_dim = config.hidden_size`, in order
-                        local[target.value] = node.value.visit(_InlineLocals(dict(local)))
+                        local[target.value] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
                         continue
                     attribute = _self_attribute(target)
                     if attribute and isinstance(node.value, cst.Call):
                         # the first constructor call wins (`else: self.norm = None` is no constructor)
-                        inlined = node.value.visit(_InlineLocals(local))
+                        inlined = node.value.visit(_InlineLocals(local, fields))
                         found.setdefault((statement.name.value, attribute), _code(inlined))
+                    elif attribute and "." not in attribute:  # `self.embed_dim = config.d_model`
+                        fields[attribute] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
     return found
 
 
 class _InlineLocals(cst.CSTTransformer):
-    """A constructor copied into another class's ``__init__`` cannot use the local variables of the one it came
-    from (CLIP's ``nn.LayerNorm(embed_dim, ...)`` after ``embed_dim = config.hidden_size``): each local is
-    replaced by what was assigned to it."""
+    """A constructor copied into another class's ``__init__`` cannot use the local variables or plain fields
+    of the one it came from (CLIP's ``nn.LayerNorm(embed_dim, ...)`` after ``embed_dim = config.hidden_size``,
+    Marian's ``nn.LayerNorm(self.embed_dim)``): each is replaced by what was assigned to it."""
 
-    def __init__(self, local: dict[str, cst.BaseExpression]) -> None:
+    def __init__(self, local: dict[str, cst.BaseExpression], fields: dict[str, cst.BaseExpression]) -> None:
         super().__init__()
         self.local = local
+        self.fields = fields
 
     def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
         value = self.local.get(updated.value)
-        if value is None:
-            return updated
-        return value if isinstance(value, (cst.Name, cst.Attribute, cst.Integer, cst.Float)) else \
-            value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+        return updated if value is None else _grouped(value)
 
-    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.Attribute:
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+        own = isinstance(original.value, cst.Name) and original.value.value == "self"
+        if own and original.attr.value in self.fields:
+            return _grouped(self.fields[original.attr.value])
         return updated.with_changes(attr=original.attr)  # `x.embed_dim` names an attribute, not the local
 
     def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
         return updated.with_changes(keyword=original.keyword)  # `f(embed_dim=...)` names a parameter
+
+
+def _grouped(value: cst.BaseExpression) -> cst.BaseExpression:
+    """``value`` where an operand goes: in parentheses unless it is atomic."""
+    if isinstance(value, (cst.Name, cst.Attribute, cst.Integer, cst.Float, cst.Call, cst.Subscript)):
+        return value
+    return value.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
 
 
 def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
@@ -184,7 +196,7 @@ class _Rewriter(cst.CSTTransformer):
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         callee = _self_attribute(updated.func)
         if callee is None:
-            return updated
+            return self._build_directly(updated)
         for edit in self.edits:
             if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
                 self.applied[edit] += 1
@@ -202,6 +214,19 @@ class _Rewriter(cst.CSTTransformer):
                 return _centre_first_argument(updated)
         return updated
 
+    def _build_directly(self, call: cst.Call) -> cst.Call:
+        """``AutoModel.from_config(...)`` -> ``<Class>._from_config(...)`` where a ``BuildSubmodelDirectly`` says."""
+        func = call.func
+        if not (isinstance(func, cst.Attribute) and func.attr.value == "from_config"
+                and isinstance(func.value, cst.Name)):
+            return call
+        for edit in self.edits:
+            if isinstance(edit, BuildSubmodelDirectly) and edit.auto_class == func.value.value and self._here(edit):
+                self.applied[edit] += 1
+                return call.with_changes(func=cst.Attribute(value=cst.Name(edit.model_class),
+                                                            attr=cst.Name("_from_config")))
+        return call
+
     # -- statements ------------------------------------------------------------------
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         if not self.functions or self.functions[-1] != "__init__" or len(updated.targets) != 1:
@@ -214,7 +239,9 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
                     and isinstance(updated.value, cst.Call)):
                 self.applied[edit] += 1
-                call = _unwrap_like(updated.value)
+                # with ``wrap`` the norm as written (normswap's own ``.like`` call too) is built and wrapped; without,
+                # its arguments are kept, which a ``.like`` call's are not
+                call = updated.value if edit.wrap else _unwrap_like(updated.value)
                 keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
                 extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
                                  equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
@@ -312,11 +339,14 @@ def _centre_first_argument(call: cst.Call) -> cst.Call:
     return call.with_changes(args=args)
 
 
+_INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")
+
+
 def _wrap_first_argument(call: cst.Call, norm: str) -> cst.Call:
     args = list(call.args)
     positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
-    index = positional[0] if positional else next(
-        (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value == "hidden_states"), None)
+    index = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
+        (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in _INPUT_KEYWORDS), None)
     if index is None:
         raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
     args[index] = args[index].with_changes(value=_self_call(norm, args[index].value))

@@ -27,13 +27,16 @@ _LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias", "layernorm-offse
 
 
 def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
-    """The LayerNorm version of a Pre-RMSNorm ``model`` (not exact), verified by a drift report."""
+    """The LayerNorm version of an RMSNorm ``model`` (not exact), verified by a drift report.
+
+    The same weights in a LayerNorm with bias 0 are as close for norms inside a branch (sandwich,
+    post-sublayer) as for pre norms, so any placement takes it."""
     topology = inspect(model)
-    sites = topology.stream_norms
+    sites = tuple(site for site in topology.stream_norms if site.kind != "identity")
     kinds = {site.kind for site in sites}
-    if topology.placement not in ("pre", "parallel") or not kinds <= _RMS_KINDS:
+    if not sites or not kinds <= _RMS_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
-                            "Pre-RMSNorm model")
+                            "model whose norms are RMSNorms")
     generated, cls, config = generate_family_code(model, topology, layer_norm_edits(model, topology),
                                        "norm RMSNorm -> LayerNorm (approximate: same weights, bias 0)", layer_norm=True)
 

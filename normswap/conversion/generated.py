@@ -3,21 +3,25 @@
 Used where no stock family expresses the target (Llama, GPT-2, Qwen2, GPT-NeoX as Post-Norm; every
 norm-kind change) or when the user asks for it (``--no-native``). The target classes are the family's
 classes, regenerated, so everything the original code does (KV cache, ``generate()``, attention backends,
-gradient checkpointing) still works.
+gradient checkpointing) still works. A composite model (Llava, Aria, DPR) brings its wrapper classes along,
+made to build the regenerated language model (``codegen/composite.py``), and is then checked to hold it.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
 from torch import nn
 
+from ..codegen.composite import composite_code, require_generated_path
 from ..codegen.derive import modeling_file, placement_edits
 from ..codegen.edits import Edit
 from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
 from ..codegen.rewrite import apply_edits
 from ..topology import Topology
+from .native import meta_instance
 
 
 def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit], conversion: str,
@@ -28,16 +32,21 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     Returns the generated module, the class that plays ``model``'s role in it, and the converted config
     (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship.
     """
-    path = modeling_file(model, topology)
-    rewritten = apply_edits(path.read_text(encoding="utf-8"), edits)
+    source = modeling_file(model, topology).read_text(encoding="utf-8")
     original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
-    generated = package_module(original, rewritten, type(model.config), conversion, **helpers)
+    stacks = [stack.path for stack in topology.stacks]
+    composite = composite_code(model, stacks, original, source)
+    rewritten = apply_edits(source, [*edits, *composite.text_edits])
+    generated = package_module(original, rewritten, type(model.config), conversion, composite=composite, **helpers)
     module = load_generated(generated)
     cls = getattr(module, type(model).__name__)
     fields = {**config_fields(model.config), **(config_values or {})}
     config = getattr(module, generated.config_class).from_dict(fields)
     config.architectures = [type(model).__name__]
     config.auto_map = generated.auto_map(topology.model_type)
+    if composite.redirects:  # the language model is built through code normswap changed: it must hold our layers
+        require_generated_path(meta_instance(cls, copy.deepcopy(config)),
+                               [*stacks, *(layer.path for layer in topology.layers[:1])], module.__name__)
     return generated, cls, config
 
 
