@@ -104,6 +104,9 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
     import coverage_checks
 
     clock = _Clock(state)
+    if state:
+        state.mkdir(parents=True, exist_ok=True)
+        _versions(state)  # the first piece's code names the whole run
     with tempfile.TemporaryDirectory(prefix="normswap-coverage-") as folder:
         work = Path(folder)
         journal = (lambda name: state / f"{name}.jsonl") if state else (lambda name: None)
@@ -123,7 +126,7 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
     rows = [_family(name, own) for name, own in lines.items()]
     families = tuple(sorted((r for r in rows if not r.skipped), key=lambda r: r.name))
     skipped = sorted([*skipped, *(r for r in rows if r.skipped)], key=lambda r: r.name)
-    return Run(families, tuple(skipped), clock.tick(), jobs, scope, _versions())
+    return Run(families, tuple(skipped), clock.tick(), jobs, scope, _versions(state))
 
 
 def from_state(state: Path, jobs: int) -> Run:
@@ -145,7 +148,7 @@ def from_state(state: Path, jobs: int) -> Run:
     to_run = len(found) - len(skipped) + len([r for r in rows if r.skipped])
     scope = f"every family, in part: {len(finished)} of the {to_run} candidates that build, so far"
     seconds = json.loads((state / "clock.json").read_text())["seconds"] if (state / "clock.json").exists() else 0.0
-    return Run(families, tuple(sorted(skipped, key=lambda r: r.name)), seconds, jobs, scope, _versions())
+    return Run(families, tuple(sorted(skipped, key=lambda r: r.name)), seconds, jobs, scope, _versions(state))
 
 
 class _Clock:
@@ -262,14 +265,24 @@ def _environment(work: Path) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))}
 
 
-def _versions() -> dict[str, str]:
+def _versions(state: Path | None = None) -> dict[str, str]:
+    """What ran: versions and the normswap commit. A run in pieces keeps its first piece's in ``state``, so that
+    rendering it later names the code that made it, not the code that renders."""
+    saved = state / "versions.json" if state else None
+    if saved is not None and saved.exists():
+        return json.loads(saved.read_text())
     import torch
     import transformers
 
     import normswap
 
-    return {"normswap": normswap.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+    commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    versions = {"normswap": normswap.__version__ + (f" ({commit})" if commit else ""),
+                "transformers": transformers.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+    if saved is not None:
+        saved.write_text(json.dumps(versions))
+    return versions
 
 
 # --- the workers ---
