@@ -123,3 +123,14 @@ def test_a_branch_reading_the_raw_stream_blocks_the_exact_rms_norm_map_with_the_
     with pytest.raises(normswap.NormswapError, match="identity placeholder") as error:
         normswap.convert(model, norm="rmsnorm")
     assert "layers.0.attn_norm" in str(error.value) and "centres the stream" in str(error.value)
+
+
+def test_auto_map_names_a_class_where_the_family_maps_an_auto_class_to_several() -> None:
+    """transformers maps AutoModel to (FunnelModel, FunnelBaseModel) for Funnel; the generated auto_map lacked
+    AutoModel, so the output loaded in no way although its architectures named FunnelModel."""
+    from normswap.conversion.api import plan_conversion
+
+    config = transformers.FunnelConfig(block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
+                                       vocab_size=128)
+    setup = plan_conversion(transformers.FunnelModel(config), "pre")
+    assert setup.target_config.auto_map["AutoModel"].endswith(".FunnelModel")

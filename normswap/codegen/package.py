@@ -50,8 +50,12 @@ class GeneratedModule:
         for name in sorted(dir(modeling_auto)):
             auto = getattr(modeling_auto, name, None) if name.startswith("AutoModel") else None
             table = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
-            if isinstance(table, dict) and table.get(original_model_type) in self.model_classes:
-                mapping[name] = f"{self.module_name}.{table[original_model_type]}"
+            named = table.get(original_model_type) if isinstance(table, dict) else None
+            # a family may map one Auto class to several (Funnel: FunnelModel, FunnelBaseModel): the first we ship
+            found = next((n for n in (named if isinstance(named, (tuple, list)) else (named,))
+                          if n in self.model_classes), None)
+            if found is not None:
+                mapping[name] = f"{self.module_name}.{found}"
         return mapping
 
 
