@@ -292,7 +292,9 @@ class _Rewriter(cst.CSTTransformer):
                 if edit is not None:
                     self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{function.name.value} has no `for ... in self.{stack_attribute}` loop")
+        raise CodegenError(f"{function.name.value} runs its layers without a `for ... in self.{stack_attribute}` loop "
+                           "(ALBERT runs one shared layer group again and again), so the generated code has no "
+                           "one place before or after the layers for the stack norm this layout moves there")
 
 
 def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:
