@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..io.source_identity import identify_source
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
 from ..io.support_files import copy_support_files
 from ..io.tokenizer_files import pin_tokenizer_class
+from ..io.unsaved_keys import unsaved_keys
 from .api import plan_conversion
 from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_error
 from .native import meta_instance
@@ -112,8 +113,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         setup = _plan(meta, placement, norm, exact, untie, native)
         if setup.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
-        names = match_names(weights, shapes_of(meta.state_dict()), tied_keys(meta), meta.base_model_prefix,
-                            transformers_renamings(meta, weights.tensors))
+        state_shapes = shapes_of(meta.state_dict())
+        unsaved = unsaved_keys(meta, state_shapes, weights.tensors)
+        names = match_names(weights, {key: shape for key, shape in state_shapes.items() if key not in unsaved},
+                            tied_keys(meta), meta.base_model_prefix, transformers_renamings(meta, weights.tensors))
         default_dtype = checkpoint_dtype(config, weights)
         above_limit = weights.total_bytes > verify_limit
         verify = not above_limit or verify_offloaded
@@ -123,7 +126,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         with atomic_output(destination_path, overwrite) as folder:
             while True:
                 stage = time.monotonic()
-                planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype)
+                setup = _without_unsaved(setup, unsaved)
+                planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype, unsaved)
                 layout = None
                 if mirror is not None:
                     layout = _adopt_mirror(mirror, setup.program, planned, weights, names, shard_bytes, folder)
@@ -183,17 +187,34 @@ def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool,
     return plan_conversion(meta, placement or "", native)
 
 
+def _without_unsaved(setup: ConversionSetup, unsaved: frozenset[str]) -> ConversionSetup:
+    """``setup`` without the outputs the family rebuilds on load and never saves; one that the conversion must
+    change cannot be left to the family, and is refused."""
+    program = setup.program
+    if not unsaved or program is None:
+        return setup
+    outputs = {key: step for key, step in program.outputs.items() if key not in unsaved}
+    changed = sorted({key for step in (*outputs.values(), *program.carried.values(), *program.checks)
+                      for key in step.reads} & unsaved)
+    if changed:
+        raise NormswapError(f"{changed[0]} is rebuilt when the model loads and not saved in the checkpoint, but this "
+                            "conversion has to change it")
+    return replace(setup, program=replace(program, outputs=outputs))
+
+
 def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dict[str, str],
-                  default_dtype: torch.dtype, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """The converted checkpoint's tensors in the target's state-dict order; tied copies are saved once."""
+                  default_dtype: torch.dtype, dtype: torch.dtype | None,
+                  unsaved: frozenset[str] = frozenset()) -> list[PlannedTensor]:
+    """The converted checkpoint's tensors in the target's state-dict order; tied copies are saved once, and
+    tensors the family rebuilds on load (``unsaved``) not at all."""
     program = setup.program
     assert program is not None
     target = meta_instance(setup.target_class, setup.target_config)
     target_shapes = shapes_of(target.state_dict())
     tied = tied_keys(target)
     position = {key: index for index, key in enumerate(target_shapes)}
-    order = [key for key in target_shapes
-             if not any(position.get(twin, len(position)) < position[key] for twin in tied.get(key, ()))]
+    order = [key for key in target_shapes if key not in unsaved
+             and not any(position.get(twin, len(position)) < position[key] for twin in tied.get(key, ()))]
     missing = [key for key in order if key not in program.outputs]
     extra = [key for key in program.outputs if key not in target_shapes]
     if missing or extra:
