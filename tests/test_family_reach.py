@@ -134,3 +134,19 @@ def test_auto_map_names_a_class_where_the_family_maps_an_auto_class_to_several()
                                        vocab_size=128)
     setup = plan_conversion(transformers.FunnelModel(config), "pre")
     assert setup.target_config.auto_map["AutoModel"].endswith(".FunnelModel")
+
+
+def test_a_norm_chosen_by_a_conditional_is_replaced_whole(tmp_path: Path) -> None:
+    """Cohere2-MoE builds ``self.norm = (RMSNorm(...) if config.rms_norm_eps is not None else LayerNorm(...))``:
+    the edit applied zero times and the conversion was refused as a failed rewrite."""
+    config = transformers.Cohere2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           num_experts=4, num_experts_per_tok=2, vocab_size=128,
+                                           max_position_embeddings=64, bos_token_id=1)
+    model = _perturbed(transformers.Cohere2MoeForCausalLM(config))
+    source = normswap.inspect(model)
+    assert source.norm.startswith("layernorm")
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact and normswap.inspect(converted).norm == "rmsnorm"
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM", placement="post")
+    assert normswap.inspect(loaded).placement == "post"

@@ -80,7 +80,10 @@ class NormswapRMSNorm(torch.nn.Module):
     @classmethod
     def like(cls, norm, eps=None):
         """The RMSNorm standing in for ``norm``, a LayerNorm of any family's class built with its own
-        arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias."""
+        arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias.
+        A placeholder a conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
+        if isinstance(norm, torch.nn.Identity):
+            return norm
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
         shape = tuple(weight.shape) if weight is not None else tuple(norm.normalized_shape)
         if eps is None:
@@ -111,7 +114,10 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
     @classmethod
     def like(cls, norm, eps=None):
         """The LayerNorm standing in for ``norm``, an RMSNorm of any family's class built with its own
-        arguments (their names differ: hidden_size, dim, config): its width and eps."""
+        arguments (their names differ: hidden_size, dim, config): its width and eps. A placeholder a
+        conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
+        if isinstance(norm, torch.nn.Identity):
+            return norm
         weight = getattr(norm, "weight", None)
         width = weight.shape[-1] if weight is not None else next(
             value for value in (getattr(norm, name, None) for name in ("hidden_size", "dim", "normalized_shape"))

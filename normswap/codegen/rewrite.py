@@ -84,7 +84,7 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
                         local[target.value] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
                         continue
                     attribute = _self_attribute(target)
-                    if attribute and isinstance(node.value, cst.Call):
+                    if attribute and isinstance(node.value, (cst.Call, cst.IfExp)):
                         # the first constructor call wins (`else: self.norm = None` is no constructor)
                         inlined = node.value.visit(_InlineLocals(local, fields))
                         found.setdefault((statement.name.value, attribute), _code(inlined))
@@ -237,18 +237,19 @@ class _Rewriter(cst.CSTTransformer):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
             if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
-                    and isinstance(updated.value, cst.Call)):
+                    and (isinstance(updated.value, cst.Call) or (edit.wrap and isinstance(updated.value, cst.IfExp)))):
                 self.applied[edit] += 1
-                # with ``wrap`` the norm as written (normswap's own ``.like`` call too) is built and wrapped; without,
-                # its arguments are kept, which a ``.like`` call's are not
-                call = updated.value if edit.wrap else _unwrap_like(updated.value)
-                keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
+                # with ``wrap`` the norm as written (normswap's own ``.like`` call, or a conditional choosing the
+                # norm class, too) is built and wrapped; without, its arguments are kept, which a ``.like`` call's
+                # are not
                 extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
                                  equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
                          for name, value in edit.keywords]
                 if edit.wrap:  # ``New.like(Original(args), keywords)``: any family's constructor arguments
                     like = cst.Attribute(value=cst.Name(edit.new_class), attr=cst.Name("like"))
-                    return updated.with_changes(value=cst.Call(func=like, args=[cst.Arg(value=call), *extra]))
+                    return updated.with_changes(value=cst.Call(func=like, args=[cst.Arg(value=updated.value), *extra]))
+                call = _unwrap_like(updated.value)
+                keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
                 return updated.with_changes(value=call.with_changes(func=cst.Name(edit.new_class), args=keep + extra))
         return updated
 
