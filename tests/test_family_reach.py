@@ -150,3 +150,15 @@ def test_a_norm_chosen_by_a_conditional_is_replaced_whole(tmp_path: Path) -> Non
     assert converted.normswap_report.exact and normswap.inspect(converted).norm == "rmsnorm"
     loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM", placement="post")
     assert normswap.inspect(loaded).placement == "post"
+
+
+def test_rms_to_layer_norm_leaves_no_rms_norm_on_the_embeddings() -> None:
+    """AIMv2 normalises its patch embeddings with an RMSNorm; ``--norm layernorm`` left it, and the output
+    re-inspected as 'mixed' (a bad output the coverage matrix found)."""
+    config = transformers.Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=14)
+    model = _perturbed(transformers.Aimv2VisionModel(config))
+    assert normswap.inspect(model).stacks[0].embedding_norm.kind == "rmsnorm"
+    converted = normswap.convert(model, norm="layernorm")
+    topology = normswap.inspect(converted)
+    assert topology.norm == "layernorm" and topology.stacks[0].embedding_norm.kind == "layernorm"

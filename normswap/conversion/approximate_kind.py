@@ -30,14 +30,20 @@ def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
     """The LayerNorm version of an RMSNorm ``model`` (not exact), verified by a drift report.
 
     The same weights in a LayerNorm with bias 0 are as close for norms inside a branch (sandwich,
-    post-sublayer) as for pre norms, so any placement takes it."""
+    post-sublayer) as for pre norms, so any placement takes it; an RMSNorm on the embeddings (AIMv2's) becomes
+    a LayerNorm too, so that no RMSNorm is left in the residual path."""
     topology = inspect(model)
-    sites = tuple(site for site in topology.stream_norms if site.kind != "identity")
+    embedding = tuple(stack.embedding_norm for stack in topology.stacks
+                      if stack.embedding_norm is not None and stack.embedding_norm.kind in _RMS_KINDS)
+    sites = tuple(site for site in (*topology.stream_norms, *embedding) if site.kind != "identity")
     kinds = {site.kind for site in sites}
     if not sites or not kinds <= _RMS_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
                             "model whose norms are RMSNorms")
-    generated, cls, config = generate_family_code(model, topology, layer_norm_edits(model, topology),
+    edits = [*layer_norm_edits(model, topology),
+             *(ReplaceNormClass(*owner_and_attribute(model, norm.path), new_class="NormswapLayerNorm", wrap=True)
+               for norm in embedding)]
+    generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        "norm RMSNorm -> LayerNorm (approximate: same weights, bias 0)", layer_norm=True)
 
     steps = {key: copy_of(key) for key in model.state_dict()}
