@@ -162,3 +162,23 @@ def test_rms_to_layer_norm_leaves_no_rms_norm_on_the_embeddings() -> None:
     converted = normswap.convert(model, norm="layernorm")
     topology = normswap.inspect(converted)
     assert topology.norm == "layernorm" and topology.stacks[0].embedding_norm.kind == "layernorm"
+
+
+def test_a_norm_that_computes_more_than_a_norm_is_not_replaced() -> None:
+    """AXK2's gated RMSNorm is a norm followed by a gate MLP; replacing its class crashed the generated code
+    (StopIteration: no eps of its own) and would have dropped the gate."""
+    from torch import nn
+
+    from normswap.codegen.derive import CodegenError, require_plain_norm
+
+    class GatedNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.gate = nn.Linear(8, 8)
+
+    model = nn.Module()
+    model.plain, model.gated = nn.LayerNorm(8), GatedNorm()
+    require_plain_norm(model, "plain")
+    with pytest.raises(CodegenError, match="computes more than a norm"):
+        require_plain_norm(model, "gated")

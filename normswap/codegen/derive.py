@@ -165,6 +165,7 @@ def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
     which reads its width and eps from the built norm whatever its constructor takes (CpmAnt's takes the config)."""
     edits: list[Edit] = []
     for path in (norm.path for norm in topology.stream_norms):
+        require_plain_norm(model, path)
         edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True)
         if edit not in edits:
             edits.append(edit)
@@ -207,8 +208,25 @@ def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
     and affine parameters whatever its constructor's arguments are called (Cohere: ``hidden_size``); a
     weightless LayerNorm (OLMo) keeps eps in its code, not in an attribute, so the edit states it.
     """
+    require_plain_norm(model, norm.path)
     keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
     return ReplaceNormClass(*owner_and_attribute(model, norm.path), keywords=keywords, wrap=True)
+
+
+def require_plain_norm(model: nn.Module, path: str) -> None:
+    """A norm whose class is replaced must be a norm and nothing more, wherever its class builds it: a module
+    that wraps one with more computation (AXK2's gated RMSNorm: a norm, then a gate MLP, built in some layers
+    where others build a plain RMSNorm) would lose that computation."""
+    owner, attribute = owner_and_attribute(model, path)
+    for where, parent in model.named_modules():
+        module = getattr(parent, attribute, None) if type(parent).__name__ == owner else None
+        if not isinstance(module, nn.Module):
+            continue
+        inner = [name for name, child in module.named_children() if any(True for _ in child.parameters())]
+        if inner:
+            raise CodegenError(f"{where + '.' if where else ''}{attribute} is a {type(module).__name__}, which "
+                               f"computes more than a norm (its submodule {inner[0]} has weights of its own); "
+                               "replacing its class would drop that computation")
 
 
 class _Locator:
