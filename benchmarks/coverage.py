@@ -110,8 +110,6 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
     with tempfile.TemporaryDirectory(prefix="normswap-coverage-") as folder:
         work = Path(folder)
         journal = (lambda name: state / f"{name}.jsonl") if state else (lambda name: None)
-        if state:
-            state.mkdir(parents=True, exist_ok=True)
         skipped: list[Family] = []
         if names is None:
             candidates = [c.name for c in coverage_checks.candidates()]
@@ -123,32 +121,36 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
         per_batch = max(1, min(FAMILY_BATCH, -(-len(names) // jobs)))  # the sample: one worker per job
         lines = _batched(names, per_batch, jobs, work, "--family", ["--sample"] if sample else [], FAMILY_SECONDS,
                          journal("families"), clock)
+    return _assembled(lines, skipped, clock.tick(), jobs, scope, _versions(state))
+
+
+def _assembled(lines: dict[str, list[dict[str, Any]]], skipped: list[Family], seconds: float, jobs: int, scope: str,
+               versions: dict[str, str]) -> Run:
+    """A run from each family's worker lines and the candidates discovery skipped."""
     rows = [_family(name, own) for name, own in lines.items()]
     families = tuple(sorted((r for r in rows if not r.skipped), key=lambda r: r.name))
     skipped = sorted([*skipped, *(r for r in rows if r.skipped)], key=lambda r: r.name)
-    return Run(families, tuple(skipped), clock.tick(), jobs, scope, _versions(state))
+    return Run(families, tuple(skipped), seconds, jobs, scope, versions)
+
+
+def _journal_lines(journal: Path | None) -> dict[str, list[dict[str, Any]]]:
+    """Each name's lines in a ``--state`` journal (none where there is no journal yet)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    if journal is not None and journal.exists():
+        for line in map(json.loads, journal.read_text().splitlines()):
+            found.setdefault(line["name"], []).append(line)
+    return found
 
 
 def from_state(state: Path, jobs: int) -> Run:
     """The families a stopped run (``--state``) has finished, as a run of its own: the full matrix takes hours on
     2 cores, so it is run in pieces, and the document says how many candidates it covers so far."""
-    journal = state / "families.jsonl"
-    lines: dict[str, list[dict[str, Any]]] = {}
-    for line in map(json.loads, journal.read_text().splitlines() if journal.exists() else []):
-        lines.setdefault(line["name"], []).append(line)
+    lines = _journal_lines(state / "families.jsonl")
     finished = {name: own for name, own in lines.items() if any(line["kind"] in _FINAL for line in own)}
-    discovered = state / "discovery.jsonl"
-    found: dict[str, list[dict[str, Any]]] = {}
-    for line in map(json.loads, discovered.read_text().splitlines() if discovered.exists() else []):
-        found.setdefault(line["name"], []).append(line)
+    found = _journal_lines(state / "discovery.jsonl")
     skipped = [Family(name, skipped=_skip_reason(own)) for name, own in found.items() if _skip_reason(own)]
-    rows = [_family(name, own) for name, own in finished.items()]
-    families = tuple(sorted((r for r in rows if not r.skipped), key=lambda r: r.name))
-    skipped += [r for r in rows if r.skipped]
-    to_run = len(found) - len(skipped) + len([r for r in rows if r.skipped])
-    scope = f"every family, in part: {len(finished)} of the {to_run} candidates that build, so far"
-    seconds = json.loads((state / "clock.json").read_text())["seconds"] if (state / "clock.json").exists() else 0.0
-    return Run(families, tuple(sorted(skipped, key=lambda r: r.name)), seconds, jobs, scope, _versions(state))
+    scope = f"every family, in part: {len(finished)} of the {len(found) - len(skipped)} candidates that build, so far"
+    return _assembled(finished, skipped, _Clock(state).before, jobs, scope, _versions(state))
 
 
 class _Clock:
@@ -176,11 +178,8 @@ def _batched(names: list[str], size: int, jobs: int, work: Path, flag: str, extr
     """Each name's JSON lines from workers that take ``size`` names at a time, ``jobs`` workers at once. A worker
     that dies (or runs out of time) costs the name it was on, which gets a ``died`` line; the rest go on. Names
     the ``journal`` has finished are not run again; what finishes is added to it."""
-    found: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    if journal is not None and journal.exists():
-        for line in map(json.loads, journal.read_text().splitlines()):
-            if line["name"] in found:
-                found[line["name"]].append(line)
+    journaled = _journal_lines(journal)
+    found: dict[str, list[dict[str, Any]]] = {name: journaled.get(name, []) for name in names}
     finished = {name for name, lines in found.items() if any(line["kind"] in _FINAL for line in lines)}
     for name in set(found) - finished:
         found[name] = []
