@@ -93,7 +93,7 @@ def test_round_trip_is_bit_identical(case: Case) -> None:
     assert tensors_equal(model.state_dict(), back.state_dict())
     inputs = probe_inputs(model, None, None)
     with torch.no_grad():
-        assert torch.equal(_main_output(model(**inputs)), _main_output(back(**inputs)))
+        assert torch.equal(main_output(model(**inputs)), main_output(back(**inputs)))
 
 
 def test_saved_checkpoint_loads_natively_and_matches(case: Case, tmp_path: Path) -> None:
@@ -108,13 +108,13 @@ def test_saved_checkpoint_loads_natively_and_matches(case: Case, tmp_path: Path)
     in_memory = convert(model, case.placement)
     inputs = probe_inputs(model, None, None)
     with torch.no_grad():
-        assert torch.equal(_main_output(loaded.eval()(**inputs)), _main_output(in_memory(**inputs)))
+        assert torch.equal(main_output(loaded.eval()(**inputs)), main_output(in_memory(**inputs)))
     files = {p.name for p in result.destination.iterdir()}
     assert {"config.json", "model.safetensors", "normswap_report.json", "README.md"} <= files
     assert not list(tmp_path.glob(".*normswap-tmp*"))
 
 
-def _main_output(output: object) -> torch.Tensor:
+def main_output(output: object) -> torch.Tensor:
     for name in ("logits", "last_hidden_state"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_convert_native import main_output
 
 import normswap
 from normswap.cli import main
@@ -26,14 +27,6 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _first_output(output: object) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise AssertionError(f"{type(output).__name__} has no output tensor")
-
-
 def _converted_matches(model: torch.nn.Module, tmp_path: Path, flags: list[str], auto: str,
                        **in_memory: object) -> torch.nn.Module:
     """Convert ``model`` saved under tmp_path with ``flags``; the loaded result must equal ``normswap.convert``."""
@@ -43,7 +36,7 @@ def _converted_matches(model: torch.nn.Module, tmp_path: Path, flags: list[str],
     expected = normswap.convert(model, **in_memory)
     inputs = probe_inputs(model, None, None)
     with torch.no_grad():
-        assert torch.allclose(_first_output(loaded(**inputs)), _first_output(expected(**inputs)), atol=1e-5)
+        assert torch.allclose(main_output(loaded(**inputs)), main_output(expected(**inputs)), atol=1e-5)
     return loaded
 
 

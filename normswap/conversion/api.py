@@ -20,7 +20,7 @@ from ..topology import Topology
 from .generated import generated_target
 from .native import meta_instance, target_class, target_config
 from .norm_change import convert_norm_kind
-from .plan import ConversionPlan, build_placement_plan, require_placement_source
+from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
 from .program import shapes_of
 from .setup import ConversionSetup, realise
 from .verify import DriftReport, measure_drift, require_branch_zero, require_topology
@@ -54,7 +54,7 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
                               notes=(f"{model_type} already has {placement} placement: nothing to do",))
         return ConversionSetup(plan, None, source=source)
     require_placement_source(source)
-    serial = source.placement == "parallel" and placement == "pre"
+    serial = serialises(source.placement, placement)
     back_home = _original_family(model, placement)
     target = back_home or (_native_target(model_type, placement) if native else None)
     if target is not None:

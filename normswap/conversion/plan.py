@@ -110,6 +110,12 @@ def norm_sequence(stack: Stack, sublayers: list[Sublayer], placement: str) -> li
     raise PlanError(f"normswap converts between Post-Norm and Pre-Norm; this model is {placement}")
 
 
+def serialises(source_placement: str, target_placement: str) -> bool:
+    """Whether going from ``source_placement`` to ``target_placement`` turns each branch of a parallel block into
+    a sublayer of its own (``--placement pre`` on a parallel Pre-Norm model means sequential Pre-Norm)."""
+    return source_placement == "parallel" and target_placement == "pre"
+
+
 def build_placement_plan(source: Topology, target: Topology, realisation: str) -> ConversionPlan:
     """The norm-shift plan from ``source`` to ``target`` (both detected), stack by stack.
 
@@ -121,7 +127,7 @@ def build_placement_plan(source: Topology, target: Topology, realisation: str) -
     if len(source.stacks) != len(target.stacks):
         raise PlanError(f"{source.model_type} has {len(source.stacks)} layer stacks but the target "
                         f"{target.model_type} has {len(target.stacks)}")
-    serial = source_placement == "parallel" and target_placement == "pre"
+    serial = serialises(source_placement, target_placement)
     stacks = []
     notes: list[str] = []
     for source_stack, target_stack in zip(source.stacks, target.stacks, strict=True):
@@ -153,8 +159,8 @@ def build_placement_plan(source: Topology, target: Topology, realisation: str) -
 def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placement: str,
                 target_stack: Stack, target_subs: list[Sublayer], target_placement: str,
                 notes: list[str]) -> StackPlan:
-    source_entries = (serial_sequence(source_stack, source_subs) if source_placement == "parallel"
-                      and target_placement == "pre" else norm_sequence(source_stack, source_subs, source_placement))
+    source_entries = (serial_sequence(source_stack, source_subs) if serialises(source_placement, target_placement)
+                      else norm_sequence(source_stack, source_subs, source_placement))
     target_entries = norm_sequence(target_stack, target_subs, target_placement)
     unit_norms: list[tuple[str, str]] = []
     # a Pre-Norm layout with an embedding norm before N_0 (mBART, BLOOM) has one entry more

@@ -19,6 +19,7 @@ from torch import nn
 from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
+from .plan import serialises
 
 _PROBE_TOKENS = 64
 _PROBE_BATCH = 8
@@ -188,7 +189,7 @@ def _decoder_vocab(model: nn.Module, vocab: int) -> int:
 def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, target: Topology,
                   inputs: dict[str, torch.Tensor], exact: bool) -> DriftReport:
     """Branch inputs and outputs of both models on the same probe inputs."""
-    serial = source.placement == "parallel" and target.placement == "pre"  # each branch became a sublayer
+    serial = serialises(source.placement, target.placement)  # each branch became a sublayer
     source_entries, target_entries = _entries(source, serial), _entries(target)
     source_reads, source_out = _run(original, source_entries, inputs)
     target_reads, target_out = _run(converted, target_entries, inputs)
