@@ -395,7 +395,8 @@ def _introduction(result: Run) -> list[str]:
         f"- **exact** `max|out − ref| / max|ref|` of the logits (of the last hidden state without a head), at most "
         f"{EXACT_BOUND:g}; **cos**: approximate, the mean per-token cosine of the same output against the "
         "source's; **no-op**: nothing to do, nothing written;",
-        "- **refused**: exit 1 with a message; **usage**: exit 2;",
+        "- **refused**: exit 1 with a message; **usage**: exit 2; a refusal that names `--untie` as its fix (tied "
+        "embeddings, which the flag writes twice) is followed as a user would, and the cell begins `with --untie:`;",
         "- **BAD** (bad output): DST does not load, its forward or `generate()` fails, an exact claim misses the "
         "bound or picks other greedy tokens, or DST re-inspects as another layout than the target;",
         "- **CRASH**: a traceback, an exit code other than 0/1/2, a timeout, or an error in which normswap says it "

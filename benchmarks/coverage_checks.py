@@ -55,6 +55,9 @@ _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_sta
            "sep_token_id": 2, "cls_token_id": 1, "mask_token_id": 3, "unk_token_id": 0}
 
 
+# a refusal that names this flag as the fix (tied embeddings: the flag costs a copy of them) is followed, as a user
+# would, and the cell says so
+FOLLOWED_FLAG = "--untie"
 CELL_SECONDS = 300  # one conversion of a tiny model takes ~10 s; one that runs past this is a crash
 LOAD_SECONDS = 120
 EXACT_BOUND = 1e-4  # max abs difference relative to max |reference|: normswap's own fp32 bound
@@ -232,9 +235,13 @@ def _built(item: Candidate, config: Any, hand: bool, started: float) -> Built:
         raise SkipError("no model class in the auto mappings")
     names = getattr(modeling_auto, mapping)[item.model_type]
     class_name = names[0] if isinstance(names, (list, tuple)) else names
+    try:  # imported before the deadline: an alarm inside an import leaves transformers half-imported, and
+        # every later candidate of this process then fails with "Could not import module"
+        model_class = getattr(transformers, class_name)
+    except Exception as error:  # noqa: BLE001 - a family whose code does not import is no row
+        raise SkipError(f"{class_name}: {_one_line(error)}") from None
     try:
         with deadline(BUILD_SECONDS, "building"):
-            model_class = getattr(transformers, class_name)
             main_input = getattr(model_class, "main_input_name", "input_ids")
             if main_input not in ("input_ids", "pixel_values", "input_features"):
                 raise SkipError(f"{class_name} takes '{main_input}', which normswap's probe cannot provide")
@@ -435,11 +442,12 @@ def convert_cell(source: Source, cell: str) -> Cell:
     # a name of its own: transformers caches generated code by folder name, across the processes of a run
     destination = source.folder.parent / re.sub(r"\W+", "-", f"{source.name} {cell}").strip("-")
     flags = f"--{cell}".split()  # "norm layernorm --exact" -> --norm layernorm --exact
-    command = [sys.executable, "-m", "normswap", "convert", str(source.folder), str(destination), *flags,
-               "--quiet", "--json"]
     started = time.monotonic()
+    followed = ""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=CELL_SECONDS, check=False)
+        done = _convert(source.folder, destination, flags)
+        if done.returncode == 1 and FOLLOWED_FLAG in done.stderr:  # the refusal says to pass it: a user would
+            done, followed = _convert(source.folder, destination, [*flags, FOLLOWED_FLAG]), f"with {FOLLOWED_FLAG}: "
     except subprocess.TimeoutExpired:
         return Cell(source.name, cell, "crash", None, f"timed out after {CELL_SECONDS} s",
                     time.monotonic() - started)
@@ -447,7 +455,7 @@ def convert_cell(source: Source, cell: str) -> Cell:
     paths = {source.folder: "SRC", destination: "DST"}
     if done.returncode != 0:
         category, message = _failure(done.returncode, done.stderr, paths)
-        return Cell(source.name, cell, category, None, message, seconds)
+        return Cell(source.name, cell, category, None, followed + message, seconds)
     try:
         result = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -459,7 +467,13 @@ def convert_cell(source: Source, cell: str) -> Cell:
         category, figure, message = _judge(source, cell, destination, bool(result["plan"].get("exact")))
     finally:
         shutil.rmtree(destination, ignore_errors=True)
-    return Cell(source.name, cell, category, figure, _clean(message, paths), seconds)
+    return Cell(source.name, cell, category, figure, followed + _clean(message, paths), seconds)
+
+
+def _convert(source: Path, destination: Path, flags: list[str]) -> subprocess.CompletedProcess[str]:
+    """One ``normswap convert`` as a user runs it (``TimeoutExpired`` past ``CELL_SECONDS``)."""
+    command = [sys.executable, "-m", "normswap", "convert", str(source), str(destination), *flags, "--quiet", "--json"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=CELL_SECONDS, check=False)
 
 
 def _judge(source: Source, cell: str, destination: Path, exact: bool) -> tuple[str, float | None, str]:

@@ -14,7 +14,7 @@ _LAZY = {
     "ConversionPlan": ".conversion", "convert": ".conversion", "convert_checkpoint": ".conversion.checkpoint",
     "inspect": ".detect",
     "Branch": ".topology", "Layer": ".topology", "NormSite": ".topology", "Stack": ".topology",
-    "Sublayer": ".topology", "Topology": ".topology",
+    "ResidualScale": ".topology", "Sublayer": ".topology", "Topology": ".topology",
 }
 
 
@@ -48,6 +48,7 @@ __all__ = [
     "NormSite",
     "NormswapError",
     "RecipeError",
+    "ResidualScale",
     "SourceError",
     "Stack",
     "Sublayer",

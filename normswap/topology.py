@@ -18,6 +18,8 @@ NormKind = Literal[
 NormSlot = Literal["pre", "post", "out"]
 OFFSET_NORM_KINDS = frozenset({"rmsnorm-offset", "layernorm-offset"})  # (1 + w) * n: a unit norm has w = 0
 BranchKind = Literal["attention", "cross-attention", "mlp"]
+ScaleForm = Literal["gain", "interpolation", "output"]
+ScaleExtent = Literal["constant", "scalar", "per-channel"]
 Placement = Literal["pre", "post", "sandwich", "post-sublayer", "parallel", "pre-post", "none", "mixed"]
 
 NORM_KIND_LABELS: dict[str, str] = {
@@ -70,6 +72,39 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class ResidualScale:
+    """What multiplies the stream that a residual add keeps: ``h <- s * h + F(...)`` instead of ``h <- h + F(...)``.
+
+    Recorded because the norm-shift mapping (docs/design.md §3) and the exact norm-kind maps (§4, §5) assume the
+    stream is only ever added to: the mapping's identity path carries the stream unchanged, so any ``s`` other
+    than 1 breaks it. A constant or scalar ``s`` commutes with centring (§4) and with the extra-dimension lift
+    (§5); a per-channel gain does not.
+
+    * ``gain``: ``h <- s * h + F(...)`` (a residual gain, e.g. a learned per-channel vector);
+    * ``interpolation``: ``h <- h + r * (F(...) - h)``, so ``s = 1 - r``; ``tensors`` name ``r``'s sources;
+    * ``output``: the layer multiplies the stream by ``s`` after its last residual add.
+    """
+
+    form: ScaleForm
+    extent: ScaleExtent  # a number in the code, one stored value, or one value per hidden channel
+    tensors: tuple[str, ...] = ()  # the parameters and buffers the factor is computed from
+    value: float | None = None  # the factor on the stream, where the code fixes it
+    source: str | None = None  # where the scaling sits in the modeling code, "modeling_doge.py:477"
+
+    @property
+    def per_channel(self) -> bool:
+        return self.extent == "per-channel"
+
+    def describe(self) -> str:
+        """``per-channel gain input_residual (modeling_doge.py:477)``: what scales the stream, and where."""
+        what = {"gain": "gain", "interpolation": "interpolation rate", "output": "output scale"}[self.form]
+        named = f" {', '.join(self.tensors)}" if self.tensors else ""
+        value = f" {self.value:.4g}" if self.value is not None and not self.tensors else ""
+        where = f" ({self.source})" if self.source else ""
+        return f"{self.extent} {what}{named}{value}{where}"
+
+
+@dataclass(frozen=True)
 class Sublayer:
     """One residual add ``h + F(...)`` together with the norms around it.
 
@@ -82,6 +117,7 @@ class Sublayer:
     norms: tuple[NormSite, ...]
     residual_add: str | None  # source line of the add, e.g. "modeling_llama.py:301"
     notes: tuple[str, ...] = ()
+    residual_scale: ResidualScale | None = None  # None: the add keeps the stream as it is (h + F)
 
     def norms_in(self, slot: str) -> tuple[NormSite, ...]:
         return tuple(norm for norm in self.norms if norm.slot == slot)
@@ -97,10 +133,17 @@ class Layer:
     layer_class: str
     sublayers: tuple[Sublayer, ...]
     inner_norms: tuple[NormSite, ...] = ()  # q/k norms and other norms inside a branch
+    output_scale: ResidualScale | None = None  # what the layer multiplies its output stream by, if anything
 
     @property
     def placement(self) -> Placement:
         return combine_placements(sub.placement for sub in self.sublayers)
+
+    @property
+    def residual_scales(self) -> tuple[ResidualScale, ...]:
+        """Every scaling of the stream in this layer, in execution order."""
+        scales = [sub.residual_scale for sub in self.sublayers if sub.residual_scale]
+        return (*scales, self.output_scale) if self.output_scale else tuple(scales)
 
 
 @dataclass(frozen=True)
@@ -126,6 +169,16 @@ class Topology:
     @property
     def placement(self) -> Placement:
         return combine_placements(layer.placement for layer in self.layers)
+
+    @property
+    def residual_scales(self) -> tuple[ResidualScale, ...]:
+        """What scales the stream between residual adds, over all layers; empty where every add is ``h + F``."""
+        return tuple(scale for layer in self.layers for scale in layer.residual_scales)
+
+    @property
+    def identity_residual(self) -> bool:
+        """Whether the stream is only ever added to: what the norm-shift and exact norm-kind maps assume."""
+        return not self.residual_scales
 
     @property
     def residual_norms(self) -> tuple[NormSite, ...]:
@@ -174,6 +227,8 @@ class Topology:
         parts = [PLACEMENT_LABELS[self.placement], f"{norm}{eps}"]
         parts.append("embedding norm" if any(s.embedding_norm for s in self.stacks) else "no embedding norm")
         parts.append("final norm" if any(s.final_norm for s in self.stacks) else "no final norm")
+        if self.residual_scales:
+            parts.append(_scaled_residual_summary(self.residual_scales))
         parts.append(" + ".join(f"{s.num_layers} layers" for s in self.stacks) if len(self.stacks) > 1
                      else f"{len(self.layers)} layers")
         return ", ".join(parts)
@@ -199,6 +254,7 @@ class Topology:
                     "placement": layer.placement,
                     "sublayers": [_sublayer_dict(sub) for sub in layer.sublayers],
                     "inner_norms": [asdict(norm) for norm in layer.inner_norms],
+                    "output_scale": asdict(layer.output_scale) if layer.output_scale else None,
                 }
                 for layer in self.layers
             ],
@@ -215,8 +271,17 @@ def _sublayer_dict(sub: Sublayer) -> dict[str, Any]:
                      for b in sub.branches],
         "norms": [asdict(norm) for norm in sub.norms],
         "residual_add": sub.residual_add,
+        "residual_scale": asdict(sub.residual_scale) if sub.residual_scale else None,
         "notes": list(sub.notes),
     }
+
+
+def _scaled_residual_summary(scales: tuple[ResidualScale, ...]) -> str:
+    """``scaled residual (per-channel gain)``: the strongest kind of scaling, for the summary line."""
+    order: tuple[ScaleExtent, ...] = ("per-channel", "scalar", "constant")
+    extent = next(e for e in order if any(scale.extent == e for scale in scales))
+    forms = ", ".join(dict.fromkeys(scale.form for scale in scales if scale.extent == extent))
+    return f"scaled residual ({extent} {forms})"
 
 
 def combine_placements(placements: Any) -> Placement:

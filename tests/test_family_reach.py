@@ -175,3 +175,43 @@ def test_a_norm_that_computes_more_than_a_norm_is_not_replaced() -> None:
     require_plain_norm(model, "plain")
     with pytest.raises(CodegenError, match="computes more than a norm"):
         require_plain_norm(model, "gated")
+
+
+def test_an_add_inside_a_module_level_helper_is_wrapped_where_the_layer_calls_it(tmp_path: Path) -> None:
+    """GPT-NeoX-Japanese adds its residual inside ``bias_dropout_add``, a module-level function: Pre -> Post was
+    refused as 'in a module-level function'. The layer's two calls of it are wrapped in order."""
+    config = transformers.GPTNeoXJapaneseConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_multiple_size=2, vocab_size=128,
+                                                max_position_embeddings=64)
+    model = _perturbed(transformers.GPTNeoXJapaneseForCausalLM(config))
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM", placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+    source = (tmp_path / "dst" / "modeling_normswap_gpt_neox_japanese.py").read_text()
+    assert source.count("= self.post_attention_layernorm(bias_dropout_add(") == 1
+    assert source.count("= self.input_layernorm(bias_dropout_add(") == 1
+
+
+def test_a_helper_add_called_from_a_branch_module_is_refused_with_the_reason() -> None:
+    """BLOOM's ``dropout_add`` is called inside BloomAttention and BloomMLP, which cannot reach BloomBlock's norms."""
+    config = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)
+    model = _perturbed(transformers.BloomForCausalLM(config))
+    with pytest.raises(normswap.NormswapError, match="BloomAttention, BloomMLP call, not BloomBlock") as error:
+        normswap.convert(model, placement="post")
+    assert "yet" not in str(error.value) and "report" not in str(error.value)
+
+
+def test_a_wrapper_without_an_auto_model_entry_inspects_and_re_inspects(tmp_path: Path) -> None:
+    """``EncoderDecoderModel`` has no AutoModel entry: inspecting it (and the normswap output, re-inspected as
+    the coverage matrix does) failed with 'Unrecognized configuration class'."""
+    bert = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 128, "max_position_embeddings": 64}
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.BertConfig(**bert), transformers.BertConfig(**bert, is_decoder=True, add_cross_attention=True))
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    model = _perturbed(transformers.EncoderDecoderModel(config))
+    model.save_pretrained(tmp_path / "src")
+    source = normswap.inspect(tmp_path / "src")
+    assert source.placement == "post" and len(source.stacks) == 2
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 0
+    converted = normswap.inspect(tmp_path / "dst", trust_remote_code=True)
+    assert converted.placement == "pre" and len(converted.stacks) == 2

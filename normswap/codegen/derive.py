@@ -32,6 +32,7 @@ from .edits import (
     WrapBranchInput,
     WrapResidualAdd,
 )
+from .function_adds import ModuleFunctions, helper_add_calls, module_functions
 
 EMBEDDING_NORM = "normswap_embedding_norm"
 FINAL_NORM = "normswap_final_norm"
@@ -83,7 +84,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
         for extra in pre_norms[1:]:
             owner, attribute = owner_and_attribute(model, extra.path)
             edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
-    edits += _wrapped_adds(subs, locate)
+    edits += _wrapped_adds(subs, locate, module_functions(path))
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     template = _template(model, stack.final_norm, subs[0].norms_in("pre")[0], locate)
@@ -93,21 +94,26 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
                                  *template)]
 
 
-def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator) -> list[Edit]:
+def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: ModuleFunctions) -> list[Edit]:
     """Each residual add wrapped in one of the layer's former pre norms, each norm used once.
 
     Sublayer j's add takes sublayer j+1's norm (the last add the first), which keeps names meaningful
     (Llama's ``post_attention_layernorm`` ends up after attention). Where that norm is not reachable from the
     class that adds (T5 keeps each sublayer's norm in the sublayer's own module), every add takes its own
     sublayer's norm instead. Either way the plan, read from the generated code, moves the weights to match.
+    An add inside a module-level helper function is wrapped where the layer calls the helper (function_adds).
     """
+    helper_calls = helper_add_calls(functions, [locate.line_or_none(sub.residual_add) for sub in subs],
+                                    locate.layer_class, locate.filename)
     for shift in (1, 0):
         try:
             edits: list[Edit] = []
             for index, sub in enumerate(subs):
                 norm = subs[(index + shift) % len(subs)].norms_in("pre")[0]
-                class_name, attribute = locate.attribute(sub.residual_add, norm.path)
-                edits.append(WrapResidualAdd(class_name, locate.line(sub.residual_add), attribute))
+                call = helper_calls.get(index)
+                source = f"{locate.filename}:{call.line}" if call else sub.residual_add
+                class_name, attribute = locate.attribute(source, norm.path)
+                edits.append(WrapResidualAdd(class_name, locate.line(source), attribute, call.function if call else ""))
             return edits
         except CodegenError as error:
             unreachable = error
@@ -234,6 +240,7 @@ class _Locator:
 
     def __init__(self, layer: nn.Module, layer_path: str, classes: list[tuple[str, int, int]], filename: str):
         self.layer_path = layer_path
+        self.layer_class = type(layer).__name__
         self.classes = classes
         self.filename = filename
         self.class_paths: dict[str, list[str]] = {}
@@ -247,6 +254,13 @@ class _Locator:
         if filename != self.filename:
             raise CodegenError(f"{source} is outside {self.filename}; cannot rewrite code in two files")
         return int(line)
+
+    def line_or_none(self, source: str | None) -> int | None:
+        """The line of ``source`` in this file, None where it has none or is in another file."""
+        try:
+            return self.line(source)
+        except CodegenError:
+            return None
 
     def attribute(self, source: str | None, module_path: str) -> tuple[str, str]:
         line = self.line(source)

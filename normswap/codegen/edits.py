@@ -21,11 +21,13 @@ class UnwrapNormCall:
 
 @dataclass(frozen=True)
 class WrapResidualAdd:
-    """``a + b`` -> ``self.<norm>(a + b)``: the outermost addition of the statement at ``line``."""
+    """``a + b`` -> ``self.<norm>(a + b)``: the outermost addition of the statement at ``line``; with ``call``,
+    ``call(...)`` -> ``self.<norm>(call(...))``: the add is inside that module-level function."""
 
     class_name: str
     line: int
     norm: str
+    call: str = ""
 
 
 @dataclass(frozen=True)

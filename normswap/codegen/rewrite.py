@@ -188,7 +188,7 @@ class _Rewriter(cst.CSTTransformer):
         if not is_add or inside_add:
             return updated
         for edit in self.edits:
-            if isinstance(edit, WrapResidualAdd) and self._here(edit):
+            if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
                 return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]))
         return updated
@@ -196,6 +196,11 @@ class _Rewriter(cst.CSTTransformer):
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         callee = _self_attribute(updated.func)
         if callee is None:
+            helper = updated.func.value if isinstance(updated.func, cst.Name) else None
+            for edit in self.edits:
+                if isinstance(edit, WrapResidualAdd) and edit.call and edit.call == helper and self._here(edit):
+                    self.applied[edit] += 1
+                    return _self_call(edit.norm, updated)
             return self._build_directly(updated)
         for edit in self.edits:
             if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):

@@ -5,14 +5,18 @@ the all-ones vector. Remove that component everywhere and the LayerNorms see zer
 ``LN(h) = w * h / sqrt(mean(h^2) + eps) + b``: an RMSNorm with the same weight, bias and eps.
 
 * each branch's output projection (the last linear map of the branch) is centred over the hidden
-  dimension, in float64, then cast back to the checkpoint dtype;
+  dimension, in float64, then cast back to the checkpoint dtype. Per-channel parameters the branch applies
+  between that map and the residual add are found by behaviour (``branch_scale``): a LayerScale is folded
+  into the map first and set to 1 (``diag(l) C W != C diag(l) W``), a bias added there is centred with it;
 * the stream is centred once in code before the layer loop, which covers token, position and
   token-type embeddings and an embedding LayerNorm's output without touching any weight, so a tied
   ``lm_head`` stays tied;
 * the residual norms become ``NormswapRMSNorm`` (``torch.nn.functional.rms_norm`` plus the LN bias).
 
 The result must match the original on probe inputs to ``1e-4 x max|reference|`` (fp32), or the
-conversion fails with the measured figure.
+conversion fails with the measured figure. A model that returns its raw stream (no norm after the last
+residual add, as CLIP's vision tower does for ``last_hidden_state``) has no exact twin: the stream's mean is
+gone, and the refusal says so.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
 from ..errors import ExactnessError, NormswapError
 from ..topology import Topology
+from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
 from .native import meta_twin
 from .program import Step, TensorProgram, combine, copy_of, one_plus
@@ -57,6 +62,8 @@ class NormKindPlan:
     untied: bool = False  # embeddings centred as weights (and lm_head untied) instead of in code
     centred_inputs: tuple[str, ...] = ()  # embedding norms whose input is centred in code
     offset: tuple[str, ...] = ()  # (1 + w) LayerNorms (Nemotron), whose RMSNorm takes the weight 1 + w
+    scales: tuple[str, ...] = ()  # per-channel scales after a writer (LayerScale): folded into it, then set to 1
+    shifts: tuple[str, ...] = ()  # per-channel biases added after a writer outside it: centred with it
 
     def describe(self) -> str:
         if self.kind == "layernorm" and not self.exact:
@@ -80,7 +87,9 @@ class NormKindPlan:
         centring = ("  centre the embedding weights; lm_head keeps an uncentred copy (untied)" if self.untied else
                     "  centre the stream before the layer loop (in code: embedding weights and ties unchanged)")
         lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: true", centring]
+        lines += [f"  fold {scale} into the writer before it, then set it to 1" for scale in self.scales]
         lines += [f"  centre the output of {writer}" for writer in self.writers]
+        lines += [f"  centre {shift}, added to a branch output after its writer" for shift in self.shifts]
         lines += [f"  {norm}: LayerNorm -> RMSNorm "
                   f"({'weight 1 + w' if norm in self.offset else 'same weight'} and eps; "
                   f"{'bias folded into its readers' if norm in self.folded else 'bias kept'}"
@@ -130,8 +139,10 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
                             "follows them and its weight and bias make its output uncentred, which no weight "
                             "change can undo: leave out --untie, so that the stream is centred in code")
     pre_norms = tuple(n.path for n in topology.residual_norms)
-    order, readers = linear_calls(model, pre_norms)
+    meta = meta_twin(model)
+    order, readers = linear_calls(meta, pre_norms)
     writers = branch_writers(order, topology)
+    tails = branch_tails(meta, writers)
     folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
     embeddings = _embedding_writers(model, topology) if untie else []
     generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
@@ -140,11 +151,19 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
                         tuple(writers + embeddings), tuple(sorted(folds)), untied=untie,
                         centred_inputs=tuple(n.path for n in embedding_norms),
                         offset=tuple(n.path for n in (*topology.stream_norms, *embedding_norms)
-                                     if n.kind == "layernorm-offset"))
+                                     if n.kind == "layernorm-offset"),
+                        scales=tuple(key for tail in tails.values() for key in tail.scales),
+                        shifts=tuple(key for tail in tails.values() for key in tail.shifts))
 
     steps = {key: copy_of(key) for key in model.state_dict()}
     for path in writers:
-        _centre_output(model.get_submodule(path), path, steps)
+        module = model.get_submodule(path)
+        tail = tails.get(path)
+        if tail is not None:  # LayerScale first, then centre: diag(l) C W != C diag(l) W
+            fold_tail(tail, _output_dims(module, path, steps), steps)
+        _centre_output(module, path, steps)
+        for shift in tail.shifts if tail is not None else ():  # a bias added outside the linear map
+            steps[shift] = combine(lambda bias: _centred(bias, -1), steps[shift])
     if untie:
         _untie_and_centre_embeddings(model, embeddings, steps, config)
     for norm in (*topology.stream_norms, *embedding_norms):  # Nemotron's (1 + w) LayerNorms: plain weights
@@ -185,29 +204,75 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
     from its fp32 twin: its rounding, the converted model's rounding (the same size), and the rounding of the
     centred weights back to the checkpoint dtype (smaller).
     """
-    pick = (lambda output: [output.logits]) if logits_only else _final_outputs
-    outputs = pick(_run(original, inputs))
-    converted_outputs = pick(_run(converted, inputs))
-    diff = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, converted_outputs, strict=True))
-    reference = max(float(x.double().abs().max()) for x in outputs)
+    pick = (lambda output: {"logits": output.logits}) if logits_only else _named_final_outputs
+    original_output, converted_output = _run(original, inputs), _run(converted, inputs)
+    outputs, converted_outputs = pick(original_output), pick(converted_output)
+    diff = max(_max_diff(outputs[name], converted_outputs[name]) for name in outputs)
+    reference = max(float(x.double().abs().max()) for x in outputs.values())
     if next(original.parameters()).dtype == torch.float32:
         tolerance = TOLERANCE
     else:
         in_fp32 = getattr(original, "normswap_in_fp32", None)  # a checkpoint's source, read again in fp32
         fp32_outputs = pick(_run(in_fp32() if in_fp32 else copy.deepcopy(original).float(), inputs))
-        noise = max(float((x.double() - y.double()).abs().max()) for x, y in zip(outputs, fp32_outputs, strict=True))
+        noise = max(_max_diff(outputs[name], fp32_outputs[name]) for name in outputs)
         tolerance = _NOISE_FACTOR * noise / reference if reference else _NOISE_FACTOR * noise
     relative = diff / reference if reference else diff
-    first = outputs[0]
+    first = next(iter(outputs.values()))
     tokens = int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else first.numel()
     report = ExactnessReport(relative <= tolerance, tokens, diff, reference, relative, tolerance)
     if not report.exact:
-        raise ExactnessError(f"the converted model differs from the original by {diff:.3g} = {relative:.2e} x "
-                             f"max|reference| (tolerance {tolerance:.1e}), so it is not exact for "
-                             f"{type(original).__name__}: the map keeps what every norm reads, and an output that "
-                             "reads the stream without a norm (a hidden state taken before the final norm), or a "
-                             "branch scaled elementwise after its last linear layer (LayerScale), does not keep")
+        measured = (f"the converted model differs from the original by {diff:.3g} = {relative:.2e} x "
+                    f"max|reference| (tolerance {tolerance:.1e})")
+        raw = _raw_stream_outputs(outputs, converted_outputs, tolerance)
+        if raw:
+            kept = _other_exact_outputs(original_output, converted_output, set(outputs), tolerance)
+            raise ExactnessError(f"{measured}: {type(original).__name__} returns its un-normalised residual stream "
+                                 f"as {' and '.join(raw)}, and the converted one is the original minus its per-token "
+                                 "mean: the exact map removes that mean and no weight change can restore it, so a "
+                                 f"Pre-LN model whose stream is an output has no exact RMSNorm twin{kept}, but "
+                                 f"whatever reads {' or '.join(raw)} would change: keep this model LayerNorm")
+        raise ExactnessError(f"{measured}, so it is not exact for {type(original).__name__}: the map keeps what every "
+                             "norm reads, and an output that reads the stream without a norm (a hidden state taken "
+                             "before the final norm), or a branch whose last linear layer's output goes through "
+                             "anything but per-channel scales and biases before the residual add, does not keep")
     return report
+
+
+def _max_diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return float((expected.double() - actual.double()).abs().max())
+
+
+def _raw_stream_outputs(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
+                        tolerance: float) -> list[str]:
+    """The outputs that miss, when every one that misses is the raw stream: the original minus its mean agrees.
+
+    Centring the stream changes exactly its mean over the hidden features, so an output that is the stream
+    itself (no norm between it and the last residual add) comes back as ``h - mean(h)``.
+    """
+    missed, raw = [], []
+    for name, reference in expected.items():
+        scale = float(reference.double().abs().max()) or 1.0
+        if _max_diff(reference, actual[name]) <= tolerance * scale:
+            continue
+        missed.append(name)
+        wide = reference.double()
+        if _max_diff(wide - wide.mean(-1, keepdim=True), actual[name]) <= tolerance * scale:
+            raw.append(name)
+    return raw if raw == missed else []
+
+
+def _other_exact_outputs(original_output: Any, converted_output: Any, compared: set[str], tolerance: float) -> str:
+    """``; pooler_output stays exact (3e-07)``: the model's other tensor outputs that the map keeps."""
+    kept = []
+    for name, value in getattr(original_output, "items", dict)():
+        other = getattr(converted_output, name, None)
+        if name in compared or not isinstance(value, torch.Tensor) or not isinstance(other, torch.Tensor):
+            continue
+        scale = float(value.double().abs().max()) or 1.0
+        relative = _max_diff(value, other) / scale
+        if value.is_floating_point() and relative <= tolerance:
+            kept.append(f"{name} ({relative:.0e})")
+    return f"; {', '.join(kept)} {'stays' if len(kept) == 1 else 'stay'} exact" if kept else ""
 
 
 def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
@@ -224,6 +289,11 @@ def _require_pre_layer_norm(topology: Topology) -> None:
         raise NormswapError(f"{topology.model_type} is {topology.placement}; LayerNorm -> RMSNorm is exact only where "
                             "every norm reads the residual stream, which can be centred once (Pre-LN); "
                             "normswap.convert(model, norm='rmsnorm') converts other layouts approximately")
+    per_channel = [scale for scale in topology.residual_scales if scale.per_channel]
+    if per_channel:
+        raise NormswapError(f"{topology.model_type} scales its residual stream per channel "
+                            f"({per_channel[0].describe()}); LayerNorm -> RMSNorm is exact by centring every write "
+                            "to the stream (docs/design.md §4), and g * h of a centred h is not centred")
     raw = [n.path for n in topology.stream_norms if n.kind == "identity"]
     if raw:
         raise NormswapError(f"{topology.model_type} has a branch that reads the residual stream with no norm ({raw[0]} "
@@ -327,16 +397,17 @@ def fused_experts(module: nn.Module) -> bool:
 
 def _centre_output(module: nn.Module, path: str, steps: dict[str, Step]) -> None:
     """Remove the mean over output features from a linear map's weight and bias, in float64."""
+    for key, dim in _output_dims(module, path, steps).items():
+        steps[key] = combine(lambda tensor, dim=dim: _centred(tensor, dim), steps[key])
+
+
+def _output_dims(module: nn.Module, path: str, steps: dict[str, Step]) -> dict[str, int]:
+    """A writer's tensors, each with the dimension that runs over the hidden features it writes."""
     if fused_experts(module):
-        steps[f"{path}.down_proj"] = combine(lambda weight: _centred(weight, 1), steps[f"{path}.down_proj"])
-        if f"{path}.down_proj_bias" in steps:
-            steps[f"{path}.down_proj_bias"] = combine(lambda bias: _centred(bias, -1), steps[f"{path}.down_proj_bias"])
-        return
-    dim = 0 if linear_layout(module) == "out_in" else 1
-    weight_key, bias_key = f"{path}.weight", f"{path}.bias"
-    steps[weight_key] = combine(lambda weight: _centred(weight, dim), steps[weight_key])
-    if bias_key in steps:
-        steps[bias_key] = combine(lambda bias: _centred(bias, 0), steps[bias_key])
+        keys = {f"{path}.down_proj": 1, f"{path}.down_proj_bias": -1}
+    else:
+        keys = {f"{path}.weight": 0 if linear_layout(module) == "out_in" else 1, f"{path}.bias": 0}
+    return {key: dim for key, dim in keys.items() if key in steps}
 
 
 def _centred(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -373,19 +444,24 @@ def _generated_rms_target(model: nn.Module, topology: Topology, centre_in_code: 
                                 rms_norm=True)
 
 def _final_outputs(output: Any) -> list[torch.Tensor]:
-    """What the model hands on: final (normalised) hidden states of every stack, and logits.
+    """What the model hands on: final (normalised) hidden states of every stack, and logits."""
+    return list(_named_final_outputs(output).values())
+
+
+def _named_final_outputs(output: Any) -> dict[str, torch.Tensor]:
+    """``_final_outputs`` by name (``hidden_states[-1]`` where there is no ``last_hidden_state``).
 
     The raw stream itself changes under centring; only what the norms read is kept.
     """
-    found = []
+    found = {}
     for name in ("last_hidden_state", "encoder_last_hidden_state", "logits"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
-            found.append(value)
+            found[name] = value
     for name in ("hidden_states", "decoder_hidden_states"):  # causal LMs append the final norm's output last
         value = getattr(output, name, None)
         if isinstance(value, (tuple, list)) and value and getattr(output, "last_hidden_state", None) is None:
-            found.append(value[-1])
+            found[f"{name}[-1]"] = value[-1]
     if not found:
         raise ExactnessError(f"{type(output).__name__} has no hidden states to compare")
     return found

@@ -11,7 +11,9 @@ each residual add, norms are assigned to slots by where they sit:
   layer output, reaches the add only through it).
 
 Branches that read the same stream point and meet only at adds form one parallel
-sublayer (GPT-J, GPT-NeoX).
+sublayer (GPT-J, GPT-NeoX). An operand may reach the stream through a scale factor
+(``g * h + F``, ``h + r * (F - h)``): the add is still a residual add, and the sublayer
+records what scales the stream (``scaling.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from ..errors import TopologyError
-from ..topology import Branch, BranchKind, NormSite, Sublayer, placement_of_slots
+from ..topology import Branch, BranchKind, NormSite, ResidualScale, Sublayer, placement_of_slots
+from .no_residual_add import describe_node, no_residual_add_message
 from .norms import NormInfo
+from .scaling import Followed, ScaleReader
 from .trace_layer import WRAPPED_LAYER, TracedLayer
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -53,6 +57,21 @@ class _RawSublayer:
     branches: list[set[fx.Node]]
     post_norms: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    residual_scale: ResidualScale | None = None
+
+
+class NoResidualAddError(TopologyError):
+    """A layer whose graph shows no residual add; the caller may know why (a model without layer modules)."""
+
+
+@dataclass(frozen=True)
+class LayerReading:
+    """What one layer's graph says: its sublayers, the norms they use and what scales its output stream."""
+
+    sublayers: tuple[Sublayer, ...]
+    used_norms: frozenset[str]  # relative paths
+    output_scale: ResidualScale | None = None
+    stream_width: int | None = None  # the last axis of the stream the layer reads
 
 
 class LayerGraph:
@@ -65,6 +84,7 @@ class LayerGraph:
         self.nodes = list(traced.graph.nodes)
         self.position = {node: index for index, node in enumerate(self.nodes)}
         self.stream_input = next(n for n in self.nodes if n.op == "placeholder" and n.target == traced.stream_input)
+        self.scales = ScaleReader(self)
 
     def module_path(self, node: fx.Node) -> str | None:
         if node.op != "call_module":
@@ -133,19 +153,16 @@ class LayerGraph:
         return f"{filename.rsplit('/', 1)[-1]}:{line}"
 
 
-def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], set[str]]:
-    """The sublayers of one layer, and the relative paths of the norms they use.
+def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
+    """The sublayers of one layer, the relative paths of the norms they use, and what scales its output.
 
     Norm and module paths in the result are relative to the layer; ``layer_path`` names it in errors.
     """
     raw = _find_residual_adds(graph)
     if not raw:
-        raise TopologyError(
-            f"{type(graph.layer).__name__} ({layer_path}) shows no residual add in its traced graph; "
-            "normswap converts residual transformers only"
-        )
+        raise NoResidualAddError(no_residual_add_message(graph, layer_path))
     raw = _merge_parallel(raw)
-    _assign_post_norms(graph, raw, layer_path)
+    output_scale = _assign_post_norms(graph, raw, layer_path)
     used: set[str] = set()
     sublayers = []
     for item in raw:
@@ -167,8 +184,9 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> tuple[list[Sublayer], s
             norms=tuple(sites),
             residual_add=graph.source_of(item.add),
             notes=tuple(item.notes),
+            residual_scale=item.residual_scale,
         ))
-    return sublayers, used
+    return LayerReading(tuple(sublayers), frozenset(used), output_scale, graph.scales.width)
 
 
 def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
@@ -180,13 +198,15 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
         if len(operands) != 2:
             continue
-        (origin_a, norms_a), (origin_b, norms_b) = (graph.trace_back(op) for op in operands)
-        a_on_stream, b_on_stream = origin_a in stream, origin_b in stream
-        if a_on_stream == b_on_stream:
+        first, second = (graph.scales.follow(op) for op in operands)
+        if (first.origin in stream) == (second.origin in stream):
             continue
-        residual_norms, branch_origin, out_norms = (
-            (norms_a, origin_b, norms_b) if a_on_stream else (norms_b, origin_a, norms_a)
-        )
+        residual, update = (first, second) if first.origin in stream else (second, first)
+        read = _read_update(graph, residual, update)
+        if read is None:
+            continue  # h + r * (h' - h) with no rate: no residual is kept
+        branch, scale = read
+        residual_norms, branch_origin, out_norms = list(residual.norms), branch.origin, list(branch.norms)
         branch_nodes = _branch_nodes(graph, branch_origin, stream)
         entries = _branch_entries(graph, branch_nodes, stream)
         if not entries:
@@ -198,9 +218,23 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         groups = _split_branches(graph, branch_nodes, [e for e, _, _ in entries])
         for group in groups:  # each branch remembers the norms its entries read through
             group.update(norm for entry, _, norms in entries if entry in group for norm in norms)
-        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups))
+        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups, residual_scale=scale))
         stream.append(node)
     return raw
+
+
+def _read_update(graph: LayerGraph, residual: Followed,
+                 update: Followed) -> tuple[Followed, ResidualScale | None] | None:
+    """The branch an add's other operand comes from, and what scales the residual it keeps.
+
+    ``h + r * (F - h)`` keeps ``(1 - r) * h``: an interpolation; ``g * h + F`` keeps ``g * h``: a gain.
+    """
+    interpolated = graph.scales.interpolation(residual, update)
+    if interpolated is not None:
+        branch, rate = interpolated
+        return (branch, graph.scales.residual_scale("interpolation", rate)) if rate else None
+    gain = graph.scales.residual_scale("gain", residual.factors) if residual.factors else None
+    return update, gain
 
 
 def _branch_entries(graph: LayerGraph, branch_nodes: set[fx.Node],
@@ -255,7 +289,8 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
     """``h + A(x) + M(x)`` written as two adds: the second branch reads the stream before the first add."""
     merged: list[_RawSublayer] = []
     for item in raw:
-        if merged and item.read_point is merged[-1].read_point and not item.residual_norms:
+        if (merged and item.read_point is merged[-1].read_point and not item.residual_norms
+                and item.residual_scale is None):  # s * (h + A(x)) + M(x) scales A too: not one parallel group
             previous = merged[-1]
             previous.branches.extend(item.branches)
             previous.pre_norms.extend(n for n in item.pre_norms if n not in previous.pre_norms)
@@ -266,8 +301,8 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
     return merged
 
 
-def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: str) -> None:
-    """Norms on the stream after an add are that sublayer's post norms."""
+def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: str) -> ResidualScale | None:
+    """Norms on the stream after an add are that sublayer's post norms; returns what scales the layer output."""
     for previous, item in pairwise(raw):
         previous.post_norms.extend(item.residual_norms)
     if raw[0].residual_norms:
@@ -277,13 +312,16 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: s
     result = _first_output(graph, output.args[0])
     if not isinstance(result, fx.Node):
         raise TopologyError(f"{type(graph.layer).__name__} ({layer_path}) returns no tensor normswap can follow")
-    origin, norms = graph.trace_back(result)
-    if origin is not raw[-1].add:
+    output = graph.scales.follow(result)
+    if output.origin is not raw[-1].add:
+        source = graph.source_of(output.origin)
         raise TopologyError(
-            f"{type(graph.layer).__name__} ({layer_path}): the layer output does not come from its last residual add; "
+            f"{type(graph.layer).__name__} ({layer_path}): the layer output does not come from its last residual add "
+            f"(it comes from {describe_node(output.origin)}{f' at {source}' if source else ''}); "
             "normswap cannot tell its norm placement"
         )
-    raw[-1].post_norms.extend(norms)
+    raw[-1].post_norms.extend(output.norms)
+    return graph.scales.residual_scale("output", output.factors) if output.factors else None
 
 
 def _first_output(graph: LayerGraph, result: object) -> object:

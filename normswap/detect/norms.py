@@ -4,6 +4,8 @@ A small CPU copy of each candidate module (its parameters are vectors of the
 hidden size, so this is cheap even for 70B configs) is probed with random inputs:
 
 * scale invariance ``N(a x) = N(x)``: every norm has it;
+* unit RMS out: an L2 normalisation (``x / |x|``, RMS ``1 / sqrt(dim)``) is not a norm kind, though
+  ``scales_to_unit_length`` tells it apart so that a refusal can name it;
 * shift invariance ``N(x + c) = N(x)``: only mean-subtracting LayerNorm has it;
 * weight 0 gives 0 (``w * n``) or ``n`` (Gemma's ``(1 + w) * n``);
 * a bias parameter that is added, or none.
@@ -58,6 +60,25 @@ def classify_norm(module: nn.Module, hidden_size: int) -> NormInfo | None:
         return _probe(probe, dim)
     except Exception:  # noqa: BLE001 - a module that cannot run on a (.., dim) tensor is not a norm
         return None
+
+
+def scales_to_unit_length(module: nn.Module, dim: int) -> bool:
+    """Whether ``module`` maps every vector to length 1 (``x / |x|``, nGPT's hidden states on the unit sphere).
+
+    Not a norm kind: its output's RMS is ``1 / sqrt(dim)``, and no conversion maps it. Told apart so that a layer
+    whose stream passes through one is refused by that name rather than as "no residual add"."""
+    if not is_candidate(module) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    try:
+        with torch.no_grad():
+            x = torch.randn(3, 5, dim, generator=torch.Generator().manual_seed(0)) * 3.0 + 0.7
+            out = _cpu_copy(module)(x)
+    except Exception:  # noqa: BLE001 - a module that cannot run on a (.., dim) tensor normalises nothing
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return False
+    length = out.pow(2).sum(-1).sqrt()
+    return torch.allclose(length, torch.ones_like(length), atol=1e-2)
 
 
 def _normalized_size(module: nn.Module, hidden_size: int) -> int:

@@ -23,9 +23,10 @@ from torch import nn
 
 from ..errors import SourceError, TopologyError
 from ..recipe import recipe_for
-from ..topology import Layer, NormSite, Stack, Sublayer, Topology
-from .analysis import LayerGraph, analyse_layer
+from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
+from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
+from .layout_notes import layer_free_hint, reuse_notes, scale_notes
 from .norms import NormInfo, classify_norm
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
@@ -96,8 +97,9 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
 
     layers: list[Layer] = []
     notes = list(notes)
-    analysed: dict[Any, tuple[list[Sublayer], set[str], list[str]]] = {}
+    analysed: dict[Any, tuple[LayerReading, list[str]]] = {}
     keys: dict[str, Any] = {}
+    widths: dict[str, int | None] = {}  # the stream width of each stack, as its first traced layer reads it
     for stack_path, stack_layers in stacks:
         for index, (path, layer) in enumerate(stack_layers):
             call = run.layer_calls.get(path)
@@ -109,25 +111,35 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
             if key not in analysed:
                 traced = trace_layer(layer, call, {id(layer.get_submodule(p)) for p in relative_norms})
                 graph = LayerGraph(traced, layer, relative_norms)
-                sublayers, used = analyse_layer(graph, path)
-                analysed[key] = (sublayers, used, sorted(relative_norms))
+                try:
+                    reading = analyse_layer(graph, path)
+                except NoResidualAddError as error:
+                    hint = layer_free_hint(model, stack_path, stacks, norms)
+                    if hint is None:
+                        raise
+                    raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
+                                        f"graph: {hint}") from error
+                analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
-            template, used, all_relative = analysed[key]
+            reading, all_relative = analysed[key]
+            widths.setdefault(stack_path, reading.stream_width)
             layers.append(Layer(
                 index=index,
                 stack=stack_path,
                 path=path,
                 layer_class=type(layer).__name__,
-                sublayers=tuple(_relocate(sub, path) for sub in template),
+                sublayers=tuple(_relocate(sub, path) for sub in reading.sublayers),
                 inner_norms=tuple(
                     NormSite(f"{path}.{rel}", "inner", relative_norms[rel].kind, relative_norms[rel].eps,
                              relative_norms[rel].dim)
-                    for rel in all_relative if rel not in used and relative_norms[rel].kind != "identity"
+                    for rel in all_relative if rel not in reading.used_norms and relative_norms[rel].kind != "identity"
                 ),
+                output_scale=_relocate_scale(reading.output_scale, path),
             ))
+    notes.extend(reuse_notes(stacks, run, model_level_norms))
 
-    stack_records = _place_edge_norms(stacks, run, norms, model_level_norms)
+    stack_records = _place_edge_norms(stacks, run, norms, model_level_norms, widths)
     topology = Topology(
         model_type=meta.model_type,
         model_class=type(model).__name__,
@@ -135,12 +147,12 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
         layers=tuple(layers),
         notes=tuple(notes),
     )
-    if sample is None:
-        return topology
-    mismatch = sample_mismatch(sample, stacks, keys)
-    if mismatch:
-        raise _SampleMismatchError(mismatch)
-    return expand_sample(topology, sample)
+    if sample is not None:
+        mismatch = sample_mismatch(sample, stacks, keys)
+        if mismatch:
+            raise _SampleMismatchError(mismatch)
+        topology = expand_sample(topology, sample)
+    return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))  # over every layer, not a sample
 
 
 def _hidden_size(model: nn.Module, config: Any) -> int:
@@ -208,12 +220,22 @@ def _relocate(sub: Sublayer, layer_path: str) -> Sublayer:
         branches=tuple(replace(b, modules=tuple(f"{layer_path}.{m}" for m in b.modules),
                                reads=tuple(f"{layer_path}.{r}" for r in b.reads),
                                entry=f"{layer_path}.{b.entry}" if b.entry else None) for b in sub.branches),
+        residual_scale=_relocate_scale(sub.residual_scale, layer_path),
     )
 
 
+def _relocate_scale(scale: ResidualScale | None, layer_path: str) -> ResidualScale | None:
+    if scale is None:
+        return None
+    return replace(scale, tensors=tuple(f"{layer_path}.{t}" for t in scale.tensors))
+
+
 def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo],
-                      model_level: dict[str, nn.Module]) -> list[Stack]:
-    """Embedding norms run after the previous stack and before a stack; final norms right after it."""
+                      model_level: dict[str, nn.Module], widths: dict[str, int | None]) -> list[Stack]:
+    """Embedding norms run after the previous stack and before a stack; final norms right after it.
+
+    Only a norm as wide as the stack's stream can be one: a norm of a side input computed before the layers
+    (per-layer embeddings, 512 wide beside a 64-wide stream) is neither."""
     order = run.call_order
     records: list[Stack] = []
     called = [(path, layers) for path, layers in stacks if layers[0][0] in run.layer_calls]
@@ -226,10 +248,12 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
         parent = stack_path.rsplit(".", 1)[0] + "." if "." in stack_path else ""
         previous_parent = (called[position - 1][0].rsplit(".", 1)[0] + "."
                            if position and "." in called[position - 1][0] else None)
-        before = [n for n in order[previous_end + 1:first] if n in model_level
+        width = widths.get(stack_path)
+        edges = {n for n in model_level if width is None or norms[n].dim == width}
+        before = [n for n in order[previous_end + 1:first] if n in edges
                   and not (previous_parent and n.startswith(previous_parent))]
         is_last = position + 1 == len(called)
-        after = [n for n in order[last + 1:next_start] if n in model_level and (is_last or n.startswith(parent))]
+        after = [n for n in order[last + 1:next_start] if n in edges and (is_last or n.startswith(parent))]
         records.append(Stack(
             path=stack_path,
             num_layers=len(stack_layers),

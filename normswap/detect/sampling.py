@@ -42,7 +42,7 @@ from typing import Any
 
 from torch import nn
 
-from ..topology import Branch, Layer, NormSite, Sublayer, Topology
+from ..topology import Branch, Layer, NormSite, ResidualScale, Sublayer, Topology
 from .signature import module_signature
 
 FULL_BUILD_LAYERS = 64
@@ -319,12 +319,17 @@ def _moved(layer: Layer, index: int, path: str) -> Layer:
                         reads=tuple(move(r) for r in branch.reads),
                         entry=move(branch.entry) if branch.entry else None)
 
+    def move_scale(scale: ResidualScale | None) -> ResidualScale | None:
+        return _changed(scale, tensors=tuple(move(t) for t in scale.tensors)) if scale and scale.tensors else scale
+
     def move_sublayer(sub: Sublayer) -> Sublayer:
         return _changed(sub, norms=tuple(move_norm(n) for n in sub.norms),
-                        branches=tuple(move_branch(b) for b in sub.branches))
+                        branches=tuple(move_branch(b) for b in sub.branches),
+                        residual_scale=move_scale(sub.residual_scale))
 
     return _changed(layer, index=index, path=path, sublayers=tuple(move_sublayer(s) for s in layer.sublayers),
-                    inner_norms=tuple(move_norm(n) for n in layer.inner_norms))
+                    inner_norms=tuple(move_norm(n) for n in layer.inner_norms),
+                    output_scale=move_scale(layer.output_scale))
 
 
 def _changed(record: Any, **changes: Any) -> Any:

@@ -219,7 +219,7 @@ def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bo
     try:
         with torch.device("meta"), quiet_transformers():
             if model_class is AutoModel:
-                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, **options)
+                model = _auto_model(config, trust_remote_code, options)
             else:
                 model = model_class._from_config(config, **options)
     except Exception as error:  # any failure here means the config does not describe a model
@@ -229,6 +229,30 @@ def _build(model_class: Any, config: Any, model_type: str, trust_remote_code: bo
         ) from error
     model.eval()
     return MetaModel(model, config, model_type)
+
+
+def _auto_model(config: Any, trust_remote_code: bool, options: dict[str, Any]) -> nn.Module:
+    """``AutoModel`` of ``config``, else the model its own metadata names: wrappers such as
+    ``EncoderDecoderModel`` (and their generated twins) have no ``AutoModel`` entry, only a head class."""
+    import transformers
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code, **options)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        auto_map = getattr(config, "auto_map", None) or {}
+        for auto_name in auto_map if trust_remote_code and isinstance(auto_map, dict) else ():
+            auto_class = getattr(transformers, auto_name, None) if auto_name.startswith("AutoModel") else None
+            if auto_class is not None:
+                return auto_class.from_config(config, trust_remote_code=True, **options)
+        for name in getattr(config, "architectures", None) or []:
+            stock = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+            if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel) \
+                    and isinstance(config, stock.config_class):
+                return stock._from_config(config, **options)
+        raise
 
 
 @contextlib.contextmanager

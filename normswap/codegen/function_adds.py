@@ -1,0 +1,81 @@
+"""Residual adds written inside a module-level helper function (BLOOM's and Falcon's ``dropout_add``,
+GPT-NeoX-Japanese's ``bias_dropout_add``).
+
+The trace names the ``+`` inside the helper, which belongs to no class, so there is no norm module to wrap
+it in. Every layer calls the helper, though, and the call's result is the sum: wrapping the call in the norm
+(``self.norm(dropout_add(...))``) is the same edit one frame out. The calls are found in the layer's own
+class, in source order, and matched to the sublayers whose add is in a helper, in order.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NormswapError
+
+
+@dataclass(frozen=True)
+class HelperCall:
+    """A call of a module-level function from a method of ``class_name``, at ``line`` (the call's first)."""
+
+    function: str
+    class_name: str
+    line: int
+
+
+@dataclass(frozen=True)
+class ModuleFunctions:
+    """The module-level functions of a modeling file (name -> first and last line) and their calls in classes."""
+
+    spans: dict[str, tuple[int, int]]
+    calls: tuple[HelperCall, ...]
+
+    def enclosing(self, line: int) -> str | None:
+        """The module-level function whose body holds ``line``, if any."""
+        return next((name for name, (start, end) in self.spans.items() if start <= line <= end), None)
+
+
+def module_functions(path: Path) -> ModuleFunctions:
+    """Parsed with Python's own ``ast`` (line numbers are all that is needed)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    spans = {node.name: (node.lineno, node.end_lineno or node.lineno) for node in tree.body
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    calls = [HelperCall(call.func.id, node.name, call.lineno)
+             for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+             for call in ast.walk(node)
+             if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in spans]
+    return ModuleFunctions(spans, tuple(sorted(set(calls), key=lambda c: c.line)))
+
+
+def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], layer_class: str, filename: str
+                     ) -> dict[int, HelperCall]:
+    """For each sublayer (by index) whose residual add is inside a helper, the layer's call of that helper.
+
+    The calls in ``layer_class`` are matched to those sublayers in order; where their numbers differ (a call
+    that this configuration skips, such as Falcon's sequential add in a parallel model), which call adds is a
+    run-time choice the source cannot tell, and the conversion is refused with that reason.
+    """
+    in_helper = {index: functions.enclosing(line) for index, line in enumerate(add_lines) if line is not None}
+    in_helper = {index: name for index, name in in_helper.items() if name is not None}
+    if not in_helper:
+        return {}
+    found: dict[int, HelperCall] = {}
+    for name in sorted(set(in_helper.values())):
+        indices = [index for index, helper in in_helper.items() if helper == name]
+        calls = [call for call in functions.calls if call.function == name and call.class_name == layer_class]
+        elsewhere = sorted({call.class_name for call in functions.calls if call.function == name} - {layer_class})
+        if not calls and elsewhere:
+            raise NormswapError(f"the residual adds of {filename} are inside the module-level function {name}, "
+                                f"which {', '.join(elsewhere)} call, not {layer_class}: the norm that must wrap "
+                                f"the add belongs to {layer_class}, which those classes cannot reach, and generated "
+                                "code keeps each family's module tree")
+        if len(calls) != len(indices):
+            lines = ", ".join(str(call.line) for call in calls) or "none"
+            raise NormswapError(f"the residual add of {filename} is inside the module-level function {name}, "
+                                f"which {layer_class} calls at lines {lines} for {len(indices)} residual add(s) of "
+                                "this configuration: which call adds is decided at run time, so the source edit "
+                                "that must wrap it cannot be placed")
+        found.update(zip(indices, calls, strict=True))
+    return found

@@ -1,0 +1,342 @@
+"""Detection on layers that scale their residual stream, carry several streams, or have no layer modules.
+
+Tiny models are built from transformers configs. What ``inspect`` records is checked against the models
+themselves: a residual gain must be the tensor that multiplies the stream a sublayer keeps (perturbing it
+moves the layer output by exactly ``delta * stream``), an output scale the tensor the layer output is
+proportional to, a constant the factor the modeling code computes. Refusals must name the structure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+import normswap
+from normswap.detect.norms import classify_norm, scales_to_unit_length
+from normswap.topology import Topology
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB, FFN = 64, 2, 4, 2, 16, 128, 128
+TOKENS = 6
+SIZES = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+         "num_key_value_heads": KV_HEADS, "intermediate_size": FFN, "vocab_size": VOCAB}
+
+
+def _perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter moved off its initial value (unit gains, zero rates would hide a wrong record)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, TOKENS), generator=torch.Generator().manual_seed(seed))
+
+
+def _layer_output(model: nn.Module, layer_path: str, tokens: torch.Tensor,
+                  stream_reader: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states ``layer_path`` returns, and the input of the module ``stream_reader`` in that run."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_output(module: nn.Module, args: tuple, output: Any) -> None:
+        seen.setdefault("output", (output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    def keep_input(module: nn.Module, args: tuple) -> None:
+        seen.setdefault("stream", args[0].detach().clone())
+
+    handles = [model.get_submodule(layer_path).register_forward_hook(keep_output)]
+    if stream_reader is not None:
+        handles.append(model.get_submodule(stream_reader).register_forward_pre_hook(keep_input))
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["output"], seen.get("stream")
+
+
+@pytest.fixture(scope="module")
+def doge() -> tuple[nn.Module, Topology]:
+    from transformers import DogeConfig, DogeForCausalLM
+
+    model = _perturbed(DogeForCausalLM(DogeConfig(**SIZES)))
+    return model, normswap.inspect(model)
+
+
+def test_a_learned_residual_gain_keeps_the_layout_and_is_recorded(doge: tuple[nn.Module, Topology]) -> None:
+    model, topology = doge
+    assert (topology.placement, topology.norm) == ("pre", "rmsnorm")
+    assert not topology.identity_residual
+    assert "scaled residual (per-channel gain)" in topology.summary()
+    for layer in topology.layers:
+        for sub in layer.sublayers:
+            scale = sub.residual_scale
+            assert scale is not None and (scale.form, scale.extent) == ("gain", "per-channel")
+            (gain,) = scale.tensors
+            assert gain.startswith(f"{layer.path}.") and model.get_parameter(gain).shape == (HIDDEN,)
+            assert scale.describe() == f"per-channel gain {gain} ({scale.source})"
+            assert scale.source.startswith("modeling_doge.py:")
+        assert len({sub.residual_scale.tensors for sub in layer.sublayers}) == len(layer.sublayers)
+    assert any("per-channel gain" in note for note in topology.notes)
+
+
+def test_the_recorded_gain_is_what_multiplies_the_kept_stream(doge: tuple[nn.Module, Topology]) -> None:
+    """``out = g * h + M(N(h))`` for the last sublayer: moving ``g`` by ``delta`` moves ``out`` by ``delta * h``,
+    where ``h`` is the stream its pre norm reads."""
+    model, topology = doge
+    layer = topology.layers[0]
+    last = layer.sublayers[-1]
+    (gain,) = last.residual_scale.tensors
+    (pre_norm,) = last.norms_in("pre")
+    before, stream = _layer_output(model, layer.path, _tokens(), pre_norm.path)
+    delta = torch.linspace(-1.0, 1.0, HIDDEN)
+    parameter = model.get_parameter(gain)
+    with torch.no_grad():
+        parameter.add_(delta)
+    try:
+        after, _ = _layer_output(model, layer.path, _tokens())
+    finally:
+        with torch.no_grad():
+            parameter.sub_(delta)
+    torch.testing.assert_close(after - before, delta * stream, rtol=1e-4, atol=1e-5)
+
+
+def test_constant_depth_scaled_residuals_carry_the_code_s_factor() -> None:
+    from transformers import BeamConfig, BeamForCausalLM
+    from transformers.models.beam import modeling_beam
+
+    config = BeamConfig(**SIZES, head_dim=HEAD_DIM, moe_intermediate_size=FFN, num_experts=4, n_group=2,
+                        topk_group=2, num_experts_per_tok=2)
+    model = BeamForCausalLM(config)
+    topology = normswap.inspect(model)
+    assert (topology.placement, topology.norm) == ("sandwich", "rmsnorm")
+    assert "scaled residual (constant gain)" in topology.summary()
+    for layer, module in zip(topology.layers, model.model.layers, strict=True):
+        indices = (module.attn_residual_add_idx, module.mlp_residual_add_idx)
+        for sub, index in zip(layer.sublayers, indices, strict=True):
+            kept = modeling_beam.depth_scaled_residual_add(torch.zeros(1), torch.ones(1), index)
+            assert (sub.residual_scale.form, sub.residual_scale.extent) == ("gain", "constant")
+            assert sub.residual_scale.value == pytest.approx(float(kept))
+            assert [n.slot for n in sub.norms] == ["pre", "out"]  # the norm before the branch's scaling is seen
+
+
+def test_a_stream_kept_on_the_unit_sphere_is_refused_by_name() -> None:
+    """nGPT-style layers normalise the stream to length 1 (not unit RMS: no norm kind) before every add."""
+    from transformers import DoryConfig, DoryForCausalLM
+
+    config = DoryConfig(**{**SIZES, "num_hidden_layers": 3}, head_dim=HEAD_DIM, n_input_layers=1,
+                        n_recurrent_layers=1, n_output_layers=1)
+    with pytest.raises(normswap.TopologyError) as refused:
+        normswap.inspect(DoryForCausalLM(config))
+    message = str(refused.value)
+    assert "through input_layernorm (DoryL2Norm), which scales each hidden state to length 1" in message
+    assert "normswap converts residual transformers only" not in message
+
+
+def test_a_layer_output_scale_and_a_per_layer_input_sublayer() -> None:
+    from transformers import EmbeddingGemma2TextConfig, EmbeddingGemma2TextModel
+
+    config = EmbeddingGemma2TextConfig(**SIZES, head_dim=HEAD_DIM, hidden_size_per_layer_input=HEAD_DIM,
+                                       embedding_dim=HEAD_DIM, layer_types=["sliding_attention", "full_attention"])
+    model = _perturbed(EmbeddingGemma2TextModel(config))
+    topology = normswap.inspect(model)
+    layer = topology.layers[0]
+    assert [sub.placement for sub in layer.sublayers] == ["sandwich", "sandwich", "post-sublayer"]
+    assert all(sub.residual_scale is None for sub in layer.sublayers)
+    scale = layer.output_scale
+    assert scale is not None and (scale.form, scale.extent) == ("output", "scalar")
+    # the per-layer inputs' norm runs before the layers but is not the stream's: no embedding norm
+    assert topology.embedding_norm is None and topology.final_norm.path == "norm"
+
+    (tensor,) = scale.tensors
+    before, _ = _layer_output(model, layer.path, _tokens())
+    buffer = model.get_buffer(tensor)
+    factor = 2.0
+    with torch.no_grad():
+        buffer.mul_(factor)
+    try:
+        after, _ = _layer_output(model, layer.path, _tokens())
+    finally:
+        with torch.no_grad():
+            buffer.div_(factor)
+    torch.testing.assert_close(after, factor * before)
+
+
+def test_sampled_deep_config_moves_the_scale_records(write_config: Callable[[dict[str, Any]], Path]) -> None:
+    from transformers import DogeConfig
+
+    from normswap.detect.sampling import FULL_BUILD_LAYERS
+
+    depth = FULL_BUILD_LAYERS + 6
+    topology = normswap.inspect(write_config(DogeConfig(**{**SIZES, "num_hidden_layers": depth}).to_dict()))
+    assert len(topology.layers) == depth and any(note.startswith("built ") for note in topology.notes)
+    last = topology.layers[-1]
+    assert [sub.residual_scale.tensors for sub in last.sublayers] == [
+        (f"{last.path}.input_residual",), (f"{last.path}.post_attention_residual",)]
+
+
+def test_scale_records_reach_the_json(doge: tuple[nn.Module, Topology]) -> None:
+    _, topology = doge
+    sublayer = topology.to_dict()["layers"][0]["sublayers"][0]
+    assert sublayer["residual_scale"]["form"] == "gain" and sublayer["residual_scale"]["extent"] == "per-channel"
+    assert topology.to_dict()["layers"][0]["output_scale"] is None
+
+
+def test_plain_residual_adds_record_no_scale(write_config: Callable[[dict[str, Any]], Path]) -> None:
+    from tiny_configs import TINY_CONFIGS
+
+    topology = normswap.inspect(write_config(TINY_CONFIGS["llama"]))
+    assert topology.identity_residual and "scaled residual" not in topology.summary()
+    assert all(sub.residual_scale is None for layer in topology.layers for sub in layer.sublayers)
+
+
+class _ToyConfig(PretrainedConfig):
+    model_type = "normswap-test-reach"
+
+    def __init__(self, hidden_size: int = HIDDEN, streams: int = 0, loops: int = 1, **kwargs: object) -> None:
+        self.hidden_size, self.streams = hidden_size, streams  # streams > 0: mixed streams, else interpolation
+        self.loops = loops  # the layers run this many times, with the model's own norm between the runs
+        super().__init__(**kwargs)
+
+
+class _InterpolatingLayer(nn.Module):
+    """``h + r * (N2(F(N1(h))) - h)``: the stream keeps ``1 - r``; ``r`` computed from a parameter."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.out_norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.mlp = nn.Linear(hidden_size, hidden_size)
+        self.rate = nn.Parameter(torch.full((hidden_size,), 0.05))
+        self.rate_scale = 2.0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        update = self.out_norm(self.mlp(self.norm(hidden_states)))
+        return hidden_states + (self.rate * self.rate_scale).abs() * (update - hidden_states)
+
+
+class _MixedStreamsLayer(nn.Module):
+    """Hyper-connections in small: ``n`` streams, a branch reads their mean, a matrix computed from them mixes them."""
+
+    def __init__(self, hidden_size: int, streams: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.mlp = nn.Linear(hidden_size, hidden_size)
+        self.mixing = nn.Linear(streams * hidden_size, streams * streams)
+
+    def forward(self, hidden_streams: torch.Tensor) -> torch.Tensor:
+        batch, tokens, streams, _ = hidden_streams.shape
+        mixing = self.mixing(hidden_streams.flatten(2)).view(batch, tokens, streams, streams).softmax(-1)
+        update = self.mlp(self.norm(hidden_streams.mean(2)))
+        return update.unsqueeze(-2) + torch.matmul(mixing, hidden_streams)
+
+
+class _ToyModel(PreTrainedModel):
+    config_class = _ToyConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: _ToyConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(VOCAB, config.hidden_size)
+        self.layers = nn.ModuleList([
+            _MixedStreamsLayer(config.hidden_size, config.streams) if config.streams
+            else _InterpolatingLayer(config.hidden_size) for _ in range(LAYERS)])
+        self.norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        hidden_states = self.embed(input_ids)
+        if self.config.streams:
+            hidden_states = hidden_states.unsqueeze(2).expand(-1, -1, self.config.streams, -1)
+        for loop in range(self.config.loops):
+            hidden_states = self.norm(hidden_states) if loop else hidden_states
+            for layer in self.layers:
+                hidden_states = layer(hidden_states)
+        return hidden_states.mean(2) if self.config.streams else hidden_states
+
+
+def test_an_interpolating_residual_records_its_rate() -> None:
+    model = _perturbed(_ToyModel(_ToyConfig()))
+    topology = normswap.inspect(model)
+    assert topology.placement == "sandwich" and "scaled residual (per-channel interpolation)" in topology.summary()
+    layer = topology.layers[0]
+    (sub,) = layer.sublayers
+    assert [(n.path, n.slot) for n in sub.norms] == [(f"{layer.path}.norm", "pre"), (f"{layer.path}.out_norm", "out")]
+    scale = sub.residual_scale
+    assert (scale.form, scale.extent, scale.value) == ("interpolation", "per-channel", None)
+    (rate,) = scale.tensors
+    # a zero rate keeps the whole stream: the layer is the identity
+    parameter = model.get_parameter(rate)
+    with torch.no_grad():
+        parameter.zero_()
+        stream = torch.randn(1, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(model.get_submodule(layer.path)(stream), stream)
+
+
+def test_layers_run_again_with_a_norm_between_are_noted() -> None:
+    loops = 3
+    notes = normswap.inspect(_ToyModel(_ToyConfig(loops=loops))).notes
+    assert f"{LAYERS} of the {LAYERS} layers of layers run more than once in one forward pass (up to {loops} times)" \
+        in " ".join(notes)
+    assert any(note.startswith("norm, a norm outside the layers, also runs between layers of layers") for note in notes)
+    assert not any("run more than once" in note for note in normswap.inspect(_ToyModel(_ToyConfig())).notes)
+
+
+def test_several_streams_mixed_by_a_matrix_are_refused_by_name() -> None:
+    """The structure of DeepSeek-V4's hyper-connections (whose real layer takes a minute to trace)."""
+    streams = 3
+    with pytest.raises(normswap.TopologyError) as refused:
+        normswap.inspect(_ToyModel(_ToyConfig(streams=streams)))
+    message = str(refused.value)
+    assert f"carries {streams} residual streams" in message
+    assert "mixes them by a matrix computed from the streams (torch.matmul)" in message
+    assert "shows no residual add" not in message
+
+
+def test_a_model_without_layer_modules_is_refused_by_name(write_config: Callable[[dict[str, Any]], Path]) -> None:
+    from transformers import XLMConfig
+
+    config = XLMConfig(emb_dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, vocab_size=VOCAB)
+    with pytest.raises(normswap.TopologyError) as refused:
+        normswap.inspect(write_config(config.to_dict()))
+    message = str(refused.value)
+    assert "XLMModel has no layer modules" in message
+    assert "attentions, ffns hold its branches and layer_norm1, layer_norm2 its norms" in message
+
+
+class _UnitLength(nn.Module):
+    def __init__(self, eps: float, stretch: float = 1.0) -> None:
+        super().__init__()
+        self.eps, self.stretch = eps, stretch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stretch * x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.eps)
+
+
+def test_unit_length_normalisation_is_told_apart_but_is_no_norm_kind() -> None:
+    eps = 1e-6
+    assert classify_norm(_UnitLength(eps), HIDDEN) is None
+    assert scales_to_unit_length(_UnitLength(eps), HIDDEN)
+    assert not scales_to_unit_length(_UnitLength(eps, stretch=math.sqrt(HIDDEN)), HIDDEN)  # unit RMS: an RMSNorm
+    assert not scales_to_unit_length(nn.RMSNorm(HIDDEN), HIDDEN)  # has a weight: a norm candidate, not this
+
+
+def test_a_residual_gain_blocks_placement_changes_and_exact_maps_with_the_reason(
+        doge: tuple[nn.Module, Topology]) -> None:
+    """The norm-shift mapping needs an identity residual path; Doge's per-channel gain is not one. Before the
+    gain was recorded, ``--placement post`` converted Doge into a model with output cosine 0.35."""
+    model, _ = doge
+    with pytest.raises(normswap.NormswapError, match="scales the residual stream it keeps") as error:
+        normswap.convert(model, placement="post")
+    assert "per-channel gain" in str(error.value) and "identity residual path" in str(error.value)
+    converted = normswap.convert(model, norm="layernorm")  # the approximate norm-kind change does not need it
+    assert normswap.inspect(converted).norm == "layernorm" and not converted.normswap_report.exact

@@ -1,0 +1,111 @@
+"""LayerNorm -> RMSNorm where a branch acts on its writer's output before the residual add, and where it cannot be
+exact.
+
+* LayerScale (DINOv2 as a module, BEiT inline ``lambda * x``) is folded into the writer, then centred;
+* GPT-NeoX-Japanese's ``dense_bias``, added outside the attention's output projection, is centred with it;
+* CLIP's vision tower returns its un-normalised stream as ``last_hidden_state``: refused, saying so.
+
+Every parameter is perturbed off its init value (LayerScale off its ``layerscale_value``), since at init a
+LayerScale of one constant commutes with centring and the bug would hide.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from test_streaming import assert_bit_identical, expected_tensors, saved_tensors
+
+import normswap
+from normswap.conversion import norm_kind
+from normswap.conversion.checkpoint import convert_checkpoint
+from normswap.conversion.verify import probe_inputs
+from normswap.errors import ExactnessError
+
+_VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "dinov2": ("Dinov2Config", "Dinov2Model", {**_VISION, "mlp_ratio": 2, "layerscale_value": 0.5}),
+    "beit": ("BeitConfig", "BeitModel", {**_VISION, "intermediate_size": 128, "layer_scale_init_value": 0.5,
+                                         "use_mean_pooling": False}),  # final LayerNorm on last_hidden_state
+    "beit_mean_pooling": ("BeitConfig", "BeitModel", {**_VISION, "intermediate_size": 128,
+                                                      "layer_scale_init_value": 0.5, "use_mean_pooling": True}),
+    "gpt_neox_japanese": ("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM",
+                          {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "intermediate_multiple_size": 2, "vocab_size": 128}),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {**_VISION, "intermediate_size": 128}),
+}
+
+
+def perturbed(name: str) -> torch.nn.Module:
+    config_class, model_class, fields = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # LayerScales start constant, biases at 0, norm weights at 1
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def max_relative_diff(original: torch.nn.Module, converted: torch.nn.Module) -> float:
+    inputs = probe_inputs(original, None, None)
+    with torch.no_grad():
+        expected = norm_kind._final_outputs(original(**inputs, output_hidden_states=True))
+        actual = norm_kind._final_outputs(converted(**inputs, output_hidden_states=True))
+    reference = max(float(e.abs().max()) for e in expected)
+    return max(float((e - a).abs().max()) for e, a in zip(expected, actual, strict=True)) / reference
+
+
+def assert_exact_rms_norm_twin(model: torch.nn.Module, converted: torch.nn.Module) -> None:
+    assert converted.normswap_report.exact and max_relative_diff(model, converted) <= 1e-4
+    source, target = normswap.inspect(model), normswap.inspect(converted)
+    assert source.norm == "layernorm" and target.norm == "rmsnorm" and target.placement == source.placement
+
+
+@pytest.mark.parametrize("name", ["dinov2", "beit"])
+def test_layer_scale_folds_into_the_writer_before_centring(name: str) -> None:
+    model = perturbed(name)
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert_exact_rms_norm_twin(model, converted)
+    scales = converted.normswap_plan.scales
+    assert len(scales) == 4  # two branches in each of two layers, found by behaviour
+    for key in scales:  # kept in the checkpoint, at 1, so the generated code still loads it
+        assert torch.equal(converted.state_dict()[key], torch.ones_like(model.state_dict()[key]))
+
+
+def test_without_the_fold_layer_scale_is_not_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(norm_kind, "branch_tails", lambda meta, writers: {})
+    with pytest.raises(ExactnessError, match="differs from the original"):
+        normswap.convert(perturbed("dinov2"), norm="rmsnorm")
+
+
+def test_a_bias_added_after_the_writer_is_centred_with_it() -> None:
+    model = perturbed("gpt_neox_japanese")
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert_exact_rms_norm_twin(model, converted)
+    (shift,) = converted.normswap_plan.shifts  # only the last layer has a dense_bias
+    assert shift.endswith("attention.dense_bias")
+    centred = converted.state_dict()[shift].double()
+    assert abs(float(centred.mean())) < 1e-7 and not torch.allclose(centred, model.state_dict()[shift].double())
+
+
+@pytest.mark.parametrize("name", ["dinov2", "gpt_neox_japanese"])
+def test_streamed_conversion_writes_the_same_tensors(name: str, tmp_path: Path) -> None:
+    model = perturbed(name)
+    model.save_pretrained(tmp_path / "source")
+    convert_checkpoint(tmp_path / "source", tmp_path / "out", norm="rmsnorm", verify_max_size="0")
+    assert_bit_identical(saved_tensors(tmp_path / "out"), expected_tensors(normswap.convert(model, norm="rmsnorm")))
+
+
+@pytest.mark.parametrize("name", ["clip_vision", "beit_mean_pooling"])
+def test_a_stream_returned_as_an_output_is_refused_saying_so(name: str) -> None:
+    with pytest.raises(ExactnessError) as refusal:
+        normswap.convert(perturbed(name), norm="rmsnorm")
+    message = str(refusal.value)
+    assert "returns its un-normalised residual stream as last_hidden_state" in message
+    assert "no exact RMSNorm twin" in message and "\n" not in message
+    # the pooler reads the stream through a norm, so it stays exact (for BEiT: with its LayerScales folded)
+    assert re.search(r"; pooler_output \(\S+\) stays exact, but", message)
