@@ -338,5 +338,7 @@ def test_a_residual_gain_blocks_placement_changes_and_exact_maps_with_the_reason
     with pytest.raises(normswap.NormswapError, match="scales the residual stream it keeps") as error:
         normswap.convert(model, placement="post")
     assert "per-channel gain" in str(error.value) and "identity residual path" in str(error.value)
+    with pytest.raises(normswap.NormswapError, match="scales its residual stream per channel"):
+        normswap.convert(model, norm="layernorm", exact=True, untie=True)  # U(g * h) is no gain of U h
     converted = normswap.convert(model, norm="layernorm")  # the approximate norm-kind change does not need it
     assert normswap.inspect(converted).norm == "layernorm" and not converted.normswap_report.exact

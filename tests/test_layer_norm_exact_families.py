@@ -63,8 +63,8 @@ FAMILIES = [
            r"the map makes \(65, 64\)", {**_GQA, "head_dim": 16}),
     Family("gemma2", "Gemma2ForCausalLM", r"gemma2 is not a Pre-RMSNorm model \(Sandwich-Norm",
            {**_GQA, "head_dim": 16}, untie=True),
-    Family("llama4_text", "Llama4ForCausalLM", r"feed_forward\.experts in llama4_text holds its mixture-of-experts "
-           r"weights fused", {**_GQA, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128}),
+    Family("llama4_text", "Llama4ForCausalLM", EXACT,  # fused experts, a per-token factor on a reader's input
+           {**_GQA, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128}),
     Family("t5", "T5ForConditionalGeneration", r"t5 has 2 layer stacks \(an encoder-decoder\)", _T5, untie=True),
 ]
 

@@ -39,6 +39,7 @@ from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
 from .native import meta_twin
 from .program import Step, TensorProgram, combine, copy_of, one_plus
+from .repeatable import same_random_draws
 from .setup import ConversionSetup, convert_in_memory
 
 _LAYER_NORMS = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})
@@ -278,7 +279,7 @@ def _other_exact_outputs(original_output: Any, converted_output: Any, compared: 
 def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), same_random_draws():
         output = model(**inputs, output_hidden_states=True)
     model.train(was_training)
     return output

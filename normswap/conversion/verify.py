@@ -20,6 +20,7 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
 from .plan import serialises
+from .repeatable import same_random_draws
 
 _PROBE_TOKENS = 64
 _PROBE_BATCH = 8
@@ -255,7 +256,8 @@ def _run(model: nn.Module, entries: list[tuple[str, int, str, str]],
     try:
         was_training = model.training
         model.eval()
-        output = model(**inputs, output_hidden_states=True)
+        with same_random_draws():
+            output = model(**inputs, output_hidden_states=True)
         model.train(was_training)
     finally:
         for handle in handles:

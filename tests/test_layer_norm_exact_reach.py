@@ -1,0 +1,172 @@
+"""Exact RMSNorm -> LayerNorm where the stream meets tensors that are not nn.Linear maps.
+
+Fused mixture-of-experts weights (3-d, in either layout, with or without biases), raw router weights and composite
+models whose stream is sized by a sub-config. The roles (reader or writer, and the stream's axis) are found by
+running the model, not by names: each test converts a tiny model with every weight, norm weights included, moved
+off its init, and compares the logits with the original's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from test_layer_norm_exact_families import assert_same_logits_and_tokens
+from transformers import CONFIG_MAPPING
+
+import normswap
+from normswap.cli import main
+from normswap.conversion.extra_dimension import convert_to_layer_norm_exact, trace_stream_uses
+from normswap.conversion.verify import probe_inputs
+
+_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+_DECODER = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, **_TOKENS}
+_MOE = {**_DECODER, "intermediate_size": 32, "num_experts_per_tok": 2}
+
+# model type, class, config: each stores its experts' weights fused in 3-d tensors
+MIXTURES: dict[str, tuple[str, str, Mapping[str, Any]]] = {
+    # (experts, 2I, d) gate_up and (experts, d, I) down, read as F.linear; a raw router weight
+    "mixtral": ("mixtral", "MixtralForCausalLM", {**_MOE, "num_local_experts": 4}),
+    # the transposed layout, (experts, d, 2I) and (experts, I, d), with biases on both and on the router
+    "gpt_oss": ("gpt_oss", "GptOssForCausalLM", {**_MOE, "num_local_experts": 4, "layer_types": ["sliding_attention",
+                                                                                                "full_attention"]}),
+    # its checkpoints keep the experts as input_linear/output_linear; a router module around a raw weight
+    "granitemoe": ("granitemoe", "GraniteMoeForCausalLM", {**_MOE, "num_local_experts": 4}),
+    # routed experts, a shared expert of nn.Linear maps and a 1-wide nn.Linear gate, all in one branch
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32,
+                                                       "shared_expert_intermediate_size": 32}),
+    # the experts read the normed stream times each token's routing score, not the norm's output itself
+    "llama4_text": ("llama4_text", "Llama4ForCausalLM", {**_MOE, "num_local_experts": 2, "num_experts_per_tok": 1,
+                                                         "intermediate_size_mlp": 64}),
+}
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter moved off its init; norm weights checked to be nowhere 1 (a unit norm hides a missed fold)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    for norm in normswap.inspect(model).stream_norms:
+        assert (model.get_submodule(norm.path).weight - 1).abs().min() > 0, norm.path
+    return model.eval()
+
+
+def mixture(name: str) -> torch.nn.Module:
+    model_type, model_class, values = MIXTURES[name]
+    torch.manual_seed(0)
+    return perturbed(getattr(transformers, model_class)(CONFIG_MAPPING[model_type](**values)))
+
+
+def composite() -> torch.nn.Module:
+    """Qwen3-VL-MoE: the text model's hidden_size and eps live in ``text_config`` only; its embeddings are tied."""
+    text = {**_MOE, "num_experts": 4, "moe_intermediate_size": 32, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "deepstack_visual_indexes": []}
+    config = CONFIG_MAPPING["qwen3_vl_moe"](text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    return perturbed(transformers.Qwen3VLMoeForConditionalGeneration(config))
+
+
+def assert_same_logits(original: torch.nn.Module, converted: torch.nn.Module) -> None:
+    """Logits within 1e-4 x max|reference|, measured here rather than taken from the conversion's own report."""
+    inputs = probe_inputs(original, None, None)
+    with torch.no_grad():
+        reference, actual = original(**inputs).logits, converted(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+
+def assert_converted(model: torch.nn.Module, untie: bool = False) -> torch.nn.Module:
+    converted, plan, report, _ = convert_to_layer_norm_exact(model, untie=untie)
+    assert report.exact and report.relative <= 1e-4
+    assert {n.kind for n in normswap.inspect(converted).stream_norms} == {"layernorm"}
+    assert plan.kind == "layernorm" and plan.untied == untie
+    assert_same_logits(model, converted)
+    return converted
+
+
+@pytest.mark.parametrize("name", list(MIXTURES))
+def test_fused_experts_convert_exactly(name: str) -> None:
+    model = mixture(name)
+    fused = [key for key, tensor in model.state_dict().items() if tensor.dim() == 3]
+    assert fused  # the case under test: experts in 3-d tensors
+    converted = assert_converted(model)
+    wider = converted.state_dict()
+    for key in fused:  # exactly one axis, the stream's, one wider
+        grown = [a for a, (x, y) in enumerate(zip(model.state_dict()[key].shape, wider[key].shape, strict=True))
+                 if y == x + 1]
+        assert len(grown) == 1, key
+
+
+def test_readers_are_found_by_what_they_compute_with() -> None:
+    """The router's raw weight and gate_up read the norm's output; down_proj reads what gate_up made, so it writes.
+    gpt_oss's transposed layout and biases get the same roles: no name decides."""
+    for name, experts in (("mixtral", "model.layers.0.mlp.experts"), ("gpt_oss", "model.layers.0.mlp.experts")):
+        model = mixture(name)
+        norm = "model.layers.0.post_attention_layernorm"
+        uses = trace_stream_uses(model, (norm,), name)
+        router = next(key for key in model.state_dict() if key.startswith("model.layers.0.mlp.")
+                      and not key.startswith(experts) and key.endswith("weight"))
+        assert uses.reads[router] == {norm} and uses.reads[f"{experts}.gate_up_proj"] == {norm}
+        assert f"{experts}.down_proj" not in uses.reads and f"{experts}.down_proj" in uses.used
+
+
+def test_composite_takes_its_width_and_eps_from_the_text_config() -> None:
+    model = composite()
+    assert getattr(model.config, "rms_norm_eps", None) is None  # nothing to find at the top
+    with pytest.raises(normswap.NormswapError, match="ties its input and output embeddings"):
+        convert_to_layer_norm_exact(model)
+    converted = assert_converted(model, untie=True)
+    text = converted.config.text_config
+    source = model.config.text_config
+    assert text.hidden_size == source.hidden_size + 1 and text.head_dim == source.head_dim
+    d = source.hidden_size
+    assert text.rms_norm_eps == pytest.approx(source.rms_norm_eps * d / (d + 1))
+    assert converted.config.vision_config.hidden_size == model.config.vision_config.hidden_size
+
+
+def test_a_model_without_lm_head_is_refused_with_the_class_to_load() -> None:
+    """A base model's output is the final norm's output, which the map makes d+1 wide: no weight change keeps it."""
+    model_type, _, values = MIXTURES["mixtral"]
+    base = perturbed(transformers.MixtralModel(CONFIG_MAPPING[model_type](**values)))
+    with pytest.raises(normswap.NormswapError) as refusal:
+        convert_to_layer_norm_exact(base)
+    message = str(refusal.value)
+    assert "MixtralModel has no LM head" in message and "65 wide" in message and "MixtralForCausalLM" in message
+    assert "\n" not in message
+
+
+def test_experts_that_never_run_are_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as the eager loop, the experts never run on the meta device (it asks which experts the routing hit):
+    whether gate_up_proj reads or writes is then unknown, and the conversion says so instead of guessing."""
+    from normswap.conversion import extra_dimension
+
+    monkeypatch.setattr(extra_dimension, "_meta_twin_running_experts", extra_dimension.meta_twin)
+    with pytest.raises(normswap.NormswapError) as refusal:
+        convert_to_layer_norm_exact(mixture("mixtral"))
+    message = str(refusal.value)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in message and "did not run" in message
+    assert "\n" not in message
+
+
+def test_cli_streams_fused_experts_from_per_expert_tensors(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Mixtral checkpoints keep one tensor per expert (w1/w2/w3): streamed, they are fused, mapped, written and
+    loaded again by the generated code, which runs its experts at the odd width (grouped_mm cannot)."""
+    model = mixture("mixtral")
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    assert "exact: true" in capsys.readouterr().out
+    config = json.loads((tmp_path / "ln" / "config.json").read_text())
+    assert config["hidden_size"] == 65 and config["normswap"]["exact"] is True
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.shape[-1] == 65
+    assert_same_logits_and_tokens(model, loaded)
