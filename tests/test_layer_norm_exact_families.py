@@ -21,12 +21,8 @@ from transformers import CONFIG_MAPPING
 
 import normswap
 from normswap.cli import main
-from normswap.conversion.extra_dimension import (
-    EmbeddingStem,
-    convert_to_layer_norm_exact,
-    measure_embedding_stem,
-    orthonormal_lift,
-)
+from normswap.conversion.embedding_stem import EmbeddingStem, measure_embedding_stem
+from normswap.conversion.extra_dimension import convert_to_layer_norm_exact, orthonormal_lift
 from normswap.conversion.verify import probe_inputs
 from normswap.errors import ExactnessError
 

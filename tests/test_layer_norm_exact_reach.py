@@ -21,7 +21,8 @@ from transformers import CONFIG_MAPPING
 
 import normswap
 from normswap.cli import main
-from normswap.conversion.extra_dimension import convert_to_layer_norm_exact, trace_stream_uses
+from normswap.conversion.extra_dimension import convert_to_layer_norm_exact
+from normswap.conversion.stream_roles import trace_stream_uses
 from normswap.conversion.verify import probe_inputs
 
 _TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -146,9 +147,9 @@ def test_a_model_without_lm_head_is_refused_with_the_class_to_load() -> None:
 def test_experts_that_never_run_are_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as the eager loop, the experts never run on the meta device (it asks which experts the routing hit):
     whether gate_up_proj reads or writes is then unknown, and the conversion says so instead of guessing."""
-    from normswap.conversion import extra_dimension
+    from normswap.conversion import stream_roles
 
-    monkeypatch.setattr(extra_dimension, "_meta_twin_running_experts", extra_dimension.meta_twin)
+    monkeypatch.setattr(stream_roles, "_meta_twin_running_experts", stream_roles.meta_twin)
     with pytest.raises(normswap.NormswapError) as refusal:
         convert_to_layer_norm_exact(mixture("mixtral"))
     message = str(refusal.value)

@@ -13,15 +13,14 @@ all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm o
 
 Any Pre-RMSNorm decoder with an LM head is tried; no list of families or tensor names decides. The target is
 the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
-derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from),
-built on the meta device. The axes that code grows by one are the stream's axes; which tensors read a norm's
-output is seen by running the model on the meta device and following what each op computes from
-(``trace_stream_uses``), so raw router weights and fused 3-d experts in either layout get their roles as
-nn.Linear maps do. A family whose code sizes something else from ``hidden_size`` builds tensors of other
-shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by
-a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both widths and the stems folded into the
-embedding rows (``measure_embedding_stem``). Tied embeddings become two tensors with ``untie``. The numerical
-check (logits within 1e-4 x max|reference| in fp32) then decides exactness. Everything is computed in float64.
+derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
+``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
+from that code and one run on the meta device (``stream_roles.py``). A family whose code sizes something else
+from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
+shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
+widths and the stems folded into the embedding rows (``embedding_stem.py``). Tied embeddings become two tensors
+with ``untie``. The numerical check (logits within 1e-4 x max|reference| in fp32) then decides exactness.
+Everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -30,30 +29,27 @@ import copy
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from ..codegen.derive import layer_norm_edits
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
-from ..detect.capture import synthetic_inputs
-from ..detect.meta_answers import AnswerDataQuestions
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
 from ..topology import Topology
+from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code
-from .native import meta_instance, meta_twin
+from .native import meta_instance
 from .norm_kind import ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
 from .setup import ConversionSetup, convert_in_memory
+from .stream_config import StreamConfig, eps_field, stream_config
+from .stream_roles import StreamRole, inside, stream_roles, trace_stream_uses
 
 _NORM_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})  # plain RMSNorm, and Gemma's (1 + w) RMSNorm
-_PROBE_TOKENS = 6  # rows of the probe's token table: zero-mean, all-ones, four random
 
 
 def orthonormal_lift(d: int) -> torch.Tensor:
@@ -83,7 +79,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     final = topology.stacks[0].final_norm.path  # type: ignore[union-attr]
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
-                  and _inside(path, stream.path) and not any(_inside(path, layer.path) for layer in topology.layers)]
+                  and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied)
     target = _build_wider(cls, config, family, d)
@@ -178,358 +174,6 @@ def convert_to_layer_norm_exact(model: nn.Module, inputs: dict[str, torch.Tensor
     return converted, setup.plan, report, setup.generated
 
 
-@dataclass(frozen=True)
-class StreamUses:
-    """How a model's tensors met its norms' outputs in one run.
-
-    ``reads[key]``: the norms whose output (or a reshaped, indexed or cast view of it) the tensor was computed
-    with directly, as a linear map's weight, a router's raw weight or a fused expert's matrix is; ``used``: every
-    tensor the run computed with, so that a tensor that never ran is not taken for a writer.
-    """
-
-    reads: Mapping[str, frozenset[str]]
-    used: frozenset[str]
-
-    def with_reader(self, key: str, norm: str) -> StreamUses:
-        """These uses, with ``key`` reading ``norm`` only (lm_head reads a slice of the final norm's output)."""
-        return StreamUses({**self.reads, key: frozenset({norm})}, self.used | {key})
-
-
-@dataclass(frozen=True)
-class StreamRole:
-    """What one tensor does with the stream, along which of its axes: read a norm's output, or write the stream."""
-
-    axis: int
-    reads: str | None  # the norm whose output it reads; None for a writer
-    stem: bool = False  # a linear map outside the layers whose output enters the stream (a modality's projection)
-
-
-def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> StreamUses:
-    """Which tensors read which norm's output, found by running the model's meta twin once and following, op by
-    op, what each intermediate tensor is computed from (``_StreamTracer``); no weights are read.
-
-    Decorated fused experts run as ``batched_mm``, which picks each token's experts by indexing, not by asking
-    the routing's values, so that on the meta device their matrices run too (the eager loop asks which experts
-    were hit, which meta tensors cannot answer).
-    """
-    meta = _meta_twin_running_experts(model)
-    tracer = _StreamTracer(meta.state_dict(keep_vars=True))
-    handles = [meta.get_submodule(path).register_forward_hook(
-        lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
-    try:
-        with torch.no_grad(), AnswerDataQuestions(), tracer:
-            meta(**synthetic_inputs(meta, meta.config))
-    except Exception as error:  # the family's own code failed on meta inputs: say so, with its reason
-        raise NormswapError(f"cannot run {family} on the meta device to find what reads its norms' outputs "
-                            f"({type(error).__name__}: {first_line(error)})") from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used))
-
-
-def _meta_twin_running_experts(model: nn.Module) -> nn.Module:
-    """A weightless copy of ``model`` whose fused experts run as ``batched_mm`` (see ``trace_stream_uses``)."""
-    from ..detect.source import quiet_transformers
-
-    try:
-        with torch.device("meta"), quiet_transformers():
-            twin = type(model)._from_config(copy.deepcopy(model.config), experts_implementation="batched_mm")
-    except Exception:  # noqa: BLE001 - a class without the option is traced as the project's meta twin runs it
-        return meta_twin(model)
-    return twin.eval()
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """What a tensor was computed from: one norm's output alone (``stream``), weights alone (``weights``), or
-    both or several streams (``mixed``), after which nothing it meets reads a norm's output."""
-
-    stream: str | None = None
-    weights: frozenset[str] = frozenset()
-    mixed: bool = False
-
-
-_MIXED = _Origin(mixed=True)
-_CASTS = frozenset({"to", "type_as", "type"})  # x.to(w): w gives a dtype only, so x's origin is kept
-_SHAPE_ONLY = ("_like",)  # torch.zeros_like(x) takes x's shape, none of its values
-_SCALINGS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
-                       "__itruediv__"})
-
-
-class _StreamTracer(TorchFunctionMode):
-    """Follows what every floating-point tensor of a run is computed from.
-
-    A norm's output (marked by a hook) starts a stream; reshaping, indexing or casting keeps it. An op that
-    combines a stream with tensors computed from weights alone records those weights as the norm's readers
-    (``F.linear(x, W)``, ``x @ W[e]``, ``torch.bmm``), and its result is mixed. Integer tensors (routing
-    indices) carry no values of the stream and are not followed. Every tensor is kept alive for the run, so
-    that Python never reuses an id.
-    """
-
-    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.origins: dict[int, tuple[_Origin, torch.Tensor]] = {}
-        for key, tensor in state.items():
-            known = self.origins.get(id(tensor), (_Origin(), tensor))[0].weights
-            self.origins[id(tensor)] = (_Origin(weights=known | {key}), tensor)  # tied tensors answer to each key
-        self.reads: dict[str, set[str]] = {}
-        self.used: set[str] = set()
-
-    def mark_stream(self, output: Any, norm: str) -> None:
-        if isinstance(output, torch.Tensor):
-            self.origins[id(output)] = (_Origin(stream=norm), output)
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        outputs = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        if not outputs:
-            return result
-        name = getattr(func, "__name__", "")
-        operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        if name in _CASTS:
-            operands = operands[:1]
-        if name.endswith(_SHAPE_ONLY):
-            origin = None
-        elif name in _SCALINGS:  # a per-token factor (the same for every channel) keeps the stream a stream
-            origin = self._scaled(operands)
-        else:
-            origin = self._combined([self.origins[id(t)][0] for t in operands if id(t) in self.origins])
-        for tensor in outputs:
-            if origin is None:
-                self.origins.pop(id(tensor), None)
-            else:
-                self.origins[id(tensor)] = (origin, tensor)
-        return result
-
-    def _scaled(self, operands: list[torch.Tensor]) -> _Origin | None:
-        """``x * s`` or ``x / s`` with x a stream and s the same for every channel (a routing weight per token,
-        Llama 4's ``routed_in``): a reader of the product reads the stream, as the map is linear per token."""
-        origins = [self.origins[id(t)][0] if id(t) in self.origins else _Origin() for t in operands]
-        streams = [origin for origin in origins if origin.stream]
-        factors = [t for t, origin in zip(operands, origins, strict=True) if not origin.stream]
-        if len(streams) == 1 and all(t.dim() == 0 or t.shape[-1] == 1 for t in factors):
-            self._combined([origin for origin in origins if not origin.stream])  # the factor's weights are used
-            return streams[0]
-        return self._combined(origins)
-
-    def _combined(self, origins: list[_Origin]) -> _Origin | None:
-        """The origin of an op's result; records the reads and uses it shows."""
-        streams = {origin.stream for origin in origins if origin.stream}
-        weights = frozenset(key for origin in origins if not origin.mixed for key in origin.weights)
-        self.used |= weights
-        if len(streams) == 1 and weights:
-            for key in weights:
-                self.reads.setdefault(key, set()).update(streams)
-        if any(origin.mixed for origin in origins) or len(streams) > 1 or (streams and weights):
-            return _MIXED
-        if streams:
-            return _Origin(stream=next(iter(streams)))
-        return _Origin(weights=weights) if weights else None
-
-
-def stream_roles(model: nn.Module, topology: Topology, shapes: Mapping[str, torch.Size],
-                 wider: Mapping[str, torch.Size], uses: StreamUses, skip: set[str]) -> dict[str, StreamRole]:
-    """Each tensor's role in the wider model, decided by behaviour and shape, not by names.
-
-    The stream's axis is where the family's own code, built one dimension wider, grew the tensor by one (for a
-    linear map's weight: its input axis when it reads, its output axis when it writes). A tensor that read a
-    norm's output takes that norm's weight (``W diag(g) U^T / s``); one that grew but read none, inside a
-    branch, writes the stream (``U W``). ``skip``: norms and embeddings, which have their own maps.
-    """
-    family = topology.model_type
-    branches = tuple(module for layer in topology.layers for sub in layer.sublayers for branch in sub.branches
-                     for module in branch.modules)
-    roles: dict[str, StreamRole] = {}
-    for key, shape in shapes.items():
-        if key in skip:
-            continue
-        read = uses.reads.get(key, frozenset())
-        if len(read) > 1:
-            raise NormswapError(f"{key} in {family} reads the outputs of {' and '.join(sorted(read))}, whose weights "
-                                "differ; the extra-dimension map moves one norm's weight into each reader")
-        in_branch = any(key.startswith(module + ".") for module in branches)
-        if in_branch and key not in uses.used and _grown_axes(tuple(shape), wider.get(key)):
-            raise NormswapError(f"{key} in {family} has the stream's width but did not run when {family} ran on the "
-                                "meta device (its module picks what runs by the values of its inputs), so whether "
-                                "it reads a norm's output or writes the stream cannot be told; the extra-dimension "
-                                "map needs to see each tensor's use")
-        axis = _stream_axis(model, key, tuple(shape), wider.get(key), reading=bool(read))
-        if axis is None:
-            continue
-        if read:
-            roles[key] = StreamRole(axis, next(iter(read)))
-        elif in_branch:
-            roles[key] = StreamRole(axis, None)
-        elif _projects_into_stream(model, key, axis, topology):
-            roles[key] = StreamRole(axis, None, stem=True)
-        # anything else outside the branches is left to the shape check, which names it
-    return roles
-
-
-def _projects_into_stream(model: nn.Module, key: str, axis: int, topology: Topology) -> bool:
-    """A linear map outside the layers whose output axis is the stream's (``axis`` found so) and that reads no
-    norm: all it can do is put its output into the stream, as a multimodal projector puts image or audio
-    features in place of their tokens' embeddings."""
-    path, _, leaf = key.rpartition(".")
-    outward = {"out_in": 0, "in_out": 1}.get(linear_layout(model.get_submodule(path)) or "")
-    if outward is None or any(_inside(key, layer.path) for layer in topology.layers):
-        return False
-    return (leaf == "weight" and axis == outward) or leaf == "bias"
-
-
-def _stream_axis(model: nn.Module, key: str, shape: tuple[int, ...], wider: torch.Size | None,
-                 reading: bool) -> int | None:
-    """The axis of ``key`` that carries the stream, or None where it carries none (or not one only)."""
-    path, _, leaf = key.rpartition(".")
-    layout = linear_layout(model.get_submodule(path)) if leaf == "weight" else None
-    if layout is not None:  # (out, in) or Conv1D's (in, out): the side the stream is on follows from the role
-        inward = 1 if layout == "out_in" else 0
-        if reading:
-            return inward
-        outward = 1 - inward
-        grew = wider is not None and len(wider) == 2 and wider[outward] == shape[outward] + 1
-        return outward if grew else None
-    grown = _grown_axes(shape, wider)
-    if len(grown) != 1 or wider is None:
-        return None
-    others_kept = all(wide == size for axis, (size, wide) in enumerate(zip(shape, wider, strict=True))
-                      if axis != grown[0])
-    return grown[0] if others_kept else None
-
-
-def _grown_axes(shape: tuple[int, ...], wider: torch.Size | None) -> list[int]:
-    """The axes the wider code made one longer (none where it builds the tensor with another rank, or not)."""
-    if wider is None or len(wider) != len(shape):
-        return []
-    return [axis for axis, (size, wide) in enumerate(zip(shape, wider, strict=True)) if wide == size + 1]
-
-
-@dataclass(frozen=True)
-class EmbeddingStem:
-    """What a family's code does between the token embedding and the first layer, measured.
-
-    The stream entering the first layer is ``scale * e + mean_gain * sum(e) * 1`` for an embedding row e: a
-    scale (Gemma: sqrt(hidden_size); most families: 1) and, for code that centres the stream (normswap's own
-    LayerNorm -> RMSNorm output), a pull along the all-ones vector.
-    """
-
-    scale: float
-    mean_gain: float = 0.0
-
-    @property
-    def unscaled(self) -> bool:
-        """The stream starts as the embedding rows themselves (most families)."""
-        return math.isclose(self.scale, 1.0, rel_tol=1e-6) and self.mean_gain == 0.0
-
-    def fold(self, rows: torch.Tensor, wider: EmbeddingStem, lift: torch.Tensor) -> torch.Tensor:
-        """Embedding rows (float64) for the wider code, whose stream must be U times this code's stream.
-
-        The lifted rows have zero mean, where the wider code's stem is its scale alone, so
-        ``e' = U (scale e + mean_gain sum(e) 1) / wider.scale``.
-        """
-        stream = self.scale * rows
-        if self.mean_gain:
-            stream = stream + self.mean_gain * rows.sum(-1, keepdim=True)
-        return stream @ lift.T / wider.scale
-
-    def describe(self, wider: EmbeddingStem) -> str:
-        """The plan's note, empty where the rows are only lifted."""
-        if self.scale == wider.scale and not self.mean_gain:
-            return ""
-        centred = " and its centring" if self.mean_gain else ""
-        return f"; the code's embedding scale {self.scale:.6g} -> {wider.scale:.6g}{centred} folded into the rows"
-
-
-class _FirstLayerReachedError(Exception):
-    """Stops a probe at the first layer: everything after it has no weights and is not needed."""
-
-
-def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> EmbeddingStem:
-    """How the stream entering ``first_layer`` follows from the token embedding rows, measured on ``meta``.
-
-    Why measure: a family may scale its embeddings in code by a function of ``hidden_size`` (Gemma multiplies
-    by sqrt(hidden_size), as a buffer), which one more dimension changes; measured on both widths, the stems
-    fold into the embedding rows (``EmbeddingStem.fold``), so the wider stream is exactly U times the original
-    one. No family is named.
-
-    How: ``meta`` (weightless, consumed: pass a model of its own) gets its computed buffers back as transformers
-    gives them when it loads a checkpoint (NaN first, then ``initialize_weights``, so an unset one shows), and a
-    token table of a few rows of signed powers of two, which any scale multiplies exactly: a zero-mean row gives
-    the scale, an all-ones row the pull along the all-ones vector, and random rows check that the stem is that
-    map. The first layer's input is captured and the run stopped there. Measured in float32 whatever the
-    checkpoint's dtype: bf16 rounds sqrt(2048) and sqrt(2049) alike, which would hide the scale from the fold.
-    """
-    embedding = meta.get_input_embeddings()
-    width = int(embedding.weight.shape[-1])
-    table = _probe_rows(width)
-    captured: dict[str, Any] = {}
-
-    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["stream"] = args[0] if args else kwargs.get("hidden_states")
-        raise _FirstLayerReachedError
-
-    ids = torch.arange(table.shape[0]).unsqueeze(0)
-    handle = meta.get_submodule(first_layer).register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        _restore_computed_buffers(meta.float())  # the code's own scale, not its rounding in a bf16 checkpoint
-        embedding.weight = nn.Parameter(table, requires_grad=False)
-        embedding.padding_idx = None  # only gradients read it; the probe table has fewer rows than the vocabulary
-        with torch.no_grad():
-            meta.eval()(input_ids=ids, attention_mask=torch.ones_like(ids))
-    except _FirstLayerReachedError:
-        pass
-    except Exception as error:  # the family's own code failed on the probe: say which, and why
-        if "stream" not in captured:
-            raise NormswapError(f"cannot measure how {family} scales its token embeddings before {first_layer} "
-                                f"({type(error).__name__}: {first_line(error)})") from error
-    finally:
-        handle.remove()
-    stream = captured.get("stream")
-    if not isinstance(stream, torch.Tensor) or stream.is_meta or stream.shape[-1] != width:
-        raise NormswapError(f"cannot measure how {family} scales its token embeddings: the stream entering "
-                            f"{first_layer} depends on weights other than the token embedding")
-    stream = stream.detach().double().reshape(table.shape)
-    rows = table.double()
-    zero_mean, nonzero = rows[0], rows[0] != 0
-    scale = float((stream[0][nonzero] / zero_mean[nonzero]).mean())
-    stem = EmbeddingStem(scale, float(stream[1].mean() - scale) / width)  # row 1 is all ones: scale + width * gain
-    expected = stem.scale * rows + stem.mean_gain * rows.sum(-1, keepdim=True)
-    if not (math.isfinite(scale) and math.isfinite(stem.mean_gain) and scale != 0.0) or not torch.allclose(
-            stream, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())):
-        raise NormswapError(f"{family}'s stream entering {first_layer} is not its token embedding rows times a "
-                            "scale (less their mean), so one extra dimension cannot carry it exactly")
-    return stem
-
-
-def _probe_rows(width: int) -> torch.Tensor:
-    """A zero-mean row, an all-ones row and random rows, all of signed powers of two (any scale is exact)."""
-    generator = torch.Generator().manual_seed(0)
-    magnitudes = torch.pow(2.0, torch.randint(-2, 3, (_PROBE_TOKENS, width), generator=generator).float())
-    signs = torch.randint(0, 2, (_PROBE_TOKENS, width), generator=generator) * 2 - 1
-    rows = signs * magnitudes
-    pairs = width // 2
-    rows[0] = 0.0
-    rows[0, :pairs], rows[0, pairs:2 * pairs] = magnitudes[0, :pairs], -magnitudes[0, :pairs]
-    rows[1] = 1.0
-    return rows
-
-
-def _restore_computed_buffers(meta: nn.Module) -> None:
-    """Non-persistent buffers (embedding scales, rotary frequencies) onto the CPU with their computed values."""
-    persistent = set(meta.state_dict())
-    for name, buffer in list(meta.named_buffers()):
-        if name in persistent or not buffer.is_meta:
-            continue
-        owner, _, leaf = name.rpartition(".")
-        fill = float("nan") if buffer.is_floating_point() else 0
-        setattr(meta.get_submodule(owner), leaf, torch.full_like(buffer, fill, device="cpu"))
-    initialize = getattr(meta, "initialize_weights", None)
-    if callable(initialize):
-        initialize()  # parameters stay on the meta device, where initialisation does nothing
-
-
 def _read_through(weight: torch.Tensor, gamma: torch.Tensor, offset: float, lift: torch.Tensor, scale: float,
                   axis: int) -> torch.Tensor:
     """``W diag(offset + g) U^T / sqrt((d+1)/d)`` along the stream ``axis``, in float64: a reader of the norm's
@@ -620,51 +264,6 @@ def _classes_with_a_head(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 _HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
-_EPS_FIELDS = ("rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rms_norm_epsilon", "eps",
-               "norm_epsilon")
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """The config that sizes the residual stream: the model's own, or the sub-config its language model is built
-    from (a composite's ``text_config``), where ``hidden_size`` and the norms' eps live and the wider values go."""
-
-    field: str | None  # the sub-config's name in the model's config; None for the model's config itself
-    config: Any
-    path: str  # the module built from it (``model``, a composite's ``model.language_model``); "" for the model
-
-
-def stream_config(model: nn.Module, topology: Topology) -> StreamConfig:
-    """The config of the module that holds the layer stack (the nearest one that has a config), named as the
-    model's config names it."""
-    path = topology.stacks[0].path
-    owner = model
-    while path:
-        candidate = model.get_submodule(path)
-        if getattr(candidate, "config", None) is not None:
-            owner = candidate
-            break
-        path = path.rpartition(".")[0]
-    config = owner.config
-    if config is model.config:
-        return StreamConfig(None, config, path)
-    for name in getattr(model.config, "sub_configs", {}) or {}:
-        if getattr(model.config, name, None) is config:
-            return StreamConfig(name, config, path)
-    raise NormswapError(f"{topology.model_type}'s language model is built from a config that is none of "
-                        f"{type(model.config).__name__}'s sub-configs, so its wider hidden_size has nowhere to go")
-
-
-def eps_field(config: Any, topology: Topology, family: str) -> str:
-    """The config field the norms take their eps from (Llama's ``rms_norm_eps``, CpmAnt's ``eps``): the wider
-    LayerNorms need it set to eps * d/(d+1). ``config`` is the stream's (``stream_config``)."""
-    values = {norm.eps for norm in topology.stream_norms if norm.eps is not None}
-    for name in _EPS_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, float) and all(math.isclose(value, eps) for eps in values):
-            return name
-    raise NormswapError(f"no field of {family}'s config holds its norms' eps ({', '.join(map(str, sorted(values)))}), "
-                        "which the wider LayerNorms must take as eps * d/(d+1)")
 
 
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
@@ -701,12 +300,6 @@ def _run_experts_eagerly(config: Any) -> None:
     hidden_size of d + 1 never gives, so fused experts one dimension wider would fail there on every device."""
     config.experts_implementation = "eager"
     config._experts_implementation = "eager"
-
-
-def _inside(path: str, module: str) -> bool:
-    """Whether ``path`` lies inside ``module`` ("" holds everything)."""
-    return not module or path.startswith(module + ".")
-
 
 def _owner(model: nn.Module, key: str) -> str:
     """A writer as the plan names it: the linear map for its weight or bias, else the tensor itself."""
@@ -770,7 +363,7 @@ def _require_same_tensors(family: str, made: dict[str, tuple[int, ...]], built: 
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more like it)" if len(mismatched) > 1 else ""
         shapes = f"one dimension wider it builds {tuple(built[key])}, the map makes {made[key]}{more}"
-        if not _inside(key, language_model):
+        if not inside(key, language_model):
             raise NormswapError(f"{family}'s code sizes {key}, outside its language model, by the language model's "
                                 f"hidden_size: {shapes}; exact RMSNorm -> LayerNorm lifts a projection whose output "
                                 "enters the stream, not a width inside another module (leave out --exact for the "
