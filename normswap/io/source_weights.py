@@ -80,6 +80,13 @@ class CheckpointWeights:
 
     def add_fused(self, fused: FusedTensor) -> None:
         """List ``fused`` under its model-side name, with the dtype and shape transformers' operations give it."""
+        if fused.parts == (fused.name,):  # Qwen3-VL-MoE: the same name, transposed while loading
+            operations = ", ".join(type(op).__name__ for op in getattr(fused.converter, "operations", ()))
+            raise SourceError(f"transformers re-lays out {fused.name!r} of the checkpoint in {self.folder} under the "
+                              f"same name while loading ({operations or 'a conversion'}), so a converted tensor would "
+                              "have to be written back through the reverse operation, which the streaming writer "
+                              "does not apply; load the model and use normswap.convert() in Python, whose "
+                              "save_pretrained does")
         if fused.name in self.tensors:
             raise SourceError(f"the checkpoint in {self.folder} holds {fused.name!r} both as one tensor and as the "
                               f"parts transformers fuses into it ({fused.parts[0]!r} and others); keep one of them")
