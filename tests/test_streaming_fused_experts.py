@@ -170,18 +170,26 @@ def test_experts_that_do_not_stack_are_named(tmp_path: Path, capsys: Any) -> Non
     assert "'model.layers.0.mlp.experts.2.up_proj.weight' has shape (24, 64) where the other 3 have (32, 64)" in error
 
 
-def test_an_operation_that_cannot_stream_is_refused_by_name(tmp_path: Path, capsys: Any) -> None:
-    """DINOv2 with SwiGLU stores gate and up in one tensor that transformers splits with Chunk."""
+def test_a_checkpoint_tensor_split_into_several_streams_piece_by_piece(tmp_path: Path) -> None:
+    """DINOv2 with SwiGLU stores gate and up in one tensor (``weights_in``) that transformers splits with Chunk:
+    it was refused. Each piece is now built from the whole and converted, and the output (under the model's
+    names, which load) equals the in-memory conversion."""
     config = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=128, image_size=32, patch_size=8, use_swiglu_ffn=True)
-    transformers.Dinov2Model(config).save_pretrained(tmp_path / "source")
-    capsys.readouterr()  # save_pretrained's progress bar
-    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "out"), "--placement", "post"]) == 1
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "yet" not in error
-    assert "Chunk(dim=0)" in error and "'encoder.layer.0.mlp.gate_proj.weight'" in error
-    assert "'encoder.layer.0.mlp.weights_in.weight'" in error
-    assert not (tmp_path / "out").exists()
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "out"), "--placement", "post", "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    expected = normswap.convert(model, placement="post").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).last_hidden_state,
+                           expected(pixel_values=pixels).last_hidden_state)
+    assert normswap.inspect(loaded).placement == "post"
 
 
 def test_a_tensor_re_laid_out_under_its_own_name_is_refused_with_the_reason(tmp_path: Path, capsys: Any) -> None:

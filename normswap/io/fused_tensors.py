@@ -21,7 +21,7 @@ import torch
 from ..errors import SourceError
 
 _REFUSAL_HINT = "load the model and use normswap.convert() in Python"
-_LAZY_NAMES = ("MergeModulelist", "Concatenate", "Transpose", "Interleave")  # see _blocking_operation
+_LAZY_NAMES = ("MergeModulelist", "Concatenate", "Transpose", "Interleave", "Chunk")  # see _blocking_operation
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,13 @@ class FusedTensor:
             for name in names:  # transformers' synchronous loading: a callable per tensor, called when converting
                 converter.add_tensor(self.name, name, pattern, functools.partial(read, name))
         built = converter.convert(self.name)
-        if len(built) != 1:
+        if self.name in built:  # a split (Chunk) builds every piece: this tensor is the one under its name
+            value = built[self.name]
+        elif len(built) == 1:
+            value = next(iter(built.values()))
+        else:
             raise SourceError(f"transformers built {len(built)} tensors ({', '.join(sorted(built)[:3])}) for "
-                              f"{self.name!r}, where one was expected; {_REFUSAL_HINT}")
-        value = next(iter(built.values()))
+                              f"{self.name!r}, none under that name; {_REFUSAL_HINT}")
         return value[0] if isinstance(value, list) else value
 
     def describe(self, parts: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[torch.dtype,
@@ -82,18 +85,20 @@ class FusedTensor:
 def _blocking_operation(converter: Any) -> str | None:
     """The first of the converter's operations streaming cannot apply, as ``Name(args)``, or None.
 
-    Streamed are operations that are a function of the gathered tensors alone and leave one tensor: stacking
-    experts, concatenating, transposing, interleaving. Those that read the model or the config, dequantize, or
-    split one checkpoint tensor into several model tensors are not.
+    Streamed are operations that are a function of the gathered tensors alone: stacking experts,
+    concatenating, transposing, interleaving, and splitting one checkpoint tensor into several model tensors
+    (``Chunk``: each piece is built from the whole and the others dropped, so a split tensor is read once per
+    piece). Those that read the model or the config, or dequantize, are not.
     """
-    from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose
+    from transformers.core_model_loading import Chunk, Concatenate, Interleave, MergeModulelist, Transpose
 
     for operation in converter.operations:
-        if type(operation) not in (MergeModulelist, Concatenate, Transpose, Interleave):
+        if type(operation) not in (MergeModulelist, Concatenate, Transpose, Interleave, Chunk):
             return repr(operation)
         if isinstance(operation, Transpose) and operation.check_dims:
             return "Transpose(check_dims=True)"
-    if len(converter.target_patterns) != 1:
+    splits = any(isinstance(operation, Chunk) for operation in converter.operations)
+    if len(converter.target_patterns) != 1 and not splits:
         return " + ".join(repr(operation) for operation in converter.operations)
     return None
 
