@@ -271,6 +271,10 @@ def require_placement_source(topology: Topology) -> str:
             "mapping moves each stream norm to the next branch (docs/design.md §3), and a norm inside a branch has "
             "no such image: removing it changes the function, so it needs a calibrated stand-in (§6), a different, "
             "approximate conversion than --placement pre/post")
+    if placement == "none":
+        raise PlanError(f"{topology.model_type} has no norm on its residual stream or in its branches ("
+                        f"{topology.summary()}); the norm-shift mapping moves residual norms, and there are none "
+                        "to move")
     raise PlanError(f"{topology.model_type} has {placement} placement (its layers or sublayers place their norms "
                     "differently); the norm-shift mapping needs one placement throughout a stack")
 

@@ -97,6 +97,8 @@ def _blocking_operation(converter: Any) -> str | None:
             return repr(operation)
         if isinstance(operation, Transpose) and operation.check_dims:
             return "Transpose(check_dims=True)"
+        if isinstance(operation, Chunk) and getattr(operation, "num_shards_attribute", None):
+            return repr(operation)  # the number of pieces comes from the config
     splits = any(isinstance(operation, Chunk) for operation in converter.operations)
     if len(converter.target_patterns) != 1 and not splits:
         return " + ".join(repr(operation) for operation in converter.operations)
