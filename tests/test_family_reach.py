@@ -215,3 +215,31 @@ def test_a_wrapper_without_an_auto_model_entry_inspects_and_re_inspects(tmp_path
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 0
     converted = normswap.inspect(tmp_path / "dst", trust_remote_code=True)
     assert converted.placement == "pre" and len(converted.stacks) == 2
+
+
+def test_a_norm_in_a_module_list_is_called_by_index() -> None:
+    """LongCat-Flash calls ``self.input_layernorm[1](h)``: the rewrite built ``self.input_layernorm.1(...)``,
+    which is no Python (a ParserSyntaxError crash), and did not recognise the indexed call to unwrap."""
+    import libcst as cst
+
+    from normswap.codegen.rewrite import _self_attribute, _self_call
+
+    call = _self_call("post_attention_layernorm.1", cst.Name("h"))
+    assert cst.Module([]).code_for_node(call) == "self.post_attention_layernorm[1](h)"
+    assert _self_attribute(call.func) == "post_attention_layernorm.1"
+    assert _self_attribute(cst.parse_expression("self.blocks[0].norm")) == "blocks.0.norm"
+    assert _self_attribute(cst.parse_expression("self.norms[i]")) is None
+
+
+def test_a_branch_that_reads_an_earlier_sublayer_s_norm_blocks_placement_changes() -> None:
+    """LongCat-Flash's shortcut MoE reads the first MLP's norm and adds at the end of the layer: no sequence of
+    ``h + F(norm(h))`` steps, so the norm-shift mapping has no place for it (the rewrite crashed before)."""
+    config = transformers.LongcatFlashConfig(hidden_size=64, ffn_hidden_size=128, expert_ffn_hidden_size=128,
+                                             num_layers=1, num_attention_heads=4, n_routed_experts=4,
+                                             moe_topk=2, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=16, v_head_dim=16, head_dim=8, vocab_size=128,
+                                             max_position_embeddings=64)
+    model = _perturbed(transformers.LongcatFlashForCausalLM(config))
+    with pytest.raises(normswap.NormswapError, match="a branch that skips sublayers") as error:
+        normswap.convert(model, placement="post")
+    assert "post_attention_layernorm.0 in sublayer 1 and again in sublayer 4" in str(error.value)

@@ -52,10 +52,16 @@ def _code(node: cst.CSTNode) -> str:
 
 
 def _self_attribute(node: cst.BaseExpression) -> str | None:
-    """``self.a.b`` -> ``"a.b"``; anything else -> None."""
+    """``self.a.b`` -> ``"a.b"``, ``self.norms[0]`` -> ``"norms.0"`` (the module path); anything else -> None."""
     parts: list[str] = []
-    while isinstance(node, cst.Attribute):
-        parts.append(node.attr.value)
+    while True:
+        if isinstance(node, cst.Attribute):
+            parts.append(node.attr.value)
+        elif (isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index)
+              and isinstance(node.slice[0].slice.value, cst.Integer)):
+            parts.append(node.slice[0].slice.value.value)  # LongCat-Flash: ``self.input_layernorm[1](h)``
+        else:
+            break
         node = node.value
     if isinstance(node, cst.Name) and node.value == "self" and parts:
         return ".".join(reversed(parts))
@@ -63,7 +69,9 @@ def _self_attribute(node: cst.BaseExpression) -> str | None:
 
 
 def _self_call(attribute: str, argument: cst.BaseExpression) -> cst.Call:
-    return cst.Call(func=cst.parse_expression(f"self.{attribute}"), args=[cst.Arg(value=argument)])
+    """``self.<attribute>(argument)``; a numeric path part is an index into a ModuleList."""
+    written = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in attribute.split("."))
+    return cst.Call(func=cst.parse_expression(f"self{written}"), args=[cst.Arg(value=argument)])
 
 
 def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:

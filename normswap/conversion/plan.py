@@ -257,6 +257,7 @@ _BRANCH_NORM_PLACEMENTS = {
 def require_placement_source(topology: Topology) -> str:
     """The placement of ``topology`` if the norm-shift mapping applies to it, else why not (one line)."""
     placement = topology.placement
+    _require_one_sublayer_per_norm(topology)
     if not topology.identity_residual:
         scale = topology.residual_scales[0]
         raise PlanError(f"{topology.model_type} scales the residual stream it keeps ({scale.describe()}: "
@@ -277,6 +278,22 @@ def require_placement_source(topology: Topology) -> str:
                         "to move")
     raise PlanError(f"{topology.model_type} has {placement} placement (its layers or sublayers place their norms "
                     "differently); the norm-shift mapping needs one placement throughout a stack")
+
+
+def _require_one_sublayer_per_norm(topology: Topology) -> None:
+    """A norm read by two sublayers that add at different points (LongCat-Flash's shortcut MoE reads the first
+    MLP's norm and adds at the end of the layer) makes the layer no sequence of ``h + F(norm(h))`` steps."""
+    for layer in topology.layers:
+        readers: dict[str, int] = {}
+        for index, sub in enumerate(layer.sublayers):
+            for norm in sub.norms:
+                first = readers.setdefault(norm.path, index)
+                if first != index:
+                    raise PlanError(
+                        f"{topology.model_type}'s {layer.path} reads {norm.path} in sublayer {first} and again in "
+                        f"sublayer {index}, which adds to the stream later: a branch that skips sublayers has no "
+                        "place in the norm-shift mapping (docs/design.md §3), where each norm sits between one add "
+                        "and the next branch")
 
 
 def _unique(items: list[str]) -> list[str]:
