@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from normswap.conversion.repeatable import same_random_draws
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SECONDS = 20  # "builds from a config in a few seconds": slower candidates are skipped
 MAX_PARAMETERS = 20_000_000  # a tiny config that is still this large did not shrink (a fixed-size part)
@@ -386,7 +388,7 @@ def check_family(name: str, folder: Path, emit: Callable[[dict[str, Any]], None]
         with deadline(LOAD_SECONDS, "loading the saved source"):
             model = auto.from_pretrained(source_folder).eval()
         inputs = inputs_for(model)
-        with torch.no_grad():
+        with torch.no_grad(), same_random_draws():  # ViTMAE masks random patches on every forward
             reference = main_output(model(**inputs))
         tokens = _source_tokens(model, inputs) if built.auto_class == "AutoModelForCausalLM" else None
     except SkipError as error:
@@ -491,7 +493,7 @@ def _judge(source: Source, cell: str, destination: Path, exact: bool) -> tuple[s
     except (Exception, Expired) as error:  # noqa: BLE001 - every load failure is a bad output
         return "bad output", None, f"{loader} fails: {_one_line(error)}"
     try:
-        with deadline(LOAD_SECONDS, "the forward pass"), torch.no_grad():
+        with deadline(LOAD_SECONDS, "the forward pass"), torch.no_grad(), same_random_draws():
             output = main_output(model(**source.inputs))
     except (Exception, Expired) as error:  # noqa: BLE001
         return "bad output", None, f"forward fails: {_one_line(error)}"

@@ -243,3 +243,5 @@ def test_a_branch_that_reads_an_earlier_sublayer_s_norm_blocks_placement_changes
     with pytest.raises(normswap.NormswapError, match="a branch that skips sublayers") as error:
         normswap.convert(model, placement="post")
     assert "post_attention_layernorm.0 in sublayer 1 and again in sublayer 4" in str(error.value)
+    with pytest.raises(normswap.NormswapError, match=r"a module list built in one expression"):  # not the layer
+        normswap.convert(model, norm="layernorm")  # (it was refused as 'model.layers.0 computes more than a norm')

@@ -222,7 +222,13 @@ def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
 def require_plain_norm(model: nn.Module, path: str) -> None:
     """A norm whose class is replaced must be a norm and nothing more, wherever its class builds it: a module
     that wraps one with more computation (AXK2's gated RMSNorm: a norm, then a gate MLP, built in some layers
-    where others build a plain RMSNorm) would lose that computation."""
+    where others build a plain RMSNorm) would lose that computation. A norm that is an item of a module list is
+    built inside the list's constructor expression, which holds no ``self.<norm> = Norm(...)`` to replace."""
+    if path.rsplit(".", 1)[-1].isdigit():
+        owner, attribute = owner_and_attribute(model, path.rsplit(".", 1)[0])
+        raise CodegenError(f"{path} is item {path.rsplit('.', 1)[-1]} of {owner}.{attribute}, a module list built "
+                           "in one expression (nn.ModuleList([...])); generated code replaces a norm class where "
+                           "one assignment builds one norm, so the norm kind of this family cannot be rewritten")
     owner, attribute = owner_and_attribute(model, path)
     for where, parent in model.named_modules():
         module = getattr(parent, attribute, None) if type(parent).__name__ == owner else None
