@@ -11,7 +11,9 @@ LayerScale of one constant commutes with centring and the bug would hide.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,28 @@ def test_a_stream_returned_as_an_output_is_refused_saying_so(name: str) -> None:
     assert "no exact RMSNorm twin" in message and "\n" not in message
     # the pooler reads the stream through a norm, so it stays exact (for BEiT: with its LayerScales folded)
     assert re.search(r"; pooler_output \(\S+\) stays exact, but", message)
+
+
+def test_a_forward_that_draws_random_numbers_is_compared_on_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ViTMAE masks random patches on every forward: the original and the converted model were compared on
+    different masks, and the exact conversion was refused at 1.5 x max|reference|."""
+    config = transformers.ViTMAEConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.ViTMAEModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact
+    drawn = iter(range(1, 1000))  # a new seed for every forward: the draws differ, and the check must fail
+
+    @contextlib.contextmanager
+    def fresh_draws() -> Iterator[None]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(next(drawn))
+            yield
+
+    monkeypatch.setattr(norm_kind, "same_random_draws", fresh_draws)
+    with pytest.raises(ExactnessError):
+        normswap.convert(model, norm="rmsnorm")
