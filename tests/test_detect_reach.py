@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
 
 import normswap
 from normswap.detect.norms import classify_norm, scales_to_unit_length
@@ -342,3 +343,42 @@ def test_a_residual_gain_blocks_placement_changes_and_exact_maps_with_the_reason
         normswap.convert(model, norm="layernorm", exact=True, untie=True)  # U(g * h) is no gain of U h
     converted = normswap.convert(model, norm="layernorm")  # the approximate norm-kind change does not need it
     assert normswap.inspect(converted).norm == "layernorm" and not converted.normswap_report.exact
+
+
+def _jetmoe() -> nn.Module:
+    """JetMoE's routing sizes ``torch.split`` by ``expert_size.tolist()``: no answer to a meta tensor keeps it
+    consistent, so its meta forward cannot run."""
+    config = CONFIG_MAPPING["jetmoe"](**{**SIZES, "kv_channels": HEAD_DIM, "intermediate_size": 32,
+                                         "num_local_experts": 4, "num_experts_per_tok": 2})
+    torch.manual_seed(0)
+    return _perturbed(transformers.JetMoeForCausalLM(config))
+
+
+def _imagegpt() -> nn.Module:
+    """ImageGPT's layer norm mixes a CPU constant into a meta op, which meta tensors refuse."""
+    config = CONFIG_MAPPING["imagegpt"](n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, vocab_size=VOCAB, n_positions=64)
+    torch.manual_seed(0)
+    return _perturbed(transformers.ImageGPTForCausalImageModeling(config))
+
+
+@pytest.mark.parametrize("build", [_jetmoe, _imagegpt], ids=["jetmoe", "imagegpt"])
+def test_a_forward_that_meta_tensors_cannot_run_is_inspected_on_a_cpu_twin(build: Callable[[], nn.Module]) -> None:
+    model = build()
+    rng = torch.random.get_rng_state()
+    topology = normswap.inspect(model)
+    assert torch.equal(rng, torch.random.get_rng_state())  # the twin's drawn weights leave the caller's draws alone
+    assert topology.placement == "pre" and topology.norm == "rmsnorm" and len(topology.layers) == LAYERS
+    expected = ["input_layernorm", "post_attention_layernorm"] if build is _jetmoe else ["ln_1", "ln_2"]
+    for layer in topology.layers:  # each layer's two sublayers read the norms the model has
+        assert [sub.norms_in("pre")[0].path.rsplit(".", 1)[-1] for sub in layer.sublayers] == expected
+    converted = normswap.convert(model, placement="post")  # the conversion's own meta passes take the twin too
+    assert normswap.inspect(converted).placement == "post"
+
+
+def test_a_model_too_large_for_a_cpu_twin_is_refused_with_the_step_that_needs_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("normswap.detect.capture.REAL_RUN_BYTES", 0)
+    with pytest.raises(normswap.NormswapError) as refusal:
+        normswap.inspect(_jetmoe())
+    message = str(refusal.value)
+    assert "modeling_jetmoe.py:" in message and "tolist()" in message and "GiB" in message, message

@@ -157,6 +157,26 @@ def test_rms_to_layer_norm_leaves_no_rms_norm_on_the_embeddings() -> None:
     assert topology.norm == "layernorm" and topology.stacks[0].embedding_norm.kind == "layernorm"
 
 
+def test_weightless_rms_norms_become_weightless_layer_norms(tmp_path: Path) -> None:
+    """NanoChat's RMSNorms have no weight and no width (``NanoChatRMSNorm(eps=...)``); ``--norm layernorm`` was
+    refused with 'starts from a model whose norms are RMSNorms', though they are."""
+    config = transformers.NanoChatConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = _perturbed(transformers.NanoChatForCausalLM(config))
+    assert normswap.inspect(model).norm == "rmsnorm-noaffine"
+    loaded = _converted_matches(model, tmp_path, ["--norm", "layernorm"], "AutoModelForCausalLM", norm="layernorm")
+    topology = normswap.inspect(loaded)
+    assert topology.norm == "layernorm-noaffine" and topology.stacks[0].embedding_norm.kind == "layernorm-noaffine"
+    assert not [key for key in loaded.state_dict() if "layernorm" in key or key.startswith("model.norm")]
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():  # the same function but for the mean each norm now removes: close, not equal
+        original, converted = main_output(model(**inputs)), main_output(loaded(**inputs))
+    cosine = torch.nn.functional.cosine_similarity(original.flatten(), converted.flatten(), dim=0)
+    assert 0.9 < cosine < 1 - 1e-6
+    assert loaded.generate(inputs["input_ids"], max_new_tokens=3, do_sample=False).shape[-1] == inputs[
+        "input_ids"].shape[-1] + 3
+
+
 def test_a_norm_that_computes_more_than_a_norm_is_not_replaced() -> None:
     """AXK2's gated RMSNorm is a norm followed by a gate MLP; replacing its class crashed the generated code
     (StopIteration: no eps of its own) and would have dropped the gate."""

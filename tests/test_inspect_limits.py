@@ -263,3 +263,17 @@ def test_loaded_models_are_not_sampled() -> None:
         model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     topology = normswap.inspect(model)
     assert len(topology.layers) == DEEP and not _sample_notes(topology)
+
+
+def test_floats_that_json_cannot_hold_are_read_as_transformers_writes_them(tmp_path: Path) -> None:
+    """``save_pretrained`` writes Mamba-2's ``time_step_limit = (0.0, inf)`` as ``[0.0, {"__float__": "Infinity"}]``;
+    read as plain JSON, the config class refuses the dict it gets."""
+    from transformers import CONFIG_MAPPING
+
+    CONFIG_MAPPING["nemotron_h"](hidden_size=64, num_hidden_layers=2, layers_block_type=["mamba", "attention"],
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=4,
+                                 mamba_head_dim=16, n_groups=1, vocab_size=128).save_pretrained(tmp_path)
+    assert '"__float__": "Infinity"' in (tmp_path / "config.json").read_text()
+    config = load_config(tmp_path)
+    assert list(config.time_step_limit) == [0.0, float("inf")]
+    assert normswap.inspect(tmp_path).placement == "pre"

@@ -133,6 +133,27 @@ def test_composite_takes_its_width_and_eps_from_the_text_config() -> None:
     assert converted.config.vision_config.hidden_size == model.config.vision_config.hidden_size
 
 
+def jetmoe() -> torch.nn.Module:
+    """JetMoE: its layer norms take eps from a default argument, not from the config (only the final norm reads
+    ``rms_norm_eps``), and its routing sizes ``torch.split`` by ``expert_size.tolist()``, which no meta run answers."""
+    config = CONFIG_MAPPING["jetmoe"](**{**_MOE, "num_local_experts": 4, "kv_channels": 16})
+    torch.manual_seed(0)
+    return perturbed(transformers.JetMoeForCausalLM(config))
+
+
+def test_norms_whose_eps_no_config_field_holds_convert_exactly() -> None:
+    model = jetmoe()
+    layer_norm = model.get_submodule("model.layers.0.input_layernorm")
+    model.config.rms_norm_eps = 1e-5  # the final norm's, now unlike the layers' default
+    model.get_submodule("model.norm").variance_epsilon = 1e-5
+    assert layer_norm.variance_epsilon == 1e-6
+    converted = assert_converted(model, untie=True)
+    d = model.config.hidden_size
+    assert converted.config.rms_norm_eps == pytest.approx(1e-5 * d / (d + 1))  # the field the final norm reads
+    assert converted.get_submodule("model.layers.0.input_layernorm").eps == pytest.approx(1e-6 * d / (d + 1))
+    assert converted.get_submodule("model.norm").eps == pytest.approx(1e-5 * d / (d + 1))
+
+
 def test_a_model_without_lm_head_is_refused_with_the_class_to_load() -> None:
     """A base model's output is the final norm's output, which the map makes d+1 wide: no weight change keeps it."""
     model_type, _, values = MIXTURES["mixtral"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import inspect as pyinspect
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import nn
@@ -166,13 +167,17 @@ def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite, lo
     return class_name, attribute
 
 
-def layer_norm_edits(model: nn.Module, topology: Topology) -> list[Edit]:
+def layer_norm_edits(model: nn.Module, topology: Topology, eps_in_code: Mapping[str, float] | None = None
+                     ) -> list[Edit]:
     """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm.like(<the norm as written>)``,
-    which reads its width and eps from the built norm whatever its constructor takes (CpmAnt's takes the config)."""
+    which reads its width and eps from the built norm whatever its constructor takes (CpmAnt's takes the config).
+    ``eps_in_code``: the eps to write into the code for norms (by path) whose eps no config field reaches."""
     edits: list[Edit] = []
     for path in (norm.path for norm in topology.stream_norms):
         require_plain_norm(model, path)
-        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True)
+        eps = (eps_in_code or {}).get(path)
+        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True,
+                                keywords=(("eps", repr(eps)),) if eps is not None else ())
         if edit not in edits:
             edits.append(edit)
     return edits

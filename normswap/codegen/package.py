@@ -119,13 +119,27 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
         if isinstance(norm, torch.nn.Identity):
             return norm
         weight = getattr(norm, "weight", None)
-        width = weight.shape[-1] if weight is not None else next(
-            value for value in (getattr(norm, name, None) for name in ("hidden_size", "dim", "normalized_shape"))
-            if value is not None)
         if eps is None:
             eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
                        if isinstance(value, float))
+        if weight is None:  # a weightless RMSNorm, which may know no width either (NanoChat's)
+            return NormswapWeightlessLayerNorm(eps)
+        width = weight.shape[-1] if weight is not None else next(
+            value for value in (getattr(norm, name, None) for name in ("hidden_size", "dim", "normalized_shape"))
+            if value is not None)
         return cls(width if isinstance(width, int) else tuple(width)[-1], eps=eps)
+
+
+class NormswapWeightlessLayerNorm(torch.nn.Module):
+    """LayerNorm without weight or bias over the last dimension, whatever its width: it stands in for a weightless
+    RMSNorm, which a family may build without a width (NanoChat's takes eps only)."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, hidden_states):
+        return torch.nn.functional.layer_norm(hidden_states, hidden_states.shape[-1:], eps=self.eps)
 '''
 
 

@@ -22,7 +22,7 @@ from .program import TensorProgram, combine, copy_of, one_plus
 from .setup import ConversionSetup, Verifier
 from .verify import DriftReport, measure_drift
 
-_RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})
+_RMS_KINDS = frozenset({"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"})
 _LAYER_NORM_KINDS = frozenset({"layernorm", "layernorm-nobias", "layernorm-offset"})
 
 
@@ -31,7 +31,8 @@ def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
 
     The same weights in a LayerNorm with bias 0 are as close for norms inside a branch (sandwich,
     post-sublayer) as for pre norms, so any placement takes it; an RMSNorm on the embeddings (AIMv2's) becomes
-    a LayerNorm too, so that no RMSNorm is left in the residual path."""
+    a LayerNorm too, so that no RMSNorm is left in the residual path. A weightless RMSNorm (NanoChat's) becomes
+    a weightless LayerNorm."""
     topology = inspect(model)
     embedding = tuple(stack.embedding_norm for stack in topology.stacks
                       if stack.embedding_norm is not None and stack.embedding_norm.kind in _RMS_KINDS)
@@ -48,6 +49,8 @@ def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
 
     steps = {key: copy_of(key) for key in model.state_dict()}
     for site in sites:
+        if site.kind == "rmsnorm-noaffine":  # a weightless LayerNorm stands in: nothing to write
+            continue
         weight = steps[f"{site.path}.weight"]
         if site.kind == "rmsnorm-offset":
             weight = combine(one_plus, weight)  # (1 + w) * n

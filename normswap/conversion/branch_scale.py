@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.real_run import on_meta_else_cpu
 from .program import Step, combine
 
 Tensor = torch.Tensor
@@ -170,16 +171,7 @@ def branch_tails(meta: nn.Module, writers: Iterable[str]) -> dict[str, BranchTai
     to 1, or centring it, would change the other reader).
     """
     writers = list(writers)
-    parameters = {id(p): (name, p) for name, p in meta.named_parameters(remove_duplicate=False) if p.dim() == 1}
-    follower = _FollowWriterOutputs(parameters)
-    handles = [meta.get_submodule(path).register_forward_hook(
-        lambda module, args, output, path=path: follower.start(path, output)) for path in writers]
-    try:
-        with torch.no_grad(), AnswerDataQuestions(), follower:
-            meta(**synthetic_inputs(meta, meta.config))
-    finally:
-        for handle in handles:
-            handle.remove()
+    follower = on_meta_else_cpu(meta, lambda model, device: _follow_writers(model, device, writers))
     tails: dict[str, BranchTail] = {}
     for writer in writers:
         found = follower.tails.get(writer, set())
@@ -190,6 +182,20 @@ def branch_tails(meta: nn.Module, writers: Iterable[str]) -> dict[str, BranchTai
             tails[writer] = BranchTail(writer, ops)
     shared = {key for key, count in follower.uses.items() if count > 1}  # read again elsewhere, or by another call
     return {writer: tail for writer, tail in tails.items() if not shared & {op.parameter for op in tail.ops}}
+
+
+def _follow_writers(meta: nn.Module, device: str, writers: list[str]) -> _FollowWriterOutputs:
+    parameters = {id(p): (name, p) for name, p in meta.named_parameters(remove_duplicate=False) if p.dim() == 1}
+    follower = _FollowWriterOutputs(parameters)
+    handles = [meta.get_submodule(path).register_forward_hook(
+        lambda module, args, output, path=path: follower.start(path, output)) for path in writers]
+    try:
+        with torch.no_grad(), AnswerDataQuestions(), follower:
+            meta(**synthetic_inputs(meta, meta.config, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return follower
 
 
 def fold_tail(tail: BranchTail, writer_dims: dict[str, int], steps: dict[str, Step]) -> None:

@@ -46,7 +46,7 @@ from .native import meta_instance
 from .norm_kind import ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
 from .setup import ConversionSetup, convert_in_memory
-from .stream_config import StreamConfig, eps_field, stream_config
+from .stream_config import StreamConfig, eps_sources, stream_config
 from .stream_roles import StreamRole, inside, stream_roles, trace_stream_uses
 
 _NORM_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})  # plain RMSNorm, and Gemma's (1 + w) RMSNorm
@@ -232,7 +232,6 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
     if not isinstance(model.get_input_embeddings(), nn.Embedding):
         raise NormswapError(f"{family}'s input embedding is a {type(model.get_input_embeddings()).__name__}, not an "
                             "nn.Embedding, whose rows the extra-dimension map lifts")
-    eps_field(stream.config, topology, family)
     return stream
 
 
@@ -316,8 +315,11 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     values go into the sub-config its language model is built from.
     """
     config = stream.config
-    eps = eps_field(config, topology, topology.model_type)
-    values: dict[str, Any] = {"hidden_size": d + 1, eps: getattr(config, eps) * d / (d + 1)}
+    eps, others = eps_sources(model, stream, topology)
+    values: dict[str, Any] = {"hidden_size": d + 1}
+    if eps is not None:
+        values[eps] = getattr(config, eps) * d / (d + 1)
+    eps_in_code = {norm.path: norm.eps * d / (d + 1) for norm in others}
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
     if head_dim or heads:
@@ -332,7 +334,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     else:
         top.update(values)
     try:
-        return generate_family_code(model, topology, layer_norm_edits(model, topology),
+        return generate_family_code(model, topology, layer_norm_edits(model, topology, eps_in_code),
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, layer_norm=True)
     except NormswapError:

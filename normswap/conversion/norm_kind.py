@@ -33,6 +33,7 @@ from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.real_run import on_meta_else_cpu
 from ..errors import ExactnessError, NormswapError
 from ..topology import Topology
 from .branch_scale import branch_tails, fold_tail
@@ -321,7 +322,10 @@ def linear_calls(model: nn.Module, norms: tuple[str, ...]) -> tuple[list[str], d
     Found by one forward pass of the model's meta twin on synthetic inputs, so planning reads no
     weights and a loaded model and its checkpoint on disk get the same plan.
     """
-    meta = meta_twin(model)
+    return on_meta_else_cpu(meta_twin(model), lambda twin, device: _linear_calls_of(twin, device, norms))
+
+
+def _linear_calls_of(meta: nn.Module, device: str, norms: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
     order: list[str] = []
     readers: dict[str, list[str]] = {norm: [] for norm in norms}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its id from being reused
@@ -341,7 +345,7 @@ def linear_calls(model: nn.Module, norms: tuple[str, ...]) -> tuple[list[str], d
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad(), AnswerDataQuestions():
-            meta(**synthetic_inputs(meta, meta.config))
+            meta(**synthetic_inputs(meta, meta.config, device))
     finally:
         for handle in handles:
             handle.remove()

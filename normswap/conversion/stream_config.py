@@ -1,19 +1,23 @@
 """The config that sizes the residual stream, and the field its norms take eps from (docs/design.md §5).
 
 The extra-dimension map writes ``hidden_size = d+1`` and ``eps' = eps * d/(d+1)`` into the family's config; a
-composite's values go into the sub-config its language model is built from, so both are looked up there.
+composite's values go into the sub-config its language model is built from, so both are looked up there. A norm
+whose eps no config field reaches gets its wider eps written into the generated code instead.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..detect.source import quiet_transformers
 from ..errors import NormswapError
-from ..topology import Topology
+from ..topology import NormSite, Topology
 
 _EPS_FIELDS = ("rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rms_norm_epsilon", "eps",
                "norm_epsilon")
@@ -50,13 +54,29 @@ def stream_config(model: nn.Module, topology: Topology) -> StreamConfig:
                         f"{type(model.config).__name__}'s sub-configs, so its wider hidden_size has nowhere to go")
 
 
-def eps_field(config: Any, topology: Topology, family: str) -> str:
-    """The config field the norms take their eps from (Llama's ``rms_norm_eps``, CpmAnt's ``eps``): the wider
-    LayerNorms need it set to eps * d/(d+1). ``config`` is the stream's (``stream_config``)."""
-    values = {norm.eps for norm in topology.stream_norms if norm.eps is not None}
+def eps_sources(model: nn.Module, stream: StreamConfig, topology: Topology) -> tuple[str | None, list[NormSite]]:
+    """Where the stream norms take their eps from: the config field that some of them read (Llama's
+    ``rms_norm_eps``, CpmAnt's ``eps``), None where none does, and the norms that do not read it (JetMoE's layer
+    norms take a default argument; only its final norm reads ``rms_norm_eps``). The wider LayerNorms need
+    eps * d/(d+1): the field is scaled, and the other norms get theirs written into the code.
+
+    A field is a candidate when its value is some norm's eps; which norms read it is found by building the model
+    on the meta device with the field doubled and seeing which norms take the new value."""
+    norms = [norm for norm in topology.stream_norms if norm.eps is not None]
     for name in _EPS_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, float) and all(math.isclose(value, eps) for eps in values):
-            return name
-    raise NormswapError(f"no field of {family}'s config holds its norms' eps ({', '.join(map(str, sorted(values)))}), "
-                        "which the wider LayerNorms must take as eps * d/(d+1)")
+        value = getattr(stream.config, name, None)
+        if not isinstance(value, float) or not any(math.isclose(value, norm.eps) for norm in norms):
+            continue
+        config = copy.deepcopy(model.config)
+        setattr(getattr(config, stream.field) if stream.field else config, name, 2 * value)
+        with torch.device("meta"), quiet_transformers():
+            probe = type(model)._from_config(config)
+        others = [norm for norm in norms if not math.isclose(_eps_of(probe.get_submodule(norm.path)), 2 * norm.eps)]
+        if len(others) < len(norms):
+            return name, others
+    return None, norms
+
+
+def _eps_of(norm: nn.Module) -> float:
+    values = [getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon")]
+    return next((value for value in values if isinstance(value, float)), math.nan)

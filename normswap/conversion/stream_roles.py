@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.real_run import on_meta_else_cpu
 from ..errors import NormswapError, first_line
 from ..topology import Topology
 from .native import meta_twin
@@ -62,20 +63,23 @@ def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> 
     the routing's values, so that on the meta device their matrices run too (the eager loop asks which experts
     were hit, which meta tensors cannot answer).
     """
-    meta = _meta_twin_running_experts(model)
-    tracer = _StreamTracer(meta.state_dict(keep_vars=True))
-    handles = [meta.get_submodule(path).register_forward_hook(
-        lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
+    def attempt(meta: nn.Module, device: str) -> StreamUses:
+        tracer = _StreamTracer(meta.state_dict(keep_vars=True))
+        handles = [meta.get_submodule(path).register_forward_hook(
+            lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
+        try:
+            with torch.no_grad(), AnswerDataQuestions(), tracer:
+                meta(**synthetic_inputs(meta, meta.config, device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used))
+
     try:
-        with torch.no_grad(), AnswerDataQuestions(), tracer:
-            meta(**synthetic_inputs(meta, meta.config))
-    except Exception as error:  # the family's own code failed on meta inputs: say so, with its reason
-        raise NormswapError(f"cannot run {family} on the meta device to find what reads its norms' outputs "
+        return on_meta_else_cpu(_meta_twin_running_experts(model), attempt)
+    except Exception as error:  # the family's own code failed on synthetic inputs: say so, with its reason
+        raise NormswapError(f"cannot run {family} on synthetic inputs to find what reads its norms' outputs "
                             f"({type(error).__name__}: {first_line(error)})") from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used))
 
 
 def _meta_twin_running_experts(model: nn.Module) -> nn.Module:

@@ -10,14 +10,18 @@ norms from final norms). Meta tensors cost no memory and no arithmetic.
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import SourceError
+from ..errors import SourceError, first_line
 from .meta_answers import AnswerDataQuestions
+from .real_run import REAL_RUN_BYTES, cpu_twin, real_run_bytes, to_meta
 from .signature import input_signature, module_signature
 
 _BATCH, _SEQUENCE = 1, 8
@@ -64,29 +68,29 @@ def find_layer_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Mo
     return stacks
 
 
-def synthetic_inputs(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """Meta inputs of the model's main input kind (tokens, pixels or audio features)."""
+def synthetic_inputs(model: nn.Module, config: Any, device: str = "meta") -> dict[str, torch.Tensor]:
+    """Inputs of the model's main input kind (tokens, pixels or audio features), on ``device``."""
     name = getattr(model, "main_input_name", "input_ids")
     if name == "input_ids":  # with a mask, as models expect (without one, BERT-likes check the ids for padding)
-        inputs = {"input_ids": torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta"),
-                  "attention_mask": torch.ones(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")}
+        inputs = {"input_ids": torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device=device),
+                  "attention_mask": torch.ones(_BATCH, _SEQUENCE, dtype=torch.long, device=device)}
     elif name == "pixel_values":
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
-        inputs = {"pixel_values": torch.zeros(_BATCH, getattr(config, "num_channels", 3), size, size, device="meta")}
+        inputs = {"pixel_values": torch.zeros(_BATCH, getattr(config, "num_channels", 3), size, size, device=device)}
     elif name == "input_features":
         frames = 2 * getattr(config, "max_source_positions", 1500)
         channels = getattr(config, "num_mel_bins", None) or getattr(config, "input_feat_per_channel", 80)
-        inputs = {"input_features": torch.zeros(_BATCH, channels, frames, device="meta")}
+        inputs = {"input_features": torch.zeros(_BATCH, channels, frames, device=device)}
     elif name == "input_values":
-        inputs = {"input_values": torch.zeros(_BATCH, _AUDIO_SAMPLES, device="meta")}
+        inputs = {"input_values": torch.zeros(_BATCH, _AUDIO_SAMPLES, device=device)}
     else:
         raise SourceError(
             f"{type(model).__name__} takes '{name}' as its main input; tracing needs a synthetic example of it, "
             "and normswap makes only token ids, pixel values and audio features or samples"
         )
     if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device="meta")
+        inputs["decoder_input_ids"] = torch.zeros(_BATCH, _SEQUENCE, dtype=torch.long, device=device)
     return inputs
 
 
@@ -108,12 +112,58 @@ def capture_run(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.M
     try:
         return _run_once(model, config, layers, watched, answer_data_questions=True)
     except _MetaRunError as failed:
-        missed = sorted(set(layers) - set(failed.run.layer_calls))
-        error = failed.__cause__
-        raise SourceError(
-            f"running {type(model).__name__} on meta tensors failed ({type(error).__name__}: {error}) "
-            f"before layer {missed[0] if missed else '?'} ran; the model may need inputs normswap cannot synthesise"
-        ) from error
+        meta_failure = failed
+    needed = real_run_bytes(model)
+    if needed <= REAL_RUN_BYTES:
+        try:
+            return _real_run(model, config, layers, watched)
+        except _MetaRunError as failed:
+            raise _run_failure(model, layers, failed, "on CPU with drawn weights") from failed.__cause__
+    error = meta_failure.__cause__
+    raise SourceError(
+        f"running {type(model).__name__} on meta tensors failed at {_where(error)} ({type(error).__name__}: "
+        f"{first_line(error)}), a step that needs data, and a real run of it takes {needed / 1024**3:.1f} GiB, "
+        f"above normswap's {REAL_RUN_BYTES / 1024**3:.0f} GiB bound for one; inspect a config with fewer layers "
+        "(num_hidden_layers) to see the layout, which does not depend on the depth"
+    ) from error
+
+
+def _real_run(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Module]],
+              watched: dict[str, nn.Module]) -> CapturedRun:
+    """The capture on a CPU twin of ``model``, with each layer's arguments turned back into meta tensors."""
+    twin = cpu_twin(model, config)
+    twin_layers = {path: (index, twin.get_submodule(path)) for path, (index, _) in layers.items()}
+    twin_watched = {path: twin.get_submodule(path) for path in watched}
+    run = _run_once(twin, config, twin_layers, twin_watched, answer_data_questions=False, device="cpu")
+    run.layer_calls = {path: LayerCall(to_meta(call.args), to_meta(call.kwargs))
+                       for path, call in run.layer_calls.items()}
+    run.outputs.clear()
+    return run
+
+
+def _run_failure(model: nn.Module, layers: dict[str, tuple[int, nn.Module]], failed: _MetaRunError,
+                 how: str) -> SourceError:
+    missed = sorted(set(layers) - set(failed.run.layer_calls))
+    error = failed.__cause__
+    return SourceError(
+        f"running {type(model).__name__} {how} failed at {_where(error)} ({type(error).__name__}: "
+        f"{first_line(error)}) before layer {missed[0] if missed else '?'} ran, with normswap's synthetic "
+        f"inputs ({', '.join(synthetic_inputs(model, model.config))}); a model that needs other inputs to run "
+        "cannot be inspected from its config"
+    )
+
+
+def _where(error: BaseException | None) -> str:
+    """The innermost frame of the model's own code in ``error``'s traceback, as ``file.py:line``."""
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    own = [frame for frame in frames if not any(part in frame.filename for part in _NOT_MODEL_CODE)]
+    if not own:
+        return "an unknown place"
+    frame = own[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else "")
+
+
+_NOT_MODEL_CODE = (f"{os.sep}torch{os.sep}", f"{os.sep}normswap{os.sep}")
 
 
 class _MetaRunError(Exception):
@@ -123,7 +173,7 @@ class _MetaRunError(Exception):
 
 
 def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Module]],
-              watched: dict[str, nn.Module], answer_data_questions: bool) -> CapturedRun:
+              watched: dict[str, nn.Module], answer_data_questions: bool, device: str = "meta") -> CapturedRun:
     run = CapturedRun()
     handles = []
     for path, (index, module) in layers.items():
@@ -134,7 +184,7 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
     answers = AnswerDataQuestions() if answer_data_questions else contextlib.nullcontext()
     try:
         with torch.no_grad(), answers:
-            model(**synthetic_inputs(model, config))
+            model(**synthetic_inputs(model, config, device))
     except SourceError:
         raise
     except Exception as error:
