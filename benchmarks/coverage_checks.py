@@ -518,22 +518,24 @@ def _judge(source: Source, cell: str, destination: Path, exact: bool) -> tuple[s
             topology = normswap.inspect(str(destination), trust_remote_code=remote)
     except (Exception, Expired) as error:  # noqa: BLE001
         return "bad output", None, f"re-inspection fails: {_one_line(error)}"
-    wrong = _wrong_layout(cell, topology.placement, topology.norm, source.placement)
+    kinds = {norm.kind for norm in topology.all_norms if norm.kind != "identity"}
+    wrong = _wrong_layout(cell, topology.placement, kinds, source.placement)
     if wrong:
         return "bad output", None, f"re-inspected as {topology.placement}, {topology.norm}: {wrong}"
     return ("exact", relative, "") if exact else ("approximate", cosine, "")
 
 
-def _wrong_layout(cell: str, placement: str, norm: str, source_placement: str) -> str:
-    """What the re-inspected layout lacks of the cell's target ('' when it has it)."""
+def _wrong_layout(cell: str, placement: str, kinds: set[str], source_placement: str) -> str:
+    """What the re-inspected layout (its placement, and its norms' kinds) lacks of the cell's target ('' when it
+    has it). A norm-kind target is met when every norm is of that kind, with or without weights or bias."""
     flag, target = cell.split()[:2]
     if flag == "placement":
         return "" if placement == target else f"not {target}"
     if placement != source_placement:
         return f"the placement changed from {source_placement}"
     if target == "rmsnorm":
-        return "" if norm in ("rmsnorm", "rmsnorm-noaffine") else "not all RMSNorm"
-    return "" if norm.startswith("layernorm") else "not all LayerNorm"
+        return "" if kinds <= {"rmsnorm", "rmsnorm-noaffine"} else "not all RMSNorm"
+    return "" if all(kind.startswith("layernorm") for kind in kinds) else "not all LayerNorm"
 
 
 def _source_tokens(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -177,6 +177,27 @@ def test_weightless_rms_norms_become_weightless_layer_norms(tmp_path: Path) -> N
         "input_ids"].shape[-1] + 3
 
 
+def test_offset_rms_norms_become_plain_beside_other_rms_norms() -> None:
+    """Muse Glimmer's layer norms are (1 + w) RMSNorms, its final norm a plain one and its embedding norm a
+    weightless one; ``--norm rmsnorm`` was refused as 'for models with norms after their sublayers'."""
+    config = transformers.CONFIG_MAPPING["muse_glimmer_text"](
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"])
+    model = _perturbed(transformers.AutoModel.from_config(config))
+    before = normswap.inspect(model)
+    assert {n.kind for n in before.all_norms} == {"rmsnorm-offset", "rmsnorm", "rmsnorm-noaffine"}
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact
+    after = normswap.inspect(converted)
+    assert {n.kind for n in after.all_norms} == {"rmsnorm", "rmsnorm-noaffine"}
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference, actual = main_output(model(**inputs)), main_output(converted(**inputs))
+    assert float((reference - actual).abs().max()) <= 1e-5 * float(reference.abs().max())
+    offset = next(n.path for n in before.residual_norms)
+    assert torch.allclose(converted.get_submodule(offset).weight, 1 + model.get_submodule(offset).weight)
+
+
 def test_a_norm_that_computes_more_than_a_norm_is_not_replaced() -> None:
     """AXK2's gated RMSNorm is a norm followed by a gate MLP; replacing its class crashed the generated code
     (StopIteration: no eps of its own) and would have dropped the gate."""

@@ -98,11 +98,14 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
 
 
 def plan_offset_to_rms_norm(model: nn.Module) -> ConversionSetup:
-    """Gemma-style ``(1 + w)`` RMSNorms as plain RMSNorms with weight ``1 + w``: exact, and checked."""
+    """Gemma-style ``(1 + w)`` RMSNorms as plain RMSNorms with weight ``1 + w``: exact, and checked. The model's
+    other norms must be RMSNorms already (a plain final norm, a weightless embedding norm), and stay as they are."""
     topology = inspect(model)
-    sites = topology.stream_norms
-    if {site.kind for site in sites} != {"rmsnorm-offset"}:
-        raise NormswapError(f"{topology.model_type} has no offset RMSNorms to make plain")
+    norms = [norm for norm in topology.all_norms if norm.kind != "identity"]
+    sites = [norm for norm in norms if norm.kind == "rmsnorm-offset"]
+    if not sites or not {norm.kind for norm in norms} <= _RMS_KINDS:
+        raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; only a model whose norms are all "
+                            "RMSNorms, some of them (1 + w), has offset RMSNorms to make plain")
     edits = [ReplaceNormClass(*owner_and_attribute(model, site.path), new_class="NormswapPlainRMSNorm")
              for site in sites]
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),

@@ -23,7 +23,8 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     """
     if norm == "rmsnorm":
         topology = inspect(model)
-        if {n.kind for n in topology.all_norms} == {"rmsnorm-offset"}:
+        kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
+        if "rmsnorm-offset" in kinds and kinds <= {"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"}:
             return plan_offset_to_rms_norm(model)
         if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
             return plan_rms_norm_approximate(model)
