@@ -25,8 +25,10 @@ from test_streaming import assert_bit_identical, expected_tensors, saved_tensors
 import normswap
 from normswap.conversion import norm_kind
 from normswap.conversion.checkpoint import convert_checkpoint
+from normswap.conversion.norm_kind import plan_rms_norm
+from normswap.conversion.setup import realise
 from normswap.conversion.verify import probe_inputs
-from normswap.errors import ExactnessError
+from normswap.errors import ExactnessError, StreamOutputError
 
 _VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
 MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -103,14 +105,28 @@ def test_streamed_conversion_writes_the_same_tensors(name: str, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("name", ["clip_vision", "beit_mean_pooling"])
-def test_a_stream_returned_as_an_output_is_refused_saying_so(name: str) -> None:
-    with pytest.raises(ExactnessError) as refusal:
-        normswap.convert(perturbed(name), norm="rmsnorm")
-    message = str(refusal.value)
+def test_a_stream_returned_as_an_output_converts_approximately_saying_why(name: str) -> None:
+    """The exact map centres the stream, and these return it as last_hidden_state: no exact twin exists, so
+    ``--norm rmsnorm`` converts as a Post-LN model does (same weights and biases), and the plan says why."""
+    model = perturbed(name)
+    setup = plan_rms_norm(model)
+    with pytest.raises(StreamOutputError) as impossible:
+        setup.verify(model, realise(model, setup), probe_inputs(model, None, None))
+    message = str(impossible.value)
     assert "returns its un-normalised residual stream as last_hidden_state" in message
     assert "no exact RMSNorm twin" in message and "\n" not in message
     # the pooler reads the stream through a norm, so it stays exact (for BEiT: with its LayerScales folded)
     assert re.search(r"; pooler_output \(\S+\) stays exact, but", message)
+
+    converted = normswap.convert(model, norm="rmsnorm")
+    plan = converted.normswap_plan
+    assert not plan.exact and not converted.normswap_report.exact
+    assert "returns its un-normalised residual stream as last_hidden_state" in plan.exact_impossible
+    assert "the exact map is impossible" in plan.describe()
+    topology = normswap.inspect(converted)
+    assert topology.placement == "pre" and {n.kind for n in topology.all_norms} <= {"rmsnorm"}
+    for norm in plan.norms:  # the same weights and biases, in RMSNorms
+        assert torch.equal(converted.get_submodule(norm).weight, model.get_submodule(norm).weight)
 
 
 def test_a_forward_that_draws_random_numbers_is_compared_on_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,17 +70,19 @@ def _drift(topology: Topology) -> Verifier:
     return verify
 
 
-def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
+def plan_rms_norm_approximate(model: nn.Module, exact_impossible: str = "") -> ConversionSetup:
     """RMSNorm for a Post-LN ``model``: not exact, with a drift report.
 
     A Post-LN norm reads ``h + F(h)`` where ``h`` is the previous norm's output ``g * n + b``, whose mean no
     weight change can remove (docs/design.md §7); the RMSNorm keeps the weight and the bias, and healing closes
-    the gap.
+    the gap. A Pre-LN model takes this path only with ``exact_impossible``, the reason its exact map failed
+    (a vision tower that returns its un-normalised stream: the exact map would centre that output).
     """
     topology = inspect(model)
     sites = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms]
     sites += [edge for stack in topology.stacks for edge in (stack.embedding_norm, stack.final_norm) if edge]
-    if topology.placement in ("pre", "parallel") or not {site.kind for site in sites} <= _LAYER_NORM_KINDS:
+    if (topology.placement in ("pre", "parallel") and not exact_impossible) or not (
+            {site.kind for site in sites} <= _LAYER_NORM_KINDS):
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
                             "path is for models with norms after their sublayers (Pre-LN models convert exactly)")
     layout = "Post-LN" if topology.placement == "post" else topology.placement
@@ -88,7 +90,8 @@ def plan_rms_norm_approximate(model: nn.Module) -> ConversionSetup:
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
                                        f"norm LayerNorm -> RMSNorm (approximate: {layout})", rms_norm=True)
     plan = NormKindPlan(topology.model_type, generated.model_type, f"generated code: {generated.file_name}",
-                        tuple(site.path for site in sites), (), exact=False, kind="rmsnorm")
+                        tuple(site.path for site in sites), (), exact=False, kind="rmsnorm",
+                        exact_impossible=exact_impossible)
     steps = {key: copy_of(key) for key in model.state_dict()}
     for site in sites:  # Nemotron's (1 + w) LayerNorms: plain weights
         if site.kind == "layernorm-offset":

@@ -154,10 +154,11 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                                      offload_beside=destination_path if above_limit else None,
                                      allow_nonfinite=allow_nonfinite)
                     break
-                except ExactnessError:
-                    if setup.fallback is None:
+                except ExactnessError as error:
+                    replacement = setup.fallback(error) if setup.fallback is not None else None
+                    if replacement is None:
                         raise
-                    setup = setup.fallback()
+                    setup = replacement
                     for leftover in folder.iterdir():
                         leftover.unlink()
                 finally:

@@ -34,7 +34,7 @@ from ..detect import inspect
 from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
 from ..detect.real_run import on_meta_else_cpu
-from ..errors import ExactnessError, NormswapError
+from ..errors import ExactnessError, NormswapError, StreamOutputError
 from ..topology import Topology
 from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
@@ -66,6 +66,7 @@ class NormKindPlan:
     offset: tuple[str, ...] = ()  # (1 + w) LayerNorms (Nemotron), whose RMSNorm takes the weight 1 + w
     scales: tuple[str, ...] = ()  # per-channel scales after a writer (LayerScale): folded into it, then set to 1
     shifts: tuple[str, ...] = ()  # per-channel biases added after a writer outside it: centred with it
+    exact_impossible: str = ""  # why a Pre-LN model converts approximately: the exact map cannot keep its outputs
 
     def describe(self) -> str:
         if self.kind == "layernorm" and not self.exact:
@@ -81,9 +82,11 @@ class NormKindPlan:
             lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
             return "\n".join(lines)
         if not self.exact:
+            why = (f"{self.exact_impossible}: the exact map is impossible" if self.exact_impossible else
+                   "a Post-LN model's norms read a stream no weight change can centre, where RMSNorm and LayerNorm "
+                   "differ")
             lines = [f"plan: {self.source_model_type} LayerNorm -> RMSNorm via {self.realisation}; exact: false "
-                     "(a Post-LN model's norms read a stream no weight change can centre, where RMSNorm and "
-                     "LayerNorm differ; heal the result)"]
+                     f"({why}; heal the result)"]
             lines += [f"  {norm}: LayerNorm -> RMSNorm (same weight, bias and eps)" for norm in self.norms]
             return "\n".join(lines)
         centring = ("  centre the embedding weights; lm_head keeps an uncentred copy (untied)" if self.untied else
@@ -184,7 +187,13 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
                                      "default, which centres the stream in code") from error
             raise
 
-    fallback = (lambda: plan_rms_norm(model, fold_bias=False, untie=untie)) if folds else None
+    def fallback(error: ExactnessError) -> ConversionSetup | None:
+        if isinstance(error, StreamOutputError):  # no exact variant can keep an output the map centres
+            from .approximate_kind import plan_rms_norm_approximate  # it builds on this module's plan
+
+            return plan_rms_norm_approximate(model, exact_impossible=error.reason)
+        return plan_rms_norm(model, fold_bias=False, untie=untie) if folds else None
+
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated, "norm layernorm -> rmsnorm",
                            verify=verify, fallback=fallback)
 
@@ -228,11 +237,14 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
         raw = _raw_stream_outputs(outputs, converted_outputs, tolerance)
         if raw:
             kept = _other_exact_outputs(original_output, converted_output, set(outputs), tolerance)
-            raise ExactnessError(f"{measured}: {type(original).__name__} returns its un-normalised residual stream "
-                                 f"as {' and '.join(raw)}, and the converted one is the original minus its per-token "
-                                 "mean: the exact map removes that mean and no weight change can restore it, so a "
-                                 f"Pre-LN model whose stream is an output has no exact RMSNorm twin{kept}, but "
-                                 f"whatever reads {' or '.join(raw)} would change: keep this model LayerNorm")
+            raise StreamOutputError(
+                f"{measured}: {type(original).__name__} returns its un-normalised residual stream "
+                f"as {' and '.join(raw)}, and the converted one is the original minus its per-token "
+                "mean: the exact map removes that mean and no weight change can restore it, so a "
+                f"Pre-LN model whose stream is an output has no exact RMSNorm twin{kept}, but "
+                f"whatever reads {' or '.join(raw)} would change: keep this model LayerNorm",
+                f"{type(original).__name__} returns its un-normalised residual stream as {' and '.join(raw)}, which "
+                "the exact map would centre")
         raise ExactnessError(f"{measured}, so it is not exact for {type(original).__name__}: the map keeps what every "
                              "norm reads, and an output that reads the stream without a norm (a hidden state taken "
                              "before the final norm), or a branch whose last linear layer's output goes through "

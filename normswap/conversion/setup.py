@@ -36,7 +36,8 @@ class ConversionSetup:
     """Everything one conversion needs before touching a weight.
 
     ``verify(original, converted, probe)`` returns the report (``DriftReport`` or ``ExactnessReport``)
-    or raises; ``fallback`` plans a more conservative variant to use if verification fails.
+    or raises; ``fallback(error)`` plans the variant to use when verification fails with ``error`` (a more
+    conservative exact one, or the approximate conversion where the exact one is impossible), or None.
     """
 
     plan: Any  # ConversionPlan (placement) or NormKindPlan (norm kind)
@@ -48,7 +49,7 @@ class ConversionSetup:
     source: Topology | None = None
     target: Topology | None = None
     verify: Verifier | None = None
-    fallback: Callable[[], ConversionSetup] | None = None
+    fallback: Callable[[ExactnessError], ConversionSetup | None] | None = None
 
     @property
     def noop(self) -> bool:
@@ -91,9 +92,10 @@ def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str
     probe = inputs or probe_inputs(model, None, None)
     try:
         report = setup.verify(model, converted, probe)
-    except ExactnessError:
-        if setup.fallback is None:
+    except ExactnessError as error:
+        replacement = setup.fallback(error) if setup.fallback is not None else None
+        if replacement is None:
             raise
-        return convert_in_memory(model, setup.fallback(), probe, allow_nonfinite)
+        return convert_in_memory(model, replacement, probe, allow_nonfinite)
     converted.normswap_report = report
     return converted, setup, report
