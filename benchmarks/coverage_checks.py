@@ -205,15 +205,20 @@ def deadline(seconds: int, what: str) -> Iterator[None]:
 
 
 _MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
-             "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+             "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+             "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
 _AUTO = {"MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "AutoModelForSeq2SeqLM",
          "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES": "AutoModelForSpeechSeq2Seq",
          "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "AutoModelForMaskedLM",
-         "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "AutoModelForCausalLM", "MODEL_MAPPING_NAMES": "AutoModel"}
+         "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "AutoModelForCausalLM",
+         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "AutoModelForImageTextToText",
+         "MODEL_MAPPING_NAMES": "AutoModel"}
 
 
 def preferred_mapping(model_type: str, encoder_decoder: bool) -> str | None:
-    """Which mapping's class to build: a causal LM head, else a masked LM head, else seq2seq, else the base model.
+    """Which mapping's class to build: the class its checkpoints are published as, with their head. A causal LM
+    head, else a masked LM head, else an image-text-to-text head (a vision-language model's language model with
+    its LM head: LLaVA's checkpoints are ``LlavaForConditionalGeneration``), else seq2seq, else the base model.
 
     Two refinements of that order: an encoder-decoder takes its seq2seq head (its causal-LM class, where it has
     one, is the decoder alone), and a family with both a masked-LM and a causal-LM head takes the masked one
@@ -221,7 +226,8 @@ def preferred_mapping(model_type: str, encoder_decoder: bool) -> str | None:
     from transformers.models.auto import modeling_auto
 
     order = (_MAPPINGS if encoder_decoder else
-             ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", *_MAPPINGS[:2]))
+             ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+              "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", *_MAPPINGS[:2]))
     for mapping in (*order, "MODEL_MAPPING_NAMES"):
         if model_type in getattr(modeling_auto, mapping):
             return mapping

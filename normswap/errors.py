@@ -38,6 +38,15 @@ class ExactnessError(NormswapError):
     """An exact conversion did not reproduce the original within the tolerance."""
 
 
+class ExactImpossibleError(NormswapError):
+    """The model's structure rules an exact conversion out (found while planning), not an approximate one.
+    ``reason`` says why in one clause."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StreamOutputError(ExactnessError):
     """The model returns its un-normalised residual stream as an output, which no exact norm-kind map keeps: the
     mathematics forbids the exact conversion, not an approximate one. ``reason`` says so in one clause."""

@@ -106,16 +106,24 @@ def test_funnel_whose_embedding_norm_feeds_no_detected_stack_is_refused_not_writ
     assert not (tmp_path / "dst").exists()
 
 
-def test_a_branch_reading_the_raw_stream_blocks_the_exact_rms_norm_map_with_the_reason() -> None:
+def test_a_branch_reading_the_raw_stream_rules_the_exact_rms_norm_map_out_and_converts_approximately() -> None:
     """ModernBERT's first attention reads the stream through an Identity placeholder; centring the stream would
-    change its input. It used to be refused as 'residual norms are identity, layernorm-nobias'."""
+    change its input. It used to be refused as 'residual norms are identity, layernorm-nobias', then with this
+    reason; the exact map is impossible, the conversion is not: the norms become RMSNorms, and the plan says why."""
+    from normswap.conversion.norm_kind import plan_rms_norm
+    from normswap.errors import ExactImpossibleError
+
     config = transformers.ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, vocab_size=128, pad_token_id=0,
                                            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
     model = _perturbed(transformers.ModernBertModel(config))
-    with pytest.raises(normswap.NormswapError, match="identity placeholder") as error:
-        normswap.convert(model, norm="rmsnorm")
+    with pytest.raises(ExactImpossibleError, match="identity placeholder") as error:
+        plan_rms_norm(model)
     assert "layers.0.attn_norm" in str(error.value) and "centres the stream" in str(error.value)
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert not converted.normswap_report.exact and "layers.0.attn_norm" in converted.normswap_plan.exact_impossible
+    topology = normswap.inspect(converted)
+    assert {n.kind for n in topology.all_norms if n.kind != "identity"} == {"rmsnorm"}
 
 
 def test_auto_map_names_a_class_where_the_family_maps_an_auto_class_to_several() -> None:

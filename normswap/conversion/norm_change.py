@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..detect import inspect
-from ..errors import NormswapError
+from ..errors import ExactImpossibleError, NormswapError
 from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
 from .extra_dimension import plan_layer_norm_exact
 from .norm_kind import plan_rms_norm
@@ -19,7 +19,8 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     """The setup for ``norm`` = ``"rmsnorm"`` or ``"layernorm"`` on a loaded or meta-device ``model``.
 
     rmsnorm: Gemma's (1 + w) norms become plain RMSNorms (exact), Post-LN models convert approximately,
-    Pre-LN models exactly. layernorm: exactly by one extra dimension with ``exact``, else approximately.
+    Pre-LN models exactly, or approximately where their structure rules the exact map out (the plan says why).
+    layernorm: exactly by one extra dimension with ``exact``, else approximately.
     """
     if norm == "rmsnorm":
         topology = inspect(model)
@@ -28,7 +29,10 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
             return plan_offset_to_rms_norm(model)
         if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
             return plan_rms_norm_approximate(model)
-        return plan_rms_norm(model, untie=untie)
+        try:
+            return plan_rms_norm(model, untie=untie)
+        except ExactImpossibleError as error:  # the structure rules the exact map out, not the conversion
+            return plan_rms_norm_approximate(model, exact_impossible=error.reason)
     if norm == "layernorm":
         return plan_layer_norm_exact(model, untie=untie) if exact else plan_layer_norm_approximate(model)
     raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")

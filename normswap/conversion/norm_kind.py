@@ -34,7 +34,7 @@ from ..detect import inspect
 from ..detect.capture import synthetic_inputs
 from ..detect.meta_answers import AnswerDataQuestions
 from ..detect.real_run import on_meta_else_cpu
-from ..errors import ExactnessError, NormswapError, StreamOutputError
+from ..errors import ExactImpossibleError, ExactnessError, NormswapError, StreamOutputError
 from ..topology import Topology
 from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
@@ -305,14 +305,15 @@ def _require_pre_layer_norm(topology: Topology) -> None:
                             "normswap.convert(model, norm='rmsnorm') converts other layouts approximately")
     per_channel = [scale for scale in topology.residual_scales if scale.per_channel]
     if per_channel:
-        raise NormswapError(f"{topology.model_type} scales its residual stream per channel "
-                            f"({per_channel[0].describe()}); LayerNorm -> RMSNorm is exact by centring every write "
-                            "to the stream (docs/design.md §4), and g * h of a centred h is not centred")
+        reason = f"{topology.model_type} scales its residual stream per channel ({per_channel[0].describe()})"
+        raise ExactImpossibleError(f"{reason}; LayerNorm -> RMSNorm is exact by centring every write to the stream "
+                                   "(docs/design.md §4), and g * h of a centred h is not centred", reason)
     raw = [n.path for n in topology.stream_norms if n.kind == "identity"]
     if raw:
-        raise NormswapError(f"{topology.model_type} has a branch that reads the residual stream with no norm ({raw[0]} "
-                            "is an identity placeholder): the exact LayerNorm -> RMSNorm map centres the stream, "
-                            "which would change what that branch reads")
+        reason = (f"{topology.model_type} has a branch that reads the residual stream with no norm ({raw[0]} is an "
+                  "identity placeholder)")
+        raise ExactImpossibleError(f"{reason}: the exact LayerNorm -> RMSNorm map centres the stream, which would "
+                                   "change what that branch reads", reason)
     kinds = {n.kind for n in topology.stream_norms}
     if not kinds <= _LAYER_NORMS:
         raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
