@@ -192,3 +192,21 @@ def test_cli_streams_fused_experts_from_per_expert_tensors(tmp_path: Path,
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
     assert loaded.model.layers[0].mlp.experts.gate_up_proj.shape[-1] == 65
     assert_same_logits_and_tokens(model, loaded)
+
+
+def test_a_stock_text_config_one_dimension_wider_is_built_without_its_head_check() -> None:
+    """OmniASR keeps its language model's config as a stock LlamaConfig (``text_config``), which refuses
+    hidden_size 65 with 4 heads; the generated config now builds that field as a subclass without the check."""
+    config = CONFIG_MAPPING["omniasr"](
+        text_config={"model_type": "llama", **_DECODER, "intermediate_size": 128},
+        audio_config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2},
+        **_TOKENS)
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):
+        CONFIG_MAPPING["llama"](**{**config.text_config.to_dict(), "hidden_size": 65})  # the check lifted
+    torch.manual_seed(0)
+    model = perturbed(transformers.AutoModelForSeq2SeqLM.from_config(config))
+    converted = assert_converted(model, untie=model.config.get_text_config().tie_word_embeddings)
+    text = converted.config.text_config
+    assert text.hidden_size == 65 and type(text).__name__ == "NormswapWiderLlamaConfig"
+    assert isinstance(text, transformers.LlamaConfig) and text.model_type == "llama"
+    assert converted.config.audio_config.hidden_size == 64

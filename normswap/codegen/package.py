@@ -174,9 +174,14 @@ class NormswapPlainRMSNorm(torch.nn.Module):
 
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
                    rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False,
-                   composite: CompositeCode | None = None) -> GeneratedModule:
+                   composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None
+                   ) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source), followed by
-    ``composite``'s wrapper classes where the model's top classes live in another module."""
+    ``composite``'s wrapper classes where the model's top classes live in another module.
+
+    ``wider_sub_config``: (field, config class) of a composite's language model made one dimension wider; its
+    stock config class refuses hidden_size = heads * head_dim + 1, so the generated config builds that field
+    as a subclass without the check."""
     family = original.__name__.rsplit(".", 2)[-2]
     prefix = config_class.__name__.removesuffix("Config")
     generated_config = f"Normswap{prefix}Config"
@@ -212,11 +217,12 @@ class NormswapRemovedNorm(torch.nn.Module):
         return hidden_states
 
 
+{_wider_sub_config_class(wider_sub_config)}
 class {generated_config}({config_name}):
     """{config_class.__name__} under its own model_type, so this layout never loads into the stock classes."""
 
     model_type = "{model_type}"
-{_EXTRA_DIMENSION_VALIDATOR if layer_norm else ""}
+{_wider_sub_config_field(wider_sub_config, config_name)}{_EXTRA_DIMENSION_VALIDATOR if layer_norm else ""}
 
 # every model class of this module reads its configuration as {generated_config}
 for _model_class in ({", ".join(model_classes)},):
@@ -235,6 +241,29 @@ for _model_class in ({", ".join(model_classes)},):
     file_family = composite.family if composite and composite.family else family
     return GeneratedModule(file_family, f"modeling_normswap_{file_family}.py", header + body + footer,
                            generated_config, model_type, model_classes)
+
+
+def _wider_sub_config_class(wider: tuple[str, type] | None) -> str:
+    if wider is None:
+        return ""
+    _, text = wider
+    return f'''
+from {text.__module__} import {text.__name__}
+
+
+class NormswapWider{text.__name__}({text.__name__}):
+    """{text.__name__} of a language model one dimension wider than its heads: the same fields and checks."""
+{_EXTRA_DIMENSION_VALIDATOR}
+
+'''
+
+
+def _wider_sub_config_field(wider: tuple[str, type] | None, config_name: str) -> str:
+    if wider is None:
+        return ""
+    field, text = wider
+    return (f"    sub_configs_defaults = {{**{config_name}.sub_configs_defaults, {field!r}: "
+            f"NormswapWider{text.__name__}}}\n")
 
 
 def load_generated(module: GeneratedModule) -> ModuleType:

@@ -336,7 +336,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     try:
         return generate_family_code(model, topology, layer_norm_edits(model, topology, eps_in_code),
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
-                                    top, layer_norm=True)
+                                    top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
+                                    layer_norm=True)
     except NormswapError:
         raise
     except Exception as error:  # the family's config refuses the wider values
