@@ -82,7 +82,7 @@ def plan_rms_norm_approximate(model: nn.Module, exact_impossible: str = "") -> C
     sites = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms]
     sites += [edge for stack in topology.stacks for edge in (stack.embedding_norm, stack.final_norm) if edge]
     sites = [site for site in sites if site.kind != "identity"]  # a placeholder where a norm is left out
-    if (topology.placement in ("pre", "parallel") and not exact_impossible) or not (
+    if (topology.placement in ("pre", "parallel") and not exact_impossible) or not sites or not (
             {site.kind for site in sites} <= _LAYER_NORM_KINDS):
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
                             "path is for models with norms after their sublayers (Pre-LN models convert exactly)")

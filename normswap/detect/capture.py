@@ -177,8 +177,7 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
     run = CapturedRun()
     handles = []
     for path, (index, module) in layers.items():
-        handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=True), with_kwargs=True))
-        module.forward = _reusing_forward(module, module_signature(module, index), run)
+        module.forward = _reusing_forward(module, module_signature(module, index), run, _recorder(run, path, True))
     for path, module in watched.items():
         handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
     answers = AnswerDataQuestions() if answer_data_questions else contextlib.nullcontext()
@@ -197,10 +196,13 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
     return run
 
 
-def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: CapturedRun) -> Any:
+def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: CapturedRun, record: Any) -> Any:
+    """The layer's forward, recorded where it runs (a stack may call ``layer.forward(...)`` itself, as
+    SqueezeBERT's does, which no forward hook sees) and run once per signature and input shapes."""
     original = type(module).forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        record(module, args, kwargs)
         key = (signature, input_signature(args, kwargs))
         if key not in run.outputs:
             run.outputs[key] = original(module, *args, **kwargs)
