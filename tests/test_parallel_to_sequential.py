@@ -8,6 +8,7 @@ code has a sequential form, and is refused with the reason where it has none.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -69,11 +70,68 @@ def test_shared_norm_is_copied_to_both_sublayers() -> None:
 
 
 @pytest.mark.parametrize(("config", "class_name"), [("gptj", "GPTJForCausalLM"), ("phi", "PhiForCausalLM")])
-def test_parallel_without_a_sequential_form_is_refused_with_the_reason(config: str, class_name: str) -> None:
+def test_parallel_without_a_sequential_form_is_serialised_in_generated_code(
+        config: str, class_name: str, tmp_path: Path) -> None:
+    """GPT-J and Phi have no sequential switch (they were refused): the generated code gives the MLP a norm of its
+    own, a copy of the shared one, reading h + attention(h); the add as the family writes it then sums the same
+    terms, so attention's input is unchanged and the MLP's is the sequential block's."""
     model = perturbed(config, class_name)
-    with pytest.raises(NormswapError, match=r"parallel Pre-Norm.*only the parallel form") as error:
-        normswap.convert(model, "pre")
-    assert "yet" not in str(error.value) and "report" not in str(error.value)
+    converted = normswap.convert(model, "pre")
+    topology = normswap.inspect(converted)
+    assert topology.placement == "pre" and len(topology.layers[0].sublayers) == 2
+    layer = topology.layers[0]
+    (attention_norm,), (mlp_norm,) = (sub.norms_in("pre") for sub in layer.sublayers)
+    assert mlp_norm.path.endswith("normswap_mlp_norm") and attention_norm.path != mlp_norm.path
+    assert torch.equal(converted.get_submodule(mlp_norm.path).weight, model.get_submodule(attention_norm.path).weight)
+    plan = converted.normswap_plan
+    assert not plan.exact and any("parallel -> sequential" in note for note in plan.notes)
+    # the block is sequential: the MLP reads n'(h + attention), and the layer returns h + attention + MLP
+    inputs = probe_inputs(model, None, None)
+    seen = _block_values(converted, layer)
+    _logits(converted, inputs)
+    for handle in seen.pop("handles"):
+        handle.remove()
+    after_attention = seen["input"] + seen["attention"]
+    norm = converted.get_submodule(mlp_norm.path)
+    assert torch.allclose(seen["mlp input"], norm(after_attention), atol=1e-5)
+    assert torch.allclose(seen["output"], after_attention + seen["mlp"], atol=1e-5)
+    report = measure_drift(model, converted, normswap.inspect(model), topology, inputs, exact=False)
+    assert report.sublayers[0].max_abs_diff == 0.0  # attention reads what it read
+    assert not torch.allclose(_logits(model, inputs), _logits(converted, inputs), atol=1e-3)
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
+    assert torch.allclose(_logits(loaded, inputs), _logits(converted, inputs), atol=1e-5)
+    ids = inputs["input_ids"][:1]
+    assert loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0).shape[-1] == ids.shape[-1] + 3
+
+
+def _block_values(model: torch.nn.Module, layer: Any) -> dict[str, Any]:
+    """Hooks that keep the first layer's input and output, its attention branch's output, and its MLP's input and
+    output, on the next forward."""
+    seen: dict[str, Any] = {}
+
+    def first(value: Any) -> torch.Tensor:
+        return value[0] if isinstance(value, tuple) else value
+
+    def module(sub: Any) -> torch.nn.Module:
+        entry = sub.branches[0].entry
+        return model.get_submodule(entry if entry.startswith(layer.path) else f"{layer.path}.{entry}")
+
+    def keep(name: str, value: Any) -> None:
+        seen.setdefault(name, value.detach().clone())
+
+    block, attention, mlp = model.get_submodule(layer.path), module(layer.sublayers[0]), module(layer.sublayers[1])
+    seen["handles"] = [
+        block.register_forward_pre_hook(lambda m, a, k: keep("input", a[0] if a else k["hidden_states"]),
+                                        with_kwargs=True),
+        block.register_forward_hook(lambda m, a, out: keep("output", first(out))),
+        attention.register_forward_hook(lambda m, a, out: keep("attention", first(out))),
+        mlp.register_forward_pre_hook(lambda m, a, k: keep("mlp input", a[0] if a else next(iter(k.values()))),
+                                      with_kwargs=True),
+        mlp.register_forward_hook(lambda m, a, out: keep("mlp", first(out)))]
+    return seen
 
 
 def test_parallel_to_post_and_back_returns_the_parallel_model() -> None:

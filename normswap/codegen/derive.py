@@ -22,12 +22,15 @@ from torch import nn
 from ..errors import NormswapError
 from ..topology import Layer, NormSite, Stack, Sublayer, Topology
 from .edits import (
+    AddLayerNorm,
     AddStackNorm,
     CentreNormInput,
     CentreStream,
     Edit,
     NeutraliseNorm,
+    ReadAfterBranch,
     ReplaceNormClass,
+    ReplaceResidualAdd,
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
@@ -63,7 +66,9 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
                 {tuple((s.kind, s.placement) for s in layer.sublayers) for layer in layers}) != 1:
             raise CodegenError(f"the layers of {topology.model_type}'s {stack.path} differ from each other "
                                "(their classes or sublayers); generated code rewrites one layer class per stack")
-        stack_edits = (_post_edits if placement == "post" else _pre_edits)(model, stack, layers[0], path, classes)
+        parallel = any(sub.kind == "parallel" for sub in layers[0].sublayers)
+        plan_edits = _post_edits if placement == "post" else _serial_edits if parallel else _pre_edits
+        stack_edits = plan_edits(model, stack, layers[0], path, classes)
         edits += [edit for edit in stack_edits if edit not in edits]
     return edits
 
@@ -146,6 +151,37 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
                                  *template)]
+
+
+def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
+                  ) -> list[Edit]:
+    """Parallel Pre-Norm -> sequential Pre-Norm for one stack: in each parallel block the later branch gets a
+    norm of its own (built like the one it read) and reads the stream after the earlier branch's add; the add
+    as written then sums the same terms (``serialise``). The stack norms stay where they are."""
+    from .serialise import stream_before  # it reads this module's errors
+
+    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
+    edits: list[Edit] = []
+    for index, sub in enumerate(layer.sublayers):
+        if sub.kind != "parallel":
+            continue
+        if len(sub.branches) != 2 or not all(branch.entry and branch.reads for branch in sub.branches):
+            raise CodegenError(f"sublayer {index} of {layer.path} is not two branches that each read a norm")
+        earlier, later = sorted(sub.branches, key=lambda branch: locate.line(branch.entry_source))
+        class_name, later_attribute = locate.attribute(later.entry_source, later.entry or "")
+        _, earlier_attribute = locate.attribute(earlier.entry_source, earlier.entry or "")
+        _, norm_attribute = locate.attribute(later.entry_source, later.reads[0])
+        if "." in norm_attribute or "." in later_attribute:
+            raise CodegenError(f"{later.reads[0]} or {later.entry} is built in a submodule of {class_name}, so the "
+                               "new norm of its branch has no constructor in one class to copy")
+        add_line = locate.line(sub.residual_add)
+        stream, output = stream_before(path, class_name, add_line, (earlier_attribute, later_attribute),
+                                       locate.line(later.entry_source))
+        norm, variable = f"normswap_{later_attribute}_norm", f"normswap_after_{earlier_attribute}"
+        edits += [AddLayerNorm(class_name, norm, norm_attribute),
+                  ReadAfterBranch(class_name, locate.line(later.entry_source), later_attribute, norm, variable, stream),
+                  ReplaceResidualAdd(class_name, add_line, f"{variable} + {output}")]
+    return edits
 
 
 def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:

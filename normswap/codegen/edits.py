@@ -127,5 +127,39 @@ class BuildSubmodelDirectly:
     model_class: str
 
 
+@dataclass(frozen=True)
+class AddLayerNorm:
+    """``self.<norm> = <the constructor of self.<copy_attribute>>`` added to ``__init__``, after that norm's own
+    assignment: a new norm of the same kind and size (a parallel block's later branch gets a norm of its own)."""
+
+    class_name: str
+    norm: str
+    copy_attribute: str
+
+
+@dataclass(frozen=True)
+class ReadAfterBranch:
+    """``<variable> = <stream>`` before the statement at ``line``, and there ``self.<branch>(x, ...)`` ->
+    ``self.<branch>(self.<norm>(<variable>), ...)``: the branch reads, through its new norm, the stream after the
+    earlier branch's add (``residual + attn``)."""
+
+    class_name: str
+    line: int
+    branch: str
+    norm: str
+    variable: str
+    stream: str  # source text of the stream at that call
+
+
+@dataclass(frozen=True)
+class ReplaceResidualAdd:
+    """The outermost ``a + b + ...`` in the statement at ``line`` -> ``expression``."""
+
+    class_name: str
+    line: int
+    expression: str
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
-        | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly)
+        | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
+        | ReplaceResidualAdd)

@@ -13,13 +13,16 @@ import libcst as cst
 
 from .derive import CodegenError
 from .edits import (
+    AddLayerNorm,
     AddStackNorm,
     BuildSubmodelDirectly,
     CentreNormInput,
     CentreStream,
     Edit,
     NeutraliseNorm,
+    ReadAfterBranch,
     ReplaceNormClass,
+    ReplaceResidualAdd,
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
@@ -153,6 +156,7 @@ class _Rewriter(cst.CSTTransformer):
         self.functions: list[str] = []
         self.statement_lines: list[tuple[int, int]] = []
         self.additions: list[bool] = []
+        self.before_statement: list[str] = []  # statements to insert before the one being left
 
     # -- context ---------------------------------------------------------------------
     def visit_ClassDef(self, node: cst.ClassDef) -> bool:
@@ -175,6 +179,10 @@ class _Rewriter(cst.CSTTransformer):
         self.statement_lines.pop()
         if original is not updated and all(_is_self_assignment(small) for small in updated.body):
             return cst.RemoveFromParent()  # `x = self.norm(x)` became `x = x`
+        if self.before_statement:  # a ReadAfterBranch names the stream its branch reads, just before
+            added = [cst.parse_statement(line + "\n") for line in self.before_statement]
+            self.before_statement = []
+            return cst.FlattenSentinel([*added, updated])
         return updated
 
     def _here(self, edit: Edit) -> bool:
@@ -199,6 +207,9 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
                 return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]))
+            if isinstance(edit, ReplaceResidualAdd) and self._here(edit):
+                self.applied[edit] += 1
+                return cst.parse_expression(edit.expression)
         return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
@@ -221,6 +232,10 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, WrapBranchInput) and edit.branch == callee and self._here(edit):
                 self.applied[edit] += 1
                 return _wrap_first_argument(updated, edit.norm)
+            if isinstance(edit, ReadAfterBranch) and edit.branch == callee and self._here(edit):
+                self.applied[edit] += 1
+                self.before_statement.append(f"{edit.variable} = {edit.stream}")
+                return _replace_first_argument(updated, cst.parse_expression(f"self.{edit.norm}({edit.variable})"))
             if (isinstance(edit, CentreNormInput) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
@@ -274,6 +289,8 @@ class _Rewriter(cst.CSTTransformer):
                     updated = self._add_module(updated, edit)
                 elif name == "forward":
                     updated = self._add_call(updated, edit)
+            if isinstance(edit, AddLayerNorm) and self._here(edit) and name == "__init__":
+                updated = self._add_beside(updated, edit)
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
                                                "{stream} = {stream} - {stream}.mean(-1, keepdim=True)")
@@ -290,6 +307,18 @@ class _Rewriter(cst.CSTTransformer):
                 self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute}")
+
+    def _add_beside(self, function: cst.FunctionDef, edit: AddLayerNorm) -> cst.FunctionDef:
+        constructor = self.constructors.get((edit.class_name, edit.copy_attribute))
+        if constructor is None:
+            raise CodegenError(f"no `self.{edit.copy_attribute} = ...` in {edit.class_name}.__init__ to copy")
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if _assigns(statement, edit.copy_attribute):
+                body.insert(index + 1, cst.parse_statement(f"self.{edit.norm} = {constructor}\n"))
+                self.applied[edit] += 1
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.copy_attribute} in its own body")
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         return self._insert_at_loop(function, edit.stack_attribute, edit.where, None,
@@ -359,11 +388,16 @@ _INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")
 
 
 def _wrap_first_argument(call: cst.Call, norm: str) -> cst.Call:
+    return _replace_first_argument(call, None, norm)
+
+
+def _replace_first_argument(call: cst.Call, value: cst.BaseExpression | None, norm: str = "") -> cst.Call:
+    """The call with its input argument replaced by ``value``, or (``value`` None) wrapped in ``self.<norm>``."""
     args = list(call.args)
     positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
     index = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
         (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in _INPUT_KEYWORDS), None)
     if index is None:
         raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
-    args[index] = args[index].with_changes(value=_self_call(norm, args[index].value))
+    args[index] = args[index].with_changes(value=value if value is not None else _self_call(norm, args[index].value))
     return call.with_changes(args=args)

@@ -43,7 +43,9 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     """Detect ``model``, choose the realisation and plan the norm moves to ``placement``.
 
     ``pre`` on a parallel Pre-Norm model means sequential Pre-Norm (each branch its own sublayer), the
-    layout it is not yet in; it is realised by the family's own switch (GPT-NeoX ``use_parallel_residual``).
+    layout it is not yet in; it is realised by the family's own switch (GPT-NeoX ``use_parallel_residual``), or
+    by generated code where the family has none (GPT-J, Phi, Cohere: the later branch gets a norm of its own and
+    reads the stream after the earlier branch's add).
     """
     if placement not in PLACEMENTS:
         raise NormswapError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -70,9 +72,6 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
                                    f"placement, not {placement}; the recipe for {model_type} is wrong")
         plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
         return _placement_setup(model, plan, source, target_topology, cls, config, None)
-    if serial:
-        raise _no_sequential_form(model_type, "its stock code has only the parallel form" if native else
-                                  "it is realised by the family's own sequential form, and --no-native rules that out")
     if getattr(model.config, "normswap", None):
         raise RealisationError(f"{model_type} is already normswap-generated code; convert the original "
                                f"{model.config.normswap.get('source_model_type')} checkpoint instead")
@@ -130,8 +129,8 @@ def _no_sequential_form(model_type: str, why: str) -> RealisationError:
     return RealisationError(
         f"{model_type} is parallel Pre-Norm (attention and MLP both read the normalised h) and --placement pre means "
         f"sequential Pre-Norm, where the MLP reads h + attention(h): a different forward, which {model_type} "
-        f"cannot express ({why}); normswap's generated code moves norms but does not reorder a block's branches. "
-        "Families whose code has both forms (gpt_neox, stablelm, falcon) convert")
+        f"cannot express ({why}); the recipe that names this native target is wrong: remove it, and the "
+        "conversion goes through generated code")
 
 
 def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:
