@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,19 +321,24 @@ COLUMNS = ("placement pre", "placement post", "norm rmsnorm", "norm layernorm", 
 _SHORT = {"crash": "CRASH", "bad output": "BAD", "usage": "usage", "refused": "refused"}
 
 
-def counts(result: Run) -> dict[str, int]:
-    """Conversion cells per category (the inspect cells are counted apart, as ``inspect ok`` and so on)."""
+_NEXT_ISSUE = ("sandwich", "post-sublayer")  # placements issue 18 covers, which issue 17's target sets aside
+
+
+def counts(result: Run, families: Callable[[Family], bool] = lambda family: True) -> dict[str, int]:
+    """Conversion cells per category (the inspect cells are counted apart, as ``inspect ok`` and so on), over the
+    rows ``families`` keeps."""
     found = dict.fromkeys(CATEGORIES, 0)
-    for family in result.families:
+    for family in filter(families, result.families):
         for cell in family.cells:
             key = cell.category if cell.cell != "inspect" else f"inspect {cell.category}"
             found[key] = found.get(key, 0) + 1
     return found
 
 
-def converting(result: Run) -> float:
-    """Exact and approximate cells among the conversion cells that had something to do (no-ops left out)."""
-    found = counts(result)
+def converting(result: Run, families: Callable[[Family], bool] = lambda family: True) -> float:
+    """Exact and approximate cells among the conversion cells that had something to do (no-ops left out), over
+    the rows ``families`` keeps."""
+    found = counts(result, families)
     tried = sum(found[c] for c in CATEGORIES) - found["no-op"]
     return 100.0 * (found["exact"] + found["approximate"]) / tried if tried else 0.0
 
@@ -343,7 +348,9 @@ def summary(result: Run) -> str:
     parts = ", ".join(f"{found[c]} {c}" for c in CATEGORIES)
     inspected = ", ".join(f"{v} {k}" for k, v in found.items() if k.startswith("inspect"))
     return (f"{len(result.families)} families ({len(result.skipped)} candidates skipped), {result.seconds:.0f} s: "
-            f"{parts}; {converting(result):.0f}% converting; {inspected}")
+            f"{parts}; {converting(result):.0f}% converting ({converting(result, _issue_17):.0f}% without the "
+            f"sandwich and post-sublayer families, {converting(result, _inspected):.0f}% also without the families "
+            f"inspect refuses); {inspected}")
 
 
 def _arrow(cell: str) -> str:
@@ -415,8 +422,20 @@ def _summary_table(result: Run) -> list[str]:
         "| outcome | conversion cells |", "| --- | --- |",
         *(f"| {c} | {found[c]} |" for c in CATEGORIES),
         f"| **converting** (exact or approximate, of the cells that were not no-ops) | **{converting(result):.0f}%** |",
+        f"| converting, the sandwich and post-sublayer families aside (issue 18's) | "
+        f"{converting(result, _issue_17):.0f}% |",
+        f"| converting, also without the families `inspect` refuses (no residual transformer: convolutional stages "
+        f"of several widths, no residual add, no layer list) | {converting(result, _inspected):.0f}% |",
         "",
     ]
+
+
+def _issue_17(family: Family) -> bool:
+    return family.placement not in _NEXT_ISSUE
+
+
+def _inspected(family: Family) -> bool:
+    return _issue_17(family) and any(cell.cell == "inspect" and cell.category == "ok" for cell in family.cells)
 
 
 def _matrix(result: Run, groups: dict[tuple[str, str], str]) -> list[str]:
