@@ -217,8 +217,7 @@ class NormswapRemovedNorm(torch.nn.Module):
         return hidden_states
 
 
-{_wider_sub_config_class(wider_sub_config)}
-class {generated_config}({config_name}):
+{_wider_sub_config_class(wider_sub_config)}class {generated_config}({config_name}):
     """{config_class.__name__} under its own model_type, so this layout never loads into the stock classes."""
 
     model_type = "{model_type}"
@@ -247,8 +246,7 @@ def _wider_sub_config_class(wider: tuple[str, type] | None) -> str:
     if wider is None:
         return ""
     _, text = wider
-    return f'''
-from {text.__module__} import {text.__name__}
+    return f'''from {text.__module__} import {text.__name__}
 
 
 class NormswapWider{text.__name__}({text.__name__}):
