@@ -38,8 +38,10 @@ class Case:
 
 
 CASES = [
-    Case("aria", "post", "AriaModel", "self.language_model = AriaTextModel._from_config(config.text_config)"),
-    Case("llava", "post", "LlavaModel", "self.language_model = LlamaModel._from_config(config.text_config)"),
+    Case("aria", "post", "AriaForConditionalGeneration",
+         "self.language_model = AriaTextModel._from_config(config.text_config)"),
+    Case("llava", "post", "LlavaForConditionalGeneration",
+         "self.language_model = LlamaModel._from_config(config.text_config)"),
     Case("dpr", "pre", "DPRQuestionEncoder", "self.bert_model = BertModel(config, add_pooling_layer=False)"),
     Case("exaone", "post", "LlamaForCausalLM", "class NormswapExaoneConfig(ExaoneConfig):"),
 ]
@@ -119,7 +121,7 @@ def test_loading_a_converted_composite_leaves_stock_checkpoints_to_the_stock_cla
 
 
 def test_a_language_model_built_past_the_generated_code_is_refused_in_one_line() -> None:
-    llava = coverage_checks.build(coverage_checks.candidate("llava")).model
+    llava = coverage_checks.build(coverage_checks.candidate("llava")).model.model  # LlavaModel, inside its head
     with pytest.raises(CodegenError) as refused:  # as if LlavaModel had built its language model some other way
         require_generated_path(llava, ["language_model.layers"], "normswap_generated_x.modeling_normswap_llava")
     assert "LlavaModel builds its language_model as the stock LlamaModel" in str(refused.value)
