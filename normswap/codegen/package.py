@@ -124,10 +124,7 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
                        if isinstance(value, float))
         if weight is None:  # a weightless RMSNorm, which may know no width either (NanoChat's)
             return NormswapWeightlessLayerNorm(eps)
-        width = weight.shape[-1] if weight is not None else next(
-            value for value in (getattr(norm, name, None) for name in ("hidden_size", "dim", "normalized_shape"))
-            if value is not None)
-        return cls(width if isinstance(width, int) else tuple(width)[-1], eps=eps)
+        return cls(weight.shape[-1], eps=eps)
 
 
 class NormswapWeightlessLayerNorm(torch.nn.Module):

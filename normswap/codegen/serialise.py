@@ -30,9 +30,9 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
     """
     forward = _forward(ast.parse(source.read_text(encoding="utf-8")), class_name)
     operands = _add_operands(forward, add_line)
-    assignments = sorted((node.lineno, target, node.value) for node in ast.walk(forward)
-                         if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None
-                         for target in _targets(node))
+    assignments = sorted(((node.lineno, target, node.value) for node in ast.walk(forward)
+                          if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None
+                          for target in _targets(node)), key=lambda assignment: assignment[0])
     earlier, later = branches
     kept: list[str] = []
     outputs: list[str] = []
