@@ -294,3 +294,20 @@ def test_a_branch_that_reads_an_earlier_sublayer_s_norm_blocks_placement_changes
     assert "post_attention_layernorm.0 in sublayer 1 and again in sublayer 4" in str(error.value)
     with pytest.raises(normswap.NormswapError, match=r"a module list built in one expression"):  # not the layer
         normswap.convert(model, norm="layernorm")  # (it was refused as 'model.layers.0 computes more than a norm')
+
+
+def test_a_converted_model_whose_output_is_not_finite_is_not_written() -> None:
+    """Falcon-H1's --norm layernorm wrote a model whose output was NaN (a buffer its loaded code left
+    uninitialised) with exit 0 and 'output cosine nan'. A converted output that holds NaN or Inf where the
+    original's is finite now fails verification, naming the first branch that reads one."""
+    from normswap.conversion.verify import VerificationError, measure_drift
+
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    model = _perturbed(transformers.GPT2LMHeadModel(config))
+    converted = normswap.convert(model, placement="post")
+    with torch.no_grad():
+        converted.transformer.h[0].mlp.c_fc.bias.fill_(float("inf"))  # layer 1 reads what it writes
+    inputs = probe_inputs(model, None, None)
+    with pytest.raises(VerificationError, match="outputs NaN or Inf on the probe inputs") as error:
+        measure_drift(model, converted, normswap.inspect(model), normswap.inspect(converted), inputs, exact=False)
+    assert "transformer.h.1" in str(error.value) and "nothing is written" in str(error.value)

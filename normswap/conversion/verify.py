@@ -209,6 +209,8 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
                                        _cosine(a[keep], b[keep]), float((a[keep] - b[keep]).abs().max())))
     hidden_a, hidden_b = _last_hidden(source_out), _last_hidden(target_out)
     keep = mask if hidden_a.shape[:2] == mask.shape else torch.ones(hidden_a.shape[:2], dtype=torch.bool)
+    if torch.isfinite(hidden_a[keep]).all() and not torch.isfinite(hidden_b[keep]).all():
+        raise VerificationError(_non_finite(converted, target_entries, target_reads, type(original).__name__))
     kl = None
     if getattr(source_out, "logits", None) is not None and getattr(target_out, "logits", None) is not None:
         log_p = F.log_softmax(source_out.logits[keep].double(), -1)
@@ -223,6 +225,19 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
         output_max_abs_reference=float(hidden_a[keep].abs().max()),
         next_token_kl=kl,
     )
+
+
+def _non_finite(converted: nn.Module, entries: list[tuple[str, int, str, str]], reads: dict[str, torch.Tensor],
+                family: str) -> str:
+    """Why a converted model whose output holds NaN or Inf (on inputs where the original's is finite) is not
+    written, naming the first branch that reads a non-finite input, if one does."""
+    first = next((entry for _, _, _, entry in entries if entry in reads and not torch.isfinite(reads[entry]).all()),
+                 None)
+    where = f"; the first branch to read one is {first}" if first else ""
+    return (f"the converted {type(converted).__name__} outputs NaN or Inf on the probe inputs, where the original "
+            f"{family} does not{where}: nothing is written; this is a normswap bug (a buffer the loaded code did not "
+            "initialise, or an overflow the conversion caused): rerun with --debug for the traceback, and please "
+            "report it with the model_type")
 
 
 def _entries(topology: Topology, serial: bool = False) -> list[tuple[str, int, str, str]]:
