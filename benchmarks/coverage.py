@@ -388,7 +388,7 @@ def _introduction(result: Run) -> list[str]:
         "built with every common size field it has set small (hidden 64, 2 layers, 4 heads, 2 key-value heads "
         "where it has a count, vocabulary 128), in its sub-configs too; the candidate is a family if its "
         "preferred class (a seq2seq head for an encoder-decoder, else a masked-LM head, else a causal-LM head, "
-        "else the base model) builds within seconds and runs a forward pass on normswap's probe inputs. "
+        "else an image-text-to-text head, else the base model) builds within seconds and runs a forward pass on normswap's probe inputs. "
         "`tests/tiny_configs.py` is a second try where the generic sizing fails (marked *hand config*), and gives "
         "four layout variants no default config has (`opt_post`, `gpt_neox_sequential`, `falcon_sequential`, "
         "`stablelm_parallel`). Every parameter is then perturbed (+ 0.1 · N(0, 1)), and the model saved, "
