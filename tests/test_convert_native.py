@@ -20,7 +20,6 @@ import normswap
 from normswap.conversion import convert, plan_conversion
 from normswap.conversion.checkpoint import convert_checkpoint, tensors_equal
 from normswap.conversion.verify import measure_drift, probe_inputs
-from normswap.errors import NormswapError
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,8 @@ def test_plan_is_printable_and_serialisable() -> None:
     assert len(payload["stacks"][0]["moves"]) == 5  # S + 1 entries for S = 4 sublayers
 
 
-def test_layouts_nothing_can_express_are_refused_clearly() -> None:
-    with pytest.raises(NormswapError, match="gptj is parallel Pre-Norm"):  # no sequential form in its code
-        convert(tiny_model("gptj", "GPTJForCausalLM"), "pre")
+def test_a_layout_no_stock_family_expresses_goes_through_generated_code() -> None:
+    """GPT-J has no sequential form in its code: sequential Pre-Norm was refused, and is now generated code."""
+    converted = convert(tiny_model("gptj", "GPTJForCausalLM"), "pre")
+    assert converted.normswap_plan.realisation.startswith("generated code: modeling_normswap_gptj.py")
+    assert type(converted).__module__.startswith("normswap_generated_")

@@ -156,14 +156,17 @@ def _run_failure(model: nn.Module, layers: dict[str, tuple[int, nn.Module]], fai
 def _where(error: BaseException | None) -> str:
     """The innermost frame of the model's own code in ``error``'s traceback, as ``file.py:line``."""
     frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-    own = [frame for frame in frames if not any(part in frame.filename for part in _NOT_MODEL_CODE)]
+    own = [frame for frame in frames
+           if not any(str(Path(frame.filename).resolve()).startswith(folder) for folder in _NOT_MODEL_CODE)]
     if not own:
         return "an unknown place"
     frame = own[-1]
     return f"{Path(frame.filename).name}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else "")
 
 
-_NOT_MODEL_CODE = (f"{os.sep}torch{os.sep}", f"{os.sep}normswap{os.sep}")
+# torch's and normswap's own files: the folders of the packages, not names a checkout's path may contain too
+_NOT_MODEL_CODE = (str(Path(torch.__file__).resolve().parent) + os.sep,
+                   str(Path(__file__).resolve().parent.parent) + os.sep)
 
 
 class _MetaRunError(Exception):
