@@ -2,7 +2,7 @@
 
 Inspection calls GPT-NeoX, GPT-J, Phi and Falcon ``parallel``; convert used to call them ``pre`` and do
 nothing. Now the two agree: converting to ``pre`` serialises the blocks, natively where the family's own
-code has a sequential form, and is refused with the reason where it has none.
+code has a sequential form, and through generated code where it has none (GPT-J, Phi).
 """
 
 from __future__ import annotations
