@@ -297,28 +297,27 @@ class _Rewriter(cst.CSTTransformer):
         return updated
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
-        constructor = self.constructors.get((edit.copy_from, edit.copy_attribute))
-        if constructor is None:
-            raise CodegenError(f"no `self.{edit.copy_attribute} = ...` in {edit.copy_from}.__init__ to copy")
-        body = list(function.body.body)
-        for index, statement in enumerate(body):
-            if _assigns(statement, edit.stack_attribute):
-                body.insert(index + 1, cst.parse_statement(f"self.{edit.norm} = {constructor}\n"))
-                self.applied[edit] += 1
-                return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute}")
+        return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),
+                                            edit.stack_attribute)
 
     def _add_beside(self, function: cst.FunctionDef, edit: AddLayerNorm) -> cst.FunctionDef:
-        constructor = self.constructors.get((edit.class_name, edit.copy_attribute))
+        return self._add_copied_constructor(function, edit, (edit.class_name, edit.copy_attribute),
+                                            edit.copy_attribute)
+
+    def _add_copied_constructor(self, function: cst.FunctionDef, edit: AddStackNorm | AddLayerNorm,
+                                copied: tuple[str, str], after: str) -> cst.FunctionDef:
+        """``self.<edit.norm> = <the constructor of copied = (class, attribute)>`` in ``__init__``, right after
+        the statement that assigns ``self.<after>``."""
+        constructor = self.constructors.get(copied)
         if constructor is None:
-            raise CodegenError(f"no `self.{edit.copy_attribute} = ...` in {edit.class_name}.__init__ to copy")
+            raise CodegenError(f"no `self.{copied[1]} = ...` in {copied[0]}.__init__ to copy")
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if _assigns(statement, edit.copy_attribute):
+            if _assigns(statement, after):
                 body.insert(index + 1, cst.parse_statement(f"self.{edit.norm} = {constructor}\n"))
                 self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.copy_attribute} in its own body")
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         return self._insert_at_loop(function, edit.stack_attribute, edit.where, None,

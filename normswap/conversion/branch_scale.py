@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..detect.capture import synthetic_inputs
-from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
 from .program import Step, combine
 
@@ -187,14 +186,8 @@ def branch_tails(meta: nn.Module, writers: Iterable[str]) -> dict[str, BranchTai
 def _follow_writers(meta: nn.Module, device: str, writers: list[str]) -> _FollowWriterOutputs:
     parameters = {id(p): (name, p) for name, p in meta.named_parameters(remove_duplicate=False) if p.dim() == 1}
     follower = _FollowWriterOutputs(parameters)
-    handles = [meta.get_submodule(path).register_forward_hook(
-        lambda module, args, output, path=path: follower.start(path, output)) for path in writers]
-    try:
-        with torch.no_grad(), AnswerDataQuestions(), follower:
-            meta(**synthetic_inputs(meta, meta.config, device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    synthetic_forward(meta, device, [(path, lambda module, args, output, path=path: follower.start(path, output))
+                                     for path in writers], follower)
     return follower
 
 

@@ -31,8 +31,7 @@ from torch import nn
 from ..codegen.derive import embedding_layer_norms, rms_norm_edits
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
-from ..detect.capture import synthetic_inputs
-from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
 from ..errors import ExactImpossibleError, ExactnessError, NormswapError, StreamOutputError
 from ..topology import Topology
@@ -342,26 +341,20 @@ def _linear_calls_of(meta: nn.Module, device: str, norms: tuple[str, ...]) -> tu
     order: list[str] = []
     readers: dict[str, list[str]] = {norm: [] for norm in norms}
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its id from being reused
-    handles = []
-    for path in norms:
-        handles.append(meta.get_submodule(path).register_forward_hook(
-            lambda m, a, output, path=path: produced.__setitem__(id(output), (path, output))))
+    hooks: list[tuple[str, Any]] = [(path, lambda m, a, output, path=path: produced.__setitem__(id(output),
+                                                                                             (path, output)))
+                                    for path in norms]
     for path, module in meta.named_modules():
         if fused_experts(module):  # a writer like a linear map, but never a reader whose bias takes a fold
-            handles.append(module.register_forward_hook(lambda m, a, o, path=path: order.append(path)))
+            hooks.append((path, lambda m, a, o, path=path: order.append(path)))
         elif linear_layout(module):
             def hook(m: nn.Module, args: tuple, output: Any, path: str = path) -> None:
                 order.append(path)
                 source, tensor = produced.get(id(args[0]), (None, None)) if args else (None, None)
                 if source is not None and tensor is args[0] and path not in readers[source]:
                     readers[source].append(path)
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), AnswerDataQuestions():
-            meta(**synthetic_inputs(meta, meta.config, device))
-    finally:
-        for handle in handles:
-            handle.remove()
+            hooks.append((path, hook))
+    synthetic_forward(meta, device, hooks)
     return order, readers
 
 

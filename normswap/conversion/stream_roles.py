@@ -20,8 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..detect.capture import synthetic_inputs
-from ..detect.meta_answers import AnswerDataQuestions
+from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
 from ..errors import NormswapError, first_line
 from ..topology import Topology
@@ -65,14 +64,8 @@ def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> 
     """
     def attempt(meta: nn.Module, device: str) -> StreamUses:
         tracer = _StreamTracer(meta.state_dict(keep_vars=True))
-        handles = [meta.get_submodule(path).register_forward_hook(
-            lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
-        try:
-            with torch.no_grad(), AnswerDataQuestions(), tracer:
-                meta(**synthetic_inputs(meta, meta.config, device))
-        finally:
-            for handle in handles:
-                handle.remove()
+        marks = [(path, lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
+        synthetic_forward(meta, device, marks, tracer)
         return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used))
 
     try:

@@ -94,6 +94,20 @@ def synthetic_inputs(model: nn.Module, config: Any, device: str = "meta") -> dic
     return inputs
 
 
+def synthetic_forward(model: nn.Module, device: str, output_hooks: list[tuple[str, Any]],
+                      mode: Any = None) -> None:
+    """One forward pass of ``model`` on synthetic inputs on ``device``, with ``hook(module, args, output)`` on the
+    output of each ``(path, hook)``, inside ``mode`` (a TorchFunctionMode that follows tensors) where given, and
+    the data questions meta tensors cannot answer answered. The hooks are removed afterwards, whatever happens."""
+    handles = [model.get_submodule(path).register_forward_hook(hook) for path, hook in output_hooks]
+    try:
+        with torch.no_grad(), AnswerDataQuestions(), mode if mode is not None else contextlib.nullcontext():
+            model(**synthetic_inputs(model, model.config, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_run(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Module]],
                 watched: dict[str, nn.Module]) -> CapturedRun:
     """Run ``model`` on meta inputs; record layer arguments and the call order of ``watched`` modules.
