@@ -311,3 +311,18 @@ def test_a_converted_model_whose_output_is_not_finite_is_not_written() -> None:
     with pytest.raises(VerificationError, match="outputs NaN or Inf on the probe inputs") as error:
         measure_drift(model, converted, normswap.inspect(model), normswap.inspect(converted), inputs, exact=False)
     assert "transformer.h.1" in str(error.value) and "nothing is written" in str(error.value)
+
+
+def test_generated_code_initialises_non_persistent_buffers_on_loading_as_stock_does(tmp_path: Path) -> None:
+    """transformers takes any code outside its package for custom code and skips initialising a module without
+    tensors of its own; FalconH1Model fills its layers' non-persistent ``mup_vector`` there, so the loaded
+    generated model held uninitialised memory (NaN output). It now loads them as stock does."""
+    config = transformers.FalconH1Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16,
+                                         mamba_chunk_size=16, ssm_multipliers=[0.5, 2.0, 3.0, 0.25, 1.5])
+    model = _perturbed(transformers.FalconH1ForCausalLM(config))
+    loaded = _converted_matches(model, tmp_path, ["--norm", "layernorm"], "AutoModelForCausalLM", norm="layernorm")
+    stock = model.model.layers[1].mamba.mup_vector
+    assert not torch.all(stock == 1)  # the multipliers shape it, so a fresh torch.ones would not pass
+    assert torch.equal(loaded.model.layers[1].mamba.mup_vector, stock)

@@ -220,9 +220,23 @@ class NormswapRemovedNorm(torch.nn.Module):
     model_type = "{model_type}"
 {_wider_sub_config_field(wider_sub_config, config_name)}{_EXTRA_DIMENSION_VALIDATOR if layer_norm else ""}
 
-# every model class of this module reads its configuration as {generated_config}
+from transformers import PreTrainedModel as _NormswapPreTrainedModel  # noqa: E402
+
+_stock_initialize_weights = _NormswapPreTrainedModel._initialize_weights
+
+
+def _initialize_as_stock(self, module, is_custom_code=False):
+    """transformers takes code outside its package for custom code, which may write weights without its
+    initialisation functions, and so skips a module with no tensors of its own (a model that fills its layers'
+    non-persistent buffers, as Falcon-H1 does). This is transformers' own code, which uses those functions."""
+    return _stock_initialize_weights(self, module)
+
+
+# every model class of this module reads its configuration as {generated_config}, and initialises what
+# loading leaves to initialise as the stock classes do
 for _model_class in ({", ".join(model_classes)},):
     _model_class.config_class = {generated_config}
+    _model_class._initialize_weights = _initialize_as_stock
 '''
     if not any(line.strip() == "import torch" for line in body.splitlines()):
         body = "import torch\n" + body
