@@ -210,3 +210,67 @@ def test_a_stock_text_config_one_dimension_wider_is_built_without_its_head_check
     assert text.hidden_size == 65 and type(text).__name__ == "NormswapWiderLlamaConfig"
     assert isinstance(text, transformers.LlamaConfig) and text.model_type == "llama"
     assert converted.config.audio_config.hidden_size == 64
+
+
+def _llava(act: str = "gelu") -> torch.nn.Module:
+    text = transformers.LlamaConfig(**{**_DECODER, "intermediate_size": 128})
+    vision = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=127,
+                                      projector_hidden_act=act)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def test_a_projector_whose_inner_width_is_hidden_size_converts_exactly_with_images() -> None:
+    """LLaVA's projector is linear_1 (vision -> hidden_size), act, linear_2 (hidden_size -> stream). Its inner
+    width grows by a unit that nothing reads (zero row in, zero column out) and only linear_2 is lifted. Lifting
+    linear_1 as well (it too reads no norm and has an output of hidden_size) was 0.28 off with images, which the
+    token probes never showed; verification now runs the projector alone, and here the whole model with images."""
+    model = _llava()
+    converted, _, report, _ = convert_to_layer_norm_exact(model, untie=True)
+    assert [check.module for check in report.projections] == ["model.multi_modal_projector"]
+    assert report.projections[0].relative is not None and report.projections[0].relative < 1e-5
+    image_tokens = (32 // 8) ** 2
+    input_ids = torch.randint(3, 120, (2, 6 + image_tokens), generator=torch.Generator().manual_seed(1))
+    input_ids[:, 2:2 + image_tokens] = 127
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, pixel_values=pixels).logits
+        logits = converted(input_ids=input_ids, pixel_values=pixels).logits
+    assert float((logits - reference).abs().max() / reference.abs().max()) < 1e-5
+    projector = converted.model.multi_modal_projector
+    assert torch.all(projector.linear_1.weight[-1] == 0) and torch.all(projector.linear_2.weight[:, -1] == 0)
+
+
+def test_a_projector_that_mixes_across_its_inner_width_fails_the_check() -> None:
+    """Padding the inner width is exact only if nothing mixes across it; a softmax over it does, and the check
+    that runs the projector alone says so instead of calling the result exact."""
+    from normswap.conversion.extra_dimension import orthonormal_lift
+    from normswap.conversion.projection_check import check_projections
+    from normswap.errors import ExactnessError
+
+    torch.manual_seed(0)
+    lift = orthonormal_lift(4)
+    for mixing, fails in ((torch.nn.GELU(), False), (torch.nn.Softmax(dim=-1), True)):
+        source = torch.nn.Sequential(torch.nn.Linear(3, 4), mixing, torch.nn.Linear(4, 4))
+        wider = torch.nn.Sequential(torch.nn.Linear(3, 5), mixing, torch.nn.Linear(5, 5))
+        with torch.no_grad():
+            wider[0].weight.copy_(torch.cat([source[0].weight, torch.zeros(1, 3)]))
+            wider[0].bias.copy_(torch.cat([source[0].bias, torch.zeros(1)]))
+            padded = torch.cat([source[2].weight, torch.zeros(4, 1)], dim=1)
+            wider[2].weight.copy_((lift @ padded.double()).float())
+            wider[2].bias.copy_((lift @ source[2].bias.double()).float())
+        original, converted = torch.nn.Module(), torch.nn.Module()
+        original.projector, converted.projector = source, wider
+        if fails:
+            with pytest.raises(ExactnessError, match="mixes across the width"):
+                check_projections(original, converted, {"projector": ("projector.0", "projector.2")}, lift, 1e-4)
+        else:
+            (check,) = check_projections(original, converted, {"projector": ("projector.0", "projector.2")}, lift,
+                                         1e-4)
+            assert check.relative is not None and check.relative < 1e-6

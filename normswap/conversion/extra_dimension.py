@@ -26,6 +26,7 @@ Everything is computed in float64.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
@@ -43,11 +44,12 @@ from ..topology import Topology
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code
 from .native import meta_instance
-from .norm_kind import ExactnessReport, NormKindPlan, check_exact, linear_layout
+from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
+from .projection_check import check_projections
 from .setup import ConversionSetup, convert_in_memory
 from .stream_config import StreamConfig, eps_sources, stream_config
-from .stream_roles import StreamRole, inside, stream_roles, trace_stream_uses
+from .stream_roles import StreamRole, inside, projection_modules, stream_roles, trace_stream_uses
 
 _NORM_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})  # plain RMSNorm, and Gemma's (1 + w) RMSNorm
 
@@ -105,7 +107,8 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     roles = stream_roles(model, topology, source_shapes, built, uses, skip)
     for key, role in roles.items():
         steps[key] = _mapped(steps[key], role, offsets, lift, scale)
-        made[key] = tuple(size + 1 if axis == role.axis else size for axis, size in enumerate(made[key]))
+        made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
+                          for axis, size in enumerate(made[key]))
     fused = any(len(source_shapes[key]) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
@@ -139,18 +142,31 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, final), (*writers, *embeddings), kind="layernorm", untied=tied)
     notes = source_stem.describe(wider_stem) + ("; lm_head untied" if tied else "") + (
-        f"; {', '.join(projections)} lifted as projections into the stream, which token probes do not run"
+        f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
+        "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)" if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
-                           verify=lambda original, converted, probe: check_exact(original, converted, probe,
-                                                                                 logits_only=True))
+                           verify=lambda original, converted, probe: _verified(original, converted, probe,
+                                                                               projection_modules(roles), lift))
+
+
+def _verified(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor],
+              projections: Mapping[str, tuple[str, ...]], lift: torch.Tensor) -> ExactnessReport:
+    """The logits on token probes, then each projection into the stream run alone (which token probes skip)."""
+    report = check_exact(original, converted, probe, logits_only=True)
+    checks = check_projections(original, converted, projections, lift, max(report.tolerance, TOLERANCE))
+    return dataclasses.replace(report, projections=checks)
 
 
 def _mapped(step: Step, role: StreamRole, offsets: Mapping[str, float], lift: torch.Tensor, scale: float) -> Step:
     """One tensor's step made one dimension wider along its stream axis: lifted (a writer) or read through its
     norm's weight (a reader)."""
     norm, axis = role.reads, role.axis
+    if role.padded_input is not None:
+        step = combine(lambda tensor: _zero_padded(tensor, role.padded_input), step)
+    if role.internal:
+        return combine(lambda tensor: _zero_padded(tensor, axis), step)
     if norm is None:
         return combine(lambda tensor: _wide(tensor, lambda wide: _along(wide, axis, lift.T)), step)
     return combine(lambda weight, gamma: _read_through(weight, gamma, offsets[norm], lift, scale, axis),
@@ -180,6 +196,14 @@ def _read_through(weight: torch.Tensor, gamma: torch.Tensor, offset: float, lift
     output, one dimension wider (axis 1 of an nn.Linear weight, or the hidden axis of fused experts)."""
     return _wide(weight, lambda wide: _along(wide * _on_axis(offset + gamma.double(), axis, wide.dim()), axis,
                                              lift.T / scale))
+
+
+def _zero_padded(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """``tensor`` one longer along ``axis``, the new slice zero: a unit of a projection's inner width that nothing
+    writes (a zero row) or nothing reads (a zero column)."""
+    shape = list(tensor.shape)
+    shape[axis] = 1
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)
 
 
 def _along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
 from .native import meta_twin
 from .program import Step, TensorProgram, combine, copy_of, one_plus
+from .projection_check import ProjectionCheck
 from .repeatable import same_random_draws
 from .setup import ConversionSetup, convert_in_memory
 
@@ -115,10 +116,12 @@ class ExactnessReport:
     max_abs_reference: float
     relative: float  # max_abs_diff / max_abs_reference, over final hidden states and logits
     tolerance: float
+    projections: tuple[ProjectionCheck, ...] = ()  # projections into the stream that token probes do not run
 
     def summary(self) -> str:
-        return (f"exact: max abs diff {self.max_abs_diff:.3g} over {self.probe_tokens} probe tokens = "
-                f"{self.relative:.2e} x max|reference| (tolerance {self.tolerance:.1e})")
+        return "\n".join([f"exact: max abs diff {self.max_abs_diff:.3g} over {self.probe_tokens} probe tokens = "
+                          f"{self.relative:.2e} x max|reference| (tolerance {self.tolerance:.1e})",
+                          *(f"projection {check.describe()}" for check in self.projections)])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -52,6 +52,8 @@ class StreamRole:
     axis: int
     reads: str | None  # the norm whose output it reads; None for a writer
     stem: bool = False  # a linear map outside the layers whose output enters the stream (a modality's projection)
+    internal: bool = False  # ``axis`` is a width inside a projection (sized by hidden_size, not the stream): padded
+    padded_input: int | None = None  # an input axis of that inner width, padded with a zero column
 
 
 def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> StreamUses:
@@ -212,7 +214,64 @@ def stream_roles(model: nn.Module, topology: Topology, shapes: Mapping[str, torc
         elif _projects_into_stream(model, key, axis, topology):
             roles[key] = StreamRole(axis, None, stem=True)
         # anything else outside the branches is left to the shape check, which names it
-    return roles
+    return _with_inner_widths(model, roles, shapes, wider)
+
+
+def _with_inner_widths(model: nn.Module, roles: dict[str, StreamRole], shapes: Mapping[str, torch.Size],
+                       wider: Mapping[str, torch.Size]) -> dict[str, StreamRole]:
+    """A projection into the stream built of several linear maps (LLaVA's ``linear_1``, act, ``linear_2``) sizes
+    its inner width by hidden_size too. Of the stem maps under one module, in the order they are built, the last
+    writes the stream (lifted); the others write the inner width, which grows by a zero row, and a map whose input
+    axis grew reads it through a zero column. The padded unit is never read, whatever the activation makes of it;
+    whether the module is such a chain (no norm or mixing across that width) is checked by running it
+    (``check_projections`` in ``extra_dimension.py``)."""
+    groups: dict[str, list[str]] = {}
+    for key, role in roles.items():
+        if role.stem:
+            groups.setdefault(_owner_path(key).rpartition(".")[0], []).append(key)
+    updated = dict(roles)
+    for keys in groups.values():
+        owners = list(dict.fromkeys(_owner_path(key) for key in keys))
+        for key in keys:
+            owner, role = _owner_path(key), roles[key]
+            inward = _inward_axis(model, key)
+            padded = inward if inward is not None and _grown_axes(tuple(shapes[key]), wider.get(key)) == sorted(
+                {role.axis, inward}) else None
+            inner = owner != owners[-1] and len(owners) > 1 and any(
+                _inward_axis(model, other) is not None and _grows_input(model, other, shapes, wider)
+                for other in keys if _owner_path(other) != owner)
+            if inner or padded is not None:
+                updated[key] = StreamRole(role.axis, None, stem=not inner, internal=inner, padded_input=padded)
+    return updated
+
+
+def projection_modules(roles: Mapping[str, StreamRole]) -> dict[str, tuple[str, ...]]:
+    """The modules that hold projections into the stream, each with its linear maps in the order they are built
+    (the tensors of a module come in that order): what ``check_projections`` runs."""
+    found: dict[str, dict[str, None]] = {}
+    for key, role in roles.items():
+        if role.stem or role.internal:
+            owner = _owner_path(key)
+            found.setdefault(owner.rpartition(".")[0], {})[owner] = None
+    return {parent: tuple(owners) for parent, owners in found.items()}
+
+
+def _owner_path(key: str) -> str:
+    """The module a tensor belongs to."""
+    return key.rpartition(".")[0]
+
+
+def _inward_axis(model: nn.Module, key: str) -> int | None:
+    """The input axis of a linear map's weight (None for a bias or anything else)."""
+    path, _, leaf = key.rpartition(".")
+    layout = linear_layout(model.get_submodule(path)) if leaf == "weight" else None
+    return None if layout is None else (1 if layout == "out_in" else 0)
+
+
+def _grows_input(model: nn.Module, key: str, shapes: Mapping[str, torch.Size],
+                 wider: Mapping[str, torch.Size]) -> bool:
+    inward = _inward_axis(model, key)
+    return inward is not None and inward in _grown_axes(tuple(shapes[key]), wider.get(key))
 
 
 def _projects_into_stream(model: nn.Module, key: str, axis: int, topology: Topology) -> bool:

@@ -1,0 +1,87 @@
+"""Running each projection into the stream on its own, source beside wider (docs/design.md §5).
+
+Token probes never run a multimodal projector: its input is image or audio features. The extra-dimension map
+lifts the projector's last linear map (``U W``) and pads its inner width with a unit that nothing reads, which
+is exact only if nothing in between mixes across that width (a norm over it would). So the projector module is
+run alone, on random features of its input width, in the original and the converted model: the converted output
+must be ``U`` times the original's. A module whose forward needs more than one features tensor cannot be run so,
+and the report says it was checked by shape only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExactnessError, first_line
+
+_FEATURE_ROWS = (2, 5)  # batch and positions of the random features
+
+
+@dataclass(frozen=True)
+class ProjectionCheck:
+    """One projection module run alone: its relative difference from ``U`` times the original's output, or why it
+    could not run by itself (``relative`` None)."""
+
+    module: str
+    relative: float | None
+    why_not_run: str = ""
+
+    def describe(self) -> str:
+        if self.relative is None:
+            return f"{self.module}: checked by shape only ({self.why_not_run})"
+        return f"{self.module}: run alone on random features, {self.relative:.2e} x max|reference|"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_projections(original: nn.Module, converted: nn.Module, modules: Mapping[str, tuple[str, ...]],
+                      lift: torch.Tensor, tolerance: float) -> tuple[ProjectionCheck, ...]:
+    """Each projection module of ``modules`` (parent -> its linear maps in build order) run alone in both models;
+    a converted output further than ``tolerance`` x max|reference| from ``U`` times the original's is an
+    ``ExactnessError``."""
+    checks = []
+    for parent, linears in modules.items():
+        check = _check_one(original, converted, parent, linears[0], lift)
+        if check.relative is not None and check.relative > tolerance:
+            raise ExactnessError(f"{parent}, a projection into the stream, run alone on random features gives "
+                                 f"{check.relative:.2e} x max|reference| from U times the original's output "
+                                 f"(tolerance {tolerance:.1e}): something inside it mixes across the width it "
+                                 "sizes by hidden_size (a norm over it), which the extra dimension changes; leave "
+                                 "out --exact for the approximate conversion")
+        checks.append(check)
+    return tuple(checks)
+
+
+def _check_one(original: nn.Module, converted: nn.Module, parent: str, first_linear: str,
+               lift: torch.Tensor) -> ProjectionCheck:
+    source, target = original.get_submodule(parent), converted.get_submodule(parent)
+    first = original.get_submodule(first_linear)
+    width = getattr(first, "in_features", None) or first.weight.shape[0]  # nn.Linear, or Conv1D's (in, out)
+    weight = next(source.parameters())
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(*_FEATURE_ROWS, width, generator=generator).to(weight.dtype).to(weight.device)
+    try:
+        with torch.no_grad():
+            reference, output = _first_tensor(source(features)), _first_tensor(target(features))
+    except Exception as error:  # noqa: BLE001 - a forward that takes more than features: said in the report
+        return ProjectionCheck(parent, None, f"its forward does not take one features tensor: "
+                                             f"{type(error).__name__}: {first_line(error)}")
+    if reference is None or output is None or output.shape[-1] != reference.shape[-1] + 1:
+        return ProjectionCheck(parent, None, "its output is not one features tensor of the stream's width")
+    expected = reference.double() @ lift.T.to(reference.device)
+    scale = float(expected.abs().max()) or 1.0
+    return ProjectionCheck(parent, float((output.double() - expected).abs().max()) / scale)
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The features a projector returns: the tensor itself, or the first of a tuple or model output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.to_tuple() if hasattr(output, "to_tuple") else output if isinstance(output, tuple) else ()
+    return next((value for value in values if isinstance(value, torch.Tensor)), None)
