@@ -326,3 +326,28 @@ def test_generated_code_initialises_non_persistent_buffers_on_loading_as_stock_d
     stock = model.model.layers[1].mamba.mup_vector
     assert not torch.all(stock == 1)  # the multipliers shape it, so a fresh torch.ones would not pass
     assert torch.equal(loaded.model.layers[1].mamba.mup_vector, stock)
+
+
+@pytest.mark.parametrize("family", ["roberta-prelayernorm", "mpt"])
+def test_an_add_inside_a_child_module_is_wrapped_where_its_caller_calls_it(tmp_path: Path, family: str) -> None:
+    """RoBERTa-PreLayerNorm adds inside ``SelfOutput``/``Output`` and MPT inside ``MptMLP``, while the norm that
+    must follow the add belongs to the module that calls them: Pre -> Post was refused ('not reachable from').
+    The call is wrapped one frame out (``self.LayerNorm(self.output(...))``); MPT's new embedding norm also keeps
+    the ``self.norm_f.bias = None`` its constructor is followed by, or it would detect as another kind."""
+    if family == "mpt":
+        config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=128,
+                                        max_seq_len=64)
+        model, auto, file = transformers.MptForCausalLM(config), "AutoModelForCausalLM", "mpt"
+        wrapped = "self.norm_1(self.ffn(layernorm_output, residual))"
+    else:
+        config = transformers.RobertaPreLayerNormConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                        num_attention_heads=4, vocab_size=128,
+                                                        max_position_embeddings=72)
+        model, auto = transformers.RobertaPreLayerNormForMaskedLM(config), "AutoModelForMaskedLM"
+        file, wrapped = "roberta_prelayernorm", "self.intermediate.LayerNorm(self.output(intermediate_output, "
+    loaded = _converted_matches(_perturbed(model), tmp_path, ["--placement", "post"], auto, placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+    source = (tmp_path / "dst" / f"modeling_normswap_{file}.py").read_text()
+    assert wrapped in source
+    if family == "mpt":
+        assert "self.normswap_embedding_norm.bias = None" in source

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import NormswapError
 from ..topology import Layer, NormSite, Stack, Sublayer, Topology
+from .caller_adds import caller_of_add
 from .edits import (
     AddLayerNorm,
     AddStackNorm,
@@ -90,7 +91,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
         for extra in pre_norms[1:]:
             owner, attribute = owner_and_attribute(model, extra.path)
             edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
-    edits += _wrapped_adds(subs, locate, module_functions(path))
+    edits += _wrapped_adds(subs, locate, module_functions(path), path)
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     template = _template(model, stack.final_norm, subs[0].norms_in("pre")[0], locate)
@@ -100,7 +101,8 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
                                  *template)]
 
 
-def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: ModuleFunctions) -> list[Edit]:
+def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: ModuleFunctions, path: Path
+                  ) -> list[Edit]:
     """Each residual add wrapped in one of the layer's former pre norms, each norm used once.
 
     Sublayer j's add takes sublayer j+1's norm (the last add the first), which keeps names meaningful
@@ -118,12 +120,29 @@ def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: Modul
                 norm = subs[(index + shift) % len(subs)].norms_in("pre")[0]
                 call = helper_calls.get(index)
                 source = f"{locate.filename}:{call.line}" if call else sub.residual_add
-                class_name, attribute = locate.attribute(source, norm.path)
-                edits.append(WrapResidualAdd(class_name, locate.line(source), attribute, call.function if call else ""))
+                edits.append(_wrapped_add(locate, source, norm.path, call.function if call else "", path))
             return edits
         except CodegenError as error:
             unreachable = error
     raise unreachable
+
+
+def _wrapped_add(locate: _Locator, source: str | None, norm_path: str, helper: str, path: Path) -> WrapResidualAdd:
+    """The add at ``source`` wrapped in ``norm_path``: where it is written, else (the add is inside a child module
+    and the norm belongs to its caller) around the child's call (``caller_adds``)."""
+    try:
+        class_name, attribute = locate.attribute(source, norm_path)
+        return WrapResidualAdd(class_name, locate.line(source), attribute, helper)
+    except CodegenError:
+        add_class = locate.enclosing_class(source)
+        if helper or add_class is None:
+            raise
+        try:
+            call, attribute = caller_of_add(locate.layer, add_class, locate.line(source),
+                                            locate.relative(norm_path), path)
+        except NormswapError as reason:
+            raise CodegenError(str(reason)) from reason
+        return WrapResidualAdd(call.class_name, call.line, attribute, f"self.{call.attribute}")
 
 
 def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
@@ -286,6 +305,7 @@ class _Locator:
     """Resolves (source line, module path) to (enclosing class, ``self.`` attribute path in that class)."""
 
     def __init__(self, layer: nn.Module, layer_path: str, classes: list[tuple[str, int, int]], filename: str):
+        self.layer = layer
         self.layer_path = layer_path
         self.layer_class = type(layer).__name__
         self.classes = classes
@@ -309,15 +329,23 @@ class _Locator:
         except CodegenError:
             return None
 
-    def attribute(self, source: str | None, module_path: str) -> tuple[str, str]:
+    def enclosing_class(self, source: str | None) -> str | None:
+        """The innermost class whose source holds ``source``'s line (None in a module-level function)."""
         line = self.line(source)
         enclosing = [(name, start, end) for name, start, end in self.classes if start <= line <= end]
-        if not enclosing:
+        return max(enclosing, key=lambda item: item[1])[0] if enclosing else None
+
+    def relative(self, module_path: str) -> str:
+        """``module_path`` relative to the layer."""
+        return module_path.removeprefix(self.layer_path + ".")
+
+    def attribute(self, source: str | None, module_path: str) -> tuple[str, str]:
+        class_name = self.enclosing_class(source)
+        if class_name is None:
             raise CodegenError(f"{source} (a norm call or residual add the conversion must rewrite) is in a "
                                "module-level function, which holds no norm module to wrap it in: generated code "
                                "edits the classes of the modeling file")
-        class_name = max(enclosing, key=lambda item: item[1])[0]
-        relative = module_path.removeprefix(self.layer_path + ".")
+        relative = self.relative(module_path)
         for class_path in self.class_paths.get(class_name, []):
             if not class_path:
                 return class_name, relative

@@ -22,7 +22,8 @@ class UnwrapNormCall:
 @dataclass(frozen=True)
 class WrapResidualAdd:
     """``a + b`` -> ``self.<norm>(a + b)``: the outermost addition of the statement at ``line``; with ``call``,
-    ``call(...)`` -> ``self.<norm>(call(...))``: the add is inside that module-level function."""
+    ``call(...)`` -> ``self.<norm>(call(...))``: the add is inside that module-level function, or (``self.x``)
+    inside that child module, whose forward returns the sum."""
 
     class_name: str
     line: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import libcst as cst
 
@@ -77,9 +78,23 @@ def _self_call(attribute: str, argument: cst.BaseExpression) -> cst.Call:
     return cst.Call(func=cst.parse_expression(f"self{written}"), args=[cst.Arg(value=argument)])
 
 
-def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
-    """``(class, attribute) -> constructor source`` for every ``self.<attribute> = Cls(...)`` in an ``__init__``."""
-    found: dict[tuple[str, str], str] = {}
+@dataclass(frozen=True)
+class Constructor:
+    """How an ``__init__`` builds ``self.<attribute>``: the constructor call, and the fields it then sets on the
+    built module (MPT's ``self.norm_f.bias = None``: a LayerNorm without bias is built so)."""
+
+    call: str
+    settings: tuple[tuple[str, str], ...] = ()
+
+    def statements(self, attribute: str) -> list[str]:
+        """The statements that build the same module as ``self.<attribute>``."""
+        return [f"self.{attribute} = {self.call}\n",
+                *(f"self.{attribute}.{field} = {value}\n" for field, value in self.settings)]
+
+
+def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
+    """``(class, attribute) -> its constructor`` for every ``self.<attribute> = Cls(...)`` in an ``__init__``."""
+    found: dict[tuple[str, str], Constructor] = {}
     for statement in module.body:
         if not isinstance(statement, cst.ClassDef):
             continue
@@ -98,7 +113,12 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], str]:
                     if attribute and isinstance(node.value, (cst.Call, cst.IfExp)):
                         # the first constructor call wins (`else: self.norm = None` is no constructor)
                         inlined = node.value.visit(_InlineLocals(local, fields))
-                        found.setdefault((statement.name.value, attribute), _code(inlined))
+                        found.setdefault((statement.name.value, attribute), Constructor(_code(inlined)))
+                    elif attribute and (statement.name.value, attribute.rpartition(".")[0]) in found:
+                        built_key = (statement.name.value, attribute.rpartition(".")[0])  # `self.norm_f.bias = None`
+                        value = _code(node.value.visit(_InlineLocals(dict(local), dict(fields))))
+                        found[built_key] = replace(found[built_key], settings=(
+                            *found[built_key].settings, (attribute.rpartition(".")[2], value)))
                     elif attribute and "." not in attribute:  # `self.embed_dim = config.d_model`
                         fields[attribute] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
     return found
@@ -145,7 +165,8 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
 class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
-    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], str], lines: Spans) -> None:
+    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], Constructor], lines: Spans
+                 ) -> None:
         super().__init__()
         self.edits = list(edits)
         self.edited_classes = {edit.class_name for edit in edits}
@@ -222,6 +243,9 @@ class _Rewriter(cst.CSTTransformer):
                     return _self_call(edit.norm, updated)
             return self._build_directly(updated)
         for edit in self.edits:
+            if isinstance(edit, WrapResidualAdd) and edit.call == f"self.{callee}" and self._here(edit):
+                self.applied[edit] += 1  # the add is inside the called module (caller_adds)
+                return _self_call(edit.norm, updated)
             if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
                 self.applied[edit] += 1
                 return updated.args[0].value
@@ -314,7 +338,7 @@ class _Rewriter(cst.CSTTransformer):
         body = list(function.body.body)
         for index, statement in enumerate(body):
             if _assigns(statement, after):
-                body.insert(index + 1, cst.parse_statement(f"self.{edit.norm} = {constructor}\n"))
+                body[index + 1:index + 1] = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
                 self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
