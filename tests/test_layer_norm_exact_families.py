@@ -61,7 +61,8 @@ FAMILIES = [
            {**_GQA, "head_dim": 16}, untie=True),
     Family("llama4_text", "Llama4ForCausalLM", EXACT,  # fused experts, a per-token factor on a reader's input
            {**_GQA, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128}),
-    Family("t5", "T5ForConditionalGeneration", r"t5 has 2 layer stacks \(an encoder-decoder\)", _T5, untie=True),
+    Family("t5", "T5ForConditionalGeneration", r"t5.s config class sets tie_word_embeddings = True", _T5,
+           untie=True),  # both stacks map; its config class ties lm_head to the embedding whatever it is given
 ]
 
 

@@ -152,3 +152,27 @@ def test_a_forward_that_draws_random_numbers_is_compared_on_the_same_draws(monke
     monkeypatch.setattr(norm_kind, "same_random_draws", fresh_draws)
     with pytest.raises(ExactnessError):
         normswap.convert(model, norm="rmsnorm")
+
+
+def test_layer_norms_beside_rms_norms_rule_the_exact_map_out_not_the_conversion() -> None:
+    """Mistral Large 4's attention reads the stream through an RMSNorm and, for its sparse-attention indexer, a
+    LayerNorm. ``--norm rmsnorm`` said 'not LayerNorm; nothing to convert' although one LayerNorm was there: the
+    exact map would centre a stream the RMSNorms read uncentred, so it is ruled out with that reason and the
+    LayerNorms convert approximately (the coverage matrix runs the family itself, whose tracing takes a minute)."""
+    import dataclasses
+
+    from normswap.errors import ExactImpossibleError
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    topology = normswap.inspect(transformers.LlamaForCausalLM(config))
+    first = topology.layers[0]
+    norm = dataclasses.replace(first.sublayers[0].norms[0], kind="layernorm")
+    mixed = dataclasses.replace(topology, layers=(
+        dataclasses.replace(first, sublayers=(dataclasses.replace(first.sublayers[0], norms=(norm,)),
+                                              *first.sublayers[1:])), *topology.layers[1:]))
+    with pytest.raises(ExactImpossibleError, match="LayerNorms beside RMSNorms") as error:
+        norm_kind._require_pre_layer_norm(mixed)
+    assert "layernorm, rmsnorm" in error.value.reason
+    with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
+        norm_kind._require_pre_layer_norm(topology)  # RMSNorms only: nothing to convert, as before

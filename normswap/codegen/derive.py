@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import inspect as pyinspect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -222,13 +222,14 @@ def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite, lo
     return class_name, attribute
 
 
-def layer_norm_edits(model: nn.Module, topology: Topology, eps_in_code: Mapping[str, float] | None = None
-                     ) -> list[Edit]:
+def layer_norm_edits(model: nn.Module, topology: Topology, eps_in_code: Mapping[str, float] | None = None,
+                     only: Collection[str] | None = None) -> list[Edit]:
     """Every residual RMSNorm (pre norms and final norm) becomes ``NormswapLayerNorm.like(<the norm as written>)``,
     which reads its width and eps from the built norm whatever its constructor takes (CpmAnt's takes the config).
-    ``eps_in_code``: the eps to write into the code for norms (by path) whose eps no config field reaches."""
+    ``eps_in_code``: the eps to write into the code for norms (by path) whose eps no config field reaches;
+    ``only``: the norms to replace, where LayerNorms beside them stay as they are."""
     edits: list[Edit] = []
-    for path in (norm.path for norm in topology.stream_norms):
+    for path in (norm.path for norm in topology.stream_norms if only is None or norm.path in only):
         require_plain_norm(model, path)
         eps = (eps_in_code or {}).get(path)
         edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True,

@@ -36,12 +36,12 @@ def plan_layer_norm_approximate(model: nn.Module) -> ConversionSetup:
     topology = inspect(model)
     embedding = tuple(stack.embedding_norm for stack in topology.stacks
                       if stack.embedding_norm is not None and stack.embedding_norm.kind in _RMS_KINDS)
-    sites = tuple(site for site in (*topology.stream_norms, *embedding) if site.kind != "identity")
-    kinds = {site.kind for site in sites}
-    if not sites or not kinds <= _RMS_KINDS:
+    present = tuple(site for site in (*topology.stream_norms, *embedding) if site.kind != "identity")
+    sites = tuple(site for site in present if site.kind in _RMS_KINDS)  # LayerNorms beside them stay as they are
+    if not sites or not {site.kind for site in present} <= _RMS_KINDS | _LAYER_NORM_KINDS:
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; RMSNorm -> LayerNorm starts from a "
                             "model whose norms are RMSNorms")
-    edits = [*layer_norm_edits(model, topology),
+    edits = [*layer_norm_edits(model, topology, only={site.path for site in sites}),
              *(ReplaceNormClass(*owner_and_attribute(model, norm.path), new_class="NormswapLayerNorm", wrap=True)
                for norm in embedding)]
     generated, cls, config = generate_family_code(model, topology, list(dict.fromkeys(edits)),
@@ -81,9 +81,10 @@ def plan_rms_norm_approximate(model: nn.Module, exact_impossible: str = "") -> C
     topology = inspect(model)
     sites = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms]
     sites += [edge for stack in topology.stacks for edge in (stack.embedding_norm, stack.final_norm) if edge]
-    sites = [site for site in sites if site.kind != "identity"]  # a placeholder where a norm is left out
+    present = [site for site in sites if site.kind != "identity"]  # a placeholder where a norm is left out
+    sites = [site for site in present if site.kind in _LAYER_NORM_KINDS]  # RMSNorms beside them stay as they are
     if (topology.placement in ("pre", "parallel") and not exact_impossible) or not sites or not (
-            {site.kind for site in sites} <= _LAYER_NORM_KINDS):
+            {site.kind for site in present} <= _LAYER_NORM_KINDS | _RMS_KINDS):
         raise NormswapError(f"{topology.model_type} is '{topology.summary()}'; the approximate LayerNorm -> RMSNorm "
                             "path is for models with norms after their sublayers (Pre-LN models convert exactly)")
     layout = "Post-LN" if topology.placement == "post" else topology.placement

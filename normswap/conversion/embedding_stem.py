@@ -88,12 +88,12 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
     handle = meta.get_submodule(first_layer).register_forward_pre_hook(stop, with_kwargs=True)
     try:
         _restore_computed_buffers(meta.float())  # the code's own scale, not its rounding in a bf16 checkpoint
-        embedding.weight = nn.Parameter(table, requires_grad=False)
-        embedding.padding_idx = None  # only gradients read it; the probe table has fewer rows than the vocabulary
-        with torch.no_grad():
-            meta.eval()(input_ids=ids, attention_mask=torch.ones_like(ids))
-    except _FirstLayerReachedError:
-        pass
+        probe = nn.Parameter(table, requires_grad=False)
+        for module in [module for module in meta.modules() if isinstance(module, nn.Embedding)
+                       and module.weight is embedding.weight]:  # the stacks' tied copies too (T5's embed_tokens)
+            module.weight = probe
+            module.padding_idx = None  # only gradients read it; the probe table has fewer rows than the vocabulary
+        _run_to_first_layer(meta, ids, captured)
     except Exception as error:  # the family's own code failed on the probe: say which, and why
         if "stream" not in captured:
             raise NormswapError(f"cannot measure how {family} scales its token embeddings before {first_layer} "
@@ -115,6 +115,20 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
         raise NormswapError(f"{family}'s stream entering {first_layer} is not its token embedding rows times a "
                             "scale (less their mean), so one extra dimension cannot carry it exactly")
     return stem
+
+
+def _run_to_first_layer(meta: nn.Module, ids: torch.Tensor, captured: dict[str, Any]) -> None:
+    """Run until the hook stops the run at the first layer: with an all-ones attention mask, else (T5's mask
+    helpers ask a meta tensor for its values: a mask of ones lets them skip the mask) without one."""
+    for inputs in ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": ids}):
+        try:
+            with torch.no_grad():
+                meta.eval()(**inputs)
+        except _FirstLayerReachedError:
+            return
+        except Exception:
+            if "attention_mask" not in inputs or "stream" in captured:
+                raise
 
 
 def _probe_rows(width: int) -> torch.Tensor:

@@ -78,15 +78,22 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     output_path = _path_of(model, model.get_output_embeddings())
     tied = _tied(model, stream)
     norms = tuple(n.path for n in topology.residual_norms)
-    final = topology.stacks[0].final_norm.path  # type: ignore[union-attr]
+    finals = tuple(stack.final_norm.path for stack in topology.stacks)  # type: ignore[union-attr]
+    final = finals[-1]  # the last stack's (a decoder's), which lm_head reads
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
                   and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied)
+    if tied and getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                        "tie_word_embeddings", False):
+        raise NormswapError(f"{family}'s config class sets tie_word_embeddings = True whatever it is given (its "
+                            "code ties lm_head to the token embedding in every checkpoint), and the extra-dimension "
+                            "map needs the two to differ (rows U e in, E diag(g) U^T out), so no exact LayerNorm "
+                            "twin of this family's code exists (leave out --exact for the approximate conversion)")
     target = _build_wider(cls, config, family, d)
     built = shapes_of(target.state_dict())
-    uses = trace_stream_uses(model, (*norms, final), family).with_reader(f"{output_path}.weight", final)
+    uses = trace_stream_uses(model, (*norms, *finals), family).with_reader(f"{output_path}.weight", final)
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
         if norm not in read:
@@ -102,7 +109,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
-    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, final) for leaf in ("weight", "bias")}
+    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
     roles = stream_roles(model, topology, source_shapes, built, uses, skip)
     for key, role in roles.items():
@@ -112,7 +119,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     fused = any(len(source_shapes[key]) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
-    for norm in (*norms, final):
+    for norm in (*norms, *finals):
         gamma = copy_of(f"{norm}.weight")
         steps[f"{norm}.weight"] = combine(lambda gamma: torch.ones(d + 1, dtype=gamma.dtype), gamma)
         steps[f"{norm}.bias"] = combine(lambda gamma: torch.zeros(d + 1, dtype=gamma.dtype), gamma)
@@ -140,7 +147,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
 
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
-                        (*norms, final), (*writers, *embeddings), kind="layernorm", untied=tied)
+                        (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
     notes = source_stem.describe(wider_stem) + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
@@ -224,12 +231,10 @@ def _wide(tensor: torch.Tensor, function: Any) -> torch.Tensor:
 
 
 def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> StreamConfig:
-    """The structure the map needs: one stack of Pre-RMSNorm layers, with an LM head and no embedding norm, and a
-    config that sizes its stream (returned)."""
+    """The structure the map needs: stacks of Pre-RMSNorm layers (an encoder-decoder's two: the decoder's
+    cross-attention reads the encoder's final norm like any reader), each with a final norm and no embedding norm,
+    an LM head, and a config that sizes the stream (returned)."""
     family = topology.model_type
-    if len(topology.stacks) != 1 or getattr(model.config, "is_encoder_decoder", False):
-        raise NormswapError(f"{family} has {len(topology.stacks)} layer stacks (an encoder-decoder); exact RMSNorm -> "
-                            "LayerNorm handles one decoder stack with its LM head")
     kinds = {n.kind for n in topology.stream_norms}
     if topology.placement != "pre" or not kinds or not kinds <= _NORM_KINDS:
         raise NormswapError(f"{family} is not a Pre-RMSNorm model ({topology.summary()}); exact RMSNorm -> "
@@ -241,16 +246,19 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
                             "extra-dimension map lifts the stream by U (docs/design.md §5), and U(g * h) is no "
                             "per-channel gain of U h unless g is constant, so no exact map exists (leave out --exact "
                             "for the approximate conversion)")
-    final = topology.stacks[0].final_norm
-    if final is None:
+    if any(stack.final_norm is None for stack in topology.stacks):
         raise NormswapError(f"{family}'s last layer hands the stream on with no final norm; exact RMSNorm -> "
                             "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
-                            "weight moves into the LM head")
+                            "weight moves into the linear maps that read it (the LM head, a decoder's "
+                            "cross-attention)")
+    final = topology.stacks[-1].final_norm
+    assert final is not None
     stream = stream_config(model, topology)
     if model.get_output_embeddings() is None:
         raise NormswapError(_headless_refusal(model, family, final.path, int(stream.config.hidden_size)))
-    if topology.stacks[0].embedding_norm is not None:
-        raise NormswapError(f"{topology.stacks[0].embedding_norm.path} normalises {family}'s raw embeddings, which "
+    embedding_norm = next((stack.embedding_norm for stack in topology.stacks if stack.embedding_norm), None)
+    if embedding_norm is not None:
+        raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings, which "
                             "the extra dimension changes; exact RMSNorm -> LayerNorm needs a stream that starts as "
                             "the embeddings")
     if not isinstance(model.get_input_embeddings(), nn.Embedding):

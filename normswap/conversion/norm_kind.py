@@ -317,6 +317,12 @@ def _require_pre_layer_norm(topology: Topology) -> None:
         raise ExactImpossibleError(f"{reason}: the exact LayerNorm -> RMSNorm map centres the stream, which would "
                                    "change what that branch reads", reason)
     kinds = {n.kind for n in topology.stream_norms}
+    if kinds & _LAYER_NORMS and kinds - _LAYER_NORMS and all(kind.startswith("rmsnorm") for kind in
+                                                            kinds - _LAYER_NORMS):
+        reason = (f"{topology.model_type}'s residual norms are LayerNorms beside RMSNorms "
+                  f"({', '.join(sorted(kinds))})")
+        raise ExactImpossibleError(f"{reason}: the exact LayerNorm -> RMSNorm map centres the stream, which the "
+                                   "RMSNorms read uncentred", reason)
     if not kinds <= _LAYER_NORMS:
         raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
                             "nothing to convert to RMSNorm")

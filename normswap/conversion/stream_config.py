@@ -47,6 +47,8 @@ def stream_config(model: nn.Module, topology: Topology) -> StreamConfig:
     config = owner.config
     if config is model.config:
         return StreamConfig(None, config, path)
+    if type(config) is type(model.config):  # a stack built from a copy of the model's config (T5's encoder)
+        return StreamConfig(None, model.config, "")
     for name in getattr(model.config, "sub_configs", {}) or {}:
         if getattr(model.config, name, None) is config:
             return StreamConfig(name, config, path)
