@@ -237,9 +237,8 @@ def _with_inner_widths(model: nn.Module, roles: dict[str, StreamRole], shapes: M
             inward = _inward_axis(model, key)
             padded = inward if inward is not None and _grown_axes(tuple(shapes[key]), wider.get(key)) == sorted(
                 {role.axis, inward}) else None
-            inner = owner != owners[-1] and len(owners) > 1 and any(
-                _inward_axis(model, other) is not None and _grows_input(model, other, shapes, wider)
-                for other in keys if _owner_path(other) != owner)
+            inner = owner != owners[-1] and any(_grows_input(model, other, shapes, wider)
+                                                for other in keys if _owner_path(other) != owner)
             if inner or padded is not None:
                 updated[key] = StreamRole(role.axis, None, stem=not inner, internal=inner, padded_input=padded)
     return updated
