@@ -274,3 +274,31 @@ def test_a_projector_that_mixes_across_its_inner_width_fails_the_check() -> None
             (check,) = check_projections(original, converted, {"projector": ("projector.0", "projector.2")}, lift,
                                          1e-4)
             assert check.relative is not None and check.relative < 1e-6
+
+
+def test_a_learned_vector_placed_among_image_features_is_lifted_with_them() -> None:
+    """LLaVA-NeXT appends ``image_newline`` (a parameter of the stream's width, outside the language model) after
+    each row of projected image features; it was refused as a width sized outside the language model. It is
+    lifted like the features it sits among, and the whole model with an image matches the original."""
+    text = transformers.LlamaConfig(**{**_DECODER, "intermediate_size": 128})
+    vision = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    config = transformers.LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=127,
+                                          image_grid_pinpoints=[[32, 32], [32, 64]])
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    converted, plan, _, _ = convert_to_layer_norm_exact(model, untie=True)
+    assert "model.image_newline" in plan.writers
+    pixels = torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # base image and 2 tiles
+    sizes = torch.tensor([[32, 64]])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, sizes).pooler_output
+        image_tokens = sum(rows.shape[0] for rows in features)
+        input_ids = torch.randint(3, 120, (1, 6 + image_tokens), generator=torch.Generator().manual_seed(1))
+        input_ids[:, 2:2 + image_tokens] = 127
+        reference = model(input_ids=input_ids, pixel_values=pixels, image_sizes=sizes).logits
+        logits = converted(input_ids=input_ids, pixel_values=pixels, image_sizes=sizes).logits
+    assert float((logits - reference).abs().max() / reference.abs().max()) < 1e-5

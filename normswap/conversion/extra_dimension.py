@@ -135,8 +135,9 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     source_stem = measure_embedding_stem(build_meta_model(model).model, first_layer, family)
     wider_stem = measure_embedding_stem(target, first_layer, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
-    if projections:
-        _require_unscaled_stem(family, projections[0], source_stem, wider_stem)
+    vectors = [key for key, role in roles.items() if role.vector]
+    if projections or vectors:
+        _require_unscaled_stem(family, [*projections, *vectors][0], source_stem, wider_stem)
     if tied and not untie:  # asked last, so that a model refused for its structure is never sent to untie first
         raise NormswapError(_tied_refusal(model, family, d))
     for path in embeddings:  # the measured stem is the token embedding's; other stem embeddings are only lifted
@@ -151,7 +152,10 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     notes = source_stem.describe(wider_stem) + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
-        if projections else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)" if fused else "")
+        if projections else "") + (
+        f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
+        "run them)" if vectors else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
+                                           if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
                            verify=lambda original, converted, probe: _verified(original, converted, probe,

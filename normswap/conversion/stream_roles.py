@@ -53,6 +53,7 @@ class StreamRole:
     reads: str | None  # the norm whose output it reads; None for a writer
     stem: bool = False  # a linear map outside the layers whose output enters the stream (a modality's projection)
     internal: bool = False  # ``axis`` is a width inside a projection (sized by hidden_size, not the stream): padded
+    vector: bool = False  # a learned vector of the stream's width outside the layers (LLaVA-NeXT's image_newline)
     padded_input: int | None = None  # an input axis of that inner width, padded with a zero column
 
 
@@ -213,6 +214,8 @@ def stream_roles(model: nn.Module, topology: Topology, shapes: Mapping[str, torc
             roles[key] = StreamRole(axis, None)
         elif _projects_into_stream(model, key, axis, topology):
             roles[key] = StreamRole(axis, None, stem=True)
+        elif _is_stream_vector(key, tuple(shape), topology):
+            roles[key] = StreamRole(axis, None, vector=True)
         # anything else outside the branches is left to the shape check, which names it
     return _with_inner_widths(model, roles, shapes, wider)
 
@@ -242,6 +245,15 @@ def _with_inner_widths(model: nn.Module, roles: dict[str, StreamRole], shapes: M
             if inner or padded is not None:
                 updated[key] = StreamRole(role.axis, None, stem=not inner, internal=inner, padded_input=padded)
     return updated
+
+
+def _is_stream_vector(key: str, shape: tuple[int, ...], topology: Topology) -> bool:
+    """A 1-d tensor of the stream's width held by a module outside the layers as a parameter of its own (not a
+    linear map's or a norm's weight or bias): a learned feature the code places among the stream's tokens, as
+    LLaVA-NeXT appends ``image_newline`` after each row of projected image features. It is lifted like them."""
+    leaf = key.rpartition(".")[2]
+    return len(shape) == 1 and leaf not in ("weight", "bias") and not any(inside(key, layer.path)
+                                                                           for layer in topology.layers)
 
 
 def projection_modules(roles: Mapping[str, StreamRole]) -> dict[str, tuple[str, ...]]:
