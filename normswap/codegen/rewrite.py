@@ -114,11 +114,10 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
                         # the first constructor call wins (`else: self.norm = None` is no constructor)
                         inlined = node.value.visit(_InlineLocals(local, fields))
                         found.setdefault((statement.name.value, attribute), Constructor(_code(inlined)))
-                    elif attribute and (statement.name.value, attribute.rpartition(".")[0]) in found:
-                        built_key = (statement.name.value, attribute.rpartition(".")[0])  # `self.norm_f.bias = None`
+                    elif attribute and (built := (statement.name.value, attribute.rpartition(".")[0])) in found:
                         value = _code(node.value.visit(_InlineLocals(dict(local), dict(fields))))
-                        found[built_key] = replace(found[built_key], settings=(
-                            *found[built_key].settings, (attribute.rpartition(".")[2], value)))
+                        field = attribute.rpartition(".")[2]  # `self.norm_f.bias = None`
+                        found[built] = replace(found[built], settings=(*found[built].settings, (field, value)))
                     elif attribute and "." not in attribute:  # `self.embed_dim = config.d_model`
                         fields[attribute] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
     return found

@@ -85,8 +85,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
                   and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied)
-    if tied and getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                        "tie_word_embeddings", False):
+    if tied and _config_ties(config, stream.field):  # asked for untied, the family's config class still ties
         raise NormswapError(f"{family}'s config class sets tie_word_embeddings = True whatever it is given (its "
                             "code ties lm_head to the token embedding in every checkpoint), and the extra-dimension "
                             "map needs the two to differ (rows U e in, E diag(g) U^T out), so no exact LayerNorm "
@@ -304,8 +303,13 @@ _HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
     """Whether lm_head shares the token embedding's tensor, or the config asks for it to."""
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return output.weight is embedding.weight or bool(getattr(model.config, "tie_word_embeddings", False)) or bool(
-        stream.field and getattr(stream.config, "tie_word_embeddings", False))
+    return output.weight is embedding.weight or _config_ties(model.config, stream.field)
+
+
+def _config_ties(config: Any, field: str | None) -> bool:
+    """Whether ``config`` asks for tied embeddings, itself or in the sub-config ``field`` the stream is sized by."""
+    return bool(getattr(config, "tie_word_embeddings", False)) or bool(
+        field and getattr(getattr(config, field), "tie_word_embeddings", False))
 
 
 def _tied_refusal(model: nn.Module, family: str, d: int) -> str:

@@ -299,10 +299,8 @@ def _projects_into_stream(model: nn.Module, key: str, axis: int, topology: Topol
 def _stream_axis(model: nn.Module, key: str, shape: tuple[int, ...], wider: torch.Size | None,
                  reading: bool) -> int | None:
     """The axis of ``key`` that carries the stream, or None where it carries none (or not one only)."""
-    path, _, leaf = key.rpartition(".")
-    layout = linear_layout(model.get_submodule(path)) if leaf == "weight" else None
-    if layout is not None:  # (out, in) or Conv1D's (in, out): the side the stream is on follows from the role
-        inward = 1 if layout == "out_in" else 0
+    inward = _inward_axis(model, key)
+    if inward is not None:  # (out, in) or Conv1D's (in, out): the side the stream is on follows from the role
         if reading:
             return inward
         outward = 1 - inward
