@@ -19,6 +19,7 @@ from transformers import CONFIG_MAPPING
 import normswap
 from normswap.conversion import convert, plan_conversion
 from normswap.conversion.checkpoint import convert_checkpoint, tensors_equal
+from normswap.conversion.model_outputs import output_parts
 from normswap.conversion.verify import measure_drift, probe_inputs
 
 
@@ -114,10 +115,11 @@ def test_saved_checkpoint_loads_natively_and_matches(case: Case, tmp_path: Path)
 
 
 def main_output(output: object) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
+    for _, part in output_parts(output):  # a dual encoder's hidden states are in its text_model_output
+        for name in ("logits", "last_hidden_state"):
+            value = getattr(part, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
     raise AssertionError(f"no main output in {type(output).__name__}")
 
 

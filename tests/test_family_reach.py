@@ -351,3 +351,19 @@ def test_an_add_inside_a_child_module_is_wrapped_where_its_caller_calls_it(tmp_p
     assert wrapped in source
     if family == "mpt":
         assert "self.normswap_embedding_norm.bias = None" in source
+
+
+@pytest.mark.parametrize("flags, in_memory", [(["--placement", "post"], {"placement": "post"}),
+                                              (["--norm", "rmsnorm"], {"norm": "rmsnorm"})])
+def test_a_dual_encoder_whose_hidden_states_are_nested_outputs_converts(
+        tmp_path: Path, flags: list[str], in_memory: dict[str, str]) -> None:
+    """TIPSv2 returns its text tower's hidden states inside ``text_model_output``; verification looked only at
+    the top level and refused the model for having none."""
+    text = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4}
+    vision = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 14}
+    model = _perturbed(transformers.Tipsv2Model(transformers.Tipsv2Config(text_config=text, vision_config=vision)))
+    loaded = _converted_matches(model, tmp_path, flags, "AutoModel", **in_memory)
+    detected = normswap.inspect(loaded)
+    assert (detected.placement, detected.norm) == (in_memory.get("placement", "pre"),
+                                                   in_memory.get("norm", "layernorm"))

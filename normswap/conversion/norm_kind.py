@@ -38,6 +38,7 @@ from ..topology import Topology
 from .branch_scale import branch_tails, fold_tail
 from .generated import generate_family_code
 from .native import meta_twin
+from .model_outputs import output_parts
 from .program import Step, TensorProgram, combine, copy_of, one_plus
 from .projection_check import ProjectionCheck
 from .repeatable import same_random_draws
@@ -474,14 +475,15 @@ def _named_final_outputs(output: Any) -> dict[str, torch.Tensor]:
     The raw stream itself changes under centring; only what the norms read is kept.
     """
     found = {}
-    for name in ("last_hidden_state", "encoder_last_hidden_state", "logits"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            found[name] = value
-    for name in ("hidden_states", "decoder_hidden_states"):  # causal LMs append the final norm's output last
-        value = getattr(output, name, None)
-        if isinstance(value, (tuple, list)) and value and getattr(output, "last_hidden_state", None) is None:
-            found[f"{name}[-1]"] = value[-1]
+    for prefix, part in output_parts(output):
+        for name in ("last_hidden_state", "encoder_last_hidden_state", "logits"):
+            value = getattr(part, name, None)
+            if isinstance(value, torch.Tensor):
+                found[prefix + name] = value
+        for name in ("hidden_states", "decoder_hidden_states"):  # causal LMs append the final norm's output last
+            value = getattr(part, name, None)
+            if isinstance(value, (tuple, list)) and value and getattr(part, "last_hidden_state", None) is None:
+                found[f"{prefix}{name}[-1]"] = value[-1]
     if not found:
         raise ExactnessError(f"{type(output).__name__} has no hidden states to compare")
     return found

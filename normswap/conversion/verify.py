@@ -19,6 +19,7 @@ from torch import nn
 from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
+from .model_outputs import output_parts
 from .plan import serialises
 from .repeatable import same_random_draws
 
@@ -281,12 +282,13 @@ def _run(model: nn.Module, entries: list[tuple[str, int, str, str]],
 
 
 def _last_hidden(output: Any) -> torch.Tensor:
-    for name in ("last_hidden_state", "decoder_hidden_states", "hidden_states"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value.double()
-        if isinstance(value, (tuple, list)) and value:
-            return value[-1].double()
+    for _, part in output_parts(output):
+        for name in ("last_hidden_state", "decoder_hidden_states", "hidden_states"):
+            value = getattr(part, name, None)
+            if isinstance(value, torch.Tensor):
+                return value.double()
+            if isinstance(value, (tuple, list)) and value:
+                return value[-1].double()
     raise VerificationError(f"{type(output).__name__} has no hidden states to compare")
 
 
