@@ -47,10 +47,14 @@ class ExactImpossibleError(NormswapError):
         self.reason = reason
 
 
-class StreamOutputError(ExactnessError):
-    """The model returns its un-normalised residual stream as an output, which no exact norm-kind map keeps: the
-    mathematics forbids the exact conversion, not an approximate one. ``reason`` says so in one clause."""
+class StructuralMissError(ExactnessError):
+    """The exact conversion missed, and a measurement shows the model's structure is why (not normswap): the
+    mathematics forbids the exact conversion, not an approximate one. ``reason`` says why in one clause."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StreamOutputError(StructuralMissError):
+    """The model returns its un-normalised residual stream as an output, which no exact norm-kind map keeps."""

@@ -3,7 +3,9 @@ exact.
 
 * LayerScale (DINOv2 as a module, BEiT inline ``lambda * x``) is folded into the writer, then centred;
 * GPT-NeoX-Japanese's ``dense_bias``, added outside the attention's output projection, is centred with it;
-* CLIP's vision tower returns its un-normalised stream as ``last_hidden_state``: refused, saying so.
+* CLIP's vision tower returns its un-normalised stream as ``last_hidden_state``, YOLOS adds mid-position
+  embeddings to the stream between layers, SAM's neck reads the stream with no final norm: each converts
+  approximately, saying why the exact map is impossible.
 
 Every parameter is perturbed off its init value (LayerScale off its ``layerscale_value``), since at init a
 LayerScale of one constant commutes with centring and the bug would hide.
@@ -41,6 +43,11 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
                           {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                            "intermediate_multiple_size": 2, "vocab_size": 128}),
     "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {**_VISION, "intermediate_size": 128}),
+    "yolos": ("YolosConfig", "YolosModel", {**_VISION, "image_size": [32, 32], "intermediate_size": 128,
+                                            "num_detection_tokens": 2,
+                                            "use_mid_position_embeddings": True}),
+    "sam_vision": ("SamVisionConfig", "SamVisionModel", {**_VISION, "mlp_dim": 128, "output_channels": 32,
+                                                         "global_attn_indexes": [1], "window_size": 2}),
 }
 
 
@@ -176,3 +183,28 @@ def test_layer_norms_beside_rms_norms_rule_the_exact_map_out_not_the_conversion(
     assert "layernorm, rmsnorm" in error.value.reason
     with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
         norm_kind._require_pre_layer_norm(topology)  # RMSNorms only: nothing to convert, as before
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("yolos", r"encoder.layer.1 receives its stream with a mean .* after encoder.layer.0 handed it on centred: "
+              r"encoder.layer adds to its stream outside the branches"),
+    ("sam_vision", r"vision_encoder.layers hands its stream on with no final norm"),
+])
+def test_a_structure_the_centred_stream_cannot_keep_converts_approximately_saying_where(name: str,
+                                                                                        reason: str) -> None:
+    """Both were refused with the generic 'not exact' message; the measurement on the converted model shows the
+    model's structure is the cause, so the exact map is ruled out and the conversion goes on, approximately."""
+    model = perturbed(name)
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert not converted.normswap_report.exact
+    assert re.search(reason, converted.normswap_plan.exact_impossible)
+    assert {n.kind for n in normswap.inspect(converted).all_norms} == {"rmsnorm"}
+
+
+def test_a_missed_write_inside_a_layer_still_fails_the_exactness_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The diagnosis must not excuse normswap's own faults: a layer that makes its centred input uncentred (here
+    a writer left uncentred on a model whose final-normed structure is exact) is not put down to the model."""
+    monkeypatch.setattr(norm_kind, "_centre_output", lambda module, path, state: None)
+    with pytest.raises(ExactnessError, match="differs from the original") as error:
+        norm_kind.convert_to_rms_norm(perturbed("beit"))
+    assert type(error.value) is ExactnessError

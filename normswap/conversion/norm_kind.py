@@ -33,12 +33,13 @@ from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
-from ..errors import ExactImpossibleError, ExactnessError, NormswapError, StreamOutputError
+from ..errors import ExactImpossibleError, ExactnessError, NormswapError, StreamOutputError, StructuralMissError
 from ..topology import Topology
 from .branch_scale import branch_tails, fold_tail
+from .centring_diagnosis import structural_miss
 from .generated import generate_family_code
-from .native import meta_twin
 from .model_outputs import output_parts
+from .native import meta_twin
 from .program import Step, TensorProgram, combine, copy_of, one_plus
 from .projection_check import ProjectionCheck
 from .repeatable import same_random_draws
@@ -183,7 +184,12 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> ExactnessReport:
         try:
             return check_exact(original, converted, probe)
+        except StructuralMissError:
+            raise
         except ExactnessError as error:
+            reason = structural_miss(converted, topology, probe)
+            if reason is not None:
+                raise StructuralMissError(f"{error}; {reason}", reason) from error
             if untie and not folds:
                 raise ExactnessError(f"{error}. With --untie only embedding weights are centred, and "
                                      f"{topology.model_type} adds to its stream outside embedding lookups: use the "
@@ -191,7 +197,7 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
             raise
 
     def fallback(error: ExactnessError) -> ConversionSetup | None:
-        if isinstance(error, StreamOutputError):  # no exact variant can keep an output the map centres
+        if isinstance(error, StructuralMissError):  # no exact variant can keep what the structure changes
             from .approximate_kind import plan_rms_norm_approximate  # it builds on this module's plan
 
             return plan_rms_norm_approximate(model, exact_impossible=error.reason)
