@@ -284,6 +284,13 @@ def _scaled_residual_summary(scales: tuple[ResidualScale, ...]) -> str:
     return f"scaled residual ({extent} {forms})"
 
 
+def embedding_norm_stays(stack: Stack, first_pre: tuple[NormSite, ...]) -> bool:
+    """Whether a Pre-Norm stack's embedding norm stays the embedding norm of its Post-Norm twin: where branch 0
+    reads it through an identity placeholder (``first_pre``, its pre norms), the two norms in a row are one, and
+    the norm-shift keeps it (ModernBERT)."""
+    return stack.embedding_norm is not None and bool(first_pre) and all(norm.kind == "identity" for norm in first_pre)
+
+
 def combine_placements(placements: Any) -> Placement:
     """One placement if all agree, ``mixed`` otherwise."""
     seen = set(placements)

@@ -16,7 +16,7 @@ from test_convert_native import main_output
 
 import normswap
 from normswap.cli import main
-from normswap.conversion.verify import probe_inputs
+from normswap.conversion.verify import measure_drift, probe_inputs
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -367,3 +367,27 @@ def test_a_dual_encoder_whose_hidden_states_are_nested_outputs_converts(
     detected = normswap.inspect(loaded)
     assert (detected.placement, detected.norm) == (in_memory.get("placement", "pre"),
                                                    in_memory.get("norm", "layernorm"))
+
+
+@pytest.mark.parametrize("model_class", ["ModernBertModel", "ModernBertDecoderModel"])
+def test_an_embedding_norm_read_through_an_identity_placeholder_stays_going_to_post(tmp_path: Path,
+                                                                                   model_class: str) -> None:
+    """ModernBERT's first layer reads its embedding norm through ``nn.Identity()`` (a statement ``if``;
+    the decoder's is a conditional expression). Going to post, the embedding norm stays and every layer builds
+    a real ``attn_norm`` to hold a moved norm; it was refused as 'attn_norm.weight is non-zero but the target norm
+    has no weight'."""
+    config_class = "ModernBertDecoderConfig" if "Decoder" in model_class else "ModernBertConfig"
+    config = getattr(transformers, config_class)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    model = _perturbed(getattr(transformers, model_class)(config))
+    converted = normswap.convert(model, placement="post")
+    drift = measure_drift(model, converted, normswap.inspect(model), normswap.inspect(converted),
+                          probe_inputs(model, None, None), exact=False)
+    assert drift.sublayers[0].max_abs_diff == 0.0  # the norm-shift keeps what branch 0 reads
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    detected = normswap.inspect(loaded)
+    assert detected.placement == "post" and detected.embedding_norm.path == "embeddings.norm"
+    assert isinstance(loaded.layers[0].attn_norm, torch.nn.LayerNorm)
+    assert torch.equal(loaded.embeddings.norm.weight, model.embeddings.norm.weight)
+    assert torch.equal(loaded.layers[0].attn_norm.weight, model.layers[1].attn_norm.weight)

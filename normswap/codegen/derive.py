@@ -20,11 +20,12 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import NormswapError
-from ..topology import Layer, NormSite, Stack, Sublayer, Topology
+from ..topology import Layer, NormSite, Stack, Sublayer, Topology, embedding_norm_stays
 from .caller_adds import caller_of_add
 from .edits import (
     AddLayerNorm,
     AddStackNorm,
+    BuildNormAlways,
     CentreNormInput,
     CentreStream,
     Edit,
@@ -68,16 +69,22 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             raise CodegenError(f"the layers of {topology.model_type}'s {stack.path} differ from each other "
                                "(their classes or sublayers); generated code rewrites one layer class per stack")
         parallel = any(sub.kind == "parallel" for sub in layers[0].sublayers)
-        plan_edits = _post_edits if placement == "post" else _serial_edits if parallel else _pre_edits
-        stack_edits = plan_edits(model, stack, layers[0], path, classes)
+        template = next((layer for layer in layers if not identity_pre_norms(layer)), layers[0])
+        if placement == "post":
+            keep = embedding_norm_stays(stack, layers[0].sublayers[0].norms_in("pre"))
+            stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep),
+                           *_realised_placeholders(model, layers, template)]
+        else:
+            stack_edits = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
         edits += [edit for edit in stack_edits if edit not in edits]
     return edits
 
 
-def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
-                ) -> list[Edit]:
+def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]],
+                keep_embedding_norm: bool = False) -> list[Edit]:
     """Pre -> Post for one stack: unwrap the pre norms, wrap each add in the next sublayer's norm, and move
-    the final norm before the loop (an embedding norm, where the model has one, leaves: the plan drops it)."""
+    the final norm before the loop (an embedding norm, where the model has one, leaves: the plan drops it,
+    unless ``keep_embedding_norm``: then it stays, and the final norm's place is the last layer's)."""
     locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
     subs = layer.sublayers
     edits: list[Edit] = []
@@ -92,13 +99,34 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
             owner, attribute = owner_and_attribute(model, extra.path)
             edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
     edits += _wrapped_adds(subs, locate, module_functions(path), path)
-    if stack.embedding_norm is not None:
-        edits += _removed_model_norm(model, stack.embedding_norm.path)
     template = _template(model, stack.final_norm, subs[0].norms_in("pre")[0], locate)
     if stack.final_norm is not None:
         edits += _removed_model_norm(model, stack.final_norm.path)
+    if keep_embedding_norm:
+        return edits  # it already normalises what branch 0 reads: it stays the embedding norm (ModernBERT)
+    if stack.embedding_norm is not None:
+        edits += _removed_model_norm(model, stack.embedding_norm.path)
     return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
                                  *template)]
+
+
+def identity_pre_norms(layer: Layer) -> tuple[NormSite, ...]:
+    """The identity placeholders among a layer's pre norms (ModernBERT's first ``attn_norm``)."""
+    return tuple(norm for sub in layer.sublayers for norm in sub.norms_in("pre") if norm.kind == "identity")
+
+
+def _realised_placeholders(model: nn.Module, layers: list[Layer], template: Layer) -> list[Edit]:
+    """Identity placeholders of pre norms become norms: in a Post-Norm target each holds a moved norm."""
+    edits: list[Edit] = []
+    for layer in layers:
+        for norm in identity_pre_norms(layer):
+            if template is layer:
+                raise CodegenError(f"every layer of {layer.stack} reads the stream through an identity placeholder "
+                                   f"({norm.path}), so there is no norm constructor to build in its place")
+            edit = BuildNormAlways(*owner_and_attribute(model, norm.path))
+            if edit not in edits:
+                edits.append(edit)
+    return edits
 
 
 def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: ModuleFunctions, path: Path

@@ -63,6 +63,18 @@ class NeutraliseNorm:
 
 
 @dataclass(frozen=True)
+class BuildNormAlways:
+    """``self.<norm> = nn.Identity()`` in ``__init__`` -> the norm constructor the same ``__init__`` uses otherwise.
+
+    ModernBERT's first layer builds an Identity where later layers build ``attn_norm``, because its embedding norm
+    already normalises what branch 0 reads; in a Post-Norm target every layer's norm holds a moved norm.
+    """
+
+    class_name: str
+    norm: str
+
+
+@dataclass(frozen=True)
 class AddStackNorm:
     """A new norm on the class that runs the layer loop, applied before or after the loop.
 
@@ -161,6 +173,7 @@ class ReplaceResidualAdd:
     expression: str
 
 
-Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | AddStackNorm
+Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
+        | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
         | ReplaceResidualAdd)

@@ -16,6 +16,7 @@ from .derive import CodegenError
 from .edits import (
     AddLayerNorm,
     AddStackNorm,
+    BuildNormAlways,
     BuildSubmodelDirectly,
     CentreNormInput,
     CentreStream,
@@ -92,6 +93,21 @@ class Constructor:
                 *(f"self.{attribute}.{field} = {value}\n" for field, value in self.settings)]
 
 
+def _builds_identity(value: cst.BaseExpression) -> bool:
+    """``nn.Identity()`` or ``Identity()``: a placeholder, not a norm's constructor."""
+    return (isinstance(value, cst.Call) and not value.args
+            and _code(value.func).rpartition(".")[2] == "Identity")
+
+
+def _besides_identity(choice: cst.IfExp) -> cst.BaseExpression | None:
+    """The branch of ``a if condition else b`` that is not an ``nn.Identity()`` placeholder, where one is."""
+    if _builds_identity(choice.orelse) and not _builds_identity(choice.body):
+        return choice.body
+    if _builds_identity(choice.body) and not _builds_identity(choice.orelse):
+        return choice.orelse
+    return None
+
+
 def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
     """``(class, attribute) -> its constructor`` for every ``self.<attribute> = Cls(...)`` in an ``__init__``."""
     found: dict[tuple[str, str], Constructor] = {}
@@ -110,8 +126,9 @@ def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
                         local[target.value] = node.value.visit(_InlineLocals(dict(local), dict(fields)))
                         continue
                     attribute = _self_attribute(target)
-                    if attribute and isinstance(node.value, (cst.Call, cst.IfExp)):
-                        # the first constructor call wins (`else: self.norm = None` is no constructor)
+                    if attribute and isinstance(node.value, (cst.Call, cst.IfExp)) and not _builds_identity(node.value):
+                        # the first constructor call wins (`else: self.norm = None` is no constructor, nor is the
+                        # placeholder `nn.Identity()` some layers build instead of the norm)
                         inlined = node.value.visit(_InlineLocals(local, fields))
                         found.setdefault((statement.name.value, attribute), Constructor(_code(inlined)))
                     elif attribute and (built := (statement.name.value, attribute.rpartition(".")[0])) in found:
@@ -284,6 +301,20 @@ class _Rewriter(cst.CSTTransformer):
             return updated
         attribute = _self_attribute(updated.targets[0].target)
         for edit in self.edits:
+            if (isinstance(edit, BuildNormAlways) and edit.norm == attribute and self._here(edit)
+                    and isinstance(updated.value, cst.IfExp)):
+                chosen = _besides_identity(updated.value)
+                if chosen is not None:  # `Norm(...) if layer_idx != 0 else nn.Identity()`
+                    self.applied[edit] += 1
+                    return updated.with_changes(value=chosen)
+            if (isinstance(edit, BuildNormAlways) and edit.norm == attribute and self._here(edit)
+                    and _builds_identity(updated.value)):
+                constructor = self.constructors.get((edit.class_name, edit.norm))
+                if constructor is None or constructor.settings:
+                    raise CodegenError(f"{edit.class_name}.__init__ builds self.{edit.norm} as an Identity and by "
+                                       "no single constructor call otherwise, so a norm cannot be built in its place")
+                self.applied[edit] += 1
+                return updated.with_changes(value=cst.parse_expression(constructor.call))
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..errors import NormswapError
-from ..topology import NormSite, Stack, Sublayer, Topology
+from ..topology import NormSite, Stack, Sublayer, Topology, embedding_norm_stays
 
 Placement = Literal["pre", "post"]
 
@@ -170,7 +170,13 @@ def _stack_plan(source_stack: Stack, source_subs: list[Sublayer], source_placeme
                      "the first pre norm: branch 0 reads E(LN(e)) instead of E(e), which differs only through eps "
                      "in the second normalisation (little where the embeddings' variance is far above eps)")
     moves: list[NormMove] = []
-    if source_placement != "post" and source_stack.embedding_norm and target_placement == "post":
+    if (source_placement != "post" and target_placement == "post"
+            and embedding_norm_stays(source_stack, source_entries[0][1])):
+        # branch 0 reads the embedding norm through an identity placeholder: the two are one norm, which stays
+        source_entries[0] = (source_entries[0][0], (source_stack.embedding_norm,))
+        notes.append(f"{source_stack.embedding_norm.path} stays the embedding norm: branch 0 read it through "
+                     f"an identity placeholder, which every layer of the Post-Norm model replaces with a norm")
+    elif source_placement != "post" and source_stack.embedding_norm and target_placement == "post":
         moves.append(NormMove(-1, "embedding", source_stack.embedding_norm.path, "-", None,
                               "a Post-Norm model has one norm before branch 0"))
         notes.append(f"{source_stack.embedding_norm.path} is dropped: a Post-Norm model has one norm before branch "
