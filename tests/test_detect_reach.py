@@ -394,3 +394,18 @@ def test_a_stack_that_calls_its_layers_forward_directly_is_traced() -> None:
         with pytest.raises(normswap.NormswapError) as refusal:
             call()
         assert "encoder.layers.0" in str(refusal.value) and "output.layernorm" in str(refusal.value)
+
+
+def test_a_childless_gate_that_adds_the_residual_is_traced_into() -> None:
+    """MuseSpark adds its residual inside ``MuseSparkResidualGate(residual, hidden_states)``, a module without
+    children, which tracing kept as one node: the layer showed no residual add and was refused."""
+    config = transformers.AutoConfig.for_model(
+        "muse_spark_text", hidden_size=64, intermediate_size=128, moe_intermediate_size=128, moe_hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, vocab_size=128, max_position_embeddings=64)
+    topology = normswap.inspect(transformers.AutoModel.from_config(config))
+    gates = [sub.residual_scale for layer in topology.layers for sub in layer.sublayers]
+    assert len(gates) == 4 and all(scale is not None and scale.per_channel for scale in gates)
+    assert {scale.tensors for scale in gates} == {(f"layers.{i}.{name}_residual_gate.gate",)
+                                                  for i in range(2) for name in ("post_attention", "post_feedforward")}
+    assert topology.layers[0].sublayers[0].placement == "sandwich"

@@ -302,3 +302,20 @@ def test_a_learned_vector_placed_among_image_features_is_lifted_with_them() -> N
         reference = model(input_ids=input_ids, pixel_values=pixels, image_sizes=sizes).logits
         logits = converted(input_ids=input_ids, pixel_values=pixels, image_sizes=sizes).logits
     assert float((logits - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_a_stem_that_moves_the_embeddings_to_the_model_device_is_measured() -> None:
+    """Idefics3 runs ``embed_tokens(input_ids).to(self.device)``: on the weightless model that measures the
+    embedding stem, ``self.device`` is the meta device, which took the probe's values away."""
+    config = transformers.Idefics3Config(
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, "max_position_embeddings": 64},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 64, "patch_size": 32}, image_token_id=127)
+    torch.manual_seed(0)
+    model = transformers.Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    _, _, report, _ = convert_to_layer_norm_exact(model, untie=True)
+    assert report.exact and report.relative < 1e-5

@@ -88,6 +88,7 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
     handle = meta.get_submodule(first_layer).register_forward_pre_hook(stop, with_kwargs=True)
     try:
         _restore_computed_buffers(meta.float())  # the code's own scale, not its rounding in a bf16 checkpoint
+        _report_cpu_device(meta)
         probe = nn.Parameter(table, requires_grad=False)
         for module in [module for module in meta.modules() if isinstance(module, nn.Embedding)
                        and module.weight is embedding.weight]:  # the stacks' tied copies too (T5's embed_tokens)
@@ -129,6 +130,18 @@ def _run_to_first_layer(meta: nn.Module, ids: torch.Tensor, captured: dict[str, 
         except Exception:
             if "attention_mask" not in inputs or "stream" in captured:
                 raise
+
+
+def _report_cpu_device(meta: nn.Module) -> None:
+    """Every transformers model in ``meta`` says it is on the CPU, where the probe runs: code that moves the
+    embeddings to ``self.device`` (Idefics3) would otherwise send the probe to the meta device, where it has no
+    values. ``meta`` is consumed by the measurement, so its classes are not restored."""
+    from transformers import PreTrainedModel
+
+    for module in meta.modules():
+        if isinstance(module, PreTrainedModel):
+            on_cpu = type(type(module).__name__, (type(module),), {"device": property(lambda _: torch.device("cpu"))})
+            module.__class__ = on_cpu
 
 
 def _probe_rows(width: int) -> torch.Tensor:

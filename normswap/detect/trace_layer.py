@@ -144,8 +144,10 @@ def _leaf_policy(wrapper: nn.Module, norm_modules: set[int], forced: set[int]) -
             return False
         if id(module) in norm_modules or id(module) in forced:
             return True
-        if isinstance(module, (nn.Identity, nn.Dropout)) or not any(True for _ in module.children()):
+        if isinstance(module, (nn.Identity, nn.Dropout)):
             return True
+        if not any(True for _ in module.children()):  # a gate that adds the residual (MuseSpark's) is traced into
+            return not _takes_residual(module)
         return not (holds_norm(module) or _takes_residual(module))
 
     return is_leaf
