@@ -16,7 +16,8 @@ def render_topology(topology: Topology) -> str:
     for stack in topology.stacks:
         embedding = _edge(stack.embedding_norm)
         final = _edge(stack.final_norm)
-        lines.append(f"stack {stack.path or '(root)'}: {stack.num_layers} layers, "
+        width = f", width {stack.width}" if stack.width is not None else ""
+        lines.append(f"stack {stack.path or '(root)'}: {stack.num_layers} layers{width}, "
                      f"embedding norm {embedding}, final norm {final}")
     lines.append("")
     header = ("layer", "sublayer", "placement", "pre", "post", "out", "residual add")

@@ -154,6 +154,7 @@ class Stack:
     num_layers: int
     embedding_norm: NormSite | None
     final_norm: NormSite | None
+    width: int | None = None  # the stream's width, as its first layer reads it (stages of a vision model differ)
 
 
 @dataclass(frozen=True)

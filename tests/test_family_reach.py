@@ -81,15 +81,63 @@ def test_fsmt_probe_reads_the_decoder_vocabulary(tmp_path: Path) -> None:
         assert torch.isfinite(loaded.eval()(**inputs).logits).all()
 
 
-def test_a_model_without_one_residual_width_is_refused_with_the_reason(tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    """CvT's stages have widths [64, 192, 384]: ``inspect`` crashed asking it for token embeddings."""
-    transformers.CvtModel(transformers.CvtConfig()).save_pretrained(tmp_path / "cvt")
+def test_stages_of_several_widths_are_stacks_of_their_own(tmp_path: Path) -> None:
+    """SegFormer keeps a list of stages, each with a patch embedding (its LayerNorm: the embedding norm), a list of
+    Pre-LN layers of the stage's width and a final norm. It was refused as 'no single residual width'; each stage
+    is a stack, and the stage class's own loop takes the generated code."""
+    config = transformers.SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                          mlp_ratios=[2, 2], image_size=32)
+    model = _perturbed(transformers.SegformerModel(config))
+    topology = normswap.inspect(model)
+    assert [(s.path, s.width, s.embedding_norm.path, s.final_norm.path) for s in topology.stacks] == [
+        (f"stages.{i}.blocks", width, f"stages.{i}.patch_embeddings.layer_norm", f"stages.{i}.layer_norm")
+        for i, width in enumerate((32, 64))]
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert converted.normswap_report.exact and converted.normswap_report.relative < 1e-5
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+
+
+def test_stage_lists_run_by_one_loop_convert_what_needs_no_code_around_the_loop(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
+    own, all run by one loop of its encoder: nothing can go before or after one stage's layers, so Post-Norm is
+    refused with that reason and the exact RMSNorm map (which centres each stage's stream there) gives way to the
+    approximate one."""
+    config = transformers.PvtConfig(num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1],
+                                    hidden_sizes=[32, 64], patch_sizes=[4, 2], strides=[4, 2],
+                                    num_attention_heads=[1, 2], mlp_ratios=[2, 2], image_size=32)
+    model = _perturbed(transformers.PvtModel(config))
+    topology = normswap.inspect(model)
+    assert [s.path for s in topology.stacks] == ["encoder.block.0", "encoder.block.1"]
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert not converted.normswap_report.exact
+    assert "a list of layer lists that PvtEncoder.forward runs in one loop" in converted.normswap_plan.exact_impossible
+    model.save_pretrained(tmp_path / "pvt")
     capsys.readouterr()
-    assert main(["inspect", str(tmp_path / "cvt")]) == 1
+    assert main(["convert", str(tmp_path / "pvt"), str(tmp_path / "post"), "--placement", "post"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "no single residual width" in error[0] and "[64, 192, 384]" in error[0]
-    assert "internal error" not in error[0] and "report" not in error[0]
+    assert len(error) == 1 and "runs in one loop over every stage" in error[0] and "internal error" not in error[0]
+
+
+def test_a_constructor_that_reads_a_name_the_target_lacks_is_not_copied(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """CvT's layer builds its norm as ``nn.LayerNorm(embed_dim)`` from its own argument; copied into the stage
+    class for the new embedding norm, the generated code raised NameError when loaded (an internal error). Its
+    stochastic depth (``CvtDropPath``, identity at inference) wraps the whole layer output and is seen through."""
+    config = transformers.CvtConfig(embed_dim=[16, 32], num_heads=[1, 2], depth=[2, 2], patch_sizes=[7, 3],
+                                    patch_stride=[4, 2], patch_padding=[2, 1], stride_kv=[2, 2], padding_kv=[1, 1],
+                                    kernel_qkv=[3, 3], mlp_ratio=[2.0, 2.0], attention_drop_rate=[0.0, 0.0],
+                                    drop_rate=[0.0, 0.0], drop_path_rate=[0.0, 0.1], qkv_bias=[True, True],
+                                    cls_token=[False, True], qkv_projection_method=["dw_bn", "dw_bn"],
+                                    padding_q=[1, 1], stride_q=[1, 1])
+    _perturbed(transformers.CvtModel(config)).save_pretrained(tmp_path / "cvt")
+    assert [s.width for s in normswap.inspect(tmp_path / "cvt").stacks] == [16, 32]
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "cvt"), str(tmp_path / "post"), "--placement", "post"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is built from embed_dim, which CvtStage.__init__ does not define" in error[0]
 
 
 def test_funnel_whose_embedding_norm_feeds_no_detected_stack_is_refused_not_written(

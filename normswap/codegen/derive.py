@@ -106,7 +106,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
         return edits  # it already normalises what branch 0 reads: it stays the embedding norm (ModernBERT)
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
-    return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
+    return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
                                  *template)]
 
 
@@ -196,7 +196,7 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
     template = _template(model, stack.embedding_norm, first_post, locate)
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
-    return [*edits, AddStackNorm(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
+    return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
                                  *template)]
 
 
@@ -286,7 +286,9 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
             if edit not in edits:
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
-        edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
+        edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1])
+        if edit not in edits:  # stages of one class (SegFormer's) run one loop in their shared code
+            edits.append(edit)
     return edits
 
 
@@ -387,6 +389,26 @@ class _Locator:
 
 def _owner(model: nn.Module, path: str) -> str:
     parent = path.rsplit(".", 1)[0] if "." in path else ""
+    return type(model.get_submodule(parent)).__name__
+
+
+def loop_owners(model: nn.Module, topology: Topology) -> list[str]:
+    """The class that runs each stack's layer loop (``CodegenError`` where a stack has none of its own)."""
+    return [_loop_owner(model, stack) for stack in topology.stacks]
+
+
+def _loop_owner(model: nn.Module, stack: Stack) -> str:
+    """The class whose ``forward`` runs the stack's layer loop, where code before or after that loop goes.
+
+    A stack that is an item of a list of layer lists (PVT's ``encoder.block``, one list per stage) is run by a
+    loop over several lists at once, in a forward that holds no one place per stack."""
+    parent = stack.path.rsplit(".", 1)[0] if "." in stack.path else ""
+    if isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential)):
+        holder = parent.rsplit(".", 1)[0] if "." in parent else ""
+        raise CodegenError(f"{stack.path} is an item of {parent}, a list of layer lists that "
+                           f"{type(model.get_submodule(holder)).__name__}.forward runs in one loop over every "
+                           "stage; code that runs before or after one stack's layers needs a module of its own per "
+                           "stack, whose forward runs that stack's loop")
     return type(model.get_submodule(parent)).__name__
 
 

@@ -40,7 +40,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     module = cst.parse_module(source)
     constructors = _constructors(module)
     lines = statement_lines(source, module) if any(getattr(edit, "line", None) is not None for edit in edits) else {}
-    rewriter = _Rewriter(edits, constructors, lines)
+    rewriter = _Rewriter(edits, constructors, lines, _module_names(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput)
@@ -106,6 +106,47 @@ def _besides_identity(choice: cst.IfExp) -> cst.BaseExpression | None:
     if _builds_identity(choice.body) and not _builds_identity(choice.orelse):
         return choice.orelse
     return None
+
+
+def _module_names(module: cst.Module) -> frozenset[str]:
+    """The names a module binds at its top level (imports, classes, functions, assignments) and the builtins."""
+    import builtins
+
+    names = set(dir(builtins))
+    for node in _walk(module):
+        if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
+            names.add(node.name.value)
+        elif isinstance(node, cst.ImportAlias):
+            bound = node.asname.name if node.asname else node.name
+            names.add(_code(bound).split(".")[0])
+        elif isinstance(node, cst.AssignTarget) and isinstance(node.target, cst.Name):
+            names.add(node.target.value)
+    return frozenset(names)
+
+
+def _bound_names(function: cst.FunctionDef, statements: Sequence[cst.CSTNode]) -> set[str]:
+    """The names ``function``'s parameters and ``statements`` (its body so far) bind."""
+    names = {param.name.value for param in (*function.params.params, *function.params.kwonly_params,
+                                            *function.params.posonly_params)}
+    for extra in (function.params.star_arg, function.params.star_kwarg):
+        if isinstance(extra, cst.Param):
+            names.add(extra.name.value)
+    for statement in statements:
+        for node in _walk(statement):
+            if isinstance(node, cst.AssignTarget) and isinstance(node.target, cst.Name):
+                names.add(node.target.value)
+    return names
+
+
+def _read_names(node: cst.CSTNode) -> set[str]:
+    """The plain names an added statement reads (not attribute names, keywords or its ``self.x`` target)."""
+    skip: set[int] = set()
+    for inner in _walk(node):
+        if isinstance(inner, cst.Attribute):
+            skip.add(id(inner.attr))
+        elif isinstance(inner, cst.Arg) and inner.keyword is not None:
+            skip.add(id(inner.keyword))
+    return {inner.value for inner in _walk(node) if isinstance(inner, cst.Name) and id(inner) not in skip}
 
 
 def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
@@ -181,10 +222,11 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
 class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
-    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], Constructor], lines: Spans
-                 ) -> None:
+    def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], Constructor], lines: Spans,
+                 module_names: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.edits = list(edits)
+        self.module_names = module_names
         self.edited_classes = {edit.class_name for edit in edits}
         self.constructors = constructors
         self.lines = lines
@@ -368,7 +410,14 @@ class _Rewriter(cst.CSTTransformer):
         body = list(function.body.body)
         for index, statement in enumerate(body):
             if _assigns(statement, after):
-                body[index + 1:index + 1] = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
+                added = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
+                known = self.module_names | _bound_names(function, body[:index + 1])
+                unbound = sorted({name for node in added for name in _read_names(node)} - known)
+                if unbound:
+                    raise CodegenError(f"{copied[0]}.{copied[1]} is built from {', '.join(unbound)}, which "
+                                       f"{edit.class_name}.__init__ does not define, so its constructor cannot be "
+                                       f"copied there for the new norm {edit.norm}")
+                body[index + 1:index + 1] = added
                 self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.derive import embedding_layer_norms, rms_norm_edits
+from ..codegen.derive import CodegenError, embedding_layer_norms, loop_owners, rms_norm_edits
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.capture import synthetic_forward
@@ -142,6 +142,8 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     """
     topology = inspect(model)
     _require_pre_layer_norm(topology)
+    if not untie:
+        _require_loop_owners(model, topology)
     embedding_norms = embedding_layer_norms(topology)
     if untie and embedding_norms:
         raise NormswapError(f"--untie centres the embedding weights, but {embedding_norms[0].path} (a LayerNorm) "
@@ -333,6 +335,17 @@ def _require_pre_layer_norm(topology: Topology) -> None:
     if not kinds <= _LAYER_NORMS:
         raise NormswapError(f"{topology.model_type} residual norms are {', '.join(sorted(kinds))}, not LayerNorm; "
                             "nothing to convert to RMSNorm")
+
+
+def _require_loop_owners(model: nn.Module, topology: Topology) -> None:
+    """The exact map centres each stack's stream in code before its layer loop, which needs a class of the stack's
+    own that runs the loop (PVT runs every stage's layer list in one loop of its encoder)."""
+    try:
+        loop_owners(model, topology)
+    except CodegenError as error:
+        reason = f"{topology.model_type}'s code has no place before one stack's layers to centre its stream ({error})"
+        raise ExactImpossibleError(f"{reason}: the exact LayerNorm -> RMSNorm map centres the stream there", reason
+                                   ) from error
 
 
 def linear_layout(module: nn.Module) -> str | None:

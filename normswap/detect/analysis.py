@@ -98,7 +98,7 @@ class LayerGraph:
         """Operations that pass the stream on unchanged in meaning: dropout, casts, tuple indexing."""
         if node.op == "call_module":
             module = self.layer.get_submodule(self.module_path(node) or "")
-            return isinstance(module, (nn.Dropout, nn.Identity)) and not self.is_norm(node)
+            return (isinstance(module, (nn.Dropout, nn.Identity)) or _passes_through(module)) and not self.is_norm(node)
         if node.op == "call_function":
             if node.target is operator.getitem:
                 container = node.args[0].meta.get("meta_value") if isinstance(node.args[0], fx.Node) else None
@@ -151,6 +151,20 @@ class LayerGraph:
             return None
         filename, line = matches[-1].groups()
         return f"{filename.rsplit('/', 1)[-1]}:{line}"
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """A module without parameters or children that returns its input unchanged at inference: stochastic depth
+    (CvT's ``CvtDropPath`` on the whole layer output), told by what it does, not by its name."""
+    if any(True for _ in module.parameters()) or any(True for _ in module.children()) or module.training:
+        return False
+    probe = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    except Exception:  # noqa: BLE001 - a module that cannot run on a plain tensor passes nothing through
+        return False
+    return isinstance(output, torch.Tensor) and output.shape == probe.shape and torch.equal(output, probe)
 
 
 def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:

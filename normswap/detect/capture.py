@@ -45,21 +45,22 @@ class CapturedRun:
     outputs: dict[Any, Any] = field(default_factory=dict)  # layer output by (signature, input shapes)
 
 
-def find_layer_stacks(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
-    """The ``nn.ModuleList``s that hold the model's residual layers, outermost only.
+def find_layer_stacks(model: nn.Module, containers: tuple[type[nn.Module], ...] = (nn.ModuleList,)
+                      ) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """The ``nn.ModuleList``s (or other ``containers``) that hold the model's residual layers, outermost only.
 
     A stack is a ModuleList of modules of one class that hold weight matrices; lists
     nested inside another stack's layers (MoE experts, T5's sublayer list) are not stacks.
     """
     stacks: list[tuple[str, list[tuple[str, nn.Module]]]] = []
     for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, containers) or len(module) == 0:
             continue
         if any(path.startswith(stack_path + ".") for stack_path, _ in stacks):
             continue
         classes = {type(child) for child in module}
-        if len(classes) != 1:
-            continue
+        if len(classes) != 1 or classes <= {nn.ModuleList, nn.Sequential}:
+            continue  # a list of stages, each a list of layers (SegFormer): the stages' lists are the stacks
         holds_matrices = all(any(p.dim() >= 2 for p in child.parameters()) for child in module)
         has_children = all(any(True for _ in child.children()) for child in module)
         if holds_matrices and has_children:

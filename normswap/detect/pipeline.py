@@ -76,10 +76,11 @@ class _SampleMismatchError(Exception):
     """The built sample does not stand for the full model."""
 
 
-def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SamplePlan | None = None) -> Topology:
+def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SamplePlan | None = None,
+                        stacks: list[tuple[str, list[tuple[str, nn.Module]]]] | None = None) -> Topology:
     model = meta.model
     base_prefix = _base_model_prefix(model)
-    stacks = find_layer_stacks(model)
+    stacks = find_layer_stacks(model) if stacks is None else stacks
     if not stacks:
         raise TopologyError(
             f"{type(model).__name__} ({meta.model_type}) has no list of layer modules; "
@@ -114,6 +115,9 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 try:
                     reading = analyse_layer(graph, path)
                 except NoResidualAddError as error:
+                    restacked = _without_addless_stack(stacks, stack_path)
+                    if restacked is not None:
+                        return _inspect_meta_model(meta, notes, sample, restacked)
                     hint = layer_free_hint(model, stack_path, stacks, norms)
                     if hint is None:
                         raise
@@ -155,6 +159,25 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
     return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))  # over every layer, not a sample
 
 
+def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], addless: str
+                           ) -> list[tuple[str, list[tuple[str, nn.Module]]]] | None:
+    """The stacks with ``addless`` (whose layers show no residual add) replaced by the layer lists its layers hold,
+    or left out where they hold none and another stack remains; None where neither applies.
+
+    A hierarchical vision model keeps a list of stages, each of one width, with a patch embedding, a list of
+    residual layers and a norm (SegFormer, PVT-v2): each stage's list is a stack. PVT keeps the patch embeddings
+    in a list of their own beside the layer lists: no residual add in them, so no stack."""
+    layers = next(found for path, found in stacks if path == addless)
+    inner = [find_layer_stacks(layer, (nn.ModuleList, nn.Sequential)) for _, layer in layers]  # CvT's Sequential
+    others = [stack for stack in stacks if stack[0] != addless]
+    if all(inner):
+        nested = [(f"{path}.{inner_path}", [(f"{path}.{layer_path}", module) for layer_path, module in inner_layers])
+                  for (path, _), found in zip(layers, inner, strict=True) for inner_path, inner_layers in found]
+        position = next(index for index, (path, _) in enumerate(stacks) if path == addless)
+        return [*others[:position], *nested, *others[position:]]
+    return others or None
+
+
 def _hidden_size(model: nn.Module, config: Any) -> int:
     """The residual width, for probing norms that have no weight to tell their size."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -168,13 +191,10 @@ def _hidden_size(model: nn.Module, config: Any) -> int:
         embeddings = None
     if isinstance(embeddings, nn.Embedding):
         return embeddings.embedding_dim
-    widths = {name: value for name in ("hidden_sizes", "hidden_size", "embed_dim", "d_model", "dim")
-              if isinstance(value := getattr(text_config, name, None), (list, tuple))}
-    if widths:
-        name, value = next(iter(widths.items()))
-        raise SourceError(f"{type(config).__name__} has no single residual width ({name} = {list(value)}: its "
-                          "stages differ in width); a norm layout is a property of one residual stream, so "
-                          "normswap converts models whose layers share one hidden size")
+    widths = [value for name in ("hidden_sizes", "hidden_size", "embed_dim", "d_model", "dim")
+              if isinstance(value := getattr(text_config, name, None), (list, tuple))]
+    if widths and widths[0] and all(isinstance(width, int) for width in widths[0]):
+        return widths[0][0]  # stages of several widths: each stack's own width comes from its trace
     raise SourceError(f"{type(config).__name__} names no hidden size (hidden_size, d_model, n_embd, dim or "
                       "embed_dim) and has no token embedding to read it from; normswap needs the residual width")
 
@@ -253,12 +273,20 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
         before = [n for n in order[previous_end + 1:first] if n in edges
                   and not (previous_parent and n.startswith(previous_parent))]
         is_last = position + 1 == len(called)
-        after = [n for n in order[last + 1:next_start] if n in edges and (is_last or n.startswith(parent))]
+        # between two stacks, the next one's embedding norm is the last norm there outside this stack's parent;
+        # any other is this stack's final norm (GLPN's stage norms sit in a list beside the stages' layer lists)
+        next_edges = {n for n in model_level if widths.get(called[position + 1][0]) in (None, norms[n].dim)
+                      } if not is_last else set()
+        next_embedding = next((n for n in reversed(order[last + 1:next_start]) if n in next_edges
+                               and not n.startswith(parent)), None)
+        after = [n for n in order[last + 1:next_start] if n in edges
+                 and (is_last or n.startswith(parent) or n != next_embedding)]
         records.append(Stack(
             path=stack_path,
             num_layers=len(stack_layers),
             embedding_norm=_site(before[-1], "embedding", norms) if before else None,
             final_norm=_site(after[0], "final", norms) if after else None,
+            width=width,
         ))
     return records
 
