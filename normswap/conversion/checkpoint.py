@@ -36,10 +36,11 @@ from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_erro
 from .native import meta_instance
 from .norm_change import plan_norm_kind
 from .offload import offload_options, offloaded, require_accelerate
-from .program import shapes_of
+from .program import TensorProgram, shapes_of
 from .setup import ConversionSetup, provenance
 from .streaming import byte_copies, planned_outputs, stream_program
 from .verify import SkippedVerification, probe_inputs
+from .written_layout import as_written
 
 logger = logging.getLogger("normswap")
 
@@ -127,16 +128,16 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
             while True:
                 stage = time.monotonic()
                 setup = _without_unsaved(setup, unsaved)
-                planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype, unsaved)
+                program, planned = _plan_outputs(setup, weights, names, default_dtype, output_dtype, unsaved)
                 layout = None
                 if mirror is not None:
-                    layout = _adopt_mirror(mirror, setup.program, planned, weights, names, shard_bytes, folder)
+                    layout = _adopt_mirror(mirror, program, planned, weights, names, shard_bytes, folder)
                     mirror = None  # used once: a fallback plan writes its own layout
                 require_space(destination_path, sum(t.nbytes for t in planned if layout is None or t.name not in
                                                     layout.in_place))
-                output = stream_program(setup.program, planned, weights, names, folder,  # type: ignore[arg-type]
-                                        shard_bytes, CARRIED_FILE, default_dtype, dtype=output_dtype,
-                                        allow_nonfinite=allow_nonfinite, progress=progress, layout=layout)
+                output = stream_program(program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,
+                                        default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
+                                        progress=progress, layout=layout)
                 _write_config(folder, setup, identify_source(source_path).name, planned)
                 seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
                 if not verify:
@@ -205,9 +206,10 @@ def _without_unsaved(setup: ConversionSetup, unsaved: frozenset[str]) -> Convers
 
 def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dict[str, str],
                   default_dtype: torch.dtype, dtype: torch.dtype | None,
-                  unsaved: frozenset[str] = frozenset()) -> list[PlannedTensor]:
-    """The converted checkpoint's tensors in the target's state-dict order; tied copies are saved once, and
-    tensors the family rebuilds on load (``unsaved``) not at all."""
+                  unsaved: frozenset[str] = frozenset()) -> tuple[TensorProgram, list[PlannedTensor]]:
+    """The program to stream and the converted checkpoint's tensors in the target's state-dict order; tied copies
+    are saved once, tensors the family rebuilds on load (``unsaved``) not at all, and those the target's loading
+    re-lays out under their own name in the layout it starts from (``as_written``)."""
     program = setup.program
     assert program is not None
     target = meta_instance(setup.target_class, setup.target_config)
@@ -221,7 +223,8 @@ def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dic
     if missing or extra:
         raise NormswapError(f"internal: the conversion makes {extra[:3]} that the target lacks and lacks "
                             f"{missing[:3]}; please report it")
-    return planned_outputs(program, order, target_shapes, weights, names, default_dtype, dtype)
+    program, written_shapes = as_written(program, target, order, target_shapes)
+    return program, planned_outputs(program, order, written_shapes, weights, names, default_dtype, dtype)
 
 
 def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: list[PlannedTensor]) -> None:

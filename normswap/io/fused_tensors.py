@@ -5,7 +5,10 @@ transformers 5 fuses a mixture-of-experts layer's experts into one 3-D parameter
 included, keep one tensor per expert (``experts.N.w1``/``w3``/``w2`` or ``experts.N.gate_proj``/...).
 Its conversion mapping (``WeightConverter`` with ``MergeModulelist``, ``Concatenate``) says how to fuse
 them. Streaming applies that same mapping, through transformers' own objects, only when a conversion step
-reads the fused tensor: memory then holds one fused tensor and its parts, never the model.
+reads the fused tensor: memory then holds one fused tensor and its parts, never the model. Operations that
+read the model's parameter shapes (``Split``, ``Transpose(check_dims=True)``) or its config
+(``PermuteForRope``) are given the weightless meta-device model of the config, as ``from_pretrained`` gives
+them the model it loads into.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from ..errors import SourceError
 
 _REFUSAL_HINT = "load the model and use normswap.convert() in Python"
-_LAZY_NAMES = ("MergeModulelist", "Concatenate", "Transpose", "Interleave", "Chunk")  # see _blocking_operation
+_LAZY_NAMES = ("MergeModulelist", "Concatenate", "Transpose", "Interleave", "Chunk", "Split",
+               "PermuteForRope")  # see blocking_operation
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class FusedTensor:
     name: str  # the model-side name, after transformers' renamings
     sources: tuple[tuple[str, tuple[str, ...]], ...]  # (source pattern, its checkpoint tensors in loading order)
     converter: Any = field(repr=False)  # transformers' WeightConverter, used as a template (copied per build)
+    model: Any = field(default=None, repr=False, compare=False)  # the meta model Split and PermuteForRope read
+    layer_name: str = ""  # the name transformers converts under: a split's first piece's (default: ``name``)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -42,8 +48,9 @@ class FusedTensor:
         for pattern, names in self.sources:
             for name in names:  # transformers' synchronous loading: a callable per tensor, called when converting
                 converter.add_tensor(self.name, name, pattern, functools.partial(read, name))
-        built = converter.convert(self.name)
-        if self.name in built:  # a split (Chunk) builds every piece: this tensor is the one under its name
+        config = getattr(self.model, "config", None)
+        built = converter.convert(self.layer_name or self.name, model=self.model, config=config)
+        if self.name in built:  # a split (Chunk, Split) builds every piece: this tensor is the one under its name
             value = built[self.name]
         elif len(built) == 1:
             value = next(iter(built.values()))
@@ -56,7 +63,7 @@ class FusedTensor:
                                                                                           tuple[int, ...]]:
         """The fused tensor's dtype and shape from its parts' (``parts[name]``), by the same operations run on
         the meta device; refuses operations that cannot be applied one fused tensor at a time."""
-        blocking = _blocking_operation(self.converter)
+        blocking = blocking_operation(self.converter, self.model)
         if blocking is not None:
             more = f" and {len(self.parts) - 1} more" if len(self.parts) > 1 else ""
             raise SourceError(f"transformers builds {self.name!r} from the checkpoint's {self.parts[0]!r}{more} with "
@@ -64,7 +71,7 @@ class FusedTensor:
                               f"streams {', '.join(_LAZY_NAMES)}); {_REFUSAL_HINT}")
         try:
             meta = self.build(lambda name: torch.empty(parts[name][1], dtype=parts[name][0], device="meta"))
-        except (RuntimeError, ValueError, IndexError) as error:
+        except (RuntimeError, ValueError, IndexError, AttributeError) as error:
             why = self._odd_part(parts) or str(error).strip().splitlines()[0][:160]
             raise SourceError(f"the checkpoint tensors transformers fuses into {self.name!r} do not fit together "
                               f"({why}); the checkpoint is damaged or does not belong to this config.json") from None
@@ -82,24 +89,29 @@ class FusedTensor:
         return None
 
 
-def _blocking_operation(converter: Any) -> str | None:
+def blocking_operation(converter: Any, model: Any = None) -> str | None:
     """The first of the converter's operations streaming cannot apply, as ``Name(args)``, or None.
 
-    Streamed are operations that are a function of the gathered tensors alone: stacking experts,
-    concatenating, transposing, interleaving, and splitting one checkpoint tensor into several model tensors
-    (``Chunk``: each piece is built from the whole and the others dropped, so a split tensor is read once per
-    piece). Those that read the model or the config, or dequantize, are not.
+    Streamed are operations that are a function of the gathered tensors alone (stacking experts,
+    concatenating, transposing, interleaving, splitting one checkpoint tensor into several model tensors:
+    ``Chunk``, each piece built from the whole and the others dropped), and, given the meta ``model``, those
+    that read its parameter shapes (``Split``, ``Transpose(check_dims=True)``) or its config
+    (``PermuteForRope``). Dequantizing, and splits whose pieces' names come from the config, are not.
     """
-    from transformers.core_model_loading import Chunk, Concatenate, Interleave, MergeModulelist, Transpose
+    from transformers import core_model_loading as ops
 
     for operation in converter.operations:
-        if type(operation) not in (MergeModulelist, Concatenate, Transpose, Interleave, Chunk):
+        if type(operation) in (ops.Split, ops.PermuteForRope):
+            if model is None:
+                return repr(operation)
+            continue
+        if type(operation) not in (ops.MergeModulelist, ops.Concatenate, ops.Transpose, ops.Interleave, ops.Chunk):
             return repr(operation)
-        if isinstance(operation, Transpose) and operation.check_dims:
+        if isinstance(operation, ops.Transpose) and operation.check_dims and model is None:
             return "Transpose(check_dims=True)"
-        if isinstance(operation, Chunk) and getattr(operation, "num_shards_attribute", None):
-            return repr(operation)  # the number of pieces comes from the config
-    splits = any(isinstance(operation, Chunk) for operation in converter.operations)
+        if isinstance(operation, ops.Chunk) and getattr(operation, "num_shards_attribute", None):
+            return repr(operation)  # the pieces' number and names come from the config
+    splits = any(type(operation) in (ops.Chunk, ops.Split) for operation in converter.operations)
     if len(converter.target_patterns) != 1 and not splits:
         return " + ".join(repr(operation) for operation in converter.operations)
     return None
@@ -110,7 +122,9 @@ def loading_conversions(model: Any, names: Iterable[str]) -> dict[str, str | Fus
     tensor it renames (``embed_out`` -> ``lm_head``) or the ``FusedTensor`` it builds from several.
 
     The renaming and grouping are transformers' own (``rename_source_key``, tensors in ``dot_natural_key``
-    order, as ``from_pretrained`` gathers them), so experts fuse in the order transformers fuses them.
+    order, as ``from_pretrained`` gathers them), so experts fuse in the order transformers fuses them. A
+    fused tensor's name takes the model's base-model prefix where the checkpoint's lacks it (or has one the
+    model lacks), as ``from_pretrained`` renames it, so that operations reading the model find its parameters.
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
@@ -127,10 +141,25 @@ def loading_conversions(model: Any, names: Iterable[str]) -> dict[str, str | Fus
             gathered.setdefault(new, {}).setdefault(pattern, []).append(name)
         elif new != name:
             result[new] = name
+    keys = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
     for new, sources in gathered.items():
         converter = by_pattern[next(iter(sources))]
         parts = tuple((pattern, tuple(found)) for pattern, found in sources.items())
+        layer_name = _model_spelling(new, keys, prefix)
         for target in converter.target_patterns:  # a split names each of its pieces
-            name = new.replace(converter.target_patterns[0], target)
-            result[name] = FusedTensor(name, parts, converter)
+            name = layer_name.replace(converter.target_patterns[0], target)
+            result[name] = FusedTensor(name, parts, converter, model, layer_name)
     return result
+
+
+def _model_spelling(name: str, keys: set[str], prefix: str) -> str:
+    """``name`` with the base-model prefix added or dropped where only that spelling is a key of the model
+    (transformers' own fix-up in ``rename_source_key``)."""
+    if not prefix or name in keys:
+        return name
+    if name.startswith(f"{prefix}.") and name.removeprefix(f"{prefix}.") in keys:
+        return name.removeprefix(f"{prefix}.")
+    if f"{prefix}.{name}" in keys:
+        return f"{prefix}.{name}"
+    return name

@@ -53,11 +53,14 @@ class SourceTensor:
 
 class CheckpointWeights:
     """The tensors of one checkpoint folder, by their names in the files, and the fused tensors ``add_fused``
-    names (listed among ``tensors`` with no ``entry``: built from their parts when read)."""
+    names (listed among ``tensors`` with no ``entry``: built from their parts when read). A tensor transformers
+    re-lays out under its own name (Qwen3-VL-MoE's experts, transposed) is listed as the model has it, and
+    read from the file's tensor of that name (kept in ``stored``)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.tensors: dict[str, SourceTensor] = {}
+        self.stored: dict[str, SourceTensor] = {}  # the files' own tensors, as they are in the files
         self.fused: dict[str, FusedTensor] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         files = self._weight_files()
@@ -68,31 +71,28 @@ class CheckpointWeights:
     @property
     def total_bytes(self) -> int:
         """The bytes stored in the files (a fused tensor's are its parts')."""
-        return sum(tensor.nbytes for name, tensor in self.tensors.items() if name not in self.fused)
+        return sum(tensor.nbytes for tensor in self.stored.values())
 
     def read(self, name: str) -> torch.Tensor:
         if name in self.fused:
-            return self.fused[name].build(self.read)
-        tensor = self.tensors[name]
+            return self.fused[name].build(self._read_stored)
+        return self._read_stored(name)
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        tensor = self.stored[name]
         if tensor.entry is None:
             return self._pickles[tensor.file][name]
         return tensor_from_bytes(read_bytes(tensor.entry), tensor.dtype, tensor.shape)
 
     def add_fused(self, fused: FusedTensor) -> None:
         """List ``fused`` under its model-side name, with the dtype and shape transformers' operations give it."""
-        if fused.parts == (fused.name,):  # Qwen3-VL-MoE: the same name, transposed while loading
-            operations = ", ".join(type(op).__name__ for op in getattr(fused.converter, "operations", ()))
-            raise SourceError(f"transformers re-lays out {fused.name!r} of the checkpoint in {self.folder} under the "
-                              f"same name while loading ({operations or 'a conversion'}), so a converted tensor would "
-                              "have to be written back through the reverse operation, which the streaming writer "
-                              "does not apply; load the model and use normswap.convert() in Python, whose "
-                              "save_pretrained does")
-        if fused.name in self.tensors:
+        relaid = fused.parts == (fused.name,)  # Qwen3-VL-MoE: the same name, transposed while loading
+        if fused.name in self.tensors and not relaid:
             raise SourceError(f"the checkpoint in {self.folder} holds {fused.name!r} both as one tensor and as the "
                               f"parts transformers fuses into it ({fused.parts[0]!r} and others); keep one of them")
-        parts = {name: (self.tensors[name].dtype, self.tensors[name].shape) for name in fused.parts}
+        parts = {name: (self.stored[name].dtype, self.stored[name].shape) for name in fused.parts}
         dtype, shape = fused.describe(parts)
-        self.tensors[fused.name] = SourceTensor(fused.name, self.tensors[fused.parts[0]].file, dtype, shape, None)
+        self.tensors[fused.name] = SourceTensor(fused.name, self.stored[fused.parts[0]].file, dtype, shape, None)
         self.fused[fused.name] = fused
 
     def _weight_files(self) -> list[Path]:
@@ -140,12 +140,13 @@ class CheckpointWeights:
     def _list(self, file: Path) -> None:
         if file.suffix == ".safetensors":
             for name, entry in read_header(file).items():
-                self.tensors[name] = SourceTensor(name, file, entry.dtype, entry.shape, entry)
+                self.stored[name] = self.tensors[name] = SourceTensor(name, file, entry.dtype, entry.shape, entry)
             return
         state = load_pickled_weights(file)
         self._pickles[file] = state
         for name, tensor in state.items():
-            self.tensors[name] = SourceTensor(name, file, tensor.dtype, tuple(tensor.shape), None)
+            self.stored[name] = self.tensors[name] = SourceTensor(name, file, tensor.dtype, tuple(tensor.shape),
+                                                                  None)
 
 
 def _index_name(files: list[Path]) -> str:
