@@ -439,3 +439,18 @@ def test_an_embedding_norm_read_through_an_identity_placeholder_stays_going_to_p
     assert isinstance(loaded.layers[0].attn_norm, torch.nn.LayerNorm)
     assert torch.equal(loaded.embeddings.norm.weight, model.embeddings.norm.weight)
     assert torch.equal(loaded.layers[0].attn_norm.weight, model.layers[1].attn_norm.weight)
+
+
+def test_layers_of_one_class_with_different_branches_convert_to_post(tmp_path: Path) -> None:
+    """Nemotron-H runs one block class whose mixer is a Mamba, an attention or an MLP, chosen per layer: the code
+    around the mixer is the same, but the layers' branch kinds differ, and that was refused as 'the layers differ
+    from each other'. One rewrite of the class serves them all."""
+    config = transformers.AutoConfig.for_model(
+        "nemotron_h", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, max_position_embeddings=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2,
+        ssm_state_size=16, chunk_size=16, layers_block_type=["linear_attention", "full_attention", "mlp"])
+    model = _perturbed(transformers.AutoModelForCausalLM.from_config(config))
+    assert len({sub.kind for layer in normswap.inspect(model).layers for sub in layer.sublayers}) > 1
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM",
+                                placement="post")
+    assert normswap.inspect(loaded).placement == "post"

@@ -63,21 +63,37 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
     classes = _class_lines(path)
     edits: list[Edit] = []
     for stack in topology.stacks:
-        layers = [layer for layer in topology.layers if layer.stack == stack.path]
-        if len({layer.layer_class for layer in layers}) != 1 or len(
-                {tuple((s.kind, s.placement) for s in layer.sublayers) for layer in layers}) != 1:
-            raise CodegenError(f"the layers of {topology.model_type}'s {stack.path} differ from each other "
-                               "(their classes or sublayers); generated code rewrites one layer class per stack")
-        parallel = any(sub.kind == "parallel" for sub in layers[0].sublayers)
-        template = next((layer for layer in layers if not identity_pre_norms(layer)), layers[0])
-        if placement == "post":
-            keep = embedding_norm_stays(stack, layers[0].sublayers[0].norms_in("pre"))
-            stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep),
-                           *_realised_placeholders(model, layers, template)]
-        else:
-            stack_edits = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
-        edits += [edit for edit in stack_edits if edit not in edits]
+        stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
+        for position, layers in enumerate(_by_class(topology, stack, stack_layers)):
+            parallel = any(sub.kind == "parallel" for sub in layers[0].sublayers)
+            template = next((layer for layer in layers if not identity_pre_norms(layer)), layers[0])
+            if placement == "post":
+                keep = embedding_norm_stays(stack, stack_layers[0].sublayers[0].norms_in("pre"))
+                stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep),
+                               *_realised_placeholders(model, layers, template)]
+            else:
+                stack_edits = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
+            if position:  # the stack's own norm is added once, from its first layer class
+                stack_edits = [edit for edit in stack_edits if not isinstance(edit, AddStackNorm)]
+            edits += [edit for edit in stack_edits if edit not in edits]
     return edits
+
+
+def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[list[Layer]]:
+    """The stack's layers grouped by class, in order of first appearance: a hybrid stack (Nemotron-H's Mamba,
+    attention and MLP blocks, Jamba's layer classes) has each class's code rewritten once. Within a class the
+    layers must place their norms alike, since one rewrite serves them all."""
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.layer_class, []).append(layer)
+    for group in groups.values():
+        shapes = {tuple((s.placement, tuple(n.path.removeprefix(layer.path) for n in s.norms))
+                        for s in layer.sublayers) for layer in group}
+        if len(shapes) != 1 and not any(identity_pre_norms(layer) for layer in group):
+            raise CodegenError(f"the {group[0].layer_class} layers of {topology.model_type}'s {stack.path} place "
+                               "their norms differently from each other, and generated code rewrites each layer "
+                               "class once for all its layers")
+    return list(groups.values())
 
 
 def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]],
