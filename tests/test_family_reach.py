@@ -454,3 +454,20 @@ def test_layers_of_one_class_with_different_branches_convert_to_post(tmp_path: P
     loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM",
                                 placement="post")
     assert normswap.inspect(loaded).placement == "post"
+
+
+def test_a_layer_norm_with_a_bias_moves_beside_norms_without_one(tmp_path: Path) -> None:
+    """ESMC's layer norms have biases, its final norm none. Going to post, the plan refused 'pre 0 holds
+    layernorm, layernorm-nobias norms on the two sides', and the new embedding norm, built as the final norm,
+    could not hold the first layer norm's bias: it is built as that norm now, and a norm that loses its bias on
+    the way (the final norm's slot) has none to lose."""
+    config = transformers.AutoConfig.for_model(
+        "esmc", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, vocab_size=128, max_position_embeddings=64)
+    model = _perturbed(transformers.AutoModelForMaskedLM.from_config(config))
+    assert normswap.inspect(model).norm == "mixed"
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForMaskedLM", placement="post")
+    detected = normswap.inspect(loaded)
+    assert detected.placement == "post" and detected.embedding_norm.kind == "layernorm"
+    first = normswap.inspect(model).layers[0].sublayers[0].norms[0].path
+    assert torch.equal(loaded.get_submodule(detected.embedding_norm.path).bias, model.get_submodule(first).bias)

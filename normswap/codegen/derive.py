@@ -115,7 +115,9 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
             owner, attribute = owner_and_attribute(model, extra.path)
             edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
     edits += _wrapped_adds(subs, locate, module_functions(path), path)
-    template = _template(model, stack.final_norm, subs[0].norms_in("pre")[0], locate)
+    first = subs[0].norms_in("pre")[0]  # the norm whose weights the new stack norm takes
+    alike = stack.final_norm if stack.final_norm is not None and stack.final_norm.kind == first.kind else None
+    template = _template(model, alike, first, locate)  # built as the final norm, unless its kind differs (ESMC)
     if stack.final_norm is not None:
         edits += _removed_model_norm(model, stack.final_norm.path)
     if keep_embedding_norm:

@@ -220,12 +220,19 @@ def _mark_copies(moves: list[NormMove]) -> tuple[NormMove, ...]:
     return tuple(marked)
 
 
+# A LayerNorm with or without its bias is one kind for a placement change: a norm moved into a slot that has the
+# tensor it lacks gets the unit value (bias 0), and one that loses a tensor must have the unit value there, which
+# the weight mapping checks (ESMC's final LayerNorm has a bias, its layer norms none).
+_KIND_FAMILY = {"layernorm-nobias": "layernorm"}
+
+
 def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], target_role: str,
                  targets: tuple[NormSite, ...], notes: list[str]) -> list[NormMove]:
     if not sources and not targets:
         return []
-    kinds = {norm.kind for norm in (*sources, *targets) if norm.kind != "identity"}
+    kinds = {_KIND_FAMILY.get(norm.kind, norm.kind) for norm in (*sources, *targets) if norm.kind != "identity"}
     if len(kinds) > 1:
+        kinds = {norm.kind for norm in (*sources, *targets) if norm.kind != "identity"}
         raise PlanError(f"{source_role} holds {', '.join(sorted(kinds))} norms on the two sides; a placement change "
                         "keeps the norm kind (changing it is a separate conversion)")
     if not targets:
