@@ -115,14 +115,17 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 try:
                     reading = analyse_layer(graph, path)
                 except NoResidualAddError as error:
-                    restacked = _without_addless_stack(stacks, stack_path)
-                    if restacked is not None:
-                        return _inspect_meta_model(meta, notes, sample, restacked)
                     hint = layer_free_hint(model, stack_path, stacks, norms)
-                    if hint is None:
-                        raise
-                    raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
-                                        f"graph: {hint}") from error
+                    restacked = _without_addless_stack(stacks, stack_path)
+                    try:
+                        if restacked is None:
+                            raise
+                        return _inspect_meta_model(meta, notes, sample, restacked)
+                    except TopologyError:
+                        if hint is None:
+                            raise
+                        raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
+                                            f"graph: {hint}") from error
                 analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
