@@ -471,3 +471,21 @@ def test_a_layer_norm_with_a_bias_moves_beside_norms_without_one(tmp_path: Path)
     assert detected.placement == "post" and detected.embedding_norm.kind == "layernorm"
     first = normswap.inspect(model).layers[0].sublayers[0].norms[0].path
     assert torch.equal(loaded.get_submodule(detected.embedding_norm.path).bias, model.get_submodule(first).bias)
+
+
+def test_a_norm_of_the_embeddings_that_positions_are_added_to_is_no_stream_norm(tmp_path: Path) -> None:
+    """BlenderBot-Small's decoder normalises its token embeddings and then adds positions: the norm does not
+    feed the first layer, so it is no embedding norm of the stream (the norm-shift would move a norm whose
+    output no branch reads as it is). Going to pre was refused by the branch-0 check; it converts now, the norm
+    staying where it is."""
+    config = transformers.BlenderbotSmallConfig(d_model=64, encoder_layers=2, decoder_layers=2,
+                                                encoder_attention_heads=4, decoder_attention_heads=4,
+                                                encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
+                                                max_position_embeddings=64)
+    model = _perturbed(transformers.BlenderbotSmallForConditionalGeneration(config))
+    stacks = {stack.path: stack for stack in normswap.inspect(model).stacks}
+    assert stacks["model.encoder.layers"].embedding_norm.path == "model.encoder.layernorm_embedding"
+    assert stacks["model.decoder.layers"].embedding_norm is None
+    loaded = _converted_matches(model, tmp_path, ["--placement", "pre"], "AutoModelForSeq2SeqLM", placement="pre")
+    assert normswap.inspect(loaded).placement == "pre"
+    assert torch.equal(loaded.model.decoder.layernorm_embedding.weight, model.model.decoder.layernorm_embedding.weight)

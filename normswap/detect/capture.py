@@ -43,6 +43,18 @@ class CapturedRun:
     layer_calls: dict[str, LayerCall] = field(default_factory=dict)
     call_order: list[str] = field(default_factory=list)
     outputs: dict[Any, Any] = field(default_factory=dict)  # layer output by (signature, input shapes)
+    watched_outputs: dict[str, Any] = field(default_factory=dict)  # each watched module's first output, as it is
+
+    def feeds_layer(self, module_path: str, layer_path: str) -> bool:
+        """Whether the watched module's output is, as it is, the stream ``layer_path`` receives (no position
+        embedding added and no projection between them: an embedding norm then feeds the stack directly)."""
+        call = self.layer_calls.get(layer_path)
+        output = self.watched_outputs.get(module_path)
+        if call is None or output is None:
+            return True  # nothing to tell it by
+        stream = next((value for value in (*call.args, *call.kwargs.values()) if isinstance(value, torch.Tensor)),
+                      None)
+        return stream is output
 
 
 def find_layer_stacks(model: nn.Module, containers: tuple[type[nn.Module], ...] = (nn.ModuleList,)
@@ -198,6 +210,8 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
         module.forward = _reusing_forward(module, module_signature(module, index), run, _recorder(run, path, True))
     for path, module in watched.items():
         handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda _module, _args, output, path=path: run.watched_outputs.setdefault(path, output)))
     answers = AnswerDataQuestions() if answer_data_questions else contextlib.nullcontext()
     try:
         with torch.no_grad(), answers:

@@ -275,6 +275,10 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
         edges = {n for n in model_level if width is None or norms[n].dim == width}
         before = [n for n in order[previous_end + 1:first] if n in edges
                   and not (previous_parent and n.startswith(previous_parent))]
+        if before and not run.feeds_layer(before[-1], stack_layers[0][0]):
+            # a norm of the embeddings that positions are added to or a projection reads afterwards (BlenderBot-
+            # Small's decoder, FNet) is part of computing the stream, not a norm on it
+            before = []
         is_last = position + 1 == len(called)
         # between two stacks, the next one's embedding norm is the last norm there outside this stack's parent;
         # any other is this stack's final norm (GLPN's stage norms sit in a list beside the stages' layer lists)
