@@ -319,3 +319,22 @@ def test_a_stem_that_moves_the_embeddings_to_the_model_device_is_measured() -> N
             parameter.add_(torch.randn_like(parameter) * 0.1)
     _, _, report, _ = convert_to_layer_norm_exact(model, untie=True)
     assert report.exact and report.relative < 1e-5
+
+
+def test_a_head_input_scaled_by_a_function_of_the_width_is_folded_into_the_head() -> None:
+    """MiniCPM3 divides the final hidden states by ``hidden_size / dim_model_base`` before its LM head: one
+    dimension wider, the code scales by another factor, and the exact map missed by 1.5e-2 x max|reference|. The
+    two codes' scales are measured and their ratio folded into the head."""
+    config = transformers.MiniCPM3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                                         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                         vocab_size=128, max_position_embeddings=64, dim_model_base=256,
+                                         scale_emb=12, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.MiniCPM3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    converted, plan, report, _ = convert_to_layer_norm_exact(model)
+    assert report.exact and report.relative < 1e-5
+    assert converted.config.hidden_size == 65 and converted.config.logits_scaling != model.config.logits_scaling

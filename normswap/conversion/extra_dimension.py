@@ -43,6 +43,7 @@ from ..errors import NormswapError, first_line
 from ..topology import Topology
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code
+from .head_scale import head_scale
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
@@ -145,10 +146,17 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
             lambda weight, stem=stem: _wide(weight, lambda rows: stem.fold(rows, wider_stem, lift)),
             steps[f"{path}.weight"])
 
+    head_ratio = _head_ratio(model, cls, config, family, d, final)
+    if head_ratio is not None:  # the code scales the head's input by a function of hidden_size (MiniCPM3)
+        steps[f"{output_path}.weight"] = combine(lambda weight: _wide(weight, lambda wide: wide * head_ratio),
+                                                 steps[f"{output_path}.weight"])
+
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
     notes = source_stem.describe(wider_stem) + ("; lm_head untied" if tied else "") + (
+        f"; the code's scale of the LM head's input, {head_ratio:.6g} x wider's, folded into the head"
+        if head_ratio is not None else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + (
@@ -386,6 +394,15 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                  if stream.field else "'s config")
         raise NormswapError(f"{topology.model_type}{where}, does not take hidden_size {d + 1} "
                             f"({type(error).__name__}: {first_line(error)})") from error
+
+
+def _head_ratio(model: nn.Module, cls: Any, config: Any, family: str, d: int, final: str) -> float | None:
+    """The source code's scale of the LM head's input over the wider code's, where both are measured and differ."""
+    source = head_scale(build_meta_model(model).model, final)
+    wider = head_scale(_build_wider(cls, config, family, d), final)
+    if source is None or wider is None or math.isclose(source, wider, rel_tol=1e-12):
+        return None
+    return source / wider
 
 
 def _build_wider(cls: Any, config: Any, family: str, d: int) -> nn.Module:
