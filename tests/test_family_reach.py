@@ -489,3 +489,15 @@ def test_a_norm_of_the_embeddings_that_positions_are_added_to_is_no_stream_norm(
     loaded = _converted_matches(model, tmp_path, ["--placement", "pre"], "AutoModelForSeq2SeqLM", placement="pre")
     assert normswap.inspect(loaded).placement == "pre"
     assert torch.equal(loaded.model.decoder.layernorm_embedding.weight, model.model.decoder.layernorm_embedding.weight)
+
+
+def test_a_stage_norm_kept_in_a_list_beside_the_stages_is_the_stage_s_final_norm() -> None:
+    """GLPN keeps its stages' final norms in ``encoder.layer_norm``, a list beside ``encoder.block`` (the stages'
+    layer lists): item i ends stage i; the next stage's patch-embedding norm is that stage's embedding norm."""
+    config = transformers.GLPNConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                     mlp_ratios=[2, 2], decoder_hidden_size=32)
+    topology = normswap.inspect(_perturbed(transformers.GLPNModel(config)))
+    assert [(s.path, s.width, s.embedding_norm.path, s.final_norm.path) for s in topology.stacks] == [
+        (f"encoder.block.{i}", width, f"encoder.patch_embeddings.{i}.layer_norm", f"encoder.layer_norm.{i}")
+        for i, width in enumerate((32, 64))]

@@ -280,14 +280,8 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             # Small's decoder, FNet) is part of computing the stream, not a norm on it
             before = []
         is_last = position + 1 == len(called)
-        # between two stacks, the next one's embedding norm is the last norm there outside this stack's parent;
-        # any other is this stack's final norm (GLPN's stage norms sit in a list beside the stages' layer lists)
-        next_edges = {n for n in model_level if widths.get(called[position + 1][0]) in (None, norms[n].dim)
-                      } if not is_last else set()
-        next_embedding = next((n for n in reversed(order[last + 1:next_start]) if n in next_edges
-                               and not n.startswith(parent)), None)
         after = [n for n in order[last + 1:next_start] if n in edges
-                 and (is_last or n.startswith(parent) or n != next_embedding)]
+                 and (is_last or n.startswith(parent) or _same_item_of_a_sibling_list(n, stack_path))]
         records.append(Stack(
             path=stack_path,
             num_layers=len(stack_layers),
@@ -296,6 +290,15 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             width=width,
         ))
     return records
+
+
+def _same_item_of_a_sibling_list(norm: str, stack_path: str) -> bool:
+    """``encoder.layer_norm.2`` beside the stack ``encoder.block.2``: GLPN keeps each stage's final norm in a list
+    beside the list of the stages' layer lists, at the stage's index."""
+    holder, _, index = stack_path.rpartition(".")
+    grandparent = holder.rpartition(".")[0]
+    norm_holder, _, norm_index = norm.rpartition(".")
+    return bool(holder) and index.isdigit() and norm_index == index and norm_holder.rpartition(".")[0] == grandparent
 
 
 def _site(path: str, slot: Any, norms: dict[str, NormInfo]) -> NormSite:
