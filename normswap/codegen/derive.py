@@ -89,7 +89,7 @@ def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[lis
     for group in groups.values():
         shapes = {tuple((s.placement, tuple(n.path.removeprefix(layer.path) for n in s.norms))
                         for s in layer.sublayers) for layer in group}
-        if len(shapes) != 1 and not any(identity_pre_norms(layer) for layer in group):
+        if len(shapes) != 1:
             raise CodegenError(f"the {group[0].layer_class} layers of {topology.model_type}'s {stack.path} place "
                                "their norms differently from each other, and generated code rewrites each layer "
                                "class once for all its layers")

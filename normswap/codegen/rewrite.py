@@ -30,6 +30,7 @@ from .edits import (
     WrapBranchInput,
     WrapResidualAdd,
 )
+from .name_scope import bound_names, module_names, read_names
 from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
@@ -40,7 +41,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     module = cst.parse_module(source)
     constructors = _constructors(module)
     lines = statement_lines(source, module) if any(getattr(edit, "line", None) is not None for edit in edits) else {}
-    rewriter = _Rewriter(edits, constructors, lines, _module_names(module))
+    rewriter = _Rewriter(edits, constructors, lines, module_names(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput)
@@ -106,47 +107,6 @@ def _besides_identity(choice: cst.IfExp) -> cst.BaseExpression | None:
     if _builds_identity(choice.body) and not _builds_identity(choice.orelse):
         return choice.orelse
     return None
-
-
-def _module_names(module: cst.Module) -> frozenset[str]:
-    """The names a module binds at its top level (imports, classes, functions, assignments) and the builtins."""
-    import builtins
-
-    names = set(dir(builtins))
-    for node in _walk(module):
-        if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
-            names.add(node.name.value)
-        elif isinstance(node, cst.ImportAlias):
-            bound = node.asname.name if node.asname else node.name
-            names.add(_code(bound).split(".")[0])
-        elif isinstance(node, cst.AssignTarget) and isinstance(node.target, cst.Name):
-            names.add(node.target.value)
-    return frozenset(names)
-
-
-def _bound_names(function: cst.FunctionDef, statements: Sequence[cst.CSTNode]) -> set[str]:
-    """The names ``function``'s parameters and ``statements`` (its body so far) bind."""
-    names = {param.name.value for param in (*function.params.params, *function.params.kwonly_params,
-                                            *function.params.posonly_params)}
-    for extra in (function.params.star_arg, function.params.star_kwarg):
-        if isinstance(extra, cst.Param):
-            names.add(extra.name.value)
-    for statement in statements:
-        for node in _walk(statement):
-            if isinstance(node, cst.AssignTarget) and isinstance(node.target, cst.Name):
-                names.add(node.target.value)
-    return names
-
-
-def _read_names(node: cst.CSTNode) -> set[str]:
-    """The plain names an added statement reads (not attribute names, keywords or its ``self.x`` target)."""
-    skip: set[int] = set()
-    for inner in _walk(node):
-        if isinstance(inner, cst.Attribute):
-            skip.add(id(inner.attr))
-        elif isinstance(inner, cst.Arg) and inner.keyword is not None:
-            skip.add(id(inner.keyword))
-    return {inner.value for inner in _walk(node) if isinstance(inner, cst.Name) and id(inner) not in skip}
 
 
 def _constructors(module: cst.Module) -> dict[tuple[str, str], Constructor]:
@@ -411,8 +371,8 @@ class _Rewriter(cst.CSTTransformer):
         for index, statement in enumerate(body):
             if _assigns(statement, after):
                 added = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
-                known = self.module_names | _bound_names(function, body[:index + 1])
-                unbound = sorted({name for node in added for name in _read_names(node)} - known)
+                known = self.module_names | bound_names(function, body[:index + 1])
+                unbound = sorted({name for node in added for name in read_names(node)} - known)
                 if unbound:
                     raise CodegenError(f"{copied[0]}.{copied[1]} is built from {', '.join(unbound)}, which "
                                        f"{edit.class_name}.__init__ does not define, so its constructor cannot be "
