@@ -20,6 +20,18 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
     return nodes
 
 
+def _top_level(module: cst.Module) -> list[cst.CSTNode]:
+    """The module's nodes outside any class or function body (top-level imports may sit in ``try``/``if``)."""
+    found: list[cst.CSTNode] = []
+    todo: list[cst.CSTNode] = list(module.body)
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if not isinstance(node, (cst.ClassDef, cst.FunctionDef)):
+            todo.extend(node.children)
+    return found
+
+
 def _code(node: cst.CSTNode) -> str:
     return cst.Module(body=[]).code_for_node(node)
 
@@ -27,7 +39,7 @@ def _code(node: cst.CSTNode) -> str:
 def module_names(module: cst.Module) -> frozenset[str]:
     """The names a module binds at its top level (imports, classes, functions, assignments) and the builtins."""
     names = set(dir(builtins))
-    for node in _walk(module):
+    for node in _top_level(module):
         if isinstance(node, (cst.ClassDef, cst.FunctionDef)):
             names.add(node.name.value)
         elif isinstance(node, cst.ImportAlias):
