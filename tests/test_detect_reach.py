@@ -409,3 +409,19 @@ def test_a_childless_gate_that_adds_the_residual_is_traced_into() -> None:
     assert {scale.tensors for scale in gates} == {(f"layers.{i}.{name}_residual_gate.gate",)
                                                   for i in range(2) for name in ("post_attention", "post_feedforward")}
     assert topology.layers[0].sublayers[0].placement == "sandwich"
+
+
+def test_a_stack_of_several_layer_classes_is_a_stack() -> None:
+    """OLMo-Hybrid's ``model.layers`` holds a linear-attention layer class and an attention layer class, both
+    called with the stream first: it was 'no list of layer modules'. It inspects as what it is: Pre-Norm linear
+    attention layers beside OLMo-2-style post-sublayer attention layers."""
+    config = transformers.AutoConfig.for_model(
+        "olmo_hybrid", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        layer_types=["linear_attention", "full_attention"], linear_key_head_dim=12, linear_value_head_dim=24,
+        linear_num_key_heads=4, linear_num_value_heads=4)
+    topology = normswap.inspect(transformers.AutoModelForCausalLM.from_config(config))
+    assert [layer.layer_class for layer in topology.layers] == ["OlmoHybridLinearAttentionDecoderLayer",
+                                                                "OlmoHybridAttentionDecoderLayer"]
+    assert [layer.placement for layer in topology.layers] == ["pre", "post-sublayer"]
+    assert topology.placement == "mixed" and topology.final_norm.path == "model.norm"

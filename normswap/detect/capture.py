@@ -10,6 +10,7 @@ norms from final norms). Meta tensors cost no memory and no arithmetic.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -71,14 +72,26 @@ def find_layer_stacks(model: nn.Module, containers: tuple[type[nn.Module], ...] 
         if any(path.startswith(stack_path + ".") for stack_path, _ in stacks):
             continue
         classes = {type(child) for child in module}
-        if len(classes) != 1 or classes <= {nn.ModuleList, nn.Sequential}:
+        if classes & {nn.ModuleList, nn.Sequential}:
             continue  # a list of stages, each a list of layers (SegFormer): the stages' lists are the stacks
+        if len(classes) != 1 and len({_stream_parameter(type(child)) for child in module} - {None}) != 1:
+            continue  # several classes that take one input first: a hybrid stack (OLMo-Hybrid's layer kinds)
         holds_matrices = all(any(p.dim() >= 2 for p in child.parameters()) for child in module)
         has_children = all(any(True for _ in child.children()) for child in module)
         if holds_matrices and has_children:
             prefix = f"{path}." if path else ""
             stacks.append((path, [(f"{prefix}{index}", child) for index, child in enumerate(module)]))
     return stacks
+
+
+def _stream_parameter(cls: type) -> str | None:
+    """The name of ``cls.forward``'s first input (after ``self``): the layers of a hybrid stack all take the stream
+    first under one name (``hidden_states``), whatever else each takes."""
+    try:
+        parameters = list(inspect.signature(inspect.unwrap(cls.forward)).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters[1] if len(parameters) > 1 else None
 
 
 def synthetic_inputs(model: nn.Module, config: Any, device: str = "meta") -> dict[str, torch.Tensor]:
