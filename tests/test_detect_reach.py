@@ -417,7 +417,7 @@ def test_a_stack_of_several_layer_classes_is_a_stack() -> None:
     attention layers beside OLMo-2-style post-sublayer attention layers."""
     config = transformers.AutoConfig.for_model(
         "olmo_hybrid", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        num_key_value_heads=2, vocab_size=128, pad_token_id=0, max_position_embeddings=64,
         layer_types=["linear_attention", "full_attention"], linear_key_head_dim=12, linear_value_head_dim=24,
         linear_num_key_heads=4, linear_num_value_heads=4)
     topology = normswap.inspect(transformers.AutoModelForCausalLM.from_config(config))
