@@ -137,3 +137,17 @@ def test_switch_experts_picked_by_value_are_refused_with_the_reason() -> None:
     with pytest.raises(normswap.NormswapError, match=r"experts\.expert_0\.wi\.weight .* did not run"):
         convert_to_layer_norm_exact(getattr(transformers, model_class)(config).eval(), untie=True)
 
+
+def test_converts_back_to_rms_norm_exactly() -> None:
+    """The LayerNorm twin goes back by centring (docs/design.md §4), one dimension wider still: T5's two stacks
+    are one class, whose forward takes the centring once."""
+    model = tiny("t5")
+    back = normswap.convert(normswap.convert(model, norm="layernorm", exact=True, untie=True), norm="rmsnorm")
+    assert back.normswap_report.exact and back.config.d_model == 65
+    assert {n.kind for n in normswap.inspect(back).stream_norms} == {"rmsnorm"}
+    assert back.lm_head.weight is not back.shared.weight and back.encoder.embed_tokens.weight is back.shared.weight
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference, actual = model(**inputs).logits, back(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 2e-5 * float(reference.abs().max())
+

@@ -258,7 +258,9 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
             if edit not in edits:
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
-        edits.append(CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1]))
+        edit = CentreStream(_owner(model, stack.path), stack.path.rsplit(".", 1)[-1])
+        if edit not in edits:  # T5's two stacks are one class, whose forward takes the centring once
+            edits.append(edit)
     return edits
 
 
