@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CONFIG_MAPPING
 
 import normswap
@@ -151,3 +152,28 @@ def test_converts_back_to_rms_norm_exactly() -> None:
         reference, actual = model(**inputs).logits, back(**inputs).logits
     assert float((reference - actual).abs().max()) <= 2e-5 * float(reference.abs().max())
 
+
+def test_a_checkpoint_that_stores_lm_head_apart_converts_from_its_own_head(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """mT5, UMT5, T5 v1.1 and Flan-T5 checkpoints store lm_head beside shared with values of its own, which
+    transformers loads untied whatever the config says; the plan starts from that model (it read the head from
+    shared, twice the logits off), and --untie adds no table there."""
+    model = tiny("mt5")
+    model.save_pretrained(tmp_path / "src")
+    state = load_file(tmp_path / "src" / "model.safetensors")
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    original = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    assert original.lm_head.weight is not original.shared.weight
+
+    command = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--norm", "layernorm", "--exact", "--quiet"]
+    capsys.readouterr()
+    assert main(command) == 1
+    assert "stores lm_head apart already, so it adds no table" in capsys.readouterr().err
+    assert main([*command, "--untie"]) == 0
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
+    inputs = probe_inputs(original, None, None)
+    with torch.no_grad():
+        reference, actual = original(**inputs).logits, loaded(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 2e-5 * float(reference.abs().max())
+    assert torch.equal(_generate(original, inputs), _generate(loaded, inputs))

@@ -353,13 +353,17 @@ def _config_ties(config: Any, field: str | None) -> bool:
 
 
 def _tied_refusal(model: nn.Module, family: str, d: int) -> str:
-    """A tied model's refusal, with what ``--untie`` costs for this model: one more vocab x (d+1) table."""
+    """A tied model's refusal, with what ``--untie`` costs for this model: one more vocab x (d+1) table, or nothing
+    more than the source holds where its checkpoint stores lm_head apart (T5 v1.1, under a config that ties)."""
     vocab = int(model.get_input_embeddings().weight.shape[0])
     dtype = model.get_input_embeddings().weight.dtype
     extra = vocab * (d + 1) * dtype.itemsize
+    table = f"{_size(extra)} ({vocab} x {d + 1} x {dtype.itemsize} bytes)"
+    cost = f"it adds {table}"
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        cost = f"the checkpoint stores lm_head apart already, so it adds no table to what the source holds ({table})"
     return (f"{family} ties its input and output embeddings, which the extra-dimension map changes differently "
-            f"(rows U e in, E diag(g) U^T out); pass --untie (untie=True) to write lm_head as its own tensor: it adds "
-            f"{_size(extra)} ({vocab} x {d + 1} x {dtype.itemsize} bytes)")
+            f"(rows U e in, E diag(g) U^T out); pass --untie (untie=True) to write lm_head as its own tensor: {cost}")
 
 
 def _size(nbytes: int) -> str:
