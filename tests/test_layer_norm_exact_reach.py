@@ -335,6 +335,6 @@ def test_a_head_input_scaled_by_a_function_of_the_width_is_folded_into_the_head(
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
-    converted, plan, report, _ = convert_to_layer_norm_exact(model)
+    converted, _, report, _ = convert_to_layer_norm_exact(model)
     assert report.exact and report.relative < 1e-5
     assert converted.config.hidden_size == 65 and converted.config.logits_scaling != model.config.logits_scaling

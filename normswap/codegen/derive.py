@@ -305,7 +305,7 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
         edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1])
-        if edit not in edits:  # stages of one class (SegFormer's) run one loop in their shared code
+        if edit not in edits:  # stacks of one class (T5's two, SegFormer's stages) run one loop in shared code
             edits.append(edit)
     return edits
 

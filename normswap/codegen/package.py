@@ -171,14 +171,15 @@ class NormswapPlainRMSNorm(torch.nn.Module):
 
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
                    rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False,
-                   composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None
-                   ) -> GeneratedModule:
+                   composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None,
+                   untied_head: tuple[str, str] | None = None) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source), followed by
     ``composite``'s wrapper classes where the model's top classes live in another module.
 
     ``wider_sub_config``: (field, config class) of a composite's language model made one dimension wider; its
     stock config class refuses hidden_size = heads * head_dim + 1, so the generated config builds that field
-    as a subclass without the check."""
+    as a subclass without the check. ``untied_head``: (model class, key) of an LM head that leaves the class's
+    tied weights while the config still ties the rest (``_untied_head``)."""
     family = original.__name__.rsplit(".", 2)[-2]
     prefix = config_class.__name__.removesuffix("Config")
     generated_config = f"Normswap{prefix}Config"
@@ -237,11 +238,14 @@ def _initialize_as_stock(self, module, is_custom_code=False):
 for _model_class in ({", ".join(model_classes)},):
     _model_class.config_class = {generated_config}
     _model_class._initialize_weights = _initialize_as_stock
-'''
+{_untied_head(untied_head)}'''
     if not any(line.strip() == "import torch" for line in body.splitlines()):
         body = "import torch\n" + body
     if config_name not in body:
         raise CodegenError(f"{original.__name__} does not import {config_class.__name__}; cannot subclass it")
+    if untied_head is not None and untied_head[0] not in model_classes:
+        raise CodegenError(f"{untied_head[0]}, whose tied weights hold the LM head, is not a model class of "
+                           f"{original.__name__}, so the generated code cannot untie the head")
     if rms_norm:
         footer = _RMS_NORM_CLASS + footer
     if layer_norm:
@@ -251,6 +255,25 @@ for _model_class in ({", ".join(model_classes)},):
     file_family = composite.family if composite and composite.family else family
     return GeneratedModule(file_family, f"modeling_normswap_{file_family}.py", header + body + footer,
                            generated_config, model_type, model_classes)
+
+
+def _untied_head(untied: tuple[str, str] | None) -> str:
+    """The model class's tied weights without its LM head, where one config flag ties the head and the token
+    embeddings the stacks share (T5's ``tie_word_embeddings``, which its config class also forces): turning the flag
+    off would untie the stacks' embeddings too, into copies that train apart, so the head alone leaves the map."""
+    if untied is None:
+        return ""
+    model_class, key = untied
+    return f'''
+
+# normswap's exact map writes {key} as its own tensor (E diag(g) U^T, where the token embedding
+# holds the rows U e): it leaves the tied weights, and the embeddings the config ties stay tied to each other
+{model_class}._tied_weights_keys = {{
+    target: source
+    for target, source in {model_class}._tied_weights_keys.items()
+    if target != {key!r}
+}}
+'''
 
 
 def _wider_sub_config_class(wider: tuple[str, type] | None) -> str:

@@ -28,6 +28,7 @@ from ..io.shard_writer import PlannedTensor, ShardLayout, parse_size
 from ..io.source_card import read_source_card
 from ..io.source_identity import identify_source
 from ..io.source_weights import CheckpointWeights, match_names, tied_keys, transformers_renamings
+from ..io.stored_ties import untie_stored_copies
 from ..io.support_files import copy_support_files
 from ..io.tokenizer_files import pin_tokenizer_class
 from ..io.unsaved_keys import unsaved_keys
@@ -107,6 +108,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         texts = read_corpus(calib) if calib else None
         weights = CheckpointWeights(source_path)
         meta = meta_model(config, trust_remote_code)
+        untie_stored_copies(meta, weights)  # T5 v1.1's lm_head, stored apart from shared: loading unties it
         carried_path = source_path / CARRIED_FILE
         if carried_path.is_file():
             meta.normswap_carried = read_safetensors_file(carried_path)

@@ -18,9 +18,11 @@ derived it from ``hidden_size``; a composite's values go into the sub-config its
 from that code and one run on the meta device (``stream_roles.py``). A family whose code sizes something else
 from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
 shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
-widths and the stems folded into the embedding rows (``embedding_stem.py``). Tied embeddings become two tensors
-with ``untie``. The numerical check (logits within 1e-4 x max|reference| in fp32) then decides exactness.
-Everything is computed in float64.
+widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
+and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). Tied embeddings
+become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
+the head (``_head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
+decides exactness. Everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ..errors import NormswapError, first_line
 from ..topology import Topology
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code
-from .head_scale import head_scale
+from .head_scale import measure_head_scale
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
@@ -85,15 +87,20 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
                   and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
-    generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied)
-    if tied and _config_ties(config, stream.field):  # asked for untied, the family's config class still ties
-        raise NormswapError(f"{family}'s config class sets tie_word_embeddings = True whatever it is given (its "
-                            "code ties lm_head to the token embedding in every checkpoint), and the extra-dimension "
-                            "map needs the two to differ (rows U e in, E diag(g) U^T out), so no exact LayerNorm "
-                            "twin of this family's code exists (leave out --exact for the approximate conversion)")
+    head_key = f"{output_path}.weight"
+    untied_head = _head_untied_in_code(model, head_key) if tied else None
+    generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
+                                                          untied_head=untied_head)
     target = _build_wider(cls, config, family, d)
+    if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
+        raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
+                            "config class sets tie_word_embeddings = True whatever it is given, and none of its "
+                            "model classes names lm_head's weight in its tied weights, for the generated code to "
+                            "leave out), and the extra-dimension map needs the two to differ (rows U e in, "
+                            "E diag(g) U^T out), so no exact LayerNorm twin of this family's code exists (leave out "
+                            "--exact for the approximate conversion)")
     built = shapes_of(target.state_dict())
-    uses = trace_stream_uses(model, (*norms, *finals), family).with_reader(f"{output_path}.weight", final)
+    uses = trace_stream_uses(model, (*norms, *finals), family).with_reader(head_key, final)
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
         if norm not in read:
@@ -112,6 +119,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
     roles = stream_roles(model, topology, source_shapes, built, uses, skip)
+    head_step = steps[head_key]  # before its map: the head's scale, measured below, goes into the same product
     for key, role in roles.items():
         steps[key] = _mapped(steps[key], role, offsets, lift, scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
@@ -138,6 +146,18 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     vectors = [key for key, role in roles.items() if role.vector]
     if projections or vectors:
         _require_unscaled_stem(family, [*projections, *vectors][0], source_stem, wider_stem)
+    # What lm_head reads may be the final norm's output times a scale of the code's that follows the stream's
+    # width: T5 multiplies the decoder's output by d_model ** -0.5 where its config says so (scale_decoder_outputs;
+    # SwitchTransformers where it ties its embeddings). The code path is kept, not switched off: switching it off
+    # would mean writing each family's own flag (SwitchTransformers' is the tie itself, which has to stay on for
+    # its stacks' shared embeddings), while keeping it names nothing. The wider code then scales by
+    # (d+1) ** -0.5 where the original scaled by d ** -0.5, and the ratio of the two measured scales goes into
+    # lm_head's weight with the norm's weight and U^T, in one float64 product (for T5 the ratio is sqrt((d+1)/d),
+    # which cancels the LayerNorm's factor: lm_head = E diag(g) U^T).
+    source_head = measure_head_scale(build_meta_model(model).model, final, output_path, family)
+    wider_head = measure_head_scale(_build_wider(cls, config, family, d), final, output_path, family)
+    if source_head != wider_head and head_key in roles:
+        steps[head_key] = _mapped(head_step, roles[head_key], offsets, lift, scale * wider_head / source_head)
     if tied and not untie:  # asked last, so that a model refused for its structure is never sent to untie first
         raise NormswapError(_tied_refusal(model, family, d))
     for path in embeddings:  # the measured stem is the token embedding's; other stem embeddings are only lifted
@@ -146,17 +166,12 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
             lambda weight, stem=stem: _wide(weight, lambda rows: stem.fold(rows, wider_stem, lift)),
             steps[f"{path}.weight"])
 
-    head_ratio = _head_ratio(model, cls, config, family, d, final)
-    if head_ratio is not None:  # the code scales the head's input by a function of hidden_size (MiniCPM3)
-        steps[f"{output_path}.weight"] = combine(lambda weight: _wide(weight, lambda wide: wide * head_ratio),
-                                                 steps[f"{output_path}.weight"])
-
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
-    notes = source_stem.describe(wider_stem) + ("; lm_head untied" if tied else "") + (
-        f"; the code's scale of the LM head's input, {head_ratio:.6g} x wider's, folded into the head"
-        if head_ratio is not None else "") + (
+    head_note = "" if source_head == wider_head else (
+        f"; the code's scale of what lm_head reads {source_head:.6g} -> {wider_head:.6g} folded into its weight")
+    notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + (
@@ -308,6 +323,23 @@ def _classes_with_a_head(model: nn.Module) -> tuple[list[str], list[str]]:
 _HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
 
 
+def _head_untied_in_code(model: nn.Module, head_key: str) -> tuple[str, str] | None:
+    """(class, key) of the LM head's entry in a model class's tied weights, where they also tie tensors other than
+    the head (T5's stacks share ``shared`` as their ``embed_tokens``): transformers ties all of them or none by the
+    one config flag, so untying the head there leaves the head's entry out of the class's map instead (the
+    generated code's ``_tied_weights_keys``), and the shared embeddings stay one tensor, as the family trains them.
+    None where the head is all the flag ties (Llama): there the converted config says tie_word_embeddings = False."""
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    tied = expanded(all_submodels=True) if callable(expanded) else {}
+    if all(head_key in pair for pair in tied.items()):
+        return None
+    for prefix, module in model.named_modules():
+        key = head_key.removeprefix(f"{prefix}.") if prefix else head_key
+        if key in (getattr(type(module), "_tied_weights_keys", None) or {}):
+            return type(module).__name__, key
+    return None
+
+
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
     """Whether lm_head shares the token embedding's tensor, or the config asks for it to."""
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -321,13 +353,17 @@ def _config_ties(config: Any, field: str | None) -> bool:
 
 
 def _tied_refusal(model: nn.Module, family: str, d: int) -> str:
-    """A tied model's refusal, with what ``--untie`` costs for this model: one more vocab x (d+1) table."""
+    """A tied model's refusal, with what ``--untie`` costs for this model: one more vocab x (d+1) table, or nothing
+    more than the source holds where its checkpoint stores lm_head apart (T5 v1.1, under a config that ties)."""
     vocab = int(model.get_input_embeddings().weight.shape[0])
     dtype = model.get_input_embeddings().weight.dtype
     extra = vocab * (d + 1) * dtype.itemsize
+    table = f"{_size(extra)} ({vocab} x {d + 1} x {dtype.itemsize} bytes)"
+    cost = f"it adds {table}"
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        cost = f"the checkpoint stores lm_head apart already, so it adds no table to what the source holds ({table})"
     return (f"{family} ties its input and output embeddings, which the extra-dimension map changes differently "
-            f"(rows U e in, E diag(g) U^T out); pass --untie (untie=True) to write lm_head as its own tensor: it adds "
-            f"{_size(extra)} ({vocab} x {d + 1} x {dtype.itemsize} bytes)")
+            f"(rows U e in, E diag(g) U^T out); pass --untie (untie=True) to write lm_head as its own tensor: {cost}")
 
 
 def _size(nbytes: int) -> str:
@@ -354,13 +390,14 @@ def _owner(model: nn.Module, key: str) -> str:
     return path if leaf in ("weight", "bias") and linear_layout(model.get_submodule(path)) else key
 
 
-def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int, untie: bool
-                                 ) -> tuple[GeneratedModule, Any, Any]:
+def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int, untie: bool,
+                                 untied_head: tuple[str, str] | None = None) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
     families reading ``getattr(config, "head_dim", hidden_size // heads)`` keep their head size. A composite's
-    values go into the sub-config its language model is built from.
+    values go into the sub-config its language model is built from. ``untie`` writes tie_word_embeddings = False,
+    except where ``untied_head`` unties the head in the code instead (``_head_untied_in_code``).
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
@@ -373,7 +410,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     if head_dim or heads:
         values["head_dim"] = head_dim or d // heads
     top: dict[str, Any] = {}
-    if untie:
+    if untie and untied_head is None:
         top["tie_word_embeddings"] = False
         if stream.field and hasattr(config, "tie_word_embeddings"):
             values["tie_word_embeddings"] = False
@@ -385,7 +422,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         return generate_family_code(model, topology, layer_norm_edits(model, topology, eps_in_code),
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
-                                    layer_norm=True)
+                                    untied_head=untied_head, layer_norm=True)
     except NormswapError:
         raise
     except Exception as error:  # the family's config refuses the wider values
@@ -394,15 +431,6 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                  if stream.field else "'s config")
         raise NormswapError(f"{topology.model_type}{where}, does not take hidden_size {d + 1} "
                             f"({type(error).__name__}: {first_line(error)})") from error
-
-
-def _head_ratio(model: nn.Module, cls: Any, config: Any, family: str, d: int, final: str) -> float | None:
-    """The source code's scale of the LM head's input over the wider code's, where both are measured and differ."""
-    source = head_scale(build_meta_model(model).model, final)
-    wider = head_scale(_build_wider(cls, config, family, d), final)
-    if source is None or wider is None or math.isclose(source, wider, rel_tol=1e-12):
-        return None
-    return source / wider
 
 
 def _build_wider(cls: Any, config: Any, family: str, d: int) -> nn.Module:

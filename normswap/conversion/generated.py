@@ -26,12 +26,13 @@ from .native import meta_instance
 
 def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit], conversion: str,
                          config_values: dict[str, Any] | None = None, wider_sub_config: tuple[str, type] | None = None,
-                         **helpers: bool) -> tuple[GeneratedModule, Any, Any]:
+                         untied_head: tuple[str, str] | None = None, **helpers: bool
+                         ) -> tuple[GeneratedModule, Any, Any]:
     """Rewrite the family's modeling source with ``edits`` and load it.
 
     Returns the generated module, the class that plays ``model``'s role in it, and the converted config
     (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship;
-    ``wider_sub_config`` is ``package_module``'s.
+    ``wider_sub_config`` and ``untied_head`` are ``package_module``'s.
     """
     source = modeling_file(model, topology).read_text(encoding="utf-8")
     original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
@@ -39,7 +40,7 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     composite = composite_code(model, stacks, original, source)
     rewritten = apply_edits(source, [*edits, *composite.text_edits])
     generated = package_module(original, rewritten, type(model.config), conversion, composite=composite,
-                               wider_sub_config=wider_sub_config, **helpers)
+                               wider_sub_config=wider_sub_config, untied_head=untied_head, **helpers)
     module = load_generated(generated)
     cls = getattr(module, type(model).__name__)
     fields = {**config_fields(model.config), **(config_values or {})}

@@ -194,7 +194,7 @@ def match_names(weights: CheckpointWeights, expected: Mapping[str, torch.Size], 
     found: dict[str, str] = {}
     for key in expected:
         candidates = [key, *tied.get(key, ())]
-        match = next((name for candidate in candidates for name in _spellings(candidate, prefix) if name in names),
+        match = next((name for candidate in candidates for name in spellings(candidate, prefix) if name in names),
                      None)
         if match is None:
             example = next(iter(names), "nothing")
@@ -225,7 +225,7 @@ def match_names(weights: CheckpointWeights, expected: Mapping[str, torch.Size], 
     return found
 
 
-def _spellings(key: str, prefix: str) -> list[str]:
+def spellings(key: str, prefix: str) -> list[str]:
     """The names a key may have in older or bare-model checkpoints."""
     forms = [key]
     if prefix:
