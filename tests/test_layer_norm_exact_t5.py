@@ -177,3 +177,21 @@ def test_a_checkpoint_that_stores_lm_head_apart_converts_from_its_own_head(tmp_p
         reference, actual = original(**inputs).logits, loaded(**inputs).logits
     assert float((reference - actual).abs().max()) <= 2e-5 * float(reference.abs().max())
     assert torch.equal(_generate(original, inputs), _generate(loaded, inputs))
+
+
+@pytest.mark.parametrize("flags", [["--placement", "post"], ["--norm", "layernorm"]])
+def test_a_head_stored_apart_stays_apart_through_every_conversion(tmp_path: Path, flags: list[str]) -> None:
+    """The same mT5 checkpoint, converted to post or approximately to LayerNorm: the generated code tied the head
+    to ``shared`` as the config says, so the head stored apart was dropped from the output and the converted model
+    loaded the embedding in its place (a silently different model, exit 0). The head now stays apart."""
+    model = tiny("mt5")
+    model.save_pretrained(tmp_path / "src")
+    state = load_file(tmp_path / "src" / "model.safetensors")
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    original = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *flags, "--quiet"]) == 0
+    loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
+    assert loaded.lm_head.weight is not loaded.shared.weight
+    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight)
+    assert torch.equal(loaded.shared.weight, original.shared.weight)

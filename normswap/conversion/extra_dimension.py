@@ -21,7 +21,7 @@ shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma:
 widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
 and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). Tied embeddings
 become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
-the head (``_head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
+the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
 decides exactness. Everything is computed in float64.
 """
 
@@ -44,7 +44,7 @@ from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
 from ..topology import Topology
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
-from .generated import generate_family_code
+from .generated import generate_family_code, head_untied_in_code
 from .head_scale import measure_head_scale
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
@@ -88,7 +88,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
                   and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
-    untied_head = _head_untied_in_code(model, head_key) if tied else None
+    untied_head = head_untied_in_code(model, head_key) if tied else None
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
                                                           untied_head=untied_head)
     target = _build_wider(cls, config, family, d)
@@ -323,23 +323,6 @@ def _classes_with_a_head(model: nn.Module) -> tuple[list[str], list[str]]:
 _HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
 
 
-def _head_untied_in_code(model: nn.Module, head_key: str) -> tuple[str, str] | None:
-    """(class, key) of the LM head's entry in a model class's tied weights, where they also tie tensors other than
-    the head (T5's stacks share ``shared`` as their ``embed_tokens``): transformers ties all of them or none by the
-    one config flag, so untying the head there leaves the head's entry out of the class's map instead (the
-    generated code's ``_tied_weights_keys``), and the shared embeddings stay one tensor, as the family trains them.
-    None where the head is all the flag ties (Llama): there the converted config says tie_word_embeddings = False."""
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    tied = expanded(all_submodels=True) if callable(expanded) else {}
-    if all(head_key in pair for pair in tied.items()):
-        return None
-    for prefix, module in model.named_modules():
-        key = head_key.removeprefix(f"{prefix}.") if prefix else head_key
-        if key in (getattr(type(module), "_tied_weights_keys", None) or {}):
-            return type(module).__name__, key
-    return None
-
-
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
     """Whether lm_head shares the token embedding's tensor, or the config asks for it to."""
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
@@ -397,7 +380,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
     families reading ``getattr(config, "head_dim", hidden_size // heads)`` keep their head size. A composite's
     values go into the sub-config its language model is built from. ``untie`` writes tie_word_embeddings = False,
-    except where ``untied_head`` unties the head in the code instead (``_head_untied_in_code``).
+    except where ``untied_head`` unties the head in the code instead (``generated.head_untied_in_code``).
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)

@@ -34,6 +34,11 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship;
     ``wider_sub_config`` and ``untied_head`` are ``package_module``'s.
     """
+    head = _head_stored_apart(model)
+    if head is not None and untied_head is None:  # the head stays apart in the converted model too
+        untied_head = head_untied_in_code(model, head)
+        if untied_head is None:
+            config_values = {**(config_values or {}), "tie_word_embeddings": False}
     source = modeling_file(model, topology).read_text(encoding="utf-8")
     original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
     stacks = [stack.path for stack in topology.stacks]
@@ -51,6 +56,37 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
         require_generated_path(meta_instance(cls, copy.deepcopy(config)),
                                [*stacks, *(layer.path for layer in topology.layers[:1])], module.__name__)
     return generated, cls, config
+
+
+def head_untied_in_code(model: nn.Module, head_key: str) -> tuple[str, str] | None:
+    """(class, key) of the LM head's entry in a model class's tied weights, where they also tie tensors other than
+    the head (T5's stacks share ``shared`` as their ``embed_tokens``): transformers ties all of them or none by the
+    one config flag, so untying the head there leaves the head's entry out of the class's map instead (the
+    generated code's ``_tied_weights_keys``), and the shared embeddings stay one tensor, as the family trains them.
+    None where the head is all the flag ties (Llama): there the converted config says tie_word_embeddings = False."""
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    tied = expanded(all_submodels=True) if callable(expanded) else {}
+    if all(head_key in pair for pair in tied.items()):
+        return None
+    for prefix, module in model.named_modules():
+        key = head_key.removeprefix(f"{prefix}.") if prefix else head_key
+        if key in (getattr(type(module), "_tied_weights_keys", None) or {}):
+            return type(module).__name__, key
+    return None
+
+
+
+def _head_stored_apart(model: nn.Module) -> str | None:
+    """The LM head's key where ``model`` holds it apart from the token embedding although its class ties the two
+    (mT5, UMT5, T5 v1.1 and Flan-T5 checkpoints store a head of their own, which loading keeps): generated code
+    that tied them would load the embedding in the head's place, silently another model."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or embedding is None or output.weight is embedding.weight:
+        return None
+    key = next((f"{path}.weight" for path, module in model.named_modules() if module is output), None)
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    tied = expanded(all_submodels=True) if callable(expanded) else {}
+    return key if key is not None and key in tied else None
 
 
 def generated_target(model: nn.Module, source: Topology, placement: str) -> tuple[GeneratedModule, Any, Any]:
