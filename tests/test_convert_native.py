@@ -176,3 +176,16 @@ def test_a_layout_no_stock_family_expresses_goes_through_generated_code() -> Non
     converted = convert(tiny_model("gptj", "GPTJForCausalLM"), "pre")
     assert converted.normswap_plan.realisation.startswith("generated code: modeling_normswap_gptj.py")
     assert type(converted).__module__.startswith("normswap_generated_")
+
+
+def test_a_head_apart_from_the_embeddings_stays_apart_in_a_stock_target() -> None:
+    """A BERT whose MLM decoder holds weights of its own (its config ties them): the stock MegatronBERT target
+    built from that config tied them again and took the word embeddings for the decoder."""
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=128)
+    model = transformers.BertForMaskedLM(config).eval()
+    model.cls.predictions.decoder.weight = torch.nn.Parameter(torch.randn(128, 64))
+    converted = convert(model, "pre")
+    assert type(converted).__name__ == "MegatronBertForMaskedLM"
+    assert torch.equal(converted.get_output_embeddings().weight, model.cls.predictions.decoder.weight)
+    assert converted.get_output_embeddings().weight is not converted.get_input_embeddings().weight

@@ -17,7 +17,7 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
-from .generated import generated_target
+from .generated import generated_target, head_stored_apart
 from .native import meta_instance, target_class, target_config
 from .norm_change import convert_norm_kind
 from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
@@ -61,6 +61,8 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     target = back_home or (_native_target(model_type, placement) if native else None)
     if target is not None:
         config = target_config(model.config, target)
+        if head_stored_apart(model) is not None:  # a head of its own stays apart in the stock target too
+            config.tie_word_embeddings = False
         cls = target_class(model, target)
         target_topology = inspect(meta_instance(cls, config))
         reached = target_topology.placement if serial else placement_of(target_topology)

@@ -34,7 +34,7 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship;
     ``wider_sub_config`` and ``untied_head`` are ``package_module``'s.
     """
-    head = _head_stored_apart(model)
+    head = head_stored_apart(model)
     if head is not None and untied_head is None:  # the head stays apart in the converted model too
         untied_head = head_untied_in_code(model, head)
         if untied_head is None:
@@ -76,7 +76,7 @@ def head_untied_in_code(model: nn.Module, head_key: str) -> tuple[str, str] | No
 
 
 
-def _head_stored_apart(model: nn.Module) -> str | None:
+def head_stored_apart(model: nn.Module) -> str | None:
     """The LM head's key where ``model`` holds it apart from the token embedding although its class ties the two
     (mT5, UMT5, T5 v1.1 and Flan-T5 checkpoints store a head of their own, which loading keeps): generated code
     that tied them would load the embedding in the head's place, silently another model."""
