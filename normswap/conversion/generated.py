@@ -80,7 +80,10 @@ def head_stored_apart(model: nn.Module) -> str | None:
     """The LM head's key where ``model`` holds it apart from the token embedding although its class ties the two
     (mT5, UMT5, T5 v1.1 and Flan-T5 checkpoints store a head of their own, which loading keeps): generated code
     that tied them would load the embedding in the head's place, silently another model."""
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    try:
+        output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a vision model has no token embedding to ask
+        return None
     if output is None or embedding is None or output.weight is embedding.weight:
         return None
     key = next((f"{path}.weight" for path, module in model.named_modules() if module is output), None)

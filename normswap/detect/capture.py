@@ -45,6 +45,14 @@ class CapturedRun:
     call_order: list[str] = field(default_factory=list)
     outputs: dict[Any, Any] = field(default_factory=dict)  # layer output by (signature, input shapes)
     watched_outputs: dict[str, Any] = field(default_factory=dict)  # each watched module's first output, as it is
+    watched_inputs: dict[str, Any] = field(default_factory=dict)  # each watched module's first input, as it is
+    layer_outputs: dict[str, Any] = field(default_factory=dict)  # each layer's stream output, as it is
+
+    def reads_layer_output(self, module_path: str, layer_path: str) -> bool:
+        """Whether the watched module's input is, as it is, the stream ``layer_path`` hands on (a stage's final
+        norm that the module around the stage runs: MobileViT's ``layernorm`` after its transformer)."""
+        given, output = self.watched_inputs.get(module_path), self.layer_outputs.get(layer_path)
+        return given is not None and given is output
 
     def feeds_layer(self, module_path: str, layer_path: str) -> bool:
         """Whether the watched module's output is, as it is, the stream ``layer_path`` receives (no position
@@ -220,7 +228,8 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
     run = CapturedRun()
     handles = []
     for path, (index, module) in layers.items():
-        module.forward = _reusing_forward(module, module_signature(module, index), run, _recorder(run, path, True))
+        module.forward = _reusing_forward(module, module_signature(module, index), run, _recorder(run, path, True),
+                                          path)
     for path, module in watched.items():
         handles.append(module.register_forward_pre_hook(_recorder(run, path, capture=False), with_kwargs=True))
         handles.append(module.register_forward_hook(
@@ -241,7 +250,8 @@ def _run_once(model: nn.Module, config: Any, layers: dict[str, tuple[int, nn.Mod
     return run
 
 
-def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: CapturedRun, record: Any) -> Any:
+def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: CapturedRun, record: Any,
+                     path: str) -> Any:
     """The layer's forward, recorded where it runs (a stack may call ``layer.forward(...)`` itself, as
     SqueezeBERT's does, which no forward hook sees) and run once per signature and input shapes."""
     original = type(module).forward
@@ -251,7 +261,9 @@ def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: Capture
         key = (signature, input_signature(args, kwargs))
         if key not in run.outputs:
             run.outputs[key] = original(module, *args, **kwargs)
-        return run.outputs[key]
+        output = run.outputs[key]
+        run.layer_outputs[path] = output[0] if isinstance(output, (tuple, list)) and output else output
+        return output
 
     return forward
 
@@ -259,6 +271,9 @@ def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: Capture
 def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         run.call_order.append(path)
+        if not capture and path not in run.watched_inputs:
+            run.watched_inputs[path] = next((value for value in (*args, *kwargs.values())
+                                             if isinstance(value, torch.Tensor)), None)
         if capture and path not in run.layer_calls:
             run.layer_calls[path] = LayerCall(args, dict(kwargs))
 

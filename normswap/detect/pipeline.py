@@ -281,7 +281,7 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             before = []
         is_last = position + 1 == len(called)
         after = [n for n in order[last + 1:next_start] if n in edges
-                 and (is_last or n.startswith(parent) or _same_item_of_a_sibling_list(n, stack_path))]
+                 and (is_last or n.startswith(parent) or run.reads_layer_output(n, stack_layers[-1][0]))]
         records.append(Stack(
             path=stack_path,
             num_layers=len(stack_layers),
@@ -290,15 +290,6 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             width=width,
         ))
     return records
-
-
-def _same_item_of_a_sibling_list(norm: str, stack_path: str) -> bool:
-    """``encoder.layer_norm.2`` beside the stack ``encoder.block.2``: GLPN keeps each stage's final norm in a list
-    beside the list of the stages' layer lists, at the stage's index."""
-    holder, _, index = stack_path.rpartition(".")
-    grandparent = holder.rpartition(".")[0]
-    norm_holder, _, norm_index = norm.rpartition(".")
-    return bool(holder) and index.isdigit() and norm_index == index and norm_holder.rpartition(".")[0] == grandparent
 
 
 def _site(path: str, slot: Any, norms: dict[str, NormInfo]) -> NormSite:
