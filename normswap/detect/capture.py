@@ -47,6 +47,7 @@ class CapturedRun:
     watched_outputs: dict[str, Any] = field(default_factory=dict)  # each watched module's first output, as it is
     watched_inputs: dict[str, Any] = field(default_factory=dict)  # each watched module's first input, as it is
     layer_outputs: dict[str, Any] = field(default_factory=dict)  # each layer's stream output, as it is
+    layer_streams: dict[str, Any] = field(default_factory=dict)  # each layer's first tensor input, as it came
 
     def reads_layer_output(self, module_path: str, layer_path: str) -> bool:
         """Whether the watched module's input is, as it is, the stream ``layer_path`` hands on (a stage's final
@@ -57,12 +58,9 @@ class CapturedRun:
     def feeds_layer(self, module_path: str, layer_path: str) -> bool:
         """Whether the watched module's output is, as it is, the stream ``layer_path`` receives (no position
         embedding added and no projection between them: an embedding norm then feeds the stack directly)."""
-        call = self.layer_calls.get(layer_path)
-        output = self.watched_outputs.get(module_path)
-        if call is None or output is None:
+        stream, output = self.layer_streams.get(layer_path), self.watched_outputs.get(module_path)
+        if stream is None or output is None:
             return True  # nothing to tell it by
-        stream = next((value for value in (*call.args, *call.kwargs.values()) if isinstance(value, torch.Tensor)),
-                      None)
         return stream is output
 
 
@@ -275,6 +273,8 @@ def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:
             run.watched_inputs[path] = next((value for value in (*args, *kwargs.values())
                                              if isinstance(value, torch.Tensor)), None)
         if capture and path not in run.layer_calls:
-            run.layer_calls[path] = LayerCall(args, dict(kwargs))
+            run.layer_calls[path] = LayerCall(args, dict(kwargs))  # a CPU twin's are made meta copies afterwards
+            run.layer_streams[path] = next((value for value in (*args, *kwargs.values())
+                                            if isinstance(value, torch.Tensor)), None)
 
     return hook
