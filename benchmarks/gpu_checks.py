@@ -7,6 +7,9 @@
    (the arithmetic runs in fp32/fp64 on either device, then rounds once), and the converted model's outputs must
    stay within bf16 rounding of the original's. A Llama in bf16 on CUDA is converted Pre -> Post and must
    ``generate()``.
+3. Issue 17's new reach on CUDA: a perturbed T5 in bf16 converted exactly to LayerNorm (one extra dimension, the
+   head's input scale folded) must pass its own bf16 exactness check and give the original's greedy tokens; a
+   SegFormer (stages of several widths) converted exactly to RMSNorm in fp32 on CUDA must be exact.
 
 Run: ``python benchmarks/gpu_checks.py [--device cuda]``; it exits 1 when a check fails.
 """
@@ -113,6 +116,42 @@ def bf16_conversion(device: torch.device) -> bool:
     return ok and generates
 
 
+def new_reach(device: torch.device) -> bool:
+    """The T5 family's exact RMSNorm -> LayerNorm in bf16, and a SegFormer's exact LayerNorm -> RMSNorm, on CUDA."""
+    from transformers import SegformerConfig, SegformerModel, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=256, d_kv=32, num_layers=4, num_heads=8, d_ff=512,
+                                             vocab_size=1000, decoder_start_token_id=0))
+    with torch.no_grad():
+        for parameter in t5.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: within its own rounding; fp32: the same greedy tokens
+        model = copy.deepcopy(t5).to(device, dtype).eval()
+        converted = normswap.convert(model, norm="layernorm", exact=True, untie=True)
+        report = converted.normswap_report
+        ids = torch.randint(1, 1000, (2, 16), device=device)
+        with torch.no_grad():
+            tokens = [m.generate(input_ids=ids, max_new_tokens=8, do_sample=False) for m in (model, converted)]
+        same = torch.equal(*tokens)
+        print(f"{dtype} T5 -> LayerNorm exact on {device.type}: {report.relative:.2e} x max|reference| (bound "
+              f"{report.tolerance:.1e}, exact: {report.exact}); greedy tokens identical: {same}")
+        results.append(report.exact and (same or dtype != torch.float32))
+    config = SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[64, 128],
+                             patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                             image_size=64)
+    segformer = SegformerModel(config)
+    with torch.no_grad():
+        for parameter in segformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    segformer = segformer.to(device).eval()
+    rms = normswap.convert(segformer, norm="rmsnorm").normswap_report
+    print(f"fp32 SegFormer (2 stages, widths 64, 128) -> RMSNorm exact on {device.type}: {rms.relative:.2e} x "
+          f"max|reference| (exact: {rms.exact})")
+    return bool(all(results) and rms.exact)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,6 +162,7 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     norm_speed(device, args.repeats)
     ok = bf16_conversion(device)
+    ok = new_reach(device) and ok
     print("all checks passed" if ok else "A CHECK FAILED")
     return 0 if ok else 1
 
