@@ -46,7 +46,7 @@ class EmbeddingStem:
         stream = self.scale * rows
         if self.mean_gain:
             stream = stream + self.mean_gain * rows.sum(-1, keepdim=True)
-        return stream @ lift.T / wider.scale
+        return stream @ lift.T.to(stream.device) / wider.scale
 
     def describe(self, wider: EmbeddingStem) -> str:
         """The plan's note, empty where the rows are only lifted."""

@@ -227,8 +227,8 @@ def _read_through(weight: torch.Tensor, gamma: torch.Tensor, offset: float, lift
                   axis: int) -> torch.Tensor:
     """``W diag(offset + g) U^T / sqrt((d+1)/d)`` along the stream ``axis``, in float64: a reader of the norm's
     output, one dimension wider (axis 1 of an nn.Linear weight, or the hidden axis of fused experts)."""
-    return _wide(weight, lambda wide: _along(wide * _on_axis(offset + gamma.double(), axis, wide.dim()), axis,
-                                             lift.T / scale))
+    return _wide(weight, lambda wide: _along(wide * _on_axis(offset + gamma.double().to(wide.device), axis,
+                                                             wide.dim()), axis, lift.T / scale))
 
 
 def _zero_padded(tensor: torch.Tensor, axis: int) -> torch.Tensor:
@@ -241,7 +241,7 @@ def _zero_padded(tensor: torch.Tensor, axis: int) -> torch.Tensor:
 
 def _along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     """``tensor`` with its ``axis`` multiplied by ``matrix`` (d x d+1): ``U^T`` lifts a writer, ``U^T / s`` reads."""
-    return (tensor.movedim(axis, -1) @ matrix).movedim(-1, axis)
+    return (tensor.movedim(axis, -1) @ matrix.to(tensor.device)).movedim(-1, axis)  # a model on CUDA: U moves
 
 
 def _on_axis(vector: torch.Tensor, axis: int, dims: int) -> torch.Tensor:
