@@ -203,16 +203,19 @@ def test_a_norm_chosen_by_a_conditional_is_replaced_whole(tmp_path: Path) -> Non
     assert normswap.inspect(loaded).placement == "post"
 
 
-def test_rms_to_layer_norm_leaves_no_rms_norm_on_the_embeddings() -> None:
-    """AIMv2 normalises its patch embeddings with an RMSNorm; ``--norm layernorm`` left it, and the output
-    re-inspected as 'mixed' (a bad output the coverage matrix found)."""
+def test_a_norm_of_the_patches_that_positions_follow_is_not_on_the_stream() -> None:
+    """AIMv2 normalises its patch embeddings with an RMSNorm and then adds positions: the norm computes the
+    stream's first value, it does not normalise the stream (once it was taken for the embedding norm, and
+    ``--norm layernorm`` left it while replacing it was planned: 'mixed', a bad output). It is no stream norm now,
+    a norm-kind change leaves it as it is, and the result inspects as LayerNorm throughout its residual path."""
     config = transformers.Aimv2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, image_size=28, patch_size=14)
     model = _perturbed(transformers.Aimv2VisionModel(config))
-    assert normswap.inspect(model).stacks[0].embedding_norm.kind == "rmsnorm"
+    assert normswap.inspect(model).stacks[0].embedding_norm is None
     converted = normswap.convert(model, norm="layernorm")
     topology = normswap.inspect(converted)
-    assert topology.norm == "layernorm" and topology.stacks[0].embedding_norm.kind == "layernorm"
+    assert topology.norm == "layernorm" and topology.stacks[0].embedding_norm is None
+    assert torch.equal(converted.embeddings.rms_norm.weight, model.embeddings.rms_norm.weight)
 
 
 def test_weightless_rms_norms_become_weightless_layer_norms(tmp_path: Path) -> None:
