@@ -286,10 +286,7 @@ def test_a_learned_vector_placed_among_image_features_is_lifted_with_them() -> N
     config = transformers.LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=127,
                                           image_grid_pinpoints=[[32, 32], [32, 64]])
     torch.manual_seed(0)
-    model = transformers.LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model = perturbed(transformers.LlavaNextForConditionalGeneration(config))
     converted, plan, _, _ = convert_to_layer_norm_exact(model, untie=True)
     assert "model.image_newline" in plan.writers
     pixels = torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # base image and 2 tiles
@@ -313,10 +310,7 @@ def test_a_stem_that_moves_the_embeddings_to_the_model_device_is_measured() -> N
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                        "image_size": 64, "patch_size": 32}, image_token_id=127)
     torch.manual_seed(0)
-    model = transformers.Idefics3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model = perturbed(transformers.Idefics3ForConditionalGeneration(config))
     _, _, report, _ = convert_to_layer_norm_exact(model, untie=True)
     assert report.exact and report.relative < 1e-5
 
@@ -331,10 +325,7 @@ def test_a_head_input_scaled_by_a_function_of_the_width_is_folded_into_the_head(
                                          vocab_size=128, max_position_embeddings=64, dim_model_base=256,
                                          scale_emb=12, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.MiniCPM3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model = perturbed(transformers.MiniCPM3ForCausalLM(config))
     converted, _, report, _ = convert_to_layer_norm_exact(model)
     assert report.exact and report.relative < 1e-5
     assert converted.config.hidden_size == 65 and converted.config.logits_scaling != model.config.logits_scaling

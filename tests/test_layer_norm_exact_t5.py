@@ -153,17 +153,22 @@ def test_converts_back_to_rms_norm_exactly() -> None:
     assert float((reference - actual).abs().max()) <= 2e-5 * float(reference.abs().max())
 
 
+def _mt5_with_a_head_of_its_own(folder: Path) -> torch.nn.Module:
+    """An mT5 checkpoint in ``folder`` whose lm_head holds values other than ``shared``, as published mT5, UMT5,
+    T5 v1.1 and Flan-T5 checkpoints do, loaded as transformers loads it (untied)."""
+    tiny("mt5").save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return transformers.MT5ForConditionalGeneration.from_pretrained(folder, trust_remote_code=False).eval()
+
+
 def test_a_checkpoint_that_stores_lm_head_apart_converts_from_its_own_head(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """mT5, UMT5, T5 v1.1 and Flan-T5 checkpoints store lm_head beside shared with values of its own, which
     transformers loads untied whatever the config says; the plan starts from that model (it read the head from
     shared, twice the logits off), and --untie adds no table there."""
-    model = tiny("mt5")
-    model.save_pretrained(tmp_path / "src")
-    state = load_file(tmp_path / "src" / "model.safetensors")
-    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
-    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
-    original = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    original = _mt5_with_a_head_of_its_own(tmp_path / "src")
     assert original.lm_head.weight is not original.shared.weight
 
     command = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--norm", "layernorm", "--exact", "--quiet"]
@@ -184,12 +189,7 @@ def test_a_head_stored_apart_stays_apart_through_every_conversion(tmp_path: Path
     """The same mT5 checkpoint, converted to post or approximately to LayerNorm: the generated code tied the head
     to ``shared`` as the config says, so the head stored apart was dropped from the output and the converted model
     loaded the embedding in its place (a silently different model, exit 0). The head now stays apart."""
-    model = tiny("mt5")
-    model.save_pretrained(tmp_path / "src")
-    state = load_file(tmp_path / "src" / "model.safetensors")
-    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=torch.Generator().manual_seed(1))
-    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
-    original = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    original = _mt5_with_a_head_of_its_own(tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *flags, "--quiet"]) == 0
     loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
     assert loaded.lm_head.weight is not loaded.shared.weight

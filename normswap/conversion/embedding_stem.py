@@ -138,10 +138,13 @@ def _report_cpu_device(meta: nn.Module) -> None:
     values. ``meta`` is consumed by the measurement, so its classes are not restored."""
     from transformers import PreTrainedModel
 
+    on_cpu: dict[type, type] = {}  # one subclass per class, whatever the number of its modules
     for module in meta.modules():
         if isinstance(module, PreTrainedModel):
-            on_cpu = type(type(module).__name__, (type(module),), {"device": property(lambda _: torch.device("cpu"))})
-            module.__class__ = on_cpu
+            cls = type(module)
+            if cls not in on_cpu:
+                on_cpu[cls] = type(cls.__name__, (cls,), {"device": property(lambda _: torch.device("cpu"))})
+            module.__class__ = on_cpu[cls]
 
 
 def _probe_rows(width: int) -> torch.Tensor:

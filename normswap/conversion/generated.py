@@ -64,16 +64,13 @@ def head_untied_in_code(model: nn.Module, head_key: str) -> tuple[str, str] | No
     one config flag, so untying the head there leaves the head's entry out of the class's map instead (the
     generated code's ``_tied_weights_keys``), and the shared embeddings stay one tensor, as the family trains them.
     None where the head is all the flag ties (Llama): there the converted config says tie_word_embeddings = False."""
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    tied = expanded(all_submodels=True) if callable(expanded) else {}
-    if all(head_key in pair for pair in tied.items()):
+    if all(head_key in pair for pair in _tied_weight_keys(model).items()):
         return None
     for prefix, module in model.named_modules():
         key = head_key.removeprefix(f"{prefix}.") if prefix else head_key
         if key in (getattr(type(module), "_tied_weights_keys", None) or {}):
             return type(module).__name__, key
     return None
-
 
 
 def head_stored_apart(model: nn.Module) -> str | None:
@@ -87,9 +84,13 @@ def head_stored_apart(model: nn.Module) -> str | None:
     if output is None or embedding is None or output.weight is embedding.weight:
         return None
     key = next((f"{path}.weight" for path, module in model.named_modules() if module is output), None)
+    return key if key is not None and key in _tied_weight_keys(model) else None
+
+
+def _tied_weight_keys(model: nn.Module) -> dict[str, str]:
+    """Target -> source of every tie transformers makes in ``model`` as its classes and config ask."""
     expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    tied = expanded(all_submodels=True) if callable(expanded) else {}
-    return key if key is not None and key in tied else None
+    return expanded(all_submodels=True) if callable(expanded) else {}
 
 
 def generated_target(model: nn.Module, source: Topology, placement: str) -> tuple[GeneratedModule, Any, Any]:

@@ -266,15 +266,18 @@ def _reusing_forward(module: nn.Module, signature: tuple[Any, ...], run: Capture
     return forward
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first tensor a module was called with: a layer's stream, a norm's input."""
+    return next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+
+
 def _recorder(run: CapturedRun, path: str, capture: bool) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         run.call_order.append(path)
         if not capture and path not in run.watched_inputs:
-            run.watched_inputs[path] = next((value for value in (*args, *kwargs.values())
-                                             if isinstance(value, torch.Tensor)), None)
+            run.watched_inputs[path] = _first_tensor(args, kwargs)
         if capture and path not in run.layer_calls:
             run.layer_calls[path] = LayerCall(args, dict(kwargs))  # a CPU twin's are made meta copies afterwards
-            run.layer_streams[path] = next((value for value in (*args, *kwargs.values())
-                                            if isinstance(value, torch.Tensor)), None)
+            run.layer_streams[path] = _first_tensor(args, kwargs)
 
     return hook
