@@ -174,6 +174,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     # started before torch is imported, so the source shards are copied while it imports
     with early_copy(Path(args.source), Path(args.destination), args.overwrite, args.norm, args.exact,
                     args.dtype) as mirror:
+        _import_native_libraries()
         from .conversion.checkpoint import convert_checkpoint
 
         result = convert_checkpoint(args.source, args.destination, args.placement, norm=args.norm, exact=args.exact,
@@ -238,6 +239,7 @@ def _run_heal(args: argparse.Namespace) -> int:
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
     check_destination(sources, Path(args.destination), args.overwrite)
 
+    _import_native_libraries()
     from .healing.checkpoint import heal_checkpoint
     report = heal_checkpoint(args.original, args.converted, args.destination, overwrite=args.overwrite,
                              trust_remote_code=args.trust_remote_code, data=args.data, max_steps=args.max_steps,
@@ -255,6 +257,13 @@ def _run_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_native_libraries() -> None:
+    """torch and transformers, imported whole before anything that needs them (see ``import_uninterrupted``)."""
+    from .interrupts import import_uninterrupted
+
+    import_uninterrupted("torch", "transformers")
+
+
 def _finite(report: dict) -> dict:
     from .conversion.finite import finite_for_json
 
@@ -262,6 +271,7 @@ def _finite(report: dict) -> dict:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    _import_native_libraries()
     from .detect import inspect
     from .render import render_topology
 

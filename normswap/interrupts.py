@@ -64,3 +64,18 @@ def deferred_interrupts() -> Iterator[PendingInterrupts]:
         for signum in swapped:
             signal.signal(signum, previous[signum])
         pending.check()
+
+
+def import_uninterrupted(*module_names: str) -> None:
+    """Import ``module_names`` with Ctrl-C and SIGTERM held until the imports end.
+
+    torch's import runs Python from C++ (pybind11 callbacks). An interrupt raised inside one becomes a C++
+    exception nothing catches, and the process aborts (``terminate called after throwing an instance of
+    'pybind11::error_already_set'``, SIGABRT) instead of stopping with one line. Held, it is raised a moment
+    later, once the import is whole.
+    """
+    import importlib
+
+    with deferred_interrupts():
+        for name in module_names:
+            importlib.import_module(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from test_rms_norm import perturbed
 
 from normswap.conversion import streaming
 from normswap.conversion.checkpoint import convert_checkpoint
-from normswap.interrupts import deferred_interrupts
+from normswap.interrupts import deferred_interrupts, import_uninterrupted
 
 
 class StopError(Exception):
@@ -100,6 +101,20 @@ def test_outside_the_main_thread_nothing_changes() -> None:
     thread.start()
     thread.join()
     assert seen == [signal.default_int_handler]
+
+
+def test_ctrl_c_during_an_import_waits_for_the_module_to_be_whole(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C inside torch's import can land in a pybind11 callback and abort the process (SIGABRT, seen in
+    CI); held, it is raised once the module has run to its end."""
+    (tmp_path / "interrupted_mid_import.py").write_text(
+        "import signal\nsignal.raise_signal(signal.SIGINT)\nreached_the_end = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "interrupted_mid_import", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        import_uninterrupted("interrupted_mid_import")
+    assert sys.modules["interrupted_mid_import"].reached_the_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_conversion_acts_on_sigterm_at_the_next_tensor_and_leaves_nothing(
