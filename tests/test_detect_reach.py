@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
 
 import normswap
+from normswap.conversion.verify import measure_drift, probe_inputs
 from normswap.detect.norms import classify_norm, scales_to_unit_length
 from normswap.topology import Topology
 
@@ -331,14 +332,31 @@ def test_unit_length_normalisation_is_told_apart_but_is_no_norm_kind() -> None:
     assert not scales_to_unit_length(nn.RMSNorm(HIDDEN), HIDDEN)  # has a weight: a norm candidate, not this
 
 
-def test_a_residual_gain_blocks_placement_changes_and_exact_maps_with_the_reason(
-        doge: tuple[nn.Module, Topology]) -> None:
-    """The norm-shift mapping needs an identity residual path; Doge's per-channel gain is not one. Before the
-    gain was recorded, ``--placement post`` converted Doge into a model with output cosine 0.35."""
+def test_a_residual_gain_stays_on_the_residual_path_of_a_placement_change(doge: tuple[nn.Module, Topology]) -> None:
+    """The norm-shift mapping keeps what each branch reads (docs/design.md §2); nothing in it needs the residual
+    path to be the identity. Doge's per-channel gains stay in the adds: ``h <- s * h + F`` becomes
+    ``x <- post(s * x + F(x))``, and the way back returns every tensor bit for bit."""
     model, _ = doge
-    with pytest.raises(normswap.NormswapError, match="scales the residual stream it keeps") as error:
-        normswap.convert(model, placement="post")
-    assert "per-channel gain" in str(error.value) and "identity residual path" in str(error.value)
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    post = normswap.convert(model, placement="post")
+    topology = normswap.inspect(post)
+    assert topology.placement == "post" and "scaled residual (per-channel gain)" in topology.summary()
+    report = measure_drift(model, post, normswap.inspect(model), topology, probe_inputs(model, None, None),
+                           exact=False)
+    assert report.sublayers[0].max_abs_diff == 0  # branch 0 reads exactly what it read before
+    with torch.no_grad():
+        before = post(input_ids=tokens).logits
+        for layer in post.model.layers:  # the gains are read by the converted adds: without them, another output
+            layer.input_residual.copy_(torch.ones_like(layer.input_residual))
+        assert not torch.allclose(post(input_ids=tokens).logits, before, atol=1e-3)
+    back = normswap.convert(normswap.convert(model, placement="post"), placement="pre")
+    original = model.state_dict()
+    assert {key: value for key, value in back.state_dict().items() if key in original}.keys() == original.keys()
+    assert all(torch.equal(back.state_dict()[key], value) for key, value in original.items())
+
+
+def test_a_per_channel_residual_gain_blocks_the_exact_extra_dimension_map(doge: tuple[nn.Module, Topology]) -> None:
+    model, _ = doge
     with pytest.raises(normswap.NormswapError, match="scales its residual stream per channel"):
         normswap.convert(model, norm="layernorm", exact=True, untie=True)  # U(g * h) is no gain of U h
     converted = normswap.convert(model, norm="layernorm")  # the approximate norm-kind change does not need it

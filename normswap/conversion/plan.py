@@ -271,12 +271,6 @@ def require_placement_source(topology: Topology) -> str:
     """The placement of ``topology`` if the norm-shift mapping applies to it, else why not (one line)."""
     placement = topology.placement
     _require_one_sublayer_per_norm(topology)
-    if not topology.identity_residual:
-        scale = topology.residual_scales[0]
-        raise PlanError(f"{topology.model_type} scales the residual stream it keeps ({scale.describe()}: "
-                        "h <- s * h + F(...)); the norm-shift mapping (docs/design.md §3) moves each norm along an "
-                        "identity residual path, which this stream does not have, so --placement pre/post does "
-                        "not apply")
     if placement in ("pre", "post", "parallel"):
         return placement
     if placement in _BRANCH_NORM_PLACEMENTS:
