@@ -129,7 +129,13 @@ def test_composite_takes_its_width_and_eps_from_the_text_config() -> None:
     source = model.config.text_config
     assert text.hidden_size == source.hidden_size + 1 and text.head_dim == source.head_dim
     d = source.hidden_size
-    assert text.rms_norm_eps == pytest.approx(source.rms_norm_eps * d / (d + 1))
+    # its q_norm/k_norm (over head_dim) read rms_norm_eps too, so the field keeps its value for them and the
+    # stream norms take eps * d/(d+1) in the generated code
+    assert text.rms_norm_eps == source.rms_norm_eps
+    attention = "model.language_model.layers.0.self_attn"
+    assert converted.get_submodule(f"{attention}.q_norm").variance_epsilon == source.rms_norm_eps
+    for norm in ("model.language_model.layers.0.input_layernorm", "model.language_model.norm"):
+        assert converted.get_submodule(norm).eps == pytest.approx(source.rms_norm_eps * d / (d + 1))
     assert converted.config.vision_config.hidden_size == model.config.vision_config.hidden_size
 
 

@@ -19,7 +19,10 @@ from that code and one run on the meta device (``stream_roles.py``). A family wh
 from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
 shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
 widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
-and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). Tied embeddings
+and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
+of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
+padded by a unit that nothing reads (``head_chain.py``). Where the eps field also sets norms beside the stream
+(q_norm over head_dim), it keeps its value and the stream norms' eps' goes into the code. Tied embeddings
 become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
 the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
 decides exactness. Everything is computed in float64.
@@ -45,6 +48,7 @@ from ..errors import NormswapError, first_line
 from ..topology import Topology
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
+from .head_chain import head_chain
 from .head_scale import measure_head_scale
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
@@ -100,7 +104,13 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
                             "E diag(g) U^T out), so no exact LayerNorm twin of this family's code exists (leave out "
                             "--exact for the approximate conversion)")
     built = shapes_of(target.state_dict())
-    uses = trace_stream_uses(model, (*norms, *finals), family).with_reader(head_key, final)
+    source_shapes = shapes_of(model.state_dict())
+    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
+    skip = norm_keys | {f"{path}.weight" for path in embeddings}
+    uses = trace_stream_uses(model, (*norms, *finals), family)
+    chain = head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
+    if chain is None:  # lm_head reads the final norm itself (a slice of its output)
+        uses = uses.with_reader(head_key, final)
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
         if norm not in read:
@@ -109,17 +119,15 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
 
     lift = orthonormal_lift(d)
     scale = math.sqrt((d + 1) / d)
-    source_shapes = shapes_of(model.state_dict())
     steps: dict[str, Step] = {key: copy_of(key) for key in source_shapes}
     made = {key: tuple(shape) for key, shape in source_shapes.items()}  # each output's shape, as the edits go
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
-    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
-    skip = norm_keys | {f"{path}.weight" for path in embeddings}
-    roles = stream_roles(model, topology, source_shapes, built, uses, skip)
-    head_step = steps[head_key]  # before its map: the head's scale, measured below, goes into the same product
+    roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {})}
+    head_readers = [key for key in (chain.readers if chain else (head_key,)) if key.endswith(".weight")]
+    head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
     for key, role in roles.items():
         steps[key] = _mapped(steps[key], role, offsets, lift, scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
@@ -154,10 +162,15 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     # (d+1) ** -0.5 where the original scaled by d ** -0.5, and the ratio of the two measured scales goes into
     # lm_head's weight with the norm's weight and U^T, in one float64 product (for T5 the ratio is sqrt((d+1)/d),
     # which cancels the LayerNorm's factor: lm_head = E diag(g) U^T).
-    source_head = measure_head_scale(build_meta_model(model).model, final, output_path, family)
-    wider_head = measure_head_scale(_build_wider(cls, config, family, d), final, output_path, family)
-    if source_head != wider_head and head_key in roles:
-        steps[head_key] = _mapped(head_step, roles[head_key], offsets, lift, scale * wider_head / source_head)
+    head_note = ""
+    for key in head_readers:  # lm_head, or the first linear maps of a head of its own (``head_chain.py``)
+        reader = key.rpartition(".")[0]
+        source_head = measure_head_scale(build_meta_model(model).model, final, reader, family)
+        wider_head = measure_head_scale(_build_wider(cls, config, family, d), final, reader, family)
+        if source_head != wider_head and key in roles:
+            steps[key] = _mapped(head_steps[key], roles[key], offsets, lift, scale * wider_head / source_head)
+            head_note += (f"; the code's scale of what {'lm_head' if reader == output_path else reader} reads "
+                          f"{source_head:.6g} -> {wider_head:.6g} folded into its weight")
     if tied and not untie:  # asked last, so that a model refused for its structure is never sent to untie first
         raise NormswapError(_tied_refusal(model, family, d))
     for path in embeddings:  # the measured stem is the token embedding's; other stem embeddings are only lifted
@@ -166,11 +179,10 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
             lambda weight, stem=stem: _wide(weight, lambda rows: stem.fold(rows, wider_stem, lift)),
             steps[f"{path}.weight"])
 
-    writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None)
+    writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None and not role.head)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
-    head_note = "" if source_head == wider_head else (
-        f"; the code's scale of what lm_head reads {source_head:.6g} -> {wider_head:.6g} folded into its weight")
+    head_note += chain.describe() if chain else ""
     notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"

@@ -25,7 +25,8 @@ class _HeadReachedError(Exception):
 
 
 def measure_head_scale(meta: nn.Module, final_norm: str, head: str, family: str) -> float:
-    """The factor between ``final_norm``'s output and what ``head`` reads, measured on ``meta``.
+    """The factor between ``final_norm``'s output and what ``head`` reads, measured on ``meta``: ``head`` is the LM
+    head, or the first linear map of a head with layers of its own (``head_chain.py``).
 
     How: ``meta`` (weightless, consumed: pass a model of its own) runs once on synthetic inputs, on the meta device
     (where its code cannot run there, on a CPU twin, as ``trace_stream_uses`` does); the final norm's output is
@@ -34,7 +35,8 @@ def measure_head_scale(meta: nn.Module, final_norm: str, head: str, family: str)
     code keeps only some positions (the last token's logits). In float64 on the meta device (float32 on a CPU
     twin) whatever the checkpoint's dtype: bf16 would round d ** -0.5 and (d+1) ** -0.5 alike.
     """
-    width = int(meta.get_output_embeddings().weight.shape[-1])
+    norm_weight = getattr(meta.get_submodule(final_norm), "weight", None)  # the head may read it through layers
+    width = int((norm_weight if norm_weight is not None else meta.get_output_embeddings().weight).shape[-1])
     row = _probe_row(width)
 
     def attempt(model: nn.Module, device: str) -> Any:

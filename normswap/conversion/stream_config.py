@@ -2,7 +2,11 @@
 
 The extra-dimension map writes ``hidden_size = d+1`` and ``eps' = eps * d/(d+1)`` into the family's config; a
 composite's values go into the sub-config its language model is built from, so both are looked up there. A norm
-whose eps no config field reaches gets its wider eps written into the generated code instead.
+whose eps no config field reaches gets its wider eps written into the generated code instead, and so does every
+stream norm where the field also reaches a norm that is not the stream's (Qwen3's q_norm/k_norm over head_dim, a
+gated delta net's output norm): scaling the field would scale those norms' eps too, and the map leaves them as they
+are, so the field keeps its value for them. Where such a norm's input is small (a delta net's output, ~1e-4), its
+eps is no rounding matter: 1e-6 -> 1e-6 * 64/65 moved LaraMini's logits by 6e-3 x max|reference|.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def eps_sources(model: nn.Module, stream: StreamConfig, topology: Topology) -> t
     """Where the stream norms take their eps from: the config field that some of them read (Llama's
     ``rms_norm_eps``, CpmAnt's ``eps``), None where none does, and the norms that do not read it (JetMoE's layer
     norms take a default argument; only its final norm reads ``rms_norm_eps``). The wider LayerNorms need
-    eps * d/(d+1): the field is scaled, and the other norms get theirs written into the code.
+    eps * d/(d+1): the field is scaled, and the other norms get theirs written into the code. Where the field
+    also sets the eps of a module that is no stream norm, no field is returned and every stream norm's eps goes
+    into the code, so that module keeps its own.
 
     A field is a candidate when its value is some norm's eps; which norms read it is found by building the model
     on the meta device with the field doubled and seeing which norms take the new value."""
@@ -75,8 +81,21 @@ def eps_sources(model: nn.Module, stream: StreamConfig, topology: Topology) -> t
             probe = type(model)._from_config(config)
         others = [norm for norm in norms if not math.isclose(_eps_of(probe.get_submodule(norm.path)), 2 * norm.eps)]
         if len(others) < len(norms):
-            return name, others
+            return (None, norms) if _read_beyond_stream(model, probe, topology, value) else (name, others)
     return None, norms
+
+
+def _read_beyond_stream(model: nn.Module, probe: nn.Module, topology: Topology, value: float) -> bool:
+    """Whether a module that is no stream norm took its eps from the field: ``value`` in ``model``, and twice
+    that in ``probe``, built with the field doubled."""
+    stream = {norm.path for norm in topology.stream_norms}
+    built = dict(probe.named_modules())
+    for path, module in model.named_modules():
+        twin = built.get(path)
+        if path not in stream and twin is not None and math.isclose(_eps_of(module), value) and math.isclose(
+                _eps_of(twin), 2 * value):
+            return True
+    return False
 
 
 def _eps_of(norm: nn.Module) -> float:

@@ -11,6 +11,7 @@ meta device and following what each op computes from (``trace_stream_uses``), so
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,15 +35,23 @@ class StreamUses:
 
     ``reads[key]``: the norms whose output (or a reshaped, indexed or cast view of it) the tensor was computed
     with directly, as a linear map's weight, a router's raw weight or a fused expert's matrix is; ``used``: every
-    tensor the run computed with, so that a tensor that never ran is not taken for a writer.
+    tensor the run computed with, so that a tensor that never ran is not taken for a writer; ``after[key]``: the
+    norms whose output reached the tensor only through a reader (UltraBERT's head: ``linear1`` reads the final
+    norm, ``linear2`` and ``decoder`` come after it). Everything in a later layer comes after an earlier layer's
+    norms, so only the last final norm's ``after`` says something: what its readers' outputs run through.
     """
 
     reads: Mapping[str, frozenset[str]]
     used: frozenset[str]
+    after: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
     def with_reader(self, key: str, norm: str) -> StreamUses:
         """These uses, with ``key`` reading ``norm`` only (lm_head reads a slice of the final norm's output)."""
-        return StreamUses({**self.reads, key: frozenset({norm})}, self.used | {key})
+        return StreamUses({**self.reads, key: frozenset({norm})}, self.used | {key}, self.after)
+
+    def coming_after(self, norm: str) -> list[str]:
+        """The tensors computed with what ``norm``'s readers made of its output, in the order the run met them."""
+        return [key for key, found in self.after.items() if norm in found]
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class StreamRole:
     internal: bool = False  # ``axis`` is a width inside a projection (sized by hidden_size, not the stream): padded
     vector: bool = False  # a learned vector of the stream's width outside the layers (LLaVA-NeXT's image_newline)
     padded_input: int | None = None  # an input axis of that inner width, padded with a zero column
+    head: bool = False  # a width inside the LM head, after the final norm's readers (``head_chain.py``): padded
 
 
 def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> StreamUses:
@@ -69,7 +79,8 @@ def trace_stream_uses(model: nn.Module, norms: tuple[str, ...], family: str) -> 
         tracer = _StreamTracer(meta.state_dict(keep_vars=True))
         marks = [(path, lambda module, args, output, path=path: tracer.mark_stream(output, path)) for path in norms]
         synthetic_forward(meta, device, marks, tracer)
-        return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used))
+        return StreamUses({key: frozenset(found) for key, found in tracer.reads.items()}, frozenset(tracer.used),
+                          {key: frozenset(found) for key, found in tracer.after.items()})
 
     try:
         return on_meta_else_cpu(_meta_twin_running_experts(model), attempt)
@@ -93,14 +104,13 @@ def _meta_twin_running_experts(model: nn.Module) -> nn.Module:
 @dataclass(frozen=True)
 class _Origin:
     """What a tensor was computed from: one norm's output alone (``stream``), weights alone (``weights``), or
-    both or several streams (``mixed``), after which nothing it meets reads a norm's output."""
+    both or several streams (``mixed``), after which nothing it meets reads a norm's output; ``after``: the norms
+    whose outputs a mixed tensor was computed from."""
 
     stream: str | None = None
     weights: frozenset[str] = frozenset()
     mixed: bool = False
-
-
-_MIXED = _Origin(mixed=True)
+    after: frozenset[str] = frozenset()
 _CASTS = frozenset({"to", "type_as", "type"})  # x.to(w): w gives a dtype only, so x's origin is kept
 _SHAPE_ONLY = ("_like",)  # torch.zeros_like(x) takes x's shape, none of its values
 _SCALINGS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
@@ -125,6 +135,7 @@ class _StreamTracer(TorchFunctionMode):
             self.origins[id(tensor)] = (_Origin(weights=known | {key}), tensor)  # tied tensors answer to each key
         self.reads: dict[str, set[str]] = {}
         self.used: set[str] = set()
+        self.after: dict[str, set[str]] = {}
 
     def mark_stream(self, output: Any, norm: str) -> None:
         if isinstance(output, torch.Tensor):
@@ -168,12 +179,15 @@ class _StreamTracer(TorchFunctionMode):
         """The origin of an op's result; records the reads and uses it shows."""
         streams = {origin.stream for origin in origins if origin.stream}
         weights = frozenset(key for origin in origins if not origin.mixed for key in origin.weights)
+        after = frozenset(norm for origin in origins for norm in origin.after)
         self.used |= weights
         if len(streams) == 1 and weights:
             for key in weights:
                 self.reads.setdefault(key, set()).update(streams)
+        for key in weights if after else ():
+            self.after.setdefault(key, set()).update(after)
         if any(origin.mixed for origin in origins) or len(streams) > 1 or (streams and weights):
-            return _MIXED
+            return _Origin(mixed=True, after=after | streams)
         if streams:
             return _Origin(stream=next(iter(streams)))
         return _Origin(weights=weights) if weights else None
@@ -261,7 +275,7 @@ def projection_modules(roles: Mapping[str, StreamRole]) -> dict[str, tuple[str, 
     (the tensors of a module come in that order): what ``check_projections`` runs."""
     found: dict[str, dict[str, None]] = {}
     for key, role in roles.items():
-        if role.stem or role.internal:
+        if (role.stem or role.internal) and not role.head:
             owner = _owner_path(key)
             found.setdefault(owner.rpartition(".")[0], {})[owner] = None
     return {parent: tuple(owners) for parent, owners in found.items()}
