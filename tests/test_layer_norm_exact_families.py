@@ -31,6 +31,8 @@ _GQA = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vo
         "num_attention_heads": 4, "num_key_value_heads": 2, **_TOKENS}
 _T5 = {"d_model": 64, "d_kv": 16, "num_layers": 2, "num_heads": 4, "d_ff": 128, "vocab_size": 128,
        "decoder_start_token_id": 0}  # as T5's checkpoints set it: generate() starts the decoder there
+_CPMANT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "dim_head": 16, "dim_ff": 128,
+           "vocab_size": 128, "prompt_length": 8, "prompt_types": 4, "segment_types": 8}
 EXACT = "exact"
 
 
@@ -65,6 +67,8 @@ FAMILIES = [
     # both stacks map; its config class ties lm_head to the embedding whatever it is given, and it scales what
     # lm_head reads by d_model ** -0.5
     Family("t5", "T5ForConditionalGeneration", EXACT, _T5, untie=True),
+    # prepends prompt tokens numbered past its vocabulary and adds a segment embedding before the first layer
+    Family("cpmant", "CpmAntForCausalLM", EXACT, _CPMANT, untie=True),
 ]
 
 
@@ -139,6 +143,15 @@ def test_embedding_scale_is_measured_on_each_width() -> None:
                 meta = getattr(transformers, case.model_class)(config)
             stem = measure_embedding_stem(meta, "model.layers.0", name)
             assert stem.scale == pytest.approx(scale(width), rel=1e-6) and stem.mean_gain == 0.0, name
+
+
+def test_tokens_and_embeddings_the_code_adds_leave_the_token_scale_measurable() -> None:
+    """CPM-Ant prepends prompt tokens numbered past its vocabulary and adds a segment embedding: the probe looks
+    them up as zero rows, and the stem is the token rows' own (the probe table once lacked those ids)."""
+    case = family("cpmant")
+    with torch.device("meta"):
+        meta = transformers.CpmAntForCausalLM(CONFIG_MAPPING[case.model_type](**case.config))
+    assert measure_embedding_stem(meta, "cpmant.encoder.layers.0", "cpmant") == EmbeddingStem(1.0)
 
 
 def test_a_stem_that_centres_folds_its_centring_into_the_rows() -> None:

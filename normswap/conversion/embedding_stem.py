@@ -85,27 +85,26 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
         raise _FirstLayerReachedError
 
     ids = torch.arange(table.shape[0]).unsqueeze(0)
-    handle = meta.get_submodule(first_layer).register_forward_pre_hook(stop, with_kwargs=True)
+    handles = [meta.get_submodule(first_layer).register_forward_pre_hook(stop, with_kwargs=True)]
     try:
         _restore_computed_buffers(meta.float())  # the code's own scale, not its rounding in a bf16 checkpoint
         _report_cpu_device(meta)
-        probe = nn.Parameter(table, requires_grad=False)
-        for module in [module for module in meta.modules() if isinstance(module, nn.Embedding)
-                       and module.weight is embedding.weight]:  # the stacks' tied copies too (T5's embed_tokens)
-            module.weight = probe
-            module.padding_idx = None  # only gradients read it; the probe table has fewer rows than the vocabulary
+        handles += _probe_tables(meta, embedding.weight, table)
         _run_to_first_layer(meta, ids, captured)
     except Exception as error:  # the family's own code failed on the probe: say which, and why
         if "stream" not in captured:
             raise NormswapError(f"cannot measure how {family} scales its token embeddings before {first_layer} "
                                 f"({type(error).__name__}: {first_line(error)})") from error
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     stream = captured.get("stream")
-    if not isinstance(stream, torch.Tensor) or stream.is_meta or stream.shape[-1] != width:
+    if (not isinstance(stream, torch.Tensor) or stream.is_meta or stream.shape[-1] != width
+            or stream.numel() < table.numel()):
         raise NormswapError(f"cannot measure how {family} scales its token embeddings: the stream entering "
                             f"{first_layer} depends on weights other than the token embedding")
-    stream = stream.detach().double().reshape(table.shape)
+    # tokens the code adds come first (CPM-Ant prepends its prompt): the probe's own are the last positions
+    stream = stream.detach().double().reshape(-1, width)[-table.shape[0]:]
     rows = table.double()
     zero_mean, nonzero = rows[0], rows[0] != 0
     scale = float((stream[0][nonzero] / zero_mean[nonzero]).mean())
@@ -116,6 +115,29 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
         raise NormswapError(f"{family}'s stream entering {first_layer} is not its token embedding rows times a "
                             "scale (less their mean), so one extra dimension cannot carry it exactly")
     return stem
+
+
+def _probe_tables(meta: nn.Module, token_weight: torch.Tensor, table: torch.Tensor) -> list[Any]:
+    """Every embedding of ``meta`` made to look up values on the CPU, through its own class's forward (Gemma's
+    scales its rows): the token embedding (and its tied copies, T5's ``embed_tokens``) the probe ``table``, with a
+    zero row for any id past it, which the code adds itself (CPM-Ant prepends prompt tokens numbered past its
+    vocabulary); every other embedding (CPM-Ant's segments, learned positions) a zero row: each writes the stream
+    apart from the token rows and is lifted on its own. Returns the hooks that map the ids, to remove."""
+    probe = nn.Parameter(torch.cat([table, table.new_zeros(1, table.shape[1])]), requires_grad=False)
+    handles = []
+    for module in [module for module in meta.modules() if isinstance(module, nn.Embedding)]:
+        if module.weight is token_weight:
+            module.weight, rows = probe, table.shape[0]
+        else:
+            module.weight, rows = nn.Parameter(table.new_zeros(1, module.embedding_dim), requires_grad=False), 0
+        module.padding_idx = None  # only gradients read it; the probe tables have fewer rows than the vocabulary
+
+        def known_ids(_module: nn.Module, args: tuple, rows: int = rows) -> tuple:
+            ids, *rest = args
+            return (torch.where((ids >= 0) & (ids < rows), ids, rows), *rest)
+
+        handles.append(module.register_forward_pre_hook(known_ids))
+    return handles
 
 
 def _run_to_first_layer(meta: nn.Module, ids: torch.Tensor, captured: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from ..topology import Branch, BranchKind, NormSite, ResidualScale, Sublayer, pl
 from .no_residual_add import describe_node, no_residual_add_message
 from .norms import NormInfo
 from .scaling import Followed, ScaleReader
+from .stem_norm import TAKEN_AFTER_PRE_NORM
 from .trace_layer import WRAPPED_LAYER, TracedLayer
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -72,6 +73,7 @@ class LayerReading:
     used_norms: frozenset[str]  # relative paths
     output_scale: ResidualScale | None = None
     stream_width: int | None = None  # the last axis of the stream the layer reads
+    stem_norms: tuple[str, ...] = ()  # norms on the stream before the first residual is taken (RWKV's pre_ln)
 
 
 class LayerGraph:
@@ -200,7 +202,8 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
             notes=tuple(item.notes),
             residual_scale=item.residual_scale,
         ))
-    return LayerReading(tuple(sublayers), frozenset(used), output_scale, graph.scales.width)
+    stem = tuple(graph.module_path(node) or "" for node in raw[0].residual_norms)
+    return LayerReading(tuple(sublayers), frozenset(used), output_scale, graph.scales.width, stem)
 
 
 def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
@@ -321,7 +324,7 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: s
         previous.post_norms.extend(item.residual_norms)
     if raw[0].residual_norms:
         raw[0].pre_norms[:0] = raw[0].residual_norms
-        raw[0].notes.append("the residual is taken after the pre norm")
+        raw[0].notes.append(TAKEN_AFTER_PRE_NORM)
     output = next(n for n in graph.nodes if n.op == "output")
     result = _first_output(graph, output.args[0])
     if not isinstance(result, fx.Node):

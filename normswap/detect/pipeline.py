@@ -31,6 +31,7 @@ from .norms import NormInfo, classify_norm
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
 from .source import MetaModel, build_meta_model, load_config, meta_model_from_config
+from .stem_norm import lift_stem_norms
 from .trace_layer import trace_layer
 
 _NORM_LIKE_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm)(_?\d+)?$|norm$", re.IGNORECASE)
@@ -101,6 +102,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
     analysed: dict[Any, tuple[LayerReading, list[str]]] = {}
     keys: dict[str, Any] = {}
     widths: dict[str, int | None] = {}  # the stream width of each stack, as its first traced layer reads it
+    stems: dict[str, tuple[str, ...]] = {}  # each layer's norms on the stream before its first residual
     for stack_path, stack_layers in stacks:
         for index, (path, layer) in enumerate(stack_layers):
             call = run.layer_calls.get(path)
@@ -131,6 +133,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                              "it are listed as inner norms" for opaque in traced.opaque)
             reading, all_relative = analysed[key]
             widths.setdefault(stack_path, reading.stream_width)
+            stems[path] = tuple(f"{path}.{stem}" for stem in reading.stem_norms)
             layers.append(Layer(
                 index=index,
                 stack=stack_path,
@@ -146,7 +149,8 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
             ))
     notes.extend(reuse_notes(stacks, run, model_level_norms))
 
-    stack_records = _place_edge_norms(stacks, run, norms, model_level_norms, widths)
+    stack_records, layers = lift_stem_norms(_place_edge_norms(stacks, run, norms, model_level_norms, widths),
+                                            layers, stems)
     topology = Topology(
         model_type=meta.model_type,
         model_class=type(model).__name__,

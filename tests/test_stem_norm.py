@@ -1,0 +1,63 @@
+"""RWKV's ``pre_ln``: a norm that only block 0 builds and runs, on the stream before its first residual, is the
+stack's embedding norm (``detect/stem_norm.py``). Read as a pre norm of block 0 it gave block 0 one norm more
+than block 1, and ``--placement post`` was refused (one rewrite of ``RwkvBlock`` serves every block)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import normswap
+from normswap.cli import main
+from normswap.conversion.verify import probe_inputs
+
+
+def perturbed_rwkv() -> torch.nn.Module:
+    """A tiny RWKV whose every parameter is moved away from its init value (norm weights 1, biases 0)."""
+    config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, attention_hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, context_length=64)
+    torch.manual_seed(0)
+    model = transformers.RwkvForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+def test_block_zero_pre_ln_is_the_embedding_norm() -> None:
+    topology = normswap.inspect(perturbed_rwkv())
+    (stack,) = topology.stacks
+    assert stack.embedding_norm is not None and stack.embedding_norm.path == "rwkv.blocks.0.pre_ln"
+    assert stack.final_norm is not None and stack.final_norm.path == "rwkv.ln_out"
+    shapes = {tuple(tuple(norm.path.removeprefix(layer.path) for norm in sub.norms) for sub in layer.sublayers)
+              for layer in topology.layers}
+    assert shapes == {((".ln1",), (".ln2",))}  # every block reads the stream alike
+    assert topology.placement == "pre"
+    assert not any(sub.notes for layer in topology.layers for sub in layer.sublayers)
+
+
+def test_rwkv_post_loads_generates_and_round_trips(tmp_path: Path) -> None:
+    model = perturbed_rwkv()
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "post"), "--placement", "post", "--quiet"]) == 0
+    report = json.loads((tmp_path / "post" / "normswap_report.json").read_text())
+    dropped = [move for stack in report["plan"]["stacks"] for move in stack["moves"] if move["target"] is None]
+    assert [move["source"] for move in dropped] == ["rwkv.blocks.0.pre_ln"]  # kept aside for the way back
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "post", trust_remote_code=True).eval()
+    assert normswap.inspect(loaded).placement == "post"
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        logits = loaded(**inputs).logits
+    assert torch.isfinite(logits).all()
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    assert loaded.generate(prompt, max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    source, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert source.keys() == back.keys()
+    assert all(torch.equal(source[key], back[key]) for key in source)  # pre_ln came back from the carried file
