@@ -11,6 +11,8 @@ Schema (all keys optional except ``model_types``)::
     model_type = "megatron-bert"
     class_prefix = ["Bert", "MegatronBert"]     # BertForMaskedLM -> MegatronBertForMaskedLM
     config = { some_key = 1 }                   # config values to set
+    [target_config.post]                        # config values any converted model of this placement needs
+    rescale_every = 0
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-_KNOWN_KEYS = frozenset({"model_types", "notes", "placement_flags", "native"})
+_KNOWN_KEYS = frozenset({"model_types", "notes", "placement_flags", "native", "target_config"})
 _NATIVE_KEYS = frozenset({"model_type", "class_prefix", "config"})
 _PLACEMENTS = frozenset({"pre", "post", "parallel", "sandwich", "post-sublayer"})
 
@@ -70,9 +72,17 @@ class Recipe:
     notes: tuple[str, ...] = ()
     placement_flags: tuple[PlacementFlag, ...] = ()
     native: tuple[NativeTarget, ...] = ()
+    # (placement, ((key, value), ...)): config values a converted model of that placement needs, natively loaded
+    # or generated (RWKV halves its stream every rescale_every layers in eval mode, harmless only while every
+    # branch reads the stream through a norm)
+    target_config: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def native_target(self, placement: str) -> NativeTarget | None:
         return next((target for target in self.native if target.placement == placement), None)
+
+    def config_for(self, placement: str) -> dict[str, Any]:
+        """The config values any converted model of ``placement`` needs."""
+        return dict(next((values for where, values in self.target_config if where == placement), ()))
 
 
 def parse_recipe(name: str, data: dict[str, Any]) -> Recipe:
@@ -95,7 +105,15 @@ def parse_recipe(name: str, data: dict[str, Any]) -> Recipe:
             )
         flags.append(PlacementFlag(key, tuple(sorted(table.items()))))
     native = tuple(_parse_native(where, placement, table) for placement, table in data.get("native", {}).items())
-    return Recipe(name, tuple(model_types), tuple(notes), tuple(flags), native)
+    return Recipe(name, tuple(model_types), tuple(notes), tuple(flags), native,
+                  _parse_target_config(where, data.get("target_config", {})))
+
+
+def _parse_target_config(where: str, tables: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    if not isinstance(tables, dict) or not all(p in _PLACEMENTS and isinstance(t, dict) for p, t in tables.items()):
+        raise RecipeError(f"{where}: target_config must hold [target_config.<placement>] tables of config values, "
+                          f"the placement one of {sorted(_PLACEMENTS)}")
+    return tuple((placement, tuple(sorted(values.items()))) for placement, values in sorted(tables.items()))
 
 
 def _parse_native(where: str, placement: str, table: Any) -> NativeTarget:

@@ -70,6 +70,9 @@ def test_family_without_recipe_still_inspects(write_config: Any) -> None:
         ({"model_types": ["x"], "notes": "one"}, "recipes/bad.toml: 'notes' must be a list of strings"),
         ({"model_types": ["x"], "placement_flags": {"flag": {"true": "upside-down"}}},
          "recipes/bad.toml: placement_flags.flag must map config values to one of"),
+        ({"model_types": ["x"], "target_config": {"sideways": {"k": 0}}},
+         r"recipes/bad.toml: target_config must hold \[target_config.<placement>\] tables"),
+        ({"model_types": ["x"], "target_config": {"post": 0}}, r"target_config must hold"),
     ],
 )
 def test_schema_errors_name_the_file_and_key(data: dict[str, Any], message: str) -> None:

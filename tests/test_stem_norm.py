@@ -16,10 +16,10 @@ from normswap.cli import main
 from normswap.conversion.verify import probe_inputs
 
 
-def perturbed_rwkv() -> torch.nn.Module:
+def perturbed_rwkv(layers: int = 2, rescale_every: int = 6) -> torch.nn.Module:
     """A tiny RWKV whose every parameter is moved away from its init value (norm weights 1, biases 0)."""
     config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, attention_hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, context_length=64)
+                                     num_hidden_layers=layers, context_length=64, rescale_every=rescale_every)
     torch.manual_seed(0)
     model = transformers.RwkvForCausalLM(config)
     with torch.no_grad():
@@ -61,3 +61,18 @@ def test_rwkv_post_loads_generates_and_round_trips(tmp_path: Path) -> None:
     source, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert source.keys() == back.keys()
     assert all(torch.equal(source[key], back[key]) for key in source)  # pre_ln came back from the carried file
+
+
+def test_rwkv_post_does_not_halve_its_stream_in_eval_mode(tmp_path: Path) -> None:
+    """RWKV halves its stream every ``rescale_every`` blocks in eval mode: harmless under Pre-Norm, where every
+    branch reads the stream through a norm, not under Post-Norm. The recipe's ``[target_config.post]`` turns it
+    off, so the converted model computes the same in eval and train mode (it has no dropout)."""
+    perturbed_rwkv(layers=4, rescale_every=2).save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "post"), "--placement", "post", "--quiet"]) == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "post", trust_remote_code=True)
+    assert loaded.config.rescale_every == 0
+    inputs = probe_inputs(loaded, None, None)
+    with torch.no_grad():
+        trained = loaded.train()(**inputs).logits
+        evaluated = loaded.eval()(**inputs).logits
+    torch.testing.assert_close(evaluated, trained, rtol=1e-5, atol=1e-5)

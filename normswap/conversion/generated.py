@@ -20,6 +20,7 @@ from ..codegen.derive import modeling_file, placement_edits
 from ..codegen.edits import Edit
 from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
 from ..codegen.rewrite import apply_edits
+from ..recipe import recipe_for
 from ..topology import Topology
 from .native import meta_instance
 
@@ -94,6 +95,9 @@ def _tied_weight_keys(model: nn.Module) -> dict[str, str]:
 
 
 def generated_target(model: nn.Module, source: Topology, placement: str) -> tuple[GeneratedModule, Any, Any]:
-    """The generated module, class and config for a placement change."""
+    """The generated module, class and config for a placement change (with the config values the family's recipe
+    says a model of that placement needs)."""
+    recipe = recipe_for(source.model_type)
     return generate_family_code(model, source, placement_edits(model, source, placement),
-                                f"placement {source.placement} -> {placement} (norm-shift mapping)")
+                                f"placement {source.placement} -> {placement} (norm-shift mapping)",
+                                recipe.config_for(placement) if recipe is not None else None)

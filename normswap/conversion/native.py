@@ -13,18 +13,21 @@ import torch
 from torch import nn
 
 from ..errors import NormswapError
-from ..recipe import NativeTarget
+from ..recipe import NativeTarget, recipe_for
 
 _NOT_CARRIED_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map",
                             "normswap")
 
 
 def target_config(source_config: Any, target: NativeTarget) -> Any:
-    """The source config re-expressed for the target family, with the recipe's config values set."""
+    """The source config re-expressed for the target family, with the recipes' config values set (the target's, and
+    those the source family's recipe says any model of the target placement needs)."""
     from transformers import CONFIG_MAPPING
 
     data = {k: v for k, v in source_config.to_dict().items() if k not in _NOT_CARRIED_CONFIG_KEYS}
     data.update(dict(target.config))
+    recipe = recipe_for(source_config.model_type)
+    data.update(recipe.config_for(target.placement) if recipe is not None else {})
     config = CONFIG_MAPPING[target.model_type].from_dict(data)
     architectures = getattr(source_config, "architectures", None) or []
     config.architectures = [target.target_class_name(name) for name in architectures] or None
