@@ -57,9 +57,10 @@ FAMILIES = [
                                                     "attention_multiplier": 0.2, "logits_scaling": 2.0}),
     Family("smollm3", "SmolLM3ForCausalLM", EXACT, _GQA, untie=True),
     Family("gemma", "GemmaForCausalLM", EXACT, {**_GQA, "head_dim": 16}, untie=True),  # sqrt(d) scale, 1 + w norms
-    Family("helium", "HeliumForCausalLM",
-           r"helium's code sizes model\.layers\.0\.self_attn\.o_proj\.weight from hidden_size .*builds \(65, 65\), "
-           r"the map makes \(65, 64\)", {**_GQA, "head_dim": 16}),
+    # each sizes an inner width (heads * head_dim) by hidden_size: o_proj's input, q_norm/k_norm, attn_sub_norm
+    Family("helium", "HeliumForCausalLM", EXACT, {**_GQA, "head_dim": 16}),
+    Family("olmoe", "OlmoeForCausalLM", EXACT, {**_GQA, "num_experts": 4, "num_experts_per_tok": 2}),
+    Family("bitnet", "BitNetForCausalLM", EXACT, _GQA),
     Family("gemma2", "Gemma2ForCausalLM", r"gemma2 is not a Pre-RMSNorm model \(Sandwich-Norm",
            {**_GQA, "head_dim": 16}, untie=True),
     Family("llama4_text", "Llama4ForCausalLM", EXACT,  # fused experts, a per-token factor on a reader's input

@@ -173,7 +173,21 @@ class ReplaceResidualAdd:
     expression: str
 
 
+@dataclass(frozen=True)
+class SizeByInnerWidth:
+    """In ``self.<attribute> = Ctor(...)`` of ``__init__``: the ``<config>.hidden_size`` reads numbered in
+    ``occurrences`` (in source order) -> ``<config>.normswap_inner_width``.
+
+    Exact RMSNorm -> LayerNorm writes ``hidden_size = d + 1``; code that also sizes an inner width by it (Helium's
+    ``o_proj`` input, OLMoE's ``q_norm``, BitNet's ``attn_sub_norm``: all ``heads * head_dim``) keeps ``d`` there.
+    """
+
+    class_name: str
+    attribute: str
+    occurrences: tuple[int, ...]
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
         | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
-        | ReplaceResidualAdd)
+        | ReplaceResidualAdd | SizeByInnerWidth)

@@ -25,6 +25,7 @@ from .edits import (
     ReadAfterBranch,
     ReplaceNormClass,
     ReplaceResidualAdd,
+    SizeByInnerWidth,
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
@@ -44,7 +45,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     rewriter = _Rewriter(edits, constructors, lines, module_names(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
-    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput)
+    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth)
     wrong = [edit for edit in edits
              if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
@@ -317,6 +318,9 @@ class _Rewriter(cst.CSTTransformer):
                                        "no single constructor call otherwise, so a norm cannot be built in its place")
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(constructor.call))
+            if isinstance(edit, SizeByInnerWidth) and edit.attribute == attribute and self._here(edit):
+                self.applied[edit] += 1
+                return updated.with_changes(value=updated.value.visit(_InnerWidthReads(edit.occurrences)))
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
@@ -400,6 +404,39 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{function.name.value} runs its layers without a `for ... in self.{stack_attribute}` loop "
                            "(ALBERT runs one shared layer group again and again), so the generated code has no "
                            "one place before or after the layers for the stack norm this layout moves there")
+
+
+def config_width_reads(source: str, class_name: str, attribute: str) -> int:
+    """How many ``<config>.hidden_size`` reads the ``self.<attribute> = ...`` of ``class_name.__init__`` holds
+    (``SizeByInnerWidth`` numbers them in this order); 0 where there is no such assignment."""
+    for statement in cst.parse_module(source).body:
+        if not isinstance(statement, cst.ClassDef) or statement.name.value != class_name:
+            continue
+        for item in statement.body.body:
+            if isinstance(item, cst.FunctionDef) and item.name.value == "__init__":
+                for node in _walk(item):
+                    if (isinstance(node, cst.Assign) and len(node.targets) == 1
+                            and _self_attribute(node.targets[0].target) == attribute):
+                        counter = _InnerWidthReads(())
+                        node.value.visit(counter)
+                        return counter.seen
+    return 0
+
+
+class _InnerWidthReads(cst.CSTTransformer):
+    """``<config>.hidden_size`` -> ``<config>.normswap_inner_width`` at the numbered reads (``SizeByInnerWidth``)."""
+
+    def __init__(self, occurrences: Sequence[int]) -> None:
+        super().__init__()
+        self.occurrences, self.seen = frozenset(occurrences), 0
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+        if updated.attr.value != "hidden_size" or not _code(updated.value).endswith("config"):
+            return updated
+        self.seen += 1
+        if self.seen - 1 in self.occurrences:
+            return updated.with_changes(attr=cst.Name("normswap_inner_width"))
+        return updated
 
 
 def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:

@@ -15,7 +15,8 @@ Any Pre-RMSNorm decoder with an LM head is tried; no list of families or tensor 
 the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
 derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
 ``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
-from that code and one run on the meta device (``stream_roles.py``). A family whose code sizes something else
+from that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the
+language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a family whose code sizes something else
 from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
 shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
 widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
@@ -34,13 +35,14 @@ import copy
 import dataclasses
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits
+from ..codegen.derive import layer_norm_edits, modeling_file
+from ..codegen.edits import SizeByInnerWidth
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
@@ -50,6 +52,7 @@ from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
 from .head_chain import head_chain
 from .head_scale import measure_head_scale
+from .inner_width import INNER_WIDTH_FIELD, inner_width_edits
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
@@ -77,6 +80,13 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
+    return _plan_layer_norm_exact(model, untie, ())
+
+
+def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...]) -> ConversionSetup:
+    """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
+    without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
+    width, once more with the edits that size them by the inner width."""
     topology = inspect(model)
     family = topology.model_type
     stream = _require_pre_rms_norm_decoder(model, topology)
@@ -94,7 +104,7 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
-                                                          untied_head=untied_head)
+                                                          untied_head=untied_head, inner=inner)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -145,6 +155,19 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
         rows, _ = made[f"{path}.weight"]
         made[f"{path}.weight"] = (rows, d + 1)
 
+    inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
+                      and inside(key, stream.path)}
+    if inner_mismatch and not inner:
+        def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
+            _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
+                                                                      untied_head=untied_head, inner=tuple(edits))
+            return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
+                                                                   .state_dict()).items()}
+
+        edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
+                                  built_shapes)
+        if edits:
+            return _plan_layer_norm_exact(model, untie, edits)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, d)
     first_layer = topology.layers[0].path
@@ -386,7 +409,8 @@ def _owner(model: nn.Module, key: str) -> str:
 
 
 def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int, untie: bool,
-                                 untied_head: tuple[str, str] | None = None) -> tuple[GeneratedModule, Any, Any]:
+                                 untied_head: tuple[str, str] | None = None,
+                                 inner: tuple[SizeByInnerWidth, ...] = ()) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
@@ -396,7 +420,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1}
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner else {})}
     if eps is not None:
         values[eps] = getattr(config, eps) * d / (d + 1)
     eps_in_code = {norm.path: norm.eps * d / (d + 1) for norm in others}
@@ -414,7 +438,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     else:
         top.update(values)
     try:
-        return generate_family_code(model, topology, layer_norm_edits(model, topology, eps_in_code),
+        return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)
