@@ -293,10 +293,14 @@ def embedding_norm_stays(stack: Stack, first_pre: tuple[NormSite, ...]) -> bool:
 
 
 def combine_placements(placements: Any) -> Placement:
-    """One placement if all agree, ``mixed`` otherwise."""
+    """One placement if all agree, ``mixed`` otherwise. Parallel blocks among Pre-Norm sublayers (Falcon-H1: attention
+    and Mamba read one norm, then a Pre-Norm MLP) are ``parallel``: every norm is before its branches, as in a
+    model of parallel blocks alone, and the norm-shift sequence has one entry per sublayer either way."""
     seen = set(placements)
     if not seen:
         return "none"
+    if seen == {"pre", "parallel"}:
+        return "parallel"
     return seen.pop() if len(seen) == 1 else "mixed"
 
 

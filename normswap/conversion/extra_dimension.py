@@ -297,7 +297,7 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
     an LM head, and a config that sizes the stream (returned)."""
     family = topology.model_type
     kinds = {n.kind for n in topology.stream_norms}
-    if topology.placement != "pre" or not kinds or not kinds <= _NORM_KINDS:
+    if topology.placement not in ("pre", "parallel") or not kinds or not kinds <= _NORM_KINDS:
         raise NormswapError(f"{family} is not a Pre-RMSNorm model ({topology.summary()}); exact RMSNorm -> "
                             "LayerNorm needs every norm before its branch (plain or 1 + w RMSNorms), where it reads "
                             "the stream and only linear maps read it")

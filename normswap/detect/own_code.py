@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NormswapError, SourceError, first_line
-from .source import quiet_transformers
+from .source import quiet_transformers, special_floats
 
 if TYPE_CHECKING:
     from ..conversion.regenerate import Regenerated
@@ -157,7 +157,7 @@ def _own_config(config_path: Path, data: dict[str, Any], regenerated: Regenerate
 
     module = load_generated(regenerated.generated)
     config_class = getattr(module, regenerated.generated.config_class)
-    fields = {key: value for key, value in data.items() if key != "model_type"}
+    fields = {key: special_floats(value) for key, value in data.items() if key != "model_type"}
     try:
         with quiet_transformers():
             config = config_class.from_dict(fields)

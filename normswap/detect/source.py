@@ -178,7 +178,7 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
             f"{origin} has model_type '{_printable(model_type)}', which this transformers version does not know; "
             "upgrade transformers, fix the model_type, or pass --trust-remote-code for a custom model"
         )
-    fields = {key: _special_floats(value) for key, value in data.items() if key != "model_type"}
+    fields = {key: special_floats(value) for key, value in data.items() if key != "model_type"}
     try:
         with quiet_transformers():
             return CONFIG_MAPPING[model_type].from_dict(fields)
@@ -192,15 +192,15 @@ def config_from_dict(data: dict[str, Any], origin: str, trust_remote_code: bool 
 _SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
 
-def _special_floats(value: Any) -> Any:
+def special_floats(value: Any) -> Any:
     """``value`` with transformers' JSON tags for floats that JSON cannot hold (``{"__float__": "Infinity"}``,
     as ``save_pretrained`` writes Mamba-2's ``time_step_limit``) turned back into those floats."""
     if isinstance(value, dict):
         if set(value) == {"__float__"} and value["__float__"] in _SPECIAL_FLOATS:
             return _SPECIAL_FLOATS[value["__float__"]]
-        return {key: _special_floats(item) for key, item in value.items()}
+        return {key: special_floats(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_special_floats(item) for item in value]
+        return [special_floats(item) for item in value]
     return value
 
 

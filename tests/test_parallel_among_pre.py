@@ -1,0 +1,63 @@
+"""Parallel blocks among Pre-Norm sublayers (Falcon-H1: attention and Mamba read one norm and add together, then a
+Pre-Norm MLP) are ``parallel`` placement, not ``mixed``: every norm is before its branches, so the norm-shift goes
+to post (branch 0 exact, the way back bit for bit) and the extra-dimension map to LayerNorm is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import normswap
+from normswap.cli import main
+from normswap.conversion.verify import measure_drift, probe_inputs
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def falcon_h1() -> torch.nn.Module:
+    config = transformers.FalconH1Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16,
+        mamba_chunk_size=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.FalconH1ForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # norm weights at 1 and biases at 0 would hide folding bugs
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def test_parallel_and_pre_sublayers_make_a_parallel_model(falcon_h1: torch.nn.Module) -> None:
+    topology = normswap.inspect(falcon_h1)
+    assert [sub.placement for sub in topology.layers[0].sublayers] == ["parallel", "pre"]
+    assert topology.placement == "parallel"
+
+
+def test_falcon_h1_goes_to_post_and_back(falcon_h1: torch.nn.Module, tmp_path: Path) -> None:
+    post = normswap.convert(falcon_h1, placement="post")
+    topology = normswap.inspect(post)
+    assert topology.placement == "post"
+    drift = measure_drift(falcon_h1, post, normswap.inspect(falcon_h1), topology,
+                          probe_inputs(falcon_h1, None, None), exact=False)
+    assert drift.sublayers[0].max_abs_diff == 0  # branch 0 reads exactly what it read before
+
+    falcon_h1.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "post"), "--placement", "post", "--quiet"]) == 0
+    assert normswap.inspect(str(tmp_path / "post")).placement == "post"  # normswap's own code: no flag needed
+    assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    source, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert source.keys() == back.keys() and all(torch.equal(source[key], back[key]) for key in source)
+
+
+def test_falcon_h1_converts_exactly_to_layer_norm(falcon_h1: torch.nn.Module) -> None:
+    converted = normswap.convert(falcon_h1, norm="layernorm", exact=True)
+    assert converted.config.hidden_size == 65 and normswap.inspect(converted).norm == "layernorm"
+    inputs = probe_inputs(falcon_h1, None, None)
+    with torch.no_grad():
+        reference, actual = falcon_h1(**inputs).logits, converted(**inputs).logits
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
