@@ -61,6 +61,11 @@ FAMILIES = [
     Family("helium", "HeliumForCausalLM", EXACT, {**_GQA, "head_dim": 16}),
     Family("olmoe", "OlmoeForCausalLM", EXACT, {**_GQA, "num_experts": 4, "num_experts_per_tok": 2}),
     Family("bitnet", "BitNetForCausalLM", EXACT, _GQA),
+    # its vision tower's position embedding, inside the model but sized by the vision config, writes no stream
+    Family("phi4_multimodal", "Phi4MultimodalForCausalLM", EXACT, {
+        **_GQA, "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                  "num_hidden_layers": 2},
+        "audio_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_blocks": 2}}),
     Family("gemma2", "Gemma2ForCausalLM", r"gemma2 is not a Pre-RMSNorm model \(Sandwich-Norm",
            {**_GQA, "head_dim": 16}, untie=True),
     Family("llama4_text", "Llama4ForCausalLM", EXACT,  # fused experts, a per-token factor on a reader's input

@@ -114,6 +114,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "E diag(g) U^T out), so no exact LayerNorm twin of this family's code exists (leave out "
                             "--exact for the approximate conversion)")
     built = shapes_of(target.state_dict())
+    # an embedding the wider code does not widen writes no stream (Phi-4-multimodal's vision position embedding)
+    embeddings = [path for path in embeddings if tuple(built.get(f"{path}.weight", ()))[-1:] == (d + 1,)]
     source_shapes = shapes_of(model.state_dict())
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
