@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from test_convert_native import main_output
 
 import normswap
@@ -293,13 +294,25 @@ def test_an_add_inside_a_module_level_helper_is_wrapped_where_the_layer_calls_it
     assert source.count("= self.input_layernorm(bias_dropout_add(") == 1
 
 
-def test_a_helper_add_called_from_a_branch_module_is_refused_with_the_reason() -> None:
-    """BLOOM's ``dropout_add`` is called inside BloomAttention and BloomMLP, which cannot reach BloomBlock's norms."""
+def test_a_helper_add_called_from_a_branch_module_is_wrapped_where_the_layer_calls_that_module(tmp_path: Path) -> None:
+    """BLOOM's ``dropout_add`` is called inside BloomAttention and BloomMLP, which cannot reach BloomBlock's norms
+    (it was refused): the layer's call of each module is wrapped, the attention's tuple by its sum's item alone."""
     config = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)
     model = _perturbed(transformers.BloomForCausalLM(config))
-    with pytest.raises(normswap.NormswapError, match="BloomAttention, BloomMLP call, not BloomBlock") as error:
-        normswap.convert(model, placement="post")
-    assert "yet" not in str(error.value) and "report" not in str(error.value)
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM", placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+    source = (tmp_path / "dst" / "modeling_normswap_bloom.py").read_text()
+    assert source.count("normswap_norm_item(self.post_attention_layernorm, self.self_attention(") == 1
+    assert source.count("= self.input_layernorm(self.mlp(") == 1
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    cached, uncached = (loaded.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache)
+                        for use_cache in (True, False))
+    assert torch.equal(cached, uncached)
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    source_weights = load_file(tmp_path / "src" / "model.safetensors")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert source_weights.keys() == back.keys()
+    assert all(torch.equal(source_weights[key], back[key]) for key in source_weights)
 
 
 def test_a_wrapper_without_an_auto_model_entry_inspects_and_re_inspects(tmp_path: Path) -> None:

@@ -27,16 +27,19 @@ class ChildCall:
     line: int
 
 
-def caller_of_add(layer: nn.Module, add_class: str, add_line: int, norm_path: str, path: Path
-                  ) -> tuple[ChildCall, str]:
-    """The call of the module that adds, in the class that can reach ``norm_path`` (relative to ``layer``), and the
-    norm's attribute path from there; a ``NormswapError`` says why the add cannot be wrapped one frame out."""
+def caller_of_add(layer: nn.Module, add_class: str, add_line: int, norm_path: str, path: Path, helper: str = ""
+                  ) -> tuple[ChildCall, str, int | None]:
+    """The call of the module that adds, in the class that can reach ``norm_path`` (relative to ``layer``), the
+    norm's attribute path from there, and which item of the child's returned tuple is the sum (None: the child
+    returns the sum itself); a ``NormswapError`` says why the add cannot be wrapped one frame out. With
+    ``helper``, the add is that module-level function's, called at ``add_line`` (BLOOM's ``dropout_add``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     classes = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
-    if add_class not in classes or not _returns_the_sum(classes[add_class], add_line):
+    item = _returned_item(classes[add_class], add_line, helper) if add_class in classes else _NOT_RETURNED
+    if item is _NOT_RETURNED:
         raise NormswapError(f"the residual add at {path.name}:{add_line} is inside {add_class}, whose forward does not "
-                            "return the sum as it is, and the norm that must follow it belongs to the module that "
-                            f"calls {add_class}: there is no call to wrap in it")
+                            "return the sum (as it is, or as one item of a tuple), and the norm that must follow it "
+                            f"belongs to the module that calls {add_class}: there is no call to wrap in it")
     found: set[tuple[str, str, str]] = set()
     for child_path, module in layer.named_modules():
         if type(module).__name__ != add_class or not child_path:
@@ -57,7 +60,7 @@ def caller_of_add(layer: nn.Module, add_class: str, add_line: int, norm_path: st
         raise NormswapError(f"the residual add at {path.name}:{add_line} is inside {add_class}, which {caller} calls "
                             f"as self.{attribute} at {len(lines)} places: which call adds is decided at run time, so "
                             "the norm cannot be placed around it")
-    return ChildCall(caller, attribute, lines[0]), norm_attribute
+    return ChildCall(caller, attribute, lines[0]), norm_attribute, item  # type: ignore[return-value]
 
 
 def _is_self_attribute(node: ast.expr, attribute: str) -> bool:
@@ -65,24 +68,41 @@ def _is_self_attribute(node: ast.expr, attribute: str) -> bool:
             and node.value.id == "self")
 
 
-def _returns_the_sum(cls: ast.ClassDef, add_line: int) -> bool:
-    """Whether ``forward`` returns the value of the add at ``add_line``: ``return a + b`` there, or ``x = a + b``
-    there and ``return x`` as the statement right after it."""
+_NOT_RETURNED = object()
+
+
+def _returned_item(cls: ast.ClassDef, add_line: int, helper: str) -> object:
+    """Where ``forward`` returns the value of the add at ``add_line``: None for the value itself (``return a + b``
+    there, or ``x = a + b`` there and ``return x`` as the statement right after it), the item's index where that
+    return is a tuple holding ``x`` (``return x, attention_probs``), else ``_NOT_RETURNED``. With ``helper``, the add
+    is a call of that function (``x = dropout_add(...)``) instead of ``a + b``."""
     forward = next((node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "forward"),
                    None)
     if forward is None:
-        return False
+        return _NOT_RETURNED
     body = forward.body
     for index, statement in enumerate(body):
         if not statement.lineno <= add_line <= (statement.end_lineno or statement.lineno):
             continue
         if isinstance(statement, ast.Return):
-            return isinstance(statement.value, ast.BinOp) and isinstance(statement.value.op, ast.Add)
+            return None if _is_the_add(statement.value, helper) else _NOT_RETURNED
         if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                and isinstance(statement.targets[0], ast.Name) and isinstance(statement.value, ast.BinOp)
-                and isinstance(statement.value.op, ast.Add)):
-            return False
+                and isinstance(statement.targets[0], ast.Name) and _is_the_add(statement.value, helper)):
+            return _NOT_RETURNED
+        name = statement.targets[0].id
         following = body[index + 1] if index + 1 < len(body) else None
-        return (isinstance(following, ast.Return) and isinstance(following.value, ast.Name)
-                and following.value.id == statement.targets[0].id)
-    return False
+        if not isinstance(following, ast.Return):
+            return _NOT_RETURNED
+        if isinstance(following.value, ast.Name) and following.value.id == name:
+            return None
+        if isinstance(following.value, ast.Tuple):
+            items = [isinstance(item, ast.Name) and item.id == name for item in following.value.elts]
+            return items.index(True) if items.count(True) == 1 else _NOT_RETURNED
+        return _NOT_RETURNED
+    return _NOT_RETURNED
+
+
+def _is_the_add(value: ast.expr | None, helper: str) -> bool:
+    if helper:
+        return isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == helper
+    return isinstance(value, ast.BinOp) and isinstance(value.op, ast.Add)

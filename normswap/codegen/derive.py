@@ -158,7 +158,7 @@ def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: Modul
     An add inside a module-level helper function is wrapped where the layer calls the helper (function_adds).
     """
     helper_calls = helper_add_calls(functions, [locate.line_or_none(sub.residual_add) for sub in subs],
-                                    locate.layer_class, locate.filename)
+                                    locate.layer_class, locate.filename, [locate.branch_classes(sub) for sub in subs])
     for shift in (1, 0):
         try:
             edits: list[Edit] = []
@@ -181,14 +181,14 @@ def _wrapped_add(locate: _Locator, source: str | None, norm_path: str, helper: s
         return WrapResidualAdd(class_name, locate.line(source), attribute, helper)
     except CodegenError:
         add_class = locate.enclosing_class(source)
-        if helper or add_class is None:
+        if add_class is None or (helper and add_class == locate.layer_class):
             raise
         try:
-            call, attribute = caller_of_add(locate.layer, add_class, locate.line(source),
-                                            locate.relative(norm_path), path)
+            call, attribute, item = caller_of_add(locate.layer, add_class, locate.line(source),
+                                                  locate.relative(norm_path), path, helper)
         except NormswapError as reason:
             raise CodegenError(str(reason)) from reason
-        return WrapResidualAdd(call.class_name, call.line, attribute, f"self.{call.attribute}")
+        return WrapResidualAdd(call.class_name, call.line, attribute, f"self.{call.attribute}", item)
 
 
 def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
@@ -383,6 +383,17 @@ class _Locator:
         line = self.line(source)
         enclosing = [(name, start, end) for name, start, end in self.classes if start <= line <= end]
         return max(enclosing, key=lambda item: item[1])[0] if enclosing else None
+
+    def branch_classes(self, sub: Sublayer) -> set[str]:
+        """The classes of the modules, below the layer, that ``sub``'s branches run in (BLOOM's attention module
+        holds its branch's linear maps)."""
+        classes: set[str] = set()
+        for branch in sub.branches:
+            for module in branch.modules:
+                parts = self.relative(module).split(".")
+                for depth in range(1, len(parts)):
+                    classes.add(type(self.layer.get_submodule(".".join(parts[:depth]))).__name__)
+        return classes
 
     def relative(self, module_path: str) -> str:
         """``module_path`` relative to the layer."""

@@ -23,12 +23,14 @@ class UnwrapNormCall:
 class WrapResidualAdd:
     """``a + b`` -> ``self.<norm>(a + b)``: the outermost addition of the statement at ``line``; with ``call``,
     ``call(...)`` -> ``self.<norm>(call(...))``: the add is inside that module-level function, or (``self.x``)
-    inside that child module, whose forward returns the sum."""
+    inside that child module, whose forward returns the sum; with ``item`` too, it returns a tuple whose item
+    ``item`` is the sum: ``normswap_norm_item(self.<norm>, call(...), item)`` normalises that item alone."""
 
     class_name: str
     line: int
     norm: str
     call: str = ""
+    item: int | None = None
 
 
 @dataclass(frozen=True)

@@ -49,13 +49,15 @@ def module_functions(path: Path) -> ModuleFunctions:
     return ModuleFunctions(spans, tuple(sorted(set(calls), key=lambda c: c.line)))
 
 
-def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], layer_class: str, filename: str
-                     ) -> dict[int, HelperCall]:
-    """For each sublayer (by index) whose residual add is inside a helper, the layer's call of that helper.
+def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], layer_class: str, filename: str,
+                     branch_classes: list[set[str]] | None = None) -> dict[int, HelperCall]:
+    """For each sublayer (by index) whose residual add is inside a helper, the call of that helper that adds.
 
     The calls in ``layer_class`` are matched to those sublayers in order; where their numbers differ (a call
     that this configuration skips, such as Falcon's sequential add in a parallel model), which call adds is a
-    run-time choice the source cannot tell, and the conversion is refused with that reason.
+    run-time choice the source cannot tell, and the conversion is refused with that reason. Where only the
+    branch modules call the helper (BLOOM's attention and MLP), each sublayer's call is the one in the class of a
+    module its branch runs in (``branch_classes``, by sublayer): the add is then inside a child (``caller_adds``).
     """
     in_helper = {index: functions.enclosing(line) for index, line in enumerate(add_lines) if line is not None}
     in_helper = {index: name for index, name in in_helper.items() if name is not None}
@@ -66,6 +68,9 @@ def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], la
         indices = [index for index, helper in in_helper.items() if helper == name]
         calls = [call for call in functions.calls if call.function == name and call.class_name == layer_class]
         elsewhere = sorted({call.class_name for call in functions.calls if call.function == name} - {layer_class})
+        if not calls and elsewhere and branch_classes is not None:
+            found.update(_calls_in_branches(functions, name, indices, branch_classes, filename))
+            continue
         if not calls and elsewhere:
             raise NormswapError(f"the residual adds of {filename} are inside the module-level function {name}, "
                                 f"which {', '.join(elsewhere)} call, not {layer_class}: the norm that must wrap "
@@ -78,4 +83,21 @@ def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], la
                                 "this configuration: which call adds is decided at run time, so the source edit "
                                 "that must wrap it cannot be placed")
         found.update(zip(indices, calls, strict=True))
+    return found
+
+
+def _calls_in_branches(functions: ModuleFunctions, name: str, indices: list[int], branch_classes: list[set[str]],
+                       filename: str) -> dict[int, HelperCall]:
+    """Each sublayer's call of helper ``name``: the one call in a class its branch runs in."""
+    found: dict[int, HelperCall] = {}
+    for index in indices:
+        calls = [call for call in functions.calls
+                 if call.function == name and call.class_name in branch_classes[index]]
+        if len(calls) != 1:
+            classes = ", ".join(sorted(branch_classes[index])) or "none"
+            raise NormswapError(f"the residual add of sublayer {index} in {filename} is inside the module-level "
+                                f"function {name}, which the classes its branch runs in ({classes}) call {len(calls)} "
+                                "times: which call adds is decided at run time, so the norm cannot be placed around "
+                                "it")
+        found[index] = calls[0]
     return found

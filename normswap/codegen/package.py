@@ -169,6 +169,14 @@ class NormswapPlainRMSNorm(torch.nn.Module):
 '''
 
 
+_NORM_ITEM_FUNCTION = '''
+
+def normswap_norm_item(norm, output, item):
+    """``output`` (a tuple a module returned) with its item ``item``, the residual sum, normalised by ``norm``."""
+    return (*output[:item], norm(output[item]), *output[item + 1:])
+'''
+
+
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
                    rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False,
                    composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None,
@@ -246,6 +254,8 @@ for _model_class in ({", ".join(model_classes)},):
     if untied_head is not None and untied_head[0] not in model_classes:
         raise CodegenError(f"{untied_head[0]}, whose tied weights hold the LM head, is not a model class of "
                            f"{original.__name__}, so the generated code cannot untie the head")
+    if "normswap_norm_item(" in body:
+        footer = _NORM_ITEM_FUNCTION + footer
     if rms_norm:
         footer = _RMS_NORM_CLASS + footer
     if layer_norm:

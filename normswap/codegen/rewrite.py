@@ -264,6 +264,9 @@ class _Rewriter(cst.CSTTransformer):
         for edit in self.edits:
             if isinstance(edit, WrapResidualAdd) and edit.call == f"self.{callee}" and self._here(edit):
                 self.applied[edit] += 1  # the add is inside the called module (caller_adds)
+                if edit.item is not None:  # it returns the sum as one item of a tuple
+                    return cst.parse_expression(f"normswap_norm_item(self.{edit.norm}, {_code(updated)}, "
+                                                f"{edit.item})")
                 return _self_call(edit.norm, updated)
             if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
                 self.applied[edit] += 1
