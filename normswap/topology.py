@@ -118,6 +118,9 @@ class Sublayer:
     residual_add: str | None  # source line of the add, e.g. "modeling_llama.py:301"
     notes: tuple[str, ...] = ()
     residual_scale: ResidualScale | None = None  # None: the add keeps the stream as it is (h + F)
+    # the modeling-code line that called the code holding the add: where the add is inside a module-level helper
+    # (Falcon's ``dropout_add``), the call of it that adds, of the several a configuration may skip
+    residual_add_caller: str | None = None
 
     def norms_in(self, slot: str) -> tuple[NormSite, ...]:
         return tuple(norm for norm in self.norms if norm.slot == slot)

@@ -315,6 +315,21 @@ def test_a_helper_add_called_from_a_branch_module_is_wrapped_where_the_layer_cal
     assert all(torch.equal(source_weights[key], back[key]) for key in source_weights)
 
 
+def test_the_helper_call_that_adds_in_this_configuration_is_the_traced_one(tmp_path: Path) -> None:
+    """Falcon's layer calls ``dropout_add`` twice, and its parallel configuration skips the first call: which one
+    adds was refused as a run-time choice; the trace names the calling line of the add."""
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                       parallel_attn=True, new_decoder_architecture=False)
+    model = _perturbed(transformers.FalconForCausalLM(config))
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModelForCausalLM", placement="post")
+    assert normswap.inspect(loaded).placement == "post"
+    source = (tmp_path / "dst" / "modeling_normswap_falcon.py").read_text()
+    assert source.count("dropout_add(") == 3  # its definition and the two calls
+    assert source.count("(dropout_add(mlp_output, residual,") == 1  # the call that adds here, wrapped
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    assert normswap.inspect(tmp_path / "back").placement == "parallel"
+
+
 def test_a_wrapper_without_an_auto_model_entry_inspects_and_re_inspects(tmp_path: Path) -> None:
     """``EncoderDecoderModel`` has no AutoModel entry: inspecting it (and the normswap output, re-inspected as
     the coverage matrix does) failed with 'Unrecognized configuration class'."""

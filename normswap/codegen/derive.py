@@ -158,7 +158,8 @@ def _wrapped_adds(subs: tuple[Sublayer, ...], locate: _Locator, functions: Modul
     An add inside a module-level helper function is wrapped where the layer calls the helper (function_adds).
     """
     helper_calls = helper_add_calls(functions, [locate.line_or_none(sub.residual_add) for sub in subs],
-                                    locate.layer_class, locate.filename, [locate.branch_classes(sub) for sub in subs])
+                                    locate.layer_class, locate.filename, [locate.branch_classes(sub) for sub in subs],
+                                    [locate.line_or_none(sub.residual_add_caller) for sub in subs])
     for shift in (1, 0):
         try:
             edits: list[Edit] = []

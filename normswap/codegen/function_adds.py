@@ -50,12 +50,15 @@ def module_functions(path: Path) -> ModuleFunctions:
 
 
 def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], layer_class: str, filename: str,
-                     branch_classes: list[set[str]] | None = None) -> dict[int, HelperCall]:
+                     branch_classes: list[set[str]] | None = None,
+                     caller_lines: list[int | None] | None = None) -> dict[int, HelperCall]:
     """For each sublayer (by index) whose residual add is inside a helper, the call of that helper that adds.
 
     The calls in ``layer_class`` are matched to those sublayers in order; where their numbers differ (a call
     that this configuration skips, such as Falcon's sequential add in a parallel model), which call adds is a
-    run-time choice the source cannot tell, and the conversion is refused with that reason. Where only the
+    run-time choice the source cannot tell, unless the trace names the calling line of each add
+    (``caller_lines``, by sublayer: Falcon's parallel configuration skips its first call); else the conversion is
+    refused with that reason. Where only the
     branch modules call the helper (BLOOM's attention and MLP), each sublayer's call is the one in the class of a
     module its branch runs in (``branch_classes``, by sublayer): the add is then inside a child (``caller_adds``).
     """
@@ -76,6 +79,11 @@ def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], la
                                 f"which {', '.join(elsewhere)} call, not {layer_class}: the norm that must wrap "
                                 f"the add belongs to {layer_class}, which those classes cannot reach, and generated "
                                 "code keeps each family's module tree")
+        by_line = {call.line: call for call in calls}
+        traced = [(caller_lines or [])[index] if index < len(caller_lines or []) else None for index in indices]
+        if len(calls) != len(indices) and all(line in by_line for line in traced):
+            found.update((index, by_line[line]) for index, line in zip(indices, traced, strict=True))
+            continue
         if len(calls) != len(indices):
             lines = ", ".join(str(call.line) for call in calls) or "none"
             raise NormswapError(f"the residual add of {filename} is inside the module-level function {name}, "

@@ -145,13 +145,14 @@ class LayerGraph:
         item = self.tuple_item(node)
         return [item] if item is not None else node.all_input_nodes
 
-    def source_of(self, node: fx.Node) -> str | None:
-        """``modeling_x.py:123``: the innermost modeling-code frame in the node's stack trace."""
+    def source_of(self, node: fx.Node, depth: int = 0) -> str | None:
+        """``modeling_x.py:123``: the innermost modeling-code frame in the node's stack trace (``depth`` 1: the
+        frame that called it)."""
         matches = [m for m in _SOURCE_LINE.finditer(node.stack_trace or "")
                    if m.group(1).rsplit("/", 1)[-1].startswith("modeling_")]
-        if not matches:
+        if len(matches) <= depth:
             return None
-        filename, line = matches[-1].groups()
+        filename, line = matches[-1 - depth].groups()
         return f"{filename.rsplit('/', 1)[-1]}:{line}"
 
 
@@ -199,6 +200,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
             branches=branches,
             norms=tuple(sites),
             residual_add=graph.source_of(item.add),
+            residual_add_caller=graph.source_of(item.add, depth=1),
             notes=tuple(item.notes),
             residual_scale=item.residual_scale,
         ))
