@@ -160,15 +160,27 @@ def test_norms_whose_eps_no_config_field_holds_convert_exactly() -> None:
     assert converted.get_submodule("model.norm").eps == pytest.approx(1e-5 * d / (d + 1))
 
 
-def test_a_model_without_lm_head_is_refused_with_the_class_to_load() -> None:
-    """A base model's output is the final norm's output, which the map makes d+1 wide: no weight change keeps it."""
+def test_a_model_without_lm_head_returns_its_output_through_a_projection_back_to_d(tmp_path: Path) -> None:
+    """A base model's output is the final norm's, which the map makes ``U`` times the original, d+1 wide: the
+    generated code projects it back by ``diag(g) U^T`` (the reader a head would have been), so last_hidden_state
+    keeps its width and values. It was refused."""
     model_type, _, values = MIXTURES["mixtral"]
     base = perturbed(transformers.MixtralModel(CONFIG_MAPPING[model_type](**values)))
-    with pytest.raises(normswap.NormswapError) as refusal:
-        convert_to_layer_norm_exact(base)
-    message = str(refusal.value)
-    assert "MixtralModel has no LM head" in message and "65 wide" in message and "MixtralForCausalLM" in message
-    assert "\n" not in message
+    converted, _, report, generated = convert_to_layer_norm_exact(base)
+    assert report.exact and report.relative <= 1e-4
+    assert "self.normswap_output_projection(self.norm(" in generated.source
+    inputs = probe_inputs(base, None, None)
+    with torch.no_grad():
+        reference, actual = base(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
+    assert actual.shape == reference.shape and converted.config.hidden_size == 65
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+    base.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
 
 
 def test_experts_that_never_run_are_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:

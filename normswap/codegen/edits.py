@@ -189,7 +189,21 @@ class SizeByInnerWidth:
     occurrences: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class AddOutputProjection:
+    """``self.normswap_output_projection = torch.nn.Linear(<config>.hidden_size, <config>.normswap_inner_width,
+    bias=False)`` in ``__init__`` after ``self.<norm> = ...``, and every ``self.<norm>(x)`` in ``forward`` ->
+    ``self.normswap_output_projection(self.<norm>(x))``.
+
+    A model without a head returns its final norm's output; one extra dimension makes that ``U`` times the original
+    (docs/design.md §5), and this fixed map (``diag(g) U^T``, the reader a head would have been) gives it back.
+    """
+
+    class_name: str
+    norm: str
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
         | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
-        | ReplaceResidualAdd | SizeByInnerWidth)
+        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection)

@@ -15,6 +15,7 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     AddLayerNorm,
+    AddOutputProjection,
     AddStackNorm,
     BuildNormAlways,
     BuildSubmodelDirectly,
@@ -35,6 +36,7 @@ from .name_scope import bound_names, module_names, read_names
 from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
+OUTPUT_PROJECTION = "normswap_output_projection"
 
 
 def apply_edits(source: str, edits: Sequence[Edit]) -> str:
@@ -45,7 +47,8 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     rewriter = _Rewriter(edits, constructors, lines, module_names(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
-    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth)
+    class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth,
+                  AddOutputProjection)
     wrong = [edit for edit in edits
              if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
@@ -268,6 +271,10 @@ class _Rewriter(cst.CSTTransformer):
                     return cst.parse_expression(f"normswap_norm_item(self.{edit.norm}, {_code(updated)}, "
                                                 f"{edit.item})")
                 return _self_call(edit.norm, updated)
+            if (isinstance(edit, AddOutputProjection) and edit.norm == callee and self._here(edit)
+                    and self.functions and self.functions[-1] == "forward"):
+                self.applied[edit] += 1
+                return _self_call(OUTPUT_PROJECTION, updated)
             if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
                 self.applied[edit] += 1
                 return updated.args[0].value
@@ -354,10 +361,27 @@ class _Rewriter(cst.CSTTransformer):
                     updated = self._add_call(updated, edit)
             if isinstance(edit, AddLayerNorm) and self._here(edit) and name == "__init__":
                 updated = self._add_beside(updated, edit)
+            if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
+                updated = self._add_output_projection(updated, edit)
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
                                                "{stream} = {stream} - {stream}.mean(-1, keepdim=True)")
         return updated
+
+    def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
+        """The projection's constructor right after ``self.<norm> = ...``, sized from ``__init__``'s config."""
+        parameters = [parameter.name.value for parameter in function.params.params]
+        if len(parameters) < 2:
+            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size the output projection from")
+        config = parameters[1]
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if _assigns(statement, edit.norm):
+                body.insert(index + 1, cst.parse_statement(
+                    f"self.{OUTPUT_PROJECTION} = torch.nn.Linear({config}.hidden_size, {config}.normswap_inner_width, "
+                    "bias=False)\n"))
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.norm} in its own body")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),

@@ -34,16 +34,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file
-from ..codegen.edits import SizeByInnerWidth
+from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
+from ..codegen.edits import AddOutputProjection, SizeByInnerWidth
 from ..codegen.package import GeneratedModule
+from ..codegen.rewrite import OUTPUT_PROJECTION
 from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
@@ -92,19 +92,21 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     stream = _require_pre_rms_norm_decoder(model, topology)
     d = int(stream.config.hidden_size)
     input_path = _path_of(model, model.get_input_embeddings())
-    output_path = _path_of(model, model.get_output_embeddings())
-    tied = _tied(model, stream)
     norms = tuple(n.path for n in topology.residual_norms)
     finals = tuple(stack.final_norm.path for stack in topology.stacks)  # type: ignore[union-attr]
     final = finals[-1]  # the last stack's (a decoder's), which lm_head reads
+    headless = model.get_output_embeddings() is None  # its output is the final norm's: projected back to d
+    output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
+    tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
                   and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
+    projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless else None
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
-                                                          untied_head=untied_head, inner=inner)
+                                                          untied_head=untied_head, inner=inner, projection=projection)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -120,7 +122,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
     uses = trace_stream_uses(model, (*norms, *finals), family)
-    chain = head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
+    chain = None if headless else head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
     if chain is None:  # lm_head reads the final norm itself (a slice of its output)
         uses = uses.with_reader(head_key, final)
     read = {norm for found in uses.reads.values() for norm in found}
@@ -133,18 +135,23 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     scale = math.sqrt((d + 1) / d)
     steps: dict[str, Step] = {key: copy_of(key) for key in source_shapes}
     made = {key: tuple(shape) for key, shape in source_shapes.items()}  # each output's shape, as the edits go
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+    if headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
+        steps[head_key] = combine(lambda gamma: torch.eye(d, dtype=gamma.dtype), copy_of(f"{final}.weight"))
+        made[head_key] = (d, d)
+    elif model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
-    roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {})}
-    head_readers = [key for key in (chain.readers if chain else (head_key,)) if key.endswith(".weight")]
+    roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {}),
+             **({head_key: StreamRole(1, final)} if headless else {})}
+    head_readers = [] if headless else [key for key in (chain.readers if chain else (head_key,))
+                                        if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
     for key, role in roles.items():
         steps[key] = _mapped(steps[key], role, offsets, lift, scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
                           for axis, size in enumerate(made[key]))
-    fused = any(len(source_shapes[key]) > 2 for key in roles)
+    fused = any(len(source_shapes.get(key, ())) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
     for norm in (*norms, *finals):
@@ -162,7 +169,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     if inner_mismatch and not inner:
         def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
-                                                                      untied_head=untied_head, inner=tuple(edits))
+                                                                      untied_head=untied_head, inner=tuple(edits),
+                                                                      projection=projection)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
 
@@ -208,6 +216,9 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
                         (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
     head_note += chain.describe() if chain else ""
+    head_note += (f"; {type(model).__name__} has no head and returns {final}'s output, which the wider model "
+                  f"projects back to {d} by {output_path} (diag(g) U^T, fixed by the map: hidden states before it "
+                  f"stay {d + 1} wide)" if headless else "")
     notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
@@ -317,47 +328,28 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
     final = topology.stacks[-1].final_norm
     assert final is not None
     stream = stream_config(model, topology)
-    if model.get_output_embeddings() is None:
-        raise NormswapError(_headless_refusal(model, family, final.path, int(stream.config.hidden_size)))
     embedding_norm = next((stack.embedding_norm for stack in topology.stacks if stack.embedding_norm), None)
     if embedding_norm is not None:
         raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings, which "
                             "the extra dimension changes; exact RMSNorm -> LayerNorm needs a stream that starts as "
                             "the embeddings")
-    if not isinstance(model.get_input_embeddings(), nn.Embedding):
-        raise NormswapError(f"{family}'s input embedding is a {type(model.get_input_embeddings()).__name__}, not an "
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError:  # transformers' default for models whose input is no token (an audio encoder)
+        embedding = None
+    if embedding is None:
+        raise NormswapError(f"{type(model).__name__} has no token embedding (its input is features, not token ids), "
+                            "and the extra-dimension map lifts the stream where it starts, in the embedding's rows")
+    if not isinstance(embedding, nn.Embedding):
+        raise NormswapError(f"{family}'s input embedding is a {type(embedding).__name__}, not an "
                             "nn.Embedding, whose rows the extra-dimension map lifts")
     return stream
 
 
-def _headless_refusal(model: nn.Module, family: str, final: str, d: int) -> str:
-    """Why a model without an LM head cannot convert exactly, and the class of its family that can."""
-    own, wrapping = _classes_with_a_head(model)
-    if own:
-        instead = f"load the checkpoint as {' or '.join(own)}, whose LM head takes the final norm's weight"
-    elif wrapping:
-        instead = (f"{family} has no class of its own with an LM head; {' and '.join(wrapping)} "
-                   f"{'wraps' if len(wrapping) == 1 else 'wrap'} it with one, so convert the checkpoint of the model "
-                   "that wraps it")
-    else:
-        instead = f"{family}'s code has no class with a head that reads the final norm, to take its weight"
-    return (f"{type(model).__name__} has no LM head: its output is the final norm's ({final}) output itself, which "
-            f"one extra dimension makes {d + 1} wide (U times the original), so no weight change keeps it; {instead}")
-
-
-def _classes_with_a_head(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Classes of the model's own modeling module that end in an LM head (``...ForCausalLM`` first): those that
-    load the same config, and those that wrap it in a larger one (a vision-language model around its text model)."""
-    module = sys.modules.get(type(model).__module__)
-    found = [value for value in (vars(module).values() if module else ()) if isinstance(value, type)
-             and issubclass(value, nn.Module) and value.__module__ == module.__name__
-             and value.__name__.endswith(_HEAD_SUFFIXES)]
-    found.sort(key=lambda cls: (not cls.__name__.endswith(_HEAD_SUFFIXES[0]), cls.__name__))
-    own = [cls.__name__ for cls in found if getattr(cls, "config_class", None) is type(model.config)]
-    return own, [cls.__name__ for cls in found if cls.__name__ not in own]
-
-
-_HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
+def _projection_path(final: str) -> str:
+    """Where the output projection of a model without a head lives: beside its final norm."""
+    owner = final.rpartition(".")[0]
+    return f"{owner}.{OUTPUT_PROJECTION}" if owner else OUTPUT_PROJECTION
 
 
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
@@ -412,7 +404,8 @@ def _owner(model: nn.Module, key: str) -> str:
 
 def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
-                                 inner: tuple[SizeByInnerWidth, ...] = ()) -> tuple[GeneratedModule, Any, Any]:
+                                 inner: tuple[SizeByInnerWidth, ...] = (),
+                                 projection: AddOutputProjection | None = None) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
@@ -422,7 +415,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner else {})}
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection else {})}
     if eps is not None:
         values[eps] = getattr(config, eps) * d / (d + 1)
     eps_in_code = {norm.path: norm.eps * d / (d + 1) for norm in others}
@@ -440,7 +433,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     else:
         top.update(values)
     try:
-        return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner],
+        return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner,
+                                                      *([projection] if projection else [])],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)
