@@ -181,6 +181,7 @@ def test_a_model_without_lm_head_returns_its_output_through_a_projection_back_to
     loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"  # its code is normswap's own: no flag
 
 
 def test_experts_that_never_run_are_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,7 +196,9 @@ def test_gpt2_round_trip_without_the_flag(tmp_path: Path, capsys: pytest.Capture
 @pytest.mark.parametrize(("family", "class_name", "options", "kind"), [
     ("gpt2", "GPT2LMHeadModel", ["--norm", "rmsnorm"], "rmsnorm"),
     ("llama", "LlamaForCausalLM", ["--norm", "layernorm", "--exact"], "layernorm"),  # one dimension wider
-], ids=["gpt2-rmsnorm", "llama-layernorm-exact"])
+    # its q_norm/k_norm read rms_norm_eps too: the field keeps its value, the stream norms' eps is in the code
+    ("qwen3", "Qwen3ForCausalLM", ["--norm", "layernorm", "--exact", "--untie"], "layernorm"),
+], ids=["gpt2-rmsnorm", "llama-layernorm-exact", "qwen3-layernorm-exact"])
 def test_norm_kind_outputs_inspect_without_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     family: str, class_name: str, options: list[str],
                                                     kind: str) -> None:

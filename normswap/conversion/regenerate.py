@@ -36,6 +36,9 @@ class ConversionRequest:
     exact: bool = False
     untie: bool = False
     widened_from: int | None = None  # exact RMSNorm -> LayerNorm: the original hidden size d (written as d + 1)
+    # whether that conversion wrote eps * d/(d+1) into the config's eps field; it keeps the field where norms beside
+    # the stream read it too (Qwen3's q_norm), and writes the stream norms' eps into the code instead
+    eps_field_scaled: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def conversion_requests(conversion: str) -> list[ConversionRequest]:
     if widened is None or int(widened["wider"]) != int(widened["d"]) + 1:
         raise RegenerationError(f"its provenance names the conversion {conversion[:80]!r}, which this normswap does "
                                 "not plan")
-    return [ConversionRequest(norm="layernorm", exact=True, widened_from=int(widened["d"]))]
+    return [ConversionRequest(norm="layernorm", exact=True, widened_from=int(widened["d"]), eps_field_scaled=scaled)
+            for scaled in (True, False)]
 
 
 def regenerate(data: dict[str, Any], origin: str) -> Iterator[Regenerated]:
@@ -113,7 +117,8 @@ def original_config(data: dict[str, Any], original_type: str, request: Conversio
             raise RegenerationError(f"its config is not the one an exact RMSNorm -> LayerNorm conversion of hidden "
                                     f"size {d} writes (hidden_size {d + 1} and a float rms_norm_eps)")
         fields["hidden_size"] = d
-        fields["rms_norm_eps"] = eps * (d + 1) / d  # the conversion wrote eps * d/(d+1)
+        if request.eps_field_scaled:
+            fields["rms_norm_eps"] = eps * (d + 1) / d  # the conversion wrote eps * d/(d+1)
     return config_from_dict(fields, f"{origin} (as its original {original_type} config)")
 
 
