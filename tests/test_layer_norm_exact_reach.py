@@ -184,6 +184,16 @@ def test_a_model_without_lm_head_returns_its_output_through_a_projection_back_to
     assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"  # its code is normswap's own: no flag
 
 
+def test_a_headless_model_whose_stacks_share_the_final_norms_code_is_refused() -> None:
+    """T5Model returns the decoder's final norm output, but T5Stack applies the encoder's final norm too, whose
+    output the cross-attention reads one dimension wider: one class cannot project only one of them back."""
+    config = transformers.T5Config(d_model=64, d_kv=16, num_layers=2, num_heads=4, d_ff=128, vocab_size=128,
+                                   decoder_start_token_id=0)
+    with pytest.raises(normswap.NormswapError, match="applies another stack's too") as refusal:
+        convert_to_layer_norm_exact(perturbed(transformers.T5Model(config)), untie=True)
+    assert "\n" not in str(refusal.value)
+
+
 def test_experts_that_never_run_are_refused_not_guessed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as the eager loop, the experts never run on the meta device (it asks which experts the routing hit):
     whether gate_up_proj reads or writes is then unknown, and the conversion says so instead of guessing."""

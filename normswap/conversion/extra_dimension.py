@@ -105,6 +105,12 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
     projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless else None
+    if projection is not None and any(owner_and_attribute(model, other) == dataclasses.astuple(projection)
+                                      for other in finals[:-1]):
+        raise NormswapError(f"{type(model).__name__} has no LM head, and the code that applies its output's final "
+                            f"norm ({final}) applies another stack's too, whose output the wider model reads one "
+                            "dimension wider: the projection back to d that replaces a head cannot be placed on one "
+                            "alone (convert the class with an LM head)")
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
                                                           untied_head=untied_head, inner=inner, projection=projection)
     target = _build_wider(cls, config, family, d)
