@@ -537,6 +537,25 @@ def test_a_stage_norm_kept_in_a_list_beside_the_stages_is_the_stage_s_final_norm
         for i, width in enumerate((32, 64))]
 
 
+def test_norms_built_in_one_module_list_expression_change_kind(tmp_path: Path) -> None:
+    """GLPN builds its stage norms as ``nn.ModuleList([nn.LayerNorm(...) for ...])``: no ``self.<norm> = Norm(...)``
+    to replace, and ``--norm rmsnorm`` was refused; every LayerNorm call of the list's expression is wrapped."""
+    config = transformers.GLPNConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                     mlp_ratios=[2, 2], decoder_hidden_size=32)
+    model = _perturbed(transformers.GLPNModel(config))
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--norm", "rmsnorm", "--quiet"]) == 0
+    source = (tmp_path / "dst" / "modeling_normswap_glpn.py").read_text()
+    assert "[NormswapRMSNorm.like(nn.LayerNorm(config.hidden_sizes[i])) for i in range(" in source
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
+    topology = normswap.inspect(loaded)
+    assert topology.norm == "rmsnorm" and {s.final_norm.kind for s in topology.stacks} == {"rmsnorm"}
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        assert torch.isfinite(main_output(loaded(**inputs))).all()
+
+
 def test_a_stage_norm_run_by_the_module_around_the_stage_ends_that_stage(tmp_path: Path) -> None:
     """MobileViT's stage runs its transformer (whose list is the stack) and then its own ``layernorm`` on what the
     transformer's last layer handed on: that norm is the stack's final norm although the stack's parent does not

@@ -279,7 +279,8 @@ def layer_norm_edits(model: nn.Module, topology: Topology, eps_in_code: Mapping[
     for path in (norm.path for norm in topology.stream_norms if only is None or norm.path in only):
         require_plain_norm(model, path)
         eps = (eps_in_code or {}).get(path)
-        edit = ReplaceNormClass(*owner_and_attribute(model, path), new_class="NormswapLayerNorm", wrap=True,
+        edit = ReplaceNormClass(*norm_owner(model, path), new_class="NormswapLayerNorm", wrap=True,
+                                item_class=list_item_class(model, path),
                                 keywords=(("eps", repr(eps)),) if eps is not None else ())
         if edit not in edits:
             edits.append(edit)
@@ -326,19 +327,39 @@ def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
     """
     require_plain_norm(model, norm.path)
     keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
-    return ReplaceNormClass(*owner_and_attribute(model, norm.path), keywords=keywords, wrap=True)
+    return ReplaceNormClass(*norm_owner(model, norm.path), keywords=keywords, wrap=True,
+                            item_class=list_item_class(model, norm.path))
+
+
+def norm_owner(model: nn.Module, path: str) -> tuple[str, str]:
+    """The class and attribute whose ``__init__`` assignment builds the norm at ``path``: for an item of a module
+    list, the list's (``ReplaceNormClass.item_class`` then names the items' class)."""
+    return owner_and_attribute(model, path.rsplit(".", 1)[0] if list_item_class(model, path) else path)
+
+
+def list_item_class(model: nn.Module, path: str) -> str:
+    """The class of the norm at ``path`` where it is an item of a module list, else ""."""
+    parent, _, leaf = path.rpartition(".")
+    if not leaf.isdigit() or not isinstance(model.get_submodule(parent), nn.ModuleList):
+        return ""
+    return type(model.get_submodule(path)).__name__
 
 
 def require_plain_norm(model: nn.Module, path: str) -> None:
     """A norm whose class is replaced must be a norm and nothing more, wherever its class builds it: a module
     that wraps one with more computation (AXK2's gated RMSNorm: a norm, then a gate MLP, built in some layers
     where others build a plain RMSNorm) would lose that computation. A norm that is an item of a module list is
-    built inside the list's constructor expression, which holds no ``self.<norm> = Norm(...)`` to replace."""
-    if path.rsplit(".", 1)[-1].isdigit():
-        owner, attribute = owner_and_attribute(model, path.rsplit(".", 1)[0])
-        raise CodegenError(f"{path} is item {path.rsplit('.', 1)[-1]} of {owner}.{attribute}, a module list built "
-                           "in one expression (nn.ModuleList([...])); generated code replaces a norm class where "
-                           "one assignment builds one norm, so the norm kind of this family cannot be rewritten")
+    built inside the list's constructor expression, where every call of its class is replaced: the list must
+    hold nothing else."""
+    if item_class := list_item_class(model, path):
+        parent = path.rpartition(".")[0]
+        others = sorted({type(item).__name__ for item in model.get_submodule(parent)} - {item_class})
+        if others:
+            owner, attribute = owner_and_attribute(model, parent)
+            raise CodegenError(f"{path} is an item of {owner}.{attribute}, a module list that also holds "
+                               f"{', '.join(others)}; generated code replaces every {item_class} its constructor "
+                               "builds, which would replace those too")
+        return
     owner, attribute = owner_and_attribute(model, path)
     for where, parent in model.named_modules():
         module = getattr(parent, attribute, None) if type(parent).__name__ == owner else None

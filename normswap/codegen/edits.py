@@ -106,6 +106,9 @@ class ReplaceNormClass:
     new_class: str = "NormswapRMSNorm"
     keywords: tuple[tuple[str, str], ...] = ()  # arguments to set, as source text (a weightless norm's eps)
     wrap: bool = False  # build the original norm and pass it to ``new_class.like`` instead of its arguments
+    # a norm that is an item of the module list ``self.<norm> = nn.ModuleList([...])``: every ``<item_class>(...)``
+    # call in the list's constructor expression is wrapped (GLPN's stage norms, LongCat-Flash's pairs)
+    item_class: str = ""
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,14 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
-            if (isinstance(edit, ReplaceNormClass) and edit.norm == attribute and self._here(edit)
+            if isinstance(edit, ReplaceNormClass) and edit.item_class and edit.norm == attribute and self._here(edit):
+                wrapped = _ItemConstructors(edit)  # ``nn.ModuleList([Norm(...) for ...])``: each Norm(...) call
+                value = updated.value.visit(wrapped)
+                if wrapped.seen:
+                    self.applied[edit] += 1
+                    return updated.with_changes(value=value)
+            if (isinstance(edit, ReplaceNormClass) and not edit.item_class and edit.norm == attribute
+                    and self._here(edit)
                     and (isinstance(updated.value, cst.Call) or (edit.wrap and isinstance(updated.value, cst.IfExp)))):
                 self.applied[edit] += 1
                 # with ``wrap`` the norm as written (normswap's own ``.like`` call, or a conditional choosing the
@@ -431,6 +438,25 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{function.name.value} runs its layers without a `for ... in self.{stack_attribute}` loop "
                            "(ALBERT runs one shared layer group again and again), so the generated code has no "
                            "one place before or after the layers for the stack norm this layout moves there")
+
+
+class _ItemConstructors(cst.CSTTransformer):
+    """Every ``<item_class>(...)`` call -> ``<new_class>.like(<item_class>(...), keywords)`` (``ReplaceNormClass``
+    with ``item_class``, ``wrap``): the norms a module list's constructor expression builds."""
+
+    def __init__(self, edit: ReplaceNormClass) -> None:
+        super().__init__()
+        self.edit, self.seen = edit, 0
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
+            return updated
+        self.seen += 1
+        extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
+                         equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
+                 for name, value in self.edit.keywords]
+        like = cst.Attribute(value=cst.Name(self.edit.new_class), attr=cst.Name("like"))
+        return cst.Call(func=like, args=[cst.Arg(value=updated), *extra])
 
 
 def config_width_reads(source: str, class_name: str, attribute: str) -> int:
