@@ -11,7 +11,7 @@ all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm o
   ``W -> W diag(g) U^T / sqrt((d+1)/d)``, with g = 1 + w for Gemma's offset norms;
 * every norm becomes a LayerNorm over d+1 with weight 1, bias 0.
 
-Any Pre-RMSNorm decoder with an LM head is tried; no list of families or tensor names decides. The target is
+Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is
 the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
 derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
 ``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
@@ -313,7 +313,8 @@ def _wide(tensor: torch.Tensor, function: Any) -> torch.Tensor:
 def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> StreamConfig:
     """The structure the map needs: stacks of Pre-RMSNorm layers (an encoder-decoder's two: the decoder's
     cross-attention reads the encoder's final norm like any reader), each with a final norm and no embedding norm,
-    an LM head, and a config that sizes the stream (returned)."""
+    a token embedding, and a config that sizes the stream (returned). Parallel blocks read the stream through
+    their norms like sequential ones; a model without an LM head gets a projection back to d in its place."""
     family = topology.model_type
     kinds = {n.kind for n in topology.stream_norms}
     if topology.placement not in ("pre", "parallel") or not kinds or not kinds <= _NORM_KINDS:
