@@ -152,6 +152,45 @@ def new_reach(device: torch.device) -> bool:
     return bool(all(results) and rms.exact)
 
 
+def _perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    return model.eval()
+
+
+def stop28_reach(device: torch.device) -> bool:
+    """On the device: the exact LayerNorm map of a model without a head (its projection back to d), of code that
+    sizes an inner width by hidden_size (Helium), in fp32 and bf16; BLOOM to post (a tuple item normalised)."""
+    from transformers import BloomConfig, BloomForCausalLM, HeliumConfig, HeliumForCausalLM, Qwen3Config, Qwen3Model
+
+    sizes = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "head_dim": 32, "vocab_size": 1000}
+    results = []
+    for name, model in (("Qwen3Model (no head)", _perturbed(Qwen3Model(Qwen3Config(**sizes)), 0.05)),
+                        ("Helium", _perturbed(HeliumForCausalLM(HeliumConfig(**sizes, tie_word_embeddings=False)),
+                                              0.05))):
+        for dtype in (torch.float32, torch.bfloat16):
+            on_device = copy.deepcopy(model).to(device, dtype)
+            report = normswap.convert(on_device, norm="layernorm", exact=True).normswap_report
+            print(f"{dtype} {name} -> LayerNorm exact on {device.type}: {report.relative:.2e} x max|reference| "
+                  f"(bound {report.tolerance:.1e}, exact: {report.exact})")
+            results.append(report.exact)
+    bloom = _perturbed(BloomForCausalLM(BloomConfig(hidden_size=256, n_layer=4, n_head=8, vocab_size=1000)))
+    bloom = bloom.to(device)
+    post = normswap.convert(bloom, placement="post")
+    ids = torch.randint(1, 1000, (2, 12), device=device)
+    with torch.no_grad():
+        cached, uncached = (post.generate(ids, max_new_tokens=6, do_sample=False, use_cache=flag)
+                            for flag in (True, False))
+    same = torch.equal(cached, uncached)
+    placement = normswap.inspect(post).placement
+    print(f"fp32 BLOOM -> post on {device.type}: inspects as {placement}; generate() with and without the cache "
+          f"gives the same tokens: {same}")
+    return bool(all(results) and same and placement == "post")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,6 +202,7 @@ def main() -> int:
     norm_speed(device, args.repeats)
     ok = bf16_conversion(device)
     ok = new_reach(device) and ok
+    ok = stop28_reach(device) and ok
     print("all checks passed" if ok else "A CHECK FAILED")
     return 0 if ok else 1
 
