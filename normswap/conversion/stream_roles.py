@@ -111,6 +111,8 @@ class _Origin:
     weights: frozenset[str] = frozenset()
     mixed: bool = False
     after: frozenset[str] = frozenset()
+
+
 _CASTS = frozenset({"to", "type_as", "type"})  # x.to(w): w gives a dtype only, so x's origin is kept
 _SHAPE_ONLY = ("_like",)  # torch.zeros_like(x) takes x's shape, none of its values
 _SCALINGS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
