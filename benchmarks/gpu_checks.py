@@ -116,16 +116,20 @@ def bf16_conversion(device: torch.device) -> bool:
     return ok and generates
 
 
+def _perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    return model.eval()
+
+
 def new_reach(device: torch.device) -> bool:
     """The T5 family's exact RMSNorm -> LayerNorm in bf16, and a SegFormer's exact LayerNorm -> RMSNorm, on CUDA."""
     from transformers import SegformerConfig, SegformerModel, T5Config, T5ForConditionalGeneration
 
-    torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(d_model=256, d_kv=32, num_layers=4, num_heads=8, d_ff=512,
-                                             vocab_size=1000, decoder_start_token_id=0))
-    with torch.no_grad():
-        for parameter in t5.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    t5 = _perturbed(T5ForConditionalGeneration(T5Config(d_model=256, d_kv=32, num_layers=4, num_heads=8, d_ff=512,
+                                                        vocab_size=1000, decoder_start_token_id=0)), 0.05)
     results = []
     for dtype in (torch.float32, torch.bfloat16):  # bf16: within its own rounding; fp32: the same greedy tokens
         model = copy.deepcopy(t5).to(device, dtype).eval()
@@ -141,23 +145,11 @@ def new_reach(device: torch.device) -> bool:
     config = SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[64, 128],
                              patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
                              image_size=64)
-    segformer = SegformerModel(config)
-    with torch.no_grad():
-        for parameter in segformer.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    segformer = segformer.to(device).eval()
+    segformer = _perturbed(SegformerModel(config)).to(device)
     rms = normswap.convert(segformer, norm="rmsnorm").normswap_report
     print(f"fp32 SegFormer (2 stages, widths 64, 128) -> RMSNorm exact on {device.type}: {rms.relative:.2e} x "
           f"max|reference| (exact: {rms.exact})")
     return bool(all(results) and rms.exact)
-
-
-def _perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * scale)
-    return model.eval()
 
 
 def stop28_reach(device: torch.device) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_streaming_relayouts import perturbed
 
 import normswap
 from normswap.conversion.checkpoint import convert_checkpoint
@@ -24,13 +25,7 @@ _SAM_VISION = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
 
 def _perturbed_sam(config_class: str, model_class: str) -> torch.nn.Module:
     """A tiny SAM vision model with every parameter moved (norm weights off 1, biases off 0)."""
-    config = getattr(transformers, config_class)(**_SAM_VISION)
-    torch.manual_seed(0)
-    model = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model
+    return perturbed(getattr(transformers, model_class)(getattr(transformers, config_class)(**_SAM_VISION)))
 
 
 @pytest.mark.parametrize(("config_class", "model_class"), [("SamVisionConfig", "SamVisionModel"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from test_streaming_relayouts import perturbed
 
 import normswap
 from normswap.cli import main
@@ -24,12 +25,7 @@ def falcon_h1() -> torch.nn.Module:
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16,
         mamba_chunk_size=16, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.FalconH1ForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # norm weights at 1 and biases at 0 would hide folding bugs
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model
+    return perturbed(transformers.FalconH1ForCausalLM(config))  # norm weights at 1, biases at 0 hide folding bugs
 
 
 def test_parallel_and_pre_sublayers_make_a_parallel_model(falcon_h1: torch.nn.Module) -> None:

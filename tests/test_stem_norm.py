@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
+from test_streaming_relayouts import perturbed
 
 import normswap
 from normswap.cli import main
@@ -20,12 +21,7 @@ def perturbed_rwkv(layers: int = 2, rescale_every: int = 6) -> torch.nn.Module:
     """A tiny RWKV whose every parameter is moved away from its init value (norm weights 1, biases 0)."""
     config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, attention_hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=layers, context_length=64, rescale_every=rescale_every)
-    torch.manual_seed(0)
-    model = transformers.RwkvForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
+    return perturbed(transformers.RwkvForCausalLM(config))
 
 
 def test_block_zero_pre_ln_is_the_embedding_norm() -> None:
