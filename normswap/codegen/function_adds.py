@@ -50,17 +50,15 @@ def module_functions(path: Path) -> ModuleFunctions:
 
 
 def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], layer_class: str, filename: str,
-                     branch_classes: list[set[str]] | None = None,
-                     caller_lines: list[int | None] | None = None) -> dict[int, HelperCall]:
+                     branch_classes: list[set[str]], caller_lines: list[int | None]) -> dict[int, HelperCall]:
     """For each sublayer (by index) whose residual add is inside a helper, the call of that helper that adds.
 
-    The calls in ``layer_class`` are matched to those sublayers in order; where their numbers differ (a call
-    that this configuration skips, such as Falcon's sequential add in a parallel model), which call adds is a
-    run-time choice the source cannot tell, unless the trace names the calling line of each add
-    (``caller_lines``, by sublayer: Falcon's parallel configuration skips its first call); else the conversion is
-    refused with that reason. Where only the
-    branch modules call the helper (BLOOM's attention and MLP), each sublayer's call is the one in the class of a
-    module its branch runs in (``branch_classes``, by sublayer): the add is then inside a child (``caller_adds``).
+    The calls in ``layer_class`` are matched to those sublayers: by the calling line the trace names for each add
+    (``caller_lines``, by sublayer), else in order. Where the trace names none and their numbers differ (a call
+    this configuration skips, such as Falcon's sequential add in a parallel model), which call adds is a run-time
+    choice the source cannot tell, and the conversion is refused with that reason. Where only the branch modules
+    call the helper (BLOOM's attention and MLP), each sublayer's call is the one in the class of a module its
+    branch runs in (``branch_classes``, by sublayer): the add is then inside a child (``caller_adds``).
     """
     in_helper = {index: functions.enclosing(line) for index, line in enumerate(add_lines) if line is not None}
     in_helper = {index: name for index, name in in_helper.items() if name is not None}
@@ -70,18 +68,12 @@ def helper_add_calls(functions: ModuleFunctions, add_lines: list[int | None], la
     for name in sorted(set(in_helper.values())):
         indices = [index for index, helper in in_helper.items() if helper == name]
         calls = [call for call in functions.calls if call.function == name and call.class_name == layer_class]
-        elsewhere = sorted({call.class_name for call in functions.calls if call.function == name} - {layer_class})
-        if not calls and elsewhere and branch_classes is not None:
+        if not calls:
             found.update(_calls_in_branches(functions, name, indices, branch_classes, filename))
             continue
-        if not calls and elsewhere:
-            raise NormswapError(f"the residual adds of {filename} are inside the module-level function {name}, "
-                                f"which {', '.join(elsewhere)} call, not {layer_class}: the norm that must wrap "
-                                f"the add belongs to {layer_class}, which those classes cannot reach, and generated "
-                                "code keeps each family's module tree")
         by_line = {call.line: call for call in calls}
-        traced = [(caller_lines or [])[index] if index < len(caller_lines or []) else None for index in indices]
-        if len(calls) != len(indices) and all(line in by_line for line in traced):
+        traced = [caller_lines[index] for index in indices]
+        if all(line in by_line for line in traced):
             found.update((index, by_line[line]) for index, line in zip(indices, traced, strict=True))
             continue
         if len(calls) != len(indices):
