@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+INNER_WIDTH_FIELD = "normswap_inner_width"  # the config field that holds d where the stream is d + 1 wide
+OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutputProjection``'s linear map
+
 
 @dataclass(frozen=True)
 class UnwrapNormCall:

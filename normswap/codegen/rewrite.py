@@ -14,6 +14,8 @@ import libcst as cst
 
 from .derive import CodegenError
 from .edits import (
+    INNER_WIDTH_FIELD,
+    OUTPUT_PROJECTION,
     AddLayerNorm,
     AddOutputProjection,
     AddStackNorm,
@@ -36,7 +38,6 @@ from .name_scope import bound_names, module_names, read_names
 from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
-OUTPUT_PROJECTION = "normswap_output_projection"
 
 
 def apply_edits(source: str, edits: Sequence[Edit]) -> str:
@@ -347,12 +348,9 @@ class _Rewriter(cst.CSTTransformer):
                 # with ``wrap`` the norm as written (normswap's own ``.like`` call, or a conditional choosing the
                 # norm class, too) is built and wrapped; without, its arguments are kept, which a ``.like`` call's
                 # are not
-                extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
-                                 equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
-                         for name, value in edit.keywords]
                 if edit.wrap:  # ``New.like(Original(args), keywords)``: any family's constructor arguments
-                    like = cst.Attribute(value=cst.Name(edit.new_class), attr=cst.Name("like"))
-                    return updated.with_changes(value=cst.Call(func=like, args=[cst.Arg(value=updated.value), *extra]))
+                    return updated.with_changes(value=_like_call(edit, updated.value))
+                extra = _keyword_arguments(edit.keywords)
                 call = _unwrap_like(updated.value)
                 keep = [arg for arg in call.args if not (arg.keyword and arg.keyword.value in dict(edit.keywords))]
                 return updated.with_changes(value=call.with_changes(func=cst.Name(edit.new_class), args=keep + extra))
@@ -385,7 +383,7 @@ class _Rewriter(cst.CSTTransformer):
         for index, statement in enumerate(body):
             if _assigns(statement, edit.norm):
                 body.insert(index + 1, cst.parse_statement(
-                    f"self.{OUTPUT_PROJECTION} = torch.nn.Linear({config}.hidden_size, {config}.normswap_inner_width, "
+                    f"self.{OUTPUT_PROJECTION} = torch.nn.Linear({config}.hidden_size, {config}.{INNER_WIDTH_FIELD}, "
                     "bias=False)\n"))
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.norm} in its own body")
@@ -452,11 +450,20 @@ class _ItemConstructors(cst.CSTTransformer):
         if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
             return updated
         self.seen += 1
-        extra = [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
-                         equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
-                 for name, value in self.edit.keywords]
-        like = cst.Attribute(value=cst.Name(self.edit.new_class), attr=cst.Name("like"))
-        return cst.Call(func=like, args=[cst.Arg(value=updated), *extra])
+        return _like_call(self.edit, updated)
+
+
+def _like_call(edit: ReplaceNormClass, built: cst.BaseExpression) -> cst.Call:
+    """``<new_class>.like(<built>, keywords)``: the norm as its code builds it, handed to normswap's class."""
+    like = cst.Attribute(value=cst.Name(edit.new_class), attr=cst.Name("like"))
+    return cst.Call(func=like, args=[cst.Arg(value=built), *_keyword_arguments(edit.keywords)])
+
+
+def _keyword_arguments(keywords: tuple[tuple[str, str], ...]) -> list[cst.Arg]:
+    """``name=value`` arguments from (name, source text) pairs."""
+    return [cst.Arg(keyword=cst.Name(name), value=cst.parse_expression(value),
+                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
+            for name, value in keywords]
 
 
 def config_width_reads(source: str, class_name: str, attribute: str) -> int:
@@ -488,7 +495,7 @@ class _InnerWidthReads(cst.CSTTransformer):
             return updated
         self.seen += 1
         if self.seen - 1 in self.occurrences:
-            return updated.with_changes(attr=cst.Name("normswap_inner_width"))
+            return updated.with_changes(attr=cst.Name(INNER_WIDTH_FIELD))
         return updated
 
 

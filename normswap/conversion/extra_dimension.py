@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
-from ..codegen.edits import AddOutputProjection, SizeByInnerWidth
+from ..codegen.edits import INNER_WIDTH_FIELD, OUTPUT_PROJECTION, AddOutputProjection, SizeByInnerWidth
 from ..codegen.package import GeneratedModule
-from ..codegen.rewrite import OUTPUT_PROJECTION
 from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
@@ -52,7 +51,7 @@ from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
 from .head_chain import head_chain
 from .head_scale import measure_head_scale
-from .inner_width import INNER_WIDTH_FIELD, inner_width_edits
+from .inner_width import inner_width_edits
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
 from .program import Step, TensorProgram, combine, copy_of, shapes_of

@@ -19,8 +19,6 @@ from ..codegen.derive import owner_and_attribute
 from ..codegen.edits import SizeByInnerWidth
 from ..codegen.rewrite import config_width_reads
 
-INNER_WIDTH_FIELD = "normswap_inner_width"
-
 
 def inner_width_edits(model: nn.Module, source: str, mismatched: Mapping[str, tuple[int, ...]],
                       built_shapes: Callable[[Sequence[SizeByInnerWidth]], Mapping[str, tuple[int, ...]]]
