@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 from test_convert_native import main_output
+from weights_kit import assert_same_weights
 
 import normswap
 from normswap.cli import main
@@ -309,10 +309,7 @@ def test_a_helper_add_called_from_a_branch_module_is_wrapped_where_the_layer_cal
                         for use_cache in (True, False))
     assert torch.equal(cached, uncached)
     assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
-    source_weights = load_file(tmp_path / "src" / "model.safetensors")
-    back = load_file(tmp_path / "back" / "model.safetensors")
-    assert source_weights.keys() == back.keys()
-    assert all(torch.equal(source_weights[key], back[key]) for key in source_weights)
+    assert_same_weights(tmp_path / "src", tmp_path / "back")
 
 
 def test_the_helper_call_that_adds_in_this_configuration_is_the_traced_one(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 from test_streaming_relayouts import perturbed
+from weights_kit import assert_same_weights
 
 import normswap
 from normswap.cli import main
@@ -46,8 +46,7 @@ def test_falcon_h1_goes_to_post_and_back(falcon_h1: torch.nn.Module, tmp_path: P
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "post"), "--placement", "post", "--quiet"]) == 0
     assert normswap.inspect(str(tmp_path / "post")).placement == "post"  # normswap's own code: no flag needed
     assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
-    source, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
-    assert source.keys() == back.keys() and all(torch.equal(source[key], back[key]) for key in source)
+    assert_same_weights(tmp_path / "src", tmp_path / "back")
 
 
 def test_falcon_h1_converts_exactly_to_layer_norm(falcon_h1: torch.nn.Module) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
 from test_streaming_relayouts import perturbed
+from weights_kit import assert_same_weights
 
 import normswap
 from normswap.cli import main
@@ -54,9 +54,7 @@ def test_rwkv_post_loads_generates_and_round_trips(tmp_path: Path) -> None:
     assert loaded.generate(prompt, max_new_tokens=4, do_sample=False).shape == (1, 8)
 
     assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
-    source, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
-    assert source.keys() == back.keys()
-    assert all(torch.equal(source[key], back[key]) for key in source)  # pre_ln came back from the carried file
+    assert_same_weights(tmp_path / "src", tmp_path / "back")  # pre_ln came back from the carried file
 
 
 def test_rwkv_post_does_not_halve_its_stream_in_eval_mode(tmp_path: Path) -> None:
