@@ -280,6 +280,25 @@ def test_a_norm_that_computes_more_than_a_norm_is_not_replaced() -> None:
         require_plain_norm(model, "gated")
 
 
+def test_a_norm_that_a_conditional_builds_in_some_layers_changes_kind_where_others_build_a_gate(
+        tmp_path: Path) -> None:
+    """AXK2 builds ``post_attention_layernorm`` as a gated RMSNorm in its MoE layers and a plain RMSNorm in its
+    dense ones: the residual norm is the attribute in one layer and its ``.norm`` in the other. Replacing the
+    whole conditional was refused (it would drop the gate); only the plain norm's call is replaced now."""
+    config = transformers.AXK2Config(hidden_size=64, intermediate_size=128, moe_intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                     mlp_layer_types=["dense", "sparse"], n_routed_experts=4, num_experts_per_tok=2,
+                                     n_group=None, topk_group=None, q_lora_rank=32, kv_lora_rank=32,
+                                     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, gated_norm_rank=16,
+                                     vocab_size=128, max_position_embeddings=64)
+    model = _perturbed(transformers.AXK2ForCausalLM(config))
+    loaded = _converted_matches(model, tmp_path, ["--norm", "layernorm"], "AutoModelForCausalLM", norm="layernorm")
+    assert normswap.inspect(loaded).norm == "layernorm"
+    gated = [type(layer.post_attention_layernorm).__name__ for layer in loaded.model.layers]
+    assert gated[0] == "NormswapLayerNorm" and gated[1] == "AXK2GatedRMSNorm", gated
+    assert type(loaded.model.layers[1].post_attention_layernorm.norm).__name__ == "NormswapLayerNorm"
+
+
 def test_an_add_inside_a_module_level_helper_is_wrapped_where_the_layer_calls_it(tmp_path: Path) -> None:
     """GPT-NeoX-Japanese adds its residual inside ``bias_dropout_add``, a module-level function: Pre -> Post was
     refused as 'in a module-level function'. The layer's two calls of it are wrapped in order."""

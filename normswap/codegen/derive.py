@@ -334,36 +334,52 @@ def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
 def norm_owner(model: nn.Module, path: str) -> tuple[str, str]:
     """The class and attribute whose ``__init__`` assignment builds the norm at ``path``: for an item of a module
     list, the list's (``ReplaceNormClass.item_class`` then names the items' class)."""
-    return owner_and_attribute(model, path.rsplit(".", 1)[0] if list_item_class(model, path) else path)
+    return owner_and_attribute(model, path.rsplit(".", 1)[0] if _is_list_item(model, path) else path)
 
 
 def list_item_class(model: nn.Module, path: str) -> str:
-    """The class of the norm at ``path`` where it is an item of a module list, else ""."""
+    """The class whose calls, in the constructor expression that builds the norm at ``path``, are the norm: set
+    where that expression builds other modules too, else "". An item of a module list is built inside the list's
+    expression; an attribute that some instances of its class build as another module (AXK2's
+    ``post_attention_layernorm``: a gated RMSNorm in MoE layers, a plain RMSNorm in dense ones) by a conditional."""
+    norm_class = type(model.get_submodule(path)).__name__
+    if _is_list_item(model, path):
+        return norm_class
+    return norm_class if _attribute_classes(model, path) - {norm_class} else ""
+
+
+def _is_list_item(model: nn.Module, path: str) -> bool:
     parent, _, leaf = path.rpartition(".")
-    if not leaf.isdigit() or not isinstance(model.get_submodule(parent), nn.ModuleList):
-        return ""
-    return type(model.get_submodule(path)).__name__
+    return leaf.isdigit() and isinstance(model.get_submodule(parent), nn.ModuleList)
+
+
+def _attribute_classes(model: nn.Module, path: str) -> set[str]:
+    """The classes of the modules that every instance of the norm's owner class holds under the norm's attribute."""
+    owner, attribute = owner_and_attribute(model, path)
+    return {type(getattr(module, attribute)).__name__ for module in model.modules()
+            if type(module).__name__ == owner and isinstance(getattr(module, attribute, None), nn.Module)}
 
 
 def require_plain_norm(model: nn.Module, path: str) -> None:
     """A norm whose class is replaced must be a norm and nothing more, wherever its class builds it: a module
-    that wraps one with more computation (AXK2's gated RMSNorm: a norm, then a gate MLP, built in some layers
-    where others build a plain RMSNorm) would lose that computation. A norm that is an item of a module list is
-    built inside the list's constructor expression, where every call of its class is replaced: the list must
-    hold nothing else."""
-    if item_class := list_item_class(model, path):
+    that wraps one with more computation (AXK2's gated RMSNorm: a norm, then a gate MLP) would lose that
+    computation. Where the constructor expression builds other modules too (a module list's items, a conditional
+    choosing the class per layer), only the norm's class's calls are replaced: a module list must then hold
+    nothing else, since every item its expression builds is replaced."""
+    norm_class = type(model.get_submodule(path)).__name__
+    if _is_list_item(model, path):
         parent = path.rpartition(".")[0]
-        others = sorted({type(item).__name__ for item in model.get_submodule(parent)} - {item_class})
+        others = sorted({type(item).__name__ for item in model.get_submodule(parent)} - {norm_class})
         if others:
             owner, attribute = owner_and_attribute(model, parent)
             raise CodegenError(f"{path} is an item of {owner}.{attribute}, a module list that also holds "
-                               f"{', '.join(others)}; generated code replaces every {item_class} its constructor "
+                               f"{', '.join(others)}; generated code replaces every {norm_class} its constructor "
                                "builds, which would replace those too")
         return
     owner, attribute = owner_and_attribute(model, path)
     for where, parent in model.named_modules():
         module = getattr(parent, attribute, None) if type(parent).__name__ == owner else None
-        if not isinstance(module, nn.Module):
+        if not isinstance(module, nn.Module) or type(module).__name__ != norm_class:
             continue
         inner = [name for name, child in module.named_children() if any(True for _ in child.parameters())]
         if inner:

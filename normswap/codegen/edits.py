@@ -109,8 +109,9 @@ class ReplaceNormClass:
     new_class: str = "NormswapRMSNorm"
     keywords: tuple[tuple[str, str], ...] = ()  # arguments to set, as source text (a weightless norm's eps)
     wrap: bool = False  # build the original norm and pass it to ``new_class.like`` instead of its arguments
-    # a norm that is an item of the module list ``self.<norm> = nn.ModuleList([...])``: every ``<item_class>(...)``
-    # call in the list's constructor expression is wrapped (GLPN's stage norms, LongCat-Flash's pairs)
+    # where the constructor expression builds other modules too, only its ``<item_class>(...)`` calls are wrapped:
+    # the items of a module list ``self.<norm> = nn.ModuleList([...])`` (GLPN's stage norms, LongCat-Flash's
+    # pairs), or the norm a conditional builds in some layers (AXK2's dense layers, where MoE layers build a gate)
     item_class: str = ""
 
 
