@@ -122,23 +122,29 @@ def test_stage_lists_run_by_one_loop_convert_what_needs_no_code_around_the_loop(
     assert len(error) == 1 and "runs in one loop over every stage" in error[0] and "internal error" not in error[0]
 
 
-def test_a_constructor_that_reads_a_name_the_target_lacks_is_not_copied(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """CvT's layer builds its norm as ``nn.LayerNorm(embed_dim)`` from its own argument; copied into the stage
-    class for the new embedding norm, the generated code raised NameError when loaded (an internal error). Its
-    stochastic depth (``CvtDropPath``, identity at inference) wraps the whole layer output and is seen through."""
+def test_a_layer_norm_built_from_a_name_the_stage_lacks_is_copied_from_the_first_layer(tmp_path: Path) -> None:
+    """CvT's layer builds its norm as ``nn.LayerNorm(embed_dim)`` from its own argument, which the stage class
+    that runs the loop does not have: copying the constructor raised NameError when loaded (an internal error),
+    then was refused. The new embedding norm is now a fresh copy of the first layer's, built after the layers.
+    Its stochastic depth (``CvtDropPath``, identity at inference) wraps the whole layer output and is seen
+    through; the second stage reads the first, whose output the placement change moves."""
     config = transformers.CvtConfig(embed_dim=[16, 32], num_heads=[1, 2], depth=[2, 2], patch_sizes=[7, 3],
                                     patch_stride=[4, 2], patch_padding=[2, 1], stride_kv=[2, 2], padding_kv=[1, 1],
                                     kernel_qkv=[3, 3], mlp_ratio=[2.0, 2.0], attention_drop_rate=[0.0, 0.0],
                                     drop_rate=[0.0, 0.0], drop_path_rate=[0.0, 0.1], qkv_bias=[True, True],
                                     cls_token=[False, True], qkv_projection_method=["dw_bn", "dw_bn"],
                                     padding_q=[1, 1], stride_q=[1, 1])
-    _perturbed(transformers.CvtModel(config)).save_pretrained(tmp_path / "cvt")
-    assert [s.width for s in normswap.inspect(tmp_path / "cvt").stacks] == [16, 32]
-    capsys.readouterr()
-    assert main(["convert", str(tmp_path / "cvt"), str(tmp_path / "post"), "--placement", "post"]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "is built from embed_dim, which CvtStage.__init__ does not define" in error[0]
+    model = _perturbed(transformers.CvtModel(config))
+    assert [s.width for s in normswap.inspect(model).stacks] == [16, 32]
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    topology = normswap.inspect(loaded)
+    assert topology.placement == "post"
+    assert [s.embedding_norm.path for s in topology.stacks] == [
+        f"encoder.stages.{index}.normswap_embedding_norm" for index in (0, 1)]
+    assert [loaded.get_submodule(f"encoder.stages.{index}.normswap_embedding_norm").weight.shape[0]
+            for index in (0, 1)] == [16, 32]
+    source = (tmp_path / "dst" / "modeling_normswap_cvt.py").read_text()
+    assert "self.normswap_embedding_norm = normswap_fresh_copy(self.layers[0].layernorm_before)" in source
 
 
 def test_funnel_whose_blocks_one_loop_runs_is_refused_not_written(

@@ -256,17 +256,18 @@ def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:
     return [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute, _parameter_names(model, path))]
 
 
-def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite, locate: _Locator) -> tuple[str, str]:
-    """(class, attribute) whose constructor the new stack norm copies: the stack norm that moves, else (a
-    layout with no norm in that slot: Marian has no embedding norm, some Pre-Norm models no final norm) the
-    layer's own norm, which the plan starts as a unit norm."""
+def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite,
+              locate: _Locator) -> tuple[str, str, bool]:
+    """(class, attribute, whether it is the stack items' own attribute) whose constructor the new stack norm
+    copies: the stack norm that moves, else (a layout with no norm in that slot: Marian has no embedding norm,
+    some Pre-Norm models no final norm) the layer's own norm, which the plan starts as a unit norm."""
     if moved is not None:
-        return owner_and_attribute(model, moved.path)
+        return (*owner_and_attribute(model, moved.path), False)
     class_name, attribute = locate.attribute(layer_norm.source, layer_norm.path)
     if "." in attribute:
         raise CodegenError(f"{layer_norm.path} is built in a submodule of {class_name}, so there is no constructor "
                            "in one class to copy for the new stack norm")
-    return class_name, attribute
+    return class_name, attribute, class_name == locate.layer_class
 
 
 def layer_norm_edits(model: nn.Module, topology: Topology, eps_in_code: Mapping[str, float] | None = None,

@@ -83,7 +83,10 @@ class BuildNormAlways:
 class AddStackNorm:
     """A new norm on the class that runs the layer loop, applied before or after the loop.
 
-    Its constructor is copied from ``self.<copy_attribute> = ...`` in ``copy_from``'s ``__init__``.
+    Its constructor is copied from ``self.<copy_attribute> = ...`` in ``copy_from``'s ``__init__``. Where
+    ``copy_from`` is the layers' own class and its constructor reads names the loop's class does not have (CvT
+    builds its layers' norms from an ``embed_dim`` argument), the first layer's norm is copied instead: the same
+    class, shape and settings, whose weights loading replaces.
     """
 
     class_name: str
@@ -92,6 +95,7 @@ class AddStackNorm:
     where: str  # "before" or "after" the loop
     copy_from: str
     copy_attribute: str
+    copy_from_layers: bool = False  # ``copy_from`` is the class of the stack's items
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,17 @@ class NormswapPlainRMSNorm(torch.nn.Module):
 '''
 
 
+_FRESH_COPY_FUNCTION = '''
+
+def normswap_fresh_copy(module):
+    """A module built as ``module`` was (class, shape, settings), where its constructor's arguments are out of
+    scope; loading replaces its weights."""
+    import copy
+
+    return copy.deepcopy(module)
+'''
+
+
 _NORM_ITEM_FUNCTION = '''
 
 def normswap_norm_item(norm, output, item):
@@ -256,6 +267,8 @@ for _model_class in ({", ".join(model_classes)},):
                            f"{original.__name__}, so the generated code cannot untie the head")
     if "normswap_norm_item(" in body:
         footer = _NORM_ITEM_FUNCTION + footer
+    if "normswap_fresh_copy(" in body:
+        footer = _FRESH_COPY_FUNCTION + footer
     if rms_norm:
         footer = _RMS_NORM_CLASS + footer
     if layer_norm:

@@ -409,7 +409,10 @@ class _Rewriter(cst.CSTTransformer):
                 added = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
                 known = self.module_names | bound_names(function, body[:index + 1])
                 unbound = sorted({name for node in added for name in read_names(node)} - known)
-                if unbound:
+                if unbound and isinstance(edit, AddStackNorm) and edit.copy_from_layers:
+                    added = [cst.parse_statement(f"self.{edit.norm} = normswap_fresh_copy("
+                                                 f"self.{edit.stack_attribute}[0].{edit.copy_attribute})")]
+                elif unbound:
                     raise CodegenError(f"{copied[0]}.{copied[1]} is built from {', '.join(unbound)}, which "
                                        f"{edit.class_name}.__init__ does not define, so its constructor cannot be "
                                        f"copied there for the new norm {edit.norm}")

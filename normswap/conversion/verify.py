@@ -162,8 +162,11 @@ def require_branch_zero(plan: Any, report: DriftReport) -> None:
     """The norm-shift mapping keeps what each stack's branch 0 reads wherever the plan moves a norm into a norm
     at entry 0 (docs/design.md §3); if it moved, detection took a norm for the stack's embedding norm that
     does not feed its first layer (Funnel's embedding norm feeds an encoder of nested blocks), and the output
-    would be wrong without saying so."""
+    would be wrong without saying so. A later stage of a stage list (CvT's ``stages.1``) reads the stage before
+    it, whose output a placement change moves, so what its branch 0 reads moves with it."""
     for stack in plan.stacks:
+        if _later_stage(stack.source_stack, [other.source_stack for other in plan.stacks]):
+            continue
         entry = [move for move in stack.moves if move.index == 0]
         dropped_before = any(move.index < 0 for move in stack.moves)  # mBART's embedding norm, going to post
         kept = (entry and all(move.source and move.target and not move.copy for move in entry)
@@ -176,6 +179,18 @@ def require_branch_zero(plan: Any, report: DriftReport) -> None:
                 f"moves to {entry[0].target}), but its input moved (cosine {first.cosine:.4f}): "
                 f"{entry[0].source} does not feed {stack.source_stack}'s first layer directly, so this model's "
                 "norms do not form the one sequence per stack that the norm-shift mapping needs")
+
+
+def _later_stage(path: str, stack_paths: list[str]) -> bool:
+    """Whether the stack at ``path`` is an item after the first of a module list whose items hold stacks
+    (``encoder.stages.1.layers`` beside ``encoder.stages.0.layers``)."""
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if part.isdigit() and int(part) > 0:
+            earlier = ".".join([*parts[:depth], str(int(part) - 1), *parts[depth + 1:]])
+            if earlier in stack_paths:
+                return True
+    return False
 
 
 def _decoder_vocab(model: nn.Module, vocab: int) -> int:
