@@ -144,6 +144,16 @@ def test_same_placement_writes_nothing(minilm_path: Path, tmp_path: Path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags", [["--norm", "layernorm"], ["--norm", "layernorm", "--exact"]])
+def test_same_norm_kind_writes_nothing(minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       flags: list[str]) -> None:
+    """Like a placement the model already has: nothing to do is no error (it was exit 1, 'starts from a model
+    whose norms are RMSNorms'), and nothing is written."""
+    assert main(["convert", str(minilm_path), str(tmp_path / "out"), *flags]) == 0
+    assert "nothing written: bert's norms are LayerNorms already (layernorm)" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_round_trip_through_the_cli_restores_the_weights(minilm_path: Path, minilm_pre: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

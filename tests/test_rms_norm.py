@@ -120,8 +120,8 @@ def test_post_ln_converts_approximately_with_a_drift_report() -> None:
 def test_refusals() -> None:
     with pytest.raises(normswap.NormswapError, match="exact only where every norm reads the residual stream"):
         convert_to_rms_norm(perturbed("bert", "BertModel"))
-    with pytest.raises(normswap.NormswapError, match="not LayerNorm; nothing to convert"):
-        normswap.convert(perturbed("llama", "LlamaForCausalLM"), norm="rmsnorm")
+    llama = perturbed("llama", "LlamaForCausalLM")  # RMSNorms already: nothing to do, as for a placement it has
+    assert normswap.convert(llama, norm="rmsnorm") is llama
     with pytest.raises(normswap.NormswapError, match="exactly one of placement= and norm="):
         normswap.convert(perturbed("gpt2", "GPT2LMHeadModel"), "post", norm="rmsnorm")
 

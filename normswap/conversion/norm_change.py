@@ -11,8 +11,14 @@ from ..detect import inspect
 from ..errors import ExactImpossibleError, NormswapError
 from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
 from .extra_dimension import plan_layer_norm_exact
-from .norm_kind import plan_rms_norm
+from .norm_kind import NormKindPlan, plan_rms_norm
 from .setup import ConversionSetup, convert_in_memory
+
+# the norm kinds (as detected) that a --norm target already is: a LayerNorm without bias or weights, or with
+# Nemotron's (1 + w) weight, is a LayerNorm; RMSNorm -> RMSNorm would only rename (Gemma's (1 + w) RMSNorm does
+# become a plain one: the stock RMSNorm classes compute w * x / rms(x))
+_ALREADY = {"rmsnorm": frozenset({"rmsnorm", "rmsnorm-noaffine"}),
+            "layernorm": frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})}
 
 
 def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False) -> ConversionSetup:
@@ -22,6 +28,14 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     Pre-LN models exactly, or approximately where their structure rules the exact map out (the plan says why).
     layernorm: exactly by one extra dimension with ``exact``, else approximately.
     """
+    if norm in _ALREADY:
+        topology = inspect(model)
+        residual = {site.kind for site in topology.all_norms if site.kind != "identity"}
+        if residual and residual <= _ALREADY[norm]:
+            label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
+            note = f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(residual))})"
+            plan = NormKindPlan(topology.model_type, topology.model_type, "none", (), (), kind=norm, notes=(note,))
+            return ConversionSetup(plan, None, source=topology)
     if norm == "rmsnorm":
         topology = inspect(model)
         kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}

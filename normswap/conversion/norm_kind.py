@@ -69,8 +69,12 @@ class NormKindPlan:
     scales: tuple[str, ...] = ()  # per-channel scales after a writer (LayerScale): folded into it, then set to 1
     shifts: tuple[str, ...] = ()  # per-channel biases added after a writer outside it: centred with it
     exact_impossible: str = ""  # why a Pre-LN model converts approximately: the exact map cannot keep its outputs
+    notes: tuple[str, ...] = ()  # a no-op's reason (realisation "none")
 
     def describe(self) -> str:
+        if self.realisation == "none":
+            return "\n".join([f"plan: {self.source_model_type} -> {self.kind} via none; exact: true",
+                              *(f"  nothing to do: {note}" for note in self.notes)])
         if self.kind == "layernorm" and not self.exact:
             lines = [f"plan: {self.source_model_type} RMSNorm -> LayerNorm via {self.realisation}; exact: false "
                      "(LayerNorm also removes the stream's mean; heal the result)"]
