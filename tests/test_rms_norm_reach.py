@@ -201,6 +201,19 @@ def test_a_structure_the_centred_stream_cannot_keep_converts_approximately_sayin
     assert {n.kind for n in normswap.inspect(converted).all_norms} == {"rmsnorm"}
 
 
+def test_a_branch_that_gates_its_last_linear_map_s_output_converts_approximately_saying_so() -> None:
+    """RWKV's feed-forward returns ``sigmoid(R x) * (V k)``: its last linear map (R) goes through a sigmoid and
+    gates V's output, so no centring of linear maps centres what it adds. The exact check failed and the
+    conversion was refused as if normswap had missed a write; the follow of each writer's output says why."""
+    from test_stem_norm import perturbed_rwkv
+
+    converted = normswap.convert(perturbed_rwkv(), norm="rmsnorm")
+    assert not converted.normswap_report.exact and converted.normswap_report.output_cosine > 0.9
+    assert re.search(r"rwkv\.blocks\.0\.feed_forward\.receptance, the last linear map its branch calls, goes "
+                     r"through sigmoid \(not linear\)", converted.normswap_plan.exact_impossible)
+    assert {n.kind for n in normswap.inspect(converted).all_norms} == {"rmsnorm"}
+
+
 def test_a_missed_write_inside_a_layer_still_fails_the_exactness_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """The diagnosis must not excuse normswap's own faults: a layer that makes its centred input uncentred (here
     a writer left uncentred on a model whose final-normed structure is exact) is not put down to the model."""

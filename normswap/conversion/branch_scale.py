@@ -37,6 +37,12 @@ _PASS_THROUGH = frozenset({
     torch.nn.functional.dropout, torch.dropout, Tensor.contiguous, Tensor.clone, Tensor.to, Tensor.type_as,
     Tensor.float, Tensor.view, Tensor.reshape, torch.reshape,
 })
+# elementwise functions that are not linear: a writer's output that goes through one is no branch output
+_NONLINEAR = frozenset({
+    torch.sigmoid, Tensor.sigmoid, torch.tanh, Tensor.tanh, torch.relu, Tensor.relu, torch.nn.functional.relu,
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.softplus, torch.exp, Tensor.exp,
+    torch.square, Tensor.square,
+})
 # operations that re-shape a (d,) parameter without changing which channel each value belongs to
 _PARAMETER_VIEWS = frozenset({
     Tensor.expand, Tensor.expand_as, Tensor.view, Tensor.reshape, Tensor.unsqueeze, torch.unsqueeze,
@@ -94,6 +100,10 @@ class _FollowWriterOutputs(TorchFunctionMode):
         self.views: dict[int, _ParameterView] = {}
         self.tails: dict[str, set[tuple[ChannelOp, ...]]] = {}
         self.broken: set[str] = set()  # writers whose output met an operation we cannot see through
+        # why a writer's output cannot be centred by a weight change, where it is structural: multiplied by a
+        # computed tensor that varies over the channels, or put through a function that is not linear (RWKV's
+        # ``sigmoid(R x) * (V k)``, whose last linear map is R)
+        self.unfoldable: dict[str, str] = {}
         self.uses: dict[str, int] = {}  # how often each (d,) parameter was read by any operation
 
     def start(self, writer: str, output: Any) -> None:
@@ -129,6 +139,12 @@ class _FollowWriterOutputs(TorchFunctionMode):
         elif not others and func in _PASS_THROUGH and result.shape[-1:] == chain.tensor.shape[-1:]:
             self.chains[id(result)] = _Chain(chain.writer, chain.ops, result)
         else:
+            if func in _MULTIPLY and others and other is None and width > 1 and others[0].shape[-1:] == (width,):
+                self.unfoldable.setdefault(chain.writer, "is multiplied by a gate computed from the input (one "
+                                                         "that varies over the channels)")
+            elif func in _NONLINEAR:
+                self.unfoldable.setdefault(chain.writer, f"goes through {getattr(func, '__name__', func)} (not "
+                                                         "linear)")
             self._close(chain, residual=func in _ADD and other is None)
         return result
 
@@ -181,6 +197,14 @@ def branch_tails(meta: nn.Module, writers: Iterable[str]) -> dict[str, BranchTai
             tails[writer] = BranchTail(writer, ops)
     shared = {key for key, count in follower.uses.items() if count > 1}  # read again elsewhere, or by another call
     return {writer: tail for writer, tail in tails.items() if not shared & {op.parameter for op in tail.ops}}
+
+
+def unfoldable_writers(meta: nn.Module, writers: Iterable[str]) -> dict[str, str]:
+    """The writers whose output a branch gates (``g(x) * (W y)``) or puts through a function that is not linear
+    before adding it to the stream, with what happens to it: centring ``W`` does not centre what is added."""
+    writers = list(writers)
+    follower = on_meta_else_cpu(meta, lambda model, device: _follow_writers(model, device, writers))
+    return {writer: follower.unfoldable[writer] for writer in writers if writer in follower.unfoldable}
 
 
 def _follow_writers(meta: nn.Module, device: str, writers: list[str]) -> _FollowWriterOutputs:

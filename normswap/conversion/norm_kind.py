@@ -22,6 +22,7 @@ gone, and the refusal says so.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
 from ..errors import ExactImpossibleError, ExactnessError, NormswapError, StreamOutputError, StructuralMissError
 from ..topology import Topology
-from .branch_scale import branch_tails, fold_tail
+from .branch_scale import branch_tails, fold_tail, unfoldable_writers
 from .centring_diagnosis import structural_miss
 from .generated import generate_family_code
 from .model_outputs import output_parts
@@ -193,7 +194,7 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
         except StructuralMissError:
             raise
         except ExactnessError as error:
-            reason = structural_miss(converted, topology, probe)
+            reason = structural_miss(converted, topology, probe) or _gate_reason(meta, writers)
             if reason is not None:
                 raise StructuralMissError(f"{error}; {reason}", reason) from error
             if untie and not folds:
@@ -410,6 +411,17 @@ def branch_writers(calls: list[str], topology: Topology) -> list[str]:
                 if inside[-1] not in writers:
                     writers.append(inside[-1])
     return writers
+
+
+def _gate_reason(meta: nn.Module, writers: Iterable[str]) -> str | None:
+    """The structural reason the centred writers did not centre what their branches add, where a branch acts on
+    its last linear map's output with more than per-channel scales and biases (docs/design.md §4), else None."""
+    found = unfoldable_writers(meta, writers)
+    if not found:
+        return None
+    writer, what = next(iter(found.items()))
+    return (f"the output of {writer}, the last linear map its branch calls, {what} on its way to the residual "
+            "add, so no centring of linear maps centres what the branch adds to the stream")
 
 
 def _can_fold(model: nn.Module, norm: str, readers: list[str]) -> bool:
