@@ -336,7 +336,8 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
                 and item.residual_scale is None):  # s * (h + A(x)) + M(x) scales A too: not one parallel group
             previous = merged[-1]
             previous.branches.extend(item.branches)
-            previous.pre_norms.extend(n for n in item.pre_norms if n not in previous.pre_norms)
+            previous.pre_norms.extend(n for n in item.pre_norms  # the kept stream's norms are no branch's
+                                      if n not in previous.pre_norms and n not in previous.residual_norms)
             previous.out_norms.extend(item.out_norms)
             previous.add = item.add
             continue
