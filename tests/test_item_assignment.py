@@ -148,3 +148,13 @@ def test_higgs_audio_converts_and_the_result_runs_and_inspects(higgs: nn.Module,
         assert target.placement == "post"
     else:
         assert {n.kind for layer in target.layers for sub in layer.sublayers for n in sub.norms} == {"layernorm"}
+
+
+@pytest.mark.parametrize(("conversion", "reason"), [
+    ({"placement": "pre"}, "adds its branches to the stream in place, one statement each"),
+    ({"norm": "layernorm", "exact": True}, "one weight matrix cannot hold two different norm weights"),
+])
+def test_higgs_audio_refusals_name_the_structure(higgs: nn.Module, conversion: dict, reason: str) -> None:
+    with pytest.raises(normswap.NormswapError) as refused:
+        normswap.convert(higgs, **conversion)
+    assert reason in str(refused.value) and "please report" not in str(refused.value)
