@@ -443,3 +443,26 @@ def test_a_stack_of_several_layer_classes_is_a_stack() -> None:
                                                                 "OlmoHybridAttentionDecoderLayer"]
     assert [layer.placement for layer in topology.layers] == ["pre", "post-sublayer"]
     assert topology.placement == "mixed" and topology.final_norm.path == "model.norm"
+
+
+def test_a_width_kept_in_the_config_of_the_module_holding_the_layers_is_read() -> None:
+    """SAM 3's vision config names no hidden size: its ViT's sits in ``backbone_config``, which the ``backbone``
+    module holding the layers carries as ``.config``. It was refused ("names no hidden size"); it is a Pre-LN
+    ViT whose un-normalised stream is its ``last_hidden_state``, so LayerNorm -> RMSNorm is approximate."""
+    config = transformers.AutoConfig.for_model(
+        "sam3_vision_model", fpn_hidden_size=16, backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+        backbone_config={"model_type": "sam3_vit_model", "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": LAYERS, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
+                         "window_size": 2, "global_attn_indexes": [1], "pretrain_image_size": 28})
+    assert not any(isinstance(getattr(config, name, None), int) for name in ("hidden_size", "d_model", "embed_dim"))
+    model = _perturbed(transformers.AutoModel.from_config(config))
+    topology = normswap.inspect(model)
+    assert topology.placement == "pre" and topology.stacks[0].path == "backbone.layers"
+    assert topology.stacks[0].width == 32
+    converted = normswap.convert(model, norm="rmsnorm")
+    assert not getattr(converted.normswap_report, "exact", False)  # the exact map would centre last_hidden_state
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, found = (m(pixel_values=pixels).last_hidden_state for m in (model, converted))
+    assert found.shape == expected.shape and torch.isfinite(found).all()
+    assert normswap.inspect(converted).norm == "rmsnorm"

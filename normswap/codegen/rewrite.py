@@ -219,8 +219,11 @@ class _Rewriter(cst.CSTTransformer):
         self.statement_lines.append(self.lines.get(id(node), (0, -1)))  # no span: only class-wide edits wanted
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
-                                  ) -> cst.SimpleStatementLine | cst.RemovalSentinel:
+                                  ) -> cst.SimpleStatementLine | cst.RemovalSentinel | cst.FlattenSentinel:
+        normalised = self._normalised_after_item_add(updated)
         self.statement_lines.pop()
+        if normalised is not None:
+            return normalised
         if original is not updated and all(_is_self_assignment(small) for small in updated.body):
             return cst.RemoveFromParent()  # `x = self.norm(x)` became `x = x`
         if self.before_statement:  # a ReadAfterBranch names the stream its branch reads, just before
@@ -228,6 +231,22 @@ class _Rewriter(cst.CSTTransformer):
             self.before_statement = []
             return cst.FlattenSentinel([*added, updated])
         return updated
+
+    def _normalised_after_item_add(self, statement: cst.SimpleStatementLine) -> cst.FlattenSentinel | None:
+        """``h[m] += F`` adds to the stream in place, with no sum to wrap: a ``WrapResidualAdd`` there normalises
+        the whole stream after the statement, ``h = self.<norm>(h)``."""
+        if len(statement.body) != 1 or not isinstance(small := statement.body[0], cst.AugAssign):
+            return None
+        target = small.target
+        if not (isinstance(small.operator, cst.AddAssign) and isinstance(target, cst.Subscript)
+                and isinstance(target.value, cst.Name)):
+            return None
+        for edit in self.edits:
+            if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
+                self.applied[edit] += 1
+                stream = target.value.value
+                return cst.FlattenSentinel([statement, cst.parse_statement(f"{stream} = self.{edit.norm}({stream})\n")])
+        return None
 
     def _here(self, edit: Edit) -> bool:
         if not self.classes or self.classes[-1] != edit.class_name:

@@ -70,7 +70,12 @@ def _add_operands(forward: ast.FunctionDef, line: int) -> list[str]:
     adds = [node for node in ast.walk(forward) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)
             and node.lineno <= line <= (node.end_lineno or node.lineno)]
     if not adds:
-        raise CodegenError(f"no residual add at line {line}")
+        in_place = any(isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add) and node.lineno == line
+                       for node in ast.walk(forward))
+        raise CodegenError(
+            f"the parallel block adds its branches to the stream in place, one statement each (`h[i] += F` at line "
+            f"{line}), not as one sum whose terms a sequential form would split" if in_place
+            else f"no residual add at line {line}")
     outer = max(adds, key=lambda node: (node.end_col_offset or 0) - node.col_offset + 1000 * (
         (node.end_lineno or node.lineno) - node.lineno))
     operands: list[ast.expr] = []

@@ -133,8 +133,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
         if norm not in read:
-            raise NormswapError(f"no linear map reads {norm}'s output in {family}; the extra-dimension map moves "
-                                "each norm's weight into the linear maps that read it")
+            raise NormswapError(_unread_norm_message(topology, norm))
 
     lift = orthonormal_lift(d)
     scale = math.sqrt((d + 1) / d)
@@ -235,6 +234,22 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
                            verify=lambda original, converted, probe: _verified(original, converted, probe,
                                                                                projection_modules(roles), lift))
+
+
+def _unread_norm_message(topology: Topology, norm: str) -> str:
+    """Why no linear map reads ``norm``: where one branch reads several norms (each at positions of its own,
+    merged into one tensor: HiggsAudio's text and audio tokens), its maps read the merge, not any norm alone."""
+    shared = next((branch for layer in topology.layers for sub in layer.sublayers for branch in sub.branches
+                   if norm.rsplit(".", 1)[-1] in {read.rsplit(".", 1)[-1] for read in branch.reads}
+                   and len(branch.reads) > 1 and norm.startswith(layer.path + ".")), None)
+    if shared is None:
+        return (f"no linear map reads {norm}'s output in {topology.model_type}; the extra-dimension map moves each "
+                "norm's weight into the linear maps that read it")
+    return (f"{shared.entry or shared.modules[0]} in {topology.model_type} reads the stream through "
+            f"{' and '.join(shared.reads)} together (each norm's output fills positions of its own in one tensor), "
+            "so its linear maps would have to take each norm's weight for some tokens and not for others: the "
+            "extra-dimension map moves each norm's weight into the linear maps that read it, and one weight matrix "
+            "cannot hold two different norm weights")
 
 
 def _verified(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor],

@@ -34,6 +34,7 @@ from .no_residual_add import describe_node, no_residual_add_message
 from .norms import NormInfo
 from .scaling import Followed, ScaleReader
 from .stem_norm import TAKEN_AFTER_PRE_NORM
+from .token_routes import item_update, scattered_source, selects_positions
 from .trace_layer import WRAPPED_LAYER, TracedLayer
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -104,7 +105,7 @@ class LayerGraph:
         if node.op == "call_function":
             if node.target is operator.getitem:
                 container = node.args[0].meta.get("meta_value") if isinstance(node.args[0], fx.Node) else None
-                return not isinstance(container, torch.Tensor)
+                return not isinstance(container, torch.Tensor) or selects_positions(node)
             return node.target in _LIGHT_FUNCTIONS
         if node.op == "call_method":
             return node.target in _LIGHT_METHODS
@@ -115,19 +116,44 @@ class LayerGraph:
             return True
         return node.op == "call_method" and node.target in _ADD_METHODS
 
-    def trace_back(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-        """Follow ``node`` back through light operations and norms; returns (origin, norms in call order)."""
+    def summands(self, node: fx.Node) -> list[fx.Node]:
+        """What ``node`` adds together, where it is an add or an augmented item assignment (``h[i] += F``): that
+        assignment, which later reads of ``h`` depend on, is the add, not the ``h[i] + F`` it writes back."""
+        if self.is_add(node):
+            if any(item_update(user, self.is_add) and user.args[2] is node for user in node.users):
+                return []
+            return [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
+        return list(item_update(node, self.is_add) or ())
+
+    def scattered_norms(self, node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+        """``(h, norms)`` where ``node`` writes norms of some of ``h``'s positions back over them
+        (``h.masked_scatter(m, N(h[m]))``): the stream ``h``, normalised where the mask routes it."""
+        scattered = scattered_source(node)
+        if scattered is None:
+            return None
+        base, source = scattered
+        origin, norms = self.trace_back(source, until=base)
+        return (base, norms) if origin is base and norms else None
+
+    def trace_back(self, node: fx.Node, until: fx.Node | None = None) -> tuple[fx.Node, list[fx.Node]]:
+        """Follow ``node`` back through light operations and norms (not past ``until``); returns (origin, norms in
+        call order)."""
         norms: list[fx.Node] = []
-        while True:
+        while node is not until:
             item = self.tuple_item(node)
+            scattered = self.scattered_norms(node)
             if item is not None:
                 node = item
+            elif scattered is not None:
+                node = scattered[0]
+                norms.extend(scattered[1][::-1])
             elif (self.is_norm(node) or self.is_light(node)) and node.args and isinstance(node.args[0], fx.Node):
                 if self.is_norm(node):
                     norms.append(node)
                 node = node.args[0]
             else:
-                return node, norms[::-1]
+                break
+        return node, norms[::-1]
 
     def tuple_item(self, node: fx.Node) -> fx.Node | None:
         """``((h,) + rest)[0]`` is ``h``: see through tuple concatenation of layer outputs."""
@@ -212,9 +238,7 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
     stream: list[fx.Node] = [graph.stream_input]
     raw: list[_RawSublayer] = []
     for node in graph.nodes:
-        if not graph.is_add(node):
-            continue
-        operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
+        operands = graph.summands(node)
         if len(operands) != 2:
             continue
         first, second = (graph.scales.follow(op) for op in operands)
@@ -261,7 +285,7 @@ def _branch_entries(graph: LayerGraph, branch_nodes: set[fx.Node],
     """Heavy nodes of the branch that read the stream directly: (node, stream point, norms in between)."""
     entries = []
     for node in sorted(branch_nodes, key=graph.position.__getitem__):
-        if graph.is_norm(node) or graph.is_light(node):
+        if graph.is_norm(node) or graph.is_light(node) or graph.scattered_norms(node) is not None:
             continue
         for arg in graph.inputs_of(node):
             source, norms = graph.trace_back(arg)
@@ -312,7 +336,8 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
                 and item.residual_scale is None):  # s * (h + A(x)) + M(x) scales A too: not one parallel group
             previous = merged[-1]
             previous.branches.extend(item.branches)
-            previous.pre_norms.extend(n for n in item.pre_norms if n not in previous.pre_norms)
+            previous.pre_norms.extend(n for n in item.pre_norms  # the kept stream's norms are no branch's
+                                      if n not in previous.pre_norms and n not in previous.residual_norms)
             previous.out_norms.extend(item.out_norms)
             previous.add = item.add
             continue

@@ -82,6 +82,12 @@ def scales_to_unit_length(module: nn.Module, dim: int) -> bool:
 
 
 def _normalized_size(module: nn.Module, hidden_size: int) -> int:
+    own = own_size(module)
+    return hidden_size if own is None else own
+
+
+def own_size(module: nn.Module) -> int | None:
+    """The size a module's weights or ``normalized_shape`` fix; None for a weightless one that takes any size."""
     for param in module.parameters(recurse=False):
         return int(param.shape[0])
     shape = getattr(module, "normalized_shape", None)
@@ -89,7 +95,7 @@ def _normalized_size(module: nn.Module, hidden_size: int) -> int:
         return int(shape[0])
     if isinstance(shape, int):
         return shape
-    return hidden_size
+    return None
 
 
 def _cpu_copy(module: nn.Module) -> nn.Module:

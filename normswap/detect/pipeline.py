@@ -27,13 +27,15 @@ from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
 from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .layout_notes import layer_free_hint, reuse_notes, scale_notes
-from .norms import NormInfo, classify_norm
+from .norms import NormInfo, classify_norm, own_size
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
 from .source import MetaModel, build_meta_model, load_config, meta_model_from_config
 from .stem_norm import lift_stem_norms
 from .trace_layer import trace_layer
+from .width import named_width, unnamed_width_message
 
+_PROBE_WIDTH = 64  # a weightless module computes the same at any width: probed at this one where none is named
 _NORM_LIKE_NAME = re.compile(r"(^|_)(ln|norm|layernorm|layer_norm)(_?\d+)?$|norm$", re.IGNORECASE)
 
 
@@ -89,7 +91,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
         )
     layers_by_path = {path: (index, layer) for _, stack in stacks for index, (path, layer) in enumerate(stack)}
     layer_paths = set(layers_by_path)
-    norms = _classify_all_norms(model, _hidden_size(model, meta.config))
+    norms = _classify_all_norms(model, named_width(model, meta.config, [path for path, _ in stacks]), meta.config)
     model_level_norms = {
         path: model.get_submodule(path) for path in norms
         if not any(path.startswith(layer + ".") for layer in layer_paths) and path.startswith(base_prefix)
@@ -185,27 +187,6 @@ def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]]
     return others or None
 
 
-def _hidden_size(model: nn.Module, config: Any) -> int:
-    """The residual width, for probing norms that have no weight to tell their size."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("hidden_size", "d_model", "n_embd", "dim", "embed_dim"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int):
-            return value
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):  # vision models have no token embedding to ask
-        embeddings = None
-    if isinstance(embeddings, nn.Embedding):
-        return embeddings.embedding_dim
-    widths = [value for name in ("hidden_sizes", "hidden_size", "embed_dim", "d_model", "dim")
-              if isinstance(value := getattr(text_config, name, None), (list, tuple))]
-    if widths and widths[0] and all(isinstance(width, int) for width in widths[0]):
-        return widths[0][0]  # stages of several widths: each stack's own width comes from its trace
-    raise SourceError(f"{type(config).__name__} names no hidden size (hidden_size, d_model, n_embd, dim or "
-                      "embed_dim) and has no token embedding to read it from; normswap needs the residual width")
-
-
 def _base_model_prefix(model: nn.Module) -> str:
     base = getattr(model, "base_model", model)
     if base is model:
@@ -216,22 +197,31 @@ def _base_model_prefix(model: nn.Module) -> str:
     return ""
 
 
-def _classify_all_norms(model: nn.Module, hidden_size: int) -> dict[str, NormInfo]:
-    """Every norm module of the model by path; probes run once per distinct module shape."""
+def _classify_all_norms(model: nn.Module, hidden_size: int | None, config: Any) -> dict[str, NormInfo]:
+    """Every norm module of the model by path; probes run once per distinct module shape. The width is needed
+    only for a norm whose weights do not tell its size (a weightless one, ``nn.Identity``)."""
     cache: dict[Any, NormInfo | None] = {}
     found: dict[str, NormInfo] = {}
     for path, module in model.named_modules():
         if isinstance(module, nn.Identity):
             if _NORM_LIKE_NAME.search(path.rsplit(".", 1)[-1]):
-                found[path] = NormInfo("identity", None, hidden_size)
+                found[path] = NormInfo("identity", None, _needed_width(hidden_size, path, config))
             continue
         key = (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)),
                tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (int, float, tuple)))))
         if key not in cache:
-            cache[key] = classify_norm(module, hidden_size)
+            cache[key] = classify_norm(module, _PROBE_WIDTH if hidden_size is None else hidden_size)
+            if cache[key] is not None and hidden_size is None and own_size(module) is None:
+                _needed_width(hidden_size, path, config)  # a weightless norm: its size is the unnamed width
         if cache[key] is not None:
             found[path] = cache[key]  # type: ignore[assignment]
     return found
+
+
+def _needed_width(hidden_size: int | None, path: str, config: Any) -> int:
+    if hidden_size is None:
+        raise SourceError(f"{unnamed_width_message(config)} ({path})")
+    return hidden_size
 
 
 def _layer_signature(layer: nn.Module, index: int, norms: dict[str, NormInfo], call: LayerCall) -> Any:

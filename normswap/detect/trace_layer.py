@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import TracingError
+from ..errors import TracingError, first_line
 from .capture import LayerCall
 from .meta_answers import AnswerDataQuestions
 from .tracer import LayerTracer
@@ -179,5 +179,7 @@ def _describe_failure(layer: nn.Module, error: Exception) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(_SKIPPED_PACKAGES)]
     where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} `{frames[-1].line}`" if frames else ""
-    return (f"cannot trace {type(layer).__name__}{where}: {type(error).__name__}: {error}. "
-            "Please report it with the model_type; a recipe can mark the failing module as a leaf meanwhile")
+    return (f"cannot trace {type(layer).__name__}{where}: {type(error).__name__}: {first_line(error)}. The "
+            "statement is in the layer's own forward, which normswap follows operation by operation to see where "
+            "its norms sit and where the residual adds are (a submodule it cannot follow is taken as one node "
+            "instead), so the layer's norm placement cannot be read from this code")

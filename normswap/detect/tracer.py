@@ -5,6 +5,10 @@ fails on ordinary Python that inspects tensors: ``if x.dtype == torch.float16``,
 ``q, k = self.attn(x)``, ``x.shape[-1]``. We run every traced operation on the
 meta device as well, so such questions get concrete answers (shapes, dtypes,
 tuple lengths) while the graph records the operations. Nothing is allocated.
+
+Item assignment (``h[mask] = v``, ``h[mask] += v``) is recorded as an ``operator.setitem`` node that stands for
+the tensor after the assignment, as torch.fx prints such nodes (``h[mask] = v; setitem = h``): the proxy that
+was assigned into moves to that node, so every later read of ``h`` depends on the assignment.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ class MetaProxy(fx.Proxy):
         if isinstance(meta, torch.Tensor):
             return meta.dim()
         return self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """``self[index] = value``; Python turns ``self[index] += value`` into a read, an add and this call."""
+        assigned = self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+        meta = object.__getattribute__(self, "meta_value")  # assigned in place: same tensor, same shape
+        object.__setattr__(assigned, "meta_value", meta)
+        assigned.node.meta["meta_value"] = meta
+        self.node = assigned.node
 
     def __len__(self) -> int:
         meta = self.meta_value
