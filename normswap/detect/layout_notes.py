@@ -21,6 +21,7 @@ from torch import nn
 
 from ..topology import Layer, ResidualScale
 from .capture import CapturedRun
+from .index_loop import IndexLists, index_lists
 from .norms import NormInfo
 
 _ASSUMPTION = "h <- s * h + F(...), not h + F(...); the norm-shift and exact norm-kind maps assume s = 1"
@@ -73,19 +74,18 @@ def reuse_notes(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], run: Capt
 def layer_free_hint(model: nn.Module, stack_path: str, stacks: list[tuple[str, list[tuple[str, nn.Module]]]],
                     norms: dict[str, NormInfo]) -> str | None:
     """Why a "layer" shows no residual add, where its module holds lists of branches and of norms side by side."""
-    parent_path, _, _ = stack_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    prefix = f"{parent_path}." if parent_path else ""
-    length = len(next(layers for path, layers in stacks if path == stack_path))
-    lists = [name for name, child in parent.named_children()
-             if isinstance(child, nn.ModuleList) and len(child) == length]
-    norm_lists = [name for name in lists if all(f"{prefix}{name}.{i}" in norms for i in range(length))]
-    branch_lists = [name for name in lists if f"{prefix}{name}" in {path for path, _ in stacks}]
-    if not norm_lists:
+    lists = index_lists(model, stack_path, stacks, norms)
+    if lists is None:
         return None
-    return (f"{type(parent).__name__} has no layer modules: {', '.join(branch_lists)} hold its branches and "
-            f"{', '.join(norm_lists)} its norms, one per layer index, and its own forward runs the residual adds "
-            "and the norms; normswap reads norm placement inside layer modules, so it cannot tell this one")
+    return (f"{index_lists_hint(model, lists)}; normswap reads norm placement inside layer modules, or one index "
+            "of such lists at a time, so it cannot tell this one")
+
+
+def index_lists_hint(model: nn.Module, lists: IndexLists) -> str:
+    """``XLMModel has no layer modules: ...``: what holds the layers of a model that runs them by index."""
+    return (f"{type(model.get_submodule(lists.owner)).__name__} has no layer modules: {', '.join(lists.branch_lists)} "
+            f"hold its branches and {', '.join(lists.norm_lists)} its norms, one per layer index, and its own forward "
+            "runs the residual adds and the norms")
 
 
 _FORM_WORDS = {"gain": "gain", "interpolation": "interpolation rate (the stream keeps 1 - rate)",

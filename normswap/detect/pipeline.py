@@ -26,7 +26,8 @@ from ..recipe import recipe_for
 from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
 from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
-from .layout_notes import layer_free_hint, reuse_notes, scale_notes
+from .index_loop import IndexLists, index_lists, inspect_index_loop
+from .layout_notes import index_lists_hint, layer_free_hint, reuse_notes, scale_notes
 from .norms import NormInfo, classify_norm
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
@@ -117,6 +118,9 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 try:
                     reading = analyse_layer(graph, path)
                 except NoResidualAddError as error:
+                    lists = index_lists(model, stack_path, stacks, norms)
+                    if lists is not None:
+                        return _index_loop_topology(meta, notes, lists, norms)
                     hint = layer_free_hint(model, stack_path, stacks, norms)
                     restacked = _without_addless_stack(stacks, stack_path)
                     try:
@@ -164,6 +168,19 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
             raise _SampleMismatchError(mismatch)
         topology = expand_sample(topology, sample)
     return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))  # over every layer, not a sample
+
+
+def _index_loop_topology(meta: MetaModel, notes: list[str], lists: IndexLists, norms: dict[str, NormInfo]
+                         ) -> Topology:
+    """The topology of a model whose forward runs its layers by index over lists of branches and norms."""
+    try:
+        stack, layers = inspect_index_loop(meta.model, meta.config, lists, norms)
+    except TopologyError as error:
+        raise TopologyError(f"{index_lists_hint(meta.model, lists)}; read one index at a time, its forward "
+                            f"shows no layout normswap can tell: {error}") from error
+    topology = Topology(model_type=meta.model_type, model_class=type(meta.model).__name__, stacks=(stack,),
+                        layers=tuple(layers), notes=tuple(notes))
+    return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))
 
 
 def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], addless: str
