@@ -110,7 +110,8 @@ class ReplaceNormClass:
     keywords: tuple[tuple[str, str], ...] = ()  # arguments to set, as source text (a weightless norm's eps)
     wrap: bool = False  # build the original norm and pass it to ``new_class.like`` instead of its arguments
     # a norm that is an item of the module list ``self.<norm> = nn.ModuleList([...])``: every ``<item_class>(...)``
-    # call in the list's constructor expression is wrapped (GLPN's stage norms, LongCat-Flash's pairs)
+    # call in the list's constructor expression is wrapped (GLPN's stage norms, LongCat-Flash's pairs), or in what
+    # ``__init__`` appends to it (XLM's ``self.layer_norm1.append(nn.LayerNorm(...))``)
     item_class: str = ""
 
 

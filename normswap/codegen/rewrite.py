@@ -266,6 +266,14 @@ class _Rewriter(cst.CSTTransformer):
                     return _self_call(edit.norm, updated)
             return self._build_directly(updated)
         for edit in self.edits:
+            if (isinstance(edit, ReplaceNormClass) and edit.item_class and self._here(edit)
+                    and callee in {f"{edit.norm}.{grow}" for grow in _LIST_GROWTH}
+                    and self.functions and self.functions[-1] == "__init__"):
+                wrapped = _ItemConstructors(edit)  # ``self.norms.append(Norm(...))`` in the loop that builds a list
+                arguments = [arg.visit(wrapped) for arg in updated.args]
+                if wrapped.seen:
+                    self.applied[edit] += 1
+                    return updated.with_changes(args=arguments)
             if isinstance(edit, WrapResidualAdd) and edit.call == f"self.{callee}" and self._here(edit):
                 self.applied[edit] += 1  # the add is inside the called module (caller_adds)
                 if edit.item is not None:  # it returns the sum as one item of a tuple
@@ -436,6 +444,9 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{function.name.value} runs its layers without a `for ... in self.{stack_attribute}` loop "
                            "(ALBERT runs one shared layer group again and again), so the generated code has no "
                            "one place before or after the layers for the stack norm this layout moves there")
+
+
+_LIST_GROWTH = ("append", "extend", "insert")  # how an ``__init__`` fills a ``nn.ModuleList()`` it built empty
 
 
 class _ItemConstructors(cst.CSTTransformer):
