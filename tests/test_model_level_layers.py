@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from custom_modeling import ToyConfig
 from test_rms_norm import perturbed
+from torch import nn
 
 import normswap
 from normswap.conversion import convert
@@ -116,3 +118,56 @@ def test_saved_checkpoint_loads_runs_and_reinspects(model: torch.nn.Module, targ
     inputs = probe_inputs(model, None, None)
     in_memory = convert(model, **target)
     assert torch.equal(_logits(loaded, inputs), _logits(in_memory, inputs))
+
+
+class _Branch(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+class _ByIndex(transformers.PreTrainedModel):
+    """Layers by index over a list of branches and a list of norms; ``config.layouts[0]`` says how each adds."""
+
+    config_class = ToyConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: ToyConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(32, config.hidden_size)
+        self.branches = nn.ModuleList([_Branch(config.hidden_size) for _ in range(LAYERS)])
+        self.norms = nn.ModuleList([nn.LayerNorm(config.hidden_size) for _ in range(LAYERS)])
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        hidden_states = self.embed(input_ids)
+        for i in range(len(self.branches)):
+            if self.config.layouts[0] == "pre":
+                hidden_states = hidden_states + self.branches[i](self.norms[i](hidden_states))
+            elif self.config.layouts[0] == "post":
+                hidden_states = self.norms[i](hidden_states + self.branches[i](hidden_states))
+            else:  # no residual add: nothing keeps the stream
+                hidden_states = self.norms[i](self.branches[i](hidden_states))
+        return hidden_states
+
+
+@pytest.mark.parametrize("layout", ["pre", "post"])
+def test_a_loop_by_index_is_read_in_either_placement(layout: str) -> None:
+    topology = normswap.inspect(_ByIndex(ToyConfig(layouts=(layout,))))
+    assert topology.placement == layout and len(topology.layers) == LAYERS
+    for layer in topology.layers:
+        (sublayer,) = layer.sublayers
+        assert [n.path for n in sublayer.norms_in(layout)] == [f"norms.{layer.index}"]
+        assert sublayer.branches[0].entry == f"branches.{layer.index}"
+    assert topology.embedding_norm is None and topology.final_norm is None
+
+
+def test_a_loop_by_index_without_residual_add_is_refused_by_what_holds_what() -> None:
+    with pytest.raises(normswap.TopologyError) as refused:
+        normswap.inspect(_ByIndex(ToyConfig(layouts=("none",))))
+    message = str(refused.value)
+    assert "_ByIndex has no layer modules: branches hold its branches and norms its norms" in message
+    assert "shows no residual add" in message

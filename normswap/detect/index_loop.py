@@ -51,18 +51,27 @@ class IndexLists:
     def items(self, index: int) -> tuple[str, ...]:
         return tuple(f"{name}.{index}" for name in self.lists)
 
+    def describe(self, model: nn.Module) -> str:
+        """``XLMModel has no layer modules: ...``: what holds the layers, for messages."""
+        return (f"{type(model.get_submodule(self.owner)).__name__} has no layer modules: "
+                f"{', '.join(self.branch_lists)} hold its branches and {', '.join(self.norm_lists)} its norms, one "
+                "per layer index, and its own forward runs the residual adds and the norms")
 
-def index_lists(model: nn.Module, stack_path: str, stacks: list[tuple[str, list[tuple[str, nn.Module]]]],
-                norms: dict[str, NormInfo]) -> IndexLists | None:
+
+def index_lists(model: nn.Module, stack_path: str, norms: dict[str, NormInfo]) -> IndexLists | None:
     """The lists beside the "stack" ``stack_path`` (a list of branches, showing no residual add) where its owner
-    also holds lists of norms of the same length: a forward that runs the layers by index. None otherwise."""
+    also holds lists of norms of the same length: a forward that runs the layers by index. None otherwise.
+
+    Branch lists are the owner's lists of that length whose items hold weight matrices, norms aside."""
     owner, _, _ = stack_path.rpartition(".")
     prefix = f"{owner}." if owner else ""
-    length = len(next(layers for path, layers in stacks if path == stack_path))
-    lists = [name for name, child in model.get_submodule(owner).named_children()
-             if isinstance(child, nn.ModuleList) and len(child) == length]
+    length = len(model.get_submodule(stack_path))
+    lists = {name: child for name, child in model.get_submodule(owner).named_children()
+             if isinstance(child, nn.ModuleList) and len(child) == length}
     norm_lists = tuple(name for name in lists if all(f"{prefix}{name}.{i}" in norms for i in range(length)))
-    branch_lists = tuple(name for name in lists if f"{prefix}{name}" in {path for path, _ in stacks})
+    branch_lists = tuple(name for name, child in lists.items() if name not in norm_lists and all(
+        not isinstance(item, (nn.ModuleList, nn.Sequential)) and any(p.dim() >= 2 for p in item.parameters())
+        for item in child))
     if not norm_lists or not branch_lists:
         return None
     return IndexLists(owner, branch_lists, norm_lists, length)

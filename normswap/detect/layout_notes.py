@@ -1,4 +1,4 @@
-"""What a topology must say beside its sublayers: scaled residual streams, reused layers, layer-free models.
+"""What a topology must say beside its sublayers: scaled residual streams and reused layers.
 
 These come from the traced graphs (``Layer.residual_scales``), the order of module calls in the meta run,
 and the module tree, never from a family's name:
@@ -6,9 +6,7 @@ and the module tree, never from a family's name:
 * a residual add that scales the stream it keeps (``g * h + F``) breaks what the norm-shift mapping and
   the exact norm-kind maps assume (docs/design.md §3-§5), so ``inspect`` says so in a note;
 * a layer that runs more than once per forward, or a model-level norm that runs between a stack's
-  layers, is a stream the layers alone do not describe;
-* a model whose "layers" are lists of branches, with its norms in lists beside them, runs its residual
-  adds in its own forward: detection per layer module cannot see them, and the refusal says so.
+  layers, is a stream the layers alone do not describe.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ from torch import nn
 
 from ..topology import Layer, ResidualScale
 from .capture import CapturedRun
-from .index_loop import IndexLists, index_lists
-from .norms import NormInfo
 
 _ASSUMPTION = "h <- s * h + F(...), not h + F(...); the norm-shift and exact norm-kind maps assume s = 1"
 
@@ -69,23 +65,6 @@ def reuse_notes(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], run: Capt
         notes.extend(f"{norm}, a norm outside the layers, also runs between layers of {stack_path}; where it "
                      "normalises the stream there, no layer's sublayers show it" for norm in between)
     return notes
-
-
-def layer_free_hint(model: nn.Module, stack_path: str, stacks: list[tuple[str, list[tuple[str, nn.Module]]]],
-                    norms: dict[str, NormInfo]) -> str | None:
-    """Why a "layer" shows no residual add, where its module holds lists of branches and of norms side by side."""
-    lists = index_lists(model, stack_path, stacks, norms)
-    if lists is None:
-        return None
-    return (f"{index_lists_hint(model, lists)}; normswap reads norm placement inside layer modules, or one index "
-            "of such lists at a time, so it cannot tell this one")
-
-
-def index_lists_hint(model: nn.Module, lists: IndexLists) -> str:
-    """``XLMModel has no layer modules: ...``: what holds the layers of a model that runs them by index."""
-    return (f"{type(model.get_submodule(lists.owner)).__name__} has no layer modules: {', '.join(lists.branch_lists)} "
-            f"hold its branches and {', '.join(lists.norm_lists)} its norms, one per layer index, and its own forward "
-            "runs the residual adds and the norms")
 
 
 _FORM_WORDS = {"gain": "gain", "interpolation": "interpolation rate (the stream keeps 1 - rate)",

@@ -27,7 +27,7 @@ from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
 from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .index_loop import IndexLists, index_lists, inspect_index_loop
-from .layout_notes import index_lists_hint, layer_free_hint, reuse_notes, scale_notes
+from .layout_notes import reuse_notes, scale_notes
 from .norms import NormInfo, classify_norm
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
@@ -117,21 +117,18 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 graph = LayerGraph(traced, layer, relative_norms)
                 try:
                     reading = analyse_layer(graph, path)
-                except NoResidualAddError as error:
-                    lists = index_lists(model, stack_path, stacks, norms)
-                    if lists is not None:
-                        return _index_loop_topology(meta, notes, lists, norms)
-                    hint = layer_free_hint(model, stack_path, stacks, norms)
+                except NoResidualAddError:
                     restacked = _without_addless_stack(stacks, stack_path)
                     try:
                         if restacked is None:
                             raise
                         return _inspect_meta_model(meta, notes, sample, restacked)
                     except TopologyError:
-                        if hint is None:
+                        lists = index_lists(model, stack_path, norms)
+                        if lists is None:
                             raise
-                        raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
-                                            f"graph: {hint}") from error
+                        # no layer modules: the forward runs the layers by index over lists of branches and norms
+                        return _index_loop_topology(meta, notes, lists, norms)
                 analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
@@ -176,7 +173,7 @@ def _index_loop_topology(meta: MetaModel, notes: list[str], lists: IndexLists, n
     try:
         stack, layers = inspect_index_loop(meta.model, meta.config, lists, norms)
     except TopologyError as error:
-        raise TopologyError(f"{index_lists_hint(meta.model, lists)}; read one index at a time, its forward "
+        raise TopologyError(f"{lists.describe(meta.model)}; read one index at a time, its forward "
                             f"shows no layout normswap can tell: {error}") from error
     topology = Topology(model_type=meta.model_type, model_class=type(meta.model).__name__, stacks=(stack,),
                         layers=tuple(layers), notes=tuple(notes))
