@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .topology import NORM_KIND_LABELS, NormSite, Topology
+from .topology import NORM_KIND_LABELS, Layer, NormSite, Topology
 
 
 def _norm_cell(norms: tuple[NormSite, ...], slot: str, layer_path: str) -> str:
@@ -26,7 +26,7 @@ def render_topology(topology: Topology) -> str:
         for position, sub in enumerate(layer.sublayers):
             branches = "+".join(b.kind for b in sub.branches) if sub.kind == "parallel" else sub.kind
             rows.append((
-                layer.path if position == 0 else "",
+                _layer_cell(layer) if position == 0 else "",
                 branches,
                 sub.placement,
                 _norm_cell(sub.norms, "pre", layer.path),
@@ -46,6 +46,13 @@ def render_topology(topology: Topology) -> str:
     for note in topology.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _layer_cell(layer: Layer) -> str:
+    """The layer's path; for a layer of list items (XLM), its index in the lists: ``[0]``."""
+    if layer.items:
+        return f"{layer.path}[{layer.index}]" if layer.path else f"[{layer.index}]"
+    return layer.path
 
 
 def _edge(norm: NormSite | None) -> str:

@@ -128,7 +128,12 @@ class Sublayer:
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer module of a stack (``encoder.layer.3``) and its sublayers in execution order."""
+    """One layer module of a stack (``encoder.layer.3``) and its sublayers in execution order.
+
+    A model with no layer modules (XLM, FlauBERT) runs ``for i in range(n)`` over lists of branches and norms:
+    its layer ``i`` is the items at index ``i`` (``items``: ``attentions.0``, ``layer_norm1.0``, ...), and its
+    ``path`` is the module whose forward runs that loop.
+    """
 
     index: int
     stack: str
@@ -137,6 +142,16 @@ class Layer:
     sublayers: tuple[Sublayer, ...]
     inner_norms: tuple[NormSite, ...] = ()  # q/k norms and other norms inside a branch
     output_scale: ResidualScale | None = None  # what the layer multiplies its output stream by, if anything
+    items: tuple[str, ...] = ()  # the module-list items that make the layer, where no module does
+
+    def relative(self, path: str) -> str:
+        """``path`` inside the layer, written alike for every layer of its stack: ``attention.dense`` for
+        ``encoder.layer.3.attention.dense``, and for a layer of list items ``layer_norm1.*`` for ``layer_norm1.3``."""
+        inside = path.removeprefix(f"{self.path}.") if self.path else path
+        for item in self.items:
+            if inside == item or inside.startswith(f"{item}."):
+                return f"{item.rpartition('.')[0]}.*{inside[len(item):]}"
+        return inside
 
     @property
     def placement(self) -> Placement:
@@ -259,6 +274,7 @@ class Topology:
                     "sublayers": [_sublayer_dict(sub) for sub in layer.sublayers],
                     "inner_norms": [asdict(norm) for norm in layer.inner_norms],
                     "output_scale": asdict(layer.output_scale) if layer.output_scale else None,
+                    "items": list(layer.items),
                 }
                 for layer in self.layers
             ],

@@ -57,6 +57,7 @@ BERT_LAYER = [post("attention", "attention.output.LayerNorm"), post("mlp", "outp
 GPT2_LAYER = [pre("attention", ("ln_1", LN)), pre("mlp", ("ln_2", LN))]
 HF_DECODER_LN = [pre("attention", ("input_layernorm", LN)), pre("mlp", ("post_attention_layernorm", LN))]
 HF_DECODER_RMS = [pre("attention", ("input_layernorm", RMS)), pre("mlp", ("post_attention_layernorm", RMS))]
+INDEXED_POST = [post("attention", "layer_norm1.*"), post("mlp", "layer_norm2.*")]
 FAIRSEQ_POST = [post("attention", "self_attn_layer_norm"), post("mlp", "final_layer_norm")]
 FAIRSEQ_PRE = [pre("attention", ("self_attn_layer_norm", LN)), pre("mlp", ("final_layer_norm", LN))]
 FAIRSEQ_POST_DECODER = [post("attention", "self_attn_layer_norm"),
@@ -78,6 +79,9 @@ EXPECTED: dict[str, Expected] = {
     "xlm_roberta_xl": Expected("pre", LN, 1e-5, [StackSpec(
         "encoder.layer", None, "encoder.LayerNorm",
         [pre("attention", ("attention.self_attn_layer_norm", LN)), pre("mlp", ("LayerNorm", LN))])]),
+    # no layer modules: layer i is attentions[i], layer_norm1[i], ffns[i], layer_norm2[i] of the model's own loop
+    "xlm": Expected("post", LN, 1e-12, [StackSpec("attentions", "layer_norm_emb", None, INDEXED_POST)]),
+    "flaubert": Expected("post", LN, 1e-12, [StackSpec("attentions", "layer_norm_emb", None, INDEXED_POST)]),
     "roberta_prelayernorm": Expected("pre", LN, 1e-12, [StackSpec(
         "encoder.layer", "embeddings.LayerNorm", "LayerNorm",
         [pre("attention", ("attention.LayerNorm", LN)), pre("mlp", ("intermediate.LayerNorm", LN))])]),
@@ -183,8 +187,8 @@ def test_every_tiny_config_has_an_expectation() -> None:
     assert len({TINY_CONFIGS[name]["model_type"] for name in EXPECTED}) >= 30
 
 
-def _sublayer_spec(sub: normswap.Sublayer, layer_path: str) -> SublayerSpec:
-    return (sub.kind, sub.placement, [(n.path.removeprefix(layer_path + "."), n.slot, n.kind) for n in sub.norms])
+def _sublayer_spec(sub: normswap.Sublayer, layer: normswap.Layer) -> SublayerSpec:
+    return (sub.kind, sub.placement, [(layer.relative(n.path), n.slot, n.kind) for n in sub.norms])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -204,8 +208,8 @@ def test_detected_topology_matches_modeling_code(name: str, write_config: Any) -
         assert [layer.index for layer in layers] == list(range(expected.num_layers))
         for layer in layers:
             want = spec.first_layer if (layer.index == 0 and spec.first_layer) else spec.sublayers
-            assert [_sublayer_spec(sub, layer.path) for sub in layer.sublayers] == want, layer.path
-            inner = tuple((n.path.removeprefix(layer.path + "."), n.dim) for n in layer.inner_norms)
+            assert [_sublayer_spec(sub, layer) for sub in layer.sublayers] == want, layer.path
+            inner = tuple((layer.relative(n.path), n.dim) for n in layer.inner_norms)
             assert inner == spec.inner_norms, layer.path
             for sub in layer.sublayers:
                 if sub.kind == "parallel":

@@ -380,7 +380,10 @@ def test_a_norm_in_a_module_list_is_called_by_index() -> None:
     assert cst.Module([]).code_for_node(call) == "self.post_attention_layernorm[1](h)"
     assert _self_attribute(call.func) == "post_attention_layernorm.1"
     assert _self_attribute(cst.parse_expression("self.blocks[0].norm")) == "blocks.0.norm"
-    assert _self_attribute(cst.parse_expression("self.norms[i]")) is None
+    # XLM's loop by index: ``self.layer_norm1[i]`` stands for each item, and is written back with the loop's index
+    assert _self_attribute(cst.parse_expression("self.norms[i]")) == "norms.*"
+    assert cst.Module([]).code_for_node(_self_call("norms.*", cst.Name("h"), "i")) == "self.norms[i](h)"
+    assert _self_attribute(cst.parse_expression("self.norms[i + 1]")) is None
 
 
 def test_a_branch_that_reads_an_earlier_sublayer_s_norm_blocks_placement_changes() -> None:

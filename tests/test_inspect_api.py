@@ -80,10 +80,14 @@ def test_topology_is_frozen(write_config: Any) -> None:
         topology.model_type = "x"  # type: ignore[misc]
 
 
-def test_topology_errors_carry_the_recipe_note(write_config: Any) -> None:
-    config = {"model_type": "flaubert", "emb_dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128}
-    with pytest.raises(normswap.TopologyError, match=r"shows no residual add.*recipe note for flaubert: norms live"):
-        normswap.inspect(write_config(config))
+def test_topology_errors_carry_the_recipe_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    from normswap.detect import pipeline
+    from normswap.recipe import Recipe
+
+    note = "what the family's recipe says"
+    monkeypatch.setattr(pipeline, "recipe_for", lambda model_type: Recipe("toy", (model_type,), (note,)))
+    with pytest.raises(normswap.TopologyError, match=rf"shows no residual add.*recipe note for normswap-toy: {note}"):
+        normswap.inspect(ToyModel(ToyConfig(layouts=("no-residual",))))
 
 
 def test_parallel_branches_sharing_one_norm(write_config: Any) -> None:

@@ -27,6 +27,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "electra": {"model_type": "electra", **_DECODER, "embedding_size": 64},
     "megatron_bert": {"model_type": "megatron-bert", **_DECODER},
     "xlm_roberta_xl": {"model_type": "xlm-roberta-xl", **_DECODER, "pad_token_id": 1},
+    # no layer modules: the model's forward runs its layers by index over lists of branches and norms
+    "xlm": {"model_type": "xlm", "emb_dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128},
+    "flaubert": {"model_type": "flaubert", "emb_dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 128},
     "roberta_prelayernorm": {"model_type": "roberta-prelayernorm", **_DECODER, "pad_token_id": 1},
     "modernbert": {"model_type": "modernbert", **_DECODER, **_TOKENS, "cls_token_id": 1, "sep_token_id": 2,
                    "global_attn_every_n_layers": 2},

@@ -87,7 +87,7 @@ def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[lis
     for layer in layers:
         groups.setdefault(layer.layer_class, []).append(layer)
     for group in groups.values():
-        shapes = {tuple((s.placement, tuple(n.path.removeprefix(layer.path) for n in s.norms))
+        shapes = {tuple((s.placement, tuple(layer.relative(n.path) for n in s.norms))
                         for s in layer.sublayers) for layer in group}
         if len(shapes) != 1:
             raise CodegenError(f"the {group[0].layer_class} layers of {topology.model_type}'s {stack.path} place "
@@ -101,7 +101,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
     """Pre -> Post for one stack: unwrap the pre norms, wrap each add in the next sublayer's norm, and move
     the final norm before the loop (an embedding norm, where the model has one, leaves: the plan drops it,
     unless ``keep_embedding_norm``: then it stays, and the final norm's place is the last layer's)."""
-    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
+    locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
     subs = layer.sublayers
     edits: list[Edit] = []
     for index, sub in enumerate(subs):
@@ -196,7 +196,7 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
                ) -> list[Edit]:
     """Post -> Pre for one stack: unwrap the post norms, wrap each branch input in its sublayer's norm, and
     move the embedding norm after the loop (where there is none, the final norm is built like a layer norm)."""
-    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
+    locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
     edits: list[Edit] = []
     first_post: NormSite | None = None
     for index, sub in enumerate(layer.sublayers):
@@ -226,7 +226,7 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
     as written then sums the same terms (``serialise``). The stack norms stay where they are."""
     from .serialise import stream_before  # it reads this module's errors
 
-    locate = _Locator(model.get_submodule(layer.path), layer.path, classes, path.name)
+    locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
     edits: list[Edit] = []
     for index, sub in enumerate(layer.sublayers):
         if sub.kind != "parallel":
@@ -392,9 +392,10 @@ def require_plain_norm(model: nn.Module, path: str) -> None:
 class _Locator:
     """Resolves (source line, module path) to (enclosing class, ``self.`` attribute path in that class)."""
 
-    def __init__(self, layer: nn.Module, layer_path: str, classes: list[tuple[str, int, int]], filename: str):
+    def __init__(self, layer: nn.Module, record: Layer, classes: list[tuple[str, int, int]], filename: str):
         self.layer = layer
-        self.layer_path = layer_path
+        self.record = record
+        self.layer_path = record.path
         self.layer_class = type(layer).__name__
         self.classes = classes
         self.filename = filename
@@ -436,7 +437,7 @@ class _Locator:
 
     def relative(self, module_path: str) -> str:
         """``module_path`` relative to the layer."""
-        return module_path.removeprefix(self.layer_path + ".")
+        return module_path.removeprefix(self.layer_path + ".") if self.layer_path else module_path
 
     def attribute(self, source: str | None, module_path: str) -> tuple[str, str]:
         class_name = self.enclosing_class(source)
@@ -446,8 +447,8 @@ class _Locator:
                                "edits the classes of the modeling file")
         relative = self.relative(module_path)
         for class_path in self.class_paths.get(class_name, []):
-            if not class_path:
-                return class_name, relative
+            if not class_path:  # a layer of list items names its item by the loop's index: ``layer_norm1.*``
+                return class_name, self.record.relative(module_path) if self.record.items else relative
             if relative.startswith(class_path + "."):
                 return class_name, relative[len(class_path) + 1:]
         raise CodegenError(f"{module_path} is not reachable from {class_name} (at {source}): the code there "

@@ -115,7 +115,8 @@ class ReplaceNormClass:
     wrap: bool = False  # build the original norm and pass it to ``new_class.like`` instead of its arguments
     # where the constructor expression builds other modules too, only its ``<item_class>(...)`` calls are wrapped:
     # the items of a module list ``self.<norm> = nn.ModuleList([...])`` (GLPN's stage norms, LongCat-Flash's
-    # pairs), or the norm a conditional builds in some layers (AXK2's dense layers, where MoE layers build a gate)
+    # pairs) or what ``__init__`` appends to it (XLM's ``self.layer_norm1.append(nn.LayerNorm(...))``), or the
+    # norm a conditional builds in some layers (AXK2's dense layers, where MoE layers build a gate)
     item_class: str = ""
 
 

@@ -63,7 +63,8 @@ def _code(node: cst.CSTNode) -> str:
 
 
 def _self_attribute(node: cst.BaseExpression) -> str | None:
-    """``self.a.b`` -> ``"a.b"``, ``self.norms[0]`` -> ``"norms.0"`` (the module path); anything else -> None."""
+    """``self.a.b`` -> ``"a.b"``, ``self.norms[0]`` -> ``"norms.0"`` (the module path), ``self.norms[i]`` ->
+    ``"norms.*"`` (each item, by a loop's index); anything else -> None."""
     parts: list[str] = []
     while True:
         if isinstance(node, cst.Attribute):
@@ -71,6 +72,8 @@ def _self_attribute(node: cst.BaseExpression) -> str | None:
         elif (isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index)
               and isinstance(node.slice[0].slice.value, cst.Integer)):
             parts.append(node.slice[0].slice.value.value)  # LongCat-Flash: ``self.input_layernorm[1](h)``
+        elif _loop_index(node) is not None:
+            parts.append("*")  # XLM: ``self.layer_norm1[i](tensor)``
         else:
             break
         node = node.value
@@ -79,9 +82,22 @@ def _self_attribute(node: cst.BaseExpression) -> str | None:
     return None
 
 
-def _self_call(attribute: str, argument: cst.BaseExpression) -> cst.Call:
-    """``self.<attribute>(argument)``; a numeric path part is an index into a ModuleList."""
-    written = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in attribute.split("."))
+def _loop_index(node: cst.BaseExpression) -> str | None:
+    """``i`` in ``<list>[i]``: a module list indexed by a variable."""
+    if (isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index)
+            and isinstance(node.slice[0].slice.value, cst.Name)):
+        return node.slice[0].slice.value.value
+    return None
+
+
+def _self_call(attribute: str, argument: cst.BaseExpression, index: str | None = None) -> cst.Call:
+    """``self.<attribute>(argument)``; a numeric path part is an index into a ModuleList, and ``*`` the loop's
+    ``index``."""
+    written = "".join(f"[{part}]" if part.isdigit() else f"[{index}]" if part == "*" else f".{part}"
+                      for part in attribute.split("."))
+    if "*" in attribute and index is None:
+        raise CodegenError(f"self.{attribute} is an item of a module list by a loop's index, and the statement "
+                           "that calls it names no index")
     return cst.Call(func=cst.parse_expression(f"self{written}"), args=[cst.Arg(value=argument)])
 
 
@@ -201,6 +217,7 @@ class _Rewriter(cst.CSTTransformer):
         self.statement_lines: list[tuple[int, int]] = []
         self.additions: list[bool] = []
         self.before_statement: list[str] = []  # statements to insert before the one being left
+        self.loop_variables: list[str | None] = []  # the name each enclosing ``for`` binds (XLM's index ``i``)
 
     # -- context ---------------------------------------------------------------------
     def visit_ClassDef(self, node: cst.ClassDef) -> bool:
@@ -214,6 +231,17 @@ class _Rewriter(cst.CSTTransformer):
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         self.functions.append(node.name.value)
         return bool(self.classes)  # a module-level function holds nothing to edit
+
+    def visit_For(self, node: cst.For) -> None:
+        self.loop_variables.append(node.target.value if isinstance(node.target, cst.Name) else None)
+
+    def leave_For(self, original: cst.For, updated: cst.For) -> cst.For:
+        self.loop_variables.pop()
+        return updated
+
+    def _index(self) -> str | None:
+        """The index of the innermost loop: what ``self.<list>.*`` calls its items by."""
+        return self.loop_variables[-1] if self.loop_variables else None
 
     def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
         self.statement_lines.append(self.lines.get(id(node), (0, -1)))  # no span: only class-wide edits wanted
@@ -269,7 +297,7 @@ class _Rewriter(cst.CSTTransformer):
         for edit in self.edits:
             if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
-                return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]))
+                return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]), self._index())
             if isinstance(edit, ReplaceResidualAdd) and self._here(edit):
                 self.applied[edit] += 1
                 return cst.parse_expression(edit.expression)
@@ -285,6 +313,14 @@ class _Rewriter(cst.CSTTransformer):
                     return _self_call(edit.norm, updated)
             return self._build_directly(updated)
         for edit in self.edits:
+            if (isinstance(edit, ReplaceNormClass) and edit.item_class and self._here(edit)
+                    and callee in {f"{edit.norm}.{grow}" for grow in _LIST_GROWTH}
+                    and self.functions and self.functions[-1] == "__init__"):
+                wrapped = _ItemConstructors(edit)  # ``self.norms.append(Norm(...))`` in the loop that builds a list
+                arguments = [arg.visit(wrapped) for arg in updated.args]
+                if wrapped.seen:
+                    self.applied[edit] += 1
+                    return updated.with_changes(args=arguments)
             if isinstance(edit, WrapResidualAdd) and edit.call == f"self.{callee}" and self._here(edit):
                 self.applied[edit] += 1  # the add is inside the called module (caller_adds)
                 if edit.item is not None:  # it returns the sum as one item of a tuple
@@ -304,7 +340,7 @@ class _Rewriter(cst.CSTTransformer):
                 return updated.args[0].value
             if isinstance(edit, WrapBranchInput) and edit.branch == callee and self._here(edit):
                 self.applied[edit] += 1
-                return _wrap_first_argument(updated, edit.norm)
+                return _wrap_first_argument(updated, edit.norm, self._index())
             if isinstance(edit, ReadAfterBranch) and edit.branch == callee and self._here(edit):
                 self.applied[edit] += 1
                 self.before_statement.append(f"{edit.variable} = {edit.stream}")
@@ -449,7 +485,8 @@ class _Rewriter(cst.CSTTransformer):
         """Insert ``template`` (with ``{stream}``, the variable the loop passes to each layer) at the layer loop."""
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if isinstance(statement, cst.For) and f"self.{stack_attribute}" in _code(statement.iter):
+            if isinstance(statement, cst.For) and (f"self.{stack_attribute}" in _code(statement.iter)
+                                                   or _indexes(statement, stack_attribute)):
                 line = template.format(stream=_stream_variable(statement))
                 body.insert(index if where == "before" else index + 1, cst.parse_statement(line + "\n"))
                 if edit is not None:
@@ -458,6 +495,9 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{function.name.value} runs its layers without a `for ... in self.{stack_attribute}` loop "
                            "(ALBERT runs one shared layer group again and again), so the generated code has no "
                            "one place before or after the layers for the stack norm this layout moves there")
+
+
+_LIST_GROWTH = ("append", "extend", "insert")  # how an ``__init__`` fills a ``nn.ModuleList()`` it built empty
 
 
 class _ItemConstructors(cst.CSTTransformer):
@@ -534,14 +574,26 @@ def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
                for small in statement.body)
 
 
+def _indexes(loop: cst.For, attribute: str) -> bool:
+    """Whether the loop runs its layers by index: its body calls ``self.<attribute>[<the loop's index>](...)``
+    (XLM's ``for i in range(self.n_layers)`` over ``self.attentions[i]``)."""
+    return isinstance(loop.target, cst.Name) and any(
+        isinstance(node, cst.Call) and _self_attribute(node.func) == f"{attribute}.*"
+        and _loop_index(node.func) == loop.target.value for node in _walk(loop.body))
+
+
 def _stream_variable(loop: cst.For) -> str:
-    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``."""
+    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``; in a loop by
+    index, of the first ``self.<list>[<index>](...)`` that reads a variable."""
     target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
     if not isinstance(target, cst.Name):
         raise CodegenError("the layer loop does not bind its layer to a name")
     for node in _walk(loop.body):
-        if (isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value == target.value
-                and node.args and isinstance(node.args[0].value, cst.Name)):
+        if not isinstance(node, cst.Call) or not node.args or not isinstance(node.args[0].value, cst.Name):
+            continue
+        if isinstance(node.func, cst.Name) and node.func.value == target.value:
+            return node.args[0].value.value
+        if _loop_index(node.func) == target.value and _self_attribute(node.func) is not None:
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
 
@@ -568,17 +620,20 @@ def _centre_first_argument(call: cst.Call) -> cst.Call:
 _INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")
 
 
-def _wrap_first_argument(call: cst.Call, norm: str) -> cst.Call:
-    return _replace_first_argument(call, None, norm)
+def _wrap_first_argument(call: cst.Call, norm: str, index: str | None = None) -> cst.Call:
+    return _replace_first_argument(call, None, norm, index)
 
 
-def _replace_first_argument(call: cst.Call, value: cst.BaseExpression | None, norm: str = "") -> cst.Call:
-    """The call with its input argument replaced by ``value``, or (``value`` None) wrapped in ``self.<norm>``."""
+def _replace_first_argument(call: cst.Call, value: cst.BaseExpression | None, norm: str = "",
+                            index: str | None = None) -> cst.Call:
+    """The call with its input argument replaced by ``value``, or (``value`` None) wrapped in ``self.<norm>``
+    (a norm that is an item of a module list by the loop's ``index``: ``self.<list>[index]``)."""
     args = list(call.args)
     positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
-    index = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
+    position = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
         (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in _INPUT_KEYWORDS), None)
-    if index is None:
+    if position is None:
         raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
-    args[index] = args[index].with_changes(value=value if value is not None else _self_call(norm, args[index].value))
+    args[position] = args[position].with_changes(
+        value=value if value is not None else _self_call(norm, args[position].value, index))
     return call.with_changes(args=args)

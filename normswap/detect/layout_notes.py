@@ -1,4 +1,4 @@
-"""What a topology must say beside its sublayers: scaled residual streams, reused layers, layer-free models.
+"""What a topology must say beside its sublayers: scaled residual streams and reused layers.
 
 These come from the traced graphs (``Layer.residual_scales``), the order of module calls in the meta run,
 and the module tree, never from a family's name:
@@ -6,9 +6,7 @@ and the module tree, never from a family's name:
 * a residual add that scales the stream it keeps (``g * h + F``) breaks what the norm-shift mapping and
   the exact norm-kind maps assume (docs/design.md §3-§5), so ``inspect`` says so in a note;
 * a layer that runs more than once per forward, or a model-level norm that runs between a stack's
-  layers, is a stream the layers alone do not describe;
-* a model whose "layers" are lists of branches, with its norms in lists beside them, runs its residual
-  adds in its own forward: detection per layer module cannot see them, and the refusal says so.
+  layers, is a stream the layers alone do not describe.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from torch import nn
 
 from ..topology import Layer, ResidualScale
 from .capture import CapturedRun
-from .norms import NormInfo
 
 _ASSUMPTION = "h <- s * h + F(...), not h + F(...); the norm-shift and exact norm-kind maps assume s = 1"
 
@@ -68,24 +65,6 @@ def reuse_notes(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], run: Capt
         notes.extend(f"{norm}, a norm outside the layers, also runs between layers of {stack_path}; where it "
                      "normalises the stream there, no layer's sublayers show it" for norm in between)
     return notes
-
-
-def layer_free_hint(model: nn.Module, stack_path: str, stacks: list[tuple[str, list[tuple[str, nn.Module]]]],
-                    norms: dict[str, NormInfo]) -> str | None:
-    """Why a "layer" shows no residual add, where its module holds lists of branches and of norms side by side."""
-    parent_path, _, _ = stack_path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    prefix = f"{parent_path}." if parent_path else ""
-    length = len(next(layers for path, layers in stacks if path == stack_path))
-    lists = [name for name, child in parent.named_children()
-             if isinstance(child, nn.ModuleList) and len(child) == length]
-    norm_lists = [name for name in lists if all(f"{prefix}{name}.{i}" in norms for i in range(length))]
-    branch_lists = [name for name in lists if f"{prefix}{name}" in {path for path, _ in stacks}]
-    if not norm_lists:
-        return None
-    return (f"{type(parent).__name__} has no layer modules: {', '.join(branch_lists)} hold its branches and "
-            f"{', '.join(norm_lists)} its norms, one per layer index, and its own forward runs the residual adds "
-            "and the norms; normswap reads norm placement inside layer modules, so it cannot tell this one")
 
 
 _FORM_WORDS = {"gain": "gain", "interpolation": "interpolation rate (the stream keeps 1 - rate)",

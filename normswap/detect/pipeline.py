@@ -26,7 +26,8 @@ from ..recipe import recipe_for
 from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
 from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
-from .layout_notes import layer_free_hint, reuse_notes, scale_notes
+from .index_loop import IndexLists, index_lists, inspect_index_loop
+from .layout_notes import reuse_notes, scale_notes
 from .norms import NormInfo, classify_norm, own_size
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
@@ -118,18 +119,18 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 graph = LayerGraph(traced, layer, relative_norms)
                 try:
                     reading = analyse_layer(graph, path)
-                except NoResidualAddError as error:
-                    hint = layer_free_hint(model, stack_path, stacks, norms)
+                except NoResidualAddError:
                     restacked = _without_addless_stack(stacks, stack_path)
                     try:
                         if restacked is None:
                             raise
                         return _inspect_meta_model(meta, notes, sample, restacked)
                     except TopologyError:
-                        if hint is None:
+                        lists = index_lists(model, stack_path, norms)
+                        if lists is None:
                             raise
-                        raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
-                                            f"graph: {hint}") from error
+                        # no layer modules: the forward runs the layers by index over lists of branches and norms
+                        return _index_loop_topology(meta, notes, lists, norms)
                 analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
@@ -166,6 +167,19 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
             raise _SampleMismatchError(mismatch)
         topology = expand_sample(topology, sample)
     return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))  # over every layer, not a sample
+
+
+def _index_loop_topology(meta: MetaModel, notes: list[str], lists: IndexLists, norms: dict[str, NormInfo]
+                         ) -> Topology:
+    """The topology of a model whose forward runs its layers by index over lists of branches and norms."""
+    try:
+        stack, layers = inspect_index_loop(meta.model, meta.config, lists, norms)
+    except TopologyError as error:
+        raise TopologyError(f"{lists.describe(meta.model)}; read one index at a time, its forward "
+                            f"shows no layout normswap can tell: {error}") from error
+    topology = Topology(model_type=meta.model_type, model_class=type(meta.model).__name__, stacks=(stack,),
+                        layers=tuple(layers), notes=tuple(notes))
+    return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))
 
 
 def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], addless: str

@@ -42,8 +42,11 @@ class TracedLayer:
     opaque: tuple[str, ...] = ()  # modules traced as one node because tracing inside them failed
 
 
-def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> TracedLayer:
-    """Trace ``layer`` as it was called in ``call``; ``norm_modules`` holds ``id()``s of norm modules."""
+def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int], unrecorded_objects: bool = False
+                ) -> TracedLayer:
+    """Trace ``layer`` as it was called in ``call``; ``norm_modules`` holds ``id()``s of norm modules.
+
+    ``unrecorded_objects``: record arguments fx cannot hold as None (``LayerTracer``), for a whole model's forward."""
     named_inputs = _bind_arguments(layer, call)
     placeholder_values: dict[str, Any] = {}
     specs: list[tuple[str, Any, list[Any], list[str]]] = []
@@ -65,7 +68,8 @@ def trace_layer(layer: nn.Module, call: LayerCall, norm_modules: set[int]) -> Tr
     forced_leaves: set[int] = set()
     for _attempt in range(_MAX_RETRIES):
         wrapper = _make_wrapper(layer, specs, ordered_placeholders)
-        tracer = LayerTracer(_leaf_policy(wrapper, norm_modules, forced_leaves), placeholder_values)
+        tracer = LayerTracer(_leaf_policy(wrapper, norm_modules, forced_leaves), placeholder_values,
+                             unrecorded_objects)
         try:
             with AnswerDataQuestions():
                 graph = tracer.trace(wrapper)

@@ -79,8 +79,10 @@ class LayerTracer(fx.Tracer):
     of the modeling code needs.
     """
 
-    def __init__(self, is_leaf: Callable[[torch.nn.Module, str], bool], placeholder_values: dict[str, Any]) -> None:
+    def __init__(self, is_leaf: Callable[[torch.nn.Module, str], bool], placeholder_values: dict[str, Any],
+                 unrecorded_objects: bool = False) -> None:
         super().__init__(autowrap_modules=(), autowrap_functions=())
+        self._unrecorded_objects = unrecorded_objects
         self.record_stack_traces = False  # written by ``create_node``, the modeling-code frames alone
         self._is_leaf = is_leaf
         self._placeholder_values = placeholder_values
@@ -97,6 +99,16 @@ class LayerTracer(fx.Tracer):
         if not node.stack_trace:
             node.stack_trace = _modeling_frames(sys._getframe(1))
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        """With ``unrecorded_objects``, an argument fx cannot record (the cache a model's forward builds for
+        itself and hands each branch) is recorded as None: such a graph is read, never run."""
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            if not self._unrecorded_objects:
+                raise
+            return None
 
     # -- leaves and module calls ------------------------------------------------
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
