@@ -30,7 +30,7 @@ PLACEMENTS = ("pre", "post")
 
 
 class RealisationError(NormswapError):
-    """No way to express the target layout for this model (yet)."""
+    """No way to express the target layout for this model: the message says what in its structure rules it out."""
 
 
 def placement_of(topology: Topology) -> str:
