@@ -15,11 +15,14 @@ OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutput
 
 @dataclass(frozen=True)
 class UnwrapNormCall:
-    """``self.<norm>(x)`` -> ``x`` in the statement at ``line``."""
+    """``self.<norm>(x)`` -> ``x`` in the statement at ``line``. A call of the norm on the output of ``branch``, the
+    branch whose input it normalises, is another placement that did not run (FocalNet's
+    ``self.norm2(self.mlp(h)) if self.use_post_layernorm else self.mlp(self.norm2(h))``), and is left alone."""
 
     class_name: str
     line: int
     norm: str
+    branch: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,9 @@ class BuildNormAlways:
 class AddStackNorm:
     """A new norm on the class that runs the layer loop, applied before or after the loop.
 
-    Its constructor is copied from ``self.<copy_attribute> = ...`` in ``copy_from``'s ``__init__``.
+    Its constructor is copied from ``self.<copy_attribute> = ...`` in ``copy_from``'s ``__init__``. Where the
+    stream between layers is channels first and the copied norm normalises the last axis (VitDet), the call moves
+    ``channel_axis`` last and back: ``h = self.<norm>(h.movedim(1, -1)).movedim(-1, 1)``.
     """
 
     class_name: str
@@ -92,6 +97,7 @@ class AddStackNorm:
     where: str  # "before" or "after" the loop
     copy_from: str
     copy_attribute: str
+    channel_axis: int = -1
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,12 @@ class ReplaceNormClass:
 
 @dataclass(frozen=True)
 class CentreStream:
-    """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean."""
+    """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean. A
+    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``."""
 
     class_name: str
     stack_attribute: str
+    channel_axis: int = -1
 
 
 @dataclass(frozen=True)
@@ -127,10 +135,12 @@ class CentreNormInput:
     """Every ``self.<norm>(x)`` in ``forward`` -> ``self.<norm>(x - x.mean(-1, keepdim=True))``.
 
     An embedding LayerNorm reads the raw embeddings; on a centred input it equals the RMSNorm that replaces it.
+    A norm of a channels-first tensor has its input centred over the ``axis`` it normalises.
     """
 
     class_name: str
     norm: str
+    axis: int = -1
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,11 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
     return nodes
 
 
+def _calls_module(node: cst.CSTNode, attribute: str) -> bool:
+    """Whether ``node`` holds a call of ``self.<attribute>``."""
+    return any(isinstance(item, cst.Call) and _self_attribute(item.func) == attribute for item in _walk(node))
+
+
 class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
@@ -276,7 +281,8 @@ class _Rewriter(cst.CSTTransformer):
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
                 return _self_call(OUTPUT_PROJECTION, updated)
-            if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
+            if (isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit)
+                    and not (edit.branch and _calls_module(updated.args[0].value, edit.branch))):
                 self.applied[edit] += 1
                 return updated.args[0].value
             if (isinstance(edit, UnwrapModelNorm) and edit.norm == callee and self._here(edit)
@@ -293,7 +299,7 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, CentreNormInput) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
-                return _centre_first_argument(updated)
+                return _centre_first_argument(updated, edit.axis)
         return updated
 
     def _build_directly(self, call: cst.Call) -> cst.Call:
@@ -370,7 +376,8 @@ class _Rewriter(cst.CSTTransformer):
                 updated = self._add_output_projection(updated, edit)
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
-                                               "{stream} = {stream} - {stream}.mean(-1, keepdim=True)")
+                                               f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
+                                               "keepdim=True)")
         return updated
 
     def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
@@ -419,8 +426,10 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
-        return self._insert_at_loop(function, edit.stack_attribute, edit.where, None,
-                                    f"{{stream}} = self.{edit.norm}({{stream}})")
+        axis = edit.channel_axis
+        call = (f"self.{edit.norm}({{stream}})" if axis == -1
+                else f"self.{edit.norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        return self._insert_at_loop(function, edit.stack_attribute, edit.where, None, f"{{stream}} = {call}")
 
     def _insert_at_loop(self, function: cst.FunctionDef, stack_attribute: str, where: str, edit: Edit | None,
                         template: str) -> cst.FunctionDef:
@@ -513,12 +522,15 @@ def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
 
 
 def _stream_variable(loop: cst.For) -> str:
-    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``."""
+    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``, or of
+    ``<target>.forward(...)`` (SqueezeBERT's encoder calls its layers' forward directly)."""
     target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
     if not isinstance(target, cst.Name):
         raise CodegenError("the layer loop does not bind its layer to a name")
     for node in _walk(loop.body):
-        if (isinstance(node, cst.Call) and isinstance(node.func, cst.Name) and node.func.value == target.value
+        func = node.func.value if isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and (
+            node.func.attr.value == "forward") else node.func if isinstance(node, cst.Call) else None
+        if (isinstance(func, cst.Name) and func.value == target.value
                 and node.args and isinstance(node.args[0].value, cst.Name)):
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
@@ -533,13 +545,13 @@ def _unwrap_like(call: cst.Call) -> cst.Call:
     return call
 
 
-def _centre_first_argument(call: cst.Call) -> cst.Call:
-    """``f(x, ...)`` -> ``f(x - x.mean(-1, keepdim=True), ...)``; ``x`` is read twice, so it must be a name."""
+def _centre_first_argument(call: cst.Call, axis: int) -> cst.Call:
+    """``f(x, ...)`` -> ``f(x - x.mean(axis, keepdim=True), ...)``; ``x`` is read twice, so it must be a name."""
     args = list(call.args)
     if not args or args[0].keyword is not None or not isinstance(args[0].value, (cst.Name, cst.Attribute)):
         raise CodegenError(f"the input of {_code(call.func)}(...) is not a plain variable, so it cannot be centred")
     value = _code(args[0].value)
-    args[0] = args[0].with_changes(value=cst.parse_expression(f"{value} - {value}.mean(-1, keepdim=True)"))
+    args[0] = args[0].with_changes(value=cst.parse_expression(f"{value} - {value}.mean({axis}, keepdim=True)"))
     return call.with_changes(args=args)
 
 
