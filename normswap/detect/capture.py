@@ -65,7 +65,6 @@ class CapturedRun:
             return True  # nothing to tell it by
         return _same_elements(stream, output)
 
-
     def hands_on(self, module_path: str, layer_path: str) -> bool:
         """Whether the watched module's output is seen to be the stream ``layer_path`` receives: the norm of the
         patch merging that ends one stage (FocalNet's ``downsample``) feeds the next stage's layers; an encoder's
@@ -75,14 +74,18 @@ class CapturedRun:
 
 
 def _same_elements(seen: Any, tensor: Any) -> bool:
-    """``seen`` is ``tensor``, or a view of it that only reorders its axes (``permute``, ``transpose``)."""
+    """``seen`` is ``tensor``, or both are views of one storage that differ only in the order of their axes
+    (``permute``, ``transpose``): each axis keeps its size and step, and the first element is the same."""
     if seen is tensor:
         return True
-    if not isinstance(seen, torch.Tensor) or not isinstance(tensor, torch.Tensor) or seen._base is None:
+    if not isinstance(seen, torch.Tensor) or not isinstance(tensor, torch.Tensor):
         return False
-    same_base = seen._base is tensor or (tensor._base is not None and seen._base is tensor._base)
-    return (same_base and sorted(seen.shape) == sorted(tensor.shape) and seen.storage_offset() ==
-            tensor.storage_offset() and sorted(seen.stride()) == sorted(tensor.stride()))
+    root = seen._base if seen._base is not None else seen
+    if root is not (tensor._base if tensor._base is not None else tensor):
+        return False
+    return (seen.storage_offset() == tensor.storage_offset()
+            and sorted(zip(seen.shape, seen.stride(), strict=True)) == sorted(zip(tensor.shape, tensor.stride(),
+                                                                                 strict=True)))
 
 
 def find_layer_stacks(model: nn.Module, containers: tuple[type[nn.Module], ...] = (nn.ModuleList,)

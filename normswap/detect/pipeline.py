@@ -129,11 +129,14 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                             raise
                         raise TopologyError(f"{type(layer).__name__} ({path}) shows no residual add in its traced "
                                             f"graph: {hint}") from error
-                except OutputPastLastAddError:
+                except OutputPastLastAddError as error:
                     restacked = _without_addless_stack(stacks, stack_path, keep=True)
                     if restacked is None:
                         raise
-                    return _inspect_meta_model(meta, notes, sample, restacked)
+                    try:
+                        return _inspect_meta_model(meta, notes, sample, restacked)
+                    except TopologyError:
+                        raise error from None  # the lists it holds are no stacks either (MobileBERT's FFN list)
                 analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
