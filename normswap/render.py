@@ -17,6 +17,7 @@ def render_topology(topology: Topology) -> str:
         embedding = _edge(stack.embedding_norm)
         final = _edge(stack.final_norm)
         width = f", width {stack.width}" if stack.width is not None else ""
+        width += f" on axis {stack.axis} (channels first)" if stack.axis != -1 else ""
         lines.append(f"stack {stack.path or '(root)'}: {stack.num_layers} layers{width}, "
                      f"embedding norm {embedding}, final norm {final}")
     lines.append("")

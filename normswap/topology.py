@@ -54,6 +54,7 @@ class NormSite:
     eps: float | None
     dim: int
     source: str | None = None  # "modeling_bert.py:293", where the call sits in the modeling code
+    axis: int = -1  # the axis of its input it normalises: -1, or 1 on a channels-first (batch, channels, ...) tensor
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class Stack:
     embedding_norm: NormSite | None
     final_norm: NormSite | None
     width: int | None = None  # the stream's width, as its first layer reads it (stages of a vision model differ)
+    axis: int = -1  # the axis of the stream between layers that holds its channels: 1 where it is channels first
 
 
 @dataclass(frozen=True)

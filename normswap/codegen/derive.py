@@ -69,7 +69,8 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             template = next((layer for layer in layers if not identity_pre_norms(layer)), layers[0])
             if placement == "post":
                 keep = embedding_norm_stays(stack, stack_layers[0].sublayers[0].norms_in("pre"))
-                stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep),
+                stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep,
+                                            shared_loop=_shares_loop(model, topology, stack)),
                                *_realised_placeholders(model, layers, template)]
             else:
                 stack_edits = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
@@ -97,10 +98,13 @@ def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[lis
 
 
 def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]],
-                keep_embedding_norm: bool = False) -> list[Edit]:
+                keep_embedding_norm: bool = False, shared_loop: bool = False) -> list[Edit]:
     """Pre -> Post for one stack: unwrap the pre norms, wrap each add in the next sublayer's norm, and move
     the final norm before the loop (an embedding norm, where the model has one, leaves: the plan drops it,
-    unless ``keep_embedding_norm``: then it stays, and the final norm's place is the last layer's)."""
+    unless ``keep_embedding_norm``: then it stays, and the final norm's place is the last layer's).
+
+    Where one stage class runs every stage's loop (``shared_loop``: FocalNet's ``FocalNetStage``), the new norm
+    is built like the layer's own norm in every stage, not like the one stage's final norm that moves."""
     locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
     subs = layer.sublayers
     edits: list[Edit] = []
@@ -110,13 +114,15 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
             raise CodegenError(f"sublayer {index} of {layer.path} has no pre norm")
         for norm in pre_norms:
             class_name, attribute = locate.attribute(norm.source, norm.path)
-            edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
+            edits.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute,
+                                        _branch_called_beside(locate, sub, class_name, norm.source)))
         for extra in pre_norms[1:]:
             owner, attribute = owner_and_attribute(model, extra.path)
             edits.append(NeutraliseNorm(owner, attribute, _parameter_names(model, extra.path)))
     edits += _wrapped_adds(subs, locate, module_functions(path), path)
     first = subs[0].norms_in("pre")[0]  # the norm whose weights the new stack norm takes
-    alike = stack.final_norm if stack.final_norm is not None and stack.final_norm.kind == first.kind else None
+    alike = (stack.final_norm if stack.final_norm is not None and stack.final_norm.kind == first.kind
+             and not shared_loop else None)
     template = _template(model, alike, first, locate)  # built as the final norm, unless its kind differs (ESMC)
     if stack.final_norm is not None:
         edits += _removed_model_norm(model, stack.final_norm.path)
@@ -125,7 +131,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
-                                 *template)]
+                                 *template, channel_axis=_axis_to_move(stack, alike or first))]
 
 
 def identity_pre_norms(layer: Layer) -> tuple[NormSite, ...]:
@@ -216,7 +222,7 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
-                                 *template)]
+                                 *template, channel_axis=_axis_to_move(stack, stack.embedding_norm or first_post))]
 
 
 def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
@@ -254,6 +260,31 @@ def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:
     """A stack-level norm (embedding or final) that the target layout no longer runs."""
     owner, attribute = owner_and_attribute(model, path)
     return [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute, _parameter_names(model, path))]
+
+
+def _branch_called_beside(locate: _Locator, sub: Sublayer, class_name: str, source: str | None) -> str:
+    """The attribute of the sublayer's branch, where its class calls it on the norm call's line: the pre norm's call
+    is then the one that does not read the branch's output; "" where no such attribute is known."""
+    entry = sub.branches[0].entry if len(sub.branches) == 1 else None
+    if not entry or sub.branches[0].entry_source != source:
+        return ""
+    try:
+        owner, attribute = locate.attribute(source, entry)
+    except CodegenError:
+        return ""
+    return attribute if owner == class_name else ""
+
+
+def _axis_to_move(stack: Stack, template: NormSite) -> int:
+    """The axis a new stack norm built like ``template`` must move last to normalise the stream's channels between
+    layers: -1 where it already normalises them (a channels-last stream, or a channels-first norm on a
+    channels-first one, as SqueezeBERT's), the stream's channel axis where it normalises the last axis."""
+    if template.axis == stack.axis:
+        return -1
+    if template.axis != -1:
+        raise CodegenError(f"{template.path} normalises axis {template.axis}, but {stack.path} carries its channels on "
+                           "the last axis between layers, so a norm built like it cannot normalise that stream")
+    return stack.axis
 
 
 def _template(model: nn.Module, moved: NormSite | None, layer_norm: NormSite,
@@ -303,11 +334,12 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
         if edit not in edits:
             edits.append(edit)
     for norm in embedding_layer_norms(topology) if centre_in_code else ():
-        for edit in (rms_norm_replacement(model, norm), CentreNormInput(*owner_and_attribute(model, norm.path))):
+        for edit in (rms_norm_replacement(model, norm),
+                     CentreNormInput(*owner_and_attribute(model, norm.path), norm.axis)):
             if edit not in edits:
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
-        edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1])
+        edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis)
         if edit not in edits:  # stacks of one class (T5's two, SegFormer's stages) run one loop in shared code
             edits.append(edit)
     return edits
@@ -328,6 +360,7 @@ def rms_norm_replacement(model: nn.Module, norm: NormSite) -> ReplaceNormClass:
     """
     require_plain_norm(model, norm.path)
     keywords = (("eps", repr(norm.eps)),) if norm.kind == "layernorm-noaffine" else ()
+    keywords += (("axis", repr(norm.axis)),) if norm.axis != -1 else ()  # a channels-first norm (SqueezeBERT's)
     return ReplaceNormClass(*norm_owner(model, norm.path), keywords=keywords, wrap=True,
                             item_class=list_item_class(model, norm.path))
 
@@ -464,6 +497,17 @@ def _owner(model: nn.Module, path: str) -> str:
 def loop_owners(model: nn.Module, topology: Topology) -> list[str]:
     """The class that runs each stack's layer loop (``CodegenError`` where a stack has none of its own)."""
     return [_loop_owner(model, stack) for stack in topology.stacks]
+
+
+def _shares_loop(model: nn.Module, topology: Topology, stack: Stack) -> bool:
+    """Whether the class that runs ``stack``'s loop runs another stack's too (a stage class, one per stage) and
+    does not build the stack's final norm itself (FocalNet's model does), so that its constructor is not there."""
+    def owner(path: str) -> type:
+        return type(model.get_submodule(path.rsplit(".", 1)[0] if "." in path else ""))
+
+    if stack.final_norm is None or owner(stack.final_norm.path) is owner(stack.path):
+        return False
+    return any(owner(other.path) is owner(stack.path) for other in topology.stacks if other.path != stack.path)
 
 
 def _loop_owner(model: nn.Module, stack: Stack) -> str:

@@ -15,11 +15,14 @@ OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutput
 
 @dataclass(frozen=True)
 class UnwrapNormCall:
-    """``self.<norm>(x)`` -> ``x`` in the statement at ``line``."""
+    """``self.<norm>(x)`` -> ``x`` in the statement at ``line``. A call of the norm on the output of ``branch``, the
+    branch whose input it normalises, is another placement that did not run (FocalNet's
+    ``self.norm2(self.mlp(h)) if self.use_post_layernorm else self.mlp(self.norm2(h))``), and is left alone."""
 
     class_name: str
     line: int
     norm: str
+    branch: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ class AddStackNorm:
     Its constructor is copied from ``self.<copy_attribute> = ...`` in ``copy_from``'s ``__init__``. Where
     ``copy_from`` is the layers' own class and its constructor reads names the loop's class does not have (CvT
     builds its layers' norms from an ``embed_dim`` argument), the first layer's norm is copied instead: the same
-    class, shape and settings, whose weights loading replaces.
+    class, shape and settings, whose weights loading replaces. Where the stream between layers is channels first
+    and the copied norm normalises the last axis (VitDet), the call moves ``channel_axis`` last and back:
+    ``h = self.<norm>(h.movedim(1, -1)).movedim(-1, 1)``.
     """
 
     class_name: str
@@ -96,6 +101,7 @@ class AddStackNorm:
     copy_from: str
     copy_attribute: str
     copy_from_layers: bool = False  # ``copy_from`` is the class of the stack's items
+    channel_axis: int = -1
 
 
 @dataclass(frozen=True)
@@ -122,10 +128,12 @@ class ReplaceNormClass:
 
 @dataclass(frozen=True)
 class CentreStream:
-    """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean."""
+    """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean. A
+    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``."""
 
     class_name: str
     stack_attribute: str
+    channel_axis: int = -1
 
 
 @dataclass(frozen=True)
@@ -133,10 +141,12 @@ class CentreNormInput:
     """Every ``self.<norm>(x)`` in ``forward`` -> ``self.<norm>(x - x.mean(-1, keepdim=True))``.
 
     An embedding LayerNorm reads the raw embeddings; on a centred input it equals the RMSNorm that replaces it.
+    A norm of a channels-first tensor has its input centred over the ``axis`` it normalises.
     """
 
     class_name: str
     norm: str
+    axis: int = -1
 
 
 @dataclass(frozen=True)

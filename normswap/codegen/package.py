@@ -65,23 +65,27 @@ class NormswapRMSNorm(torch.nn.Module):
     """RMSNorm that takes nn.LayerNorm's arguments, with an optional bias: LN(h) on a zero-mean stream.
 
     normswap centres every writer to the residual stream, so the LayerNorms that read it see zero-mean
-    inputs, where LN(h) = w * h / sqrt(mean(h^2) + eps) + b exactly, with the same eps.
+    inputs, where LN(h) = w * h / sqrt(mean(h^2) + eps) + b exactly, with the same eps. ``axis`` 1 normalises
+    the channels of a channels-first tensor, as the LayerNorm it replaces did (SqueezeBERT's).
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
+                 axis=-1):
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.normalized_shape = shape
         self.eps = eps
+        self.axis = axis
         factory = {"device": device, "dtype": dtype}
         self.weight = torch.nn.Parameter(torch.ones(shape, **factory)) if elementwise_affine else None
         self.bias = torch.nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
 
     @classmethod
-    def like(cls, norm, eps=None):
+    def like(cls, norm, eps=None, axis=-1):
         """The RMSNorm standing in for ``norm``, a LayerNorm of any family's class built with its own
-        arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias.
-        A placeholder a conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
+        arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias,
+        normalising the ``axis`` it did. A placeholder a conditional builds instead of a norm (``nn.Identity()``)
+        stays what it is."""
         if isinstance(norm, torch.nn.Identity):
             return norm
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -90,11 +94,13 @@ class NormswapRMSNorm(torch.nn.Module):
             eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
                        if isinstance(value, float))
         factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
-        return cls(shape, eps, elementwise_affine=weight is not None, bias=bias is not None, **factory)
+        return cls(shape, eps, elementwise_affine=weight is not None, bias=bias is not None, axis=axis, **factory)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        normed = torch.nn.functional.rms_norm(hidden_states, self.normalized_shape, self.weight, self.eps)
-        return normed + self.bias if self.bias is not None else normed
+        channels_last = hidden_states.movedim(self.axis, -1) if self.axis != -1 else hidden_states
+        normed = torch.nn.functional.rms_norm(channels_last, self.normalized_shape, self.weight, self.eps)
+        normed = normed + self.bias if self.bias is not None else normed
+        return normed.movedim(-1, self.axis) if self.axis != -1 else normed
 '''
 
 

@@ -200,6 +200,11 @@ def _walk(node: cst.CSTNode) -> list[cst.CSTNode]:
     return nodes
 
 
+def _calls_module(node: cst.CSTNode, attribute: str) -> bool:
+    """Whether ``node`` holds a call of ``self.<attribute>``."""
+    return any(isinstance(item, cst.Call) and _self_attribute(item.func) == attribute for item in _walk(node))
+
+
 class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
@@ -331,7 +336,8 @@ class _Rewriter(cst.CSTTransformer):
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
                 return _self_call(OUTPUT_PROJECTION, updated)
-            if isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit):
+            if (isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit)
+                    and not (edit.branch and _calls_module(updated.args[0].value, edit.branch))):
                 self.applied[edit] += 1
                 return updated.args[0].value
             if (isinstance(edit, UnwrapModelNorm) and edit.norm == callee and self._here(edit)
@@ -348,7 +354,7 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, CentreNormInput) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
-                return _centre_first_argument(updated)
+                return _centre_first_argument(updated, edit.axis)
         return updated
 
     def _build_directly(self, call: cst.Call) -> cst.Call:
@@ -425,7 +431,8 @@ class _Rewriter(cst.CSTTransformer):
                 updated = self._add_output_projection(updated, edit)
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
-                                               "{stream} = {stream} - {stream}.mean(-1, keepdim=True)")
+                                               f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
+                                               "keepdim=True)")
         return updated
 
     def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
@@ -477,8 +484,10 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
-        return self._insert_at_loop(function, edit.stack_attribute, edit.where, None,
-                                    f"{{stream}} = self.{edit.norm}({{stream}})")
+        axis = edit.channel_axis
+        call = (f"self.{edit.norm}({{stream}})" if axis == -1
+                else f"self.{edit.norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        return self._insert_at_loop(function, edit.stack_attribute, edit.where, None, f"{{stream}} = {call}")
 
     def _insert_at_loop(self, function: cst.FunctionDef, stack_attribute: str, where: str, edit: Edit | None,
                         template: str) -> cst.FunctionDef:
@@ -583,15 +592,18 @@ def _indexes(loop: cst.For, attribute: str) -> bool:
 
 
 def _stream_variable(loop: cst.For) -> str:
-    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``; in a loop by
-    index, of the first ``self.<list>[<index>](...)`` that reads a variable."""
+    """The variable the loop body passes to each layer: the first argument of ``<target>(...)``, or of
+    ``<target>.forward(...)`` (SqueezeBERT's encoder calls its layers' forward directly); in a loop by index, of
+    the first ``self.<list>[<index>](...)`` that reads a variable."""
     target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
     if not isinstance(target, cst.Name):
         raise CodegenError("the layer loop does not bind its layer to a name")
     for node in _walk(loop.body):
         if not isinstance(node, cst.Call) or not node.args or not isinstance(node.args[0].value, cst.Name):
             continue
-        if isinstance(node.func, cst.Name) and node.func.value == target.value:
+        func = node.func.value if isinstance(node.func, cst.Attribute) and node.func.attr.value == "forward" else (
+            node.func)
+        if isinstance(func, cst.Name) and func.value == target.value:
             return node.args[0].value.value
         if _loop_index(node.func) == target.value and _self_attribute(node.func) is not None:
             return node.args[0].value.value
@@ -607,13 +619,13 @@ def _unwrap_like(call: cst.Call) -> cst.Call:
     return call
 
 
-def _centre_first_argument(call: cst.Call) -> cst.Call:
-    """``f(x, ...)`` -> ``f(x - x.mean(-1, keepdim=True), ...)``; ``x`` is read twice, so it must be a name."""
+def _centre_first_argument(call: cst.Call, axis: int) -> cst.Call:
+    """``f(x, ...)`` -> ``f(x - x.mean(axis, keepdim=True), ...)``; ``x`` is read twice, so it must be a name."""
     args = list(call.args)
     if not args or args[0].keyword is not None or not isinstance(args[0].value, (cst.Name, cst.Attribute)):
         raise CodegenError(f"the input of {_code(call.func)}(...) is not a plain variable, so it cannot be centred")
     value = _code(args[0].value)
-    args[0] = args[0].with_changes(value=cst.parse_expression(f"{value} - {value}.mean(-1, keepdim=True)"))
+    args[0] = args[0].with_changes(value=cst.parse_expression(f"{value} - {value}.mean({axis}, keepdim=True)"))
     return call.with_changes(args=args)
 
 

@@ -11,7 +11,8 @@ converted model itself:
   whatever reads it next sees the centred stream.
 
 Anything else (a layer that makes a centred input uncentred: a write inside the layer that was missed) stays an
-exactness failure, because it may be normswap's own fault.
+exactness failure, because it may be normswap's own fault. Means are over the stream's channel axis, which a
+channels-first stream (SqueezeBERT's, VitDet's) keeps on axis 1 between layers.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def structural_miss(converted: nn.Module, topology: Topology, inputs: dict[str, 
     for stack in topology.stacks:
         layers = [layer.path for layer in topology.layers if layer.stack == stack.path and layer.path in entering]
         for previous, layer in zip([None, *layers], layers, strict=False):
-            if previous is not None and _has_mean(leaving.get(previous, ()), tolerance) is not None:
+            if previous is not None and _has_mean(leaving.get(previous, ()), tolerance, stack.axis) is not None:
                 return None  # a layer made its stream uncentred: possibly a write normswap missed
-            found = _has_mean(entering[layer], tolerance)
+            found = _has_mean(entering[layer], tolerance, stack.axis)
             if found is None:
                 continue
             index, mean = found
@@ -60,14 +61,17 @@ def _layer_streams(model: nn.Module, topology: Topology, inputs: dict[str, torch
     entering: dict[str, list[torch.Tensor]] = {}
     leaving: dict[str, list[torch.Tensor]] = {}
     handles = []
+    axes = {stack.path: stack.axis for stack in topology.stacks}
     for layer in topology.layers:
         module = model.get_submodule(layer.path)
 
-        def before(_module: nn.Module, args: tuple, kwargs: dict, path: str = layer.path) -> None:
+        def before(_module: nn.Module, args: tuple, kwargs: dict, path: str = layer.path,
+                   axis: int = axes.get(layer.stack, -1)) -> None:
             tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
-            if tensors and path not in entering:
-                width = tensors[0].shape[-1]
-                entering[path] = [t.detach() for t in tensors if t.dim() >= 2 and t.shape[-1] == width]
+            if tensors and path not in entering and tensors[0].dim() > max(axis, 0):
+                width = tensors[0].shape[axis]
+                entering[path] = [t.detach() for t in tensors
+                                  if t.dim() >= max(2, axis + 1) and t.shape[axis] == width]
 
         def after(_module: nn.Module, _args: tuple, output: Any, path: str = layer.path) -> None:
             first = output[0] if isinstance(output, (tuple, list)) else output
@@ -88,12 +92,13 @@ def _layer_streams(model: nn.Module, topology: Topology, inputs: dict[str, torch
     return entering, leaving
 
 
-def _has_mean(tensors: list[torch.Tensor] | tuple, tolerance: float) -> tuple[int, float] | None:
-    """(position, relative mean) of the first tensor whose per-token mean over the width is not ~0, or None."""
+def _has_mean(tensors: list[torch.Tensor] | tuple, tolerance: float, axis: int) -> tuple[int, float] | None:
+    """(position, relative mean) of the first tensor whose per-token mean over the width (on ``axis``) is not ~0,
+    or None."""
     for index, tensor in enumerate(tensors):
         wide = tensor.double()
         size = float(wide.abs().max()) or 1.0
-        mean = float(wide.mean(-1).abs().max()) / size
+        mean = float(wide.mean(axis).abs().max()) / size
         if mean > tolerance:
             return index, mean
     return None

@@ -34,15 +34,16 @@ from .no_residual_add import describe_node, no_residual_add_message
 from .norms import NormInfo
 from .scaling import Followed, ScaleReader
 from .stem_norm import TAKEN_AFTER_PRE_NORM
+from .stream_axis import LAYOUT_FUNCTIONS, LAYOUT_METHODS, stream_channel_axis
 from .token_routes import item_update, scattered_source, selects_positions
 from .trace_layer import WRAPPED_LAYER, TracedLayer
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = frozenset({"add", "add_"})
-_LIGHT_FUNCTIONS = (F.dropout, torch.dropout, operator.getitem)
+_LIGHT_FUNCTIONS = (F.dropout, torch.dropout, operator.getitem, *LAYOUT_FUNCTIONS)
 _LIGHT_METHODS = frozenset({
     "to", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach",
-    "view", "reshape", "view_as", "reshape_as",
+    "view", "reshape", "view_as", "reshape_as", *LAYOUT_METHODS,
 })
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 _CROSS = re.compile(r"cross|encoder_?attn|encdec", re.IGNORECASE)
@@ -66,6 +67,11 @@ class NoResidualAddError(TopologyError):
     """A layer whose graph shows no residual add; the caller may know why (a model without layer modules)."""
 
 
+class OutputPastLastAddError(TopologyError):
+    """A layer whose output is computed from its last residual add by more than norms: a stage that runs its own
+    layer list and then a patch merging (FocalNet's ``downsample``); its layer list may be the stack."""
+
+
 @dataclass(frozen=True)
 class LayerReading:
     """What one layer's graph says: its sublayers, the norms they use and what scales its output stream."""
@@ -73,8 +79,9 @@ class LayerReading:
     sublayers: tuple[Sublayer, ...]
     used_norms: frozenset[str]  # relative paths
     output_scale: ResidualScale | None = None
-    stream_width: int | None = None  # the last axis of the stream the layer reads
+    stream_width: int | None = None  # the width of the stream the layer reads: the size of its channel axis
     stem_norms: tuple[str, ...] = ()  # norms on the stream before the first residual is taken (RWKV's pre_ln)
+    stream_axis: int = -1  # the axis of the layer's stream input that holds the channels (1: channels first)
 
 
 class LayerGraph:
@@ -98,7 +105,9 @@ class LayerGraph:
         return self.module_path(node) in self.norms
 
     def is_light(self, node: fx.Node) -> bool:
-        """Operations that pass the stream on unchanged in meaning: dropout, casts, tuple indexing."""
+        """Operations that pass the stream on unchanged in meaning: dropout, casts, tuple indexing, and layout changes
+        that only move its elements (``permute``, ``transpose``: VitDet's layer permutes its channels-first input
+        to channels last, adds there and permutes back), through which the stream is seen."""
         if node.op == "call_module":
             module = self.layer.get_submodule(self.module_path(node) or "")
             return (isinstance(module, (nn.Dropout, nn.Identity)) or _passes_through(module)) and not self.is_norm(node)
@@ -216,7 +225,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
                 used.add(path)
                 info = graph.norms[path]
                 sites.append(NormSite(path, slot, info.kind, info.eps, info.dim,
-                                      graph.source_of(node)))
+                                      graph.source_of(node), info.axis))
         branches = tuple(_describe_branch(graph, nodes, item.pre_norms) for nodes in item.branches)
         parallel = len(branches) > 1
         slots = {site.slot for site in sites}
@@ -231,7 +240,10 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
             residual_scale=item.residual_scale,
         ))
     stem = tuple(graph.module_path(node) or "" for node in raw[0].residual_norms)
-    return LayerReading(tuple(sublayers), frozenset(used), output_scale, graph.scales.width, stem)
+    axis = stream_channel_axis(graph, [n for item in raw for n in (*item.pre_norms, *item.post_norms)])
+    meta = graph.stream_input.meta.get("meta_value")
+    width = int(meta.shape[axis]) if isinstance(meta, torch.Tensor) and meta.dim() else graph.scales.width
+    return LayerReading(tuple(sublayers), frozenset(used), output_scale, width, stem, axis)
 
 
 def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
@@ -359,7 +371,7 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: s
     output = graph.scales.follow(result)
     if output.origin is not raw[-1].add:
         source = graph.source_of(output.origin)
-        raise TopologyError(
+        raise OutputPastLastAddError(
             f"{type(graph.layer).__name__} ({layer_path}): the layer output does not come from its last residual add "
             f"(it comes from {describe_node(output.origin)}{f' at {source}' if source else ''}); "
             "normswap cannot tell its norm placement"

@@ -50,18 +50,42 @@ class CapturedRun:
     layer_streams: dict[str, Any] = field(default_factory=dict)  # each layer's first tensor input, as it came
 
     def reads_layer_output(self, module_path: str, layer_path: str) -> bool:
-        """Whether the watched module's input is, as it is, the stream ``layer_path`` hands on (a stage's final
-        norm that the module around the stage runs: MobileViT's ``layernorm`` after its transformer)."""
+        """Whether the watched module's input is, as it is or laid out otherwise, the stream ``layer_path`` hands on
+        (a stage's final norm that the module around the stage runs: MobileViT's ``layernorm`` after its
+        transformer)."""
         given, output = self.watched_inputs.get(module_path), self.layer_outputs.get(layer_path)
-        return given is not None and given is output
+        return given is not None and _same_elements(given, output)
 
     def feeds_layer(self, module_path: str, layer_path: str) -> bool:
-        """Whether the watched module's output is, as it is, the stream ``layer_path`` receives (no position
-        embedding added and no projection between them: an embedding norm then feeds the stack directly)."""
+        """Whether the watched module's output is, as it is or laid out otherwise, the stream ``layer_path``
+        receives (no position embedding added and no projection between them: an embedding norm then feeds the
+        stack directly; SqueezeBERT's encoder hands its layers the norm's output permuted to channels first)."""
         stream, output = self.layer_streams.get(layer_path), self.watched_outputs.get(module_path)
         if stream is None or output is None:
             return True  # nothing to tell it by
-        return stream is output
+        return _same_elements(stream, output)
+
+    def hands_on(self, module_path: str, layer_path: str) -> bool:
+        """Whether the watched module's output is seen to be the stream ``layer_path`` receives: the norm of the
+        patch merging that ends one stage (FocalNet's ``downsample``) feeds the next stage's layers; an encoder's
+        final norm does not feed its decoder's."""
+        stream, output = self.layer_streams.get(layer_path), self.watched_outputs.get(module_path)
+        return stream is not None and output is not None and _same_elements(stream, output)
+
+
+def _same_elements(seen: Any, tensor: Any) -> bool:
+    """``seen`` is ``tensor``, or both are views of one storage that differ only in the order of their axes
+    (``permute``, ``transpose``): each axis keeps its size and step, and the first element is the same."""
+    if seen is tensor:
+        return True
+    if not isinstance(seen, torch.Tensor) or not isinstance(tensor, torch.Tensor):
+        return False
+    root = seen._base if seen._base is not None else seen
+    if root is not (tensor._base if tensor._base is not None else tensor):
+        return False
+    return (seen.storage_offset() == tensor.storage_offset()
+            and sorted(zip(seen.shape, seen.stride(), strict=True)) == sorted(zip(tensor.shape, tensor.stride(),
+                                                                                 strict=True)))
 
 
 def find_layer_stacks(model: nn.Module, containers: tuple[type[nn.Module], ...] = (nn.ModuleList,)

@@ -9,13 +9,17 @@ hidden size, so this is cheap even for 70B configs) is probed with random inputs
 * shift invariance ``N(x + c) = N(x)``: only mean-subtracting LayerNorm has it;
 * weight 0 gives 0 (``w * n``) or ``n`` (Gemma's ``(1 + w) * n``);
 * a bias parameter that is added, or none.
+
+A norm that normalises the channel axis of a channels-first ``(batch, channels, length)`` tensor (SqueezeBERT's
+``SqueezeBertLayerNorm`` transposes inside) is probed through the same checks on the tensor laid out so, and
+records that axis: a norm that replaces it must normalise the same one.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,6 +38,7 @@ class NormInfo:
     kind: NormKind
     eps: float | None
     dim: int
+    axis: int = -1  # the axis of its input it normalises: -1, or 1 for a channels-first tensor
 
 
 def is_candidate(module: nn.Module) -> bool:
@@ -56,10 +61,31 @@ def classify_norm(module: nn.Module, hidden_size: int) -> NormInfo | None:
         return None
     dim = _normalized_size(module, hidden_size)
     try:
-        probe = _cpu_copy(module)
-        return _probe(probe, dim)
+        return _probe(_cpu_copy(module), dim)
     except Exception:  # noqa: BLE001 - a module that cannot run on a (.., dim) tensor is not a norm
+        pass
+    try:
+        found = _probe(_ChannelsFirst(_cpu_copy(module)), dim)
+    except Exception:  # noqa: BLE001 - nor on a (batch, dim, length) one
         return None
+    return replace(found, axis=1) if found is not None else None
+
+
+class _ChannelsFirst(nn.Module):
+    """``module`` fed ``(batch, dim, length)`` from a ``(batch, length, dim)`` probe, and its output laid back, so
+    that the probe's checks along the last axis read a norm of the channel axis."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)  # the probe sets the norm's own weight and bias by name
+        for name in _EPS_ATTRIBUTES:
+            if hasattr(module, name):
+                setattr(self, name, getattr(module, name))
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.transpose(1, 2)).transpose(1, 2)
 
 
 def scales_to_unit_length(module: nn.Module, dim: int) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import SourceError, TopologyError
 from ..recipe import recipe_for
 from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
-from .analysis import LayerGraph, LayerReading, NoResidualAddError, analyse_layer
+from .analysis import LayerGraph, LayerReading, NoResidualAddError, OutputPastLastAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .index_loop import IndexLists, index_lists, inspect_index_loop
 from .layout_notes import reuse_notes, scale_notes
@@ -105,6 +105,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
     analysed: dict[Any, tuple[LayerReading, list[str]]] = {}
     keys: dict[str, Any] = {}
     widths: dict[str, int | None] = {}  # the stream width of each stack, as its first traced layer reads it
+    axes: dict[str, int] = {}  # the axis of each stack's stream that holds its channels
     stems: dict[str, tuple[str, ...]] = {}  # each layer's norms on the stream before its first residual
     for stack_path, stack_layers in stacks:
         for index, (path, layer) in enumerate(stack_layers):
@@ -131,11 +132,20 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                             raise
                         # no layer modules: the forward runs the layers by index over lists of branches and norms
                         return _index_loop_topology(meta, notes, lists, norms)
+                except OutputPastLastAddError as error:
+                    restacked = _without_addless_stack(stacks, stack_path, keep=True)
+                    if restacked is None:
+                        raise
+                    try:
+                        return _inspect_meta_model(meta, notes, sample, restacked)
+                    except TopologyError:
+                        raise error from None  # the lists it holds are no stacks either (MobileBERT's FFN list)
                 analysed[key] = (reading, sorted(relative_norms))
                 notes.extend(f"{path}.{opaque} was traced as one node (tracing inside it failed); norms inside "
                              "it are listed as inner norms" for opaque in traced.opaque)
             reading, all_relative = analysed[key]
             widths.setdefault(stack_path, reading.stream_width)
+            axes.setdefault(stack_path, reading.stream_axis)
             stems[path] = tuple(f"{path}.{stem}" for stem in reading.stem_norms)
             layers.append(Layer(
                 index=index,
@@ -145,14 +155,14 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 sublayers=tuple(_relocate(sub, path) for sub in reading.sublayers),
                 inner_norms=tuple(
                     NormSite(f"{path}.{rel}", "inner", relative_norms[rel].kind, relative_norms[rel].eps,
-                             relative_norms[rel].dim)
+                             relative_norms[rel].dim, axis=relative_norms[rel].axis)
                     for rel in all_relative if rel not in reading.used_norms and relative_norms[rel].kind != "identity"
                 ),
                 output_scale=_relocate_scale(reading.output_scale, path),
             ))
     notes.extend(reuse_notes(stacks, run, model_level_norms))
 
-    stack_records, layers = lift_stem_norms(_place_edge_norms(stacks, run, norms, model_level_norms, widths),
+    stack_records, layers = lift_stem_norms(_place_edge_norms(stacks, run, norms, model_level_norms, widths, axes),
                                             layers, stems)
     topology = Topology(
         model_type=meta.model_type,
@@ -182,14 +192,16 @@ def _index_loop_topology(meta: MetaModel, notes: list[str], lists: IndexLists, n
     return replace(topology, notes=(*topology.notes, *scale_notes(topology.layers)))
 
 
-def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], addless: str
+def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]], addless: str, keep: bool = False
                            ) -> list[tuple[str, list[tuple[str, nn.Module]]]] | None:
     """The stacks with ``addless`` (whose layers show no residual add) replaced by the layer lists its layers hold,
-    or left out where they hold none and another stack remains; None where neither applies.
+    or left out where they hold none and another stack remains (unless ``keep``); None where neither applies.
 
     A hierarchical vision model keeps a list of stages, each of one width, with a patch embedding, a list of
-    residual layers and a norm (SegFormer, PVT-v2): each stage's list is a stack. PVT keeps the patch embeddings
-    in a list of their own beside the layer lists: no residual add in them, so no stack."""
+    residual layers and a norm (SegFormer, PVT-v2): each stage's list is a stack. So does a stage that runs its
+    list and then merges patches (FocalNet): its output does not come from a residual add (``keep``: the stages
+    are not left out). PVT keeps the patch embeddings in a list of their own beside the layer lists: no residual
+    add in them, so no stack."""
     layers = next(found for path, found in stacks if path == addless)
     inner = [find_layer_stacks(layer, (nn.ModuleList, nn.Sequential)) for _, layer in layers]  # CvT's Sequential
     others = [stack for stack in stacks if stack[0] != addless]
@@ -198,7 +210,7 @@ def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]]
                   for (path, _), found in zip(layers, inner, strict=True) for inner_path, inner_layers in found]
         position = next(index for index, (path, _) in enumerate(stacks) if path == addless)
         return [*others[:position], *nested, *others[position:]]
-    return others or None
+    return None if keep else others or None
 
 
 def _base_model_prefix(model: nn.Module) -> str:
@@ -262,7 +274,8 @@ def _relocate_scale(scale: ResidualScale | None, layer_path: str) -> ResidualSca
 
 
 def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo],
-                      model_level: dict[str, nn.Module], widths: dict[str, int | None]) -> list[Stack]:
+                      model_level: dict[str, nn.Module], widths: dict[str, int | None],
+                      axes: dict[str, int]) -> list[Stack]:
     """Embedding norms run after the previous stack and before a stack; final norms right after it.
 
     Only a norm as wide as the stack's stream can be one: a norm of a side input computed before the layers
@@ -282,7 +295,8 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
         width = widths.get(stack_path)
         edges = {n for n in model_level if width is None or norms[n].dim == width}
         before = [n for n in order[previous_end + 1:first] if n in edges
-                  and not (previous_parent and n.startswith(previous_parent))]
+                  and not (previous_parent and n.startswith(previous_parent)
+                           and not run.hands_on(n, stack_layers[0][0]))]
         if before and not run.feeds_layer(before[-1], stack_layers[0][0]):
             # a norm of the embeddings that positions are added to or a projection reads afterwards (BlenderBot-
             # Small's decoder, FNet) is part of computing the stream, not a norm on it
@@ -296,10 +310,11 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             embedding_norm=_site(before[-1], "embedding", norms) if before else None,
             final_norm=_site(after[0], "final", norms) if after else None,
             width=width,
+            axis=axes.get(stack_path, -1),
         ))
     return records
 
 
 def _site(path: str, slot: Any, norms: dict[str, NormInfo]) -> NormSite:
     info = norms[path]
-    return NormSite(path, slot, info.kind, info.eps, info.dim)
+    return NormSite(path, slot, info.kind, info.eps, info.dim, axis=info.axis)
