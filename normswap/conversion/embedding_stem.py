@@ -90,6 +90,7 @@ def measure_embedding_stem(meta: nn.Module, first_layer: str, family: str) -> Em
         _restore_computed_buffers(meta.float())  # the code's own scale, not its rounding in a bf16 checkpoint
         _report_cpu_device(meta)
         handles += _probe_tables(meta, embedding.weight, table)
+        _zero_other_parameters(meta)
         _run_to_first_layer(meta, ids, captured)
     except Exception as error:  # the family's own code failed on the probe: say which, and why
         if "stream" not in captured:
@@ -138,6 +139,18 @@ def _probe_tables(meta: nn.Module, token_weight: torch.Tensor, table: torch.Tens
 
         handles.append(module.register_forward_pre_hook(known_ids))
     return handles
+
+
+def _zero_other_parameters(meta: nn.Module) -> None:
+    """Every parameter the probe tables left on the meta device made zero on the CPU: a learned vector outside the
+    layers (HRM-Text's initial low-level state ``z_L_init``, added to the scaled embeddings) writes the stream apart
+    from the token rows and is lifted on its own, as other embeddings are; a parameter that multiplies the rows
+    zeroes the stream, which the measurement refuses (scale 0). Only what runs before the first layer is reached."""
+    for name, parameter in list(meta.named_parameters()):
+        if parameter.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            setattr(meta.get_submodule(owner), leaf,
+                    nn.Parameter(torch.zeros_like(parameter, device="cpu"), requires_grad=False))
 
 
 def _run_to_first_layer(meta: nn.Module, ids: torch.Tensor, captured: dict[str, Any]) -> None:

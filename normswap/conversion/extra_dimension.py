@@ -54,13 +54,14 @@ from .head_scale import measure_head_scale
 from .inner_width import inner_width_edits
 from .native import meta_instance
 from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, linear_layout
-from .program import Step, TensorProgram, combine, copy_of, shapes_of
+from .program import Step, TensorProgram, combine, constant, copy_of, shapes_of
 from .projection_check import check_projections
 from .setup import ConversionSetup, convert_in_memory
 from .stream_config import StreamConfig, eps_sources, stream_config
 from .stream_roles import StreamRole, inside, projection_modules, stream_roles, trace_stream_uses
 
-_NORM_KINDS = frozenset({"rmsnorm", "rmsnorm-offset"})  # plain RMSNorm, and Gemma's (1 + w) RMSNorm
+# plain RMSNorm, Gemma's (1 + w) RMSNorm, and a weightless one (g = 1: HRM-Text's, NanoChat's)
+_NORM_KINDS = frozenset({"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"})
 
 
 def orthonormal_lift(d: int) -> torch.Tensor:
@@ -88,11 +89,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     width, once more with the edits that size them by the inner width."""
     topology = inspect(model)
     family = topology.model_type
-    stream = _require_pre_rms_norm_decoder(model, topology)
+    weightless = _all_weightless(topology)
+    stream = _require_pre_rms_norm_decoder(model, topology, weightless)
     d = int(stream.config.hidden_size)
+    # weightless norms: the stream is c U h with c = sqrt((d+1)/d) and eps stays (see _all_weightless); else U h
+    stream_scale, eps_factor = (math.sqrt((d + 1) / d), 1.0) if weightless else (1.0, d / (d + 1))
     input_path = _path_of(model, model.get_input_embeddings())
     norms = tuple(n.path for n in topology.residual_norms)
-    finals = tuple(stack.final_norm.path for stack in topology.stacks)  # type: ignore[union-attr]
+    finals = tuple(stack.final_norm.path for stack in topology.stacks if stack.final_norm)
     final = finals[-1]  # the last stack's (a decoder's), which lm_head reads
     headless = model.get_output_embeddings() is None  # its output is the final norm's: projected back to d
     output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
@@ -110,7 +114,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             f"norm ({final}) applies another stack's too, whose output the wider model reads one "
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
-    generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
+    generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
                                                           untied_head=untied_head, inner=inner, projection=projection)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
@@ -124,6 +128,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     # an embedding the wider code does not widen writes no stream (Phi-4-multimodal's vision position embedding)
     embeddings = [path for path in embeddings if tuple(built.get(f"{path}.weight", ()))[-1:] == (d + 1,)]
     source_shapes = shapes_of(model.state_dict())
+    gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals)}
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
     uses = trace_stream_uses(model, (*norms, *finals), family)
@@ -140,7 +145,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     steps: dict[str, Step] = {key: copy_of(key) for key in source_shapes}
     made = {key: tuple(shape) for key, shape in source_shapes.items()}  # each output's shape, as the edits go
     if headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
-        steps[head_key] = combine(lambda gamma: torch.eye(d, dtype=gamma.dtype), copy_of(f"{final}.weight"))
+        steps[head_key] = combine(lambda gamma: torch.eye(d, dtype=gamma.dtype), gammas[final])
         made[head_key] = (d, d)
     elif model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         # lm_head gets its own copy of the original rows, transformed below as a reader
@@ -152,13 +157,15 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                                         if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
     for key, role in roles.items():
-        steps[key] = _mapped(steps[key], role, offsets, lift, scale)
+        steps[key] = _mapped(steps[key], role, offsets, gammas, lift, scale, stream_scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
                           for axis, size in enumerate(made[key]))
     fused = any(len(source_shapes.get(key, ())) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
     for norm in (*norms, *finals):
+        if f"{norm}.weight" not in source_shapes:  # a weightless RMSNorm becomes a weightless LayerNorm
+            continue
         gamma = copy_of(f"{norm}.weight")
         steps[f"{norm}.weight"] = combine(lambda gamma: torch.ones(d + 1, dtype=gamma.dtype), gamma)
         steps[f"{norm}.bias"] = combine(lambda gamma: torch.zeros(d + 1, dtype=gamma.dtype), gamma)
@@ -172,7 +179,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                       and inside(key, stream.path)}
     if inner_mismatch and not inner:
         def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
-            _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, untie=tied,
+            _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
+                                                                      untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
                                                                       projection=projection)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
@@ -183,10 +191,12 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         if edits:
             return _plan_layer_norm_exact(model, untie, edits)
     _require_same_tensors(family, made, built, stream.path)
-    _require_scaled_eps(family, topology, target, d)
-    first_layer = topology.layers[0].path
-    source_stem = measure_embedding_stem(build_meta_model(model).model, first_layer, family)
-    wider_stem = measure_embedding_stem(target, first_layer, family)
+    _require_scaled_eps(family, topology, target, eps_factor)
+    # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
+    stem_end = next((stack.embedding_norm.path for stack in topology.stacks if stack.embedding_norm),
+                    topology.layers[0].path)
+    source_stem = measure_embedding_stem(build_meta_model(model).model, stem_end, family)
+    wider_stem = measure_embedding_stem(target, stem_end, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
     if projections or vectors:
@@ -205,7 +215,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         source_head = measure_head_scale(build_meta_model(model).model, final, reader, family)
         wider_head = measure_head_scale(_build_wider(cls, config, family, d), final, reader, family)
         if source_head != wider_head and key in roles:
-            steps[key] = _mapped(head_steps[key], roles[key], offsets, lift, scale * wider_head / source_head)
+            steps[key] = _mapped(head_steps[key], roles[key], offsets, gammas, lift,
+                                 scale * wider_head / source_head, stream_scale)
             head_note += (f"; the code's scale of what {'lm_head' if reader == output_path else reader} reads "
                           f"{source_head:.6g} -> {wider_head:.6g} folded into its weight")
     if tied and not untie:  # asked last, so that a model refused for its structure is never sent to untie first
@@ -213,12 +224,13 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     for path in embeddings:  # the measured stem is the token embedding's; other stem embeddings are only lifted
         stem = source_stem if path == input_path else EmbeddingStem(wider_stem.scale)
         steps[f"{path}.weight"] = combine(
-            lambda weight, stem=stem: _wide(weight, lambda rows: stem.fold(rows, wider_stem, lift)),
+            lambda weight, stem=stem: _wide(weight, lambda rows: stem.fold(rows, wider_stem, lift) * stream_scale),
             steps[f"{path}.weight"])
 
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None and not role.head)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
-                        (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied)
+                        (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied,
+                        scaled_stream=weightless)
     head_note += chain.describe() if chain else ""
     head_note += (f"; {type(model).__name__} has no head and returns {final}'s output, which the wider model "
                   f"projects back to {d} by {output_path} (diag(g) U^T, fixed by the map: hidden states before it "
@@ -260,23 +272,31 @@ def _verified(original: nn.Module, converted: nn.Module, probe: dict[str, torch.
     return dataclasses.replace(report, projections=checks)
 
 
-def _mapped(step: Step, role: StreamRole, offsets: Mapping[str, float], lift: torch.Tensor, scale: float) -> Step:
-    """One tensor's step made one dimension wider along its stream axis: lifted (a writer) or read through its
-    norm's weight (a reader)."""
+def _norm_weight(norm: str, source_shapes: Mapping[str, torch.Size], d: int) -> Step:
+    """The norm's weight g as the readers take it: ones for a weightless RMSNorm, which has no tensor to read."""
+    key = f"{norm}.weight"
+    return copy_of(key) if key in source_shapes else constant(lambda: torch.ones(d, dtype=torch.float64))
+
+
+def _mapped(step: Step, role: StreamRole, offsets: Mapping[str, float], gammas: Mapping[str, Step],
+            lift: torch.Tensor, scale: float, stream_scale: float) -> Step:
+    """One tensor's step made one dimension wider along its stream axis: lifted (a writer, times the stream's
+    scale) or read through its norm's weight (a reader)."""
     norm, axis = role.reads, role.axis
     if role.padded_input is not None:
         step = combine(lambda tensor: _zero_padded(tensor, role.padded_input), step)
     if role.internal:
         return combine(lambda tensor: _zero_padded(tensor, axis), step)
     if norm is None:
-        return combine(lambda tensor: _wide(tensor, lambda wide: _along(wide, axis, lift.T)), step)
+        return combine(lambda tensor: _wide(tensor, lambda wide: _along(wide, axis, lift.T * stream_scale)), step)
     return combine(lambda weight, gamma: _read_through(weight, gamma, offsets[norm], lift, scale, axis),
-                   step, copy_of(f"{norm}.weight"))
+                   step, gammas[norm])
 
 
 def _require_unscaled_stem(family: str, projection: str, source: EmbeddingStem, wider: EmbeddingStem) -> None:
-    """A projection into the stream is lifted as it is only where nothing scales what enters the first layer."""
-    if not (source.unscaled and wider.unscaled):
+    """A projection into the stream is lifted as it is only where what enters the first layer is scaled alike on
+    both widths (by a constant, HRM-Text's embedding_scale: it commutes with U) and not centred."""
+    if not (math.isclose(source.scale, wider.scale, rel_tol=1e-6) and source.mean_gain == wider.mean_gain == 0.0):
         raise NormswapError(f"{projection} puts its output into {family}'s stream from outside the language model, "
                             f"whose code scales the token embeddings by {source.scale:.6g} ({wider.scale:.6g} one "
                             "dimension wider); whether that scale applies to the projection's output too cannot be "
@@ -324,11 +344,23 @@ def _wide(tensor: torch.Tensor, function: Any) -> torch.Tensor:
     return function(tensor.double()).to(tensor.dtype)
 
 
-def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> StreamConfig:
+def _all_weightless(topology: Topology) -> bool:
+    """Whether every norm on the stream is a weightless RMSNorm (HRM-Text's, NanoChat's). Then the stream is
+    carried as ``c U h`` with ``c = sqrt((d+1)/d)`` and every eps kept: ``LN_eps(c U h) = c U h / sqrt(|h|^2/d +
+    eps) = c U RMSNorm_eps(h)``, so each norm's output is ``c U`` times the original's too, like the stream. A norm
+    whose output enters the stream (NanoChat's on the embeddings, HRM-Text's at each stack's hand-off) then keeps
+    the map, which the ``U h`` form (eps * d/(d+1), output ``c U`` times a stream of ``U h``) cannot."""
+    norms = [*topology.stream_norms, *(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm)]
+    return bool(norms) and all(norm.kind == "rmsnorm-noaffine" for norm in norms)
+
+
+def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightless: bool) -> StreamConfig:
     """The structure the map needs: stacks of Pre-RMSNorm layers (an encoder-decoder's two: the decoder's
     cross-attention reads the encoder's final norm like any reader), each with a final norm and no embedding norm,
     a token embedding, and a config that sizes the stream (returned). Parallel blocks read the stream through
-    their norms like sequential ones; a model without an LM head gets a projection back to d in its place."""
+    their norms like sequential ones; a model without an LM head gets a projection back to d in its place. Where
+    every norm is ``weightless`` (``_all_weightless``) an embedding norm keeps the map, and only the last stack,
+    which the head reads, needs a final norm: the others hand their stream on, as ``c U`` times the original's."""
     family = topology.model_type
     kinds = {n.kind for n in topology.stream_norms}
     if topology.placement not in ("pre", "parallel") or not kinds or not kinds <= _NORM_KINDS:
@@ -341,7 +373,7 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
                             "extra-dimension map lifts the stream by U (docs/design.md §5), and U(g * h) is no "
                             "per-channel gain of U h unless g is constant, so no exact map exists (leave out --exact "
                             "for the approximate conversion)")
-    if any(stack.final_norm is None for stack in topology.stacks):
+    if any(stack.final_norm is None for stack in (topology.stacks[-1:] if weightless else topology.stacks)):
         raise NormswapError(f"{family}'s last layer hands the stream on with no final norm; exact RMSNorm -> "
                             "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
                             "weight moves into the linear maps that read it (the LM head, a decoder's "
@@ -350,10 +382,12 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology) -> Strea
     assert final is not None
     stream = stream_config(model, topology)
     embedding_norm = next((stack.embedding_norm for stack in topology.stacks if stack.embedding_norm), None)
-    if embedding_norm is not None:
-        raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings, which "
-                            "the extra dimension changes; exact RMSNorm -> LayerNorm needs a stream that starts as "
-                            "the embeddings")
+    if embedding_norm is not None and not weightless:
+        raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings with a weight: a "
+                            "LayerNorm over the lifted rows gives sqrt((d+1)/d) U times a weightless RMSNorm, which "
+                            "no weight change scales back to the U h the stream must start as where norms carry "
+                            "weights (exact RMSNorm -> LayerNorm keeps an embedding norm only where every norm is "
+                            "weightless)")
     try:
         embedding = model.get_input_embeddings()
     except NotImplementedError:  # transformers' default for models whose input is no token (an audio encoder)
@@ -423,7 +457,8 @@ def _owner(model: nn.Module, key: str) -> str:
     return path if leaf in ("weight", "bias") and linear_layout(model.get_submodule(path)) else key
 
 
-def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int, untie: bool,
+def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: StreamConfig, d: int,
+                                 eps_factor: float, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
                                  projection: AddOutputProjection | None = None) -> tuple[GeneratedModule, Any, Any]:
@@ -437,9 +472,9 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
     values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection else {})}
-    if eps is not None:
-        values[eps] = getattr(config, eps) * d / (d + 1)
-    eps_in_code = {norm.path: norm.eps * d / (d + 1) for norm in others}
+    if eps is not None and eps_factor != 1.0:
+        values[eps] = getattr(config, eps) * eps_factor
+    eps_in_code = {norm.path: norm.eps * eps_factor for norm in others if eps_factor != 1.0}
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
     if head_dim or heads:
@@ -502,11 +537,12 @@ def _require_same_tensors(family: str, made: dict[str, tuple[int, ...]], built: 
                             f"makes {extra[:3]} that it lacks, and it expects {missing[:3]} that the map does not make")
 
 
-def _require_scaled_eps(family: str, topology: Topology, target: nn.Module, d: int) -> None:
-    """Every wider LayerNorm must take eps * d/(d+1): the map is exact only with it."""
+def _require_scaled_eps(family: str, topology: Topology, target: nn.Module, eps_factor: float) -> None:
+    """Every wider LayerNorm must take eps * ``eps_factor`` (d/(d+1), or 1 for a stream of c U h): the map is exact
+    only with it."""
     for norm in topology.stream_norms:
         found = getattr(target.get_submodule(norm.path), "eps", None)
-        if norm.eps is not None and found is not None and not math.isclose(found, norm.eps * d / (d + 1)):
+        if norm.eps is not None and found is not None and not math.isclose(found, norm.eps * eps_factor):
             raise NormswapError(f"{family}'s {norm.path} takes eps {found:g} one dimension wider, not "
-                                f"{norm.eps * d / (d + 1):g}: its code does not read eps from the config field "
+                                f"{norm.eps * eps_factor:g}: its code does not read eps from the config field "
                                 "that holds it")

@@ -71,6 +71,7 @@ class NormKindPlan:
     shifts: tuple[str, ...] = ()  # per-channel biases added after a writer outside it: centred with it
     exact_impossible: str = ""  # why a Pre-LN model converts approximately: the exact map cannot keep its outputs
     notes: tuple[str, ...] = ()  # a no-op's reason (realisation "none")
+    scaled_stream: bool = False  # exact LayerNorm from weightless RMSNorms: stream c U h, writers c U W, eps kept
 
     def describe(self) -> str:
         if self.realisation == "none":
@@ -85,8 +86,12 @@ class NormKindPlan:
         if self.kind == "layernorm":
             lines = [f"plan: {self.source_model_type} RMSNorm -> LayerNorm via {self.realisation}; exact: true, "
                      "one extra hidden dimension (writers W -> U W, readers W -> W diag(g) U^T / sqrt((d+1)/d))"]
-            lines += [f"  lift {writer}" for writer in self.writers]
-            lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
+            if self.scaled_stream:
+                lines += [f"  lift {writer} (times sqrt((d+1)/d): the stream is c U h)" for writer in self.writers]
+                lines += [f"  {norm}: weightless RMSNorm -> weightless LayerNorm (eps kept)" for norm in self.norms]
+            else:
+                lines += [f"  lift {writer}" for writer in self.writers]
+                lines += [f"  {norm}: RMSNorm -> LayerNorm (weight 1, bias 0, eps * d/(d+1))" for norm in self.norms]
             return "\n".join(lines)
         if not self.exact:
             why = (f"{self.exact_impossible}: the exact map is impossible" if self.exact_impossible else
