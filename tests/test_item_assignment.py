@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.fx as fx
 import transformers
+from test_detect_reach import _perturbed
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -19,14 +20,6 @@ from normswap.detect.capture import LayerCall
 from normswap.detect.trace_layer import WRAPPED_LAYER, _describe_failure, trace_layer
 
 HIDDEN, LAYERS, VOCAB, TOKENS = 32, 2, 64, 10
-
-
-def _perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
 
 
 class _MaskedAddLayer(nn.Module):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from test_streaming_relayouts import perturbed as perturbed_model
 from transformers import CONFIG_MAPPING
 
 import normswap
@@ -42,11 +43,7 @@ def perturbed(model_type: str) -> torch.nn.Module:
     """The family's tiny model with every parameter moved off its init (zeros and ones hide bugs)."""
     class_name, fields = CONFIGS[model_type]
     torch.manual_seed(0)
-    model = getattr(transformers, class_name)(CONFIG_MAPPING[model_type](**fields)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model
+    return perturbed_model(getattr(transformers, class_name)(CONFIG_MAPPING[model_type](**fields)))
 
 
 def test_a_layer_norm_over_a_scaled_lifted_stream_is_the_same_multiple_of_the_lifted_rms_norm() -> None:

@@ -28,28 +28,25 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     Pre-LN models exactly, or approximately where their structure rules the exact map out (the plan says why).
     layernorm: exactly by one extra dimension with ``exact``, else approximately.
     """
-    if norm in _ALREADY:
-        topology = inspect(model)
-        residual = {site.kind for site in topology.all_norms if site.kind != "identity"}
-        if residual and residual <= _ALREADY[norm]:
-            label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
-            note = f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(residual))})"
-            plan = NormKindPlan(topology.model_type, topology.model_type, "none", (), (), kind=norm, notes=(note,))
-            return ConversionSetup(plan, None, source=topology)
-    if norm == "rmsnorm":
-        topology = inspect(model)
-        kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
-        if "rmsnorm-offset" in kinds and kinds <= {"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"}:
-            return plan_offset_to_rms_norm(model)
-        if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
-            return plan_rms_norm_approximate(model)
-        try:
-            return plan_rms_norm(model, untie=untie)
-        except ExactImpossibleError as error:  # the structure rules the exact map out, not the conversion
-            return plan_rms_norm_approximate(model, exact_impossible=error.reason)
+    if norm not in _ALREADY:
+        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
+    topology = inspect(model)
+    kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
+    if kinds and kinds <= _ALREADY[norm]:
+        label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
+        note = f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(kinds))})"
+        plan = NormKindPlan(topology.model_type, topology.model_type, "none", (), (), kind=norm, notes=(note,))
+        return ConversionSetup(plan, None, source=topology)
     if norm == "layernorm":
         return plan_layer_norm_exact(model, untie=untie) if exact else plan_layer_norm_approximate(model)
-    raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
+    if "rmsnorm-offset" in kinds and kinds <= {"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"}:
+        return plan_offset_to_rms_norm(model)
+    if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
+        return plan_rms_norm_approximate(model)
+    try:
+        return plan_rms_norm(model, untie=untie)
+    except ExactImpossibleError as error:  # the structure rules the exact map out, not the conversion
+        return plan_rms_norm_approximate(model, exact_impossible=error.reason)
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
