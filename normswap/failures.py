@@ -78,10 +78,23 @@ def describe(error: BaseException, activity: str = "") -> str:
     if isinstance(error, RecursionError):
         return ("an input is nested too deeply to read (a JSON file or header built to exhaust the parser?); "
                 "check the checkpoint's files")
+    missing = _missing_package(error)
+    if missing:
+        during = f" (needed while {activity})" if activity else ""
+        return (f"the Python package '{missing}' is not installed in this environment{during}; install it "
+                f"(pip install {missing}) and run again")
     first = _one_line(str(error)) or "no message"
     during = f" while {activity}" if activity else ""
     return (f"internal error ({type(error).__name__}: {first[:200]}){during}; this is a normswap bug: rerun with "
             "--debug for the traceback, and please report it")
+
+
+def _missing_package(error: BaseException) -> str:
+    """The top-level package a ``ModuleNotFoundError`` names, unless it is normswap's own (which is a bug)."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return ""
+    package = error.name.partition(".")[0]
+    return "" if package == "normswap" else package
 
 
 _FIXES = {

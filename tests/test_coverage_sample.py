@@ -78,3 +78,19 @@ def test_sample_exact_cell_stays_exact(sample: Any, family: str, cell: str) -> N
     """An exact conversion that became approximate (or refused) is a regression even without a bad output."""
     found = _cell(sample, family, cell)
     assert found.category == "exact", f"{family} {cell}: {found.category}: {found.message}"
+
+
+def test_issue_17_count_sets_aside_mixed_families_with_a_sandwich_or_post_sublayer_sublayer() -> None:
+    """The target's count leaves out issue 18's layouts, also where a mixed family has them in some sublayers;
+    a mixed family without them stays counted. The plain placement rule is printed beside it."""
+    def family(name: str, placement: str, sublayers: tuple[str, ...], category: str) -> Any:
+        return coverage.Family(name, placement=placement, sublayer_placements=sublayers,
+                               cells=(coverage.Cell(name, "placement pre", category),))
+
+    rows = (family("a", "pre", (), "approximate"), family("b", "mixed", ("post-sublayer", "pre"), "refused"),
+            family("c", "mixed", ("pre", "pre-post"), "refused"), family("d", "sandwich", (), "refused"))
+    run = coverage.Run(rows, (), 0.0, 1, "test")
+    assert coverage.converting(run, coverage._issue_17) == 50.0  # a and c
+    assert coverage.converting(run, coverage._whole_layout_aside) == 100.0 / 3  # a, b and c
+    table = "\n".join(coverage._summary_table(run))
+    assert "| 50% |" in table and "| 33% |" in table

@@ -452,6 +452,27 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_missing_package_is_named_with_its_install_not_called_a_bug(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's code (or normswap's) that imports a package this environment lacks is the environment's fault;
+    a missing module of normswap's own is still a bug."""
+    import normswap.conversion.checkpoint as checkpoint
+
+    def needs(name: str) -> object:
+        def plan(*args: object, **kwargs: object) -> None:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return plan
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(checkpoint, "_plan", needs("causal_conv1d.cpp_functions"))
+    line = refused(capsys, src, "convert", str(src), str(out), "--placement", "post", dst=out)
+    assert "'causal_conv1d' is not installed" in line and "pip install causal_conv1d" in line
+    assert "internal error" not in line and not out.exists()
+    monkeypatch.setattr(checkpoint, "_plan", needs("normswap.gone"))
+    line = refused(capsys, src, "convert", str(src), str(out), "--placement", "post", dst=out)
+    assert "internal error (ModuleNotFoundError" in line
+
+
 def test_an_interrupt_wrapped_by_python_is_an_interrupt(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Python 3.11 wraps a Ctrl-C that lands in a class body during an import: RuntimeError(__set_name__)."""
