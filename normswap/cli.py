@@ -189,10 +189,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    print(result.plan.describe())
-    if result.destination is None:
+    if result.destination is None:  # the plan is empty: its one note is the whole story
         print(f"nothing written: {result.note}")
         return 0
+    print(result.plan.describe())
     assert result.report is not None
     print(result.report.summary())
     print(f"wrote {result.destination}")

@@ -197,3 +197,22 @@ def test_weightless_layer_norm_becomes_weightless_rms_norm() -> None:
     assert converted.normswap_report.relative <= 1e-4
     norms = normswap.inspect(converted).residual_norms
     assert {(n.kind, n.eps) for n in norms} == {("rmsnorm-noaffine", 1e-5)}
+
+
+def test_a_model_with_no_layer_norm_or_rms_norm_has_nothing_to_change() -> None:
+    """LeViT normalises with BatchNorm only: --norm rmsnorm and --norm layernorm --exact are no-ops that say so
+    (they were refusals that called it 'a model whose norms are RMSNorms' or 'with norms after their sublayers')."""
+    from normswap.conversion.norm_change import plan_norm_kind
+
+    config = transformers.LevitConfig(image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3],
+                                      depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16,
+                                      down_ops=[["Subsample", 8, 1, 4, 2, 2], ["Subsample", 8, 2, 4, 2, 2]])
+    model = transformers.LevitModel(config).eval()
+    for norm in ("rmsnorm", "layernorm"):
+        setup = plan_norm_kind(model, norm, exact=True)
+        assert setup.program is None and setup.plan.realisation == "none"
+        assert "levit has no LayerNorm or RMSNorm" in setup.plan.notes[0] and "BatchNorm2d" in setup.plan.notes[0]
+        assert normswap.convert(model, norm=norm) is model
+    model.encoder.stages[0].layers[0].extra = torch.nn.LayerNorm(16)  # a LayerNorm inspection does not place
+    with pytest.raises(normswap.NormswapError):
+        plan_norm_kind(model, "rmsnorm")

@@ -32,9 +32,10 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
     topology = inspect(model)
     kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
-    if kinds and kinds <= _ALREADY[norm]:
+    if (kinds and kinds <= _ALREADY[norm]) or (not kinds and not _any_norm_module(model)):
         label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
-        note = f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(kinds))})"
+        note = (f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(kinds))})" if kinds else
+                _no_norm_note(model, topology.model_type))
         plan = NormKindPlan(topology.model_type, topology.model_type, "none", (), (), kind=norm, notes=(note,))
         return ConversionSetup(plan, None, source=topology)
     if norm == "layernorm":
@@ -47,6 +48,22 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         return plan_rms_norm(model, untie=untie)
     except ExactImpossibleError as error:  # the structure rules the exact map out, not the conversion
         return plan_rms_norm_approximate(model, exact_impossible=error.reason)
+
+
+def _any_norm_module(model: nn.Module) -> bool:
+    """Whether a LayerNorm or RMSNorm module is anywhere in ``model``, where inspection placed none (a norm outside
+    the stacks it found): then the model is not one with nothing to change."""
+    return any(isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+               or type(module).__name__.lower().endswith(("layernorm", "rmsnorm")) for module in model.modules())
+
+
+def _no_norm_note(model: nn.Module, family: str) -> str:
+    """Why a model with no LayerNorm or RMSNorm anywhere has nothing to change, naming the norms it keeps."""
+    others = sorted({type(module).__name__ for module in model.modules()
+                     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))})
+    kept = (f"; its {', '.join(others)} layers (statistics over a batch, or over positions and channels together, "
+            "not per token) are no norm kind this changes and stay" if others else "")
+    return f"{family} has no LayerNorm or RMSNorm, on its residual stream or inside its branches{kept}"
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
