@@ -74,9 +74,9 @@ class Family:
     encoder_decoder: bool = False
     placement: str = ""
     norm: str = ""
-    # every sublayer's placement, where the family's layout is mixed (issue 18's sandwich and post-sublayer
-    # placements among them set the family aside, as those layouts do)
-    sublayer_placements: tuple[str, ...] = ()
+    # a norm on a branch's output, inside its residual add (what makes a sublayer sandwich or post-sublayer):
+    # issue 18's, which sets the family aside in issue 17's count also where its layout is mixed or parallel
+    branch_output_norm: bool = False
     cells: tuple[Cell, ...] = ()
     skipped: str = ""  # why the candidate is no row, where it is none
 
@@ -234,7 +234,6 @@ def _family(name: str, lines: list[dict[str, Any]]) -> Family:
     if len(started) > len(cells) - 1:  # the inspect cell has no start line
         cells.append(Cell(name, started[-1], "crash", message=f"the check process died ({died})"))
     fields = {k: v for k, v in head.items() if k not in ("kind", "name")}
-    fields["sublayer_placements"] = tuple(fields.get("sublayer_placements", ()))
     return Family(name, **fields, cells=tuple(cells))
 
 
@@ -367,8 +366,7 @@ def load(path: Path) -> Run:
     data = json.loads(path.read_text())
 
     def family(row: dict[str, Any]) -> Family:
-        return Family(**{**row, "sublayer_placements": tuple(row.get("sublayer_placements", ())),
-                         "cells": tuple(Cell(**cell) for cell in row["cells"])})
+        return Family(**{**row, "cells": tuple(Cell(**cell) for cell in row["cells"])})
 
     return Run(**{**data, "families": tuple(family(r) for r in data["families"]),
                   "skipped": tuple(family(r) for r in data["skipped"])})
@@ -428,8 +426,8 @@ def _summary_table(result: Run) -> list[str]:
         "| outcome | conversion cells |", "| --- | --- |",
         *(f"| {c} | {found[c]} |" for c in CATEGORIES),
         f"| **converting** (exact or approximate, of the cells that were not no-ops) | **{converting(result):.0f}%** |",
-        f"| converting, the sandwich and post-sublayer families aside (issue 18's: those with that layout, and the "
-        f"mixed ones with a sublayer that has it) | {converting(result, _issue_17):.0f}% |",
+        f"| converting, the sandwich and post-sublayer families aside (issue 18's: those with that layout, and those "
+        f"with another that norm a branch's output inside its residual add) | {converting(result, _issue_17):.0f}% |",
         f"| converting, only the families whose whole layout is sandwich or post-sublayer aside | "
         f"{converting(result, _whole_layout_aside):.0f}% |",
         f"| converting, also without the families `inspect` refuses (no residual transformer: convolutional stages "
@@ -440,9 +438,9 @@ def _summary_table(result: Run) -> list[str]:
 
 def _issue_17(family: Family) -> bool:
     """Issue 17's target sets aside the sandwich and post-sublayer families: those whose layout is one of them, and
-    the mixed ones with a sublayer that has one (OLMo-Hybrid's post-sublayer attention layers, EmbeddingGemma 2's
-    sandwich layers), which converting needs issue 18's mapping for."""
-    return family.placement not in _NEXT_ISSUE and not set(family.sublayer_placements) & set(_NEXT_ISSUE)
+    those with another layout and a sublayer that has a norm on its branch's output (OLMo-Hybrid's post-sublayer
+    attention layers, A.X-K1's normed MoE output), whose conversion needs issue 18's stand-in for that norm."""
+    return family.placement not in _NEXT_ISSUE and not family.branch_output_norm
 
 
 def _whole_layout_aside(family: Family) -> bool:

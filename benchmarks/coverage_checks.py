@@ -409,8 +409,8 @@ def check_family(name: str, folder: Path, emit: Callable[[dict[str, Any]], None]
     emit({"kind": "family", "model_type": built.model.config.model_type, "model_class": type(built.model).__name__,
           "auto_class": built.auto_class,
           "hand_config": built.hand_config, "placement": placement, "norm": norm,
-          "sublayer_placements": sorted({sublayer["placement"] for layer in topology.get("layers", ())
-                                         for sublayer in layer["sublayers"]}) if placement == "mixed" else [],
+          "branch_output_norm": any(norm["slot"] == "out" for layer in topology.get("layers", ())
+                                    for sublayer in layer["sublayers"] for norm in sublayer["norms"]),
           "encoder_decoder": bool(getattr(built.model.config, "is_encoder_decoder", False))})
     summary = f"{placement}, {norm}" if inspected.category == "ok" else inspected.message
     emit({"kind": "cell", "cell": asdict(Cell(name, "inspect", inspected.category, None, summary,

@@ -80,15 +80,15 @@ def test_sample_exact_cell_stays_exact(sample: Any, family: str, cell: str) -> N
     assert found.category == "exact", f"{family} {cell}: {found.category}: {found.message}"
 
 
-def test_issue_17_count_sets_aside_mixed_families_with_a_sandwich_or_post_sublayer_sublayer() -> None:
+def test_issue_17_count_sets_aside_families_that_norm_a_branch_output() -> None:
     """The target's count leaves out issue 18's layouts, also where a mixed family has them in some sublayers;
     a mixed family without them stays counted. The plain placement rule is printed beside it."""
-    def family(name: str, placement: str, sublayers: tuple[str, ...], category: str) -> Any:
-        return coverage.Family(name, placement=placement, sublayer_placements=sublayers,
+    def family(name: str, placement: str, branch_output_norm: bool, category: str) -> Any:
+        return coverage.Family(name, placement=placement, branch_output_norm=branch_output_norm,
                                cells=(coverage.Cell(name, "placement pre", category),))
 
-    rows = (family("a", "pre", (), "approximate"), family("b", "mixed", ("post-sublayer", "pre"), "refused"),
-            family("c", "mixed", ("pre", "pre-post"), "refused"), family("d", "sandwich", (), "refused"))
+    rows = (family("a", "pre", False, "approximate"), family("b", "mixed", True, "refused"),
+            family("c", "mixed", False, "refused"), family("d", "sandwich", True, "refused"))
     run = coverage.Run(rows, (), 0.0, 1, "test")
     assert coverage.converting(run, coverage._issue_17) == 50.0  # a and c
     assert coverage.converting(run, coverage._whole_layout_aside) == 100.0 / 3  # a, b and c

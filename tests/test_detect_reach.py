@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
 
 import normswap
+import normswap.cli
 from normswap.conversion.verify import measure_drift, probe_inputs
 from normswap.detect.norms import classify_norm, scales_to_unit_length
 from normswap.topology import Topology
@@ -443,3 +444,35 @@ def test_a_width_kept_in_the_config_of_the_module_holding_the_layers_is_read() -
         expected, found = (m(pixel_values=pixels).last_hidden_state for m in (model, converted))
     assert found.shape == expected.shape and torch.isfinite(found).all()
     assert normswap.inspect(converted).norm == "rmsnorm"
+
+
+def _mistral_large4_text() -> nn.Module:
+    config = CONFIG_MAPPING["mistral_large4_text"](
+        hidden_size=HIDDEN, intermediate_size=FFN, moe_intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=64, head_dim=8, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=2, topk_group=2, mlp_layer_types=["dense", "dense"])
+    return _perturbed(transformers.AutoModel.from_config(config))
+
+
+def test_a_read_that_only_picks_positions_is_no_norm_of_the_branch_input(tmp_path: Path) -> None:
+    """Mistral Large 4's sparse-attention indexer normalises the attention's normed input again (q_input_norm) to
+    choose the top-k keys: its values never reach the attention output, so q_input_norm is inside the branch.
+    It was a second pre norm of another kind, and --placement post was refused ('layernorm, rmsnorm norms on the
+    two sides'); in the Post-Norm form it would read as a pre norm of its own and the layout as mixed."""
+    model = _mistral_large4_text()
+    topology = normswap.inspect(model)
+    assert topology.placement == "pre"
+    attention = topology.layers[0].sublayers[0]
+    assert [norm.path for norm in attention.norms] == ["layers.0.input_layernorm"]
+    assert "layers.0.self_attn.indexer.q_input_norm" in {norm.path for norm in topology.layers[0].inner_norms}
+    model.save_pretrained(tmp_path / "source")
+    post = tmp_path / "post"
+    assert normswap.cli.main(["convert", str(tmp_path / "source"), str(post), "--placement", "post", "--quiet"]) == 0
+    converted = transformers.AutoModel.from_pretrained(post, trust_remote_code=True)
+    target = normswap.inspect(converted)
+    assert target.placement == "post"
+    assert torch.equal(converted.layers[0].self_attn.indexer.q_input_norm.weight,
+                       model.layers[0].self_attn.indexer.q_input_norm.weight)  # stays where it was
+    drift = measure_drift(model, converted, topology, target, probe_inputs(model, None, None), exact=False)
+    assert drift.sublayers[0].max_abs_diff == 0.0  # branch 0 reads what it read: the norm-shift's exact part

@@ -263,7 +263,8 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         branch, scale = read
         residual_norms, branch_origin, out_norms = list(residual.norms), branch.origin, list(branch.norms)
         branch_nodes = _branch_nodes(graph, branch_origin, stream)
-        entries = _branch_entries(graph, branch_nodes, stream)
+        valued = _valued_nodes(graph, branch_origin, branch_nodes)
+        entries = [entry for entry in _branch_entries(graph, branch_nodes, stream) if entry[0] in valued]
         if not entries:
             continue  # e.g. adding a position bias: the other operand does not read the stream
         read_points = {origin for _, origin, _ in entries}
@@ -276,6 +277,24 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups, residual_scale=scale))
         stream.append(node)
     return raw
+
+
+def _valued_nodes(graph: LayerGraph, origin: fx.Node, nodes: set[fx.Node]) -> set[fx.Node]:
+    """The branch nodes whose values reach its output through floating-point tensors: a read of the stream that
+    only picks positions (top-k indices: Mistral Large 4's sparse-attention indexer, with its own norm) passes
+    no value of the stream into the branch, so what it reads through is no norm of the branch's input."""
+    reached: set[fx.Node] = set()
+    todo = [origin]
+    while todo:
+        node = todo.pop()
+        if node in reached or node not in nodes:
+            continue
+        value = node.meta.get("meta_value")
+        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+            continue
+        reached.add(node)
+        todo.extend(graph.inputs_of(node))
+    return reached
 
 
 def _read_update(graph: LayerGraph, residual: Followed,
