@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class Family:
     # a norm on a branch's output, inside its residual add (what makes a sublayer sandwich or post-sublayer):
     # issue 18's, which sets the family aside in issue 17's count also where its layout is mixed or parallel
     branch_output_norm: bool = False
+    code: str = ""  # the normswap version (and commit) that made the row: merged runs keep each row's own
     cells: tuple[Cell, ...] = ()
     skipped: str = ""  # why the candidate is no row, where it is none
 
@@ -130,7 +131,7 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
 def _assembled(lines: dict[str, list[dict[str, Any]]], skipped: list[Family], seconds: float, jobs: int, scope: str,
                versions: dict[str, str]) -> Run:
     """A run from each family's worker lines and the candidates discovery skipped."""
-    rows = [_family(name, own) for name, own in lines.items()]
+    rows = [replace(_family(name, own), code=versions.get("normswap", "")) for name, own in lines.items()]
     families = tuple(sorted((r for r in rows if not r.skipped), key=lambda r: r.name))
     skipped = sorted([*skipped, *(r for r in rows if r.skipped)], key=lambda r: r.name)
     return Run(families, tuple(skipped), seconds, jobs, scope, versions)
@@ -143,6 +144,24 @@ def _journal_lines(journal: Path | None) -> dict[str, list[dict[str, Any]]]:
         for line in map(json.loads, journal.read_text().splitlines()):
             found.setdefault(line["name"], []).append(line)
     return found
+
+
+def merged(runs: list[Run], scope: str) -> Run:
+    """One matrix from several runs, each family's row (or skip) from the last run that has it: the full matrix
+    takes hours on 2 cores, so a change is followed by a run of the families it reaches, merged into the last
+    full matrix (``docs/coverage.json``). ``versions`` says which code made how many rows."""
+    rows: dict[str, Family] = {}
+    for result in runs:
+        for family in (*result.families, *result.skipped):
+            rows[family.name] = family
+    families = tuple(sorted((r for r in rows.values() if not r.skipped), key=lambda r: r.name))
+    skipped = tuple(sorted((r for r in rows.values() if r.skipped), key=lambda r: r.name))
+    made: dict[str, int] = {}
+    for family in families:
+        made[family.code or "?"] = made.get(family.code or "?", 0) + 1
+    versions = {**runs[-1].versions,
+                "normswap": ", ".join(f"{code} for {count} row{'s' * (count != 1)}" for code, count in made.items())}
+    return Run(families, skipped, sum(result.seconds for result in runs), runs[-1].jobs, scope, versions)
 
 
 def from_state(state: Path, jobs: int) -> Run:
@@ -556,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_out", help="also write every record as JSON here")
     parser.add_argument("--state", help="a folder that keeps finished families, so that rerunning the same command "
                                          "after a stop goes on where it was")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="write --out and --json (default docs/coverage.md and docs/coverage.json) from several "
+                             "runs' --json files, each family's row from the last file that has it")
+    parser.add_argument("--scope", help="with --merge: what the merged runs were, for the document's first line")
     parser.add_argument("--render", help="write --out from an earlier run's --json file instead of running")
     parser.add_argument("--render-state", help="write --out (and --json) from the families a stopped run's --state "
                                                "folder has finished, instead of running")
@@ -575,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.render:
         Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(load(Path(args.render))))
+        return 0
+    if args.merge:
+        result = merged([load(Path(path)) for path in args.merge], args.scope or "merged runs")
+        Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(result))
+        Path(args.json_out or HERE.parent / "docs" / "coverage.json").write_text(json.dumps(result.to_dict(), indent=1))
+        print(summary(result))
         return 0
     if args.render_state:
         result = from_state(Path(args.render_state), max(1, args.jobs))

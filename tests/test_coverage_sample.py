@@ -94,3 +94,20 @@ def test_issue_17_count_sets_aside_families_that_norm_a_branch_output() -> None:
     assert coverage.converting(run, coverage._whole_layout_aside) == 100.0 / 3  # a, b and c
     table = "\n".join(coverage._summary_table(run))
     assert "| 50% |" in table and "| 33% |" in table
+
+
+def test_merged_runs_take_each_row_from_the_last_run_that_has_it() -> None:
+    """A partial rerun replaces its families' rows (and skips) in the full matrix and names the code of each."""
+    def row(name: str, category: str, code: str) -> Any:
+        return coverage.Family(name, placement="pre", code=code,
+                               cells=(coverage.Cell(name, "placement post", category),))
+
+    full = coverage.Run((row("a", "refused", "0.1 (old)"), row("b", "approximate", "0.1 (old)")),
+                        (coverage.Family("c", skipped="too slow"),), 60.0, 2, "all", {"torch": "2"})
+    rerun = coverage.Run((row("a", "exact", "0.1 (new)"), row("c", "approximate", "0.1 (new)")), (), 30.0, 2, "some",
+                         {"torch": "2"})
+    result = coverage.merged([full, rerun], "both")
+    assert [(f.name, f.cells[0].category, f.code) for f in result.families] == [
+        ("a", "exact", "0.1 (new)"), ("b", "approximate", "0.1 (old)"), ("c", "approximate", "0.1 (new)")]
+    assert not result.skipped and result.seconds == 90.0
+    assert result.versions["normswap"] == "0.1 (new) for 2 rows, 0.1 (old) for 1 row"
