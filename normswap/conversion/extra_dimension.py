@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
-from ..codegen.edits import INNER_WIDTH_FIELD, OUTPUT_PROJECTION, AddOutputProjection, SizeByInnerWidth
+from ..codegen.edits import (
+    INNER_WIDTH_FIELD,
+    OUTPUT_PROJECTION,
+    SOURCE_FIELDS,
+    AddOutputProjection,
+    BuildAtSourceWidth,
+    SizeByInnerWidth,
+)
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
@@ -80,13 +87,16 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, ())
+    return _plan_layer_norm_exact(model, untie, (), {})
 
 
-def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...]) -> ConversionSetup:
-    """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
-    without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
-    width, once more with the edits that size them by the inner width."""
+def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
+                           lifted: Mapping[str, BuildAtSourceWidth]) -> ConversionSetup:
+    """``plan_layer_norm_exact`` with the ``inner`` and ``lifted`` edits in the generated code: planned once
+    without; where the wider code sizes a projector into the stream by the language model's hidden_size inside it,
+    once more with that projector built at the source's width and its output lifted (``_lifted_projectors``); and
+    where it sizes tensors inside the language model by hidden_size beyond the stream's width, once more with the
+    edits that size them by the inner width (``inner_width.py``)."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -115,7 +125,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
-                                                          untied_head=untied_head, inner=inner, projection=projection)
+                                                          untied_head=untied_head, inner=inner, projection=projection,
+                                                          lifted=lifted)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -175,6 +186,12 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         rows, _ = made[f"{path}.weight"]
         made[f"{path}.weight"] = (rows, d + 1)
 
+    outside = [key for key, shape in made.items() if key in built and tuple(built[key]) != shape
+               and not inside(key, stream.path)]
+    if outside and not lifted and not inner:
+        found = _lifted_projectors(model, outside, stream.path, roles, uses, stream_scale)
+        if found:
+            return _plan_layer_norm_exact(model, untie, inner, found)
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
                       and inside(key, stream.path)}
     if inner_mismatch and not inner:
@@ -182,14 +199,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
                                                                       untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
-                                                                      projection=projection)
+                                                                      projection=projection, lifted=lifted)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
 
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits)
+            return _plan_layer_norm_exact(model, untie, edits, lifted)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
@@ -199,8 +216,9 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     wider_stem = measure_embedding_stem(target, stem_end, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
-    if projections or vectors:
-        _require_unscaled_stem(family, [*projections, *vectors][0], source_stem, wider_stem)
+    rebuilt = list(lifted)
+    if projections or vectors or rebuilt:
+        _require_unscaled_stem(family, [*projections, *vectors, *rebuilt][0], source_stem, wider_stem)
     # What lm_head reads may be the final norm's output times a scale of the code's that follows the stream's
     # width: T5 multiplies the decoder's output by d_model ** -0.5 where its config says so (scale_decoder_outputs;
     # SwitchTransformers where it ties its embeddings). The code path is kept, not switched off: switching it off
@@ -240,12 +258,57 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + (
         f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
-        "run them)" if vectors else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
+        "run them)" if vectors else "") + (
+        f"; {', '.join(rebuilt)} built at width {d} as in the source (the code sizes it by the language model's "
+        "hidden_size), its output lifted by U as it enters the stream (token probes do not run it: verification "
+        "runs it alone)" if rebuilt else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
                                            if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
-                           verify=lambda original, converted, probe: _verified(original, converted, probe,
-                                                                               projection_modules(roles), lift))
+                           verify=lambda original, converted, probe: _verified(
+                               original, converted, probe,
+                               {**projection_modules(roles), **_weighted_modules(model, rebuilt)}, lift * stream_scale))
+
+
+def _lifted_projectors(model: nn.Module, mismatched: Sequence[str], language_model: str,
+                       roles: Mapping[str, StreamRole], uses: Any, scale: float) -> dict[str, BuildAtSourceWidth]:
+    """The modules outside the language model to build at the source's width, their outputs lifted by ``U``
+    (``BuildAtSourceWidth``), for the ``mismatched`` tensors the wider code sizes by the language model's
+    hidden_size: each tensor's outermost module that does not hold the language model. Each must be a projector
+    into the stream: it holds a linear map whose output axis is the stream's (a ``stem`` role) and no tensor that
+    reads a norm's output (the LM head). Empty where some tensor has no such module: the shape check then names it.
+    Built as the source built it, the module computes what it computed; its output, the features that enter the
+    stream, is then all the extra dimension changes, and ``U`` applies there exactly."""
+    found: dict[str, BuildAtSourceWidth] = {}
+    for key in mismatched:
+        path = _outermost_outside(key, language_model)
+        if path is None:
+            return {}
+        if path not in found:
+            holds = [other for other in roles if inside(other, path)]
+            if not any(roles[other].stem for other in holds) or any(inside(other, path) for other in uses.reads):
+                return {}
+            found[path] = BuildAtSourceWidth(*owner_and_attribute(model, path), scale)
+    return found
+
+
+def _outermost_outside(key: str, language_model: str) -> str | None:
+    """The outermost module on ``key``'s path that does not hold ``language_model`` (None where that is the tensor
+    itself, a parameter of a module that holds the language model)."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if not inside(language_model, prefix) and prefix != language_model:
+            return prefix
+    return None
+
+
+def _weighted_modules(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each module at ``paths`` with its submodules that hold a weight, in build order (``check_projections``
+    reads the first for the input's width)."""
+    return {path: tuple(f"{path}.{name}" if name else path for name, module in model.get_submodule(path)
+                        .named_modules() if isinstance(getattr(module, "weight", None), torch.Tensor))
+            for path in paths}
 
 
 def _unread_norm_message(topology: Topology, norm: str) -> str:
@@ -461,7 +524,9 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                                  eps_factor: float, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
-                                 projection: AddOutputProjection | None = None) -> tuple[GeneratedModule, Any, Any]:
+                                 projection: AddOutputProjection | None = None,
+                                 lifted: Mapping[str, BuildAtSourceWidth] | None = None
+                                 ) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
@@ -471,9 +536,12 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection else {})}
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection or lifted
+                                                         else {})}
     if eps is not None and eps_factor != 1.0:
         values[eps] = getattr(config, eps) * eps_factor
+    if lifted:  # what a projector built at the source's width reads back (``BuildAtSourceWidth``)
+        values[SOURCE_FIELDS] = {"hidden_size": d, **({eps: getattr(config, eps)} if eps in values else {})}
     eps_in_code = {norm.path: norm.eps * eps_factor for norm in others if eps_factor != 1.0}
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -490,7 +558,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         top.update(values)
     try:
         return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner,
-                                                      *([projection] if projection else [])],
+                                                      *([projection] if projection else []),
+                                                      *dict.fromkeys((lifted or {}).values())],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)
