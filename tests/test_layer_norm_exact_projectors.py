@@ -19,7 +19,6 @@ from transformers import CONFIG_MAPPING
 
 import normswap
 from normswap.cli import main
-from normswap.codegen.package import _LIFTED_PROJECTOR_FUNCTIONS
 from normswap.conversion.extra_dimension import convert_to_layer_norm_exact, orthonormal_lift
 from normswap.conversion.verify import probe_inputs
 
@@ -108,6 +107,8 @@ def test_a_projector_ending_in_a_norm_is_lifted_after_the_norm() -> None:
 
 def test_the_generated_lift_is_u_without_its_matrix() -> None:
     """``normswap_lift`` (in the generated file) applies the Householder reflection directly: U h, in float64."""
+    from normswap.codegen.package import _LIFTED_PROJECTOR_FUNCTIONS
+
     namespace: dict = {"torch": torch}
     exec(_LIFTED_PROJECTOR_FUNCTIONS, namespace)  # noqa: S102 - the helper text the generated file carries
     features = torch.randn(3, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
