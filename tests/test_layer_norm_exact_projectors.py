@@ -59,7 +59,7 @@ def _with_features(model: torch.nn.Module, input_ids: torch.Tensor, features: to
 
 
 def _assert_exact_with_features(model: torch.nn.Module, ends_in: type) -> torch.nn.Module:
-    converted, plan, report, generated = convert_to_layer_norm_exact(model, untie=True)
+    converted, _, report, generated = convert_to_layer_norm_exact(model, untie=True)
     assert report.exact and report.relative <= 1e-4
     assert {n.kind for n in normswap.inspect(converted).stream_norms} == {"layernorm"}
     (check,) = report.projections
@@ -110,7 +110,7 @@ def test_the_generated_lift_is_u_without_its_matrix() -> None:
     from normswap.codegen.package import _LIFTED_PROJECTOR_FUNCTIONS
 
     namespace: dict = {"torch": torch}
-    exec(_LIFTED_PROJECTOR_FUNCTIONS, namespace)  # noqa: S102 - the helper text the generated file carries
+    exec(_LIFTED_PROJECTOR_FUNCTIONS, namespace)  # the helper text the generated file carries
     features = torch.randn(3, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     lifted = namespace["normswap_lift"](features, 2.0)
     assert torch.allclose(lifted, 2.0 * features @ orthonormal_lift(64).T, atol=1e-12)

@@ -20,8 +20,8 @@ language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a proj
 sizes by the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its end)
 is built from a copy of the config at the source's values and its output lifted by ``U`` as it enters the stream
 (``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other
-shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
-widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
+shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a
+function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
 and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
 of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
 padded by a unit that nothing reads (``head_chain.py``). Where the eps field also sets norms beside the stream
