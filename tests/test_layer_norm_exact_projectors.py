@@ -136,3 +136,22 @@ def test_cli_writes_a_checkpoint_that_loads_and_lifts_the_projector(tmp_path: Pa
         tokens = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
                                  do_sample=False, pad_token_id=0)
     assert tokens.shape == (1, 5)
+
+
+def test_a_head_sized_by_another_config_field_of_the_same_width_is_refused_with_that_reason() -> None:
+    """Ovis2's lm_head (and its visual embedding table) take the model config's own hidden_size, equal to the
+    text config's: one dimension wider the head stays d wide. The refusal says so, instead of calling the head a
+    width inside another module."""
+    import pytest
+
+    from normswap.errors import NormswapError
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "hidden_stride": 1, "vocab_size": 16}
+    text = {key: value for key, value in _TEXT.items() if key != "head_dim"}
+    config = CONFIG_MAPPING["ovis2"](text_config={**text, "model_type": "qwen2"}, vision_config=vision,
+                                     hidden_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    model = perturbed(transformers.Ovis2ForConditionalGeneration(config))
+    with pytest.raises(NormswapError, match=r"lm_head.weight, outside its language model, by a value that stays 64"):
+        convert_to_layer_norm_exact(model, untie=True)

@@ -593,6 +593,15 @@ def _require_same_tensors(family: str, made: dict[str, tuple[int, ...]], built: 
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more like it)" if len(mismatched) > 1 else ""
         shapes = f"one dimension wider it builds {tuple(built[key])}, the map makes {made[key]}{more}"
+        stays = next((wide for wide, size in zip(built[key], made[key], strict=True) if wide + 1 == size), None) \
+            if len(built[key]) == len(made[key]) else None
+        if not inside(key, language_model) and stays is not None:  # Ovis2's lm_head: its model config's own field
+            raise NormswapError(f"{family}'s code sizes {key}, outside its language model, by a value that stays "
+                                f"{stays} when the language model's hidden_size is one wider ({shapes}): a config "
+                                "field beside the language model's hidden_size that holds the same width; the "
+                                "extra-dimension map widens the language model's hidden_size only, and which other "
+                                "field means the stream's width cannot be told from their equal values (leave out "
+                                "--exact for the approximate conversion)")
         if not inside(key, language_model):
             raise NormswapError(f"{family}'s code sizes {key}, outside its language model, by the language model's "
                                 f"hidden_size: {shapes}; exact RMSNorm -> LayerNorm lifts a projection whose output "
