@@ -89,16 +89,17 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, (), {})
+    return _plan_layer_norm_exact(model, untie, (), {}, False)
 
 
 def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
-                           lifted: Mapping[str, BuildAtSourceWidth]) -> ConversionSetup:
+                           lifted: Mapping[str, BuildAtSourceWidth], mirrored: bool) -> ConversionSetup:
     """``plan_layer_norm_exact`` with the ``inner`` and ``lifted`` edits in the generated code: planned once
     without; where the wider code sizes a projector into the stream by the language model's hidden_size inside it,
     once more with that projector built at the source's width and its output lifted (``_lifted_projectors``); and
     where it sizes tensors inside the language model by hidden_size beyond the stream's width, once more with the
-    edits that size them by the inner width (``inner_width.py``)."""
+    edits that size them by the inner width (``inner_width.py``). ``mirrored``: the model config's own
+    hidden_size, equal to the language model's, is widened with it (``_mirrors_width``)."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -114,8 +115,10 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
+    # token embeddings of the language model, and tables outside it whose rows the wider code sizes by the stream's
+    # width (Ovis2's visual embedding table, whose output takes the image tokens' places): both lifted
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
-                  and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
+                  and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
@@ -128,7 +131,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "alone (convert the class with an LM head)")
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
                                                           untied_head=untied_head, inner=inner, projection=projection,
-                                                          lifted=lifted)
+                                                          lifted=lifted, mirrored=mirrored)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -190,10 +193,12 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
 
     outside = [key for key, shape in made.items() if key in built and tuple(built[key]) != shape
                and not inside(key, stream.path)]
+    if outside and not lifted and not inner and not mirrored and _mirrors_width(model, stream, made, built, outside):
+        return _plan_layer_norm_exact(model, untie, inner, lifted, True)
     if outside and not lifted and not inner:
         found = _lifted_projectors(model, outside, stream.path, roles, uses, stream_scale)
         if found:
-            return _plan_layer_norm_exact(model, untie, inner, found)
+            return _plan_layer_norm_exact(model, untie, inner, found, mirrored)
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
                       and inside(key, stream.path)}
     if inner_mismatch and not inner:
@@ -201,14 +206,15 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
                                                                       untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
-                                                                      projection=projection, lifted=lifted)
+                                                                      projection=projection, lifted=lifted,
+                                                                      mirrored=mirrored)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
 
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits, lifted)
+            return _plan_layer_norm_exact(model, untie, edits, lifted, mirrored)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
@@ -219,8 +225,9 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
     rebuilt = list(lifted)
-    if projections or vectors or rebuilt:
-        _require_unscaled_stem(family, [*projections, *vectors, *rebuilt][0], source_stem, wider_stem)
+    tables = [path for path in embeddings if not inside(path, stream.path)]  # run alone like the projectors
+    if projections or vectors or rebuilt or tables:
+        _require_unscaled_stem(family, [*projections, *vectors, *rebuilt, *tables][0], source_stem, wider_stem)
     # What lm_head reads may be the final norm's output times a scale of the code's that follows the stream's
     # width: T5 multiplies the decoder's output by d_model ** -0.5 where its config says so (scale_decoder_outputs;
     # SwitchTransformers where it ties its embeddings). The code path is kept, not switched off: switching it off
@@ -263,13 +270,17 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         "run them)" if vectors else "") + (
         f"; {', '.join(rebuilt)} built at width {d} as in the source (the code sizes it by the language model's "
         "hidden_size), its output lifted by U as it enters the stream (token probes do not run it: verification "
-        "runs it alone)" if rebuilt else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
+        "runs it alone)" if rebuilt else "") + (
+        f"; {', '.join(tables)} lifted as embedding tables outside the language model whose output enters the "
+        "stream (token probes do not run them)" if tables else "") + (
+        "; the model config's own hidden_size widened with the language model's (it sizes the head)"
+        if mirrored else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
                                            if fused else "")
+    checked = {**projection_modules(roles), **_weighted_modules(model, [*rebuilt, *tables])}  # run alone
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
-                           verify=lambda original, converted, probe: _verified(
-                               original, converted, probe,
-                               {**projection_modules(roles), **_weighted_modules(model, rebuilt)}, lift * stream_scale))
+                           verify=lambda original, converted, probe: _verified(original, converted, probe, checked,
+                                                                               lift * stream_scale))
 
 
 def _lifted_projectors(model: nn.Module, mismatched: Sequence[str], language_model: str,
@@ -292,6 +303,19 @@ def _lifted_projectors(model: nn.Module, mismatched: Sequence[str], language_mod
                 return {}
             found[path] = BuildAtSourceWidth(*owner_and_attribute(model, path), scale)
     return found
+
+
+def _mirrors_width(model: nn.Module, stream: StreamConfig, made: Mapping[str, tuple[int, ...]],
+                   built: Mapping[str, torch.Size], outside: Sequence[str]) -> bool:
+    """Whether the model config's own hidden_size holds the language model's width (a composite whose top class
+    sizes its LM head by it: Ovis2) and some tensor outside the language model stays that width where the map
+    widens it: then the field is the stream's width too, and the wider model is built with it widened (the
+    shapes that come out, and the logits, then decide)."""
+    d = int(stream.config.hidden_size)
+    if not stream.field or getattr(model.config, "hidden_size", None) != d:
+        return False
+    return any(len(built[key]) == len(made[key]) and any(wide + 1 == size for wide, size in zip(
+        built[key], made[key], strict=True)) for key in outside)
 
 
 def _outermost_outside(key: str, language_model: str) -> str | None:
@@ -527,7 +551,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
                                  projection: AddOutputProjection | None = None,
-                                 lifted: Mapping[str, BuildAtSourceWidth] | None = None
+                                 lifted: Mapping[str, BuildAtSourceWidth] | None = None, mirrored: bool = False
                                  ) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
@@ -554,6 +578,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         top["tie_word_embeddings"] = False
         if stream.field and hasattr(config, "tie_word_embeddings"):
             values["tie_word_embeddings"] = False
+    if mirrored:  # the model config's own hidden_size, which sizes the head, is the stream's width too
+        top["hidden_size"] = d + 1
     if stream.field:
         top[stream.field] = {**config.to_dict(), **values}
     else:
