@@ -138,14 +138,12 @@ def test_cli_writes_a_checkpoint_that_loads_and_lifts_the_projector(tmp_path: Pa
     assert tokens.shape == (1, 5)
 
 
-def test_a_head_sized_by_another_config_field_of_the_same_width_is_refused_with_that_reason() -> None:
-    """Ovis2's lm_head (and its visual embedding table) take the model config's own hidden_size, equal to the
-    text config's: one dimension wider the head stays d wide. The refusal says so, instead of calling the head a
-    width inside another module."""
-    import pytest
 
-    from normswap.errors import NormswapError
-
+def test_a_head_sized_by_the_model_configs_own_hidden_size_is_widened_with_the_language_model() -> None:
+    """Ovis2's lm_head and visual embedding table take the model config's own hidden_size, equal to the text
+    config's: one dimension wider the head stayed d wide and the conversion was refused. That field is widened
+    too; the head reads the final norm, and the visual table (soft visual tokens times its rows, placed among the
+    stream's tokens) is lifted like the token embedding."""
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": 28, "patch_size": 14, "hidden_stride": 1, "vocab_size": 16}
     text = {key: value for key, value in _TEXT.items() if key != "head_dim"}
@@ -153,5 +151,19 @@ def test_a_head_sized_by_another_config_field_of_the_same_width_is_refused_with_
                                      hidden_size=64, vocab_size=128)
     torch.manual_seed(0)
     model = perturbed(transformers.Ovis2ForConditionalGeneration(config))
-    with pytest.raises(NormswapError, match=r"lm_head.weight, outside its language model, by a value that stays 64"):
-        convert_to_layer_norm_exact(model, untie=True)
+    converted, _, report, _ = convert_to_layer_norm_exact(model, untie=True)
+    assert report.exact and report.relative <= 1e-4
+    assert {n.kind for n in normswap.inspect(converted).stream_norms} == {"layernorm"}
+    assert converted.lm_head.weight.shape == (128, 65) and converted.config.hidden_size == 65
+    (check,) = report.projections
+    assert check.module == "model.visual_embeddings_table" and check.relative is not None and check.relative < 1e-5
+    input_ids = torch.randint(3, 120, (2, 10), generator=torch.Generator().manual_seed(1))
+    visual = torch.softmax(torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    with torch.no_grad():
+        logits = []
+        for each in (model, converted):
+            embeddings = each.get_input_embeddings()(input_ids)
+            embeddings[:, 2:6] = each.model.visual_embeddings_table(visual)
+            logits.append(each(inputs_embeds=embeddings).logits)
+    reference, actual = logits
+    assert float((actual - reference).abs().max() / reference.abs().max()) <= 1e-5
