@@ -115,9 +115,11 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
-    # token embeddings of the language model, and tables outside it whose rows the wider code sizes by the stream's
-    # width (Ovis2's visual embedding table, whose output takes the image tokens' places): both lifted
+    # token embeddings of the language model; with the model config's hidden_size widened too (``mirrored``), also
+    # tables outside it that the wider code sizes by that width (Ovis2's visual embedding table, whose output takes
+    # the image tokens' places): lifted, and run alone in verification
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
+                  and (mirrored or inside(path, stream.path))
                   and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
