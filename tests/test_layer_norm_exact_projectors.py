@@ -29,8 +29,8 @@ _TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "num_atte
 
 def glmasr() -> torch.nn.Module:
     """GLM-ASR: linear_1 (audio -> 2 hidden_size), GELU, linear_2 (2 hidden_size -> hidden_size): ends linear."""
-    audio = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "num_key_value_heads": 2, "num_mel_bins": 16}
+    audio = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "num_mel_bins": 16}  # 4 frames of 32 merged into each audio token
     config = CONFIG_MAPPING["glmasr"](text_config={**_TEXT, "model_type": "llama"}, audio_config=audio,
                                       audio_token_id=127)
     torch.manual_seed(0)
@@ -87,11 +87,23 @@ def _assert_exact_with_features(model: torch.nn.Module, ends_in: type) -> torch.
 
 
 def test_a_projector_ending_in_a_linear_map_over_a_wider_inner_width_is_lifted_exactly() -> None:
-    """GLM-ASR was refused: one dimension wider its code builds linear_1 (130, 48) where a lift of linear_2 alone
-    keeps (128, 48)."""
-    converted = _assert_exact_with_features(glmasr(), torch.nn.Linear)
-    assert converted.model.multi_modal_projector.linear_1.weight.shape == (128, 48)
+    """GLM-ASR was refused: one dimension wider its code builds linear_1 (130, 128) where a lift of linear_2 alone
+    keeps (128, 128). Its own forward, mel features through the audio tower and the projector into the audio
+    tokens' places, gives the original's logits."""
+    model = glmasr()
+    converted = _assert_exact_with_features(model, torch.nn.Linear)
+    assert converted.model.multi_modal_projector.linear_1.weight.shape == (128, 128)
     assert converted.config.text_config.hidden_size == 65
+    input_ids = torch.randint(3, 120, (2, 10), generator=torch.Generator().manual_seed(1))
+    input_ids[:, 2:6] = 127  # 32 mel frames: 16 after the tower's stride, 4 audio tokens
+    mel = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 32, dtype=torch.long)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, input_features=mel, input_features_mask=mask).logits
+        logits = converted(input_ids=input_ids, input_features=mel, input_features_mask=mask).logits
+        moved = model(input_ids=input_ids, input_features=mel + 1.0, input_features_mask=mask).logits
+    assert float((logits - reference).abs().max() / reference.abs().max()) <= 1e-5
+    assert float((moved - reference).abs().max()) > 1e-3  # the audio reaches the logits
 
 
 def test_a_projector_ending_in_a_norm_is_lifted_after_the_norm() -> None:
@@ -126,7 +138,7 @@ def test_cli_writes_a_checkpoint_that_loads_and_lifts_the_projector(tmp_path: Pa
                  "--untie", "--quiet"])
     assert code == 0
     loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
-    features = torch.randn(2, 4, 48, generator=torch.Generator().manual_seed(2))
+    features = torch.randn(2, 4, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = model.model.multi_modal_projector(features).double() @ orthonormal_lift(64).T
         output = loaded.model.multi_modal_projector(features)
