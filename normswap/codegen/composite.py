@@ -31,7 +31,8 @@ from .rewrite import apply_edits
 
 # names the generated file's own code defines after the copied classes (package.py's footer)
 _RESERVED = frozenset({"NormswapRemovedNorm", "NormswapRMSNorm", "NormswapLayerNorm", "NormswapPlainRMSNorm",
-                       "_model_class"})
+                       "_model_class", "normswap_source_width_config", "normswap_lift", "normswap_lift_output",
+                       "normswap_lifted_projector"})
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ class CompositeCode:
         return bool(self.wrapped_files or self.text_edits)
 
 
-def composite_code(model: nn.Module, stack_paths: list[str], text: ModuleType, text_source: str) -> CompositeCode:
-    """The composite parts for ``model`` whose layer stacks at ``stack_paths`` are classes of ``text``."""
+def composite_code(model: nn.Module, stack_paths: list[str], text: ModuleType, text_source: str,
+                   edits: tuple[Edit, ...] = ()) -> CompositeCode:
+    """The composite parts for ``model`` whose layer stacks at ``stack_paths`` are classes of ``text``; ``edits``
+    name wrapper classes (a projector's owner, ``BuildAtSourceWidth``) and apply to their copies."""
     wrappers = _wrapper_modules(model, stack_paths, text)
     copied = {wrapper: _copied_classes(model, stack_paths, wrapper) for wrapper in wrappers}
     regenerated = {value: name for name, value in vars(text).items()
@@ -66,7 +69,12 @@ def composite_code(model: nn.Module, stack_paths: list[str], text: ModuleType, t
             namespace.define(name, getattr(wrapper, name), wrapper)
             regenerated[getattr(wrapper, name)] = name
     text_edits = tuple(auto_redirects(model, text, text_source, regenerated))
-    classes = [_wrapper_classes(model, wrapper, copied[wrapper], regenerated, namespace) for wrapper in wrappers]
+    classes = [_wrapper_classes(model, wrapper, copied[wrapper], regenerated, namespace,
+                                tuple(edit for edit in edits if edit.class_name in copied[wrapper]))
+               for wrapper in wrappers]
+    unplaced = [edit for edit in edits if not any(edit.class_name in names for names in copied.values())]
+    if unplaced:
+        raise CodegenError(f"{unplaced[0].class_name}, which an edit names, is no class the generated file copies")
     config_class = type(model.config)
     config_name = namespace.reference(config_class.__name__, config_class, sys.modules[config_class.__module__])
     files = tuple(f"models/{_family(wrapper)}/{Path(wrapper.__file__ or '').name}" for wrapper in wrappers)
@@ -143,10 +151,11 @@ def _copied_classes(model: nn.Module, stack_paths: list[str], wrapper: ModuleTyp
 
 
 def _wrapper_classes(model: nn.Module, wrapper: ModuleType, names: tuple[str, ...], regenerated: dict[type, str],
-                     namespace: _Namespace) -> str:
-    """The source of ``names`` from ``wrapper``, with Auto calls redirected and every global name resolved."""
+                     namespace: _Namespace, own_edits: tuple[Edit, ...] = ()) -> str:
+    """The source of ``names`` from ``wrapper``, with Auto calls redirected, ``own_edits`` applied and every
+    global name resolved."""
     source = _source(wrapper)
-    edits = auto_redirects(model, wrapper, source, regenerated, set(names))
+    edits = [*auto_redirects(model, wrapper, source, regenerated, set(names)), *own_edits]
     if edits:
         source = apply_edits(source, edits)
     source = absolute_imports(source, wrapper.__package__ or wrapper.__name__.rsplit(".", 1)[0])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 INNER_WIDTH_FIELD = "normswap_inner_width"  # the config field that holds d where the stream is d + 1 wide
 OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutputProjection``'s linear map
+SOURCE_FIELDS = "normswap_source_fields"  # the config field that holds the values the extra dimension changed
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,22 @@ class AddOutputProjection:
     norm: str
 
 
+@dataclass(frozen=True)
+class BuildAtSourceWidth:
+    """In ``__init__``: ``self.<attribute> = <expression>`` -> ``self.<attribute> =
+    normswap_lifted_projector(lambda <config>: <expression>, <config>, <scale>)``.
+
+    A projector into the stream that the family's code sizes by the language model's hidden_size (inside it, not
+    only at its output) is built from a copy of the config at the source's width (``SOURCE_FIELDS``), exactly as
+    the source built it, and its output is lifted by ``U`` (times ``scale``) as it enters the stream.
+    """
+
+    class_name: str
+    attribute: str
+    scale: float = 1.0
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
         | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
-        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection)
+        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection | BuildAtSourceWidth)

@@ -194,6 +194,62 @@ def normswap_norm_item(norm, output, item):
 '''
 
 
+_LIFTED_PROJECTOR_FUNCTIONS = '''
+
+def normswap_source_width_config(config):
+    """``config`` as the source model had it: every value the extra dimension changed (the language model's
+    hidden_size d -> d + 1, its norms' eps) back, in each sub-config that holds the changed value (one its config
+    class keeps equal, Idefics2's perceiver_config, too), rebuilt from its values so that fields the config class
+    derives from them (MiniMax-M3-VL's merged_hidden_size) are derived from the source's."""
+    values = config.to_dict()
+    names = [name for name in getattr(config, "sub_configs", None) or {} if isinstance(values.get(name), dict)]
+    sections = [values, *(values[name] for name in names)]
+    changed = [(field, section[field], value) for section in sections
+               for field, value in (section.get("normswap_source_fields") or {}).items() if field in section]
+    for section in sections:
+        for field, wide, value in changed:
+            if section.get(field) == wide:
+                section[field] = value
+    narrowed = type(config).from_dict(values)
+    for name in ["", *names]:  # the attention and experts kernels the model was built with, which values omit
+        source, target = (getattr(config, name), getattr(narrowed, name)) if name else (config, narrowed)
+        for field in ("_attn_implementation_internal", "_experts_implementation_internal"):
+            if hasattr(source, field):
+                target.__dict__[field] = getattr(source, field)
+    return narrowed
+
+
+def normswap_lift(hidden_states, scale=1.0):
+    """``scale * U h`` over the last axis, d -> d + 1: ``U``'s columns are orthonormal and orthogonal to the
+    all-ones vector (the Householder reflection taking e_(d+1) to the ones over sqrt(d + 1), its first d
+    columns), computed without the matrix, in float64."""
+    wide = hidden_states.double()
+    root = (wide.shape[-1] + 1) ** 0.5
+    total = wide.sum(-1, keepdim=True) / (root - 1.0)
+    lifted = torch.nn.functional.pad(wide, (0, 1)) - total / root
+    lifted[..., -1:] += total
+    return (lifted * scale).to(hidden_states.dtype)
+
+
+def normswap_lift_output(module, args, output, scale=1.0):
+    """Forward hook: the projector's output (the features it puts into the stream) lifted by ``U``."""
+    if isinstance(output, torch.Tensor):
+        return normswap_lift(output, scale)
+    raise TypeError(f"{type(module).__name__} returns {type(output).__name__}, not the features tensor that "
+                    "normswap lifts into the wider stream")
+
+
+def normswap_lifted_projector(build, config, scale=1.0):
+    """The projector ``build(config)`` makes, built at the source's width, its output lifted by ``U``: exactly the
+    source's projector followed by the lift into the stream one dimension wider (docs/design.md §5)."""
+    import functools
+
+    module = build(normswap_source_width_config(config))
+    module.register_forward_hook(functools.partial(normswap_lift_output, scale=scale))
+    return module
+'''
+
+
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
                    rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False,
                    composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None,
@@ -273,6 +329,8 @@ for _model_class in ({", ".join(model_classes)},):
                            f"{original.__name__}, so the generated code cannot untie the head")
     if "normswap_norm_item(" in body:
         footer = _NORM_ITEM_FUNCTION + footer
+    if "normswap_lifted_projector(" in body:
+        footer = _LIFTED_PROJECTOR_FUNCTIONS + footer
     if "normswap_fresh_copy(" in body:
         footer = _FRESH_COPY_FUNCTION + footer
     if rms_norm:

@@ -19,6 +19,7 @@ from .edits import (
     AddLayerNorm,
     AddOutputProjection,
     AddStackNorm,
+    BuildAtSourceWidth,
     BuildNormAlways,
     BuildSubmodelDirectly,
     CentreNormInput,
@@ -49,7 +50,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth,
-                  AddOutputProjection)
+                  AddOutputProjection, BuildAtSourceWidth)
     wrong = [edit for edit in edits
              if rewriter.applied[edit] == 0 or (rewriter.applied[edit] > 1 and not isinstance(edit, class_wide))]
     if wrong:
@@ -219,6 +220,7 @@ class _Rewriter(cst.CSTTransformer):
         self.applied: Counter[Edit] = Counter({edit: 0 for edit in edits})
         self.classes: list[str] = []
         self.functions: list[str] = []
+        self.parameters: list[list[str]] = []  # each enclosing function's parameter names
         self.statement_lines: list[tuple[int, int]] = []
         self.additions: list[bool] = []
         self.before_statement: list[str] = []  # statements to insert before the one being left
@@ -235,6 +237,7 @@ class _Rewriter(cst.CSTTransformer):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         self.functions.append(node.name.value)
+        self.parameters.append([parameter.name.value for parameter in node.params.params])
         return bool(self.classes)  # a module-level function holds nothing to edit
 
     def visit_For(self, node: cst.For) -> None:
@@ -390,6 +393,9 @@ class _Rewriter(cst.CSTTransformer):
                                        "no single constructor call otherwise, so a norm cannot be built in its place")
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(constructor.call))
+            if isinstance(edit, BuildAtSourceWidth) and edit.attribute == attribute and self._here(edit):
+                self.applied[edit] += 1
+                return updated.with_changes(value=self._built_at_source_width(updated.value, edit))
             if isinstance(edit, SizeByInnerWidth) and edit.attribute == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=updated.value.visit(_InnerWidthReads(edit.occurrences)))
@@ -417,8 +423,19 @@ class _Rewriter(cst.CSTTransformer):
                 return updated.with_changes(value=call.with_changes(func=cst.Name(edit.new_class), args=keep + extra))
         return updated
 
+    def _built_at_source_width(self, value: cst.BaseExpression, edit: BuildAtSourceWidth) -> cst.BaseExpression:
+        """``normswap_lifted_projector(lambda <config>: <value>, <config>, <scale>)``: the lambda rebinds
+        ``__init__``'s config, so every read of it in ``value`` reads the copy at the source's width."""
+        parameters = self.parameters[-1]
+        if len(parameters) < 2:
+            raise CodegenError(f"{edit.class_name}.__init__ takes no config to build self.{edit.attribute} from")
+        config = parameters[1]
+        return cst.parse_expression(f"normswap_lifted_projector(lambda {config}: {_code(value)}, {config}, "
+                                    f"{edit.scale!r})")
+
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
         name = self.functions.pop()
+        self.parameters.pop()
         for edit in self.edits:
             if isinstance(edit, AddStackNorm) and self._here(edit):
                 if name == "__init__":

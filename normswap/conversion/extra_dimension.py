@@ -11,22 +11,24 @@ all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm o
   ``W -> W diag(g) U^T / sqrt((d+1)/d)``, with g = 1 + w for Gemma's offset norms;
 * every norm becomes a LayerNorm over d+1 with weight 1, bias 0.
 
-Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is
-the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
-derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
-``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
-from that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the
-language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a family whose code sizes something else
-from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
-shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
-widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
-and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
-of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
-padded by a unit that nothing reads (``head_chain.py``). Where the eps field also sets norms beside the stream
-(q_norm over head_dim), it keeps its value and the stream norms' eps' goes into the code. Tied embeddings
-become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
-the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
-decides exactness. Everything is computed in float64.
+Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is the
+family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family derived it
+from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
+``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come from
+that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the language
+model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the code sizes by
+the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its end) is built
+from a copy of the config at the source's values and its output lifted by ``U`` as it enters the stream
+(``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other shapes
+than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a function of
+``hidden_size`` (Gemma: sqrt(d)) is measured on both widths and the stems folded into the embedding rows
+(``embedding_stem.py``); a scale between the last final norm and the LM head (T5's ``d_model ** -0.5``) likewise,
+folded into the head (``head_scale.py``). A head with linear maps of its own (UltraBERT's) reads the final norm
+through the first, and its inner width, sized by hidden_size, is padded by a unit that nothing reads
+(``head_chain.py``). Where the eps field also sets norms beside the stream (q_norm over head_dim), it keeps its value
+and the stream norms' eps' goes into the code. Tied embeddings become two tensors with ``untie``: in the config, or in
+the generated code where the config's flag ties more than the head (``generated.head_untied_in_code``). The numerical
+check (logits within 1e-4 x max|reference| in fp32) then decides exactness. Everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ import torch
 from torch import nn
 
 from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
-from ..codegen.edits import INNER_WIDTH_FIELD, OUTPUT_PROJECTION, AddOutputProjection, SizeByInnerWidth
+from ..codegen.edits import (
+    INNER_WIDTH_FIELD,
+    OUTPUT_PROJECTION,
+    SOURCE_FIELDS,
+    AddOutputProjection,
+    BuildAtSourceWidth,
+    SizeByInnerWidth,
+)
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
@@ -80,13 +89,17 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, ())
+    return _plan_layer_norm_exact(model, untie, (), {}, False)
 
 
-def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...]) -> ConversionSetup:
-    """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
-    without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
-    width, once more with the edits that size them by the inner width."""
+def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
+                           lifted: Mapping[str, BuildAtSourceWidth], mirrored: bool) -> ConversionSetup:
+    """``plan_layer_norm_exact`` with the ``inner`` and ``lifted`` edits in the generated code: planned once
+    without; where the wider code sizes a projector into the stream by the language model's hidden_size inside it,
+    once more with that projector built at the source's width and its output lifted (``_lifted_projectors``); and
+    where it sizes tensors inside the language model by hidden_size beyond the stream's width, once more with the
+    edits that size them by the inner width (``inner_width.py``). ``mirrored``: the model config's own
+    hidden_size, equal to the language model's, is widened with it (``_mirrors_width``)."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -102,8 +115,12 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
+    # token embeddings of the language model; with the model config's hidden_size widened too (``mirrored``), also
+    # tables outside it that the wider code sizes by that width (Ovis2's visual embedding table, whose output takes
+    # the image tokens' places): lifted, and run alone in verification
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
-                  and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
+                  and (mirrored or inside(path, stream.path))
+                  and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
@@ -115,7 +132,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
-                                                          untied_head=untied_head, inner=inner, projection=projection)
+                                                          untied_head=untied_head, inner=inner, projection=projection,
+                                                          lifted=lifted, mirrored=mirrored)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -175,6 +193,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         rows, _ = made[f"{path}.weight"]
         made[f"{path}.weight"] = (rows, d + 1)
 
+    outside = [key for key, shape in made.items() if key in built and tuple(built[key]) != shape
+               and not inside(key, stream.path)]
+    if outside and not lifted and not inner and not mirrored and _mirrors_width(model, stream, made, built, outside):
+        return _plan_layer_norm_exact(model, untie, inner, lifted, True)
+    if outside and not lifted and not inner:
+        found = _lifted_projectors(model, outside, stream.path, roles, uses, stream_scale)
+        if found:
+            return _plan_layer_norm_exact(model, untie, inner, found, mirrored)
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
                       and inside(key, stream.path)}
     if inner_mismatch and not inner:
@@ -182,14 +208,15 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
                                                                       untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
-                                                                      projection=projection)
+                                                                      projection=projection, lifted=lifted,
+                                                                      mirrored=mirrored)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
 
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits)
+            return _plan_layer_norm_exact(model, untie, edits, lifted, mirrored)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
@@ -199,8 +226,10 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     wider_stem = measure_embedding_stem(target, stem_end, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
-    if projections or vectors:
-        _require_unscaled_stem(family, [*projections, *vectors][0], source_stem, wider_stem)
+    rebuilt = list(lifted)
+    tables = [path for path in embeddings if not inside(path, stream.path)]  # run alone like the projectors
+    if projections or vectors or rebuilt or tables:
+        _require_unscaled_stem(family, [*projections, *vectors, *rebuilt, *tables][0], source_stem, wider_stem)
     # What lm_head reads may be the final norm's output times a scale of the code's that follows the stream's
     # width: T5 multiplies the decoder's output by d_model ** -0.5 where its config says so (scale_decoder_outputs;
     # SwitchTransformers where it ties its embeddings). The code path is kept, not switched off: switching it off
@@ -240,12 +269,74 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + (
         f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
-        "run them)" if vectors else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
+        "run them)" if vectors else "") + (
+        f"; {', '.join(rebuilt)} built at width {d} as in the source (the code sizes it by the language model's "
+        "hidden_size), its output lifted by U as it enters the stream (token probes do not run it: verification "
+        "runs it alone)" if rebuilt else "") + (
+        f"; {', '.join(tables)} lifted as embedding tables outside the language model whose output enters the "
+        "stream (token probes do not run them)" if tables else "") + (
+        "; the model config's own hidden_size widened with the language model's (it sizes the head)"
+        if mirrored else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
                                            if fused else "")
+    checked = {**projection_modules(roles), **_weighted_modules(model, [*rebuilt, *tables])}  # run alone
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
-                           verify=lambda original, converted, probe: _verified(original, converted, probe,
-                                                                               projection_modules(roles), lift))
+                           verify=lambda original, converted, probe: _verified(original, converted, probe, checked,
+                                                                               lift * stream_scale))
+
+
+def _lifted_projectors(model: nn.Module, mismatched: Sequence[str], language_model: str,
+                       roles: Mapping[str, StreamRole], uses: Any, scale: float) -> dict[str, BuildAtSourceWidth]:
+    """The modules outside the language model to build at the source's width, their outputs lifted by ``U``
+    (``BuildAtSourceWidth``), for the ``mismatched`` tensors the wider code sizes by the language model's
+    hidden_size: each tensor's outermost module that does not hold the language model. Each must be a projector
+    into the stream: it holds a linear map whose output axis is the stream's (a ``stem`` role) and no tensor that
+    reads a norm's output (the LM head). Empty where some tensor has no such module: the shape check then names it.
+    Built as the source built it, the module computes what it computed; its output, the features that enter the
+    stream, is then all the extra dimension changes, and ``U`` applies there exactly."""
+    found: dict[str, BuildAtSourceWidth] = {}
+    for key in mismatched:
+        path = _outermost_outside(key, language_model)
+        if path is None:
+            return {}
+        if path not in found:
+            holds = [other for other in roles if inside(other, path)]
+            if not any(roles[other].stem for other in holds) or any(inside(other, path) for other in uses.reads):
+                return {}
+            found[path] = BuildAtSourceWidth(*owner_and_attribute(model, path), scale)
+    return found
+
+
+def _mirrors_width(model: nn.Module, stream: StreamConfig, made: Mapping[str, tuple[int, ...]],
+                   built: Mapping[str, torch.Size], outside: Sequence[str]) -> bool:
+    """Whether the model config's own hidden_size holds the language model's width (a composite whose top class
+    sizes its LM head by it: Ovis2) and some tensor outside the language model stays that width where the map
+    widens it: then the field is the stream's width too, and the wider model is built with it widened (the
+    shapes that come out, and the logits, then decide)."""
+    d = int(stream.config.hidden_size)
+    if not stream.field or getattr(model.config, "hidden_size", None) != d:
+        return False
+    return any(len(built[key]) == len(made[key]) and any(wide + 1 == size for wide, size in zip(
+        built[key], made[key], strict=True)) for key in outside)
+
+
+def _outermost_outside(key: str, language_model: str) -> str | None:
+    """The outermost module on ``key``'s path that does not hold ``language_model`` (None where that is the tensor
+    itself, a parameter of a module that holds the language model)."""
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if not inside(language_model, prefix) and prefix != language_model:
+            return prefix
+    return None
+
+
+def _weighted_modules(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each module at ``paths`` with its submodules that hold a weight, in build order (``check_projections``
+    reads the first for the input's width)."""
+    return {path: tuple(f"{path}.{name}" if name else path for name, module in model.get_submodule(path)
+                        .named_modules() if isinstance(getattr(module, "weight", None), torch.Tensor))
+            for path in paths}
 
 
 def _unread_norm_message(topology: Topology, norm: str) -> str:
@@ -461,7 +552,9 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                                  eps_factor: float, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
-                                 projection: AddOutputProjection | None = None) -> tuple[GeneratedModule, Any, Any]:
+                                 projection: AddOutputProjection | None = None,
+                                 lifted: Mapping[str, BuildAtSourceWidth] | None = None, mirrored: bool = False
+                                 ) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
@@ -471,9 +564,12 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection else {})}
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection or lifted
+                                                         else {})}
     if eps is not None and eps_factor != 1.0:
         values[eps] = getattr(config, eps) * eps_factor
+    if lifted:  # what a projector built at the source's width reads back (``BuildAtSourceWidth``)
+        values[SOURCE_FIELDS] = {"hidden_size": d, **({eps: getattr(config, eps)} if eps in values else {})}
     eps_in_code = {norm.path: norm.eps * eps_factor for norm in others if eps_factor != 1.0}
     head_dim = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -484,13 +580,16 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         top["tie_word_embeddings"] = False
         if stream.field and hasattr(config, "tie_word_embeddings"):
             values["tie_word_embeddings"] = False
+    if mirrored:  # the model config's own hidden_size, which sizes the head, is the stream's width too
+        top["hidden_size"] = d + 1
     if stream.field:
         top[stream.field] = {**config.to_dict(), **values}
     else:
         top.update(values)
     try:
         return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner,
-                                                      *([projection] if projection else [])],
+                                                      *([projection] if projection else []),
+                                                      *dict.fromkeys((lifted or {}).values())],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)
@@ -522,6 +621,15 @@ def _require_same_tensors(family: str, made: dict[str, tuple[int, ...]], built: 
         key = mismatched[0]
         more = f" (and {len(mismatched) - 1} more like it)" if len(mismatched) > 1 else ""
         shapes = f"one dimension wider it builds {tuple(built[key])}, the map makes {made[key]}{more}"
+        stays = next((wide for wide, size in zip(built[key], made[key], strict=True) if wide + 1 == size), None) \
+            if len(built[key]) == len(made[key]) else None
+        if not inside(key, language_model) and stays is not None:  # Ovis2's lm_head: its model config's own field
+            raise NormswapError(f"{family}'s code sizes {key}, outside its language model, by a value that stays "
+                                f"{stays} when the language model's hidden_size is one wider ({shapes}): a config "
+                                "field beside the language model's hidden_size that holds the same width; the "
+                                "extra-dimension map widens the language model's hidden_size only, and which other "
+                                "field means the stream's width cannot be told from their equal values (leave out "
+                                "--exact for the approximate conversion)")
         if not inside(key, language_model):
             raise NormswapError(f"{family}'s code sizes {key}, outside its language model, by the language model's "
                                 f"hidden_size: {shapes}; exact RMSNorm -> LayerNorm lifts a projection whose output "

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..codegen.composite import composite_code, require_generated_path
 from ..codegen.derive import modeling_file, placement_edits
-from ..codegen.edits import Edit
+from ..codegen.edits import BuildAtSourceWidth, Edit
 from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
 from ..codegen.rewrite import apply_edits
 from ..recipe import recipe_for
@@ -43,8 +43,12 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     source = modeling_file(model, topology).read_text(encoding="utf-8")
     original = sys.modules[type(model.get_submodule(topology.layers[0].path)).__module__]
     stacks = [stack.path for stack in topology.stacks]
-    composite = composite_code(model, stacks, original, source)
-    rewritten = apply_edits(source, [*edits, *composite.text_edits])
+    # a projector's owner (``BuildAtSourceWidth``) may be a wrapper class, copied into the generated file
+    wrapper_edits = tuple(edit for edit in edits if isinstance(edit, BuildAtSourceWidth) and not (
+        isinstance(vars(original).get(edit.class_name), type)
+        and vars(original)[edit.class_name].__module__ == original.__name__))
+    composite = composite_code(model, stacks, original, source, wrapper_edits)
+    rewritten = apply_edits(source, [*(edit for edit in edits if edit not in wrapper_edits), *composite.text_edits])
     generated = package_module(original, rewritten, type(model.config), conversion, composite=composite,
                                wider_sub_config=wider_sub_config, untied_head=untied_head, **helpers)
     module = load_generated(generated)

@@ -11,6 +11,7 @@ and the report says it was checked by shape only.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -68,22 +69,52 @@ def _check_one(original: nn.Module, converted: nn.Module, parent: str, first_lin
         return ProjectionCheck(parent, None, "its weights are offloaded, read as each module runs")
     if next(source.parameters()).dtype not in (torch.float32, torch.float64):  # compare the map, not the rounding
         source, target = copy.deepcopy(source).float(), copy.deepcopy(target).float()
-    first = original.get_submodule(first_linear)
-    width = getattr(first, "in_features", None) or first.weight.shape[0]  # nn.Linear, or Conv1D's (in, out)
     weight = next(source.parameters())
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(*_FEATURE_ROWS, width, generator=generator).to(weight.dtype).to(weight.device)
+    why = ""
+    for shape in _feature_shapes(original.get_submodule(first_linear)):
+        features = torch.randn(*shape, generator=generator).to(weight.dtype).to(weight.device)
+        try:
+            with torch.no_grad():
+                reference, output = _first_tensor(_run(source, features)), _first_tensor(_run(target, features))
+        except Exception as error:  # noqa: BLE001 - a forward that takes other features: said in the report
+            why = why or (f"its forward does not take one features tensor: {type(error).__name__}: "
+                          f"{first_line(error)}")
+            continue
+        if reference is None or output is None or output.shape[-1] != reference.shape[-1] + 1:
+            why = why or "its output is not one features tensor of the stream's width"
+            continue
+        expected = reference.double() @ lift.T.to(reference.device)
+        scale = float(expected.abs().max()) or 1.0
+        return ProjectionCheck(parent, float((output.double() - expected).abs().max()) / scale)
+    return ProjectionCheck(parent, None, why)
+
+
+def _feature_shapes(first: nn.Module) -> list[tuple[int, ...]]:
+    """Shapes of random features to try, in order, for a projector whose first weighted module is ``first``: an
+    nn.Linear's (or Conv1D's) input width over (batch, positions), over positions alone (a projector that merges
+    rows itself), and, where that width is a square number of times smaller, the width before a pixel shuffle
+    that packs k x k positions into one; a convolution's channels over a 16 x 16 grid."""
+    if isinstance(first, nn.modules.conv._ConvNd):
+        return [(2, first.in_channels, *(16,) * len(first.kernel_size))]
+    width = getattr(first, "in_features", None) or first.weight.shape[0]  # nn.Linear, or Conv1D's (in, out)
+    widths = [width, *(width // k ** 2 for k in (2, 3, 4) if width % k ** 2 == 0)]
+    return [shape for each in widths for shape in ((*_FEATURE_ROWS, each), (2, 16, each), (16, each))]
+
+
+def _run(module: nn.Module, features: torch.Tensor) -> Any:
+    """``module(features)``, with None for any other argument its forward requires (an optional mask), or, where
+    it needs one, a mask of ones over the features' positions (every position attended)."""
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                              p.POSITIONAL_OR_KEYWORD)]
     try:
-        with torch.no_grad():
-            reference, output = _first_tensor(source(features)), _first_tensor(target(features))
-    except Exception as error:  # noqa: BLE001 - a forward that takes more than features: said in the report
-        return ProjectionCheck(parent, None, f"its forward does not take one features tensor: "
-                                             f"{type(error).__name__}: {first_line(error)}")
-    if reference is None or output is None or output.shape[-1] != reference.shape[-1] + 1:
-        return ProjectionCheck(parent, None, "its output is not one features tensor of the stream's width")
-    expected = reference.double() @ lift.T.to(reference.device)
-    scale = float(expected.abs().max()) or 1.0
-    return ProjectionCheck(parent, float((output.double() - expected).abs().max()) / scale)
+        return module(features, *(None for _ in required))
+    except Exception:
+        if not required:
+            raise
+        mask = torch.ones(features.shape[:-1], dtype=torch.long, device=features.device)
+        return module(features, *(mask for _ in required))
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
