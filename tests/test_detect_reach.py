@@ -476,3 +476,13 @@ def test_a_read_that_only_picks_positions_is_no_norm_of_the_branch_input(tmp_pat
                        model.layers[0].self_attn.indexer.q_input_norm.weight)  # stays where it was
     drift = measure_drift(model, converted, topology, target, probe_inputs(model, None, None), exact=False)
     assert drift.sublayers[0].max_abs_diff == 0.0  # branch 0 reads what it read: the norm-shift's exact part
+
+
+def test_exact_layer_norm_refuses_a_norm_of_a_stream_norm_by_name() -> None:
+    """With the indexer's norm read as a branch norm, the exact map reached it and crashed in verification
+    (an internal error: the norm's weight treated as a linear reader); it is refused with the structure."""
+    from normswap.conversion.norm_change import plan_norm_kind
+
+    with pytest.raises(normswap.NormswapError, match=r"indexer\.q_input_norm in mistral_large4_text normalises "
+                                                     r"layers\.0\.input_layernorm's output again"):
+        plan_norm_kind(_mistral_large4_text(), "layernorm", exact=True)

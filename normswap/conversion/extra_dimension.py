@@ -150,6 +150,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
     uses = trace_stream_uses(model, (*norms, *finals), family)
+    _require_no_norm_of_a_norm(topology, uses)
     chain = None if headless else head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
     if chain is None:  # lm_head reads the final norm itself (a slice of its output)
         uses = uses.with_reader(head_key, final)
@@ -337,6 +338,19 @@ def _weighted_modules(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple
     return {path: tuple(f"{path}.{name}" if name else path for name, module in model.get_submodule(path)
                         .named_modules() if isinstance(getattr(module, "weight", None), torch.Tensor))
             for path in paths}
+
+
+def _require_no_norm_of_a_norm(topology: Topology, uses: Any) -> None:
+    """A branch norm that normalises a stream norm's output again (Mistral Large 4's indexer, ``q_input_norm``)
+    reads it where the map would put the stream norm's weight: into the linear maps that read its output."""
+    branch_norms = {norm.path for layer in topology.layers for norm in layer.inner_norms}
+    for key, found in sorted(uses.reads.items()):
+        owner = key.rpartition(".")[0]
+        if owner in branch_norms:
+            raise NormswapError(f"{owner} in {topology.model_type} normalises {sorted(found)[0]}'s output again; "
+                                "the extra-dimension map moves each stream norm's weight into the linear maps that "
+                                "read its output (docs/design.md §5), and a norm is no linear map that can take it "
+                                "(leave out --exact for the approximate conversion)")
 
 
 def _unread_norm_message(topology: Topology, norm: str) -> str:
