@@ -358,3 +358,52 @@ def test_a_head_input_scaled_by_a_function_of_the_width_is_folded_into_the_head(
     converted, _, report, _ = convert_to_layer_norm_exact(model)
     assert report.exact and report.relative < 1e-5
     assert converted.config.hidden_size == 65 and converted.config.logits_scaling != model.config.logits_scaling
+
+
+def test_a_stem_of_features_keeps_width_d_and_a_fixed_lift_starts_the_stream(tmp_path: Path) -> None:
+    """An audio encoder's input is features, not token rows, and its stem ends in a GELU (conv, GELU, conv, GELU),
+    which no lift of the convolutions' weights passes: U gelu(x) is no gelu(U x). The stem keeps width d and the
+    generated code lifts its output by a fixed U before the first layer; the final norm's output comes back to d
+    as in any headless model. It was refused (no token embedding)."""
+    config = CONFIG_MAPPING["voxtral_realtime_encoder"](
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16, intermediate_size=128,
+        num_mel_bins=16, max_position_embeddings=64)
+    encoder = perturbed(transformers.VoxtralRealtimeEncoder(config))
+    converted, _, report, generated = convert_to_layer_norm_exact(encoder)
+    assert report.exact and report.relative <= 1e-4
+    assert "= self.normswap_stream_lift(" in generated.source
+    assert converted.embedder.conv2.weight.shape == encoder.embedder.conv2.weight.shape  # the stem stays d wide
+    inputs = probe_inputs(encoder, None, None)
+    with torch.no_grad():
+        reference, actual = encoder(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
+    assert actual.shape == reference.shape and converted.config.hidden_size == 65
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+    encoder.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+
+
+def test_an_embedding_norm_with_a_weight_becomes_a_layer_norm_and_a_fixed_map_that_starts_the_stream() -> None:
+    """Inkling's embedding normalises the raw rows with a weighted RMSNorm. Over the lifted rows a LayerNorm gives
+    sqrt((d+1)/d) U RMS_1(e); the fixed map U diag(g) U^T / sqrt((d+1)/d) after it gives U (g RMS(e)), the
+    stream's first value one dimension wider. (The layers' depthwise short convolutions on each branch's output
+    keep the whole model from an exact twin, which the check then reports; the stream's start is exact.)"""
+    from normswap.conversion.extra_dimension import orthonormal_lift, plan_layer_norm_exact
+    from normswap.conversion.setup import realise
+
+    config = CONFIG_MAPPING["inkling_text"](**{**_DECODER, "intermediate_size": 64})
+    model = perturbed(transformers.AutoModelForCausalLM.from_config(config))
+    setup = plan_layer_norm_exact(model)
+    converted = realise(model, setup)
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        reference, actual = model.model.embed_tokens(ids), converted.model.embed_tokens(ids)
+    lifted = reference.double() @ orthonormal_lift(64).T
+    assert float((lifted - actual.double()).abs().max()) <= 1e-5 * float(reference.abs().max())
+    assert type(converted.model.embed_tokens.embed_norm).__name__ == "NormswapLayerNorm"
+    assert "self.normswap_stream_map(self.embed_norm(" in setup.generated.source

@@ -15,10 +15,10 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     INNER_WIDTH_FIELD,
-    OUTPUT_PROJECTION,
     AddLayerNorm,
     AddOutputProjection,
     AddStackNorm,
+    AddStackProjection,
     BuildNormAlways,
     BuildSubmodelDirectly,
     CentreNormInput,
@@ -335,7 +335,7 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, AddOutputProjection) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
-                return _self_call(OUTPUT_PROJECTION, updated)
+                return _self_call(edit.attribute, updated)
             if (isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit)
                     and not (edit.branch and _calls_module(updated.args[0].value, edit.branch))):
                 self.applied[edit] += 1
@@ -428,27 +428,35 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, AddLayerNorm) and self._here(edit) and name == "__init__":
                 updated = self._add_beside(updated, edit)
             if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
-                updated = self._add_output_projection(updated, edit)
+                updated = self._add_linear_map(updated, edit, edit.norm)
+            if isinstance(edit, AddStackProjection) and self._here(edit):
+                if name == "__init__":
+                    updated = self._add_linear_map(updated, edit, edit.stack_attribute)
+                elif name == "forward":
+                    updated = self._insert_at_loop(updated, edit.stack_attribute, edit.where, None,
+                                                   f"{{stream}} = self.{edit.attribute}({{stream}})")
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
                                                f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
                                                "keepdim=True)")
         return updated
 
-    def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
-        """The projection's constructor right after ``self.<norm> = ...``, sized from ``__init__``'s config."""
+    def _add_linear_map(self, function: cst.FunctionDef, edit: AddOutputProjection | AddStackProjection,
+                        after: str) -> cst.FunctionDef:
+        """The fixed map's constructor right after ``self.<after> = ...``, sized from ``__init__``'s config."""
         parameters = [parameter.name.value for parameter in function.params.params]
-        if len(parameters) < 2:
-            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size the output projection from")
-        config = parameters[1]
+        if len(parameters) < 2 and any("{config}" in width for width in edit.widths):
+            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size {edit.attribute} from")
+        source, target = (width.format(config=parameters[1] if len(parameters) > 1 else "") for width in edit.widths)
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if _assigns(statement, edit.norm):
+            if _assigns(statement, after):
                 body.insert(index + 1, cst.parse_statement(
-                    f"self.{OUTPUT_PROJECTION} = torch.nn.Linear({config}.hidden_size, {config}.{INNER_WIDTH_FIELD}, "
-                    "bias=False)\n"))
+                    f"self.{edit.attribute} = torch.nn.Linear({source}, {target}, bias=False)\n"))
+                if isinstance(edit, AddStackProjection):
+                    self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.norm} in its own body")
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),

@@ -40,8 +40,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
-from ..codegen.edits import INNER_WIDTH_FIELD, OUTPUT_PROJECTION, AddOutputProjection, SizeByInnerWidth
+from ..codegen.derive import (
+    _loop_owner,
+    layer_norm_edits,
+    list_item_class,
+    modeling_file,
+    norm_owner,
+    owner_and_attribute,
+)
+from ..codegen.edits import (
+    INNER_WIDTH_FIELD,
+    OUTPUT_PROJECTION,
+    STREAM_LIFT,
+    STREAM_MAP,
+    STREAM_UNLIFT,
+    AddOutputProjection,
+    AddStackProjection,
+    Edit,
+    ReplaceNormClass,
+    SizeByInnerWidth,
+)
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
@@ -94,12 +112,31 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     d = int(stream.config.hidden_size)
     # weightless norms: the stream is c U h with c = sqrt((d+1)/d) and eps stays (see _all_weightless); else U h
     stream_scale, eps_factor = (math.sqrt((d + 1) / d), 1.0) if weightless else (1.0, d / (d + 1))
-    input_path = _path_of(model, model.get_input_embeddings())
+    token_embedding = _token_embedding(model)
+    input_path = _path_of(model, token_embedding) if token_embedding is not None else None
     norms = tuple(n.path for n in topology.residual_norms)
     finals = tuple(stack.final_norm.path for stack in topology.stacks if stack.final_norm)
-    final = finals[-1]  # the last stack's (a decoder's), which lm_head reads
+    last = topology.stacks[-1]
+    final = last.final_norm.path if last.final_norm else None  # the last stack's (a decoder's), which lm_head reads
     headless = model.get_output_embeddings() is None  # its output is the final norm's: projected back to d
-    output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
+    # embedding norms with weights: LayerNorms over the lifted rows, then a fixed map U diag(g) U^T / s after each
+    starts = () if weightless else tuple(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm)
+    start_maps = {norm.path: _stream_map_path(norm.path) for norm in starts}
+    unlift = None if final else AddStackProjection(_loop_owner(model, last), last.path.rsplit(".", 1)[-1],
+                                                   STREAM_UNLIFT, "after",
+                                                   ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD))
+    first = topology.stacks[0]
+    # no token rows to lift: the stem (convolutions, class tokens, position rows: linear or not) keeps width d,
+    # and a fixed U lifts what it hands the first layer
+    lift_in = None if input_path else AddStackProjection(
+        _loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
+        ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"))
+    if lift_in and starts:
+        raise NormswapError(f"{starts[0].path} normalises what {family}'s stem (no token rows: its input is features) "
+                            "hands its first layer; the stem keeps width d and a fixed U lifts its output, so that "
+                            "norm would stay a d-wide RMSNorm of an uncentred input, which no LayerNorm equals")
+    output_path = (_unlift_path(model, last.path) if unlift else _projection_path(final) if headless
+                   else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
@@ -107,15 +144,17 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
-    projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless else None
+    projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless and final else None
     if projection is not None and any(owner_and_attribute(model, other) == dataclasses.astuple(projection)
                                       for other in finals[:-1]):
         raise NormswapError(f"{type(model).__name__} has no LM head, and the code that applies its output's final "
                             f"norm ({final}) applies another stack's too, whose output the wider model reads one "
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
+    maps: tuple[Edit, ...] = (*(edit for edit in (projection, unlift, lift_in) if edit),
+                              *_start_map_edits(model, starts, eps_factor))
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
-                                                          untied_head=untied_head, inner=inner, projection=projection)
+                                                          untied_head=untied_head, inner=inner, maps=maps)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -128,12 +167,15 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     # an embedding the wider code does not widen writes no stream (Phi-4-multimodal's vision position embedding)
     embeddings = [path for path in embeddings if tuple(built.get(f"{path}.weight", ()))[-1:] == (d + 1,)]
     source_shapes = shapes_of(model.state_dict())
-    gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals)}
-    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
+    gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals, *start_maps)}
+    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals, *start_maps) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
+    if lift_in:  # the stem keeps its width: nothing outside the layers but the norms is mapped
+        embeddings = []
+        skip |= {key for key in source_shapes if not any(inside(key, layer.path) for layer in topology.layers)}
     uses = trace_stream_uses(model, (*norms, *finals), family)
     chain = None if headless else head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
-    if chain is None:  # lm_head reads the final norm itself (a slice of its output)
+    if chain is None and final:  # lm_head reads the final norm itself (a slice of its output)
         uses = uses.with_reader(head_key, final)
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
@@ -144,15 +186,27 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     scale = math.sqrt((d + 1) / d)
     steps: dict[str, Step] = {key: copy_of(key) for key in source_shapes}
     made = {key: tuple(shape) for key, shape in source_shapes.items()}  # each output's shape, as the edits go
-    if headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
+    if unlift:  # the stream leaves the last layer as U h (c U h for weightless norms), with no norm: U^T / c
+        steps[head_key] = constant(lambda: lift.T.contiguous() / stream_scale)
+        made[head_key] = (d, d + 1)
+    elif headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
         steps[head_key] = combine(lambda gamma: torch.eye(d, dtype=gamma.dtype), gammas[final])
         made[head_key] = (d, d)
     elif model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
+    if lift_in:
+        lifted = f"{_unlift_path(model, first.path).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") + ".weight"
+        steps[lifted] = constant(lambda: lift * stream_scale)
+        made[lifted] = (d + 1, d)
+    for norm, path in start_maps.items():  # LN(U e) = s U RMS_1(e), so U diag(offset + g) U^T / s gives U (g RMS(e))
+        offset = 1.0 if _kind_of(topology, norm) == "rmsnorm-offset" else 0.0
+        steps[f"{path}.weight"] = combine(
+            lambda gamma, offset=offset: (lift * (offset + gamma.double())) @ lift.T / scale, gammas[norm])
+        made[f"{path}.weight"] = (d + 1, d + 1)
     roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {}),
-             **({head_key: StreamRole(1, final)} if headless else {})}
+             **({head_key: StreamRole(1, final)} if headless and final else {})}
     head_readers = [] if headless else [key for key in (chain.readers if chain else (head_key,))
                                         if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
@@ -163,7 +217,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     fused = any(len(source_shapes.get(key, ())) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
-    for norm in (*norms, *finals):
+    for norm in (*norms, *finals, *start_maps):
         if f"{norm}.weight" not in source_shapes:  # a weightless RMSNorm becomes a weightless LayerNorm
             continue
         gamma = copy_of(f"{norm}.weight")
@@ -176,13 +230,13 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         made[f"{path}.weight"] = (rows, d + 1)
 
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
-                      and inside(key, stream.path)}
+                      and (inside(key, stream.path) or lift_in)}
     if inner_mismatch and not inner:
         def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
                                                                       untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
-                                                                      projection=projection)
+                                                                      maps=maps)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
 
@@ -195,8 +249,11 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
     stem_end = next((stack.embedding_norm.path for stack in topology.stacks if stack.embedding_norm),
                     topology.layers[0].path)
-    source_stem = measure_embedding_stem(build_meta_model(model).model, stem_end, family)
-    wider_stem = measure_embedding_stem(target, stem_end, family)
+    if input_path is None:  # no token rows to measure a stem by: what starts the stream is lifted as it is
+        source_stem = wider_stem = EmbeddingStem(1.0)
+    else:
+        source_stem = measure_embedding_stem(build_meta_model(model).model, stem_end, family)
+        wider_stem = measure_embedding_stem(target, stem_end, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
     if projections or vectors:
@@ -229,18 +286,26 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
 
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None and not role.head)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
-                        (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied,
+                        (*start_maps, *norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied,
                         scaled_stream=weightless)
     head_note += chain.describe() if chain else ""
     head_note += (f"; {type(model).__name__} has no head and returns {final}'s output, which the wider model "
                   f"projects back to {d} by {output_path} (diag(g) U^T, fixed by the map: hidden states before it "
-                  f"stay {d + 1} wide)" if headless else "")
+                  f"stay {d + 1} wide)" if headless and final else "")
+    head_note += (f"; {type(model).__name__} returns its last layer's output with no final norm, which the wider "
+                  f"model projects back to {d} by {output_path} (U^T, fixed by the map)" if unlift else "")
+    head_note += (f"; what {type(model).__name__}'s stem hands its first layer (no token rows: its input is "
+                  f"features) stays {d} wide, and {lifted} (U, fixed by the map) lifts it" if lift_in else "")
+    head_note += "".join(f"; {norm} normalises the lifted raw embeddings as a LayerNorm, and {path} (U diag(g) U^T "
+                         "/ sqrt((d+1)/d), fixed by the map) after it starts the stream as U times the original's"
+                         for norm, path in start_maps.items())
     notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
         if projections else "") + (
         f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
-        "run them)" if vectors else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
+        "run them)" if vectors else "") + (
+        "; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
                                            if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
@@ -373,32 +438,57 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightle
                             "extra-dimension map lifts the stream by U (docs/design.md §5), and U(g * h) is no "
                             "per-channel gain of U h unless g is constant, so no exact map exists (leave out --exact "
                             "for the approximate conversion)")
-    if any(stack.final_norm is None for stack in (topology.stacks[-1:] if weightless else topology.stacks)):
-        raise NormswapError(f"{family}'s last layer hands the stream on with no final norm; exact RMSNorm -> "
+    if any(stack.final_norm is None for stack in topology.stacks[:-1]):
+        raise NormswapError(f"{family}'s stacks hand the stream on to the next with no final norm; exact RMSNorm -> "
                             "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
-                            "weight moves into the linear maps that read it (the LM head, a decoder's "
-                            "cross-attention)")
-    final = topology.stacks[-1].final_norm
-    assert final is not None
-    stream = stream_config(model, topology)
-    embedding_norm = next((stack.embedding_norm for stack in topology.stacks if stack.embedding_norm), None)
-    if embedding_norm is not None and not weightless:
-        raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings with a weight: a "
-                            "LayerNorm over the lifted rows gives sqrt((d+1)/d) U times a weightless RMSNorm, which "
-                            "no weight change scales back to the U h the stream must start as where norms carry "
-                            "weights (exact RMSNorm -> LayerNorm keeps an embedding norm only where every norm is "
-                            "weightless)")
+                            "weight moves into the linear maps that read it (a decoder's cross-attention)")
+    if topology.stacks[-1].final_norm is None and model.get_output_embeddings() is not None:
+        raise NormswapError(f"{family}'s LM head reads the last layer's output with no final norm; exact RMSNorm -> "
+                            "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
+                            "weight moves into the LM head")
+    return stream_config(model, topology)
+
+
+def _token_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding whose rows start the stream, measured for a scale of the code's (``embedding_stem``);
+    None where the input is no token (features, pixels) or the embedding is a module of the family's own: whatever
+    writes the stream's start there (a patch convolution, a class token, position rows) is lifted as a writer."""
     try:
         embedding = model.get_input_embeddings()
     except NotImplementedError:  # transformers' default for models whose input is no token (an audio encoder)
-        embedding = None
-    if embedding is None:
-        raise NormswapError(f"{type(model).__name__} has no token embedding (its input is features, not token ids), "
-                            "and the extra-dimension map lifts the stream where it starts, in the embedding's rows")
-    if not isinstance(embedding, nn.Embedding):
-        raise NormswapError(f"{family}'s input embedding is a {type(embedding).__name__}, not an "
-                            "nn.Embedding, whose rows the extra-dimension map lifts")
-    return stream
+        return None
+    return embedding if isinstance(embedding, nn.Embedding) else None
+
+
+def _stream_map_path(norm: str) -> str:
+    """Where the fixed map after an embedding norm lives: beside the norm."""
+    owner = norm.rpartition(".")[0]
+    return f"{owner}.{STREAM_MAP}" if owner else STREAM_MAP
+
+
+def _unlift_path(model: nn.Module, stack: str) -> str:
+    """Where ``U^T`` after a stack's layers lives: on the module whose forward runs the loop."""
+    owner = stack.rpartition(".")[0]
+    return f"{owner}.{STREAM_UNLIFT}" if owner else STREAM_UNLIFT
+
+
+def _kind_of(topology: Topology, path: str) -> str:
+    return next(norm.kind for stack in topology.stacks for norm in (stack.embedding_norm, stack.final_norm)
+                if norm is not None and norm.path == path)
+
+
+def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float) -> tuple[Edit, ...]:
+    """Each embedding norm with a weight becomes a LayerNorm (eps * d/(d+1), in the code: its eps field may set no
+    other norm) followed by the fixed map that starts the stream (``STREAM_MAP``, d+1 to d+1)."""
+    edits: list[Edit] = []
+    for norm in starts:
+        width = f"self.{owner_and_attribute(model, norm.path)[1]}.weight.shape[-1]"  # the LayerNorm's, d + 1
+        as_layer_norm = ReplaceNormClass(*norm_owner(model, norm.path), new_class="NormswapLayerNorm", wrap=True,
+                                        item_class=list_item_class(model, norm.path),
+                                        keywords=(("eps", repr(norm.eps * eps_factor)),))
+        edits += [as_layer_norm, AddOutputProjection(*owner_and_attribute(model, norm.path), attribute=STREAM_MAP,
+                                                    widths=(width, width))]
+    return tuple(edits)
 
 
 def _projection_path(final: str) -> str:
@@ -461,7 +551,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                                  eps_factor: float, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
-                                 projection: AddOutputProjection | None = None) -> tuple[GeneratedModule, Any, Any]:
+                                 maps: tuple[Edit, ...] = ()) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
     ``head_dim`` is written where the source config leaves it to be derived from ``hidden_size``, so that
@@ -471,7 +561,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection else {})}
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or maps else {})}
     if eps is not None and eps_factor != 1.0:
         values[eps] = getattr(config, eps) * eps_factor
     eps_in_code = {norm.path: norm.eps * eps_factor for norm in others if eps_factor != 1.0}
@@ -490,7 +580,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         top.update(values)
     try:
         return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner,
-                                                      *([projection] if projection else [])],
+                                                      *maps],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)
