@@ -7,7 +7,7 @@ Statements are matched by the line the fx stack trace gave; inside a statement, 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import libcst as cst
@@ -45,7 +45,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     module = cst.parse_module(source)
     constructors = _constructors(module)
     lines = statement_lines(source, module) if any(getattr(edit, "line", None) is not None for edit in edits) else {}
-    rewriter = _Rewriter(edits, constructors, lines, module_names(module))
+    rewriter = _Rewriter(edits, constructors, lines, module_names(module), _width_aliases(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth,
@@ -209,10 +209,12 @@ class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
     def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], Constructor], lines: Spans,
-                 module_names: frozenset[str] = frozenset()) -> None:
+                 module_names: frozenset[str] = frozenset(),
+                 width_aliases: Mapping[str, Mapping[str, str]] | None = None) -> None:
         super().__init__()
         self.edits = list(edits)
         self.module_names = module_names
+        self.width_aliases = dict(width_aliases or {})  # per class: attributes that hold hidden_size
         self.edited_classes = {edit.class_name for edit in edits}
         self.constructors = constructors
         self.lines = lines
@@ -392,7 +394,8 @@ class _Rewriter(cst.CSTTransformer):
                 return updated.with_changes(value=cst.parse_expression(constructor.call))
             if isinstance(edit, SizeByInnerWidth) and edit.attribute == attribute and self._here(edit):
                 self.applied[edit] += 1
-                return updated.with_changes(value=updated.value.visit(_InnerWidthReads(edit.occurrences)))
+                reads = _InnerWidthReads(edit.occurrences, self.width_aliases.get(edit.class_name, {}))
+                return updated.with_changes(value=updated.value.visit(reads))
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
@@ -546,9 +549,12 @@ def _keyword_arguments(keywords: tuple[tuple[str, str], ...]) -> list[cst.Arg]:
 
 
 def config_width_reads(source: str, class_name: str, attribute: str) -> int:
-    """How many ``<config>.hidden_size`` reads the ``self.<attribute> = ...`` of ``class_name.__init__`` holds
-    (``SizeByInnerWidth`` numbers them in this order); 0 where there is no such assignment."""
-    for statement in cst.parse_module(source).body:
+    """How many ``<config>.hidden_size`` reads (or reads of an attribute that holds it) the ``self.<attribute> =
+    ...`` of ``class_name.__init__`` holds (``SizeByInnerWidth`` numbers them in this order); 0 where there is no
+    such assignment."""
+    module = cst.parse_module(source)
+    aliases = _width_aliases(module).get(class_name, {})
+    for statement in module.body:
         if not isinstance(statement, cst.ClassDef) or statement.name.value != class_name:
             continue
         for item in statement.body.body:
@@ -556,26 +562,50 @@ def config_width_reads(source: str, class_name: str, attribute: str) -> int:
                 for node in _walk(item):
                     if (isinstance(node, cst.Assign) and len(node.targets) == 1
                             and _self_attribute(node.targets[0].target) == attribute):
-                        counter = _InnerWidthReads(())
+                        counter = _InnerWidthReads((), aliases)
                         node.value.visit(counter)
                         return counter.seen
     return 0
 
 
-class _InnerWidthReads(cst.CSTTransformer):
-    """``<config>.hidden_size`` -> ``<config>.normswap_inner_width`` at the numbered reads (``SizeByInnerWidth``)."""
+def _width_aliases(module: cst.Module) -> dict[str, dict[str, str]]:
+    """For each class, the attributes its ``__init__`` sets to ``<config>.hidden_size`` and nothing else (CLIP-style
+    attention's ``self.embed_dim = config.hidden_size``), each with the config expression it read: a read of
+    ``self.<alias>`` is a read of hidden_size, which ``SizeByInnerWidth`` may choose as the inner width too."""
+    found: dict[str, dict[str, str]] = {}
+    for statement in module.body:
+        if not isinstance(statement, cst.ClassDef):
+            continue
+        for item in statement.body.body:
+            if not (isinstance(item, cst.FunctionDef) and item.name.value == "__init__"):
+                continue
+            for node in _walk(item):
+                if (isinstance(node, cst.Assign) and len(node.targets) == 1
+                        and (alias := _self_attribute(node.targets[0].target)) and "." not in alias
+                        and isinstance(node.value, cst.Attribute) and node.value.attr.value == "hidden_size"
+                        and _code(node.value.value).endswith("config")):
+                    found.setdefault(statement.name.value, {})[alias] = _code(node.value.value)
+    return found
 
-    def __init__(self, occurrences: Sequence[int]) -> None:
+
+class _InnerWidthReads(cst.CSTTransformer):
+    """``<config>.hidden_size`` (or ``self.<alias>`` that holds it) -> ``<config>.normswap_inner_width`` at the
+    numbered reads (``SizeByInnerWidth``)."""
+
+    def __init__(self, occurrences: Sequence[int], aliases: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self.occurrences, self.seen = frozenset(occurrences), 0
+        self.occurrences, self.seen, self.aliases = frozenset(occurrences), 0, dict(aliases or {})
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
-        if updated.attr.value != "hidden_size" or not _code(updated.value).endswith("config"):
+        alias = _code(updated.value) == "self" and updated.attr.value in self.aliases
+        if not alias and (updated.attr.value != "hidden_size" or not _code(updated.value).endswith("config")):
             return updated
         self.seen += 1
-        if self.seen - 1 in self.occurrences:
-            return updated.with_changes(attr=cst.Name(INNER_WIDTH_FIELD))
-        return updated
+        if self.seen - 1 not in self.occurrences:
+            return updated
+        if alias:
+            return cst.parse_expression(f"{self.aliases[updated.attr.value]}.{INNER_WIDTH_FIELD}")
+        return updated.with_changes(attr=cst.Name(INNER_WIDTH_FIELD))
 
 
 def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:

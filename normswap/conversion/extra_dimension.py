@@ -65,6 +65,7 @@ from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
 from ..topology import Topology
+from .branch_gain import branch_gains
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
 from .head_chain import head_chain
@@ -145,7 +146,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
     projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless and final else None
-    if projection is not None and any(owner_and_attribute(model, other) == dataclasses.astuple(projection)
+    if projection is not None and any(owner_and_attribute(model, other) == (projection.class_name, projection.norm)
                                       for other in finals[:-1]):
         raise NormswapError(f"{type(model).__name__} has no LM head, and the code that applies its output's final "
                             f"norm ({final}) applies another stack's too, whose output the wider model reads one "
@@ -210,7 +211,17 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     head_readers = [] if headless else [key for key in (chain.readers if chain else (head_key,))
                                         if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
+    gains = branch_gains(model, topology, roles, source_shapes)
+    for gain, writers in gains.items():  # lambda (W a + b) = (diag(lambda) W) a + lambda b; the gain becomes 1
+        for key in writers:
+            axis = roles[key].axis
+            steps[key] = combine(lambda tensor, scale, axis=axis: tensor * _on_axis(scale, axis, tensor.dim()),
+                                 steps[key], copy_of(gain))
     for key, role in roles.items():
+        if key in gains:  # a gain of 1 over d + 1, not lifted
+            made[key] = (d + 1,)
+            steps[key] = combine(lambda ones: ones.new_ones(d + 1), steps[key])
+            continue
         steps[key] = _mapped(steps[key], role, offsets, gammas, lift, scale, stream_scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
                           for axis, size in enumerate(made[key]))
@@ -305,6 +316,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         if projections else "") + (
         f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
         "run them)" if vectors else "") + (
+        f"; {', '.join(gains)} folded into the writers of the branch whose output each scales" if gains else "") + (
         "; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
                                            if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
