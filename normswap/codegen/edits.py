@@ -231,6 +231,8 @@ class AddOutputProjection:
     attribute: str = OUTPUT_PROJECTION
     # its input and output widths, as source text in ``__init__`` (``{config}``: the config it takes)
     widths: tuple[str, str] = ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD)
+    input_map: str = ""  # where set, a second fixed map of ``input_widths`` on the norm's input: ``<map>(<norm>(
+    input_widths: tuple[str, str] = ("", "")  # <input_map>(x)))``, as a stem d wide meets the norm d + 1 wide
 
 
 @dataclass(frozen=True)

@@ -337,6 +337,9 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, AddOutputProjection) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
+                if edit.input_map:
+                    inner = updated.args[0].with_changes(value=_self_call(edit.input_map, updated.args[0].value))
+                    updated = updated.with_changes(args=[inner, *updated.args[1:]])
                 return _self_call(edit.attribute, updated)
             if (isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit)
                     and not (edit.branch and _calls_module(updated.args[0].value, edit.branch))):
@@ -432,6 +435,8 @@ class _Rewriter(cst.CSTTransformer):
                 updated = self._add_beside(updated, edit)
             if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
                 updated = self._add_linear_map(updated, edit, edit.norm)
+                if edit.input_map:
+                    updated = self._add_linear_map(updated, edit, edit.norm, (edit.input_map, edit.input_widths))
             if isinstance(edit, AddStackProjection) and self._here(edit):
                 if name == "__init__":
                     updated = self._add_linear_map(updated, edit, edit.stack_attribute)
@@ -445,17 +450,19 @@ class _Rewriter(cst.CSTTransformer):
         return updated
 
     def _add_linear_map(self, function: cst.FunctionDef, edit: AddOutputProjection | AddStackProjection,
-                        after: str) -> cst.FunctionDef:
-        """The fixed map's constructor right after ``self.<after> = ...``, sized from ``__init__``'s config."""
+                        after: str, named: tuple[str, tuple[str, str]] | None = None) -> cst.FunctionDef:
+        """The fixed map's constructor right after ``self.<after> = ...``, sized from ``__init__``'s config;
+        ``named``: another map's attribute and widths than the edit's own."""
+        attribute, widths = named or (edit.attribute, edit.widths)
         parameters = [parameter.name.value for parameter in function.params.params]
-        if len(parameters) < 2 and any("{config}" in width for width in edit.widths):
-            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size {edit.attribute} from")
-        source, target = (width.format(config=parameters[1] if len(parameters) > 1 else "") for width in edit.widths)
+        if len(parameters) < 2 and any("{config}" in width for width in widths):
+            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size {attribute} from")
+        source, target = (width.format(config=parameters[1] if len(parameters) > 1 else "") for width in widths)
         body = list(function.body.body)
         for index, statement in enumerate(body):
             if _assigns(statement, after):
                 body.insert(index + 1, cst.parse_statement(
-                    f"self.{edit.attribute} = torch.nn.Linear({source}, {target}, bias=False)\n"))
+                    f"self.{attribute} = torch.nn.Linear({source}, {target}, bias=False)\n"))
                 if isinstance(edit, AddStackProjection):
                     self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))

@@ -128,14 +128,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                                                    ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD))
     first = topology.stacks[0]
     # no token rows to lift: the stem (convolutions, class tokens, position rows: linear or not) keeps width d,
-    # and a fixed U lifts what it hands the first layer
-    lift_in = None if input_path else AddStackProjection(
-        _loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
-        ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"))
-    if lift_in and starts:
-        raise NormswapError(f"{starts[0].path} normalises what {family}'s stem (no token rows: its input is features) "
-                            "hands its first layer; the stem keeps width d and a fixed U lifts its output, so that "
-                            "norm would stay a d-wide RMSNorm of an uncentred input, which no LayerNorm equals")
+    # and a fixed U lifts what it hands the first layer, or the first stack's embedding norm, where it has one
+    lifts_stem = input_path is None
+    stem_norm = first.embedding_norm.path if lifts_stem and first.embedding_norm and starts else None
+    lift_in = AddStackProjection(_loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
+                                 ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size")
+                                 ) if lifts_stem and not stem_norm else None
+    lifted = (f"{_stream_map_path(stem_norm).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") if stem_norm
+              else f"{_unlift_path(model, first.path).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".")) + ".weight"
     output_path = (_unlift_path(model, last.path) if unlift else _projection_path(final) if headless
                    else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
@@ -153,7 +153,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
     maps: tuple[Edit, ...] = (*(edit for edit in (projection, unlift, lift_in) if edit),
-                              *_start_map_edits(model, starts, eps_factor))
+                              *_start_map_edits(model, starts, eps_factor, stem_norm))
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
                                                           untied_head=untied_head, inner=inner, maps=maps)
     target = _build_wider(cls, config, family, d)
@@ -171,7 +171,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals, *start_maps)}
     norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals, *start_maps) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
-    if lift_in:  # the stem keeps its width: nothing outside the layers but the norms is mapped
+    if lifts_stem:  # the stem keeps its width: nothing outside the layers but the norms is mapped
         embeddings = []
         skip |= {key for key in source_shapes if not any(inside(key, layer.path) for layer in topology.layers)}
     uses = trace_stream_uses(model, (*norms, *finals), family)
@@ -197,8 +197,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
-    if lift_in:
-        lifted = f"{_unlift_path(model, first.path).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") + ".weight"
+    if lifts_stem:
         steps[lifted] = constant(lambda: lift * stream_scale)
         made[lifted] = (d + 1, d)
     for norm, path in start_maps.items():  # LN(U e) = s U RMS_1(e), so U diag(offset + g) U^T / s gives U (g RMS(e))
@@ -241,7 +240,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         made[f"{path}.weight"] = (rows, d + 1)
 
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
-                      and (inside(key, stream.path) or lift_in)}
+                      and (inside(key, stream.path) or lifts_stem)}
     if inner_mismatch and not inner:
         def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
@@ -306,7 +305,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     head_note += (f"; {type(model).__name__} returns its last layer's output with no final norm, which the wider "
                   f"model projects back to {d} by {output_path} (U^T, fixed by the map)" if unlift else "")
     head_note += (f"; what {type(model).__name__}'s stem hands its first layer (no token rows: its input is "
-                  f"features) stays {d} wide, and {lifted} (U, fixed by the map) lifts it" if lift_in else "")
+                  f"features) stays {d} wide, and {lifted} (U, fixed by the map) lifts it" if lifts_stem else "")
     head_note += "".join(f"; {norm} normalises the lifted raw embeddings as a LayerNorm, and {path} (U diag(g) U^T "
                          "/ sqrt((d+1)/d), fixed by the map) after it starts the stream as U times the original's"
                          for norm, path in start_maps.items())
@@ -489,17 +488,21 @@ def _kind_of(topology: Topology, path: str) -> str:
                 if norm is not None and norm.path == path)
 
 
-def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float) -> tuple[Edit, ...]:
+def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float,
+                     stem_norm: str | None) -> tuple[Edit, ...]:
     """Each embedding norm with a weight becomes a LayerNorm (eps * d/(d+1), in the code: its eps field may set no
-    other norm) followed by the fixed map that starts the stream (``STREAM_MAP``, d+1 to d+1)."""
+    other norm) followed by the fixed map that starts the stream (``STREAM_MAP``, d+1 to d+1); ``stem_norm``'s
+    input, a stem's output d wide, is lifted by U first (``STREAM_LIFT``)."""
     edits: list[Edit] = []
     for norm in starts:
         width = f"self.{owner_and_attribute(model, norm.path)[1]}.weight.shape[-1]"  # the LayerNorm's, d + 1
         as_layer_norm = ReplaceNormClass(*norm_owner(model, norm.path), new_class="NormswapLayerNorm", wrap=True,
                                         item_class=list_item_class(model, norm.path),
                                         keywords=(("eps", repr(norm.eps * eps_factor)),))
+        lift = ((STREAM_LIFT, ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"))
+                if norm.path == stem_norm else ("", ("", "")))
         edits += [as_layer_norm, AddOutputProjection(*owner_and_attribute(model, norm.path), attribute=STREAM_MAP,
-                                                    widths=(width, width))]
+                                                     widths=(width, width), input_map=lift[0], input_widths=lift[1])]
     return tuple(edits)
 
 
