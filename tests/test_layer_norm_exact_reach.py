@@ -407,3 +407,57 @@ def test_an_embedding_norm_with_a_weight_becomes_a_layer_norm_and_a_fixed_map_th
     assert float((lifted - actual.double()).abs().max()) <= 1e-5 * float(reference.abs().max())
     assert type(converted.model.embed_tokens.embed_norm).__name__ == "NormswapLayerNorm"
     assert "self.normswap_stream_map(self.embed_norm(" in setup.generated.source
+
+
+def _exact_last_hidden_state(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The exact LayerNorm twin of a headless model, its last_hidden_state checked d wide and equal; its code."""
+    converted, _, report, generated = convert_to_layer_norm_exact(model)
+    assert report.exact and report.relative <= 1e-4
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference, actual = model(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
+    assert actual.shape == reference.shape and converted.config.hidden_size == 65
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+    assert normswap.inspect(converted).norm == "layernorm"
+    return converted, generated.source
+
+
+def test_a_stack_with_no_final_norm_hands_its_output_back_through_u_transposed(tmp_path: Path) -> None:
+    """Pixtral's vision model returns its last layer's output with no final norm, so nothing takes a norm's weight
+    there: one dimension wider that output is U h, and a fixed U^T after the layer loop gives h back. Its stem, a
+    patch convolution whose output a weighted RMSNorm (ln_pre) normalises, keeps width d and meets the norm, a
+    LayerNorm one wider, through a fixed U; U diag(g) U^T / sqrt((d+1)/d) after it starts the stream. Its
+    attention sizes q/k/v/o by ``self.embed_dim = config.hidden_size``, which keeps d where the map needs it. It
+    was refused (no final norm)."""
+    config = CONFIG_MAPPING["pixtral"](hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                                       intermediate_size=128, image_size=64, patch_size=16)
+    model = perturbed(transformers.PixtralVisionModel(config))
+    converted, source = _exact_last_hidden_state(model)
+    assert "= self.normswap_stream_unlift(" in source
+    assert "self.normswap_stream_map(self.ln_pre(self.normswap_stream_lift(" in source
+    assert converted.patch_conv.weight.shape == model.patch_conv.weight.shape  # the stem stays d wide
+
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, converted(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+
+
+def test_a_layer_scale_folds_into_its_branch_and_class_tokens_stay_in_the_stem() -> None:
+    """Sapiens2 multiplies the attention branch's output by a learned vector (layer scale): U (lambda * x) is no
+    per-channel gain of U x, but lambda folds into the branch's writers (U diag(lambda) W) and becomes 1. Its
+    patch convolution, class and register tokens stay d wide before a fixed U; its final norm sits on the model,
+    beside an encoder of layer lists named like its base model prefix. It was refused (no final norm found)."""
+    config = CONFIG_MAPPING["sapiens2"](hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, image_size=64, patch_size=16, num_register_tokens=2,
+                                        num_key_value_heads_per_layer=[4, 4], use_qk_norm=True, use_gated_mlp=True)
+    model = perturbed(transformers.Sapiens2Model(config))
+    assert normswap.inspect(model).stacks[0].final_norm.path == "norm"
+    converted, _ = _exact_last_hidden_state(model)
+    assert torch.equal(converted.model.layer[0].layer_scale1.lambda1, torch.ones(65))
+    assert converted.embeddings.cls_token.shape == model.embeddings.cls_token.shape
