@@ -388,25 +388,27 @@ def test_a_stem_of_features_keeps_width_d_and_a_fixed_lift_starts_the_stream(tmp
     assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
 
 
-def test_an_embedding_norm_with_a_weight_becomes_a_layer_norm_and_a_fixed_map_that_starts_the_stream() -> None:
+def test_an_embedding_norm_with_a_weight_and_filtered_branches_convert_exactly() -> None:
     """Inkling's embedding normalises the raw rows with a weighted RMSNorm. Over the lifted rows a LayerNorm gives
     sqrt((d+1)/d) U RMS_1(e); the fixed map U diag(g) U^T / sqrt((d+1)/d) after it gives U (g RMS(e)), the
-    stream's first value one dimension wider. (The layers' depthwise short convolutions on each branch's output
-    keep the whole model from an exact twin, which the check then reports; the stream's start is exact.)"""
-    from normswap.conversion.extra_dimension import orthonormal_lift, plan_layer_norm_exact
-    from normswap.conversion.setup import realise
+    stream's first value one dimension wider. Each branch's output then passes a depthwise short convolution (a
+    kernel per channel, which does not commute with U): it runs d wide between a fixed U^T and U. It was refused
+    (an embedding norm with a weight)."""
+    from normswap.conversion.extra_dimension import orthonormal_lift
 
     config = CONFIG_MAPPING["inkling_text"](**{**_DECODER, "intermediate_size": 64})
     model = perturbed(transformers.AutoModelForCausalLM.from_config(config))
-    setup = plan_layer_norm_exact(model)
-    converted = realise(model, setup)
+    converted = assert_converted(model)
+    assert normswap.inspect(converted).norm == "layernorm"  # the embedding norm too
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():
         reference, actual = model.model.embed_tokens(ids), converted.model.embed_tokens(ids)
     lifted = reference.double() @ orthonormal_lift(64).T
     assert float((lifted - actual.double()).abs().max()) <= 1e-5 * float(reference.abs().max())
     assert type(converted.model.embed_tokens.embed_norm).__name__ == "NormswapLayerNorm"
-    assert "self.normswap_stream_map(self.embed_norm(" in setup.generated.source
+    layer = converted.model.layers[0]
+    assert layer.attn_sconv.conv1d.weight.shape == model.model.layers[0].attn_sconv.conv1d.weight.shape
+    assert layer.normswap_stream_lift_attn_sconv.weight.shape == (65, 64)
 
 
 def _exact_last_hidden_state(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:

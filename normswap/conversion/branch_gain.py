@@ -4,8 +4,9 @@ A branch that multiplies its output by a learned vector before the residual add 
 and Sapiens2's layer scale) writes ``lambda * (W a + b)``. One dimension wider the stream is ``U h``, and ``U
 (lambda * x)`` is no per-channel gain of ``U x`` unless lambda is constant; but the gain folds into what it
 scales: ``W -> U diag(lambda) W``, ``b -> U (lambda * b)``, and the gain becomes 1 over d + 1. Which vectors are
-gains is decided by behaviour: a 1-d tensor of the stream's width inside a branch, no linear map's weight or bias,
-that the wider code grows and that reads no norm. The numerical check confirms that it scales the branch's output.
+gains is decided by behaviour: a 1-d tensor of the stream's width inside a branch, no linear map's weight and no
+bias (JetMoE adds one to its mixture of attention heads' output, a writer of its own), that the wider code grows
+and that reads no norm. The numerical check confirms that it scales the branch's output.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def branch_gains(model: nn.Module, topology: Topology, roles: Mapping[str, Strea
             for branch in sub.branches:
                 keys = [key for key, role in roles.items() if role.reads is None and not role.internal
                         and any(key.startswith(module + ".") for module in branch.modules)]
-                found = [key for key in keys if len(shapes[key]) == 1 and not _of_linear_map(model, key)]
+                found = [key for key in keys if len(shapes[key]) == 1 and key.rpartition(".")[2] != "bias"
+                         and not _of_linear_map(model, key)]
                 writers = tuple(key for key in keys if key not in found)
                 if len(found) == 1 and writers:
                     gains[found[0]] = writers

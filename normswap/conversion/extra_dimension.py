@@ -65,6 +65,7 @@ from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
 from ..topology import Topology
+from .branch_filter import BranchFilter, branch_filters, lift_attribute, unlift_attribute
 from .branch_gain import branch_gains
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
@@ -99,13 +100,15 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, ())
+    return _plan_layer_norm_exact(model, untie, (), ())
 
 
-def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...]) -> ConversionSetup:
+def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
+                           filters: tuple[BranchFilter, ...]) -> ConversionSetup:
     """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
     without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
-    width, once more with the edits that size them by the inner width."""
+    width, once more with the edits that size them by the inner width. Where branches filter their output per
+    channel (``branch_filter.py``), planned again with those ``filters`` kept d wide and lifted after."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -152,7 +155,13 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             f"norm ({final}) applies another stack's too, whose output the wider model reads one "
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
-    maps: tuple[Edit, ...] = (*(edit for edit in (projection, unlift, lift_in) if edit),
+    narrow, wide = "{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"
+    lifts = tuple(dict.fromkeys(AddOutputProjection(*owner_and_attribute(model, kept.module),
+                                                    attribute=lift_attribute(kept.attribute), widths=(narrow, wide),
+                                                    input_map=unlift_attribute(kept.attribute),
+                                                    input_widths=(wide, narrow))
+                                for kept in filters))
+    maps: tuple[Edit, ...] = (*(edit for edit in (projection, unlift, lift_in) if edit), *lifts,
                               *_start_map_edits(model, starts, eps_factor, stem_norm))
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
                                                           untied_head=untied_head, inner=inner, maps=maps)
@@ -207,6 +216,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         made[f"{path}.weight"] = (d + 1, d + 1)
     roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {}),
              **({head_key: StreamRole(1, final)} if headless and final else {})}
+    if not filters and (found := branch_filters(model, topology, roles)):
+        return _plan_layer_norm_exact(model, untie, inner, tuple(found))
+    kept = {key for branch in filters for key in branch.kept}
+    roles = {key: role for key, role in roles.items() if key not in kept}
+    for branch in filters:  # U^T before the filter, U after: it runs d wide (c U h for weightless norms: U^T / c)
+        steps[f"{branch.unlift}.weight"] = constant(lambda: lift.T.contiguous() / stream_scale)
+        steps[f"{branch.lift}.weight"] = constant(lambda: lift * stream_scale)
+        made[f"{branch.unlift}.weight"], made[f"{branch.lift}.weight"] = (d, d + 1), (d + 1, d)
     head_readers = [] if headless else [key for key in (chain.readers if chain else (head_key,))
                                         if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
@@ -253,7 +270,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits)
+            return _plan_layer_norm_exact(model, untie, edits, filters)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
@@ -316,8 +333,9 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         f"; {', '.join(vectors)} lifted as vectors the code places among the stream's tokens (token probes do not "
         "run them)" if vectors else "") + (
         f"; {', '.join(gains)} folded into the writers of the branch whose output each scales" if gains else "") + (
-        "; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
-                                           if fused else "")
+        "".join(f"; {branch.module} filters its branch's output per channel: it runs {d} wide between {branch.unlift} "
+                f"(U^T) and {branch.lift} (U), fixed by the map" for branch in filters)) + (
+        "; fused experts run eagerly (grouped_mm needs rows of 16 bytes)" if fused else "")
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
                            verify=lambda original, converted, probe: _verified(original, converted, probe,

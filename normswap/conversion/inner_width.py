@@ -52,12 +52,15 @@ def _shape_after(built_shapes: Callable[[Sequence[SizeByInnerWidth]], Mapping[st
 
 
 def _constructed_by(model: nn.Module, source: str, key: str) -> tuple[str, str]:
-    """The class and ``self.<attribute> = ...`` that build ``key``: its module's assignment in the owner's
-    ``__init__`` (``self.q_proj = nn.Linear(...)``), or for a parameter a module holds itself (a class token,
-    ``self.cls_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))``) that module's own assignment."""
+    """The class and ``self.<attribute> = ...`` that size ``key`` from the config: its module's assignment in the
+    owner's ``__init__`` (``self.q_proj = nn.Linear(...)``); for a parameter a module holds itself (a class token,
+    ``self.cls_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))``) that module's own assignment; where
+    neither reads the config, the nearest enclosing module's that does (a module built from a width its parent
+    reads: ``self.attn_sconv = ShortConvolution(config.hidden_size, ...)`` builds ``attn_sconv.conv1d``)."""
     path, _, leaf = key.rpartition(".")
     module = model.get_submodule(path)
-    if leaf in dict(module.named_parameters(recurse=False)) and config_width_reads(source, type(module).__name__,
-                                                                                     leaf):
-        return type(module).__name__, leaf
-    return owner_and_attribute(model, path)
+    candidates = [(type(module).__name__, leaf)] if leaf in dict(module.named_parameters(recurse=False)) else []
+    parts = path.split(".")
+    candidates += [owner_and_attribute(model, ".".join(parts[:end])) for end in range(len(parts), 0, -1)]
+    return next((found for found in candidates if config_width_reads(source, *found)),
+                owner_and_attribute(model, path))
