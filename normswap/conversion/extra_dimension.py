@@ -27,6 +27,13 @@ padded by a unit that nothing reads (``head_chain.py``). Where the eps field als
 become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
 the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
 decides exactness. Everything is computed in float64.
+
+Fixed maps in the generated code (their weights fixed by the map, saved like any tensor) handle the stream's ends
+where no weight can take U: a stem with no token rows keeps width d and ``normswap_stream_lift`` (U) lifts its
+output; a weighted embedding norm becomes a LayerNorm followed by ``normswap_stream_map`` (U diag(g) U^T / s); a
+headless stack with no final norm ends in ``normswap_stream_unlift`` (U^T); a depthwise filter on a branch's output
+runs d wide between U^T and U (``branch_filter.py``). A per-channel gain on a branch's output folds into its
+writers (``branch_gain.py``).
 """
 
 from __future__ import annotations
@@ -450,11 +457,11 @@ def _all_weightless(topology: Topology) -> bool:
 
 def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightless: bool) -> StreamConfig:
     """The structure the map needs: stacks of Pre-RMSNorm layers (an encoder-decoder's two: the decoder's
-    cross-attention reads the encoder's final norm like any reader), each with a final norm and no embedding norm,
-    a token embedding, and a config that sizes the stream (returned). Parallel blocks read the stream through
-    their norms like sequential ones; a model without an LM head gets a projection back to d in its place. Where
-    every norm is ``weightless`` (``_all_weightless``) an embedding norm keeps the map, and only the last stack,
-    which the head reads, needs a final norm: the others hand their stream on, as ``c U`` times the original's."""
+    cross-attention reads the encoder's final norm like any reader), each but the last with a final norm, and a
+    config that sizes the stream (returned). Parallel blocks read the stream through their norms like sequential
+    ones; a model without an LM head gets a projection back to d in its place, or U^T where its last stack has no
+    final norm. Where every norm is ``weightless`` (``_all_weightless``) an embedding norm keeps the map, and the
+    stacks hand their stream on as ``c U`` times the original's; elsewhere it is followed by a fixed map."""
     family = topology.model_type
     kinds = {n.kind for n in topology.stream_norms}
     if topology.placement not in ("pre", "parallel") or not kinds or not kinds <= _NORM_KINDS:
@@ -467,7 +474,7 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightle
                             "extra-dimension map lifts the stream by U (docs/design.md §5), and U(g * h) is no "
                             "per-channel gain of U h unless g is constant, so no exact map exists (leave out --exact "
                             "for the approximate conversion)")
-    if any(stack.final_norm is None for stack in topology.stacks[:-1]):
+    if not weightless and any(stack.final_norm is None for stack in topology.stacks[:-1]):
         raise NormswapError(f"{family}'s stacks hand the stream on to the next with no final norm; exact RMSNorm -> "
                             "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
                             "weight moves into the linear maps that read it (a decoder's cross-attention)")
