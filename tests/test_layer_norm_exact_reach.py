@@ -463,3 +463,33 @@ def test_a_layer_scale_folds_into_its_branch_and_class_tokens_stay_in_the_stem()
     converted, _ = _exact_last_hidden_state(model)
     assert torch.equal(converted.model.layer[0].layer_scale1.lambda1, torch.ones(65))
     assert converted.embeddings.cls_token.shape == model.embeddings.cls_token.shape
+
+
+def test_a_modality_towers_last_norm_starts_the_stream_through_a_fixed_map() -> None:
+    """Inkling's composite puts its audio tower's output (an embedding of audio tokens, then a weighted RMSNorm)
+    and its vision tower's (a projection, then a weighted RMSNorm) into the stream in place of their tokens. Each
+    such norm, of the stream norms' class and width outside the layers, becomes a LayerNorm over the lifted input
+    and a fixed U diag(g) U^T / sqrt((d+1)/d) after it, so each tower hands the stream U times its original
+    features. Token probes do not run the towers: here they run, on their own inputs. It was refused."""
+    from normswap.conversion.extra_dimension import orthonormal_lift
+
+    text = {**_DECODER, "intermediate_size": 64, "moe_intermediate_size": 64, "n_routed_experts": 4,
+            "n_shared_experts": 1, "num_experts_per_tok": 2, "swa_num_attention_heads": 4,
+            "swa_num_key_value_heads": 2, "swa_head_dim": 16, "d_rel": 16}
+    config = CONFIG_MAPPING["inkling_mm_model"](
+        text_config=text, audio_config={"text_hidden_size": 64, "mel_vocab_size": 32},
+        vision_config={"hidden_size": 64, "text_hidden_size": 64, "n_layers": 2, "patch_size": 8})
+    model = perturbed(transformers.AutoModelForImageTextToText.from_config(config))
+    converted = assert_converted(model)
+    lift = orthonormal_lift(64)
+    audio = torch.randint(0, 32, (1, 5, model.config.audio_config.num_codebooks))
+    pixels = torch.randn(3, 2, 8, 8, 3)  # patches of (time, height, width, channels)
+    with torch.no_grad():
+        pairs = [(model.model.get_audio_features(audio).last_hidden_state,
+                  converted.model.get_audio_features(audio).last_hidden_state),
+                 (model.model.get_image_features(pixels).pooler_output,
+                  converted.model.get_image_features(pixels).pooler_output)]
+    for reference, actual in pairs:
+        assert float((reference.double() @ lift.T - actual.double()).abs().max()) <= 1e-5 * float(
+            reference.abs().max())
+    assert type(converted.model.audio_tower.norm).__name__ == "NormswapLayerNorm"

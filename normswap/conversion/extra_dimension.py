@@ -71,7 +71,7 @@ from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
-from ..topology import Topology
+from ..topology import NormSite, Topology
 from .branch_filter import BranchFilter, branch_filters, lift_attribute, unlift_attribute
 from .branch_gain import branch_gains
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
@@ -84,7 +84,7 @@ from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, li
 from .program import Step, TensorProgram, combine, constant, copy_of, shapes_of
 from .projection_check import check_projections
 from .setup import ConversionSetup, convert_in_memory
-from .stream_config import StreamConfig, eps_sources, stream_config
+from .stream_config import StreamConfig, _eps_of, eps_sources, stream_config
 from .stream_roles import StreamRole, inside, projection_modules, stream_roles, trace_stream_uses
 
 # plain RMSNorm, Gemma's (1 + w) RMSNorm, and a weightless one (g = 1: HRM-Text's, NanoChat's)
@@ -107,15 +107,16 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, (), ())
+    return _plan_layer_norm_exact(model, untie, (), (), None)
 
 
 def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
-                           filters: tuple[BranchFilter, ...]) -> ConversionSetup:
+                           filters: tuple[BranchFilter, ...], sides: tuple[NormSite, ...] | None) -> ConversionSetup:
     """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
     without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
     width, once more with the edits that size them by the inner width. Where branches filter their output per
-    channel (``branch_filter.py``), planned again with those ``filters`` kept d wide and lifted after."""
+    channel (``branch_filter.py``), planned again with those ``filters`` kept d wide and lifted after; where norms
+    outside the layers grow with the stream (``_side_start_norms``), again with those ``sides`` mapped as starts."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -131,7 +132,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     final = last.final_norm.path if last.final_norm else None  # the last stack's (a decoder's), which lm_head reads
     headless = model.get_output_embeddings() is None  # its output is the final norm's: projected back to d
     # embedding norms with weights: LayerNorms over the lifted rows, then a fixed map U diag(g) U^T / s after each
-    starts = () if weightless else tuple(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm)
+    starts = () if weightless else (*(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm),
+                                    *(sides or ()))
     start_maps = {norm.path: _stream_map_path(norm.path) for norm in starts}
     unlift = None if final else AddStackProjection(_loop_owner(model, last), last.path.rsplit(".", 1)[-1],
                                                    STREAM_UNLIFT, "after",
@@ -151,7 +153,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
-                  and inside(path, stream.path) and not any(inside(path, layer.path) for layer in topology.layers)]
+                  and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
@@ -181,6 +183,11 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "E diag(g) U^T out), so no exact LayerNorm twin of this family's code exists (leave out "
                             "--exact for the approximate conversion)")
     built = shapes_of(target.state_dict())
+    if sides is None and not weightless:
+        grown = tuple(norm for norm in _side_start_norms(model, topology, d)
+                      if tuple(built.get(f"{norm.path}.weight", ())) == (d + 1,))
+        if grown:
+            return _plan_layer_norm_exact(model, untie, inner, filters, grown)
     # an embedding the wider code does not widen writes no stream (Phi-4-multimodal's vision position embedding)
     embeddings = [path for path in embeddings if tuple(built.get(f"{path}.weight", ()))[-1:] == (d + 1,)]
     source_shapes = shapes_of(model.state_dict())
@@ -217,14 +224,14 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         steps[lifted] = constant(lambda: lift * stream_scale)
         made[lifted] = (d + 1, d)
     for norm, path in start_maps.items():  # LN(U e) = s U RMS_1(e), so U diag(offset + g) U^T / s gives U (g RMS(e))
-        offset = 1.0 if _kind_of(topology, norm) == "rmsnorm-offset" else 0.0
+        offset = 1.0 if next(site.kind for site in starts if site.path == norm) == "rmsnorm-offset" else 0.0
         steps[f"{path}.weight"] = combine(
             lambda gamma, offset=offset: (lift * (offset + gamma.double())) @ lift.T / scale, gammas[norm])
         made[f"{path}.weight"] = (d + 1, d + 1)
     roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {}),
              **({head_key: StreamRole(1, final)} if headless and final else {})}
     if not filters and (found := branch_filters(model, topology, roles)):
-        return _plan_layer_norm_exact(model, untie, inner, tuple(found))
+        return _plan_layer_norm_exact(model, untie, inner, tuple(found), sides)
     kept = {key for branch in filters for key in branch.kept}
     roles = {key: role for key, role in roles.items() if key not in kept}
     for branch in filters:  # U^T before the filter, U after: it runs d wide (c U h for weightless norms: U^T / c)
@@ -277,7 +284,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits, filters)
+            return _plan_layer_norm_exact(model, untie, edits, filters, sides)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
@@ -332,6 +339,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                   f"features) stays {d} wide, and {lifted} (U, fixed by the map) lifts it" if lifts_stem else "")
     head_note += "".join(f"; {norm} normalises the lifted raw embeddings as a LayerNorm, and {path} (U diag(g) U^T "
                          "/ sqrt((d+1)/d), fixed by the map) after it starts the stream as U times the original's"
+                         + (" (a tower's last norm: token probes do not run it)" if norm in {side.path for side in
+                                                                                      sides or ()} else "")
                          for norm, path in start_maps.items())
     notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
@@ -508,9 +517,21 @@ def _unlift_path(model: nn.Module, stack: str) -> str:
     return f"{owner}.{STREAM_UNLIFT}" if owner else STREAM_UNLIFT
 
 
-def _kind_of(topology: Topology, path: str) -> str:
-    return next(norm.kind for stack in topology.stacks for norm in (stack.embedding_norm, stack.final_norm)
-                if norm is not None and norm.path == path)
+def _side_start_norms(model: nn.Module, topology: Topology, d: int) -> tuple[NormSite, ...]:
+    """Norms outside the layers, of the stream norms' own class and the stream's width, that are no edge norm of a
+    stack: the last norm of a modality's tower, whose output a composite puts into the stream in place of its
+    tokens' embeddings (Inkling's audio and vision towers). Those the wider code grows with the stream (not a
+    tower's inner norms, sized by its own width) are starts of the stream, mapped as an embedding norm is (a
+    LayerNorm, then ``STREAM_MAP``). Token probes do not run the towers, and the plan's notes say so."""
+    classes = {type(model.get_submodule(norm.path)): norm.kind for norm in topology.stream_norms}
+    known = {norm.path for norm in topology.all_norms}
+    found: list[NormSite] = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (type(module) in classes and path not in known and isinstance(weight, torch.Tensor)
+                and tuple(weight.shape) == (d,) and not any(inside(path, layer.path) for layer in topology.layers)):
+            found.append(NormSite(path, "embedding", classes[type(module)], _eps_of(module), d))
+    return tuple(found)
 
 
 def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float,
