@@ -358,3 +358,138 @@ def test_a_head_input_scaled_by_a_function_of_the_width_is_folded_into_the_head(
     converted, _, report, _ = convert_to_layer_norm_exact(model)
     assert report.exact and report.relative < 1e-5
     assert converted.config.hidden_size == 65 and converted.config.logits_scaling != model.config.logits_scaling
+
+
+def test_a_stem_of_features_keeps_width_d_and_a_fixed_lift_starts_the_stream(tmp_path: Path) -> None:
+    """An audio encoder's input is features, not token rows, and its stem ends in a GELU (conv, GELU, conv, GELU),
+    which no lift of the convolutions' weights passes: U gelu(x) is no gelu(U x). The stem keeps width d and the
+    generated code lifts its output by a fixed U before the first layer; the final norm's output comes back to d
+    as in any headless model. It was refused (no token embedding)."""
+    config = CONFIG_MAPPING["voxtral_realtime_encoder"](
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16, intermediate_size=128,
+        num_mel_bins=16, max_position_embeddings=64)
+    encoder = perturbed(transformers.VoxtralRealtimeEncoder(config))
+    converted, _, report, generated = convert_to_layer_norm_exact(encoder)
+    assert report.exact and report.relative <= 1e-4
+    assert "= self.normswap_stream_lift(" in generated.source
+    assert converted.embedder.conv2.weight.shape == encoder.embedder.conv2.weight.shape  # the stem stays d wide
+    inputs = probe_inputs(encoder, None, None)
+    with torch.no_grad():
+        reference, actual = encoder(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
+    assert actual.shape == reference.shape and converted.config.hidden_size == 65
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+
+    encoder.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+
+
+def test_an_embedding_norm_with_a_weight_and_filtered_branches_convert_exactly() -> None:
+    """Inkling's embedding normalises the raw rows with a weighted RMSNorm. Over the lifted rows a LayerNorm gives
+    sqrt((d+1)/d) U RMS_1(e); the fixed map U diag(g) U^T / sqrt((d+1)/d) after it gives U (g RMS(e)), the
+    stream's first value one dimension wider. Each branch's output then passes a depthwise short convolution (a
+    kernel per channel, which does not commute with U): it runs d wide between a fixed U^T and U. It was refused
+    (an embedding norm with a weight)."""
+    from normswap.conversion.extra_dimension import orthonormal_lift
+
+    config = CONFIG_MAPPING["inkling_text"](**{**_DECODER, "intermediate_size": 64})
+    model = perturbed(transformers.AutoModelForCausalLM.from_config(config))
+    converted = assert_converted(model)
+    assert normswap.inspect(converted).norm == "layernorm"  # the embedding norm too
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        reference, actual = model.model.embed_tokens(ids), converted.model.embed_tokens(ids)
+    lifted = reference.double() @ orthonormal_lift(64).T
+    assert float((lifted - actual.double()).abs().max()) <= 1e-5 * float(reference.abs().max())
+    assert type(converted.model.embed_tokens.embed_norm).__name__ == "NormswapLayerNorm"
+    layer = converted.model.layers[0]
+    assert layer.attn_sconv.conv1d.weight.shape == model.model.layers[0].attn_sconv.conv1d.weight.shape
+    assert layer.normswap_stream_lift_attn_sconv.weight.shape == (65, 64)
+
+
+def _exact_last_hidden_state(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The exact LayerNorm twin of a headless model, its last_hidden_state checked d wide and equal; its code."""
+    converted, _, report, generated = convert_to_layer_norm_exact(model)
+    assert report.exact and report.relative <= 1e-4
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        reference, actual = model(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
+    assert actual.shape == reference.shape and converted.config.hidden_size == 65
+    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
+    assert normswap.inspect(converted).norm == "layernorm"
+    return converted, generated.source
+
+
+def test_a_stack_with_no_final_norm_hands_its_output_back_through_u_transposed(tmp_path: Path) -> None:
+    """Pixtral's vision model returns its last layer's output with no final norm, so nothing takes a norm's weight
+    there: one dimension wider that output is U h, and a fixed U^T after the layer loop gives h back. Its stem, a
+    patch convolution whose output a weighted RMSNorm (ln_pre) normalises, keeps width d and meets the norm, a
+    LayerNorm one wider, through a fixed U; U diag(g) U^T / sqrt((d+1)/d) after it starts the stream. Its
+    attention sizes q/k/v/o by ``self.embed_dim = config.hidden_size``, which keeps d where the map needs it. It
+    was refused (no final norm)."""
+    config = CONFIG_MAPPING["pixtral"](hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                                       intermediate_size=128, image_size=64, patch_size=16)
+    model = perturbed(transformers.PixtralVisionModel(config))
+    converted, source = _exact_last_hidden_state(model)
+    assert "= self.normswap_stream_unlift(" in source
+    assert "self.normswap_stream_map(self.ln_pre(self.normswap_stream_lift(" in source
+    assert converted.patch_conv.weight.shape == model.patch_conv.weight.shape  # the stem stays d wide
+
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, converted(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+
+
+def test_a_layer_scale_folds_into_its_branch_and_class_tokens_stay_in_the_stem() -> None:
+    """Sapiens2 multiplies the attention branch's output by a learned vector (layer scale): U (lambda * x) is no
+    per-channel gain of U x, but lambda folds into the branch's writers (U diag(lambda) W) and becomes 1. Its
+    patch convolution, class and register tokens stay d wide before a fixed U; its final norm sits on the model,
+    beside an encoder of layer lists named like its base model prefix. It was refused (no final norm found)."""
+    config = CONFIG_MAPPING["sapiens2"](hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, image_size=64, patch_size=16, num_register_tokens=2,
+                                        num_key_value_heads_per_layer=[4, 4], use_qk_norm=True, use_gated_mlp=True)
+    model = perturbed(transformers.Sapiens2Model(config))
+    assert normswap.inspect(model).stacks[0].final_norm.path == "norm"
+    converted, _ = _exact_last_hidden_state(model)
+    assert torch.equal(converted.model.layer[0].layer_scale1.lambda1, torch.ones(65))
+    assert converted.embeddings.cls_token.shape == model.embeddings.cls_token.shape
+
+
+def test_a_modality_towers_last_norm_starts_the_stream_through_a_fixed_map() -> None:
+    """Inkling's composite puts its audio tower's output (an embedding of audio tokens, then a weighted RMSNorm)
+    and its vision tower's (a projection, then a weighted RMSNorm) into the stream in place of their tokens. Each
+    such norm, of the stream norms' class and width outside the layers, becomes a LayerNorm over the lifted input
+    and a fixed U diag(g) U^T / sqrt((d+1)/d) after it, so each tower hands the stream U times its original
+    features. Token probes do not run the towers: here they run, on their own inputs. It was refused."""
+    from normswap.conversion.extra_dimension import orthonormal_lift
+
+    text = {**_DECODER, "intermediate_size": 64, "moe_intermediate_size": 64, "n_routed_experts": 4,
+            "n_shared_experts": 1, "num_experts_per_tok": 2, "swa_num_attention_heads": 4,
+            "swa_num_key_value_heads": 2, "swa_head_dim": 16, "d_rel": 16}
+    config = CONFIG_MAPPING["inkling_mm_model"](
+        text_config=text, audio_config={"text_hidden_size": 64, "mel_vocab_size": 32},
+        vision_config={"hidden_size": 64, "text_hidden_size": 64, "n_layers": 2, "patch_size": 8})
+    model = perturbed(transformers.AutoModelForImageTextToText.from_config(config))
+    converted = assert_converted(model)
+    lift = orthonormal_lift(64)
+    audio = torch.randint(0, 32, (1, 5, model.config.audio_config.num_codebooks))
+    pixels = torch.randn(3, 2, 8, 8, 3)  # patches of (time, height, width, channels)
+    with torch.no_grad():
+        pairs = [(model.model.get_audio_features(audio).last_hidden_state,
+                  converted.model.get_audio_features(audio).last_hidden_state),
+                 (model.model.get_image_features(pixels).pooler_output,
+                  converted.model.get_image_features(pixels).pooler_output)]
+    for reference, actual in pairs:
+        assert float((reference.double() @ lift.T - actual.double()).abs().max()) <= 1e-5 * float(
+            reference.abs().max())
+    assert type(converted.model.audio_tower.norm).__name__ == "NormswapLayerNorm"

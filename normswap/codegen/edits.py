@@ -12,6 +12,9 @@ from dataclasses import dataclass
 INNER_WIDTH_FIELD = "normswap_inner_width"  # the config field that holds d where the stream is d + 1 wide
 OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutputProjection``'s linear map
 SOURCE_FIELDS = "normswap_source_fields"  # the config field that holds the values the extra dimension changed
+STREAM_MAP = "normswap_stream_map"  # a fixed (d+1) x (d+1) map after a weighted norm whose output starts the stream
+STREAM_LIFT = "normswap_stream_lift"  # U before the layers of a model whose stem writes no token rows to lift
+STREAM_UNLIFT = "normswap_stream_unlift"  # U^T after the layers of a stack whose stream leaves with no final norm
 
 
 @dataclass(frozen=True)
@@ -214,16 +217,40 @@ class SizeByInnerWidth:
 
 @dataclass(frozen=True)
 class AddOutputProjection:
-    """``self.normswap_output_projection = torch.nn.Linear(<config>.hidden_size, <config>.normswap_inner_width,
-    bias=False)`` in ``__init__`` after ``self.<norm> = ...``, and every ``self.<norm>(x)`` in ``forward`` ->
-    ``self.normswap_output_projection(self.<norm>(x))``.
+    """``self.<attribute> = torch.nn.Linear(<widths>, bias=False)`` in ``__init__`` after ``self.<norm> = ...``
+    (``normswap_output_projection``, d+1 to d, by default), and every ``self.<norm>(x)`` in ``forward`` ->
+    ``self.<attribute>(self.<norm>(x))``.
 
     A model without a head returns its final norm's output; one extra dimension makes that ``U`` times the original
-    (docs/design.md §5), and this fixed map (``diag(g) U^T``, the reader a head would have been) gives it back.
+    (docs/design.md §5), and this fixed map (``diag(g) U^T``, the reader a head would have been) gives it back. After
+    an embedding norm with a weight (``normswap_stream_map``, d+1 to d+1: ``U diag(g) U^T / s``) it starts the
+    stream as ``U`` times the original's.
     """
 
     class_name: str
     norm: str
+    attribute: str = OUTPUT_PROJECTION
+    # its input and output widths, as source text in ``__init__`` (``{config}``: the config it takes)
+    widths: tuple[str, str] = ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD)
+    input_map: str = ""  # where set, a second fixed map of ``input_widths`` on the norm's input: ``<map>(<norm>(
+    input_widths: tuple[str, str] = ("", "")  # <input_map>(x)))``, as a stem d wide meets the norm d + 1 wide
+
+
+@dataclass(frozen=True)
+class AddStackProjection:
+    """``self.<attribute> = torch.nn.Linear(<config>.<widths[0]>, <config>.<widths[1]>, bias=False)`` in
+    ``__init__`` after ``self.<stack_attribute> = ...``, and ``h = self.<attribute>(h)`` right ``where`` ("before"
+    or "after") the layer loop of ``forward``.
+
+    A fixed map where the stream enters or leaves the layers: a stack whose stream leaves its last layer with no
+    final norm is ``U h`` one dimension wider (docs/design.md §5), and ``U^T`` after the loop gives ``h`` back.
+    """
+
+    class_name: str
+    stack_attribute: str
+    attribute: str
+    where: str
+    widths: tuple[str, str]  # as ``AddOutputProjection.widths``
 
 
 @dataclass(frozen=True)
@@ -244,4 +271,4 @@ class BuildAtSourceWidth:
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
         | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
-        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection | BuildAtSourceWidth)
+        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection | AddStackProjection | BuildAtSourceWidth)

@@ -7,7 +7,7 @@ Statements are matched by the line the fx stack trace gave; inside a statement, 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import libcst as cst
@@ -15,10 +15,10 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     INNER_WIDTH_FIELD,
-    OUTPUT_PROJECTION,
     AddLayerNorm,
     AddOutputProjection,
     AddStackNorm,
+    AddStackProjection,
     BuildAtSourceWidth,
     BuildNormAlways,
     BuildSubmodelDirectly,
@@ -46,7 +46,7 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     module = cst.parse_module(source)
     constructors = _constructors(module)
     lines = statement_lines(source, module) if any(getattr(edit, "line", None) is not None for edit in edits) else {}
-    rewriter = _Rewriter(edits, constructors, lines, module_names(module))
+    rewriter = _Rewriter(edits, constructors, lines, module_names(module), _width_aliases(module))
     rewritten = module.visit(rewriter)
     # line-addressed edits apply exactly once; class-wide ones (every assignment, every call) at least once
     class_wide = (UnwrapModelNorm, NeutraliseNorm, ReplaceNormClass, CentreNormInput, SizeByInnerWidth,
@@ -210,10 +210,12 @@ class _Rewriter(cst.CSTTransformer):
     """Applies the edits inside the classes they name; other classes and module-level code are not entered."""
 
     def __init__(self, edits: Sequence[Edit], constructors: dict[tuple[str, str], Constructor], lines: Spans,
-                 module_names: frozenset[str] = frozenset()) -> None:
+                 module_names: frozenset[str] = frozenset(),
+                 width_aliases: Mapping[str, Mapping[str, str]] | None = None) -> None:
         super().__init__()
         self.edits = list(edits)
         self.module_names = module_names
+        self.width_aliases = dict(width_aliases or {})  # per class: attributes that hold hidden_size
         self.edited_classes = {edit.class_name for edit in edits}
         self.constructors = constructors
         self.lines = lines
@@ -338,7 +340,10 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, AddOutputProjection) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
-                return _self_call(OUTPUT_PROJECTION, updated)
+                if edit.input_map:
+                    inner = updated.args[0].with_changes(value=_self_call(edit.input_map, updated.args[0].value))
+                    updated = updated.with_changes(args=[inner, *updated.args[1:]])
+                return _self_call(edit.attribute, updated)
             if (isinstance(edit, UnwrapNormCall) and edit.norm == callee and self._here(edit)
                     and not (edit.branch and _calls_module(updated.args[0].value, edit.branch))):
                 self.applied[edit] += 1
@@ -398,7 +403,8 @@ class _Rewriter(cst.CSTTransformer):
                 return updated.with_changes(value=self._built_at_source_width(updated.value, edit))
             if isinstance(edit, SizeByInnerWidth) and edit.attribute == attribute and self._here(edit):
                 self.applied[edit] += 1
-                return updated.with_changes(value=updated.value.visit(_InnerWidthReads(edit.occurrences)))
+                reads = _InnerWidthReads(edit.occurrences, self.width_aliases.get(edit.class_name, {}))
+                return updated.with_changes(value=updated.value.visit(reads))
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
@@ -445,27 +451,39 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, AddLayerNorm) and self._here(edit) and name == "__init__":
                 updated = self._add_beside(updated, edit)
             if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
-                updated = self._add_output_projection(updated, edit)
+                updated = self._add_linear_map(updated, edit, edit.norm)
+                if edit.input_map:
+                    updated = self._add_linear_map(updated, edit, edit.norm, (edit.input_map, edit.input_widths))
+            if isinstance(edit, AddStackProjection) and self._here(edit):
+                if name == "__init__":
+                    updated = self._add_linear_map(updated, edit, edit.stack_attribute)
+                elif name == "forward":
+                    updated = self._insert_at_loop(updated, edit.stack_attribute, edit.where, None,
+                                                   f"{{stream}} = self.{edit.attribute}({{stream}})")
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
                 updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
                                                f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
                                                "keepdim=True)")
         return updated
 
-    def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
-        """The projection's constructor right after ``self.<norm> = ...``, sized from ``__init__``'s config."""
+    def _add_linear_map(self, function: cst.FunctionDef, edit: AddOutputProjection | AddStackProjection,
+                        after: str, named: tuple[str, tuple[str, str]] | None = None) -> cst.FunctionDef:
+        """The fixed map's constructor right after ``self.<after> = ...``, sized from ``__init__``'s config;
+        ``named``: another map's attribute and widths than the edit's own."""
+        attribute, widths = named or (edit.attribute, edit.widths)
         parameters = [parameter.name.value for parameter in function.params.params]
-        if len(parameters) < 2:
-            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size the output projection from")
-        config = parameters[1]
+        if len(parameters) < 2 and any("{config}" in width for width in widths):
+            raise CodegenError(f"{edit.class_name}.__init__ takes no config to size {attribute} from")
+        source, target = (width.format(config=parameters[1] if len(parameters) > 1 else "") for width in widths)
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if _assigns(statement, edit.norm):
+            if _assigns(statement, after):
                 body.insert(index + 1, cst.parse_statement(
-                    f"self.{OUTPUT_PROJECTION} = torch.nn.Linear({config}.hidden_size, {config}.{INNER_WIDTH_FIELD}, "
-                    "bias=False)\n"))
+                    f"self.{attribute} = torch.nn.Linear({source}, {target}, bias=False)\n"))
+                if isinstance(edit, AddStackProjection):
+                    self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
-        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.norm} in its own body")
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),
@@ -555,9 +573,12 @@ def _keyword_arguments(keywords: tuple[tuple[str, str], ...]) -> list[cst.Arg]:
 
 
 def config_width_reads(source: str, class_name: str, attribute: str) -> int:
-    """How many ``<config>.hidden_size`` reads the ``self.<attribute> = ...`` of ``class_name.__init__`` holds
-    (``SizeByInnerWidth`` numbers them in this order); 0 where there is no such assignment."""
-    for statement in cst.parse_module(source).body:
+    """How many ``<config>.hidden_size`` reads (or reads of an attribute that holds it) the ``self.<attribute> =
+    ...`` of ``class_name.__init__`` holds (``SizeByInnerWidth`` numbers them in this order); 0 where there is no
+    such assignment."""
+    module = cst.parse_module(source)
+    aliases = _width_aliases(module).get(class_name, {})
+    for statement in module.body:
         if not isinstance(statement, cst.ClassDef) or statement.name.value != class_name:
             continue
         for item in statement.body.body:
@@ -565,26 +586,50 @@ def config_width_reads(source: str, class_name: str, attribute: str) -> int:
                 for node in _walk(item):
                     if (isinstance(node, cst.Assign) and len(node.targets) == 1
                             and _self_attribute(node.targets[0].target) == attribute):
-                        counter = _InnerWidthReads(())
+                        counter = _InnerWidthReads((), aliases)
                         node.value.visit(counter)
                         return counter.seen
     return 0
 
 
-class _InnerWidthReads(cst.CSTTransformer):
-    """``<config>.hidden_size`` -> ``<config>.normswap_inner_width`` at the numbered reads (``SizeByInnerWidth``)."""
+def _width_aliases(module: cst.Module) -> dict[str, dict[str, str]]:
+    """For each class, the attributes its ``__init__`` sets to ``<config>.hidden_size`` and nothing else (CLIP-style
+    attention's ``self.embed_dim = config.hidden_size``), each with the config expression it read: a read of
+    ``self.<alias>`` is a read of hidden_size, which ``SizeByInnerWidth`` may choose as the inner width too."""
+    found: dict[str, dict[str, str]] = {}
+    for statement in module.body:
+        if not isinstance(statement, cst.ClassDef):
+            continue
+        for item in statement.body.body:
+            if not (isinstance(item, cst.FunctionDef) and item.name.value == "__init__"):
+                continue
+            for node in _walk(item):
+                if (isinstance(node, cst.Assign) and len(node.targets) == 1
+                        and (alias := _self_attribute(node.targets[0].target)) and "." not in alias
+                        and isinstance(node.value, cst.Attribute) and node.value.attr.value == "hidden_size"
+                        and _code(node.value.value).endswith("config")):
+                    found.setdefault(statement.name.value, {})[alias] = _code(node.value.value)
+    return found
 
-    def __init__(self, occurrences: Sequence[int]) -> None:
+
+class _InnerWidthReads(cst.CSTTransformer):
+    """``<config>.hidden_size`` (or ``self.<alias>`` that holds it) -> ``<config>.normswap_inner_width`` at the
+    numbered reads (``SizeByInnerWidth``)."""
+
+    def __init__(self, occurrences: Sequence[int], aliases: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self.occurrences, self.seen = frozenset(occurrences), 0
+        self.occurrences, self.seen, self.aliases = frozenset(occurrences), 0, dict(aliases or {})
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
-        if updated.attr.value != "hidden_size" or not _code(updated.value).endswith("config"):
+        alias = _code(updated.value) == "self" and updated.attr.value in self.aliases
+        if not alias and (updated.attr.value != "hidden_size" or not _code(updated.value).endswith("config")):
             return updated
         self.seen += 1
-        if self.seen - 1 in self.occurrences:
-            return updated.with_changes(attr=cst.Name(INNER_WIDTH_FIELD))
-        return updated
+        if self.seen - 1 not in self.occurrences:
+            return updated
+        if alias:
+            return cst.parse_expression(f"{self.aliases[updated.attr.value]}.{INNER_WIDTH_FIELD}")
+        return updated.with_changes(attr=cst.Name(INNER_WIDTH_FIELD))
 
 
 def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:

@@ -11,24 +11,31 @@ all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm o
   ``W -> W diag(g) U^T / sqrt((d+1)/d)``, with g = 1 + w for Gemma's offset norms;
 * every norm becomes a LayerNorm over d+1 with weight 1, bias 0.
 
-Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is the
-family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family derived it
-from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
-``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come from
-that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the language
-model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the code sizes by
-the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its end) is built
-from a copy of the config at the source's values and its output lifted by ``U`` as it enters the stream
-(``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other shapes
-than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a function of
-``hidden_size`` (Gemma: sqrt(d)) is measured on both widths and the stems folded into the embedding rows
-(``embedding_stem.py``); a scale between the last final norm and the LM head (T5's ``d_model ** -0.5``) likewise,
-folded into the head (``head_scale.py``). A head with linear maps of its own (UltraBERT's) reads the final norm
-through the first, and its inner width, sized by hidden_size, is padded by a unit that nothing reads
-(``head_chain.py``). Where the eps field also sets norms beside the stream (q_norm over head_dim), it keeps its value
-and the stream norms' eps' goes into the code. Tied embeddings become two tensors with ``untie``: in the config, or in
-the generated code where the config's flag ties more than the head (``generated.head_untied_in_code``). The numerical
-check (logits within 1e-4 x max|reference| in fp32) then decides exactness. Everything is computed in float64.
+Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is
+the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
+derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
+``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
+from that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the
+language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the
+code sizes by the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its
+end) is built from a copy of the config at the source's values and its output lifted by ``U`` as it enters the
+stream (``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
+shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
+widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
+and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
+of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
+padded by a unit that nothing reads (``head_chain.py``). Where the eps field also sets norms beside the stream
+(q_norm over head_dim), it keeps its value and the stream norms' eps' goes into the code. Tied embeddings
+become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
+the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
+decides exactness. Everything is computed in float64.
+
+Fixed maps in the generated code (their weights fixed by the map, saved like any tensor) handle the stream's ends
+where no weight can take U: a stem with no token rows keeps width d and ``normswap_stream_lift`` (U) lifts its
+output; a weighted embedding norm becomes a LayerNorm followed by ``normswap_stream_map`` (U diag(g) U^T / s); a
+headless stack with no final norm ends in ``normswap_stream_unlift`` (U^T); a depthwise filter on a branch's output
+runs d wide between U^T and U (``branch_filter.py``). A per-channel gain on a branch's output folds into its
+writers (``branch_gain.py``).
 """
 
 from __future__ import annotations
@@ -42,20 +49,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.derive import layer_norm_edits, modeling_file, owner_and_attribute
+from ..codegen.derive import (
+    _loop_owner,
+    layer_norm_edits,
+    list_item_class,
+    modeling_file,
+    norm_owner,
+    owner_and_attribute,
+)
 from ..codegen.edits import (
     INNER_WIDTH_FIELD,
     OUTPUT_PROJECTION,
     SOURCE_FIELDS,
+    STREAM_LIFT,
+    STREAM_MAP,
+    STREAM_UNLIFT,
     AddOutputProjection,
+    AddStackProjection,
     BuildAtSourceWidth,
+    Edit,
+    ReplaceNormClass,
     SizeByInnerWidth,
 )
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..detect.source import build_meta_model
 from ..errors import NormswapError, first_line
-from ..topology import Topology
+from ..topology import NormSite, Topology
+from .branch_filter import BranchFilter, branch_filters, lift_attribute, unlift_attribute
+from .branch_gain import branch_gains
 from .embedding_stem import EmbeddingStem, measure_embedding_stem
 from .generated import generate_family_code, head_untied_in_code
 from .head_chain import head_chain
@@ -66,7 +88,7 @@ from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, li
 from .program import Step, TensorProgram, combine, constant, copy_of, shapes_of
 from .projection_check import check_projections
 from .setup import ConversionSetup, convert_in_memory
-from .stream_config import StreamConfig, eps_sources, stream_config
+from .stream_config import StreamConfig, _eps_of, eps_sources, stream_config
 from .stream_roles import StreamRole, inside, projection_modules, stream_roles, trace_stream_uses
 
 # plain RMSNorm, Gemma's (1 + w) RMSNorm, and a weightless one (g = 1: HRM-Text's, NanoChat's)
@@ -89,17 +111,21 @@ def plan_layer_norm_exact(model: nn.Module, *, untie: bool = False) -> Conversio
     With ``untie``, tied input and output embeddings become two tensors (the map changes them differently);
     without it a tied model is refused with the memory that untying costs.
     """
-    return _plan_layer_norm_exact(model, untie, (), {}, False)
+    return _plan_layer_norm_exact(model, untie, (), (), None, {}, False)
 
 
 def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInnerWidth, ...],
-                           lifted: Mapping[str, BuildAtSourceWidth], mirrored: bool) -> ConversionSetup:
-    """``plan_layer_norm_exact`` with the ``inner`` and ``lifted`` edits in the generated code: planned once
-    without; where the wider code sizes a projector into the stream by the language model's hidden_size inside it,
-    once more with that projector built at the source's width and its output lifted (``_lifted_projectors``); and
-    where it sizes tensors inside the language model by hidden_size beyond the stream's width, once more with the
-    edits that size them by the inner width (``inner_width.py``). ``mirrored``: the model config's own
-    hidden_size, equal to the language model's, is widened with it (``_mirrors_width``)."""
+                           filters: tuple[BranchFilter, ...], sides: tuple[NormSite, ...] | None,
+                           projectors: Mapping[str, BuildAtSourceWidth], mirrored: bool) -> ConversionSetup:
+    """``plan_layer_norm_exact`` with the ``inner`` edits in the generated code (``inner_width.py``): planned once
+    without, and where the wider code sizes tensors inside the language model by hidden_size beyond the stream's
+    width, once more with the edits that size them by the inner width. Where branches filter their output per
+    channel (``branch_filter.py``), planned again with those ``filters`` kept d wide and lifted after; where norms
+    outside the layers grow with the stream (``_side_start_norms``), again with those ``sides`` mapped as starts.
+    Where the wider code sizes a projector into the stream by the language model's hidden_size inside it, again
+    with those ``projectors`` built at the source's width and their outputs lifted (``_lifted_projectors``);
+    ``mirrored``: the model config's own hidden_size, equal to the language model's, is widened with it
+    (``_mirrors_width``)."""
     topology = inspect(model)
     family = topology.model_type
     weightless = _all_weightless(topology)
@@ -107,33 +133,60 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     d = int(stream.config.hidden_size)
     # weightless norms: the stream is c U h with c = sqrt((d+1)/d) and eps stays (see _all_weightless); else U h
     stream_scale, eps_factor = (math.sqrt((d + 1) / d), 1.0) if weightless else (1.0, d / (d + 1))
-    input_path = _path_of(model, model.get_input_embeddings())
+    token_embedding = _token_embedding(model)
+    input_path = _path_of(model, token_embedding) if token_embedding is not None else None
     norms = tuple(n.path for n in topology.residual_norms)
     finals = tuple(stack.final_norm.path for stack in topology.stacks if stack.final_norm)
-    final = finals[-1]  # the last stack's (a decoder's), which lm_head reads
+    last = topology.stacks[-1]
+    final = last.final_norm.path if last.final_norm else None  # the last stack's (a decoder's), which lm_head reads
     headless = model.get_output_embeddings() is None  # its output is the final norm's: projected back to d
-    output_path = (_projection_path(final) if headless else _path_of(model, model.get_output_embeddings()))
+    # embedding norms with weights: LayerNorms over the lifted rows, then a fixed map U diag(g) U^T / s after each
+    starts = () if weightless else (*(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm),
+                                    *(sides or ()))
+    start_maps = {norm.path: _stream_map_path(norm.path) for norm in starts}
+    unlift = None if final else AddStackProjection(_loop_owner(model, last), last.path.rsplit(".", 1)[-1],
+                                                   STREAM_UNLIFT, "after",
+                                                   ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD))
+    first = topology.stacks[0]
+    # no token rows to lift: the stem (convolutions, class tokens, position rows: linear or not) keeps width d,
+    # and a fixed U lifts what it hands the first layer, or the first stack's embedding norm, where it has one
+    lifts_stem = input_path is None
+    stem_norm = first.embedding_norm.path if lifts_stem and first.embedding_norm and starts else None
+    lift_in = AddStackProjection(_loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
+                                 ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size")
+                                 ) if lifts_stem and not stem_norm else None
+    lifted = (f"{_stream_map_path(stem_norm).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") if stem_norm
+              else f"{_unlift_path(model, first.path).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".")) + ".weight"
+    output_path = (_unlift_path(model, last.path) if unlift else _projection_path(final) if headless
+                   else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
-    # token embeddings of the language model; with the model config's hidden_size widened too (``mirrored``), also
-    # tables outside it that the wider code sizes by that width (Ovis2's visual embedding table, whose output takes
-    # the image tokens' places): lifted, and run alone in verification
+    # embedding tables outside the layers: those the wider code widens (below) are lifted, the language model's
+    # token embedding and tables outside it (Ovis2's visual table, whose rows take the image tokens' places; with
+    # ``mirrored`` the model config's own hidden_size sizes it), which verification runs alone
     embeddings = [path for path, module in model.named_modules() if isinstance(module, nn.Embedding)
-                  and (mirrored or inside(path, stream.path))
                   and not any(inside(path, layer.path) for layer in topology.layers)]
 
     head_key = f"{output_path}.weight"
     untied_head = head_untied_in_code(model, head_key) if tied else None
-    projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless else None
-    if projection is not None and any(owner_and_attribute(model, other) == dataclasses.astuple(projection)
+    projection = AddOutputProjection(*owner_and_attribute(model, final)) if headless and final else None
+    if projection is not None and any(owner_and_attribute(model, other) == (projection.class_name, projection.norm)
                                       for other in finals[:-1]):
         raise NormswapError(f"{type(model).__name__} has no LM head, and the code that applies its output's final "
                             f"norm ({final}) applies another stack's too, whose output the wider model reads one "
                             "dimension wider: the projection back to d that replaces a head cannot be placed on one "
                             "alone (convert the class with an LM head)")
+    narrow, wide = "{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"
+    lifts = tuple(dict.fromkeys(AddOutputProjection(*owner_and_attribute(model, kept.module),
+                                                    attribute=lift_attribute(kept.attribute), widths=(narrow, wide),
+                                                    input_map=unlift_attribute(kept.attribute),
+                                                    input_widths=(wide, narrow))
+                                for kept in filters))
+    maps: tuple[Edit, ...] = (*(edit for edit in (projection, unlift, lift_in) if edit), *lifts,
+                              *_start_map_edits(model, starts, eps_factor, stem_norm))
     generated, cls, config = _generated_layer_norm_target(model, topology, stream, d, eps_factor, untie=tied,
-                                                          untied_head=untied_head, inner=inner, projection=projection,
-                                                          lifted=lifted, mirrored=mirrored)
+                                                          untied_head=untied_head, inner=inner, maps=maps,
+                                                          projectors=projectors, mirrored=mirrored)
     target = _build_wider(cls, config, family, d)
     if tied and target.get_output_embeddings().weight is target.get_input_embeddings().weight:
         raise NormswapError(f"{family}'s code still ties lm_head to the token embedding one dimension wider (its "
@@ -143,16 +196,24 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
                             "E diag(g) U^T out), so no exact LayerNorm twin of this family's code exists (leave out "
                             "--exact for the approximate conversion)")
     built = shapes_of(target.state_dict())
+    if sides is None and not weightless:
+        grown = tuple(norm for norm in _side_start_norms(model, topology, d)
+                      if tuple(built.get(f"{norm.path}.weight", ())) == (d + 1,))
+        if grown:
+            return _plan_layer_norm_exact(model, untie, inner, filters, grown, projectors, mirrored)
     # an embedding the wider code does not widen writes no stream (Phi-4-multimodal's vision position embedding)
     embeddings = [path for path in embeddings if tuple(built.get(f"{path}.weight", ()))[-1:] == (d + 1,)]
     source_shapes = shapes_of(model.state_dict())
-    gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals)}
-    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals) for leaf in ("weight", "bias")}
+    gammas = {norm: _norm_weight(norm, source_shapes, d) for norm in (*norms, *finals, *start_maps)}
+    norm_keys = {f"{norm}.{leaf}" for norm in (*norms, *finals, *start_maps) for leaf in ("weight", "bias")}
     skip = norm_keys | {f"{path}.weight" for path in embeddings}
+    if lifts_stem:  # the stem keeps its width: nothing outside the layers but the norms is mapped
+        embeddings = []
+        skip |= {key for key in source_shapes if not any(inside(key, layer.path) for layer in topology.layers)}
     uses = trace_stream_uses(model, (*norms, *finals), family)
     _require_no_norm_of_a_norm(topology, uses)
     chain = None if headless else head_chain(model, uses, final, head_key, source_shapes, built, skip, family)
-    if chain is None:  # lm_head reads the final norm itself (a slice of its output)
+    if chain is None and final:  # lm_head reads the final norm itself (a slice of its output)
         uses = uses.with_reader(head_key, final)
     read = {norm for found in uses.reads.values() for norm in found}
     for norm in norms:
@@ -163,26 +224,55 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     scale = math.sqrt((d + 1) / d)
     steps: dict[str, Step] = {key: copy_of(key) for key in source_shapes}
     made = {key: tuple(shape) for key, shape in source_shapes.items()}  # each output's shape, as the edits go
-    if headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
+    if unlift:  # the stream leaves the last layer as U h (c U h for weightless norms), with no norm: U^T / c
+        steps[head_key] = constant(lambda: lift.T.contiguous() / stream_scale)
+        made[head_key] = (d, d + 1)
+    elif headless:  # the projection starts as the identity, read through the final norm below: diag(g) U^T
         steps[head_key] = combine(lambda gamma: torch.eye(d, dtype=gamma.dtype), gammas[final])
         made[head_key] = (d, d)
     elif model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         # lm_head gets its own copy of the original rows, transformed below as a reader
         steps[f"{output_path}.weight"] = copy_of(f"{input_path}.weight")
         made[f"{output_path}.weight"] = made[f"{input_path}.weight"]
+    if lifts_stem:
+        steps[lifted] = constant(lambda: lift * stream_scale)
+        made[lifted] = (d + 1, d)
+    for norm, path in start_maps.items():  # LN(U e) = s U RMS_1(e), so U diag(offset + g) U^T / s gives U (g RMS(e))
+        offset = 1.0 if next(site.kind for site in starts if site.path == norm) == "rmsnorm-offset" else 0.0
+        steps[f"{path}.weight"] = combine(
+            lambda gamma, offset=offset: (lift * (offset + gamma.double())) @ lift.T / scale, gammas[norm])
+        made[f"{path}.weight"] = (d + 1, d + 1)
     roles = {**stream_roles(model, topology, source_shapes, built, uses, skip), **(chain.padded if chain else {}),
-             **({head_key: StreamRole(1, final)} if headless else {})}
+             **({head_key: StreamRole(1, final)} if headless and final else {})}
+    if not filters and (found := branch_filters(model, topology, roles)):
+        return _plan_layer_norm_exact(model, untie, inner, tuple(found), sides, projectors, mirrored)
+    kept = {key for branch in filters for key in branch.kept}
+    roles = {key: role for key, role in roles.items() if key not in kept}
+    for branch in filters:  # U^T before the filter, U after: it runs d wide (c U h for weightless norms: U^T / c)
+        steps[f"{branch.unlift}.weight"] = constant(lambda: lift.T.contiguous() / stream_scale)
+        steps[f"{branch.lift}.weight"] = constant(lambda: lift * stream_scale)
+        made[f"{branch.unlift}.weight"], made[f"{branch.lift}.weight"] = (d, d + 1), (d + 1, d)
     head_readers = [] if headless else [key for key in (chain.readers if chain else (head_key,))
                                         if key.endswith(".weight")]
     head_steps = {key: steps[key] for key in head_readers}  # before their map: the head's scale goes in with it
+    gains = branch_gains(model, topology, roles, source_shapes)
+    for gain, writers in gains.items():  # lambda (W a + b) = (diag(lambda) W) a + lambda b; the gain becomes 1
+        for key in writers:
+            axis = roles[key].axis
+            steps[key] = combine(lambda tensor, scale, axis=axis: tensor * _on_axis(scale, axis, tensor.dim()),
+                                 steps[key], copy_of(gain))
     for key, role in roles.items():
+        if key in gains:  # a gain of 1 over d + 1, not lifted
+            made[key] = (d + 1,)
+            steps[key] = combine(lambda ones: ones.new_ones(d + 1), steps[key])
+            continue
         steps[key] = _mapped(steps[key], role, offsets, gammas, lift, scale, stream_scale)
         made[key] = tuple(size + 1 if axis in (role.axis, role.padded_input) else size
                           for axis, size in enumerate(made[key]))
     fused = any(len(source_shapes.get(key, ())) > 2 for key in roles)
     if fused:
         _run_experts_eagerly(config)
-    for norm in (*norms, *finals):
+    for norm in (*norms, *finals, *start_maps):
         if f"{norm}.weight" not in source_shapes:  # a weightless RMSNorm becomes a weightless LayerNorm
             continue
         gamma = copy_of(f"{norm}.weight")
@@ -196,20 +286,21 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
 
     outside = [key for key, shape in made.items() if key in built and tuple(built[key]) != shape
                and not inside(key, stream.path)]
-    if outside and not lifted and not inner and not mirrored and _mirrors_width(model, stream, made, built, outside):
-        return _plan_layer_norm_exact(model, untie, inner, lifted, True)
-    if outside and not lifted and not inner:
+    if (outside and not projectors and not inner and not mirrored
+            and _mirrors_width(model, stream, made, built, outside)):
+        return _plan_layer_norm_exact(model, untie, inner, filters, sides, projectors, True)
+    if outside and not projectors and not inner:
         found = _lifted_projectors(model, outside, stream.path, roles, uses, stream_scale)
         if found:
-            return _plan_layer_norm_exact(model, untie, inner, found, mirrored)
+            return _plan_layer_norm_exact(model, untie, inner, filters, sides, found, mirrored)
     inner_mismatch = {key: shape for key, shape in made.items() if key in built and tuple(built[key]) != shape
-                      and inside(key, stream.path)}
+                      and (inside(key, stream.path) or lifts_stem)}
     if inner_mismatch and not inner:
         def built_shapes(edits: Sequence[SizeByInnerWidth]) -> dict[str, tuple[int, ...]]:
             _, trial_cls, trial_config = _generated_layer_norm_target(model, topology, stream, d, eps_factor,
                                                                       untie=tied,
                                                                       untied_head=untied_head, inner=tuple(edits),
-                                                                      projection=projection, lifted=lifted,
+                                                                      maps=maps, projectors=projectors,
                                                                       mirrored=mirrored)
             return {key: tuple(shape) for key, shape in shapes_of(meta_instance(trial_cls, trial_config)
                                                                    .state_dict()).items()}
@@ -217,17 +308,20 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         edits = inner_width_edits(model, modeling_file(model, topology).read_text(encoding="utf-8"), inner_mismatch,
                                   built_shapes)
         if edits:
-            return _plan_layer_norm_exact(model, untie, edits, lifted, mirrored)
+            return _plan_layer_norm_exact(model, untie, edits, filters, sides, projectors, mirrored)
     _require_same_tensors(family, made, built, stream.path)
     _require_scaled_eps(family, topology, target, eps_factor)
     # with an embedding norm (weightless, so scale-invariant but for eps), what it reads is measured
     stem_end = next((stack.embedding_norm.path for stack in topology.stacks if stack.embedding_norm),
                     topology.layers[0].path)
-    source_stem = measure_embedding_stem(build_meta_model(model).model, stem_end, family)
-    wider_stem = measure_embedding_stem(target, stem_end, family)
+    if input_path is None:  # no token rows to measure a stem by: what starts the stream is lifted as it is
+        source_stem = wider_stem = EmbeddingStem(1.0)
+    else:
+        source_stem = measure_embedding_stem(build_meta_model(model).model, stem_end, family)
+        wider_stem = measure_embedding_stem(target, stem_end, family)
     projections = list(dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.stem))
     vectors = [key for key, role in roles.items() if role.vector]
-    rebuilt = list(lifted)
+    rebuilt = list(projectors)
     tables = [path for path in embeddings if not inside(path, stream.path)]  # run alone like the projectors
     if projections or vectors or rebuilt or tables:
         _require_unscaled_stem(family, [*projections, *vectors, *rebuilt, *tables][0], source_stem, wider_stem)
@@ -259,12 +353,21 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
 
     writers = dict.fromkeys(_owner(model, key) for key, role in roles.items() if role.reads is None and not role.head)
     plan = NormKindPlan(family, generated.model_type, f"generated code: {generated.file_name}",
-                        (*norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied,
+                        (*start_maps, *norms, *finals), (*writers, *embeddings), kind="layernorm", untied=tied,
                         scaled_stream=weightless)
     head_note += chain.describe() if chain else ""
     head_note += (f"; {type(model).__name__} has no head and returns {final}'s output, which the wider model "
                   f"projects back to {d} by {output_path} (diag(g) U^T, fixed by the map: hidden states before it "
-                  f"stay {d + 1} wide)" if headless else "")
+                  f"stay {d + 1} wide)" if headless and final else "")
+    head_note += (f"; {type(model).__name__} returns its last layer's output with no final norm, which the wider "
+                  f"model projects back to {d} by {output_path} (U^T, fixed by the map)" if unlift else "")
+    head_note += (f"; what {type(model).__name__}'s stem hands its first layer (no token rows: its input is "
+                  f"features) stays {d} wide, and {lifted} (U, fixed by the map) lifts it" if lifts_stem else "")
+    head_note += "".join(f"; {norm} normalises the lifted raw embeddings as a LayerNorm, and {path} (U diag(g) U^T "
+                         "/ sqrt((d+1)/d), fixed by the map) after it starts the stream as U times the original's"
+                         + (" (a tower's last norm: token probes do not run it)" if norm in {side.path for side in
+                                                                                      sides or ()} else "")
+                         for norm, path in start_maps.items())
     notes = source_stem.describe(wider_stem) + head_note + ("; lm_head untied" if tied else "") + (
         f"; {', '.join(projections)} lifted as projections into the stream, their inner widths padded by a unit "
         "that nothing reads (token probes do not run them: verification runs each projector alone)"
@@ -277,8 +380,11 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
         f"; {', '.join(tables)} lifted as embedding tables outside the language model whose output enters the "
         "stream (token probes do not run them)" if tables else "") + (
         "; the model config's own hidden_size widened with the language model's (it sizes the head)"
-        if mirrored else "") + ("; fused experts run eagerly (grouped_mm needs rows of 16 bytes)"
-                                           if fused else "")
+        if mirrored else "") + (
+        f"; {', '.join(gains)} folded into the writers of the branch whose output each scales" if gains else "") + (
+        "".join(f"; {branch.module} filters its branch's output per channel: it runs {d} wide between {branch.unlift} "
+                f"(U^T) and {branch.lift} (U), fixed by the map" for branch in filters)) + (
+        "; fused experts run eagerly (grouped_mm needs rows of 16 bytes)" if fused else "")
     checked = {**projection_modules(roles), **_weighted_modules(model, [*rebuilt, *tables])}  # run alone
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated,
                            f"norm rmsnorm -> layernorm (exact, hidden {d} -> {d + 1}{notes})",
@@ -461,11 +567,11 @@ def _all_weightless(topology: Topology) -> bool:
 
 def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightless: bool) -> StreamConfig:
     """The structure the map needs: stacks of Pre-RMSNorm layers (an encoder-decoder's two: the decoder's
-    cross-attention reads the encoder's final norm like any reader), each with a final norm and no embedding norm,
-    a token embedding, and a config that sizes the stream (returned). Parallel blocks read the stream through
-    their norms like sequential ones; a model without an LM head gets a projection back to d in its place. Where
-    every norm is ``weightless`` (``_all_weightless``) an embedding norm keeps the map, and only the last stack,
-    which the head reads, needs a final norm: the others hand their stream on, as ``c U`` times the original's."""
+    cross-attention reads the encoder's final norm like any reader), each but the last with a final norm, and a
+    config that sizes the stream (returned). Parallel blocks read the stream through their norms like sequential
+    ones; a model without an LM head gets a projection back to d in its place, or U^T where its last stack has no
+    final norm. Where every norm is ``weightless`` (``_all_weightless``) an embedding norm keeps the map, and the
+    stacks hand their stream on as ``c U`` times the original's; elsewhere it is followed by a fixed map."""
     family = topology.model_type
     kinds = {n.kind for n in topology.stream_norms}
     if topology.placement not in ("pre", "parallel") or not kinds or not kinds <= _NORM_KINDS:
@@ -478,32 +584,73 @@ def _require_pre_rms_norm_decoder(model: nn.Module, topology: Topology, weightle
                             "extra-dimension map lifts the stream by U (docs/design.md §5), and U(g * h) is no "
                             "per-channel gain of U h unless g is constant, so no exact map exists (leave out --exact "
                             "for the approximate conversion)")
-    if any(stack.final_norm is None for stack in (topology.stacks[-1:] if weightless else topology.stacks)):
-        raise NormswapError(f"{family}'s last layer hands the stream on with no final norm; exact RMSNorm -> "
+    if not weightless and any(stack.final_norm is None for stack in topology.stacks[:-1]):
+        raise NormswapError(f"{family}'s stacks hand the stream on to the next with no final norm; exact RMSNorm -> "
                             "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
-                            "weight moves into the linear maps that read it (the LM head, a decoder's "
-                            "cross-attention)")
-    final = topology.stacks[-1].final_norm
-    assert final is not None
-    stream = stream_config(model, topology)
-    embedding_norm = next((stack.embedding_norm for stack in topology.stacks if stack.embedding_norm), None)
-    if embedding_norm is not None and not weightless:
-        raise NormswapError(f"{embedding_norm.path} normalises {family}'s raw embeddings with a weight: a "
-                            "LayerNorm over the lifted rows gives sqrt((d+1)/d) U times a weightless RMSNorm, which "
-                            "no weight change scales back to the U h the stream must start as where norms carry "
-                            "weights (exact RMSNorm -> LayerNorm keeps an embedding norm only where every norm is "
-                            "weightless)")
+                            "weight moves into the linear maps that read it (a decoder's cross-attention)")
+    if topology.stacks[-1].final_norm is None and model.get_output_embeddings() is not None:
+        raise NormswapError(f"{family}'s LM head reads the last layer's output with no final norm; exact RMSNorm -> "
+                            "LayerNorm needs a final norm, which the wider stream U h reaches as a LayerNorm whose "
+                            "weight moves into the LM head")
+    return stream_config(model, topology)
+
+
+def _token_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding whose rows start the stream, measured for a scale of the code's (``embedding_stem``);
+    None where the input is no token (features, pixels) or the embedding is a module of the family's own: whatever
+    writes the stream's start there (a patch convolution, a class token, position rows) is lifted as a writer."""
     try:
         embedding = model.get_input_embeddings()
     except NotImplementedError:  # transformers' default for models whose input is no token (an audio encoder)
-        embedding = None
-    if embedding is None:
-        raise NormswapError(f"{type(model).__name__} has no token embedding (its input is features, not token ids), "
-                            "and the extra-dimension map lifts the stream where it starts, in the embedding's rows")
-    if not isinstance(embedding, nn.Embedding):
-        raise NormswapError(f"{family}'s input embedding is a {type(embedding).__name__}, not an "
-                            "nn.Embedding, whose rows the extra-dimension map lifts")
-    return stream
+        return None
+    return embedding if isinstance(embedding, nn.Embedding) else None
+
+
+def _stream_map_path(norm: str) -> str:
+    """Where the fixed map after an embedding norm lives: beside the norm."""
+    owner = norm.rpartition(".")[0]
+    return f"{owner}.{STREAM_MAP}" if owner else STREAM_MAP
+
+
+def _unlift_path(model: nn.Module, stack: str) -> str:
+    """Where ``U^T`` after a stack's layers lives: on the module whose forward runs the loop."""
+    owner = stack.rpartition(".")[0]
+    return f"{owner}.{STREAM_UNLIFT}" if owner else STREAM_UNLIFT
+
+
+def _side_start_norms(model: nn.Module, topology: Topology, d: int) -> tuple[NormSite, ...]:
+    """Norms outside the layers, of the stream norms' own class and the stream's width, that are no edge norm of a
+    stack: the last norm of a modality's tower, whose output a composite puts into the stream in place of its
+    tokens' embeddings (Inkling's audio and vision towers). Those the wider code grows with the stream (not a
+    tower's inner norms, sized by its own width) are starts of the stream, mapped as an embedding norm is (a
+    LayerNorm, then ``STREAM_MAP``). Token probes do not run the towers, and the plan's notes say so."""
+    classes = {type(model.get_submodule(norm.path)): norm.kind for norm in topology.stream_norms}
+    known = {norm.path for norm in topology.all_norms}
+    found: list[NormSite] = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (type(module) in classes and path not in known and isinstance(weight, torch.Tensor)
+                and tuple(weight.shape) == (d,) and not any(inside(path, layer.path) for layer in topology.layers)):
+            found.append(NormSite(path, "embedding", classes[type(module)], _eps_of(module), d))
+    return tuple(found)
+
+
+def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float,
+                     stem_norm: str | None) -> tuple[Edit, ...]:
+    """Each embedding norm with a weight becomes a LayerNorm (eps * d/(d+1), in the code: its eps field may set no
+    other norm) followed by the fixed map that starts the stream (``STREAM_MAP``, d+1 to d+1); ``stem_norm``'s
+    input, a stem's output d wide, is lifted by U first (``STREAM_LIFT``)."""
+    edits: list[Edit] = []
+    for norm in starts:
+        width = f"self.{owner_and_attribute(model, norm.path)[1]}.weight.shape[-1]"  # the LayerNorm's, d + 1
+        as_layer_norm = ReplaceNormClass(*norm_owner(model, norm.path), new_class="NormswapLayerNorm", wrap=True,
+                                        item_class=list_item_class(model, norm.path),
+                                        keywords=(("eps", repr(norm.eps * eps_factor)),))
+        lift = ((STREAM_LIFT, ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size"))
+                if norm.path == stem_norm else ("", ("", "")))
+        edits += [as_layer_norm, AddOutputProjection(*owner_and_attribute(model, norm.path), attribute=STREAM_MAP,
+                                                     widths=(width, width), input_map=lift[0], input_widths=lift[1])]
+    return tuple(edits)
 
 
 def _projection_path(final: str) -> str:
@@ -566,8 +713,8 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
                                  eps_factor: float, untie: bool,
                                  untied_head: tuple[str, str] | None = None,
                                  inner: tuple[SizeByInnerWidth, ...] = (),
-                                 projection: AddOutputProjection | None = None,
-                                 lifted: Mapping[str, BuildAtSourceWidth] | None = None, mirrored: bool = False
+                                 maps: tuple[Edit, ...] = (),
+                                 projectors: Mapping[str, BuildAtSourceWidth] | None = None, mirrored: bool = False
                                  ) -> tuple[GeneratedModule, Any, Any]:
     """The family's code with LayerNorms, and its config one dimension wider.
 
@@ -578,11 +725,11 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
     """
     config = stream.config
     eps, others = eps_sources(model, stream, topology)
-    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or projection or lifted
+    values: dict[str, Any] = {"hidden_size": d + 1, **({INNER_WIDTH_FIELD: d} if inner or maps or projectors
                                                          else {})}
     if eps is not None and eps_factor != 1.0:
         values[eps] = getattr(config, eps) * eps_factor
-    if lifted:  # what a projector built at the source's width reads back (``BuildAtSourceWidth``)
+    if projectors:  # what a projector built at the source's width reads back (``BuildAtSourceWidth``)
         values[SOURCE_FIELDS] = {"hidden_size": d, **({eps: getattr(config, eps)} if eps in values else {})}
     eps_in_code = {norm.path: norm.eps * eps_factor for norm in others if eps_factor != 1.0}
     head_dim = getattr(config, "head_dim", None)
@@ -602,8 +749,7 @@ def _generated_layer_norm_target(model: nn.Module, topology: Topology, stream: S
         top.update(values)
     try:
         return generate_family_code(model, topology, [*layer_norm_edits(model, topology, eps_in_code), *inner,
-                                                      *([projection] if projection else []),
-                                                      *dict.fromkeys((lifted or {}).values())],
+                                                      *maps, *dict.fromkeys((projectors or {}).values())],
                                     f"norm RMSNorm -> LayerNorm (exact: one extra hidden dimension, {d} -> {d + 1})",
                                     top, wider_sub_config=(stream.field, type(config)) if stream.field else None,
                                     untied_head=untied_head, layer_norm=True)

@@ -31,7 +31,7 @@ def inner_width_edits(model: nn.Module, source: str, mismatched: Mapping[str, tu
     for key, wanted in mismatched.items():
         if chosen and _shape_after(built_shapes, chosen, key) == wanted:
             continue  # an earlier choice (the same class's, in another layer) sizes it already
-        class_name, attribute = owner_and_attribute(model, key.rpartition(".")[0])
+        class_name, attribute = _constructed_by(model, source, key)
         reads = config_width_reads(source, class_name, attribute)
         choices = [subset for size in range(1, reads + 1) for subset in combinations(range(reads), size)]
         found = next((SizeByInnerWidth(class_name, attribute, subset) for subset in choices
@@ -49,3 +49,18 @@ def _shape_after(built_shapes: Callable[[Sequence[SizeByInnerWidth]], Mapping[st
         return tuple(built_shapes(edits).get(key, ()))
     except Exception:  # noqa: BLE001 - a choice the family's code cannot build with is no choice
         return None
+
+
+def _constructed_by(model: nn.Module, source: str, key: str) -> tuple[str, str]:
+    """The class and ``self.<attribute> = ...`` that size ``key`` from the config: its module's assignment in the
+    owner's ``__init__`` (``self.q_proj = nn.Linear(...)``); for a parameter a module holds itself (a class token,
+    ``self.cls_token = nn.Parameter(torch.randn(1, 1, config.hidden_size))``) that module's own assignment; where
+    neither reads the config, the nearest enclosing module's that does (a module built from a width its parent
+    reads: ``self.attn_sconv = ShortConvolution(config.hidden_size, ...)`` builds ``attn_sconv.conv1d``)."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path)
+    candidates = [(type(module).__name__, leaf)] if leaf in dict(module.named_parameters(recurse=False)) else []
+    parts = path.split(".")
+    candidates += [owner_and_attribute(model, ".".join(parts[:end])) for end in range(len(parts), 0, -1)]
+    return next((found for found in candidates if config_width_reads(source, *found)),
+                owner_and_attribute(model, path))

@@ -112,12 +112,12 @@ def original_config(data: dict[str, Any], original_type: str, request: Conversio
     fields["model_type"] = original_type
     d = request.widened_from
     if d is not None:
-        eps = fields.get("rms_norm_eps")
-        if fields.get("hidden_size") != d + 1 or not isinstance(eps, float):
+        eps = fields.get("rms_norm_eps")  # absent where the family's norms take eps from their code (Pixtral)
+        if fields.get("hidden_size") != d + 1 or not isinstance(eps, float | None):
             raise RegenerationError(f"its config is not the one an exact RMSNorm -> LayerNorm conversion of hidden "
-                                    f"size {d} writes (hidden_size {d + 1} and a float rms_norm_eps)")
+                                    f"size {d} writes (hidden_size {d + 1} and a float rms_norm_eps, if any)")
         fields["hidden_size"] = d
-        if request.eps_field_scaled:
+        if request.eps_field_scaled and eps is not None:
             fields["rms_norm_eps"] = eps * (d + 1) / d  # the conversion wrote eps * d/(d+1)
     return config_from_dict(fields, f"{origin} (as its original {original_type} config)")
 

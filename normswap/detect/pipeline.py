@@ -214,8 +214,12 @@ def _without_addless_stack(stacks: list[tuple[str, list[tuple[str, nn.Module]]]]
 
 
 def _base_model_prefix(model: nn.Module) -> str:
+    """Where the base model sits in a model with a head, whose norms (a head's own) are no edge norms of the stream.
+    A "base model" that holds nothing but lists of layers is no base model: it is the encoder of a base model whose
+    attribute happens to carry the prefix's name (Sapiens2Model.model, its ``base_model_prefix``), and the norm
+    after it, on the model itself, is the stream's final norm."""
     base = getattr(model, "base_model", model)
-    if base is model:
+    if base is model or all(isinstance(child, (nn.ModuleList, nn.Sequential)) for child in base.children()):
         return ""
     for path, module in model.named_modules():
         if module is base:
