@@ -19,8 +19,8 @@ from that code and one run on the meta device (``stream_roles.py``). Code that s
 language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the
 code sizes by the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its
 end) is built from a copy of the config at the source's values and its output lifted by ``U`` as it enters the
-stream (``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other shapes than the map makes, and is refused with the tensor and both
-shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
+stream (``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of
+other shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
 widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
 and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
 of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
