@@ -12,23 +12,24 @@ all-ones vector): ``h' = U h`` has zero mean and the same norm, so a LayerNorm o
 * every norm becomes a LayerNorm over d+1 with weight 1, bias 0.
 
 Any Pre-RMSNorm model with a token embedding is tried; no list of families or tensor names decides. The target is
-the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family
-derived it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
-``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come
-from that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the
-language model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the
-code sizes by the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its
-end) is built from a copy of the config at the source's values and its output lifted by ``U`` as it enters the
-stream (``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of
-other shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both
-widths and the stems folded into the embedding rows (``embedding_stem.py``); a scale between the last final norm
-and the LM head (T5's ``d_model ** -0.5``) likewise, folded into the head (``head_scale.py``). A head with linear maps
-of its own (UltraBERT's) reads the final norm through the first, and its inner width, sized by hidden_size, is
-padded by a unit that nothing reads (``head_chain.py``). Where the eps field also sets norms beside the stream
-(q_norm over head_dim), it keeps its value and the stream norms' eps' goes into the code. Tied embeddings
-become two tensors with ``untie``: in the config, or in the generated code where the config's flag ties more than
-the head (``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then
-decides exactness. Everything is computed in float64.
+the family's own code with ``hidden_size = d+1`` (and ``head_dim`` written into its config where the family derived
+it from ``hidden_size``; a composite's values go into the sub-config its language model is built from,
+``stream_config.py``), built on the meta device. Each tensor's role, reader or writer, and its stream axis come from
+that code and one run on the meta device (``stream_roles.py``). Code that sizes an inner width inside the language
+model by ``hidden_size`` keeps ``d`` there (``inner_width.py``); a projector into the stream that the code sizes by
+the language model's ``hidden_size`` inside it (GLM-ASR's 2 x hidden_size inner width, a norm at its end) is built
+from a copy of the config at the source's values and its output lifted by ``U`` as it enters the stream
+(``BuildAtSourceWidth``); a family whose code sizes something else from ``hidden_size`` builds tensors of other
+shapes than the map makes, and is refused with the tensor and both shapes. Code that scales the embeddings by a
+function of ``hidden_size`` (Gemma: sqrt(d)) is measured on both widths and the stems folded into the embedding rows
+(``embedding_stem.py``); a scale between the last final norm and the LM head (T5's ``d_model ** -0.5``) likewise,
+folded into the head (``head_scale.py``). A head with linear maps of its own (UltraBERT's) reads the final norm
+through the first, and its inner width, sized by hidden_size, is padded by a unit that nothing reads
+(``head_chain.py``). Where the eps field also sets norms beside the stream (q_norm over head_dim), it keeps its
+value and the stream norms' eps' goes into the code. Tied embeddings become two tensors with ``untie``: in the
+config, or in the generated code where the config's flag ties more than the head
+(``generated.head_untied_in_code``). The numerical check (logits within 1e-4 x max|reference| in fp32) then decides
+exactness. Everything is computed in float64.
 
 Fixed maps in the generated code (their weights fixed by the map, saved like any tensor) handle the stream's ends
 where no weight can take U: a stem with no token rows keeps width d and ``normswap_stream_lift`` (U) lifts its
