@@ -7,6 +7,8 @@ refused with the structural reason.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,26 +102,64 @@ def test_stages_of_several_widths_are_stacks_of_their_own(tmp_path: Path) -> Non
     assert normswap.inspect(loaded).placement == "post"
 
 
-def test_stage_lists_run_by_one_loop_convert_what_needs_no_code_around_the_loop(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
-    own, all run by one loop of its encoder: nothing can go before or after one stage's layers, so Post-Norm is
-    refused with that reason and the exact RMSNorm map (which centres each stage's stream there) gives way to the
-    approximate one."""
+def _pvt() -> torch.nn.Module:
     config = transformers.PvtConfig(num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1],
                                     hidden_sizes=[32, 64], patch_sizes=[4, 2], strides=[4, 2],
                                     num_attention_heads=[1, 2], mlp_ratios=[2, 2], image_size=32)
-    model = _perturbed(transformers.PvtModel(config))
+    return _perturbed(transformers.PvtModel(config))
+
+
+def _glpn() -> torch.nn.Module:
+    config = transformers.GLPNConfig(num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                     mlp_ratios=[2, 2], decoder_hidden_size=32)
+    return _perturbed(transformers.GLPNModel(config))
+
+
+def test_stage_lists_run_by_one_loop_keep_the_exact_rms_norm_map_out() -> None:
+    """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
+    own, all run by one loop of its encoder: the exact RMSNorm map centres each stage's stream before its layers,
+    which that loop has no place for, so it gives way to the approximate one."""
+    model = _pvt()
     topology = normswap.inspect(model)
     assert [s.path for s in topology.stacks] == ["encoder.block.0", "encoder.block.1"]
     converted = normswap.convert(model, norm="rmsnorm")
     assert not converted.normswap_report.exact
     assert "a list of layer lists that PvtEncoder.forward runs in one loop" in converted.normswap_plan.exact_impossible
-    model.save_pretrained(tmp_path / "pvt")
-    capsys.readouterr()
-    assert main(["convert", str(tmp_path / "pvt"), str(tmp_path / "post"), "--placement", "post"]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "runs in one loop over every stage" in error[0] and "internal error" not in error[0]
+
+
+@pytest.mark.parametrize("build", [_pvt, _glpn], ids=["pvt", "glpn"])
+def test_stage_lists_run_by_one_loop_take_one_stack_norm_per_stage_inside_it(
+        build: Callable[[], torch.nn.Module], tmp_path: Path) -> None:
+    """PVT and GLPN run every stage's layer list from one loop of their encoder, which once refused Post-Norm (no
+    one place before one stage's layers). Each stage's new embedding norm is now an item of a module list, built as
+    a fresh copy of the stage's first layer's norm and picked by the stage loop's index just before the stage's
+    layers; GLPN's stage norms, kept in a list beside the stages, become placeholders. The norm-shift holds stage
+    by stage: the embedding norm takes the first pre norm, the last layer's add the stage's final norm (PVT's last
+    stage, every GLPN stage), branch 0 reads what it read (PVT; GLPN's patch-embedding norm has no target slot and
+    is carried), and the way back is bit for bit."""
+    model = build()
+    source = normswap.inspect(model)
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    target = normswap.inspect(loaded)
+    assert target.placement == "post"
+    assert [s.embedding_norm.path for s in target.stacks] == [f"encoder.normswap_embedding_norm.{i}" for i in (0, 1)]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(loaded(**probe_inputs(model, None, None)))).all()
+    for index, stack in enumerate(source.stacks):
+        first, last = model.encoder.block[index][0], loaded.encoder.block[index][-1]
+        assert torch.equal(loaded.encoder.normswap_embedding_norm[index].weight, first.layer_norm_1.weight)
+        if stack.final_norm is not None:
+            final = model.get_submodule(stack.final_norm.path)
+            assert torch.equal(last.layer_norm_1.weight, final.weight)
+            assert torch.equal(last.layer_norm_1.bias, final.bias)
+    report = json.loads((tmp_path / "dst" / "normswap_report.json").read_text())
+    if source.stacks[0].embedding_norm is None:
+        assert report["sublayers"][0]["max_abs_diff"] == 0.0  # branch 0 reads exactly what it read before
+    else:
+        assert any("patch_embeddings.0.layer_norm is dropped" in note for note in report["plan"]["notes"])
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    assert_same_weights(tmp_path / "src", tmp_path / "back")
 
 
 def test_a_layer_norm_built_from_a_name_the_stage_lacks_is_copied_from_the_first_layer(tmp_path: Path) -> None:
@@ -151,15 +191,16 @@ def test_funnel_whose_blocks_one_loop_runs_is_refused_not_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Funnel's encoder keeps its blocks as a list of layer lists. Detection once missed them, and the norm-shift
     moved the embedding norm into the decoder, whose branch 0 then read something else (a bad output, exit 0);
-    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all, so
-    there is no place for the norm each block's layers need before them: refused with that reason."""
+    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all: each
+    block's final norm goes inside that loop, but the decoder's would copy a constructor that reads a name the
+    decoder does not have: refused with that reason."""
     config = transformers.FunnelConfig(block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
                                        vocab_size=128)
     _perturbed(transformers.FunnelModel(config)).save_pretrained(tmp_path / "src")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "a list of layer lists that FunnelEncoder.forward runs in one loop" in error[0]
+    assert len(error) == 1 and "which FunnelDecoder.__init__ does not define" in error[0]
     assert not (tmp_path / "dst").exists()
 
 

@@ -35,6 +35,7 @@ from .edits import (
     WrapResidualAdd,
 )
 from .name_scope import bound_names, module_names, read_names
+from .stage_loops import insert_at_stage_loop
 from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
@@ -393,6 +394,12 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, SizeByInnerWidth) and edit.attribute == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=updated.value.visit(_InnerWidthReads(edit.occurrences)))
+            if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit) and edit.item_class:
+                removed = _ItemsRemoved(edit)  # ``nn.ModuleList([Norm(...) for ...])``: each Norm(...) call
+                value = updated.value.visit(removed)
+                if removed.seen:
+                    self.applied[edit] += 1
+                    return updated.with_changes(value=value)
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
@@ -451,8 +458,24 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.norm} in its own body")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        if edit.per_stage:
+            return self._add_stage_norms(function, edit)
         return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),
                                             edit.stack_attribute)
+
+    def _add_stage_norms(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        """``self.<norm> = torch.nn.ModuleList([<a fresh copy of each stage's first layer's norm>])`` in ``__init__``
+        after the stages' lists are built: each stage's norm has that stage's width, which no one constructor of the
+        loop's class writes."""
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if _assigns(statement, edit.stack_attribute):
+                body.insert(index + 1, cst.parse_statement(
+                    f"self.{edit.norm} = torch.nn.ModuleList([normswap_fresh_copy(stage[0].{edit.copy_attribute}) "
+                    f"for stage in self.{edit.stack_attribute}])\n"))
+                self.applied[edit] += 1
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute} in its own body")
 
     def _add_beside(self, function: cst.FunctionDef, edit: AddLayerNorm) -> cst.FunctionDef:
         return self._add_copied_constructor(function, edit, (edit.class_name, edit.copy_attribute),
@@ -485,8 +508,12 @@ class _Rewriter(cst.CSTTransformer):
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         axis = edit.channel_axis
-        call = (f"self.{edit.norm}({{stream}})" if axis == -1
-                else f"self.{edit.norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        norm = f"self.{edit.norm}[{{index}}]" if edit.per_stage else f"self.{edit.norm}"
+        call = (f"{norm}({{stream}})" if axis == -1
+                else f"{norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        if edit.per_stage:
+            return insert_at_stage_loop(function, edit.stack_attribute, edit.where, f"{{stream}} = {call}",
+                                        _stream_variable)
         return self._insert_at_loop(function, edit.stack_attribute, edit.where, None, f"{{stream}} = {call}")
 
     def _insert_at_loop(self, function: cst.FunctionDef, stack_attribute: str, where: str, edit: Edit | None,
@@ -522,6 +549,21 @@ class _ItemConstructors(cst.CSTTransformer):
             return updated
         self.seen += 1
         return _like_call(self.edit, updated)
+
+
+class _ItemsRemoved(cst.CSTTransformer):
+    """Every ``<item_class>(...)`` call -> ``NormswapRemovedNorm(parameters)`` (``NeutraliseNorm`` with
+    ``item_class``): the norms a module list's constructor expression builds."""
+
+    def __init__(self, edit: NeutraliseNorm) -> None:
+        super().__init__()
+        self.edit, self.seen = edit, 0
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
+            return updated
+        self.seen += 1
+        return cst.parse_expression(f"NormswapRemovedNorm({self.edit.parameters!r})")
 
 
 def _like_call(edit: ReplaceNormClass, built: cst.BaseExpression) -> cst.Call:
