@@ -191,16 +191,17 @@ def test_funnel_whose_blocks_one_loop_runs_is_refused_not_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Funnel's encoder keeps its blocks as a list of layer lists. Detection once missed them, and the norm-shift
     moved the embedding norm into the decoder, whose branch 0 then read something else (a bad output, exit 0);
-    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all: each
-    block's final norm goes inside that loop, but the decoder's would copy a constructor that reads a name the
-    decoder does not have: refused with that reason."""
+    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all; a
+    block's final norm would go inside that loop, after the block's layers, but they read ``query``, which the loop
+    sets from ``hidden``, the name that carries the stream: a norm of ``query`` there would normalise nothing the
+    next block reads, so it is refused with that reason."""
     config = transformers.FunnelConfig(block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
                                        vocab_size=128)
     _perturbed(transformers.FunnelModel(config)).save_pretrained(tmp_path / "src")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "which FunnelDecoder.__init__ does not define" in error[0]
+    assert len(error) == 1 and "read query, which is not what they hand on" in error[0]
     assert not (tmp_path / "dst").exists()
 
 
@@ -635,3 +636,4 @@ def test_a_stage_norm_run_by_the_module_around_the_stage_ends_that_stage(tmp_pat
         (width, f"encoder.layer.{i + 2}.layernorm") for i, width in enumerate((32, 48, 64))]
     loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
     assert normswap.inspect(loaded).placement == "post"
+

@@ -40,7 +40,12 @@ def insert_at_stage_loop(function: cst.FunctionDef, stack_attribute: str, where:
         inner = list(statement.body.body)
         for at, candidate in enumerate(inner):
             if isinstance(candidate, cst.For) and stage in _names(candidate.iter):
-                line = template.format(stream=stream_of(candidate), index=index)
+                stream = stream_of(candidate)
+                if stream not in _handed_on(candidate):
+                    raise StageLoopError(f"the layers of self.{stack_attribute} read {stream}, which is not what they "
+                                         "hand on from one layer to the next, so a norm of it before or after a "
+                                         "stage's layers would not be a norm of the stream")
+                line = template.format(stream=stream, index=index)
                 inner.insert(at if where == "before" else at + 1, cst.parse_statement(line + "\n"))
                 body[position] = statement.with_changes(body=statement.body.with_changes(body=inner))
                 return function.with_changes(body=function.body.with_changes(body=body))
@@ -73,6 +78,35 @@ def _stage_names(loop: cst.For, stack_attribute: str) -> tuple[str, str]:
                 if isinstance(stage, cst.Name):
                     return index, stage.value
     raise StageLoopError(f"the loop over self.{stack_attribute} does not bind each stage's layer list to a name")
+
+
+def _handed_on(loop: cst.For) -> set[str]:
+    """The names the loop's body assigns from what its layer returns (``layer_outputs = blk(...)``, then
+    ``hidden_states = layer_outputs[0]``), in order: the stream the next layer reads is one of them. Funnel's
+    ``query = hidden`` before ``layer(query, ...)`` is not: ``hidden`` carries the stream."""
+    target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
+    if not isinstance(target, cst.Name):
+        return set()
+    layer = target.value
+    handed: set[str] = set()
+
+    class _Assignments(cst.CSTVisitor):
+        def visit_Assign(self, node: cst.Assign) -> None:
+            read = _names(node.value)
+            if layer in read or read & handed:
+                handed.update(name for target in node.targets for name in _bound(target.target))
+
+    loop.body.visit(_Assignments())
+    return handed
+
+
+def _bound(target: cst.BaseAssignTargetExpression) -> set[str]:
+    """The plain names an assignment target binds."""
+    if isinstance(target, cst.Name):
+        return {target.value}
+    if isinstance(target, (cst.Tuple, cst.List)):
+        return {name for element in target.elements for name in _bound(element.value)}
+    return set()
 
 
 def _unpacked(loop: cst.For, item: cst.BaseExpression) -> cst.Tuple | None:
