@@ -637,3 +637,39 @@ def test_a_stage_norm_run_by_the_module_around_the_stage_ends_that_stage(tmp_pat
     loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
     assert normswap.inspect(loaded).placement == "post"
 
+
+def test_a_shared_layer_group_run_by_a_computed_index_goes_to_pre_with_every_reader_normalised(
+        tmp_path: Path) -> None:
+    """ALBERT runs one shared layer group on every pass, ``for i in range(num_hidden_layers)`` over
+    ``self.albert_layer_groups[group_idx]`` with ``group_idx`` computed from ``i``: Pre-Norm was refused for want of
+    one place after the layers, which the statement after that loop is. Its attention calls query, key and value
+    in its own forward, beside the residual add: each reads the stream, so each reads the moved norm (the entry
+    alone once did, and key and value read the raw stream). The norm-shift moves the post norms one entry on:
+    attention's norm starts as a unit norm (no embedding norm on this width), the MLP's takes attention's old one,
+    the final norm the MLP's; the shared modules hold one norm per slot for every pass. The way back is bit for
+    bit. ``inspect`` counts the passes beside the one layer it lists."""
+    config = transformers.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                       num_hidden_groups=1, inner_group_num=1, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=64)
+    model = _perturbed(transformers.AlbertForMaskedLM(config))
+    (stack,) = normswap.inspect(model).stacks
+    assert (stack.num_layers, stack.passes) == (1, 3)  # one shared group, run on each of the 3 passes
+    assert normswap.inspect(model).summary().endswith("1 layers, 3 passes")
+    loaded = _converted_matches(model, tmp_path, ["--placement", "pre"], "AutoModelForMaskedLM", placement="pre")
+    topology = normswap.inspect(loaded)
+    assert topology.placement == "pre"
+    assert topology.stacks[0].final_norm.path == "albert.encoder.normswap_final_norm"
+    before, after = (m.albert.encoder.albert_layer_groups[0].albert_layers[0] for m in (model, loaded))
+    assert torch.equal(after.attention.LayerNorm.weight, torch.ones(64))
+    assert torch.equal(after.full_layer_layer_norm.weight, before.attention.LayerNorm.weight)
+    assert torch.equal(loaded.albert.encoder.normswap_final_norm.weight, before.full_layer_layer_norm.weight)
+    reads: dict[str, torch.Tensor] = {}
+    hooks = [getattr(after.attention, name).register_forward_hook(
+        lambda module, args, output, name=name: reads.setdefault(name, args[0])) for name in ("query", "key", "value")]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(loaded(**probe_inputs(model, None, None)))).all()
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(reads["key"], reads["query"]) and torch.equal(reads["value"], reads["query"])
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "post", "--quiet"]) == 0
+    assert_same_weights(tmp_path / "src", tmp_path / "back")

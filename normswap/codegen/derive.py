@@ -219,6 +219,10 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
         _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
         edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
                                      norm_attribute))
+        for reader, source in branch.other_readers():  # ALBERT's key and value read the stream beside query
+            class_name, reader_attribute = locate.attribute(source, reader)
+            _, norm_attribute = locate.attribute(source, norm.path)
+            edits.append(WrapBranchInput(class_name, locate.line(source), reader_attribute, norm_attribute))
     assert first_post is not None  # a layer has at least one sublayer
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)

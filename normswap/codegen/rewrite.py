@@ -523,7 +523,7 @@ class _Rewriter(cst.CSTTransformer):
         for index, statement in enumerate(body):
             if isinstance(statement, cst.For) and (f"self.{stack_attribute}" in _code(statement.iter)
                                                    or _indexes(statement, stack_attribute)):
-                line = template.format(stream=_stream_variable(statement))
+                line = template.format(stream=_stream_variable(statement, stack_attribute))
                 body.insert(index if where == "before" else index + 1, cst.parse_statement(line + "\n"))
                 if edit is not None:
                     self.applied[edit] += 1
@@ -626,17 +626,18 @@ def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
 
 
 def _indexes(loop: cst.For, attribute: str) -> bool:
-    """Whether the loop runs its layers by index: its body calls ``self.<attribute>[<the loop's index>](...)``
-    (XLM's ``for i in range(self.n_layers)`` over ``self.attentions[i]``)."""
+    """Whether the loop runs its layers by index: its body calls ``self.<attribute>[<index>](...)``, by the loop's
+    own index (XLM's ``for i in range(self.n_layers)`` over ``self.attentions[i]``) or by one computed from it
+    (ALBERT's ``self.albert_layer_groups[group_idx]``, one shared group run on every pass): either way the statement
+    after the loop runs once, after every layer."""
     return isinstance(loop.target, cst.Name) and any(
-        isinstance(node, cst.Call) and _self_attribute(node.func) == f"{attribute}.*"
-        and _loop_index(node.func) == loop.target.value for node in _walk(loop.body))
+        isinstance(node, cst.Call) and _self_attribute(node.func) == f"{attribute}.*" for node in _walk(loop.body))
 
 
-def _stream_variable(loop: cst.For) -> str:
+def _stream_variable(loop: cst.For, attribute: str = "") -> str:
     """The variable the loop body passes to each layer: the first argument of ``<target>(...)``, or of
     ``<target>.forward(...)`` (SqueezeBERT's encoder calls its layers' forward directly); in a loop by index, of
-    the first ``self.<list>[<index>](...)`` that reads a variable."""
+    the first ``self.<list>[<index>](...)`` that reads a variable, or of ``self.<attribute>[<any index>](...)``."""
     target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
     if not isinstance(target, cst.Name):
         raise CodegenError("the layer loop does not bind its layer to a name")
@@ -648,6 +649,8 @@ def _stream_variable(loop: cst.For) -> str:
         if isinstance(func, cst.Name) and func.value == target.value:
             return node.args[0].value.value
         if _loop_index(node.func) == target.value and _self_attribute(node.func) is not None:
+            return node.args[0].value.value
+        if attribute and _self_attribute(node.func) == f"{attribute}.*":
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
 
