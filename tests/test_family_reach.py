@@ -162,6 +162,19 @@ def test_stage_lists_run_by_one_loop_take_one_stack_norm_per_stage_inside_it(
     assert_same_weights(tmp_path / "src", tmp_path / "back")
 
 
+def test_stages_whose_first_layers_hold_their_norm_apart_share_no_list_of_stage_norms() -> None:
+    """One expression builds a stage list's new norms, copying each stage's first layer's norm by one path: stages
+    that hold it under different paths would each add a list of their own, so they are refused."""
+    from normswap.codegen.derive import CodegenError, require_one_stage_norm_list
+    from normswap.codegen.edits import AddStackNorm
+
+    lists = [AddStackNorm("Encoder", "block", "normswap_embedding_norm", "before", layer, norm, True, per_stage=True)
+             for layer, norm in (("LayerA", "norm1"), ("LayerB", "ln_1"))]
+    require_one_stage_norm_list(lists[:1])
+    with pytest.raises(CodegenError, match="hold their first layer's norm as norm1 and as ln_1"):
+        require_one_stage_norm_list(lists)
+
+
 def test_a_layer_norm_built_from_a_name_the_stage_lacks_is_copied_from_the_first_layer(tmp_path: Path) -> None:
     """CvT's layer builds its norm as ``nn.LayerNorm(embed_dim)`` from its own argument, which the stage class
     that runs the loop does not have: copying the constructor raised NameError when loaded (an internal error),

@@ -77,7 +77,21 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             if position:  # the stack's own norm is added once, from its first layer class
                 stack_edits = [edit for edit in stack_edits if not isinstance(edit, AddStackNorm)]
             edits += [edit for edit in stack_edits if edit not in edits]
+    require_one_stage_norm_list(edits)
     return edits
+
+
+def require_one_stage_norm_list(edits: list[Edit]) -> None:
+    """The stages of one stage list share one list of new norms (``_stage_norm``), built by one expression: their
+    first layers must hold the norm it copies under one path."""
+    lists: dict[tuple[str, str], AddStackNorm] = {}
+    for edit in edits:
+        if isinstance(edit, AddStackNorm) and edit.per_stage:
+            other = lists.setdefault((edit.class_name, edit.norm), edit)
+            if other != edit:
+                raise CodegenError(f"the stages of {edit.class_name}.{edit.stack_attribute} hold their first layer's "
+                                   f"norm as {other.copy_attribute} and as {edit.copy_attribute}, and one list of "
+                                   "stage norms is built by one expression that copies it")
 
 
 def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[list[Layer]]:
