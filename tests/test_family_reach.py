@@ -116,16 +116,31 @@ def _glpn() -> torch.nn.Module:
     return _perturbed(transformers.GLPNModel(config))
 
 
-def test_stage_lists_run_by_one_loop_keep_the_exact_rms_norm_map_out() -> None:
+def test_a_stage_list_whose_stages_hand_on_no_final_norm_keeps_the_exact_rms_norm_map_out() -> None:
     """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
-    own, all run by one loop of its encoder: the exact RMSNorm map centres each stage's stream before its layers,
-    which that loop has no place for, so it gives way to the approximate one."""
+    own, all run by one loop of its encoder. The exact RMSNorm map would centre each stage's stream before its
+    layers, inside that loop; but PVT's first stage hands its stream on with no final norm, to the next stage's
+    patch embedding, which would read the centred stream: it gives way to the approximate map, saying so."""
     model = _pvt()
     topology = normswap.inspect(model)
     assert [s.path for s in topology.stacks] == ["encoder.block.0", "encoder.block.1"]
     converted = normswap.convert(model, norm="rmsnorm")
     assert not converted.normswap_report.exact
-    assert "a list of layer lists that PvtEncoder.forward runs in one loop" in converted.normswap_plan.exact_impossible
+    assert "encoder.block.0, a stage that one loop of its model runs with the others, hands its stream on with no " \
+           "final norm" in converted.normswap_plan.exact_impossible
+
+
+def test_a_stage_list_whose_stages_end_in_norms_goes_to_rms_norm_exactly(tmp_path: Path) -> None:
+    """GLPN's stages each end in a norm (kept in a list beside the stages), so centring each stage's stream before
+    its layers, inside the loop over the stages, keeps the model: ``--norm rmsnorm`` is exact (it was approximate,
+    with no place to centre the stream)."""
+    model = _glpn()
+    loaded = _converted_matches(model, tmp_path, ["--norm", "rmsnorm"], "AutoModel", norm="rmsnorm")
+    report = json.loads((tmp_path / "dst" / "normswap_report.json").read_text())
+    assert report["exact"] and report["relative"] < 1e-5
+    assert normswap.inspect(loaded).norm == "rmsnorm"
+    source = (tmp_path / "dst" / "modeling_normswap_glpn.py").read_text()
+    assert "hidden_states = hidden_states - hidden_states.mean(-1, keepdim=True)" in source
 
 
 @pytest.mark.parametrize("build", [_pvt, _glpn], ids=["pvt", "glpn"])

@@ -383,7 +383,9 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
             if edit not in edits:
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
-        edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis)
+        edit = (CentreStream(*owner_and_attribute(model, stack.path.rsplit(".", 1)[0]), stack.axis, per_stage=True)
+                if _stage_list(model, stack)
+                else CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis))
         if edit not in edits:  # stacks of one class (T5's two, SegFormer's stages) run one loop in shared code
             edits.append(edit)
     return edits
@@ -539,8 +541,20 @@ def _owner(model: nn.Module, path: str) -> str:
 
 
 def loop_owners(model: nn.Module, topology: Topology) -> list[str]:
-    """The class that runs each stack's layer loop (``CodegenError`` where a stack has none of its own)."""
-    return [_loop_owner(model, stack) for stack in topology.stacks]
+    """The class that runs each stack's layer loop, where the exact RMSNorm map centres its stream (``CodegenError``
+    where a stack has none of its own); for a stage of a list of layer lists, the class whose loop over the stages
+    runs it (``stage_loops``), where every stage ends in a final norm: a stage that hands its stream on without one
+    (PVT's first stages, read by the next stage's patch embedding) would hand on the centred stream."""
+    owners = []
+    for stack in topology.stacks:
+        if not _stage_list(model, stack):
+            owners.append(_loop_owner(model, stack))
+            continue
+        if stack.final_norm is None:
+            raise CodegenError(f"{stack.path}, a stage that one loop of its model runs with the others, hands its "
+                               "stream on with no final norm, so what reads it next would see the centred stream")
+        owners.append(owner_and_attribute(model, stack.path.rsplit(".", 1)[0])[0])
+    return owners
 
 
 def _shares_loop(model: nn.Module, topology: Topology, stack: Stack) -> bool:

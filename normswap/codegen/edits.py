@@ -138,11 +138,13 @@ class ReplaceNormClass:
 @dataclass(frozen=True)
 class CentreStream:
     """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean. A
-    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``."""
+    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``. With ``per_stage``
+    (``AddStackNorm``'s), before each stage's layers inside the loop over a list of layer lists."""
 
     class_name: str
     stack_attribute: str
     channel_axis: int = -1
+    per_stage: bool = False
 
 
 @dataclass(frozen=True)

@@ -437,9 +437,12 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
                 updated = self._add_output_projection(updated, edit)
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
-                updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
-                                               f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
-                                               "keepdim=True)")
+                centre = f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, keepdim=True)"
+                if edit.per_stage:
+                    updated = insert_at_stage_loop(updated, edit.stack_attribute, "before", centre, _stream_variable)
+                    self.applied[edit] += 1
+                else:
+                    updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit, centre)
         return updated
 
     def _add_output_projection(self, function: cst.FunctionDef, edit: AddOutputProjection) -> cst.FunctionDef:
