@@ -18,7 +18,7 @@ def render_topology(topology: Topology) -> str:
         final = _edge(stack.final_norm)
         width = f", width {stack.width}" if stack.width is not None else ""
         width += f" on axis {stack.axis} (channels first)" if stack.axis != -1 else ""
-        lines.append(f"stack {stack.path or '(root)'}: {stack.num_layers} layers{width}, "
+        lines.append(f"stack {stack.path or '(root)'}: {stack.layer_count()}{width}, "
                      f"embedding norm {embedding}, final norm {final}")
     lines.append("")
     header = ("layer", "sublayer", "placement", "pre", "post", "out", "residual add")

@@ -70,6 +70,16 @@ class Branch:
     reads: tuple[str, ...] = ()  # paths of the pre norms between the stream and this branch
     entry: str | None = None  # the first module the branch runs: its input is what the branch reads
     entry_source: str | None = None  # where the entry module is called, "modeling_bert.py:364"
+    # the other modules that read the stream as the entry does (ALBERT's attention calls key and value beside query
+    # in its own forward): their positions in ``modules``, which keep their order wherever paths are relocated, and
+    # where each is called; a norm moved before the branch must reach every one of them
+    reader_positions: tuple[int, ...] = ()
+    reader_sources: tuple[str | None, ...] = ()
+
+    def other_readers(self) -> tuple[tuple[str, str | None], ...]:
+        """(module path, where it is called) of each module beside the entry that reads what the entry reads."""
+        return tuple((self.modules[position], source)
+                     for position, source in zip(self.reader_positions, self.reader_sources, strict=True))
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,11 @@ class Stack:
     final_norm: NormSite | None
     width: int | None = None  # the stream's width, as its first layer reads it (stages of a vision model differ)
     axis: int = -1  # the axis of the stream between layers that holds its channels: 1 where it is channels first
+    passes: int | None = None  # layer calls in one forward, where the model reuses its layers (ALBERT's one group)
+
+    def layer_count(self) -> str:
+        """``6 layers``, or ``1 layers, 12 passes`` where the stack runs its layers more than once."""
+        return f"{self.num_layers} layers" + (f", {self.passes} passes" if self.passes else "")
 
 
 @dataclass(frozen=True)
@@ -250,7 +265,8 @@ class Topology:
         parts.append("final norm" if any(s.final_norm for s in self.stacks) else "no final norm")
         if self.residual_scales:
             parts.append(_scaled_residual_summary(self.residual_scales))
-        parts.append(" + ".join(f"{s.num_layers} layers" for s in self.stacks) if len(self.stacks) > 1
+        parts.append(" + ".join(s.layer_count() for s in self.stacks) if len(self.stacks) > 1
+                     else self.stacks[0].layer_count() if self.stacks and self.stacks[0].passes
                      else f"{len(self.layers)} layers")
         return ", ".join(parts)
 

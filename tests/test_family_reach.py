@@ -7,6 +7,8 @@ refused with the structural reason.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,26 +102,92 @@ def test_stages_of_several_widths_are_stacks_of_their_own(tmp_path: Path) -> Non
     assert normswap.inspect(loaded).placement == "post"
 
 
-def test_stage_lists_run_by_one_loop_convert_what_needs_no_code_around_the_loop(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
-    own, all run by one loop of its encoder: nothing can go before or after one stage's layers, so Post-Norm is
-    refused with that reason and the exact RMSNorm map (which centres each stage's stream there) gives way to the
-    approximate one."""
+def _pvt() -> torch.nn.Module:
     config = transformers.PvtConfig(num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1],
                                     hidden_sizes=[32, 64], patch_sizes=[4, 2], strides=[4, 2],
                                     num_attention_heads=[1, 2], mlp_ratios=[2, 2], image_size=32)
-    model = _perturbed(transformers.PvtModel(config))
+    return _perturbed(transformers.PvtModel(config))
+
+
+def _glpn() -> torch.nn.Module:
+    config = transformers.GLPNConfig(num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+                                     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                     mlp_ratios=[2, 2], decoder_hidden_size=32)
+    return _perturbed(transformers.GLPNModel(config))
+
+
+def test_a_stage_list_whose_stages_hand_on_no_final_norm_keeps_the_exact_rms_norm_map_out() -> None:
+    """PVT keeps the patch embeddings (no residual add: not a stack) and the stages' layer lists in lists of their
+    own, all run by one loop of its encoder. The exact RMSNorm map would centre each stage's stream before its
+    layers, inside that loop; but PVT's first stage hands its stream on with no final norm, to the next stage's
+    patch embedding, which would read the centred stream: it gives way to the approximate map, saying so."""
+    model = _pvt()
     topology = normswap.inspect(model)
     assert [s.path for s in topology.stacks] == ["encoder.block.0", "encoder.block.1"]
     converted = normswap.convert(model, norm="rmsnorm")
     assert not converted.normswap_report.exact
-    assert "a list of layer lists that PvtEncoder.forward runs in one loop" in converted.normswap_plan.exact_impossible
-    model.save_pretrained(tmp_path / "pvt")
-    capsys.readouterr()
-    assert main(["convert", str(tmp_path / "pvt"), str(tmp_path / "post"), "--placement", "post"]) == 1
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "runs in one loop over every stage" in error[0] and "internal error" not in error[0]
+    assert "encoder.block.0, a stage that one loop of its model runs with the others, hands its stream on with no " \
+           "final norm" in converted.normswap_plan.exact_impossible
+
+
+def test_a_stage_list_whose_stages_end_in_norms_goes_to_rms_norm_exactly(tmp_path: Path) -> None:
+    """GLPN's stages each end in a norm (kept in a list beside the stages), so centring each stage's stream before
+    its layers, inside the loop over the stages, keeps the model: ``--norm rmsnorm`` is exact (it was approximate,
+    with no place to centre the stream)."""
+    model = _glpn()
+    loaded = _converted_matches(model, tmp_path, ["--norm", "rmsnorm"], "AutoModel", norm="rmsnorm")
+    report = json.loads((tmp_path / "dst" / "normswap_report.json").read_text())
+    assert report["exact"] and report["relative"] < 1e-5
+    assert normswap.inspect(loaded).norm == "rmsnorm"
+    source = (tmp_path / "dst" / "modeling_normswap_glpn.py").read_text()
+    assert "hidden_states = hidden_states - hidden_states.mean(-1, keepdim=True)" in source
+
+
+@pytest.mark.parametrize("build", [_pvt, _glpn], ids=["pvt", "glpn"])
+def test_stage_lists_run_by_one_loop_take_one_stack_norm_per_stage_inside_it(
+        build: Callable[[], torch.nn.Module], tmp_path: Path) -> None:
+    """PVT and GLPN run every stage's layer list from one loop of their encoder, which once refused Post-Norm (no
+    one place before one stage's layers). Each stage's new embedding norm is now an item of a module list, built as
+    a fresh copy of the stage's first layer's norm and picked by the stage loop's index just before the stage's
+    layers; GLPN's stage norms, kept in a list beside the stages, become placeholders. The norm-shift holds stage
+    by stage: the embedding norm takes the first pre norm, the last layer's add the stage's final norm (PVT's last
+    stage, every GLPN stage), branch 0 reads what it read (PVT; GLPN's patch-embedding norm has no target slot and
+    is carried), and the way back is bit for bit."""
+    model = build()
+    source = normswap.inspect(model)
+    loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
+    target = normswap.inspect(loaded)
+    assert target.placement == "post"
+    assert [s.embedding_norm.path for s in target.stacks] == [f"encoder.normswap_embedding_norm.{i}" for i in (0, 1)]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(loaded(**probe_inputs(model, None, None)))).all()
+    for index, stack in enumerate(source.stacks):
+        first, last = model.encoder.block[index][0], loaded.encoder.block[index][-1]
+        assert torch.equal(loaded.encoder.normswap_embedding_norm[index].weight, first.layer_norm_1.weight)
+        if stack.final_norm is not None:
+            final = model.get_submodule(stack.final_norm.path)
+            assert torch.equal(last.layer_norm_1.weight, final.weight)
+            assert torch.equal(last.layer_norm_1.bias, final.bias)
+    report = json.loads((tmp_path / "dst" / "normswap_report.json").read_text())
+    if source.stacks[0].embedding_norm is None:
+        assert report["sublayers"][0]["max_abs_diff"] == 0.0  # branch 0 reads exactly what it read before
+    else:
+        assert any("patch_embeddings.0.layer_norm is dropped" in note for note in report["plan"]["notes"])
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "pre", "--quiet"]) == 0
+    assert_same_weights(tmp_path / "src", tmp_path / "back")
+
+
+def test_stages_whose_first_layers_hold_their_norm_apart_share_no_list_of_stage_norms() -> None:
+    """One expression builds a stage list's new norms, copying each stage's first layer's norm by one path: stages
+    that hold it under different paths would each add a list of their own, so they are refused."""
+    from normswap.codegen.derive import CodegenError, require_one_stage_norm_list
+    from normswap.codegen.edits import AddStackNorm
+
+    lists = [AddStackNorm("Encoder", "block", "normswap_embedding_norm", "before", layer, norm, True, per_stage=True)
+             for layer, norm in (("LayerA", "norm1"), ("LayerB", "ln_1"))]
+    require_one_stage_norm_list(lists[:1])
+    with pytest.raises(CodegenError, match="hold their first layer's norm as norm1 and as ln_1"):
+        require_one_stage_norm_list(lists)
 
 
 def test_a_layer_norm_built_from_a_name_the_stage_lacks_is_copied_from_the_first_layer(tmp_path: Path) -> None:
@@ -151,15 +219,17 @@ def test_funnel_whose_blocks_one_loop_runs_is_refused_not_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Funnel's encoder keeps its blocks as a list of layer lists. Detection once missed them, and the norm-shift
     moved the embedding norm into the decoder, whose branch 0 then read something else (a bad output, exit 0);
-    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all, so
-    there is no place for the norm each block's layers need before them: refused with that reason."""
+    then the branch-0 check refused it. Each block is a stack now, and one loop of the encoder runs them all; a
+    block's final norm would go inside that loop, after the block's layers, but they read ``query``, which the loop
+    sets from ``hidden``, the name that carries the stream: a norm of ``query`` there would normalise nothing the
+    next block reads, so it is refused with that reason."""
     config = transformers.FunnelConfig(block_sizes=[1, 1], d_model=64, n_head=4, d_head=16, d_inner=128,
                                        vocab_size=128)
     _perturbed(transformers.FunnelModel(config)).save_pretrained(tmp_path / "src")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--placement", "pre", "--quiet"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "a list of layer lists that FunnelEncoder.forward runs in one loop" in error[0]
+    assert len(error) == 1 and "read query, which is not what they hand on" in error[0]
     assert not (tmp_path / "dst").exists()
 
 
@@ -594,3 +664,40 @@ def test_a_stage_norm_run_by_the_module_around_the_stage_ends_that_stage(tmp_pat
         (width, f"encoder.layer.{i + 2}.layernorm") for i, width in enumerate((32, 48, 64))]
     loaded = _converted_matches(model, tmp_path, ["--placement", "post"], "AutoModel", placement="post")
     assert normswap.inspect(loaded).placement == "post"
+
+
+def test_a_shared_layer_group_run_by_a_computed_index_goes_to_pre_with_every_reader_normalised(
+        tmp_path: Path) -> None:
+    """ALBERT runs one shared layer group on every pass, ``for i in range(num_hidden_layers)`` over
+    ``self.albert_layer_groups[group_idx]`` with ``group_idx`` computed from ``i``: Pre-Norm was refused for want of
+    one place after the layers, which the statement after that loop is. Its attention calls query, key and value
+    in its own forward, beside the residual add: each reads the stream, so each reads the moved norm (the entry
+    alone once did, and key and value read the raw stream). The norm-shift moves the post norms one entry on:
+    attention's norm starts as a unit norm (no embedding norm on this width), the MLP's takes attention's old one,
+    the final norm the MLP's; the shared modules hold one norm per slot for every pass. The way back is bit for
+    bit. ``inspect`` counts the passes beside the one layer it lists."""
+    config = transformers.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                       num_hidden_groups=1, inner_group_num=1, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=64)
+    model = _perturbed(transformers.AlbertForMaskedLM(config))
+    (stack,) = normswap.inspect(model).stacks
+    assert (stack.num_layers, stack.passes) == (1, 3)  # one shared group, run on each of the 3 passes
+    assert normswap.inspect(model).summary().endswith("1 layers, 3 passes")
+    loaded = _converted_matches(model, tmp_path, ["--placement", "pre"], "AutoModelForMaskedLM", placement="pre")
+    topology = normswap.inspect(loaded)
+    assert topology.placement == "pre"
+    assert topology.stacks[0].final_norm.path == "albert.encoder.normswap_final_norm"
+    before, after = (m.albert.encoder.albert_layer_groups[0].albert_layers[0] for m in (model, loaded))
+    assert torch.equal(after.attention.LayerNorm.weight, torch.ones(64))
+    assert torch.equal(after.full_layer_layer_norm.weight, before.attention.LayerNorm.weight)
+    assert torch.equal(loaded.albert.encoder.normswap_final_norm.weight, before.full_layer_layer_norm.weight)
+    reads: dict[str, torch.Tensor] = {}
+    hooks = [getattr(after.attention, name).register_forward_hook(
+        lambda module, args, output, name=name: reads.setdefault(name, args[0])) for name in ("query", "key", "value")]
+    with torch.no_grad():
+        assert torch.isfinite(main_output(loaded(**probe_inputs(model, None, None)))).all()
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(reads["key"], reads["query"]) and torch.equal(reads["value"], reads["query"])
+    assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--placement", "post", "--quiet"]) == 0
+    assert_same_weights(tmp_path / "src", tmp_path / "back")

@@ -77,7 +77,21 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
             if position:  # the stack's own norm is added once, from its first layer class
                 stack_edits = [edit for edit in stack_edits if not isinstance(edit, AddStackNorm)]
             edits += [edit for edit in stack_edits if edit not in edits]
+    require_one_stage_norm_list(edits)
     return edits
+
+
+def require_one_stage_norm_list(edits: list[Edit]) -> None:
+    """The stages of one stage list share one list of new norms (``_stage_norm``), built by one expression: their
+    first layers must hold the norm it copies under one path."""
+    lists: dict[tuple[str, str], AddStackNorm] = {}
+    for edit in edits:
+        if isinstance(edit, AddStackNorm) and edit.per_stage:
+            other = lists.setdefault((edit.class_name, edit.norm), edit)
+            if other != edit:
+                raise CodegenError(f"the stages of {edit.class_name}.{edit.stack_attribute} hold their first layer's "
+                                   f"norm as {other.copy_attribute} and as {edit.copy_attribute}, and one list of "
+                                   "stage norms is built by one expression that copies it")
 
 
 def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[list[Layer]]:
@@ -130,6 +144,8 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
         return edits  # it already normalises what branch 0 reads: it stays the embedding norm (ModernBERT)
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
+    if _stage_list(model, stack):
+        return [*edits, _stage_norm(model, stack, EMBEDDING_NORM, "before", first, locate)]
     return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
                                  *template, channel_axis=_axis_to_move(stack, alike or first))]
 
@@ -217,10 +233,16 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
         _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
         edits.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute,
                                      norm_attribute))
+        for reader, source in branch.other_readers():  # ALBERT's key and value read the stream beside query
+            class_name, reader_attribute = locate.attribute(source, reader)
+            _, norm_attribute = locate.attribute(source, norm.path)
+            edits.append(WrapBranchInput(class_name, locate.line(source), reader_attribute, norm_attribute))
     assert first_post is not None  # a layer has at least one sublayer
-    template = _template(model, stack.embedding_norm, first_post, locate)
     if stack.embedding_norm is not None:
         edits += _removed_model_norm(model, stack.embedding_norm.path)
+    if _stage_list(model, stack):
+        return [*edits, _stage_norm(model, stack, FINAL_NORM, "after", first_post, locate)]
+    template = _template(model, stack.embedding_norm, first_post, locate)
     return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
                                  *template, channel_axis=_axis_to_move(stack, stack.embedding_norm or first_post))]
 
@@ -257,9 +279,31 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
 
 
 def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:
-    """A stack-level norm (embedding or final) that the target layout no longer runs."""
+    """A stack-level norm (embedding or final) that the target layout no longer runs. An item of a module list of
+    stage norms (GLPN's ``encoder.layer_norm``, called through the stage loop's variable) is built as a placeholder
+    that passes its input through, so its call needs no edit."""
+    if _is_list_item(model, path):
+        owner, attribute = owner_and_attribute(model, path.rsplit(".", 1)[0])
+        item_class = type(model.get_submodule(path)).__name__
+        return [NeutraliseNorm(owner, attribute, _parameter_names(model, path), item_class)]
     owner, attribute = owner_and_attribute(model, path)
     return [UnwrapModelNorm(owner, attribute), NeutraliseNorm(owner, attribute, _parameter_names(model, path))]
+
+
+def _stage_norm(model: nn.Module, stack: Stack, norm: str, where: str, layer_norm: NormSite,
+                locate: _Locator) -> AddStackNorm:
+    """The new stack norm of a stack that is one stage of a list of layer lists (``stage_loops``): one per stage,
+    each a fresh copy of its stage's first layer's ``layer_norm`` (the same class and settings, its stage's width),
+    whose weights loading replaces."""
+    holder, attribute = owner_and_attribute(model, stack.path.rsplit(".", 1)[0])
+    return AddStackNorm(holder, attribute, norm, where, locate.layer_class, locate.relative(layer_norm.path),
+                        copy_from_layers=True, channel_axis=_axis_to_move(stack, layer_norm), per_stage=True)
+
+
+def _stage_list(model: nn.Module, stack: Stack) -> bool:
+    """Whether ``stack`` is one item of a list of layer lists (PVT's ``encoder.block``, one list per stage)."""
+    parent = stack.path.rsplit(".", 1)[0] if "." in stack.path else ""
+    return isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential))
 
 
 def _branch_called_beside(locate: _Locator, sub: Sublayer, class_name: str, source: str | None) -> str:
@@ -339,7 +383,9 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
             if edit not in edits:
                 edits.append(edit)
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
-        edit = CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis)
+        edit = (CentreStream(*owner_and_attribute(model, stack.path.rsplit(".", 1)[0]), stack.axis, per_stage=True)
+                if _stage_list(model, stack)
+                else CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis))
         if edit not in edits:  # stacks of one class (T5's two, SegFormer's stages) run one loop in shared code
             edits.append(edit)
     return edits
@@ -495,8 +541,20 @@ def _owner(model: nn.Module, path: str) -> str:
 
 
 def loop_owners(model: nn.Module, topology: Topology) -> list[str]:
-    """The class that runs each stack's layer loop (``CodegenError`` where a stack has none of its own)."""
-    return [_loop_owner(model, stack) for stack in topology.stacks]
+    """The class that runs each stack's layer loop, where the exact RMSNorm map centres its stream (``CodegenError``
+    where a stack has none of its own); for a stage of a list of layer lists, the class whose loop over the stages
+    runs it (``stage_loops``), where every stage ends in a final norm: a stage that hands its stream on without one
+    (PVT's first stages, read by the next stage's patch embedding) would hand on the centred stream."""
+    owners = []
+    for stack in topology.stacks:
+        if not _stage_list(model, stack):
+            owners.append(_loop_owner(model, stack))
+            continue
+        if stack.final_norm is None:
+            raise CodegenError(f"{stack.path}, a stage that one loop of its model runs with the others, hands its "
+                               "stream on with no final norm, so what reads it next would see the centred stream")
+        owners.append(owner_and_attribute(model, stack.path.rsplit(".", 1)[0])[0])
+    return owners
 
 
 def _shares_loop(model: nn.Module, topology: Topology, stack: Stack) -> bool:
@@ -514,9 +572,10 @@ def _loop_owner(model: nn.Module, stack: Stack) -> str:
     """The class whose ``forward`` runs the stack's layer loop, where code before or after that loop goes.
 
     A stack that is an item of a list of layer lists (PVT's ``encoder.block``, one list per stage) is run by a
-    loop over several lists at once, in a forward that holds no one place per stack."""
+    loop over several lists at once, in a forward that holds no one place per stack; a stack norm goes inside
+    that loop instead (``_stage_norm``), but other code around the loop does not."""
     parent = stack.path.rsplit(".", 1)[0] if "." in stack.path else ""
-    if isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential)):
+    if _stage_list(model, stack):
         holder = parent.rsplit(".", 1)[0] if "." in parent else ""
         raise CodegenError(f"{stack.path} is an item of {parent}, a list of layer lists that "
                            f"{type(model.get_submodule(holder)).__name__}.forward runs in one loop over every "

@@ -67,11 +67,14 @@ class NeutraliseNorm:
 
     The placeholder passes its input through and keeps an empty tensor under each of the norm's
     parameter names, so the stock class refuses the checkpoint (size mismatch) instead of loading it.
+    With ``item_class``, ``self.<norm>`` is a module list built by one expression (GLPN's stage norms): each
+    ``<item_class>(...)`` call in it becomes the placeholder, and the list keeps its length.
     """
 
     class_name: str
     norm: str
     parameters: tuple[str, ...] = ("weight",)
+    item_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class AddStackNorm:
     class, shape and settings, whose weights loading replaces. Where the stream between layers is channels first
     and the copied norm normalises the last axis (VitDet), the call moves ``channel_axis`` last and back:
     ``h = self.<norm>(h.movedim(1, -1)).movedim(-1, 1)``.
+
+    With ``per_stage`` the stack is one item of ``self.<stack_attribute>``, a list of layer lists that one loop
+    runs stage by stage (GLPN, PVT: ``stage_loops``): the norm is a module list with one fresh copy of each stage's
+    first layer's ``<copy_attribute>`` (a path in the layer), and the call, inside the stage loop, takes the item
+    of the loop's index.
     """
 
     class_name: str
@@ -106,6 +114,7 @@ class AddStackNorm:
     copy_attribute: str
     copy_from_layers: bool = False  # ``copy_from`` is the class of the stack's items
     channel_axis: int = -1
+    per_stage: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,11 +142,13 @@ class ReplaceNormClass:
 @dataclass(frozen=True)
 class CentreStream:
     """``h = h - h.mean(-1, keepdim=True)`` just before the layer loop: the stream starts with zero mean. A
-    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``."""
+    channels-first stream (SqueezeBERT's, VitDet's) is centred over its ``channel_axis``. With ``per_stage``
+    (``AddStackNorm``'s), before each stage's layers inside the loop over a list of layer lists."""
 
     class_name: str
     stack_attribute: str
     channel_axis: int = -1
+    per_stage: bool = False
 
 
 @dataclass(frozen=True)

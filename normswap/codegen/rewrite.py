@@ -36,6 +36,7 @@ from .edits import (
     WrapResidualAdd,
 )
 from .name_scope import bound_names, module_names, read_names
+from .stage_loops import insert_at_stage_loop
 from .statement_lines import Spans, statement_lines
 
 _EMPTY = cst.Module(body=[])
@@ -405,6 +406,12 @@ class _Rewriter(cst.CSTTransformer):
                 self.applied[edit] += 1
                 reads = _InnerWidthReads(edit.occurrences, self.width_aliases.get(edit.class_name, {}))
                 return updated.with_changes(value=updated.value.visit(reads))
+            if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit) and edit.item_class:
+                removed = _ItemsRemoved(edit)  # ``nn.ModuleList([Norm(...) for ...])``: each Norm(...) call
+                value = updated.value.visit(removed)
+                if removed.seen:
+                    self.applied[edit] += 1
+                    return updated.with_changes(value=value)
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
@@ -461,9 +468,12 @@ class _Rewriter(cst.CSTTransformer):
                     updated = self._insert_at_loop(updated, edit.stack_attribute, edit.where, None,
                                                    f"{{stream}} = self.{edit.attribute}({{stream}})")
             if isinstance(edit, CentreStream) and self._here(edit) and name == "forward":
-                updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit,
-                                               f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, "
-                                               "keepdim=True)")
+                centre = f"{{stream}} = {{stream}} - {{stream}}.mean({edit.channel_axis}, keepdim=True)"
+                if edit.per_stage:
+                    updated = insert_at_stage_loop(updated, edit.stack_attribute, "before", centre, _stream_variable)
+                    self.applied[edit] += 1
+                else:
+                    updated = self._insert_at_loop(updated, edit.stack_attribute, "before", edit, centre)
         return updated
 
     def _add_linear_map(self, function: cst.FunctionDef, edit: AddOutputProjection | AddStackProjection,
@@ -486,8 +496,24 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        if edit.per_stage:
+            return self._add_stage_norms(function, edit)
         return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),
                                             edit.stack_attribute)
+
+    def _add_stage_norms(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
+        """``self.<norm> = torch.nn.ModuleList([<a fresh copy of each stage's first layer's norm>])`` in ``__init__``
+        after the stages' lists are built: each stage's norm has that stage's width, which no one constructor of the
+        loop's class writes."""
+        body = list(function.body.body)
+        for index, statement in enumerate(body):
+            if _assigns(statement, edit.stack_attribute):
+                body.insert(index + 1, cst.parse_statement(
+                    f"self.{edit.norm} = torch.nn.ModuleList([normswap_fresh_copy(stage[0].{edit.copy_attribute}) "
+                    f"for stage in self.{edit.stack_attribute}])\n"))
+                self.applied[edit] += 1
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute} in its own body")
 
     def _add_beside(self, function: cst.FunctionDef, edit: AddLayerNorm) -> cst.FunctionDef:
         return self._add_copied_constructor(function, edit, (edit.class_name, edit.copy_attribute),
@@ -520,8 +546,12 @@ class _Rewriter(cst.CSTTransformer):
 
     def _add_call(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         axis = edit.channel_axis
-        call = (f"self.{edit.norm}({{stream}})" if axis == -1
-                else f"self.{edit.norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        norm = f"self.{edit.norm}[{{index}}]" if edit.per_stage else f"self.{edit.norm}"
+        call = (f"{norm}({{stream}})" if axis == -1
+                else f"{norm}({{stream}}.movedim({axis}, -1)).movedim(-1, {axis})")
+        if edit.per_stage:
+            return insert_at_stage_loop(function, edit.stack_attribute, edit.where, f"{{stream}} = {call}",
+                                        _stream_variable)
         return self._insert_at_loop(function, edit.stack_attribute, edit.where, None, f"{{stream}} = {call}")
 
     def _insert_at_loop(self, function: cst.FunctionDef, stack_attribute: str, where: str, edit: Edit | None,
@@ -531,7 +561,7 @@ class _Rewriter(cst.CSTTransformer):
         for index, statement in enumerate(body):
             if isinstance(statement, cst.For) and (f"self.{stack_attribute}" in _code(statement.iter)
                                                    or _indexes(statement, stack_attribute)):
-                line = template.format(stream=_stream_variable(statement))
+                line = template.format(stream=_stream_variable(statement, stack_attribute))
                 body.insert(index if where == "before" else index + 1, cst.parse_statement(line + "\n"))
                 if edit is not None:
                     self.applied[edit] += 1
@@ -557,6 +587,21 @@ class _ItemConstructors(cst.CSTTransformer):
             return updated
         self.seen += 1
         return _like_call(self.edit, updated)
+
+
+class _ItemsRemoved(cst.CSTTransformer):
+    """Every ``<item_class>(...)`` call -> ``NormswapRemovedNorm(parameters)`` (``NeutraliseNorm`` with
+    ``item_class``): the norms a module list's constructor expression builds."""
+
+    def __init__(self, edit: NeutraliseNorm) -> None:
+        super().__init__()
+        self.edit, self.seen = edit, 0
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
+        if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
+            return updated
+        self.seen += 1
+        return cst.parse_expression(f"NormswapRemovedNorm({self.edit.parameters!r})")
 
 
 def _like_call(edit: ReplaceNormClass, built: cst.BaseExpression) -> cst.Call:
@@ -646,17 +691,18 @@ def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
 
 
 def _indexes(loop: cst.For, attribute: str) -> bool:
-    """Whether the loop runs its layers by index: its body calls ``self.<attribute>[<the loop's index>](...)``
-    (XLM's ``for i in range(self.n_layers)`` over ``self.attentions[i]``)."""
+    """Whether the loop runs its layers by index: its body calls ``self.<attribute>[<index>](...)``, by the loop's
+    own index (XLM's ``for i in range(self.n_layers)`` over ``self.attentions[i]``) or by one computed from it
+    (ALBERT's ``self.albert_layer_groups[group_idx]``, one shared group run on every pass): either way the statement
+    after the loop runs once, after every layer."""
     return isinstance(loop.target, cst.Name) and any(
-        isinstance(node, cst.Call) and _self_attribute(node.func) == f"{attribute}.*"
-        and _loop_index(node.func) == loop.target.value for node in _walk(loop.body))
+        isinstance(node, cst.Call) and _self_attribute(node.func) == f"{attribute}.*" for node in _walk(loop.body))
 
 
-def _stream_variable(loop: cst.For) -> str:
+def _stream_variable(loop: cst.For, attribute: str = "") -> str:
     """The variable the loop body passes to each layer: the first argument of ``<target>(...)``, or of
     ``<target>.forward(...)`` (SqueezeBERT's encoder calls its layers' forward directly); in a loop by index, of
-    the first ``self.<list>[<index>](...)`` that reads a variable."""
+    the first ``self.<list>[<index>](...)`` that reads a variable, or of ``self.<attribute>[<any index>](...)``."""
     target = loop.target.elements[-1].value if isinstance(loop.target, cst.Tuple) else loop.target
     if not isinstance(target, cst.Name):
         raise CodegenError("the layer loop does not bind its layer to a name")
@@ -668,6 +714,8 @@ def _stream_variable(loop: cst.For) -> str:
         if isinstance(func, cst.Name) and func.value == target.value:
             return node.args[0].value.value
         if _loop_index(node.func) == target.value and _self_attribute(node.func) is not None:
+            return node.args[0].value.value
+        if attribute and _self_attribute(node.func) == f"{attribute}.*":
             return node.args[0].value.value
     raise CodegenError(f"no call `{target.value}(hidden_states, ...)` in the layer loop")
 

@@ -354,12 +354,13 @@ def _require_pre_layer_norm(topology: Topology) -> None:
 
 
 def _require_loop_owners(model: nn.Module, topology: Topology) -> None:
-    """The exact map centres each stack's stream in code before its layer loop, which needs a class of the stack's
-    own that runs the loop (PVT runs every stage's layer list in one loop of its encoder)."""
+    """The exact map centres each stack's stream in code before its layer loop, which needs the class that runs the
+    loop (``loop_owners``: PVT runs every stage's layer list in one loop of its encoder, and its first stages hand
+    their streams on with no final norm)."""
     try:
         loop_owners(model, topology)
     except CodegenError as error:
-        reason = f"{topology.model_type}'s code has no place before one stack's layers to centre its stream ({error})"
+        reason = f"{topology.model_type}'s code cannot centre each stack's stream before its layers ({error})"
         raise ExactImpossibleError(f"{reason}: the exact LayerNorm -> RMSNorm map centres the stream there", reason
                                    ) from error
 

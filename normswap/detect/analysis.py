@@ -61,6 +61,7 @@ class _RawSublayer:
     post_norms: list[fx.Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     residual_scale: ResidualScale | None = None
+    readers: list[fx.Node] = field(default_factory=list)  # the branches' nodes that read the stream at read_point
 
 
 class NoResidualAddError(TopologyError):
@@ -226,7 +227,7 @@ def analyse_layer(graph: LayerGraph, layer_path: str) -> LayerReading:
                 info = graph.norms[path]
                 sites.append(NormSite(path, slot, info.kind, info.eps, info.dim,
                                       graph.source_of(node), info.axis))
-        branches = tuple(_describe_branch(graph, nodes, item.pre_norms) for nodes in item.branches)
+        branches = tuple(_describe_branch(graph, nodes, item.pre_norms, item.readers) for nodes in item.branches)
         parallel = len(branches) > 1
         slots = {site.slot for site in sites}
         sublayers.append(Sublayer(
@@ -264,7 +265,8 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         residual_norms, branch_origin, out_norms = list(residual.norms), branch.origin, list(branch.norms)
         branch_nodes = _branch_nodes(graph, branch_origin, stream)
         valued = _valued_nodes(graph, branch_origin, branch_nodes)
-        entries = [entry for entry in _branch_entries(graph, branch_nodes, stream) if entry[0] in valued]
+        all_entries = _branch_entries(graph, branch_nodes, stream)
+        entries = [entry for entry in all_entries if entry[0] in valued]
         if not entries:
             continue  # e.g. adding a position bias: the other operand does not read the stream
         read_points = {origin for _, origin, _ in entries}
@@ -274,7 +276,10 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         groups = _split_branches(graph, branch_nodes, [e for e, _, _ in entries])
         for group in groups:  # each branch remembers the norms its entries read through
             group.update(norm for entry, _, norms in entries if entry in group for norm in norms)
-        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups, residual_scale=scale))
+        raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups, residual_scale=scale,
+                                # every module that reads the stream, a reader of positions only too: each
+                                # takes the norm a placement change moves to the branch's input
+                                readers=[entry for entry, origin, _ in all_entries if origin is read_point]))
         stream.append(node)
     return raw
 
@@ -367,6 +372,7 @@ def _merge_parallel(raw: list[_RawSublayer]) -> list[_RawSublayer]:
                 and item.residual_scale is None):  # s * (h + A(x)) + M(x) scales A too: not one parallel group
             previous = merged[-1]
             previous.branches.extend(item.branches)
+            previous.readers.extend(item.readers)
             previous.pre_norms.extend(n for n in item.pre_norms  # the kept stream's norms are no branch's
                                       if n not in previous.pre_norms and n not in previous.residual_norms)
             previous.out_norms.extend(item.out_norms)
@@ -412,7 +418,8 @@ def _first_output(graph: LayerGraph, result: object) -> object:
             return result
 
 
-def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.Node]) -> Branch:
+def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.Node],
+                     readers: list[fx.Node]) -> Branch:
     paths = sorted({p for n in nodes if (p := graph.module_path(n)) and not graph.is_norm(n)
                     and not graph.is_light(n)})
     reads = tuple(graph.module_path(n) or "" for n in pre_norms if n in nodes)
@@ -427,7 +434,10 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
         kind = "cross-attention" if reads_encoder or _CROSS.search(names) else "attention"
     else:
         kind = "mlp"
-    return Branch(kind, tuple(paths), reads, entry, entry_source)
+    others = [(paths.index(path), graph.source_of(node)) for node in readers
+              if node in nodes and (path := graph.module_path(node)) in paths and path != entry]
+    return Branch(kind, tuple(paths), reads, entry, entry_source, tuple(position for position, _ in others),
+                  tuple(source for _, source in others))
 
 
 def _unique(items: object) -> list:

@@ -15,6 +15,7 @@ replaced by the full build. Loaded models are never sampled. See ``sampling.py``
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,7 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
     Only a norm as wide as the stack's stream can be one: a norm of a side input computed before the layers
     (per-layer embeddings, 512 wide beside a 64-wide stream) is neither."""
     order = run.call_order
+    calls = Counter(order)
     records: list[Stack] = []
     called = [(path, layers) for path, layers in stacks if layers[0][0] in run.layer_calls]
     for position, (stack_path, stack_layers) in enumerate(called):
@@ -308,6 +310,7 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
         is_last = position + 1 == len(called)
         after = [n for n in order[last + 1:next_start] if n in edges
                  and (is_last or n.startswith(parent) or run.reads_layer_output(n, stack_layers[-1][0]))]
+        passes = sum(calls[path] for path, _ in stack_layers)
         records.append(Stack(
             path=stack_path,
             num_layers=len(stack_layers),
@@ -315,6 +318,7 @@ def _place_edge_norms(stacks: list, run: CapturedRun, norms: dict[str, NormInfo]
             final_norm=_site(after[0], "final", norms) if after else None,
             width=width,
             axis=axes.get(stack_path, -1),
+            passes=passes if passes > len(stack_layers) else None,
         ))
     return records
 
