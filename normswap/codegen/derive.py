@@ -146,7 +146,7 @@ def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classe
         edits += _removed_model_norm(model, stack.embedding_norm.path)
     if _stage_list(model, stack):
         return [*edits, _stage_norm(model, stack, EMBEDDING_NORM, "before", first, locate)]
-    return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
+    return [*edits, AddStackNorm(loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], EMBEDDING_NORM, "before",
                                  *template, channel_axis=_axis_to_move(stack, alike or first))]
 
 
@@ -243,7 +243,7 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
     if _stage_list(model, stack):
         return [*edits, _stage_norm(model, stack, FINAL_NORM, "after", first_post, locate)]
     template = _template(model, stack.embedding_norm, first_post, locate)
-    return [*edits, AddStackNorm(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
+    return [*edits, AddStackNorm(loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], FINAL_NORM, "after",
                                  *template, channel_axis=_axis_to_move(stack, stack.embedding_norm or first_post))]
 
 
@@ -385,7 +385,7 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
         edit = (CentreStream(*owner_and_attribute(model, stack.path.rsplit(".", 1)[0]), stack.axis, per_stage=True)
                 if _stage_list(model, stack)
-                else CentreStream(_loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis))
+                else CentreStream(loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis))
         if edit not in edits:  # stacks of one class (T5's two, SegFormer's stages) run one loop in shared code
             edits.append(edit)
     return edits
@@ -548,7 +548,7 @@ def loop_owners(model: nn.Module, topology: Topology) -> list[str]:
     owners = []
     for stack in topology.stacks:
         if not _stage_list(model, stack):
-            owners.append(_loop_owner(model, stack))
+            owners.append(loop_owner(model, stack))
             continue
         if stack.final_norm is None:
             raise CodegenError(f"{stack.path}, a stage that one loop of its model runs with the others, hands its "
@@ -568,7 +568,7 @@ def _shares_loop(model: nn.Module, topology: Topology, stack: Stack) -> bool:
     return any(owner(other.path) is owner(stack.path) for other in topology.stacks if other.path != stack.path)
 
 
-def _loop_owner(model: nn.Module, stack: Stack) -> str:
+def loop_owner(model: nn.Module, stack: Stack) -> str:
     """The class whose ``forward`` runs the stack's layer loop, where code before or after that loop goes.
 
     A stack that is an item of a list of layer lists (PVT's ``encoder.block``, one list per stage) is run by a

@@ -51,9 +51,9 @@ import torch
 from torch import nn
 
 from ..codegen.derive import (
-    _loop_owner,
     layer_norm_edits,
     list_item_class,
+    loop_owner,
     modeling_file,
     norm_owner,
     owner_and_attribute,
@@ -145,7 +145,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     starts = () if weightless else (*(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm),
                                     *(sides or ()))
     start_maps = {norm.path: _stream_map_path(norm.path) for norm in starts}
-    unlift = None if final else AddStackProjection(_loop_owner(model, last), last.path.rsplit(".", 1)[-1],
+    unlift = None if final else AddStackProjection(loop_owner(model, last), last.path.rsplit(".", 1)[-1],
                                                    STREAM_UNLIFT, "after",
                                                    ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD))
     first = topology.stacks[0]
@@ -153,7 +153,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     # and a fixed U lifts what it hands the first layer, or the first stack's embedding norm, where it has one
     lifts_stem = input_path is None
     stem_norm = first.embedding_norm.path if lifts_stem and first.embedding_norm and starts else None
-    lift_in = AddStackProjection(_loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
+    lift_in = AddStackProjection(loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
                                  ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size")
                                  ) if lifts_stem and not stem_norm else None
     lifted = (f"{_stream_map_path(stem_norm).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") if stem_norm
