@@ -89,7 +89,7 @@ from .norm_kind import TOLERANCE, ExactnessReport, NormKindPlan, check_exact, li
 from .program import Step, TensorProgram, combine, constant, copy_of, shapes_of
 from .projection_check import check_projections
 from .setup import ConversionSetup, convert_in_memory
-from .stream_config import StreamConfig, _eps_of, eps_sources, stream_config
+from .stream_config import StreamConfig, eps_of, eps_sources, stream_config
 from .stream_roles import StreamRole, inside, projection_modules, stream_roles, trace_stream_uses
 
 # plain RMSNorm, Gemma's (1 + w) RMSNorm, and a weightless one (g = 1: HRM-Text's, NanoChat's)
@@ -632,7 +632,7 @@ def _side_start_norms(model: nn.Module, topology: Topology, d: int) -> tuple[Nor
         weight = getattr(module, "weight", None)
         if (type(module) in classes and path not in known and isinstance(weight, torch.Tensor)
                 and tuple(weight.shape) == (d,) and not any(inside(path, layer.path) for layer in topology.layers)):
-            found.append(NormSite(path, "embedding", classes[type(module)], _eps_of(module), d))
+            found.append(NormSite(path, "embedding", classes[type(module)], eps_of(module), d))
     return tuple(found)
 
 

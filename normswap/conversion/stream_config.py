@@ -79,7 +79,7 @@ def eps_sources(model: nn.Module, stream: StreamConfig, topology: Topology) -> t
         setattr(getattr(config, stream.field) if stream.field else config, name, 2 * value)
         with torch.device("meta"), quiet_transformers():
             probe = type(model)._from_config(config)
-        others = [norm for norm in norms if not math.isclose(_eps_of(probe.get_submodule(norm.path)), 2 * norm.eps)]
+        others = [norm for norm in norms if not math.isclose(eps_of(probe.get_submodule(norm.path)), 2 * norm.eps)]
         if len(others) < len(norms):
             return (None, norms) if _read_beyond_stream(model, probe, topology, value) else (name, others)
     return None, norms
@@ -92,12 +92,12 @@ def _read_beyond_stream(model: nn.Module, probe: nn.Module, topology: Topology, 
     built = dict(probe.named_modules())
     for path, module in model.named_modules():
         twin = built.get(path)
-        if path not in stream and twin is not None and math.isclose(_eps_of(module), value) and math.isclose(
-                _eps_of(twin), 2 * value):
+        if path not in stream and twin is not None and math.isclose(eps_of(module), value) and math.isclose(
+                eps_of(twin), 2 * value):
             return True
     return False
 
 
-def _eps_of(norm: nn.Module) -> float:
+def eps_of(norm: nn.Module) -> float:
     values = [getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon")]
     return next((value for value in values if isinstance(value, float)), math.nan)
