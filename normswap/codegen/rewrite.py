@@ -7,7 +7,7 @@ Statements are matched by the line the fx stack trace gave; inside a statement, 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import libcst as cst
@@ -327,7 +327,8 @@ class _Rewriter(cst.CSTTransformer):
             if (isinstance(edit, ReplaceNormClass) and edit.item_class and self._here(edit)
                     and callee in {f"{edit.norm}.{grow}" for grow in _LIST_GROWTH}
                     and self.functions and self.functions[-1] == "__init__"):
-                wrapped = _ItemConstructors(edit)  # ``self.norms.append(Norm(...))`` in the loop that builds a list
+                # ``self.norms.append(Norm(...))`` in the loop that builds a list
+                wrapped = _ItemCalls(edit.item_class, lambda call, edit=edit: _like_call(edit, call))
                 arguments = [arg.visit(wrapped) for arg in updated.args]
                 if wrapped.seen:
                     self.applied[edit] += 1
@@ -407,7 +408,8 @@ class _Rewriter(cst.CSTTransformer):
                 reads = _InnerWidthReads(edit.occurrences, self.width_aliases.get(edit.class_name, {}))
                 return updated.with_changes(value=updated.value.visit(reads))
             if isinstance(edit, NeutraliseNorm) and edit.norm == attribute and self._here(edit) and edit.item_class:
-                removed = _ItemsRemoved(edit)  # ``nn.ModuleList([Norm(...) for ...])``: each Norm(...) call
+                removed = _ItemCalls(edit.item_class, lambda call, edit=edit: cst.parse_expression(
+                    f"NormswapRemovedNorm({edit.parameters!r})"))  # ``nn.ModuleList([Norm(...) for ...])``
                 value = updated.value.visit(removed)
                 if removed.seen:
                     self.applied[edit] += 1
@@ -416,7 +418,7 @@ class _Rewriter(cst.CSTTransformer):
                 self.applied[edit] += 1
                 return updated.with_changes(value=cst.parse_expression(f"NormswapRemovedNorm({edit.parameters!r})"))
             if isinstance(edit, ReplaceNormClass) and edit.item_class and edit.norm == attribute and self._here(edit):
-                wrapped = _ItemConstructors(edit)  # ``nn.ModuleList([Norm(...) for ...])``: each Norm(...) call
+                wrapped = _ItemCalls(edit.item_class, lambda call, edit=edit: _like_call(edit, call))
                 value = updated.value.visit(wrapped)
                 if wrapped.seen:
                     self.applied[edit] += 1
@@ -574,34 +576,19 @@ class _Rewriter(cst.CSTTransformer):
 _LIST_GROWTH = ("append", "extend", "insert")  # how an ``__init__`` fills a ``nn.ModuleList()`` it built empty
 
 
-class _ItemConstructors(cst.CSTTransformer):
-    """Every ``<item_class>(...)`` call -> ``<new_class>.like(<item_class>(...), keywords)`` (``ReplaceNormClass``
-    with ``item_class``, ``wrap``): the norms a module list's constructor expression builds."""
+class _ItemCalls(cst.CSTTransformer):
+    """Every ``<item_class>(...)`` call -> ``replace(call)``: the norms a module list's constructor expression builds
+    (``ReplaceNormClass`` with ``item_class`` wraps each, ``NeutraliseNorm`` with ``item_class`` removes each)."""
 
-    def __init__(self, edit: ReplaceNormClass) -> None:
+    def __init__(self, item_class: str, replace: Callable[[cst.Call], cst.BaseExpression]) -> None:
         super().__init__()
-        self.edit, self.seen = edit, 0
+        self.item_class, self.replace, self.seen = item_class, replace, 0
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
-        if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
+        if _code(updated.func).rpartition(".")[2] != self.item_class:
             return updated
         self.seen += 1
-        return _like_call(self.edit, updated)
-
-
-class _ItemsRemoved(cst.CSTTransformer):
-    """Every ``<item_class>(...)`` call -> ``NormswapRemovedNorm(parameters)`` (``NeutraliseNorm`` with
-    ``item_class``): the norms a module list's constructor expression builds."""
-
-    def __init__(self, edit: NeutraliseNorm) -> None:
-        super().__init__()
-        self.edit, self.seen = edit, 0
-
-    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
-        if _code(updated.func).rpartition(".")[2] != self.edit.item_class:
-            return updated
-        self.seen += 1
-        return cst.parse_expression(f"NormswapRemovedNorm({self.edit.parameters!r})")
+        return self.replace(updated)
 
 
 def _like_call(edit: ReplaceNormClass, built: cst.BaseExpression) -> cst.Call:
