@@ -216,3 +216,23 @@ def test_a_model_with_no_layer_norm_or_rms_norm_has_nothing_to_change() -> None:
     model.encoder.stages[0].layers[0].extra = torch.nn.LayerNorm(16)  # a LayerNorm inspection does not place
     with pytest.raises(normswap.NormswapError):
         plan_norm_kind(model, "rmsnorm")
+
+
+def test_a_model_inspect_refuses_with_no_layer_norm_or_rms_norm_has_nothing_to_change_either() -> None:
+    """MobileNetV2 (convolutions and BatchNorms, no residual stream inspect can describe): --norm is a no-op that
+    says so, not the inspection's refusal; a model that normalises otherwise (an L2 norm) keeps the refusal."""
+    from normswap.conversion.norm_change import plan_norm_kind
+
+    model = transformers.MobileNetV2Model(transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.25)).eval()
+    with pytest.raises(normswap.NormswapError, match="no residual add"):
+        normswap.inspect(model)
+    setup = plan_norm_kind(model, "rmsnorm")
+    assert setup.program is None and "mobilenet_v2 has no LayerNorm or RMSNorm anywhere" in setup.plan.notes[0]
+
+    class L2Norm(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(x, dim=1)
+
+    model.extra = L2Norm()
+    with pytest.raises(normswap.NormswapError, match="no residual add"):
+        plan_norm_kind(model, "rmsnorm")

@@ -30,7 +30,14 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     """
     if norm not in _ALREADY:
         raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
-    topology = inspect(model)
+    try:
+        topology = inspect(model)
+    except NormswapError:  # no stack inspection can describe (MobileNet's convolutions): nothing to change either
+        if _any_norm_module(model):
+            raise
+        family = getattr(model.config, "model_type", type(model).__name__)
+        plan = NormKindPlan(family, family, "none", (), (), kind=norm, notes=(_no_norm_note(model, family),))
+        return ConversionSetup(plan, None)
     kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
     if (kinds and kinds <= _ALREADY[norm]) or (not kinds and not _any_norm_module(model)):
         label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
@@ -50,20 +57,24 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         return plan_rms_norm_approximate(model, exact_impossible=error.reason)
 
 
+_BATCH_OR_GROUP = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
 def _any_norm_module(model: nn.Module) -> bool:
-    """Whether a LayerNorm or RMSNorm module is anywhere in ``model``, where inspection placed none (a norm outside
-    the stacks it found): then the model is not one with nothing to change."""
+    """Whether ``model`` holds a normalisation other than batch and group norms: a LayerNorm or RMSNorm (where
+    inspection placed none, a norm outside the stacks it found) or any module its code calls a norm (Dory's L2 norm,
+    MobileBERT's NoNorm): then the model is not one with nothing to change, and the refusal says why."""
     return any(isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-               or type(module).__name__.lower().endswith(("layernorm", "rmsnorm")) for module in model.modules())
+               or ("norm" in type(module).__name__.lower() and not isinstance(module, _BATCH_OR_GROUP))
+               for module in model.modules())
 
 
 def _no_norm_note(model: nn.Module, family: str) -> str:
     """Why a model with no LayerNorm or RMSNorm anywhere has nothing to change, naming the norms it keeps."""
-    others = sorted({type(module).__name__ for module in model.modules()
-                     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))})
+    others = sorted({type(module).__name__ for module in model.modules() if isinstance(module, _BATCH_OR_GROUP)})
     kept = (f"; its {', '.join(others)} layers (statistics over a batch, or over positions and channels together, "
             "not per token) are no norm kind this changes and stay" if others else "")
-    return f"{family} has no LayerNorm or RMSNorm, on its residual stream or inside its branches{kept}"
+    return f"{family} has no LayerNorm or RMSNorm anywhere{kept}"
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
