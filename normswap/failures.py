@@ -3,8 +3,9 @@
 ``NormswapError`` carries its own message. Failures of the machine (a full disk, a file-size limit, a file
 that cannot be read, memory) name the file and the fix. An interrupt is an interrupt even when it surfaces
 wrapped in another exception (Python 3.11 wraps a Ctrl-C that lands inside a class body during an import
-in ``RuntimeError: Error calling __set_name__``). Anything else is a normswap bug: one line that says so and
-asks for ``--debug``, which prints the traceback first.
+in ``RuntimeError: Error calling __set_name__``). A module that is not installed (a model's code importing an
+optional package) is named with its install. Anything else is a normswap bug: one line that says so and asks for
+``--debug``, which prints the traceback first.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def describe(error: BaseException, activity: str = "") -> str:
     missing = _missing_package(error)
     if missing:
         during = f" (needed while {activity})" if activity else ""
-        return (f"the Python package '{missing}' is not installed in this environment{during}; install it "
-                f"(pip install {missing}) and run again")
+        return (f"the Python package '{missing}' is not installed in this environment{during}; install the package "
+                f"that provides it (often pip install {missing}) and run again")
     first = _one_line(str(error)) or "no message"
     during = f" while {activity}" if activity else ""
     return (f"internal error ({type(error).__name__}: {first[:200]}){during}; this is a normswap bug: rerun with "
