@@ -213,6 +213,9 @@ def test_a_model_with_no_layer_norm_or_rms_norm_has_nothing_to_change() -> None:
         assert setup.program is None and setup.plan.realisation == "none"
         assert "levit has no LayerNorm or RMSNorm" in setup.plan.notes[0] and "BatchNorm2d" in setup.plan.notes[0]
         assert normswap.convert(model, norm=norm) is model
+    with pytest.raises(normswap.NormswapError, match=r"levit has no norm on its residual stream \(nor a LayerNorm or "
+                                                     r"RMSNorm in its branches"):
+        normswap.convert(model, "pre")  # adding norms is another conversion (a calibrated stand-in)
     model.encoder.stages[0].layers[0].extra = torch.nn.LayerNorm(16)  # a LayerNorm inspection does not place
     with pytest.raises(normswap.NormswapError):
         plan_norm_kind(model, "rmsnorm")

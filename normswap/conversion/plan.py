@@ -280,9 +280,11 @@ def require_placement_source(topology: Topology) -> str:
             "no such image: removing it changes the function, so it needs a calibrated stand-in (§6), a different, "
             "approximate conversion than --placement pre/post")
     if placement == "none":
-        raise PlanError(f"{topology.model_type} has no norm on its residual stream or in its branches ("
-                        f"{topology.summary()}); the norm-shift mapping moves residual norms, and there are none "
-                        "to move")
+        inside = sorted({norm.path.rpartition(".")[2] for layer in topology.layers for norm in layer.inner_norms})
+        where = (f"its norms ({', '.join(inside)}) sit inside its branches" if inside
+                 else "nor a LayerNorm or RMSNorm in its branches")
+        raise PlanError(f"{topology.model_type} has no norm on its residual stream ({where}; {topology.summary()}); "
+                        "the norm-shift mapping moves residual norms, and there are none to move")
     raise PlanError(f"{topology.model_type} has {placement} placement (its layers or sublayers place their norms "
                     "differently); the norm-shift mapping needs one placement throughout a stack")
 
