@@ -166,22 +166,9 @@ def test_a_model_without_lm_head_returns_its_output_through_a_projection_back_to
     keeps its width and values. It was refused."""
     model_type, _, values = MIXTURES["mixtral"]
     base = perturbed(transformers.MixtralModel(CONFIG_MAPPING[model_type](**values)))
-    converted, _, report, generated = convert_to_layer_norm_exact(base)
-    assert report.exact and report.relative <= 1e-4
-    assert "self.normswap_output_projection(self.norm(" in generated.source
-    inputs = probe_inputs(base, None, None)
-    with torch.no_grad():
-        reference, actual = base(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
-    assert actual.shape == reference.shape and converted.config.hidden_size == 65
-    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
-
-    base.save_pretrained(tmp_path / "source")
-    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
-                 "--quiet"]) == 0
-    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
-    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"  # its code is normswap's own: no flag
+    converted, source = _exact_last_hidden_state(base)
+    assert "self.normswap_output_projection(self.norm(" in source
+    _same_through_the_cli(base, converted, tmp_path)  # its code is normswap's own: inspect needs no flag
 
 
 def test_a_headless_model_whose_stacks_share_the_final_norms_code_is_refused() -> None:
@@ -369,23 +356,10 @@ def test_a_stem_of_features_keeps_width_d_and_a_fixed_lift_starts_the_stream(tmp
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16, intermediate_size=128,
         num_mel_bins=16, max_position_embeddings=64)
     encoder = perturbed(transformers.VoxtralRealtimeEncoder(config))
-    converted, _, report, generated = convert_to_layer_norm_exact(encoder)
-    assert report.exact and report.relative <= 1e-4
-    assert "= self.normswap_stream_lift(" in generated.source
+    converted, source = _exact_last_hidden_state(encoder)
+    assert "= self.normswap_stream_lift(" in source
     assert converted.embedder.conv2.weight.shape == encoder.embedder.conv2.weight.shape  # the stem stays d wide
-    inputs = probe_inputs(encoder, None, None)
-    with torch.no_grad():
-        reference, actual = encoder(**inputs).last_hidden_state, converted(**inputs).last_hidden_state
-    assert actual.shape == reference.shape and converted.config.hidden_size == 65
-    assert float((reference - actual).abs().max()) <= 1e-4 * float(reference.abs().max())
-
-    encoder.save_pretrained(tmp_path / "source")
-    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
-                 "--quiet"]) == 0
-    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).last_hidden_state, actual, rtol=1e-5, atol=1e-5)
-    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+    _same_through_the_cli(encoder, converted, tmp_path)
 
 
 def test_an_embedding_norm_with_a_weight_and_filtered_branches_convert_exactly() -> None:
@@ -424,6 +398,20 @@ def _exact_last_hidden_state(model: torch.nn.Module) -> tuple[torch.nn.Module, s
     return converted, generated.source
 
 
+def _same_through_the_cli(model: torch.nn.Module, converted: torch.nn.Module, tmp_path: Path) -> None:
+    """``normswap convert --norm layernorm --exact`` on the saved ``model`` writes what the API made: it loads, its
+    last_hidden_state equals ``converted``'s, and it inspects as LayerNorm."""
+    model.save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
+    inputs = probe_inputs(model, None, None)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, converted(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+
+
 def test_a_stack_with_no_final_norm_hands_its_output_back_through_u_transposed(tmp_path: Path) -> None:
     """Pixtral's vision model returns its last layer's output with no final norm, so nothing takes a norm's weight
     there: one dimension wider that output is U h, and a fixed U^T after the layer loop gives h back. Its stem, a
@@ -439,15 +427,7 @@ def test_a_stack_with_no_final_norm_hands_its_output_back_through_u_transposed(t
     assert "self.normswap_stream_map(self.ln_pre(self.normswap_stream_lift(" in source
     assert converted.patch_conv.weight.shape == model.patch_conv.weight.shape  # the stem stays d wide
 
-    model.save_pretrained(tmp_path / "source")
-    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "ln"), "--norm", "layernorm", "--exact",
-                 "--quiet"]) == 0
-    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ln", trust_remote_code=True).eval()
-    inputs = probe_inputs(model, None, None)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).last_hidden_state, converted(**inputs).last_hidden_state,
-                                   rtol=1e-5, atol=1e-5)
-    assert normswap.inspect(str(tmp_path / "ln")).norm == "layernorm"
+    _same_through_the_cli(model, converted, tmp_path)
 
 
 def test_a_layer_scale_folds_into_its_branch_and_class_tokens_stay_in_the_stem() -> None:

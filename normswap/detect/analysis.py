@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -288,17 +289,25 @@ def _valued_nodes(graph: LayerGraph, origin: fx.Node, nodes: set[fx.Node]) -> se
     """The branch nodes whose values reach its output through floating-point tensors: a read of the stream that
     only picks positions (top-k indices: Mistral Large 4's sparse-attention indexer, with its own norm) passes
     no value of the stream into the branch, so what it reads through is no norm of the branch's input."""
+    def valued(node: fx.Node) -> bool:
+        value = node.meta.get("meta_value")
+        return node in nodes and not (isinstance(value, torch.Tensor)
+                                      and not (value.is_floating_point() or value.is_complex()))
+
+    return _reach(origin, graph.inputs_of, valued)
+
+
+def _reach(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]], keep: Callable[[fx.Node], bool]
+           ) -> set[fx.Node]:
+    """The nodes reached from ``start`` by ``step`` (inputs or users) through nodes that ``keep`` admits."""
     reached: set[fx.Node] = set()
-    todo = [origin]
+    todo = [start]
     while todo:
         node = todo.pop()
-        if node in reached or node not in nodes:
-            continue
-        value = node.meta.get("meta_value")
-        if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
+        if node in reached or not keep(node):
             continue
         reached.add(node)
-        todo.extend(graph.inputs_of(node))
+        todo.extend(step(node))
     return reached
 
 
@@ -332,30 +341,13 @@ def _branch_entries(graph: LayerGraph, branch_nodes: set[fx.Node],
 
 def _branch_nodes(graph: LayerGraph, origin: fx.Node, stream: list[fx.Node]) -> set[fx.Node]:
     """Everything the branch output depends on, back to (not including) the stream points."""
-    seen: set[fx.Node] = set()
-    todo = [origin]
-    while todo:
-        node = todo.pop()
-        if node in seen or node in stream or node.op in ("placeholder", "get_attr"):
-            continue
-        seen.add(node)
-        todo.extend(graph.inputs_of(node))
-    return seen
+    return _reach(origin, graph.inputs_of,
+                  lambda node: node not in stream and node.op not in ("placeholder", "get_attr"))
 
 
 def _split_branches(graph: LayerGraph, nodes: set[fx.Node], entries: list[fx.Node]) -> list[set[fx.Node]]:
     """Entries whose downstream nodes meet at anything but an add belong to one branch."""
-    closures = []
-    for entry in _unique(entries):
-        closure: set[fx.Node] = set()
-        todo = [entry]
-        while todo:
-            node = todo.pop()
-            if node in closure or node not in nodes:
-                continue
-            closure.add(node)
-            todo.extend(node.users)
-        closures.append(closure)
+    closures = [_reach(entry, lambda node: node.users, nodes.__contains__) for entry in _unique(entries)]
     groups: list[set[fx.Node]] = []
     for closure in closures:
         joined = [g for g in groups if any(not graph.is_add(n) for n in g & closure)]
