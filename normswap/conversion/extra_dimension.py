@@ -144,7 +144,7 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     # embedding norms with weights: LayerNorms over the lifted rows, then a fixed map U diag(g) U^T / s after each
     starts = () if weightless else (*(stack.embedding_norm for stack in topology.stacks if stack.embedding_norm),
                                     *(sides or ()))
-    start_maps = {norm.path: _stream_map_path(norm.path) for norm in starts}
+    start_maps = {norm.path: _beside(norm.path, STREAM_MAP) for norm in starts}
     unlift = None if final else AddStackProjection(loop_owner(model, last), last.path.rsplit(".", 1)[-1],
                                                    STREAM_UNLIFT, "after",
                                                    ("{config}.hidden_size", "{config}." + INNER_WIDTH_FIELD))
@@ -156,9 +156,8 @@ def _plan_layer_norm_exact(model: nn.Module, untie: bool, inner: tuple[SizeByInn
     lift_in = AddStackProjection(loop_owner(model, first), first.path.rsplit(".", 1)[-1], STREAM_LIFT, "before",
                                  ("{config}." + INNER_WIDTH_FIELD, "{config}.hidden_size")
                                  ) if lifts_stem and not stem_norm else None
-    lifted = (f"{_stream_map_path(stem_norm).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".") if stem_norm
-              else f"{_unlift_path(model, first.path).rpartition('.')[0]}.{STREAM_LIFT}".lstrip(".")) + ".weight"
-    output_path = (_unlift_path(model, last.path) if unlift else _projection_path(final) if headless
+    lifted = f"{_beside(stem_norm or first.path, STREAM_LIFT)}.weight"
+    output_path = (_beside(last.path, STREAM_UNLIFT) if unlift else _beside(final, OUTPUT_PROJECTION) if headless
                    else _path_of(model, model.get_output_embeddings()))
     tied = not headless and _tied(model, stream)
     offsets = {n.path: 1.0 if n.kind == "rmsnorm-offset" else 0.0 for n in topology.stream_norms}
@@ -607,16 +606,11 @@ def _token_embedding(model: nn.Module) -> nn.Embedding | None:
     return embedding if isinstance(embedding, nn.Embedding) else None
 
 
-def _stream_map_path(norm: str) -> str:
-    """Where the fixed map after an embedding norm lives: beside the norm."""
-    owner = norm.rpartition(".")[0]
-    return f"{owner}.{STREAM_MAP}" if owner else STREAM_MAP
-
-
-def _unlift_path(model: nn.Module, stack: str) -> str:
-    """Where ``U^T`` after a stack's layers lives: on the module whose forward runs the loop."""
-    owner = stack.rpartition(".")[0]
-    return f"{owner}.{STREAM_UNLIFT}" if owner else STREAM_UNLIFT
+def _beside(path: str, attribute: str) -> str:
+    """Where a fixed map the generated code adds lives: ``attribute`` of the module that holds ``path`` (a norm's
+    map after it, a stack's U^T or U on the module whose forward runs its loop, a headless model's projection)."""
+    owner = path.rpartition(".")[0]
+    return f"{owner}.{attribute}" if owner else attribute
 
 
 def _side_start_norms(model: nn.Module, topology: Topology, d: int) -> tuple[NormSite, ...]:
@@ -652,12 +646,6 @@ def _start_map_edits(model: nn.Module, starts: Sequence[Any], eps_factor: float,
         edits += [as_layer_norm, AddOutputProjection(*owner_and_attribute(model, norm.path), attribute=STREAM_MAP,
                                                      widths=(width, width), input_map=lift[0], input_widths=lift[1])]
     return tuple(edits)
-
-
-def _projection_path(final: str) -> str:
-    """Where the output projection of a model without a head lives: beside its final norm."""
-    owner = final.rpartition(".")[0]
-    return f"{owner}.{OUTPUT_PROJECTION}" if owner else OUTPUT_PROJECTION
 
 
 def _tied(model: nn.Module, stream: StreamConfig) -> bool:
