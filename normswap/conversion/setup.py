@@ -9,7 +9,7 @@ from disk (``streaming.stream_conversion``); both run the same tensor program.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +21,14 @@ from ..errors import ExactnessError
 from ..io.source_identity import source_name
 from ..topology import Topology
 from ..version import __version__
+from .calibration import CalibratedScale, CalibrationSite, calibrate
 from .finite import require_finite_model
 from .native import build_with_weights
 from .program import TensorProgram, evaluate
 from .verify import probe_inputs
 
 logger = logging.getLogger("normswap")
+Scales = Mapping[CalibrationSite, CalibratedScale]
 
 Verifier = Callable[[nn.Module, nn.Module, dict[str, torch.Tensor]], Any]
 
@@ -50,10 +52,21 @@ class ConversionSetup:
     target: Topology | None = None
     verify: Verifier | None = None
     fallback: Callable[[ExactnessError], ConversionSetup | None] | None = None
+    # scales to measure on the source before the program exists (calibrated stand-ins, docs/design.md §6): then
+    # ``program`` is None until ``calibrated(scales)`` returns the setup that has one, and ``scales`` holds them
+    calibration: tuple[CalibrationSite, ...] = ()
+    calibrated: Callable[[Scales], ConversionSetup] | None = None
+    scales: tuple[CalibratedScale, ...] = ()
 
     @property
     def noop(self) -> bool:
-        return self.program is None
+        return self.program is None and self.calibrated is None
+
+    def with_calibration(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ConversionSetup:
+        """This setup with its program, measuring its calibration sites on ``model`` (the source) if it needs them."""
+        if self.calibrated is None or self.program is not None:
+            return self
+        return self.calibrated(calibrate(model, self.calibration, inputs))
 
 
 def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]:
@@ -66,9 +79,11 @@ def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]
 def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = False) -> nn.Module:
     """The converted model, built in memory from ``model``'s weights: same dtype, device and mode.
     A model holding NaN or Inf is refused unless ``allow_nonfinite``."""
-    if setup.program is None:
+    if setup.noop:
         logger.warning(setup.plan.notes[0])
         return model
+    if setup.program is None:
+        raise ValueError("this conversion needs calibrated scales: call setup.with_calibration(model, inputs) first")
     if not allow_nonfinite:
         require_finite_model(model)
     parameter = next(model.parameters())
@@ -86,10 +101,12 @@ def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = Fa
 def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str, torch.Tensor] | None = None,
                       allow_nonfinite: bool = False) -> tuple[nn.Module, ConversionSetup, Any]:
     """Realise and verify ``setup`` on a loaded model; (converted model, the setup used, report)."""
+    needs_probe = setup.verify is not None or (setup.calibrated is not None and setup.program is None)
+    probe = inputs or (probe_inputs(model, None, None) if needs_probe else {})
+    setup = setup.with_calibration(model, probe)
     converted = realise(model, setup, allow_nonfinite)
     if setup.verify is None:
         return converted, setup, None
-    probe = inputs or probe_inputs(model, None, None)
     try:
         report = setup.verify(model, converted, probe)
     except ExactnessError as error:
