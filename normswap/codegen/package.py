@@ -344,6 +344,28 @@ for _model_class in ({", ".join(model_classes)},):
                            generated_config, model_type, model_classes)
 
 
+def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_norm: bool = False,
+              layer_norm: bool = False, plain_rms_norm: bool = False) -> GeneratedModule:
+    """``previous`` (a module this normswap generated) with a later pass's edits (``rewritten``, its source edited):
+    still one module over the stock family's source, under the same model_type and classes, whose header lists
+    every conversion in order, with the normswap classes the later pass needs appended."""
+    first, second, rest = rewritten.split("\n", 2)
+    done = second.removeprefix("# ").split(". DO NOT EDIT", 1)[0]
+    header = f"{first}\n# {done}; then {conversion}. DO NOT EDIT: regenerate with `normswap convert` instead.\n"
+    body = rest
+    for wanted, name, text in ((rms_norm, "NormswapRMSNorm", _RMS_NORM_CLASS),
+                               (layer_norm, "NormswapLayerNorm", _LAYER_NORM_CLASS),
+                               (plain_rms_norm, "NormswapPlainRMSNorm", _PLAIN_RMS_NORM_CLASS)):
+        if wanted and f"class {name}(" not in body:
+            body += text
+    for used, text in (("normswap_norm_item(", _NORM_ITEM_FUNCTION), ("normswap_fresh_copy(", _FRESH_COPY_FUNCTION),
+                       ("normswap_lifted_projector(", _LIFTED_PROJECTOR_FUNCTIONS)):
+        if used in body and text.strip().splitlines()[0] not in body:
+            body += text
+    return GeneratedModule(previous.family, previous.file_name, header + body, previous.config_class,
+                           previous.model_type, previous.model_classes)
+
+
 def _untied_head(untied: tuple[str, str] | None) -> str:
     """The model class's tied weights without its LM head, where one config flag ties the head and the token
     embeddings the stacks share (T5's ``tie_word_embeddings``, which its config class also forces): turning the flag

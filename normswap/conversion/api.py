@@ -19,10 +19,9 @@ from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
 from .generated import generated_target, head_stored_apart
 from .native import meta_instance, target_class, target_config
-from .norm_change import convert_norm_kind
 from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
 from .program import shapes_of
-from .setup import ConversionSetup, realise
+from .setup import ConversionSetup, convert_in_memory, realise
 from .verify import DriftReport, measure_drift, require_branch_zero, require_topology
 from .weights import placement_program
 
@@ -104,25 +103,36 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
-            untie: bool = False, native: bool = True, allow_nonfinite: bool = False) -> nn.Module:
-    """Return ``model`` converted to ``placement`` (``"pre"``/``"post"``) or to ``norm``.
+            untie: bool = False, native: bool = True, allow_nonfinite: bool = False,
+            inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Return ``model`` converted to ``placement`` (pre, post, sandwich, post-sublayer), to ``norm``, or both.
 
-    Placement changes follow the norm-shift mapping (inexact; converting to the placement the model already
-    has returns ``model`` itself and logs that). ``norm="rmsnorm"`` on a Pre-LN model and
-    ``norm="layernorm", exact=True`` on a Pre-RMSNorm decoder (one extra hidden dimension) are
-    exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or
-    ``ExactnessError`` is raised. ``norm="layernorm"`` alone is approximate and carries a drift report.
-    The realised model is re-detected and must show the planned topology. A model holding NaN or Inf is
-    refused (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``.
+    Pre <-> Post follows the norm-shift mapping (inexact; converting to the placement the model already
+    has returns ``model`` itself and logs that); the sandwich and post-sublayer placements are reached by removing
+    norms as their calibrated stand-ins and adding norms at their calibrated scale (docs/design.md §6), measured
+    on ``inputs`` (token ids with their attention mask; fixed random ids where not given). ``norm="rmsnorm"`` on
+    a Pre-LN model and ``norm="layernorm", exact=True`` on a Pre-RMSNorm decoder (one extra hidden dimension) are
+    exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or ``ExactnessError`` is
+    raised. ``norm="layernorm"`` alone is approximate and carries a drift report. Both at once are one conversion
+    (one generated module, one verification against the original), exact only if every pass is. The realised
+    model is re-detected and must show the planned topology. A model holding NaN or Inf is refused
+    (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``.
     """
-    if (placement is None) == (norm is None):
-        raise NormswapError("pass exactly one of placement= and norm=: convert twice to change both (the placement, "
-                            "then the norm kind)")
-    if norm is not None:
-        return convert_norm_kind(model, norm, exact=exact, untie=untie, allow_nonfinite=allow_nonfinite)[0]
-    setup = plan_conversion(model, placement, native)
-    converted = realise(model, setup, allow_nonfinite)
-    if setup.target is not None:
+    from .route import plan_layout
+
+    if placement is None and norm is None:
+        raise NormswapError("pass placement=, norm= or both")
+    if norm is None and placement in PLACEMENTS and inputs is None:
+        source = inspect(model).placement
+        if source in ("pre", "post", "parallel"):  # the norm-shift alone: realised and re-detected, no probe run
+            setup = plan_conversion(model, placement, native)
+            converted = realise(model, setup, allow_nonfinite)
+            if setup.target is not None:
+                require_topology(converted, setup.target)
+            return converted
+    setup = plan_layout(model, placement, norm, exact=exact, untie=untie, native=native)
+    converted, setup, _ = convert_in_memory(model, setup, inputs, allow_nonfinite)
+    if setup.target is not None and converted is not model:
         require_topology(converted, setup.target)
     return converted
 

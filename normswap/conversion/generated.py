@@ -18,7 +18,7 @@ from torch import nn
 from ..codegen.composite import composite_code, require_generated_path
 from ..codegen.derive import modeling_file, placement_edits
 from ..codegen.edits import BuildAtSourceWidth, Edit
-from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module
+from ..codegen.package import GeneratedModule, config_fields, load_generated, package_module, repackage
 from ..codegen.rewrite import apply_edits
 from ..recipe import recipe_for
 from ..topology import Topology
@@ -35,6 +35,9 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     (``config_values`` set on top of the model's own); ``helpers`` name the normswap norm classes to ship;
     ``wider_sub_config`` and ``untied_head`` are ``package_module``'s.
     """
+    previous = getattr(model, "normswap_generated", None)
+    if previous is not None:  # a later pass of a composed conversion: edit the code the earlier passes wrote
+        return _on_top(model, previous, edits, conversion, config_values, **helpers)
     head = head_stored_apart(model)
     if head is not None and untied_head is None:  # the head stays apart in the converted model too
         untied_head = head_untied_in_code(model, head)
@@ -60,6 +63,19 @@ def generate_family_code(model: nn.Module, topology: Topology, edits: list[Edit]
     if composite.redirects:  # the language model is built through code normswap changed: it must hold our layers
         require_generated_path(meta_instance(cls, copy.deepcopy(config)),
                                [*stacks, *(layer.path for layer in topology.layers[:1])], module.__name__)
+    return generated, cls, config
+
+
+def _on_top(model: nn.Module, previous: GeneratedModule, edits: list[Edit], conversion: str,
+            config_values: dict[str, Any] | None, **helpers: bool) -> tuple[GeneratedModule, Any, Any]:
+    """A later pass of a composed conversion: its edits go into the module the earlier passes generated (their
+    lines are that module's, where detection of the intermediate model found them), which stays one module."""
+    generated = repackage(previous, apply_edits(previous.source, edits), conversion, **helpers)
+    module = load_generated(generated)
+    cls = getattr(module, type(model).__name__)
+    config = getattr(module, generated.config_class).from_dict({**config_fields(model.config), **(config_values or {})})
+    config.architectures = [type(model).__name__]
+    config.auto_map = generated.auto_map(model.normswap_source_model_type)
     return generated, cls, config
 
 

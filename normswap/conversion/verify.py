@@ -219,11 +219,15 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
         a, b = source_reads.get(source_entry), target_reads.get(target_entry)
         if a is None or b is None:
             continue
+        if a.shape != b.shape:  # a pass widened the stream (exact LayerNorm by one extra dimension): not comparable
+            continue
         a, b = a.double(), b.double()
         keep = mask if a.shape[:2] == mask.shape else torch.ones(a.shape[:2], dtype=torch.bool)
         sublayers.append(SublayerDrift(stack, index, kind, source_entry, target_entry,
                                        _cosine(a[keep], b[keep]), float((a[keep] - b[keep]).abs().max())))
     hidden_a, hidden_b = _last_hidden(source_out), _last_hidden(target_out)
+    if hidden_a.shape != hidden_b.shape and getattr(source_out, "logits", None) is not None:
+        hidden_a, hidden_b = source_out.logits, target_out.logits  # a widened stream: compare what it predicts
     keep = mask if hidden_a.shape[:2] == mask.shape else torch.ones(hidden_a.shape[:2], dtype=torch.bool)
     if torch.isfinite(hidden_a[keep]).all() and not torch.isfinite(hidden_b[keep]).all():
         raise VerificationError(_non_finite(converted, target_entries, target_reads, type(original).__name__))

@@ -1,0 +1,92 @@
+"""Which passes take a model from the layout it has to the one asked for (docs/design.md §6, §8).
+
+Placements meet at Pre-Norm: Post <-> Pre is the norm-shift mapping (§2), the branch-norm placements reach
+Pre by dropping or adding norms with calibrated stand-ins (§6), and two that share a slot go directly
+(sandwich -> post-sublayer drops the pre norms). A norm-kind change runs where the model is Pre-Norm, where
+the exact maps are exact (§3): before the placement passes when the source is Pre-Norm, after them when it
+is not.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..detect import inspect
+from ..errors import NormswapError
+from .compose import Planner, chain
+from .plan import PlanError, require_placement_source
+from .setup import ConversionSetup
+
+PLACEMENTS = ("pre", "post", "sandwich", "post-sublayer")
+PRE_LIKE = ("pre", "parallel")
+
+# (from, to) -> the branch-norm passes that go directly, by name; everything else goes through "pre"
+_BRANCH_NORM_STEPS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sandwich", "pre"): ("drop out",),
+    ("post-sublayer", "pre"): ("add pre", "drop out"),
+    ("pre", "sandwich"): ("add out",),
+    ("pre", "post-sublayer"): ("drop pre", "add out"),
+    ("sandwich", "post-sublayer"): ("drop pre",),
+    ("post-sublayer", "sandwich"): ("add pre",),
+}
+
+
+def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None = None, *, exact: bool = False,
+                untie: bool = False, native: bool = True) -> ConversionSetup:
+    """The setup for ``--placement`` and/or ``--norm`` on ``model`` (loaded or meta), as one conversion."""
+    if placement is None and norm is None:
+        raise NormswapError("pass placement=, norm= or both")
+    if placement is not None and placement not in PLACEMENTS:
+        raise NormswapError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if placement is None:
+        return _norm_planner(norm, exact, untie)(model)
+    topology = inspect(model)
+    source = topology.placement
+    if source not in (*PLACEMENTS, *PRE_LIKE):
+        require_placement_source(topology)  # raises, naming what rules the placement passes out
+    planners = placement_planners(source, placement, native=native)
+    if norm is None:
+        return chain(model, planners)
+    kind = _norm_planner(norm, exact, untie)
+    ordered = [kind, *planners] if source in PRE_LIKE else [*planners, kind]
+    return chain(model, ordered)
+
+
+def placement_planners(source: str, target: str, native: bool = True) -> list[Planner]:
+    """The planners from placement ``source`` to ``target``, in order (none where they are one placement)."""
+    if source == target or (source == "parallel" and target == "parallel"):
+        return []
+    if (source, target) in _BRANCH_NORM_STEPS:
+        return [_branch_norm_planner(source, target)]
+    if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
+        return [_norm_shift_planner(target, native)]
+    if source == "post":  # post -> pre by the norm shift, then pre -> the branch-norm placement
+        return [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target)]
+    if target == "post":
+        return [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)]
+    if source == "parallel":
+        return [_norm_shift_planner("pre", native), *placement_planners("pre", target, native)]
+    raise PlanError(f"a model of {source} placement has no single norm per slot for the placement passes to move")
+
+
+def _norm_shift_planner(target: str, native: bool) -> Planner:
+    from .api import plan_conversion
+
+    return lambda model: plan_conversion(model, target, native)
+
+
+def _branch_norm_planner(source: str, target: str) -> Planner:
+    names = _BRANCH_NORM_STEPS[(source, target)]
+
+    def plan(model: nn.Module) -> ConversionSetup:
+        from .branch_norm_passes import branch_norm_setup
+
+        return branch_norm_setup(model, names, f"placement {source} -> {target} (calibrated stand-ins)")
+
+    return plan
+
+
+def _norm_planner(norm: str | None, exact: bool, untie: bool) -> Planner:
+    from .norm_change import plan_norm_kind
+
+    return lambda model: plan_norm_kind(model, norm or "", exact=exact, untie=untie)
