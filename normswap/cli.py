@@ -48,15 +48,18 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     convert = commands.add_parser(
         "convert", parents=[debug],
         help="convert a checkpoint to another norm placement (--placement) or norm kind (--norm)",
-        description="Rewrite a checkpoint between Post-Norm and Pre-Norm under the norm-shift mapping "
-        "(every branch keeps the normalisation it was trained with; --placement), or between LayerNorm and "
-        "RMSNorm (--norm); verify it against the original, and save it. Give one of --placement and --norm.",
+        description="Rewrite a checkpoint to another norm placement (--placement: Post-Norm and Pre-Norm under the "
+        "norm-shift mapping, where every branch keeps the normalisation it was trained with; sandwich and "
+        "post-sublayer by removing norms as their calibrated stand-ins and adding norms at their calibrated scale), "
+        "or between LayerNorm and RMSNorm (--norm), or both in one conversion; verify it against the original, and "
+        "save it.",
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
-    convert.add_argument("--placement", choices=("pre", "post"),
-                         help="target norm placement: pre (norm before each branch) or post (after each residual "
-                         "add); not exact, heal the result")
+    convert.add_argument("--placement", choices=("pre", "post", "sandwich", "post-sublayer"),
+                         help="target norm placement: pre (norm before each branch), post (after each residual "
+                         "add), sandwich (before each branch and on its output, as Gemma 2) or post-sublayer (on "
+                         "each branch's output only, as OLMo 2); not exact, heal the result")
     convert.add_argument("--norm", choices=("rmsnorm", "layernorm"),
                          help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN) or "
                          "layernorm (approximate; exact with --exact)")
@@ -73,8 +76,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.add_argument("--max-shard-size", default="5GB",
                          help="largest safetensors shard (default 5GB); the source's shards are kept when they fit")
-    convert.add_argument("--calib", metavar="FILE", help="probe text for verification, one document per line "
-                         "(default: the built-in corpus)")
+    convert.add_argument("--calib", metavar="FILE", help="text for verification and for the calibrated scales of "
+                         "removed and added norms, one document per line (default: the built-in corpus)")
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                          default="auto", help="output dtype of floating-point tensors (default: each tensor's own)")
     convert.add_argument("--verify-max-size", default="1GB", metavar="SIZE",
@@ -297,11 +300,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         command.error(_unrecognised(command, unknown))
     if args.command == "convert" and args.placement is None and args.norm is None:
-        command.error("give the conversion: --placement pre|post (move the norms) or --norm rmsnorm|layernorm "
-                      "(change their kind)")
-    if args.command == "convert" and args.placement is not None and args.norm is not None:
-        command.error("give one of --placement and --norm: combining them in one conversion is not supported; "
-                      "convert twice")
+        command.error("give the conversion: --placement pre|post|sandwich|post-sublayer (move the norms), "
+                      "--norm rmsnorm|layernorm (change their kind), or both")
     return args
 
 

@@ -32,12 +32,11 @@ from ..io.stored_ties import untie_stored_copies
 from ..io.support_files import copy_support_files
 from ..io.tokenizer_files import pin_tokenizer_class
 from ..io.unsaved_keys import unsaved_keys
-from .api import plan_conversion
 from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_error
 from .native import meta_instance
-from .norm_change import plan_norm_kind
 from .offload import offload_options, offloaded, require_accelerate
 from .program import TensorProgram, shapes_of
+from .route import plan_layout
 from .setup import ConversionSetup, provenance
 from .streaming import byte_copies, planned_outputs, stream_program
 from .verify import SkippedVerification, probe_inputs
@@ -90,9 +89,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     caller, the CLI, started it before importing torch), and the output keeps the source's shard layout when
     it can, writing only the tensors that change; the caller discards a mirror it passed.
     """
-    if (placement is None) == (norm is None):
-        raise NormswapError("pass exactly one of --placement and --norm: to change both, convert twice (the "
-                            "placement into one folder, then the norm kind from it)")
+    if placement is None and norm is None:
+        raise NormswapError("pass --placement, --norm or both")
     started = time.monotonic()
     source_path, destination_path = Path(source), Path(destination)
     with early_copy(source_path, destination_path, overwrite, norm, exact, dtype, given=mirror) as mirror:
@@ -116,12 +114,23 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         setup = _plan(meta, placement, norm, exact, untie, native)
         if setup.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
+        above_limit = weights.total_bytes > verify_limit
+        if setup.program is None:  # calibrated stand-ins: the source runs once before any tensor is planned
+            if above_limit and not verify_offloaded:
+                raise NormswapError(
+                    f"this conversion calibrates its norms on the source's activations, and its "
+                    f"{weights.total_bytes / 1e9:.2f} GB of weights are above the in-memory limit (--verify-max-size "
+                    f"{verify_limit / 1e9:.2f} GB): pass --verify-offloaded to run it reading one module at a time "
+                    "from disk, or raise --verify-max-size")
+            if above_limit:
+                require_accelerate()
+            setup = _calibrated(setup, source_path, config, texts, trust_remote_code,
+                                destination_path if above_limit else None)
         state_shapes = shapes_of(meta.state_dict())
         unsaved = unsaved_keys(meta, state_shapes, weights.tensors)
         names = match_names(weights, {key: shape for key, shape in state_shapes.items() if key not in unsaved},
                             tied_keys(meta), meta.base_model_prefix, transformers_renamings(meta, weights.tensors))
         default_dtype = checkpoint_dtype(config, weights)
-        above_limit = weights.total_bytes > verify_limit
         verify = not above_limit or verify_offloaded
         if above_limit and verify_offloaded:
             require_accelerate()
@@ -140,7 +149,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                 output = stream_program(program, planned, weights, names, folder, shard_bytes, CARRIED_FILE,
                                         default_dtype, dtype=output_dtype, allow_nonfinite=allow_nonfinite,
                                         progress=progress, layout=layout)
-                _write_config(folder, setup, identify_source(source_path).name, planned)
+                _write_config(folder, setup, identify_source(source_path).name, planned,
+                              getattr(config, "architectures", None))
                 seconds["writing"] = seconds.get("writing", 0.0) + time.monotonic() - stage
                 if not verify:
                     report: Any = SkippedVerification(
@@ -186,9 +196,17 @@ def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTenso
 
 def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool,
           native: bool) -> ConversionSetup:
-    if norm is not None:
-        return plan_norm_kind(meta, norm, exact=exact, untie=untie)
-    return plan_conversion(meta, placement or "", native)
+    return plan_layout(meta, placement, norm, exact=exact, untie=untie, native=native)
+
+
+def _calibrated(setup: ConversionSetup, source: Path, config: Any, texts: list[str] | None, trust_remote_code: bool,
+                offload_beside: Path | None) -> ConversionSetup:
+    """``setup`` with its program, once the source has run on the calibration text (the same text verification
+    uses): in memory, or with its weights left on disk and read one module at a time (``offload_beside``)."""
+    with offloaded(offload_beside) if offload_beside else contextlib.nullcontext() as offload:
+        original = load_model(source, config, trust_remote_code, offload)
+        probe = probe_inputs(original, texts or default_corpus(), load_tokenizer(source, trust_remote_code))
+        return setup.with_calibration(original, probe)
 
 
 def _without_unsaved(setup: ConversionSetup, unsaved: frozenset[str]) -> ConversionSetup:
@@ -229,9 +247,10 @@ def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dic
     return program, planned_outputs(program, order, written_shapes, weights, names, default_dtype, dtype)
 
 
-def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: list[PlannedTensor]) -> None:
+def _write_config(folder: Path, setup: ConversionSetup, source: str, planned: list[PlannedTensor],
+                  architectures: list[str] | None = None) -> None:
     config = setup.target_config
-    config.normswap = provenance(setup.plan, setup.conversion, source)
+    config.normswap = provenance(setup.plan, setup.conversion, source, architectures)
     floating = [t.dtype for t in planned if t.dtype.is_floating_point]
     if floating:
         config.dtype = max(set(floating), key=floating.count)

@@ -9,6 +9,7 @@ conversion its ``normswap`` provenance block names is planned on it. Nothing of 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +18,8 @@ from typing import Any
 from ..codegen.package import GeneratedModule
 from ..detect.source import config_from_dict
 from ..errors import NormswapError
-from .api import plan_conversion
 from .checkpoint import meta_model
-from .norm_change import plan_norm_kind
+from .route import plan_layout
 from .setup import ConversionSetup
 
 
@@ -39,6 +39,7 @@ class ConversionRequest:
     # whether that conversion wrote eps * d/(d+1) into the config's eps field; it keeps the field where norms beside
     # the stream read it too (Qwen3's q_norm), and writes the stream norms' eps into the code instead
     eps_field_scaled: bool = True
+    native: bool = False  # a composed conversion's earlier pass may have gone to a stock family, a later one wrote code
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,32 @@ class Regenerated:
     auto_map: dict[str, str]
 
 
-_PLACEMENT = re.compile(r"placement (?:pre|post|parallel) -> (?P<target>pre|post)")
+_PLACES = r"pre|post|parallel|sandwich|post-sublayer"
+_PLACEMENT = re.compile(rf"placement (?:{_PLACES}) -> (?P<target>{_PLACES})(?: \(calibrated stand-ins\))?")
+_THEN = "; then "
 _NORM = re.compile(r"norm (?P<source>[a-z-]+) -> (?P<target>rmsnorm|layernorm)(?: \((?P<detail>.*)\))?")
 _WIDENED = re.compile(r"exact, hidden (?P<d>\d+) -> (?P<wider>\d+)\b.*")
 _KEYS_NOT_CARRIED = ("auto_map", "normswap", "transformers_version", "_name_or_path")
 
 
 def conversion_requests(conversion: str) -> list[ConversionRequest]:
+    """The option sets that may have written ``conversion``; a composed conversion (passes joined by "; then ")
+    was asked as one ``convert`` with the last placement pass's target and the norm pass's options, and its first
+    pass may have had a native target."""
+    parts = conversion.split(_THEN)
+    if len(parts) == 1:
+        return _single_requests(conversion)
+    placements = [found["target"] for part in parts if (found := _PLACEMENT.fullmatch(part)) is not None]
+    norms = [_single_requests(part) for part in parts if _PLACEMENT.fullmatch(part) is None]
+    if len(norms) > 1:
+        raise RegenerationError(f"its provenance names {len(norms)} norm-kind passes in {conversion[:80]!r}; a "
+                                "conversion has at most one")
+    placement = placements[-1] if placements else None
+    return [dataclasses.replace(norm, placement=placement, native=native)
+            for native in (True, False) for norm in (norms[0] if norms else [ConversionRequest()])]
+
+
+def _single_requests(conversion: str) -> list[ConversionRequest]:
     """The option sets that may have written ``conversion`` (provenance ``conversion``), likeliest first.
 
     ``--untie`` is not in the line of an exact LayerNorm -> RMSNorm conversion but changes its code (the stream
@@ -95,7 +115,10 @@ def regenerate(data: dict[str, Any], origin: str) -> Iterator[Regenerated]:
     planned = 0
     for request in conversion_requests(conversion):
         try:
-            setup = _plan(original_config(data, original_type, request, origin), request)
+            config = original_config(data, original_type, request, origin)
+            if isinstance(provenance.get("source_architectures"), list):
+                config.architectures = list(provenance["source_architectures"])
+            setup = _plan(config, request)
         except NormswapError as error:
             refusal = refusal or error
             continue
@@ -125,10 +148,8 @@ def original_config(data: dict[str, Any], original_type: str, request: Conversio
 def _plan(config: Any, request: ConversionRequest) -> ConversionSetup:
     """The conversion planned as ``convert`` planned it; a placement that wrote code had no native target."""
     meta = meta_model(config, trust_remote_code=False)
-    if request.norm is not None:
-        setup = plan_norm_kind(meta, request.norm, exact=request.exact, untie=request.untie)
-    else:
-        setup = plan_conversion(meta, request.placement or "", native=False)
+    setup = plan_layout(meta, request.placement, request.norm, exact=request.exact, untie=request.untie,
+                        native=request.native)
     if setup.generated is None:
         raise RegenerationError("planned again, its conversion writes no modeling code")
     return setup

@@ -69,11 +69,17 @@ class ConversionSetup:
         return self.calibrated(calibrate(model, self.calibration, inputs))
 
 
-def provenance(plan: Any, conversion: str, source: str | None) -> dict[str, Any]:
+def provenance(plan: Any, conversion: str, source: str | None, architectures: list[str] | None = None
+               ) -> dict[str, Any]:
     """The ``normswap`` block written into the converted config; ``source`` named as ``source_name`` says
-    (never an absolute path: the config travels)."""
-    return {"version": __version__, "source": source_name(source), "source_model_type": plan.source_model_type,
-            "conversion": conversion, "realisation": plan.realisation, "exact": plan.exact}
+    (never an absolute path: the config travels). A composed conversion also names the source's architectures:
+    its first pass may go to a stock family whose classes the config then names, and planning it again starts
+    from the source's."""
+    block = {"version": __version__, "source": source_name(source), "source_model_type": plan.source_model_type,
+             "conversion": conversion, "realisation": plan.realisation, "exact": plan.exact}
+    if architectures and "; then " in conversion:
+        block["source_architectures"] = list(architectures)
+    return block
 
 
 def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = False) -> nn.Module:
@@ -92,7 +98,8 @@ def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = Fa
                                    parameter.device)
     converted.train(model.training)
     converted.config.normswap = provenance(setup.plan, setup.conversion,
-                                           getattr(model.config, "_name_or_path", "") or None)
+                                           getattr(model.config, "_name_or_path", "") or None,
+                                           getattr(model.config, "architectures", None) or [type(model).__name__])
     converted.normswap_plan = setup.plan
     converted.normswap_carried = carried
     return converted
