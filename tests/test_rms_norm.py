@@ -122,8 +122,8 @@ def test_refusals() -> None:
         convert_to_rms_norm(perturbed("bert", "BertModel"))
     llama = perturbed("llama", "LlamaForCausalLM")  # RMSNorms already: nothing to do, as for a placement it has
     assert normswap.convert(llama, norm="rmsnorm") is llama
-    with pytest.raises(normswap.NormswapError, match="exactly one of placement= and norm="):
-        normswap.convert(perturbed("gpt2", "GPT2LMHeadModel"), "post", norm="rmsnorm")
+    with pytest.raises(normswap.NormswapError, match="pass placement=, norm= or both"):
+        normswap.convert(perturbed("gpt2", "GPT2LMHeadModel"))
 
 
 def test_cli_checkpoint_reloads_and_reproduces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
