@@ -104,13 +104,14 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
             untie: bool = False, native: bool = True, allow_nonfinite: bool = False,
-            inputs: dict[str, torch.Tensor] | None = None) -> nn.Module:
+            inputs: dict[str, torch.Tensor] | None = None, calibrate: bool = True) -> nn.Module:
     """Return ``model`` converted to ``placement`` (pre, post, sandwich, post-sublayer), to ``norm``, or both.
 
     Pre <-> Post follows the norm-shift mapping (inexact; converting to the placement the model already
     has returns ``model`` itself and logs that); the sandwich and post-sublayer placements are reached by removing
     norms as their calibrated stand-ins and adding norms at their calibrated scale (docs/design.md §6), measured
-    on ``inputs`` (token ids with their attention mask; fixed random ids where not given). ``norm="rmsnorm"`` on
+    on ``inputs`` (token ids with their attention mask; fixed random ids where not given; ``calibrate=False``
+    starts them at unit scale instead, the naive start, for comparison). ``norm="rmsnorm"`` on
     a Pre-LN model and ``norm="layernorm", exact=True`` on a Pre-RMSNorm decoder (one extra hidden dimension) are
     exact and checked: the result matches the original to 1e-4 x max|reference| in fp32, or ``ExactnessError`` is
     raised. ``norm="layernorm"`` alone is approximate and carries a drift report. Both at once are one conversion
@@ -131,7 +132,7 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
                 require_topology(converted, setup.target)
             return converted
     setup = plan_layout(model, placement, norm, exact=exact, untie=untie, native=native)
-    converted, setup, _ = convert_in_memory(model, setup, inputs, allow_nonfinite)
+    converted, setup, _ = convert_in_memory(model, setup, inputs, allow_nonfinite, unit_scales=not calibrate)
     if setup.target is not None and converted is not model:
         require_topology(converted, setup.target)
     return converted

@@ -101,11 +101,14 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
     sites = calibration_sites(passes)
 
     def with_scales(scales: Scales) -> ConversionSetup:
-        steps = run_rewrites(passes, {key: copy_of(key) for key in source_keys}, scales)
+        initial = {key: copy_of(key) for key in source_keys}
+        carried = {key: step for each in passes if each.carry is not None
+                   for key, step in each.carry(initial, scales).items()}
+        steps = run_rewrites(passes, initial, scales)
         missing = sorted(set(target_shapes) - set(steps))
         if missing:
             raise AssertionError(f"the passes left no step for {', '.join(missing[:5])}")  # a pass bug, not input
-        program = TensorProgram({key: steps[key] for key in target_shapes})
+        program = TensorProgram({key: steps[key] for key in target_shapes}, carried)
         reports = pass_reports(passes, scales)
 
         def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> ComposedReport:

@@ -51,6 +51,9 @@ class Pass:
     config_values: Mapping[str, Any] = field(default_factory=dict)
     helpers: frozenset[str] = frozenset()  # package_module flags: "rms_norm", "layer_norm", ...
     notes: tuple[str, ...] = ()
+    # what a conversion back needs to undo this pass exactly (docs/design.md §6): the removed norms' vectors and
+    # their scales as 0-d tensors, never a copy of a matrix; written beside the weights as carried tensors
+    carry: Callable[[dict[str, Step], Scales], dict[str, Step]] | None = None
 
 
 @dataclass(frozen=True)

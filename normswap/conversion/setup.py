@@ -62,10 +62,15 @@ class ConversionSetup:
     def noop(self) -> bool:
         return self.program is None and self.calibrated is None
 
-    def with_calibration(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ConversionSetup:
-        """This setup with its program, measuring its calibration sites on ``model`` (the source) if it needs them."""
+    def with_calibration(self, model: nn.Module, inputs: dict[str, torch.Tensor], unit: bool = False
+                         ) -> ConversionSetup:
+        """This setup with its program, measuring its calibration sites on ``model`` (the source) if it needs them;
+        ``unit``: every scale 1 instead (a removed norm keeps its weight but drops its statistic, an added norm
+        starts at weight 1), the naive start that the calibrated one is measured against."""
         if self.calibrated is None or self.program is not None:
             return self
+        if unit:
+            return self.calibrated({site: CalibratedScale(site, 1.0, 0, 0.0) for site in self.calibration})
         return self.calibrated(calibrate(model, self.calibration, inputs))
 
 
@@ -106,11 +111,12 @@ def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = Fa
 
 
 def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str, torch.Tensor] | None = None,
-                      allow_nonfinite: bool = False) -> tuple[nn.Module, ConversionSetup, Any]:
+                      allow_nonfinite: bool = False, unit_scales: bool = False
+                      ) -> tuple[nn.Module, ConversionSetup, Any]:
     """Realise and verify ``setup`` on a loaded model; (converted model, the setup used, report)."""
     needs_probe = setup.verify is not None or (setup.calibrated is not None and setup.program is None)
     probe = inputs or (probe_inputs(model, None, None) if needs_probe else {})
-    setup = setup.with_calibration(model, probe)
+    setup = setup.with_calibration(model, probe, unit=unit_scales)
     converted = realise(model, setup, allow_nonfinite)
     if setup.verify is None:
         return converted, setup, None
