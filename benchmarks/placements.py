@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: N812
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_decoder import pretrain  # noqa: E402
+from heal_decoder import pretrain
 
 _SHAPE = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
           "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
