@@ -23,7 +23,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_then_runs_the_second_program_on_what_the_first_outputs() -> None:
-    first = TensorProgram({"a": combine(lambda x: x * 2, copy_of("x")), "b": copy_of("y"), "c": constant(lambda: torch.ones(()))})
+    first = TensorProgram({"a": combine(lambda x: x * 2, copy_of("x")), "b": copy_of("y"),
+                           "c": constant(lambda: torch.ones(()))})
     second = TensorProgram({"d": combine(lambda a, b: a + b, copy_of("a"), copy_of("b")), "b": copy_of("b"),
                             "c": combine(lambda c: c * 3, copy_of("c"))})
     source = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([10.0, 20.0])}
