@@ -90,3 +90,12 @@ def test_norm_pass_runs_where_the_model_is_pre_norm() -> None:
 def test_exact_composition_asked_of_an_inexact_placement_says_which_pass() -> None:
     plan = normswap.convert(tiny_model("gpt2", "GPT2LMHeadModel"), "post", norm="rmsnorm").normswap_plan
     assert plan.exact is False and plan.plans[0].exact is True  # centring on Pre-LN, then the shift
+
+
+def test_healing_a_widened_composition_names_the_way_that_works() -> None:
+    from normswap.healing.api import heal
+
+    model = tiny_model("llama", "LlamaForCausalLM")
+    converted = normswap.convert(model, "post", norm="layernorm", exact=True)
+    with pytest.raises(normswap.NormswapError, match="65 wide and the teacher's 64.*heal the inexact pass alone"):
+        heal(model, converted, ["some text to heal on"] * 4, max_steps=1, quiet=True)

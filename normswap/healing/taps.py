@@ -65,6 +65,7 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
         raise NormswapError(f"the teacher ({teacher_topology.model_type}) and the student "
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
                             "the checkpoint it was converted from")
+    _require_one_width(teacher_topology, student_topology)
     calls, _ = linear_calls(student, ())
     teacher_calls, _ = linear_calls(teacher, ())
     entries: list[EntryPair] = []
@@ -97,6 +98,18 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
     if not entries:
         raise NormswapError("the teacher and the student share no norm positions to match")
     return Correspondence(tuple(entries), tuple(writers))
+
+
+def _require_one_width(teacher: Topology, student: Topology) -> None:
+    """Healing matches what each branch reads in both models, which needs one stream width: an exact LayerNorm
+    conversion's extra dimension carries the stream rotated, with the norm weights moved into the readers."""
+    for teacher_stack, student_stack in zip(teacher.stacks, student.stacks, strict=True):
+        if teacher_stack.width and student_stack.width and teacher_stack.width != student_stack.width:
+            raise NormswapError(
+                f"the student's {student_stack.path} is {student_stack.width} wide and the teacher's "
+                f"{teacher_stack.width} (--norm layernorm --exact adds a dimension), so what their branches read "
+                "cannot be matched; heal the inexact pass alone (convert with --placement only, heal, then "
+                "--norm layernorm --exact, which is exact and needs no healing)")
 
 
 def _branch_linears(calls: list[str], sub: Any) -> list[str]:
