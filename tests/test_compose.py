@@ -97,5 +97,5 @@ def test_healing_a_widened_composition_names_the_way_that_works() -> None:
 
     model = tiny_model("llama", "LlamaForCausalLM")
     converted = normswap.convert(model, "post", norm="layernorm", exact=True)
-    with pytest.raises(normswap.NormswapError, match="65 wide and the teacher's 64.*heal the inexact pass alone"):
+    with pytest.raises(normswap.NormswapError, match=r"65 wide and the teacher's 64.*heal the inexact pass alone"):
         heal(model, converted, ["some text to heal on"] * 4, max_steps=1, quiet=True)
