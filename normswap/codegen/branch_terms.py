@@ -35,11 +35,25 @@ class BranchTerm:
     input_first: bool
 
 
+@dataclass(frozen=True)
+class AddTerms:
+    """The terms of one residual add, as source text in order, and the branch calls that some of them return."""
+
+    terms: tuple[str, ...]
+    branches: dict[str, BranchTerm]
+
+    def others(self) -> tuple[str, ...]:
+        """The terms no branch call returns: the stream."""
+        taken = {term.term for term in self.branches.values()}
+        return tuple(term for term in self.terms if term not in taken)
+
+
 def branch_terms(source: Path, class_name: str, add_line: int, attributes: Collection[str],
-                 passes_through: Callable[[str], bool]) -> dict[str, BranchTerm]:
-    """For each ``self.<attribute>`` (of ``attributes``) whose output is a term of the add at ``add_line`` in
-    ``class_name.forward``: that term. ``passes_through(attribute)`` says whether ``self.<attribute>`` returns
-    its input unchanged at inference (a dropout the term passes through on its way to the add)."""
+                 passes_through: Callable[[str], bool]) -> AddTerms:
+    """The terms of the add at ``add_line`` in ``class_name.forward``, and for each ``self.<attribute>`` (of
+    ``attributes``) whose output is one of them, that term. ``passes_through(attribute)`` says whether
+    ``self.<attribute>`` returns its input unchanged at inference (a dropout the term passes through on its way to
+    the add)."""
     forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
     terms = add_summands(forward, add_line)
     start = min(term.lineno for term in terms)
@@ -59,7 +73,7 @@ def branch_terms(source: Path, class_name: str, add_line: int, attributes: Colle
             raise CodegenError(f"the residual add at line {add_line} of {class_name} adds self.{attribute}'s output "
                                "in more than one term, so no one term holds the branch's output")
         found[attribute] = BranchTerm(attribute, call.lineno, text, _input_first(call))
-    return found
+    return AddTerms(tuple(written), found)
 
 
 def _call_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr, ast.expr | None]],

@@ -15,7 +15,7 @@ whose slots would add up to no layout, is refused with its reason.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..codegen.branch_terms import BranchTerm, branch_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
-from ..codegen.edits import AddLayerNorm, Edit, WrapBranchInput, WrapBranchOutput
+from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..errors import NormswapError
 from ..topology import (
     OFFSET_NORM_KINDS,
@@ -136,14 +136,16 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     holder = locate.layer.get_submodule(class_path) if class_path else locate.layer
     attributes = {branch: _attributes(locate, class_path, branch) for branch in sub.branches}
     try:
-        terms = branch_terms(path, class_name, locate.line(sub.residual_add),
+        add = branch_terms(path, class_name, locate.line(sub.residual_add),
                              {attribute for found in attributes.values() for attribute in found},
                              functools.partial(_passes_through, holder) if slot == "out" else _any_call)
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template = _template(layer, sub, class_path, locate)
     new_kind, new_class, helper = _kind(template, kind)
+    terms = add.branches
     built: list[_NewNorm] = []
+    wrapped: dict[str, str] = {}  # a parallel block's branch terms, each in its new norm
     for branch in sub.branches:
         term = next((terms[attribute] for attribute in attributes[branch] if attribute in terms), None)
         if term is None:
@@ -157,17 +159,23 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
                                "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
-        wrap: Edit = (WrapBranchOutput(class_name, locate.line(sub.residual_add), term.term, norm) if slot == "out"
-                      else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
+        wrap: Edit | None = (WrapBranchOutput(class_name, locate.line(sub.residual_add), term.term, norm)
+                             if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
+        if slot == "out" and len(sub.branches) > 1:
+            wrapped[term.term], wrap = f"self.{norm}({term.term})", None
         template_attribute = _attribute_in(locate, class_path, template.path)
         norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
         built.append(_NewNorm(
-            (AddLayerNorm(class_name, norm, template_attribute, new_class), wrap),
+            (AddLayerNorm(class_name, norm, template_attribute, new_class), *([wrap] if wrap else [])),
             _tensors(model.get_submodule(template.path), norm_path, new_kind, new_class, site),
             PassMove("add", norm_path, site=site,
                      note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
                           f"weight started at the scale of {module}'s {site.side}"),
             frozenset({helper} if helper else ())))
+    if wrapped:  # the stream first, then each branch's normed term: the adds detection reads as one parallel block
+        sum_of = " + ".join([*add.others(), *(wrapped.get(term, term) for term in add.terms if term in wrapped)])
+        built[0] = replace(built[0], edits=(*built[0].edits,
+                                            ReplaceResidualAdd(class_name, locate.line(sub.residual_add), sum_of)))
     return built
 
 
