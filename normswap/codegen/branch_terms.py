@@ -51,9 +51,9 @@ class AddTerms:
 def branch_terms(source: Path, class_name: str, add_line: int, attributes: Collection[str],
                  passes_through: Callable[[str], bool]) -> AddTerms:
     """The terms of the add at ``add_line`` in ``class_name.forward``, and for each ``self.<attribute>`` (of
-    ``attributes``) whose output is one of them, that term. ``passes_through(attribute)`` says whether
-    ``self.<attribute>`` returns its input unchanged at inference (a dropout the term passes through on its way to
-    the add)."""
+    ``attributes``) whose output is one of them, that term. ``passes_through(callee)`` says whether the call of
+    ``callee`` (``self.dropout``, ``nn.functional.dropout``) returns its first argument unchanged at inference: the
+    term passes through it on its way to the add."""
     forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
     terms = add_summands(forward, add_line)
     start = min(term.lineno for term in terms)
@@ -83,11 +83,9 @@ def _call_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr,
         return None
     if isinstance(node, ast.Call):
         callee = ast.unparse(node.func)
-        if not callee.startswith("self."):
-            return None
-        if callee.removeprefix("self.") in attributes:
+        if callee.removeprefix("self.") in attributes and callee.startswith("self."):
             return node
-        if node.args and passes_through(callee.removeprefix("self.")):
+        if node.args and passes_through(callee):
             return _call_of(node.args[0], before, assignments, attributes, passes_through, depth + 1)
         return None
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:

@@ -329,7 +329,7 @@ class _Rewriter(cst.CSTTransformer):
             return add
 
         def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
-            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add) and not node.lpar:
+            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
                 return node.with_changes(left=wrap(node.left), right=wrap(node.right))
             edit = wanted.get(_normalised(node))
             if edit is None:
@@ -621,7 +621,7 @@ class _ItemCalls(cst.CSTTransformer):
             return add
 
         def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
-            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add) and not node.lpar:
+            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
                 return node.with_changes(left=wrap(node.left), right=wrap(node.right))
             edit = wanted.get(_normalised(node))
             if edit is None:

@@ -43,6 +43,10 @@ from .program import Step, constant
 _OTHER_KINDS = {"rmsnorm": ("NormswapRMSNorm", "rms_norm"), "layernorm": ("NormswapLayerNorm", "layer_norm")}
 
 
+_FUNCTIONAL_DROPOUT = frozenset({"nn.functional.dropout", "torch.nn.functional.dropout", "F.dropout",
+                                 "functional.dropout"})
+
+
 class AddNormError(NormswapError):
     """The model's structure leaves no place for the new norm this pass adds."""
 
@@ -206,12 +210,16 @@ def _any_call(_attribute: str) -> bool:
     return True
 
 
-def _passes_through(holder: nn.Module, attribute: str) -> bool:
-    """Whether ``self.<attribute>`` of the adding module returns its input unchanged at inference (dropout)."""
+def _passes_through(holder: nn.Module, callee: str) -> bool:
+    """Whether the call of ``callee`` in the adding module returns its input unchanged at inference: a module of it
+    that does (dropout, told by what it does), or torch's functional dropout (OPT, Whisper), which calibration and
+    inference run with ``training`` False."""
     from ..detect.analysis import _passes_through as passes  # detection imports conversion helpers
 
+    if not callee.startswith("self."):
+        return callee in _FUNCTIONAL_DROPOUT
     try:
-        module = holder.get_submodule(attribute)
+        module = holder.get_submodule(callee.removeprefix("self."))
     except AttributeError:
         return False
     return isinstance(module, (nn.Dropout, nn.Identity)) or passes(module.eval() if module.training else module)
@@ -223,8 +231,10 @@ def _template(layer: Layer, sub: Sublayer, class_path: str, locate: _Locator) ->
     for norm in (*sub.norms, *others):
         if norm.kind != "identity" and "." not in _attribute_in(locate, class_path, norm.path):
             return norm
-    raise AddNormError(f"{layer.path} builds no residual norm of its own in the class that adds its branches, so there "
-                       "is no norm constructor to build the new norm like")
+    holder = type(locate.layer.get_submodule(class_path)).__name__ if class_path else locate.layer_class
+    where = ".".join(part for part in (layer.path, class_path) if part)
+    raise AddNormError(f"{holder} ({where}) adds a branch to the stream but builds no residual norm of its own, so "
+                       "there is no norm constructor there to build the new norm like")
 
 
 def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:
