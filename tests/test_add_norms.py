@@ -224,6 +224,26 @@ def test_olmo2_branches_read_about_what_they_read_before() -> None:
         assert _mean_scale(seen[move.norm], "rms", 0.0, mask) == pytest.approx(before[move.norm], rel=0.1)
 
 
+def test_olmo2_query_key_and_value_all_read_the_new_pre_norm() -> None:
+    """Every module that read the raw stream (OLMo 2's q, k and v projections) reads the new norm's output."""
+    _, planned, _, result, _ = converted("olmo2", "Olmo2ForCausalLM", "pre")
+    attention = result.model.layers[0].self_attn
+    norm = next(move.norm for move in planned.moves if move.site is not None and move.site.module.endswith("self_attn"))
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        seen.setdefault(name, value.detach())
+
+    handles = [getattr(attention, name).register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0]))
+               for name in ("q_proj", "k_proj", "v_proj")]
+    handles.append(result.get_submodule(norm).register_forward_hook(lambda _m, _a, out: keep("norm", out)))
+    with torch.no_grad():
+        result(**probe_inputs(result, None, None))
+    for handle in handles:
+        handle.remove()
+    assert all(torch.equal(seen[name], seen["norm"]) for name in ("q_proj", "k_proj", "v_proj"))
+
+
 def test_another_kind_of_new_norm_on_request() -> None:
     """GPT-2 with RMSNorm out norms (``NormswapRMSNorm.like`` its LayerNorm): sandwich, the new norms RMSNorms whose
     scale is the branch output's RMS, not its standard deviation."""

@@ -89,9 +89,10 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                     raise AddNormError(f"{layer.path} runs its layer as items of module lists, with no layer module "
                                        "whose code could build a new norm")
                 locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
+                taken: set[str] = set()  # the new norms' paths in this layer
                 for index, sub in enumerate(layer.sublayers):
                     placements.append(_placement_after(layer, index, sub, slot))
-                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path):
+                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken):
                         edits += [edit for edit in new.edits if edit not in edits]
                         tensors += new.tensors
                         moves.append(new.move)
@@ -130,8 +131,9 @@ class _NewNorm:
 
 
 def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, slot: str, kind: str | None,
-                    locate: _Locator, path: Path) -> list[_NewNorm]:
-    """The new norm of each branch of ``sub``: its edits, its tensors and where its scale is measured."""
+                    locate: _Locator, path: Path, taken: set[str]) -> list[_NewNorm]:
+    """The new norm of each branch of ``sub``: its edits, its tensors and where its scale is measured. ``taken``: the
+    paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each)."""
     class_name = locate.enclosing_class(sub.residual_add)
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
@@ -159,7 +161,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         if slot == "pre" and not term.input_first:
             raise AddNormError(f"self.{term.attribute} at {locate.filename}:{term.call_line} takes the stream after "
                                "other arguments, so the scale measured at its input would not be the stream's")
-        norm = _norm_name(holder, term, slot)
+        norm = _norm_name(holder, term, slot, index, taken, class_path)
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
                                "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
@@ -259,11 +261,15 @@ def _kind(template: NormSite, kind: str | None) -> tuple[str, str, str]:
     return kind, *_OTHER_KINDS[kind]
 
 
-def _norm_name(holder: nn.Module, term: BranchTerm, slot: str) -> str:
-    """``normswap_<branch attribute>_<slot>_norm``, unless the family has that name already."""
+def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken: set[str], class_path: str) -> str:
+    """``normswap_<branch attribute>_<slot>_norm`` (``_<sublayer index>`` after it where another sublayer's new norm
+    has that name), unless the family has that name already."""
     name = f"normswap_{term.attribute.replace('.', '_')}_{slot}_norm"
+    if f"{class_path}.{name}" in taken:
+        name = f"{name}_{index}"
     if hasattr(holder, name):
         raise AddNormError(f"{type(holder).__name__} already has an attribute {name}, the new norm's name")
+    taken.add(f"{class_path}.{name}")
     return name
 
 
