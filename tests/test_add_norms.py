@@ -18,6 +18,7 @@ import torch
 import transformers
 from test_rms_norm import perturbed
 
+from normswap.codegen.branch_terms import branch_terms
 from normswap.conversion.add_norms import AddNormError, add_out_norms, add_pre_norms
 from normswap.conversion.calibration import CalibratedScale
 from normswap.conversion.compose import compose
@@ -268,3 +269,38 @@ def test_a_slot_taken_or_no_layout_is_refused_with_its_reason(config: str, model
     model = perturbed(config, model_class)
     with pytest.raises(AddNormError, match=message):
         PASSES[slot](model, inspect(model))
+
+
+_LAYER_SOURCE = '''
+class Layer:
+    def forward(self, hidden_states):
+        residual = hidden_states
+        attn_output, weights = self.attn(self.ln_1(hidden_states))
+        attn_output = self.drop(attn_output)
+        hidden_states = residual + attn_output
+        residual = hidden_states
+        mlp_output = self.mlp(self.ln_2(hidden_states))
+        hidden_states = residual + self.scale(mlp_output)
+        other = self.other(hidden_states)
+        _, second = self.other(hidden_states)
+        return hidden_states + second
+'''
+
+
+def test_a_term_is_a_branch_output_through_renames_first_items_and_pass_through_calls_only(tmp_path: Path) -> None:
+    """What a new out norm reads is what the branch's module returns: followed back through a rename, a tuple's first
+    item and a call that passes its input through (here ``self.drop``), but not through a layer scale (``self.scale``)
+    or to a tuple's second item."""
+    source = tmp_path / "modeling_layer.py"
+    source.write_text(_LAYER_SOURCE, encoding="utf-8")
+    lines = _LAYER_SOURCE.splitlines()
+    line = lines.index("        hidden_states = residual + attn_output") + 1
+    passes = {"self.drop"}.__contains__
+    add = branch_terms(source, "Layer", line, {"attn", "mlp"}, passes)
+    assert add.terms == ("residual", "attn_output") and add.others() == ("residual",)
+    assert add.branches["attn"].term == "attn_output" and add.branches["attn"].input_first
+    scaled = branch_terms(source, "Layer", lines.index("        hidden_states = residual + self.scale(mlp_output)") + 1,
+                          {"attn", "mlp"}, passes)
+    assert scaled.branches == {}  # a layer scale is no pass-through: the term is no module's output
+    second = branch_terms(source, "Layer", len(lines), {"other"}, passes)
+    assert second.branches == {}  # the second item of what self.other returns is not what calibration measures
