@@ -256,8 +256,9 @@ def _kind(template: NormSite, kind: str | None) -> tuple[str, str, str]:
                                "so a new norm like it cannot start as the identity")
         return template.kind, "", ""
     if kind not in _OTHER_KINDS:
-        raise AddNormError(f"a new norm of kind {kind} cannot be built from {template.path}'s constructor; the kinds "
-                           f"are {template.kind} (the model's own) and {', '.join(_OTHER_KINDS)}")
+        kinds = ", ".join(dict.fromkeys((template.kind, *_OTHER_KINDS)))
+        raise AddNormError(f"a new norm of kind {kind} cannot be built from {template.path}'s constructor, only of "
+                           f"kind {kinds} (the first is the model's own)")
     return kind, *_OTHER_KINDS[kind]
 
 
