@@ -55,3 +55,25 @@ def test_a_site_that_never_runs_is_named():
     model.unused_module = torch.nn.Linear(2, 2)
     with pytest.raises(CalibrationError, match="unused_module did not run"):
         calibrate(model, [CalibrationSite("unused_module", "input")], _inputs())
+
+
+class _FlatReader(torch.nn.Module):
+    """Reads the tokens flattened to (batch * positions, d), as OPT's MLP does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+        self.reader = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.reader(self.embed(input_ids).flatten(0, 1))
+
+
+def test_padding_is_excluded_where_a_module_reads_the_tokens_flattened():
+    torch.manual_seed(0)
+    model, inputs = _FlatReader(), _inputs()
+    site = CalibrationSite("reader", "input", "rms")
+    found = calibrate(model, [site], inputs)[site]
+    tokens = model.embed(inputs["input_ids"]).detach().double()[inputs["attention_mask"].bool()]
+    assert found.tokens == 13
+    assert found.scale == pytest.approx(float(tokens.pow(2).mean(-1).sqrt().mean()), rel=1e-12)

@@ -182,11 +182,25 @@ class BuildSubmodelDirectly:
 @dataclass(frozen=True)
 class AddLayerNorm:
     """``self.<norm> = <the constructor of self.<copy_attribute>>`` added to ``__init__``, after that norm's own
-    assignment: a new norm of the same kind and size (a parallel block's later branch gets a norm of its own)."""
+    assignment: a new norm of the same kind and size (a parallel block's later branch gets a norm of its own). With
+    ``new_class``, ``self.<norm> = <new_class>.like(<that constructor>)``: a norm of another kind, of the same width
+    and eps (``NormswapRMSNorm``, ``NormswapLayerNorm``)."""
 
     class_name: str
     norm: str
     copy_attribute: str
+    new_class: str = ""
+
+
+@dataclass(frozen=True)
+class WrapBranchOutput:
+    """In the outermost ``a + b + ...`` of the statement at ``line``, the term written ``term`` ->
+    ``self.<norm>(term)``: a norm on a branch's output before it joins the stream (an ``out`` norm)."""
+
+    class_name: str
+    line: int
+    term: str
+    norm: str
 
 
 @dataclass(frozen=True)
@@ -279,7 +293,7 @@ class BuildAtSourceWidth:
     scale: float = 1.0
 
 
-Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | UnwrapModelNorm | NeutraliseNorm | BuildNormAlways
-        | AddStackNorm
+Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | WrapBranchOutput | UnwrapModelNorm | NeutraliseNorm
+        | BuildNormAlways | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
         | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection | AddStackProjection | BuildAtSourceWidth)

@@ -6,6 +6,7 @@ Statements are matched by the line the fx stack trace gave; inside a statement, 
 
 from __future__ import annotations
 
+import ast
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from .edits import (
     UnwrapModelNorm,
     UnwrapNormCall,
     WrapBranchInput,
+    WrapBranchOutput,
     WrapResidualAdd,
 )
 from .name_scope import bound_names, module_names, read_names
@@ -62,6 +64,11 @@ def apply_edits(source: str, edits: Sequence[Edit]) -> str:
 
 def _code(node: cst.CSTNode) -> str:
     return _EMPTY.code_for_node(node)
+
+
+def _normalised(node: cst.BaseExpression) -> str:
+    """The expression as Python's own ``ast.unparse`` writes it (what planning names a term by)."""
+    return ast.unparse(ast.parse(_code(node).strip(), mode="eval"))
 
 
 def _self_attribute(node: cst.BaseExpression) -> str | None:
@@ -305,6 +312,7 @@ class _Rewriter(cst.CSTTransformer):
         inside_add = any(self.additions)
         if not is_add or inside_add:
             return updated
+        updated = self._wrapped_terms(updated)
         for edit in self.edits:
             if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
@@ -313,6 +321,23 @@ class _Rewriter(cst.CSTTransformer):
                 self.applied[edit] += 1
                 return cst.parse_expression(edit.expression)
         return updated
+
+    def _wrapped_terms(self, add: cst.BinaryOperation) -> cst.BinaryOperation:
+        """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm."""
+        wanted = {edit.term: edit for edit in self.edits if isinstance(edit, WrapBranchOutput) and self._here(edit)}
+        if not wanted:
+            return add
+
+        def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
+            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
+                return node.with_changes(left=wrap(node.left), right=wrap(node.right))
+            edit = wanted.get(_normalised(node))
+            if edit is None:
+                return node
+            self.applied[edit] += 1
+            return _self_call(edit.norm, node.with_changes(lpar=[], rpar=[]), self._index())
+
+        return wrap(add)
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         callee = _self_attribute(updated.func)
@@ -532,7 +557,12 @@ class _Rewriter(cst.CSTTransformer):
         for index, statement in enumerate(body):
             if _assigns(statement, after):
                 added = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
-                known = self.module_names | bound_names(function, body[:index + 1])
+                if isinstance(edit, AddLayerNorm) and edit.new_class:
+                    if constructor.settings:
+                        raise CodegenError(f"{copied[0]}.{copied[1]} is built by a call and then changed, so "
+                                           f"{edit.new_class}.like cannot take it as one expression")
+                    added = [cst.parse_statement(f"self.{edit.norm} = {edit.new_class}.like({constructor.call})\n")]
+                known = self.module_names | bound_names(function, body[:index + 1]) | {getattr(edit, "new_class", "")}
                 unbound = sorted({name for node in added for name in read_names(node)} - known)
                 if unbound and isinstance(edit, AddStackNorm) and edit.copy_from_layers:
                     added = [cst.parse_statement(f"self.{edit.norm} = normswap_fresh_copy("
@@ -583,6 +613,23 @@ class _ItemCalls(cst.CSTTransformer):
     def __init__(self, item_class: str, replace: Callable[[cst.Call], cst.BaseExpression]) -> None:
         super().__init__()
         self.item_class, self.replace, self.seen = item_class, replace, 0
+
+    def _wrapped_terms(self, add: cst.BinaryOperation) -> cst.BinaryOperation:
+        """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm."""
+        wanted = {edit.term: edit for edit in self.edits if isinstance(edit, WrapBranchOutput) and self._here(edit)}
+        if not wanted:
+            return add
+
+        def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
+            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
+                return node.with_changes(left=wrap(node.left), right=wrap(node.right))
+            edit = wanted.get(_normalised(node))
+            if edit is None:
+                return node
+            self.applied[edit] += 1
+            return _self_call(edit.norm, node.with_changes(lpar=[], rpar=[]), self._index())
+
+        return wrap(add)
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         if _code(updated.func).rpartition(".")[2] != self.item_class:

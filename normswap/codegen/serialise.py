@@ -28,7 +28,7 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
     ``branches`` are the earlier and the later branch's ``self.`` attributes. Raises ``CodegenError`` naming what
     stands in the way (an operand that is no plain name, one assigned again after the later branch runs).
     """
-    forward = _forward(ast.parse(source.read_text(encoding="utf-8")), class_name)
+    forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
     operands = _add_operands(forward, add_line)
     assignments = sorted(((node.lineno, target, node.value) for node in ast.walk(forward)
                           if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None
@@ -56,7 +56,7 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
     return " + ".join(kept), " + ".join(outputs)
 
 
-def _forward(tree: ast.Module, class_name: str) -> ast.FunctionDef:
+def forward_of(tree: ast.Module, class_name: str) -> ast.FunctionDef:
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
@@ -67,6 +67,16 @@ def _forward(tree: ast.Module, class_name: str) -> ast.FunctionDef:
 
 def _add_operands(forward: ast.FunctionDef, line: int) -> list[str]:
     """The plain names added up by the outermost ``a + b + c`` that spans ``line``."""
+    operands = add_summands(forward, line)
+    if not all(isinstance(node, ast.Name) for node in operands):
+        raise CodegenError(f"the residual add at line {line} adds an expression that is no plain name "
+                           f"({ast.unparse(next(n for n in operands if not isinstance(n, ast.Name)))}), so the "
+                           "stream after its first branch has no name to read")
+    return [node.id for node in operands if isinstance(node, ast.Name)]
+
+
+def add_summands(forward: ast.FunctionDef, line: int) -> list[ast.expr]:
+    """The terms of the outermost ``a + b + c`` that spans ``line``, in source order."""
     adds = [node for node in ast.walk(forward) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)
             and node.lineno <= line <= (node.end_lineno or node.lineno)]
     if not adds:
@@ -86,11 +96,7 @@ def _add_operands(forward: ast.FunctionDef, line: int) -> list[str]:
             pending[:0] = [node.left, node.right]
         else:
             operands.append(node)
-    if not all(isinstance(node, ast.Name) for node in operands):
-        raise CodegenError(f"the residual add at line {line} adds an expression that is no plain name "
-                           f"({ast.unparse(next(n for n in operands if not isinstance(n, ast.Name)))}), so the "
-                           "stream after its first branch has no name to read")
-    return [node.id for node in operands if isinstance(node, ast.Name)]
+    return operands
 
 
 def _targets(node: ast.Assign | ast.AnnAssign | ast.AugAssign) -> list[str]:

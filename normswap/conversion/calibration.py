@@ -115,13 +115,15 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _token_scales(tensor: torch.Tensor, site: CalibrationSite, mask: torch.Tensor | None) -> torch.Tensor:
     """Each token's RMS (or standard deviation) over the channel axis, in float64; padding tokens dropped where
-    the tensor's leading axes are the mask's (batch, positions)."""
+    the tensor's leading axes are the mask's (batch, positions), or those two flattened into one."""
     wide = tensor.detach().to(torch.float64).movedim(site.axis, -1)
     if site.statistic == "std":
         wide = wide - wide.mean(-1, keepdim=True)
     scales = (wide.pow(2).mean(-1) + site.eps).sqrt()
     if mask is not None and scales.shape == mask.shape:
         return scales[mask.to(scales.device).bool()].flatten()
+    if mask is not None and scales.dim() == 1 and scales.numel() == mask.numel():  # OPT's MLP: (batch * positions, d)
+        return scales[mask.to(scales.device).bool().flatten()]
     return scales.flatten()
 
 

@@ -1,0 +1,124 @@
+"""Which term of a residual add carries which branch's output, and which call of the layer's code makes it.
+
+A norm added to a branch (docs/design.md §6) is written into the modeling source: an ``out`` norm around the
+branch's term of the add (``h + F`` -> ``h + N(F)``), a ``pre`` norm around the input of the branch's call
+(``F(h)`` -> ``F(N(h))``). Its starting scale is measured at that call's module, so the term must be exactly
+what the module returns (its first item): each term is followed back through the assignments of ``forward`` to
+the call it comes from, passing only renames, first items (``x, _ = self.attn(...)``, ``out[0]``) and modules
+that pass their input through at inference (dropout); anything else (a layer scale, an arithmetic step) stops
+the walk, and the term is then no module's output.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from .derive import CodegenError
+from .serialise import add_summands, forward_of
+
+_MAX_DEPTH = 16  # assignment hops followed back from a term
+_INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")  # as ``rewrite._replace_first_argument``
+
+
+@dataclass(frozen=True)
+class BranchTerm:
+    """One branch's term in a residual add: ``self.<attribute>`` is the call whose output it is (called at
+    ``call_line``), ``term`` the term's source text in the add, and ``input_first`` whether the call's input
+    (what a pre norm wraps) is its first argument, which is what calibration measures at the module's input."""
+
+    attribute: str
+    call_line: int
+    term: str
+    input_first: bool
+
+
+@dataclass(frozen=True)
+class AddTerms:
+    """The terms of one residual add, as source text in order, and the branch calls that some of them return."""
+
+    terms: tuple[str, ...]
+    branches: dict[str, BranchTerm]
+
+    def others(self) -> tuple[str, ...]:
+        """The terms no branch call returns: the stream."""
+        taken = {term.term for term in self.branches.values()}
+        return tuple(term for term in self.terms if term not in taken)
+
+
+def branch_terms(source: Path, class_name: str, add_line: int, attributes: Collection[str],
+                 passes_through: Callable[[str], bool]) -> AddTerms:
+    """The terms of the add at ``add_line`` in ``class_name.forward``, and for each ``self.<attribute>`` (of
+    ``attributes``) whose output is one of them, that term. ``passes_through(callee)`` says whether the call of
+    ``callee`` (``self.dropout``, ``nn.functional.dropout``) returns its first argument unchanged at inference: the
+    term passes through it on its way to the add."""
+    forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
+    terms = add_summands(forward, add_line)
+    start = min(term.lineno for term in terms)
+    assignments = sorted(((node.lineno, target, node.value if isinstance(node, ast.Assign) else None)
+                          for node in ast.walk(forward)
+                          if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                          for target in (node.targets if isinstance(node, ast.Assign) else [node.target])),
+                         key=lambda assignment: assignment[0])
+    written = [ast.unparse(term) for term in terms]
+    found: dict[str, BranchTerm] = {}
+    for term, text in zip(terms, written, strict=True):
+        call = _call_of(term, start, assignments, frozenset(attributes), passes_through, 0)
+        if call is None:
+            continue
+        attribute = ast.unparse(call.func).removeprefix("self.")
+        if attribute in found or written.count(text) > 1:
+            raise CodegenError(f"the residual add at line {add_line} of {class_name} adds self.{attribute}'s output "
+                               "in more than one term, so no one term holds the branch's output")
+        found[attribute] = BranchTerm(attribute, call.lineno, text, _input_first(call))
+    return AddTerms(tuple(written), found)
+
+
+def _call_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr, ast.expr | None]],
+             attributes: frozenset[str], passes_through: Callable[[str], bool], depth: int) -> ast.Call | None:
+    """The call of ``self.<one of attributes>`` whose output (or first item) ``node`` is, at line ``before``."""
+    if depth > _MAX_DEPTH:
+        return None
+    if isinstance(node, ast.Call):
+        callee = ast.unparse(node.func)
+        if callee.removeprefix("self.") in attributes and callee.startswith("self."):
+            return node
+        if node.args and passes_through(callee):
+            return _call_of(node.args[0], before, assignments, attributes, passes_through, depth + 1)
+        return None
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
+        return _call_of(node.value, before, assignments, attributes, passes_through, depth + 1)
+    if not isinstance(node, ast.Name):
+        return None
+    earlier = [(line, target, value) for line, target, value in assignments if line < before
+               and _binds(target, node.id)]
+    if not earlier:
+        return None  # an argument of forward: the stream itself
+    line, target, value = earlier[-1]
+    if value is None or not _binds_first(target, node.id):
+        return None  # changed in place, or a later item of a tuple: not the call's output as it returns it
+    return _call_of(value, line, assignments, attributes, passes_through, depth + 1)
+
+
+def _binds_first(target: ast.expr, name: str) -> bool:
+    """``name = ...`` or ``name, ... = ...``: the target binds ``name`` to the value or to its first item."""
+    if isinstance(target, ast.Name):
+        return target.id == name
+    return (isinstance(target, (ast.Tuple, ast.List)) and bool(target.elts) and isinstance(target.elts[0], ast.Name)
+            and target.elts[0].id == name)
+
+
+def _binds(target: ast.expr, name: str) -> bool:
+    return any(isinstance(node, ast.Name) and node.id == name for node in ast.walk(target))
+
+
+def _input_first(call: ast.Call) -> bool:
+    """Whether the argument a pre norm wraps (the first positional one, else the first of the input keywords) is the
+    call's first argument: the one calibration reads as the module's input."""
+    if not call.args and not call.keywords:
+        return False
+    if call.args:
+        return not isinstance(call.args[0], ast.Starred)
+    return call.keywords[0].arg in _INPUT_KEYWORDS

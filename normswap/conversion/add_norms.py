@@ -1,0 +1,300 @@
+"""Adding a norm, started at the calibrated scale (docs/design.md §6): the passes that give every branch a new
+``out`` norm (``h + F(x)`` -> ``h + N(F(x))``) or a new ``pre`` norm (``h + F(h)`` -> ``h + F(N(h))``).
+
+A new norm's weight is ``s``, the mean per-token RMS (LayerNorm: standard deviation) of what it will read in the
+source model, so on a token whose scale is ``s`` it is the identity and the branch writes (or reads) about what it
+did before; an offset norm ``(1 + w) * n`` starts at ``w = s - 1``, a bias at 0. What the norm reads is found by
+behaviour: an out norm reads the term of the residual add that the branch's call returns (the module's output, its
+first item where it returns several), a pre norm the input of that call; both are measured at that module.
+
+Pre + out is ``sandwich`` (Peri-LN, Gemma 2), out alone ``post-sublayer`` (OLMo 2); a parallel block keeps its one
+add and gets one out norm per branch (it stays ``parallel``). A sublayer that already holds a norm in the slot, or
+whose slots would add up to no layout, is refused with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..codegen.branch_terms import BranchTerm, branch_terms
+from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
+from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
+from ..errors import NormswapError
+from ..topology import (
+    OFFSET_NORM_KINDS,
+    Branch,
+    Layer,
+    NormSite,
+    Sublayer,
+    Topology,
+    combine_placements,
+    placement_of_slots,
+)
+from .calibration import CalibrationSite
+from .passes import Pass, PassMove, Scales
+from .program import Step, constant
+
+# the kind a new norm may take other than its template's, and the normswap class that builds it (package flag)
+_OTHER_KINDS = {"rmsnorm": ("NormswapRMSNorm", "rms_norm"), "layernorm": ("NormswapLayerNorm", "layer_norm")}
+
+
+_FUNCTIONAL_DROPOUT = frozenset({"nn.functional.dropout", "torch.nn.functional.dropout", "F.dropout",
+                                 "functional.dropout"})
+
+
+class AddNormError(NormswapError):
+    """The model's structure leaves no place for the new norm this pass adds."""
+
+
+@dataclass(frozen=True)
+class _NewTensor:
+    """One tensor of a new norm: ``key`` in the converted model, its shape, and what fills it (``s``, ``s - 1`` for an
+    offset norm's weight, or 0 for a bias) from the scale measured at ``site``."""
+
+    key: str
+    shape: tuple[int, ...]
+    site: CalibrationSite
+    role: str  # "weight", "offset", "bias"
+
+
+def add_out_norms(model: nn.Module, topology: Topology, kind: str | None = None) -> Pass:
+    """Every branch writes through a new ``out`` norm, of the model's own norm kind unless ``kind`` says another
+    (``rmsnorm`` or ``layernorm``), started at the calibrated scale of the branch's output."""
+    return _add_norms(model, topology, "out", kind)
+
+
+def add_pre_norms(model: nn.Module, topology: Topology, kind: str | None = None) -> Pass:
+    """Every branch reads the stream through a new ``pre`` norm, started at the calibrated scale of what it read."""
+    return _add_norms(model, topology, "pre", kind)
+
+
+def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None) -> Pass:
+    path = modeling_file(model, topology)
+    classes = _class_lines(path)
+    edits: list[Edit] = []
+    tensors: list[_NewTensor] = []
+    moves: list[PassMove] = []
+    placements = []
+    helpers: set[str] = set()
+    for stack in topology.stacks:
+        stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
+        for layers in _by_class(topology, stack, stack_layers):
+            for layer in layers:
+                if layer.items:
+                    raise AddNormError(f"{layer.path} runs its layer as items of module lists, with no layer module "
+                                       "whose code could build a new norm")
+                locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
+                taken: set[str] = set()  # the new norms' paths in this layer
+                for index, sub in enumerate(layer.sublayers):
+                    placements.append(_placement_after(layer, index, sub, slot))
+                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken):
+                        edits += [edit for edit in new.edits if edit not in edits]
+                        tensors += new.tensors
+                        moves.append(new.move)
+                        helpers |= new.helpers
+    placement = combine_placements(placements)
+    what = "out norms on each branch's output" if slot == "out" else "pre norms on each branch's input"
+    return Pass(name=f"{topology.placement} -> {placement}: {what}, started at the calibrated scale", exact=False,
+                placement=placement, edits=tuple(edits), rewrite=functools.partial(_rewrite, tuple(tensors)),
+                calibration=tuple(dict.fromkeys(tensor.site for tensor in tensors)), moves=tuple(moves),
+                helpers=frozenset(helpers),
+                notes=("each new norm starts with weight s, the mean per-token scale of what it reads in the source, "
+                       "so it is the identity on a token of scale s; the rest is for healing",))
+
+
+def _placement_after(layer: Layer, index: int, sub: Sublayer, slot: str) -> str:
+    """The sublayer's placement once it holds a norm in ``slot``; refused where it holds one there already or where
+    its slots then add up to no layout (an out norm before a post norm)."""
+    held = sub.norms_in(slot)
+    if held:
+        raise AddNormError(f"sublayer {index} of {layer.path} already has {'an' if slot == 'out' else 'a'} {slot} "
+                           f"norm ({held[0].path})")
+    slots = {norm.slot for norm in sub.norms} | {slot}
+    placement = placement_of_slots(slots, sub.kind == "parallel")
+    if placement == "mixed":
+        raise AddNormError(f"sublayer {index} of {layer.path} normalises its sum after the add (a post norm), so an "
+                           f"{slot} norm beside it makes slots {', '.join(sorted(slots))}, which no layout has")
+    return placement
+
+
+@dataclass(frozen=True)
+class _NewNorm:
+    edits: tuple[Edit, ...]
+    tensors: tuple[_NewTensor, ...]
+    move: PassMove
+    helpers: frozenset[str]
+
+
+def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, slot: str, kind: str | None,
+                    locate: _Locator, path: Path, taken: set[str]) -> list[_NewNorm]:
+    """The new norm of each branch of ``sub``: its edits, its tensors and where its scale is measured. ``taken``: the
+    paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each)."""
+    class_name = locate.enclosing_class(sub.residual_add)
+    if class_name is None:
+        raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
+                           f"({sub.residual_add}), whose code holds no module to build a norm in")
+    class_path = _class_path(locate, class_name, sub)
+    holder = locate.layer.get_submodule(class_path) if class_path else locate.layer
+    attributes = {branch: _attributes(locate, class_path, branch) for branch in sub.branches}
+    try:
+        add = branch_terms(path, class_name, locate.line(sub.residual_add),
+                             {attribute for found in attributes.values() for attribute in found},
+                             functools.partial(_passes_through, holder) if slot == "out" else _any_call)
+    except CodegenError as error:
+        raise AddNormError(str(error)) from error
+    template = _template(layer, sub, class_path, locate)
+    new_kind, new_class, helper = _kind(template, kind)
+    terms = add.branches
+    built: list[_NewNorm] = []
+    wrapped: dict[str, str] = {}  # a parallel block's branch terms, each in its new norm
+    for branch in sub.branches:
+        term = next((terms[attribute] for attribute in attributes[branch] if attribute in terms), None)
+        if term is None:
+            raise AddNormError(f"no term of the residual add at {sub.residual_add} is what {branch.kind} branch "
+                               f"{branch.entry or branch.modules[0]} returns (renamed, its first item, or through "
+                               "dropout), so no module's output measures what a new norm there would read")
+        if slot == "pre" and not term.input_first:
+            raise AddNormError(f"self.{term.attribute} at {locate.filename}:{term.call_line} takes the stream after "
+                               "other arguments, so the scale measured at its input would not be the stream's")
+        norm = _norm_name(holder, term, slot, index, taken, class_path)
+        module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
+        site = CalibrationSite(module, "output" if slot == "out" else "input",
+                               "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
+        wrap: Edit | None = (WrapBranchOutput(class_name, locate.line(sub.residual_add), term.term, norm)
+                             if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
+        if slot == "out" and len(sub.branches) > 1:
+            wrapped[term.term], wrap = f"self.{norm}({term.term})", None
+        template_attribute = _attribute_in(locate, class_path, template.path)
+        norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
+        built.append(_NewNorm(
+            (AddLayerNorm(class_name, norm, template_attribute, new_class), *([wrap] if wrap else [])),
+            _tensors(model.get_submodule(template.path), norm_path, new_kind, new_class, site),
+            PassMove("add", norm_path, site=site,
+                     note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
+                          f"weight started at the scale of {module}'s {site.side}"),
+            frozenset({helper} if helper else ())))
+    if wrapped:  # the stream first, then each branch's normed term: the adds detection reads as one parallel block
+        sum_of = " + ".join([*add.others(), *(wrapped.get(term, term) for term in add.terms if term in wrapped)])
+        built[0] = replace(built[0], edits=(*built[0].edits,
+                                            ReplaceResidualAdd(class_name, locate.line(sub.residual_add), sum_of)))
+    return built
+
+
+def _class_path(locate: _Locator, class_name: str, sub: Sublayer) -> str:
+    """The path, in the layer, of the module of class ``class_name`` that adds ``sub``'s branches to the stream: the
+    one that holds them ("" for the layer itself)."""
+    for candidate in locate.class_paths.get(class_name, []):
+        inside = [locate.relative(module) for branch in sub.branches for module in branch.modules]
+        if not candidate or all(module.startswith(f"{candidate}.") for module in inside):
+            return candidate
+    raise AddNormError(f"the residual add at {sub.residual_add} is in {class_name}, which holds none of its branches' "
+                       "modules, so its code calls no branch whose output a new norm could take")
+
+
+def _attributes(locate: _Locator, class_path: str, branch: Branch) -> tuple[str, ...]:
+    """Every ``self.`` attribute path, in the adding class, that leads to one of the branch's modules: the branch's
+    call in that class is a call of one of them (``self_attn`` for OLMo 2's ``self_attn.q_proj``)."""
+    found: list[str] = []
+    for module in branch.modules:
+        parts = _attribute_in(locate, class_path, module).split(".")
+        found += [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return tuple(dict.fromkeys(found))
+
+
+def _any_call(_attribute: str) -> bool:
+    """A pre norm wraps the branch call's input, whatever the code does to its output before the add (OLMo 2's out
+    norm): any call on the way from the term back to the branch's call is passed."""
+    return True
+
+
+def _passes_through(holder: nn.Module, callee: str) -> bool:
+    """Whether the call of ``callee`` in the adding module returns its input unchanged at inference: a module of it
+    that does (dropout, told by what it does), or torch's functional dropout (OPT, Whisper), which calibration and
+    inference run with ``training`` False."""
+    from ..detect.analysis import _passes_through as passes  # detection imports conversion helpers
+
+    if not callee.startswith("self."):
+        return callee in _FUNCTIONAL_DROPOUT
+    try:
+        module = holder.get_submodule(callee.removeprefix("self."))
+    except AttributeError:
+        return False
+    return isinstance(module, (nn.Dropout, nn.Identity)) or passes(module.eval() if module.training else module)
+
+
+def _template(layer: Layer, sub: Sublayer, class_path: str, locate: _Locator) -> NormSite:
+    """The norm whose constructor the new norm copies: one the adding class builds itself, of this sublayer first."""
+    others = [norm for other in layer.sublayers if other is not sub for norm in other.norms]
+    for norm in (*sub.norms, *others):
+        if norm.kind != "identity" and "." not in _attribute_in(locate, class_path, norm.path):
+            return norm
+    holder = type(locate.layer.get_submodule(class_path)).__name__ if class_path else locate.layer_class
+    where = ".".join(part for part in (layer.path, class_path) if part)
+    raise AddNormError(f"{holder} ({where}) adds a branch to the stream but builds no residual norm of its own, so "
+                       "there is no norm constructor there to build the new norm like")
+
+
+def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:
+    """``module``'s path relative to the module at ``class_path`` in the layer (its full path where it is outside)."""
+    relative = locate.relative(module)
+    if not class_path:
+        return relative
+    return relative.removeprefix(f"{class_path}.") if relative.startswith(f"{class_path}.") else module
+
+
+def _kind(template: NormSite, kind: str | None) -> tuple[str, str, str]:
+    """(the new norm's kind, the normswap class that builds it from the template's constructor or "", its package
+    flag or "")."""
+    if kind is None or kind == template.kind:
+        if template.kind.endswith("noaffine"):
+            raise AddNormError(f"{template.path} is a {template.kind} norm, with no weight to start at the scale s, "
+                               "so a new norm like it cannot start as the identity")
+        return template.kind, "", ""
+    if kind not in _OTHER_KINDS:
+        kinds = ", ".join(dict.fromkeys((template.kind, *_OTHER_KINDS)))
+        raise AddNormError(f"a new norm of kind {kind} cannot be built from {template.path}'s constructor, only of "
+                           f"kind {kinds} (the first is the model's own)")
+    return kind, *_OTHER_KINDS[kind]
+
+
+def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken: set[str], class_path: str) -> str:
+    """``normswap_<branch attribute>_<slot>_norm`` (``_<sublayer index>`` after it where another sublayer's new norm
+    has that name), unless the family has that name already."""
+    name = f"normswap_{term.attribute.replace('.', '_')}_{slot}_norm"
+    if f"{class_path}.{name}" in taken:
+        name = f"{name}_{index}"
+    if hasattr(holder, name):
+        raise AddNormError(f"{type(holder).__name__} already has an attribute {name}, the new norm's name")
+    taken.add(f"{class_path}.{name}")
+    return name
+
+
+def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, site: CalibrationSite
+             ) -> tuple[_NewTensor, ...]:
+    """The new norm's tensors: the template's parameters (its class copied), or what ``new_class.like`` builds from
+    it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias)."""
+    weight = getattr(template, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
+    names = [name for name, _ in template.named_parameters(recurse=False)]
+    if new_class == "NormswapLayerNorm":
+        names = ["weight", "bias"]
+    elif new_class == "NormswapRMSNorm":
+        names = ["weight", *(["bias"] if getattr(template, "bias", None) is not None else [])]
+    shape = tuple(weight.shape) if new_class != "NormswapLayerNorm" else (weight.shape[-1],)
+    offset = kind in OFFSET_NORM_KINDS
+    return tuple(_NewTensor(f"{norm_path}.{name}", shape, site,
+                            "bias" if name == "bias" else "offset" if offset else "weight") for name in names)
+
+
+def _rewrite(tensors: tuple[_NewTensor, ...], steps: dict[str, Step], scales: Scales) -> None:
+    """Each new norm's tensors, constants from the measured scales: weight ``s`` (offset: ``s - 1``), bias 0."""
+    for tensor in tensors:
+        scale = scales[tensor.site].scale
+        value = {"weight": scale, "offset": scale - 1.0, "bias": 0.0}[tensor.role]
+        steps[tensor.key] = constant(functools.partial(torch.full, tensor.shape, value, dtype=torch.float64))
