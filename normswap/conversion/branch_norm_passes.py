@@ -1,0 +1,34 @@
+"""The placement changes that add or remove norms on branches (docs/design.md §6), as composed passes.
+
+Each step of a route (``route.py``) names passes planned on the same source and composed into one generated
+module: "drop out" folds each branch output norm's calibrated stand-in into the branch's writers, "drop pre"
+folds each pre norm's into the maps that read it, "add out" and "add pre" give every branch a new norm started
+at the calibrated scale of what it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from ..detect import inspect
+from ..topology import Topology
+from .add_norms import add_out_norms, add_pre_norms
+from .compose import compose
+from .drop_norms import drop_out_norms, drop_pre_norms
+from .passes import Pass
+from .setup import ConversionSetup
+
+_PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
+    "drop out": drop_out_norms,
+    "drop pre": drop_pre_norms,
+    "add out": add_out_norms,
+    "add pre": add_pre_norms,
+}
+
+
+def branch_norm_setup(model: nn.Module, names: Sequence[str], conversion: str) -> ConversionSetup:
+    """The passes ``names`` planned on ``model`` and composed into one conversion."""
+    topology = inspect(model)
+    return compose(model, topology, [_PASSES[name](model, topology) for name in names], conversion)
