@@ -1,0 +1,203 @@
+"""Dropping a slot's norms by folding their calibrated stand-ins (docs/design.md §6).
+
+The stand-in is not the norm, so the converted model differs from the source; what must hold to float
+rounding is that it equals the source with those norms *replaced by their stand-ins* (``stand_in_reference``),
+on models whose every weight, norm weight and bias is perturbed off its init (a unit norm hides a missed fold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from transformers import CONFIG_MAPPING
+
+import normswap
+from normswap.conversion import drop_norms, norm_neighbours
+from normswap.conversion.calibration import CalibratedScale, CalibrationSite
+from normswap.conversion.compose import compose
+from normswap.conversion.drop_norms import StandInError, drop_out_norms, drop_pre_norms
+from normswap.conversion.passes import Pass
+from normswap.conversion.setup import convert_in_memory
+from normswap.conversion.stand_in import stand_in_reference
+from normswap.conversion.verify import probe_inputs
+from normswap.topology import OFFSET_NORM_KINDS
+
+_DECODER = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 1,
+            "bos_token_id": 2}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", {**_DECODER, "head_dim": 16}),  # offset (1 + w) RMSNorms
+    "olmo2": ("olmo2", "Olmo2ForCausalLM", _DECODER),  # post-sublayer: out norms only
+    "glm4": ("glm4", "Glm4ForCausalLM", {**_DECODER, "head_dim": 16}),  # its post_attention_layernorm is a pre norm
+    # sandwich MoE: a dense first layer, then routed experts (fused 3-d weights) plus a shared expert of linear maps,
+    # summed into the MLP's out norm: both must take the stand-in
+    "afmoe": ("afmoe", "AfmoeForCausalLM", {**_DECODER, **_MOE, "moe_intermediate_size": 32, "num_shared_experts": 1,
+                                            "num_dense_layers": 1, "head_dim": 16}),
+    "flex_olmo": ("flex_olmo", "FlexOlmoForCausalLM", {**_DECODER, **_MOE}),  # post-sublayer MoE
+    "gpt2": ("gpt2", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128}),  # Conv1D, LN
+    "mixtral": ("mixtral", "MixtralForCausalLM", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "llama": ("llama", "LlamaForCausalLM", _DECODER),
+}
+CASES = [("gemma2", "out", "pre"), ("olmo2", "out", "none"), ("glm4", "out", "pre"), ("afmoe", "out", "pre"),
+         ("flex_olmo", "out", "none"), ("gemma2", "pre", "post-sublayer"), ("glm4", "pre", "post-sublayer"),
+         ("gpt2", "pre", "none"), ("llama", "pre", "none")]
+TOLERANCE = 1e-5  # of max|reference|, fp32
+
+
+def perturbed(family: str) -> torch.nn.Module:
+    """Every parameter moved off its init; no norm left a unit norm (``1 + w`` for offset norms)."""
+    model_type, model_class, fields = FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(CONFIG_MAPPING[model_type](**fields)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    for norm in normswap.inspect(model).residual_norms:
+        module = model.get_submodule(norm.path)
+        gain = module.weight + 1 if norm.kind in OFFSET_NORM_KINDS else module.weight
+        assert (gain - 1).abs().min() > 0, norm.path
+        if getattr(module, "bias", None) is not None:
+            assert module.bias.abs().min() > 0, norm.path
+    return model
+
+
+def make_pass(model: torch.nn.Module, slot: str) -> Pass:
+    return (drop_out_norms if slot == "out" else drop_pre_norms)(model, normswap.inspect(model))
+
+
+def converted_by(model: torch.nn.Module, pass_: Pass) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+    probe = probe_inputs(model, None, None)
+    converted, setup, _ = convert_in_memory(model, compose(model, normswap.inspect(model), [pass_], "drop norms"),
+                                            probe)
+    return converted, setup, probe
+
+
+def logits(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**probe).logits.double()
+
+
+def relative(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+def measured_scales(model: torch.nn.Module, sites: list[CalibrationSite], probe: dict[str, torch.Tensor]
+                    ) -> dict[str, float]:
+    """Each site's mean per-token RMS (std) over real tokens, computed here from captured norm inputs."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(site.module).register_forward_pre_hook(
+        lambda _m, args, path=site.module: captured.__setitem__(path, args[0].detach().double())) for site in sites]
+    with torch.no_grad():
+        model(**probe)
+    for handle in handles:
+        handle.remove()
+    mask = probe["attention_mask"].bool()
+    found = {}
+    for site in sites:
+        tokens = captured[site.module][mask]
+        if site.statistic == "std":
+            tokens = tokens - tokens.mean(-1, keepdim=True)
+        found[site.module] = float((tokens.pow(2).mean(-1) + site.eps).sqrt().mean())
+    return found
+
+
+@pytest.mark.parametrize(("family", "slot", "placement"), CASES, ids=[f"{f}-{s}" for f, s, _ in CASES])
+def test_folded_stand_ins_equal_the_stand_in_reference(family: str, slot: str, placement: str) -> None:
+    model = perturbed(family)
+    pass_ = make_pass(model, slot)
+    assert pass_.placement == placement and not pass_.exact
+    converted, setup, probe = converted_by(model, pass_)
+
+    target = normswap.inspect(converted)
+    assert target.placement == placement == setup.plan.target_placement
+    assert not [norm for norm in target.residual_norms if norm.slot == slot]
+    removed = [move.norm.rsplit(".", 1)[-1] for move in pass_.moves]
+    assert not any(f"self.{attribute}(" in setup.generated.source for attribute in removed)  # never called
+
+    scales = {scale.site: scale for scale in setup.scales}
+    with stand_in_reference(model, pass_, scales):
+        reference = logits(model, probe)
+    actual, source = logits(converted, probe), logits(model, probe)
+    assert relative(actual, reference) <= TOLERANCE
+    assert relative(actual, source) > 1e-2  # the stand-in is not the norm
+
+    expected = measured_scales(model, list(scales), probe)
+    assert {site.module: scale.scale for site, scale in scales.items()} == pytest.approx(expected, rel=1e-9)
+    eps = {norm.path: norm.eps for norm in normswap.inspect(model).residual_norms}
+    assert all(site.eps == eps[site.module] and site.side == "input" for site in scales)
+    assert {site.statistic for site in scales} == {"std" if family == "gpt2" else "rms"}
+
+
+def test_the_stand_in_reference_can_fail_unfolded_weights() -> None:
+    """The same pass with its folds left out (norms removed, writers untouched) misses the reference: the check
+    above can fail."""
+    model = perturbed("gemma2")
+    pass_ = make_pass(model, "out")
+
+    def remove_only(steps: dict, scales: Any) -> None:
+        norms = normswap.inspect(model).residual_norms
+        drop_norms._remove_norm_tensors(model, [norm for norm in norms if norm.slot == "out"], steps)
+
+    converted, setup, probe = converted_by(model, dataclasses.replace(pass_, rewrite=remove_only))
+    with stand_in_reference(model, pass_, {scale.site: scale for scale in setup.scales}):
+        reference = logits(model, probe)
+    assert relative(logits(converted, probe), reference) > 1e-2
+
+
+def test_every_writer_of_a_summed_branch_output_takes_the_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AFMoE's MLP adds a shared expert's output to the routed experts' before its out norm. Folding into the last
+    linear map alone (the routed experts) leaves the shared expert unscaled, and the reference sees it."""
+    model = perturbed("afmoe")
+    found = norm_neighbours.norm_inputs
+
+    def last_writer_only(*args: Any) -> dict[str, norm_neighbours.NormInput]:
+        return {norm: dataclasses.replace(read, terms=read.terms[-1:]) for norm, read in found(*args).items()}
+
+    full = make_pass(model, "out")
+    (shared,) = [move for move in full.moves if len(move.into) == 2]
+    assert {key.rsplit(".", 2)[-2] for key in shared.into} == {"down_proj", "experts"}
+    monkeypatch.setattr(drop_norms, "norm_inputs", last_writer_only)
+    partial = make_pass(model, "out")
+    converted, setup, probe = converted_by(model, partial)
+    with stand_in_reference(model, full, {scale.site: scale for scale in setup.scales}):
+        reference = logits(model, probe)
+    assert relative(logits(converted, probe), reference) > 1e-3
+
+
+@pytest.mark.parametrize(("family", "slot"), [("gemma2", "out"), ("olmo2", "out"), ("gpt2", "pre")])
+def test_stand_in_on_a_token_at_the_calibrated_scale_is_the_norm(family: str, slot: str) -> None:
+    """On a token whose own RMS (LayerNorm: std) is ``s``, the stand-in and the norm agree: ``s`` is what the norm
+    divides by, ``g`` is ``1 + w`` for Gemma's offset norms, and a LayerNorm's stand-in centres and adds its bias.
+    This checks the stand-in against the norm itself, apart from the folds (which share its maths)."""
+    model = perturbed(family)
+    pass_ = make_pass(model, slot)
+    move = pass_.moves[0]
+    norm = model.get_submodule(move.norm)
+    token = torch.randn(1, 1, 64) * 3 + 0.5
+    wide = token.double()
+    if move.site.statistic == "std":
+        wide = wide - wide.mean()
+    scale = float((wide.pow(2).mean() + move.site.eps).sqrt())
+    scales = {move.site: CalibratedScale(move.site, scale, 1, 0.0)}
+    with torch.no_grad():
+        plain, plain_twice = norm(token), norm(token * 2)
+        with stand_in_reference(model, dataclasses.replace(pass_, moves=(move,)), scales):
+            stood_in, stood_in_twice = norm(token), norm(token * 2)
+    assert torch.allclose(stood_in, plain, rtol=1e-5, atol=1e-6)
+    # a token of another scale: the norm's output keeps its size, the stand-in's grows with its input
+    assert not torch.allclose(stood_in_twice, plain_twice, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("family", "slot", "reason"), [
+    ("llama", "out", "has no out norms"),
+    ("mixtral", "pre", r"is read by view \(not a linear map\)"),  # the router and experts read a reshaped copy
+])
+def test_refusals_name_their_structural_reason(family: str, slot: str, reason: str) -> None:
+    with pytest.raises(StandInError, match=reason):
+        make_pass(perturbed(family), slot)
