@@ -7,20 +7,23 @@ on models whose every weight, norm weight and bias is perturbed off its init (a 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from transformers import CONFIG_MAPPING
+from torch import nn
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
 
 import normswap
 from normswap.conversion import drop_norms, norm_neighbours
-from normswap.conversion.calibration import CalibratedScale, CalibrationSite
+from normswap.conversion.calibration import CalibratedScale, CalibrationSite, calibrate
 from normswap.conversion.compose import compose
 from normswap.conversion.drop_norms import StandInError, drop_out_norms, drop_pre_norms
 from normswap.conversion.passes import Pass
+from normswap.conversion.program import TensorProgram, copy_of, evaluate
 from normswap.conversion.setup import convert_in_memory
 from normswap.conversion.stand_in import stand_in_reference
 from normswap.conversion.verify import probe_inputs
@@ -201,3 +204,88 @@ def test_stand_in_on_a_token_at_the_calibrated_scale_is_the_norm(family: str, sl
 def test_refusals_name_their_structural_reason(family: str, slot: str, reason: str) -> None:
     with pytest.raises(StandInError, match=reason):
         make_pass(perturbed(family), slot)
+
+
+class GatedConfig(PretrainedConfig):
+    model_type = "normswap-toy-gated"
+
+    def __init__(self, hidden_size: int = 16, num_hidden_layers: int = 2, rms: bool = False, **kwargs: Any) -> None:
+        self.hidden_size, self.num_hidden_layers, self.rms = hidden_size, num_hidden_layers, rms
+        super().__init__(**kwargs)
+
+
+class GatedLayer(nn.Module):
+    """A branch whose output is three terms summed before its out norm: a linear map's output (scaled per channel
+    by a LayerScale in the RMSNorm variant), a shared expert's gated by a per-token scalar, and a bias added outside
+    any linear map."""
+
+    def __init__(self, config: GatedConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        norm = (lambda: nn.RMSNorm(d, eps=1e-6)) if config.rms else (lambda: nn.LayerNorm(d))
+        self.norm, self.out_norm = norm(), norm()
+        self.up, self.down, self.shared, self.gate = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, d), \
+            nn.Linear(d, 1)
+        self.shift = nn.Parameter(torch.zeros(d))
+        self.layer_scale = nn.Parameter(torch.ones(d)) if config.rms else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.norm(hidden_states)
+        written = self.down(torch.relu(self.up(x)))
+        if self.layer_scale is not None:
+            written = self.layer_scale * written
+        written = written + torch.sigmoid(self.gate(x)) * self.shared(x) + self.shift
+        return hidden_states + self.out_norm(written)
+
+
+class GatedModel(PreTrainedModel):
+    config_class = GatedConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: GatedConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(32, config.hidden_size)
+        self.layers = nn.ModuleList([GatedLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final = nn.RMSNorm(config.hidden_size, eps=1e-6) if config.rms else nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden_states = self.embed(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.final(hidden_states)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm-layer-scale"])
+def test_every_term_of_a_branch_output_takes_the_stand_in(rms: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three terms of ``GatedLayer``'s output are found by behaviour and each takes ``diag(g/s) [C]``; a
+    LayerNorm's ``beta`` goes onto the one unscaled bias (``down``'s), once. The folded weights, run with the out
+    norms gone, equal the source run with the out norms replaced by their stand-ins. (Code generation reads the
+    source lines of transformers' modeling files, which a test module is not: the weights alone are checked.)"""
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    torch.manual_seed(0)
+    model = GatedModel(GatedConfig(rms=rms)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    pass_ = make_pass(model, "out")
+    assert pass_.moves[0].into == (
+        "layers.0.down.weight", "layers.0.down.bias", "layers.0.shared.weight", "layers.0.shared.bias",
+        "layers.0.shift")
+    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
+    scales = calibrate(model, pass_.calibration, ids)
+    steps = {key: copy_of(key) for key in model.state_dict()}
+    assert pass_.rewrite is not None
+    pass_.rewrite(steps, scales)
+    kept = {key: step for key, step in steps.items() if ".out_norm." not in key}
+    state, _ = evaluate(TensorProgram(kept), model.state_dict(), torch.float32)
+    folded = copy.deepcopy(model)
+    for layer in folded.layers:
+        layer.out_norm = nn.Identity()
+    folded.load_state_dict(state)
+    with torch.no_grad():
+        with stand_in_reference(model, pass_, scales):
+            reference = model(**ids).double()
+        actual, source = folded(**ids).double(), model(**ids).double()
+    assert relative(actual, reference) <= TOLERANCE
+    assert relative(actual, source) > 1e-2
