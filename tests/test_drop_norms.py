@@ -45,10 +45,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt2": ("gpt2", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128}),  # Conv1D, LN
     "mixtral": ("mixtral", "MixtralForCausalLM", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "llama": ("llama", "LlamaForCausalLM", _DECODER),
+    "gptj": ("gptj", "GPTJForCausalLM", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "vocab_size": 128}),
+    # the residual is taken after the input norm: the add reads the norm's output
+    "bloom_post_residual": ("bloom", "BloomForCausalLM", {"hidden_size": 64, "n_layer": 2, "n_head": 4,
+                                                          "vocab_size": 128,
+                                                          "apply_residual_connection_post_layernorm": True}),
 }
 CASES = [("gemma2", "out", "pre"), ("olmo2", "out", "none"), ("glm4", "out", "pre"), ("afmoe", "out", "pre"),
          ("flex_olmo", "out", "none"), ("gemma2", "pre", "post-sublayer"), ("glm4", "pre", "post-sublayer"),
-         ("gpt2", "pre", "none"), ("llama", "pre", "none")]
+         ("gpt2", "pre", "none"), ("llama", "pre", "none"),
+         # a router reading a reshaped copy through F.linear of its raw weight, fused experts (experts, 2i, d)
+         ("mixtral", "pre", "none"), ("afmoe", "pre", "post-sublayer")]
 TOLERANCE = 1e-5  # of max|reference|, fp32
 
 
@@ -199,7 +206,8 @@ def test_stand_in_on_a_token_at_the_calibrated_scale_is_the_norm(family: str, sl
 
 @pytest.mark.parametrize(("family", "slot", "reason"), [
     ("llama", "out", "has no out norms"),
-    ("mixtral", "pre", r"is read by view \(not a linear map\)"),  # the router and experts read a reshaped copy
+    ("gptj", "pre", "q_proj.weight reads transformer.h.0.ln_1 but has no bias to take the norm's bias"),
+    ("bloom_post_residual", "pre", "input_layernorm is read by add, not only by linear maps"),
 ])
 def test_refusals_name_their_structural_reason(family: str, slot: str, reason: str) -> None:
     with pytest.raises(StandInError, match=reason):

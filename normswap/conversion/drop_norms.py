@@ -19,9 +19,8 @@ from torch import nn
 from ..codegen.removed_norms import removed_norm_edits
 from ..errors import NormswapError
 from ..topology import NormSite, NormSlot, Topology, combine_placements, placement_of_slots
-from .native import meta_twin
-from .norm_kind import _output_dims, linear_calls, linear_layout
-from .norm_neighbours import NormInput, norm_inputs, pre_norm_consumers
+from .norm_kind import _output_dims, linear_layout
+from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step, constant
 from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
@@ -63,46 +62,39 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
 
 
 def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
-    """Fold every layer ``pre`` norm's stand-in into the linear maps that read its output:
+    """Fold every layer ``pre`` norm's stand-in into the weights that read its output:
     ``W <- W diag(g) [C] / s``, ``b <- b + W beta``."""
     norms = _slot_norms(topology, "pre")
-    weighted = [norm for norm in norms if norm.kind != "identity"]
-    meta = meta_twin(model)
-    _, readers = linear_calls(meta, tuple(norm.path for norm in weighted))
-    foreign = pre_norm_consumers(meta, readers)
+    found = pre_norm_readers(model, [norm.path for norm in norms if norm.kind != "identity"])
     owners: dict[str, str] = {}
-    plans: list[tuple[StandIn, list[str]]] = []
+    plans: list[tuple[StandIn, tuple[ReaderTensor, ...]]] = []
     moves = []
     for norm in norms:
         if norm.kind == "identity":
             moves.append(PassMove("drop", norm.path, note="an identity placeholder: nothing to fold"))
             continue
-        found = readers[norm.path]
-        if norm.path in foreign or not found:
-            what = f"{foreign[norm.path]} (not a linear map)" if norm.path in foreign else "no linear map"
-            raise StandInError(f"the output of {norm.path} is read by {what}, so no weight change after it is its "
-                               "stand-in: cannot drop it")
+        read = found[norm.path]
+        if read.reason:
+            raise StandInError(f"{read.reason}: cannot drop it")
         stand_in = stand_in_of(model, norm)
-        for reader in found:
-            other = owners.setdefault(reader, norm.path)
+        for reader in read.readers:
+            other = owners.setdefault(reader.weight, norm.path)
             if other != norm.path:
-                raise StandInError(f"{reader} reads both {other} and {norm.path} (weights shared between calls), "
+                raise StandInError(f"{reader.weight} reads both {other} and {norm.path} (one weight called twice), "
                                    "so it cannot take both stand-ins")
-            if stand_in.bias is not None and getattr(model.get_submodule(reader), "bias", None) is None:
-                raise StandInError(f"{reader} reads {norm.path} but has no bias to take the norm's bias beta "
+            if stand_in.bias is not None and reader.bias is None:
+                raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
                                    "(b <- b + W beta): the stand-in's shift has nowhere to go")
-        plans.append((stand_in, found))
-        into = tuple(key for reader in found for key in (f"{reader}.weight", f"{reader}.bias")
-                     if key.endswith("weight") or stand_in.bias is not None)
+        plans.append((stand_in, read.readers))
+        into = tuple(key for reader in read.readers
+                     for key in (reader.weight, reader.bias if stand_in.bias is not None else None) if key)
         moves.append(PassMove("fold", norm.path, into, stand_in.site, f"1/s of its input's {stand_in.site.statistic}"))
 
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
-        for stand_in, found in plans:
+        for stand_in, readers in plans:
             scale = scales[stand_in.site].scale
-            for reader in found:
-                in_dim = 1 if linear_layout(model.get_submodule(reader)) == "out_in" else 0
-                bias = f"{reader}.bias" if f"{reader}.bias" in steps else None
-                fold_into_reader(stand_in, scale, f"{reader}.weight", in_dim, bias, steps)
+            for reader in readers:
+                fold_into_reader(stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
         _remove_norm_tensors(model, norms, steps)
 
     return Pass(_name(topology, "pre"), exact=False, placement=_placement_without(topology, "pre"),

@@ -6,9 +6,10 @@
   scalar (a shared expert's gate): then ``diag(g/s) [C]`` distributes over the sum, and scaling every term
   is exact. ``norm_inputs`` follows every linear map's output through such operations, merging sums (routed
   experts plus a shared expert), and records the terms that reach each norm's input.
-* A ``pre`` norm (``h + F(N(h))``) must be read by linear maps only: ``pre_norm_consumers`` reports any
-  other operation on its output (a view before a router, the residual taken after the norm), which a fold
-  into the readers' weights could not reach.
+* A ``pre`` norm (``h + F(N(h))``) must be read by weights alone: ``pre_norm_readers`` follows its output
+  through re-layouts (a view before a router) to the linear modules and fused experts called on it and to
+  ``F.linear`` of a raw parameter (Mixtral's router), and reports any other operation on it (the residual
+  taken after the norm, as BLOOM can), which a fold into weights could not reach.
 
 Both run one forward pass of the model's meta twin on synthetic inputs under a ``TorchFunctionMode``.
 """
@@ -180,54 +181,126 @@ def _judged(norm: str, found: list[tuple[Term, ...] | None], follower: _FollowTe
     return NormInput(norm, terms)
 
 
-class _WatchConsumers(TorchFunctionMode):
-    """Records each operation on a watched norm output that does not happen inside one of its linear readers."""
+@dataclass(frozen=True)
+class ReaderTensor:
+    """A weight that reads a pre norm's output linearly: ``in_dim`` runs over the norm's channels; ``bias`` is the
+    bias added with it (where a LayerNorm's ``beta`` folds: ``b <- b + W beta``)."""
 
-    def __init__(self) -> None:
+    weight: str
+    in_dim: int
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """The weights that read one pre norm's output, or why its output reaches something else."""
+
+    norm: str
+    readers: tuple[ReaderTensor, ...] = ()
+    reason: str = ""
+
+
+class _WatchReaders(TorchFunctionMode):
+    """Follows each pre norm's output through re-layouts (views, reshapes) to the weights that read it: linear
+    modules and fused experts called on it (their own forward is not looked into), and ``F.linear`` of a raw
+    parameter (a router's weight); any other operation on it is recorded as foreign."""
+
+    def __init__(self, names: dict[int, tuple[str, Tensor]]) -> None:
         super().__init__()
+        self.names = names  # id(parameter) -> (state-dict key, parameter)
         self.watched: dict[int, tuple[str, Tensor]] = {}
-        self.reading = 0  # depth of reader forwards running
+        self.stack: list[bool] = []  # per running candidate module: whether it reads a watched tensor
+        self.readers: dict[str, dict[ReaderTensor, None]] = {}
         self.foreign: dict[str, str] = {}
+
+    def norm_of(self, value: Any) -> str | None:
+        found = self.watched.get(id(value)) if isinstance(value, Tensor) else None
+        return found[0] if found is not None and found[1] is value else None
+
+    def watch(self, norm: str, output: Any) -> None:
+        if isinstance(output, Tensor):
+            self.watched[id(output)] = (norm, output)
+            self.readers.setdefault(norm, {})
+
+    def enter(self, path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = next((value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)), None)
+        norm = None if any(self.stack) else self.norm_of(first)
+        self.stack.append(norm is not None)
+        if norm is None:
+            return
+        width = first.shape[-1]
+        found = self.readers[norm]
+        if linear_layout(module):
+            bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
+            found[ReaderTensor(f"{path}.weight", 1 if linear_layout(module) == "out_in" else 0, bias)] = None
+            return
+        # fused experts: the layout of down_proj, (experts, out, in) or (experts, in, out), tells the others'
+        down = module.down_proj.shape
+        in_dim = 2 if down[1] == width != down[2] else 1 if down[2] == width != down[1] else None
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() != 3 or name.startswith("down_proj"):
+                continue
+            if in_dim is None or parameter.shape[in_dim] != width:
+                self.foreign.setdefault(norm, f"{path}.{name} (of shape {tuple(parameter.shape)}, whose input "
+                                              "dimension neither its shape nor down_proj's tells)")
+                continue
+            bias = f"{path}.{name}_bias" if getattr(module, f"{name}_bias", None) is not None else None
+            found[ReaderTensor(f"{path}.{name}", in_dim, bias)] = None
+
+    def leave(self) -> None:
+        self.stack.pop()
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if self.reading or not isinstance(result, Tensor):  # metadata (``.shape``, ``.dtype``) carries no value
+        if any(self.stack) or not isinstance(result, Tensor):  # metadata (``.shape``, ``.dtype``) carries no value
             return result
-        for value in (*args, *kwargs.values()):
-            found = self.watched.get(id(value)) if isinstance(value, Tensor) else None
-            if found is not None and found[1] is value:
-                self.foreign.setdefault(found[0], getattr(func, "__name__", str(func)))
+        for position, value in enumerate((*args, *kwargs.values())):
+            norm = self.norm_of(value)
+            if norm is None:
+                continue
+            if func in _PASS_THROUGH and result.shape[-1:] == value.shape[-1:]:
+                self.watch(norm, result)
+            elif func is torch.nn.functional.linear and position == 0 and self._parameter(args[1]) is not None:
+                bias = self._parameter(args[2]) if len(args) > 2 else self._parameter(kwargs.get("bias"))
+                self.readers[norm][ReaderTensor(self._parameter(args[1]) or "", 1, bias)] = None
+            else:
+                self.foreign.setdefault(norm, getattr(func, "__name__", str(func)))
         return result
 
+    def _parameter(self, value: Any) -> str | None:
+        found = self.names.get(id(value)) if isinstance(value, Tensor) else None
+        return found[0] if found is not None and found[1] is value else None
 
-def pre_norm_consumers(model: nn.Module, readers: dict[str, list[str]]) -> dict[str, str]:
-    """For each norm whose output some operation reads outside its linear ``readers``, that operation's name."""
-    return on_meta_else_cpu(meta_twin(model), lambda meta, device: _consumers(meta, device, readers))
+
+def pre_norm_readers(model: nn.Module, norms: Iterable[str]) -> dict[str, NormReaders]:
+    """For each pre norm, the weights that read its output, or why something else reads it too."""
+    norms = list(norms)
+    return on_meta_else_cpu(meta_twin(model), lambda meta, device: _pre_norm_readers(meta, device, norms))
 
 
-def _consumers(meta: nn.Module, device: str, readers: dict[str, list[str]]) -> dict[str, str]:
-    watcher = _WatchConsumers()
+def _pre_norm_readers(meta: nn.Module, device: str, norms: list[str]) -> dict[str, NormReaders]:
+    watcher = _WatchReaders({id(p): (name, p) for name, p in meta.named_parameters(remove_duplicate=False)})
     handles = []
-    for path in {reader for found in readers.values() for reader in found}:
+    for path in _writers(meta):  # the modules whose weights read their input linearly
         module = meta.get_submodule(path)
-
-        def enter(*_: Any) -> None:
-            watcher.reading += 1
-
-        def leave(*_: Any) -> None:
-            watcher.reading -= 1
-
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-
-    def watch(norm: str, output: Any) -> None:
-        if isinstance(output, Tensor):
-            watcher.watched[id(output)] = (norm, output)
-
+        handles += [module.register_forward_pre_hook(
+                        lambda m, args, kwargs, path=path: watcher.enter(path, m, args, kwargs), with_kwargs=True),
+                    module.register_forward_hook(lambda *_: watcher.leave())]
     try:
-        synthetic_forward(meta, device, [(norm, lambda m, a, o, norm=norm: watch(norm, o)) for norm in readers],
+        synthetic_forward(meta, device, [(norm, lambda m, a, o, norm=norm: watcher.watch(norm, o)) for norm in norms],
                           watcher)
     finally:
         for handle in handles:
             handle.remove()
-    return watcher.foreign
+    return {norm: _readers_judged(norm, watcher) for norm in norms}
+
+
+def _readers_judged(norm: str, watcher: _WatchReaders) -> NormReaders:
+    if norm in watcher.foreign:
+        return NormReaders(norm, reason=f"the output of {norm} is read by {watcher.foreign[norm]}, not only by "
+                                        "linear maps, so no weight change after it is its stand-in")
+    found = tuple(watcher.readers.get(norm, {}))
+    if not found:
+        return NormReaders(norm, reason=f"no linear map reads the output of {norm}")
+    return NormReaders(norm, found)
