@@ -34,6 +34,7 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     """Fold every ``out`` norm's stand-in ``g * [C] x / s (+ beta)`` into the tensors that write its input."""
     norms = _slot_norms(topology, "out")
     found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
+    keys = dict.fromkeys(model.state_dict())
     plans: list[tuple[StandIn, NormInput, dict[str, int], str | None]] = []
     moves = []
     for norm in norms:
@@ -43,7 +44,7 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
         stand_in, read = stand_in_of(model, norm), found[norm.path]
         if read.reason:
             raise StandInError(f"{read.reason}: cannot drop {norm.path} by its stand-in")
-        tensors = _term_tensors(model, stand_in, read)
+        tensors = _term_tensors(model, stand_in, read, keys)
         carrier = _shift_carrier(model, stand_in, read, tensors)
         plans.append((stand_in, read, tensors, carrier))
         moves.append(PassMove("fold", norm.path, tuple(tensors), stand_in.site,
@@ -124,9 +125,9 @@ def _placement_without(topology: Topology, slot: str) -> str:
     return combine_placements(placements)
 
 
-def _term_tensors(model: nn.Module, stand_in: StandIn, read: NormInput) -> dict[str, int]:
-    """Every tensor of the terms of the norm's input, with the dimension that runs over the norm's channels."""
-    keys = dict.fromkeys(model.state_dict())
+def _term_tensors(model: nn.Module, stand_in: StandIn, read: NormInput, keys: dict[str, None]) -> dict[str, int]:
+    """Every tensor of the terms of the norm's input (among ``keys``, the state dict's), with the dimension that
+    runs over the norm's channels."""
     tensors: dict[str, int] = {}
     for term in read.terms:
         if stand_in.centred and term.scales:

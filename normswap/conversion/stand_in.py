@@ -139,9 +139,9 @@ def stand_ins(model: nn.Module, replacements: Mapping[StandIn, float]) -> Iterat
     """``model`` with each norm of ``replacements`` (stand-in -> its scale ``s``) computing its stand-in instead:
     a forward hook replaces the norm's output by the stand-in of its input. The hooks are removed on exit."""
     handles = []
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     for stand_in, scale in replacements.items():
         module = model.get_submodule(stand_in.norm)
-        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         own = {key: tensors[key].detach() for key in stand_in.keys}
 
         def replace(_module: nn.Module, args: tuple, _output: Tensor, stand_in: StandIn = stand_in,
