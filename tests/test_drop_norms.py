@@ -217,8 +217,9 @@ def test_refusals_name_their_structural_reason(family: str, slot: str, reason: s
 class GatedConfig(PretrainedConfig):
     model_type = "normswap-toy-gated"
 
-    def __init__(self, hidden_size: int = 16, num_hidden_layers: int = 2, rms: bool = False, **kwargs: Any) -> None:
-        self.hidden_size, self.num_hidden_layers, self.rms = hidden_size, num_hidden_layers, rms
+    def __init__(self, hidden_size: int = 16, num_hidden_layers: int = 2, rms: bool = False, variant: str = "",
+                 **kwargs: Any) -> None:
+        self.hidden_size, self.num_hidden_layers, self.rms, self.variant = hidden_size, num_hidden_layers, rms, variant
         super().__init__(**kwargs)
 
 
@@ -236,6 +237,8 @@ class GatedLayer(nn.Module):
             nn.Linear(d, 1)
         self.shift = nn.Parameter(torch.zeros(d))
         self.layer_scale = nn.Parameter(torch.ones(d)) if config.rms else None
+        self.variant = config.variant
+        self.extra = nn.Linear(d, d)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden_states)
@@ -243,6 +246,10 @@ class GatedLayer(nn.Module):
         if self.layer_scale is not None:
             written = self.layer_scale * written
         written = written + torch.sigmoid(self.gate(x)) * self.shared(x) + self.shift
+        if self.variant == "self-gated":  # scaled per token by a function of itself: not linear in it
+            written = written * torch.sigmoid(written.mean(-1, keepdim=True))
+        if self.variant == "escaping":  # the branch output is read by something else too
+            return hidden_states + self.out_norm(written) + self.extra(written)
         return hidden_states + self.out_norm(written)
 
 
@@ -297,3 +304,14 @@ def test_every_term_of_a_branch_output_takes_the_stand_in(rms: bool, monkeypatch
         actual, source = folded(**ids).double(), model(**ids).double()
     assert relative(actual, reference) <= TOLERANCE
     assert relative(actual, source) > 1e-2
+
+
+@pytest.mark.parametrize(("variant", "reason"), [
+    ("self-gated", "the input of layers.0.out_norm is not a sum of linear maps' outputs"),
+    ("escaping", "layers.0.down's part of the input of layers.0.out_norm is also read by linear"),
+])
+def test_a_branch_output_that_is_not_linear_in_its_writers_is_refused(variant: str, reason: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    with pytest.raises(StandInError, match=reason):
+        make_pass(GatedModel(GatedConfig(variant=variant)).eval(), "out")

@@ -70,6 +70,11 @@ class _FollowTerms(TorchFunctionMode):
         self.views: dict[int, tuple[str, Tensor]] = {}
         self.uses: dict[str, int] = {}  # how often each (d,) parameter is read
         self.calls: dict[str, int] = {}  # how often each writer module runs
+        self.escaped: dict[str, str] = {}  # writer -> an operation that reads its output other than its way on
+        self.in_norm = 0  # depth of watched norms running: their own arithmetic reads the chain
+        # tensors computed from writers' outputs other than along a chain (a norm's ``rsqrt(mean(x^2))``, a gate's
+        # ``sigmoid(W x)``), with those writers: a chain times one computed from itself is not linear in it
+        self.derived: dict[int, tuple[frozenset[str], Tensor]] = {}
 
     def start(self, writer: str, output: Any) -> None:
         self.calls[writer] = self.calls.get(writer, 0) + 1
@@ -87,11 +92,18 @@ class _FollowTerms(TorchFunctionMode):
                 return found[0]
         return None
 
+    def derived_from(self, tensor: Tensor) -> frozenset[str]:
+        found = self.derived.get(id(tensor))
+        return found[0] if found is not None and found[1] is tensor else frozenset()
+
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         operands = [value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)]
         chained = [chain for chain in map(self.chain_of, operands) if chain is not None]
+        sources = frozenset().union(*map(self.derived_from, operands))
+        if sources and isinstance(result, Tensor):
+            self.derived[id(result)] = (sources, result)
         if not chained:
             if func in _PARAMETER_VIEWS and operands and isinstance(result, Tensor):
                 name = self.parameter_of(operands[0])
@@ -110,7 +122,8 @@ class _FollowTerms(TorchFunctionMode):
         terms: tuple[Term, ...] | None = None
         if func in _ADD and len(chained) >= 2 and not others:  # two branch parts summed: routed + shared experts
             terms = tuple(term for chain in chained for term in chain.terms)
-        elif func in _PASS_THROUGH and len(chained) == 1 and result.shape[-1:] == chained[0].tensor.shape[-1:]:
+        elif (func in _PASS_THROUGH and len(chained) == 1 and self.chain_of(args[0] if args else None) is chained[0]
+              and result.shape[-1:] == chained[0].tensor.shape[-1:]):  # ``y.type_as(chain)`` hands on ``y``
             terms = chained[0].terms
         elif len(chained) == 1 and len(others) == 1 and func in _ADD | _MULTIPLY:
             name = self.parameter_of(others[0])
@@ -121,12 +134,17 @@ class _FollowTerms(TorchFunctionMode):
                 terms = (*chained[0].terms, Term(name, False))
             elif channel:
                 terms = tuple(Term(t.source, t.writer, (*t.scales, name), t.token_scaled) for t in chained[0].terms)
-            elif func in _MULTIPLY and name is None and others[0].dim() and others[0].shape[-1] == 1:
+            elif (func in _MULTIPLY and name is None and others[0].dim() and others[0].shape[-1] == 1
+                  and not self.derived_from(others[0]) & {t.source for t in chained[0].terms}):
                 terms = tuple(Term(t.source, t.writer, t.scales, True) for t in chained[0].terms)
-        elif func is Tensor.type_as and len(chained) == 1:
-            terms = chained[0].terms
         if terms is not None:
             self.chains[id(result)] = _Chain(terms, result)
+            return result
+        read = frozenset(term.source for chain in chained for term in chain.terms)
+        self.derived[id(result)] = (sources | read, result)
+        if not self.in_norm:
+            for source in read:
+                self.escaped.setdefault(source, getattr(func, "__name__", str(func)))
         return result
 
 
@@ -150,9 +168,21 @@ def _norm_inputs(meta: nn.Module, device: str, norms: list[str]) -> dict[str, No
         chain = follower.chain_of(args[0]) if args else None
         seen[norm].append(chain.terms if chain is not None else None)
 
+    def enter_norm(*_: Any) -> None:
+        follower.in_norm += 1
+
+    def leave_norm(norm: str, args: tuple) -> None:
+        follower.in_norm -= 1
+        at_norm(norm, args)
+
     hooks = [(path, lambda m, a, o, path=path: follower.start(path, o)) for path in _writers(meta)]
-    hooks += [(norm, lambda m, args, o, norm=norm: at_norm(norm, args)) for norm in norms]
-    synthetic_forward(meta, device, hooks, follower)
+    hooks += [(norm, lambda m, args, o, norm=norm: leave_norm(norm, args)) for norm in norms]
+    entries = [meta.get_submodule(norm).register_forward_pre_hook(enter_norm) for norm in norms]
+    try:
+        synthetic_forward(meta, device, hooks, follower)
+    finally:
+        for handle in entries:
+            handle.remove()
     return {norm: _judged(norm, found, follower) for norm, found in seen.items()}
 
 
@@ -171,6 +201,10 @@ def _judged(norm: str, found: list[tuple[Term, ...] | None], follower: _FollowTe
     if repeated:
         return NormInput(norm, reason=f"{repeated[0]} reaches the input of {norm} along two paths")
     for term in terms:
+        if term.source in follower.escaped:
+            return NormInput(norm, reason=f"{term.source}'s part of the input of {norm} is also read by "
+                                          f"{follower.escaped[term.source]}, which folding the stand-in into it "
+                                          "would change too")
         if term.writer and follower.calls.get(term.source, 0) > 1:
             return NormInput(norm, reason=f"{term.source} runs {follower.calls[term.source]} times in one forward "
                                           f"pass, so folding the stand-in of {norm} into its weights would change "
@@ -259,7 +293,7 @@ class _WatchReaders(TorchFunctionMode):
             norm = self.norm_of(value)
             if norm is None:
                 continue
-            if func in _PASS_THROUGH and result.shape[-1:] == value.shape[-1:]:
+            if func in _PASS_THROUGH and position == 0 and result.shape[-1:] == value.shape[-1:]:
                 self.watch(norm, result)
             elif func is torch.nn.functional.linear and position == 0 and self._parameter(args[1]) is not None:
                 bias = self._parameter(args[2]) if len(args) > 2 else self._parameter(kwargs.get("bias"))
