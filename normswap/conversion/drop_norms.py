@@ -35,6 +35,7 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     norms = _slot_norms(topology, "out")
     found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
     keys = dict.fromkeys(model.state_dict())
+    owners: dict[str, str] = {}
     plans: list[tuple[StandIn, NormInput, dict[str, int], str | None]] = []
     moves = []
     for norm in norms:
@@ -45,6 +46,11 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
         if read.reason:
             raise StandInError(f"{read.reason}: cannot drop {norm.path} by its stand-in")
         tensors = _term_tensors(model, stand_in, read, keys)
+        for key in tensors:
+            other = owners.setdefault(key, norm.path)
+            if other != norm.path:
+                raise StandInError(f"{key} writes the inputs of both {other} and {norm.path}, so it cannot take "
+                                   "both stand-ins")
         carrier = _shift_carrier(model, stand_in, read, tensors)
         plans.append((stand_in, read, tensors, carrier))
         moves.append(PassMove("fold", norm.path, tuple(tensors), stand_in.site,
