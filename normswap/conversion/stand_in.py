@@ -3,7 +3,8 @@
 On a typical token a norm is a linear map: RMSNorm ``y = g * x / s``, LayerNorm ``y = g * C x / s + beta``
 (``C = I - 11^T/d`` removes the mean), with ``s`` the mean per-token RMS (LayerNorm: standard deviation) of
 its input over the calibration tokens, measured with the norm's own eps, and ``g = 1 + w`` for an offset
-norm. Being linear, the stand-in folds exactly into its neighbours:
+norm (an RMSNorm with a bias, as ``NormswapRMSNorm`` after an exact LayerNorm -> RMSNorm, adds it too).
+Being linear, the stand-in folds exactly into its neighbours:
 
 * an ``out`` norm (``h + N(F(h))``) into every tensor that writes its input:
   ``W <- diag(g/s) [C] W`` and ``b <- (g/s) * [C] b``, plus ``beta`` on exactly one bias;
@@ -80,7 +81,7 @@ def stand_in_of(model: nn.Module, norm: NormSite) -> StandIn:
     site = CalibrationSite(norm.path, "input", statistic, norm.axis, float(norm.eps or 0.0))
     own = dict(model.get_submodule(norm.path).named_parameters(recurse=False))
     weight = f"{norm.path}.weight" if own.get("weight") is not None else None
-    bias = f"{norm.path}.bias" if own.get("bias") is not None and statistic == "std" else None
+    bias = f"{norm.path}.bias" if own.get("bias") is not None else None  # an RMSNorm may carry one too (a moved LN's)
     return StandIn(norm.path, site, norm.kind in OFFSET_NORM_KINDS, weight, bias)
 
 
