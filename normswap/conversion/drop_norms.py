@@ -1,0 +1,170 @@
+"""Passes that remove a slot's norms by folding their calibrated stand-ins into their neighbours (§6).
+
+* ``drop_out_norms``: every ``out`` norm (``h + N(F(h))``: Gemma 2/3's and GLM-4's post-branch norms, OLMo 2's)
+  folds into every tensor that writes its input. Sandwich becomes pre, post-sublayer becomes none.
+* ``drop_pre_norms``: every ``pre`` norm of the layers (the final norm stays) folds into the linear maps that
+  read its output. Sandwich becomes post-sublayer, pre becomes none (then an added ``out`` norm makes it
+  post-sublayer).
+
+Both are ``exact: false``: a token whose own scale differs from the calibrated ``s`` sees a different map.
+The folds themselves are exact: the converted model equals the source with those norms replaced by their
+stand-ins (``stand_in.stand_in_reference``) to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..codegen.removed_norms import removed_norm_edits
+from ..errors import NormswapError
+from ..topology import NormSite, NormSlot, Topology, combine_placements, placement_of_slots
+from .norm_kind import _output_dims, linear_layout
+from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
+from .passes import Pass, PassMove, Scales
+from .program import Step, constant
+from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
+
+
+class StandInError(NormswapError):
+    """A norm's stand-in has nowhere exact to go: the structure around the norm is not linear maps alone."""
+
+
+def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
+    """Fold every ``out`` norm's stand-in ``g * [C] x / s (+ beta)`` into the tensors that write its input."""
+    norms = _slot_norms(topology, "out")
+    found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
+    keys = dict.fromkeys(model.state_dict())
+    owners: dict[str, str] = {}
+    plans: list[tuple[StandIn, NormInput, dict[str, int], str | None]] = []
+    moves = []
+    for norm in norms:
+        if norm.kind == "identity":
+            moves.append(PassMove("drop", norm.path, note="an identity placeholder: nothing to fold"))
+            continue
+        stand_in, read = stand_in_of(model, norm), found[norm.path]
+        if read.reason:
+            raise StandInError(f"{read.reason}: cannot drop {norm.path} by its stand-in")
+        tensors = _term_tensors(model, stand_in, read, keys)
+        for key in tensors:
+            other = owners.setdefault(key, norm.path)
+            if other != norm.path:
+                raise StandInError(f"{key} writes the inputs of both {other} and {norm.path}, so it cannot take "
+                                   "both stand-ins")
+        carrier = _shift_carrier(model, stand_in, read, tensors)
+        plans.append((stand_in, read, tensors, carrier))
+        moves.append(PassMove("fold", norm.path, tuple(tensors), stand_in.site,
+                              f"1/s of its input's {stand_in.site.statistic}"))
+
+    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
+        for stand_in, _read, tensors, carrier in plans:
+            scale = scales[stand_in.site].scale
+            for key, dim in tensors.items():
+                fold_into_writer(stand_in, scale, key, dim, steps, carries_shift=key == carrier)
+        _remove_norm_tensors(model, norms, steps)
+
+    return Pass(_name(topology, "out"), exact=False, placement=_placement_without(topology, "out"),
+                edits=tuple(removed_norm_edits(model, topology, "out")), rewrite=rewrite,
+                calibration=tuple(dict.fromkeys(stand_in.site for stand_in, *_ in plans)), moves=tuple(moves))
+
+
+def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
+    """Fold every layer ``pre`` norm's stand-in into the weights that read its output:
+    ``W <- W diag(g) [C] / s``, ``b <- b + W beta``."""
+    norms = _slot_norms(topology, "pre")
+    found = pre_norm_readers(model, [norm.path for norm in norms if norm.kind != "identity"])
+    owners: dict[str, str] = {}
+    plans: list[tuple[StandIn, tuple[ReaderTensor, ...]]] = []
+    moves = []
+    for norm in norms:
+        if norm.kind == "identity":
+            moves.append(PassMove("drop", norm.path, note="an identity placeholder: nothing to fold"))
+            continue
+        read = found[norm.path]
+        if read.reason:
+            raise StandInError(f"{read.reason}: cannot drop it")
+        stand_in = stand_in_of(model, norm)
+        for reader in read.readers:
+            other = owners.setdefault(reader.weight, norm.path)
+            if other != norm.path:
+                raise StandInError(f"{reader.weight} reads both {other} and {norm.path} (one weight called twice), "
+                                   "so it cannot take both stand-ins")
+            if stand_in.bias is not None and reader.bias is None:
+                raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
+                                   "(b <- b + W beta): the stand-in's shift has nowhere to go")
+        plans.append((stand_in, read.readers))
+        into = tuple(key for reader in read.readers
+                     for key in (reader.weight, reader.bias if stand_in.bias is not None else None) if key)
+        moves.append(PassMove("fold", norm.path, into, stand_in.site, f"1/s of its input's {stand_in.site.statistic}"))
+
+    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
+        for stand_in, readers in plans:
+            scale = scales[stand_in.site].scale
+            for reader in readers:
+                fold_into_reader(stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
+        _remove_norm_tensors(model, norms, steps)
+
+    return Pass(_name(topology, "pre"), exact=False, placement=_placement_without(topology, "pre"),
+                edits=tuple(removed_norm_edits(model, topology, "pre")), rewrite=rewrite,
+                calibration=tuple(dict.fromkeys(stand_in.site for stand_in, _ in plans)), moves=tuple(moves))
+
+
+def _slot_norms(topology: Topology, slot: NormSlot) -> list[NormSite]:
+    norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in(slot)]
+    if not norms:
+        raise StandInError(f"{topology.model_type} ({topology.placement}) has no {slot} norms to drop")
+    return norms
+
+
+def _name(topology: Topology, slot: str) -> str:
+    after = _placement_without(topology, slot)
+    return f"{topology.placement} -> {after}: {slot} norms folded as their calibrated stand-ins"
+
+
+def _placement_without(topology: Topology, slot: str) -> str:
+    """The placement once every layer's ``slot`` norms are gone."""
+    placements = []
+    for layer in topology.layers:
+        for sub in layer.sublayers:
+            left = {norm.slot for norm in sub.norms if norm.slot != slot}
+            placements.append(placement_of_slots(left, sub.kind == "parallel" and bool(left)))
+    return combine_placements(placements)
+
+
+def _term_tensors(model: nn.Module, stand_in: StandIn, read: NormInput, keys: dict[str, None]) -> dict[str, int]:
+    """Every tensor of the terms of the norm's input (among ``keys``, the state dict's), with the dimension that
+    runs over the norm's channels."""
+    tensors: dict[str, int] = {}
+    for term in read.terms:
+        if stand_in.centred and term.scales:
+            raise StandInError(f"{term.scales[0]} scales {term.source}'s part of the input of {stand_in.norm} per "
+                               "channel before the LayerNorm's centring, which does not commute with it")
+        if term.writer:
+            tensors.update(_output_dims(model.get_submodule(term.source), term.source, keys))
+        else:
+            tensors[term.source] = -1
+    return tensors
+
+
+def _shift_carrier(model: nn.Module, stand_in: StandIn, read: NormInput, tensors: dict[str, int]) -> str | None:
+    """The one bias that takes a LayerNorm's ``beta``: one added once per token, unscaled on the way."""
+    if stand_in.bias is None:
+        return None
+    for term in read.terms:
+        if term.token_scaled or term.scales:
+            continue
+        if not term.writer:
+            return term.source
+        module = model.get_submodule(term.source)
+        key = f"{term.source}.bias"
+        if linear_layout(module) and key in tensors:
+            return key
+    raise StandInError(f"{stand_in.norm} has a bias, and no bias among what writes its input is added once per "
+                       "token unscaled, so the stand-in's shift has nowhere to go")
+
+
+def _remove_norm_tensors(model: nn.Module, norms: list[NormSite], steps: dict[str, Step]) -> None:
+    """A removed norm's tensors become the placeholder's empty tensors (where the placeholder keeps any)."""
+    for norm in norms:
+        for name, _ in model.get_submodule(norm.path).named_parameters(recurse=False):
+            steps[f"{norm.path}.{name}"] = constant(lambda: torch.empty(0))

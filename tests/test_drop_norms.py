@@ -1,0 +1,317 @@
+"""Dropping a slot's norms by folding their calibrated stand-ins (docs/design.md §6).
+
+The stand-in is not the norm, so the converted model differs from the source; what must hold to float
+rounding is that it equals the source with those norms *replaced by their stand-ins* (``stand_in_reference``),
+on models whose every weight, norm weight and bias is perturbed off its init (a unit norm hides a missed fold).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers import CONFIG_MAPPING, PretrainedConfig, PreTrainedModel
+
+import normswap
+from normswap.conversion import drop_norms, norm_neighbours
+from normswap.conversion.calibration import CalibratedScale, CalibrationSite, calibrate
+from normswap.conversion.compose import compose
+from normswap.conversion.drop_norms import StandInError, drop_out_norms, drop_pre_norms
+from normswap.conversion.passes import Pass
+from normswap.conversion.program import TensorProgram, copy_of, evaluate
+from normswap.conversion.setup import convert_in_memory
+from normswap.conversion.stand_in import stand_in_reference
+from normswap.conversion.verify import probe_inputs
+from normswap.topology import OFFSET_NORM_KINDS
+
+_DECODER = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 1,
+            "bos_token_id": 2}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", {**_DECODER, "head_dim": 16}),  # offset (1 + w) RMSNorms
+    "olmo2": ("olmo2", "Olmo2ForCausalLM", _DECODER),  # post-sublayer: out norms only
+    "glm4": ("glm4", "Glm4ForCausalLM", {**_DECODER, "head_dim": 16}),  # its post_attention_layernorm is a pre norm
+    # sandwich MoE: a dense first layer, then routed experts (fused 3-d weights) plus a shared expert of linear maps,
+    # summed into the MLP's out norm: both must take the stand-in
+    "afmoe": ("afmoe", "AfmoeForCausalLM", {**_DECODER, **_MOE, "moe_intermediate_size": 32, "num_shared_experts": 1,
+                                            "num_dense_layers": 1, "head_dim": 16}),
+    "flex_olmo": ("flex_olmo", "FlexOlmoForCausalLM", {**_DECODER, **_MOE}),  # post-sublayer MoE
+    "gpt2": ("gpt2", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128}),  # Conv1D, LN
+    "mixtral": ("mixtral", "MixtralForCausalLM", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "llama": ("llama", "LlamaForCausalLM", _DECODER),
+    "gptj": ("gptj", "GPTJForCausalLM", {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "vocab_size": 128}),
+    # the residual is taken after the input norm: the add reads the norm's output
+    "bloom_post_residual": ("bloom", "BloomForCausalLM", {"hidden_size": 64, "n_layer": 2, "n_head": 4,
+                                                          "vocab_size": 128,
+                                                          "apply_residual_connection_post_layernorm": True}),
+}
+CASES = [("gemma2", "out", "pre"), ("olmo2", "out", "none"), ("glm4", "out", "pre"), ("afmoe", "out", "pre"),
+         ("flex_olmo", "out", "none"), ("gemma2", "pre", "post-sublayer"), ("glm4", "pre", "post-sublayer"),
+         ("gpt2", "pre", "none"), ("llama", "pre", "none"),
+         # a router reading a reshaped copy through F.linear of its raw weight, fused experts (experts, 2i, d)
+         ("mixtral", "pre", "none"), ("afmoe", "pre", "post-sublayer")]
+TOLERANCE = 1e-5  # of max|reference|, fp32
+
+
+def perturbed(family: str) -> torch.nn.Module:
+    """Every parameter moved off its init; no norm left a unit norm (``1 + w`` for offset norms)."""
+    model_type, model_class, fields = FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(CONFIG_MAPPING[model_type](**fields)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    for norm in normswap.inspect(model).residual_norms:
+        module = model.get_submodule(norm.path)
+        gain = module.weight + 1 if norm.kind in OFFSET_NORM_KINDS else module.weight
+        assert (gain - 1).abs().min() > 0, norm.path
+        if getattr(module, "bias", None) is not None:
+            assert module.bias.abs().min() > 0, norm.path
+    return model
+
+
+def make_pass(model: torch.nn.Module, slot: str) -> Pass:
+    return (drop_out_norms if slot == "out" else drop_pre_norms)(model, normswap.inspect(model))
+
+
+def converted_by(model: torch.nn.Module, pass_: Pass) -> tuple[torch.nn.Module, Any, dict[str, torch.Tensor]]:
+    probe = probe_inputs(model, None, None)
+    converted, setup, _ = convert_in_memory(model, compose(model, normswap.inspect(model), [pass_], "drop norms"),
+                                            probe)
+    return converted, setup, probe
+
+
+def logits(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**probe).logits.double()
+
+
+def relative(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+def measured_scales(model: torch.nn.Module, sites: list[CalibrationSite], probe: dict[str, torch.Tensor]
+                    ) -> dict[str, float]:
+    """Each site's mean per-token RMS (std) over real tokens, computed here from captured norm inputs."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(site.module).register_forward_pre_hook(
+        lambda _m, args, path=site.module: captured.__setitem__(path, args[0].detach().double())) for site in sites]
+    with torch.no_grad():
+        model(**probe)
+    for handle in handles:
+        handle.remove()
+    mask = probe["attention_mask"].bool()
+    found = {}
+    for site in sites:
+        tokens = captured[site.module][mask]
+        if site.statistic == "std":
+            tokens = tokens - tokens.mean(-1, keepdim=True)
+        found[site.module] = float((tokens.pow(2).mean(-1) + site.eps).sqrt().mean())
+    return found
+
+
+@pytest.mark.parametrize(("family", "slot", "placement"), CASES, ids=[f"{f}-{s}" for f, s, _ in CASES])
+def test_folded_stand_ins_equal_the_stand_in_reference(family: str, slot: str, placement: str) -> None:
+    model = perturbed(family)
+    pass_ = make_pass(model, slot)
+    assert pass_.placement == placement and not pass_.exact
+    converted, setup, probe = converted_by(model, pass_)
+
+    target = normswap.inspect(converted)
+    assert target.placement == placement == setup.plan.target_placement
+    assert not [norm for norm in target.residual_norms if norm.slot == slot]
+    removed = [move.norm.rsplit(".", 1)[-1] for move in pass_.moves]
+    assert not any(f"self.{attribute}(" in setup.generated.source for attribute in removed)  # never called
+
+    scales = {scale.site: scale for scale in setup.scales}
+    with stand_in_reference(model, pass_, scales):
+        reference = logits(model, probe)
+    actual, source = logits(converted, probe), logits(model, probe)
+    assert relative(actual, reference) <= TOLERANCE
+    assert relative(actual, source) > 1e-2  # the stand-in is not the norm
+
+    expected = measured_scales(model, list(scales), probe)
+    assert {site.module: scale.scale for site, scale in scales.items()} == pytest.approx(expected, rel=1e-9)
+    eps = {norm.path: norm.eps for norm in normswap.inspect(model).residual_norms}
+    assert all(site.eps == eps[site.module] and site.side == "input" for site in scales)
+    assert {site.statistic for site in scales} == {"std" if family == "gpt2" else "rms"}
+
+
+def test_the_stand_in_reference_can_fail_unfolded_weights() -> None:
+    """The same pass with its folds left out (norms removed, writers untouched) misses the reference: the check
+    above can fail."""
+    model = perturbed("gemma2")
+    pass_ = make_pass(model, "out")
+
+    def remove_only(steps: dict, scales: Any) -> None:
+        norms = normswap.inspect(model).residual_norms
+        drop_norms._remove_norm_tensors(model, [norm for norm in norms if norm.slot == "out"], steps)
+
+    converted, setup, probe = converted_by(model, dataclasses.replace(pass_, rewrite=remove_only))
+    with stand_in_reference(model, pass_, {scale.site: scale for scale in setup.scales}):
+        reference = logits(model, probe)
+    assert relative(logits(converted, probe), reference) > 1e-2
+
+
+def test_every_writer_of_a_summed_branch_output_takes_the_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AFMoE's MLP adds a shared expert's output to the routed experts' before its out norm. Folding into the last
+    linear map alone (the routed experts) leaves the shared expert unscaled, and the reference sees it."""
+    model = perturbed("afmoe")
+    found = norm_neighbours.norm_inputs
+
+    def last_writer_only(*args: Any) -> dict[str, norm_neighbours.NormInput]:
+        return {norm: dataclasses.replace(read, terms=read.terms[-1:]) for norm, read in found(*args).items()}
+
+    full = make_pass(model, "out")
+    (shared,) = [move for move in full.moves if len(move.into) == 2]
+    assert {key.rsplit(".", 2)[-2] for key in shared.into} == {"down_proj", "experts"}
+    monkeypatch.setattr(drop_norms, "norm_inputs", last_writer_only)
+    partial = make_pass(model, "out")
+    converted, setup, probe = converted_by(model, partial)
+    with stand_in_reference(model, full, {scale.site: scale for scale in setup.scales}):
+        reference = logits(model, probe)
+    assert relative(logits(converted, probe), reference) > 1e-3
+
+
+@pytest.mark.parametrize(("family", "slot"), [("gemma2", "out"), ("olmo2", "out"), ("gpt2", "pre")])
+def test_stand_in_on_a_token_at_the_calibrated_scale_is_the_norm(family: str, slot: str) -> None:
+    """On a token whose own RMS (LayerNorm: std) is ``s``, the stand-in and the norm agree: ``s`` is what the norm
+    divides by, ``g`` is ``1 + w`` for Gemma's offset norms, and a LayerNorm's stand-in centres and adds its bias.
+    This checks the stand-in against the norm itself, apart from the folds (which share its maths)."""
+    model = perturbed(family)
+    pass_ = make_pass(model, slot)
+    move = pass_.moves[0]
+    norm = model.get_submodule(move.norm)
+    token = torch.randn(1, 1, 64) * 3 + 0.5
+    wide = token.double()
+    if move.site.statistic == "std":
+        wide = wide - wide.mean()
+    scale = float((wide.pow(2).mean() + move.site.eps).sqrt())
+    scales = {move.site: CalibratedScale(move.site, scale, 1, 0.0)}
+    with torch.no_grad():
+        plain, plain_twice = norm(token), norm(token * 2)
+        with stand_in_reference(model, dataclasses.replace(pass_, moves=(move,)), scales):
+            stood_in, stood_in_twice = norm(token), norm(token * 2)
+    assert torch.allclose(stood_in, plain, rtol=1e-5, atol=1e-6)
+    # a token of another scale: the norm's output keeps its size, the stand-in's grows with its input
+    assert not torch.allclose(stood_in_twice, plain_twice, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("family", "slot", "reason"), [
+    ("llama", "out", "has no out norms"),
+    ("gptj", "pre", "q_proj.weight reads transformer.h.0.ln_1 but has no bias to take the norm's bias"),
+    ("bloom_post_residual", "pre", "input_layernorm is read by add, not only by linear maps"),
+])
+def test_refusals_name_their_structural_reason(family: str, slot: str, reason: str) -> None:
+    with pytest.raises(StandInError, match=reason):
+        make_pass(perturbed(family), slot)
+
+
+class GatedConfig(PretrainedConfig):
+    model_type = "normswap-toy-gated"
+
+    def __init__(self, hidden_size: int = 16, num_hidden_layers: int = 2, rms: bool = False, variant: str = "",
+                 **kwargs: Any) -> None:
+        self.hidden_size, self.num_hidden_layers, self.rms, self.variant = hidden_size, num_hidden_layers, rms, variant
+        super().__init__(**kwargs)
+
+
+class GatedLayer(nn.Module):
+    """A branch whose output is three terms summed before its out norm: a linear map's output (scaled per channel
+    by a LayerScale in the RMSNorm variant), a shared expert's gated by a per-token scalar, and a bias added outside
+    any linear map."""
+
+    def __init__(self, config: GatedConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        norm = (lambda: nn.RMSNorm(d, eps=1e-6)) if config.rms else (lambda: nn.LayerNorm(d))
+        self.norm, self.out_norm = norm(), norm()
+        self.up, self.down, self.shared, self.gate = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, d), \
+            nn.Linear(d, 1)
+        self.shift = nn.Parameter(torch.zeros(d))
+        self.layer_scale = nn.Parameter(torch.ones(d)) if config.rms else None
+        self.variant = config.variant
+        self.extra = nn.Linear(d, d)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.norm(hidden_states)
+        written = self.down(torch.relu(self.up(x)))
+        if self.layer_scale is not None:
+            written = self.layer_scale * written
+        written = written + torch.sigmoid(self.gate(x)) * self.shared(x) + self.shift
+        if self.variant == "self-gated":  # scaled per token by a function of itself: not linear in it
+            written = written * torch.sigmoid(written.mean(-1, keepdim=True))
+        if self.variant == "escaping":  # the branch output is read by something else too
+            return hidden_states + self.out_norm(written) + self.extra(written)
+        return hidden_states + self.out_norm(written)
+
+
+class GatedModel(PreTrainedModel):
+    config_class = GatedConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: GatedConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(32, config.hidden_size)
+        self.layers = nn.ModuleList([GatedLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final = nn.RMSNorm(config.hidden_size, eps=1e-6) if config.rms else nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden_states = self.embed(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.final(hidden_states)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm-layer-scale"])
+def test_every_term_of_a_branch_output_takes_the_stand_in(rms: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three terms of ``GatedLayer``'s output are found by behaviour and each takes ``diag(g/s) [C]``; a
+    LayerNorm's ``beta`` goes onto the one unscaled bias (``down``'s), once. The folded weights, run with the out
+    norms gone, equal the source run with the out norms replaced by their stand-ins. (Code generation reads the
+    source lines of transformers' modeling files, which a test module is not: the weights alone are checked.)"""
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    torch.manual_seed(0)
+    model = GatedModel(GatedConfig(rms=rms)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    pass_ = make_pass(model, "out")
+    assert pass_.moves[0].into == (
+        "layers.0.down.weight", "layers.0.down.bias", "layers.0.shared.weight", "layers.0.shared.bias",
+        "layers.0.shift")
+    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
+    scales = calibrate(model, pass_.calibration, ids)
+    steps = {key: copy_of(key) for key in model.state_dict()}
+    assert pass_.rewrite is not None
+    pass_.rewrite(steps, scales)
+    kept = {key: step for key, step in steps.items() if ".out_norm." not in key}
+    state, _ = evaluate(TensorProgram(kept), model.state_dict(), torch.float32)
+    folded = copy.deepcopy(model)
+    for layer in folded.layers:
+        layer.out_norm = nn.Identity()
+    folded.load_state_dict(state)
+    with torch.no_grad():
+        with stand_in_reference(model, pass_, scales):
+            reference = model(**ids).double()
+        actual, source = folded(**ids).double(), model(**ids).double()
+    assert relative(actual, reference) <= TOLERANCE
+    assert relative(actual, source) > 1e-2
+
+
+@pytest.mark.parametrize(("variant", "reason"), [
+    ("self-gated", "the input of layers.0.out_norm is not a sum of linear maps' outputs"),
+    ("escaping", "layers.0.down's part of the input of layers.0.out_norm is also read by linear"),
+])
+def test_a_branch_output_that_is_not_linear_in_its_writers_is_refused(variant: str, reason: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    with pytest.raises(StandInError, match=reason):
+        make_pass(GatedModel(GatedConfig(variant=variant)).eval(), "out")
