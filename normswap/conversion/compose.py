@@ -76,7 +76,13 @@ class ComposedReport:
         return self.drift.exact
 
     def summary(self) -> str:
-        return self.drift.summary()
+        scales = [scale for each in self.passes for scale in each.scales]
+        if not scales:
+            return self.drift.summary()
+        spreads = [scale.spread for scale in scales]
+        return (f"{self.drift.summary()}\ncalibrated {len(scales)} scales over {max(s.tokens for s in scales)} tokens; "
+                f"a token's own scale strays from its site's by {min(spreads):.2f} to {max(spreads):.2f} (coefficient "
+                "of variation: how far a norm on one token departs from the linear map it is at its site's scale)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.drift.to_dict(), "passes": [each.to_dict() for each in self.passes]}
