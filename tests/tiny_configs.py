@@ -63,6 +63,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma2": {"model_type": "gemma2", **_GQA, "head_dim": 16},
     "olmo": {"model_type": "olmo", **_GQA, **_TOKENS},
     "olmo2": {"model_type": "olmo2", **_GQA, **_TOKENS},
+    "glm4": {"model_type": "glm4", **_GQA, **_TOKENS, "head_dim": 16},
     "t5": {"model_type": "t5", "d_model": 64, "d_kv": 16, "num_layers": 2, "num_heads": 4, "d_ff": 128,
            "vocab_size": 128},
     "bart": {"model_type": "bart", **_SEQ2SEQ},
