@@ -69,3 +69,19 @@ def test_a_placement_the_structure_cannot_take_is_one_line() -> None:
     with pytest.raises(normswap.NormswapError) as error:
         normswap.convert(tiny_model("bert", "BertForMaskedLM"), "sandwich")
     assert "\n" not in str(error.value) and "residual add" in str(error.value)
+
+
+@pytest.mark.parametrize(("family", "target"), [("gemma2", "pre"), ("olmo2", "pre"), ("llama", "post-sublayer")])
+def test_healing_matches_what_each_branch_reads(family: str, target: str) -> None:
+    """Sandwich and post-sublayer models have no one norm per entry: healing pairs the branches' inputs and the
+    stacks' outputs, and training on them brings the student's next-token KL down."""
+    from normswap.healing.api import heal
+    from normswap.healing.taps import correspond
+
+    model = tiny_model(family, SOURCES[family][0])
+    student = normswap.convert(model, target)
+    pairs = correspond(model, student)
+    assert len(pairs.entries) == 2 * 2 + 1 and all(e.teacher.endswith(":in") for e in pairs.entries[:-1])
+    texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(24)) for i in range(96)]
+    _, report = heal(model, student, texts, max_steps=20, batch_size=8, learning_rate=1e-3, held_out=16, quiet=True)
+    assert report.after["next_token_kl"] < report.before["next_token_kl"]

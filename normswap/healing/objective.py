@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .taps import Correspondence
+from .taps import Correspondence, tap
 
 
 class HealingObjective(nn.Module):
@@ -94,6 +94,4 @@ class HealingObjective(nn.Module):
 
 
 def _record_output(model: nn.Module, path: str, found: dict[str, torch.Tensor], key: str) -> Any:
-    def hook(_m: nn.Module, _args: tuple, output: Any) -> None:
-        found[key] = output[0] if isinstance(output, tuple) else output
-    return model.get_submodule(path).register_forward_hook(hook)
+    return tap(model, path, found, key)

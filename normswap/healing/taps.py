@@ -66,6 +66,8 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
                             "the checkpoint it was converted from")
     _require_one_width(teacher_topology, student_topology)
+    if {_placement(teacher_topology), _placement(student_topology)} - {"pre", "post"}:
+        return _branch_reads(teacher_topology, student_topology)
     calls, _ = linear_calls(student, ())
     teacher_calls, _ = linear_calls(teacher, ())
     entries: list[EntryPair] = []
@@ -100,6 +102,30 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
     return Correspondence(tuple(entries), tuple(writers))
 
 
+def _branch_reads(teacher: Topology, student: Topology) -> Correspondence:
+    """Sandwich and post-sublayer layouts have no one norm per entry (a branch may read the raw stream, or a norm
+    sits on its output), so the pairs are what each branch reads, taken at the input of the module the branch
+    runs first (``path:in``), and each stack's output, the final norm's, where both have one (else the last
+    branch's input stands in as the deepest match)."""
+    entries: list[EntryPair] = []
+    for teacher_stack, student_stack in zip(teacher.stacks, student.stacks, strict=True):
+        teacher_subs, student_subs = _sublayers(teacher, teacher_stack.path), _sublayers(student, student_stack.path)
+        if len(teacher_subs) != len(student_subs):
+            raise NormswapError(f"{teacher_stack.path} has {len(teacher_subs)} sublayers in the teacher and "
+                                f"{len(student_subs)} in the student; they must be the same model")
+        for index, (teacher_sub, student_sub) in enumerate(zip(teacher_subs, student_subs, strict=True)):
+            teacher_entry, student_entry = teacher_sub.branches[0].entry, student_sub.branches[0].entry
+            if teacher_entry and student_entry:
+                entries.append(EntryPair(student_stack.path, index, f"{teacher_entry}{INPUT}",
+                                         f"{student_entry}{INPUT}", "branch input"))
+        if teacher_stack.final_norm and student_stack.final_norm:
+            entries.append(EntryPair(student_stack.path, len(student_subs), teacher_stack.final_norm.path,
+                                     student_stack.final_norm.path, student_stack.final_norm.kind))
+    if not entries:
+        raise NormswapError("the teacher and the student share no branch inputs to match")
+    return Correspondence(tuple(entries), ())
+
+
 def _require_one_width(teacher: Topology, student: Topology) -> None:
     """Healing matches what each branch reads in both models, which needs one stream width: an exact LayerNorm
     conversion's extra dimension carries the stream rotated, with the norm weights moved into the readers."""
@@ -127,6 +153,21 @@ def _placement(topology: Topology) -> str:
     return "pre" if topology.placement == "parallel" else topology.placement
 
 
+INPUT = ":in"  # a tap at a module's input (what a branch reads), not its output
+
+
+def tap(model: nn.Module, path: str, found: dict[str, Any], key: str) -> Any:
+    """Record, under ``key``, the output of the module at ``path``, or its first tensor input for ``path:in``."""
+    if path.endswith(INPUT):
+        def input_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            found[key] = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+        return model.get_submodule(path.removesuffix(INPUT)).register_forward_pre_hook(input_hook, with_kwargs=True)
+
+    def output_hook(_m: nn.Module, _args: tuple, output: Any) -> None:
+        found[key] = output[0] if isinstance(output, tuple) else output
+    return model.get_submodule(path).register_forward_hook(output_hook)
+
+
 @contextmanager
 def capture(model: nn.Module, norms: dict[str, str], linears: tuple[str, ...] = (),
             keep_inputs: bool = False) -> Iterator[dict[str, Any]]:
@@ -134,6 +175,10 @@ def capture(model: nn.Module, norms: dict[str, str], linears: tuple[str, ...] = 
     found: dict[str, Any] = {}
     handles = []
     for key, path in norms.items():
+        if path.endswith(INPUT):
+            handles.append(tap(model, path, found, key))
+            continue
+
         def norm_hook(_m: nn.Module, args: tuple, output: Any, key: str = key) -> None:
             found[key] = output[0] if isinstance(output, tuple) else output
             if keep_inputs:
