@@ -122,14 +122,12 @@ def _slot_norms(topology: Any) -> dict[tuple[int, int, str], Any]:
 
 
 def _layer_keys(model: nn.Module, layer_path: str, slot_paths: set[str]) -> tuple[str, ...]:
-    layer = model.get_submodule(layer_path)
-    names = [name for name, _ in [*layer.named_parameters(), *layer.named_buffers()]]
+    names = list(model.get_submodule(layer_path).state_dict())  # what a checkpoint stores: no computed buffers
     return tuple(sorted(n for n in names if not any(f"{layer_path}.{n}".startswith(p + ".") for p in slot_paths)))
 
 
 def _outer_keys(model: nn.Module, stack: str) -> tuple[str, ...]:
-    names = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
-    return tuple(sorted(n for n in names if not n.startswith(stack + ".")))
+    return tuple(sorted(n for n in model.state_dict() if not n.startswith(stack + ".")))
 
 
 def _model_class(model_type: str) -> tuple[type[nn.Module], str] | None:
@@ -183,6 +181,8 @@ def scan_family(model_type: str) -> Family:
     config = tiny_config(model_type)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("encoder-decoder")
+    if getattr(type(config), "sub_configs", None):
+        raise ValueError("a composite config (its text model is a family of its own)")
     model = meta_build(cls, config)
     topology, placement = describe(model)
     slots = _slot_norms(topology)
@@ -268,7 +268,12 @@ def variants(a: Family, b: Family) -> list[dict[str, Any]]:
     numbers = [{k: v * 2 if isinstance(v, int) else v * 1.5 + 0.25} for k, v in sorted(config.items())
                if k not in known and k not in _IGNORED and isinstance(v, (int, float)) and not isinstance(v, bool)
                and not k.endswith(("_id", "_token_id"))]
-    return flags + numbers
+    # per-layer lists B does not know (SmolLM3's no_rope_layers): the first layer's entry changed
+    lists = [{k: [1 - v[0] if v[0] in (0, 1) else v[0] * 2, *v[1:]]} for k, v in sorted(config.items())
+             if k not in known and k not in _IGNORED and isinstance(v, list) and v
+             and all(isinstance(x, int) and not isinstance(x, bool) for x in v)]
+    window = [{"sliding_window": WINDOW}] if "sliding_window" in config and config["sliding_window"] is None else []
+    return flags + numbers + lists + window
 
 
 def _config_class(model_type: str) -> Any:

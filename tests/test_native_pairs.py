@@ -54,7 +54,9 @@ def test_recipes_name_the_confirmed_pairs() -> None:
     assert found == {("glm", "sandwich", "glm4"), ("glm4", "pre", "glm"), ("gemma2", "pre", "vaultgemma"),
                      ("vaultgemma", "sandwich", "gemma2"), ("qwen3", "post-sublayer", "exaone4"),
                      ("olmoe", "post-sublayer", "flex_olmo"), ("flex_olmo", "pre", "olmoe"),
-                     ("llama", "sandwich", "hyperclovax"), ("granite", "sandwich", "hyperclovax"),
+                     ("llama", "sandwich", "hyperclovax"), ("exaone", "sandwich", "hyperclovax"),
+                     ("internlm3", "sandwich", "hyperclovax"), ("iquestcoder", "sandwich", "hyperclovax"),
+                     ("granite", "sandwich", "hyperclovax"),
                      ("hyperclovax", "pre", "granite")}
 
 
