@@ -11,6 +11,8 @@ Schema (all keys optional except ``model_types``)::
     model_type = "megatron-bert"
     class_prefix = ["Bert", "MegatronBert"]     # BertForMaskedLM -> MegatronBertForMaskedLM
     config = { some_key = 1 }                   # config values to set
+    requires = { use_sliding_window = false }   # source config values the stock family's code assumes
+    [native.sandwich]                           # also [native."post-sublayer"]: families with branch output norms
     [target_config.post]                        # config values any converted model of this placement needs
     rescale_every = 0
 """
@@ -31,7 +33,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 _KNOWN_KEYS = frozenset({"model_types", "notes", "placement_flags", "native", "target_config"})
-_NATIVE_KEYS = frozenset({"model_type", "class_prefix", "config"})
+_NATIVE_KEYS = frozenset({"model_type", "class_prefix", "config", "requires"})
+_NATIVE_PLACEMENTS = ("pre", "post", "sandwich", "post-sublayer")
 _PLACEMENTS = frozenset({"pre", "post", "parallel", "sandwich", "post-sublayer"})
 
 
@@ -51,6 +54,15 @@ class NativeTarget:
     model_type: str
     class_prefix: tuple[str, str] | None = None  # (source prefix, target prefix) of model class names
     config: tuple[tuple[str, Any], ...] = ()  # config values the target needs
+    # source config values the target's code assumes (Qwen3 -> Exaone 4: no attention bias, no sliding window):
+    # a source config that has other values is no model of this target, and converts through generated code
+    requires: tuple[tuple[str, Any], ...] = ()
+
+    def unmet(self, source_config: Any) -> tuple[str, ...]:
+        """``key = value (the source has other)`` for each required value ``source_config`` does not hold (a key
+        it lacks counts as None)."""
+        return tuple(f"{key} = {value!r} (the source has {getattr(source_config, key, None)!r})"
+                     for key, value in self.requires if getattr(source_config, key, None) != value)
 
     def target_class_name(self, source_class_name: str) -> str:
         """``BertForMaskedLM`` -> ``MegatronBertForMaskedLM``; unchanged without a prefix rule."""
@@ -117,8 +129,9 @@ def _parse_target_config(where: str, tables: Any) -> tuple[tuple[str, tuple[tupl
 
 
 def _parse_native(where: str, placement: str, table: Any) -> NativeTarget:
-    if placement not in ("pre", "post") or not isinstance(table, dict):
-        raise RecipeError(f"{where}: [native.{placement}] must be [native.pre] or [native.post] tables")
+    if placement not in _NATIVE_PLACEMENTS or not isinstance(table, dict):
+        raise RecipeError(f"{where}: [native.{placement}] must be a [native.<placement>] table, the placement one of "
+                          f"{', '.join(_NATIVE_PLACEMENTS)}")
     unknown = set(table) - _NATIVE_KEYS
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)} in [native.{placement}]; "
@@ -132,8 +145,11 @@ def _parse_native(where: str, placement: str, table: Any) -> NativeTarget:
     config = table.get("config", {})
     if not isinstance(config, dict):
         raise RecipeError(f"{where}: [native.{placement}] config must be a table of config values")
+    requires = table.get("requires", {})
+    if not isinstance(requires, dict):
+        raise RecipeError(f"{where}: [native.{placement}] requires must be a table of source config values")
     return NativeTarget(placement, table["model_type"], tuple(prefix) if prefix else None,
-                        tuple(sorted(config.items())))
+                        tuple(sorted(config.items())), tuple(sorted(requires.items())))
 
 
 @functools.cache

@@ -50,8 +50,8 @@ def test_recipe_notes_reach_the_topology(write_config: Any) -> None:
 
 
 def test_family_without_recipe_still_inspects(write_config: Any) -> None:
-    assert "llama" not in load_recipes()
-    topology = normswap.inspect(write_config(TINY_CONFIGS["llama"]))
+    assert "qwen2" not in load_recipes()
+    topology = normswap.inspect(write_config(TINY_CONFIGS["qwen2"]))
     assert topology.notes == () and topology.placement == "pre"
 
 
@@ -60,7 +60,10 @@ def test_family_without_recipe_still_inspects(write_config: Any) -> None:
     [
         ({"model_types": ["x"], "natives": "y"}, r"recipes/bad.toml: unknown key\(s\) \['natives'\]"),
         ({"model_types": ["x"], "native": {"sideways": {"model_type": "y"}}},
-         r"recipes/bad.toml: \[native.sideways\] must be \[native.pre\] or \[native.post\]"),
+         r"recipes/bad.toml: \[native.sideways\] must be a \[native.<placement>\] table, the placement one of pre, "
+         r"post, sandwich, post-sublayer"),
+        ({"model_types": ["x"], "native": {"sandwich": {"model_type": "y", "requires": 1}}},
+         r"\[native.sandwich\] requires must be a table"),
         ({"model_types": ["x"], "native": {"pre": {"class": "y"}}},
          r"recipes/bad.toml: unknown key\(s\) \['class'\] in \[native.pre\]"),
         ({"model_types": ["x"], "native": {"pre": {"config": {}}}}, r"\[native.pre\] needs model_type"),
