@@ -85,3 +85,22 @@ def test_healing_matches_what_each_branch_reads(family: str, target: str) -> Non
     texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(24)) for i in range(96)]
     _, report = heal(model, student, texts, max_steps=20, batch_size=8, learning_rate=1e-3, held_out=16, quiet=True)
     assert report.after["next_token_kl"] < report.before["next_token_kl"]
+
+
+@pytest.mark.parametrize(("family", "model_class", "target", "stock"), [
+    ("gemma2", "Gemma2ForCausalLM", "pre", "vaultgemma"), ("glm4", "Glm4ForCausalLM", "pre", "glm"),
+    ("llama", "LlamaForCausalLM", "sandwich", "hyperclovax"),
+    ("qwen3", "Qwen3ForCausalLM", "post-sublayer", "exaone4")])
+def test_a_stock_family_that_computes_the_target_is_the_output(family: str, model_class: str, target: str,
+                                                               stock: str) -> None:
+    """Where a recipe names a stock family for the target placement (found by behaviour, docs/native_pairs.md),
+    the output is that family, and it computes what the generated code computes from the same weights."""
+    model = tiny_model(family, model_class)
+    native = normswap.convert(model, target)
+    generated = normswap.convert(model, target, native=False)
+    assert native.config.model_type == stock and type(native).__module__.startswith("transformers.models.")
+    assert generated.config.model_type == f"normswap-{model.config.model_type}"
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, found = generated(ids).logits, native(ids).logits
+    assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..detect import inspect
+from ..recipe import recipe_for
 from ..topology import Topology
 from .add_norms import add_out_norms, add_pre_norms
 from .compose import compose
@@ -28,7 +29,11 @@ _PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
 }
 
 
-def branch_norm_setup(model: nn.Module, names: Sequence[str], conversion: str) -> ConversionSetup:
-    """The passes ``names`` planned on ``model`` and composed into one conversion."""
+def branch_norm_setup(model: nn.Module, names: Sequence[str], conversion: str, target: str,
+                      native: bool = True) -> ConversionSetup:
+    """The passes ``names`` planned on ``model`` and composed into one conversion: as the stock family the recipe
+    names for ``target`` (with ``native``, where the source has every value it requires), else generated code."""
     topology = inspect(model)
-    return compose(model, topology, [_PASSES[name](model, topology) for name in names], conversion)
+    recipe = recipe_for(topology.model_type) if native else None
+    stock = recipe.native_target(target) if recipe is not None else None
+    return compose(model, topology, [_PASSES[name](model, topology) for name in names], conversion, stock)

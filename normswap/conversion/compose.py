@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..detect import inspect
+from ..recipe import NativeTarget
 from ..topology import Topology
 from .generated import generate_family_code
-from .native import meta_instance
+from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassReport, Scales, calibration_sites, pass_reports, run_rewrites
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
 from .setup import ConversionSetup, realise
@@ -88,8 +89,11 @@ class ComposedReport:
         return {**self.drift.to_dict(), "passes": [each.to_dict() for each in self.passes]}
 
 
-def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversion: str) -> ConversionSetup:
-    """The setup that carries out ``passes`` on ``model`` (loaded or meta) in one generated module."""
+def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversion: str,
+            native: NativeTarget | None = None) -> ConversionSetup:
+    """The setup that carries out ``passes`` on ``model`` (loaded or meta) in one generated module, or as the stock
+    family ``native`` where its recipe names one (the generated code is still planned: its topology says which
+    stock norm each new norm is, slot by slot, and a stock family that does not line up falls back to it)."""
     passes = tuple(passes)
     edits = [edit for each in passes for edit in each.edits]
     unique_edits = list(dict.fromkeys(edits))
@@ -99,9 +103,15 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
     helpers = {flag: True for each in passes for flag in each.helpers}
     generated, cls, config = generate_family_code(model, source, unique_edits, conversion, config_values, **helpers)
     target = inspect(meta_instance(cls, config))
+    renames: dict[str, str] = {}
+    realisation = f"generated code: {generated.file_name}"
+    stock = as_stock(model, native, target) if native is not None else None
+    if stock is not None:
+        cls, config, target, renames = stock
+        generated, realisation = None, f"native: {native.model_type}"
     exact = all(each.exact for each in passes)
-    plan = ComposedPlan(source.model_type, generated.model_type, source.placement, target.placement,
-                        f"generated code: {generated.file_name}", exact, passes)
+    plan = ComposedPlan(source.model_type, config.model_type, source.placement, target.placement, realisation,
+                        exact, passes)
     source_keys = list(model.state_dict())
     target_shapes = shapes_of(meta_instance(cls, config).state_dict())
     sites = calibration_sites(passes)
@@ -111,6 +121,8 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
         carried = {key: step for each in passes if each.carry is not None
                    for key, step in each.carry(initial, scales).items()}
         steps = run_rewrites(passes, initial, scales)
+        steps = {**{key: step for key, step in steps.items() if key not in renames},
+                 **{renames[key]: step for key, step in steps.items() if key in renames}}
         missing = sorted(set(target_shapes) - set(steps))
         if missing:
             raise AssertionError(f"the passes left no step for {', '.join(missing[:5])}")  # a pass bug, not input
@@ -131,6 +143,33 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
 
 
 Planner = Callable[[nn.Module], ConversionSetup]
+
+
+def as_stock(model: nn.Module, native: NativeTarget, generated: Topology
+             ) -> tuple[Any, Any, Topology, dict[str, str]] | None:
+    """(class, config, topology, tensor renames) of the stock family ``native`` standing in for the generated code
+    whose topology is ``generated``, or None where it does not line up slot for slot (then the generated code
+    stays). The recipe's pair was confirmed by behaviour (benchmarks/native_pairs.py); the renames come from the
+    two detected topologies, never from names: the same name may be another slot on the other side."""
+    if native.unmet(model.config):
+        return None
+    config = target_config(model.config, native)
+    cls = target_class(model, native)
+    stock = inspect(meta_instance(cls, config))
+    if len(stock.layers) != len(generated.layers) or stock.placement != generated.placement:
+        return None
+    renames: dict[str, str] = {}
+    for ours, theirs in zip(generated.layers, stock.layers, strict=True):
+        if len(ours.sublayers) != len(theirs.sublayers):
+            return None
+        for our_sub, their_sub in zip(ours.sublayers, theirs.sublayers, strict=True):
+            ours_by_slot = [(n.slot, n.path) for n in our_sub.norms]
+            theirs_by_slot = [(n.slot, n.path) for n in their_sub.norms]
+            if [slot for slot, _ in ours_by_slot] != [slot for slot, _ in theirs_by_slot]:
+                return None
+            renames.update({path: other for (_, path), (_, other) in zip(ours_by_slot, theirs_by_slot, strict=True)})
+    keyed = {f"{path}.{leaf}": f"{other}.{leaf}" for path, other in renames.items() for leaf in ("weight", "bias")}
+    return cls, config, stock, {key: value for key, value in keyed.items() if key != value}
 
 
 @dataclass(frozen=True)

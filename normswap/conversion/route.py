@@ -57,11 +57,11 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     if source == target or (source == "parallel" and target == "parallel"):
         return []
     if (source, target) in _BRANCH_NORM_STEPS:
-        return [_branch_norm_planner(source, target)]
+        return [_branch_norm_planner(source, target, native)]
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
         return [_norm_shift_planner(target, native)]
     if source == "post":  # post -> pre by the norm shift, then pre -> the branch-norm placement
-        return [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target)]
+        return [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target, native)]
     if target == "post":
         return [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)]
     if source == "parallel":
@@ -75,13 +75,14 @@ def _norm_shift_planner(target: str, native: bool) -> Planner:
     return lambda model: plan_conversion(model, target, native)
 
 
-def _branch_norm_planner(source: str, target: str) -> Planner:
+def _branch_norm_planner(source: str, target: str, native: bool) -> Planner:
     names = _BRANCH_NORM_STEPS[(source, target)]
 
     def plan(model: nn.Module) -> ConversionSetup:
         from .branch_norm_passes import branch_norm_setup
 
-        return branch_norm_setup(model, names, f"placement {source} -> {target} (calibrated stand-ins)")
+        return branch_norm_setup(model, names, f"placement {source} -> {target} (calibrated stand-ins)", target,
+                                 native)
 
     return plan
 
