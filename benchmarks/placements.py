@@ -34,7 +34,7 @@ _SHAPE = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 344, "num_
 MODELS = {
     "gemma2": (transformers.Gemma2Config, {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64}),
     "olmo2": (transformers.Olmo2Config, {}),
-    "glm4": (transformers.Glm4Config, {"head_dim": 32}),
+    "glm4": (transformers.Glm4Config, {"head_dim": 32, "pad_token_id": 0}),
     "llama": (transformers.LlamaConfig, {}),
 }
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
