@@ -80,7 +80,11 @@ def _branch_norm_planner(source: str, target: str) -> Planner:
 
     def plan(model: nn.Module) -> ConversionSetup:
         from .branch_norm_passes import branch_norm_setup
+        from .return_home import home_setup
 
+        home = home_setup(model, target)  # a model these passes made, going back to its stock family's placement
+        if home is not None:
+            return home
         return branch_norm_setup(model, names, f"placement {source} -> {target} (calibrated stand-ins)")
 
     return plan
