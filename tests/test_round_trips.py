@@ -2,7 +2,8 @@
 
 The way back to the placement of the model's stock family goes home to that family's transformers class: dropped
 norms return bit for bit from the carried vectors, the tensors their stand-ins were folded into are unfolded in
-float64 with the carried g and s, and norms the first conversion added are dropped at their carried scale. Every
+float64 with the carried g and s, and norms the first conversion added are dropped at their carried scale; a Post-Norm model goes back through the
+norm shift to Pre-Norm first. Every
 other tensor must come back within ``BOUND * max|W0|`` of the original (fp32: measured at most 9.7e-8 here, under
 one fp32 epsilon of 1.19e-7); the carried data holds vectors and 0-d scales, never a matrix.
 """
@@ -26,8 +27,10 @@ BOUND = 1e-6  # max|W - W0| <= BOUND * max|W0|, in fp32
 CASES = [
     ("gemma2", "Gemma2ForCausalLM", "pre"),
     ("gemma2", "Gemma2ForCausalLM", "post-sublayer"),
+    ("gemma2", "Gemma2ForCausalLM", "post"),  # out norms dropped, then the norm shift; back through pre
     ("olmo2", "Olmo2ForCausalLM", "pre"),
     ("olmo2", "Olmo2ForCausalLM", "sandwich"),
+    ("olmo2", "Olmo2ForCausalLM", "post"),
     ("llama", "LlamaForCausalLM", "sandwich"),
     ("llama", "LlamaForCausalLM", "post-sublayer"),
 ]

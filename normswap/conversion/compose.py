@@ -257,7 +257,7 @@ def then(first: TensorProgram, second: TensorProgram) -> TensorProgram:
         missing = [key for key in step.reads if key not in first.outputs]
         if missing:
             raise KeyError(f"a later pass reads {missing[0]}, which the earlier pass does not output")
-        if not step.touches:  # a copy: the earlier pass's step as it is
+        if not step.touches and step.reads:  # a copy: the earlier pass's step as it is
             return first.outputs[step.reads[0]]
         return Step(*_combined_reads(step, first))
 

@@ -28,10 +28,11 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget
 from ..topology import NormSite, Topology
-from .compose import ComposedPlan
+from .compose import ComposedPlan, chain
 from .drop_norms import OutFold, PreFold, out_norm_folds, pre_norm_folds
 from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassMove
+from .plan import PlanError, build_placement_plan
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
 from .round_trip_carry import carried_scales
 from .setup import ConversionSetup
@@ -59,17 +60,39 @@ class _Home:
 
 def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
     """The conversion of ``model`` back to its stock family, or None where it did not come from one by the
-    branch-norm passes, or where the way back is not exact (logged with the reason)."""
+    branch-norm passes, or where the way back is not exact (logged with the reason). A Post-Norm model goes
+    through Pre-Norm: the norm shift back (which restores its own carried norms), then the way home."""
     carried = getattr(model, "normswap_carried", None) or {}
     scales = carried_scales(carried)
     home = _home_family(model, placement) if scales else None
     if home is None:
         return None
     try:
+        if inspect(model).placement == "post":
+            return _through_pre(model, placement, home, carried, scales)
         return _home_setup(model, placement, home, carried, scales)
-    except NoWayHomeError as reason:
+    except (NoWayHomeError, PlanError) as reason:
         logger.warning("not returning to the stock %s classes: %s; converting as a new model", home.model_type, reason)
         return None
+
+
+def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
+                 scales: Mapping[str, float]) -> ConversionSetup:
+    """The norm shift from ``model`` (Post-Norm) to the Pre-Norm model the branch-norm passes made of the home
+    family on the way out (its code generated again, weightless), then the way home from there, as one chain."""
+    from .api import _placement_setup
+    from .branch_norm_passes import branch_norm_setup
+    from .route import branch_norm_steps
+
+    twin = branch_norm_setup(home.meta, branch_norm_steps(placement, "pre"), f"placement {placement} -> pre")
+    twin_topology = inspect(meta_instance(twin.target_class, twin.target_config))
+    if twin_topology.placement != "pre":
+        raise NoWayHomeError(f"the branch-norm passes make {twin_topology.placement}, not pre, of {home.model_type}")
+    shift_plan = build_placement_plan(inspect(model), twin_topology, f"generated code: {twin.generated.file_name}"
+                                      if twin.generated is not None else "native")
+    shift = _placement_setup(model, shift_plan, inspect(model), twin_topology, twin.target_class, twin.target_config,
+                             twin.generated)
+    return chain(model, [lambda _: shift, lambda meta: _home_setup(meta, placement, home, carried, scales)])
 
 
 def _home_family(model: nn.Module, placement: str) -> _Home | None:
