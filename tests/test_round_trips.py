@@ -2,10 +2,10 @@
 
 The way back to the placement of the model's stock family goes home to that family's transformers class: dropped
 norms return bit for bit from the carried vectors, the tensors their stand-ins were folded into are unfolded in
-float64 with the carried g and s, and norms the first conversion added are dropped at their carried scale; a Post-Norm model goes back through the
-norm shift to Pre-Norm first. Every
-other tensor must come back within ``BOUND * max|W0|`` of the original (fp32: measured at most 9.7e-8 here, under
-one fp32 epsilon of 1.19e-7); the carried data holds vectors and 0-d scales, never a matrix.
+float64 with the carried g and s, and norms the first conversion added are dropped at their carried scale; a
+Post-Norm model goes back through the norm shift to Pre-Norm first. Every other tensor must come back within
+``BOUND * max|W0|`` of the original (fp32: measured at most 9.7e-8 here, under one fp32 epsilon of 1.19e-7); the
+carried data holds vectors and 0-d scales, never a matrix.
 """
 
 from __future__ import annotations

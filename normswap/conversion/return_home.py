@@ -29,7 +29,7 @@ from ..errors import NormswapError
 from ..recipe import NativeTarget
 from ..topology import NormSite, Topology
 from .compose import ComposedPlan, chain
-from .drop_norms import OutFold, PreFold, out_norm_folds, pre_norm_folds
+from .drop_norms import OutFold, PreFold, StandInError, out_norm_folds, pre_norm_folds
 from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassMove
 from .plan import PlanError, build_placement_plan
@@ -71,7 +71,7 @@ def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
         if inspect(model).placement == "post":
             return _through_pre(model, placement, home, carried, scales)
         return _home_setup(model, placement, home, carried, scales)
-    except (NoWayHomeError, PlanError) as reason:
+    except (NoWayHomeError, PlanError, StandInError) as reason:
         logger.warning("not returning to the stock %s classes: %s; converting as a new model", home.model_type, reason)
         return None
 
@@ -113,6 +113,8 @@ def _home_family(model: nn.Module, placement: str) -> _Home | None:
 
 def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
                 scales: Mapping[str, float]) -> ConversionSetup:
+    """The program from ``model`` (placement sandwich, pre or post-sublayer) to ``home``: the norms a carried scale
+    names as dropped restored and unfolded, those it names as added folded away; every other tensor copied."""
     source = inspect(model)
     mine = {norm.path: norm for norm in source.all_norms if norm.kind != "identity"}
     theirs = {norm.path: norm for norm in home.topology.all_norms if norm.kind != "identity"}
@@ -124,7 +126,7 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
     for path in sorted(set(mine) & set(theirs)):
         if mine[path].kind != theirs[path].kind:
             raise NoWayHomeError(f"{path} is a {mine[path].kind} norm here and a {theirs[path].kind} norm in "
-                            f"{home.model_type}")
+                                 f"{home.model_type}")
 
     steps = {key: copy_of(key) for key in model.state_dict()}
     moves = _drop_added(model, added, scales, steps)
@@ -136,7 +138,7 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
             raise NoWayHomeError(f"{key} of {home.model_type} is neither in this model nor carried")
         if key not in restored and tuple(source_shapes.get(key, ())) != tuple(shape):
             raise NoWayHomeError(f"{key} has shape {tuple(source_shapes.get(key, ()))} here, {tuple(shape)} in "
-                            f"{home.model_type}")
+                                 f"{home.model_type}")
     program = TensorProgram({key: steps[key] for key in target_shapes})
     target = home.topology
     name = f"{source.placement} -> {placement}: back to the stock {home.model_type} classes"
