@@ -38,6 +38,7 @@ from ..topology import (
 from .calibration import CalibrationSite
 from .passes import Pass, PassMove, Scales
 from .program import Step, constant
+from .round_trip_carry import added_norms_carried
 
 # the kind a new norm may take other than its template's, and the normswap class that builds it (package flag)
 _OTHER_KINDS = {"rmsnorm": ("NormswapRMSNorm", "rms_norm"), "layernorm": ("NormswapLayerNorm", "layer_norm")}
@@ -103,6 +104,8 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                 placement=placement, edits=tuple(edits), rewrite=functools.partial(_rewrite, tuple(tensors)),
                 calibration=tuple(dict.fromkeys(tensor.site for tensor in tensors)), moves=tuple(moves),
                 helpers=frozenset(helpers),
+                carry=functools.partial(added_norms_carried,
+                                        tuple(dict.fromkeys((t.key.rsplit(".", 1)[0], t.site) for t in tensors))),
                 notes=("each new norm starts with weight s, the mean per-token scale of what it reads in the source, "
                        "so it is the identity on a token of scale s; the rest is for healing",))
 

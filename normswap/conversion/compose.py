@@ -8,7 +8,7 @@ builds it once the source model has run on the calibration inputs (in memory, or
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from .generated import generate_family_code
 from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassReport, Scales, calibration_sites, pass_reports, run_rewrites
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
+from .round_trip_carry import SCALE_PREFIX
 from .setup import ConversionSetup, realise
 from .verify import DriftReport, measure_drift, require_topology
 
@@ -105,7 +106,8 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
     target = inspect(meta_instance(cls, config))
     renames: dict[str, str] = {}
     realisation = f"generated code: {generated.file_name}"
-    stock = as_stock(model, native, target) if native is not None else None
+    removed = frozenset(move.norm for each in passes for move in each.moves if move.action in ("fold", "drop"))
+    stock = as_stock(model, native, target, removed) if native is not None else None
     if stock is not None:
         cls, config, target, renames = stock
         generated, realisation = None, f"native: {native.model_type}"
@@ -118,7 +120,7 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
 
     def with_scales(scales: Scales) -> ConversionSetup:
         initial = {key: copy_of(key) for key in source_keys}
-        carried = {key: step for each in passes if each.carry is not None
+        carried = {_carried_name(key, renames): step for each in passes if each.carry is not None
                    for key, step in each.carry(initial, scales).items()}
         steps = run_rewrites(passes, initial, scales)
         steps = {**{key: step for key, step in steps.items() if key not in renames},
@@ -145,12 +147,23 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
 Planner = Callable[[nn.Module], ConversionSetup]
 
 
-def as_stock(model: nn.Module, native: NativeTarget, generated: Topology
+def _carried_name(key: str, renames: Mapping[str, str]) -> str:
+    """A carried tensor's name after the stock family's renames: a new norm's scale follows its norm."""
+    if key.startswith(SCALE_PREFIX):
+        renamed = renames.get(f"{key.removeprefix(SCALE_PREFIX)}.weight")
+        return f"{SCALE_PREFIX}{renamed.removesuffix('.weight')}" if renamed else key
+    return renames.get(key, key)
+
+
+def as_stock(model: nn.Module, native: NativeTarget, generated: Topology, removed: frozenset[str] = frozenset()
              ) -> tuple[Any, Any, Topology, dict[str, str]] | None:
     """(class, config, topology, tensor renames) of the stock family ``native`` standing in for the generated code
     whose topology is ``generated``, or None where it does not line up slot for slot (then the generated code
     stays). The recipe's pair was confirmed by behaviour (benchmarks/native_pairs.py); the renames come from the
-    two detected topologies, never from names: the same name may be another slot on the other side."""
+    two detected topologies, never from names: the same name may be another slot on the other side. Where a stock
+    norm takes the name of a norm the passes removed (Qwen3's MLP pre norm and Exaone 4's attention out norm are
+    both ``post_attention_layernorm``), the carried vectors and scales of the two would share one name, so the
+    generated code stays, whose new norms have names of their own."""
     if native.unmet(model.config):
         return None
     config = target_config(model.config, native)
@@ -168,6 +181,8 @@ def as_stock(model: nn.Module, native: NativeTarget, generated: Topology
             if [slot for slot, _ in ours_by_slot] != [slot for slot, _ in theirs_by_slot]:
                 return None
             renames.update({path: other for (_, path), (_, other) in zip(ours_by_slot, theirs_by_slot, strict=True)})
+    if removed & set(renames.values()):
+        return None
     keyed = {f"{path}.{leaf}": f"{other}.{leaf}" for path, other in renames.items() for leaf in ("weight", "bias")}
     return cls, config, stock, {key: value for key, value in keyed.items() if key != value}
 
@@ -296,7 +311,7 @@ def then(first: TensorProgram, second: TensorProgram) -> TensorProgram:
         missing = [key for key in step.reads if key not in first.outputs]
         if missing:
             raise KeyError(f"a later pass reads {missing[0]}, which the earlier pass does not output")
-        if not step.touches:  # a copy: the earlier pass's step as it is
+        if not step.touches and step.reads:  # a copy: the earlier pass's step as it is
             return first.outputs[step.reads[0]]
         return Step(*_combined_reads(step, first))
 

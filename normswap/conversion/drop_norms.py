@@ -13,6 +13,10 @@ stand-ins (``stand_in.stand_in_reference``) to float rounding.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,6 +27,7 @@ from .norm_kind import _output_dims, linear_layout
 from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step, constant
+from .round_trip_carry import removed_norms_carried
 from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
 
 
@@ -30,13 +35,48 @@ class StandInError(NormswapError):
     """A norm's stand-in has nowhere exact to go: the structure around the norm is not linear maps alone."""
 
 
+@dataclass(frozen=True)
+class OutFold:
+    """An ``out`` norm's stand-in and the tensors that write its input (key -> the dimension over its channels);
+    ``carrier``: the one bias that takes a norm's ``beta``."""
+
+    stand_in: StandIn
+    tensors: Mapping[str, int]
+    carrier: str | None
+
+
+@dataclass(frozen=True)
+class PreFold:
+    """A ``pre`` norm's stand-in and the linear maps that read its output."""
+
+    stand_in: StandIn
+    readers: tuple[ReaderTensor, ...]
+
+
 def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     """Fold every ``out`` norm's stand-in ``g * [C] x / s (+ beta)`` into the tensors that write its input."""
     norms = _slot_norms(topology, "out")
+    folds, moves = out_norm_folds(model, norms)
+
+    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
+        for fold in folds:
+            scale = scales[fold.stand_in.site].scale
+            for key, dim in fold.tensors.items():
+                fold_into_writer(fold.stand_in, scale, key, dim, steps, carries_shift=key == fold.carrier)
+        _remove_norm_tensors(model, norms, steps)
+
+    return Pass(_name(topology, "out"), exact=False, placement=_placement_without(topology, "out"),
+                edits=tuple(removed_norm_edits(model, topology, "out")), rewrite=rewrite,
+                calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
+                carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
+
+
+def out_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[OutFold, ...], tuple[PassMove, ...]]:
+    """Where each ``out`` norm's stand-in folds (identity placeholders have nothing to fold), and the plan's lines."""
     found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
     keys = dict.fromkeys(model.state_dict())
     owners: dict[str, str] = {}
-    plans: list[tuple[StandIn, NormInput, dict[str, int], str | None]] = []
+    folds: list[OutFold] = []
     moves = []
     for norm in norms:
         if norm.kind == "identity":
@@ -51,30 +91,36 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
             if other != norm.path:
                 raise StandInError(f"{key} writes the inputs of both {other} and {norm.path}, so it cannot take "
                                    "both stand-ins")
-        carrier = _shift_carrier(model, stand_in, read, tensors)
-        plans.append((stand_in, read, tensors, carrier))
+        folds.append(OutFold(stand_in, tensors, _shift_carrier(model, stand_in, read, tensors)))
         moves.append(PassMove("fold", norm.path, tuple(tensors), stand_in.site,
                               f"1/s of its input's {stand_in.site.statistic}"))
-
-    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
-        for stand_in, _read, tensors, carrier in plans:
-            scale = scales[stand_in.site].scale
-            for key, dim in tensors.items():
-                fold_into_writer(stand_in, scale, key, dim, steps, carries_shift=key == carrier)
-        _remove_norm_tensors(model, norms, steps)
-
-    return Pass(_name(topology, "out"), exact=False, placement=_placement_without(topology, "out"),
-                edits=tuple(removed_norm_edits(model, topology, "out")), rewrite=rewrite,
-                calibration=tuple(dict.fromkeys(stand_in.site for stand_in, *_ in plans)), moves=tuple(moves))
+    return tuple(folds), tuple(moves)
 
 
 def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
     """Fold every layer ``pre`` norm's stand-in into the weights that read its output:
     ``W <- W diag(g) [C] / s``, ``b <- b + W beta``."""
     norms = _slot_norms(topology, "pre")
+    folds, moves = pre_norm_folds(model, norms)
+
+    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
+        for fold in folds:
+            scale = scales[fold.stand_in.site].scale
+            for reader in fold.readers:
+                fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
+        _remove_norm_tensors(model, norms, steps)
+
+    return Pass(_name(topology, "pre"), exact=False, placement=_placement_without(topology, "pre"),
+                edits=tuple(removed_norm_edits(model, topology, "pre")), rewrite=rewrite,
+                calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
+                carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
+
+
+def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:
+    """The linear maps that read each ``pre`` norm's output (identity placeholders have none), and the plan's lines."""
     found = pre_norm_readers(model, [norm.path for norm in norms if norm.kind != "identity"])
     owners: dict[str, str] = {}
-    plans: list[tuple[StandIn, tuple[ReaderTensor, ...]]] = []
+    folds: list[PreFold] = []
     moves = []
     for norm in norms:
         if norm.kind == "identity":
@@ -92,21 +138,11 @@ def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
             if stand_in.bias is not None and reader.bias is None:
                 raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
                                    "(b <- b + W beta): the stand-in's shift has nowhere to go")
-        plans.append((stand_in, read.readers))
+        folds.append(PreFold(stand_in, read.readers))
         into = tuple(key for reader in read.readers
                      for key in (reader.weight, reader.bias if stand_in.bias is not None else None) if key)
         moves.append(PassMove("fold", norm.path, into, stand_in.site, f"1/s of its input's {stand_in.site.statistic}"))
-
-    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
-        for stand_in, readers in plans:
-            scale = scales[stand_in.site].scale
-            for reader in readers:
-                fold_into_reader(stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
-        _remove_norm_tensors(model, norms, steps)
-
-    return Pass(_name(topology, "pre"), exact=False, placement=_placement_without(topology, "pre"),
-                edits=tuple(removed_norm_edits(model, topology, "pre")), rewrite=rewrite,
-                calibration=tuple(dict.fromkeys(stand_in.site for stand_in, _ in plans)), moves=tuple(moves))
+    return tuple(folds), tuple(moves)
 
 
 def _slot_norms(topology: Topology, slot: NormSlot) -> list[NormSite]:

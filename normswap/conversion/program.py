@@ -90,8 +90,9 @@ def evaluate(program: TensorProgram, source: Mapping[str, Tensor], default_dtype
 
 
 def settle(step: Step, tensor: Tensor, default_dtype: torch.dtype) -> Tensor:
-    """Constants take the checkpoint's dtype; a copied tensor is cloned, so the result never aliases the source."""
-    if not step.reads and tensor.is_floating_point():
+    """Constants take the checkpoint's dtype, except 0-d ones (scales carried for a round trip keep their float64,
+    the exact value a fold used); a copied tensor is cloned, so the result never aliases the source."""
+    if not step.reads and tensor.is_floating_point() and tensor.dim() > 0:
         return tensor.to(default_dtype)
     return tensor.clone() if not step.touches else tensor
 

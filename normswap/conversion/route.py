@@ -61,7 +61,7 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
         return [_norm_shift_planner(target, native)]
     if source == "post":  # post -> pre by the norm shift, then pre -> the branch-norm placement
-        return [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target, native)]
+        return [_home_or(target, [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target, native)])]
     if target == "post":
         return [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)]
     if source == "parallel":
@@ -75,6 +75,11 @@ def _norm_shift_planner(target: str, native: bool) -> Planner:
     return lambda model: plan_conversion(model, target, native)
 
 
+def branch_norm_steps(source: str, target: str) -> tuple[str, ...]:
+    """The branch-norm passes, by name, that go directly from placement ``source`` to ``target``."""
+    return _BRANCH_NORM_STEPS[(source, target)]
+
+
 def _branch_norm_planner(source: str, target: str, native: bool) -> Planner:
     names = _BRANCH_NORM_STEPS[(source, target)]
 
@@ -83,6 +88,17 @@ def _branch_norm_planner(source: str, target: str, native: bool) -> Planner:
 
         return branch_norm_setup(model, names, f"placement {source} -> {target} (calibrated stand-ins)", target,
                                  native)
+
+    return _home_or(target, [plan])
+
+
+def _home_or(target: str, planners: list[Planner]) -> Planner:
+    """A model the branch-norm passes made, converted to its stock family's placement, goes back to that family
+    (``return_home.py``); any other model takes ``planners``."""
+    def plan(model: nn.Module) -> ConversionSetup:
+        from .return_home import home_setup
+
+        return home_setup(model, target) or chain(model, planners)
 
     return plan
 

@@ -8,6 +8,7 @@ from disk (``streaming.stream_conversion``); both run the same tensor program.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = Fa
         require_finite_model(model)
     parameter = next(model.parameters())
     state, carried = evaluate(setup.program, model.state_dict(), parameter.dtype)
-    converted = build_with_weights(setup.target_class, setup.target_config, state, parameter.dtype,
+    # a config of its own: the model keeps it, and realising the same setup again (a chain's per-pass reports) must
+    # not rewrite the provenance of a model built before
+    converted = build_with_weights(setup.target_class, copy.deepcopy(setup.target_config), state, parameter.dtype,
                                    parameter.device)
     converted.train(model.training)
     converted.config.normswap = provenance(setup.plan, setup.conversion,

@@ -1,0 +1,247 @@
+"""A normswap-generated model converted back to the placement of its stock family goes home (docs/design.md §6).
+
+The branch-norm passes carry what undoing them needs (``round_trip_carry.py``): each dropped norm's vectors and
+the scale ``s`` its stand-in was folded with, each added norm's starting scale. Converting such a model to the
+placement its original family has is then not a new calibrated conversion but the way back, to the stock class:
+
+* a dropped norm comes back under its own name with its carried vectors, bit for bit, and the tensors its stand-in
+  was folded into (found again from the family's structure, as the drop found them) are unfolded in float64 with
+  the carried ``g`` and ``s``: ``W = diag(s/g) (W' - beta)`` for an ``out`` norm's writers (``beta`` on its one
+  carrier bias), ``W = W' diag(s/g)`` and ``b = b' - W beta`` for a ``pre`` norm's readers;
+* a norm the first conversion added is dropped again as its stand-in at its carried scale, so while its weight is
+  still its start ``g = s`` the fold is the identity up to rounding.
+
+A LayerNorm's stand-in removed each folded row's mean (``C``), which no carried vector restores: that model takes
+the ordinary conversion instead, and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..detect import inspect
+from ..errors import NormswapError
+from ..recipe import NativeTarget
+from ..topology import NormSite, Topology
+from .compose import ComposedPlan, chain
+from .drop_norms import OutFold, PreFold, StandInError, out_norm_folds, pre_norm_folds
+from .native import meta_instance, target_class, target_config
+from .passes import Pass, PassMove
+from .plan import PlanError, build_placement_plan
+from .program import Step, TensorProgram, combine, copy_of, shapes_of
+from .round_trip_carry import carried_scales
+from .setup import ConversionSetup
+from .stand_in import StandIn, _along, fold_into_reader, fold_into_writer, stand_in_of
+from .verify import DriftReport, measure_drift, require_topology
+
+logger = logging.getLogger("normswap")
+Tensor = torch.Tensor
+
+
+class NoWayHomeError(NormswapError):
+    """The model cannot return to its stock family exactly: the message says why (it takes the ordinary route)."""
+
+
+@dataclass(frozen=True)
+class _Home:
+    """The stock family a generated model came from, at the placement asked for."""
+
+    model_type: str
+    cls: type[nn.Module]
+    config: object
+    topology: Topology
+    meta: nn.Module
+
+
+def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
+    """The conversion of ``model`` back to its stock family, or None where it did not come from one by the
+    branch-norm passes, or where the way back is not exact (logged with the reason). A Post-Norm model goes
+    through Pre-Norm: the norm shift back (which restores its own carried norms), then the way home."""
+    carried = getattr(model, "normswap_carried", None) or {}
+    scales = carried_scales(carried)
+    home = _home_family(model, placement) if scales else None
+    if home is None:
+        return None
+    try:
+        if inspect(model).placement == "post":
+            return _through_pre(model, placement, home, carried, scales)
+        return _home_setup(model, placement, home, carried, scales)
+    except (NoWayHomeError, PlanError, StandInError) as reason:
+        logger.warning("not returning to the stock %s classes: %s; converting as a new model", home.model_type, reason)
+        return None
+
+
+def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
+                 scales: Mapping[str, float]) -> ConversionSetup:
+    """The norm shift from ``model`` (Post-Norm) to the Pre-Norm model the branch-norm passes made of the home
+    family on the way out (its code generated again, weightless), then the way home from there, as one chain."""
+    from .api import _placement_setup
+    from .branch_norm_passes import branch_norm_setup
+    from .route import branch_norm_steps
+
+    twin = branch_norm_setup(home.meta, branch_norm_steps(placement, "pre"), f"placement {placement} -> pre", "pre")
+    twin_topology = inspect(meta_instance(twin.target_class, twin.target_config))
+    if twin_topology.placement != "pre":
+        raise NoWayHomeError(f"the branch-norm passes make {twin_topology.placement}, not pre, of {home.model_type}")
+    shift_plan = build_placement_plan(inspect(model), twin_topology, f"generated code: {twin.generated.file_name}"
+                                      if twin.generated is not None else "native")
+    shift = _placement_setup(model, shift_plan, inspect(model), twin_topology, twin.target_class, twin.target_config,
+                             twin.generated)
+    return chain(model, [lambda _: shift, lambda meta: _home_setup(meta, placement, home, carried, scales)])
+
+
+def _home_family(model: nn.Module, placement: str) -> _Home | None:
+    """The stock family of a normswap-generated ``model``, where it has ``placement`` (as ``api._original_family``)."""
+    provenance = getattr(model.config, "normswap", None)
+    original = provenance.get("source_model_type") if isinstance(provenance, dict) else None
+    if not original or original == model.config.model_type:
+        return None
+    target = NativeTarget(placement, original)
+    try:
+        cls, config = target_class(model, target), target_config(model.config, target)
+        meta = meta_instance(cls, config)
+        topology = inspect(meta)
+    except (NormswapError, KeyError, ValueError):
+        return None
+    return _Home(original, cls, config, topology, meta) if topology.placement == placement else None
+
+
+def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
+                scales: Mapping[str, float]) -> ConversionSetup:
+    """The program from ``model`` (placement sandwich, pre or post-sublayer) to ``home``: the norms a carried scale
+    names as dropped restored and unfolded, those it names as added folded away; every other tensor copied."""
+    source = inspect(model)
+    mine = {norm.path: norm for norm in source.all_norms if norm.kind != "identity"}
+    theirs = {norm.path: norm for norm in home.topology.all_norms if norm.kind != "identity"}
+    removed = [theirs[path] for path in scales if path in theirs and path not in mine]
+    added = [mine[path] for path in scales if path in mine and path not in theirs]
+    for path in sorted(set(mine) ^ set(theirs)):
+        if path not in {norm.path for norm in (*removed, *added)}:
+            raise NoWayHomeError(f"{path} is in only one of the two models and no carried scale says it was moved")
+    for path in sorted(set(mine) & set(theirs)):
+        if mine[path].kind != theirs[path].kind:
+            raise NoWayHomeError(f"{path} is a {mine[path].kind} norm here and a {theirs[path].kind} norm in "
+                                 f"{home.model_type}")
+
+    steps = {key: copy_of(key) for key in model.state_dict()}
+    moves = _drop_added(model, added, scales, steps)
+    moves += _restore_removed(home.meta, removed, carried, scales, steps)
+    source_shapes, target_shapes = shapes_of(model.state_dict()), shapes_of(home.meta.state_dict())
+    restored = {key for norm in removed for key in stand_in_of(home.meta, norm).keys}
+    for key, shape in target_shapes.items():
+        if key not in steps:
+            raise NoWayHomeError(f"{key} of {home.model_type} is neither in this model nor carried")
+        if key not in restored and tuple(source_shapes.get(key, ())) != tuple(shape):
+            raise NoWayHomeError(f"{key} has shape {tuple(source_shapes.get(key, ()))} here, {tuple(shape)} in "
+                                 f"{home.model_type}")
+    program = TensorProgram({key: steps[key] for key in target_shapes})
+    target = home.topology
+    name = f"{source.placement} -> {placement}: back to the stock {home.model_type} classes"
+    plan = ComposedPlan(source.model_type, home.model_type, source.placement, placement, f"native: {home.model_type}",
+                        False, (Pass(name, exact=False, placement=placement, moves=tuple(moves)),),
+                        ("dropped norms restored bit for bit from the carried tensors and the tensors their stand-ins "
+                         "were folded into unfolded in float64; added norms dropped at their carried scale",))
+
+    def verify(original: nn.Module, converted: nn.Module, probe: dict[str, Tensor]) -> DriftReport:
+        require_topology(converted, target)
+        return measure_drift(original, converted, source, target, probe, exact=False)
+
+    return ConversionSetup(plan, program, home.cls, home.config, None,
+                           f"placement {source.placement} -> {placement} (back to {home.model_type})", source, target,
+                           verify)
+
+
+def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str, float], steps: dict[str, Step]
+                ) -> list[PassMove]:
+    """Fold each added norm's stand-in, at the scale it was started at, into its neighbours (as the drop passes do)."""
+    out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"])
+    pre_folds, pre_moves = pre_norm_folds(model, [norm for norm in added if norm.slot == "pre"])
+    for fold in out_folds:
+        _require_uncentred(fold.stand_in)
+        for key, dim in fold.tensors.items():
+            fold_into_writer(fold.stand_in, scales[fold.stand_in.norm], key, dim, steps,
+                             carries_shift=key == fold.carrier)
+    for pre in pre_folds:
+        _require_uncentred(pre.stand_in)
+        for reader in pre.readers:
+            fold_into_reader(pre.stand_in, scales[pre.stand_in.norm], reader.weight, reader.in_dim, reader.bias, steps)
+    return [PassMove("fold", move.norm, move.into, note="at its carried starting scale")
+            for move in (*out_moves, *pre_moves)]
+
+
+def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapping[str, Tensor],
+                     scales: Mapping[str, float], steps: dict[str, Step]) -> list[PassMove]:
+    """Each dropped norm's carried vectors under its own name, and its stand-in unfolded from its neighbours."""
+    out_folds, out_moves = out_norm_folds(home, [norm for norm in removed if norm.slot == "out"])
+    pre_folds, pre_moves = pre_norm_folds(home, [norm for norm in removed if norm.slot == "pre"])
+    for stand_in in (*(fold.stand_in for fold in out_folds), *(fold.stand_in for fold in pre_folds)):
+        _require_uncentred(stand_in)
+        for key in stand_in.keys:
+            if key not in carried:
+                raise NoWayHomeError(f"{key} is not among the carried tensors")
+            steps[key] = _carried(carried[key])
+        if stand_in.weight is not None and not bool(stand_in.gain(carried, 0).ne(0).all()):
+            raise NoWayHomeError(f"{stand_in.weight} has a channel where g = 0, which its fold erased")
+    for fold in out_folds:
+        _unfold_writers(fold, scales[fold.stand_in.norm], steps)
+    for pre in pre_folds:
+        _unfold_readers(pre, scales[pre.stand_in.norm], steps)
+    return [PassMove("restore", move.norm, move.into, note="carried vectors; its neighbours unfolded")
+            for move in (*out_moves, *pre_moves)]
+
+
+def _require_uncentred(stand_in: StandIn) -> None:
+    if stand_in.centred:
+        raise NoWayHomeError(f"{stand_in.norm} is a LayerNorm, whose stand-in removed the mean of each folded row (C), "
+                        "which no carried vector restores")
+
+
+def _carried(tensor: Tensor) -> Step:
+    return Step((), lambda: tensor.clone(), touches=False)
+
+
+def _unfold_writers(fold: OutFold, scale: float, steps: dict[str, Step]) -> None:
+    """``W = diag(s/g) (W' - beta)``: the inverse of ``stand_in.fold_into_writer`` (``beta`` on its carrier only)."""
+    stand_in = fold.stand_in
+    for key, dim in fold.tensors.items():
+        def unfold(tensor: Tensor, *norm_tensors: Tensor, dim: int = dim, shifted: bool = key == fold.carrier
+                   ) -> Tensor:
+            named = dict(zip(stand_in.keys, norm_tensors, strict=True))
+            wide = tensor.double()
+            beta = stand_in.shift(named)
+            if shifted and beta is not None:
+                wide = wide - _along(beta, wide, dim)
+            return (wide * _along(scale / stand_in.gain(named, wide.shape[dim]), wide, dim)).to(tensor.dtype)
+
+        steps[key] = combine(unfold, steps[key], *(steps[k] for k in stand_in.keys))
+
+
+def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
+    """``W = W' diag(s/g)`` and ``b = b' - W beta``: the inverse of ``stand_in.fold_into_reader``."""
+    stand_in = fold.stand_in
+    for reader in fold.readers:
+        def weight(tensor: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim) -> Tensor:
+            return _unscaled(stand_in, scale, tensor, norm_tensors, in_dim).to(tensor.dtype)
+
+        def bias(tensor: Tensor, matrix: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim) -> Tensor:
+            beta = stand_in.shift(dict(zip(stand_in.keys, norm_tensors, strict=True)))
+            assert beta is not None  # only unfolded for a norm with a bias
+            unfolded = _unscaled(stand_in, scale, matrix, norm_tensors, in_dim)
+            shift = (unfolded.movedim(in_dim, -1) @ beta).reshape(tensor.shape)
+            return (tensor.double() - shift).to(tensor.dtype)
+
+        folded, norm_steps = steps[reader.weight], [steps[k] for k in stand_in.keys]
+        if stand_in.bias is not None and reader.bias is not None:
+            steps[reader.bias] = combine(bias, steps[reader.bias], folded, *norm_steps)
+        steps[reader.weight] = combine(weight, folded, *norm_steps)
+
+
+def _unscaled(stand_in: StandIn, scale: float, matrix: Tensor, norm_tensors: Sequence[Tensor], in_dim: int) -> Tensor:
+    """``W' diag(s/g)`` in float64."""
+    named = dict(zip(stand_in.keys, norm_tensors, strict=True))
+    return matrix.double() * _along(scale / stand_in.gain(named, matrix.shape[in_dim]), matrix, in_dim)
