@@ -26,7 +26,7 @@ from torch import nn
 
 from ..detect import inspect
 from ..errors import NormswapError
-from ..recipe import NativeTarget
+from ..recipe import NativeTarget, recipe_for
 from ..topology import NormSite, Topology
 from .compose import ComposedPlan, chain
 from .drop_norms import OutFold, PreFold, StandInError, out_norm_folds, pre_norm_folds
@@ -101,7 +101,7 @@ def _home_family(model: nn.Module, placement: str) -> _Home | None:
     original = provenance.get("source_model_type") if isinstance(provenance, dict) else None
     if not original or original == model.config.model_type:
         return None
-    target = NativeTarget(placement, original)
+    target = NativeTarget(placement, original, class_prefix=_back_from_stock(original, model.config.model_type))
     try:
         cls, config = target_class(model, target), target_config(model.config, target)
         meta = meta_instance(cls, config)
@@ -109,6 +109,19 @@ def _home_family(model: nn.Module, placement: str) -> _Home | None:
     except (NormswapError, KeyError, ValueError):
         return None
     return _Home(original, cls, config, topology, meta) if topology.placement == placement else None
+
+
+def _back_from_stock(original: str, model_type: str) -> tuple[str, str] | None:
+    """The class-name rule back to ``original`` from the stock family its recipe sent the model to (VaultGemma's
+    classes are Gemma 2's again; so are those of VaultGemma's generated code, after a norm shift), or None where the
+    model is ``original``'s own generated code (same names)."""
+    model_type = model_type.removeprefix("normswap-")
+    recipe = recipe_for(original)
+    forward = next((target for target in recipe.native if target.model_type == model_type), None) if recipe else None
+    if forward is None or forward.class_prefix is None:
+        return None
+    source_prefix, stock_prefix = forward.class_prefix
+    return stock_prefix, source_prefix
 
 
 def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
