@@ -132,8 +132,7 @@ def plan_norm_free(model: nn.Module, norm: str) -> ConversionSetup:
                        "whose mean no weight change removes" if topology.placement == "post" else first_line(error))
     make = stand_in_pass if norm == "none" else dyt_pass
     passes.append(make(model, topology, centred=bool(passes), why_not=why_not))
-    source_kind = topology.norm if topology.norm != "mixed" else "mixed norms"
-    return compose(model, topology, passes, f"norm {source_kind} -> {norm} (calibrated, approximate)")
+    return compose(model, topology, passes, f"norm {topology.norm} -> {norm} (calibrated, approximate)")
 
 
 def _replaceable(model: nn.Module, topology: Topology) -> tuple[NormSite, ...]:
