@@ -85,6 +85,7 @@ def test_no_norm_is_left_on_the_residual_path(family: str, kind: str) -> None:
     norms = residual_norms(model)
     target = normswap.inspect(result)
     assert target.placement == "none" and not target.all_norms
+    assert f"{len(norms)} residual norms are" in " ".join(target.notes)  # inspect says what stands there
     assert {type(result.get_submodule(norm.path)).__name__ for norm in norms} == {MODULE[kind]}
     assert not [path for path, module in result.named_modules() if classify_norm(module, 64) is not None]
     for norm in norms:  # plain tensors of the checkpoint, trained by healing
