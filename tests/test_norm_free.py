@@ -218,3 +218,13 @@ def test_healing_matches_the_stream_where_the_norms_were(tmp_path: Path, family:
     better = report.after[figure] < report.before[figure] if family in DECODERS else \
         report.after[figure] > report.before[figure]
     assert better, (report.before, report.after)
+
+
+def test_a_parallel_block_without_norms_is_norm_free() -> None:
+    """GPT-NeoX's parallel blocks read one stream through two norms; with both gone the layer has no placement."""
+    model = perturbed("gpt_neox_parallel", "GPTNeoXForCausalLM")
+    assert normswap.inspect(model).placement == "parallel"
+    result = normswap.convert(model, norm="none", inputs=inputs())
+    target = normswap.inspect(result)
+    assert target.placement == "none" and not target.all_norms
+    assert {sub.kind for layer in target.layers for sub in layer.sublayers} == {"parallel"}
