@@ -228,3 +228,15 @@ def test_a_parallel_block_without_norms_is_norm_free() -> None:
     target = normswap.inspect(result)
     assert target.placement == "none" and not target.all_norms
     assert {sub.kind for layer in target.layers for sub in layer.sublayers} == {"parallel"}
+
+
+def test_a_norm_free_model_has_nothing_to_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its stand-ins are no norm: converting it again writes nothing, and says why."""
+    source("llama").save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "free"), "--norm", "none", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "free"), str(tmp_path / "again"), "--norm", "rmsnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "no LayerNorm or RMSNorm anywhere" in out and "NormswapStandIn" in out
+    assert not (tmp_path / "again").exists()
+

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..detect import inspect
+from ..detect.norms import is_norm_stand_in
 from ..errors import ExactImpossibleError, NormswapError
 from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
 from .extra_dimension import plan_layer_norm_exact
@@ -72,7 +73,8 @@ def _any_norm_module(model: nn.Module) -> bool:
     inspection placed none, a norm outside the stacks it found) or any module its code calls a norm (Dory's L2 norm,
     MobileBERT's NoNorm): then the model is not one with nothing to change, and the refusal says why."""
     return any(isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-               or ("norm" in type(module).__name__.lower() and not isinstance(module, _BATCH_OR_GROUP))
+               or ("norm" in type(module).__name__.lower() and not isinstance(module, _BATCH_OR_GROUP)
+                   and not is_norm_stand_in(module))  # a norm-free model's stand-ins normalise nothing
                for module in model.modules())
 
 
@@ -81,7 +83,10 @@ def _no_norm_note(model: nn.Module, family: str) -> str:
     others = sorted({type(module).__name__ for module in model.modules() if isinstance(module, _BATCH_OR_GROUP)})
     kept = (f"; its {', '.join(others)} layers (statistics over a batch, or over positions and channels together, "
             "not per token) are no norm kind this changes and stay" if others else "")
-    return f"{family} has no LayerNorm or RMSNorm anywhere{kept}"
+    stand_ins = sorted({type(module).__name__ for module in model.modules() if is_norm_stand_in(module)})
+    removed = (f"; it is norm-free: {', '.join(stand_ins)} modules stand where normswap removed its norms (convert "
+               "the original checkpoint instead)" if stand_ins else "")
+    return f"{family} has no LayerNorm or RMSNorm anywhere{kept}{removed}"
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
