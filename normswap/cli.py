@@ -60,9 +60,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          help="target norm placement: pre (norm before each branch), post (after each residual "
                          "add), sandwich (before each branch and on its output, as Gemma 2) or post-sublayer (on "
                          "each branch's output only, as OLMo 2); not exact, heal the result")
-    convert.add_argument("--norm", choices=("rmsnorm", "layernorm"),
-                         help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN) or "
-                         "layernorm (approximate; exact with --exact)")
+    convert.add_argument("--norm", choices=("rmsnorm", "layernorm", "none", "dyt"),
+                         help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN), "
+                         "layernorm (approximate; exact with --exact), none (every residual norm becomes its "
+                         "calibrated stand-in g * x / s + b: a norm-free model) or dyt (Dynamic Tanh "
+                         "g * tanh(a x) + b, a started at 1 / s); none and dyt are approximate: heal the result")
     convert.add_argument("--untie", action="store_true",
                          help="write lm_head as its own tensor: with --norm rmsnorm, centre the embedding weights "
                          "instead of centring the stream in code; with --norm layernorm --exact, needed where the "
@@ -301,7 +303,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         command.error(_unrecognised(command, unknown))
     if args.command == "convert" and args.placement is None and args.norm is None:
         command.error("give the conversion: --placement pre|post|sandwich|post-sublayer (move the norms), "
-                      "--norm rmsnorm|layernorm (change their kind), or both")
+                      "--norm rmsnorm|layernorm|none|dyt (change their kind, or remove them), or both")
     return args
 
 

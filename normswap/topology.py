@@ -347,7 +347,7 @@ def placement_of_slots(slots: set[str], parallel: bool) -> Placement:
     A parallel group normalised before its branches is ``parallel``; one normalised after the
     sum, ``N(h + A(h) + M(h))``, is ``post`` (its kind still says ``parallel``).
     """
-    if parallel:
+    if parallel and slots:  # a parallel group with no norm at all (a norm-free model's) is "none", as any sublayer
         return "post" if slots == {"post"} else "parallel"
     table: dict[frozenset[str], Placement] = {
         frozenset({"pre"}): "pre",

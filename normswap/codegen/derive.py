@@ -373,16 +373,24 @@ def rms_norm_edits(model: nn.Module, topology: Topology, centre_in_code: bool = 
     the centring before the loop then takes care of its output (its weight and bias).
     """
     edits: list[Edit] = []
-    for norm in topology.stream_norms:  # a Pre-LN model's layer norms are all pre norms
-        edit = rms_norm_replacement(model, norm)
+    for norm in (*topology.stream_norms, *(embedding_layer_norms(topology) if centre_in_code else ())):
+        edit = rms_norm_replacement(model, norm)  # a Pre-LN model's layer norms are all pre norms
         if edit not in edits:
             edits.append(edit)
-    for norm in embedding_layer_norms(topology) if centre_in_code else ():
-        for edit in (rms_norm_replacement(model, norm),
-                     CentreNormInput(*owner_and_attribute(model, norm.path), norm.axis)):
-            if edit not in edits:
-                edits.append(edit)
-    for stack in topology.stacks if centre_in_code else ():  # an encoder-decoder has two streams to centre
+    if centre_in_code:
+        edits += [edit for edit in stream_centring_edits(model, topology) if edit not in edits]
+    return edits
+
+
+def stream_centring_edits(model: nn.Module, topology: Topology) -> list[Edit]:
+    """The edits that centre a Pre-LN model's stream in code, touching no weight (with the writers centred): its
+    input centred before each embedding LayerNorm, and the stream before each stack's layer loop."""
+    edits: list[Edit] = []
+    for norm in embedding_layer_norms(topology):
+        edit = CentreNormInput(*owner_and_attribute(model, norm.path), norm.axis)
+        if edit not in edits:
+            edits.append(edit)
+    for stack in topology.stacks:  # an encoder-decoder has two streams to centre
         edit = (CentreStream(*owner_and_attribute(model, stack.path.rsplit(".", 1)[0]), stack.axis, per_stage=True)
                 if _stage_list(model, stack)
                 else CentreStream(loop_owner(model, stack), stack.path.rsplit(".", 1)[-1], stack.axis))

@@ -175,6 +175,82 @@ class NormswapPlainRMSNorm(torch.nn.Module):
 '''
 
 
+_STAND_IN_CLASS = '''
+
+class NormswapStandIn(torch.nn.Module):
+    """A residual norm's calibrated stand-in: ``weight * x + bias``, the linear map the norm is on a typical token.
+
+    normswap removes the norm (``--norm none``): ``weight`` starts at ``g / s``, ``s`` the mean per-token RMS (for a
+    LayerNorm, standard deviation) of the norm's input over calibration tokens, so a token whose own scale is ``s``
+    comes out as the norm made it. It computes no statistic of the token: with ``centre`` it subtracts the token's
+    mean first, the fixed projection ``x - mean(x)`` a LayerNorm applies, kept where the stream is not centred.
+    """
+
+    def __init__(self, dim, bias=True, centre=False, axis=-1, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.centre = centre
+        self.axis = axis
+        self.weight = torch.nn.Parameter(torch.ones(dim, **factory))
+        self.bias = torch.nn.Parameter(torch.zeros(dim, **factory)) if bias else None
+
+    @classmethod
+    def like(cls, norm, dim=None, centre=False, axis=-1):
+        """The stand-in for ``norm`` (any family's norm class, built with its own arguments): its width, and a bias
+        where it has one. A placeholder a conditional builds instead of a norm (``nn.Identity()``) stays."""
+        if isinstance(norm, torch.nn.Identity):
+            return norm
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        width = weight.shape[-1] if weight is not None else dim
+        factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
+        return cls(width, bias=isinstance(bias, torch.Tensor), centre=centre, axis=axis, **factory)
+
+    def forward(self, hidden_states):
+        channels_last = hidden_states.movedim(self.axis, -1) if self.axis != -1 else hidden_states
+        if self.centre:
+            channels_last = channels_last - channels_last.mean(-1, keepdim=True)
+        out = channels_last * self.weight.to(channels_last.dtype)
+        out = out + self.bias.to(out.dtype) if self.bias is not None else out
+        return out.movedim(-1, self.axis) if self.axis != -1 else out
+'''
+
+
+_DYT_CLASS = '''
+
+class NormswapDyT(torch.nn.Module):
+    """Dynamic Tanh (Zhu et al., CVPR 2025) in place of a residual norm: ``weight * tanh(alpha * x) + bias``.
+
+    ``alpha`` is one learnable scalar, started at ``1 / s`` (``s`` the mean per-token scale of the norm's input over
+    calibration tokens), so that in tanh's linear regime this is the norm's calibrated stand-in ``g * x / s + b``.
+    """
+
+    def __init__(self, dim, bias=True, axis=-1, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.axis = axis
+        self.alpha = torch.nn.Parameter(torch.ones(1, **factory))
+        self.weight = torch.nn.Parameter(torch.ones(dim, **factory))
+        self.bias = torch.nn.Parameter(torch.zeros(dim, **factory)) if bias else None
+
+    @classmethod
+    def like(cls, norm, dim=None, axis=-1):
+        """The DyT for ``norm`` (any family's norm class, built with its own arguments): its width, and a bias where
+        it has one. A placeholder a conditional builds instead of a norm (``nn.Identity()``) stays."""
+        if isinstance(norm, torch.nn.Identity):
+            return norm
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        width = weight.shape[-1] if weight is not None else dim
+        factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
+        return cls(width, bias=isinstance(bias, torch.Tensor), axis=axis, **factory)
+
+    def forward(self, hidden_states):
+        channels_last = hidden_states.movedim(self.axis, -1) if self.axis != -1 else hidden_states
+        out = torch.tanh(self.alpha.to(channels_last.dtype) * channels_last) * self.weight.to(channels_last.dtype)
+        out = out + self.bias.to(out.dtype) if self.bias is not None else out
+        return out.movedim(-1, self.axis) if self.axis != -1 else out
+'''
+
+
 _FRESH_COPY_FUNCTION = '''
 
 def normswap_fresh_copy(module):
@@ -252,6 +328,7 @@ def normswap_lifted_projector(build, config, scale=1.0):
 
 def package_module(original: ModuleType, rewritten: str, config_class: type, conversion: str,
                    rms_norm: bool = False, layer_norm: bool = False, plain_rms_norm: bool = False,
+                   stand_in: bool = False, dyt: bool = False,
                    composite: CompositeCode | None = None, wider_sub_config: tuple[str, type] | None = None,
                    untied_head: tuple[str, str] | None = None) -> GeneratedModule:
     """The loadable module source for ``rewritten`` (a rewrite of ``original``'s source), followed by
@@ -339,6 +416,10 @@ for _model_class in ({", ".join(model_classes)},):
         footer = _LAYER_NORM_CLASS + footer
     if plain_rms_norm:
         footer = _PLAIN_RMS_NORM_CLASS + footer
+    if stand_in:
+        footer = _STAND_IN_CLASS + footer
+    if dyt:
+        footer = _DYT_CLASS + footer
     file_family = composite.family if composite and composite.family else family
     return GeneratedModule(file_family, f"modeling_normswap_{file_family}.py", header + body + footer,
                            generated_config, model_type, model_classes)

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from ..detect import inspect
+from ..detect.norms import is_norm_stand_in
 from ..errors import ExactImpossibleError, NormswapError
 from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
 from .extra_dimension import plan_layer_norm_exact
+from .norm_free import NORM_FREE_KINDS, exact_refusal, plan_norm_free
 from .norm_kind import NormKindPlan, plan_rms_norm
 from .setup import ConversionSetup, convert_in_memory
 
@@ -22,14 +24,18 @@ _ALREADY = {"rmsnorm": frozenset({"rmsnorm", "rmsnorm-noaffine"}),
 
 
 def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False) -> ConversionSetup:
-    """The setup for ``norm`` = ``"rmsnorm"`` or ``"layernorm"`` on a loaded or meta-device ``model``.
+    """The setup for ``norm`` = ``"rmsnorm"``, ``"layernorm"``, ``"none"`` or ``"dyt"`` on a loaded or meta-device
+    ``model``.
 
     rmsnorm: Gemma's (1 + w) norms become plain RMSNorms (exact), Post-LN models convert approximately,
     Pre-LN models exactly, or approximately where their structure rules the exact map out (the plan says why).
     layernorm: exactly by one extra dimension with ``exact``, else approximately.
+    none, dyt: every residual norm as its calibrated stand-in, or as DyT (``norm_free``); never exact.
     """
-    if norm not in _ALREADY:
-        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm' or 'layernorm'")
+    if norm not in (*_ALREADY, *NORM_FREE_KINDS):
+        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm', 'layernorm', 'none' or 'dyt'")
+    if norm in NORM_FREE_KINDS and exact:
+        raise NormswapError(exact_refusal(norm))
     try:
         topology = inspect(model)
     except NormswapError:  # no stack inspection can describe (MobileNet's convolutions): nothing to change either
@@ -39,7 +45,9 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         plan = NormKindPlan(family, family, "none", (), (), kind=norm, notes=(_no_norm_note(model, family),))
         return ConversionSetup(plan, None)
     kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
-    if (kinds and kinds <= _ALREADY[norm]) or (not kinds and not _any_norm_module(model)):
+    if norm in NORM_FREE_KINDS and (kinds or _any_norm_module(model)):
+        return plan_norm_free(model, norm)
+    if (kinds and kinds <= _ALREADY.get(norm, frozenset())) or (not kinds and not _any_norm_module(model)):
         label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
         note = (f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(kinds))})" if kinds else
                 _no_norm_note(model, topology.model_type))
@@ -65,7 +73,8 @@ def _any_norm_module(model: nn.Module) -> bool:
     inspection placed none, a norm outside the stacks it found) or any module its code calls a norm (Dory's L2 norm,
     MobileBERT's NoNorm): then the model is not one with nothing to change, and the refusal says why."""
     return any(isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-               or ("norm" in type(module).__name__.lower() and not isinstance(module, _BATCH_OR_GROUP))
+               or ("norm" in type(module).__name__.lower() and not isinstance(module, _BATCH_OR_GROUP)
+                   and not is_norm_stand_in(module))  # a norm-free model's stand-ins normalise nothing
                for module in model.modules())
 
 
@@ -74,7 +83,10 @@ def _no_norm_note(model: nn.Module, family: str) -> str:
     others = sorted({type(module).__name__ for module in model.modules() if isinstance(module, _BATCH_OR_GROUP)})
     kept = (f"; its {', '.join(others)} layers (statistics over a batch, or over positions and channels together, "
             "not per token) are no norm kind this changes and stay" if others else "")
-    return f"{family} has no LayerNorm or RMSNorm anywhere{kept}"
+    stand_ins = sorted({type(module).__name__ for module in model.modules() if is_norm_stand_in(module)})
+    removed = (f"; it is norm-free: {', '.join(stand_ins)} modules stand where normswap removed its norms (convert "
+               "the original checkpoint instead)" if stand_ins else "")
+    return f"{family} has no LayerNorm or RMSNorm anywhere{kept}{removed}"
 
 
 def convert_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,

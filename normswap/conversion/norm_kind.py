@@ -151,19 +151,14 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
     where the stream starts as a sum of embedding lookups.
     """
     topology = inspect(model)
-    _require_pre_layer_norm(topology)
-    if not untie:
-        _require_loop_owners(model, topology)
+    require_centrable(model, topology, in_code=not untie)
     embedding_norms = embedding_layer_norms(topology)
     if untie and embedding_norms:
         raise NormswapError(f"--untie centres the embedding weights, but {embedding_norms[0].path} (a LayerNorm) "
                             "follows them and its weight and bias make its output uncentred, which no weight "
                             "change can undo: leave out --untie, so that the stream is centred in code")
-    pre_norms = tuple(n.path for n in topology.residual_norms)
     meta = meta_twin(model)
-    order, readers = linear_calls(meta, pre_norms)
-    writers = branch_writers(order, topology)
-    tails = branch_tails(meta, writers)
+    readers, writers, tails = stream_writers(meta, topology)
     folds = {norm: found for norm, found in readers.items() if fold_bias and _can_fold(model, norm, found)}
     embeddings = _embedding_writers(model, topology) if untie else []
     generated, cls, config = _generated_rms_target(model, topology, centre_in_code=not untie)
@@ -177,14 +172,7 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
                         shifts=tuple(key for tail in tails.values() for key in tail.shifts))
 
     steps = {key: copy_of(key) for key in model.state_dict()}
-    for path in writers:
-        module = model.get_submodule(path)
-        tail = tails.get(path)
-        if tail is not None:  # LayerScale first, then centre: diag(l) C W != C diag(l) W
-            fold_tail(tail, _output_dims(module, path, steps), steps)
-        _centre_output(module, path, steps)
-        for shift in tail.shifts if tail is not None else ():  # a bias added outside the linear map
-            steps[shift] = combine(lambda bias: _centred(bias, -1), steps[shift])
+    centre_writers(model, writers, tails, steps)
     if untie:
         _untie_and_centre_embeddings(model, embeddings, steps, config)
     for norm in (*topology.stream_norms, *embedding_norms):  # Nemotron's (1 + w) LayerNorms: plain weights
@@ -217,6 +205,36 @@ def plan_rms_norm(model: nn.Module, *, fold_bias: bool = True, untie: bool = Fal
 
     return ConversionSetup(plan, TensorProgram(steps), cls, config, generated, "norm layernorm -> rmsnorm",
                            verify=verify, fallback=fallback)
+
+
+def require_centrable(model: nn.Module, topology: Topology, in_code: bool = True) -> None:
+    """Raise unless the exact centring of the stream applies: a Pre-LN ``topology`` every reader of whose stream is
+    a LayerNorm, and (``in_code``) a class that runs each stack's layer loop, where the stream is centred."""
+    _require_pre_layer_norm(topology)
+    if in_code:
+        _require_loop_owners(model, topology)
+
+
+def stream_writers(meta: nn.Module, topology: Topology) -> tuple[dict[str, list[str]], list[str], dict[str, Any]]:
+    """(each residual norm's linear readers, each branch's writer to the stream, the per-channel tails after
+    writers), found on ``meta`` (the model's meta twin) without reading a weight."""
+    order, readers = linear_calls(meta, tuple(n.path for n in topology.residual_norms))
+    writers = branch_writers(order, topology)
+    return readers, writers, branch_tails(meta, writers)
+
+
+def centre_writers(model: nn.Module, writers: Iterable[str], tails: dict[str, Any], steps: dict[str, Step]) -> None:
+    """Centre each writer's output over the hidden features in ``steps`` (float64, cast back): a LayerScale after
+    it folded in first, a bias added after it centred with it; then the stream has zero mean wherever the embedding
+    side is centred too (in code: ``stream_centring_edits``)."""
+    for path in writers:
+        module = model.get_submodule(path)
+        tail = tails.get(path)
+        if tail is not None:  # LayerScale first, then centre: diag(l) C W != C diag(l) W
+            fold_tail(tail, _output_dims(module, path, steps), steps)
+        _centre_output(module, path, steps)
+        for shift in tail.shifts if tail is not None else ():  # a bias added outside the linear map
+            steps[shift] = combine(lambda bias: _centred(bias, -1), steps[shift])
 
 
 def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None = None, *, fold_bias: bool = True,

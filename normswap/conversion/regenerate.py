@@ -53,7 +53,7 @@ class Regenerated:
 _PLACES = r"pre|post|parallel|sandwich|post-sublayer"
 _PLACEMENT = re.compile(rf"placement (?:{_PLACES}) -> (?P<target>{_PLACES})(?: \(calibrated stand-ins\))?")
 _THEN = "; then "
-_NORM = re.compile(r"norm (?P<source>[a-z-]+) -> (?P<target>rmsnorm|layernorm)(?: \((?P<detail>.*)\))?")
+_NORM = re.compile(r"norm (?P<source>[a-z-]+) -> (?P<target>rmsnorm|layernorm|none|dyt)(?: \((?P<detail>.*)\))?")
 _WIDENED = re.compile(r"exact, hidden (?P<d>\d+) -> (?P<wider>\d+)\b.*")
 _KEYS_NOT_CARRIED = ("auto_map", "normswap", "transformers_version", "_name_or_path")
 
@@ -88,6 +88,8 @@ def _single_requests(conversion: str) -> list[ConversionRequest]:
         raise RegenerationError(f"its provenance names the conversion {conversion[:80]!r}, which this normswap does "
                                 "not plan")
     detail = norm["detail"] or ""
+    if norm["target"] in ("none", "dyt"):  # norm-free: one reading (the stream is centred wherever it can be)
+        return [ConversionRequest(norm=norm["target"])]
     if norm["target"] == "rmsnorm":
         if norm["source"] == "layernorm" and not detail:
             return [ConversionRequest(norm="rmsnorm"), ConversionRequest(norm="rmsnorm", untie=True)]

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import TopologyError
 from ..topology import Branch, BranchKind, NormSite, ResidualScale, Sublayer, placement_of_slots
 from .no_residual_add import describe_node, no_residual_add_message
-from .norms import NormInfo
+from .norms import NormInfo, is_norm_stand_in
 from .scaling import Followed, ScaleReader
 from .stem_norm import TAKEN_AFTER_PRE_NORM
 from .stream_axis import LAYOUT_FUNCTIONS, LAYOUT_METHODS, stream_channel_axis
@@ -112,7 +112,8 @@ class LayerGraph:
         to channels last, adds there and permutes back), through which the stream is seen."""
         if node.op == "call_module":
             module = self.layer.get_submodule(self.module_path(node) or "")
-            return (isinstance(module, (nn.Dropout, nn.Identity)) or _passes_through(module)) and not self.is_norm(node)
+            passes = isinstance(module, (nn.Dropout, nn.Identity)) or _passes_through(module)
+            return (passes or is_norm_stand_in(module)) and not self.is_norm(node)
         if node.op == "call_function":
             if node.target is operator.getitem:
                 container = node.args[0].meta.get("meta_value") if isinstance(node.args[0], fx.Node) else None

@@ -6,7 +6,9 @@ and the module tree, never from a family's name:
 * a residual add that scales the stream it keeps (``g * h + F``) breaks what the norm-shift mapping and
   the exact norm-kind maps assume (docs/design.md §3-§5), so ``inspect`` says so in a note;
 * a layer that runs more than once per forward, or a model-level norm that runs between a stack's
-  layers, is a stream the layers alone do not describe.
+  layers, is a stream the layers alone do not describe;
+* a norm-free model (``--norm none``, ``--norm dyt``) has normswap's stand-ins where its norms were: no norm kind,
+  but what stands there is said.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..topology import Layer, ResidualScale
 from .capture import CapturedRun
+from .norms import is_norm_stand_in
 
 _ASSUMPTION = "h <- s * h + F(...), not h + F(...); the norm-shift and exact norm-kind maps assume s = 1"
 
@@ -86,3 +89,14 @@ def _span(layers: list[Layer]) -> str:
     if len(layers) == 1:
         return f"the residual adds of {layers[0].path}"
     return f"the residual adds of {len(layers)} layers ({layers[0].path} to {layers[-1].path})"
+
+
+_STAND_IN_WHAT = {"NormswapStandIn": "calibrated stand-ins g * x / s + b", "NormswapDyT": "DyT g * tanh(a x) + b"}
+
+
+def stand_in_notes(model: nn.Module) -> list[str]:
+    """``5 residual norms are DyT g * tanh(a x) + b (NormswapDyT), ...``: what a norm-free model runs in its norms'
+    places, which computes no per-token statistic and so is no norm placement."""
+    found = Counter(type(module).__name__ for module in model.modules() if is_norm_stand_in(module))
+    return [f"{count} residual norm{'s are' if count > 1 else ' is'} {_STAND_IN_WHAT.get(name, name)} ({name}), "
+            "which compute no per-token statistic: the model is norm-free" for name, count in sorted(found.items())]

@@ -41,6 +41,17 @@ class NormInfo:
     axis: int = -1  # the axis of its input it normalises: -1, or 1 for a channels-first tensor
 
 
+# what normswap's own generated code puts in a removed norm's place (``--norm none``, ``--norm dyt``): a fixed affine
+# map per channel, and Dynamic Tanh. Neither normalises (no scale invariance), so neither is a norm kind; detection
+# sees the stream through them, as through a norm, so a norm-free model inspects as one ("no residual norms")
+STAND_IN_CLASSES = frozenset({"NormswapStandIn", "NormswapDyT"})
+
+
+def is_norm_stand_in(module: nn.Module) -> bool:
+    """Whether ``module`` is what normswap put in a removed residual norm's place (``STAND_IN_CLASSES``)."""
+    return type(module).__name__ in STAND_IN_CLASSES
+
+
 def is_candidate(module: nn.Module) -> bool:
     """Childless modules whose parameters are at most two vectors of one length."""
     if isinstance(module, _NOT_NORMS) or type(module).__module__.startswith("torch.nn.modules.activation"):

@@ -28,7 +28,7 @@ from ..topology import Layer, NormSite, ResidualScale, Stack, Sublayer, Topology
 from .analysis import LayerGraph, LayerReading, NoResidualAddError, OutputPastLastAddError, analyse_layer
 from .capture import CapturedRun, LayerCall, capture_run, find_layer_stacks
 from .index_loop import IndexLists, index_lists, inspect_index_loop
-from .layout_notes import reuse_notes, scale_notes
+from .layout_notes import reuse_notes, scale_notes, stand_in_notes
 from .norms import NormInfo, classify_norm, own_size
 from .sampling import SamplePlan, expand_sample, plan_sample, sample_mismatch
 from .signature import input_signature, module_signature
@@ -162,6 +162,7 @@ def _inspect_meta_model(meta: MetaModel, notes: tuple[str, ...], sample: SampleP
                 output_scale=_relocate_scale(reading.output_scale, path),
             ))
     notes.extend(reuse_notes(stacks, run, model_level_norms))
+    notes.extend(stand_in_notes(model))
 
     stack_records, layers = lift_stem_norms(_place_edge_norms(stacks, run, norms, model_level_norms, widths, axes),
                                             layers, stems)

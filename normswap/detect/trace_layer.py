@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import TracingError, first_line
 from .capture import LayerCall
 from .meta_answers import AnswerDataQuestions
+from .norms import is_norm_stand_in
 from .tracer import LayerTracer
 
 WRAPPED_LAYER = "layer"
@@ -140,13 +141,13 @@ def _leaf_policy(wrapper: nn.Module, norm_modules: set[int], forced: set[int]) -
     def holds_norm(module: nn.Module) -> bool:
         key = id(module)
         if key not in contains_norm:
-            contains_norm[key] = any(id(m) in norm_modules for m in module.modules())
+            contains_norm[key] = any(id(m) in norm_modules or is_norm_stand_in(m) for m in module.modules())
         return contains_norm[key]
 
     def is_leaf(module: nn.Module, qualified_name: str) -> bool:
         if module is wrapper or qualified_name == WRAPPED_LAYER:
             return False
-        if id(module) in norm_modules or id(module) in forced:
+        if id(module) in norm_modules or id(module) in forced or is_norm_stand_in(module):
             return True
         if isinstance(module, (nn.Identity, nn.Dropout)):
             return True

@@ -19,6 +19,7 @@ from torch import nn
 from ..conversion.norm_kind import linear_calls
 from ..conversion.plan import norm_sequence
 from ..detect import inspect
+from ..detect.norms import is_norm_stand_in
 from ..errors import NormswapError
 from ..topology import Topology
 
@@ -66,6 +67,8 @@ def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
                             "the checkpoint it was converted from")
     _require_one_width(teacher_topology, student_topology)
+    if not student_topology.all_norms:  # norm-free (--norm none, dyt): the modules in the norms' places
+        return _same_places(teacher_topology, student)
     if {_placement(teacher_topology), _placement(student_topology)} - {"pre", "post"}:
         return _branch_reads(teacher_topology, student_topology)
     calls, _ = linear_calls(student, ())
@@ -136,6 +139,33 @@ def _require_one_width(teacher: Topology, student: Topology) -> None:
                 f"{teacher_stack.width} (--norm layernorm --exact adds a dimension), so what their branches read "
                 "cannot be matched; heal the inexact pass alone (convert with --placement only, heal, then "
                 "--norm layernorm --exact, which is exact and needs no healing)")
+
+
+def _same_places(teacher: Topology, student: nn.Module) -> Correspondence:
+    """Each teacher residual norm paired with what a norm-free student runs in its place: the stand-in or DyT
+    module at the same path, whose output is what the teacher's norm hands on (a branch's input, a stack's output).
+    Every residual norm is an entry, in stream order, so a stack's last one is its output."""
+    entries: list[EntryPair] = []
+    for stack in teacher.stacks:
+        layers = [norm for layer in teacher.layers if layer.stack == stack.path
+                  for sub in layer.sublayers for norm in sub.norms]
+        norms = [norm for norm in (stack.embedding_norm, *layers, stack.final_norm)
+                 if norm is not None and norm.kind != "identity"]
+        for norm in norms:
+            module = _submodule(student, norm.path)
+            if module is not None and is_norm_stand_in(module):
+                entries.append(EntryPair(stack.path, len(entries), norm.path, norm.path, type(module).__name__))
+    if not entries:
+        raise NormswapError("the student has no norms, and nothing of normswap's stands where the teacher's norms "
+                            "are: heal a model with the checkpoint it was converted from")
+    return Correspondence(tuple(entries), ())
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _branch_linears(calls: list[str], sub: Any) -> list[str]:
