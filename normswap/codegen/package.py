@@ -426,7 +426,8 @@ for _model_class in ({", ".join(model_classes)},):
 
 
 def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_norm: bool = False,
-              layer_norm: bool = False, plain_rms_norm: bool = False) -> GeneratedModule:
+              layer_norm: bool = False, plain_rms_norm: bool = False, stand_in: bool = False,
+              dyt: bool = False) -> GeneratedModule:
     """``previous`` (a module this normswap generated) with a later pass's edits (``rewritten``, its source edited):
     still one module over the stock family's source, under the same model_type and classes, whose header lists
     every conversion in order, with the normswap classes the later pass needs appended."""
@@ -436,7 +437,8 @@ def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_no
     body = rest
     for wanted, name, text in ((rms_norm, "NormswapRMSNorm", _RMS_NORM_CLASS),
                                (layer_norm, "NormswapLayerNorm", _LAYER_NORM_CLASS),
-                               (plain_rms_norm, "NormswapPlainRMSNorm", _PLAIN_RMS_NORM_CLASS)):
+                               (plain_rms_norm, "NormswapPlainRMSNorm", _PLAIN_RMS_NORM_CLASS),
+                               (stand_in, "NormswapStandIn", _STAND_IN_CLASS), (dyt, "NormswapDyT", _DYT_CLASS)):
         if wanted and f"class {name}(" not in body:
             body += text
     for used, text in (("normswap_norm_item(", _NORM_ITEM_FUNCTION), ("normswap_fresh_copy(", _FRESH_COPY_FUNCTION),

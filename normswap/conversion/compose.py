@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..detect import inspect
+from ..errors import NormswapError
 from ..recipe import NativeTarget
 from ..topology import Topology
+from .calibration import CalibratedScale
 from .generated import generate_family_code
 from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassReport, Scales, calibration_sites, pass_reports, run_rewrites
@@ -271,9 +273,7 @@ def chain(model: nn.Module, planners: Sequence[Planner]) -> ConversionSetup:
     plan = ChainedPlan(tuple(setup.plan for setup in setups))
     sites = tuple(dict.fromkeys(site for setup in setups for site in setup.calibration))
 
-    def with_scales(scales: Scales) -> ConversionSetup:
-        ready = [setup.calibrated(scales) if setup.program is None and setup.calibrated else setup
-                 for setup in setups]
+    def assemble(ready: Sequence[ConversionSetup], scales: Sequence[CalibratedScale]) -> ConversionSetup:
         program = ready[0].program
         for later in ready[1:]:
             program = then(program, later.program)
@@ -284,14 +284,29 @@ def chain(model: nn.Module, planners: Sequence[Planner]) -> ConversionSetup:
             return ChainedReport(whole, _pass_reports(original, ready, probe))
 
         return ConversionSetup(plan, program, ready[-1].target_class, ready[-1].target_config, ready[-1].generated,
-                               conversion, source, target, verify, calibration=sites,
-                               scales=tuple(scales[site] for site in sites))
+                               conversion, source, target, verify, calibration=sites, scales=tuple(scales))
+
+    def calibrate_each(original: nn.Module, inputs: dict[str, torch.Tensor], unit: bool) -> ConversionSetup:
+        """Each pass's scales measured on the model before it (its module paths are that model's), the earlier
+        passes realised in memory from the original to run the later passes' calibration."""
+        ready: list[ConversionSetup] = []
+        before = original
+        for index, setup in enumerate(setups):
+            setup = setup.with_calibration(before, inputs, unit)
+            ready.append(setup)
+            if any(later.program is None for later in setups[index + 1:]):
+                if any(parameter.device.type == "meta" for parameter in before.parameters()):
+                    raise NormswapError("a later pass of this conversion calibrates on the model an earlier pass "
+                                        "makes, which needs the weights in memory: raise --verify-max-size above "
+                                        "the checkpoint's size")
+                before = realise(before, setup)
+        return assemble(ready, [scale for setup in ready for scale in setup.scales])
 
     last = setups[-1]
     if not sites:
-        return with_scales({})
+        return assemble(setups, ())
     return ConversionSetup(plan, None, last.target_class, last.target_config, last.generated, conversion, source,
-                           target, calibration=sites, calibrated=with_scales)
+                           target, calibration=sites, calibrator=calibrate_each)
 
 
 def intermediate_model(setup: ConversionSetup, original: nn.Module) -> nn.Module:

@@ -48,7 +48,9 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     if norm is None:
         return chain(model, planners)
     kind = _norm_planner(norm, exact, untie)
-    ordered = [kind, *planners] if source in PRE_LIKE else [*planners, kind]
+    # the kind changes where the model is Pre-Norm, where it is exact; norms removed (none, dyt) go last, since the
+    # placement passes move norms
+    ordered = [kind, *planners] if source in PRE_LIKE and norm not in ("none", "dyt") else [*planners, kind]
     return chain(model, ordered)
 
 

@@ -58,17 +58,23 @@ class ConversionSetup:
     calibration: tuple[CalibrationSite, ...] = ()
     calibrated: Callable[[Scales], ConversionSetup] | None = None
     scales: tuple[CalibratedScale, ...] = ()
+    # a composed conversion measures each pass's scales on the model before that pass (``compose.chain``)
+    calibrator: Callable[[nn.Module, dict[str, torch.Tensor], bool], ConversionSetup] | None = None
 
     @property
     def noop(self) -> bool:
-        return self.program is None and self.calibrated is None
+        return self.program is None and self.calibrated is None and self.calibrator is None
 
     def with_calibration(self, model: nn.Module, inputs: dict[str, torch.Tensor], unit: bool = False
                          ) -> ConversionSetup:
         """This setup with its program, measuring its calibration sites on ``model`` (the source) if it needs them;
         ``unit``: every scale 1 instead (a removed norm keeps its weight but drops its statistic, an added norm
         starts at weight 1), the naive start that the calibrated one is measured against."""
-        if self.calibrated is None or self.program is not None:
+        if self.program is not None:
+            return self
+        if self.calibrator is not None:
+            return self.calibrator(model, inputs, unit)
+        if self.calibrated is None:
             return self
         if unit:
             return self.calibrated({site: CalibratedScale(site, 1.0, 0, 0.0) for site in self.calibration})
@@ -117,7 +123,7 @@ def convert_in_memory(model: nn.Module, setup: ConversionSetup, inputs: dict[str
                       allow_nonfinite: bool = False, unit_scales: bool = False
                       ) -> tuple[nn.Module, ConversionSetup, Any]:
     """Realise and verify ``setup`` on a loaded model; (converted model, the setup used, report)."""
-    needs_probe = setup.verify is not None or (setup.calibrated is not None and setup.program is None)
+    needs_probe = setup.verify is not None or (setup.program is None and not setup.noop)
     probe = inputs or (probe_inputs(model, None, None) if needs_probe else {})
     setup = setup.with_calibration(model, probe, unit=unit_scales)
     converted = realise(model, setup, allow_nonfinite)
