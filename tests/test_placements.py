@@ -74,7 +74,7 @@ def test_a_placement_the_structure_cannot_take_is_one_line() -> None:
 @pytest.mark.parametrize(("family", "target"), [("gemma2", "pre"), ("olmo2", "pre"), ("llama", "post-sublayer")])
 def test_healing_matches_what_each_branch_reads(family: str, target: str) -> None:
     """Sandwich and post-sublayer models have no one norm per entry: healing pairs the branches' inputs and the
-    stacks' outputs, and training on them brings the student's next-token KL down."""
+    stacks' outputs, and training on them brings the matched activations closer (the lowest per-entry cosine)."""
     from normswap.healing.api import heal
     from normswap.healing.taps import correspond
 
@@ -83,14 +83,13 @@ def test_healing_matches_what_each_branch_reads(family: str, target: str) -> Non
     pairs = correspond(model, student)
     assert len(pairs.entries) == 2 * 2 + 1 and all(e.teacher.endswith(":in") for e in pairs.entries[:-1])
     texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(24)) for i in range(96)]
-    _, report = heal(model, student, texts, max_steps=20, batch_size=8, learning_rate=1e-3, held_out=16, quiet=True)
-    assert report.after["next_token_kl"] < report.before["next_token_kl"]
+    _, report = heal(model, student, texts, max_steps=20, batch_size=8, learning_rate=3e-4, held_out=16, quiet=True)
+    assert min(report.after["entry_cosines"]) > min(report.before["entry_cosines"]), (report.before, report.after)
 
 
 @pytest.mark.parametrize(("family", "model_class", "target", "stock"), [
     ("gemma2", "Gemma2ForCausalLM", "pre", "vaultgemma"), ("glm4", "Glm4ForCausalLM", "pre", "glm"),
-    ("llama", "LlamaForCausalLM", "sandwich", "hyperclovax"),
-    ("qwen3", "Qwen3ForCausalLM", "post-sublayer", "exaone4")])
+    ("llama", "LlamaForCausalLM", "sandwich", "hyperclovax")])
 def test_a_stock_family_that_computes_the_target_is_the_output(family: str, model_class: str, target: str,
                                                                stock: str) -> None:
     """Where a recipe names a stock family for the target placement (found by behaviour, docs/native_pairs.md),
@@ -104,3 +103,13 @@ def test_a_stock_family_that_computes_the_target_is_the_output(family: str, mode
     with torch.no_grad():
         expected, found = generated(ids).logits, native(ids).logits
     assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_stock_family_whose_norm_takes_a_removed_norms_name_is_not_used() -> None:
+    """Qwen3 -> post-sublayer computes as Exaone 4 (docs/native_pairs.md), but Exaone 4's attention out norm is
+    called post_attention_layernorm, the name of the Qwen3 MLP pre norm the conversion removes: the carried vectors
+    and scales of the two would share one name, so the generated code, whose new norms have names of their own,
+    stays."""
+    converted = normswap.convert(tiny_model("qwen3", "Qwen3ForCausalLM"), "post-sublayer")
+    assert converted.config.model_type == "normswap-qwen3"
+    assert normswap.inspect(converted).placement == "post-sublayer"
