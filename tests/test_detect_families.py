@@ -137,6 +137,11 @@ EXPECTED: dict[str, Expected] = {
         ("mlp", "sandwich", [("pre_feedforward_layernorm", "pre", RMS_OFFSET),
                              ("post_feedforward_layernorm", "out", RMS_OFFSET)]),
     ])]),
+    # GLM-4: its post_attention_layernorm is the MLP's *pre* norm; the out norms are post_self_attn/post_mlp_layernorm
+    "glm4": Expected("sandwich", RMS, 1.5625e-07, [StackSpec("layers", None, "norm", [
+        ("attention", "sandwich", [("input_layernorm", "pre", RMS), ("post_self_attn_layernorm", "out", RMS)]),
+        ("mlp", "sandwich", [("post_attention_layernorm", "pre", RMS), ("post_mlp_layernorm", "out", RMS)]),
+    ])]),
     "olmo": Expected("pre", LN_NOAFFINE, 1e-5, [StackSpec("layers", None, "norm", [
         pre("attention", ("input_layernorm", LN_NOAFFINE)), pre("mlp", ("post_attention_layernorm", LN_NOAFFINE))])]),
     # OLMo 2: x + N(F(x)); q_norm over all heads (64), k_norm over kv heads (2 x 16)

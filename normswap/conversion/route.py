@@ -13,8 +13,9 @@ from torch import nn
 
 from ..detect import inspect
 from ..errors import NormswapError
+from ..topology import Topology
 from .compose import Planner, chain
-from .plan import PlanError, require_placement_source
+from .plan import ConversionPlan, PlanError, require_placement_source
 from .setup import ConversionSetup
 
 PLACEMENTS = ("pre", "post", "sandwich", "post-sublayer")
@@ -45,6 +46,8 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     if source not in (*PLACEMENTS, *PRE_LIKE):
         require_placement_source(topology)  # raises, naming what rules the placement passes out
     planners = placement_planners(source, placement, native=native)
+    if not planners and norm is None:
+        return _already(topology, placement)
     if norm is None:
         return chain(model, planners)
     kind = _norm_planner(norm, exact, untie)
@@ -52,6 +55,15 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     # placement passes move norms
     ordered = [kind, *planners] if source in PRE_LIKE and norm not in ("none", "dyt") else [*planners, kind]
     return chain(model, ordered)
+
+
+def _already(topology: Topology, placement: str) -> ConversionSetup:
+    """Nothing to do: the model has ``placement`` already (a parallel model counts as Pre-Norm only where asked for
+    parallel blocks)."""
+    family = topology.model_type
+    return ConversionSetup(ConversionPlan(family, family, topology.placement, placement, "none", exact=True,
+                                          notes=(f"{family} already has {placement} placement: nothing to do",)),
+                           None, source=topology)
 
 
 def placement_planners(source: str, target: str, native: bool = True) -> list[Planner]:
