@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -113,6 +113,10 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
     if stock is not None:
         cls, config, target, renames = stock
         generated, realisation = None, f"native: {native.model_type}"
+        paths = {key.removesuffix(".weight"): name.removesuffix(".weight") for key, name in renames.items()
+                 if key.endswith(".weight")}
+        passes = tuple(replace(each, moves=tuple(replace(move, norm=paths.get(move.norm, move.norm))
+                                                 for move in each.moves)) for each in passes)
     exact = all(each.exact for each in passes)
     plan = ComposedPlan(source.model_type, config.model_type, source.placement, target.placement, realisation,
                         exact, passes)
