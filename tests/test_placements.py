@@ -19,6 +19,7 @@ SOURCES = {
     "olmo2": ("Olmo2ForCausalLM", "post-sublayer"),
     "llama": ("LlamaForCausalLM", "pre"),
     "gpt2": ("GPT2LMHeadModel", "pre"),
+    "gpt_neox_parallel": ("GPTNeoXForCausalLM", "parallel"),  # serialised first: each branch its own sublayer
 }
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
 CASES = [(family, target) for family, (_, source) in SOURCES.items() for target in TARGETS if target != source]

@@ -206,8 +206,11 @@ def _decoder_vocab(model: nn.Module, vocab: int) -> int:
 def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, target: Topology,
                   inputs: dict[str, torch.Tensor], exact: bool) -> DriftReport:
     """Branch inputs and outputs of both models on the same probe inputs."""
-    serial = serialises(source.placement, target.placement)  # each branch became a sublayer
-    source_entries, target_entries = _entries(source, serial), _entries(target)
+    target_entries = _entries(target)
+    # each branch of a parallel block became a sublayer (--placement pre, or a placement reached through it)
+    serial = serialises(source.placement, target.placement) or (
+        source.placement == "parallel" and len(_entries(source)) < len(target_entries))
+    source_entries = _entries(source, serial)
     source_reads, source_out = _run(original, source_entries, inputs)
     target_reads, target_out = _run(converted, target_entries, inputs)
     reference = _last_hidden(source_out)
