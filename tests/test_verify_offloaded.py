@@ -27,6 +27,8 @@ CASES = [
     ("gpt2", "GPT2LMHeadModel", {"norm": "rmsnorm", "dtype": "bfloat16"}, torch.float32),  # fp32 source, bf16 out
     ("llama", "LlamaForCausalLM", {"norm": "layernorm", "exact": True}, torch.float32),  # one dimension wider
     ("llama", "LlamaForCausalLM", {"norm": "layernorm"}, torch.float32),  # approximate
+    ("gemma2", "Gemma2ForCausalLM", {"placement": "pre"}, torch.float32),  # calibrated offloaded too: same scales
+    ("olmo2", "Olmo2ForCausalLM", {"placement": "sandwich"}, torch.float32),  # new norms at offloaded scales
 ]
 
 
@@ -125,3 +127,14 @@ def test_offloaded_verification_says_so_unless_quiet(tmp_path: Path, capsys: pyt
     assert "verifying with the weights offloaded to disk" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "source"), str(tmp_path / "quiet"), *common, "--quiet"]) == 0
     assert "offloaded" not in capsys.readouterr().err
+
+
+def test_calibration_above_the_limit_without_offloading_is_refused_before_writing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    perturbed("gemma2", "Gemma2ForCausalLM").save_pretrained(tmp_path / "source")
+    capsys.readouterr()
+    code = main(["convert", str(tmp_path / "source"), str(tmp_path / "out"), "--placement", "pre",
+                 "--verify-max-size", "1KB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "calibrates its norms" in err and "--verify-offloaded" in err
+    assert not (tmp_path / "out").exists()
