@@ -14,7 +14,7 @@ import transformers
 from test_convert_native import tiny_model
 
 import normswap
-from normswap.conversion.compose import then
+from normswap.conversion.chain import then
 from normswap.conversion.program import TensorProgram, combine, constant, copy_of, evaluate
 
 

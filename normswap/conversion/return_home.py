@@ -28,7 +28,8 @@ from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import NormSite, Topology
-from .compose import ComposedPlan, chain
+from .chain import chain
+from .compose import ComposedPlan
 from .drop_norms import OutFold, PreFold, StandInError, out_norm_folds, pre_norm_folds
 from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassMove

@@ -14,7 +14,7 @@ from torch import nn
 from ..detect import inspect
 from ..errors import NormswapError
 from ..topology import Topology
-from .compose import Planner, chain
+from .chain import Planner, chain
 from .plan import ConversionPlan, PlanError, require_placement_source
 from .setup import ConversionSetup
 
