@@ -80,6 +80,14 @@ def test_sample_exact_cell_stays_exact(sample: Any, family: str, cell: str) -> N
     assert found.category == "exact", f"{family} {cell}: {found.category}: {found.message}"
 
 
+@pytest.mark.parametrize(("family", "cell"), [(f, c) for f in ("gemma2", "olmo2")
+                                              for c in ("placement pre", "placement post")])
+def test_sample_branch_norm_placements_convert(sample: Any, family: str, cell: str) -> None:
+    """Sandwich and post-sublayer families convert to Pre- and Post-Norm (issue 18): refused before."""
+    found = _cell(sample, family, cell)
+    assert found.category == "approximate", f"{family} {cell}: {found.category}: {found.message}"
+
+
 def test_issue_17_count_sets_aside_families_that_norm_a_branch_output() -> None:
     """The target's count leaves out issue 18's layouts, also where a mixed family has them in some sublayers;
     a mixed family without them stays counted. The plain placement rule is printed beside it."""
