@@ -117,8 +117,8 @@ def main() -> None:
     print(f"\n{'model':8} {'from':14} {'to':14} {'cos calib':>9} {'KL calib':>9} {'cos unit':>9} {'KL unit':>9} "
           f"{'calib < unit':>12}")
     for name, source, target, cos_m, kl_m, cos_n, kl_n in rows:
-        print(f"{name:8} {source:14} {target:14} {cos_m:9.4f} {kl_m:9.4f} {cos_n:9.4f} {kl_n:9.4f} "
-              f"{'yes' if kl_m < kl_n else 'NO':>12}")
+        verdict = "n/a" if kl_m == kl_n else "yes" if kl_m < kl_n else "NO"  # n/a: no calibrated step on the way
+        print(f"{name:8} {source:14} {target:14} {cos_m:9.4f} {kl_m:9.4f} {cos_n:9.4f} {kl_n:9.4f} {verdict:>12}")
     print(f"\n{'healed':34} {'KL before':>10} {'KL after':>9} {'after/before':>13} {'steps':>7}")
     for label, before, after, steps in healed:
         print(f"{label:34} {before:10.4f} {after:9.4f} {after / before:13.1%} {steps:7d}")
