@@ -58,8 +58,7 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
 
 
 def _already(topology: Topology, placement: str) -> ConversionSetup:
-    """Nothing to do: the model has ``placement`` already (a parallel model counts as Pre-Norm only where asked for
-    parallel blocks)."""
+    """Nothing to do: the model has ``placement`` already."""
     family = topology.model_type
     return ConversionSetup(ConversionPlan(family, family, topology.placement, placement, "none", exact=True,
                                           notes=(f"{family} already has {placement} placement: nothing to do",)),
