@@ -1,4 +1,4 @@
-"""Adding a norm, started at the calibrated scale (docs/design.md §6): the passes that give every branch a new
+"""Adding a norm, started at the calibrated scale (docs/design.md §9): the passes that give every branch a new
 ``out`` norm (``h + F(x)`` -> ``h + N(F(x))``) or a new ``pre`` norm (``h + F(h)`` -> ``h + F(N(h))``).
 
 A new norm's weight is ``s``, the mean per-token RMS (LayerNorm: standard deviation) of what it will read in the

@@ -109,7 +109,7 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
 
     Pre <-> Post follows the norm-shift mapping (inexact; converting to the placement the model already
     has returns ``model`` itself and logs that); the sandwich and post-sublayer placements are reached by removing
-    norms as their calibrated stand-ins and adding norms at their calibrated scale (docs/design.md §6), measured
+    norms as their calibrated stand-ins and adding norms at their calibrated scale (docs/design.md §9), measured
     on ``inputs`` (token ids with their attention mask; fixed random ids where not given; ``calibrate=False``
     starts them at unit scale instead, the naive start, for comparison). ``norm="rmsnorm"`` on
     a Pre-LN model and ``norm="layernorm", exact=True`` on a Pre-RMSNorm decoder (one extra hidden dimension) are

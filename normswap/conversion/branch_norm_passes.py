@@ -1,4 +1,4 @@
-"""The placement changes that add or remove norms on branches (docs/design.md §6), as composed passes.
+"""The placement changes that add or remove norms on branches (docs/design.md §9), as composed passes.
 
 Each step of a route (``route.py``) names passes planned on the same source and composed into one generated
 module: "drop out" folds each branch output norm's calibrated stand-in into the branch's writers, "drop pre"

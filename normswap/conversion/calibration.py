@@ -1,4 +1,4 @@
-"""Calibrated scales: the typical size of what a norm reads, measured on real tokens (docs/design.md §6).
+"""Calibrated scales: the typical size of what a norm reads, measured on real tokens (docs/design.md §9).
 
 A norm that a conversion removes becomes its *stand-in*, the linear map it is on a typical token
 (RMSNorm ``g * x / s``, LayerNorm ``g * (x - mean x) / s + b``), and a norm that a conversion adds starts

@@ -1,4 +1,4 @@
-"""Conversions run one after another as one conversion (docs/design.md §8): ``chain``.
+"""Conversions run one after another as one conversion (docs/design.md §9): ``chain``.
 
 Each planner (a function from a model, loaded or on the meta device, to its ``ConversionSetup``) is planned on
 the meta model the one before produced, so a later pass sees the earlier passes' layout; its code edits go into
@@ -30,7 +30,7 @@ Planner = Callable[[nn.Module], ConversionSetup]
 
 @dataclass(frozen=True)
 class ChainedPlan:
-    """The plans of conversions run one after another on one model, as one conversion (docs/design.md §8)."""
+    """The plans of conversions run one after another on one model, as one conversion (docs/design.md §9)."""
 
     plans: tuple[Any, ...]
 

@@ -1,4 +1,4 @@
-"""Norm-free models (``--norm none``) and Dynamic Tanh (``--norm dyt``): docs/design.md §7.
+"""Norm-free models (``--norm none``) and Dynamic Tanh (``--norm dyt``): docs/design.md §10.
 
 Every residual norm (embedding, pre, post, out and final norms; not the q/k norms inside a branch, which are
 not on the residual path) is replaced:

@@ -1,4 +1,4 @@
-"""What a removed norm's stand-in folds into, found by behaviour (docs/design.md §6): no family names.
+"""What a removed norm's stand-in folds into, found by behaviour (docs/design.md §9): no family names.
 
 * An ``out`` norm (``h + N(F(h))``) reads the branch's output. Its input must be a sum of terms, each a
   linear map's output (an ``nn.Linear``, a GPT-2 ``Conv1D``, fused MoE experts) or a ``(d,)`` parameter

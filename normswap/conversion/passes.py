@@ -1,4 +1,4 @@
-"""Conversions as passes (docs/design.md §8): each pass plans one change, and one function composes them.
+"""Conversions as passes (docs/design.md §9): each pass plans one change, and one function composes them.
 
 A pass is planned on the source model (loaded or on the meta device) and its detected topology, and says:
 the code edits it makes to the family's modeling source, the config values it sets, the normswap classes
@@ -51,7 +51,7 @@ class Pass:
     config_values: Mapping[str, Any] = field(default_factory=dict)
     helpers: frozenset[str] = frozenset()  # package_module flags: "rms_norm", "layer_norm", ...
     notes: tuple[str, ...] = ()
-    # what a conversion back needs to undo this pass exactly (docs/design.md §6): the removed norms' vectors and
+    # what a conversion back needs to undo this pass exactly (docs/design.md §9): the removed norms' vectors and
     # their scales as 0-d tensors, never a copy of a matrix; written beside the weights as carried tensors
     carry: Callable[[dict[str, Step], Scales], dict[str, Step]] | None = None
 

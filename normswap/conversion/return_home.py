@@ -1,4 +1,4 @@
-"""A normswap-generated model converted back to the placement of its stock family goes home (docs/design.md §6).
+"""A normswap-generated model converted back to the placement of its stock family goes home (docs/design.md §9).
 
 The branch-norm passes carry what undoing them needs (``round_trip_carry.py``): each dropped norm's vectors and
 the scale ``s`` its stand-in was folded with, each added norm's starting scale. Converting such a model to the

@@ -1,4 +1,4 @@
-"""What a branch-norm pass keeps aside so that converting back to the original family is exact (docs/design.md §6).
+"""What a branch-norm pass keeps aside so that converting back to the original family is exact (docs/design.md §9).
 
 A dropped norm is carried as its own vectors (weight, bias: the source tensors, bit for bit) and the scale ``s`` its
 stand-in was folded with; an added norm as the scale it was started at. Scales are 0-d float64 tensors under

@@ -1,9 +1,9 @@
-"""Which passes take a model from the layout it has to the one asked for (docs/design.md §6, §8).
+"""Which passes take a model from the layout it has to the one asked for (docs/design.md §9).
 
-Placements meet at Pre-Norm: Post <-> Pre is the norm-shift mapping (§2), the branch-norm placements reach
-Pre by dropping or adding norms with calibrated stand-ins (§6), and two that share a slot go directly
+Placements meet at Pre-Norm: Post <-> Pre is the norm-shift mapping (§3), the branch-norm placements reach
+Pre by dropping or adding norms with calibrated stand-ins (§9), and two that share a slot go directly
 (sandwich -> post-sublayer drops the pre norms). A norm-kind change runs where the model is Pre-Norm, where
-the exact maps are exact (§3): before the placement passes when the source is Pre-Norm, after them when it
+the exact maps are exact (§4, §5): before the placement passes when the source is Pre-Norm, after them when it
 is not.
 """
 

@@ -53,7 +53,7 @@ class ConversionSetup:
     target: Topology | None = None
     verify: Verifier | None = None
     fallback: Callable[[ExactnessError], ConversionSetup | None] | None = None
-    # scales to measure on the source before the program exists (calibrated stand-ins, docs/design.md §6): then
+    # scales to measure on the source before the program exists (calibrated stand-ins, docs/design.md §9): then
     # ``program`` is None until ``calibrated(scales)`` returns the setup that has one, and ``scales`` holds them
     calibration: tuple[CalibrationSite, ...] = ()
     calibrated: Callable[[Scales], ConversionSetup] | None = None

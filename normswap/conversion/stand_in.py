@@ -1,4 +1,4 @@
-"""A removed norm's calibrated stand-in, and how it folds into the linear maps beside it (docs/design.md §6).
+"""A removed norm's calibrated stand-in, and how it folds into the linear maps beside it (docs/design.md §9).
 
 On a typical token a norm is a linear map: RMSNorm ``y = g * x / s``, LayerNorm ``y = g * C x / s + beta``
 (``C = I - 11^T/d`` removes the mean), with ``s`` the mean per-token RMS (LayerNorm: standard deviation) of
