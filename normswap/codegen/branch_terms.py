@@ -1,6 +1,6 @@
 """Which term of a residual add carries which branch's output, and which call of the layer's code makes it.
 
-A norm added to a branch (docs/design.md §6) is written into the modeling source: an ``out`` norm around the
+A norm added to a branch (docs/design.md §9) is written into the modeling source: an ``out`` norm around the
 branch's term of the add (``h + F`` -> ``h + N(F)``), a ``pre`` norm around the input of the branch's call
 (``F(h)`` -> ``F(N(h))``). Its starting scale is measured at that call's module, so the term must be exactly
 what the module returns (its first item): each term is followed back through the assignments of ``forward`` to

@@ -1,4 +1,4 @@
-"""The exact centring of a Pre-LN stream as a pass (docs/design.md §3, step 1), for passes that build on it.
+"""The exact centring of a Pre-LN stream as a pass (docs/design.md §4), for passes that build on it.
 
 Every reader of a Pre-LN stream is a LayerNorm, which ignores the stream's mean: centre every writer (each
 branch's output projection, in float64) and the stream in code before each stack's layer loop, and the
