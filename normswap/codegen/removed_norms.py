@@ -1,4 +1,4 @@
-"""The source edits that remove a slot's norms from every layer (their stand-ins folded into weights, docs/design.md §9).
+"""The source edits that remove a slot's norms from every layer (their stand-ins folded in: docs/design.md §9).
 
 Each call of a removed norm is unwrapped where the trace found it (``self.<norm>(x)`` -> ``x``) and its
 constructor becomes the placeholder every removed norm becomes (``NeutraliseNorm``), so the generated code
