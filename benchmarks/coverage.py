@@ -47,8 +47,8 @@ SAMPLE: dict[str, tuple[str, ...]] = {
     "t5": ("placement post",),  # pre, encoder-decoder through generated code
     "qwen3": ("norm layernorm --exact",),  # exact by construction (it was refused by a name list)
     "cohere": ("norm rmsnorm",),  # parallel: issue 17's, fixed
-    "gemma2": ("norm rmsnorm", "placement post"),  # sandwich
-    "olmo2": ("placement pre",),  # post-sublayer: refused
+    "gemma2": ("norm rmsnorm", "placement post"),  # sandwich: placement converts since issue 18
+    "olmo2": ("placement pre",),  # post-sublayer: converts since issue 18
     "bart": ("placement pre",),  # post, encoder-decoder
     "bloom": ("norm rmsnorm",),
 }
