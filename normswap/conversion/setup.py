@@ -58,7 +58,7 @@ class ConversionSetup:
     calibration: tuple[CalibrationSite, ...] = ()
     calibrated: Callable[[Scales], ConversionSetup] | None = None
     scales: tuple[CalibratedScale, ...] = ()
-    # a composed conversion measures each pass's scales on the model before that pass (``compose.chain``)
+    # a composed conversion measures each pass's scales on the model before that pass (``chain.chain``)
     calibrator: Callable[[nn.Module, dict[str, torch.Tensor], bool], ConversionSetup] | None = None
 
     @property
