@@ -37,6 +37,16 @@ def pretrain(model: torch.nn.Module, train: object, minutes: float, batch_size: 
     return steps, loss
 
 
+def decoder_configs() -> dict[str, transformers.PretrainedConfig]:
+    """The two tiny decoders: GPT-2 style (LayerNorm, tied) and Llama style (RMSNorm, untied)."""
+    return {
+        "gpt2": transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=4, n_head=4),
+        "llama": transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                          max_position_embeddings=64, tie_word_embeddings=False),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-minutes", type=float, default=3.0)
@@ -50,12 +60,7 @@ def main() -> None:
 
     texts = split_texts(load_texts(None))
     train = TokenisedTexts(texts.train, None, 64, 256)
-    configs = {
-        "gpt2": transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=4, n_head=4),
-        "llama": transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
-                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                          max_position_embeddings=64, tie_word_embeddings=False),
-    }
+    configs = decoder_configs()
     rows = []
     for name, config in configs.items():
         torch.manual_seed(0)

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 import transformers
-from heal_decoder import pretrain
+from heal_decoder import decoder_configs, pretrain
 
 
 def main() -> None:
@@ -32,12 +32,7 @@ def main() -> None:
     texts = split_texts(load_texts(None))
     train = TokenisedTexts(texts.train, None, 64, 256)
     calibration = {"input_ids": train.input_ids[:32], "attention_mask": train.attention_mask[:32]}
-    configs = {
-        "gpt2": transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=4, n_head=4),
-        "llama": transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
-                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                          max_position_embeddings=64, tie_word_embeddings=False),
-    }
+    configs = decoder_configs()
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)

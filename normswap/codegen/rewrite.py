@@ -614,23 +614,6 @@ class _ItemCalls(cst.CSTTransformer):
         super().__init__()
         self.item_class, self.replace, self.seen = item_class, replace, 0
 
-    def _wrapped_terms(self, add: cst.BinaryOperation) -> cst.BinaryOperation:
-        """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm."""
-        wanted = {edit.term: edit for edit in self.edits if isinstance(edit, WrapBranchOutput) and self._here(edit)}
-        if not wanted:
-            return add
-
-        def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
-            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
-                return node.with_changes(left=wrap(node.left), right=wrap(node.right))
-            edit = wanted.get(_normalised(node))
-            if edit is None:
-                return node
-            self.applied[edit] += 1
-            return _self_call(edit.norm, node.with_changes(lpar=[], rpar=[]), self._index())
-
-        return wrap(add)
-
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         if _code(updated.func).rpartition(".")[2] != self.item_class:
             return updated
