@@ -14,8 +14,9 @@ stand-ins (``stand_in.stand_in_reference``) to float rounding.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,17 +59,11 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     norms = _slot_norms(topology, "out")
     folds, moves = out_norm_folds(model, norms)
 
-    def rewrite(steps: dict[str, Step], scales: Scales) -> None:
-        for fold in folds:
-            scale = scales[fold.stand_in.site].scale
-            for key, dim in fold.tensors.items():
-                fold_into_writer(fold.stand_in, scale, key, dim, steps, carries_shift=key == fold.carrier)
-        _remove_norm_tensors(model, norms, steps)
+    def fold_one(fold: OutFold, scale: float, steps: dict[str, Step]) -> None:
+        for key, dim in fold.tensors.items():
+            fold_into_writer(fold.stand_in, scale, key, dim, steps, carries_shift=key == fold.carrier)
 
-    return Pass(_name(topology, "out"), exact=False, placement=_placement_without(topology, "out"),
-                edits=tuple(removed_norm_edits(model, topology, "out")), rewrite=rewrite,
-                calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
-                carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
+    return _drop_pass(model, topology, "out", norms, folds, moves, fold_one)
 
 
 def out_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[OutFold, ...], tuple[PassMove, ...]]:
@@ -103,15 +98,25 @@ def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
     norms = _slot_norms(topology, "pre")
     folds, moves = pre_norm_folds(model, norms)
 
+    def fold_one(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
+        for reader in fold.readers:
+            fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
+
+    return _drop_pass(model, topology, "pre", norms, folds, moves, fold_one)
+
+
+def _drop_pass(model: nn.Module, topology: Topology, slot: str, norms: Sequence[NormSite],
+               folds: Sequence[OutFold | PreFold], moves: tuple[PassMove, ...],
+               fold_one: Callable[[Any, float, dict[str, Step]], None]) -> Pass:
+    """The pass that removes ``slot``'s norms: each fold at its site's calibrated scale, the norms' tensors gone,
+    their calls unwrapped in the code, their vectors and scales carried for the way back."""
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
         for fold in folds:
-            scale = scales[fold.stand_in.site].scale
-            for reader in fold.readers:
-                fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
+            fold_one(fold, scales[fold.stand_in.site].scale, steps)
         _remove_norm_tensors(model, norms, steps)
 
-    return Pass(_name(topology, "pre"), exact=False, placement=_placement_without(topology, "pre"),
-                edits=tuple(removed_norm_edits(model, topology, "pre")), rewrite=rewrite,
+    return Pass(_name(topology, slot), exact=False, placement=_placement_without(topology, slot),
+                edits=tuple(removed_norm_edits(model, topology, slot)), rewrite=rewrite,
                 calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
                 carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
 
