@@ -21,6 +21,7 @@ from .generated import generated_target, head_stored_apart
 from .native import meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
 from .program import shapes_of
+from .round_trip_carry import carried_scales
 from .setup import ConversionSetup, convert_in_memory, realise
 from .verify import DriftReport, measure_drift, require_branch_zero, require_topology
 from .weights import placement_program
@@ -125,7 +126,10 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
         raise NormswapError("pass placement=, norm= or both")
     if norm is None and placement in PLACEMENTS and inputs is None:
         source = inspect(model).placement
-        if source in ("pre", "post", "parallel"):  # the norm-shift alone: realised and re-detected, no probe run
+        carried = carried_scales(getattr(model, "normswap_carried", None) or {})
+        if (source == "post" and not carried) or source == "parallel" or (source == "pre" and placement != "post"):
+            # the norm shift alone: realised and re-detected, no probe run (Pre -> Post first measures the stream,
+            # and a model carrying the scales it was rescaled with goes home)
             setup = plan_conversion(model, placement, native)
             converted = realise(model, setup, allow_nonfinite)
             if setup.target is not None:

@@ -3,7 +3,8 @@
 Each step of a route (``route.py``) names passes planned on the same source and composed into one generated
 module: "drop out" folds each branch output norm's calibrated stand-in into the branch's writers, "drop pre"
 folds each pre norm's into the maps that read it, "add out" and "add pre" give every branch a new norm started
-at the calibrated scale of what it reads.
+at the calibrated scale of what it reads, and "scale pre" (before a norm shift to Post-Norm) sets each pre norm's
+weight to the stream's calibrated scale, folding its own into its readers.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from .compose import compose
 from .drop_norms import drop_out_norms, drop_pre_norms
 from .passes import Pass
 from .setup import ConversionSetup
+from .stream_scale import stream_scaled_pre_norms
 
 _PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
     "drop out": drop_out_norms,
     "drop pre": drop_pre_norms,
     "add out": add_out_norms,
     "add pre": add_pre_norms,
+    "scale pre": stream_scaled_pre_norms,
 }
 
 

@@ -10,6 +10,7 @@ model an earlier conversion produced are sequenced by ``chain.py`` instead.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -104,10 +105,16 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
     for each in passes:
         config_values.update(each.config_values)
     helpers = {flag: True for each in passes for flag in each.helpers}
-    generated, cls, config = generate_family_code(model, source, unique_edits, conversion, config_values, **helpers)
-    target = inspect(meta_instance(cls, config))
     renames: dict[str, str] = {}
-    realisation = f"generated code: {generated.file_name}"
+    if unique_edits or config_values or helpers:
+        generated, cls, config = generate_family_code(model, source, unique_edits, conversion, config_values,
+                                                      **helpers)
+        target = inspect(meta_instance(cls, config))
+    else:  # the passes only rewrite tensors (stream_scale.py): the model keeps its own classes and code
+        generated, cls, config = getattr(model, "normswap_generated", None), type(model), copy.deepcopy(model.config)
+        target = source
+    realisation = (f"generated code: {generated.file_name}" if generated is not None
+                   else f"native: {source.model_type}")
     removed = frozenset(move.norm for each in passes for move in each.moves if move.action in ("fold", "drop"))
     stock = as_stock(model, native, target, removed) if native is not None else None
     if stock is not None:

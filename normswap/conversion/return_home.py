@@ -80,11 +80,15 @@ def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
 def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
                  scales: Mapping[str, float]) -> ConversionSetup:
     """The norm shift from ``model`` (Post-Norm) to the Pre-Norm model the branch-norm passes made of the home
-    family on the way out (its code generated again, weightless), then the way home from there, as one chain."""
-    from .api import _placement_setup
+    family on the way out (its code generated again, weightless), then the way home from there, as one chain. A
+    Pre-Norm home is reached by the norm shift itself, and its rescaled pre norms restored (stream_scale.py)."""
+    from .api import _placement_setup, plan_conversion
     from .branch_norm_passes import branch_norm_setup
     from .route import branch_norm_steps
 
+    if placement == "pre":  # a Pre-Norm family: the norm shift lands in its classes, and its norms are restored there
+        return chain(model, [lambda _: plan_conversion(model, "pre"),
+                             lambda meta: _home_setup(meta, placement, home, carried, scales)])
     twin = branch_norm_setup(home.meta, branch_norm_steps(placement, "pre"), f"placement {placement} -> pre", "pre")
     twin_topology = inspect(meta_instance(twin.target_class, twin.target_config))
     if twin_topology.placement != "pre":
@@ -134,6 +138,8 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
     theirs = {norm.path: norm for norm in home.topology.all_norms if norm.kind != "identity"}
     removed = [theirs[path] for path in scales if path in theirs and path not in mine]
     added = [mine[path] for path in scales if path in mine and path not in theirs]
+    # in both, with a scale: a pre norm the stream-scale pass set to weight s before a norm shift (stream_scale.py)
+    rescaled = [theirs[path] for path in scales if path in theirs and path in mine and theirs[path].slot == "pre"]
     for path in sorted(set(mine) ^ set(theirs)):
         if path not in {norm.path for norm in (*removed, *added)}:
             raise NoWayHomeError(f"{path} is in only one of the two models and no carried scale says it was moved")
@@ -145,8 +151,9 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
     steps = {key: copy_of(key) for key in model.state_dict()}
     moves = _drop_added(model, added, scales, steps)
     moves += _restore_removed(home.meta, removed, carried, scales, steps)
+    moves += _restore_removed(home.meta, rescaled, carried, scales, steps, folded_centring=False)
     source_shapes, target_shapes = shapes_of(model.state_dict()), shapes_of(home.meta.state_dict())
-    restored = {key for norm in removed for key in stand_in_of(home.meta, norm).keys}
+    restored = {key for norm in (*removed, *rescaled) for key in stand_in_of(home.meta, norm).keys}
     for key, shape in target_shapes.items():
         if key not in steps:
             raise NoWayHomeError(f"{key} of {home.model_type} is neither in this model nor carried")
@@ -189,12 +196,17 @@ def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str
 
 
 def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapping[str, Tensor],
-                     scales: Mapping[str, float], steps: dict[str, Step]) -> list[PassMove]:
-    """Each dropped norm's carried vectors under its own name, and its stand-in unfolded from its neighbours."""
+                     scales: Mapping[str, float], steps: dict[str, Step], folded_centring: bool = True
+                     ) -> list[PassMove]:
+    """Each dropped norm's carried vectors under its own name, and its stand-in unfolded from its neighbours
+    (``folded_centring=False``: a rescaled norm, whose fold left ``C`` out, so a LayerNorm comes back too)."""
+    if not removed:
+        return []
     out_folds, out_moves = out_norm_folds(home, [norm for norm in removed if norm.slot == "out"])
     pre_folds, pre_moves = pre_norm_folds(home, [norm for norm in removed if norm.slot == "pre"])
     for stand_in in (*(fold.stand_in for fold in out_folds), *(fold.stand_in for fold in pre_folds)):
-        _require_uncentred(stand_in)
+        if folded_centring:
+            _require_uncentred(stand_in)
         for key in stand_in.keys:
             if key not in carried:
                 raise NoWayHomeError(f"{key} is not among the carried tensors")

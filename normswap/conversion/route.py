@@ -71,11 +71,17 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
         return []
     if (source, target) in _BRANCH_NORM_STEPS:
         return [_branch_norm_planner(source, target, native)]
+    if source == "pre" and target == "post":  # the stream keeps its size through the shift (stream_scale.py)
+        return [_stream_scale_planner(), _norm_shift_planner(target, native)]
+    if source == "post" and target == "pre":  # back home where the way out rescaled the pre norms
+        return [_home_or(target, [_norm_shift_planner(target, native)])]
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
         return [_norm_shift_planner(target, native)]
     if source == "post":  # post -> pre by the norm shift, then pre -> the branch-norm placement
         return [_home_or(target, [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target, native)])]
-    if target == "post":
+    if target == "post" and source == "sandwich":  # its pre norms take the stream's scale before they move
+        return [_branch_norm_planner(source, "pre", native, extra=("scale pre",)), _norm_shift_planner("post", native)]
+    if target == "post":  # post-sublayer: the pre norms it gains start at the stream's scale already
         return [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)]
     if source == "parallel":
         return [_norm_shift_planner("pre", native), *placement_planners("pre", target, native)]
@@ -93,8 +99,18 @@ def branch_norm_steps(source: str, target: str) -> tuple[str, ...]:
     return _BRANCH_NORM_STEPS[(source, target)]
 
 
-def _branch_norm_planner(source: str, target: str, native: bool) -> Planner:
-    names = _BRANCH_NORM_STEPS[(source, target)]
+def _stream_scale_planner() -> Planner:
+    def plan(model: nn.Module) -> ConversionSetup:
+        from .branch_norm_passes import branch_norm_setup
+
+        return branch_norm_setup(model, ("scale pre",), "pre norms at the stream's calibrated scale", "pre",
+                                 native=False)
+
+    return plan
+
+
+def _branch_norm_planner(source: str, target: str, native: bool, extra: tuple[str, ...] = ()) -> Planner:
+    names = _BRANCH_NORM_STEPS[(source, target)] + extra
 
     def plan(model: nn.Module) -> ConversionSetup:
         from .branch_norm_passes import branch_norm_setup

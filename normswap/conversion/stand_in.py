@@ -111,13 +111,14 @@ def fold_into_writer(stand_in: StandIn, scale: float, key: str, dim: int, steps:
 
 
 def fold_into_reader(stand_in: StandIn, scale: float, weight: str, in_dim: int, bias: str | None,
-                     steps: dict[str, Step]) -> None:
+                     steps: dict[str, Step], centre: bool = True) -> None:
     """A linear map reading the norm's output: ``W <- W diag(g) [C] / s`` (``in_dim``: the dimension of ``W``
-    over its inputs) and, for a norm with a bias, ``b <- b + W beta`` with the original ``W``."""
+    over its inputs) and, for a norm with a bias, ``b <- b + W beta`` with the original ``W``. ``centre=False``
+    leaves ``C`` out, for a LayerNorm that stays in place and keeps centring what the map reads."""
     def folded_weight(tensor: Tensor, *norm_tensors: Tensor) -> Tensor:
         named = dict(zip(stand_in.keys, norm_tensors, strict=True))
         wide = tensor.double() * _along(stand_in.gain(named, tensor.shape[in_dim]), tensor, in_dim)
-        if stand_in.centred:
+        if stand_in.centred and centre:
             wide = wide - wide.mean(in_dim, keepdim=True)
         return (wide / scale).to(tensor.dtype)
 

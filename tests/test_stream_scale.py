@@ -1,0 +1,80 @@
+"""Pre -> Post keeps the stream's size: each pre norm takes its input's calibrated scale before the norm shift
+moves it (stream_scale.py, docs/design.md §9).
+
+The rescale alone is exact on the Pre-Norm model (every branch reads what it read); after the shift, every moved
+norm holds the stream at its site's calibrated scale, and the converted model is closer to the original than the
+plain shift (unit scale, ``calibrate=False``). Models are perturbed off their init, biases included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_drop_norms import logits, measured_scales, perturbed, relative
+
+import normswap
+from normswap.conversion.branch_norm_passes import branch_norm_setup
+from normswap.conversion.setup import convert_in_memory
+from normswap.conversion.verify import probe_inputs
+from normswap.topology import OFFSET_NORM_KINDS
+
+FAMILIES = ["llama", "gpt2", "gemma2"]  # RMSNorm; LayerNorm with biases and Conv1D readers; offset (1 + w) RMSNorm
+
+
+def _pre_norms(model: torch.nn.Module) -> list:
+    return [norm for layer in normswap.inspect(model).layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
+
+
+def _gain(model: torch.nn.Module, norm) -> torch.Tensor:
+    weight = model.get_submodule(norm.path).weight.detach().double()
+    return weight + 1 if norm.kind in OFFSET_NORM_KINDS else weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rescaling_the_pre_norms_is_exact(family: str) -> None:
+    model = perturbed(family)
+    probe = probe_inputs(model, None, None)
+    setup = branch_norm_setup(model, ("scale pre",), "pre norms at the stream's scale", "pre", native=False)
+    assert setup.plan.exact
+    rescaled, _, _ = convert_in_memory(model, setup, probe)
+    assert type(rescaled) is type(model)
+    assert relative(logits(rescaled, probe), logits(model, probe)) <= 1e-5
+    norms = _pre_norms(model)
+    expected = measured_scales(model, _sites(model, norms), probe)
+    for norm in norms:  # each pre norm's gain is its input's scale, its bias gone
+        gain = _gain(rescaled, norm)
+        assert torch.allclose(gain, torch.full_like(gain, expected[norm.path]), rtol=1e-5), norm.path
+        bias = getattr(rescaled.get_submodule(norm.path), "bias", None)
+        assert bias is None or not bias.any(), norm.path
+
+
+def _sites(model: torch.nn.Module, norms: list) -> list:
+    from normswap.conversion.stand_in import stand_in_of
+
+    return [stand_in_of(model, norm).site for norm in norms]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_post_norms_hold_the_stream_at_its_scale(family: str) -> None:
+    model = perturbed(family)
+    probe = probe_inputs(model, None, None)
+    calibrated = normswap.convert(model, "post", inputs=probe)
+    plain = normswap.convert(model, "post", inputs=probe, calibrate=False)
+    assert normswap.inspect(calibrated).placement == "post"
+    norms = _pre_norms(model)
+    scales = sorted(measured_scales(model, _sites(model, norms), probe).values())
+    moved = [norm for norm in normswap.inspect(calibrated).all_norms if norm.path != _final_post(calibrated)]
+    gains = [_gain(calibrated, norm) for norm in moved]
+    assert all(torch.allclose(gain, gain[:1].expand_as(gain)) for gain in gains)  # each a constant vector, s
+    assert sorted(float(gain[0]) for gain in gains) == pytest.approx(scales, rel=1e-5)  # one per pre norm moved
+    held_out = {"input_ids": torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(5))}
+    held_out["attention_mask"] = torch.ones_like(held_out["input_ids"])
+    reference = logits(model, held_out)
+    cosine = {name: float(torch.nn.functional.cosine_similarity(logits(each, held_out), reference, -1).mean())
+              for name, each in (("calibrated", calibrated), ("plain", plain))}
+    assert cosine["calibrated"] > cosine["plain"], cosine
+
+
+def _final_post(model: torch.nn.Module) -> str:
+    """The last sublayer's post norm: it takes the final norm's weight, which only the head reads."""
+    return normswap.inspect(model).layers[-1].sublayers[-1].norms[-1].path
