@@ -2,9 +2,11 @@
 
 For tiny Gemma 2 (sandwich, offset RMSNorm), OLMo 2 (post-sublayer), GLM-4 (sandwich) and Llama (pre)
 models, each pretrained for a few minutes on the built-in corpus (byte-level tokens, as heal_decoder.py
-does): every placement change from it, started once with calibrated scales (docs/design.md §6: a removed
-norm becomes its stand-in g * x / s, an added norm starts at weight s) and once with unit scales (s = 1: a
-removed norm keeps its weight but drops its statistic, an added norm starts at weight 1). Both are measured
+does): every placement change from it, started once with calibrated scales (docs/design.md §9: a removed
+norm becomes its stand-in g * x / s, an added norm starts at weight s; §3: before Pre -> Post each pre norm takes
+weight s, so the moved norm keeps the stream's size) and once with unit scales (s = 1: a removed norm keeps its
+weight but drops its statistic, an added norm starts at weight 1, a moved norm makes the stream's size 1 as the
+plain norm shift does). Both are measured
 zero-shot on held-out text: output cosine of the last hidden states and next-token KL(original || converted).
 Then sandwich -> pre and post-sublayer -> pre are healed for --heal-minutes each, and --norm none on the
 GPT-2-style decoder for --none-heal-minutes.

@@ -80,6 +80,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          help="largest safetensors shard (default 5GB); the source's shards are kept when they fit")
     convert.add_argument("--calib", metavar="FILE", help="text for verification and for the calibrated scales of "
                          "removed and added norms, one document per line (default: the built-in corpus)")
+    convert.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                         help="start the norms a conversion removes, adds or rescales at unit scale instead of the "
+                         "source's measured scale: no forward pass before writing, so Pre -> Post of any size "
+                         "streams without --verify-offloaded, from a start much further from the original")
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
                          default="auto", help="output dtype of floating-point tensors (default: each tensor's own)")
     convert.add_argument("--verify-max-size", default="1GB", metavar="SIZE",
@@ -188,7 +192,8 @@ def _run_convert(args: argparse.Namespace) -> int:
                                     trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                     allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
                                     verify_max_size=args.verify_max_size,
-                                    verify_offloaded=args.verify_offloaded, mirror=mirror)
+                                    verify_offloaded=args.verify_offloaded, mirror=mirror,
+                                    calibrate=args.calibrate)
     if args.heal and result.destination is not None:
         return _heal_converted(args, result)
     if args.json:

@@ -107,7 +107,7 @@ def chain(model: nn.Module, planners: Sequence[Planner]) -> ConversionSetup:
         return skipped[0]
     if len(setups) == 1:
         return setups[0]
-    conversion = "; then ".join(setup.conversion for setup in setups)
+    conversion = "; then ".join(setup.conversion for setup in setups if setup.conversion)  # "": writes no code
     source, target = setups[0].source or inspect(model), setups[-1].target
     plan = ChainedPlan(tuple(setup.plan for setup in setups))
     sites = tuple(dict.fromkeys(site for setup in setups for site in setup.calibration))
@@ -133,7 +133,7 @@ def chain(model: nn.Module, planners: Sequence[Planner]) -> ConversionSetup:
         for index, setup in enumerate(setups):
             setup = setup.with_calibration(before, inputs, unit)
             ready.append(setup)
-            if any(later.program is None for later in setups[index + 1:]):
+            if not unit and any(later.program is None for later in setups[index + 1:]):  # unit: nothing to run
                 if any(parameter.device.type == "meta" for parameter in before.parameters()):
                     raise NormswapError("a later pass of this conversion calibrates on the model an earlier pass "
                                         "makes, which needs the weights in memory: raise --verify-max-size above "

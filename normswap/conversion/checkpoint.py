@@ -75,7 +75,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                        overwrite: bool = False, max_shard_size: str = "5GB", calib: str | Path | None = None,
                        trust_remote_code: bool = False, dtype: str | None = None, allow_nonfinite: bool = False,
                        progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT,
-                       verify_offloaded: bool = False, mirror: SourceMirror | None = None) -> ConversionResult:
+                       verify_offloaded: bool = False, mirror: SourceMirror | None = None,
+                       calibrate: bool = True) -> ConversionResult:
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm``, streamed, into ``destination``.
 
     Planning reads config.json only; the weights are then read one tensor at a time and written to
@@ -88,6 +89,10 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
     The source shards' bytes are copied to the output while planning (``mirror``; started here unless the
     caller, the CLI, started it before importing torch), and the output keeps the source's shard layout when
     it can, writing only the tensors that change; the caller discards a mirror it passed.
+
+    ``calibrate=False`` starts every norm a conversion removes, adds or rescales at unit scale instead of the
+    source's measured one: no forward pass before writing, so a conversion of any size streams without
+    ``verify_offloaded`` (the naive start, further from the original).
     """
     if placement is None and norm is None:
         raise NormswapError("pass --placement, --norm or both")
@@ -115,13 +120,16 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         if setup.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
         above_limit = weights.total_bytes > verify_limit
+        if setup.program is None and not calibrate:
+            setup = setup.with_calibration(meta, {}, unit=True)
         if setup.program is None:  # calibrated stand-ins: the source runs once before any tensor is planned
             if above_limit and not verify_offloaded:
                 raise NormswapError(
                     f"this conversion calibrates its norms on the source's activations, and its "
                     f"{weights.total_bytes / 1e9:.2f} GB of weights are above the in-memory limit (--verify-max-size "
                     f"{verify_limit / 1e9:.2f} GB): pass --verify-offloaded to run it reading one module at a time "
-                    "from disk, or raise --verify-max-size")
+                    "from disk, raise --verify-max-size, or pass --no-calibration to start those norms at unit "
+                    "scale without running the source")
             if above_limit:
                 require_accelerate()
             setup = _calibrated(setup, source_path, config, texts, trust_remote_code,

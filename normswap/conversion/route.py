@@ -103,8 +103,8 @@ def _stream_scale_planner() -> Planner:
     def plan(model: nn.Module) -> ConversionSetup:
         from .branch_norm_passes import branch_norm_setup
 
-        return branch_norm_setup(model, ("scale pre",), "pre norms at the stream's calibrated scale", "pre",
-                                 native=False)
+        # no conversion line: it changes no code, so the code's provenance (and its regeneration) is the shift's
+        return branch_norm_setup(model, ("scale pre",), "", "pre", native=False)
 
     return plan
 
