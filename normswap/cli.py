@@ -237,6 +237,9 @@ def _run_heal(args: argparse.Namespace) -> int:
     from .io.destination import check_destination
 
     started = time.monotonic()  # --max-time counts from here (budget.now's clock): loading and saving are in it
+    if distributed.launched():  # several processes: join the group first, so that any failure is one line
+        _import_native_libraries()
+        distributed.start()
     check_limits(args.max_steps, args.max_time)
     distributed.per_process_batch(args.batch_size)  # under a launcher, --batch-size is shared out evenly
     if args.resume and not args.work_dir:
@@ -246,9 +249,6 @@ def _run_heal(args: argparse.Namespace) -> int:
     for path in sources:
         if not path.is_dir():
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
-    if distributed.launched():  # several processes: join the group first, so that a refusal ends them all
-        _import_native_libraries()
-        distributed.start()
     if distributed.is_main():  # only rank 0 looks at, or writes in, DST's folder
         check_destination(sources, Path(args.destination), args.overwrite)
 

@@ -67,6 +67,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
     baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
     trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
+
+    Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
+    together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
+    (``resume``).
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")

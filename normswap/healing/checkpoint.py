@@ -45,6 +45,9 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     ``trust_remote_code`` allows the custom code of the original and of both tokenizers (the converted
     checkpoint's tokenizer files are the original's); ``trust_converted_code`` (default: the same) allows
     the converted checkpoint's modeling code, which ``convert --heal`` sets for the code it just generated.
+
+    Under a launcher (``torchrun``, ``accelerate launch``: ``distributed``), every process loads and trains,
+    and rank 0 alone checks DST, keeps the scratch folder and writes DST; the others wait until it is written.
     """
     started = budget.now() if started is None else started
     trust_converted = trust_remote_code if trust_converted_code is None else trust_converted_code

@@ -19,6 +19,7 @@ Stdlib at import (the CLI asks ``launched()`` before importing torch).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, TypeVar
@@ -61,8 +62,8 @@ def use_cpu() -> bool:
 
 
 def start() -> None:
-    """Join the process group now (gloo on the CPU), as the Trainer would later, so that failures and the
-    destination checks can be settled before loading; quiets the other ranks' progress bars."""
+    """Join the process group now (gloo on the CPU), as the Trainer would later: a failure from here on can
+    be handed to rank 0 (``report``). Quiets the other ranks' progress bars and warnings."""
     if not launched():
         return
     import torch.distributed
@@ -71,8 +72,9 @@ def start() -> None:
 
     if not torch.distributed.is_initialized():
         PartialState(cpu=use_cpu())
-    if not is_main():
+    if not is_main():  # rank 0 speaks for all: the same bars and warnings would come once per process
         transformers_logging.disable_progress_bar()
+        logging.getLogger("normswap").setLevel(logging.ERROR)
 
 
 def _group_ready() -> bool:
