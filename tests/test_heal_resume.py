@@ -124,3 +124,31 @@ def test_only_checkpoints_cut_short_is_one_line_saying_what_to_remove(tmp_path: 
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "checkpoint-6" in error and "remove" in error
     assert not (tmp_path / "healed").exists()
+
+
+def test_training_rows_depend_on_seed_epoch_and_row_not_on_the_process_rng() -> None:
+    """What makes a resumed run (and every process of a launch) see the rows one uninterrupted process sees."""
+    import torch
+
+    from normswap.healing.rows import AugmentedTexts, TokenisedTexts
+    from normswap.healing.sampler import LengthBucketSampler
+
+    texts = load_texts(None)[:40]
+    rows = AugmentedTexts(TokenisedTexts(texts, None, 24, 256), None, keep=0.0, substitute=0.3, seed=0)
+    drawn = []
+    for rng_seed in (1, 2):
+        torch.manual_seed(rng_seed)  # the process's RNG, as a checkpoint would restore it (or not)
+        drawn.append([rows[i]["input_ids"].tolist() for i in range(len(texts))])
+    assert drawn[0] == drawn[1]
+    rows.set_epoch(1)
+    assert [rows[i]["input_ids"].tolist() for i in range(len(texts))] != drawn[0]
+
+    told: list[int] = []
+    sampler = LengthBucketSampler(rows.lengths, 8, seed=0, on_epoch=told.append)
+    orders = []
+    for _ in range(2):
+        sampler.set_epoch(3)
+        orders.append(list(sampler))
+    assert orders[0] == orders[1] and told == [3, 3] and sorted(orders[0]) == list(range(len(texts)))
+    sampler.set_epoch(4)
+    assert list(sampler) != orders[0]
