@@ -7,12 +7,14 @@ Results go to stdout; errors are one line on stderr. Exit codes: 0 success,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import io
 import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import NormswapError, SourceError
@@ -235,11 +237,16 @@ def _heal_converted(args: argparse.Namespace, result: object) -> int:
 def _run_heal(args: argparse.Namespace) -> int:
     import time
 
+    from .healing import distributed
     from .healing.budget import check_limits
     from .io.destination import check_destination
 
     started = time.monotonic()  # --max-time counts from here (budget.now's clock): loading and saving are in it
+    if distributed.launched():  # several processes: join the group first, so that any failure is one line
+        _import_native_libraries()
+        distributed.start()
     check_limits(args.max_steps, args.max_time)
+    distributed.per_process_batch(args.batch_size)  # under a launcher, --batch-size is shared out evenly
     if args.resume and not args.work_dir:
         raise NormswapError("--resume needs --work-dir (the folder that holds the checkpoints to resume)")
     # before the heavy imports: a DST that would be refused is refused at once
@@ -247,7 +254,8 @@ def _run_heal(args: argparse.Namespace) -> int:
     for path in sources:
         if not path.is_dir():
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
-    check_destination(sources, Path(args.destination), args.overwrite)
+    if distributed.is_main():  # only rank 0 looks at, or writes in, DST's folder
+        check_destination(sources, Path(args.destination), args.overwrite)
 
     _import_native_libraries()
     from .healing.checkpoint import heal_checkpoint
@@ -259,6 +267,8 @@ def _run_heal(args: argparse.Namespace) -> int:
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout, started=started)
+    if not distributed.is_main():
+        return 0  # rank 0 prints the report
     if args.json:
         print(json.dumps(_finite(report.to_dict()), indent=2))
     else:
@@ -347,10 +357,23 @@ def _show_warnings() -> None:
         logger.addHandler(_StderrWarnings(logging.WARNING))
 
 
+@contextlib.contextmanager
+def _quiet_unless_rank_zero() -> Iterator[None]:
+    """Under a launcher, every process parses the same arguments: rank 0 alone prints usage errors and help."""
+    from .healing import distributed
+
+    if distributed.is_main():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code. Every failure is one line on stderr
     (``failures.report_failure``); ``--debug`` adds the traceback."""
-    args = _parse(argv)
+    with _quiet_unless_rank_zero():
+        args = _parse(argv)
     _show_warnings()
     signals = SignalsSeen()
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signals.interrupt),
@@ -363,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "heal":
             return _run_heal(args)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure: one line and an exit code
+        if args.command == "heal":  # under a launcher: one line for all processes, from rank 0
+            from .healing.distributed import report
+
+            return report(error, debug=args.debug, signals=signals, activity=_activity(args))
         return report_failure(error, debug=args.debug, signals=signals, activity=_activity(args))
     finally:
         for signum, handler in previous.items():

@@ -26,15 +26,15 @@ from typing import Any
 
 from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import NormswapError
-from . import budget
+from . import budget, distributed
 from .budget import BudgetError, check_limits, plan_budget, step_limit
 from .dropout import without_dropout
 from .evaluation import HeldOutEvaluation
 from .objective import HealingObjective
 from .report import HealReport, plural
+from .resume import last_complete_checkpoint
 from .rows import AugmentedTexts, TokenisedTexts
 from .stopping import StopRules
 from .taps import correspond
@@ -67,6 +67,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
     baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
     trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
+
+    Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
+    together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
+    (``resume``).
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
@@ -80,7 +84,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     evaluation = TokenisedTexts(texts.held_out, tokenizer, max_length, vocab)
     teacher.eval()
     student.eval()
-    checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir and Path(work_dir).is_dir() else None
+    distributed.start()  # several processes: join the group now (the Trainer would, later)
+    share = distributed.per_process_batch(batch_size)  # texts per step, all processes together
+    # every process resumes from the checkpoint rank 0 found (the newest complete one)
+    checkpoint = distributed.broadcast(last_complete_checkpoint(work_dir) if resume and work_dir else None)
     earlier = spent_seconds(checkpoint)  # a resumed run continues the earlier runs' training clock
     marks = {"loading": budget.now()}
 
@@ -137,10 +144,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                      check_seconds=evaluator.estimate(quick), save_seconds=budget.save_seconds(3 * trainable))
     own_work = not work_dir  # a temporary folder for the Trainer, removed at the end
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
-    arguments = training_arguments(str(work), batch_size=batch_size, learning_rate=learning_rate,
+    arguments = training_arguments(str(work), batch_size=share, learning_rate=learning_rate,
                                    max_steps=limit, eval_steps=eval_steps,
                                    save_steps=eval_steps if saving else None, seed=seed, quiet=quiet)
-    training_rows = AugmentedTexts(train, tokenizer) if augment else train
+    training_rows = AugmentedTexts(train, tokenizer, seed=seed) if augment else train
     trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
                              data_collator=training_rows.pad_batch,
                              measure=lambda: evaluator.summary(evaluator.measure(quick)),

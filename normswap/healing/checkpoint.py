@@ -25,7 +25,7 @@ from ..io.source_card import read_source_card
 from ..io.source_identity import identify_source, source_name
 from ..io.support_files import copy_support_files
 from ..io.tokenizer_files import pin_tokenizer_class
-from . import budget
+from . import budget, distributed
 from .api import heal
 from .plot import PLOT_FILE, plot_drift, require_matplotlib
 from .report import HealReport
@@ -45,6 +45,9 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     ``trust_remote_code`` allows the custom code of the original and of both tokenizers (the converted
     checkpoint's tokenizer files are the original's); ``trust_converted_code`` (default: the same) allows
     the converted checkpoint's modeling code, which ``convert --heal`` sets for the code it just generated.
+
+    Under a launcher (``torchrun``, ``accelerate launch``: ``distributed``), every process loads and trains,
+    and rank 0 alone checks DST, keeps the scratch folder and writes DST; the others wait until it is written.
     """
     started = budget.now() if started is None else started
     trust_converted = trust_remote_code if trust_converted_code is None else trust_converted_code
@@ -52,7 +55,9 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     for path in (original_path, converted_path):
         if not path.is_dir():
             raise SourceError(f"{path} is not a checkpoint folder; heal takes ORIGINAL and CONVERTED folders")
-    check_destination((original_path, converted_path), destination_path, overwrite)
+    main = distributed.is_main()  # under a launcher, only rank 0 looks at, or writes in, DST's folder
+    if main:
+        check_destination((original_path, converted_path), destination_path, overwrite)
     if plot:
         require_matplotlib()
     teacher = load_model(original_path, load_config(original_path, trust_remote_code), trust_remote_code)
@@ -68,7 +73,7 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
                  or load_tokenizer(original_path, trust_remote_code))
     # Trainer checkpoints (hundreds of MB) go to a marked scratch folder beside DST unless the user keeps them:
     # after a SIGKILL the next run to DST finds and removes it, where a folder in /tmp would stay
-    scratch = None if options.get("work_dir") else make_scratch(destination_path, "heal")
+    scratch = None if options.get("work_dir") or not main else make_scratch(destination_path, "heal")
     try:
         reserve = budget.save_seconds(sum(t.numel() * t.element_size() for t in student.state_dict().values()))
         student, report = heal(teacher, student, tokenizer=tokenizer, started=started, reserve=reserve,
@@ -77,6 +82,17 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     finally:
         if scratch is not None:
             remove_scratch(scratch)
+    if main:
+        _write(student, report, original_path, converted_path, destination_path, overwrite, max_shard_size, plot)
+    distributed.barrier()  # every process ends when DST is written (or fails when rank 0 fails to write it)
+    ended = budget.now()
+    return replace(report, command_seconds=ended - started,
+                   timings={**report.timings, "saving": ended - started - report.seconds})
+
+
+def _write(student: Any, report: HealReport, original_path: Path, converted_path: Path, destination_path: Path,
+           overwrite: bool, max_shard_size: str, plot: bool) -> None:
+    """DST, atomically: the healed weights, config, code, support files, report, card and plot."""
     state = student.state_dict()
     require_space(destination_path, sum(t.numel() * t.element_size() for t in state.values()))
     with atomic_output(destination_path, overwrite) as folder:
@@ -102,9 +118,6 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
             read_source_card(original_path), identify_source(original_path).hub_id), encoding="utf-8")
         if plot:
             plot_drift(report, folder / PLOT_FILE)
-    ended = budget.now()
-    return replace(report, command_seconds=ended - started,
-                   timings={**report.timings, "saving": ended - started - report.seconds})
 
 
 def _refuse_if_spent(started: float, max_time: float | None) -> None:

@@ -74,10 +74,18 @@ class AugmentedTexts(torch.utils.data.Dataset):
     at a random place from all training texts run together (so it crosses sentence boundaries), with
     ``substitute`` of its tokens replaced by tokens drawn from the same texts. Special tokens (the
     tokenizer's own wrapping, e.g. [CLS] ... [SEP]) stay where they are. Only training texts are used.
+
+    The draws are a function of (``seed``, epoch, row), not of the process's RNG: a run resumed from a
+    checkpoint, and every process of a launch, build the same rows as one uninterrupted process (the RNG
+    state a checkpoint keeps is one batch off, as the DataLoader reads a batch ahead). The sampler tells the
+    epoch (``set_epoch``).
     """
 
-    def __init__(self, rows: TokenisedTexts, tokenizer: Any, keep: float = 0.5, substitute: float = 0.1) -> None:
+    def __init__(self, rows: TokenisedTexts, tokenizer: Any, keep: float = 0.5, substitute: float = 0.1,
+                 seed: int = 0) -> None:
         self.rows = rows
+        self.seed = seed
+        self.epoch = 0
         self.lengths = rows.lengths
         self.keep = keep
         self.substitute = substitute
@@ -90,15 +98,19 @@ class AugmentedTexts(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.rows[index]
         inner = len(row["input_ids"]) - self.wrap
-        if inner <= 0 or len(self.stream) <= inner or float(torch.rand(())) < self.keep:
+        draws = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
+        if inner <= 0 or len(self.stream) <= inner or float(torch.rand((), generator=draws)) < self.keep:
             return row
-        start = int(torch.randint(0, len(self.stream) - inner, ()))
+        start = int(torch.randint(0, len(self.stream) - inner, (), generator=draws))
         window = self.stream[start:start + inner].clone()
-        swap = torch.rand(inner) < self.substitute
-        window[swap] = self.stream[torch.randint(0, len(self.stream), (int(swap.sum()),))]
+        swap = torch.rand(inner, generator=draws) < self.substitute
+        window[swap] = self.stream[torch.randint(0, len(self.stream), (int(swap.sum()),), generator=draws)]
         ids = torch.cat([torch.tensor(self.prefix, dtype=torch.long), window,
                          torch.tensor(self.suffix, dtype=torch.long)])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

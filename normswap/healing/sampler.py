@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -13,11 +13,14 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
 
     Yields indices batch by batch, so the DataLoader's consecutive ``batch_size`` chunks are these batches.
     ``set_epoch`` (called by accelerate) makes the order a function of (seed, epoch): resumption and every
-    process see the same batches.
+    process see the same batches. Under several processes, ``batch_size`` is a whole step's texts and each
+    process takes its consecutive share of every batch.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool: int = 8) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool: int = 8,
+                 on_epoch: Callable[[int], None] | None = None) -> None:
         self.lengths = list(lengths)
+        self.on_epoch = on_epoch  # told each epoch as it starts (the augmentation draws per epoch and row)
         self.batch_size = batch_size
         self.seed = seed
         self.pool = pool
@@ -30,6 +33,8 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         size = self.batch_size * self.pool

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from . import distributed
 from .training import CLOCK_LOG_KEY, TrainingClock
 
 RECENT_STEPS = 3  # the next step is estimated as the longest of the last few
@@ -54,6 +55,7 @@ class StopRules(TrainerCallback):
             control.should_evaluate = False  # the Trainer's extra check at the end: the full evaluation follows
         if self.deadline is not None:
             self._keep_to_the_deadline(now, control)
+        self._follow_rank_zero(control)
         if control.should_save and not control.should_evaluate:  # the checkpoint must carry the clock for --resume
             state.log_history.append({CLOCK_LOG_KEY: now, "step": state.global_step})
 
@@ -82,6 +84,16 @@ class StopRules(TrainerCallback):
         if self.target_cosine is not None and cosine is not None and cosine >= self.target_cosine:
             self.reason, self.detail = "target", f"{cosine:.4f}"
             control.should_training_stop = True
+        if self.target_cosine is not None:
+            self._follow_rank_zero(control)
+
+    def _follow_rank_zero(self, control: TrainerControl) -> None:
+        """Under several processes, each one's clock and measurements differ a little: rank 0 decides, or one
+        process would stop (or check, or save) while the others wait for it in a collective."""
+        if distributed.launched():
+            (control.should_training_stop, control.should_evaluate, control.should_save, self.reason,
+             self.detail) = distributed.broadcast((control.should_training_stop, control.should_evaluate,
+                                                   control.should_save, self.reason, self.detail))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import parse_flag_from_env
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import Dataset, Sampler
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from . import budget
+from . import budget, distributed
 from .sampler import LengthBucketSampler
 
 
@@ -44,7 +43,9 @@ class HealingTrainer(Trainer):
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+        # batches of a whole step's texts (all processes'): accelerate deals each process its equal share
+        return LengthBucketSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size,
+                                   self.args.seed, on_epoch=getattr(dataset, "set_epoch", None))
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optimizer | None = None) -> LRScheduler:
         if self.lr_scheduler is None:
@@ -55,8 +56,8 @@ class HealingTrainer(Trainer):
                 if step < warmup:
                     return (step + 1) / (warmup + 1)
                 progress = (step - warmup) / max(1, num_training_steps - warmup)
-                if self.max_seconds:
-                    progress = max(progress, self.clock.seconds() / self.max_seconds)
+                if self.max_seconds:  # rank 0's clock, or the processes' rates would differ
+                    progress = max(progress, distributed.broadcast(self.clock.seconds() / self.max_seconds))
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, factor)
@@ -145,7 +146,8 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
     from them).
 
     ``accelerate launch --cpu`` says "CPU" through ``ACCELERATE_USE_CPU``: transformers' accelerator honours it
-    but ``args.device`` does not (inputs went to cuda:0, the model stayed on the CPU), so it is passed on here.
+    but ``args.device`` does not (inputs went to cuda:0, the model stayed on the CPU), so it is passed on here,
+    as is a launch on a machine without a GPU (``distributed.use_cpu``).
     """
     steps = budget.UNBOUNDED_STEPS if max_steps is None else max_steps
     return TrainingArguments(
@@ -155,7 +157,7 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
         save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or eval_steps,
         save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
-        max_grad_norm=1.0, use_cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+        max_grad_norm=1.0, use_cpu=distributed.use_cpu(),
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
     )
 
