@@ -78,3 +78,29 @@ def test_post_norms_hold_the_stream_at_its_scale(family: str) -> None:
 def _final_post(model: torch.nn.Module) -> str:
     """The last sublayer's post norm: it takes the final norm's weight, which only the head reads."""
     return normswap.inspect(model).layers[-1].sublayers[-1].norms[-1].path
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_what_branches_read_is_compared_through_the_fold(family: str) -> None:
+    """The first branch reads exactly what it read, through the readers' ``g / s``: the drift report and healing's
+    per-branch targets compare the converted read mapped back by the carried stand-in, not the raw tensor."""
+    from normswap.healing.taps import correspond, tap
+
+    model = perturbed(family)
+    probe = probe_inputs(model, None, None)
+    post = normswap.convert(model, "post", inputs=probe)
+    first = post.normswap_report.whole.sublayers[0]
+    assert first.cosine == pytest.approx(1.0, abs=1e-9) and first.max_abs_diff < 1e-5
+    pairs = correspond(model, post)
+    entry = pairs.entries[0]
+    assert entry.student in pairs.read_maps
+    found: dict[str, torch.Tensor] = {}
+    handles = [tap(model, entry.teacher, found, "teacher"), tap(post, entry.student, found, "student")]
+    with torch.no_grad():
+        model(**probe)
+        post(**probe)
+    for handle in handles:
+        handle.remove()
+    mapped = pairs.read_maps[entry.student](found["student"])
+    assert relative(mapped.double(), found["teacher"].double()) < 1e-5
+    assert relative(found["student"].double(), found["teacher"].double()) > 1e-2  # the raw reads differ

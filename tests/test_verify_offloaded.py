@@ -61,7 +61,7 @@ def test_offloaded_report_equals_the_in_memory_one(config: str, model_class: str
     offloaded = convert_checkpoint(tmp_path / "source", tmp_path / "offloaded", verify_max_size="0",
                                    verify_offloaded=True, **options).report.to_dict()
 
-    assert offloaded == in_memory
+    assert same_figures(offloaded, in_memory)
     assert devices[:2] == ["meta", "meta"]  # the converted model, then the original: both offloaded
     if options.get("norm") == "rmsnorm" and (dtype == torch.bfloat16 or options.get("dtype") == "bfloat16"):
         assert devices == ["meta", "meta", "meta"]  # and the fp32 twin of the exactness bound, read again
@@ -72,7 +72,7 @@ def test_cli_verifies_offloaded_and_says_how_to_when_skipping(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     perturbed("gpt2", "GPT2LMHeadModel").save_pretrained(tmp_path / "source")
     assert main(["convert", str(tmp_path / "source"), str(tmp_path / "skipped"), "--placement", "post", "--quiet",
-                 "--verify-max-size", "0", "--json"]) == 0
+                 "--verify-max-size", "0", "--no-calibration", "--json"]) == 0
     skipped = json.loads(capsys.readouterr().out)["report"]
     assert skipped["verified"] is False and "--verify-offloaded" in skipped["reason"]
 
@@ -116,7 +116,15 @@ def test_a_generated_code_source_verifies_offloaded(tmp_path: Path) -> None:
                                    trust_remote_code=True).report.to_dict()
     offloaded = convert_checkpoint(tmp_path / "post", tmp_path / "offloaded", placement="pre", trust_remote_code=True,
                                    verify_max_size="0", verify_offloaded=True).report.to_dict()
-    assert offloaded == in_memory
+    assert same_figures(offloaded, in_memory)
+
+
+def same_figures(offloaded: dict[str, Any], in_memory: dict[str, Any]) -> bool:
+    """The whole conversion's figures are equal; a conversion of several passes (Pre -> Post: the stream's scale,
+    then the norm shift) verified offloaded has no per-pass figures, which need each pass realised in memory."""
+    if offloaded.get("passes") == [] and in_memory.get("passes"):
+        in_memory = {**in_memory, "passes": []}
+    return offloaded == in_memory
 
 
 def test_offloaded_verification_says_so_unless_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from ..errors import NormswapError
 from ..topology import Topology
 from .model_outputs import output_parts
 from .plan import serialises
+from .read_maps import branch_read_maps
 from .repeatable import same_random_draws
 
 _PROBE_TOKENS = 64
@@ -213,6 +214,7 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
     source_entries = _entries(source, serial)
     source_reads, source_out = _run(original, source_entries, inputs)
     target_reads, target_out = _run(converted, target_entries, inputs)
+    folded = branch_read_maps(original, source, converted)  # a pre norm's g / s in the readers: compare through it
     reference = _last_hidden(source_out)
     mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones(
         reference.shape[:2], dtype=torch.bool, device=reference.device)
@@ -224,6 +226,8 @@ def measure_drift(original: nn.Module, converted: nn.Module, source: Topology, t
             continue
         if a.shape != b.shape:  # a pass widened the stream (exact LayerNorm by one extra dimension): not comparable
             continue
+        if source_entry in folded:
+            b = folded[source_entry](b)
         a, b = a.double(), b.double()
         keep = mask if a.shape[:2] == mask.shape else torch.ones(a.shape[:2], dtype=torch.bool)
         sublayers.append(SublayerDrift(stack, index, kind, source_entry, target_entry,

@@ -74,6 +74,9 @@ class HealingObjective(nn.Module):
             teacher_value = self._teacher_found.pop(key, None)
             if student_value is None or teacher_value is None:
                 continue
+            read_map = self.correspondence.read_maps.get(key)
+            if read_map is not None:  # a pre norm's g / s went into the student's readers: compare through it
+                student_value = read_map(student_value)
             s = student_value[mask].float()
             t = teacher_value[mask].float()
             total = total + entry_weight * ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)

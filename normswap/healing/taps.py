@@ -8,9 +8,9 @@ warm start we also need, per sublayer, the student's branch output projection (i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..conversion.norm_kind import linear_calls
 from ..conversion.plan import norm_sequence
+from ..conversion.read_maps import ReadMap, branch_read_maps
 from ..detect import inspect
 from ..detect.norms import is_norm_stand_in
 from ..errors import NormswapError
@@ -50,6 +51,7 @@ class WriterSite:
 class Correspondence:
     entries: tuple[EntryPair, ...]
     writers: tuple[WriterSite, ...]
+    read_maps: Mapping[str, ReadMap] = field(default_factory=dict)  # student entry -> onto the teacher's terms
 
     def final_entries(self) -> tuple[EntryPair, ...]:
         """The last entry of each stack: the stack's output."""
@@ -60,8 +62,18 @@ class Correspondence:
 
 
 def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
-    """Pair the two models' norm sequences entry by entry, and find the student's branch writers."""
-    teacher_topology, student_topology = inspect(teacher), inspect(student)
+    """Pair the two models' norm sequences entry by entry, and find the student's branch writers; where the
+    conversion folded a pre norm's ``g / s`` into its readers, the student's read goes through it (``read_maps``)."""
+    teacher_topology = inspect(teacher)
+    paired = _paired(teacher, teacher_topology, student)
+    folded = branch_read_maps(teacher, teacher_topology, student)
+    maps = {entry.student: folded[path] for entry in paired.entries
+            if (path := entry.teacher.removesuffix(INPUT)) in folded}
+    return replace(paired, read_maps=maps) if maps else paired
+
+
+def _paired(teacher: nn.Module, teacher_topology: Topology, student: nn.Module) -> Correspondence:
+    student_topology = inspect(student)
     if len(teacher_topology.stacks) != len(student_topology.stacks):
         raise NormswapError(f"the teacher ({teacher_topology.model_type}) and the student "
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
