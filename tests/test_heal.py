@@ -70,7 +70,11 @@ def test_loss_falls_and_every_sublayer_gets_closer(config: str, model_class: str
     assert sum(after) / len(after) > sum(before) / len(before)
     assert min(after) > min(before)
     assert report.after["output_cosine"] > report.before["output_cosine"]
-    assert report.warm_start is not None and report.warm_start["output_cosine"] > report.before["output_cosine"]
+    assert report.warm_start is not None
+    if config == "bert":  # Post -> Pre: the closed-form refit of the writers moves the start closer
+        assert report.warm_start["kept"] and report.warm_start["output_cosine"] > report.before["output_cosine"]
+    else:  # Pre -> Post keeps the stream's size (stream_scale.py), closer than the refit, which is undone
+        assert not report.warm_start["kept"] and report.warm_start["output_cosine"] < report.before["output_cosine"]
     if config == "llama":
         assert report.after["next_token_kl"] < report.before["next_token_kl"]
     assert not teacher.training and all(p.requires_grad for p in student.parameters())

@@ -45,6 +45,14 @@ class ChainedPlan:
         return self.plans[-1].target_model_type
 
     @property
+    def source_placement(self) -> str | None:
+        return getattr(self.plans[0], "source_placement", None)
+
+    @property
+    def target_placement(self) -> str | None:
+        return getattr(self.plans[-1], "target_placement", None)
+
+    @property
     def realisation(self) -> str:
         return self.plans[-1].realisation
 
@@ -64,6 +72,7 @@ class ChainedPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source_model_type": self.source_model_type, "target_model_type": self.target_model_type,
+                "source_placement": self.source_placement, "target_placement": self.target_placement,
                 "realisation": self.realisation, "exact": self.exact, "noop": False,
                 "passes": [plan.to_dict() for plan in self.plans]}
 

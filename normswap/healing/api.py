@@ -40,7 +40,7 @@ from .stopping import StopRules
 from .taps import correspond
 from .texts import load_texts, split_texts
 from .training import HealingTrainer, MetricProgressBar, TrainingClock, spent_seconds, training_arguments
-from .warm_start import fit_writers
+from .warm_start import fit_writers, refitted_tensors, restore
 
 __all__ = ["HealReport", "heal"]
 
@@ -119,8 +119,12 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         device = next(student.parameters()).device
         calibration = [{name: value.to(device) for name, value in rows.items()}
                        for rows in train.batches(batch_size, limit=4 * batch_size)]
+        kept = refitted_tensors(student, correspondence)
         fits = fit_writers(teacher, student, correspondence, calibration)
-        warm = {**evaluator.summary(evaluator.measure(order)), "writers": [asdict(f) for f in fits]}
+        warm = {**evaluator.summary(evaluator.measure(order)), "writers": [asdict(f) for f in fits], "kept": True}
+        if warm["output_cosine"] < evaluator.summary(measured)["output_cosine"]:  # a calibrated start can be closer
+            restore(kept)
+            warm["kept"] = False
         marks["warm start"] = budget.now()
 
     finish = training_end = None  # when healing must end, and training (budget.now readings)

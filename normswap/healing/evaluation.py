@@ -39,6 +39,7 @@ class HeldOutEvaluation:
         self.batch_size = batch_size
         self.keys = tuple(entry.student for entry in correspondence.entries)
         self.teacher_paths = {entry.student: entry.teacher for entry in correspondence.entries}
+        self.read_maps = correspondence.read_maps  # a folded pre norm: the student's read in the teacher's terms
         self.output_entry = self.keys.index(correspondence.final_entries()[-1].student)
         self.cache_bytes = cache_bytes
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
@@ -114,7 +115,8 @@ class HeldOutEvaluation:
         started = budget.now()
         with capture(self.student, {key: key for key in self.keys}) as found:
             output = self.student(**batch)
-        student = {key: found[key].float() for key in self.keys if key in found}
+        student = {key: (self.read_maps[key](found[key]) if key in self.read_maps else found[key]).float()
+                   for key in self.keys if key in found}
         figures = self._figures(indices, batch, mask, teacher, student, getattr(output, "logits", None))
         self._count("student", started, mask.numel())
         return figures

@@ -49,8 +49,11 @@ class HealReport:
         for name in ("output_cosine", "pooled_cosine", "spearman", "next_token_kl", "perplexity_ratio"):
             if name in self.before:
                 lines.append(f"  {name:17} {self.before[name]:.4f} -> {self.after[name]:.4f}")
-        if self.warm_start:
+        if self.warm_start and self.warm_start.get("kept", True):
             lines.append(f"  after the closed-form warm start: output cosine {self.warm_start['output_cosine']:.4f}")
+        elif self.warm_start:
+            lines.append(f"  the closed-form warm start (output cosine {self.warm_start['output_cosine']:.4f}) was "
+                         "further from the teacher than the converted model, so it was undone")
         worst_before, worst_after = min(self.before["entry_cosines"]), min(self.after["entry_cosines"])
         lines.append(f"  lowest per-sublayer cosine {worst_before:.4f} -> {worst_after:.4f}")
         return "\n".join(lines)

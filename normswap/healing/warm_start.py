@@ -45,7 +45,8 @@ def fit_writers(teacher: nn.Module, student: nn.Module, correspondence: Correspo
     fits = []
     for site in correspondence.writers:
         fits.append(_fit_one(student, site, teacher_streams[f"{site.next_entry.teacher}:in"], batches, ridge))
-        _fit_norm(student, site.next_entry.student, teacher_streams[site.next_entry.teacher], batches)
+        if site.next_entry.student not in correspondence.read_maps:  # else its readers hold g / s: it stays at s
+            _fit_norm(student, site.next_entry.student, teacher_streams[site.next_entry.teacher], batches)
     return fits
 
 
@@ -151,3 +152,18 @@ def _assign(writer: nn.Module, layout: str | None, has_bias: bool, solution: tor
     writer.weight.copy_((weight.T if layout == "out_in" else weight).to(writer.weight.dtype))
     if has_bias:
         writer.bias.copy_(solution[-1].to(writer.bias.dtype))
+
+
+def refitted_tensors(student: nn.Module, correspondence: Correspondence) -> dict[torch.Tensor, torch.Tensor]:
+    """Copies of the tensors ``fit_writers`` may change (each writer's and each next norm's weight and bias), so
+    a warm start that lands further from the teacher than where it started can be undone."""
+    modules = [student.get_submodule(path) for site in correspondence.writers
+               for path in (site.path, site.next_entry.student)]
+    return {tensor: tensor.detach().clone() for module in modules for name in ("weight", "bias")
+            if isinstance(tensor := getattr(module, name, None), torch.Tensor)}
+
+
+@torch.no_grad()
+def restore(kept: dict[torch.Tensor, torch.Tensor]) -> None:
+    for tensor, copy in kept.items():
+        tensor.copy_(copy)
