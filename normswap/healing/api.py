@@ -33,6 +33,7 @@ from . import budget
 from .budget import BudgetError, check_limits, plan_budget, step_limit
 from .dropout import without_dropout
 from .evaluation import HeldOutEvaluation
+from .lora import attach, check_rank, require_matching_checkpoint, require_peft
 from .objective import HealingObjective
 from .report import HealReport, plural
 from .rows import AugmentedTexts, TokenisedTexts
@@ -53,7 +54,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
          output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
-         checkpoints: bool | None = None) -> tuple[nn.Module, HealReport]:
+         checkpoints: bool | None = None, lora_rank: int | None = None) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
@@ -67,10 +68,16 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
     baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
     trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
+    ``lora_rank``: train rank-``lora_rank`` LoRA adapters on the branch projections (and the norms, and the
+    projections' biases) instead of every weight, merged into the weights before the evaluation after training
+    (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
     """
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     check_limits(max_steps, max_time)
+    check_rank(lora_rank)
+    if lora_rank is not None:
+        require_peft()
     begun = budget.now() if started is None else started
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
@@ -81,6 +88,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     teacher.eval()
     student.eval()
     checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir and Path(work_dir).is_dir() else None
+    require_matching_checkpoint(checkpoint, lora_rank)
     earlier = spent_seconds(checkpoint)  # a resumed run continues the earlier runs' training clock
     marks = {"loading": budget.now()}
 
@@ -127,6 +135,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                               f"saving need about {plan.step_seconds + evaluator.estimate(order) + reserve:.0f} s "
                               f"more; give --max-time {math.ceil(max_time + short)} or more")
     frozen = _freeze_embeddings(student) if freeze_embeddings else ()
+    adapters = None if lora_rank is None else attach(student, correspondence, lora_rank,
+                                                      train_embeddings=not freeze_embeddings)
     objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
                                  branch_weight=1.0 if match == "branches" else 0.0)
     limit = step_limit(max_steps, max_time)
@@ -159,6 +169,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
             trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         objective.close()
+        if adapters is not None:
+            adapters.merge()  # before the evaluation after training: the figures are the saved weights'
         for parameter in frozen:
             student.get_parameter(parameter).requires_grad_(True)
         if own_work:
@@ -180,7 +192,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                         tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
                         tuple(entry.student for entry in correspondence.entries), dropout_rates_off,
                         evaluated_texts=len(done), training_seconds=marks["training"] - training_started,
-                        timings=_phases(begun, marks), max_time=max_time, notes=tuple(notes))
+                        timings=_phases(begun, marks), max_time=max_time, notes=tuple(notes),
+                        lora=None if adapters is None else adapters.describe())
     return student, report
 
 

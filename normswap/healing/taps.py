@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class WriterSite:
 class Correspondence:
     entries: tuple[EntryPair, ...]
     writers: tuple[WriterSite, ...]
+    topology: Topology | None = None  # the student's, as detected: where LoRA healing finds its branch projections
 
     def final_entries(self) -> tuple[EntryPair, ...]:
         """The last entry of each stack: the stack's output."""
@@ -62,6 +63,11 @@ class Correspondence:
 def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
     """Pair the two models' norm sequences entry by entry, and find the student's branch writers."""
     teacher_topology, student_topology = inspect(teacher), inspect(student)
+    return replace(_pair(teacher, student, teacher_topology, student_topology), topology=student_topology)
+
+
+def _pair(teacher: nn.Module, student: nn.Module, teacher_topology: Topology,
+          student_topology: Topology) -> Correspondence:
     if len(teacher_topology.stacks) != len(student_topology.stacks):
         raise NormswapError(f"the teacher ({teacher_topology.model_type}) and the student "
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
