@@ -12,21 +12,25 @@ optimiser state, the teacher's cached held-out activations):
 * ``gpt2``, ``llama``: the tiny decoders of ``heal_decoder.py``, pretrained for ``--pretrain-minutes`` (once,
   shared by their methods), converted Pre -> Post: held-out next-token KL before and after, and their ratio.
 
-Methods: ``full`` (every weight but the embeddings, the default), ``lora<R>`` for each ``--ranks`` entry at
-``--learning-rate``, and with ``--lora-learning-rate`` the same ranks again at that rate; ``--adapters-only``
-adds a LoRA run that trains the adapters alone (no norms, no biases), to measure that choice.
+Methods: ``full`` (every weight but the embeddings, the default) at ``--learning-rate``, and ``lora<R>`` for each
+``--ranks`` entry at each ``--lora-learning-rates`` entry; ``--adapters-only`` adds a LoRA run (first rank and
+rate) that trains the adapters alone (no norms, no biases), to measure that choice. Resident memory is also
+sampled every 20 ms, so the peak while training (between the two evaluations) is reported apart from the whole
+run's.
 
     python benchmarks/heal_lora.py [--models minilm,gpt2,llama] [--minutes 3] [--decoder-minutes 2]
-        [--pretrain-minutes 2] [--ranks 8] [--lora-learning-rate 1e-3] [--adapters-only] [--threads 1]
+        [--pretrain-minutes 2] [--ranks 8] [--lora-learning-rates 1e-3] [--adapters-only] [--skip-full] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +79,32 @@ def heal_one(job: dict[str, Any]) -> dict[str, Any]:
         options = {"batch_size": 16}
     parameters = sum(p.numel() for p in student.parameters())
     loaded_mb = _resident_mb()  # both models in memory, nothing healed yet
+    samples: list[tuple[float, float]] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            samples.append((time.monotonic(), _resident_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, report = heal_api.heal(teacher, student, tokenizer=tokenizer, max_steps=1_000_000, max_time=job["seconds"],
                               started=started, learning_rate=job["learning_rate"], eval_steps=100, quiet=True,
                               lora_rank=job["lora_rank"], **options)
+    sampling.set()
+    sampler.join()
+    phases = list(report.timings.items())  # in order, each phase's seconds from ``started``
+    ends = dict(zip([name for name, _ in phases], itertools.accumulate(seconds for _, seconds in phases),
+                    strict=True))
+    training_start = started + ends["training"] - report.timings["training"]
+    in_training = [mb for moment, mb in samples if training_start <= moment <= started + ends["training"]]
     frozen = set(report.frozen)
     trained = (report.lora["trainable_parameters"] if report.lora else
                sum(p.numel() for name, p in student.named_parameters() if name not in frozen))
     return {"steps": report.steps, "seconds": time.monotonic() - started, "before": _figures(report.before),
             "after": _figures(report.after), "trained": trained, "parameters": parameters,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded_mb,
+            "training_rss_mb": max(in_training, default=float("nan")),
             "held_out": report.evaluated_texts}
 
 
@@ -134,9 +155,10 @@ def main() -> None:
     parser.add_argument("--decoder-minutes", type=float, default=2.0, help="budget of each decoder heal")
     parser.add_argument("--pretrain-minutes", type=float, default=2.0)
     parser.add_argument("--ranks", default="8", help="LoRA ranks, comma-separated")
-    parser.add_argument("--learning-rate", type=float, default=3e-4, help="every method's rate (heal's default)")
-    parser.add_argument("--lora-learning-rate", type=float, help="also run the LoRA ranks at this rate")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="full healing's rate (heal's default)")
+    parser.add_argument("--lora-learning-rates", default="1e-3", help="LoRA rates, comma-separated")
     parser.add_argument("--adapters-only", action="store_true", help="also LoRA with nothing but the adapters")
+    parser.add_argument("--skip-full", action="store_true", help="LoRA runs only (to compare ranks and rates)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each heal (default: torch's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,13 +167,12 @@ def main() -> None:
         return
 
     ranks = [int(rank) for rank in args.ranks.split(",")]
-    methods = [Method("full", None, args.learning_rate)]
-    methods += [Method(f"lora{rank}", rank, args.learning_rate) for rank in ranks]
-    if args.lora_learning_rate:
-        methods += [Method(f"lora{rank} lr {args.lora_learning_rate:g}", rank, args.lora_learning_rate)
-                    for rank in ranks]
+    methods = [] if args.skip_full else [Method("full", None, args.learning_rate)]
+    rates = [float(rate) for rate in args.lora_learning_rates.split(",")]
+    methods += [Method(f"lora{rank} lr {rate:g}", rank, rate) for rank in ranks for rate in rates]
     if args.adapters_only:
-        methods.append(Method(f"lora{ranks[0]} adapters only", ranks[0], args.learning_rate, adapters_only=True))
+        methods.append(Method(f"lora{ranks[0]} lr {rates[0]:g} adapters only", ranks[0], rates[0],
+                              adapters_only=True))
     models = args.models.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="heal-lora-") as scratch:
@@ -171,7 +192,7 @@ def main() -> None:
                 rows.append((model, method, found))
                 print(f"{model} {method.label}: {_line(found)}", flush=True)
     print(f"\n{'model':7} {'method':24} {'steps':>6} {'time':>6} {'cosine':>7} {'spearman':>8} {'KL ratio':>8} "
-          f"{'trained':>11} {'grad+Adam MB':>12} {'peak RSS MB':>11} {'over loaded':>11}")
+          f"{'trained':>11} {'grad+Adam MB':>12} {'peak RSS MB':>11} {'over loaded':>11} {'training peak':>13}")
     for model, method, found in rows:
         after, before = found["after"], found["before"]
         ratio = (f"{after['next_token_kl'] / before['next_token_kl']:8.1%}" if "next_token_kl" in after
@@ -179,7 +200,7 @@ def main() -> None:
         print(f"{model:7} {method.label:24} {found['steps']:6d} {found['seconds']:5.0f}s "
               f"{after.get('pooled_cosine', float('nan')):7.4f} {after.get('spearman', float('nan')):8.4f} {ratio} "
               f"{found['trained']:11,d} {found['trained'] * 12 / 2**20:12.1f} {found['peak_rss_mb']:11.0f} "
-              f"{found['peak_rss_mb'] - found['loaded_rss_mb']:11.0f}")
+              f"{found['peak_rss_mb'] - found['loaded_rss_mb']:11.0f} {found['training_rss_mb']:13.0f}")
 
 
 def _line(found: dict[str, Any]) -> str:
