@@ -128,9 +128,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--batch-size", type=int, default=8, metavar="N",
                       help="texts per step (default 8; on MiniLM and 2 CPU cores 8 beat 4, 16 and 32)")
     heal.add_argument("--max-length", type=int, default=64, metavar="N", help="tokens per text (default 64)")
-    heal.add_argument("--learning-rate", type=float, default=3e-4, metavar="RATE",
+    heal.add_argument("--learning-rate", type=float, metavar="RATE",
                       help="AdamW's peak learning rate; it warms up over 20 steps, then decays on a cosine over "
-                      "the step limit or the time budget (default 3e-4)")
+                      "the step limit or the time budget (default 3e-4, or 1e-3 with --lora-rank)")
     heal.add_argument("--held-out", type=int, default=256, metavar="N",
                       help="texts kept for evaluation before and after training, never trained on (default 256, "
                       "at most a third of the texts)")

@@ -167,3 +167,21 @@ def test_a_checkpoint_resumes_only_as_the_kind_of_run_that_wrote_it(tmp_path: Pa
         with pytest.raises(NormswapError, match=says):
             heal_api.heal(teacher, student, max_steps=4, work_dir=tmp_path / str(written), resume=True,
                           lora_rank=resumed, **QUICK)
+
+
+def test_the_default_learning_rate_is_lora_s_own_with_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Reached(BaseException):
+        pass
+
+    rates: list[float] = []
+
+    def record(*_args: Any, learning_rate: float, **_options: Any) -> None:
+        rates.append(learning_rate)
+        raise Reached
+
+    monkeypatch.setattr(heal_api, "training_arguments", record)
+    for rank in (4, None):
+        teacher, student = _pair("llama", "LlamaForCausalLM")
+        with pytest.raises(Reached):
+            heal_api.heal(teacher, student, max_steps=1, lora_rank=rank, **QUICK)
+    assert rates == [lora.LEARNING_RATE, heal_api.FULL_LEARNING_RATE] and rates[0] > rates[1]
