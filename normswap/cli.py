@@ -130,7 +130,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--max-length", type=int, default=64, metavar="N", help="tokens per text (default 64)")
     heal.add_argument("--learning-rate", type=float, metavar="RATE",
                       help="AdamW's peak learning rate; it warms up over 20 steps, then decays on a cosine over "
-                      "the step limit or the time budget (default 3e-4, or 1e-3 with --lora-rank)")
+                      "the step limit or the time budget (default 3e-4, or 3e-3 with --lora-rank)")
     heal.add_argument("--held-out", type=int, default=256, metavar="N",
                       help="texts kept for evaluation before and after training, never trained on (default 256, "
                       "at most a third of the texts)")

@@ -71,7 +71,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
     baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
     trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
-    ``learning_rate``: AdamW's peak rate, by default 3e-4, or 1e-3 with ``lora_rank`` (``lora.LEARNING_RATE``).
+    ``learning_rate``: AdamW's peak rate, by default 3e-4, or 3e-3 with ``lora_rank`` (``lora.LEARNING_RATE``).
     ``lora_rank``: train rank-``lora_rank`` LoRA adapters on the branch projections (and the norms, and the
     projections' biases) instead of every weight, merged into the weights before the evaluation after training
     (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
