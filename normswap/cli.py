@@ -134,9 +134,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--batch-size", type=int, default=8, metavar="N",
                       help="texts per step (default 8; on MiniLM and 2 CPU cores 8 beat 4, 16 and 32)")
     heal.add_argument("--max-length", type=int, default=64, metavar="N", help="tokens per text (default 64)")
-    heal.add_argument("--learning-rate", type=float, default=3e-4, metavar="RATE",
+    heal.add_argument("--learning-rate", type=float, metavar="RATE",
                       help="AdamW's peak learning rate; it warms up over 20 steps, then decays on a cosine over "
-                      "the step limit or the time budget (default 3e-4)")
+                      "the step limit or the time budget (default 3e-4, or 3e-3 with --lora-rank)")
     heal.add_argument("--held-out", type=int, default=256, metavar="N",
                       help="texts kept for evaluation before and after training, never trained on (default 256, "
                       "at most a third of the texts)")
@@ -151,6 +151,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       "also what every branch writes, or the output only (plain distillation)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
+    heal.add_argument("--lora-rank", type=_lora_rank, metavar="R",
+                      help="train rank-R LoRA adapters on the branch projections (plus the norms and the "
+                      "projections' biases) instead of every weight, and merge them into DST, an ordinary "
+                      "checkpoint (needs peft: the heal extra; default: every weight trains)")
     heal.add_argument("--keep-dropout", action="store_true",
                       help="train with the model's dropout (off by default: it holds healing back; the saved "
                       "config keeps its rates either way)")
@@ -170,6 +174,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib; "
                       "off by default)")
     return parser, {"inspect": inspect, "convert": convert, "heal": heal}
+
+
+def _lora_rank(text: str) -> int:
+    """argparse type of --lora-rank: a positive whole number (a usage error otherwise)."""
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"give a positive whole number (e.g. 8), not {text!r}")
+    return rank
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -258,6 +273,9 @@ def _run_heal(args: argparse.Namespace) -> int:
         check_destination(sources, Path(args.destination), args.overwrite)
 
     _import_native_libraries()
+    if args.lora_rank is not None:
+        from .healing.lora import require_peft
+        require_peft()
     from .healing.checkpoint import heal_checkpoint
     report = heal_checkpoint(args.original, args.converted, args.destination, overwrite=args.overwrite,
                              trust_remote_code=args.trust_remote_code, data=args.data, max_steps=args.max_steps,
@@ -266,7 +284,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
-                             keep_dropout=args.keep_dropout, started=started)
+                             keep_dropout=args.keep_dropout, lora_rank=args.lora_rank, started=started)
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:

@@ -32,6 +32,8 @@ from . import budget, distributed
 from .budget import BudgetError, check_limits, plan_budget, step_limit
 from .dropout import without_dropout
 from .evaluation import HeldOutEvaluation
+from .lora import LEARNING_RATE as LORA_LEARNING_RATE
+from .lora import attach, check_rank, require_matching_checkpoint, require_peft
 from .objective import HealingObjective
 from .report import HealReport, plural
 from .resume import last_complete_checkpoint
@@ -44,16 +46,18 @@ from .warm_start import fit_writers, refitted_tensors, restore
 
 __all__ = ["HealReport", "heal"]
 
+FULL_LEARNING_RATE = 3e-4  # AdamW's peak rate when every weight trains: best of 3e-4, 5e-4, 1e-3 on MiniLM
+
 
 def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str] | None = None, *,
          tokenizer: Any = None, max_steps: int | None = None, max_time: float | None = None,
          target_cosine: float | None = None, batch_size: int = 8, max_length: int = 64,
-         learning_rate: float = 3e-4, warm_start: bool = False, freeze_embeddings: bool = True,
+         learning_rate: float | None = None, warm_start: bool = False, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
          output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
-         checkpoints: bool | None = None) -> tuple[nn.Module, HealReport]:
+         checkpoints: bool | None = None, lora_rank: int | None = None) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
@@ -67,6 +71,10 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     the training clock). ``match="output"`` trains on the stacks' outputs only (the plain distillation
     baseline); ``match="branches"`` adds what each branch writes to what each branch reads. The student
     trains without dropout unless ``keep_dropout``; its rates are restored before it is returned.
+    ``learning_rate``: AdamW's peak rate, by default 3e-4, or 3e-3 with ``lora_rank`` (``lora.LEARNING_RATE``).
+    ``lora_rank``: train rank-``lora_rank`` LoRA adapters on the branch projections (and the norms, and the
+    projections' biases) instead of every weight, merged into the weights before the evaluation after training
+    (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
 
     Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
     together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
@@ -75,6 +83,11 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     if match not in ("sublayers", "branches", "output"):
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     check_limits(max_steps, max_time)
+    check_rank(lora_rank)
+    if lora_rank is not None:
+        require_peft()
+    if learning_rate is None:
+        learning_rate = FULL_LEARNING_RATE if lora_rank is None else LORA_LEARNING_RATE
     begun = budget.now() if started is None else started
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
@@ -88,6 +101,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     share = distributed.per_process_batch(batch_size)  # texts per step, all processes together
     # every process resumes from the checkpoint rank 0 found (the newest complete one)
     checkpoint = distributed.broadcast(last_complete_checkpoint(work_dir) if resume and work_dir else None)
+    require_matching_checkpoint(checkpoint, lora_rank)
     earlier = spent_seconds(checkpoint)  # a resumed run continues the earlier runs' training clock
     marks = {"loading": budget.now()}
 
@@ -138,6 +152,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                               f"saving need about {plan.step_seconds + evaluator.estimate(order) + reserve:.0f} s "
                               f"more; give --max-time {math.ceil(max_time + short)} or more")
     frozen = _freeze_embeddings(student) if freeze_embeddings else ()
+    adapters = None if lora_rank is None else attach(student, correspondence, lora_rank,
+                                                      train_embeddings=not freeze_embeddings)
     objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
                                  branch_weight=1.0 if match == "branches" else 0.0)
     limit = step_limit(max_steps, max_time)
@@ -170,6 +186,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
             trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         objective.close()
+        if adapters is not None:
+            adapters.merge()  # before the evaluation after training: the figures are the saved weights'
         for parameter in frozen:
             student.get_parameter(parameter).requires_grad_(True)
         if own_work:
@@ -191,7 +209,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                         tuple(entry["loss"] for entry in trainer.state.log_history if "loss" in entry),
                         tuple(entry.student for entry in correspondence.entries), dropout_rates_off,
                         evaluated_texts=len(done), training_seconds=marks["training"] - training_started,
-                        timings=_phases(begun, marks), max_time=max_time, notes=tuple(notes))
+                        timings=_phases(begun, marks), max_time=max_time, notes=tuple(notes),
+                        lora=None if adapters is None else adapters.describe())
     return student, report
 
 

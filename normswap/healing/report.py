@@ -34,6 +34,7 @@ class HealReport:
     max_time: float | None = None  # the time budget (--max-time)
     notes: tuple[str, ...] = field(default=())  # what the time budget changed, in words
     command_seconds: float | None = None  # the whole command, the save included (set once it is written)
+    lora: dict[str, Any] | None = None  # with lora_rank: the rank, the wrapped projections, what trained
 
     def summary(self) -> str:
         evaluated = ("" if self.evaluated_texts in (0, self.held_out_texts)
@@ -46,6 +47,10 @@ class HealReport:
             phases = ", ".join(f"{seconds:.0f} s {name}" for name, seconds in self.timings.items())
             lines.append(f"  took {total:.0f} s{budget}: {phases}")
         lines += [f"  note: {note}" for note in self.notes]
+        if self.lora:
+            lines.append(f"  LoRA rank {self.lora['rank']} on {plural(len(self.lora['projections']), 'projection')}, "
+                         f"merged: {self.lora['trainable_parameters']:,} of {self.lora['parameters']:,} parameters "
+                         "trained (adapters, norms, projection biases)")
         for name in ("output_cosine", "pooled_cosine", "spearman", "next_token_kl", "perplexity_ratio"):
             if name in self.before:
                 lines.append(f"  {name:17} {self.before[name]:.4f} -> {self.after[name]:.4f}")

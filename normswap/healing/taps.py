@@ -52,6 +52,7 @@ class Correspondence:
     entries: tuple[EntryPair, ...]
     writers: tuple[WriterSite, ...]
     read_maps: Mapping[str, ReadMap] = field(default_factory=dict)  # student entry -> onto the teacher's terms
+    topology: Topology | None = None  # the student's, as detected: where LoRA healing finds its branch projections
 
     def final_entries(self) -> tuple[EntryPair, ...]:
         """The last entry of each stack: the stack's output."""
@@ -64,16 +65,16 @@ class Correspondence:
 def correspond(teacher: nn.Module, student: nn.Module) -> Correspondence:
     """Pair the two models' norm sequences entry by entry, and find the student's branch writers; where the
     conversion folded a pre norm's ``g / s`` into its readers, the student's read goes through it (``read_maps``)."""
-    teacher_topology = inspect(teacher)
-    paired = _paired(teacher, teacher_topology, student)
+    teacher_topology, student_topology = inspect(teacher), inspect(student)
+    paired = _pair(teacher, student, teacher_topology, student_topology)
     folded = branch_read_maps(teacher, teacher_topology, student)
     maps = {entry.student: folded[path] for entry in paired.entries
             if (path := entry.teacher.removesuffix(INPUT)) in folded}
-    return replace(paired, read_maps=maps) if maps else paired
+    return replace(paired, read_maps=maps, topology=student_topology)
 
 
-def _paired(teacher: nn.Module, teacher_topology: Topology, student: nn.Module) -> Correspondence:
-    student_topology = inspect(student)
+def _pair(teacher: nn.Module, student: nn.Module, teacher_topology: Topology,
+          student_topology: Topology) -> Correspondence:
     if len(teacher_topology.stacks) != len(student_topology.stacks):
         raise NormswapError(f"the teacher ({teacher_topology.model_type}) and the student "
                             f"({student_topology.model_type}) have different layer stacks; heal a model with "
