@@ -131,7 +131,7 @@ def test_held_out_texts_are_never_trained_on(monkeypatch: pytest.MonkeyPatch, tm
 
     monkeypatch.setattr(heal_api.HealingTrainer, "compute_loss", spy)
     teacher, student = pair()
-    heal_api.heal(teacher, student, max_steps=5, work_dir=tmp_path, **QUICK)
+    heal_api.heal(teacher, student, load_texts(None), max_steps=5, work_dir=tmp_path, **QUICK)  # not the teacher's
     held_out = heal_api.TokenisedTexts(texts.held_out, None, 24, teacher.config.vocab_size)
     held_out_rows = {tuple(row["input_ids"].tolist()) for row in (held_out[i] for i in range(len(held_out)))}
     assert len(seen) == 5 * QUICK["batch_size"]
