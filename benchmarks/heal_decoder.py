@@ -12,7 +12,7 @@ original at the default temperature and length), ``teacher:T:L`` (at temperature
 texts are sampled before the healing budget starts (the time is printed), so that every source trains alike;
 ``shipped`` (the shipped corpus), ``docstrings`` (the default before issue 19) or a file.
 
-    python benchmarks/heal_decoder.py [--pretrain-minutes 3] [--heal-minutes 3] [--data teacher,shipped] [--warm-start]
+    python benchmarks/heal_decoder.py [--pretrain-minutes 3] [--heal-minutes 3] [--heal-steps N] [--data ...]
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-minutes", type=float, default=3.0)
     parser.add_argument("--heal-minutes", type=float, default=3.0)
+    parser.add_argument("--heal-steps", type=int, default=100_000,
+                        help="step limit of each healing (equal steps compare sources fairly on a shared machine)")
     parser.add_argument("--data", default="teacher,shipped", help="comma-separated healing data sources (above)")
     parser.add_argument("--warm-start", action="store_true", help="also heal with the closed-form warm start")
     args = parser.parse_args()
@@ -98,7 +100,7 @@ def main() -> None:
                 student = normswap.convert(original, placement="post")
                 outside = OutOfSource(original, student, None)
                 unhealed = outside.measure()["next_token_kl"]
-                _, report = heal(original, student, data, max_steps=100_000, max_time=args.heal_minutes * 60,
+                _, report = heal(original, student, data, max_steps=args.heal_steps, max_time=args.heal_minutes * 60,
                                  batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True,
                                  warm_start=warm_start)
                 healed = outside.measure()["next_token_kl"]
