@@ -31,10 +31,11 @@ def docstring_sentences() -> list[str]:
 
 
 def healing_data(name: str) -> str | Sequence[str] | None:
-    """What ``heal(data=...)`` gets for a benchmark's data name: ``shipped`` (the default, None), the old
+    """What ``heal(data=...)`` gets for a benchmark's data name: the ``shipped`` corpus, the old
     ``docstrings``, ``teacher`` samples, or a file path."""
-    if name == "shipped":
-        return None
+    if name == "shipped":  # explicitly: for a causal LM, no data means the teacher's samples
+        from normswap.corpus import healing_corpus
+        return healing_corpus()
     if name == "docstrings":
         return docstring_sentences()
     return name
