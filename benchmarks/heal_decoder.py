@@ -63,6 +63,7 @@ def main() -> None:
                         help="step limit of each healing (equal steps compare sources fairly on a shared machine)")
     parser.add_argument("--data", default="teacher,shipped", help="comma-separated healing data sources (above)")
     parser.add_argument("--warm-start", action="store_true", help="also heal with the closed-form warm start")
+    parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -80,6 +81,8 @@ def main() -> None:
     variants = [("per-sublayer", False), *([("warm start + per-sublayer", True)] if args.warm_start else [])]
     rows = []
     for name, config in configs.items():
+        if name not in args.models.split(","):
+            continue
         torch.manual_seed(0)
         original = transformers.AutoModelForCausalLM.from_config(config)
         steps, loss = pretrain(original, train, args.pretrain_minutes)
