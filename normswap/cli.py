@@ -104,7 +104,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          "code that is byte for byte this normswap's own runs without it)")
     convert.add_argument("--heal", action="store_true",
                          help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
-    convert.add_argument("--heal-data", metavar="PATH", help="healing text for --heal (default: built-in corpus)")
+    convert.add_argument("--heal-data", metavar="PATH",
+                         help="healing text for --heal, as heal's --data (default: as heal's)")
     convert.add_argument("--heal-max-time", type=float, metavar="SECONDS",
                          help="time budget for --heal (default: heal's own default)")
 
@@ -118,8 +119,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("converted", metavar="CONVERTED", help="the converted checkpoint (the student)")
     heal.add_argument("destination", metavar="DST", help="output folder (written atomically)")
     heal.add_argument("--data", metavar="PATH",
-                      help=".txt (one document per line), .jsonl (a 'text' field) or a datasets save_to_disk "
-                      "folder (default: the built-in corpus)")
+                      help=".txt (one document per line), .jsonl (a 'text' field), a datasets save_to_disk folder, "
+                      "or 'teacher': texts sampled from ORIGINAL, a causal LM (default: 'teacher' for causal LMs, "
+                      "the shipped corpus for other models)")
     heal.add_argument("--max-steps", type=int, metavar="N",
                       help="stop after N training steps (default: 300 without --max-time; with --max-time, no "
                       "step limit: the time budget ends training; with both, whichever comes first)")

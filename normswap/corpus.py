@@ -1,13 +1,21 @@
-"""The built-in probe and calibration text: docstrings of Python's standard library.
+"""The built-in texts: probe and calibration text (docstrings of Python's standard library), and the
+healing corpus shipped in ``normswap/data``.
 
-Always present, licence-clean (PSF), English technical prose, and the same on every machine
-for a given Python version. ``--calib FILE`` replaces it with the user's own text.
+The probe text is always present, licence-clean (PSF), English technical prose, and the same on every
+machine for a given Python version; ``--calib FILE`` replaces it with the user's own text. It stays the
+docstrings so that what ``convert`` measures and reports does not change.
+
+Healing needs more varied text than that: trained on docstrings, MiniLM matched its teacher on held-out
+docstrings far better than on general English prose. ``healing_corpus`` is fixed data shipped in the wheel
+(fiction, dialogue, legal, technical, news-like and list texts; sources and licences in
+``normswap/data/README.md``), read without network and without looking at the machine it runs on.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from importlib import resources
 from pathlib import Path
 
 from .errors import NormswapError
@@ -34,6 +42,16 @@ def default_corpus() -> list[str]:
                 if len(text) >= 80 and not text.startswith((">>>", "...")):
                     paragraphs.append(text)
     return paragraphs
+
+
+HEALING_CORPUS = "healing_corpus.txt"  # in normswap/data: one "register<TAB>text" a line
+
+
+def healing_corpus(registers: tuple[str, ...] | None = None) -> list[str]:
+    """The shipped healing texts, in file order; ``registers`` keeps only those (e.g. ``("fiction",)``)."""
+    lines = resources.files("normswap").joinpath("data", HEALING_CORPUS).read_text(encoding="utf-8").splitlines()
+    tagged = [line.split("\t", 1) for line in lines if line.strip()]
+    return [text for register, text in tagged if registers is None or register in registers]
 
 
 def read_corpus(path: str | Path) -> list[str]:

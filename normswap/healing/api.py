@@ -40,7 +40,8 @@ from .resume import last_complete_checkpoint
 from .rows import AugmentedTexts, TokenisedTexts
 from .stopping import StopRules
 from .taps import correspond
-from .texts import load_texts, split_texts
+from .teacher_texts import healing_texts
+from .texts import split_texts
 from .training import HealingTrainer, MetricProgressBar, TrainingClock, spent_seconds, training_arguments
 from .warm_start import fit_writers, refitted_tensors, restore
 
@@ -60,7 +61,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          checkpoints: bool | None = None, lora_rank: int | None = None) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
-    ``data``: texts, a .txt/.jsonl file, a ``datasets`` folder, or None for the built-in corpus; ``held_out``
+    ``data``: texts, a file or folder, ``"teacher"`` or None (``teacher_texts.healing_texts``); ``held_out``
     texts are never trained on. ``max_steps`` and ``max_time`` (seconds) limit training, whichever ends
     first; with ``max_time`` alone the time ends it, with neither 300 steps do. ``max_time`` bounds the whole
     call, the evaluations included, counted from ``started`` (a ``budget.now()`` reading, e.g. before the
@@ -91,7 +92,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     begun = budget.now() if started is None else started
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
-    texts = split_texts(load_texts(data), held_out)
+    texts = split_texts(healing_texts(data, teacher, tokenizer, max_length, work_dir, seed), held_out)
     vocab = student.get_input_embeddings().num_embeddings
     train = TokenisedTexts(texts.train, tokenizer, max_length, vocab)
     evaluation = TokenisedTexts(texts.held_out, tokenizer, max_length, vocab)

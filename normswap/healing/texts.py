@@ -1,4 +1,4 @@
-"""Healing text: the user's files or the built-in corpus, split once into training and held-out parts.
+"""Healing text: the user's files or the shipped corpus, split once into training and held-out parts.
 
 The held-out part is chosen by a hash of each text, so it is the same on every run and machine and
 never depends on the order of the input; it is never trained on.
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import default_corpus
+from ..corpus import healing_corpus
 from ..errors import NormswapError
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 @dataclass(frozen=True)
@@ -27,9 +24,9 @@ class HealingTexts:
 
 def load_texts(source: str | Path | Sequence[str] | None) -> list[str]:
     """Texts from a .txt (one document per line), a .jsonl (``text`` field), a ``datasets`` folder saved with
-    ``save_to_disk``, a list of strings, or (None) the built-in corpus split into sentences."""
+    ``save_to_disk``, a list of strings, or (None) the shipped healing corpus (``normswap/data``)."""
     if source is None:
-        return [s for paragraph in default_corpus() for s in _SENTENCE_END.split(paragraph) if len(s) >= 40]
+        return healing_corpus()
     if not isinstance(source, (str, Path)):
         texts = [t for t in source if isinstance(t, str) and t.strip()]
         if not texts:
