@@ -70,7 +70,8 @@ def main() -> None:
     from normswap.healing.rows import TokenisedTexts
     from normswap.healing.texts import load_texts, split_texts
 
-    texts = split_texts(load_texts(None))
+    corpus = load_texts(None)  # the shipped healing corpus; healing gets it explicitly (no teacher sampling)
+    texts = split_texts(corpus)
     train = TokenisedTexts(texts.train, None, 64, 256)
     held = TokenisedTexts(texts.held_out, None, 64, 256)
     batch = {"input_ids": held.input_ids[:32], "attention_mask": held.attention_mask[:32]}
@@ -98,7 +99,7 @@ def main() -> None:
             print(f"  -> {target}: calibrated cos {cos_m:.4f} KL {kl_m:.4f}; unit cos {cos_n:.4f} KL {kl_n:.4f}",
                   flush=True)
             if (name, target) in HEALED:
-                _, report = heal(original, measured, max_steps=100_000, max_time=args.heal_minutes * 60,
+                _, report = heal(original, measured, corpus, max_steps=100_000, max_time=args.heal_minutes * 60,
                                  batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True)
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 healed.append((f"{name} {source} -> {target}", before, after, report.steps))
@@ -111,7 +112,7 @@ def main() -> None:
         steps, _ = pretrain(gpt2, train, args.pretrain_minutes)
         gpt2.eval()
         free = normswap.convert(gpt2, norm="none", inputs=calibration)
-        _, report = heal(gpt2, free, max_steps=1_000_000, max_time=args.none_heal_minutes * 60, batch_size=16,
+        _, report = heal(gpt2, free, corpus, max_steps=1_000_000, max_time=args.none_heal_minutes * 60, batch_size=16,
                          learning_rate=5e-4, eval_steps=200, quiet=True)
         before, after = report.before["next_token_kl"], report.after["next_token_kl"]
         healed.append(("gpt2 --norm none", before, after, report.steps))

@@ -84,6 +84,13 @@ class ChainedReport:
     whole: Any  # DriftReport, or an exactness report where every pass is exact
     passes: tuple[Any, ...]
 
+    def __getattr__(self, name: str) -> Any:
+        """The whole conversion's figures under their usual names (``sublayers``, ``output_cosine``, ...), as a
+        one-pass conversion's report has them."""
+        if name.startswith("__") or name in ("whole", "passes"):
+            raise AttributeError(name)
+        return getattr(self.whole, name)
+
     @property
     def exact(self) -> bool:
         return bool(getattr(self.whole, "exact", False))

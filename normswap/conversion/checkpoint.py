@@ -307,6 +307,9 @@ def _load_converted(folder: Path, setup: ConversionSetup, offload: Path | None =
                                                    **offload_options(offload))
     finally:
         hf_logging.enable_progress_bar()
+    carried = folder / CARRIED_FILE
+    if carried.is_file():  # what a folded norm carried: verification compares branch reads through it (read_maps)
+        model.normswap_carried = read_safetensors_file(carried)
     return model.eval()
 
 

@@ -103,10 +103,20 @@ def _stream_scale_planner() -> Planner:
     def plan(model: nn.Module) -> ConversionSetup:
         from .branch_norm_passes import branch_norm_setup
 
+        if _came_from_post(model):  # the way home: the norm shift alone is the exact inverse
+            return _already(inspect(model), "pre")
         # no conversion line: it changes no code, so the code's provenance (and its regeneration) is the shift's
         return branch_norm_setup(model, ("scale pre",), "", "pre", native=False)
 
     return plan
+
+
+def _came_from_post(model: nn.Module) -> bool:
+    """Whether ``model`` is a Post-Norm model normswap moved to Pre-Norm (its provenance says so): going back, its
+    norms return to where they were, bit for bit, and the stream has the size its Post-Norm original gave it."""
+    provenance = getattr(model.config, "normswap", None)
+    conversion = provenance.get("conversion", "") if isinstance(provenance, dict) else ""
+    return any(part.startswith("placement post -> ") for part in str(conversion).split("; then "))
 
 
 def _branch_norm_planner(source: str, target: str, native: bool, extra: tuple[str, ...] = ()) -> Planner:
