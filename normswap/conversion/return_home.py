@@ -65,7 +65,15 @@ def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
     through Pre-Norm: the norm shift back (which restores its own carried norms), then the way home."""
     carried = getattr(model, "normswap_carried", None) or {}
     scales = carried_scales(carried)
-    home = _home_family(model, placement) if scales else None
+    if not scales:
+        return None
+    try:
+        if placement == "pre" and inspect(model).placement == "post":
+            return _back_to_pre(model, carried, scales)
+    except (NoWayHomeError, PlanError, StandInError) as reason:
+        logger.warning("not restoring the rescaled pre norms: %s; converting as a new model", reason)
+        return None
+    home = _home_family(model, placement)
     if home is None:
         return None
     try:
@@ -80,15 +88,11 @@ def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
 def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping[str, Tensor],
                  scales: Mapping[str, float]) -> ConversionSetup:
     """The norm shift from ``model`` (Post-Norm) to the Pre-Norm model the branch-norm passes made of the home
-    family on the way out (its code generated again, weightless), then the way home from there, as one chain. A
-    Pre-Norm home is reached by the norm shift itself, and its rescaled pre norms restored (stream_scale.py)."""
-    from .api import _placement_setup, plan_conversion
+    family on the way out (its code generated again, weightless), then the way home from there, as one chain."""
+    from .api import _placement_setup
     from .branch_norm_passes import branch_norm_setup
     from .route import branch_norm_steps
 
-    if placement == "pre":  # a Pre-Norm family: the norm shift lands in its classes, and its norms are restored there
-        return chain(model, [lambda _: plan_conversion(model, "pre"),
-                             lambda meta: _home_setup(meta, placement, home, carried, scales)])
     twin = branch_norm_setup(home.meta, branch_norm_steps(placement, "pre"), f"placement {placement} -> pre", "pre")
     twin_topology = inspect(meta_instance(twin.target_class, twin.target_config))
     if twin_topology.placement != "pre":
@@ -98,6 +102,19 @@ def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping
     shift = _placement_setup(model, shift_plan, inspect(model), twin_topology, twin.target_class, twin.target_config,
                              twin.generated)
     return chain(model, [lambda _: shift, lambda meta: _home_setup(meta, placement, home, carried, scales)])
+
+
+def _back_to_pre(model: nn.Module, carried: Mapping[str, Tensor], scales: Mapping[str, float]) -> ConversionSetup:
+    """A Post-Norm model whose pre norms were set to the stream's scale before the norm shift (stream_scale.py): the
+    norm shift back (to the stock family where there is one), then each rescaled norm's vectors restored and its
+    readers unfolded, in the classes the shift lands in."""
+    from .api import plan_conversion
+
+    def restore(meta: nn.Module) -> ConversionSetup:
+        here = _Home(meta.config.model_type, type(meta), meta.config, inspect(meta), meta)
+        return _home_setup(meta, "pre", here, carried, scales)
+
+    return chain(model, [lambda _: plan_conversion(model, "pre"), restore])
 
 
 def _home_family(model: nn.Module, placement: str) -> _Home | None:

@@ -72,7 +72,7 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     if (source, target) in _BRANCH_NORM_STEPS:
         return [_branch_norm_planner(source, target, native)]
     if source == "pre" and target == "post":  # the stream keeps its size through the shift (stream_scale.py)
-        return [_stream_scale_planner(), _norm_shift_planner(target, native)]
+        return [_stream_scale_planner(native), _norm_shift_planner(target, native)]
     if source == "post" and target == "pre":  # back home where the way out rescaled the pre norms
         return [_home_or(target, [_norm_shift_planner(target, native)])]
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
@@ -99,14 +99,21 @@ def branch_norm_steps(source: str, target: str) -> tuple[str, ...]:
     return _BRANCH_NORM_STEPS[(source, target)]
 
 
-def _stream_scale_planner() -> Planner:
+def _stream_scale_planner(native: bool) -> Planner:
     def plan(model: nn.Module) -> ConversionSetup:
-        from .branch_norm_passes import branch_norm_setup
+        from .api import plan_conversion
+        from .compose import compose
+        from .stream_scale import stream_scaled_pre_norms
 
+        topology = inspect(model)
         if _came_from_post(model):  # the way home: the norm shift alone is the exact inverse
-            return _already(inspect(model), "pre")
+            return _already(topology, "pre")
+        # a norm the shift drops (OPT's first: Post-Norm OPT has no embedding norm) keeps its weights, to be carried
+        shift = plan_conversion(model, "post", native).plan
+        dropped = frozenset(move.source for stack in getattr(shift, "stacks", ()) for move in stack.moves
+                            if move.target is None)
         # no conversion line: it changes no code, so the code's provenance (and its regeneration) is the shift's
-        return branch_norm_setup(model, ("scale pre",), "", "pre", native=False)
+        return compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
 
     return plan
 

@@ -29,9 +29,11 @@ from .round_trip_carry import removed_norms_carried
 from .stand_in import _along, fold_into_reader
 
 
-def stream_scaled_pre_norms(model: nn.Module, topology: Topology) -> Pass:
-    """The pass: each weighted layer pre norm at weight ``s``, its ``g / s`` folded into its readers (exact)."""
-    norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")]
+def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozenset[str] = frozenset()) -> Pass:
+    """The pass: each weighted layer pre norm at weight ``s``, its ``g / s`` folded into its readers (exact); the
+    norms in ``keep`` (ones the norm shift drops) stay as they are."""
+    norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")
+             if norm.path not in keep]
     weighted = [norm for norm in norms if _has_weight(model, norm)]
     folds, moves = pre_norm_folds(model, weighted, shift_to_readers=False)
     moves = tuple(PassMove("rescale", move.norm, move.into, move.site, "weight s; g/s folded into its readers")
