@@ -55,7 +55,7 @@ import json, shutil, subprocess, sys, time
 from pathlib import Path
 import normswap
 source, out, repeats = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-normswap.convert_checkpoint(source, out, placement="post", max_shard_size="2GB", calibrate=False)
+normswap.convert_checkpoint(source, out, placement="post", max_shard_size="2GB")
 shutil.rmtree(out)
 pairs = []
 for _ in range(repeats):
@@ -66,7 +66,7 @@ for _ in range(repeats):
     shutil.rmtree(out)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    normswap.convert_checkpoint(source, out, placement="post", max_shard_size="2GB", calibrate=False)
+    normswap.convert_checkpoint(source, out, placement="post", max_shard_size="2GB")
     pairs.append([copy, time.perf_counter() - start])
     shutil.rmtree(out)
 print(json.dumps(pairs))
@@ -126,8 +126,7 @@ def main() -> None:
 
     normswap = [sys.executable, "-m", "normswap", "convert", str(source), str(work / "out"), "--quiet", "--json",
                 "--max-shard-size", "2GB"]
-    # --no-calibration: streaming alone (measuring the stream first runs the source: --verify-offloaded below)
-    commands = [("streamed placement pre -> post", [*normswap, "--placement", "post", "--no-calibration"]),
+    commands = [("streamed placement pre -> post", [*normswap, "--placement", "post"]),
                 ("streamed norm rmsnorm -> layernorm", [*normswap, "--norm", "layernorm"])]
     runs: dict[str, list[tuple[float, float, float, float, float]]] = {label: [] for label, _ in commands}
     for repeat in range(args.repeats):

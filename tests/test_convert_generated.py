@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_convert_native import assert_returned, tiny_model
+from test_convert_native import tiny_model
 
 import normswap
 from normswap.conversion import convert
@@ -69,8 +69,7 @@ def test_generated_classes_realise_the_target(case: Case) -> None:
 
     report = measure_drift(model, converted, normswap.inspect(model), topology, probe_inputs(model, None, None),
                            exact=False)
-    # branch 0 reads exactly what it read before (Pre -> Post: to the float rounding of g / s in its readers)
-    assert report.sublayers[0].max_abs_diff <= (1e-6 if case.placement == "post" else 0.0)
+    assert report.sublayers[0].max_abs_diff == 0.0  # branch 0 reads exactly what it read before
     assert report.output_cosine < 0.999
 
 
@@ -78,14 +77,10 @@ def test_round_trip_returns_to_the_stock_family_bit_for_bit(case: Case) -> None:
     model, converted = converted_pair(case)
     back = convert(converted, BACK[case.placement])
     assert type(back) is type(model)  # the stock transformers class again
+    assert tensors_equal(model.state_dict(), back.state_dict())
     inputs = probe_inputs(model, None, None)
-    if case.placement == "pre":  # Post -> Pre -> Post moves norm tensors only
-        assert tensors_equal(model.state_dict(), back.state_dict())
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, back(**inputs).logits)
-    else:  # Pre -> Post -> Pre: norms bit for bit, the readers that took g / s unfolded in float64
-        assert_returned(model, back, inputs, lambda output: output.logits)
-
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, back(**inputs).logits)
 
 
 def test_saved_checkpoint_needs_trust_remote_code_and_matches(case: Case, tmp_path: Path) -> None:
@@ -117,8 +112,8 @@ DECODERS = [c for c in CASES if c.decoder]
 def test_generate_with_cache_equals_without(case: Case) -> None:
     _, converted = converted_pair(case)
     prompt = torch.tensor([[5, 17, 42, 7]])
-    with_cache = converted.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True)
-    without = converted.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    with_cache = converted.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    without = converted.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 12)
     assert torch.equal(with_cache, without)
 
@@ -151,17 +146,16 @@ def test_cli_round_trip_through_generated_code(tmp_path: Path, capsys: pytest.Ca
     back = tmp_path / "back"
     assert not (back / "modeling_normswap_llama.py").exists()
     assert transformers.AutoConfig.from_pretrained(back).model_type == "llama"
-    restored = transformers.AutoModelForCausalLM.from_pretrained(back)
-    assert_returned(model, restored, probe_inputs(model, None, None), lambda output: output.logits)
-    assert load_file(str(back / "model.safetensors")).keys() == load_file(str(tmp_path / "source" /
-                                                                               "model.safetensors")).keys()
+    original = load_file(str(tmp_path / "source" / "model.safetensors"))
+    restored = load_file(str(back / "model.safetensors"))
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
 
 
 def test_vision_model_converts_with_pixel_probes(tmp_path: Path) -> None:
     model = tiny_model("vit", "ViTModel")
     model.save_pretrained(tmp_path / "source")
     result = convert_checkpoint(tmp_path / "source", tmp_path / "out", "post")
-    assert result.report is not None and result.report.sublayers[0].max_abs_diff <= 1e-6  # g / s in its readers
+    assert result.report is not None and result.report.sublayers[0].max_abs_diff == 0.0
     assert result.report.probe_tokens == 4 * 17  # 4 random images, 16 patches + [CLS]
     loaded = transformers.AutoModel.from_pretrained(result.destination, trust_remote_code=True)
     assert normswap.inspect(loaded).placement == "post"

@@ -71,14 +71,37 @@ def test_loss_falls_and_every_sublayer_gets_closer(config: str, model_class: str
     assert sum(after) / len(after) > sum(before) / len(before)
     assert min(after) > min(before)
     assert report.after["output_cosine"] > report.before["output_cosine"]
-    assert report.warm_start is not None
-    if config == "bert":  # Post -> Pre: the closed-form refit of the writers moves the start closer
-        assert report.warm_start["kept"] and report.warm_start["output_cosine"] > report.before["output_cosine"]
-    else:  # Pre -> Post keeps the stream's size (stream_scale.py), closer than the refit, which is undone
-        assert not report.warm_start["kept"] and report.warm_start["output_cosine"] < report.before["output_cosine"]
+    assert report.warm_start is not None and report.warm_start["kept"]
+    assert report.warm_start["output_cosine"] > report.before["output_cosine"]
     if config == "llama":
         assert report.after["next_token_kl"] < report.before["next_token_kl"]
     assert not teacher.training and all(p.requires_grad for p in student.parameters())
+
+
+def test_a_warm_start_further_from_the_teacher_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refit that lands further from the teacher than the converted model (here: writers zeroed) is undone: the
+    report says so and training starts from the converted weights."""
+    from normswap.healing import warm_start
+
+    teacher, student = pair()
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+
+    def ruinous(_teacher: torch.nn.Module, model: torch.nn.Module, found, _batches) -> list:
+        with torch.no_grad():
+            for site in found.writers:
+                model.get_submodule(site.path).weight.zero_()
+        return []
+
+    monkeypatch.setattr(heal_api, "fit_writers", ruinous)
+    kept = warm_start.refitted_tensors(student, correspond(teacher, student))
+    assert kept  # the writers' and next norms' tensors are copied before the refit
+    _, report = heal_api.heal(teacher, student, max_steps=1, learning_rate=1e-12, work_dir=tmp_path,
+                              warm_start=True, **QUICK)
+    assert report.warm_start is not None and not report.warm_start["kept"]
+    assert report.warm_start["output_cosine"] < report.before["output_cosine"]
+    assert "undone" in report.summary()
+    after = student.state_dict()
+    assert all(torch.allclose(after[key], value, atol=1e-9) for key, value in before.items())
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

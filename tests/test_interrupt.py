@@ -29,8 +29,7 @@ def test_sigterm_midway_leaves_nothing(options: list[str], writing: str, tmp_pat
     destination = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "normswap", "convert", str(source),
                                 str(destination), "--placement", "post", "--quiet", "--verify-max-size", "0",
-                                "--no-calibration", *options],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     caught = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

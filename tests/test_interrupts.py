@@ -134,7 +134,7 @@ def test_a_conversion_acts_on_sigterm_at_the_next_tensor_and_leaves_nothing(
     monkeypatch.setattr(streaming, "_produce", signalled_on_the_third)
     with pytest.raises(StopError):
         convert_checkpoint(tmp_path / "source", tmp_path / "out", placement="post", verify_max_size="0",
-                           max_shard_size="10KB", calibrate=False)  # the planned layout: every tensor is produced here
+                           max_shard_size="10KB")  # the planned layout: every tensor is produced here
     assert len(produced) == 4 and produced[3] == "still computing"  # no fourth tensor was started
     assert signal.getsignal(signal.SIGTERM) is _raise_stop
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]

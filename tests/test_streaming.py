@@ -20,7 +20,6 @@ from test_rms_norm import perturbed
 
 import normswap
 from normswap.conversion.checkpoint import CARRIED_FILE, convert_checkpoint
-from normswap.errors import NormswapError
 from normswap.io.source_weights import tied_keys
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -154,7 +153,7 @@ def test_each_tensor_keeps_its_own_dtype(tmp_path: Path) -> None:
     tensors = load_file(str(source / "model.safetensors"))
     mixed = {k: v if "ln_" in k else v.to(torch.bfloat16) for k, v in tensors.items()}  # norms stay fp32
     save_file(mixed, str(source / "model.safetensors"), metadata={"format": "pt"})
-    convert_checkpoint(source, tmp_path / "out", placement="post", verify_max_size="0", calibrate=False)
+    convert_checkpoint(source, tmp_path / "out", placement="post", verify_max_size="0")
     streamed = saved_tensors(tmp_path / "out")
     moved = {k for k in streamed if k not in mixed}
     for key, value in streamed.items():
@@ -166,19 +165,10 @@ def test_each_tensor_keeps_its_own_dtype(tmp_path: Path) -> None:
 
 def test_large_models_are_streamed_without_verification_and_say_so(tmp_path: Path) -> None:
     source = save(perturbed("gpt2", "GPT2LMHeadModel"), tmp_path / "source")
-    result = convert_checkpoint(source, tmp_path / "out", placement="post", verify_max_size="1KB", calibrate=False)
+    result = convert_checkpoint(source, tmp_path / "out", placement="post", verify_max_size="1KB")
     report = json.loads((tmp_path / "out" / "normswap_report.json").read_text())
     assert report["verified"] is False and "above the verification limit" in report["reason"]
     assert "not verified" in result.report.summary()
-
-
-def test_pre_to_post_above_the_limit_asks_how_to_measure_the_stream(tmp_path: Path) -> None:
-    """Pre -> Post measures the stream before writing; above the in-memory limit it is refused before anything is
-    written, naming both ways on (offloaded calibration, or unit scales)."""
-    source = save(perturbed("gpt2", "GPT2LMHeadModel"), tmp_path / "source")
-    with pytest.raises(NormswapError, match=r"--verify-offloaded.*--no-calibration"):
-        convert_checkpoint(source, tmp_path / "out", placement="post", verify_max_size="1KB")
-    assert not (tmp_path / "out").exists()
 
 
 def test_many_checkpoints_convert_in_one_process_through_the_public_api(tmp_path: Path) -> None:

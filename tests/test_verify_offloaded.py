@@ -72,7 +72,7 @@ def test_cli_verifies_offloaded_and_says_how_to_when_skipping(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     perturbed("gpt2", "GPT2LMHeadModel").save_pretrained(tmp_path / "source")
     assert main(["convert", str(tmp_path / "source"), str(tmp_path / "skipped"), "--placement", "post", "--quiet",
-                 "--verify-max-size", "0", "--no-calibration", "--json"]) == 0
+                 "--verify-max-size", "0", "--json"]) == 0
     skipped = json.loads(capsys.readouterr().out)["report"]
     assert skipped["verified"] is False and "--verify-offloaded" in skipped["reason"]
 
@@ -120,8 +120,8 @@ def test_a_generated_code_source_verifies_offloaded(tmp_path: Path) -> None:
 
 
 def same_figures(offloaded: dict[str, Any], in_memory: dict[str, Any]) -> bool:
-    """The whole conversion's figures are equal; a conversion of several passes (Pre -> Post: the stream's scale,
-    then the norm shift) verified offloaded has no per-pass figures, which need each pass realised in memory."""
+    """The whole conversion's figures are equal; a conversion of several passes verified offloaded has no per-pass
+    figures, which need each pass realised in memory."""
     if offloaded.get("passes") == [] and in_memory.get("passes"):
         in_memory = {**in_memory, "passes": []}
     return offloaded == in_memory
@@ -145,4 +145,5 @@ def test_calibration_above_the_limit_without_offloading_is_refused_before_writin
                  "--verify-max-size", "1KB"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "calibrates its norms" in err and "--verify-offloaded" in err
+    assert "--no-calibration" in err  # the other way on: unit scales, nothing run before writing
     assert not (tmp_path / "out").exists()

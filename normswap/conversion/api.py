@@ -127,9 +127,9 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if norm is None and placement in PLACEMENTS and inputs is None:
         source = inspect(model).placement
         carried = carried_scales(getattr(model, "normswap_carried", None) or {})
-        if (source == "post" and not carried) or source == "parallel" or (source == "pre" and placement != "post"):
-            # the norm shift alone: realised and re-detected, no probe run (Pre -> Post first measures the stream,
-            # and a model carrying the scales it was rescaled with goes home)
+        if (source == "post" and not carried) or source in ("pre", "parallel"):
+            # the norm shift alone: realised and re-detected, no probe run (a model carrying the scales its pre norms
+            # were rescaled with goes home through them)
             setup = plan_conversion(model, placement, native)
             converted = realise(model, setup, allow_nonfinite)
             if setup.target is not None:

@@ -71,9 +71,7 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
         return []
     if (source, target) in _BRANCH_NORM_STEPS:
         return [_branch_norm_planner(source, target, native)]
-    if source == "pre" and target == "post":  # the stream keeps its size through the shift (stream_scale.py)
-        return [_stream_scale_planner(native), _norm_shift_planner(target, native)]
-    if source == "post" and target == "pre":  # back home where the way out rescaled the pre norms
+    if source == "post" and target == "pre":  # back home where the way out rescaled the pre norms (sandwich)
         return [_home_or(target, [_norm_shift_planner(target, native)])]
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
         return [_norm_shift_planner(target, native)]
@@ -97,33 +95,6 @@ def _norm_shift_planner(target: str, native: bool) -> Planner:
 def branch_norm_steps(source: str, target: str) -> tuple[str, ...]:
     """The branch-norm passes, by name, that go directly from placement ``source`` to ``target``."""
     return _BRANCH_NORM_STEPS[(source, target)]
-
-
-def _stream_scale_planner(native: bool) -> Planner:
-    def plan(model: nn.Module) -> ConversionSetup:
-        from .api import plan_conversion
-        from .compose import compose
-        from .stream_scale import stream_scaled_pre_norms
-
-        topology = inspect(model)
-        if _came_from_post(model):  # the way home: the norm shift alone is the exact inverse
-            return _already(topology, "pre")
-        # a norm the shift drops (OPT's first: Post-Norm OPT has no embedding norm) keeps its weights, to be carried
-        shift = plan_conversion(model, "post", native).plan
-        dropped = frozenset(move.source for stack in getattr(shift, "stacks", ()) for move in stack.moves
-                            if move.target is None)
-        # no conversion line: it changes no code, so the code's provenance (and its regeneration) is the shift's
-        return compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
-
-    return plan
-
-
-def _came_from_post(model: nn.Module) -> bool:
-    """Whether ``model`` is a Post-Norm model normswap moved to Pre-Norm (its provenance says so): going back, its
-    norms return to where they were, bit for bit, and the stream has the size its Post-Norm original gave it."""
-    provenance = getattr(model.config, "normswap", None)
-    conversion = provenance.get("conversion", "") if isinstance(provenance, dict) else ""
-    return any(part.startswith("placement post -> ") for part in str(conversion).split("; then "))
 
 
 def _branch_norm_planner(source: str, target: str, native: bool, extra: tuple[str, ...] = ()) -> Planner:
