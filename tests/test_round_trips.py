@@ -33,8 +33,8 @@ CASES = [
     ("olmo2", "Olmo2ForCausalLM", "post"),
     ("llama", "LlamaForCausalLM", "sandwich"),
     ("llama", "LlamaForCausalLM", "post-sublayer"),
-    ("llama", "LlamaForCausalLM", "post"),  # pre norms rescaled to the stream's scale, then the norm shift
-    ("gpt2", "GPT2LMHeadModel", "post"),  # the same with LayerNorms: the rescale folds no centring, so it comes back
+    ("llama", "LlamaForCausalLM", "post"),  # the plain norm shift and back
+    ("gpt2", "GPT2LMHeadModel", "post"),  # the same with LayerNorms and biases
 ]
 
 
@@ -106,3 +106,20 @@ def test_layer_norm_folds_take_the_ordinary_way(caplog: pytest.LogCaptureFixture
         back = normswap.convert(there, "pre")
     assert normswap.inspect(back).placement == "pre" and type(back) is not type(model)
     assert "LayerNorm" in caplog.text and "mean" in caplog.text
+
+
+def test_post_back_to_pre_restores_the_rescaled_pre_norms() -> None:
+    """Gemma 2 -> post rescales its pre norms before the shift (stream_scale.py); going on to pre, the shift back
+    restores them from the carried vectors: the result is Gemma 2 -> pre, up to the float64 unfold."""
+    model = tiny_model("gemma2", "Gemma2ForCausalLM")
+    direct = normswap.convert(model, "pre")
+    through = normswap.convert(normswap.convert(model, "post"), "pre")
+    assert type(through) is type(direct)
+    norms = {norm.path for norm in normswap.inspect(direct).all_norms}
+    first, second = direct.state_dict(), through.state_dict()
+    assert first.keys() == second.keys()
+    for key, tensor in first.items():
+        if key.rsplit(".", 1)[0] in norms:
+            assert torch.equal(second[key], tensor), key
+        else:
+            assert (second[key] - tensor).abs().max() <= BOUND * tensor.abs().max(), key
