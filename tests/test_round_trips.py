@@ -33,8 +33,6 @@ CASES = [
     ("olmo2", "Olmo2ForCausalLM", "post"),
     ("llama", "LlamaForCausalLM", "sandwich"),
     ("llama", "LlamaForCausalLM", "post-sublayer"),
-    ("llama", "LlamaForCausalLM", "post"),  # the plain norm shift and back
-    ("gpt2", "GPT2LMHeadModel", "post"),  # the same with LayerNorms and biases
 ]
 
 
