@@ -40,8 +40,14 @@ def assert_home(original: torch.nn.Module, back: torch.nn.Module) -> None:
     """``back`` is the stock class of ``original`` with its norm vectors bit for bit and every other tensor within
     ``BOUND`` of the original's, relative to its largest entry."""
     assert type(back) is type(original) and type(back).__module__.startswith("transformers.")
-    norms = {norm.path for norm in normswap.inspect(original).all_norms}
-    before, after = original.state_dict(), back.state_dict()
+    assert_same_weights(original, back)
+
+
+def assert_same_weights(reference: torch.nn.Module, model: torch.nn.Module) -> None:
+    """``model``'s norm vectors are ``reference``'s bit for bit, every other tensor within ``BOUND`` of its largest
+    entry, in the same dtype."""
+    norms = {norm.path for norm in normswap.inspect(reference).all_norms}
+    before, after = reference.state_dict(), model.state_dict()
     assert before.keys() == after.keys()
     for key, tensor in before.items():
         if key.rsplit(".", 1)[0] in norms:
@@ -113,11 +119,4 @@ def test_post_back_to_pre_restores_the_rescaled_pre_norms() -> None:
     direct = normswap.convert(model, "pre")
     through = normswap.convert(normswap.convert(model, "post"), "pre")
     assert type(through) is type(direct)
-    norms = {norm.path for norm in normswap.inspect(direct).all_norms}
-    first, second = direct.state_dict(), through.state_dict()
-    assert first.keys() == second.keys()
-    for key, tensor in first.items():
-        if key.rsplit(".", 1)[0] in norms:
-            assert torch.equal(second[key], tensor), key
-        else:
-            assert (second[key] - tensor).abs().max() <= BOUND * tensor.abs().max(), key
+    assert_same_weights(direct, through)
