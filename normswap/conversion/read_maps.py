@@ -11,6 +11,7 @@ conversion carried (``round_trip_carry.py``), to the converted model's read befo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,11 +23,13 @@ from .stand_in import StandIn, stand_in_of
 Tensor = torch.Tensor
 
 
+@dataclass(frozen=True)
 class ReadMap:
     """The stand-in of one folded pre norm, applied to what the converted branch reads."""
 
-    def __init__(self, stand_in: StandIn, tensors: Mapping[str, Tensor], scale: float) -> None:
-        self.stand_in, self.tensors, self.scale = stand_in, dict(tensors), scale
+    stand_in: StandIn
+    tensors: Mapping[str, Tensor]  # the norm's carried vectors
+    scale: float
 
     def __call__(self, read: Tensor) -> Tensor:
         tensors = {key: value.to(read.device) for key, value in self.tensors.items()}
