@@ -33,6 +33,8 @@ CASES = [
     ("olmo2", "Olmo2ForCausalLM", "post"),
     ("llama", "LlamaForCausalLM", "sandwich"),
     ("llama", "LlamaForCausalLM", "post-sublayer"),
+    ("gpt2", "GPT2LMHeadModel", "sandwich"),  # LayerNorms added, dropped again without their centring
+    ("bert", "BertForMaskedLM", "sandwich"),  # Post-Norm: out norms added to its Pre-Norm twin; back by the shift
 ]
 
 
@@ -102,10 +104,10 @@ def test_cli_round_trip_goes_home_to_stock_transformers(tmp_path: Path, capsys: 
 
 
 def test_layer_norm_folds_take_the_ordinary_way(caplog: pytest.LogCaptureFixture) -> None:
-    """A LayerNorm stand-in's centring is not undone by carried vectors: GPT-2 pre -> sandwich -> pre converts
-    through generated code as before, and says why it does not go home."""
+    """A dropped LayerNorm stand-in's centring is not undone by carried vectors: GPT-2 pre -> post-sublayer -> pre
+    converts through generated code as before, and says why it does not go home."""
     model = tiny_model("gpt2", "GPT2LMHeadModel")
-    there = normswap.convert(model, "sandwich")
+    there = normswap.convert(model, "post-sublayer")
     with caplog.at_level(logging.WARNING, logger="normswap"):
         back = normswap.convert(there, "pre")
     assert normswap.inspect(back).placement == "pre" and type(back) is not type(model)

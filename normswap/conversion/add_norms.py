@@ -141,7 +141,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
                            f"({sub.residual_add}), whose code holds no module to build a norm in")
-    class_path = _class_path(locate, class_name, sub)
+    class_path = _class_path(locate, class_name, sub, slot)
     holder = locate.layer.get_submodule(class_path) if class_path else locate.layer
     attributes = {branch: _attributes(locate, class_path, branch) for branch in sub.branches}
     try:
@@ -188,12 +188,19 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     return built
 
 
-def _class_path(locate: _Locator, class_name: str, sub: Sublayer) -> str:
+def _class_path(locate: _Locator, class_name: str, sub: Sublayer, slot: str) -> str:
     """The path, in the layer, of the module of class ``class_name`` that adds ``sub``'s branches to the stream: the
-    one that holds them ("" for the layer itself)."""
-    for candidate in locate.class_paths.get(class_name, []):
-        inside = [locate.relative(module) for branch in sub.branches for module in branch.modules]
+    one that holds them ("" for the layer itself). An ``out`` norm wraps only the term the add adds, so for it a
+    module that holds one module of each branch is enough (BERT's ``attention.output`` adds its ``dense``'s output,
+    while the attention that feeds it lives beside it); the term is then found among the calls it makes."""
+    candidates = locate.class_paths.get(class_name, [])
+    inside = [locate.relative(module) for branch in sub.branches for module in branch.modules]
+    for candidate in candidates:
         if not candidate or all(module.startswith(f"{candidate}.") for module in inside):
+            return candidate
+    for candidate in candidates if slot == "out" else ():
+        if candidate and all(any(locate.relative(module).startswith(f"{candidate}.") for module in branch.modules)
+                             for branch in sub.branches):
             return candidate
     raise AddNormError(f"the residual add at {sub.residual_add} is in {class_name}, which holds none of its branches' "
                        "modules, so its code calls no branch whose output a new norm could take")

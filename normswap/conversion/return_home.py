@@ -8,11 +8,12 @@ placement its original family has is then not a new calibrated conversion but th
   was folded into (found again from the family's structure, as the drop found them) are unfolded in float64 with
   the carried ``g`` and ``s``: ``W = diag(s/g) (W' - beta)`` for an ``out`` norm's writers (``beta`` on its one
   carrier bias), ``W = W' diag(s/g)`` and ``b = b' - W beta`` for a ``pre`` norm's readers;
-* a norm the first conversion added is dropped again as its stand-in at its carried scale, so while its weight is
-  still its start ``g = s`` the fold is the identity up to rounding.
+* a norm the first conversion added is dropped again as its stand-in at its carried scale, without a LayerNorm's
+  centring (the original had none there), so while its weight is still its start ``g = s`` the fold is the identity
+  up to rounding.
 
-A LayerNorm's stand-in removed each folded row's mean (``C``), which no carried vector restores: that model takes
-the ordinary conversion instead, and the reason is logged.
+A dropped LayerNorm's stand-in removed each folded row's mean (``C``), which no carried vector restores: that model
+takes the ordinary conversion instead, and the reason is logged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..codegen.package import GeneratedModule
 from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
@@ -50,13 +52,19 @@ class NoWayHomeError(NormswapError):
 
 @dataclass(frozen=True)
 class _Home:
-    """The stock family a generated model came from, at the placement asked for."""
+    """The stock family a generated model came from, at the placement asked for (or, on the way to a Post-Norm
+    family, the Pre-Norm twin of it the way out went through: ``generated`` is then its code)."""
 
     model_type: str
     cls: type[nn.Module]
     config: object
     topology: Topology
     meta: nn.Module
+    generated: GeneratedModule | None = None
+
+    @property
+    def realisation(self) -> str:
+        return f"generated code: {self.generated.file_name}" if self.generated else f"native: {self.model_type}"
 
 
 def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
@@ -79,6 +87,8 @@ def home_setup(model: nn.Module, placement: str) -> ConversionSetup | None:
     try:
         if inspect(model).placement == "post":
             return _through_pre(model, placement, home, carried, scales)
+        if placement == "post":
+            return _to_post_through_pre(model, home, carried, scales)
         return _home_setup(model, placement, home, carried, scales)
     except (NoWayHomeError, PlanError, StandInError) as reason:
         logger.warning("not returning to the stock %s classes: %s; converting as a new model", home.model_type, reason)
@@ -102,6 +112,25 @@ def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping
     shift = _placement_setup(model, shift_plan, inspect(model), twin_topology, twin.target_class, twin.target_config,
                              twin.generated)
     return chain(model, [lambda _: shift, lambda meta: _home_setup(meta, placement, home, carried, scales)])
+
+
+def _to_post_through_pre(model: nn.Module, home: _Home, carried: Mapping[str, Tensor],
+                         scales: Mapping[str, float]) -> ConversionSetup:
+    """A branch-norm model made from a Post-Norm family (post -> pre -> sandwich), going back to post: its carried
+    norms undone into the Pre-Norm twin the way out went through (the family's own code after the norm shift, no
+    stock class in between, as ``route.py`` goes out), then the norm shift home, which moves norm tensors only."""
+    from .api import plan_conversion
+
+    twin_setup = plan_conversion(home.meta, "pre", native=False)
+    if twin_setup.target_class is None or twin_setup.target_config is None:
+        raise NoWayHomeError(f"the norm shift makes no Pre-Norm twin of {home.model_type}")
+    twin_meta = meta_instance(twin_setup.target_class, twin_setup.target_config)
+    # its provenance, so that the norm shift after it lands in the stock family again
+    twin_meta.config.normswap = {"source_model_type": home.model_type}
+    twin = _Home(home.model_type, type(twin_meta), twin_meta.config, inspect(twin_meta), twin_meta,
+                 twin_setup.generated)
+    return chain(model, [lambda _: _home_setup(model, "pre", twin, carried, scales),
+                         lambda meta: plan_conversion(meta, "post")])
 
 
 def _back_to_pre(model: nn.Module, carried: Mapping[str, Tensor], scales: Mapping[str, float]) -> ConversionSetup:
@@ -179,8 +208,9 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
                                  f"{home.model_type}")
     program = TensorProgram({key: steps[key] for key in target_shapes})
     target = home.topology
-    name = f"{source.placement} -> {placement}: back to the stock {home.model_type} classes"
-    plan = ComposedPlan(source.model_type, home.model_type, source.placement, placement, f"native: {home.model_type}",
+    where = f"the {home.model_type} code of the way out" if home.generated else f"the stock {home.model_type} classes"
+    name = f"{source.placement} -> {placement}: back to {where}"
+    plan = ComposedPlan(source.model_type, home.model_type, source.placement, placement, home.realisation,
                         False, (Pass(name, exact=False, placement=placement, moves=tuple(moves)),),
                         ("dropped norms restored bit for bit from the carried tensors and the tensors their stand-ins "
                          "were folded into unfolded in float64; added norms dropped at their carried scale",))
@@ -189,25 +219,26 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
         require_topology(converted, target)
         return measure_drift(original, converted, source, target, probe, exact=False)
 
-    return ConversionSetup(plan, program, home.cls, home.config, None,
+    return ConversionSetup(plan, program, home.cls, home.config, home.generated,
                            f"placement {source.placement} -> {placement} (back to {home.model_type})", source, target,
                            verify)
 
 
 def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str, float], steps: dict[str, Step]
                 ) -> list[PassMove]:
-    """Fold each added norm's stand-in, at the scale it was started at, into its neighbours (as the drop passes do)."""
+    """Fold each added norm's stand-in, at the scale it was started at, into its neighbours (as the drop passes do),
+    without a LayerNorm's centring ``C``: the original had no norm there, and while ``g`` is still its start ``s``
+    (and ``beta`` 0) the fold is then the identity, so the neighbours come home as they were."""
     out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"])
     pre_folds, pre_moves = pre_norm_folds(model, [norm for norm in added if norm.slot == "pre"])
     for fold in out_folds:
-        _require_uncentred(fold.stand_in)
         for key, dim in fold.tensors.items():
             fold_into_writer(fold.stand_in, scales[fold.stand_in.norm], key, dim, steps,
-                             carries_shift=key == fold.carrier)
+                             carries_shift=key == fold.carrier, centre=False)
     for pre in pre_folds:
-        _require_uncentred(pre.stand_in)
         for reader in pre.readers:
-            fold_into_reader(pre.stand_in, scales[pre.stand_in.norm], reader.weight, reader.in_dim, reader.bias, steps)
+            fold_into_reader(pre.stand_in, scales[pre.stand_in.norm], reader.weight, reader.in_dim, reader.bias, steps,
+                             centre=False)
     return [PassMove("fold", move.norm, move.into, note="at its carried starting scale")
             for move in (*out_moves, *pre_moves)]
 

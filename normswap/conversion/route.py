@@ -76,11 +76,14 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     if source in ("post", *PRE_LIKE) and target in ("post", *PRE_LIKE):
         return [_norm_shift_planner(target, native)]
     if source == "post":  # post -> pre by the norm shift, then pre -> the branch-norm placement
-        return [_home_or(target, [_norm_shift_planner("pre", native), _branch_norm_planner("pre", target, native)])]
+        # no stock family stands between: the new norms go into the source family's own code (a stock Pre-Norm
+        # twin may add its branches where it builds no norm to copy: MegatronBERT's SelfOutput)
+        return [_home_or(target, [_norm_shift_planner("pre", False), _branch_norm_planner("pre", target, native)])]
     if target == "post" and source == "sandwich":  # its pre norms take the stream's scale before they move
-        return [_branch_norm_planner(source, "pre", native, extra=("scale pre",)), _norm_shift_planner("post", native)]
+        return [_home_or(target, [_branch_norm_planner(source, "pre", native, extra=("scale pre",)),
+                                  _norm_shift_planner("post", native)])]
     if target == "post":  # post-sublayer: the pre norms it gains start at the stream's scale already
-        return [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)]
+        return [_home_or(target, [*placement_planners(source, "pre", native), _norm_shift_planner("post", native)])]
     if source == "parallel":
         return [_norm_shift_planner("pre", native), *placement_planners("pre", target, native)]
     raise PlanError(f"a model of {source} placement has no single norm per slot for the placement passes to move")

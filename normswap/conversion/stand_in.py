@@ -93,13 +93,14 @@ def _along(vector: Tensor, tensor: Tensor, dim: int) -> Tensor:
 
 
 def fold_into_writer(stand_in: StandIn, scale: float, key: str, dim: int, steps: dict[str, Step],
-                     carries_shift: bool = False) -> None:
+                     carries_shift: bool = False, centre: bool = True) -> None:
     """``steps[key]``, a tensor whose ``dim`` runs over the norm's input channels (a writer's weight or bias, a
-    bias added outside a linear map), becomes ``(g/s) * [C] tensor`` (``+ beta`` where it ``carries_shift``)."""
+    bias added outside a linear map), becomes ``(g/s) * [C] tensor`` (``+ beta`` where it ``carries_shift``);
+    ``centre=False`` leaves ``C`` out (a LayerNorm dropped on the way home, which the original never had)."""
     def fold(tensor: Tensor, *norm_tensors: Tensor) -> Tensor:
         named = dict(zip(stand_in.keys, norm_tensors, strict=True))
         wide = tensor.double()
-        if stand_in.centred:
+        if stand_in.centred and centre:
             wide = wide - wide.mean(dim, keepdim=True)
         out = wide * _along(stand_in.gain(named, wide.shape[dim]) / scale, wide, dim)
         beta = stand_in.shift(named)
