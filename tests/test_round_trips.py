@@ -21,6 +21,7 @@ from test_convert_native import tiny_model
 
 import normswap
 from normswap.conversion.checkpoint import CARRIED_FILE
+from normswap.conversion.round_trip_carry import MEAN_PREFIX
 
 BOUND = 1e-6  # max|W - W0| <= BOUND * max|W0|, in fp32
 
@@ -35,6 +36,8 @@ CASES = [
     ("llama", "LlamaForCausalLM", "post-sublayer"),
     ("gpt2", "GPT2LMHeadModel", "sandwich"),  # LayerNorms added, dropped again without their centring
     ("bert", "BertForMaskedLM", "sandwich"),  # Post-Norm: out norms added to its Pre-Norm twin; back by the shift
+    ("gpt2", "GPT2LMHeadModel", "post-sublayer"),  # pre LayerNorms dropped: their centring undone by carried means
+    ("bert", "BertForMaskedLM", "post-sublayer"),
 ]
 
 
@@ -75,9 +78,11 @@ def test_round_trip_goes_home(family: str, model_class: str, via: str) -> None:
     there = normswap.convert(model, via)
     assert normswap.inspect(there).placement == via and type(there) is not type(model)
     assert_only_vectors_and_scales(there.normswap_carried)
-    state = model.state_dict()
-    for key, tensor in there.normswap_carried.items():  # a dropped norm's vectors are the source's own
-        if tensor.dim() == 1:
+    # a dropped norm's vectors are those of the model the drop ran on: the source, or a Post-Norm source's Pre-Norm
+    # twin (its own code after the norm shift, where the norms have moved)
+    state = (normswap.convert(model, "pre", native=False) if home == "post" else model).state_dict()
+    for key, tensor in there.normswap_carried.items():
+        if tensor.dim() == 1 and not key.startswith(MEAN_PREFIX):
             assert torch.equal(tensor, state[key]), key
     back = normswap.convert(there, home)
     assert_home(model, back)
@@ -103,11 +108,14 @@ def test_cli_round_trip_goes_home_to_stock_transformers(tmp_path: Path, capsys: 
     assert_home(model, loaded)
 
 
-def test_layer_norm_folds_take_the_ordinary_way(caplog: pytest.LogCaptureFixture) -> None:
-    """A dropped LayerNorm stand-in's centring is not undone by carried vectors: GPT-2 pre -> post-sublayer -> pre
-    converts through generated code as before, and says why it does not go home."""
+def test_layer_norm_folds_without_carried_means_take_the_ordinary_way(caplog: pytest.LogCaptureFixture) -> None:
+    """A dropped LayerNorm's centring is undone only by its carried means: without them (a checkpoint from a normswap
+    that carried none), GPT-2 pre -> post-sublayer -> pre converts through generated code, and says why."""
     model = tiny_model("gpt2", "GPT2LMHeadModel")
     there = normswap.convert(model, "post-sublayer")
+    assert any(key.startswith(MEAN_PREFIX) for key in there.normswap_carried)
+    there.normswap_carried = {key: value for key, value in there.normswap_carried.items()
+                              if not key.startswith(MEAN_PREFIX)}
     with caplog.at_level(logging.WARNING, logger="normswap"):
         back = normswap.convert(there, "pre")
     assert normswap.inspect(back).placement == "pre" and type(back) is not type(model)

@@ -28,7 +28,7 @@ from .norm_kind import _output_dims, linear_layout
 from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step, constant
-from .round_trip_carry import removed_norms_carried
+from .round_trip_carry import reader_means_carried, removed_norms_carried, writer_means_carried
 from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
 
 
@@ -118,7 +118,20 @@ def _drop_pass(model: nn.Module, topology: Topology, slot: str, norms: Sequence[
     return Pass(_name(topology, slot), exact=False, placement=_placement_without(topology, slot),
                 edits=tuple(removed_norm_edits(model, topology, slot)), rewrite=rewrite,
                 calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
-                carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
+                carry=functools.partial(_carried, tuple(folds)))
+
+
+def _carried(folds: Sequence[OutFold | PreFold], initial: Mapping[str, Step], scales: Scales) -> dict[str, Step]:
+    """What the way back needs: each dropped norm's vectors and scale, and the means a LayerNorm's centring took from
+    the tensors it folded into (computed from the source's tensors: no other pass of a conversion changes them)."""
+    carried = removed_norms_carried(tuple(fold.stand_in for fold in folds), initial, scales)
+    for fold in folds:
+        if isinstance(fold, OutFold):
+            carried.update(writer_means_carried(fold.stand_in, fold.tensors, initial))
+        else:
+            carried.update(reader_means_carried(fold.stand_in, [(reader.weight, reader.in_dim)
+                                                                for reader in fold.readers], initial))
+    return carried
 
 
 def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:

@@ -6,20 +6,21 @@ placement its original family has is then not a new calibrated conversion but th
 
 * a dropped norm comes back under its own name with its carried vectors, bit for bit, and the tensors its stand-in
   was folded into (found again from the family's structure, as the drop found them) are unfolded in float64 with
-  the carried ``g`` and ``s``: ``W = diag(s/g) (W' - beta)`` for an ``out`` norm's writers (``beta`` on its one
-  carrier bias), ``W = W' diag(s/g)`` and ``b = b' - W beta`` for a ``pre`` norm's readers;
+  the carried ``g`` and ``s``: ``W = diag(s/g) (W' - beta) + m`` for an ``out`` norm's writers (``beta`` on its one
+  carrier bias), ``W = (s W' + m) diag(1/g)`` and ``b = b' - W beta`` for a ``pre`` norm's readers, where ``m`` is
+  the carried mean a LayerNorm's centring ``C`` removed (0 for an RMSNorm);
 * a norm the first conversion added is dropped again as its stand-in at its carried scale, without a LayerNorm's
   centring (the original had none there), so while its weight is still its start ``g = s`` the fold is the identity
   up to rounding.
 
-A dropped LayerNorm's stand-in removed each folded row's mean (``C``), which no carried vector restores: that model
-takes the ordinary conversion instead, and the reason is logged.
+A model converted by a normswap that carried no means takes the ordinary conversion instead, and the reason is
+logged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ from .native import meta_instance, target_class, target_config
 from .passes import Pass, PassMove
 from .plan import PlanError, build_placement_plan
 from .program import Step, TensorProgram, combine, copy_of, shapes_of
-from .round_trip_carry import carried_scales
+from .round_trip_carry import carried_scales, mean_key
 from .setup import ConversionSetup
 from .stand_in import StandIn, _along, fold_into_reader, fold_into_writer, stand_in_of
 from .verify import DriftReport, measure_drift, require_topology
@@ -253,8 +254,6 @@ def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapp
     out_folds, out_moves = out_norm_folds(home, [norm for norm in removed if norm.slot == "out"])
     pre_folds, pre_moves = pre_norm_folds(home, [norm for norm in removed if norm.slot == "pre"])
     for stand_in in (*(fold.stand_in for fold in out_folds), *(fold.stand_in for fold in pre_folds)):
-        if folded_centring:
-            _require_uncentred(stand_in)
         for key in stand_in.keys:
             if key not in carried:
                 raise NoWayHomeError(f"{key} is not among the carried tensors")
@@ -262,50 +261,71 @@ def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapp
         if stand_in.weight is not None and not bool(stand_in.gain(carried, 0).ne(0).all()):
             raise NoWayHomeError(f"{stand_in.weight} has a channel where g = 0, which its fold erased")
     for fold in out_folds:
-        _unfold_writers(fold, scales[fold.stand_in.norm], steps)
+        _unfold_writers(fold, scales[fold.stand_in.norm], steps,
+                        _means(fold.stand_in, fold.tensors, carried) if folded_centring else {})
     for pre in pre_folds:
-        _unfold_readers(pre, scales[pre.stand_in.norm], steps)
+        _unfold_readers(pre, scales[pre.stand_in.norm], steps,
+                        _means(pre.stand_in, [reader.weight for reader in pre.readers], carried)
+                        if folded_centring else {})
     return [PassMove("restore", move.norm, move.into, note="carried vectors; its neighbours unfolded")
             for move in (*out_moves, *pre_moves)]
 
 
-def _require_uncentred(stand_in: StandIn) -> None:
-    if stand_in.centred:
-        raise NoWayHomeError(f"{stand_in.norm} is a LayerNorm, whose stand-in removed the mean of each folded row (C), "
-                        "which no carried vector restores")
+def _means(stand_in: StandIn, keys: Iterable[str], carried: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The carried mean of each tensor a LayerNorm's stand-in centred (none for an RMSNorm's): the centring ``C``
+    removed it, and the unfold adds it back."""
+    if not stand_in.centred:
+        return {}
+    means = {key: carried.get(mean_key(key)) for key in keys}
+    missing = sorted(key for key, mean in means.items() if mean is None)
+    if missing:
+        raise NoWayHomeError(f"{stand_in.norm} is a LayerNorm whose stand-in removed the mean of {missing[0]} (C), and "
+                             "no carried mean restores it (converted by a normswap that carried none)")
+    return {key: mean for key, mean in means.items() if mean is not None}
 
 
 def _carried(tensor: Tensor) -> Step:
     return Step((), lambda: tensor.clone(), touches=False)
 
 
-def _unfold_writers(fold: OutFold, scale: float, steps: dict[str, Step]) -> None:
-    """``W = diag(s/g) (W' - beta)``: the inverse of ``stand_in.fold_into_writer`` (``beta`` on its carrier only)."""
+def _unfold_writers(fold: OutFold, scale: float, steps: dict[str, Step], means: Mapping[str, Tensor]) -> None:
+    """``W = diag(s/g) (W' - beta) + m``: the inverse of ``stand_in.fold_into_writer`` (``beta`` on its carrier only;
+    ``m``, a LayerNorm's, the carried mean its centring removed)."""
     stand_in = fold.stand_in
     for key, dim in fold.tensors.items():
-        def unfold(tensor: Tensor, *norm_tensors: Tensor, dim: int = dim, shifted: bool = key == fold.carrier
-                   ) -> Tensor:
+        mean = means.get(key)
+
+        def unfold(tensor: Tensor, *norm_tensors: Tensor, dim: int = dim, shifted: bool = key == fold.carrier,
+                   mean: Tensor | None = mean) -> Tensor:
             named = dict(zip(stand_in.keys, norm_tensors, strict=True))
             wide = tensor.double()
             beta = stand_in.shift(named)
             if shifted and beta is not None:
                 wide = wide - _along(beta, wide, dim)
-            return (wide * _along(scale / stand_in.gain(named, wide.shape[dim]), wide, dim)).to(tensor.dtype)
+            wide = wide * _along(scale / stand_in.gain(named, wide.shape[dim]), wide, dim)
+            if mean is not None:
+                wide = wide + mean.double().unsqueeze(dim)
+            return wide.to(tensor.dtype)
 
         steps[key] = combine(unfold, steps[key], *(steps[k] for k in stand_in.keys))
 
 
-def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
-    """``W = W' diag(s/g)`` and ``b = b' - W beta``: the inverse of ``stand_in.fold_into_reader``."""
+def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step], means: Mapping[str, Tensor]) -> None:
+    """``W = (s W' + m) diag(1/g)`` and ``b = b' - W beta``: the inverse of ``stand_in.fold_into_reader`` (``m``, a
+    LayerNorm's, the carried mean its centring removed)."""
     stand_in = fold.stand_in
     for reader in fold.readers:
-        def weight(tensor: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim) -> Tensor:
-            return _unscaled(stand_in, scale, tensor, norm_tensors, in_dim).to(tensor.dtype)
+        mean = means.get(reader.weight)
 
-        def bias(tensor: Tensor, matrix: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim) -> Tensor:
+        def weight(tensor: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim, mean: Tensor | None = mean
+                   ) -> Tensor:
+            return _unscaled(stand_in, scale, tensor, norm_tensors, in_dim, mean).to(tensor.dtype)
+
+        def bias(tensor: Tensor, matrix: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim,
+                 mean: Tensor | None = mean) -> Tensor:
             beta = stand_in.shift(dict(zip(stand_in.keys, norm_tensors, strict=True)))
             assert beta is not None  # only unfolded for a norm with a bias
-            unfolded = _unscaled(stand_in, scale, matrix, norm_tensors, in_dim)
+            unfolded = _unscaled(stand_in, scale, matrix, norm_tensors, in_dim, mean)
             shift = (unfolded.movedim(in_dim, -1) @ beta).reshape(tensor.shape)
             return (tensor.double() - shift).to(tensor.dtype)
 
@@ -315,7 +335,11 @@ def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step]) -> None
         steps[reader.weight] = combine(weight, folded, *norm_steps)
 
 
-def _unscaled(stand_in: StandIn, scale: float, matrix: Tensor, norm_tensors: Sequence[Tensor], in_dim: int) -> Tensor:
-    """``W' diag(s/g)`` in float64."""
+def _unscaled(stand_in: StandIn, scale: float, matrix: Tensor, norm_tensors: Sequence[Tensor], in_dim: int,
+              mean: Tensor | None = None) -> Tensor:
+    """``(s W' + m) diag(1/g)`` in float64 (``m`` 0 where no centring was folded)."""
     named = dict(zip(stand_in.keys, norm_tensors, strict=True))
-    return matrix.double() * _along(scale / stand_in.gain(named, matrix.shape[in_dim]), matrix, in_dim)
+    gain = _along(stand_in.gain(named, matrix.shape[in_dim]), matrix, in_dim)
+    if mean is None:
+        return matrix.double() * (scale / gain)
+    return (matrix.double() * scale + mean.double().unsqueeze(in_dim)) / gain

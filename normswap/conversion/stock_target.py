@@ -16,14 +16,17 @@ from ..detect import inspect
 from ..recipe import NativeTarget
 from ..topology import Topology
 from .native import meta_instance, target_class, target_config
-from .round_trip_carry import SCALE_PREFIX
+from .round_trip_carry import MEAN_PREFIX, SCALE_PREFIX
 
 
 def carried_name(key: str, renames: Mapping[str, str]) -> str:
-    """A carried tensor's name after the stock family's renames: a new norm's scale follows its norm."""
+    """A carried tensor's name after the stock family's renames: a new norm's scale follows its norm, a folded
+    tensor's carried mean its tensor."""
     if key.startswith(SCALE_PREFIX):
         renamed = renames.get(f"{key.removeprefix(SCALE_PREFIX)}.weight")
         return f"{SCALE_PREFIX}{renamed.removesuffix('.weight')}" if renamed else key
+    if key.startswith(MEAN_PREFIX):
+        return f"{MEAN_PREFIX}{renames.get(key.removeprefix(MEAN_PREFIX), key.removeprefix(MEAN_PREFIX))}"
     return renames.get(key, key)
 
 
