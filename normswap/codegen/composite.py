@@ -31,8 +31,8 @@ from .rewrite import apply_edits
 
 # names the generated file's own code defines after the copied classes (package.py's footer)
 _RESERVED = frozenset({"NormswapRemovedNorm", "NormswapRMSNorm", "NormswapLayerNorm", "NormswapPlainRMSNorm",
-                       "_model_class", "normswap_source_width_config", "normswap_lift", "normswap_lift_output",
-                       "normswap_lifted_projector"})
+                       "_model_class", "_auto_class", "_normswap_auto_classes", "normswap_source_width_config",
+                       "normswap_lift", "normswap_lift_output", "normswap_lifted_projector"})
 
 
 @dataclass(frozen=True)
