@@ -6,8 +6,9 @@ module: normswap rewrites that module (modeling_llama), but the classes the chec
 The generated file therefore also carries the wrapper module's model classes, copied from transformers'
 source, where every name resolves in the generated file: a class it regenerates by its regenerated self, an
 ``AutoModel.from_config`` call that would build one of those by that class (``auto_calls``), anything else
-imported from where transformers defines it. Nothing is registered in transformers' Auto mappings, so stock
-checkpoints of either family keep loading into the stock classes in the same process.
+imported from where transformers defines it. Only the generated config class is registered in transformers'
+Auto mappings (package.py), never a stock config class or a model_type, so stock checkpoints of either family keep
+loading into the stock classes in the same process.
 """
 
 from __future__ import annotations
