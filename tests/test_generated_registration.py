@@ -51,6 +51,7 @@ VARIANTS = [
     Variant("llama-post", lambda: tiny_model("llama", "LlamaForCausalLM"), "post"),
     Variant("llama-layernorm-exact", lambda: tiny_model("llama", "LlamaForCausalLM"), norm="layernorm", exact=True),
     Variant("llama-post-layernorm", lambda: tiny_model("llama", "LlamaForCausalLM"), "post", "layernorm"),  # 2 passes
+    Variant("llama-post-sublayer", lambda: tiny_model("llama", "LlamaForCausalLM"), "post-sublayer"),  # drops norms
     Variant("gpt2-post", lambda: tiny_model("gpt2", "GPT2LMHeadModel"), "post"),
     Variant("bert-pre", lambda: tiny_model("bert", "BertForMaskedLM"), "pre"),
     Variant("llava-post", lambda: coverage_checks.build(coverage_checks.candidate("llava")).model, "post"),
@@ -87,6 +88,9 @@ def test_an_imported_module_builds_its_classes_through_the_auto_classes(variant:
     for auto, name in found_by_auto.items():
         built = getattr(transformers, auto).from_config(config, trust_remote_code=False)
         assert type(built) is getattr(module, name), auto
+        for key, tensor in built.state_dict().items():  # removed norms' placeholders included
+            assert tensor.numel() > 0, key
+            torch.max(tensor)
     for name in found_by_auto.values():  # a generic head builds its base model by AutoModel.from_config
         if name.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
             head = getattr(module, name)(config)
