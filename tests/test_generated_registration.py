@@ -188,3 +188,17 @@ def test_a_checkpoint_with_empty_placeholders_converts_back_and_onward(llama_lay
                                   trust_remote_code=True).destination
     assert load_file(str(onward / "model.safetensors"))["model.norm.weight"].shape == ()
     assert_same_weights(expected, onward)
+
+
+def test_a_norm_with_a_0d_parameter_is_not_removed() -> None:
+    from normswap.codegen.derive import CodegenError, _parameter_names
+
+    class ScaleNorm(torch.nn.Module):  # g * x / ||x||, its gain one number: the placeholder's shape
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = torch.nn.Parameter(torch.tensor(8.0))
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), ScaleNorm())
+    assert _parameter_names(model, "0") == ("weight", "bias")
+    with pytest.raises(CodegenError, match="0-d"):
+        _parameter_names(model, "1")
