@@ -92,7 +92,7 @@ def test_saved_checkpoint_needs_trust_remote_code_and_matches(case: Case, tmp_pa
     auto = getattr(transformers, case.auto_class)
     with pytest.raises(ValueError, match="trust_remote_code"):
         auto.from_pretrained(out)
-    # forcing the stock class by name fails loudly too: the removed norm's slot holds an empty tensor
+    # forcing the stock class by name fails loudly too: the removed norm's slot holds a 0-d tensor, not its vector
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         getattr(transformers, case.model_class).from_pretrained(out)
     loaded = auto.from_pretrained(out, trust_remote_code=True).eval()

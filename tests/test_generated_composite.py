@@ -115,7 +115,7 @@ def test_loading_a_converted_composite_leaves_stock_checkpoints_to_the_stock_cla
                       if isinstance(module, transformers.PreTrainedModel))
     text_model.save_pretrained(tmp_path / "text")
     assert type(transformers.AutoModel.from_pretrained(tmp_path / "text")).__module__.startswith("transformers.models.")
-    # and the converted checkpoint never loads into the stock class (its removed norm is an empty tensor)
+    # and the converted checkpoint never loads into the stock class (its removed norm is a 0-d tensor)
     with pytest.raises(RuntimeError, match="mismatch"):
         stock_class.from_pretrained(converted.destination)
 

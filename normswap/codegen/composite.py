@@ -6,8 +6,9 @@ module: normswap rewrites that module (modeling_llama), but the classes the chec
 The generated file therefore also carries the wrapper module's model classes, copied from transformers'
 source, where every name resolves in the generated file: a class it regenerates by its regenerated self, an
 ``AutoModel.from_config`` call that would build one of those by that class (``auto_calls``), anything else
-imported from where transformers defines it. Nothing is registered in transformers' Auto mappings, so stock
-checkpoints of either family keep loading into the stock classes in the same process.
+imported from where transformers defines it. Only the generated config class is registered in transformers'
+Auto mappings (package.py), never a stock config class or a model_type, so stock checkpoints of either family keep
+loading into the stock classes in the same process.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from .rewrite import apply_edits
 
 # names the generated file's own code defines after the copied classes (package.py's footer)
 _RESERVED = frozenset({"NormswapRemovedNorm", "NormswapRMSNorm", "NormswapLayerNorm", "NormswapPlainRMSNorm",
-                       "_model_class", "normswap_source_width_config", "normswap_lift", "normswap_lift_output",
-                       "normswap_lifted_projector"})
+                       "_model_class", "_auto_class", "_normswap_auto_classes", "normswap_source_width_config",
+                       "normswap_lift", "normswap_lift_output", "normswap_lifted_projector"})
 
 
 @dataclass(frozen=True)

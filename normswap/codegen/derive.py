@@ -598,7 +598,14 @@ def owner_and_attribute(model: nn.Module, path: str) -> tuple[str, str]:
 
 
 def _parameter_names(model: nn.Module, path: str) -> tuple[str, ...]:
-    return tuple(name for name, _ in model.get_submodule(path).named_parameters(recurse=False))
+    """The removed norm's parameter names, under which its placeholder keeps 0-d tensors (removed_norm_tensors.py):
+    where the stock norm holds a 0-d parameter, its stock class would load one of those silently."""
+    parameters = list(model.get_submodule(path).named_parameters(recurse=False))
+    scalar = next((name for name, parameter in parameters if parameter.dim() == 0), None)
+    if scalar is not None:
+        raise CodegenError(f"{path}.{scalar} is 0-d, so the 0-d tensor normswap leaves where the norm is removed "
+                           "would load into the stock class silently")
+    return tuple(name for name, _ in parameters)
 
 
 def _class_lines(path: Path) -> list[tuple[str, int, int]]:

@@ -44,19 +44,27 @@ class GeneratedModule:
 
     def auto_map(self, original_model_type: str) -> dict[str, str]:
         """``auto_map`` for config.json: AutoConfig plus every Auto class that maps the family to one of ours."""
-        from transformers.models.auto import modeling_auto  # dir(transformers) would import every Auto class
+        return {"AutoConfig": f"{self.module_name}.{self.config_class}",
+                **{auto: f"{self.module_name}.{found}"
+                   for auto, found in auto_classes(original_model_type, self.model_classes).items()}}
 
-        mapping = {"AutoConfig": f"{self.module_name}.{self.config_class}"}
-        for name in sorted(dir(modeling_auto)):
-            auto = getattr(modeling_auto, name, None) if name.startswith("AutoModel") else None
-            table = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
-            named = table.get(original_model_type) if isinstance(table, dict) else None
-            # a family may map one Auto class to several (Funnel: FunnelModel, FunnelBaseModel): the first we ship
-            found = next((n for n in (named if isinstance(named, (tuple, list)) else (named,))
-                          if n in self.model_classes), None)
-            if found is not None:
-                mapping[name] = f"{self.module_name}.{found}"
-        return mapping
+
+def auto_classes(original_model_type: str, model_classes: tuple[str, ...]) -> dict[str, str]:
+    """Auto class name -> the class of ``model_classes`` it builds for the family ``original_model_type``: the
+    classes config.json's ``auto_map`` names, and those the generated module registers for its own config class."""
+    from transformers.models.auto import modeling_auto  # dir(transformers) would import every Auto class
+
+    found_by_auto = {}
+    for name in sorted(dir(modeling_auto)):
+        auto = getattr(modeling_auto, name, None) if name.startswith("AutoModel") else None
+        table = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
+        named = table.get(original_model_type) if isinstance(table, dict) else None
+        # a family may map one Auto class to several (Funnel: FunnelModel, FunnelBaseModel): the first we ship
+        found = next((n for n in (named if isinstance(named, (tuple, list)) else (named,)) if n in model_classes),
+                     None)
+        if found is not None:
+            found_by_auto[name] = found
+    return found_by_auto
 
 
 _RMS_NORM_CLASS = '''
@@ -360,14 +368,15 @@ def package_module(original: ModuleType, rewritten: str, config_class: type, con
 class NormswapRemovedNorm(torch.nn.Module):
     """A norm this layout no longer applies: it passes its input through.
 
-    It keeps an empty tensor under each of the removed norm's parameter names, so that loading this
-    checkpoint into the stock class fails with a size mismatch instead of running the wrong layout.
+    It keeps a 0-d tensor (1.0) under each of the removed norm's parameter names, so that loading this
+    checkpoint into the stock class fails with a size mismatch (the stock norm's are vectors) instead of running
+    the wrong layout, while every tensor of the state dict still has a value to reduce over.
     """
 
     def __init__(self, parameter_names: tuple[str, ...]) -> None:
         super().__init__()
         for name in parameter_names:
-            self.register_buffer(name, torch.empty(0), persistent=True)
+            self.register_buffer(name, torch.tensor(1.0), persistent=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
@@ -396,7 +405,8 @@ def _initialize_as_stock(self, module, is_custom_code=False):
 for _model_class in ({", ".join(model_classes)},):
     _model_class.config_class = {generated_config}
     _model_class._initialize_weights = _initialize_as_stock
-{_untied_head(untied_head)}'''
+{_untied_head(untied_head)}{_auto_registration(generated_config, model_type,
+                                               auto_classes(config_class.model_type, model_classes))}'''
     if not any(line.strip() == "import torch" for line in body.splitlines()):
         body = "import torch\n" + body
     if config_name not in body:
@@ -447,6 +457,30 @@ def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_no
             body += text
     return GeneratedModule(previous.family, previous.file_name, header + body, previous.config_class,
                            previous.model_type, previous.model_classes)
+
+
+def _auto_registration(generated_config: str, model_type: str, found_by_auto: dict[str, str]) -> str:
+    """The module's registration with transformers' Auto classes, so that they build its classes from its config
+    as they do once ``from_pretrained(..., trust_remote_code=True)`` has loaded it: the generic heads call
+    ``AutoModel.from_config(config)``, and a module imported as it is must build them too. It registers its config
+    *class* with each Auto model class, never its model_type with AutoConfig: every layout normswap writes for a
+    family shares that model_type, so registering it would read another checkpoint's config.json as this module's
+    config, and load that checkpoint into these classes, without trust_remote_code."""
+    if not found_by_auto:
+        return ""
+    pairs = "".join(f'    ("{auto}", {found}),\n' for auto, found in found_by_auto.items())
+    return f'''
+
+# transformers' Auto classes build this module's classes from a {generated_config} (the generic heads call
+# AutoModel.from_config): registered by that config class, never by its model_type "{model_type}", which other
+# checkpoints converted from this family share, so none of them ever loads through this module without
+# trust_remote_code
+from transformers.models.auto import modeling_auto as _normswap_auto_classes  # noqa: E402
+
+for _auto_class, _model_class in (
+{pairs}):
+    getattr(_normswap_auto_classes, _auto_class).register({generated_config}, _model_class, exist_ok=True)
+'''
 
 
 def _untied_head(untied: tuple[str, str] | None) -> str:

@@ -21,6 +21,7 @@ from .generated import generated_target, head_stored_apart
 from .native import meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
 from .program import shapes_of
+from .removed_norm_tensors import removed_norm_keys
 from .round_trip_carry import carried_scales
 from .setup import ConversionSetup, convert_in_memory, realise
 from .verify import DriftReport, measure_drift, require_branch_zero, require_topology
@@ -89,9 +90,9 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
 def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, target: Topology, cls: Any,
                      config: Any, generated: GeneratedModule | None) -> ConversionSetup:
     """The plan's tensor program against the target's expected tensors, and its verification."""
-    target_shapes = shapes_of(meta_instance(cls, config).state_dict())
-    program = placement_program(shapes_of(model.state_dict()), plan, target_shapes,
-                                getattr(model, "normswap_carried", None))
+    built = meta_instance(cls, config)
+    program = placement_program(shapes_of(model.state_dict()), plan, shapes_of(built.state_dict()),
+                                getattr(model, "normswap_carried", None), removed_norm_keys(built))
 
     def verify(original: nn.Module, converted: nn.Module, probe: dict[str, torch.Tensor]) -> DriftReport:
         require_topology(converted, target)

@@ -36,6 +36,7 @@ from .finite import ALLOW_FLAG, finite_for_json, first_nonfinite, nonfinite_erro
 from .native import meta_instance
 from .offload import offload_options, offloaded, require_accelerate
 from .program import TensorProgram, shapes_of
+from .removed_norm_tensors import with_removed_norm_tensors
 from .route import plan_layout
 from .setup import ConversionSetup, provenance
 from .streaming import byte_copies, planned_outputs, stream_program
@@ -238,9 +239,9 @@ def _plan_outputs(setup: ConversionSetup, weights: CheckpointWeights, names: dic
     """The program to stream and the converted checkpoint's tensors in the target's state-dict order; tied copies
     are saved once, tensors the family rebuilds on load (``unsaved``) not at all, and those the target's loading
     re-lays out under their own name in the layout it starts from (``as_written``)."""
-    program = setup.program
-    assert program is not None
+    assert setup.program is not None
     target = meta_instance(setup.target_class, setup.target_config)
+    program = with_removed_norm_tensors(setup.program, target)
     target_shapes = shapes_of(target.state_dict())
     tied = tied_keys(target)
     position = {key: index for index, key in enumerate(target_shapes)}

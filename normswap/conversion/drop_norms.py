@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..codegen.removed_norms import removed_norm_edits
@@ -27,7 +26,8 @@ from ..topology import NormSite, NormSlot, Topology, combine_placements, placeme
 from .norm_kind import _output_dims, linear_layout
 from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
-from .program import Step, constant
+from .program import Step
+from .removed_norm_tensors import removed_norm_step
 from .round_trip_carry import reader_means_carried, removed_norms_carried, writer_means_carried
 from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
 
@@ -218,7 +218,7 @@ def _shift_carrier(model: nn.Module, stand_in: StandIn, read: NormInput, tensors
 
 
 def _remove_norm_tensors(model: nn.Module, norms: list[NormSite], steps: dict[str, Step]) -> None:
-    """A removed norm's tensors become the placeholder's empty tensors (where the placeholder keeps any)."""
+    """A removed norm's tensors become the placeholder's 0-d tensors (where the placeholder keeps any)."""
     for norm in norms:
         for name, _ in model.get_submodule(norm.path).named_parameters(recurse=False):
-            steps[f"{norm.path}.{name}"] = constant(lambda: torch.empty(0))
+            steps[f"{norm.path}.{name}"] = removed_norm_step()

@@ -24,8 +24,9 @@ from ..topology import Topology
 from ..version import __version__
 from .calibration import CalibratedScale, CalibrationSite, calibrate
 from .finite import require_finite_model
-from .native import build_with_weights
+from .native import build_with_weights, meta_instance
 from .program import TensorProgram, evaluate
+from .removed_norm_tensors import with_removed_norm_tensors
 from .verify import probe_inputs
 
 logger = logging.getLogger("normswap")
@@ -105,7 +106,9 @@ def realise(model: nn.Module, setup: ConversionSetup, allow_nonfinite: bool = Fa
     if not allow_nonfinite:
         require_finite_model(model)
     parameter = next(model.parameters())
-    state, carried = evaluate(setup.program, model.state_dict(), parameter.dtype)
+    program = setup.program if setup.generated is None else \
+        with_removed_norm_tensors(setup.program, meta_instance(setup.target_class, copy.deepcopy(setup.target_config)))
+    state, carried = evaluate(program, model.state_dict(), parameter.dtype)
     # a config of its own: the model keeps it, and realising the same setup again (a chain's per-pass reports) must
     # not rewrite the provenance of a model built before
     converted = build_with_weights(setup.target_class, copy.deepcopy(setup.target_config), state, parameter.dtype,

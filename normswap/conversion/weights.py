@@ -16,6 +16,7 @@ from ..errors import NormswapError
 from ..topology import OFFSET_NORM_KINDS
 from .plan import ConversionPlan
 from .program import Step, TensorProgram, combine, constant, copy_of
+from .removed_norm_tensors import removed_norm_step
 
 
 class WeightMappingError(NormswapError):
@@ -31,11 +32,12 @@ def norm_tensors(state: Mapping[str, Any], path: str) -> dict[str, Any]:
 
 def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionPlan,
                       target_shapes: Mapping[str, torch.Size], carried: Mapping[str, torch.Tensor] | None = None,
-                      ) -> TensorProgram:
+                      removed: frozenset[str] = frozenset()) -> TensorProgram:
     """The target's tensors, and the tensors of dropped norms (carried for round trips), as a program.
 
     ``target_shapes`` lists every tensor the target model expects; the program must fill exactly
-    those, or the mapping is wrong and we say which tensors do not fit.
+    those, or the mapping is wrong and we say which tensors do not fit. ``removed``: the keys of the target's
+    removed-norm placeholders (``removed_norm_keys``), written anew whatever the source holds there.
     """
     carried = dict(carried or {})
     moved_sources = {move.source for stack in plan.stacks for move in stack.moves if move.source}
@@ -75,9 +77,8 @@ def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionP
             for name, shape in norm_tensors(target_shapes, path).items():  # type: ignore[arg-type]
                 outputs[f"{path}.{name}"] = _fill(source, shapes, path, name, shape, path, kind)
 
-    for key, shape in target_shapes.items():  # removed-norm placeholders hold empty tensors
-        if key not in outputs and 0 in tuple(shape):
-            outputs[key] = constant(lambda shape=shape: torch.empty(shape))
+    for key in removed & set(target_shapes):  # a source of an earlier normswap may hold empty tensors there
+        outputs[key] = removed_norm_step()
     _check_fits({key: _shape_of(step, shapes, target_shapes, key) for key, step in outputs.items()}, target_shapes)
     return TensorProgram(outputs, dropped, tuple(checks))
 
