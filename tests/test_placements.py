@@ -115,3 +115,17 @@ def test_a_stock_family_whose_norm_takes_a_removed_norms_name_is_not_used() -> N
     converted = normswap.convert(tiny_model("qwen3", "Qwen3ForCausalLM"), "post-sublayer")
     assert converted.config.model_type == "normswap-qwen3"
     assert normswap.inspect(converted).placement == "post-sublayer"
+
+
+def test_a_one_wider_model_moving_its_norms_is_told_to_convert_the_original_in_one_command(tmp_path: Path) -> None:
+    """An exact RMSNorm -> LayerNorm Llama is one dimension wider than any stock Llama config allows: the placement
+    change after it is refused in one line (it was an internal error), naming the one-command way."""
+    from normswap.cli import main
+
+    tiny_model("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "wide"), "--norm", "layernorm", "--exact",
+                 "--quiet"]) == 0
+    with pytest.raises(normswap.NormswapError) as error:
+        normswap.convert_checkpoint(tmp_path / "wide", tmp_path / "post", "post", trust_remote_code=True)
+    assert "\n" not in str(error.value) and "--placement and --norm" in str(error.value)
+    assert not (tmp_path / "post").exists()

@@ -76,8 +76,9 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
         plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
         return _placement_setup(model, plan, source, target_topology, cls, config, None)
     if getattr(model.config, "normswap", None):
-        raise RealisationError(f"{model_type} is already normswap-generated code; convert the original "
-                               f"{model.config.normswap.get('source_model_type')} checkpoint instead")
+        raise RealisationError(f"{model_type} is already normswap-generated code that no norm shift of its own "
+                               f"expresses; convert the original {model.config.normswap.get('source_model_type')} "
+                               "checkpoint instead, with every change in one command (--placement and --norm)")
     generated, cls, config = generated_target(model, source, placement)
     target_topology = inspect(meta_instance(cls, config))
     if placement_of(target_topology) != placement:
@@ -160,7 +161,7 @@ def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:
     target = NativeTarget(placement, original)
     try:
         target_topology = inspect(meta_instance(target_class(model, target), target_config(model.config, target)))
-    except NormswapError:
+    except NormswapError:  # no stock class, or its config refuses the values (a width made one wider)
         return None
     return target if placement_of(target_topology) == placement else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from ..errors import NormswapError
@@ -28,7 +29,11 @@ def target_config(source_config: Any, target: NativeTarget) -> Any:
     data.update(dict(target.config))
     recipe = recipe_for(source_config.model_type)
     data.update(recipe.config_for(target.placement) if recipe is not None else {})
-    config = CONFIG_MAPPING[target.model_type].from_dict(data)
+    try:
+        config = CONFIG_MAPPING[target.model_type].from_dict(data)
+    except (ValueError, StrictDataclassError) as error:  # its validators refuse the values (a width made one wider)
+        raise NormswapError(f"the stock {target.model_type} config refuses this model's values: "
+                            f"{str(error).splitlines()[-1].strip()}") from error
     architectures = getattr(source_config, "architectures", None) or []
     config.architectures = [target.target_class_name(name) for name in architectures] or None
     return config
