@@ -51,8 +51,10 @@ def _ours(stderr: str) -> list[str]:
 def test_two_processes_write_dst_once_with_one_process_figures(models: tuple[Path, Path], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     original, converted = models
-    done = _torchrun(["-m", "normswap", "heal", str(original), str(converted), str(tmp_path / "two"), *QUICK,
-                      "--json"])
+    runner = Path(__file__).with_name("launch_runner.py")
+    # no --data: a causal LM heals on its own samples, which rank 0 alone draws (and caches); rank 1 takes them
+    done = _torchrun([str(runner), "heal", str(original), str(converted), str(tmp_path / "two"), *QUICK, "--json"],
+                     env={"FAULT_RANK": "1", "FAULT_AT": "sampling"})
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)  # the report, once: two would not parse as one JSON document
     assert printed["steps"] == 12 and _ours(done.stderr) == []

@@ -92,13 +92,16 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     begun = budget.now() if started is None else started
     require_same_vocabulary(teacher, student)
     correspondence = correspond(teacher, student)
-    texts = split_texts(healing_texts(data, teacher, tokenizer, max_length, work_dir, seed), held_out)
+    distributed.start()  # several processes: join the group now (the Trainer would, later)
+    # rank 0 reads or samples the texts (and alone writes the teacher's samples to the cache); the others take its
+    texts = distributed.broadcast(healing_texts(data, teacher, tokenizer, max_length, work_dir, seed)
+                                  if distributed.is_main() else None)
+    texts = split_texts(texts, held_out)
     vocab = student.get_input_embeddings().num_embeddings
     train = TokenisedTexts(texts.train, tokenizer, max_length, vocab)
     evaluation = TokenisedTexts(texts.held_out, tokenizer, max_length, vocab)
     teacher.eval()
     student.eval()
-    distributed.start()  # several processes: join the group now (the Trainer would, later)
     share = distributed.per_process_batch(batch_size)  # texts per step, all processes together
     # every process resumes from the checkpoint rank 0 found (the newest complete one)
     checkpoint = distributed.broadcast(last_complete_checkpoint(work_dir) if resume and work_dir else None)
