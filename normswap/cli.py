@@ -108,6 +108,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          help="healing text for --heal, as heal's --data (default: as heal's)")
     convert.add_argument("--heal-max-time", type=float, metavar="SECONDS",
                          help="time budget for --heal (default: heal's own default)")
+    convert.add_argument("--heal-lora-rank", type=_lora_rank, metavar="R",
+                         help="with --heal: train LoRA adapters of rank R and merge them, as heal's --lora-rank")
 
     heal = commands.add_parser(
         "heal", parents=[debug],
@@ -239,7 +241,8 @@ def _heal_converted(args: argparse.Namespace, result: object) -> int:
         # the code in ``converted`` is what normswap just generated; the source's stays untrusted unless asked
         report = heal_checkpoint(args.source, converted, args.final_destination, overwrite=args.overwrite,
                                  trust_remote_code=args.trust_remote_code, trust_converted_code=True,
-                                 data=args.heal_data, max_time=args.heal_max_time, quiet=args.quiet)
+                                 data=args.heal_data, max_time=args.heal_max_time, quiet=args.quiet,
+                                 lora_rank=args.heal_lora_rank)
     finally:
         remove_scratch(converted)
     if args.json:
@@ -339,6 +342,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command == "convert" and args.placement is None and args.norm is None:
         command.error("give the conversion: --placement pre|post|sandwich|post-sublayer (move the norms), "
                       "--norm rmsnorm|layernorm|none|dyt (change their kind, or remove them), or both")
+    if args.command == "convert" and not args.heal:
+        orphans = [flag for flag, value in (("--heal-data", args.heal_data), ("--heal-max-time", args.heal_max_time),
+                                            ("--heal-lora-rank", args.heal_lora_rank)) if value is not None]
+        if orphans:
+            command.error(f"{orphans[0]} sets how --heal heals; add --heal, or leave {orphans[0]} out")
     return args
 
 

@@ -185,3 +185,25 @@ def test_the_default_learning_rate_is_lora_s_own_with_lora(monkeypatch: pytest.M
         with pytest.raises(Reached):
             heal_api.heal(teacher, student, max_steps=1, lora_rank=rank, **QUICK)
     assert rates == [lora.LEARNING_RATE, heal_api.FULL_LEARNING_RATE] and rates[0] > rates[1]
+
+
+def test_convert_heals_with_lora_and_asks_for_heal_before_healing_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``convert --heal --heal-lora-rank R`` heals the conversion with adapters (merged: DST is ordinary); a healing
+    option without ``--heal`` is a usage error, not silently ignored."""
+    perturbed("llama", "LlamaForCausalLM").save_pretrained(tmp_path / "original")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"text number {i} of a tiny corpus for healing" for i in range(80)))
+    with pytest.raises(SystemExit) as usage:
+        main(["convert", str(tmp_path / "original"), str(tmp_path / "bad"), "--placement", "post",
+              "--heal-lora-rank", "4"])
+    assert usage.value.code == 2 and "--heal-lora-rank sets how --heal heals" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "healed"), "--placement", "post", "--heal",
+                 "--heal-lora-rank", "4", "--heal-max-time", "15", "--heal-data", str(corpus), "--quiet",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["heal"]["lora"]["rank"] == 4 and printed["heal"]["steps"] > 0
+    with safe_open(str(tmp_path / "healed" / "model.safetensors"), framework="pt") as opened:
+        names = opened.keys()
+    assert names and not any("lora" in name for name in names)
+    assert not (tmp_path / "bad").exists()
