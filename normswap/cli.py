@@ -102,6 +102,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="allow custom modeling code named by the checkpoint's auto_map (normswap-generated "
                          "code that is byte for byte this normswap's own runs without it)")
+    convert.add_argument("--keep-stream-size", action="store_true",
+                         help="with --placement post from Pre-Norm: set each pre norm to the calibrated scale of its "
+                         "input first (its weight folded into its readers, exactly), so the moved norms keep the "
+                         "stream's size: a much closer start, and the way back is within float rounding instead of "
+                         "bit for bit")
     convert.add_argument("--heal", action="store_true",
                          help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
     convert.add_argument("--heal-data", metavar="PATH",
@@ -214,7 +219,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                                     allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
                                     verify_max_size=args.verify_max_size,
                                     verify_offloaded=args.verify_offloaded, mirror=mirror,
-                                    calibrate=args.calibrate)
+                                    calibrate=args.calibrate, keep_stream_size=args.keep_stream_size)
     if args.heal and result.destination is not None:
         return _heal_converted(args, result)
     if args.json:
@@ -342,6 +347,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.command == "convert" and args.placement is None and args.norm is None:
         command.error("give the conversion: --placement pre|post|sandwich|post-sublayer (move the norms), "
                       "--norm rmsnorm|layernorm|none|dyt (change their kind, or remove them), or both")
+    if args.command == "convert" and args.keep_stream_size and args.placement != "post":
+        command.error("--keep-stream-size keeps the stream's size through a move to Post-Norm: add --placement post, "
+                      "or leave it out")
     if args.command == "convert" and not args.heal:
         orphans = [flag for flag, value in (("--heal-data", args.heal_data), ("--heal-max-time", args.heal_max_time),
                                             ("--heal-lora-rank", args.heal_lora_rank)) if value is not None]

@@ -9,8 +9,11 @@ biases included.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from test_convert_native import tiny_model
 from test_drop_norms import logits, measured_scales, perturbed, relative
 
 import normswap
@@ -106,3 +109,53 @@ def test_what_branches_read_is_compared_through_the_fold(family: str) -> None:
     mapped = pairs.read_maps[entry.student](found["student"])
     assert relative(mapped.double(), found["teacher"].double()) < 1e-5
     assert relative(found["student"].double(), found["teacher"].double()) > 1e-2  # the raw reads differ
+
+
+KEEP = ["llama", "gpt2", "gptj"]  # RMSNorm; LayerNorm with Conv1D readers; parallel Pre-Norm (serialised on the way)
+
+
+@pytest.mark.parametrize("family", KEEP)
+def test_pre_to_post_keeping_the_stream_size_is_closer_and_goes_home(family: str) -> None:
+    """``keep_stream_size``: the moved norms hold the stream at the calibrated scale of the pre norms they were, the
+    converted model is closer to the original than the plain norm shift's, and converting back restores the
+    original: norm vectors bit for bit, readers within float rounding (``test_round_trips.BOUND``)."""
+    from test_round_trips import assert_same_weights
+
+    model = perturbed(family)
+    probe = probe_inputs(model, None, None)
+    kept = normswap.convert(model, "post", inputs=probe, keep_stream_size=True)
+    plain = normswap.convert(model, "post")
+    assert normswap.inspect(kept).placement == "post" and type(kept) is type(plain)
+    final = _final_post(kept)
+    gains = [_gain(kept, norm) for norm in normswap.inspect(kept).all_norms if norm.path != final]
+    assert all(torch.allclose(gain, gain[:1].expand_as(gain)) for gain in gains)  # each a constant vector, s
+    held_out = {"input_ids": torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(5))}
+    held_out["attention_mask"] = torch.ones_like(held_out["input_ids"])
+    reference = logits(model, held_out)
+    kl = {name: float(torch.nn.functional.kl_div(logits(each, held_out).log_softmax(-1), reference.log_softmax(-1),
+                                                 log_target=True, reduction="batchmean"))
+          for name, each in (("kept", kept), ("plain", plain))}
+    assert kl["kept"] < kl["plain"], kl
+    back = normswap.convert(kept, "pre")
+    assert type(back) is type(model)
+    assert_same_weights(model, back)
+
+
+def test_keeping_the_stream_size_is_for_pre_to_post_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error without ``--placement post``; a refusal in one line from a source that is not Pre-Norm; and a
+    Post-Norm model normswap moved to Pre-Norm goes home by the plain shift, bit for bit, even when asked."""
+    from normswap.cli import main
+
+    perturbed("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(SystemExit) as usage:
+        main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--placement", "sandwich",
+              "--keep-stream-size"])
+    assert usage.value.code == 2 and "--keep-stream-size" in capsys.readouterr().err
+    with pytest.raises(normswap.NormswapError, match="applies to a Pre-Norm model moved to post"):
+        normswap.convert(perturbed("gemma2"), "post", keep_stream_size=True)
+    bert = tiny_model("bert", "BertForMaskedLM")
+    back = normswap.convert(normswap.convert(bert, "pre"), "post", keep_stream_size=True)
+    assert type(back) is type(bert)
+    assert bert.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(tensor, back.state_dict()[key]) for key, tensor in bert.state_dict().items())
+    assert not (tmp_path / "out").exists()

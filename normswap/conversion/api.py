@@ -107,7 +107,8 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
             untie: bool = False, native: bool = True, allow_nonfinite: bool = False,
-            inputs: dict[str, torch.Tensor] | None = None, calibrate: bool = True) -> nn.Module:
+            inputs: dict[str, torch.Tensor] | None = None, calibrate: bool = True,
+            keep_stream_size: bool = False) -> nn.Module:
     """Return ``model`` converted to ``placement`` (pre, post, sandwich, post-sublayer), to ``norm``, or both.
 
     Pre <-> Post follows the norm-shift mapping (inexact; converting to the placement the model already
@@ -120,13 +121,16 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     raised. ``norm="layernorm"`` alone is approximate and carries a drift report. Both at once are one conversion
     (one generated module, one verification against the original), exact only if every pass is. The realised
     model is re-detected and must show the planned topology. A model holding NaN or Inf is refused
-    (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``.
+    (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``. ``keep_stream_size`` (Pre -> Post only):
+    first set each pre norm to the calibrated scale of its input, folding its own weight into its readers, so the
+    moved norms keep the stream's size (``stream_scale.py``; the way back is then within float rounding, not bit
+    for bit).
     """
     from .route import plan_layout
 
     if placement is None and norm is None:
         raise NormswapError("pass placement=, norm= or both")
-    if norm is None and placement in PLACEMENTS and inputs is None:
+    if norm is None and placement in PLACEMENTS and inputs is None and not keep_stream_size:
         source = inspect(model).placement
         carried = carried_scales(getattr(model, "normswap_carried", None) or {})
         if (source == "post" and not carried) or source in ("pre", "parallel"):
@@ -137,7 +141,8 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
             if setup.target is not None:
                 require_topology(converted, setup.target)
             return converted
-    setup = plan_layout(model, placement, norm, exact=exact, untie=untie, native=native)
+    setup = plan_layout(model, placement, norm, exact=exact, untie=untie, native=native,
+                        keep_stream_size=keep_stream_size)
     converted, setup, _ = convert_in_memory(model, setup, inputs, allow_nonfinite, unit_scales=not calibrate)
     if setup.target is not None and converted is not model:
         require_topology(converted, setup.target)

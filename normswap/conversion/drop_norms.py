@@ -134,8 +134,10 @@ def _carried(folds: Sequence[OutFold | PreFold], initial: Mapping[str, Step], sc
     return carried
 
 
-def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:
-    """The linear maps that read each ``pre`` norm's output (identity placeholders have none), and the plan's lines."""
+def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers: bool = True
+                   ) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:
+    """The linear maps that read each ``pre`` norm's output (identity placeholders have none), and the plan's lines;
+    ``shift_to_readers=False``: a norm that stays may keep its bias, so readers without one are not refused."""
     found = pre_norm_readers(model, [norm.path for norm in norms if norm.kind != "identity"])
     owners: dict[str, str] = {}
     folds: list[PreFold] = []
@@ -153,7 +155,7 @@ def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[P
             if other != norm.path:
                 raise StandInError(f"{reader.weight} reads both {other} and {norm.path} (one weight called twice), "
                                    "so it cannot take both stand-ins")
-            if stand_in.bias is not None and reader.bias is None:
+            if shift_to_readers and stand_in.bias is not None and reader.bias is None:
                 raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
                                    "(b <- b + W beta): the stand-in's shift has nowhere to go")
         folds.append(PreFold(stand_in, read.readers))

@@ -252,7 +252,9 @@ def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapp
     if not removed:
         return []
     out_folds, out_moves = out_norm_folds(home, [norm for norm in removed if norm.slot == "out"])
-    pre_folds, pre_moves = pre_norm_folds(home, [norm for norm in removed if norm.slot == "pre"])
+    # a rescaled norm whose readers had no bias for its beta kept it (stream_scale.py): not refused here
+    pre_folds, pre_moves = pre_norm_folds(home, [norm for norm in removed if norm.slot == "pre"],
+                                          shift_to_readers=folded_centring)
     for stand_in in (*(fold.stand_in for fold in out_folds), *(fold.stand_in for fold in pre_folds)):
         for key in stand_in.keys:
             if key not in carried:
@@ -314,6 +316,8 @@ def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step], means: 
     """``W = (s W' + m) diag(1/g)`` and ``b = b' - W beta``: the inverse of ``stand_in.fold_into_reader`` (``m``, a
     LayerNorm's, the carried mean its centring removed)."""
     stand_in = fold.stand_in
+    # beta went into the readers' biases only where every reader had one (else the norm kept it: stream_scale.py)
+    shifted = stand_in.bias is not None and all(reader.bias is not None for reader in fold.readers)
     for reader in fold.readers:
         mean = means.get(reader.weight)
 
@@ -330,7 +334,7 @@ def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step], means: 
             return (tensor.double() - shift).to(tensor.dtype)
 
         folded, norm_steps = steps[reader.weight], [steps[k] for k in stand_in.keys]
-        if stand_in.bias is not None and reader.bias is not None:
+        if shifted and reader.bias is not None:
             steps[reader.bias] = combine(bias, steps[reader.bias], folded, *norm_steps)
         steps[reader.weight] = combine(weight, folded, *norm_steps)
 

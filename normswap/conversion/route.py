@@ -33,8 +33,10 @@ _BRANCH_NORM_STEPS: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None = None, *, exact: bool = False,
-                untie: bool = False, native: bool = True) -> ConversionSetup:
-    """The setup for ``--placement`` and/or ``--norm`` on ``model`` (loaded or meta), as one conversion."""
+                untie: bool = False, native: bool = True, keep_stream_size: bool = False) -> ConversionSetup:
+    """The setup for ``--placement`` and/or ``--norm`` on ``model`` (loaded or meta), as one conversion.
+    ``keep_stream_size``: a Pre-Norm model moved to post first sets its pre norms to the stream's calibrated scale
+    (``stream_scale.py``), so the moved norms keep the stream's size; refused for any other placement change."""
     if placement is None and norm is None:
         raise NormswapError("pass placement=, norm= or both")
     if placement is not None and placement not in PLACEMENTS:
@@ -45,7 +47,12 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     source = topology.placement
     if source not in (*PLACEMENTS, *PRE_LIKE):
         require_placement_source(topology)  # raises, naming what rules the placement passes out
+    if keep_stream_size and not (placement == "post" and source in PRE_LIKE):
+        raise PlanError(f"keeping the stream's size applies to a Pre-Norm model moved to post; this is {source} -> "
+                        f"{placement} (sandwich -> post keeps it always): leave --keep-stream-size out")
     planners = placement_planners(source, placement, native=native)
+    if keep_stream_size:
+        planners = [_stream_scale_planner(), *planners]
     if not planners and norm is None:
         return _already(topology, placement)
     if norm is None:
@@ -87,6 +94,33 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     if source == "parallel":
         return [_norm_shift_planner("pre", native), *placement_planners("pre", target, native)]
     raise PlanError(f"a model of {source} placement has no single norm per slot for the placement passes to move")
+
+
+def _stream_scale_planner() -> Planner:
+    """Pre norms at the stream's calibrated scale, before the norm shift to post: exact, and no code changes (the
+    conversion's code and provenance are the shift's). A model that came from Post-Norm goes home by the plain shift,
+    its exact inverse; a norm the shift drops keeps its weights, to be carried as they are."""
+    def plan(model: nn.Module) -> ConversionSetup:
+        from .api import plan_conversion
+        from .compose import compose
+        from .stream_scale import stream_scaled_pre_norms
+
+        topology = inspect(model)
+        if _came_from_post(model):
+            return _already(topology, "pre")
+        shift = plan_conversion(model, "post").plan
+        dropped = frozenset(move.source for stack in getattr(shift, "stacks", ()) for move in stack.moves
+                            if move.target is None)
+        return compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
+
+    return plan
+
+
+def _came_from_post(model: nn.Module) -> bool:
+    """Whether normswap made ``model`` from a Post-Norm one (its provenance says so)."""
+    provenance = getattr(model.config, "normswap", None)
+    conversion = provenance.get("conversion", "") if isinstance(provenance, dict) else ""
+    return any(part.startswith("placement post -> ") for part in str(conversion).split("; then "))
 
 
 def _norm_shift_planner(target: str, native: bool) -> Planner:
