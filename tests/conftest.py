@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per worker: the workers share the machine's cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses too (the CLI, torchrun)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
