@@ -12,8 +12,10 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 
-from transformers_tests_source import TestsUnavailableError, transformers_tests_folder
+import pytest
+from transformers_tests_source import MissingTestFilesError, transformers_tests_folder
 
 PACKAGE = "normswap_transformers_tests"
 
@@ -30,7 +32,7 @@ class ExportTesterMixin:
 def modeling_common() -> types.ModuleType:
     """transformers' ``tests/test_modeling_common.py`` for the installed version (``ModelTesterMixin``, ...)."""
     if importlib.util.find_spec("parameterized") is None:
-        raise TestsUnavailableError("transformers' model tests need the `parameterized` package: "
+        raise MissingTestFilesError("transformers' model tests need the `parameterized` package: "
                                "pip install -e '.[test]'")
     folder = transformers_tests_folder()
     package = types.ModuleType(PACKAGE)
@@ -42,4 +44,6 @@ def modeling_common() -> types.ModuleType:
         stand_in = types.ModuleType(f"{PACKAGE}.{name}")
         setattr(stand_in, mixin.__name__, mixin)
         sys.modules[f"{PACKAGE}.{name}"] = stand_in
-    return importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    with warnings.catch_warnings():  # its pytest marks (flash_attn_test, ...) are registered in its own conftest
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        return importlib.import_module(f"{PACKAGE}.test_modeling_common")

@@ -92,10 +92,10 @@ class _Collector(unittest.TestResult):
         if _is_pytest_skip(err):
             self.skipped[test._testMethodName] = str(err[1])
         else:
-            self.failed[test._testMethodName] = _first_line(err)
+            self.failed[test._testMethodName] = _one_line(err)
 
     def addFailure(self, test: unittest.TestCase, err) -> None:  # noqa: N802
-        self.failed[test._testMethodName] = _first_line(err)
+        self.failed[test._testMethodName] = _one_line(err)
 
     def addSubTest(self, test: unittest.TestCase, subtest: unittest.TestCase, err) -> None:  # noqa: N802
         if err is not None and not _is_pytest_skip(err):
@@ -113,6 +113,6 @@ def _is_pytest_skip(err) -> bool:
     return err[0].__module__.startswith("_pytest") and err[0].__name__ in ("Skipped", "XFailed")
 
 
-def _first_line(err) -> str:
-    lines = "".join(traceback.format_exception_only(err[0], err[1])).strip().splitlines()
-    return lines[0][:300] if lines else err[0].__name__
+def _one_line(err) -> str:
+    text = " ".join("".join(traceback.format_exception_only(err[0], err[1])).split())
+    return text[:400] or err[0].__name__

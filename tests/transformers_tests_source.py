@@ -19,7 +19,7 @@ ENVIRONMENT_VARIABLE = "NORMSWAP_TRANSFORMERS_TESTS"
 MARKER = "test_modeling_common.py"
 
 
-class TestsUnavailableError(Exception):
+class MissingTestFilesError(Exception):
     """transformers' test files could not be found or fetched; the message says, in one line, how to fix it."""
 
 
@@ -41,7 +41,7 @@ def _named_folder(path: Path) -> Path:
     for candidate in (path, path / "tests"):
         if (candidate / MARKER).is_file():
             return candidate
-    raise TestsUnavailableError(f"{ENVIRONMENT_VARIABLE}={path} holds no {MARKER} (nor tests/{MARKER}): point it at "
+    raise MissingTestFilesError(f"{ENVIRONMENT_VARIABLE}={path} holds no {MARKER} (nor tests/{MARKER}): point it at "
                            "the tests folder of an extracted transformers source distribution of the installed "
                            "version")
 
@@ -61,7 +61,7 @@ def _fetch(version: str, folder: Path) -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         archives = list(Path(scratch).glob("transformers-*.tar.gz"))
         if done.returncode != 0 or len(archives) != 1:
-            raise TestsUnavailableError(
+            raise MissingTestFilesError(
                 f"cannot fetch transformers=={version}'s source distribution with pip (needed for transformers' own "
                 f"model tests): reach the package index, or set {ENVIRONMENT_VARIABLE} to the tests folder of an "
                 f"extracted transformers-{version}.tar.gz")
@@ -73,7 +73,7 @@ def _fetch(version: str, folder: Path) -> None:
                 if member.isfile() and len(parts) == 3 and parts[1] == "tests" and parts[2].endswith(".py"):
                     (extracted / parts[2]).write_bytes(archive.extractfile(member).read())
         if not (extracted / MARKER).is_file():
-            raise TestsUnavailableError(f"transformers-{version}.tar.gz holds no tests/{MARKER}: set "
+            raise MissingTestFilesError(f"transformers-{version}.tar.gz holds no tests/{MARKER}: set "
                                    f"{ENVIRONMENT_VARIABLE} to a folder that holds transformers' common test files")
         try:
             extracted.replace(folder)
