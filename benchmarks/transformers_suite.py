@@ -69,7 +69,7 @@ def run_isolated(family_name: str, variant: str, timeout: float) -> dict[str, An
             error = None if out.is_file() else (done.stderr.strip().splitlines() or ["no output"])[-1]
         except subprocess.TimeoutExpired:
             error = f"timed out after {timeout:.0f} s"
-        row: dict[str, Any] = {"family": family_name, "variant": variant,
+        row: dict[str, Any] = {"family": family_name, "variant": variant, "commit": _commit(),
                                "seconds": round(time.perf_counter() - started, 1)}
         if error is not None:
             return {**row, "error": error}
@@ -92,13 +92,14 @@ def render(rows: list[dict[str, Any]], scope: str) -> str:
         "with transformers' Auto classes). Both run under the same tester: a tiny config of the run's config class",
         "(the stock one, or the generated `Normswap<Family>Config`, one dimension wider where the conversion widens",
         "the stream) and the same seeded inputs. A test that stock passes and the generated classes fail or skip is",
-        "a difference from stock; the target is none. `tests/test_transformers_suite.py` runs Llama `--placement",
-        "post` in CI.",
+        "a difference from stock; the target is none. In CI, `tests/test_transformers_suite.py` runs every test on",
+        "Llama `--placement post` and nine chosen tests on one conversion of each other family.",
         "",
         f"Command: `{COMMAND}`",
         "",
         f"Run: {scope}; {datetime.date.today().isoformat()}; transformers {transformers.__version__}, torch "
-        f"{torch.__version__}, Python {platform.python_version()}, {_commit()}.",
+        f"{torch.__version__}, Python {platform.python_version()}, "
+        f"{', '.join(sorted({row.get('commit') or _commit() for row in rows}))}.",
         "",
         "| family | variant (flags) | passed | failed | skipped | not as stock | stock passed | stock failed "
         "| stock skipped | seconds |",
@@ -172,8 +173,9 @@ def _lost(row: dict[str, Any], stock: dict[str, Any]) -> str:
     return str(len(Outcome.from_json(row).lost_from(Outcome.from_json(stock))))
 
 
-def _quoted(text: str) -> str:
-    """An error line as inline code, whatever backticks it holds."""
+def _quoted(text: str, limit: int = 240) -> str:
+    """An error line as inline code, whatever backticks it holds, cut at ``limit`` characters."""
+    text = text if len(text) <= limit else text[:limit] + " ..."
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
