@@ -29,6 +29,11 @@ CHOSEN = ("test_save_load", "test_torch_save_load", "test_tied_weights_keys", "t
 CI_CASES = [("llama", "post", None), ("qwen2", "layernorm-exact", CHOSEN), ("gpt2", "post", CHOSEN),
             ("gpt_neox", "post", CHOSEN), ("bert", "pre", CHOSEN), ("bart", "pre", CHOSEN)]
 SOME_STOCK_PASSES = 100  # stock Llama passes 114 of 160 on CPU: fewer means the harness broke, not the model
+# differences kept on purpose, each with what its failure must say. test_load_with_mismatched_shapes saves a model
+# built from the imported classes and reloads it through AutoConfig by its model_type (normswap-<family>), which a
+# generated module does not register: every layout of a family shares that model_type, so registering it would
+# let another layout's checkpoint load through this module's classes without trust_remote_code
+BY_DESIGN = {"test_load_with_mismatched_shapes": "does not recognize this architecture"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,8 @@ def test_generated_classes_pass_what_stock_passes(family_name: str, variant: str
     generated = run_tests(generated_classes(chosen, chosen.variant(variant), tmp_path), names)
     ran = generated.passed | generated.failed.keys() | generated.skipped.keys()
     assert ran == stock.passed | stock.failed.keys() | stock.skipped.keys()
-    lost = generated.lost_from(stock)
+    lost = {name: reason for name, reason in generated.lost_from(stock).items()
+            if BY_DESIGN.get(name, "\0") not in reason}
     assert not lost, f"{len(lost)} tests stock passes, the generated classes do not:\n" + "\n".join(
         f"{name}: {reason}" for name, reason in lost.items())
 

@@ -378,6 +378,13 @@ class NormswapRemovedNorm(torch.nn.Module):
         for name in parameter_names:
             self.register_buffer(name, torch.tensor(1.0), persistent=True)
 
+    def reset_placeholders(self) -> None:
+        """Each placeholder back to 1.0: what weight initialisation does to this module (a model built on the meta
+        device and initialised holds what one built directly holds)."""
+        with torch.no_grad():
+            for buffer in self.buffers(recurse=False):
+                buffer.fill_(1.0)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
 
@@ -390,14 +397,16 @@ class NormswapRemovedNorm(torch.nn.Module):
 
 from transformers import PreTrainedModel as _NormswapPreTrainedModel  # noqa: E402
 
-_stock_initialize_weights = _NormswapPreTrainedModel._initialize_weights
-
 
 def _initialize_as_stock(self, module, is_custom_code=False):
     """transformers takes code outside its package for custom code, which may write weights without its
     initialisation functions, and so skips a module with no tensors of its own (a model that fills its layers'
-    non-persistent buffers, as Falcon-H1 does). This is transformers' own code, which uses those functions."""
-    return _stock_initialize_weights(self, module)
+    non-persistent buffers, as Falcon-H1 does). This is transformers' own code, which uses those functions,
+    looked up at each call, as the stock classes do (so a patch of it reaches this module too); a removed norm's
+    placeholders, which no family's initialisation knows, are set here."""
+    if isinstance(module, NormswapRemovedNorm) and not getattr(module, "_is_hf_initialized", False):
+        module.reset_placeholders()
+    return _NormswapPreTrainedModel._initialize_weights(self, module)
 
 
 # every model class of this module reads its configuration as {generated_config}, and initialises what
