@@ -117,8 +117,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         if carried_path.is_file():
             meta.normswap_carried = read_safetensors_file(carried_path)
 
-        setup = plan_layout(meta, placement, norm, exact=exact, untie=untie, native=native,
-                            keep_stream_size=keep_stream_size)
+        setup = _plan(meta, placement, norm, exact, untie, native, keep_stream_size)
         if setup.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
         above_limit = weights.total_bytes > verify_limit
@@ -202,6 +201,12 @@ def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTenso
         return None
     mirror.move_into(folder)
     return layout
+
+
+def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool, native: bool,
+          keep_stream_size: bool) -> ConversionSetup:
+    return plan_layout(meta, placement, norm, exact=exact, untie=untie, native=native,
+                       keep_stream_size=keep_stream_size)
 
 
 def _calibrated(setup: ConversionSetup, source: Path, config: Any, texts: list[str] | None, trust_remote_code: bool,
