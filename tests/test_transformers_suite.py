@@ -20,7 +20,7 @@ import transformers_tests_source
 from transformers_mixins import modeling_common
 from transformers_suite_classes import generated_classes, stock_classes
 from transformers_suite_families import family
-from transformers_suite_runner import run_tests
+from transformers_suite_runner import by_design, run_tests
 from transformers_tests_source import ENVIRONMENT_VARIABLE, MissingTestFilesError, transformers_tests_folder
 
 CHOSEN = ("test_save_load", "test_torch_save_load", "test_tied_weights_keys", "test_load_with_mismatched_shapes",
@@ -29,11 +29,6 @@ CHOSEN = ("test_save_load", "test_torch_save_load", "test_tied_weights_keys", "t
 CI_CASES = [("llama", "post", None), ("qwen2", "layernorm-exact", CHOSEN), ("gpt2", "post", CHOSEN),
             ("gpt_neox", "post", CHOSEN), ("bert", "pre", CHOSEN), ("bart", "pre", CHOSEN)]
 SOME_STOCK_PASSES = 100  # stock Llama passes 114 of 160 on CPU: fewer means the harness broke, not the model
-# differences kept on purpose, each with what its failure must say. test_load_with_mismatched_shapes saves a model
-# built from the imported classes and reloads it through AutoConfig by its model_type (normswap-<family>), which a
-# generated module does not register: every layout of a family shares that model_type, so registering it would
-# let another layout's checkpoint load through this module's classes without trust_remote_code
-BY_DESIGN = {"test_load_with_mismatched_shapes": "does not recognize this architecture"}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +51,7 @@ def test_generated_classes_pass_what_stock_passes(family_name: str, variant: str
     generated = run_tests(generated_classes(chosen, chosen.variant(variant), tmp_path), names)
     ran = generated.passed | generated.failed.keys() | generated.skipped.keys()
     assert ran == stock.passed | stock.failed.keys() | stock.skipped.keys()
-    lost = {name: reason for name, reason in generated.lost_from(stock).items()
-            if BY_DESIGN.get(name, "\0") not in reason}
+    lost = {name: reason for name, reason in generated.lost_from(stock).items() if not by_design(name, reason)}
     assert not lost, f"{len(lost)} tests stock passes, the generated classes do not:\n" + "\n".join(
         f"{name}: {reason}" for name, reason in lost.items())
 
