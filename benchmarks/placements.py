@@ -6,7 +6,7 @@ does): every placement change from it, started once with calibrated scales (docs
 norm becomes its stand-in g * x / s, an added norm starts at weight s; §3: before Pre -> Post each pre norm takes
 weight s, so the moved norm keeps the stream's size) and once with unit scales (s = 1: a removed norm keeps its
 weight but drops its statistic, an added norm starts at weight 1, a moved norm makes the stream's size 1 as the
-plain norm shift does). Both are measured
+plain norm shift does; for Pre -> Post the calibrated start is `--keep-stream-size`). Both are measured
 zero-shot on held-out text: output cosine of the last hidden states and next-token KL(original || converted).
 Then sandwich -> pre and post-sublayer -> pre are healed for --heal-minutes each, and --norm none on the
 GPT-2-style decoder for --none-heal-minutes.
@@ -89,7 +89,9 @@ def main() -> None:
             if target == source:
                 continue
             try:
-                measured = normswap.convert(original, target, inputs=calibration)
+                # Pre -> Post: the calibrated start keeps the stream's size (--keep-stream-size); unit: the plain shift
+                keep = source == "pre" and target == "post"
+                measured = normswap.convert(original, target, inputs=calibration, keep_stream_size=keep)
                 naive = normswap.convert(original, target, inputs=calibration, calibrate=False)
             except normswap.NormswapError as error:
                 print(f"  -> {target}: refused: {error}", flush=True)
