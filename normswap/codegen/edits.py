@@ -65,7 +65,7 @@ class UnwrapModelNorm:
 class NeutraliseNorm:
     """Every ``self.<norm> = ...`` in ``__init__`` -> ``NormswapRemovedNorm(parameters)``.
 
-    The placeholder passes its input through and keeps an empty tensor under each of the norm's
+    The placeholder passes its input through and keeps a 0-d tensor under each of the norm's
     parameter names, so the stock class refuses the checkpoint (size mismatch) instead of loading it.
     With ``item_class``, ``self.<norm>`` is a module list built by one expression (GLPN's stage norms): each
     ``<item_class>(...)`` call in it becomes the placeholder, and the list keeps its length.
