@@ -50,9 +50,7 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     if keep_stream_size and not (placement == "post" and source in PRE_LIKE):
         raise PlanError(f"keeping the stream's size applies to a Pre-Norm model moved to post; this is {source} -> "
                         f"{placement} (sandwich -> post keeps it always): leave --keep-stream-size out")
-    planners = placement_planners(source, placement, native=native)
-    if keep_stream_size:
-        planners = [_stream_scale_planner(), *planners]
+    planners = [_stream_scale_planner(native)] if keep_stream_size else placement_planners(source, placement, native)
     if not planners and norm is None:
         return _already(topology, placement)
     if norm is None:
@@ -96,22 +94,24 @@ def placement_planners(source: str, target: str, native: bool = True) -> list[Pl
     raise PlanError(f"a model of {source} placement has no single norm per slot for the placement passes to move")
 
 
-def _stream_scale_planner() -> Planner:
-    """Pre norms at the stream's calibrated scale, before the norm shift to post: exact, and no code changes (the
-    conversion's code and provenance are the shift's). A model that came from Post-Norm goes home by the plain shift,
-    its exact inverse; a norm the shift drops keeps its weights, to be carried as they are."""
+def _stream_scale_planner(native: bool) -> Planner:
+    """Pre norms at the stream's calibrated scale, then the norm shift to post. The rescale is exact and changes no
+    code (the conversion's code and provenance are the shift's), so the shift, planned once on the model before it,
+    is the shift of the rescaled model too; the norms it drops keep their weights, to be carried as they are. A model
+    that came from Post-Norm goes home by the plain shift, its exact inverse."""
     def plan(model: nn.Module) -> ConversionSetup:
         from .api import plan_conversion
         from .compose import compose
         from .stream_scale import stream_scaled_pre_norms
 
-        topology = inspect(model)
+        shift = plan_conversion(model, "post", native)
         if _came_from_post(model):
-            return _already(topology, "pre")
-        shift = plan_conversion(model, "post").plan
-        dropped = frozenset(move.source for stack in getattr(shift, "stacks", ()) for move in stack.moves
+            return shift
+        topology = inspect(model)
+        dropped = frozenset(move.source for stack in getattr(shift.plan, "stacks", ()) for move in stack.moves
                             if move.target is None)
-        return compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
+        rescale = compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
+        return chain(model, [lambda _: rescale, lambda _: shift])
 
     return plan
 
