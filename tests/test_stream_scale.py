@@ -126,6 +126,8 @@ def test_pre_to_post_keeping_the_stream_size_is_closer_and_goes_home(family: str
     kept = normswap.convert(model, "post", inputs=probe, keep_stream_size=True)
     plain = normswap.convert(model, "post")
     assert normswap.inspect(kept).placement == "post" and type(kept) is type(plain)
+    # the rescale writes no code: the provenance, from which the code is regenerated, is the plain shift's
+    assert kept.config.normswap["conversion"] == plain.config.normswap["conversion"]
     final = _final_post(kept)
     gains = [_gain(kept, norm) for norm in normswap.inspect(kept).all_norms if norm.path != final]
     assert all(torch.allclose(gain, gain[:1].expand_as(gain)) for gain in gains)  # each a constant vector, s

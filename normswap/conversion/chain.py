@@ -123,7 +123,7 @@ def chain(model: nn.Module, planners: Sequence[Planner]) -> ConversionSetup:
         return skipped[0]
     if len(setups) == 1:
         return setups[0]
-    conversion = "; then ".join(setup.conversion for setup in setups)
+    conversion = "; then ".join(setup.conversion for setup in setups if setup.conversion)  # "": writes no code
     source, target = setups[0].source or inspect(model), setups[-1].target
     plan = ChainedPlan(tuple(setup.plan for setup in setups))
     sites = tuple(dict.fromkeys(site for setup in setups for site in setup.calibration))
