@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--heal-minutes", type=float, default=2.0)
     parser.add_argument("--none-heal-minutes", type=float, default=10.0)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--heal-learning-rate", type=float, default=5e-4,
+                        help="AdamW's peak rate for the placement heals (the norm-free heal keeps 5e-4)")
     args = parser.parse_args()
 
     import normswap
@@ -102,7 +104,7 @@ def main() -> None:
                   flush=True)
             if (name, target) in HEALED:
                 _, report = heal(original, measured, corpus, max_steps=100_000, max_time=args.heal_minutes * 60,
-                                 batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True)
+                                 batch_size=16, learning_rate=args.heal_learning_rate, eval_steps=100, quiet=True)
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 healed.append((f"{name} {source} -> {target}", before, after, report.steps))
                 print(f"     healed {report.steps} steps: KL {before:.4f} -> {after:.4f} ({after / before:.1%})",

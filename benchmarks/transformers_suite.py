@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from transformers_suite_classes import STOCK, generated_classes, stock_classes
 from transformers_suite_families import FAMILIES, family
-from transformers_suite_runner import Outcome, by_design, run_tests
+from transformers_suite_runner import Outcome, run_tests
 from transformers_tests_source import MissingTestFilesError, transformers_tests_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,15 +89,15 @@ def render(rows: list[dict[str, Any]], scope: str) -> str:
         "for the installed version, fetched from the source distribution on the package index) on each family's",
         "stock classes, and on the classes of the module `normswap convert` writes for a conversion of a tiny model",
         "of that family, imported from the converted folder as it is (by its file path; the module registers its",
-        "classes with transformers' Auto classes by config class). Both run under the same tester: a tiny config of",
+        "classes and model type with transformers' Auto classes). Both run under the same tester: a tiny config of",
         "the run's config class",
         "(the stock one, or the generated `Normswap<Family>Config`, one dimension wider where the conversion widens",
         "the stream) and the same seeded inputs. A test that stock passes and the generated classes fail or skip is",
-        "a difference from stock; the target is none, but one: `test_load_with_mismatched_shapes` reloads a saved",
-        "model through `AutoConfig` by its model type, which the module does not register, because every layout",
-        "of a family shares `normswap-<family>` and another layout's checkpoint would then load through these",
-        "classes without `trust_remote_code`. In CI, `tests/test_transformers_suite.py` runs every test on",
-        "Llama `--placement post` and nine chosen tests on one conversion of each other family.",
+        "a difference from stock; the target is none. (`test_load_with_mismatched_shapes` reloads a saved model",
+        "through `AutoConfig` by its model type: the module registers it, `normswap-<family>-<digest of the",
+        "module's source>`, so a checkpoint of another layout, another model type, still needs",
+        "`trust_remote_code`.) In CI, `tests/test_transformers_suite.py` runs every test on Llama",
+        "`--placement post` and nine chosen tests on one conversion of each other family.",
         "",
         f"Command: `{COMMAND}`",
         "",
@@ -135,10 +135,7 @@ def render(rows: list[dict[str, Any]], scope: str) -> str:
         for name, reason in lost.items():
             groups[reason].append(name)
         for reason, names in groups.items():
-            kept = " (kept on purpose: the model_type is not registered)" if all(
-                by_design(name, reason) for name in names) else ""
-            lines.append(f"- {row['family']} {row['variant']} ({len(names)}): {_names(names)}: {_quoted(reason)}"
-                         f"{kept}")
+            lines.append(f"- {row['family']} {row['variant']} ({len(names)}): {_names(names)}: {_quoted(reason)}")
             differences += 1
     if not differences:
         lines.append("None.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 
 import pytest
 from golden_code import CASES, GOLDEN, generated_diff
@@ -24,7 +25,7 @@ def test_golden_diffs_show_the_norm_moves() -> None:
     assert "-        hidden_states = self.input_layernorm(hidden_states)\n" in llama
     assert "+        hidden_states = self.post_attention_layernorm(residual + hidden_states)\n" in llama
     assert "+        hidden_states = self.normswap_embedding_norm(hidden_states)\n" in llama
-    assert '+    model_type = "normswap-llama"\n' in llama
+    assert re.search(r'\n\+    model_type = "normswap-llama-[0-9a-f]{12}"\n', llama)
     bert = (GOLDEN / "bert_post_to_pre.diff").read_text()
     assert "+        intermediate_output = self.intermediate(self.output.LayerNorm(attention_output))\n" in bert
     assert "+        hidden_states = self.normswap_final_norm(hidden_states)\n" in bert

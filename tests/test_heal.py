@@ -176,7 +176,11 @@ def test_cli_heals_a_converted_checkpoint(tmp_path: Path, capsys: pytest.Capture
         code.write("# edited\n")  # no longer normswap's own code: running it needs --trust-remote-code
     assert main(args) == 1
     assert "--trust-remote-code" in capsys.readouterr().err and not (tmp_path / "healed").exists()
-    assert main([*args, "--trust-remote-code", "--plot"]) == 0
+    # in a fresh process: this one imported normswap's own copy under the model_type the edited file still has,
+    # which transformers would run instead of the edited file (normswap refuses that in one line)
+    done = subprocess.run([sys.executable, "-m", "normswap", *args, "--trust-remote-code", "--plot"],
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "healed" / "normswap_report.json").read_text())
     plot = (tmp_path / "healed" / "normswap_drift.png").read_bytes()
     assert plot.startswith(b"\x89PNG\r\n\x1a\n") and len(plot) > 10_000

@@ -10,6 +10,7 @@ written checkpoint loads through its generated code and gives the original's log
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers import CONFIG_MAPPING
 
 import normswap
 from normswap.cli import main
+from normswap.codegen.package import family_model_type
 from normswap.conversion import extra_dimension
 from normswap.conversion.extra_dimension import convert_to_layer_norm_exact
 from normswap.conversion.head_scale import measure_head_scale
@@ -60,7 +62,7 @@ def tiny(name: str) -> torch.nn.Module:
 def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     # stock SwitchTransformers fails generate() with its cache in transformers 5.24 (an IndexError in
     # cache_utils, the source model as much as the converted one): it generates without
-    cache = model.config.model_type.removeprefix("normswap-") != "switch_transformers"
+    cache = family_model_type(model.config.model_type) != "switch_transformers"
     return model.generate(input_ids=inputs["input_ids"][:2], attention_mask=inputs["attention_mask"][:2],
                           max_new_tokens=8, min_new_tokens=8, do_sample=False, decoder_start_token_id=0,
                           pad_token_id=0, use_cache=cache)
@@ -73,7 +75,8 @@ def test_converts_exactly_loads_through_its_code_and_generates(name: str, tmp_pa
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--norm", "layernorm", "--exact",
                  "--untie", "--quiet"]) == 0
     config = json.loads((tmp_path / "dst" / "config.json").read_text())
-    assert config["model_type"] == f"normswap-{model.config.model_type}" and config["d_model"] == 65
+    assert re.fullmatch(rf"normswap-{model.config.model_type}-[0-9a-f]{{12}}", config["model_type"])
+    assert config["d_model"] == 65
     assert config["normswap"]["exact"] is True
     loaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dst", trust_remote_code=True).eval()
     assert "modeling_normswap_" in type(loaded).__module__  # the generated code, never the stock class

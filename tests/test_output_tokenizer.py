@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from normswap.cli import main
+from normswap.codegen.package import family_model_type
 from normswap.conversion.checkpoint import convert_checkpoint
 
 SAMPLE = ["the norms move w1 w2.", "Hello world, branches keep what they read"]
@@ -158,7 +159,7 @@ def minilm_rms(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> P
 def test_minilm_tokenizer_and_processor_load_as_the_source_s(minilm_rms: Path, minilm_path: Path) -> None:
     from transformers import AutoProcessor
 
-    assert json.loads((minilm_rms / "config.json").read_text())["model_type"] == "normswap-bert"
+    assert family_model_type(json.loads((minilm_rms / "config.json").read_text())["model_type"]) == "bert"
     assert loaded(minilm_rms) == loaded(minilm_path)
     assert loaded(minilm_rms)[0] == "BertTokenizer"
     processors = [AutoProcessor.from_pretrained(path, trust_remote_code=False) for path in (minilm_path, minilm_rms)]

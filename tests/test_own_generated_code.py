@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def test_one_byte_changed_needs_the_flag(llama_post: tuple[Path, Path], tmp_path
     assert not (tmp_path / "back").exists()
     with pytest.raises(SourceError, match="not byte for byte"):
         normswap.inspect(str(edited))
-    assert main(["inspect", str(edited), "--trust-remote-code"]) == 0
-    assert main(["convert", str(edited), str(tmp_path / "back"), "--placement", "pre", "--quiet",
-                 "--trust-remote-code"]) == 0
+    for command in (["inspect", str(edited)], ["convert", str(edited), str(tmp_path / "back"), "--placement", "pre",
+                                               "--quiet"]):  # a fresh process: this one imported normswap's copy
+        done = subprocess.run([sys.executable, "-m", "normswap", *command, "--trust-remote-code"],
+                              capture_output=True, text=True, check=False, timeout=300)
+        assert done.returncode == 0, done.stderr
     assert same_weights(llama_post[0], tmp_path / "back")
 
 
@@ -101,8 +104,16 @@ def test_a_differing_file_never_runs_without_the_flag(llama_post: tuple[Path, Pa
     assert main(["inspect", str(edited)]) == 1
     assert "differs first on line" in one_line_error(capsys)
     assert not marker.exists()
-    assert main(["inspect", str(edited), "--trust-remote-code"]) == 0
-    assert marker.exists()  # the same file runs when the user asks: the marker would have shown a run
+    # this process imported normswap's own copy when it converted, which registered the model_type that the
+    # edited file still claims: transformers would run that copy, so the flag is refused, loudly
+    assert main(["inspect", str(edited), "--trust-remote-code"]) == 1
+    refusal = capsys.readouterr().err.strip().splitlines()
+    assert len(refusal) == 1 and "is not that code (edited after normswap wrote it?)" in refusal[0]
+    assert not marker.exists()
+    done = subprocess.run([sys.executable, "-m", "normswap", "inspect", str(edited), "--trust-remote-code"],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()  # in a fresh process, the same file runs when the user asks
 
 
 def test_a_file_from_another_version_says_so(llama_post: tuple[Path, Path], tmp_path: Path,

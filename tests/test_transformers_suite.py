@@ -20,7 +20,7 @@ import transformers_tests_source
 from transformers_mixins import modeling_common
 from transformers_suite_classes import generated_classes, stock_classes
 from transformers_suite_families import family
-from transformers_suite_runner import by_design, run_tests
+from transformers_suite_runner import run_tests
 from transformers_tests_source import ENVIRONMENT_VARIABLE, MissingTestFilesError, transformers_tests_folder
 
 CHOSEN = ("test_save_load", "test_torch_save_load", "test_tied_weights_keys", "test_load_with_mismatched_shapes",
@@ -51,7 +51,7 @@ def test_generated_classes_pass_what_stock_passes(family_name: str, variant: str
     generated = run_tests(generated_classes(chosen, chosen.variant(variant), tmp_path), names)
     ran = generated.passed | generated.failed.keys() | generated.skipped.keys()
     assert ran == stock.passed | stock.failed.keys() | stock.skipped.keys()
-    lost = {name: reason for name, reason in generated.lost_from(stock).items() if not by_design(name, reason)}
+    lost = generated.lost_from(stock)
     assert not lost, f"{len(lost)} tests stock passes, the generated classes do not:\n" + "\n".join(
         f"{name}: {reason}" for name, reason in lost.items())
 

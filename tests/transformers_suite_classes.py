@@ -55,7 +55,8 @@ def generated_classes(family: Family, variant: Variant, folder: Path) -> Classes
         raise RuntimeError(f"{family.name} {variant.name}: the conversion wrote no generated code "
                            f"(realised as {written['normswap']['realisation']})")
     module_file, config_class = written["auto_map"]["AutoConfig"].split(".")
-    module = _import_from_file(destination / f"{module_file}.py", f"{module_file}_{variant.name.replace('-', '_')}")
+    package = f"suite_{family.name}_{variant.name.replace('-', '_')}"  # save_pretrained names the module's last part
+    module = _import_from_file(destination / f"{module_file}.py", f"{package}.{module_file}")
     return ClassesUnderTest(family, variant.name, getattr(module, config_class),
                             tuple(getattr(module, name) for name in family.model_classes),
                             _widened(family, json.loads((source / "config.json").read_text()), written))

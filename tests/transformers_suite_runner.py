@@ -18,17 +18,6 @@ from transformers_mixins import GenerationTesterMixin, modeling_common
 from transformers_suite_classes import ClassesUnderTest
 from transformers_suite_tester import ModelTester
 
-# differences from stock kept on purpose, each with what its failure must say. test_load_with_mismatched_shapes saves
-# a model built from the imported classes and reloads it through AutoConfig by its model_type (normswap-<family>),
-# which a generated module does not register: every layout of a family shares that model_type, so registering it
-# would let another layout's checkpoint load through this module's classes without trust_remote_code
-BY_DESIGN = {"test_load_with_mismatched_shapes": "does not recognize this architecture"}
-
-
-def by_design(name: str, reason: str) -> bool:
-    """Whether losing test ``name`` with ``reason`` is a difference kept on purpose (``BY_DESIGN``)."""
-    return name in BY_DESIGN and BY_DESIGN[name] in reason
-
 
 @dataclass(frozen=True)
 class Outcome:

@@ -1,8 +1,9 @@
 """Turn rewritten modeling source into a module that loads: absolute imports, a header, its own model_type.
 
-The generated module subclasses the family's config under ``model_type = "normswap-<family>"``
-and binds every model class to it, so a converted checkpoint is loaded only through
-``auto_map`` with ``trust_remote_code=True``, never silently by the stock classes.
+The generated module subclasses the family's config under its own model_type, ``normswap-<family>-<digest>``,
+and binds every model class to it, so a converted checkpoint never loads silently into the stock classes. The
+digest is of the module's source: every layout is its own model_type, which the module registers with
+transformers' Auto classes on import (a checkpoint of that model_type runs exactly this code).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class GeneratedModule:
     file_name: str  # modeling_normswap_llama.py
     source: str
     config_class: str  # NormswapLlamaConfig
-    model_type: str  # normswap-llama
+    model_type: str  # normswap-llama-<digest of source>
     model_classes: tuple[str, ...]
 
     @property
@@ -346,16 +347,17 @@ def package_module(original: ModuleType, rewritten: str, config_class: type, con
     stock config class refuses hidden_size = heads * head_dim + 1, so the generated config builds that field
     as a subclass without the check. ``untied_head``: (model class, key) of an LM head that leaves the class's
     tied weights while the config still ties the rest (``_untied_head``)."""
-    family = original.__name__.rsplit(".", 2)[-2]
+    stock = original.__name__.startswith("transformers.models.")  # transformers.models.<family>.modeling_<family>
+    family = original.__name__.rsplit(".", 2)[-2] if stock else family_model_type(config_class.model_type)
     prefix = config_class.__name__.removesuffix("Config")
     generated_config = f"Normswap{prefix}Config"
-    model_type = f"normswap-{config_class.model_type}"
+    model_type = _undigested_model_type(family_model_type(config_class.model_type))
     model_classes = tuple(
         name for name, value in vars(original).items()
         if pyinspect.isclass(value) and value.__module__ == original.__name__ and _is_pretrained_model(value)
     ) + (composite.model_classes if composite else ())
     config_name = composite.config_name if composite else config_class.__name__
-    body = _guard_optional_imports(absolute_imports(rewritten, original.__package__ or
+    body = _guard_optional_imports(absolute_imports(_without_registration(rewritten), original.__package__ or
                                                     original.__name__.rsplit(".", 1)[0])
                                    + (composite.source if composite else ""))
     wrapped = f" and the model classes of {', '.join(composite.wrapped_files)}" if composite and \
@@ -440,16 +442,18 @@ for _model_class in ({", ".join(model_classes)},):
     if dyt:
         footer = _DYT_CLASS + footer
     file_family = composite.family if composite and composite.family else family
-    return GeneratedModule(file_family, f"modeling_normswap_{file_family}.py", header + body + footer,
-                           generated_config, model_type, model_classes)
+    source, model_type = _sealed(header + body + footer, model_type)
+    return GeneratedModule(file_family, f"modeling_normswap_{file_family}.py", source, generated_config,
+                           model_type, model_classes)
 
 
 def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_norm: bool = False,
               layer_norm: bool = False, plain_rms_norm: bool = False, stand_in: bool = False,
               dyt: bool = False) -> GeneratedModule:
     """``previous`` (a module this normswap generated) with a later pass's edits (``rewritten``, its source edited):
-    still one module over the stock family's source, under the same model_type and classes, whose header lists
-    every conversion in order, with the normswap classes the later pass needs appended."""
+    still one module over the stock family's source, with the same classes, whose header lists every conversion in
+    order, with the normswap classes the later pass needs appended; its model_type is the family's again, with the
+    digest of the new source."""
     first, second, rest = rewritten.split("\n", 2)
     done = second.removeprefix("# ").split(". DO NOT EDIT", 1)[0]
     header = f"{first}\n# {done}; then {conversion}. DO NOT EDIT: regenerate with `normswap convert` instead.\n"
@@ -464,31 +468,81 @@ def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_no
                        ("normswap_lifted_projector(", _LIFTED_PROJECTOR_FUNCTIONS)):
         if used in body and text.strip().splitlines()[0] not in body:
             body += text
-    return GeneratedModule(previous.family, previous.file_name, header + body, previous.config_class,
-                           previous.model_type, previous.model_classes)
+    undigested = _undigested_model_type(family_model_type(previous.model_type))
+    source, model_type = _sealed((header + body).replace(previous.model_type, undigested), undigested)
+    return GeneratedModule(previous.family, previous.file_name, source, previous.config_class, model_type,
+                           previous.model_classes)
+
+
+_DIGEST_PLACEHOLDER = "@layout-digest@"
+_GENERATED_MODEL_TYPE = re.compile(r"(?:normswap-)+(?P<family>.+?)(?:-[0-9a-f]{12})?")
+
+
+def family_model_type(model_type: str) -> str:
+    """The stock family a generated model_type was written from (``normswap-llama-<digest>`` -> ``llama``, as
+    ``normswap-llama``, from before the digest, and code generated from generated code); any other unchanged."""
+    found = _GENERATED_MODEL_TYPE.fullmatch(model_type)
+    return found["family"] if found else model_type
+
+
+def _undigested_model_type(family_model_type: str) -> str:
+    """The generated model_type before its source is complete: ``_sealed`` writes the digest in."""
+    return f"normswap-{family_model_type}-{_DIGEST_PLACEHOLDER}"
+
+
+def _sealed(source: str, undigested: str) -> tuple[str, str]:
+    """``source`` and its model_type, with the digest of ``source`` (the placeholder in) in place of the placeholder.
+
+    The model_type names the code: two checkpoints share it only where their modeling files are the same, so the
+    module can register it with AutoConfig, and a checkpoint that transformers then reads through this module's
+    classes, without trust_remote_code, is one this very code wrote."""
+    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+    model_type = undigested.replace(_DIGEST_PLACEHOLDER, digest)
+    return source.replace(undigested, model_type), model_type
+
+
+_REGISTRATION_BEGINS = "# normswap: Auto class registration begins"
+_REGISTRATION_ENDS = "# normswap: Auto class registration ends"
+_REGISTRATION = re.compile(rf"\n*{_REGISTRATION_BEGINS}\n.*?{_REGISTRATION_ENDS}\n", re.DOTALL)
+
+
+def _without_registration(source: str) -> str:
+    """``source`` without the Auto registration of a module normswap generated earlier (code converted again):
+    run in the new module, it would map the earlier layout's model_type to this module's classes."""
+    return _REGISTRATION.sub("\n", source)
 
 
 def _auto_registration(generated_config: str, model_type: str, found_by_auto: dict[str, str]) -> str:
-    """The module's registration with transformers' Auto classes, so that they build its classes from its config
-    as they do once ``from_pretrained(..., trust_remote_code=True)`` has loaded it: the generic heads call
-    ``AutoModel.from_config(config)``, and a module imported as it is must build them too. It registers its config
-    *class* with each Auto model class, never its model_type with AutoConfig: every layout normswap writes for a
-    family shares that model_type, so registering it would read another checkpoint's config.json as this module's
-    config, and load that checkpoint into these classes, without trust_remote_code."""
-    if not found_by_auto:
-        return ""
-    pairs = "".join(f'    ("{auto}", {found}),\n' for auto, found in found_by_auto.items())
-    return f'''
+    """The module's registration with transformers' Auto classes, as ``from_pretrained(..., trust_remote_code=True)``
+    registers custom code: a module imported as it is builds its classes through them (the generic heads call
+    ``AutoModel.from_config(config)``), AutoConfig reads a saved checkpoint of this model_type back, and
+    ``save_pretrained`` ships this file and its ``auto_map`` beside the weights (``register_for_auto_class``), so
+    that no checkpoint of these classes is saved without the code that reads it.
 
-# transformers' Auto classes build this module's classes from a {generated_config} (the generic heads call
-# AutoModel.from_config): registered by that config class, never by its model_type "{model_type}", which other
-# checkpoints converted from this family share, so none of them ever loads through this module without
-# trust_remote_code
+    Registering the model_type is safe because it carries the digest of this module's source: a config.json that
+    names it was written beside this very code, and a checkpoint of any other layout (another model_type) still
+    needs trust_remote_code."""
+    pairs = "".join(f'    ("{auto}", {found}),\n' for auto, found in found_by_auto.items())
+    models = f'''
 from transformers.models.auto import modeling_auto as _normswap_auto_classes  # noqa: E402
 
 for _auto_class, _model_class in (
 {pairs}):
     getattr(_normswap_auto_classes, _auto_class).register({generated_config}, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class)
+''' if found_by_auto else ""
+    return f'''
+
+{_REGISTRATION_BEGINS}
+# transformers' Auto classes read a config.json of this model_type as a {generated_config} and build this module's
+# classes from it (the generic heads call AutoModel.from_config); save_pretrained writes this file beside the
+# weights. The model_type names this code (the digest of its source), so a checkpoint of any other layout still
+# needs trust_remote_code
+from transformers import AutoConfig as _NormswapAutoConfig  # noqa: E402
+
+_NormswapAutoConfig.register("{model_type}", {generated_config}, exist_ok=True)
+{generated_config}.register_for_auto_class()
+{models}{_REGISTRATION_ENDS}
 '''
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..codegen.package import GeneratedModule
+from ..codegen.package import GeneratedModule, family_model_type
 from ..detect import inspect
 from ..errors import NormswapError
 from ..recipe import NativeTarget, recipe_for
@@ -167,7 +167,7 @@ def _back_from_stock(original: str, model_type: str) -> tuple[str, str] | None:
     """The class-name rule back to ``original`` from the stock family its recipe sent the model to (VaultGemma's
     classes are Gemma 2's again; so are those of VaultGemma's generated code, after a norm shift), or None where the
     model is ``original``'s own generated code (same names)."""
-    model_type = model_type.removeprefix("normswap-")
+    model_type = family_model_type(model_type)
     recipe = recipe_for(original)
     forward = next((target for target in recipe.native if target.model_type == model_type), None) if recipe else None
     if forward is None or forward.class_prefix is None:

@@ -77,6 +77,37 @@ def own_model_class(config: Any, auto_name: str) -> type | None:
     return cls
 
 
+def shadowed_code(config_path: Path, data: dict[str, Any]) -> str | None:
+    """Why ``trust_remote_code`` would not run this checkpoint's own code, or None where it would.
+
+    A generated module registers its model_type with AutoConfig on import, and transformers then prefers that
+    imported code to the checkpoint's own file. The model_type carries the digest of the code that wrote it, so
+    the two agree unless the checkpoint's file was edited after it was written; then the user, who asked for the
+    file in the checkpoint, would silently run the other one."""
+    import sys
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    registered = CONFIG_MAPPING[model_type]
+    if registered.__module__.startswith("transformers."):
+        return None
+    imported = getattr(sys.modules.get(registered.__module__), "__file__", None)
+    shipped = config_path.parent / f"{_shipped_module_name(config_path, data.get('auto_map'))}.py"
+    try:
+        expected = Path(imported).read_bytes() if imported else None
+    except OSError:
+        expected = None
+    if expected is not None and _read_shipped(config_path, shipped, len(expected)) == expected:
+        return None
+    return (f"{config_path}'s model_type {model_type} is already imported in this process from "
+            f"{imported or registered.__module__}, and {shipped.name} is not that code (edited after normswap wrote "
+            "it?); transformers would run the imported code instead of it: load it in a fresh process, or give the "
+            "edited code a model_type of its own")
+
+
 def needs_flag(config_path: Path, reason: str) -> str:
     """The one-line refusal of a generated checkpoint's code, with why normswap did not take it as its own."""
     return (f"{config_path} asks for custom modeling code (auto_map) and {reason}; normswap runs a checkpoint's "

@@ -51,6 +51,10 @@ def load_config(source: str | Path, trust_remote_code: bool = False) -> Any:
     if "auto_map" in data and trust_remote_code:
         from transformers import AutoConfig
 
+        from .own_code import shadowed_code
+
+        if (shadowed := shadowed_code(config_path, data)) is not None:
+            raise SourceError(shadowed)
         try:
             with quiet_transformers():
                 return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=True)

@@ -2,8 +2,9 @@
 
 ``AutoTokenizer`` picks a tokenizer class from ``tokenizer_config.json``'s ``tokenizer_class`` and, failing that
 or where transformers overrides it, from the config's ``model_type``. DST's ``model_type`` is not SRC's (a stock
-target family, or ``normswap-<family>``, which transformers does not know: it then reads the config as a bare
-``PreTrainedConfig`` with no type at all), so a source that relied on its ``model_type`` gets another class from
+target family, or ``normswap-<family>-<digest>``, which transformers knows only once the generated module is
+imported: otherwise it reads the config as a bare ``PreTrainedConfig`` with no type at all), so a source that
+relied on its ``model_type`` gets another class from
 DST: a GPT-2 whose tokenizer_config.json names no class (as on the Hub) loads as ``GPT2Tokenizer`` from SRC and
 as a generic ``TokenizersBackend`` without its special tokens from DST, and a BERT with only ``vocab.txt``
 does not load at all. So DST's copy names the class SRC's tokenizer actually loads as, found by loading it
