@@ -45,6 +45,10 @@ def main() -> None:
                         help="comma-separated healing data: shipped (default), docstrings (the old default) or a file")
     parser.add_argument("--match-branches", action="store_true",
                         help="normswap's method also matching what each branch writes (match='branches')")
+    parser.add_argument("--input-noise", type=float, default=0.0,
+                        help="normswap's method with Gaussian noise of this relative size on both models' embeddings")
+    parser.add_argument("--input-mix", type=float, default=0.0,
+                        help="normswap's method with each row's embeddings mixed with another row's (weight up to it)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -60,10 +64,13 @@ def main() -> None:
     teacher = BertModel.from_pretrained(path).eval()
     match = "branches" if args.match_branches else "sublayers"
     label = ("normswap (" + ("warm start + " if args.warm_start else "") + "per-sublayer"
-             + (" + branch outputs" if args.match_branches else "") + ")")
+             + (" + branch outputs" if args.match_branches else "")
+             + (f" + input noise {args.input_noise}" if args.input_noise else "")
+             + (f" + input mix {args.input_mix}" if args.input_mix else "") + ")")
     sources = args.data.split(",")
     method = {"warm_start": args.warm_start, "match": match, "output_weight": args.output_weight,
-              "augment": not args.no_augment, "freeze_embeddings": not args.train_embeddings}
+              "augment": not args.no_augment, "freeze_embeddings": not args.train_embeddings,
+              "input_noise": args.input_noise, "input_mix": args.input_mix}
     runs = [(f"{label}, {source}", source, method) for source in sources]
     runs.append((f"baseline (output-only MSE), {sources[0]}", sources[0],
                  {"warm_start": False, "match": "output", "augment": False}))

@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--heal-learning-rate", type=float, default=5e-4,
                         help="AdamW's peak rate for the placement heals (the norm-free heal keeps 5e-4)")
+    parser.add_argument("--heal-batch-size", type=int, default=16, help="texts per step of the placement heals")
+    parser.add_argument("--heal-logit-weight", type=float, default=0.0,
+                        help="the placement heals also match the next-token distributions, with this weight")
     args = parser.parse_args()
 
     import normswap
@@ -104,7 +107,8 @@ def main() -> None:
                   flush=True)
             if (name, target) in HEALED:
                 _, report = heal(original, measured, corpus, max_steps=100_000, max_time=args.heal_minutes * 60,
-                                 batch_size=16, learning_rate=args.heal_learning_rate, eval_steps=100, quiet=True)
+                                 batch_size=args.heal_batch_size, learning_rate=args.heal_learning_rate,
+                                 logit_weight=args.heal_logit_weight, eval_steps=100, quiet=True)
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 healed.append((f"{name} {source} -> {target}", before, after, report.steps))
                 print(f"     healed {report.steps} steps: KL {before:.4f} -> {after:.4f} ({after / before:.1%})",

@@ -158,6 +158,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--match", choices=("sublayers", "branches", "output"), default="sublayers",
                       help="what is matched to the original: what every branch reads plus the output (default), "
                       "also what every branch writes, or the output only (plain distillation)")
+    heal.add_argument("--logit-weight", type=_weight, default=0.0, metavar="W",
+                      help="also match the next-token distributions (KL) of models with an LM head, weighing W "
+                      "against 1 per branch input and 4 for the output (default 0: off; see docs/heal.md)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
     heal.add_argument("--lora-rank", type=_lora_rank, metavar="R",
@@ -183,6 +186,17 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="also write normswap_drift.png: per-sublayer drift before and after (needs matplotlib; "
                       "off by default)")
     return parser, {"inspect": inspect, "convert": convert, "heal": heal}
+
+
+def _weight(text: str) -> float:
+    """argparse type of a loss weight: a finite number >= 0 (a usage error otherwise)."""
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = -1.0
+    if not 0 <= weight < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a number >= 0 (e.g. 4), not {text!r}")
+    return weight
 
 
 def _lora_rank(text: str) -> int:
@@ -294,7 +308,8 @@ def _run_heal(args: argparse.Namespace) -> int:
                              held_out=args.held_out, eval_steps=args.eval_steps, warm_start=args.warm_start,
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
-                             keep_dropout=args.keep_dropout, lora_rank=args.lora_rank, started=started)
+                             keep_dropout=args.keep_dropout, lora_rank=args.lora_rank,
+                             logit_weight=args.logit_weight, started=started)
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:

@@ -57,6 +57,76 @@ def test_branch_output_matching_adds_one_target_per_writer_and_heals(tmp_path: P
     assert report.after["output_cosine"] > report.before["output_cosine"]
 
 
+def test_input_perturbation_is_the_same_for_both_models_and_only_while_training(tmp_path: Path) -> None:
+    from normswap.healing.objective import HealingObjective
+
+    teacher = perturbed("llama", "LlamaForCausalLM")
+    twin = perturbed("llama", "LlamaForCausalLM")  # the same weights: any loss comes from unequal inputs
+    found = correspond(teacher, twin)
+    ids = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    watch = twin.model.layers[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    plain = HealingObjective(teacher, twin, found).train()
+    plain(ids)
+    plain.close()
+    perturbed_objective = HealingObjective(teacher, twin, found, input_noise=0.3, input_mix=0.5).train()
+    try:
+        assert perturbed_objective(ids)["loss"].item() < 1e-10  # the same perturbation reached both models
+        assert not torch.allclose(seen[0], seen[1], atol=1e-3)  # and it changed what the layers read
+        perturbed_objective.eval()
+        perturbed_objective(ids)
+        assert torch.equal(seen[2], seen[0])  # evaluation reads the plain embeddings
+    finally:
+        watch.remove()
+        perturbed_objective.close()
+    with pytest.raises(normswap.NormswapError, match="input_mix=2"):
+        heal_api.heal(teacher, twin, max_steps=1, input_mix=2, work_dir=tmp_path, **QUICK)
+
+
+def test_logit_matching_adds_the_next_token_kl_as_one_more_entry() -> None:
+    from normswap.healing.objective import HealingObjective
+
+    teacher, student = pair()
+    found = correspond(teacher, student)
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # padding is left out
+    plain = HealingObjective(teacher, student, found)
+    entries = sum(plain._weights.values())
+    with torch.no_grad():
+        plain_loss = plain(ids, mask)["loss"]
+        plain.close()
+        with_logits = HealingObjective(teacher, student, found, logit_weight=2.0)
+        loss = with_logits(ids, mask)["loss"]
+        with_logits.close()
+        real = mask.bool()
+        kl = torch.nn.functional.kl_div(torch.log_softmax(student(ids, attention_mask=mask).logits[real], -1),
+                                        torch.log_softmax(teacher(ids, attention_mask=mask).logits[real], -1),
+                                        reduction="batchmean", log_target=True)
+    assert kl > 1e-3  # the conversion moved the distributions: the term can be told apart
+    assert loss.item() == pytest.approx((plain_loss.item() * entries + 2.0 * kl.item()) / (entries + 2.0), rel=1e-5)
+    bert, bert_student = pair("bert", "BertModel", "pre")
+    without_head = HealingObjective(bert, bert_student, correspond(bert, bert_student), logit_weight=1.0)
+    with pytest.raises(normswap.NormswapError, match="LM head"):
+        without_head(ids)
+    without_head.close()
+
+
+def test_cli_logit_weight_needs_an_lm_head_and_a_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    perturbed("bert", "BertModel").save_pretrained(tmp_path / "original")
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "pre"), "--placement", "pre",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["heal", str(tmp_path / "original"), str(tmp_path / "pre"), str(tmp_path / "healed"), "--max-steps", "2",
+            "--quiet"]
+    assert main([*args, "--logit-weight", "4"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no LM head" in error[0] and not (tmp_path / "healed").exists()
+    with pytest.raises(SystemExit) as usage:
+        main([*args, "--logit-weight", "-1"])
+    assert usage.value.code == 2 and "give a number >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("config", "model_class", "placement"),
                          [("llama", "LlamaForCausalLM", "post"), ("bert", "BertModel", "pre")],
                          ids=["llama-pre-to-post", "bert-post-to-pre"])

@@ -89,13 +89,16 @@ def shadowed_code(config_path: Path, data: dict[str, Any]) -> str | None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = data.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    if not claims_own_code(data) or not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return None
     registered = CONFIG_MAPPING[model_type]
     if registered.__module__.startswith("transformers."):
         return None
+    try:
+        shipped = config_path.parent / f"{_shipped_module_name(config_path, data.get('auto_map'))}.py"
+    except SourceError:  # an auto_map that names no file of the folder is transformers' to resolve, as asked
+        return None
     imported = getattr(sys.modules.get(registered.__module__), "__file__", None)
-    shipped = config_path.parent / f"{_shipped_module_name(config_path, data.get('auto_map'))}.py"
     try:
         expected = Path(imported).read_bytes() if imported else None
     except OSError:

@@ -58,7 +58,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
          output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
-         checkpoints: bool | None = None, lora_rank: int | None = None) -> tuple[nn.Module, HealReport]:
+         checkpoints: bool | None = None, lora_rank: int | None = None, input_noise: float = 0.0,
+         input_mix: float = 0.0, logit_weight: float = 0.0) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a file or folder, ``"teacher"`` or None (``teacher_texts.healing_texts``); ``held_out``
@@ -76,6 +77,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     ``lora_rank``: train rank-``lora_rank`` LoRA adapters on the branch projections (and the norms, and the
     projections' biases) instead of every weight, merged into the weights before the evaluation after training
     (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
+    ``input_noise``, ``input_mix``: perturb what both models read while training (``objective``); off by default.
+    ``logit_weight``: also match the next-token distributions (KL), for models with an LM head; off by default.
 
     Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
     together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
@@ -85,6 +88,14 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     check_limits(max_steps, max_time)
     check_rank(lora_rank)
+    if not logit_weight >= 0:
+        raise NormswapError(f"logit_weight={logit_weight}: a weight is >= 0")
+    if logit_weight > 0 and any(model.get_output_embeddings() is None for model in (teacher, student)):
+        raise NormswapError("--logit-weight matches the next-token distributions, and these models have no LM head "
+                            "(get_output_embeddings() is None); heal without it")
+    if not input_noise >= 0 or not 0 <= input_mix <= 1:
+        raise NormswapError(f"input_noise={input_noise}, input_mix={input_mix}: the noise is a relative size >= 0 "
+                            "and the mix a weight from 0 to 1")
     if lora_rank is not None:
         require_peft()
     if learning_rate is None:
@@ -121,7 +132,9 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     else:
         step = _timed_step(HealingObjective(teacher, student, correspondence, output_weight,
                                             only_outputs=match == "output",
-                                            branch_weight=1.0 if match == "branches" else 0.0),
+                                            branch_weight=1.0 if match == "branches" else 0.0,
+                                            input_noise=input_noise, input_mix=input_mix,
+                                            logit_weight=logit_weight),
                            train.batches(batch_size, limit=batch_size)[0], keep_dropout)
         marks["planning"] = budget.now()  # a batch through each model, and a training step, timed
         plan = plan_budget(max_time, budget.now() - begun, reserve, evaluator.cost(), lengths, len(first), step,
@@ -159,7 +172,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     adapters = None if lora_rank is None else attach(student, correspondence, lora_rank,
                                                       train_embeddings=not freeze_embeddings)
     objective = HealingObjective(teacher, student, correspondence, output_weight, only_outputs=match == "output",
-                                 branch_weight=1.0 if match == "branches" else 0.0)
+                                 branch_weight=1.0 if match == "branches" else 0.0, input_noise=input_noise,
+                                 input_mix=input_mix, logit_weight=logit_weight)
     limit = step_limit(max_steps, max_time)
     saving = work_dir is not None if checkpoints is None else checkpoints
     trainable = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
