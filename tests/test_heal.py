@@ -76,6 +76,9 @@ def test_input_perturbation_is_the_same_for_both_models_and_only_while_training(
         perturbed_objective.eval()
         perturbed_objective(ids)
         assert torch.equal(seen[2], seen[0])  # evaluation reads the plain embeddings
+        perturbed_objective.train()
+        twin(ids[:, :5])  # a call outside the objective's own (an evaluation during training), another length
+        assert torch.equal(seen[3], seen[0][:, :5])
     finally:
         watch.remove()
         perturbed_objective.close()

@@ -40,6 +40,7 @@ class HealingObjective(nn.Module):
         self.logit_weight = logit_weight
         self.input_noise, self.input_mix = input_noise, input_mix
         self._perturbation: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._matching = False  # inside forward: only the training batch is perturbed, never an evaluation
         self.student = student
         self.__dict__["teacher"] = teacher.eval().requires_grad_(False)
         self.correspondence = correspondence
@@ -81,10 +82,13 @@ class HealingObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **_: Any) -> dict[str, torch.Tensor]:
         mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).bool()
-        self._perturbation = None  # drawn anew for this batch, by the teacher's embedding output
-        with torch.no_grad():
-            taught = self.teacher(input_ids=input_ids, attention_mask=attention_mask)
-        learnt = self.student(input_ids=input_ids, attention_mask=attention_mask)
+        self._perturbation, self._matching = None, True  # drawn anew for this batch, by the teacher's embeddings
+        try:
+            with torch.no_grad():
+                taught = self.teacher(input_ids=input_ids, attention_mask=attention_mask)
+            learnt = self.student(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            self._matching = False
         total, weight = 0.0, 0.0
         if self.logit_weight > 0:
             total = self.logit_weight * _next_token_kl(_logits(taught), _logits(learnt), mask)
@@ -105,8 +109,9 @@ class HealingObjective(nn.Module):
 
     def _perturbed(self, _module: nn.Module, _inputs: Any, embedded: torch.Tensor) -> torch.Tensor | None:
         """The token embeddings' output, perturbed while training: the same noise and mix for both models (the
-        first call of a batch, the teacher's, draws them)."""
-        if not self.training:
+        first call of a batch, the teacher's, draws them); the models' other calls (evaluations) read them as
+        they are."""
+        if not (self.training and self._matching):
             return None
         if self._perturbation is None:
             rows = embedded.shape[0]
