@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--data", default="teacher,shipped", help="comma-separated healing data sources (above)")
     parser.add_argument("--warm-start", action="store_true", help="also heal with the closed-form warm start")
     parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    parser.add_argument("--logit-weight", type=float, default=0.0,
+                        help="also heal with the next-token KL matched at this weight (heal --logit-weight)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -78,7 +80,9 @@ def main() -> None:
     texts = split_texts(load_texts(None))
     train = TokenisedTexts(texts.train, None, 64, 256)
     configs = decoder_configs()
-    variants = [("per-sublayer", False), *([("warm start + per-sublayer", True)] if args.warm_start else [])]
+    variants = [("per-sublayer", False, 0.0), *([("warm start + per-sublayer", True, 0.0)] if args.warm_start else []),
+                *([(f"per-sublayer + next-token KL {args.logit_weight:g}", False, args.logit_weight)]
+                  if args.logit_weight else [])]
     rows = []
     for name, config in configs.items():
         if name not in args.models.split(","):
@@ -98,14 +102,14 @@ def main() -> None:
                 data = sample_texts(original, None, sampling)
                 print(f"{name} {source}: sampled {len(data)} texts ({sampling.length} tokens at temperature "
                       f"{sampling.temperature:g}) in {time.monotonic() - started:.0f} s", flush=True)
-            for variant, warm_start in variants:
+            for variant, warm_start, logit_weight in variants:
                 torch.manual_seed(0)
                 student = normswap.convert(original, placement="post")
                 outside = OutOfSource(original, student, None)
                 unhealed = outside.measure()["next_token_kl"]
                 _, report = heal(original, student, data, max_steps=args.heal_steps, max_time=args.heal_minutes * 60,
                                  batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True,
-                                 warm_start=warm_start)
+                                 warm_start=warm_start, logit_weight=logit_weight)
                 healed = outside.measure()["next_token_kl"]
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 rows.append((name, f"{variant}, {source}", steps, before, after, unhealed, healed, report.steps))
