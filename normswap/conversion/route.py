@@ -107,7 +107,7 @@ def _stream_scale_planner(native: bool) -> Planner:
         shift = plan_conversion(model, "post", native)
         if _came_from_post(model):
             return shift
-        topology = inspect(model)
+        topology = shift.source or inspect(model)  # the shift detected this model already
         dropped = frozenset(move.source for stack in getattr(shift.plan, "stacks", ()) for move in stack.moves
                             if move.target is None)
         rescale = compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")
