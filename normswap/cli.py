@@ -58,11 +58,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
-    convert.add_argument("--placement", choices=("pre", "post", "sandwich", "post-sublayer"),
+    convert.add_argument("--placement", metavar="PLACEMENT",
                          help="target norm placement: pre (norm before each branch), post (after each residual "
                          "add), sandwich (before each branch and on its output, as Gemma 2) or post-sublayer (on "
                          "each branch's output only, as OLMo 2); not exact, heal the result")
-    convert.add_argument("--norm", choices=("rmsnorm", "layernorm", "none", "dyt"),
+    convert.add_argument("--norm", metavar="KIND",
                          help="target norm kind: rmsnorm (exact for Pre-LN models, approximate for Post-LN), "
                          "layernorm (approximate; exact with --exact), none (every residual norm becomes its "
                          "calibrated stand-in g * x / s + b: a norm-free model) or dyt (Dynamic Tanh "
@@ -359,9 +359,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     command = commands[args.command]
     if unknown:
         command.error(_unrecognised(command, unknown))
-    if args.command == "convert" and args.placement is None and args.norm is None:
-        command.error("give the conversion: --placement pre|post|sandwich|post-sublayer (move the norms), "
-                      "--norm rmsnorm|layernorm|none|dyt (change their kind, or remove them), or both")
+    if args.command == "convert":
+        _require_declared_conversion(command, args)
     if args.command == "convert" and args.keep_stream_size and args.placement != "post":
         command.error("--keep-stream-size keeps the stream's size through a move to Post-Norm: add --placement post, "
                       "or leave it out")
@@ -371,6 +370,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         if orphans:
             command.error(f"{orphans[0]} sets how --heal heals; add --heal, or leave {orphans[0]} out")
     return args
+
+
+def _require_declared_conversion(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--placement`` and ``--norm`` take what the conversion files declare (``conversion/registry.py``), so a new
+    conversion needs no change here; a value none declares is a usage error, as argparse's choices would make it."""
+    from .conversion.registry import norm_kinds, placements
+
+    kinds = tuple(norm_kinds())
+    if args.placement is None and args.norm is None:
+        command.error(f"give the conversion: --placement {'|'.join(placements())} (move the norms), --norm "
+                      f"{'|'.join(kinds)} (change their kind, or remove them), or both")
+    for flag, value, choices in (("--placement", args.placement, placements()), ("--norm", args.norm, kinds)):
+        if value is not None and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            command.error(f"argument {flag}: invalid choice: {value!r} (choose from {', '.join(choices)})"
+                          f"{f'; did you mean {close[0]}?' if close else ''}")
 
 
 def _activity(args: argparse.Namespace) -> str:

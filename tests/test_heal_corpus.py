@@ -1,5 +1,6 @@
 """Healing data without --data: the shipped corpus (fixed, offline, no harvesting, nothing shared with the
-benchmarks' out-of-source text) and, for causal LMs, texts sampled from the teacher and cached."""
+benchmarks' out-of-source text) and, for causal LMs, texts sampled from the teacher and cached; with --data teacher,
+a masked LM's texts filled in by its MLM head."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_heal_without_data_trains_a_causal_lm_on_its_teachers_texts(tmp_path: Pa
 
 def test_data_teacher_is_refused_in_one_line_for_an_encoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                             ) -> None:
-    with pytest.raises(NormswapError, match="no causal language-model head"):
+    with pytest.raises(NormswapError, match="no language-model head to generate with"):
         teacher_texts.healing_texts("teacher", perturbed("bert", "BertModel"), None, 16)
     perturbed("bert", "BertModel").save_pretrained(tmp_path / "original")
     assert main(["convert", str(tmp_path / "original"), str(tmp_path / "pre"), "--placement", "pre",
@@ -92,3 +93,75 @@ def test_data_teacher_is_refused_in_one_line_for_an_encoder(tmp_path: Path, caps
     error = capsys.readouterr().err.strip()
     assert "--data teacher" in error and "\n" not in error and "Traceback" not in error
     assert not (tmp_path / "healed").exists()
+
+
+@pytest.fixture(scope="module")
+def masked_lm(minilm_path: Path) -> tuple[object, object]:
+    """A tiny BERT with an MLM head over MiniLM's vocabulary, its norms perturbed, and MiniLM's tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path, trust_remote_code=False)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model, tokenizer
+
+
+def test_a_masked_lm_fills_its_own_texts_once_and_caches_them(masked_lm: tuple[object, object], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = masked_lm
+    texts = teacher_texts.healing_texts("teacher", model, tokenizer, 16, tmp_path)
+    assert len(set(texts)) > 900 and (tmp_path / teacher_texts.CACHE_FILE).is_file()
+    assert not [text for text in texts if "[MASK]" in text or "[CLS]" in text or "[PAD]" in text]
+    assert teacher_texts.healing_texts(None, model, tokenizer, 16) == corpus.healing_corpus()  # the default
+
+    def refill(*args: object, **kwargs: object) -> None:
+        raise AssertionError("cached texts were filled again")
+
+    monkeypatch.setattr(teacher_texts, "fill_texts", refill)
+    assert teacher_texts.healing_texts("teacher", model, tokenizer, 16, tmp_path) == texts
+
+
+def test_masked_filling_draws_from_the_teachers_predictions(masked_lm: tuple[object, object]) -> None:
+    """A head biased toward one word fills every mask with it: the texts are the teacher's, not the corpus's;
+    a seed gives the same texts again, another seed others."""
+    import copy
+
+    import torch
+
+    from normswap.healing.masked_filling import MaskedSampling, fill_texts
+
+    model, tokenizer = masked_lm
+    sampling = MaskedSampling(count=12, max_length=12, batch_size=4)
+    first = fill_texts(model, tokenizer, sampling)
+    assert first == fill_texts(model, tokenizer, sampling) != fill_texts(model, tokenizer, MaskedSampling(
+        count=12, max_length=12, batch_size=4, seed=1))
+    biased = copy.deepcopy(model)
+    word = tokenizer.convert_tokens_to_ids("river")
+    with torch.no_grad():
+        biased.get_output_embeddings().bias[word] += 50.0
+    filled = fill_texts(biased, tokenizer, sampling)
+    assert len(filled) == 12 and all(set(text.split()) == {"river"} for text in filled)
+
+
+def test_masked_filling_needs_a_tokenizer_with_a_mask(masked_lm: tuple[object, object]) -> None:
+    model, _ = masked_lm
+    with pytest.raises(NormswapError, match="no tokenizer was given; pass --data FILE"):
+        teacher_texts.healing_texts("teacher", model, None, 16)
+
+
+def test_heal_trains_a_masked_lm_on_its_filled_texts(masked_lm: tuple[object, object], tmp_path: Path) -> None:
+    model, tokenizer = masked_lm
+    student = normswap.convert(model, placement="pre")
+    _, report = heal_api.heal(model, student, "teacher", tokenizer=tokenizer, max_steps=2, work_dir=tmp_path,
+                              **QUICK)
+    cached = json.loads((tmp_path / teacher_texts.CACHE_FILE).read_text())
+    assert cached["sampling"]["method"] == "MaskedSampling"
+    assert report.train_texts + report.held_out_texts == len(set(cached["texts"]))

@@ -80,3 +80,30 @@ def test_a_failure_on_rank_1_before_any_collective_ends_both_with_one_line(model
     assert done.returncode != 0
     assert _ours(done.stderr) == ["Error: planted fault on rank 1 while loading"], done.stderr[-3000:]
     assert not list(tmp_path.iterdir())  # no DST, and nothing left beside it
+
+
+def test_lora_adapters_train_on_two_processes_and_merge_once(models: tuple[Path, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``--lora-rank`` under DDP: each process trains its copy of the adapters, DDP averages their gradients, and
+    rank 0 merges them into the one DST; the figures are one process's within noise."""
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    original, converted = models
+    runner = Path(__file__).with_name("launch_runner.py")
+    lora = [*QUICK, "--lora-rank", "4"]
+    done = _torchrun([str(runner), "heal", str(original), str(converted), str(tmp_path / "two"), *lora, "--json"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    assert printed["steps"] == 12 and printed["lora"]["rank"] == 4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["two"]
+    with safe_open(tmp_path / "two" / "model.safetensors", "pt") as weights:
+        assert not [key for key in weights.keys() if "lora" in key]  # noqa: SIM118 (a safetensors handle) merged
+
+    assert main(["heal", str(original), str(converted), str(tmp_path / "one"), *lora]) == 0
+    capsys.readouterr()
+    one, two = ({name: json.loads((tmp_path / folder / "normswap_report.json").read_text())["heal"]["after"][name]
+                 for name in FIGURES} for folder in ("one", "two"))
+    assert two["output_cosine"] > json.loads((tmp_path / "two" / "normswap_report.json").read_text()
+                                              )["heal"]["before"]["output_cosine"]  # the adapters trained
+    assert two == pytest.approx(one, abs=2e-3, rel=0)

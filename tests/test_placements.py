@@ -4,6 +4,7 @@ the KV cache; the refusals that remain name their structural reason."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import transformers
 from test_convert_native import tiny_model
 
 import normswap
+from normswap.cli import main
 from normswap.codegen.package import family_model_type
 
 SOURCES = {
@@ -67,11 +69,35 @@ def test_calibrated_start_beats_the_unit_start() -> None:
         assert calibrated < unit, (family, target, calibrated, unit)
 
 
-def test_a_placement_the_structure_cannot_take_is_one_line() -> None:
-    """MegatronBERT adds each branch in a module that builds no norm, so no new norm can be built like one there."""
-    with pytest.raises(normswap.NormswapError) as error:
-        normswap.convert(tiny_model("megatron_bert", "MegatronBertForMaskedLM"), "sandwich")
-    assert "\n" not in str(error.value) and "builds no residual norm" in str(error.value)
+@pytest.mark.parametrize("target", ["sandwich", "post-sublayer"])
+def test_a_new_norm_copies_a_constructor_another_module_builds(target: str, tmp_path: Path) -> None:
+    """MegatronBERT adds each attention output in SelfOutput, which builds no norm (its Attention builds the
+    attention's pre norm): the new out norm copies that constructor into SelfOutput, whose ``__init__`` has the
+    ``config`` it reads. The result moved, and it loads and runs as it converted."""
+    model = tiny_model("megatron_bert", "MegatronBertForMaskedLM")
+    converted = normswap.convert(model, target)
+    assert normswap.inspect(converted).placement == target
+    assert 0.3 < converted.normswap_report.drift.output_cosine < 0.99999
+    source = Path(transformers.utils.import_utils.sys.modules[type(converted).__module__].__file__).read_text()
+    assert "self.normswap_dense_out_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)" in source
+    converted.save_pretrained(tmp_path)
+    (tmp_path / Path(sys.modules[type(converted).__module__].__file__).name).write_text(source)
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)
+
+
+def test_a_placement_the_structure_cannot_take_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    """OLMo's norms have no weight: a new norm built like them could not start at the calibrated scale s."""
+    tiny_model("olmo", "OlmoForCausalLM").save_pretrained(tmp_path / "olmo")
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert main(["convert", str(tmp_path / "olmo"), str(tmp_path / "out"), "--placement", "sandwich", "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error
+    assert "layernorm-noaffine norm, with no weight to start at the scale s" in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("family", "target"), [("gemma2", "pre"), ("olmo2", "pre"), ("llama", "post-sublayer")])

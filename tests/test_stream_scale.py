@@ -153,7 +153,8 @@ def test_keeping_the_stream_size_is_for_pre_to_post_only(tmp_path: Path, capsys:
         main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--placement", "sandwich",
               "--keep-stream-size"])
     assert usage.value.code == 2 and "--keep-stream-size" in capsys.readouterr().err
-    with pytest.raises(normswap.NormswapError, match="applies to a Pre-Norm model moved to post"):
+    with pytest.raises(normswap.NormswapError, match="applies to pre -> post and parallel -> post; this is "
+                                                     "sandwich -> post"):
         normswap.convert(perturbed("gemma2"), "post", keep_stream_size=True)
     bert = tiny_model("bert", "BertForMaskedLM")
     back = normswap.convert(normswap.convert(bert, "pre"), "post", keep_stream_size=True)

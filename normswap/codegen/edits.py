@@ -190,6 +190,10 @@ class AddLayerNorm:
     norm: str
     copy_attribute: str
     new_class: str = ""
+    # a class whose ``__init__`` builds ``self.<copy_attribute>``, where ``class_name`` builds no norm of its own
+    # (MegatronBERT's SelfOutput adds its branch; its Attention builds the norm): the new norm then goes after the
+    # last module ``class_name.__init__`` assigns, and the constructor may read only names defined there
+    copy_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -543,6 +543,9 @@ class _Rewriter(cst.CSTTransformer):
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.stack_attribute} in its own body")
 
     def _add_beside(self, function: cst.FunctionDef, edit: AddLayerNorm) -> cst.FunctionDef:
+        if edit.copy_from and edit.copy_from != edit.class_name:
+            return self._add_copied_constructor(function, edit, (edit.copy_from, edit.copy_attribute),
+                                                _last_module_assigned(function, edit.class_name))
         return self._add_copied_constructor(function, edit, (edit.class_name, edit.copy_attribute),
                                             edit.copy_attribute)
 
@@ -698,6 +701,19 @@ def _is_self_assignment(statement: cst.BaseSmallStatement) -> bool:
     return (isinstance(statement, cst.Assign) and len(statement.targets) == 1
             and isinstance(statement.targets[0].target, cst.Name) and isinstance(statement.value, cst.Name)
             and statement.targets[0].target.value == statement.value.value)
+
+
+def _last_module_assigned(function: cst.FunctionDef, class_name: str) -> str:
+    """The attribute of the last ``self.<attribute> = ...`` statement in ``__init__``'s own body."""
+    for statement in reversed(function.body.body):
+        if isinstance(statement, cst.SimpleStatementLine):
+            for small in statement.body:
+                if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                    attribute = _self_attribute(small.targets[0].target)
+                    if attribute and "." not in attribute:
+                        return attribute
+    raise CodegenError(f"{class_name}.__init__ assigns no module in its own body, so there is no place to build a "
+                       "new norm in")
 
 
 def _assigns(statement: cst.CSTNode, attribute: str) -> bool:

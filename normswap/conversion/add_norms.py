@@ -150,7 +150,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
                              functools.partial(_passes_through, holder) if slot == "out" else _any_call)
     except CodegenError as error:
         raise AddNormError(str(error)) from error
-    template = _template(layer, sub, class_path, locate)
+    template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
     new_kind, new_class, helper = _kind(template, kind)
     terms = add.branches
     built: list[_NewNorm] = []
@@ -172,10 +172,9 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
                              if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
         if slot == "out" and len(sub.branches) > 1:
             wrapped[term.term], wrap = f"self.{norm}({term.term})", None
-        template_attribute = _attribute_in(locate, class_path, template.path)
         norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
         built.append(_NewNorm(
-            (AddLayerNorm(class_name, norm, template_attribute, new_class), *([wrap] if wrap else [])),
+            (AddLayerNorm(class_name, norm, template_attribute, new_class, copy_from), *([wrap] if wrap else [])),
             _tensors(model.get_submodule(template.path), norm_path, new_kind, new_class, site),
             PassMove("add", norm_path, site=site,
                      note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
@@ -237,16 +236,26 @@ def _passes_through(holder: nn.Module, callee: str) -> bool:
     return isinstance(module, (nn.Dropout, nn.Identity)) or passes(module.eval() if module.training else module)
 
 
-def _template(layer: Layer, sub: Sublayer, class_path: str, locate: _Locator) -> NormSite:
-    """The norm whose constructor the new norm copies: one the adding class builds itself, of this sublayer first."""
-    others = [norm for other in layer.sublayers if other is not sub for norm in other.norms]
-    for norm in (*sub.norms, *others):
-        if norm.kind != "identity" and "." not in _attribute_in(locate, class_path, norm.path):
-            return norm
+def _template(model: nn.Module, layer: Layer, sub: Sublayer, class_path: str, locate: _Locator
+              ) -> tuple[NormSite, str, str]:
+    """The norm whose constructor the new norm copies, the class that builds it ("" for the adding class) and its
+    attribute there: one the adding class builds itself, of this sublayer first; else one another module of the
+    layer builds as a plain attribute (MegatronBERT's SelfOutput adds the attention's output, and its Attention
+    builds the attention's pre norm), whose constructor the code generation copies where its names are defined."""
+    norms = [norm for norm in (*sub.norms, *(n for other in layer.sublayers if other is not sub for n in other.norms))
+             if norm.kind != "identity"]
+    for norm in norms:
+        attribute = _attribute_in(locate, class_path, norm.path)
+        if "." not in attribute:
+            return norm, "", attribute
+    for norm in norms:
+        owner, _, attribute = norm.path.rpartition(".")
+        if owner and not attribute.isdigit():
+            return norm, type(model.get_submodule(owner)).__name__, attribute
     holder = type(locate.layer.get_submodule(class_path)).__name__ if class_path else locate.layer_class
     where = ".".join(part for part in (layer.path, class_path) if part)
-    raise AddNormError(f"{holder} ({where}) adds a branch to the stream but builds no residual norm of its own, so "
-                       "there is no norm constructor there to build the new norm like")
+    raise AddNormError(f"{holder} ({where}) adds a branch to the stream, and no module of the layer builds a residual "
+                       "norm as a plain attribute, so there is no norm constructor to build the new norm like")
 
 
 def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:

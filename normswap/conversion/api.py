@@ -21,6 +21,7 @@ from .generated import generated_target, head_stored_apart
 from .native import meta_instance, target_class, target_config
 from .plan import ConversionPlan, build_placement_plan, require_placement_source, serialises
 from .program import shapes_of
+from .registry import EdgeContext, PlacementEdge, Planner
 from .removed_norm_tensors import removed_norm_keys
 from .round_trip_carry import carried_scales
 from .setup import ConversionSetup, convert_in_memory, realise
@@ -28,6 +29,22 @@ from .verify import DriftReport, measure_drift, require_branch_zero, require_top
 from .weights import placement_program
 
 PLACEMENTS = ("pre", "post")
+
+
+def _norm_shift_edge(source: str, target: str) -> PlacementEdge:
+    """The norm shift as a route's step. Leaving Post-Norm on the way to a branch-norm placement, no stock family
+    stands between: the new norms go into the source family's own code (a stock Pre-Norm twin may build no norm
+    where a branch needs one: MegatronBERT's SelfOutput)."""
+    def plan(context: EdgeContext) -> Planner:
+        native = context.native and not (source == "post" and context.between)
+        return lambda model: plan_conversion(model, target, native)
+
+    return PlacementEdge(source, target, plan, description="the norm shift (docs/design.md §3)")
+
+
+PLACEMENT_EDGES = tuple(_norm_shift_edge(source, target)
+                        for source, target in (("post", "pre"), ("pre", "post"), ("parallel", "pre"),
+                                               ("parallel", "post")))
 
 
 class RealisationError(NormswapError):

@@ -1,10 +1,11 @@
 """The placement changes that add or remove norms on branches (docs/design.md §9), as composed passes.
 
-Each step of a route (``route.py``) names passes planned on the same source and composed into one generated
-module: "drop out" folds each branch output norm's calibrated stand-in into the branch's writers, "drop pre"
-folds each pre norm's into the maps that read it, "add out" and "add pre" give every branch a new norm started
-at the calibrated scale of what it reads, and "scale pre" (before a norm shift to Post-Norm) sets each pre norm's
-weight to the stream's calibrated scale, folding its own into its readers.
+Each step between two placements (``PLACEMENT_EDGES``, routed by ``route.py``) names passes planned on the
+same source and composed into one generated module: "drop out" folds each branch output norm's calibrated
+stand-in into the branch's writers, "drop pre" folds each pre norm's into the maps that read it, "add out" and
+"add pre" give every branch a new norm started at the calibrated scale of what it reads, and "scale pre" (before
+a norm shift to Post-Norm) sets each pre norm's weight to the stream's calibrated scale, folding its own into its
+readers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .add_norms import add_out_norms, add_pre_norms
 from .compose import compose
 from .drop_norms import drop_out_norms, drop_pre_norms
 from .passes import Pass
+from .registry import PlacementEdge, Planner
 from .setup import ConversionSetup
 from .stream_scale import stream_scaled_pre_norms
 
@@ -30,6 +32,37 @@ _PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
     "add pre": add_pre_norms,
     "scale pre": stream_scaled_pre_norms,
 }
+
+
+# (from, to) -> the passes, by name, composed into one step between those placements
+_BRANCH_NORM_STEPS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sandwich", "pre"): ("drop out",),
+    ("post-sublayer", "pre"): ("add pre", "drop out"),
+    ("pre", "sandwich"): ("add out",),
+    ("pre", "post-sublayer"): ("drop pre", "add out"),
+    ("sandwich", "post-sublayer"): ("drop pre",),
+    ("post-sublayer", "sandwich"): ("add pre",),
+}
+
+
+def branch_norm_steps(source: str, target: str) -> tuple[str, ...]:
+    """The branch-norm passes, by name, that go directly from placement ``source`` to ``target``."""
+    return _BRANCH_NORM_STEPS[(source, target)]
+
+
+def branch_norm_planner(source: str, target: str, native: bool, extra: tuple[str, ...] = ()) -> Planner:
+    """The planner of the direct step from ``source`` to ``target``, with the passes ``extra`` after its own."""
+    names = branch_norm_steps(source, target) + extra
+    conversion = f"placement {source} -> {target} (calibrated stand-ins)"
+    return lambda model: branch_norm_setup(model, names, conversion, target, native)
+
+
+def _edge(source: str, target: str) -> PlacementEdge:
+    return PlacementEdge(source, target, lambda context: branch_norm_planner(source, target, context.native),
+                         description=f"{' + '.join(branch_norm_steps(source, target))} (calibrated stand-ins, §9)")
+
+
+PLACEMENT_EDGES = tuple(_edge(source, target) for source, target in _BRANCH_NORM_STEPS)
 
 
 def branch_norm_setup(model: nn.Module, names: Sequence[str], conversion: str, target: str,

@@ -10,32 +10,31 @@ from torch import nn
 from ..detect import inspect
 from ..detect.norms import is_norm_stand_in
 from ..errors import ExactImpossibleError, NormswapError
+from ..topology import Topology
 from .approximate_kind import plan_layer_norm_approximate, plan_offset_to_rms_norm, plan_rms_norm_approximate
 from .extra_dimension import plan_layer_norm_exact
-from .norm_free import NORM_FREE_KINDS, exact_refusal, plan_norm_free
 from .norm_kind import NormKindPlan, plan_rms_norm
+from .registry import NormKind
 from .setup import ConversionSetup, convert_in_memory
 
 # the norm kinds (as detected) that a --norm target already is: a LayerNorm without bias or weights, or with
 # Nemotron's (1 + w) weight, is a LayerNorm; RMSNorm -> RMSNorm would only rename (Gemma's (1 + w) RMSNorm does
 # become a plain one: the stock RMSNorm classes compute w * x / rms(x))
-_ALREADY = {"rmsnorm": frozenset({"rmsnorm", "rmsnorm-noaffine"}),
-            "layernorm": frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})}
+_ALREADY_RMS = frozenset({"rmsnorm", "rmsnorm-noaffine"})
+_ALREADY_LAYER = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})
 
 
 def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False) -> ConversionSetup:
-    """The setup for ``norm`` = ``"rmsnorm"``, ``"layernorm"``, ``"none"`` or ``"dyt"`` on a loaded or meta-device
-    ``model``.
+    """The setup for ``norm`` (a declared ``NORM_KINDS`` name: rmsnorm, layernorm, none, dyt) on a loaded or
+    meta-device ``model``. What every kind shares is here: the refusal of ``exact`` where the kind cannot be exact,
+    and nothing to do where the model's norms are that kind already, or where it has none."""
+    from .registry import norm_kinds
+    from .route import require_norm_kind
 
-    rmsnorm: Gemma's (1 + w) norms become plain RMSNorms (exact), Post-LN models convert approximately,
-    Pre-LN models exactly, or approximately where their structure rules the exact map out (the plan says why).
-    layernorm: exactly by one extra dimension with ``exact``, else approximately.
-    none, dyt: every residual norm as its calibrated stand-in, or as DyT (``norm_free``); never exact.
-    """
-    if norm not in (*_ALREADY, *NORM_FREE_KINDS):
-        raise NormswapError(f"norm={norm!r}: choose 'rmsnorm', 'layernorm', 'none' or 'dyt'")
-    if norm in NORM_FREE_KINDS and exact:
-        raise NormswapError(exact_refusal(norm))
+    require_norm_kind(norm)
+    kind = norm_kinds()[norm]
+    if exact and kind.exact_refusal:
+        raise NormswapError(kind.exact_refusal)
     try:
         topology = inspect(model)
     except NormswapError:  # no stack inspection can describe (MobileNet's convolutions): nothing to change either
@@ -45,16 +44,25 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         plan = NormKindPlan(family, family, "none", (), (), kind=norm, notes=(_no_norm_note(model, family),))
         return ConversionSetup(plan, None)
     kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
-    if norm in NORM_FREE_KINDS and (kinds or _any_norm_module(model)):
-        return plan_norm_free(model, norm)
-    if (kinds and kinds <= _ALREADY.get(norm, frozenset())) or (not kinds and not _any_norm_module(model)):
-        label = "RMSNorms" if norm == "rmsnorm" else "LayerNorms"
-        note = (f"{topology.model_type}'s norms are {label} already ({', '.join(sorted(kinds))})" if kinds else
-                _no_norm_note(model, topology.model_type))
+    if kind.removes_norms and (kinds or _any_norm_module(model)):
+        return kind.plan(model, topology, exact, untie)
+    if (kinds and kinds <= kind.already) or (not kinds and not _any_norm_module(model)):
+        note = (f"{topology.model_type}'s norms are {kind.norms_named} already ({', '.join(sorted(kinds))})"
+                if kinds else _no_norm_note(model, topology.model_type))
         plan = NormKindPlan(topology.model_type, topology.model_type, "none", (), (), kind=norm, notes=(note,))
         return ConversionSetup(plan, None, source=topology)
-    if norm == "layernorm":
-        return plan_layer_norm_exact(model, untie=untie) if exact else plan_layer_norm_approximate(model)
+    return kind.plan(model, topology, exact, untie)
+
+
+def _to_layer_norm(model: nn.Module, topology: Topology, exact: bool, untie: bool) -> ConversionSetup:
+    """Exactly by one extra dimension with ``exact``, else approximately."""
+    return plan_layer_norm_exact(model, untie=untie) if exact else plan_layer_norm_approximate(model)
+
+
+def _to_rms_norm(model: nn.Module, topology: Topology, exact: bool, untie: bool) -> ConversionSetup:
+    """Gemma's (1 + w) norms become plain RMSNorms (exact); Post-LN models convert approximately; Pre-LN models
+    exactly, or approximately where their structure rules the exact map out (the plan says why)."""
+    kinds = {n.kind for n in topology.all_norms if n.kind != "identity"}
     if "rmsnorm-offset" in kinds and kinds <= {"rmsnorm", "rmsnorm-offset", "rmsnorm-noaffine"}:
         return plan_offset_to_rms_norm(model)
     if topology.placement not in ("pre", "parallel"):  # a norm reads a branch's uncentred output
@@ -63,6 +71,14 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
         return plan_rms_norm(model, untie=untie)
     except ExactImpossibleError as error:  # the structure rules the exact map out, not the conversion
         return plan_rms_norm_approximate(model, exact_impossible=error.reason)
+
+
+NORM_KINDS = (
+    NormKind("rmsnorm", _to_rms_norm, already=_ALREADY_RMS, plural="RMSNorms",
+             description="exact for Pre-LN models (docs/design.md §4), approximate for Post-LN"),
+    NormKind("layernorm", _to_layer_norm, already=_ALREADY_LAYER, plural="LayerNorms",
+             description="approximate; exact with --exact, by one extra dimension (§5)"),
+)
 
 
 _BATCH_OR_GROUP = (nn.modules.batchnorm._NormBase, nn.GroupNorm)

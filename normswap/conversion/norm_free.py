@@ -41,6 +41,7 @@ from .calibration import CalibrationSite
 from .compose import compose
 from .passes import Pass, PassMove, Scales
 from .program import Step, combine, constant, one_plus
+from .registry import NormKind
 from .setup import ConversionSetup
 from .stream_centring import centring_pass
 
@@ -114,6 +115,17 @@ def dyt_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str =
                 moves=tuple(PassMove("replace", norm.path, site=calibration_site(norm),
                                      note=f"{norm.slot} norm -> DyT") for norm in sites),
                 helpers=frozenset({"dyt"}), notes=notes)
+
+
+def _norm_free_kind(name: str, description: str) -> NormKind:
+    return NormKind(name, lambda model, _topology, _exact, _untie: plan_norm_free(model, name),
+                    exact_refusal=exact_refusal(name), removes_norms=True, description=description)
+
+
+NORM_KINDS = (
+    _norm_free_kind("none", "every residual norm its calibrated stand-in g * x / s + b (§8); approximate"),
+    _norm_free_kind("dyt", "Dynamic Tanh g * tanh(a x) + b, a started at 1 / s (§8); approximate"),
+)
 
 
 def plan_norm_free(model: nn.Module, norm: str) -> ConversionSetup:

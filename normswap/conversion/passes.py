@@ -8,7 +8,8 @@ edits of every pass to one copy of the stock source (one generated module, never
 generated code), runs the tensor rewrites in order (so a later pass builds on what the earlier ones made
 of each tensor), and verifies once, against the original. The result is exact only if every pass is.
 
-A new kind of conversion is a new pass file: a function returning a ``Pass``.
+A new kind of conversion is a new pass file: a function returning a ``Pass``, and the declaration of the step it
+makes (``PLACEMENT_EDGES`` or ``NORM_KINDS``, ``registry.py``), from which routes and choices come.
 """
 
 from __future__ import annotations

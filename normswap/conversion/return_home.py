@@ -101,8 +101,7 @@ def _through_pre(model: nn.Module, placement: str, home: _Home, carried: Mapping
     """The norm shift from ``model`` (Post-Norm) to the Pre-Norm model the branch-norm passes made of the home
     family on the way out (its code generated again, weightless), then the way home from there, as one chain."""
     from .api import _placement_setup
-    from .branch_norm_passes import branch_norm_setup
-    from .route import branch_norm_steps
+    from .branch_norm_passes import branch_norm_setup, branch_norm_steps
 
     twin = branch_norm_setup(home.meta, branch_norm_steps(placement, "pre"), f"placement {placement} -> pre", "pre")
     twin_topology = inspect(meta_instance(twin.target_class, twin.target_config))

@@ -12,8 +12,9 @@ This pass runs first, on the model before the shift, where it is exact: each lay
 so every branch reads what it read (a LayerNorm keeps centring, so no ``C`` is folded and the way back is exact).
 Shifted, the norm then keeps the stream at the original's typical size, and each branch's share of it is what it
 was on a typical token (Gemma 2 -> post: KL 0.33). The final norm stays as it is: only the head reads the stream
-after it. The route uses it for sandwich -> post (``route.py``), and for a plain Pre -> Post when asked
-(``--keep-stream-size``): by default that keeps the plain shift, which moves norm tensors only (docs/design.md §3).
+after it. The moves to Post-Norm use it (``stream_scaled_moves.py``): sandwich -> post always, and a plain Pre ->
+Post when asked (``--keep-stream-size``): by default that keeps the plain shift, which moves norm tensors only
+(docs/design.md §3).
 """
 
 from __future__ import annotations

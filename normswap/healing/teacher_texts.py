@@ -1,4 +1,5 @@
-"""Healing text sampled from the teacher itself (``--data teacher``; the default for causal language models).
+"""Healing text sampled from the teacher itself (``--data teacher``; the default for causal language models; a
+masked LM fills masks instead, ``masked_filling.py``).
 
 A causal LM defines its own input distribution: texts sampled from it are what the student must reproduce,
 in every domain the teacher knows, and healing needs no corpus at all. Each text starts from the tokenizer's
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..corpus import healing_corpus
 from ..errors import NormswapError
+from .masked_filling import MaskedSampling, can_fill, fill_texts, require_mask_token
 from .texts import load_texts
 
 TEACHER = "teacher"  # the --data value that asks for it
@@ -59,17 +61,26 @@ def healing_texts(data: str | Path | Sequence[str] | None, teacher: nn.Module, t
         data = TEACHER if can_sample(teacher) else None
     if not (isinstance(data, str) and data == TEACHER):
         return load_texts(data)
-    if not can_sample(teacher):
+    sampling: Sampling | MaskedSampling
+    if can_sample(teacher):
+        sampling = Sampling(length=max(2, max_length), seed=seed)
+    elif can_fill(teacher):
+        require_mask_token(teacher, tokenizer)  # before any cache is read
+        sampling = MaskedSampling(max_length=max(3, max_length), seed=seed)
+    else:
         raise NormswapError(f"--data teacher samples texts from the original model, but "
-                            f"{type(teacher).__name__} has no causal language-model head to generate with; "
-                            "pass --data FILE, or leave --data out for the shipped corpus")
-    sampling = Sampling(length=max(2, max_length), seed=seed)
+                            f"{type(teacher).__name__} has no language-model head to generate with (causal) or "
+                            "to fill masks with (masked); pass --data FILE, or leave --data out for the shipped "
+                            "corpus")
     cache = Path(work_dir) / CACHE_FILE if work_dir else None
-    key = {"sampling": asdict(sampling), "teacher": _fingerprint(teacher)}
+    key = {"sampling": {"method": type(sampling).__name__, **asdict(sampling)}, "teacher": _fingerprint(teacher)}
     cached = _read_cache(cache, key)
     if cached is not None:
         return cached
-    texts = sample_texts(teacher, tokenizer, sampling)
+    if isinstance(sampling, MaskedSampling):
+        texts = fill_texts(teacher, tokenizer, sampling)
+    else:
+        texts = sample_texts(teacher, tokenizer, sampling)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".partial")
