@@ -127,8 +127,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("destination", metavar="DST", help="output folder (written atomically)")
     heal.add_argument("--data", metavar="PATH",
                       help=".txt (one document per line), .jsonl (a 'text' field), a datasets save_to_disk folder, "
-                      "or 'teacher': texts sampled from ORIGINAL, a causal LM (default: 'teacher' for causal LMs, "
-                      "the shipped corpus for other models)")
+                      "or 'teacher': texts sampled from ORIGINAL, a causal LM, or filled in by its masked-LM head "
+                      "(default: 'teacher' for causal LMs, the shipped corpus for other models)")
     heal.add_argument("--max-steps", type=int, metavar="N",
                       help="stop after N training steps (default: 300 without --max-time; with --max-time, no "
                       "step limit: the time budget ends training; with both, whichever comes first)")
@@ -359,8 +359,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     command = commands[args.command]
     if unknown:
         command.error(_unrecognised(command, unknown))
-    if args.command == "convert":
-        _require_declared_conversion(command, args)
     if args.command == "convert" and args.keep_stream_size and args.placement != "post":
         command.error("--keep-stream-size keeps the stream's size through a move to Post-Norm: add --placement post, "
                       "or leave it out")
@@ -372,11 +370,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _require_declared_conversion(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _require_declared_conversion(args: argparse.Namespace) -> None:
     """``--placement`` and ``--norm`` take what the conversion files declare (``conversion/registry.py``), so a new
-    conversion needs no change here; a value none declares is a usage error, as argparse's choices would make it."""
+    conversion needs no change here; a value none declares is a usage error (exit 2), as argparse's choices would
+    make it. Checked after parsing, with the interrupt handlers in place: the declarations import torch and
+    transformers, and a Ctrl-C there must stop the command like one anywhere else."""
     from .conversion.registry import norm_kinds, placements
 
+    command = _build_parser()[1]["convert"]
     kinds = tuple(norm_kinds())
     if args.placement is None and args.norm is None:
         command.error(f"give the conversion: --placement {'|'.join(placements())} (move the norms), --norm "
@@ -448,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _run_inspect(args)
         if args.command == "convert":
+            _require_declared_conversion(args)
             return _run_convert(args)
         if args.command == "heal":
             return _run_heal(args)

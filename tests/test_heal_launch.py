@@ -106,4 +106,10 @@ def test_lora_adapters_train_on_two_processes_and_merge_once(models: tuple[Path,
                  for name in FIGURES} for folder in ("one", "two"))
     assert two["output_cosine"] > json.loads((tmp_path / "two" / "normswap_report.json").read_text()
                                               )["heal"]["before"]["output_cosine"]  # the adapters trained
-    assert two == pytest.approx(one, abs=2e-3, rel=0)
+    # At LoRA's rate (3e-3, ten times full healing's) the two ways of averaging the loss drift further apart than
+    # in full healing: measured 0.002 output cosine and 0.005 pooled cosine. Seeds 0, 1 and 2 of one process spread
+    # 0.0074, 0.037, 0.13 and 0.0077 (output cosine, pooled cosine, Spearman, KL): each figure must agree within
+    # about half its seed spread
+    for name, within in {"output_cosine": 4e-3, "pooled_cosine": 1.5e-2, "spearman": 5e-2,
+                         "next_token_kl": 4e-3}.items():
+        assert two[name] == pytest.approx(one[name], abs=within, rel=0), name

@@ -49,7 +49,7 @@ class PlacementEdge:
     plan: Callable[[EdgeContext], Planner]
     cost: float = 1.0
     option: str = ""
-    description: str = ""
+    description: str = ""  # what the step does, for the route's debug log
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class NormKind:
     already: frozenset[str] = frozenset()
     exact_refusal: str = ""
     removes_norms: bool = False
-    description: str = ""
+    description: str = ""  # what the conversion does, for the next engineer reading the declarations
     plural: str = ""  # "RMSNorms": how a note names norms of this kind
 
     @property

@@ -12,6 +12,8 @@ last, since the placement passes move norms.
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from ..detect import inspect
@@ -23,6 +25,7 @@ from .registry import EdgeContext, PlacementEdge, find_route, norm_kinds, placem
 from .setup import ConversionSetup
 
 PRE_LIKE = ("pre", "parallel")
+logger = logging.getLogger("normswap")
 
 
 def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None = None, *, exact: bool = False,
@@ -43,6 +46,8 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     if source not in source_placements():
         require_placement_source(topology)  # raises, naming what rules the placement passes out
     edges = find_route(source, placement, ("keep_stream_size",) if keep_stream_size else ())
+    logger.debug("route %s -> %s: %s", source, placement,
+                 "; ".join(f"{edge.source} -> {edge.target}: {edge.description}" for edge in edges) or "none")
     planners = [route_planner(edges, native)] if edges else []
     if not planners and norm is None:
         return _already(topology, placement)

@@ -3,11 +3,8 @@
 Per-sublayer matching (not only the output) gives each branch its own gradient signal: a student whose
 early branches read the wrong input cannot make it up later. Each entry's loss is the relative squared
 error ``||s - t||^2 / ||t||^2`` over real tokens, so entries of different scale weigh the same; the
-stack outputs count ``output_weight`` times. Where one model's branch reads the stream through a pre norm and
-the other's reads it raw (post-sublayer <-> pre or sandwich), the norm fixes each token's size on one side only,
-so each token is compared by direction (both scaled to unit length): matching the raw stream's sizes through a
-norm is impossible, and the attempt pulls against what the branches compute. With ``branch_weight`` > 0, what
-each branch writes (its output projection's result) is matched to the teacher's too.
+stack outputs count ``output_weight`` times. With ``branch_weight`` > 0, what each branch writes (its output
+projection's result) is matched to the teacher's too.
 
 ``input_noise`` and ``input_mix`` perturb what both models read while training, the same way for both (the
 token embeddings' output): Gaussian noise of that relative size, and each row mixed with another row of the
@@ -51,7 +48,6 @@ class HealingObjective(nn.Module):
         self._student_found: dict[str, torch.Tensor] = {}
         self._teacher_found: dict[str, torch.Tensor] = {}
         finals = {entry.student for entry in correspondence.final_entries()}
-        self._scale_free = {entry.student for entry in correspondence.entries if entry.scale_free}
         self._weights = {entry.student: output_weight if entry.student in finals else 1.0
                          for entry in correspondence.entries if entry.student in finals or not only_outputs}
         self._handles = [handle for entry in correspondence.entries for handle in (
@@ -107,8 +103,6 @@ class HealingObjective(nn.Module):
                 student_value = read_map(student_value)
             s = student_value[mask].float()
             t = teacher_value[mask].float()
-            if key in self._scale_free:  # each token's direction: a pre norm on one side fixes its size
-                s, t = _unit_rows(s), _unit_rows(t)
             total = total + entry_weight * ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
             weight += entry_weight
         return {"loss": total / max(weight, 1.0)}
@@ -149,10 +143,6 @@ class HealingObjective(nn.Module):
                     state[key] = value.clone()
                 seen.add(pointer)
         return state
-
-
-def _unit_rows(values: torch.Tensor) -> torch.Tensor:
-    return values / values.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -34,9 +34,6 @@ class EntryPair:
     teacher: str  # norm module path in the teacher
     student: str  # norm module path in the student
     student_kind: str  # the student norm's kind: LayerNorm targets may shift, RMSNorm ones only scale
-    # one model's branch reads the stream through a pre norm and the other's reads it raw (post-sublayer): the norm
-    # fixes each token's size, so only each token's direction can match (``objective.py``)
-    scale_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,9 +132,8 @@ def _branch_reads(teacher: Topology, student: Topology) -> Correspondence:
         for index, (teacher_sub, student_sub) in enumerate(zip(teacher_subs, student_subs, strict=True)):
             teacher_entry, student_entry = teacher_sub.branches[0].entry, student_sub.branches[0].entry
             if teacher_entry and student_entry:
-                normed = {bool(sub.norms_in("pre")) for sub in (teacher_sub, student_sub)}
                 entries.append(EntryPair(student_stack.path, index, f"{teacher_entry}{INPUT}",
-                                         f"{student_entry}{INPUT}", "branch input", scale_free=len(normed) == 2))
+                                         f"{student_entry}{INPUT}", "branch input"))
         if teacher_stack.final_norm and student_stack.final_norm:
             entries.append(EntryPair(student_stack.path, len(student_subs), teacher_stack.final_norm.path,
                                      student_stack.final_norm.path, student_stack.final_norm.kind))
