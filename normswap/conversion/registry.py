@@ -104,10 +104,6 @@ def source_placements() -> frozenset[str]:
     return frozenset(edge.source for edge in placement_edges())
 
 
-def options() -> frozenset[str]:
-    return frozenset(edge.option for edge in placement_edges() if edge.option)
-
-
 def find_route(source: str, target: str, asked: Iterable[str] = ()) -> tuple[PlacementEdge, ...]:
     """The cheapest edges from ``source`` to ``target`` (none where they are one placement). Ties go to fewer
     edges, then to the order of declaration. An ``asked`` option the route does not use is refused in one line."""
