@@ -1,8 +1,8 @@
 """Which passes take a model from the layout it has to the one asked for (docs/design.md §9).
 
 The edges between placements are declared by the files that plan them (``registry.py``): the norm shift
-(Post <-> Pre, §3) in ``plan.py``, the branch-norm passes (dropping or adding norms with calibrated stand-ins)
-in ``branch_norm_passes.py``, the stream-scaled moves to Post-Norm in ``stream_scale.py``. A route is the
+(Post <-> Pre, §3) in ``api.py``, the branch-norm passes (dropping or adding norms with calibrated stand-ins)
+in ``branch_norm_passes.py``, the stream-scaled moves to Post-Norm in ``stream_scaled_moves.py``. A route is the
 cheapest sequence of edges; placements meet at Pre-Norm. Every step, and the whole route, first tries the way
 home (``return_home.py``): a model the branch-norm passes made goes back to its stock family exactly. A
 norm-kind change (``NORM_KINDS``) runs where the model is Pre-Norm, where the exact maps are exact (§4, §5):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..detect import inspect
 from .chain import chain
 from .registry import EdgeContext, PlacementEdge, Planner
 from .setup import ConversionSetup
@@ -38,11 +39,7 @@ def _stream_scaled_shift(context: EdgeContext) -> Planner:
         shift = plan_conversion(model, "post", context.native)
         if _came_from_post(model):
             return shift
-        topology = shift.source
-        if topology is None:
-            from ..detect import inspect
-
-            topology = inspect(model)
+        topology = shift.source or inspect(model)  # the shift detected this model already
         dropped = frozenset(move.source for stack in getattr(shift.plan, "stacks", ()) for move in stack.moves
                             if move.target is None)
         rescale = compose(model, topology, [stream_scaled_pre_norms(model, topology, dropped)], "")

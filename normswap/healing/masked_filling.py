@@ -11,7 +11,6 @@ shipped corpus, out of source, is in ``benchmarks/README.md`` (``heal_masked_lm.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -115,12 +114,8 @@ def _fill(teacher: nn.Module, ids: torch.Tensor, attention: torch.Tensor, masked
         logits = teacher(input_ids=ids, attention_mask=attention).logits[masked].float() / sampling.temperature
         logits[:, banned] = float("-inf")
         drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-        left = rounds - done
-        keep = torch.zeros(masked.shape, dtype=torch.bool, device=ids.device)
+        share = (masked.sum(1, keepdim=True) + (rounds - done) - 1) // (rounds - done)  # ceil(masks / rounds left)
         noise = torch.rand(masked.shape, generator=generator, device=ids.device).masked_fill(~masked, 2.0)
-        for row in range(ids.shape[0]):
-            share = math.ceil(int(masked[row].sum()) / left)
-            if share:
-                keep[row, noise[row].argsort()[:share]] = True
+        keep = noise.argsort(1).argsort(1) < share  # each row's ``share`` masks of lowest noise
         ids[keep] = drawn[keep[masked]]
         masked &= ~keep
