@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .declared_help import DeclaredConversionsHelp
 from .errors import NormswapError, SourceError
 from .failures import SignalsSeen, printable_path, report_failure
 from .version import __version__
@@ -48,7 +49,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          "code that is byte for byte this normswap's own runs without it)")
 
     convert = commands.add_parser(
-        "convert", parents=[debug],
+        "convert", parents=[debug], add_help=False,
         help="convert a checkpoint to another norm placement (--placement) or norm kind (--norm)",
         description="Rewrite a checkpoint to another norm placement (--placement: Post-Norm and Pre-Norm under the "
         "norm-shift mapping, where every branch keeps the normalisation it was trained with; sandwich and "
@@ -56,6 +57,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "or between LayerNorm and RMSNorm (--norm), or both in one conversion; verify it against the original, and "
         "save it.",
     )
+    convert.add_argument("-h", "--help", action=DeclaredConversionsHelp,
+                         help="show this help message, with the declared conversions, and exit")
     convert.add_argument("source", metavar="SRC", help="checkpoint folder")
     convert.add_argument("destination", metavar="DST", help="output folder (written atomically)")
     convert.add_argument("--placement", metavar="PLACEMENT",

@@ -108,3 +108,27 @@ def test_without_the_file_its_choices_are_usage_errors(tmp_path: Path, capsys: p
         capsys.readouterr().err
     with pytest.raises(normswap.NormswapError, match="placement must be one of pre, post, sandwich, post-sublayer"):
         normswap.convert(tiny_model("llama", "LlamaForCausalLM"), "peri")
+
+
+def _convert_help(capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as shown:
+        main(["convert", "--help"])
+    assert shown.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_convert_help_describes_every_declared_conversion(capsys: pytest.CaptureFixture[str]) -> None:
+    listed = " ".join(_convert_help(capsys).split("declared conversions (")[-1].split())  # unwrapped
+    for edge in registry.placement_edges():
+        assert f"{edge.source} -> {edge.target}" in listed and " ".join(edge.description.split()) in listed
+    for kind in registry.norm_kinds().values():
+        assert f"{kind.name}: {' '.join(kind.description.split())}" in listed
+    assert "--placement: pre, post, sandwich, post-sublayer (also from parallel)" in listed
+    assert "pre -> post [with --keep-stream-size]" in listed
+
+
+def test_convert_help_lists_a_new_pass_files_conversions(new_pass_file: None,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    listed = _convert_help(capsys).split("declared conversions (")[-1]
+    assert "--placement: pre, post, sandwich, post-sublayer, peri" in listed
+    assert "    pre -> peri\n" in listed and "    rms\n" in listed

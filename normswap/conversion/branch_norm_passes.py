@@ -34,6 +34,15 @@ _PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
 }
 
 
+# what each pass does, for descriptions (help, the route's debug log)
+_PASS_PHRASES = {
+    "drop out": "each branch's output norm removed as its calibrated stand-in",
+    "drop pre": "each branch's pre norm removed as its calibrated stand-in",
+    "add out": "an output norm added to each branch at its calibrated scale",
+    "add pre": "a pre norm added before each branch at its calibrated scale",
+}
+
+
 # (from, to) -> the passes, by name, composed into one step between those placements
 _BRANCH_NORM_STEPS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sandwich", "pre"): ("drop out",),
@@ -59,7 +68,8 @@ def branch_norm_planner(source: str, target: str, native: bool, extra: tuple[str
 
 def _edge(source: str, target: str) -> PlacementEdge:
     return PlacementEdge(source, target, lambda context: branch_norm_planner(source, target, context.native),
-                         description=f"{' + '.join(branch_norm_steps(source, target))} (calibrated stand-ins, §9)")
+                         description=f"{'; '.join(_PASS_PHRASES[name] for name in branch_norm_steps(source, target))} "
+                                     "(docs/design.md §9)")
 
 
 PLACEMENT_EDGES = tuple(_edge(source, target) for source, target in _BRANCH_NORM_STEPS)

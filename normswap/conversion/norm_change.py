@@ -77,7 +77,7 @@ NORM_KINDS = (
     NormKind("rmsnorm", _to_rms_norm, already=_ALREADY_RMS, plural="RMSNorms",
              description="exact for Pre-LN models (docs/design.md §4), approximate for Post-LN"),
     NormKind("layernorm", _to_layer_norm, already=_ALREADY_LAYER, plural="LayerNorms",
-             description="approximate; exact with --exact, by one extra dimension (§5)"),
+             description="approximate; exact with --exact, by one extra dimension (docs/design.md §5)"),
 )
 
 

@@ -123,8 +123,9 @@ def _norm_free_kind(name: str, description: str) -> NormKind:
 
 
 NORM_KINDS = (
-    _norm_free_kind("none", "every residual norm its calibrated stand-in g * x / s + b (§8); approximate"),
-    _norm_free_kind("dyt", "Dynamic Tanh g * tanh(a x) + b, a started at 1 / s (§8); approximate"),
+    _norm_free_kind("none", "every residual norm its calibrated stand-in g * x / s + b (docs/design.md §10); "
+                    "approximate"),
+    _norm_free_kind("dyt", "Dynamic Tanh g * tanh(a x) + b, a started at 1 / s (docs/design.md §10); approximate"),
 )
 
 
