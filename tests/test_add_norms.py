@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from test_layer_norm_exact_weightless import perturbed as weightless_model
 from test_rms_norm import perturbed
 
 from normswap.codegen.branch_terms import branch_terms
@@ -38,6 +39,8 @@ CASES = [
     ("gpt_neox_parallel", "GPTNeoXForCausalLM", "out", "parallel", "layernorm"),  # h + attn + mlp: one norm each
     ("gptj", "GPTJForCausalLM", "out", "parallel", "layernorm"),  # both branches read one pre norm
     ("olmo2", "Olmo2ForCausalLM", "pre", "sandwich", "rmsnorm"),  # its branches read the raw stream
+    # weightless LayerNorms (eps in their code): the new norm is normswap's LayerNorm, with a weight, no bias
+    ("olmo", "OlmoForCausalLM", "out", "sandwich", "layernorm-nobias"),
 ]
 IDS = [f"{case[0]}-{case[2]}" for case in CASES]
 PASSES = {"out": add_out_norms, "pre": add_pre_norms}
@@ -262,13 +265,19 @@ def test_another_kind_of_new_norm_on_request() -> None:
     ("gemma2", "Gemma2ForCausalLM", "out", "sublayer 0 of model.layers.0 already has an out norm"),
     ("llama", "LlamaForCausalLM", "pre", "sublayer 0 of model.layers.0 already has a pre norm"),
     ("bert", "BertForMaskedLM", "out", "normalises its sum after the add .a post norm., so an out norm beside it"),
-    ("olmo", "OlmoForCausalLM", "out", "layernorm-noaffine norm, with no weight to start at the scale s"),
 ])
 def test_a_slot_taken_or_no_layout_is_refused_with_its_reason(config: str, model_class: str, slot: str,
                                                               message: str) -> None:
     model = perturbed(config, model_class)
     with pytest.raises(AddNormError, match=message):
         PASSES[slot](model, inspect(model))
+
+
+def test_a_weightless_norm_that_records_no_width_is_no_template() -> None:
+    """NanoChat builds its weightless RMSNorms from eps alone: no norm with a weight can be sized like them."""
+    model = weightless_model("nanochat")
+    with pytest.raises(AddNormError, match="rmsnorm-noaffine norm that records neither a weight nor its width"):
+        add_out_norms(model, inspect(model))
 
 
 _LAYER_SOURCE = '''

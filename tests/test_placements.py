@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from test_convert_native import tiny_model
+from test_layer_norm_exact_weightless import perturbed as weightless_model
 
 import normswap
 from normswap.cli import main
@@ -21,6 +22,7 @@ SOURCES = {
     "glm4": ("Glm4ForCausalLM", "sandwich"),
     "olmo2": ("Olmo2ForCausalLM", "post-sublayer"),
     "llama": ("LlamaForCausalLM", "pre"),
+    "olmo": ("OlmoForCausalLM", "pre"),  # weightless LayerNorms: new norms get a weight to start at the scale s
     "gpt2": ("GPT2LMHeadModel", "pre"),
     "gpt_neox_parallel": ("GPTNeoXForCausalLM", "parallel"),  # serialised first: each branch its own sublayer
 }
@@ -90,13 +92,15 @@ def test_a_new_norm_copies_a_constructor_another_module_builds(target: str, tmp_
 
 def test_a_placement_the_structure_cannot_take_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
-    """OLMo's norms have no weight: a new norm built like them could not start at the calibrated scale s."""
-    tiny_model("olmo", "OlmoForCausalLM").save_pretrained(tmp_path / "olmo")
+    """NanoChat's norms have no weight and record no width: no norm with a weight, to start at the calibrated scale
+    s, can be built like them. (OLMo's weightless LayerNorms record theirs, and convert: ``SOURCES``.)"""
+    weightless_model("nanochat").save_pretrained(tmp_path / "nanochat")
     capsys.readouterr()  # transformers' progress bar while saving
-    assert main(["convert", str(tmp_path / "olmo"), str(tmp_path / "out"), "--placement", "sandwich", "--quiet"]) == 1
+    assert main(["convert", str(tmp_path / "nanochat"), str(tmp_path / "out"), "--placement", "sandwich",
+                 "--quiet"]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "Traceback" not in error
-    assert "layernorm-noaffine norm, with no weight to start at the scale s" in error
+    assert "rmsnorm-noaffine norm that records neither a weight nor its width and eps" in error
     assert not (tmp_path / "out").exists()
 
 

@@ -38,6 +38,8 @@ CASES = [
     ("bert", "BertForMaskedLM", "sandwich"),  # Post-Norm: out norms added to its Pre-Norm twin; back by the shift
     ("gpt2", "GPT2LMHeadModel", "post-sublayer"),  # pre LayerNorms dropped: their centring undone by carried means
     ("bert", "BertForMaskedLM", "post-sublayer"),
+    ("olmo", "OlmoForCausalLM", "sandwich"),  # weightless LayerNorms: the added ones, with weights, dropped again
+    ("olmo", "OlmoForCausalLM", "post-sublayer"),
 ]
 
 

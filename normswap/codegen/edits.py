@@ -194,6 +194,9 @@ class AddLayerNorm:
     # (MegatronBERT's SelfOutput adds its branch; its Attention builds the norm): the new norm then goes after the
     # last module ``class_name.__init__`` assigns, and the constructor may read only names defined there
     copy_from: str = ""
+    # ``name=value`` arguments of the ``.like`` call: ``affine=True`` where the template norm has no weight (OLMo's
+    # LayerNorm), and then its eps, which such a norm keeps in its code
+    keywords: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,11 @@ class NormswapRMSNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
 
     @classmethod
-    def like(cls, norm, eps=None, axis=-1):
+    def like(cls, norm, eps=None, axis=-1, affine=False):
         """The RMSNorm standing in for ``norm``, a LayerNorm of any family's class built with its own
         arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias,
-        normalising the ``axis`` it did. A placeholder a conditional builds instead of a norm (``nn.Identity()``)
+        normalising the ``axis`` it did; with ``affine``, a weight even where ``norm`` has none (a new norm that
+        starts at a calibrated scale). A placeholder a conditional builds instead of a norm (``nn.Identity()``)
         stays what it is."""
         if isinstance(norm, torch.nn.Identity):
             return norm
@@ -103,7 +104,8 @@ class NormswapRMSNorm(torch.nn.Module):
             eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
                        if isinstance(value, float))
         factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
-        return cls(shape, eps, elementwise_affine=weight is not None, bias=bias is not None, axis=axis, **factory)
+        return cls(shape, eps, elementwise_affine=weight is not None or affine, bias=bias is not None, axis=axis,
+                   **factory)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         channels_last = hidden_states.movedim(self.axis, -1) if self.axis != -1 else hidden_states
@@ -127,19 +129,26 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
 
     @classmethod
-    def like(cls, norm, eps=None):
+    def like(cls, norm, eps=None, affine=False):
         """The LayerNorm standing in for ``norm``, an RMSNorm of any family's class built with its own
-        arguments (their names differ: hidden_size, dim, config): its width and eps. A placeholder a
-        conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
+        arguments (their names differ: hidden_size, dim, config): its width and eps; with ``affine``, a weight
+        even where ``norm`` has none (a new norm that starts at a calibrated scale, its width then
+        ``norm.normalized_shape``), and then no bias: a model of weightless norms has no bias that could take
+        the norm's shift when it is removed again. A placeholder a conditional builds instead of a norm
+        (``nn.Identity()``) stays what it is."""
         if isinstance(norm, torch.nn.Identity):
             return norm
         weight = getattr(norm, "weight", None)
         if eps is None:
             eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
                        if isinstance(value, float))
-        if weight is None:  # a weightless RMSNorm, which may know no width either (NanoChat's)
+        if weight is None and not affine:  # a weightless RMSNorm, which may know no width either (NanoChat's)
             return NormswapWeightlessLayerNorm(eps)
-        return cls(weight.shape[-1], eps=eps)
+        if weight is not None:
+            return cls(weight.shape[-1], eps=eps)
+        built = cls(norm.normalized_shape[-1], eps=eps)
+        built.bias = None
+        return built
 
 
 class NormswapWeightlessLayerNorm(torch.nn.Module):

@@ -564,7 +564,9 @@ class _Rewriter(cst.CSTTransformer):
                     if constructor.settings:
                         raise CodegenError(f"{copied[0]}.{copied[1]} is built by a call and then changed, so "
                                            f"{edit.new_class}.like cannot take it as one expression")
-                    added = [cst.parse_statement(f"self.{edit.norm} = {edit.new_class}.like({constructor.call})\n")]
+                    keywords = "".join(f", {name}={value}" for name, value in edit.keywords)
+                    added = [cst.parse_statement(f"self.{edit.norm} = {edit.new_class}.like({constructor.call}"
+                                                 f"{keywords})\n")]
                 known = self.module_names | bound_names(function, body[:index + 1]) | {getattr(edit, "new_class", "")}
                 unbound = sorted({name for node in added for name in read_names(node)} - known)
                 if unbound and isinstance(edit, AddStackNorm) and edit.copy_from_layers:

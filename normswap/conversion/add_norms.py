@@ -151,7 +151,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
-    new_kind, new_class, helper = _kind(template, kind)
+    new_kind, new_class, helper, keywords = _kind(template, model.get_submodule(template.path), kind)
     terms = add.branches
     built: list[_NewNorm] = []
     wrapped: dict[str, str] = {}  # a parallel block's branch terms, each in its new norm
@@ -174,7 +174,8 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
             wrapped[term.term], wrap = f"self.{norm}({term.term})", None
         norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
         built.append(_NewNorm(
-            (AddLayerNorm(class_name, norm, template_attribute, new_class, copy_from), *([wrap] if wrap else [])),
+            (AddLayerNorm(class_name, norm, template_attribute, new_class, copy_from, keywords),
+             *([wrap] if wrap else [])),
             _tensors(model.get_submodule(template.path), norm_path, new_kind, new_class, site),
             PassMove("add", norm_path, site=site,
                      note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
@@ -266,19 +267,33 @@ def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:
     return relative.removeprefix(f"{class_path}.") if relative.startswith(f"{class_path}.") else module
 
 
-def _kind(template: NormSite, kind: str | None) -> tuple[str, str, str]:
+def _kind(template: NormSite, module: nn.Module, kind: str | None
+          ) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
     """(the new norm's kind, the normswap class that builds it from the template's constructor or "", its package
-    flag or "")."""
-    if kind is None or kind == template.kind:
-        if template.kind.endswith("noaffine"):
-            raise AddNormError(f"{template.path} is a {template.kind} norm, with no weight to start at the scale s, "
-                               "so a new norm like it cannot start as the identity")
-        return template.kind, "", ""
-    if kind not in _OTHER_KINDS:
+    flag or "", the keywords of its ``.like`` call). A weightless template (OLMo's LayerNorm) gives a norm of its
+    kind with a weight, built by normswap's class: the new norm must start at the scale s, which only a weight
+    can hold (and no bias, which a model without biases could not take back when the norm is dropped)."""
+    weightless = template.kind.endswith("-noaffine")
+    if (kind is None or kind == template.kind) and not weightless:
+        return template.kind, "", "", ()
+    wanted = template.kind.removesuffix("-noaffine") if kind is None or kind == template.kind else kind
+    if wanted not in _OTHER_KINDS:
         kinds = ", ".join(dict.fromkeys((template.kind, *_OTHER_KINDS)))
         raise AddNormError(f"a new norm of kind {kind} cannot be built from {template.path}'s constructor, only of "
                            f"kind {kinds} (the first is the model's own)")
-    return kind, *_OTHER_KINDS[kind]
+    if getattr(module, "weight", None) is not None:
+        return wanted, *_OTHER_KINDS[wanted], ()
+    if _width(module) is None or template.eps is None:
+        raise AddNormError(f"{template.path} is a {template.kind} norm that records neither a weight nor its width "
+                           "and eps, so no norm with a weight, to start at the scale s, can be built like it")
+    built = "layernorm-nobias" if wanted == "layernorm" else wanted  # NormswapLayerNorm.like: no bias, as the model
+    return built, *_OTHER_KINDS[wanted], (("affine", "True"), ("eps", repr(template.eps)))
+
+
+def _width(module: nn.Module) -> int | None:
+    """The width a weightless norm normalises, where it records it (``normalized_shape``, as OLMo's does)."""
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if isinstance(shape, (tuple, list, torch.Size)) and len(shape) else None
 
 
 def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken: set[str], class_path: str) -> str:
@@ -296,16 +311,21 @@ def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken
 def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, site: CalibrationSite
              ) -> tuple[_NewTensor, ...]:
     """The new norm's tensors: the template's parameters (its class copied), or what ``new_class.like`` builds from
-    it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias)."""
+    it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias,
+    the weight alone where the template has no weight)."""
     weight = getattr(template, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    width = _width(template)
+    if not isinstance(weight, torch.Tensor) and not (new_class and width is not None):
         raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
     names = [name for name, _ in template.named_parameters(recurse=False)]
     if new_class == "NormswapLayerNorm":
-        names = ["weight", "bias"]
+        names = ["weight", "bias"] if isinstance(weight, torch.Tensor) else ["weight"]
     elif new_class == "NormswapRMSNorm":
         names = ["weight", *(["bias"] if getattr(template, "bias", None) is not None else [])]
-    shape = tuple(weight.shape) if new_class != "NormswapLayerNorm" else (weight.shape[-1],)
+    if isinstance(weight, torch.Tensor):
+        shape = tuple(weight.shape) if new_class != "NormswapLayerNorm" else (weight.shape[-1],)
+    else:  # a weightless template: the new norm's weight spans the width it normalises
+        shape = (width,)
     offset = kind in OFFSET_NORM_KINDS
     return tuple(_NewTensor(f"{norm_path}.{name}", shape, site,
                             "bias" if name == "bias" else "offset" if offset else "weight") for name in names)
