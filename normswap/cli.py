@@ -164,6 +164,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--logit-weight", type=_weight, default=0.0, metavar="W",
                       help="also match the next-token distributions (KL) of models with an LM head, weighing W "
                       "against 1 per branch input and 4 for the output (default 0: off; see docs/heal.md)")
+    heal.add_argument("--adam-beta2", type=_beta, default=None, metavar="B",
+                      help="AdamW's second-moment decay (default 0.999; see docs/heal.md)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
     heal.add_argument("--lora-rank", type=_lora_rank, metavar="R",
@@ -200,6 +202,17 @@ def _weight(text: str) -> float:
     if not 0 <= weight < float("inf"):
         raise argparse.ArgumentTypeError(f"give a number >= 0 (e.g. 4), not {text!r}")
     return weight
+
+
+def _beta(text: str) -> float:
+    """argparse type of --adam-beta2: a number from 0 to 1, 1 excluded (a usage error otherwise)."""
+    try:
+        beta = float(text)
+    except ValueError:
+        beta = -1.0
+    if not 0 <= beta < 1:
+        raise argparse.ArgumentTypeError(f"give a number from 0 to 1, 1 excluded (e.g. 0.95), not {text!r}")
+    return beta
 
 
 def _lora_rank(text: str) -> int:
@@ -312,7 +325,8 @@ def _run_heal(args: argparse.Namespace) -> int:
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout, lora_rank=args.lora_rank,
-                             logit_weight=args.logit_weight, started=started)
+                             logit_weight=args.logit_weight, started=started,
+                             **({} if args.adam_beta2 is None else {"adam_beta2": args.adam_beta2}))
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:

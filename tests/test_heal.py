@@ -130,6 +130,32 @@ def test_cli_logit_weight_needs_an_lm_head_and_a_number(tmp_path: Path, capsys: 
     assert usage.value.code == 2 and "give a number >= 0" in capsys.readouterr().err
 
 
+def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``--adam-beta2`` is the beta2 of the AdamW the Trainer builds; the default is ``api.ADAM_BETA2``, and the
+    help says it; a value outside [0, 1) is a usage error, and one from the API one line."""
+    built: list[tuple[float, float]] = []
+    original_init = torch.optim.AdamW.__init__
+
+    def recording(self: torch.optim.AdamW, params: object, *args: object, **kwargs: object) -> None:
+        original_init(self, params, *args, **kwargs)
+        built.append(self.defaults["betas"])
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", recording)
+    teacher, student = pair()
+    heal_api.heal(teacher, student, max_steps=2, adam_beta2=0.9, **QUICK)
+    heal_api.heal(teacher, student, max_steps=2, **QUICK)
+    assert [betas[1] for betas in built] == [0.9, heal_api.ADAM_BETA2]
+    with pytest.raises(normswap.NormswapError, match=r"adam_beta2=1\.0: AdamW's second-moment decay is from 0 to 1"):
+        heal_api.heal(teacher, student, max_steps=2, adam_beta2=1.0, **QUICK)
+    with pytest.raises(SystemExit) as usage:
+        main(["heal", str(tmp_path), str(tmp_path), str(tmp_path / "out"), "--adam-beta2", "1"])
+    assert usage.value.code == 2 and "give a number from 0 to 1, 1 excluded" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["heal", "--help"])
+    assert f"(default {heal_api.ADAM_BETA2:g};" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(("config", "model_class", "placement"),
                          [("llama", "LlamaForCausalLM", "post"), ("bert", "BertModel", "pre")],
                          ids=["llama-pre-to-post", "bert-post-to-pre"])

@@ -48,6 +48,7 @@ from .warm_start import fit_writers, refitted_tensors, restore
 __all__ = ["HealReport", "heal"]
 
 FULL_LEARNING_RATE = 3e-4  # AdamW's peak rate when every weight trains: best of 3e-4, 5e-4, 1e-3 on MiniLM
+ADAM_BETA2 = 0.999  # AdamW's second-moment decay (benchmarks/README.md, heal_minilm.py: the rounds that chose it)
 
 
 def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str] | None = None, *,
@@ -59,7 +60,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
          checkpoints: bool | None = None, lora_rank: int | None = None, input_noise: float = 0.0,
-         input_mix: float = 0.0, logit_weight: float = 0.0) -> tuple[nn.Module, HealReport]:
+         input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float = ADAM_BETA2
+         ) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a file or folder, ``"teacher"`` or None (``teacher_texts.healing_texts``); ``held_out``
@@ -79,6 +81,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
     ``input_noise``, ``input_mix``: perturb what both models read while training (``objective``); off by default.
     ``logit_weight``: also match the next-token distributions (KL), for models with an LM head; off by default.
+    ``adam_beta2``: AdamW's second-moment decay (``ADAM_BETA2`` by default).
 
     Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
     together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
@@ -88,6 +91,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     check_limits(max_steps, max_time)
     check_rank(lora_rank)
+    if not 0 <= adam_beta2 < 1:
+        raise NormswapError(f"adam_beta2={adam_beta2}: AdamW's second-moment decay is from 0 to 1, 1 excluded")
     if not logit_weight >= 0:
         raise NormswapError(f"logit_weight={logit_weight}: a weight is >= 0")
     if logit_weight > 0 and any(model.get_output_embeddings() is None for model in (teacher, student)):
@@ -184,7 +189,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="normswap-heal-"))
     arguments = training_arguments(str(work), batch_size=share, learning_rate=learning_rate,
                                    max_steps=limit, eval_steps=eval_steps,
-                                   save_steps=eval_steps if saving else None, seed=seed, quiet=quiet)
+                                   save_steps=eval_steps if saving else None, seed=seed, quiet=quiet,
+                                   adam_beta2=adam_beta2)
     training_rows = AugmentedTexts(train, tokenizer, seed=seed) if augment else train
     trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
                              data_collator=training_rows.pad_batch,

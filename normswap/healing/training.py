@@ -140,7 +140,8 @@ class MetricProgressBar(ProgressCallback):
 
 
 def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int | None,
-                       eval_steps: int, save_steps: int | None, seed: int, quiet: bool) -> TrainingArguments:
+                       eval_steps: int, save_steps: int | None, seed: int, quiet: bool,
+                       adam_beta2: float = 0.999) -> TrainingArguments:
     """Defaults sized for a CPU and a small model; a GPU is used when there is one. ``max_steps=None``: no step
     limit (the time budget ends training); ``save_steps=None``: no Trainer checkpoints (nothing would resume
     from them).
@@ -152,7 +153,7 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
     steps = budget.UNBOUNDED_STEPS if max_steps is None else max_steps
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        max_steps=steps, warmup_steps=min(20, steps // 10),
+        max_steps=steps, warmup_steps=min(20, steps // 10), adam_beta2=adam_beta2,
         weight_decay=0.0, eval_strategy="steps", eval_steps=eval_steps,
         save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or eval_steps,
         save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
