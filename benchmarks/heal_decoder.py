@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
     parser.add_argument("--logit-weight", type=float, default=0.0,
                         help="also heal with the next-token KL matched at this weight (heal --logit-weight)")
+    parser.add_argument("--adam-beta2", type=float, default=None,
+                        help="also heal with AdamW's second-moment decay at this value (heal --adam-beta2)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -80,9 +83,12 @@ def main() -> None:
     texts = split_texts(load_texts(None))
     train = TokenisedTexts(texts.train, None, 64, 256)
     configs = decoder_configs()
-    variants = [("per-sublayer", False, 0.0), *([("warm start + per-sublayer", True, 0.0)] if args.warm_start else []),
-                *([(f"per-sublayer + next-token KL {args.logit_weight:g}", False, args.logit_weight)]
-                  if args.logit_weight else [])]
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("per-sublayer", {}), *([("warm start + per-sublayer", {"warm_start": True})] if args.warm_start else []),
+        *([(f"per-sublayer + next-token KL {args.logit_weight:g}", {"logit_weight": args.logit_weight})]
+          if args.logit_weight else []),
+        *([(f"per-sublayer, AdamW beta2 {args.adam_beta2:g}", {"adam_beta2": args.adam_beta2})]
+          if args.adam_beta2 is not None else [])]
     rows = []
     for name, config in configs.items():
         if name not in args.models.split(","):
@@ -102,14 +108,13 @@ def main() -> None:
                 data = sample_texts(original, None, sampling)
                 print(f"{name} {source}: sampled {len(data)} texts ({sampling.length} tokens at temperature "
                       f"{sampling.temperature:g}) in {time.monotonic() - started:.0f} s", flush=True)
-            for variant, warm_start, logit_weight in variants:
+            for variant, options in variants:
                 torch.manual_seed(0)
                 student = normswap.convert(original, placement="post")
                 outside = OutOfSource(original, student, None)
                 unhealed = outside.measure()["next_token_kl"]
                 _, report = heal(original, student, data, max_steps=args.heal_steps, max_time=args.heal_minutes * 60,
-                                 batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True,
-                                 warm_start=warm_start, logit_weight=logit_weight)
+                                 batch_size=16, learning_rate=5e-4, eval_steps=100, quiet=True, **options)
                 healed = outside.measure()["next_token_kl"]
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 rows.append((name, f"{variant}, {source}", steps, before, after, unhealed, healed, report.steps))

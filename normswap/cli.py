@@ -165,7 +165,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="also match the next-token distributions (KL) of models with an LM head, weighing W "
                       "against 1 per branch input and 4 for the output (default 0: off; see docs/heal.md)")
     heal.add_argument("--adam-beta2", type=_beta, default=None, metavar="B",
-                      help="AdamW's second-moment decay (default 0.999; see docs/heal.md)")
+                      help="AdamW's second-moment decay (default 0.95, or 0.999 with --lora-rank; see docs/heal.md)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
     heal.add_argument("--lora-rank", type=_lora_rank, metavar="R",

@@ -132,8 +132,8 @@ def test_cli_logit_weight_needs_an_lm_head_and_a_number(tmp_path: Path, capsys: 
 
 def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """``--adam-beta2`` is the beta2 of the AdamW the Trainer builds; the default is ``api.ADAM_BETA2``, and the
-    help says it; a value outside [0, 1) is a usage error, and one from the API one line."""
+    """``--adam-beta2`` is the beta2 of the AdamW the Trainer builds; the default is ``api.FULL_ADAM_BETA2``, and
+    the help says it; a value outside [0, 1) is a usage error, and one from the API one line."""
     built: list[tuple[float, float]] = []
     original_init = torch.optim.AdamW.__init__
 
@@ -145,7 +145,8 @@ def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.Mo
     teacher, student = pair()
     heal_api.heal(teacher, student, max_steps=2, adam_beta2=0.9, **QUICK)
     heal_api.heal(teacher, student, max_steps=2, **QUICK)
-    assert [betas[1] for betas in built] == [0.9, heal_api.ADAM_BETA2]
+    heal_api.heal(teacher, student, max_steps=2, lora_rank=2, **QUICK)
+    assert [betas[1] for betas in built] == [0.9, heal_api.FULL_ADAM_BETA2, heal_api.LORA_ADAM_BETA2]
     with pytest.raises(normswap.NormswapError, match=r"adam_beta2=1\.0: AdamW's second-moment decay is from 0 to 1"):
         heal_api.heal(teacher, student, max_steps=2, adam_beta2=1.0, **QUICK)
     with pytest.raises(SystemExit) as usage:
@@ -153,7 +154,8 @@ def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.Mo
     assert usage.value.code == 2 and "give a number from 0 to 1, 1 excluded" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["heal", "--help"])
-    assert f"(default {heal_api.ADAM_BETA2:g};" in " ".join(capsys.readouterr().out.split())
+    assert (f"(default {heal_api.FULL_ADAM_BETA2:g}, or {heal_api.LORA_ADAM_BETA2:g} with --lora-rank;"
+            in " ".join(capsys.readouterr().out.split()))
 
 
 @pytest.mark.parametrize(("config", "model_class", "placement"),

@@ -48,7 +48,10 @@ from .warm_start import fit_writers, refitted_tensors, restore
 __all__ = ["HealReport", "heal"]
 
 FULL_LEARNING_RATE = 3e-4  # AdamW's peak rate when every weight trains: best of 3e-4, 5e-4, 1e-3 on MiniLM
-ADAM_BETA2 = 0.999  # AdamW's second-moment decay (benchmarks/README.md, heal_minilm.py: the rounds that chose it)
+# AdamW's second-moment decay when every weight trains: 0.95 beat 0.999 on MiniLM and both decoders at equal steps
+# (benchmarks/README.md); LoRA keeps 0.999, the value its rate was chosen with
+FULL_ADAM_BETA2 = 0.95
+LORA_ADAM_BETA2 = 0.999
 
 
 def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str] | None = None, *,
@@ -60,7 +63,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
          checkpoints: bool | None = None, lora_rank: int | None = None, input_noise: float = 0.0,
-         input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float = ADAM_BETA2
+         input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float | None = None
          ) -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
@@ -81,7 +84,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
     ``input_noise``, ``input_mix``: perturb what both models read while training (``objective``); off by default.
     ``logit_weight``: also match the next-token distributions (KL), for models with an LM head; off by default.
-    ``adam_beta2``: AdamW's second-moment decay (``ADAM_BETA2`` by default).
+    ``adam_beta2``: AdamW's second-moment decay, by default 0.95, or 0.999 with ``lora_rank``.
 
     Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
     together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
@@ -91,6 +94,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
         raise NormswapError(f"match={match!r}: choose 'sublayers', 'branches' or 'output'")
     check_limits(max_steps, max_time)
     check_rank(lora_rank)
+    if adam_beta2 is None:
+        adam_beta2 = FULL_ADAM_BETA2 if lora_rank is None else LORA_ADAM_BETA2
     if not 0 <= adam_beta2 < 1:
         raise NormswapError(f"adam_beta2={adam_beta2}: AdamW's second-moment decay is from 0 to 1, 1 excluded")
     if not logit_weight >= 0:
