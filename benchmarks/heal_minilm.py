@@ -73,8 +73,7 @@ def main() -> None:
     sources = args.data.split(",")
     method = {"warm_start": args.warm_start, "match": match, "output_weight": args.output_weight,
               "augment": not args.no_augment, "freeze_embeddings": not args.train_embeddings,
-              "input_noise": args.input_noise, "input_mix": args.input_mix,
-              **({} if args.adam_beta2 is None else {"adam_beta2": args.adam_beta2})}
+              "input_noise": args.input_noise, "input_mix": args.input_mix, "adam_beta2": args.adam_beta2}
     runs = [(f"{label}, {source}", source, method) for source in sources]
     runs.append((f"baseline (output-only MSE), {sources[0]}", sources[0],
                  {"warm_start": False, "match": "output", "augment": False}))

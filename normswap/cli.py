@@ -12,9 +12,10 @@ import difflib
 import io
 import json
 import logging
+import math
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .declared_help import DeclaredConversionsHelp
@@ -193,26 +194,25 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     return parser, {"inspect": inspect, "convert": convert, "heal": heal}
 
 
-def _weight(text: str) -> float:
-    """argparse type of a loss weight: a finite number >= 0 (a usage error otherwise)."""
-    try:
-        weight = float(text)
-    except ValueError:
-        weight = -1.0
-    if not 0 <= weight < float("inf"):
-        raise argparse.ArgumentTypeError(f"give a number >= 0 (e.g. 4), not {text!r}")
-    return weight
+def _number_type(accepts: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """An argparse type of a number ``accepts`` takes; anything else (words, NaN) is a usage error naming
+    ``wanted``."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not accepts(number):
+            raise argparse.ArgumentTypeError(f"give {wanted}, not {text!r}")
+        return number
+
+    return parse
 
 
-def _beta(text: str) -> float:
-    """argparse type of --adam-beta2: a number from 0 to 1, 1 excluded (a usage error otherwise)."""
-    try:
-        beta = float(text)
-    except ValueError:
-        beta = -1.0
-    if not 0 <= beta < 1:
-        raise argparse.ArgumentTypeError(f"give a number from 0 to 1, 1 excluded (e.g. 0.95), not {text!r}")
-    return beta
+# a loss weight: finite and >= 0; AdamW's beta2: from 0 to 1, 1 excluded
+_weight = _number_type(lambda weight: 0 <= weight < math.inf, "a number >= 0 (e.g. 4)")
+_beta = _number_type(lambda beta: 0 <= beta < 1, "a number from 0 to 1, 1 excluded (e.g. 0.95)")
 
 
 def _lora_rank(text: str) -> int:
@@ -325,8 +325,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout, lora_rank=args.lora_rank,
-                             logit_weight=args.logit_weight, started=started,
-                             **({} if args.adam_beta2 is None else {"adam_beta2": args.adam_beta2}))
+                             logit_weight=args.logit_weight, adam_beta2=args.adam_beta2, started=started)
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:

@@ -314,9 +314,6 @@ def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, sit
     it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias,
     the weight alone where the template has no weight)."""
     weight = getattr(template, "weight", None)
-    width = _width(template)
-    if not isinstance(weight, torch.Tensor) and not (new_class and width is not None):
-        raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
     names = [name for name, _ in template.named_parameters(recurse=False)]
     if new_class == "NormswapLayerNorm":
         names = ["weight", "bias"] if isinstance(weight, torch.Tensor) else ["weight"]
@@ -324,8 +321,10 @@ def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, sit
         names = ["weight", *(["bias"] if getattr(template, "bias", None) is not None else [])]
     if isinstance(weight, torch.Tensor):
         shape = tuple(weight.shape) if new_class != "NormswapLayerNorm" else (weight.shape[-1],)
-    else:  # a weightless template: the new norm's weight spans the width it normalises
+    elif new_class and (width := _width(template)) is not None:  # weightless template: the width it records
         shape = (width,)
+    else:
+        raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
     offset = kind in OFFSET_NORM_KINDS
     return tuple(_NewTensor(f"{norm_path}.{name}", shape, site,
                             "bias" if name == "bias" else "offset" if offset else "weight") for name in names)

@@ -141,7 +141,7 @@ class MetricProgressBar(ProgressCallback):
 
 def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int | None,
                        eval_steps: int, save_steps: int | None, seed: int, quiet: bool,
-                       adam_beta2: float = 0.999) -> TrainingArguments:
+                       adam_beta2: float) -> TrainingArguments:
     """Defaults sized for a CPU and a small model; a GPU is used when there is one. ``max_steps=None``: no step
     limit (the time budget ends training); ``save_steps=None``: no Trainer checkpoints (nothing would resume
     from them).
