@@ -20,7 +20,8 @@ from test_layer_norm_exact_weightless import perturbed as weightless_model
 from test_rms_norm import perturbed
 
 from normswap.codegen.branch_terms import branch_terms
-from normswap.conversion.add_norms import AddNormError, add_out_norms, add_pre_norms
+from normswap.codegen.edits import AddLayerNorm
+from normswap.conversion.add_norms import AddNormError, _kind, add_out_norms, add_pre_norms
 from normswap.conversion.calibration import CalibratedScale
 from normswap.conversion.compose import compose
 from normswap.conversion.passes import Pass
@@ -41,7 +42,10 @@ CASES = [
     ("olmo2", "Olmo2ForCausalLM", "pre", "sandwich", "rmsnorm"),  # its branches read the raw stream
     # weightless LayerNorms (eps in their code): the new norm is normswap's LayerNorm, with a weight, no bias
     ("olmo", "OlmoForCausalLM", "out", "sandwich", "layernorm-nobias"),
+    # weightless RMSNorms built from eps alone (no width recorded): the new norm is as wide as the traced stream
+    ("nanochat", "NanoChatForCausalLM", "out", "sandwich", "rmsnorm"),
 ]
+WEIGHTLESS = {"nanochat"}  # families test_rms_norm's tiny configs lack; test_layer_norm_exact_weightless builds them
 IDS = [f"{case[0]}-{case[2]}" for case in CASES]
 PASSES = {"out": add_out_norms, "pre": add_pre_norms}
 
@@ -50,7 +54,7 @@ PASSES = {"out": add_out_norms, "pre": add_pre_norms}
 def converted(config: str, model_class: str, slot: str, kind: str | None = None
               ) -> tuple[torch.nn.Module, Pass, Any, torch.nn.Module, Any]:
     """(source, the pass, its setup, the converted model, the drift report)."""
-    model = perturbed(config, model_class)
+    model = weightless_model(config) if config in WEIGHTLESS else perturbed(config, model_class)
     planned = PASSES[slot](model, inspect(model), kind)
     setup = compose(model, inspect(model), [planned], f"test: add {slot} norms")
     result, setup, report = convert_in_memory(model, setup, probe_inputs(model, None, None))
@@ -273,11 +277,17 @@ def test_a_slot_taken_or_no_layout_is_refused_with_its_reason(config: str, model
         PASSES[slot](model, inspect(model))
 
 
-def test_a_weightless_norm_that_records_no_width_is_no_template() -> None:
-    """NanoChat builds its weightless RMSNorms from eps alone: no norm with a weight can be sized like them."""
+def test_a_weightless_norm_that_records_no_width_takes_the_streams() -> None:
+    """NanoChat builds its weightless RMSNorms from eps alone: the new norm's ``.like`` call is told the width
+    detection traced for the stream, and without one (nothing traced) the template is refused with its reason."""
     model = weightless_model("nanochat")
-    with pytest.raises(AddNormError, match="rmsnorm-noaffine norm that records neither a weight nor its width"):
-        add_out_norms(model, inspect(model))
+    topology = inspect(model)
+    planned = add_out_norms(model, topology)
+    added = [edit for edit in planned.edits if isinstance(edit, AddLayerNorm)]
+    assert added and all(("width", str(topology.stacks[0].width)) in edit.keywords for edit in added)
+    template = next(norm for norm in topology.residual_norms if norm.kind == "rmsnorm-noaffine")
+    with pytest.raises(AddNormError, match="records neither a weight nor its width and eps, and detection traced no"):
+        _kind(template, model.get_submodule(template.path), None, None)
 
 
 _LAYER_SOURCE = '''

@@ -25,15 +25,17 @@ SOURCES = {
     "olmo": ("OlmoForCausalLM", "pre"),  # weightless LayerNorms: new norms get a weight to start at the scale s
     "gpt2": ("GPT2LMHeadModel", "pre"),
     "gpt_neox_parallel": ("GPTNeoXForCausalLM", "parallel"),  # serialised first: each branch its own sublayer
+    "nanochat": ("NanoChatForCausalLM", "pre"),  # weightless RMSNorms that record no width: new ones the stream's
 }
+WEIGHTLESS = {"nanochat"}  # built by test_layer_norm_exact_weightless (no entry in the tiny configs)
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
 CASES = [(family, target) for family, (_, source) in SOURCES.items() for target in TARGETS if target != source]
 
 
 @pytest.mark.parametrize(("family", "target"), CASES, ids=[f"{f}-to-{t}" for f, t in CASES])
 def test_converts_loads_and_generates(family: str, target: str, tmp_path: Path) -> None:
-    model_class, source = SOURCES[family]
-    model = tiny_model(family, model_class)
+    source = SOURCES[family][1]
+    model = source_model(family)
     assert normswap.inspect(model).placement == source
     converted = normswap.convert(model, target)
     assert normswap.inspect(converted).placement == target
@@ -51,6 +53,10 @@ def test_converts_loads_and_generates(family: str, target: str, tmp_path: Path) 
         assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)
     cached = loaded.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(cached, loaded.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+
+
+def source_model(family: str) -> torch.nn.Module:
+    return weightless_model(family) if family in WEIGHTLESS else tiny_model(family, SOURCES[family][0])
 
 
 @pytest.mark.parametrize(("family", "placement", "norm"), [("gpt2", "sandwich", "rmsnorm"),
@@ -92,15 +98,16 @@ def test_a_new_norm_copies_a_constructor_another_module_builds(target: str, tmp_
 
 def test_a_placement_the_structure_cannot_take_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
-    """NanoChat's norms have no weight and record no width: no norm with a weight, to start at the calibrated scale
-    s, can be built like them. (OLMo's weightless LayerNorms record theirs, and convert: ``SOURCES``.)"""
-    weightless_model("nanochat").save_pretrained(tmp_path / "nanochat")
+    """GPT-J's pre norms have biases and its attention projections none: dropping the norms for post-sublayer would
+    have to add each norm's shift beta to the projections' biases, which they do not have. (NanoChat's weightless,
+    width-less norms, refused here before, convert: ``SOURCES``.)"""
+    tiny_model("gptj", "GPTJForCausalLM").save_pretrained(tmp_path / "gptj")
     capsys.readouterr()  # transformers' progress bar while saving
-    assert main(["convert", str(tmp_path / "nanochat"), str(tmp_path / "out"), "--placement", "sandwich",
+    assert main(["convert", str(tmp_path / "gptj"), str(tmp_path / "out"), "--placement", "post-sublayer",
                  "--quiet"]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "Traceback" not in error
-    assert "rmsnorm-noaffine norm that records neither a weight nor its width and eps" in error
+    assert "q_proj.weight reads transformer.h.0.ln_1 but has no bias to take the norm's bias beta" in error
     assert not (tmp_path / "out").exists()
 
 

@@ -90,16 +90,17 @@ class NormswapRMSNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(shape, **factory)) if elementwise_affine and bias else None
 
     @classmethod
-    def like(cls, norm, eps=None, axis=-1, affine=False):
+    def like(cls, norm, eps=None, axis=-1, affine=False, width=None):
         """The RMSNorm standing in for ``norm``, a LayerNorm of any family's class built with its own
         arguments (their names differ: normalized_shape, hidden_size, dim): its shape, eps, weight and bias,
         normalising the ``axis`` it did; with ``affine``, a weight even where ``norm`` has none (a new norm that
-        starts at a calibrated scale). A placeholder a conditional builds instead of a norm (``nn.Identity()``)
-        stays what it is."""
+        starts at a calibrated scale), ``width`` wide where ``norm`` records no shape (NanoChat's). A placeholder
+        a conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
         if isinstance(norm, torch.nn.Identity):
             return norm
         weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
-        shape = tuple(weight.shape) if weight is not None else tuple(norm.normalized_shape)
+        recorded = getattr(norm, "normalized_shape", None)
+        shape = tuple(weight.shape) if weight is not None else tuple(recorded) if recorded is not None else (width,)
         if eps is None:
             eps = next(value for value in (getattr(norm, name, None) for name in ("eps", "variance_epsilon", "epsilon"))
                        if isinstance(value, float))
@@ -129,13 +130,13 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
 
     @classmethod
-    def like(cls, norm, eps=None, affine=False):
+    def like(cls, norm, eps=None, affine=False, width=None):
         """The LayerNorm standing in for ``norm``, an RMSNorm of any family's class built with its own
         arguments (their names differ: hidden_size, dim, config): its width and eps; with ``affine``, a weight
         even where ``norm`` has none (a new norm that starts at a calibrated scale, its width then
-        ``norm.normalized_shape``), and then no bias: a model of weightless norms has no bias that could take
-        the norm's shift when it is removed again. A placeholder a conditional builds instead of a norm
-        (``nn.Identity()``) stays what it is."""
+        ``norm.normalized_shape``, or ``width`` where it records none), and then no bias: a model of weightless
+        norms has no bias that could take the norm's shift when it is removed again. A placeholder a
+        conditional builds instead of a norm (``nn.Identity()``) stays what it is."""
         if isinstance(norm, torch.nn.Identity):
             return norm
         weight = getattr(norm, "weight", None)
@@ -146,7 +147,8 @@ class NormswapLayerNorm(torch.nn.LayerNorm):
             return NormswapWeightlessLayerNorm(eps)
         if weight is not None:
             return cls(weight.shape[-1], eps=eps)
-        built = cls(norm.normalized_shape[-1], eps=eps)
+        recorded = getattr(norm, "normalized_shape", None)
+        built = cls(recorded[-1] if recorded is not None else width, eps=eps)
         built.bias = None
         return built
 

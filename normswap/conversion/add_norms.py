@@ -93,7 +93,8 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                 taken: set[str] = set()  # the new norms' paths in this layer
                 for index, sub in enumerate(layer.sublayers):
                     placements.append(_placement_after(layer, index, sub, slot))
-                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken):
+                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken,
+                                               stack.width):
                         edits += [edit for edit in new.edits if edit not in edits]
                         tensors += new.tensors
                         moves.append(new.move)
@@ -134,9 +135,10 @@ class _NewNorm:
 
 
 def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, slot: str, kind: str | None,
-                    locate: _Locator, path: Path, taken: set[str]) -> list[_NewNorm]:
+                    locate: _Locator, path: Path, taken: set[str], stream_width: int | None) -> list[_NewNorm]:
     """The new norm of each branch of ``sub``: its edits, its tensors and where its scale is measured. ``taken``: the
-    paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each)."""
+    paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each); ``stream_width``:
+    the stack's width as detection traced it, the width of a new norm whose template records none."""
     class_name = locate.enclosing_class(sub.residual_add)
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
@@ -151,7 +153,9 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
-    new_kind, new_class, helper, keywords = _kind(template, model.get_submodule(template.path), kind)
+    template_module = model.get_submodule(template.path)
+    width = _width(template_module) or stream_width
+    new_kind, new_class, helper, keywords = _kind(template, template_module, kind, width)
     terms = add.branches
     built: list[_NewNorm] = []
     wrapped: dict[str, str] = {}  # a parallel block's branch terms, each in its new norm
@@ -176,7 +180,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         built.append(_NewNorm(
             (AddLayerNorm(class_name, norm, template_attribute, new_class, copy_from, keywords),
              *([wrap] if wrap else [])),
-            _tensors(model.get_submodule(template.path), norm_path, new_kind, new_class, site),
+            _tensors(template_module, norm_path, new_kind, new_class, site, width),
             PassMove("add", norm_path, site=site,
                      note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
                           f"weight started at the scale of {module}'s {site.side}"),
@@ -267,12 +271,13 @@ def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:
     return relative.removeprefix(f"{class_path}.") if relative.startswith(f"{class_path}.") else module
 
 
-def _kind(template: NormSite, module: nn.Module, kind: str | None
+def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | None
           ) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
     """(the new norm's kind, the normswap class that builds it from the template's constructor or "", its package
     flag or "", the keywords of its ``.like`` call). A weightless template (OLMo's LayerNorm) gives a norm of its
     kind with a weight, built by normswap's class: the new norm must start at the scale s, which only a weight
-    can hold (and no bias, which a model without biases could not take back when the norm is dropped)."""
+    can hold (and no bias, which a model without biases could not take back when the norm is dropped). Its width is
+    the one the template records, else ``width``, the stream's (NanoChat builds its norms from eps alone)."""
     weightless = template.kind.endswith("-noaffine")
     if (kind is None or kind == template.kind) and not weightless:
         return template.kind, "", "", ()
@@ -283,11 +288,13 @@ def _kind(template: NormSite, module: nn.Module, kind: str | None
                            f"kind {kinds} (the first is the model's own)")
     if getattr(module, "weight", None) is not None:
         return wanted, *_OTHER_KINDS[wanted], ()
-    if _width(module) is None or template.eps is None:
+    if width is None or template.eps is None:
         raise AddNormError(f"{template.path} is a {template.kind} norm that records neither a weight nor its width "
-                           "and eps, so no norm with a weight, to start at the scale s, can be built like it")
+                           "and eps, and detection traced no stream width, so no norm with a weight, to start at the "
+                           "scale s, can be sized like it")
     built = "layernorm-nobias" if wanted == "layernorm" else wanted  # NormswapLayerNorm.like: no bias, as the model
-    return built, *_OTHER_KINDS[wanted], (("affine", "True"), ("eps", repr(template.eps)))
+    recorded = () if _width(module) is not None else (("width", str(width)),)
+    return built, *_OTHER_KINDS[wanted], (("affine", "True"), ("eps", repr(template.eps)), *recorded)
 
 
 def _width(module: nn.Module) -> int | None:
@@ -308,11 +315,11 @@ def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken
     return name
 
 
-def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, site: CalibrationSite
-             ) -> tuple[_NewTensor, ...]:
+def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, site: CalibrationSite,
+             width: int | None) -> tuple[_NewTensor, ...]:
     """The new norm's tensors: the template's parameters (its class copied), or what ``new_class.like`` builds from
     it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias,
-    the weight alone where the template has no weight)."""
+    the weight alone where the template has no weight, ``width`` wide)."""
     weight = getattr(template, "weight", None)
     names = [name for name, _ in template.named_parameters(recurse=False)]
     if new_class == "NormswapLayerNorm":
@@ -321,7 +328,7 @@ def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, sit
         names = ["weight", *(["bias"] if getattr(template, "bias", None) is not None else [])]
     if isinstance(weight, torch.Tensor):
         shape = tuple(weight.shape) if new_class != "NormswapLayerNorm" else (weight.shape[-1],)
-    elif new_class and (width := _width(template)) is not None:  # weightless template: the width it records
+    elif new_class and width is not None:  # weightless template: the width it records, or the stream's
         shape = (width,)
     else:
         raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
