@@ -19,7 +19,8 @@ import transformers
 from test_layer_norm_exact_weightless import perturbed as weightless_model
 from test_rms_norm import perturbed
 
-from normswap.codegen.branch_terms import branch_terms
+from normswap.codegen.branch_terms import branch_terms, helper_call_terms
+from normswap.codegen.derive import CodegenError
 from normswap.codegen.edits import AddLayerNorm
 from normswap.conversion.add_norms import AddNormError, _kind, add_out_norms, add_pre_norms
 from normswap.conversion.calibration import CalibratedScale
@@ -44,6 +45,8 @@ CASES = [
     ("olmo", "OlmoForCausalLM", "out", "sandwich", "layernorm-nobias"),
     # weightless RMSNorms built from eps alone (no width recorded): the new norm is as wide as the traced stream
     ("nanochat", "NanoChatForCausalLM", "out", "sandwich", "rmsnorm"),
+    # the add is inside the module-level dropout_add(x, residual, ...), called in the attention and MLP modules
+    ("bloom", "BloomForCausalLM", "out", "sandwich", "layernorm"),
 ]
 WEIGHTLESS = {"nanochat"}  # families test_rms_norm's tiny configs lack; test_layer_norm_exact_weightless builds them
 IDS = [f"{case[0]}-{case[2]}" for case in CASES]
@@ -323,3 +326,42 @@ def test_a_term_is_a_branch_output_through_renames_first_items_and_pass_through_
     assert scaled.branches == {}  # a layer scale is no pass-through: the term is no module's output
     second = branch_terms(source, "Layer", len(lines), {"other"}, passes)
     assert second.branches == {}  # the second item of what self.other returns is not what calibration measures
+
+
+_HELPER_SOURCE = '''
+def dropout_add(x, residual, prob, training):
+    out = F.dropout(x, p=prob, training=training)
+    out = residual + out
+    return out
+
+
+def scaled_add(x, residual):
+    return residual + 2 * x
+
+
+class Attention:
+    def forward(self, hidden_states, residual):
+        output = self.dense(hidden_states)
+        output = dropout_add(output, residual, self.hidden_dropout, training=self.training)
+        return scaled_add(self.dense(hidden_states), residual=residual)
+'''
+
+
+def test_a_term_of_an_add_inside_a_module_level_function_is_the_argument_its_call_passes(tmp_path: Path) -> None:
+    """BLOOM adds inside ``dropout_add(x, residual, ...)``: the helper's terms are followed back to its parameters
+    (through its dropout), and the branch's term is the argument the class's call passes for one of them. A term the
+    helper computes (``2 * x``, or a call that does not pass its input through) is no argument, and is refused."""
+    source = tmp_path / "modeling_helper.py"
+    source.write_text(_HELPER_SOURCE, encoding="utf-8")
+    lines = _HELPER_SOURCE.splitlines()
+    add_line = lines.index("    out = residual + out") + 1
+    call_line = lines.index("        output = dropout_add(output, residual, self.hidden_dropout, "
+                            "training=self.training)") + 1
+    add = helper_call_terms(source, "Attention", call_line, add_line, {"dense"}, {"F.dropout"}.__contains__)
+    assert add.terms == ("residual", "output") and add.others() == ("residual",)
+    assert add.branches["dense"].term == "output" and add.branches["dense"].call_line == call_line - 1
+    with pytest.raises(CodegenError, match="the term out of dropout_add's residual add"):  # dropout not passed
+        helper_call_terms(source, "Attention", call_line, add_line, {"dense"}, set().__contains__)
+    with pytest.raises(CodegenError, match=r"the term 2 \* x of scaled_add's residual add .* is not one of the"):
+        helper_call_terms(source, "Attention", len(lines), lines.index("    return residual + 2 * x") + 1, {"dense"},
+                          {"F.dropout"}.__contains__)

@@ -26,6 +26,7 @@ SOURCES = {
     "gpt2": ("GPT2LMHeadModel", "pre"),
     "gpt_neox_parallel": ("GPTNeoXForCausalLM", "parallel"),  # serialised first: each branch its own sublayer
     "nanochat": ("NanoChatForCausalLM", "pre"),  # weightless RMSNorms that record no width: new ones the stream's
+    "bloom": ("BloomForCausalLM", "pre"),  # adds inside the module-level dropout_add: out norms wrap its argument
 }
 WEIGHTLESS = {"nanochat"}  # built by test_layer_norm_exact_weightless (no entry in the tiny configs)
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")

@@ -43,6 +43,8 @@ CASES = [
     ("olmo", "OlmoForCausalLM", "post-sublayer"),
     ("nanochat", "NanoChatForCausalLM", "sandwich"),  # weightless, width-less RMSNorms: the added ones dropped again
     ("nanochat", "NanoChatForCausalLM", "post-sublayer"),
+    ("bloom", "BloomForCausalLM", "sandwich"),  # out norms on the arguments of the module-level dropout_add
+    ("bloom", "BloomForCausalLM", "post-sublayer"),
 ]
 
 

@@ -55,13 +55,76 @@ def branch_terms(source: Path, class_name: str, add_line: int, attributes: Colle
     ``callee`` (``self.dropout``, ``nn.functional.dropout``) returns its first argument unchanged at inference: the
     term passes through it on its way to the add."""
     forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
-    terms = add_summands(forward, add_line)
+    return _terms_of(forward, add_summands(forward, add_line), add_line, class_name, attributes, passes_through)
+
+
+def helper_call_terms(source: Path, class_name: str, call_line: int, add_line: int, attributes: Collection[str],
+                      passes_through: Callable[[str], bool]) -> AddTerms:
+    """``branch_terms`` for an add inside a module-level helper (BLOOM's and Falcon's ``dropout_add(x, residual,
+    ...)``), called from ``class_name.forward`` at ``call_line``: each term of the helper's add at ``add_line`` is
+    followed back, inside the helper and through pass-through calls (its dropout), to the parameter it comes from,
+    and the term of the add is then the argument the call passes for that parameter. A term no parameter carries
+    (computed inside the helper) makes the helper's add no sum of the call's arguments, and is refused."""
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    helper = next((node for node in tree.body if isinstance(node, ast.FunctionDef)
+                   and node.lineno <= add_line <= (node.end_lineno or node.lineno)), None)
+    if helper is None:
+        raise CodegenError(f"no module-level function holds the residual add at line {add_line}")
+    inside = _assignments(helper)
+    parameters = [argument.arg for argument in (*helper.args.posonlyargs, *helper.args.args)]
+    forward = forward_of(tree, class_name)
+    call = next((node for node in ast.walk(forward) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                 and node.func.id == helper.name and node.lineno <= call_line <= (node.end_lineno or node.lineno)),
+                None)
+    if call is None:
+        raise CodegenError(f"{class_name}.forward calls no {helper.name} at line {call_line}")
+    passed = {**dict(zip(parameters, call.args, strict=False)),
+              **{keyword.arg: keyword.value for keyword in call.keywords if keyword.arg}}
+    terms = []
+    for operand in add_summands(helper, add_line):
+        parameter = _parameter_of(operand, add_line, inside, passes_through, 0)
+        if parameter not in passed or isinstance(passed[parameter], ast.Starred):
+            raise CodegenError(f"the term {ast.unparse(operand)} of {helper.name}'s residual add at line {add_line} is "
+                               f"not one of the arguments {class_name} passes it at line {call_line}, so no argument "
+                               "there is the branch's output")
+        terms.append(passed[parameter])
+    return _terms_of(forward, terms, call_line, class_name, attributes, passes_through)
+
+
+def _parameter_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr, ast.expr | None]],
+                  passes_through: Callable[[str], bool], depth: int) -> str | None:
+    """The helper's parameter whose value ``node`` is at line ``before``, through renames and pass-through calls."""
+    if depth > _MAX_DEPTH:
+        return None
+    if isinstance(node, ast.Call):
+        return (_parameter_of(node.args[0], before, assignments, passes_through, depth + 1)
+                if node.args and passes_through(ast.unparse(node.func)) else None)
+    if not isinstance(node, ast.Name):
+        return None
+    earlier = [(line, target, value) for line, target, value in assignments if line < before
+               and _binds(target, node.id)]
+    if not earlier:
+        return node.id  # never assigned in the helper: its parameter
+    line, target, value = earlier[-1]
+    if value is None or not (isinstance(target, ast.Name) and target.id == node.id):
+        return None
+    return _parameter_of(value, line, assignments, passes_through, depth + 1)
+
+
+def _assignments(function: ast.FunctionDef) -> list[tuple[int, ast.expr, ast.expr | None]]:
+    """(line, target, value) of every assignment in ``function``, in line order (value None: augmented)."""
+    return sorted(((node.lineno, target, node.value if isinstance(node, ast.Assign) else None)
+                   for node in ast.walk(function)
+                   if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+                   for target in (node.targets if isinstance(node, ast.Assign) else [node.target])),
+                  key=lambda assignment: assignment[0])
+
+
+def _terms_of(forward: ast.FunctionDef, terms: list[ast.expr], add_line: int, class_name: str,
+              attributes: Collection[str], passes_through: Callable[[str], bool]) -> AddTerms:
+    """The terms, as source text, and the branch call each one returns, followed back through ``forward``."""
     start = min(term.lineno for term in terms)
-    assignments = sorted(((node.lineno, target, node.value if isinstance(node, ast.Assign) else None)
-                          for node in ast.walk(forward)
-                          if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
-                          for target in (node.targets if isinstance(node, ast.Assign) else [node.target])),
-                         key=lambda assignment: assignment[0])
+    assignments = _assignments(forward)
     written = [ast.unparse(term) for term in terms]
     found: dict[str, BranchTerm] = {}
     for term, text in zip(terms, written, strict=True):

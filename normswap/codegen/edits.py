@@ -202,12 +202,15 @@ class AddLayerNorm:
 @dataclass(frozen=True)
 class WrapBranchOutput:
     """In the outermost ``a + b + ...`` of the statement at ``line``, the term written ``term`` ->
-    ``self.<norm>(term)``: a norm on a branch's output before it joins the stream (an ``out`` norm)."""
+    ``self.<norm>(term)``: a norm on a branch's output before it joins the stream (an ``out`` norm). With
+    ``helper``, the add is inside that module-level function, and the term is the argument written ``term`` of its
+    call in the statement at ``line`` (BLOOM's ``dropout_add(output, residual, ...)``)."""
 
     class_name: str
     line: int
     term: str
     norm: str
+    helper: str = ""
 
 
 @dataclass(frozen=True)

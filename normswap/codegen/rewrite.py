@@ -324,7 +324,8 @@ class _Rewriter(cst.CSTTransformer):
 
     def _wrapped_terms(self, add: cst.BinaryOperation) -> cst.BinaryOperation:
         """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm."""
-        wanted = {edit.term: edit for edit in self.edits if isinstance(edit, WrapBranchOutput) and self._here(edit)}
+        wanted = {edit.term: edit for edit in self.edits
+                  if isinstance(edit, WrapBranchOutput) and not edit.helper and self._here(edit)}
         if not wanted:
             return add
 
@@ -339,6 +340,22 @@ class _Rewriter(cst.CSTTransformer):
 
         return wrap(add)
 
+    def _wrapped_arguments(self, call: cst.Call, helper: str | None) -> cst.Call:
+        """The call of a module-level helper that adds, with each argument a ``WrapBranchOutput`` here names wrapped
+        in its norm."""
+        wanted = {edit.term: edit for edit in self.edits
+                  if isinstance(edit, WrapBranchOutput) and edit.helper and edit.helper == helper and self._here(edit)}
+        if not wanted:
+            return call
+        arguments = []
+        for argument in call.args:
+            edit = wanted.get(_normalised(argument.value))
+            if edit is not None:
+                self.applied[edit] += 1
+                argument = argument.with_changes(value=_self_call(edit.norm, argument.value, self._index()))
+            arguments.append(argument)
+        return call.with_changes(args=arguments)
+
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         callee = _self_attribute(updated.func)
         if callee is None:
@@ -347,6 +364,7 @@ class _Rewriter(cst.CSTTransformer):
                 if isinstance(edit, WrapResidualAdd) and edit.call and edit.call == helper and self._here(edit):
                     self.applied[edit] += 1
                     return _self_call(edit.norm, updated)
+            updated = self._wrapped_arguments(updated, helper)
             return self._build_directly(updated)
         for edit in self.edits:
             if (isinstance(edit, ReplaceNormClass) and edit.item_class and self._here(edit)
@@ -618,6 +636,22 @@ class _ItemCalls(cst.CSTTransformer):
     def __init__(self, item_class: str, replace: Callable[[cst.Call], cst.BaseExpression]) -> None:
         super().__init__()
         self.item_class, self.replace, self.seen = item_class, replace, 0
+
+    def _wrapped_arguments(self, call: cst.Call, helper: str | None) -> cst.Call:
+        """The call of a module-level helper that adds, with each argument a ``WrapBranchOutput`` here names wrapped
+        in its norm."""
+        wanted = {edit.term: edit for edit in self.edits
+                  if isinstance(edit, WrapBranchOutput) and edit.helper and edit.helper == helper and self._here(edit)}
+        if not wanted:
+            return call
+        arguments = []
+        for argument in call.args:
+            edit = wanted.get(_normalised(argument.value))
+            if edit is not None:
+                self.applied[edit] += 1
+                argument = argument.with_changes(value=_self_call(edit.norm, argument.value, self._index()))
+            arguments.append(argument)
+        return call.with_changes(args=arguments)
 
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         if _code(updated.func).rpartition(".")[2] != self.item_class:

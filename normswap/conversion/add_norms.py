@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..codegen.branch_terms import BranchTerm, branch_terms
+from ..codegen.branch_terms import BranchTerm, branch_terms, helper_call_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
+from ..codegen.function_adds import module_functions
 from ..errors import NormswapError
 from ..topology import (
     OFFSET_NORM_KINDS,
@@ -140,16 +141,24 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each); ``stream_width``:
     the stack's width as detection traced it, the width of a new norm whose template records none."""
     class_name = locate.enclosing_class(sub.residual_add)
+    add_line = locate.line(sub.residual_add)
+    adder, call_line = "", add_line  # an add inside a module-level function: its call in the class that calls it
+    if class_name is None and sub.residual_add_caller:
+        adder = module_functions(path).enclosing(add_line) or ""
+        class_name = locate.enclosing_class(sub.residual_add_caller) if adder else None
+        call_line = locate.line(sub.residual_add_caller)
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
-                           f"({sub.residual_add}), whose code holds no module to build a norm in")
+                           f"({sub.residual_add}) that no class's code calls, so no module holds it to build a norm "
+                           "in")
     class_path = _class_path(locate, class_name, sub, slot)
     holder = locate.layer.get_submodule(class_path) if class_path else locate.layer
     attributes = {branch: _attributes(locate, class_path, branch) for branch in sub.branches}
+    wanted = {attribute for found in attributes.values() for attribute in found}
+    passes = functools.partial(_passes_through, holder) if slot == "out" else _any_call
     try:
-        add = branch_terms(path, class_name, locate.line(sub.residual_add),
-                             {attribute for found in attributes.values() for attribute in found},
-                             functools.partial(_passes_through, holder) if slot == "out" else _any_call)
+        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes) if adder
+               else branch_terms(path, class_name, add_line, wanted, passes))
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
@@ -172,9 +181,13 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
                                "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
-        wrap: Edit | None = (WrapBranchOutput(class_name, locate.line(sub.residual_add), term.term, norm)
+        wrap: Edit | None = (WrapBranchOutput(class_name, call_line, term.term, norm, adder)
                              if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
         if slot == "out" and len(sub.branches) > 1:
+            if adder:
+                raise AddNormError(f"the branches of sublayer {index} of {layer.path} are added to the stream inside "
+                                   f"the module-level function {adder}, whose one call adds them all: there is no "
+                                   "term of each branch alone to put its own norm on")
             wrapped[term.term], wrap = f"self.{norm}({term.term})", None
         norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
         built.append(_NewNorm(
