@@ -637,22 +637,6 @@ class _ItemCalls(cst.CSTTransformer):
         super().__init__()
         self.item_class, self.replace, self.seen = item_class, replace, 0
 
-    def _wrapped_arguments(self, call: cst.Call, helper: str | None) -> cst.Call:
-        """The call of a module-level helper that adds, with each argument a ``WrapBranchOutput`` here names wrapped
-        in its norm."""
-        wanted = {edit.term: edit for edit in self.edits
-                  if isinstance(edit, WrapBranchOutput) and edit.helper and edit.helper == helper and self._here(edit)}
-        if not wanted:
-            return call
-        arguments = []
-        for argument in call.args:
-            edit = wanted.get(_normalised(argument.value))
-            if edit is not None:
-                self.applied[edit] += 1
-                argument = argument.with_changes(value=_self_call(edit.norm, argument.value, self._index()))
-            arguments.append(argument)
-        return call.with_changes(args=arguments)
-
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.BaseExpression:
         if _code(updated.func).rpartition(".")[2] != self.item_class:
             return updated
