@@ -27,6 +27,7 @@ SOURCES = {
     "gpt_neox_parallel": ("GPTNeoXForCausalLM", "parallel"),  # serialised first: each branch its own sublayer
     "nanochat": ("NanoChatForCausalLM", "pre"),  # weightless RMSNorms that record no width: new ones the stream's
     "bloom": ("BloomForCausalLM", "pre"),  # adds inside the module-level dropout_add: out norms wrap its argument
+    "opt_post": ("OPTForCausalLM", "post"),  # OPT-350m's Post-Norm: through its Pre-Norm twin
 }
 WEIGHTLESS = {"nanochat"}  # built by test_layer_norm_exact_weightless (no entry in the tiny configs)
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")

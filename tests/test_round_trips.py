@@ -45,6 +45,7 @@ CASES = [
     ("nanochat", "NanoChatForCausalLM", "post-sublayer"),
     ("bloom", "BloomForCausalLM", "sandwich"),  # out norms on the arguments of the module-level dropout_add
     ("bloom", "BloomForCausalLM", "post-sublayer"),
+    ("opt_post", "OPTForCausalLM", "sandwich"),  # a Post-Norm decoder: through its Pre-Norm twin, back by the shift
 ]
 
 
