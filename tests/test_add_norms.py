@@ -282,12 +282,14 @@ def test_a_slot_taken_or_no_layout_is_refused_with_its_reason(config: str, model
 
 def test_a_weightless_norm_that_records_no_width_takes_the_streams() -> None:
     """NanoChat builds its weightless RMSNorms from eps alone: the new norm's ``.like`` call is told the width
-    detection traced for the stream, and without one (nothing traced) the template is refused with its reason."""
+    detection traced for the stream, written as the config field that names it (so the generated file serves any
+    size), and reads eps from the template, which keeps it; without a traced width the template is refused."""
     model = weightless_model("nanochat")
     topology = inspect(model)
+    assert topology.stacks[0].width == model.config.hidden_size
     planned = add_out_norms(model, topology)
     added = [edit for edit in planned.edits if isinstance(edit, AddLayerNorm)]
-    assert added and all(("width", str(topology.stacks[0].width)) in edit.keywords for edit in added)
+    assert added and all(edit.keywords == (("affine", "True"), ("width", "config.hidden_size")) for edit in added)
     template = next(norm for norm in topology.residual_norms if norm.kind == "rmsnorm-noaffine")
     with pytest.raises(AddNormError, match="records neither a weight nor its width and eps, and detection traced no"):
         _kind(template, model.get_submodule(template.path), None, None)

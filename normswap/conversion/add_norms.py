@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from ..codegen.branch_terms import BranchTerm, branch_terms, helper_call_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..codegen.function_adds import module_functions
+from ..detect.width import WIDTH_NAMES
 from ..errors import NormswapError
 from ..topology import (
     OFFSET_NORM_KINDS,
@@ -164,7 +166,8 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
     template_module = model.get_submodule(template.path)
     width = _width(template_module) or stream_width
-    new_kind, new_class, helper, keywords = _kind(template, template_module, kind, width)
+    new_kind, new_class, helper, keywords = _kind(template, template_module, kind, width,
+                                                  _width_source(getattr(model, "config", None), width))
     terms = add.branches
     built: list[_NewNorm] = []
     wrapped: dict[str, str] = {}  # a parallel block's branch terms, each in its new norm
@@ -284,13 +287,14 @@ def _attribute_in(locate: _Locator, class_path: str, module: str) -> str:
     return relative.removeprefix(f"{class_path}.") if relative.startswith(f"{class_path}.") else module
 
 
-def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | None
+def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | None, width_source: str = ""
           ) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
     """(the new norm's kind, the normswap class that builds it from the template's constructor or "", its package
     flag or "", the keywords of its ``.like`` call). A weightless template (OLMo's LayerNorm) gives a norm of its
     kind with a weight, built by normswap's class: the new norm must start at the scale s, which only a weight
     can hold (and no bias, which a model without biases could not take back when the norm is dropped). Its width is
-    the one the template records, else ``width``, the stream's (NanoChat builds its norms from eps alone)."""
+    the one the template records, else ``width``, the stream's (NanoChat builds its norms from eps alone), written
+    as ``width_source`` (the config field that names it, so one generated file serves every size)."""
     weightless = template.kind.endswith("-noaffine")
     if (kind is None or kind == template.kind) and not weightless:
         return template.kind, "", "", ()
@@ -306,8 +310,23 @@ def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | 
                            "and eps, and detection traced no stream width, so no norm with a weight, to start at the "
                            "scale s, can be sized like it")
     built = "layernorm-nobias" if wanted == "layernorm" else wanted  # NormswapLayerNorm.like: no bias, as the model
-    recorded = () if _width(module) is not None else (("width", str(width)),)
-    return built, *_OTHER_KINDS[wanted], (("affine", "True"), ("eps", repr(template.eps)), *recorded)
+    # eps and width as the template records them, where it does (.like reads them there); else from detection
+    eps = () if _records_eps(module) else (("eps", repr(template.eps)),)
+    recorded = () if _width(module) is not None else (("width", width_source or str(width)),)
+    return built, *_OTHER_KINDS[wanted], (("affine", "True"), *eps, *recorded)
+
+
+def _records_eps(module: nn.Module) -> bool:
+    """Whether the norm keeps its eps as an attribute ``.like`` reads (OLMo's LayerNorm keeps it in its code)."""
+    return any(isinstance(getattr(module, name, None), float) for name in ("eps", "variance_epsilon", "epsilon"))
+
+
+def _width_source(config: Any, width: int | None) -> str:
+    """``config.<field>`` where the model's config names the stream width ``width`` (``hidden_size``...), else ""."""
+    if config is None or width is None:
+        return ""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((f"config.{name}" for name in WIDTH_NAMES if getattr(text_config, name, None) == width), "")
 
 
 def _width(module: nn.Module) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-_WIDTH_NAMES = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+WIDTH_NAMES = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
 
 
 def named_width(model: nn.Module, config: Any, stack_paths: list[str]) -> int | None:
@@ -31,7 +31,7 @@ def named_width(model: nn.Module, config: Any, stack_paths: list[str]) -> int | 
         width = _holder_width(model, stack_path)
         if width is not None:
             return width
-    widths = [value for name in ("hidden_sizes", *_WIDTH_NAMES)
+    widths = [value for name in ("hidden_sizes", *WIDTH_NAMES)
               if isinstance(value := getattr(text_config, name, None), (list, tuple))]
     if widths and widths[0] and all(isinstance(width, int) for width in widths[0]):
         return widths[0][0]  # stages of several widths: each stack's own width comes from its trace
@@ -39,13 +39,13 @@ def named_width(model: nn.Module, config: Any, stack_paths: list[str]) -> int | 
 
 
 def unnamed_width_message(config: Any) -> str:
-    return (f"{type(config).__name__} names no hidden size ({', '.join(_WIDTH_NAMES)}), nor does the config of the "
+    return (f"{type(config).__name__} names no hidden size ({', '.join(WIDTH_NAMES)}), nor does the config of the "
             "module holding its layers, and it has no token embedding to read it from; normswap needs the residual "
             "width to probe its norms that have no weight")
 
 
 def _width_in(config: Any) -> int | None:
-    for name in _WIDTH_NAMES:
+    for name in WIDTH_NAMES:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
