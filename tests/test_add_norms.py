@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
 from test_rms_norm import perturbed
 
@@ -48,7 +49,6 @@ CASES = [
     # the add is inside the module-level dropout_add(x, residual, ...), called in the attention and MLP modules
     ("bloom", "BloomForCausalLM", "out", "sandwich", "layernorm"),
 ]
-WEIGHTLESS = {"nanochat"}  # families test_rms_norm's tiny configs lack; test_layer_norm_exact_weightless builds them
 IDS = [f"{case[0]}-{case[2]}" for case in CASES]
 PASSES = {"out": add_out_norms, "pre": add_pre_norms}
 

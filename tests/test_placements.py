@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from test_convert_native import tiny_model
+from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
 
 import normswap
@@ -29,7 +30,6 @@ SOURCES = {
     "bloom": ("BloomForCausalLM", "pre"),  # adds inside the module-level dropout_add: out norms wrap its argument
     "opt_post": ("OPTForCausalLM", "post"),  # OPT-350m's Post-Norm: through its Pre-Norm twin
 }
-WEIGHTLESS = {"nanochat"}  # built by test_layer_norm_exact_weightless (no entry in the tiny configs)
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
 CASES = [(family, target) for family, (_, source) in SOURCES.items() for target in TARGETS if target != source]
 

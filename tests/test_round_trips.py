@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from test_convert_native import tiny_model
+from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
 
 import normswap
@@ -77,7 +78,7 @@ def assert_only_vectors_and_scales(carried: dict[str, torch.Tensor]) -> None:
 
 @pytest.mark.parametrize(("family", "model_class", "via"), CASES, ids=[f"{c[0]}-via-{c[2]}" for c in CASES])
 def test_round_trip_goes_home(family: str, model_class: str, via: str) -> None:
-    model = weightless_model(family) if family == "nanochat" else tiny_model(family, model_class)
+    model = weightless_model(family) if family in WEIGHTLESS else tiny_model(family, model_class)
     with torch.no_grad():  # trained biases are not zero; an all-zero one would make the relative bound meaningless
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):
