@@ -291,7 +291,8 @@ def test_a_weightless_norm_that_records_no_width_takes_the_streams() -> None:
     added = [edit for edit in planned.edits if isinstance(edit, AddLayerNorm)]
     assert added and all(edit.keywords == (("affine", "True"), ("width", "config.hidden_size")) for edit in added)
     template = next(norm for norm in topology.residual_norms if norm.kind == "rmsnorm-noaffine")
-    with pytest.raises(AddNormError, match="records neither a weight nor its width and eps, and detection traced no"):
+    expected = r"norm with no weight, and normswap does not know its width \(it records none, and detection traced no"
+    with pytest.raises(AddNormError, match=expected):
         _kind(template, model.get_submodule(template.path), None, None)
 
 

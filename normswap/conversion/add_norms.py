@@ -306,9 +306,9 @@ def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | 
     if getattr(module, "weight", None) is not None:
         return wanted, *_OTHER_KINDS[wanted], ()
     if width is None or template.eps is None:
-        raise AddNormError(f"{template.path} is a {template.kind} norm that records neither a weight nor its width "
-                           "and eps, and detection traced no stream width, so no norm with a weight, to start at the "
-                           "scale s, can be sized like it")
+        missing = "its width (it records none, and detection traced no stream width)" if width is None else "its eps"
+        raise AddNormError(f"{template.path} is a {template.kind} norm with no weight, and normswap does not know "
+                           f"{missing}, so no norm with a weight, to start at the scale s, can be built like it")
     built = "layernorm-nobias" if wanted == "layernorm" else wanted  # NormswapLayerNorm.like: no bias, as the model
     # eps and width as the template records them, where it does (.like reads them there); else from detection
     eps = () if _records_eps(module) else (("eps", repr(template.eps)),)
