@@ -361,7 +361,7 @@ def test_a_term_of_an_add_inside_a_module_level_function_is_the_argument_its_cal
     call_line = lines.index("        output = dropout_add(output, residual, self.hidden_dropout, "
                             "training=self.training)") + 1
     add = helper_call_terms(source, "Attention", call_line, add_line, {"dense"}, {"F.dropout"}.__contains__)
-    assert add.terms == ("residual", "output") and add.others() == ("residual",)
+    assert add.terms == ("residual", "output") and add.others() == ("residual",) and add.helper == "dropout_add"
     assert add.branches["dense"].term == "output" and add.branches["dense"].call_line == call_line - 1
     with pytest.raises(CodegenError, match="the term out of dropout_add's residual add"):  # dropout not passed
         helper_call_terms(source, "Attention", call_line, add_line, {"dense"}, set().__contains__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .derive import CodegenError
@@ -37,10 +37,13 @@ class BranchTerm:
 
 @dataclass(frozen=True)
 class AddTerms:
-    """The terms of one residual add, as source text in order, and the branch calls that some of them return."""
+    """The terms of one residual add, as source text in order, and the branch calls that some of them return;
+    ``helper``: the module-level function the add is written in, whose call's arguments the terms are ("": the add
+    is in the class's own forward)."""
 
     terms: tuple[str, ...]
     branches: dict[str, BranchTerm]
+    helper: str = ""
 
     def others(self) -> tuple[str, ...]:
         """The terms no branch call returns: the stream."""
@@ -88,7 +91,7 @@ def helper_call_terms(source: Path, class_name: str, call_line: int, add_line: i
                                f"not one of the arguments {class_name} passes it at line {call_line}, so no argument "
                                "there is the branch's output")
         terms.append(passed[parameter])
-    return _terms_of(forward, terms, call_line, class_name, attributes, passes_through)
+    return replace(_terms_of(forward, terms, call_line, class_name, attributes, passes_through), helper=helper.name)
 
 
 def _parameter_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr, ast.expr | None]],

@@ -344,7 +344,7 @@ class _Rewriter(cst.CSTTransformer):
         """The call of a module-level helper that adds, with each argument a ``WrapBranchOutput`` here names wrapped
         in its norm."""
         wanted = {edit.term: edit for edit in self.edits
-                  if isinstance(edit, WrapBranchOutput) and edit.helper and edit.helper == helper and self._here(edit)}
+                  if isinstance(edit, WrapBranchOutput) and edit.helper == helper and self._here(edit)}
         if not wanted:
             return call
         arguments = []

@@ -15,6 +15,7 @@ whose slots would add up to no layout, is refused with its reason.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from torch import nn
 from ..codegen.branch_terms import BranchTerm, branch_terms, helper_call_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
-from ..codegen.function_adds import module_functions
 from ..detect.width import WIDTH_NAMES
 from ..errors import NormswapError
 from ..topology import (
@@ -42,6 +42,7 @@ from .calibration import CalibrationSite
 from .passes import Pass, PassMove, Scales
 from .program import Step, constant
 from .round_trip_carry import added_norms_carried
+from .stream_config import eps_of
 
 # the kind a new norm may take other than its template's, and the normswap class that builds it (package flag)
 _OTHER_KINDS = {"rmsnorm": ("NormswapRMSNorm", "rms_norm"), "layernorm": ("NormswapLayerNorm", "layer_norm")}
@@ -143,11 +144,10 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each); ``stream_width``:
     the stack's width as detection traced it, the width of a new norm whose template records none."""
     class_name = locate.enclosing_class(sub.residual_add)
-    add_line = locate.line(sub.residual_add)
-    adder, call_line = "", add_line  # an add inside a module-level function: its call in the class that calls it
-    if class_name is None and sub.residual_add_caller:
-        adder = module_functions(path).enclosing(add_line) or ""
-        class_name = locate.enclosing_class(sub.residual_add_caller) if adder else None
+    add_line = call_line = locate.line(sub.residual_add)
+    in_function = class_name is None and bool(sub.residual_add_caller)
+    if in_function:  # an add inside a module-level function: its call, in the class that calls it
+        class_name = locate.enclosing_class(sub.residual_add_caller)
         call_line = locate.line(sub.residual_add_caller)
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
@@ -159,7 +159,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     wanted = {attribute for found in attributes.values() for attribute in found}
     passes = functools.partial(_passes_through, holder) if slot == "out" else _any_call
     try:
-        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes) if adder
+        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes) if in_function
                else branch_terms(path, class_name, add_line, wanted, passes))
     except CodegenError as error:
         raise AddNormError(str(error)) from error
@@ -184,12 +184,12 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
                                "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
-        wrap: Edit | None = (WrapBranchOutput(class_name, call_line, term.term, norm, adder)
+        wrap: Edit | None = (WrapBranchOutput(class_name, call_line, term.term, norm, add.helper)
                              if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
         if slot == "out" and len(sub.branches) > 1:
-            if adder:
+            if add.helper:
                 raise AddNormError(f"the branches of sublayer {index} of {layer.path} are added to the stream inside "
-                                   f"the module-level function {adder}, whose one call adds them all: there is no "
+                                   f"the module-level function {add.helper}, whose one call adds them all: there is no "
                                    "term of each branch alone to put its own norm on")
             wrapped[term.term], wrap = f"self.{norm}({term.term})", None
         norm_path = ".".join(part for part in (layer.path, class_path, norm) if part)
@@ -310,15 +310,11 @@ def _kind(template: NormSite, module: nn.Module, kind: str | None, width: int | 
         raise AddNormError(f"{template.path} is a {template.kind} norm with no weight, and normswap does not know "
                            f"{missing}, so no norm with a weight, to start at the scale s, can be built like it")
     built = "layernorm-nobias" if wanted == "layernorm" else wanted  # NormswapLayerNorm.like: no bias, as the model
-    # eps and width as the template records them, where it does (.like reads them there); else from detection
-    eps = () if _records_eps(module) else (("eps", repr(template.eps)),)
+    # eps and width as the template records them, where it does (.like reads them there); else from detection (OLMo's
+    # LayerNorm keeps its eps in its code, NanoChat's RMSNorm records no width)
+    eps = () if not math.isnan(eps_of(module)) else (("eps", repr(template.eps)),)
     recorded = () if _width(module) is not None else (("width", width_source or str(width)),)
     return built, *_OTHER_KINDS[wanted], (("affine", "True"), *eps, *recorded)
-
-
-def _records_eps(module: nn.Module) -> bool:
-    """Whether the norm keeps its eps as an attribute ``.like`` reads (OLMo's LayerNorm keeps it in its code)."""
-    return any(isinstance(getattr(module, name, None), float) for name in ("eps", "variance_epsilon", "epsilon"))
 
 
 def _width_source(config: Any, width: int | None) -> str:
