@@ -48,6 +48,8 @@ CASES = [
     ("nanochat", "NanoChatForCausalLM", "out", "sandwich", "rmsnorm"),
     # the add is inside the module-level dropout_add(x, residual, ...), called in the attention and MLP modules
     ("bloom", "BloomForCausalLM", "out", "sandwich", "layernorm"),
+    # Falcon's dropout_add, in a forward whose in-place `mlp_output += attention_output` runs only for parallel configs
+    ("falcon_rw", "FalconForCausalLM", "out", "sandwich", "layernorm"),
 ]
 IDS = [f"{case[0]}-{case[2]}" for case in CASES]
 PASSES = {"out": add_out_norms, "pre": add_pre_norms}

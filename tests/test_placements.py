@@ -29,9 +29,20 @@ SOURCES = {
     "nanochat": ("NanoChatForCausalLM", "pre"),  # weightless RMSNorms that record no width: new ones the stream's
     "bloom": ("BloomForCausalLM", "pre"),  # adds inside the module-level dropout_add: out norms wrap its argument
     "opt_post": ("OPTForCausalLM", "post"),  # OPT-350m's Post-Norm: through its Pre-Norm twin
+    # Falcon-7B: one shared norm, the branches summed in place (`mlp_output += attention_output`) before the
+    # module-level dropout_add; Falcon-40B and Falcon2-11B: new_decoder_architecture, which ignores the stock
+    # sequential switch (parallel_attn), so serialised in generated code; Falcon-RW: sequential, biased
+    "falcon": ("FalconForCausalLM", "parallel"),
+    "falcon_new": ("FalconForCausalLM", "parallel"),
+    "falcon_new_one_norm": ("FalconForCausalLM", "parallel"),
+    "falcon_rw": ("FalconForCausalLM", "pre"),
 }
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
-CASES = [(family, target) for family, (_, source) in SOURCES.items() for target in TARGETS if target != source]
+# dropping a LayerNorm's stand-in needs its shift beta in its readers' biases, which these have none of
+REFUSED = {(family, "post-sublayer"): "has no bias to take the norm's bias beta"
+           for family in ("falcon", "falcon_new", "falcon_new_one_norm")}
+CASES = [(family, target) for family, (_, source) in SOURCES.items() for target in TARGETS
+         if target != source and (family, target) not in REFUSED]
 
 
 @pytest.mark.parametrize(("family", "target"), CASES, ids=[f"{f}-to-{t}" for f, t in CASES])
@@ -55,6 +66,28 @@ def test_converts_loads_and_generates(family: str, target: str, tmp_path: Path) 
         assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)
     cached = loaded.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(cached, loaded.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+
+
+@pytest.mark.parametrize(("family", "target"), sorted(REFUSED), ids=[f"{f}-to-{t}" for f, t in sorted(REFUSED)])
+def test_a_placement_the_weights_cannot_take_is_refused_with_its_reason(family: str, target: str) -> None:
+    with pytest.raises(normswap.NormswapError, match=REFUSED[family, target]):
+        normswap.convert(source_model(family), target)
+
+
+def test_a_sequential_switch_the_config_ignores_gives_way_to_generated_code() -> None:
+    """Falcon-40B's new_decoder_architecture reads its norms by num_ln_in_parallel_attn whatever parallel_attn says,
+    so the stock switch the recipe names builds a model that cannot run: the serial form is generated instead (the
+    in-place sum dropped, ln_mlp reading the stream after attention), and the plan says why."""
+    model = source_model("falcon_new")
+    converted = normswap.convert(model, "pre")
+    assert normswap.inspect(converted).placement == "pre"
+    assert converted.config.normswap["realisation"] == "generated code: modeling_normswap_falcon.py"
+    assert any("falcon with {'parallel_attn': False} does not run this model's config (AttributeError" in note
+               for note in converted.normswap_plan.notes)
+    source = Path(sys.modules[type(converted).__module__].__file__).read_text()
+    assert "mlp_output = self.mlp(self.ln_mlp(normswap_after_self_attention))" in source
+    assert "output = dropout_add(mlp_output, normswap_after_self_attention," in source
+    assert "mlp_output += attention_output" not in source
 
 
 def source_model(family: str) -> torch.nn.Module:

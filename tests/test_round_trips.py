@@ -47,6 +47,10 @@ CASES = [
     ("bloom", "BloomForCausalLM", "sandwich"),  # out norms on the arguments of the module-level dropout_add
     ("bloom", "BloomForCausalLM", "post-sublayer"),
     ("opt_post", "OPTForCausalLM", "sandwich"),  # a Post-Norm decoder: through its Pre-Norm twin, back by the shift
+    # Falcon-RW: the stock code's parallel-only in-place add (`mlp_output += attention_output`) is a line this
+    # config never runs
+    ("falcon_rw", "FalconForCausalLM", "sandwich"),
+    ("falcon_rw", "FalconForCausalLM", "post-sublayer"),
 ]
 
 

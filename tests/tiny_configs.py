@@ -48,6 +48,17 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                "vocab_size": 128},
     "falcon_sequential": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "vocab_size": 128, "parallel_attn": False},
+    # Falcon-RW's layout: sequential, biased, ALiBi
+    "falcon_rw": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "vocab_size": 128, "parallel_attn": False, "bias": True, "alibi": True,
+                  "eos_token_id": None},  # generation runs its full length (the default 11 ends it early)
+    # Falcon-40B's layout: new_decoder_architecture, grouped KV heads, two norms per parallel block
+    "falcon_new": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_kv_heads": 2, "vocab_size": 128, "new_decoder_architecture": True},
+    # Falcon2-11B's: new_decoder_architecture with one norm shared by both branches
+    "falcon_new_one_norm": {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_kv_heads": 2, "vocab_size": 128,
+                            "new_decoder_architecture": True, "num_ln_in_parallel_attn": 1},
     "phi": {"model_type": "phi", **_DECODER},
     "phi_qk_layernorm": {"model_type": "phi", **_DECODER, "qk_layernorm": True},
     "stablelm": {"model_type": "stablelm", **_GQA},

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import NormswapError
-from ..topology import Layer, NormSite, Stack, Sublayer, Topology, embedding_norm_stays
+from ..topology import Branch, Layer, NormSite, Stack, Sublayer, Topology, embedding_norm_stays
 from .caller_adds import caller_of_add
 from .edits import (
     AddLayerNorm,
@@ -28,6 +28,7 @@ from .edits import (
     BuildNormAlways,
     CentreNormInput,
     CentreStream,
+    DropStatement,
     Edit,
     NeutraliseNorm,
     ReadAfterBranch,
@@ -268,14 +269,66 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
         if "." in norm_attribute or "." in later_attribute:
             raise CodegenError(f"{later.reads[0]} or {later.entry} is built in a submodule of {class_name}, so the "
                                "new norm of its branch has no constructor in one class to copy")
-        add_line = locate.line(sub.residual_add)
-        stream, output = stream_before(path, class_name, add_line, (earlier_attribute, later_attribute),
-                                       locate.line(later.entry_source))
-        norm, variable = f"normswap_{later_attribute}_norm", f"normswap_after_{earlier_attribute}"
-        edits += [AddLayerNorm(class_name, norm, norm_attribute),
-                  ReadAfterBranch(class_name, locate.line(later.entry_source), later_attribute, norm, variable, stream),
-                  ReplaceResidualAdd(class_name, add_line, f"{variable} + {output}")]
+        add_line, helper, operands = _parallel_add(locate, sub, class_name, path)
+        form = stream_before(path, class_name, add_line, (earlier_attribute, later_attribute),
+                             locate.line(later.entry_source), operands)
+        variable = f"normswap_after_{earlier_attribute}"
+        if helper and len(form.kept) != 1:
+            raise CodegenError(f"{helper} adds {' + '.join(form.kept)} to self.{later_attribute}'s output at line "
+                               f"{add_line} of {class_name}: no one argument of its call is the stream to replace")
+        if later.reads[0] in earlier.reads:  # a shared norm (GPT-J's ln_1): the later branch gets one of its own
+            norm = f"normswap_{later_attribute}_norm"
+            edits.append(AddLayerNorm(class_name, norm, norm_attribute))
+        else:  # its own norm (GPT-NeoX's, Falcon's ln_mlp) reads the new stream instead
+            norm = norm_attribute
+            called_apart = _own_norm_call(path, class_name, sub, later, locate)
+            edits += [DropStatement(class_name, called_apart, f"self.{norm} reads {variable} below")
+                      ] if called_apart is not None else []
+        edits += [ReadAfterBranch(class_name, locate.line(later.entry_source), later_attribute, norm, variable,
+                                  form.stream),
+                  ReplaceResidualAdd(class_name, add_line, variable, helper, form.kept[0]) if helper
+                  else ReplaceResidualAdd(class_name, add_line, f"{variable} + {form.output}"),
+                  *(DropStatement(class_name, line, f"{variable} holds this term") for line in form.dropped)]
     return edits
+
+
+def _own_norm_call(path: Path, class_name: str, sub: Sublayer, later: Branch, locate: _Locator) -> int | None:
+    """The line of ``name = self.<norm>(stream)``, the later branch's own norm on the stream before the earlier
+    branch's add, whose ``name`` only that branch's call reads: the generated code drops it. None where the norm
+    is called in the branch's call itself (GPT-NeoX's ``self.mlp(self.post_attention_layernorm(h))``), whose
+    argument the new stream replaces."""
+    from .serialise import forward_of
+
+    site = next((norm for norm in sub.norms if norm.path == later.reads[0]), None)
+    line = locate.line(site.source if site is not None else None)
+    entry_line = locate.line(later.entry_source)
+    if line == entry_line:
+        return None
+    forward = forward_of(ast.parse(path.read_text(encoding="utf-8")), class_name)
+    statement = next((node for node in ast.walk(forward) if isinstance(node, ast.Assign) and node.lineno == line
+                      and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)), None)
+    readers = set() if statement is None else {
+        node.lineno for node in ast.walk(forward) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+        and node.id == statement.targets[0].id}  # type: ignore[union-attr]
+    if statement is None or readers - {entry_line}:
+        raise CodegenError(f"{later.reads[0]}'s output at line {line} of {class_name} is not one name that only "
+                           f"{later.entry} reads, so the branch cannot read the stream after the earlier branch "
+                           "through that norm alone")
+    return line
+
+
+def _parallel_add(locate: _Locator, sub: Sublayer, class_name: str, path: Path
+                  ) -> tuple[int, str, tuple[str, ...] | None]:
+    """(the line of ``class_name.forward`` that adds the block to the stream, the module-level helper that adds it
+    there or "", the add's terms as that call passes them): Falcon adds in ``dropout_add(x, residual, ...)``."""
+    from .branch_terms import FUNCTIONAL_DROPOUT, helper_call_terms  # it reads this module's errors
+
+    if locate.enclosing_class(sub.residual_add) is not None or not sub.residual_add_caller:
+        return locate.line(sub.residual_add), "", None
+    call_line = locate.line(sub.residual_add_caller)
+    terms = helper_call_terms(path, class_name, call_line, locate.line(sub.residual_add), (),
+                              FUNCTIONAL_DROPOUT.__contains__)
+    return call_line, terms.helper, terms.terms
 
 
 def _removed_model_norm(model: nn.Module, path: str) -> list[Edit]:

@@ -229,11 +229,26 @@ class ReadAfterBranch:
 
 @dataclass(frozen=True)
 class ReplaceResidualAdd:
-    """The outermost ``a + b + ...`` in the statement at ``line`` -> ``expression``."""
+    """The outermost ``a + b + ...`` in the statement at ``line`` -> ``expression``. With ``helper``, the add is
+    inside that module-level function, and its call's argument written ``argument`` -> ``expression`` instead
+    (Falcon's ``dropout_add(mlp_output, residual, ...)``: the stream argument becomes the stream after the earlier
+    branch)."""
 
     class_name: str
     line: int
     expression: str
+    helper: str = ""
+    argument: str = ""
+
+
+@dataclass(frozen=True)
+class DropStatement:
+    """The statement at ``line`` of ``class_name`` -> ``pass  # normswap: <why>``: an in-place add whose term the
+    generated code adds elsewhere, a norm call whose norm now reads another stream (``serialise``)."""
+
+    class_name: str
+    line: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -306,4 +321,5 @@ class BuildAtSourceWidth:
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | WrapBranchOutput | UnwrapModelNorm | NeutraliseNorm
         | BuildNormAlways | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
-        | ReplaceResidualAdd | SizeByInnerWidth | AddOutputProjection | AddStackProjection | BuildAtSourceWidth)
+        | ReplaceResidualAdd | DropStatement | SizeByInnerWidth | AddOutputProjection | AddStackProjection
+        | BuildAtSourceWidth)

@@ -25,6 +25,7 @@ from .edits import (
     BuildSubmodelDirectly,
     CentreNormInput,
     CentreStream,
+    DropStatement,
     Edit,
     NeutraliseNorm,
     ReadAfterBranch,
@@ -267,7 +268,14 @@ class _Rewriter(cst.CSTTransformer):
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
                                   ) -> cst.SimpleStatementLine | cst.RemovalSentinel | cst.FlattenSentinel:
         normalised = self._normalised_after_item_add(updated)
+        dropped = [edit for edit in self.edits if isinstance(edit, DropStatement) and self._here(edit)]
         self.statement_lines.pop()
+        for edit in dropped:
+            self.applied[edit] += 1
+            return cst.SimpleStatementLine([cst.Pass()], leading_lines=updated.leading_lines,
+                                           trailing_whitespace=cst.TrailingWhitespace(
+                                               whitespace=cst.SimpleWhitespace("  "),
+                                               comment=cst.Comment(f"# normswap: {edit.why}")))
         if normalised is not None:
             return normalised
         if original is not updated and all(_is_self_assignment(small) for small in updated.body):
@@ -317,7 +325,7 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
                 return _self_call(edit.norm, updated.with_changes(lpar=[], rpar=[]), self._index())
-            if isinstance(edit, ReplaceResidualAdd) and self._here(edit):
+            if isinstance(edit, ReplaceResidualAdd) and not edit.helper and self._here(edit):
                 self.applied[edit] += 1
                 return cst.parse_expression(edit.expression)
         return updated
@@ -345,14 +353,22 @@ class _Rewriter(cst.CSTTransformer):
         in its norm."""
         wanted = {edit.term: edit for edit in self.edits
                   if isinstance(edit, WrapBranchOutput) and edit.helper == helper and self._here(edit)}
-        if not wanted:
+        replaced = {edit.argument: edit for edit in self.edits
+                    if isinstance(edit, ReplaceResidualAdd) and edit.helper and edit.helper == helper
+                    and self._here(edit)}
+        if not wanted and not replaced:
             return call
         arguments = []
         for argument in call.args:
-            edit = wanted.get(_normalised(argument.value))
+            written = _normalised(argument.value)
+            edit = wanted.get(written)
             if edit is not None:
                 self.applied[edit] += 1
                 argument = argument.with_changes(value=_self_call(edit.norm, argument.value, self._index()))
+            replacement = replaced.get(written)
+            if replacement is not None:
+                self.applied[replacement] += 1
+                argument = argument.with_changes(value=cst.parse_expression(replacement.expression))
             arguments.append(argument)
         return call.with_changes(args=arguments)
 
@@ -576,7 +592,7 @@ class _Rewriter(cst.CSTTransformer):
             raise CodegenError(f"no `self.{copied[1]} = ...` in {copied[0]}.__init__ to copy")
         body = list(function.body.body)
         for index, statement in enumerate(body):
-            if _assigns(statement, after):
+            if _assigns_within(statement, after):
                 added = [cst.parse_statement(line) for line in constructor.statements(edit.norm)]
                 if isinstance(edit, AddLayerNorm) and edit.new_class:
                     if constructor.settings:
@@ -594,7 +610,7 @@ class _Rewriter(cst.CSTTransformer):
                     raise CodegenError(f"{copied[0]}.{copied[1]} is built from {', '.join(unbound)}, which "
                                        f"{edit.class_name}.__init__ does not define, so its constructor cannot be "
                                        f"copied there for the new norm {edit.norm}")
-                body[index + 1:index + 1] = added
+                body[index:index + 1] = _inserted_after(statement, after, added)
                 self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
@@ -741,6 +757,46 @@ def _assigns(statement: cst.CSTNode, attribute: str) -> bool:
         return False
     return any(isinstance(small, cst.Assign) and any(_self_attribute(t.target) == attribute for t in small.targets)
                for small in statement.body)
+
+
+def _assigns_within(statement: cst.CSTNode, attribute: str) -> bool:
+    """Whether ``statement`` assigns ``self.<attribute>``, itself or in a branch of its ``if`` (Falcon builds
+    ``input_layernorm`` or ``ln_attn`` and ``ln_mlp`` by its config)."""
+    return _assigns(statement, attribute) or (isinstance(statement, cst.If) and any(
+        _assigns_within(inner, attribute) for inner in _branch_statements(statement)))
+
+
+def _branch_statements(statement: cst.If) -> list[cst.BaseStatement]:
+    inner = list(statement.body.body)
+    if isinstance(statement.orelse, cst.If):
+        inner.append(statement.orelse)
+    elif isinstance(statement.orelse, cst.Else):
+        inner += list(statement.orelse.body.body)
+    return inner
+
+
+def _inserted_after(statement: cst.BaseStatement, attribute: str, added: list[cst.BaseStatement]
+                    ) -> list[cst.BaseStatement]:
+    """``statement``, with ``added`` right after each statement that assigns ``self.<attribute>``, in each branch of
+    an ``if`` that does: the new module is built where, and only where, the one it copies is."""
+    if _assigns(statement, attribute) or not isinstance(statement, cst.If):
+        return [statement, *added]
+
+    def within(block: cst.BaseSuite) -> cst.BaseSuite:
+        assert isinstance(block, cst.IndentedBlock)  # an ``if`` that builds modules has an indented body
+        inner: list[cst.BaseStatement] = []
+        for item in block.body:
+            inner += _inserted_after(item, attribute, added) if _assigns_within(item, attribute) else [item]
+        return block.with_changes(body=inner)
+
+    if any(_assigns_within(item, attribute) for item in statement.body.body):
+        statement = statement.with_changes(body=within(statement.body))
+    if isinstance(statement.orelse, cst.If) and _assigns_within(statement.orelse, attribute):
+        statement = statement.with_changes(orelse=_inserted_after(statement.orelse, attribute, added)[0])
+    elif isinstance(statement.orelse, cst.Else) and any(_assigns_within(item, attribute)
+                                                        for item in statement.orelse.body.body):
+        statement = statement.with_changes(orelse=statement.orelse.with_changes(body=within(statement.orelse.body)))
+    return [statement]
 
 
 def _indexes(loop: cst.For, attribute: str) -> bool:

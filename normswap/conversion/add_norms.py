@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.branch_terms import BranchTerm, branch_terms, helper_call_terms
+from ..codegen.branch_terms import FUNCTIONAL_DROPOUT, BranchTerm, branch_terms, helper_call_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..detect.width import WIDTH_NAMES
@@ -48,8 +48,6 @@ from .stream_config import eps_of
 _OTHER_KINDS = {"rmsnorm": ("NormswapRMSNorm", "rms_norm"), "layernorm": ("NormswapLayerNorm", "layer_norm")}
 
 
-_FUNCTIONAL_DROPOUT = frozenset({"nn.functional.dropout", "torch.nn.functional.dropout", "F.dropout",
-                                 "functional.dropout"})
 
 
 class AddNormError(NormswapError):
@@ -159,8 +157,9 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     wanted = {attribute for found in attributes.values() for attribute in found}
     passes = functools.partial(_passes_through, holder) if slot == "out" else _any_call
     try:
-        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes) if in_function
-               else branch_terms(path, class_name, add_line, wanted, passes))
+        config = getattr(holder, "config", None)  # what the class's ``if self.config...`` tests read
+        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes, config) if in_function
+               else branch_terms(path, class_name, add_line, wanted, passes, config))
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
@@ -249,7 +248,7 @@ def _passes_through(holder: nn.Module, callee: str) -> bool:
     from ..detect.analysis import _passes_through as passes  # detection imports conversion helpers
 
     if not callee.startswith("self."):
-        return callee in _FUNCTIONAL_DROPOUT
+        return callee in FUNCTIONAL_DROPOUT
     try:
         module = holder.get_submodule(callee.removeprefix("self."))
     except AttributeError:

@@ -7,6 +7,8 @@ The result is an ordinary transformers model (a stock class for native targets),
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 
 from ..codegen.package import GeneratedModule
 from ..detect import inspect
-from ..errors import NormswapError
+from ..errors import NormswapError, SourceError
 from ..recipe import NativeTarget, recipe_for
 from ..topology import Topology
 from .generated import generated_target, head_stored_apart
@@ -32,11 +34,13 @@ PLACEMENTS = ("pre", "post")
 
 
 def _norm_shift_edge(source: str, target: str) -> PlacementEdge:
-    """The norm shift as a route's step. Leaving Post-Norm on the way to a branch-norm placement, no stock family
-    stands between: the new norms go into the source family's own code (a stock Pre-Norm twin may build no norm
-    where a branch needs one: MegatronBERT's SelfOutput)."""
+    """The norm shift as a route's step. Leaving Post-Norm or parallel blocks on the way to a branch-norm placement,
+    no stock family stands between: the new norms go into the source family's own code, as the norm shift wrote
+    it (a stock Pre-Norm twin may build no norm where a branch needs one: MegatronBERT's SelfOutput; a stock
+    sequential switch keeps the parallel code that its config skips: Falcon's in-place ``mlp_output +=
+    attention_output``, which hides the MLP's term of the add from the out norm's rewrite)."""
     def plan(context: EdgeContext) -> Planner:
-        native = context.native and not (source == "post" and context.between)
+        native = context.native and not (source in ("post", "parallel") and context.between)
         return lambda model: plan_conversion(model, target, native)
 
     return PlacementEdge(source, target, plan, description="the norm shift (docs/design.md §3)")
@@ -77,21 +81,31 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
     serial = serialises(source.placement, placement)
     back_home = _original_family(model, placement)
     target = back_home or (_native_target(model_type, placement) if native else None)
+    passed_over = ""
     if target is not None:
         config = target_config(model.config, target)
         if head_stored_apart(model) is not None:  # a head of its own stays apart in the stock target too
             config.tie_word_embeddings = False
         cls = target_class(model, target)
-        target_topology = inspect(meta_instance(cls, config))
-        reached = target_topology.placement if serial else placement_of(target_topology)
-        if reached != placement and serial:
-            raise _no_sequential_form(model_type, f"its code builds {reached} blocks even with "
-                                      f"{dict(target.config) or 'the recipe config'}")
-        if reached != placement:
-            raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} "
-                                   f"placement, not {placement}; the recipe for {model_type} is wrong")
-        plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
-        return _placement_setup(model, plan, source, target_topology, cls, config, None)
+        switched = f"{target.model_type} with {dict(target.config) or 'the recipe config'}"
+        try:
+            target_topology = inspect(meta_instance(cls, config))
+        except SourceError as error:
+            if not serial or back_home is not None:
+                raise
+            failure = re.search(r"\((\w+Error: [^)]*)\)", str(error))  # the exception the stock code raised
+            target_topology, passed_over = None, (f"the stock {switched} does not run this model's config"
+                                                  f" ({failure.group(1) if failure else error})")
+        if target_topology is not None:
+            reached = target_topology.placement if serial else placement_of(target_topology)
+            if reached != placement and serial:  # the switch is ignored where this config sets something else
+                passed_over = f"the stock {switched} still builds {reached} blocks for this model's config"
+            elif reached != placement:
+                raise RealisationError(f"the native target {target.model_type} has {target_topology.placement} "
+                                       f"placement, not {placement}; the recipe for {model_type} is wrong")
+            else:
+                plan = build_placement_plan(source, target_topology, f"native: {target.model_type}")
+                return _placement_setup(model, plan, source, target_topology, cls, config, None)
     if getattr(model.config, "normswap", None):
         raise RealisationError(f"{model_type} is already normswap-generated code that no norm shift of its own "
                                f"expresses; convert the original {model.config.normswap.get('source_model_type')} "
@@ -102,6 +116,8 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
         raise RealisationError(f"the generated {generated.model_type} code detects as {target_topology.placement}, "
                                f"not {placement}; this is a normswap bug, please report it")
     plan = build_placement_plan(source, target_topology, f"generated code: {generated.file_name}")
+    if passed_over:  # a sequential switch that this config's code ignores (Falcon's new_decoder_architecture)
+        plan = replace(plan, notes=(*plan.notes, f"{passed_over}: generated code instead"))
     return _placement_setup(model, plan, source, target_topology, cls, config, generated)
 
 
@@ -164,14 +180,6 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     if setup.target is not None and converted is not model:
         require_topology(converted, setup.target)
     return converted
-
-
-def _no_sequential_form(model_type: str, why: str) -> RealisationError:
-    return RealisationError(
-        f"{model_type} is parallel Pre-Norm (attention and MLP both read the normalised h) and --placement pre means "
-        f"sequential Pre-Norm, where the MLP reads h + attention(h): a different forward, which {model_type} "
-        f"cannot express ({why}); the recipe that names this native target is wrong: remove it, and the "
-        "conversion goes through generated code")
 
 
 def _original_family(model: nn.Module, placement: str) -> NativeTarget | None:
