@@ -111,6 +111,14 @@ EXPECTED: dict[str, Expected] = {
     "falcon": Expected("parallel", LN, 1e-5, [StackSpec("h", None, "ln_f", [parallel(("input_layernorm", LN))])],
                        branches=("attention", "mlp")),
     "falcon_sequential": Expected("pre", LN, 1e-5, [StackSpec("h", None, "ln_f", HF_DECODER_LN)]),
+    "falcon_rw": Expected("pre", LN, 1e-5, [StackSpec("h", None, "ln_f", HF_DECODER_LN)]),
+    # new_decoder_architecture: attention reads ln_attn, the MLP ln_mlp (Falcon-40B), or both one norm (Falcon2)
+    "falcon_new": Expected("parallel", LN, 1e-5, [StackSpec("h", None, "ln_f", [parallel(("ln_attn", LN),
+                                                                                         ("ln_mlp", LN))])],
+                           branches=("attention", "mlp")),
+    "falcon_new_one_norm": Expected("parallel", LN, 1e-5, [StackSpec("h", None, "ln_f",
+                                                                     [parallel(("input_layernorm", LN))])],
+                                    branches=("attention", "mlp")),
     "phi": Expected("parallel", LN, 1e-5, [StackSpec(
         "layers", None, "final_layernorm", [parallel(("input_layernorm", LN))])], branches=("attention", "mlp")),
     "phi_qk_layernorm": Expected("parallel", LN, 1e-5, [StackSpec(
