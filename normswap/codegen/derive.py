@@ -285,11 +285,35 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
             edits += [DropStatement(class_name, called_apart, f"self.{norm} reads {variable} below")
                       ] if called_apart is not None else []
         edits += [ReadAfterBranch(class_name, locate.line(later.entry_source), later_attribute, norm, variable,
-                                  form.stream),
+                                  form.stream, _read_through(path, class_name, sub, later, locate)),
                   ReplaceResidualAdd(class_name, add_line, variable, helper, form.kept[0]) if helper
                   else ReplaceResidualAdd(class_name, add_line, f"{variable} + {form.output}"),
-                  *(DropStatement(class_name, line, f"{variable} holds this term") for line in form.dropped)]
+                  *(DropStatement(class_name, line, f"{variable} holds this term") for line in form.dropped),
+                  *(DropStatement(class_name, line, "the residual add below sums these terms") for line in form.split)]
     return edits
+
+
+def _read_through(path: Path, class_name: str, sub: Sublayer, later: Branch, locate: _Locator) -> str:
+    """The name bound to the later branch's norm output where the branch's call reads an expression of it
+    (Falcon-H1's ``self.self_attn(hidden_states=hidden_states * self.attention_in_multiplier)``), else ""."""
+    from .serialise import forward_of
+
+    site = next((norm for norm in sub.norms if norm.path == later.reads[0]), None)
+    line = locate.line_or_none(site.source if site is not None else None)
+    forward = forward_of(ast.parse(path.read_text(encoding="utf-8")), class_name)
+    bound = next((node.targets[0].id for node in ast.walk(forward) if isinstance(node, ast.Assign)
+                  and node.lineno == line and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)), "")
+    entry_line = locate.line(later.entry_source)
+    call = next((node for node in ast.walk(forward) if isinstance(node, ast.Call)
+                 and node.lineno <= entry_line <= (node.end_lineno or node.lineno)
+                 and ast.unparse(node.func) == f"self.{later.entry.rsplit('.', 1)[-1] if later.entry else ''}"), None)
+    if not bound or call is None:
+        return ""
+    argument = call.args[0] if call.args else next((keyword.value for keyword in call.keywords
+                                                    if keyword.arg in ("hidden_states", "x", "input", "inputs")), None)
+    if argument is None or isinstance(argument, ast.Name):
+        return ""
+    return bound if any(isinstance(node, ast.Name) and node.id == bound for node in ast.walk(argument)) else ""
 
 
 def _own_norm_call(path: Path, class_name: str, sub: Sublayer, later: Branch, locate: _Locator) -> int | None:

@@ -225,6 +225,9 @@ class ReadAfterBranch:
     norm: str
     variable: str
     stream: str  # source text of the stream at that call
+    # the name of the old norm's output where the call's input is an expression of it (Falcon-H1's ``hidden_states *
+    # self.attention_in_multiplier``): that name alone is replaced there, and the rest of the expression kept
+    through: str = ""
 
 
 @dataclass(frozen=True)

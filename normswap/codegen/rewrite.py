@@ -419,7 +419,10 @@ class _Rewriter(cst.CSTTransformer):
             if isinstance(edit, ReadAfterBranch) and edit.branch == callee and self._here(edit):
                 self.applied[edit] += 1
                 self.before_statement.append(f"{edit.variable} = {edit.stream}")
-                return _replace_first_argument(updated, cst.parse_expression(f"self.{edit.norm}({edit.variable})"))
+                reading = cst.parse_expression(f"self.{edit.norm}({edit.variable})")
+                if edit.through:
+                    return _substitute_in_first_argument(updated, edit.through, reading)
+                return _replace_first_argument(updated, reading)
             if (isinstance(edit, CentreNormInput) and edit.norm == callee and self._here(edit)
                     and self.functions and self.functions[-1] == "forward"):
                 self.applied[edit] += 1
@@ -855,16 +858,42 @@ def _wrap_first_argument(call: cst.Call, norm: str, index: str | None = None) ->
     return _replace_first_argument(call, None, norm, index)
 
 
-def _replace_first_argument(call: cst.Call, value: cst.BaseExpression | None, norm: str = "",
-                            index: str | None = None) -> cst.Call:
-    """The call with its input argument replaced by ``value``, or (``value`` None) wrapped in ``self.<norm>``
-    (a norm that is an item of a module list by the loop's ``index``: ``self.<list>[index]``)."""
+def _substitute_in_first_argument(call: cst.Call, name: str, value: cst.BaseExpression) -> cst.Call:
+    """The call with every ``name`` in its input argument replaced by ``value`` (a variable, not an attribute's or
+    a keyword's name that reads the same)."""
+    class Substitute(cst.CSTTransformer):
+        def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
+            return value if updated.value == name else updated
+
+        def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.Attribute:
+            return updated.with_changes(attr=original.attr)
+
+        def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+            return updated.with_changes(keyword=original.keyword)
+
+    args = list(call.args)
+    index = _input_position(call)
+    args[index] = args[index].with_changes(value=args[index].value.visit(Substitute()))
+    return call.with_changes(args=args)
+
+
+def _input_position(call: cst.Call) -> int:
+    """The index of the call's input among its arguments: the first positional one, else the first input keyword."""
     args = list(call.args)
     positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
     position = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
         (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in _INPUT_KEYWORDS), None)
     if position is None:
         raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
+    return position
+
+
+def _replace_first_argument(call: cst.Call, value: cst.BaseExpression | None, norm: str = "",
+                            index: str | None = None) -> cst.Call:
+    """The call with its input argument replaced by ``value``, or (``value`` None) wrapped in ``self.<norm>``
+    (a norm that is an item of a module list by the loop's ``index``: ``self.<list>[index]``)."""
+    args = list(call.args)
+    position = _input_position(call)
     args[position] = args[position].with_changes(
         value=value if value is not None else _self_call(norm, args[position].value, index))
     return call.with_changes(args=args)

@@ -37,6 +37,9 @@ class SerialForm:
     output: str
     dropped: tuple[int, ...] = ()
     kept: tuple[str, ...] = ()  # the terms of the add itself that ``stream`` sums (the stream, without ``dropped``'s)
+    # the lines of ``name = a + b`` sums of both branches that the add read as ``name`` (Falcon-H1's ``hidden_states =
+    # mamba_hidden_states + attention_hidden_states``): the add now reads their terms, so the sums no longer run
+    split: tuple[int, ...] = ()
 
 
 def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[str, str], later_line: int,
@@ -57,6 +60,7 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
                            "its first branch has no name to read")
     assignments = _assignments(forward)
     earlier, later = branches
+    names, split = _split_sums(forward, names, add_line, assignments, branches)
     kept: list[str] = []
     outputs: list[str] = []
     accumulated: list[tuple[int, str]] = []
@@ -80,7 +84,33 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
         raise CodegenError(f"the residual add at line {add_line} of {class_name} does not add self.{later}'s output "
                            "to the stream in an operand of its own")
     return SerialForm(" + ".join([*kept, *earlier_terms]), " + ".join(outputs),
-                      tuple(line for line, _ in accumulated), tuple(kept))
+                      tuple(line for line, _ in accumulated), tuple(kept), split)
+
+
+def _split_sums(forward: ast.FunctionDef, names: list[str], add_line: int, assignments: list[_Assignment],
+                branches: tuple[str, str]) -> tuple[list[str], tuple[int, ...]]:
+    """``names``, each one that holds a plain sum of names mixing both branches (``h = mamba + attention``, read by
+    nothing but the add) replaced by the names it sums; and the lines of those sums."""
+    result: list[str] = []
+    split: list[int] = []
+    pending = list(names)
+    while pending:
+        name = pending.pop(0)
+        bound = [(line, value, augmented) for line, target, value, augmented in assignments
+                 if target == name and line < add_line]
+        if not bound or _origins(name, add_line, assignments, branches, 0) != set(branches):
+            result.append(name)
+            continue
+        line, value, augmented = bound[-1]
+        terms = add_summands_of(value)
+        read_between = any(isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id == name
+                           and line < node.lineno < add_line for node in ast.walk(forward))
+        if augmented or len(terms) < 2 or not all(isinstance(term, ast.Name) for term in terms) or read_between:
+            result.append(name)  # ``_accumulated_earlier`` reads it, or refuses it
+            continue
+        split.append(line)
+        pending[:0] = [term.id for term in terms if isinstance(term, ast.Name)]
+    return result, tuple(split)
 
 
 def _accumulated_earlier(name: str, add_line: int, later_line: int, assignments: list[_Assignment],
@@ -108,6 +138,13 @@ def forward_of(tree: ast.Module, class_name: str) -> ast.FunctionDef:
     raise CodegenError(f"{class_name} has no forward of its own to rewrite")
 
 
+def add_summands_of(node: ast.expr) -> list[ast.expr]:
+    """The terms of the sum ``node`` (``a + b + c``), in source order; ``[node]`` where it is no sum."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return [*add_summands_of(node.left), *add_summands_of(node.right)]
+    return [node]
+
+
 def _add_operands(forward: ast.FunctionDef, line: int) -> list[str]:
     """The plain names added up by the outermost ``a + b + c`` that spans ``line``."""
     operands = add_summands(forward, line)
@@ -131,15 +168,7 @@ def add_summands(forward: ast.FunctionDef, line: int) -> list[ast.expr]:
             else f"no residual add at line {line}")
     outer = max(adds, key=lambda node: (node.end_col_offset or 0) - node.col_offset + 1000 * (
         (node.end_lineno or node.lineno) - node.lineno))
-    operands: list[ast.expr] = []
-    pending: list[ast.expr] = [outer]
-    while pending:
-        node = pending.pop(0)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            pending[:0] = [node.left, node.right]
-        else:
-            operands.append(node)
-    return operands
+    return add_summands_of(outer)
 
 
 _Assignment = tuple[int, str, ast.expr, bool]  # line, the name bound, the value, whether it is ``name op= value``

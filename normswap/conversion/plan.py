@@ -140,8 +140,9 @@ def build_placement_plan(source: Topology, target: Topology, realisation: str) -
         stacks.append(_stack_plan(source_stack, source_subs, source_placement,
                                   target_stack, target_subs, target_placement, notes))
     if serial:
-        notes.append("parallel -> sequential: each branch keeps the norm it read, but the MLP now reads "
-                     "h + attention(h) instead of h, a different function (approximate; heal to recover)")
+        notes.append("parallel -> sequential: each branch keeps the norm it read, but the later branch of each "
+                     "block now reads h + (the earlier branch)(h) instead of h (the MLP reads h + attention(h)), a "
+                     "different function (approximate; heal to recover)")
     elif any(sub.kind == "parallel" for layer in source.layers for sub in layer.sublayers):
         notes.append("parallel blocks: see the moves for which norm each branch keeps")
     return ConversionPlan(
