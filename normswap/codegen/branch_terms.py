@@ -19,10 +19,10 @@ from typing import Any
 
 from .config_branches import running_statements
 from .derive import CodegenError
+from .edits import INPUT_KEYWORDS
 from .serialise import add_summands, forward_of
 
 _MAX_DEPTH = 16  # assignment hops followed back from a term
-_INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")  # as ``rewrite._replace_first_argument``
 # torch's functional dropout as modeling code calls it (OPT, Whisper, the helpers of BLOOM and Falcon): its input
 # passes through at inference, where calibration and the converted model run with ``training`` False
 FUNCTIONAL_DROPOUT = frozenset({"nn.functional.dropout", "torch.nn.functional.dropout", "F.dropout",
@@ -198,4 +198,4 @@ def _input_first(call: ast.Call) -> bool:
         return False
     if call.args:
         return not isinstance(call.args[0], ast.Starred)
-    return call.keywords[0].arg in _INPUT_KEYWORDS
+    return call.keywords[0].arg in INPUT_KEYWORDS

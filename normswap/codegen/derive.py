@@ -23,6 +23,7 @@ from ..errors import NormswapError
 from ..topology import Branch, Layer, NormSite, Stack, Sublayer, Topology, embedding_norm_stays
 from .caller_adds import caller_of_add
 from .edits import (
+    INPUT_KEYWORDS,
     AddLayerNorm,
     AddStackNorm,
     BuildNormAlways,
@@ -253,7 +254,7 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
     """Parallel Pre-Norm -> sequential Pre-Norm for one stack: in each parallel block the later branch gets a
     norm of its own (built like the one it read) and reads the stream after the earlier branch's add; the add
     as written then sums the same terms (``serialise``). The stack norms stay where they are."""
-    from .serialise import stream_before  # it reads this module's errors
+    from .serialise import forward_of, stream_before  # it reads this module's errors
 
     locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
     edits: list[Edit] = []
@@ -276,16 +277,18 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
         if helper and len(form.kept) != 1:
             raise CodegenError(f"{helper} adds {' + '.join(form.kept)} to self.{later_attribute}'s output at line "
                                f"{add_line} of {class_name}: no one argument of its call is the stream to replace")
-        if later.reads[0] in earlier.reads:  # a shared norm (GPT-J's ln_1): the later branch gets one of its own
+        forward = forward_of(ast.parse(path.read_text(encoding="utf-8")), class_name)
+        shared = later.reads[0] in earlier.reads
+        called_apart, through = _norm_reading(forward, sub, later, later_attribute, locate, own=not shared)
+        if shared:  # a shared norm (GPT-J's ln_1): the later branch gets one of its own
             norm = f"normswap_{later_attribute}_norm"
             edits.append(AddLayerNorm(class_name, norm, norm_attribute))
         else:  # its own norm (GPT-NeoX's, Falcon's ln_mlp) reads the new stream instead
             norm = norm_attribute
-            called_apart = _own_norm_call(path, class_name, sub, later, locate)
             edits += [DropStatement(class_name, called_apart, f"self.{norm} reads {variable} below")
                       ] if called_apart is not None else []
         edits += [ReadAfterBranch(class_name, locate.line(later.entry_source), later_attribute, norm, variable,
-                                  form.stream, _read_through(path, class_name, sub, later, locate)),
+                                  form.stream, through),
                   ReplaceResidualAdd(class_name, add_line, variable, helper, form.kept[0]) if helper
                   else ReplaceResidualAdd(class_name, add_line, f"{variable} + {form.output}"),
                   *(DropStatement(class_name, line, f"{variable} holds this term") for line in form.dropped),
@@ -293,51 +296,39 @@ def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, clas
     return edits
 
 
-def _read_through(path: Path, class_name: str, sub: Sublayer, later: Branch, locate: _Locator) -> str:
-    """The name bound to the later branch's norm output where the branch's call reads an expression of it
-    (Falcon-H1's ``self.self_attn(hidden_states=hidden_states * self.attention_in_multiplier)``), else ""."""
-    from .serialise import forward_of
-
-    site = next((norm for norm in sub.norms if norm.path == later.reads[0]), None)
-    line = locate.line_or_none(site.source if site is not None else None)
-    forward = forward_of(ast.parse(path.read_text(encoding="utf-8")), class_name)
-    bound = next((node.targets[0].id for node in ast.walk(forward) if isinstance(node, ast.Assign)
-                  and node.lineno == line and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)), "")
-    entry_line = locate.line(later.entry_source)
-    call = next((node for node in ast.walk(forward) if isinstance(node, ast.Call)
-                 and node.lineno <= entry_line <= (node.end_lineno or node.lineno)
-                 and ast.unparse(node.func) == f"self.{later.entry.rsplit('.', 1)[-1] if later.entry else ''}"), None)
-    if not bound or call is None:
-        return ""
-    argument = call.args[0] if call.args else next((keyword.value for keyword in call.keywords
-                                                    if keyword.arg in ("hidden_states", "x", "input", "inputs")), None)
-    if argument is None or isinstance(argument, ast.Name):
-        return ""
-    return bound if any(isinstance(node, ast.Name) and node.id == bound for node in ast.walk(argument)) else ""
-
-
-def _own_norm_call(path: Path, class_name: str, sub: Sublayer, later: Branch, locate: _Locator) -> int | None:
-    """The line of ``name = self.<norm>(stream)``, the later branch's own norm on the stream before the earlier
-    branch's add, whose ``name`` only that branch's call reads: the generated code drops it. None where the norm
-    is called in the branch's call itself (GPT-NeoX's ``self.mlp(self.post_attention_layernorm(h))``), whose
-    argument the new stream replaces."""
-    from .serialise import forward_of
-
+def _norm_reading(forward: ast.FunctionDef, sub: Sublayer, later: Branch, later_attribute: str,
+                  locate: _Locator, own: bool) -> tuple[int | None, str]:
+    """How the later branch reads its norm: (with ``own``, a norm only that branch reads, the line of ``name =
+    self.<norm>(stream)`` to drop, None where the norm is called in the branch's call itself, GPT-NeoX's
+    ``self.mlp(self.post_attention_layernorm(h))``, whose argument the new stream replaces; ``name`` where the
+    call's input is an expression of it, Falcon-H1's ``hidden_states * self.attention_in_multiplier``, else "")."""
     site = next((norm for norm in sub.norms if norm.path == later.reads[0]), None)
     line = locate.line(site.source if site is not None else None)
     entry_line = locate.line(later.entry_source)
-    if line == entry_line:
-        return None
-    forward = forward_of(ast.parse(path.read_text(encoding="utf-8")), class_name)
     statement = next((node for node in ast.walk(forward) if isinstance(node, ast.Assign) and node.lineno == line
                       and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)), None)
-    readers = set() if statement is None else {
-        node.lineno for node in ast.walk(forward) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
-        and node.id == statement.targets[0].id}  # type: ignore[union-attr]
-    if statement is None or readers - {entry_line}:
-        raise CodegenError(f"{later.reads[0]}'s output at line {line} of {class_name} is not one name that only "
-                           f"{later.entry} reads, so the branch cannot read the stream after the earlier branch "
-                           "through that norm alone")
+    bound = statement.targets[0].id if statement is not None else ""  # type: ignore[union-attr]
+    call = next((node for node in ast.walk(forward) if isinstance(node, ast.Call)
+                 and node.lineno <= entry_line <= (node.end_lineno or node.lineno)
+                 and ast.unparse(node.func) == f"self.{later_attribute}"), None)
+    argument = None if call is None else call.args[0] if call.args else next(
+        (keyword.value for keyword in call.keywords if keyword.arg in INPUT_KEYWORDS), None)
+    through = bound if argument is not None and not isinstance(argument, ast.Name) and any(
+        isinstance(node, ast.Name) and node.id == bound for node in ast.walk(argument)) else ""
+    return _own_norm_line(forward, line, entry_line, bound, later) if own else None, through
+
+
+def _own_norm_line(forward: ast.FunctionDef, line: int, entry_line: int, bound: str, later: Branch) -> int | None:
+    """``line``, where it binds the later branch's own norm output to ``bound``, which only the branch's call
+    reads: the serial form drops it, the branch reading its norm on the new stream instead."""
+    if line == entry_line:
+        return None
+    readers = {node.lineno for node in ast.walk(forward) if isinstance(node, ast.Name)
+               and isinstance(node.ctx, ast.Load) and node.id == bound}
+    if not bound or readers - {entry_line}:
+        raise CodegenError(f"{later.reads[0]}'s output at line {line} is not one name that only {later.entry} "
+                           "reads, so the branch cannot read the stream after the earlier branch through that norm "
+                           "alone")
     return line
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INNER_WIDTH_FIELD = "normswap_inner_width"  # the config field that holds d where the stream is d + 1 wide
+# the keywords a branch call may pass its input by, where it passes none positionally (FSMT's ``query=``)
+INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")
 OUTPUT_PROJECTION = "normswap_output_projection"  # the attribute of ``AddOutputProjection``'s linear map
 SOURCE_FIELDS = "normswap_source_fields"  # the config field that holds the values the extra dimension changed
 STREAM_MAP = "normswap_stream_map"  # a fixed (d+1) x (d+1) map after a weighted norm whose output starts the stream

@@ -16,6 +16,7 @@ import libcst as cst
 from .derive import CodegenError
 from .edits import (
     INNER_WIDTH_FIELD,
+    INPUT_KEYWORDS,
     AddLayerNorm,
     AddOutputProjection,
     AddStackNorm,
@@ -267,15 +268,15 @@ class _Rewriter(cst.CSTTransformer):
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
                                   ) -> cst.SimpleStatementLine | cst.RemovalSentinel | cst.FlattenSentinel:
-        normalised = self._normalised_after_item_add(updated)
-        dropped = [edit for edit in self.edits if isinstance(edit, DropStatement) and self._here(edit)]
+        dropped = next((edit for edit in self.edits if isinstance(edit, DropStatement) and self._here(edit)), None)
+        normalised = self._normalised_after_item_add(updated) if dropped is None else None
         self.statement_lines.pop()
-        for edit in dropped:
-            self.applied[edit] += 1
+        if dropped is not None:  # ``pass`` keeps a block that held only this statement valid
+            self.applied[dropped] += 1
             return cst.SimpleStatementLine([cst.Pass()], leading_lines=updated.leading_lines,
                                            trailing_whitespace=cst.TrailingWhitespace(
                                                whitespace=cst.SimpleWhitespace("  "),
-                                               comment=cst.Comment(f"# normswap: {edit.why}")))
+                                               comment=cst.Comment(f"# normswap: {dropped.why}")))
         if normalised is not None:
             return normalised
         if original is not updated and all(_is_self_assignment(small) for small in updated.body):
@@ -851,7 +852,6 @@ def _centre_first_argument(call: cst.Call, axis: int) -> cst.Call:
     return call.with_changes(args=args)
 
 
-_INPUT_KEYWORDS = ("hidden_states", "query", "x", "input", "inputs")
 
 
 def _wrap_first_argument(call: cst.Call, norm: str, index: str | None = None) -> cst.Call:
@@ -882,7 +882,7 @@ def _input_position(call: cst.Call) -> int:
     args = list(call.args)
     positional = [i for i, arg in enumerate(args) if arg.keyword is None and not arg.star]
     position = positional[0] if positional else next(  # FSMT passes its attention's input as ``query=``
-        (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in _INPUT_KEYWORDS), None)
+        (i for i, arg in enumerate(args) if arg.keyword and arg.keyword.value in INPUT_KEYWORDS), None)
     if position is None:
         raise CodegenError(f"cannot find the input of {_code(call.func)}(...) to wrap")
     return position
