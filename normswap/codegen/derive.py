@@ -251,9 +251,10 @@ def _pre_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes
 
 def _serial_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]]
                   ) -> list[Edit]:
-    """Parallel Pre-Norm -> sequential Pre-Norm for one stack: in each parallel block the later branch gets a
-    norm of its own (built like the one it read) and reads the stream after the earlier branch's add; the add
-    as written then sums the same terms (``serialise``). The stack norms stay where they are."""
+    """Parallel Pre-Norm -> sequential Pre-Norm for one stack: in each parallel block the later branch reads the
+    stream after the earlier branch's add through a norm of its own (a new one built like a shared norm; its own
+    norm where it has one), and the add sums the stream after the earlier branch and the later branch's output
+    (``serialise``). The stack norms stay where they are."""
     from .serialise import forward_of, stream_before  # it reads this module's errors
 
     locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
