@@ -69,6 +69,8 @@ def main() -> None:
                         help="also heal with the next-token KL matched at this weight (heal --logit-weight)")
     parser.add_argument("--adam-beta2", type=float, default=None,
                         help="also heal with AdamW's second-moment decay at this value (heal --adam-beta2)")
+    parser.add_argument("--output-weight", type=float, default=None,
+                        help="also heal with the stack outputs weighed this many times a sublayer entry")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -88,7 +90,9 @@ def main() -> None:
         *([(f"per-sublayer + next-token KL {args.logit_weight:g}", {"logit_weight": args.logit_weight})]
           if args.logit_weight else []),
         *([(f"per-sublayer, AdamW beta2 {args.adam_beta2:g}", {"adam_beta2": args.adam_beta2})]
-          if args.adam_beta2 is not None else [])]
+          if args.adam_beta2 is not None else []),
+        *([(f"per-sublayer, output weight {args.output_weight:g}", {"output_weight": args.output_weight})]
+          if args.output_weight is not None else [])]
     rows = []
     for name, config in configs.items():
         if name not in args.models.split(","):

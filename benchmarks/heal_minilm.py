@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per method, conversion included")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--output-weight", type=float, default=4.0, help="weight of the output among the entries")
+    parser.add_argument("--output-weight", type=float, default=1.0,
+                        help="weight of the output among the entries (heal's default, 1; 4 before 2026-12-01)")
     parser.add_argument("--only", choices=("normswap", "baseline"), help="run one method only")
     parser.add_argument("--warm-start", action="store_true", help="normswap's method with the closed-form warm start")
     parser.add_argument("--no-augment", action="store_true", help="normswap's method on the plain training texts")

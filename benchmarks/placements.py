@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--heal-batch-size", type=int, default=16, help="texts per step of the placement heals")
     parser.add_argument("--heal-logit-weight", type=float, default=0.0,
                         help="the placement heals also match the next-token distributions, with this weight")
+    parser.add_argument("--heal-output-weight", type=float, default=None,
+                        help="weigh the stack outputs this many times a sublayer entry (heal's output_weight)")
     args = parser.parse_args()
 
     import normswap
@@ -108,7 +110,9 @@ def main() -> None:
             if (name, target) in HEALED:
                 _, report = heal(original, measured, corpus, max_steps=100_000, max_time=args.heal_minutes * 60,
                                  batch_size=args.heal_batch_size, learning_rate=args.heal_learning_rate,
-                                 logit_weight=args.heal_logit_weight, eval_steps=100, quiet=True)
+                                 logit_weight=args.heal_logit_weight, eval_steps=100, quiet=True,
+                                 **({} if args.heal_output_weight is None else
+                                    {"output_weight": args.heal_output_weight}))
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
                 healed.append((f"{name} {source} -> {target}", before, after, report.steps))
                 print(f"     healed {report.steps} steps: KL {before:.4f} -> {after:.4f} ({after / before:.1%})",

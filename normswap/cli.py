@@ -162,9 +162,13 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     heal.add_argument("--match", choices=("sublayers", "branches", "output"), default="sublayers",
                       help="what is matched to the original: what every branch reads plus the output (default), "
                       "also what every branch writes, or the output only (plain distillation)")
+    heal.add_argument("--output-weight", type=_weight, default=1.0, metavar="W",
+                      help="weigh each stack's output W times a branch input in the loss (default 1; see "
+                      "docs/heal.md)")
     heal.add_argument("--logit-weight", type=_weight, default=0.0, metavar="W",
                       help="also match the next-token distributions (KL) of models with an LM head, weighing W "
-                      "against 1 per branch input and 4 for the output (default 0: off; see docs/heal.md)")
+                      "against 1 per branch input and --output-weight for the output (default 0: off; see "
+                      "docs/heal.md)")
     heal.add_argument("--adam-beta2", type=_beta, default=None, metavar="B",
                       help="AdamW's second-moment decay (default 0.95, or 0.999 with --lora-rank; see docs/heal.md)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
@@ -325,7 +329,8 @@ def _run_heal(args: argparse.Namespace) -> int:
                              freeze_embeddings=args.freeze_embeddings, work_dir=args.work_dir,
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout, lora_rank=args.lora_rank,
-                             logit_weight=args.logit_weight, adam_beta2=args.adam_beta2, started=started)
+                             logit_weight=args.logit_weight, output_weight=args.output_weight,
+                             adam_beta2=args.adam_beta2, started=started)
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:

@@ -128,6 +128,41 @@ def test_cli_logit_weight_needs_an_lm_head_and_a_number(tmp_path: Path, capsys: 
     with pytest.raises(SystemExit) as usage:
         main([*args, "--logit-weight", "-1"])
     assert usage.value.code == 2 and "give a number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main([*args, "--output-weight", "-1"])
+    assert usage.value.code == 2 and "give a number >= 0" in capsys.readouterr().err
+
+
+def test_output_weight_weighs_each_stack_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--output-weight W`` (default 1) is the stack outputs' weight among the loss entries, each branch input
+    weighing 1: from the command line to the objective."""
+    from normswap.healing.objective import HealingObjective
+
+    teacher, student = pair()
+    found = correspond(teacher, student)
+    finals = {entry.student for entry in found.final_entries()}
+    default = HealingObjective(teacher, student, found)
+    assert finals and {default._weights[key] for key in finals} == {1.0} == set(default._weights.values())
+    default.close()
+    weighed: list[dict[str, float]] = []
+    original_init = HealingObjective.__init__
+
+    def recording(self: HealingObjective, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)
+        weighed.append(dict(self._weights))
+
+    monkeypatch.setattr(HealingObjective, "__init__", recording)
+    perturbed("bert", "BertModel").save_pretrained(tmp_path / "original")
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "pre"), "--placement", "pre",
+                 "--quiet"]) == 0
+    assert main(["heal", str(tmp_path / "original"), str(tmp_path / "pre"), str(tmp_path / "healed"),
+                 "--max-steps", "1", "--eval-steps", "1", "--held-out", "8", "--quiet", "--output-weight",
+                 "3"]) == 0
+    capsys.readouterr()
+    weights = weighed[-1]
+    outputs = [weight for key, weight in weights.items() if weight != 1.0]
+    assert outputs and set(outputs) == {3.0} and len(outputs) < len(weights)
 
 
 def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

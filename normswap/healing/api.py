@@ -60,7 +60,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          learning_rate: float | None = None, warm_start: bool = False, freeze_embeddings: bool = True,
          held_out: int = 256, eval_steps: int = 50, work_dir: str | Path | None = None,
          resume: bool = False, quiet: bool = False, seed: int = 0, match: str = "sublayers",
-         output_weight: float = 4.0, augment: bool = True, keep_dropout: bool = False,
+         output_weight: float = 1.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
          checkpoints: bool | None = None, lora_rank: int | None = None, input_noise: float = 0.0,
          input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float | None = None
@@ -83,6 +83,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     projections' biases) instead of every weight, merged into the weights before the evaluation after training
     (``lora``; needs peft). A checkpoint resumes only with the same ``lora_rank`` it was trained with.
     ``input_noise``, ``input_mix``: perturb what both models read while training (``objective``); off by default.
+    ``output_weight``: how many times a sublayer entry each stack's output weighs in the loss (1 by default: on
+    MiniLM 4 ended lower out of source, ``benchmarks/README.md``).
     ``logit_weight``: also match the next-token distributions (KL), for models with an LM head; off by default.
     ``adam_beta2``: AdamW's second-moment decay, by default 0.95, or 0.999 with ``lora_rank``.
 

@@ -34,7 +34,7 @@ class HealingObjective(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, correspondence: Correspondence,
-                 output_weight: float = 4.0, only_outputs: bool = False, branch_weight: float = 0.0,
+                 output_weight: float = 1.0, only_outputs: bool = False, branch_weight: float = 0.0,
                  input_noise: float = 0.0, input_mix: float = 0.0, logit_weight: float = 0.0) -> None:
         super().__init__()
         self.logit_weight = logit_weight
