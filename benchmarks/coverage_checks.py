@@ -37,7 +37,7 @@ BUILD_SECONDS = 20  # "builds from a config in a few seconds": slower candidates
 MAX_PARAMETERS = 20_000_000  # a tiny config that is still this large did not shrink (a fixed-size part)
 VOCAB = 128
 # layouts that only a config flag shows: taken from the tests' hand configs, named as there
-VARIANTS = ("opt_post", "gpt_neox_sequential", "falcon_sequential", "stablelm_parallel")
+VARIANTS = ("opt_post", "gpt_neox_sequential", "falcon_sequential", "falcon_new", "stablelm_parallel")
 
 _SIZES: dict[int, tuple[str, ...]] = {
     64: ("hidden_size", "d_model", "n_embd", "n_embed", "dim", "embed_dim", "embedding_size", "word_embed_proj_dim",
