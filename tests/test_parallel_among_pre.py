@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_placements import assert_saved_loads_and_generates_alike
 from test_streaming_relayouts import perturbed
 from weights_kit import assert_same_weights
 
@@ -66,18 +67,10 @@ def test_falcon_h1_goes_to_sequential_pre(falcon_h1: torch.nn.Module, tmp_path: 
     converted = normswap.convert(falcon_h1, placement="pre")
     topology = normswap.inspect(converted)
     assert topology.placement == "pre" and len(topology.layers[0].sublayers) == 3
-    source_file = Path(transformers.utils.import_utils.sys.modules[type(converted).__module__].__file__)
-    source = source_file.read_text()
+    source = Path(transformers.utils.import_utils.sys.modules[type(converted).__module__].__file__).read_text()
     assert "self.normswap_self_attn_norm(normswap_after_mamba) * self.attention_in_multiplier" in source
     assert "hidden_states = normswap_after_mamba + attention_hidden_states" in source
     drift = measure_drift(falcon_h1, converted, normswap.inspect(falcon_h1), topology,
                           probe_inputs(falcon_h1, None, None), exact=False)
     assert drift.sublayers[0].max_abs_diff == 0 and 0.3 < drift.output_cosine < 0.99999
-    converted.save_pretrained(tmp_path)
-    (tmp_path / source_file.name).write_text(source)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)
-    cached = loaded.generate(ids, max_new_tokens=5, do_sample=False)
-    assert torch.equal(cached, loaded.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+    assert_saved_loads_and_generates_alike(converted, tmp_path)

@@ -56,11 +56,17 @@ def test_converts_loads_and_generates(family: str, target: str, tmp_path: Path) 
     if report is not None:
         whole = getattr(report, "whole", getattr(report, "drift", report))
         assert not report.exact and 0.3 < whole.output_cosine < 0.99999  # moved, and not broken
-    converted.save_pretrained(tmp_path)
+    assert_saved_loads_and_generates_alike(converted, tmp_path)
+
+
+def assert_saved_loads_and_generates_alike(converted: torch.nn.Module, folder: Path) -> None:
+    """``converted``, saved with its generated module beside it, loads with transformers, computes what it computed,
+    and generates the same tokens with and without the KV cache."""
+    converted.save_pretrained(folder)
     module = type(converted).__module__
     source_file = Path(transformers.utils.import_utils.sys.modules[module].__file__)  # the generated module
-    (tmp_path / source_file.name).write_text(source_file.read_text())
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    (folder / source_file.name).write_text(source_file.read_text())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)
