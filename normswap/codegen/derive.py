@@ -339,9 +339,9 @@ def _parallel_add(locate: _Locator, sub: Sublayer, class_name: str, path: Path
     there or "", the add's terms as that call passes them): Falcon adds in ``dropout_add(x, residual, ...)``."""
     from .branch_terms import FUNCTIONAL_DROPOUT, helper_call_terms  # it reads this module's errors
 
-    if locate.enclosing_class(sub.residual_add) is not None or not sub.residual_add_caller:
+    call_line = locate.helper_call_line(sub)
+    if call_line is None:
         return locate.line(sub.residual_add), "", None
-    call_line = locate.line(sub.residual_add_caller)
     terms = helper_call_terms(path, class_name, call_line, locate.line(sub.residual_add), (),
                               FUNCTIONAL_DROPOUT.__contains__)
     return call_line, terms.helper, terms.terms
@@ -573,6 +573,13 @@ class _Locator:
             return self.line(source)
         except CodegenError:
             return None
+
+    def helper_call_line(self, sub: Sublayer) -> int | None:
+        """The line where a class calls the module-level function that holds ``sub``'s residual add (BLOOM's and
+        Falcon's ``dropout_add``); None where a class holds the add itself."""
+        if self.enclosing_class(sub.residual_add) is not None or not sub.residual_add_caller:
+            return None
+        return self.line(sub.residual_add_caller)
 
     def enclosing_class(self, source: str | None) -> str | None:
         """The innermost class whose source holds ``source``'s line (None in a module-level function)."""

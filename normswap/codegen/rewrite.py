@@ -852,8 +852,6 @@ def _centre_first_argument(call: cst.Call, axis: int) -> cst.Call:
     return call.with_changes(args=args)
 
 
-
-
 def _wrap_first_argument(call: cst.Call, norm: str, index: str | None = None) -> cst.Call:
     return _replace_first_argument(call, None, norm, index)
 

@@ -63,7 +63,7 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
     names, split = _split_sums(forward, names, add_line, assignments, branches)
     kept: list[str] = []
     outputs: list[str] = []
-    accumulated: list[tuple[int, str]] = []
+    accumulated: list[tuple[int, ast.expr]] = []
     for name in names:
         origins = _origins(name, add_line, assignments, branches, 0)
         if later in origins:
@@ -72,8 +72,8 @@ def stream_before(source: Path, class_name: str, add_line: int, branches: tuple[
             outputs.append(name)
             continue
         kept.append(name)
-    earlier_terms = [term for _, term in accumulated]
-    for name in (*kept, *(used for term in earlier_terms for used in _names_in(term))):
+    earlier_terms = [ast.unparse(term) for _, term in accumulated]
+    for name in (*kept, *(used for _, term in accumulated for used in _names_in(term))):
         moved = [line for line, target, _, _ in assignments if target == name and later_line <= line < add_line
                  and line not in {line for line, _ in accumulated}]
         if moved:
@@ -114,12 +114,12 @@ def _split_sums(forward: ast.FunctionDef, names: list[str], add_line: int, assig
 
 
 def _accumulated_earlier(name: str, add_line: int, later_line: int, assignments: list[_Assignment],
-                         branches: tuple[str, str], class_name: str) -> list[tuple[int, str]]:
+                         branches: tuple[str, str], class_name: str) -> list[tuple[int, ast.expr]]:
     """The ``name += term`` statements between the later branch's call and the add whose term is the earlier
     branch's output, where they are what mixes the earlier branch into ``name``: (line, term) each. Without them
     ``name`` must hold the later branch's output alone."""
     earlier, later = branches
-    found = [(line, ast.unparse(value)) for line, target, value, augmented in assignments
+    found = [(line, value) for line, target, value, augmented in assignments
              if augmented and target == name and later_line <= line < add_line
              and _value_origins(value, line, assignments, branches) == {earlier}]
     rest = [assignment for assignment in assignments if assignment[0] not in {line for line, _ in found}]
@@ -180,8 +180,8 @@ def _assignments(forward: ast.FunctionDef) -> list[_Assignment]:
                    for target in _targets(node)), key=lambda assignment: assignment[0])
 
 
-def _names_in(text: str) -> set[str]:
-    return {node.id for node in ast.walk(ast.parse(text, mode="eval")) if isinstance(node, ast.Name)} - {"self"}
+def _names_in(node: ast.expr) -> set[str]:
+    return {inner.id for inner in ast.walk(node) if isinstance(inner, ast.Name)} - {"self"}
 
 
 def _targets(node: ast.Assign | ast.AnnAssign | ast.AugAssign) -> list[str]:

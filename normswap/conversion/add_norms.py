@@ -141,12 +141,12 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     """The new norm of each branch of ``sub``: its edits, its tensors and where its scale is measured. ``taken``: the
     paths of the layer's new norms so far (a branch module two sublayers call gets a norm for each); ``stream_width``:
     the stack's width as detection traced it, the width of a new norm whose template records none."""
-    class_name = locate.enclosing_class(sub.residual_add)
-    add_line = call_line = locate.line(sub.residual_add)
-    in_function = class_name is None and bool(sub.residual_add_caller)
-    if in_function:  # an add inside a module-level function: its call, in the class that calls it
-        class_name = locate.enclosing_class(sub.residual_add_caller)
-        call_line = locate.line(sub.residual_add_caller)
+    add_line = locate.line(sub.residual_add)
+    helper_call = locate.helper_call_line(sub)
+    in_function = helper_call is not None
+    # an add inside a module-level function: its call, in the class that calls it
+    class_name = locate.enclosing_class(sub.residual_add_caller if in_function else sub.residual_add)
+    call_line = helper_call if helper_call is not None else add_line
     if class_name is None:
         raise AddNormError(f"the residual add of sublayer {index} of {layer.path} is in a module-level function "
                            f"({sub.residual_add}) that no class's code calls, so no module holds it to build a norm "

@@ -7,7 +7,6 @@ The result is an ordinary transformers model (a stock class for native targets),
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from typing import Any
 
@@ -93,9 +92,9 @@ def plan_conversion(model: nn.Module, placement: str, native: bool = True) -> Co
         except SourceError as error:
             if not serial or back_home is not None:
                 raise
-            failure = re.search(r"\((\w+Error: [^)]*)\)", str(error))  # the exception the stock code raised
-            target_topology, passed_over = None, (f"the stock {switched} does not run this model's config"
-                                                  f" ({failure.group(1) if failure else error})")
+            raised = error.__cause__  # what the stock code raised, as detection keeps it
+            target_topology, passed_over = None, (f"the stock {switched} does not run this model's config ("
+                                                  f"{f'{type(raised).__name__}: {raised}' if raised else error})")
         if target_topology is not None:
             reached = target_topology.placement if serial else placement_of(target_topology)
             if reached != placement and serial:  # the switch is ignored where this config sets something else
