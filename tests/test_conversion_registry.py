@@ -123,7 +123,7 @@ def test_convert_help_describes_every_declared_conversion(capsys: pytest.Capture
         assert f"{edge.source} -> {edge.target}" in listed and " ".join(edge.description.split()) in listed
     for kind in registry.norm_kinds().values():
         assert f"{kind.name}: {' '.join(kind.description.split())}" in listed
-    assert "--placement: pre, post, sandwich, post-sublayer (also from parallel)" in listed
+    assert "--placement: pre, post, sandwich, post-sublayer (also from mixed, parallel)" in listed
     assert "pre -> post [with --keep-stream-size]" in listed
 
 

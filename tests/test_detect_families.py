@@ -41,6 +41,7 @@ class StackSpec:
     sublayers: list[SublayerSpec]
     first_layer: list[SublayerSpec] | None = None  # where layer 0 differs (ModernBERT)
     inner_norms: tuple[tuple[str, int], ...] = ()  # (path in the layer, dim)
+    first_inner_norms: tuple[tuple[str, int], ...] | None = None  # where layer 0's differ (OLMo-Hybrid)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,12 @@ EXPECTED: dict[str, Expected] = {
         ("attention", "post-sublayer", [("post_attention_layernorm", "out", RMS)]),
         ("mlp", "post-sublayer", [("post_feedforward_layernorm", "out", RMS)]),
     ], inner_norms=(("self_attn.k_norm", 32), ("self_attn.q_norm", 64)))]),
+    # a Pre-Norm linear-attention layer, then an OLMo 2 attention layer: mixed
+    "olmo_hybrid": Expected("mixed", RMS, 1e-6, [StackSpec("layers", None, "norm", [
+        ("attention", "post-sublayer", [("post_attention_layernorm", "out", RMS)]),
+        ("mlp", "post-sublayer", [("post_feedforward_layernorm", "out", RMS)]),
+    ], first_layer=[pre("attention", ("input_layernorm", RMS)), pre("mlp", ("post_attention_layernorm", RMS))],
+        inner_norms=(("self_attn.k_norm", 32), ("self_attn.q_norm", 64)), first_inner_norms=())]),
     "t5": Expected("pre", RMS, 1e-6, [
         StackSpec("encoder.block", None, "encoder.final_layer_norm",
                   [pre("attention", ("layer.0.layer_norm", RMS)), pre("mlp", ("layer.1.layer_norm", RMS))]),
@@ -223,7 +230,8 @@ def test_detected_topology_matches_modeling_code(name: str, write_config: Any) -
             want = spec.first_layer if (layer.index == 0 and spec.first_layer) else spec.sublayers
             assert [_sublayer_spec(sub, layer) for sub in layer.sublayers] == want, layer.path
             inner = tuple((layer.relative(n.path), n.dim) for n in layer.inner_norms)
-            assert inner == spec.inner_norms, layer.path
+            first = layer.index == 0 and spec.first_inner_norms is not None
+            assert inner == (spec.first_inner_norms if first else spec.inner_norms), layer.path
             for sub in layer.sublayers:
                 if sub.kind == "parallel":
                     assert tuple(b.kind for b in sub.branches) == expected.branches

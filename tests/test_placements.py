@@ -13,6 +13,7 @@ import transformers
 from test_convert_native import tiny_model
 from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
+from tiny_configs import TINY_CONFIGS
 
 import normswap
 from normswap.cli import main
@@ -36,6 +37,8 @@ SOURCES = {
     "falcon_new": ("FalconForCausalLM", "parallel"),
     "falcon_new_one_norm": ("FalconForCausalLM", "parallel"),
     "falcon_rw": ("FalconForCausalLM", "pre"),
+    # OLMo-Hybrid: Pre-Norm linear-attention layers among OLMo 2 (post-sublayer) attention layers
+    "olmo_hybrid": ("OlmoHybridForCausalLM", "mixed"),
 }
 TARGETS = ("pre", "post", "sandwich", "post-sublayer")
 # dropping a LayerNorm's stand-in needs its shift beta in its readers' biases, which these have none of
@@ -94,6 +97,42 @@ def test_a_sequential_switch_the_config_ignores_gives_way_to_generated_code() ->
     assert "mlp_output = self.mlp(self.ln_mlp(normswap_after_self_attention))" in source
     assert "output = dropout_add(mlp_output, normswap_after_self_attention," in source
     assert "mlp_output += attention_output" not in source
+
+
+@pytest.mark.parametrize("target", ["pre", "sandwich"])
+def test_a_mixed_model_gets_norms_only_where_its_sublayers_lack_them(target: str) -> None:
+    """OLMo-Hybrid's layer 0 is Pre-Norm already: going to pre or sandwich keeps its pre norms' weights as they
+    are and gives new pre norms to layer 1 alone, whose out norms go (pre) or stay (sandwich, where layer 0 gets
+    out norms of its own)."""
+    model = source_model("olmo_hybrid")
+    converted = normswap.convert(model, target)
+    plan = converted.normswap_plan
+    moves = [move for step in getattr(plan, "plans", (plan,)) for each in step.passes for move in each.moves]
+    added = sorted(move.norm for move in moves if move.action == "add")
+    assert [name for name in added if name.endswith("_pre_norm")] == [
+        "model.layers.1.normswap_mlp_pre_norm", "model.layers.1.normswap_self_attn_pre_norm"]
+    assert [name for name in added if name.endswith("_out_norm")] == ([
+        "model.layers.0.normswap_linear_attn_out_norm", "model.layers.0.normswap_mlp_out_norm"]
+        if target == "sandwich" else [])
+    weights = converted.state_dict()
+    for kept in ("model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"):
+        assert torch.equal(weights[kept], model.state_dict()[kept])
+    layer = converted.model.layers[1]
+    out_norms = {type(layer.post_attention_layernorm).__name__, type(layer.post_feedforward_layernorm).__name__}
+    assert out_norms == ({"OlmoHybridRMSNorm"} if target == "sandwich" else {"NormswapRemovedNorm"})
+
+
+def test_a_mixed_model_with_a_stream_norm_is_refused_with_its_reason() -> None:
+    """MiniMax normalises the stream itself after the attention's add (the MLP reads it and adds to it): that norm
+    moves only by the norm shift, which needs one placement throughout the stack."""
+    fields = {key: value for key, value in TINY_CONFIGS["llama"].items() if key != "model_type"}
+    config = transformers.AutoConfig.for_model("minimax", **fields, num_local_experts=4, num_experts_per_tok=2,
+                                               layer_types=["full_attention", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert normswap.inspect(model).placement == "mixed"
+    with pytest.raises(normswap.NormswapError, match=r"sublayer 0 of model\.layers\.0 normalises the stream itself "
+                                                     r"after its add \(model\.layers\.0\.post_attention_layernorm\)"):
+        normswap.convert(model, "pre")
 
 
 def source_model(family: str) -> torch.nn.Module:

@@ -74,6 +74,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma2": {"model_type": "gemma2", **_GQA, "head_dim": 16},
     "olmo": {"model_type": "olmo", **_GQA, **_TOKENS},
     "olmo2": {"model_type": "olmo2", **_GQA, **_TOKENS},
+    # mixed: a Pre-Norm linear-attention layer, then a Post-sublayer-Norm attention layer (OLMo 2's)
+    "olmo_hybrid": {"model_type": "olmo_hybrid", **_GQA, **_TOKENS, "layer_types": ["linear_attention",
+                                                                                "full_attention"],
+                    "linear_num_key_heads": 4, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16},
     "glm4": {"model_type": "glm4", **_GQA, **_TOKENS, "head_dim": 16},
     "t5": {"model_type": "t5", "d_model": 64, "d_kv": 16, "num_layers": 2, "num_heads": 4, "d_ff": 128,
            "vocab_size": 128},

@@ -191,6 +191,18 @@ def _binds(target: ast.expr, name: str) -> bool:
     return any(isinstance(node, ast.Name) and node.id == name for node in ast.walk(target))
 
 
+def entry_call(source: Path, class_name: str, attribute: str, line: int) -> BranchTerm | None:
+    """The call of ``self.<attribute>`` on ``line`` of ``class_name.forward`` (None where there is none): where a
+    branch first reads the stream, when the call its add's term comes back to is a later step of the branch
+    (EmbeddingGemma 2's per-layer block: the term is ``per_layer_projection``'s output, the stream goes into
+    ``per_layer_input_gate``)."""
+    forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
+    call = next((node for node in ast.walk(forward) if isinstance(node, ast.Call)
+                 and ast.unparse(node.func) == f"self.{attribute}" and node.lineno <= line <= (node.end_lineno or 0)),
+                None)
+    return None if call is None else BranchTerm(attribute, call.lineno, "", _input_first(call))
+
+
 def _input_first(call: ast.Call) -> bool:
     """Whether the argument a pre norm wraps (the first positional one, else the first of the input keywords) is the
     call's first argument: the one calibration reads as the module's input."""

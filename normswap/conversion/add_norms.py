@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codegen.branch_terms import FUNCTIONAL_DROPOUT, BranchTerm, branch_terms, helper_call_terms
+from ..codegen.branch_terms import FUNCTIONAL_DROPOUT, BranchTerm, branch_terms, entry_call, helper_call_terms
 from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..detect.width import WIDTH_NAMES
@@ -65,18 +65,22 @@ class _NewTensor:
     role: str  # "weight", "offset", "bias"
 
 
-def add_out_norms(model: nn.Module, topology: Topology, kind: str | None = None) -> Pass:
+def add_out_norms(model: nn.Module, topology: Topology, kind: str | None = None, *,
+                  where_missing: bool = False) -> Pass:
     """Every branch writes through a new ``out`` norm, of the model's own norm kind unless ``kind`` says another
-    (``rmsnorm`` or ``layernorm``), started at the calibrated scale of the branch's output."""
-    return _add_norms(model, topology, "out", kind)
+    (``rmsnorm`` or ``layernorm``), started at the calibrated scale of the branch's output. ``where_missing``: a
+    sublayer that has an out norm keeps it and gets none (a mixed model's), instead of being refused."""
+    return _add_norms(model, topology, "out", kind, where_missing)
 
 
-def add_pre_norms(model: nn.Module, topology: Topology, kind: str | None = None) -> Pass:
-    """Every branch reads the stream through a new ``pre`` norm, started at the calibrated scale of what it read."""
-    return _add_norms(model, topology, "pre", kind)
+def add_pre_norms(model: nn.Module, topology: Topology, kind: str | None = None, *,
+                  where_missing: bool = False) -> Pass:
+    """Every branch reads the stream through a new ``pre`` norm, started at the calibrated scale of what it read
+    (``where_missing``: only the sublayers without one)."""
+    return _add_norms(model, topology, "pre", kind, where_missing)
 
 
-def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None) -> Pass:
+def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None, where_missing: bool) -> Pass:
     path = modeling_file(model, topology)
     classes = _class_lines(path)
     edits: list[Edit] = []
@@ -94,6 +98,9 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                 locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
                 taken: set[str] = set()  # the new norms' paths in this layer
                 for index, sub in enumerate(layer.sublayers):
+                    if where_missing and sub.norms_in(slot):
+                        placements.append(sub.placement)
+                        continue
                     placements.append(_placement_after(layer, index, sub, slot))
                     for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken,
                                                stack.width):
@@ -176,6 +183,8 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
             raise AddNormError(f"no term of the residual add at {sub.residual_add} is what {branch.kind} branch "
                                f"{branch.entry or branch.modules[0]} returns (renamed, its first item, or through "
                                "dropout), so no module's output measures what a new norm there would read")
+        if slot == "pre":
+            term = _reading_call(locate, path, class_name, class_path, branch, term)
         if slot == "pre" and not term.input_first:
             raise AddNormError(f"self.{term.attribute} at {locate.filename}:{term.call_line} takes the stream after "
                                "other arguments, so the scale measured at its input would not be the stream's")
@@ -205,6 +214,25 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         built[0] = replace(built[0], edits=(*built[0].edits,
                                             ReplaceResidualAdd(class_name, locate.line(sub.residual_add), sum_of)))
     return built
+
+
+def _reading_call(locate: _Locator, path: Path, class_name: str, class_path: str, branch: Branch,
+                  term: BranchTerm) -> BranchTerm:
+    """The call a new pre norm wraps: the branch's term's call where the branch enters there (or inside it), else the
+    call of the branch's entry module in the same class; refused where that class does not call it."""
+    if not branch.entry:
+        return term
+    entry = _attribute_in(locate, class_path, branch.entry)
+    if entry == term.attribute or entry.startswith(f"{term.attribute}."):
+        return term
+    line = locate.line(branch.entry_source)
+    found = (entry_call(path, class_name, entry, line)
+             if line is not None and locate.enclosing_class(branch.entry_source) == class_name else None)
+    if found is None:
+        raise AddNormError(f"the {branch.kind} branch adds self.{term.attribute}'s output but first reads the stream "
+                           f"in {branch.entry} ({branch.entry_source}), which {class_name} does not call itself, so no "
+                           "call there takes the stream for a new pre norm to wrap")
+    return found
 
 
 def _class_path(locate: _Locator, class_name: str, sub: Sublayer, slot: str) -> str:

@@ -2,7 +2,8 @@
 scale of its input (``stream_scale.py``), then the norm shift moves it behind the residual add.
 
 Sandwich -> post always goes this way (a direct step, cheaper than through Pre-Norm: moved at their own weights,
-the norms would make the stream about 1 in size where the branches write into one that grows with depth). Pre ->
+the norms would make the stream about 1 in size where the branches write into one that grows with depth), and so
+does a mixed model (its Pre-Norm layers' norms rescaled, its new pre norms started at the calibrated scale). Pre ->
 post goes this way when ``keep_stream_size`` is asked; by default it is the plain shift, which moves norm tensors
 only.
 """
@@ -18,12 +19,25 @@ from .setup import ConversionSetup
 
 
 def _sandwich_to_post(context: EdgeContext) -> Planner:
-    from .api import plan_conversion
     from .branch_norm_passes import branch_norm_planner
+
+    return _through_stream_scaled_pre(branch_norm_planner("sandwich", "pre", context.native, extra=("scale pre",)),
+                                      context)
+
+
+def _mixed_to_post(context: EdgeContext) -> Planner:
+    from .branch_norm_passes import mixed_planner
+
+    return _through_stream_scaled_pre(mixed_planner("pre", context.native, extra=("scale pre",)), context)
+
+
+def _through_stream_scaled_pre(to_pre: Planner, context: EdgeContext) -> Planner:
+    """``to_pre`` (a step to Pre-Norm whose pre norms end at the stream's calibrated scale), then the norm shift."""
+    from .api import plan_conversion
     from .route import home_or
 
-    out_norms_dropped = home_or("pre", [branch_norm_planner("sandwich", "pre", context.native, extra=("scale pre",))])
-    return lambda model: chain(model, [out_norms_dropped, lambda meta: plan_conversion(meta, "post", context.native)])
+    pre = home_or("pre", [to_pre])
+    return lambda model: chain(model, [pre, lambda meta: plan_conversion(meta, "post", context.native)])
 
 
 def _stream_scaled_shift(context: EdgeContext) -> Planner:
@@ -58,6 +72,8 @@ def _came_from_post(model: nn.Module) -> bool:
 _KEPT = "pre norms at the stream's calibrated scale, then the norm shift"
 PLACEMENT_EDGES = (
     PlacementEdge("sandwich", "post", _sandwich_to_post, cost=1.5, description=f"out norms dropped; {_KEPT}"),
+    PlacementEdge("mixed", "post", _mixed_to_post, cost=1.5,
+                  description=f"out norms dropped and pre norms added where missing; {_KEPT}"),
     PlacementEdge("pre", "post", _stream_scaled_shift, option="keep_stream_size", description=_KEPT),
     PlacementEdge("parallel", "post", _stream_scaled_shift, option="keep_stream_size", description=_KEPT),
 )
