@@ -23,7 +23,7 @@ from test_rms_norm import perturbed
 from normswap.codegen.branch_terms import branch_terms, helper_call_terms
 from normswap.codegen.derive import CodegenError
 from normswap.codegen.edits import AddLayerNorm
-from normswap.conversion.add_norms import AddNormError, _kind, add_out_norms, add_pre_norms
+from normswap.conversion.add_norms import AddNormError, _factor, _kind, add_out_norms, add_pre_norms
 from normswap.conversion.calibration import CalibratedScale
 from normswap.conversion.compose import compose
 from normswap.conversion.passes import Pass
@@ -332,6 +332,37 @@ def test_a_term_is_a_branch_output_through_renames_first_items_and_pass_through_
     second = branch_terms(source, "Layer", len(lines), {"other"}, passes)
     assert second.branches == {}  # the second item of what self.other returns is not what calibration measures
 
+
+
+_PRODUCT_SOURCE = '''
+class Layer:
+    def forward(self, hidden_states):
+        attn_output = self.attn(hidden_states) * self.multiplier
+        hidden_states = hidden_states + 0.5 * attn_output / self.config.divisor
+        mlp_output = self.gamma * self.mlp(hidden_states)
+        return hidden_states + mlp_output
+'''
+
+
+def test_a_branch_output_times_constants_is_read_at_their_product_of_its_scale(tmp_path: Path) -> None:
+    """``self.attn(x) * self.multiplier``, then ``0.5 * ... / self.config.divisor`` in the add: the term is the
+    attention's output, its factors the three constants, and the new norm's scale is their product's size times
+    the output's; a learned gain (``self.gamma``, a parameter) is no constant, and is refused with that reason."""
+    source = tmp_path / "modeling_product.py"
+    source.write_text(_PRODUCT_SOURCE, encoding="utf-8")
+    lines = _PRODUCT_SOURCE.splitlines()
+    add = branch_terms(source, "Layer", lines.index("        hidden_states = hidden_states + 0.5 * attn_output / "
+                                                    "self.config.divisor") + 1, {"attn"}, lambda _: False)
+    term = add.branches["attn"]
+    assert [(factor.text, factor.divides) for factor in term.factors] == [
+        ("self.multiplier", False), ("0.5", False), ("self.config.divisor", True)]
+    holder = torch.nn.Module()
+    holder.multiplier, holder.config = -3.0, transformers.PretrainedConfig(divisor=4)
+    assert _factor(holder, term, "modeling_product.py") == pytest.approx(-3.0 * 0.5 / 4)
+    gained = branch_terms(source, "Layer", len(lines), {"mlp"}, lambda _: False).branches["mlp"]
+    holder.gamma = torch.nn.Parameter(torch.ones(8))
+    with pytest.raises(AddNormError, match=r"multiplied by self.gamma .* no number but a Parameter"):
+        _factor(holder, gained, "modeling_product.py")
 
 _HELPER_SOURCE = '''
 def dropout_add(x, residual, prob, training):

@@ -50,12 +50,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bloom_post_residual": ("bloom", "BloomForCausalLM", {"hidden_size": 64, "n_layer": 2, "n_head": 4,
                                                           "vocab_size": 128,
                                                           "apply_residual_connection_post_layernorm": True}),
+    # attention reads its norm's output times a number (attention_in_multiplier): the fold goes through it
+    "falcon_h1": ("falcon_h1", "FalconH1ForCausalLM", {
+        **_DECODER, "head_dim": 16, "mamba_d_ssm": 128, "mamba_n_heads": 16, "mamba_d_head": 8, "mamba_d_state": 16,
+        "mamba_chunk_size": 16, "attention_in_multiplier": 1.7, "attn_out_multiplier": 0.6,
+        "ssm_out_multiplier": 0.3, "tie_word_embeddings": False}),
 }
 CASES = [("gemma2", "out", "pre"), ("olmo2", "out", "none"), ("glm4", "out", "pre"), ("afmoe", "out", "pre"),
          ("flex_olmo", "out", "none"), ("gemma2", "pre", "post-sublayer"), ("glm4", "pre", "post-sublayer"),
          ("gpt2", "pre", "none"), ("llama", "pre", "none"),
          # a router reading a reshaped copy through F.linear of its raw weight, fused experts (experts, 2i, d)
-         ("mixtral", "pre", "none"), ("afmoe", "pre", "post-sublayer")]
+         ("mixtral", "pre", "none"), ("afmoe", "pre", "post-sublayer"), ("falcon_h1", "pre", "none")]
 TOLERANCE = 1e-5  # of max|reference|, fp32
 
 
@@ -242,6 +247,8 @@ class GatedLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden_states)
+        if self.variant == "scaled-read":  # every reader reads the norm's output times a number
+            x = 2.5 * x / 2.0
         written = self.down(torch.relu(self.up(x)))
         if self.layer_scale is not None:
             written = self.layer_scale * written
@@ -315,3 +322,43 @@ def test_a_branch_output_that_is_not_linear_in_its_writers_is_refused(variant: s
     monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
     with pytest.raises(StandInError, match=reason):
         make_pass(GatedModel(GatedConfig(variant=variant)).eval(), "out")
+
+
+def test_a_pre_norm_read_times_a_number_folds_its_bias_times_that_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GatedLayer`` in its ``scaled-read`` variant reads ``2.5 * N(h) / 2``: the readers take ``W diag(g) C / s``
+    and, for the LayerNorm's ``beta``, ``b + 1.25 W beta``. The folded weights, run with the pre norms gone (the
+    product stays in the code), equal the source run with its pre norms replaced by their stand-ins; ``beta``
+    folded once, not 1.25 times, misses them."""
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    torch.manual_seed(0)
+    model = GatedModel(GatedConfig(variant="scaled-read")).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    readers = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"].readers
+    assert {reader.weight: reader.factor for reader in readers} == {
+        "layers.0.up.weight": 1.25, "layers.0.shared.weight": 1.25, "layers.0.gate.weight": 1.25}
+    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
+
+    def folded_by(pass_: Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        scales = calibrate(model, pass_.calibration, ids)
+        steps = {key: copy_of(key) for key in model.state_dict()}
+        assert pass_.rewrite is not None
+        pass_.rewrite(steps, scales)
+        kept = {key: step for key, step in steps.items() if key.split(".")[-2:-1] != ["norm"]}
+        state, _ = evaluate(TensorProgram(kept), model.state_dict(), torch.float32)
+        folded = copy.deepcopy(model)
+        for layer in folded.layers:
+            layer.norm = nn.Identity()
+        folded.load_state_dict(state)
+        with torch.no_grad(), stand_in_reference(model, pass_, scales):
+            return folded(**ids).double(), model(**ids).double()
+
+    actual, reference = folded_by(make_pass(model, "pre"))
+    assert relative(actual, reference) <= TOLERANCE
+    found = norm_neighbours.pre_norm_readers
+    monkeypatch.setattr(drop_norms, "pre_norm_readers", lambda *args: {
+        norm: dataclasses.replace(read, readers=tuple(dataclasses.replace(r, factor=1.0) for r in read.readers))
+        for norm, read in found(*args).items()})
+    actual, reference = folded_by(make_pass(model, "pre"))
+    assert relative(actual, reference) > 1e-3

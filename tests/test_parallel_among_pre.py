@@ -20,13 +20,18 @@ from normswap.conversion.verify import measure_drift, probe_inputs
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def falcon_h1() -> torch.nn.Module:
+def falcon_h1_model(**multipliers: float) -> torch.nn.Module:
+    torch.manual_seed(0)
     config = transformers.FalconH1Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=16, mamba_d_head=8, mamba_d_state=16,
-        mamba_chunk_size=16, tie_word_embeddings=False)
+        mamba_chunk_size=16, tie_word_embeddings=False, **multipliers)
     return perturbed(transformers.FalconH1ForCausalLM(config))  # norm weights at 1, biases at 0 hide folding bugs
+
+
+@pytest.fixture(scope="module")
+def falcon_h1() -> torch.nn.Module:
+    return falcon_h1_model()
 
 
 def test_parallel_and_pre_sublayers_make_a_parallel_model(falcon_h1: torch.nn.Module) -> None:
@@ -74,3 +79,32 @@ def test_falcon_h1_goes_to_sequential_pre(falcon_h1: torch.nn.Module, tmp_path: 
                           probe_inputs(falcon_h1, None, None), exact=False)
     assert drift.sublayers[0].max_abs_diff == 0 and 0.3 < drift.output_cosine < 0.99999
     assert_saved_loads_and_generates_alike(converted, tmp_path)
+
+
+# Falcon-H1's own multipliers (released checkpoints set them far from 1): the attention reads its norm's output
+# times attention_in_multiplier, and each branch's output is multiplied before the add
+MULTIPLIERS = {"attention_in_multiplier": 1.7, "attn_out_multiplier": 0.6, "ssm_out_multiplier": 0.3}
+
+
+@pytest.mark.parametrize("target", ["sandwich", "post-sublayer"])
+def test_falcon_h1_reaches_the_branch_norm_placements(target: str, tmp_path: Path) -> None:
+    """Serialised first (each branch its own sublayer), then out norms added (and, for post-sublayer, the pre norms
+    dropped through the attention's product with its multiplier); the result loads and generates alike."""
+    model = falcon_h1_model(**MULTIPLIERS)
+    converted = normswap.convert(model, target)
+    assert normswap.inspect(converted).placement == target
+    assert 0.3 < converted.normswap_report.whole.output_cosine < 0.99999
+    assert_saved_loads_and_generates_alike(converted, tmp_path)
+
+
+def test_a_new_out_norm_starts_at_the_scale_of_the_multiplied_branch_output() -> None:
+    """``mamba_hidden_states * self.ssm_out_multiplier`` is what the new out norm reads: its start is the
+    multiplier times the mamba output's scale. The first layer's mamba reads the same input whatever the
+    multiplier, so its new norm's weight scales with the multiplier alone."""
+    weights = []
+    for multiplier in (1.0, 0.25):
+        converted = normswap.convert(falcon_h1_model(ssm_out_multiplier=multiplier), "sandwich")
+        weights.append(converted.get_submodule("model.layers.0.normswap_mamba_out_norm").weight.detach().double())
+        assert any(f"times {multiplier:g} (its self.ssm_out_multiplier on the way)" in move.note
+                   for each in converted.normswap_plan.plans[-1].passes for move in each.moves)
+    assert torch.allclose(weights[1], 0.25 * weights[0], rtol=1e-6)

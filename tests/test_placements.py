@@ -122,6 +122,21 @@ def test_a_mixed_model_gets_norms_only_where_its_sublayers_lack_them(target: str
     assert out_norms == ({"OlmoHybridRMSNorm"} if target == "sandwich" else {"NormswapRemovedNorm"})
 
 
+def test_a_branch_that_reads_more_than_the_stream_is_refused_not_written_as_another_layout() -> None:
+    """NeoMME's attention reads a learned mix of the stream and the first layer's input through its own norm, so
+    detection sees no pre norm there; the pre norm the conversion adds wraps that norm's output and the branch still
+    does not read the stream through it. The generated code detects as mixed, and nothing is written."""
+    config = transformers.AutoConfig.for_model(
+        "neomme", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, embedding_rank=256, embedding_dim=128, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"])
+    model = transformers.AutoModelForMaskedLM.from_config(config)
+    assert normswap.inspect(model).placement == "mixed"
+    with pytest.raises(normswap.NormswapError, match=r"code detects as mixed, not pre; sublayer 0 of model\.layers\.0 "
+                                                     r"\(attention\) detects as none"):
+        normswap.convert(model, "pre")
+
+
 def test_a_mixed_model_with_a_stream_norm_is_refused_with_its_reason() -> None:
     """MiniMax normalises the stream itself after the attention's add (the MLP reads it and adds to it): that norm
     moves only by the norm shift, which needs one placement throughout the stack."""

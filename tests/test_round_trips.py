@@ -22,7 +22,10 @@ from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
 
 import normswap
+from normswap.conversion import weights
 from normswap.conversion.checkpoint import CARRIED_FILE
+from normswap.conversion.plan import NormMove
+from normswap.conversion.program import copy_of, run_step
 from normswap.conversion.round_trip_carry import MEAN_PREFIX
 
 BOUND = 1e-6  # max|W - W0| <= BOUND * max|W0|, in fp32
@@ -143,3 +146,50 @@ def test_post_back_to_pre_restores_the_rescaled_pre_norms() -> None:
     through = normswap.convert(normswap.convert(model, "post"), "pre")
     assert type(through) is type(direct)
     assert_same_weights(direct, through)
+
+
+def test_a_plain_final_norm_moves_into_an_offset_slot_as_g_minus_one_and_comes_home_bit_for_bit() -> None:
+    """Muse Glimmer's layer norms are ``(1 + w)`` RMSNorms and its final norm a plain one. Going to post, the final
+    norm becomes the last layer's post norm (the generated code's layers.1.input_layernorm, after the branch), an
+    offset one, with weight ``g - 1`` (the same function,
+    docs/design.md §6); the way back gives ``1 + w``, and the carried ``g`` where that is the incoming weight."""
+    config = transformers.AutoConfig.for_model(
+        "muse_glimmer_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    source = normswap.inspect(model)
+    assert source.stacks[0].final_norm.kind == "rmsnorm"
+    assert {norm.kind for norm in source.residual_norms} == {"rmsnorm-offset"}
+    post = normswap.convert(model, "post")
+    assert normswap.inspect(post).placement == "post"
+    final_g = model.state_dict()["norm.weight"]
+    assert torch.equal(post.state_dict()["layers.1.input_layernorm.weight"], (final_g.double() - 1).float())
+    inputs = {"input_ids": torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))}
+    assert_home(model, normswap.convert(post, "sandwich"))
+    with torch.no_grad():  # the way back computes what the original did
+        reference = model(**inputs).last_hidden_state
+        assert torch.allclose(normswap.convert(post, "sandwich")(**inputs).last_hidden_state, reference, atol=1e-5)
+
+
+def test_a_weight_whose_offset_form_rounds_comes_home_from_the_carried_original() -> None:
+    """``1 + w`` in fp32 drops the low bits of a small ``w``, so ``(1 + w) - 1`` is not ``w``: the way back takes
+    the carried ``w`` where it gives the incoming weight exactly, and the rounded difference where it does not
+    (the weight was changed in between, by fine-tuning)."""
+    w = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    there = (w.double() + 1).float()
+    assert not torch.equal((there.double() - 1).float(), w)
+    home = NormMove(0, "final", "layers.1.post", "final", "norm", target_kind="rmsnorm-offset",
+                    source_kind="rmsnorm")
+    assert weights._offset_changes(home)
+
+    def way_back(incoming: torch.Tensor) -> torch.Tensor:
+        return run_step(weights._reoffset(copy_of("g"), home, {"weight": w}), {"g": incoming})
+
+    assert torch.equal(way_back(there), w)
+    tuned = there + 1e-2
+    assert torch.equal(way_back(tuned), (tuned.double() - 1).float())

@@ -3,10 +3,12 @@
 A norm added to a branch (docs/design.md §9) is written into the modeling source: an ``out`` norm around the
 branch's term of the add (``h + F`` -> ``h + N(F)``), a ``pre`` norm around the input of the branch's call
 (``F(h)`` -> ``F(N(h))``). Its starting scale is measured at that call's module, so the term must be exactly
-what the module returns (its first item): each term is followed back through the assignments of ``forward`` to
-the call it comes from, passing only renames, first items (``x, _ = self.attn(...)``, ``out[0]``) and modules
-that pass their input through at inference (dropout); anything else (a layer scale, an arithmetic step) stops
-the walk, and the term is then no module's output.
+what the module returns (its first item) times constants: each term is followed back through the assignments of
+``forward`` to the call it comes from, passing only renames, first items (``x, _ = self.attn(...)``, ``out[0]``),
+modules that pass their input through at inference (dropout) and products with (or divisions by) a constant, a
+number or a ``self.`` attribute (Falcon-H1's ``attn_out_multiplier``), whose text the term records so the scale
+can be multiplied by its value; anything else (a layer scale, another arithmetic step) stops the walk, and the term
+is then no module's output.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ class BranchTerm:
     call_line: int
     term: str
     input_first: bool
+    factors: tuple[Factor, ...] = ()  # the constants the call's output is multiplied by on its way to the add
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A constant a branch's output is multiplied by (``divides``: divided by) on its way to the add, as source text:
+    a number or a ``self.`` attribute, whose value the module that runs the code holds."""
+
+    text: str
+    divides: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,9 @@ def _assignments(function: ast.FunctionDef, config: Any | None = None
                   key=lambda assignment: assignment[0])
 
 
+_Assignments = list[tuple[int, ast.expr, ast.expr | None]]
+
+
 def _terms_of(forward: ast.FunctionDef, terms: list[ast.expr], add_line: int, class_name: str,
               attributes: Collection[str], passes_through: Callable[[str], bool], config: Any | None) -> AddTerms:
     """The terms, as source text, and the branch call each one returns, followed back through ``forward``."""
@@ -142,31 +157,43 @@ def _terms_of(forward: ast.FunctionDef, terms: list[ast.expr], add_line: int, cl
     written = [ast.unparse(term) for term in terms]
     found: dict[str, BranchTerm] = {}
     for term, text in zip(terms, written, strict=True):
-        call = _call_of(term, start, assignments, frozenset(attributes), passes_through, 0)
-        if call is None:
+        reached = _call_of(term, start, assignments, frozenset(attributes), passes_through, 0)
+        if reached is None:
             continue
+        call, factors = reached
         attribute = ast.unparse(call.func).removeprefix("self.")
         if attribute in found or written.count(text) > 1:
             raise CodegenError(f"the residual add at line {add_line} of {class_name} adds self.{attribute}'s output "
                                "in more than one term, so no one term holds the branch's output")
-        found[attribute] = BranchTerm(attribute, call.lineno, text, _input_first(call))
+        found[attribute] = BranchTerm(attribute, call.lineno, text, _input_first(call), factors)
     return AddTerms(tuple(written), found)
 
 
-def _call_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr, ast.expr | None]],
-             attributes: frozenset[str], passes_through: Callable[[str], bool], depth: int) -> ast.Call | None:
-    """The call of ``self.<one of attributes>`` whose output (or first item) ``node`` is, at line ``before``."""
+def _call_of(node: ast.expr, before: int, assignments: _Assignments, attributes: frozenset[str],
+             passes_through: Callable[[str], bool], depth: int) -> tuple[ast.Call, tuple[Factor, ...]] | None:
+    """The call of ``self.<one of attributes>`` whose output (or first item) ``node`` is, at line ``before``, times
+    the constant factors on the way."""
     if depth > _MAX_DEPTH:
         return None
     if isinstance(node, ast.Call):
         callee = ast.unparse(node.func)
         if callee.removeprefix("self.") in attributes and callee.startswith("self."):
-            return node
+            return node, ()
         if node.args and passes_through(callee):
             return _call_of(node.args[0], before, assignments, attributes, passes_through, depth + 1)
         return None
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
         return _call_of(node.value, before, assignments, attributes, passes_through, depth + 1)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+        sides = ([(node.left, node.right), (node.right, node.left)] if isinstance(node.op, ast.Mult)
+                 else [(node.left, node.right)])
+        for followed, constant in sides:
+            if _constant_like(constant):
+                reached = _call_of(followed, before, assignments, attributes, passes_through, depth + 1)
+                if reached is not None:
+                    factor = Factor(ast.unparse(constant), isinstance(node.op, ast.Div))
+                    return reached[0], (*reached[1], factor)
+        return None
     if not isinstance(node, ast.Name):
         return None
     earlier = [(line, target, value) for line, target, value in assignments if line < before
@@ -177,6 +204,15 @@ def _call_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.expr,
     if value is None or not _binds_first(target, node.id):
         return None  # changed in place, or a later item of a tuple: not the call's output as it returns it
     return _call_of(value, line, assignments, attributes, passes_through, depth + 1)
+
+
+def _constant_like(node: ast.expr) -> bool:
+    """A number, or an attribute of ``self`` (``self.multiplier``, ``self.config.scale``): a constant of the module."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return isinstance(node, ast.Name) and node.id == "self"
 
 
 def _binds_first(target: ast.expr, name: str) -> bool:

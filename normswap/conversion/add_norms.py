@@ -14,6 +14,7 @@ whose slots would add up to no layout, is refused with its reason.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -63,6 +64,7 @@ class _NewTensor:
     shape: tuple[int, ...]
     site: CalibrationSite
     role: str  # "weight", "offset", "bias"
+    factor: float = 1.0  # what the norm reads is the site's module output times this constant: its scale |factor| s
 
 
 def add_out_norms(model: nn.Module, topology: Topology, kind: str | None = None, *,
@@ -192,6 +194,7 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
                                "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
+        factor = _factor(holder, term, locate.filename) if slot == "out" else 1.0
         wrap: Edit | None = (WrapBranchOutput(class_name, call_line, term.term, norm, add.helper)
                              if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
         if slot == "out" and len(sub.branches) > 1:
@@ -204,10 +207,12 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         built.append(_NewNorm(
             (AddLayerNorm(class_name, norm, template_attribute, new_class, copy_from, keywords),
              *([wrap] if wrap else [])),
-            _tensors(template_module, norm_path, new_kind, new_class, site, width),
+            _tensors(template_module, norm_path, new_kind, new_class, site, width, factor),
             PassMove("add", norm_path, site=site,
                      note=f"{new_kind} on the {branch.kind} branch's {'output' if slot == 'out' else 'input'}, "
-                          f"weight started at the scale of {module}'s {site.side}"),
+                          f"weight started at the scale of {module}'s {site.side}"
+                          + (f" times {abs(factor):g} (its {' * '.join(f.text for f in term.factors)} on the way)"
+                             if term.factors else "")),
             frozenset({helper} if helper else ())))
     if wrapped:  # the stream first, then each branch's normed term: the adds detection reads as one parallel block
         sum_of = " + ".join([*add.others(), *(wrapped.get(term, term) for term in add.terms if term in wrapped)])
@@ -233,6 +238,28 @@ def _reading_call(locate: _Locator, path: Path, class_name: str, class_path: str
                            f"in {branch.entry} ({branch.entry_source}), which {class_name} does not call itself, so no "
                            "call there takes the stream for a new pre norm to wrap")
     return found
+
+
+def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> float:
+    """The product of the constants the branch's output is multiplied (or divided) by before the add, each a number
+    or an attribute of the module that runs the code; refused where one is no number (a learned gain, a tensor)."""
+    value = 1.0
+    for factor in term.factors:
+        found: Any = holder
+        if factor.text.startswith("self."):
+            for part in factor.text.removeprefix("self.").split("."):
+                found = getattr(found, part, None)
+        else:
+            found = ast.literal_eval(factor.text)
+        number = isinstance(found, (int, float)) and not isinstance(found, bool)
+        if not number or (factor.divides and found == 0):
+            raise AddNormError(f"self.{term.attribute}'s output is {'divided' if factor.divides else 'multiplied'} by "
+                               f"{factor.text} at {filename}:{term.call_line} or after, which is "
+                               f"{'zero' if number else 'no number but a ' + type(found).__name__} when the model "
+                               "is built, so the scale of what a new norm there reads is no constant times that "
+                               "module's output")
+        value = value / found if factor.divides else value * found
+    return value
 
 
 def _class_path(locate: _Locator, class_name: str, sub: Sublayer, slot: str) -> str:
@@ -371,7 +398,7 @@ def _norm_name(holder: nn.Module, term: BranchTerm, slot: str, index: int, taken
 
 
 def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, site: CalibrationSite,
-             width: int | None) -> tuple[_NewTensor, ...]:
+             width: int | None, factor: float = 1.0) -> tuple[_NewTensor, ...]:
     """The new norm's tensors: the template's parameters (its class copied), or what ``new_class.like`` builds from
     it (``NormswapRMSNorm``: weight, and a bias where the template has one; ``NormswapLayerNorm``: weight and bias,
     the weight alone where the template has no weight, ``width`` wide)."""
@@ -389,12 +416,12 @@ def _tensors(template: nn.Module, norm_path: str, kind: str, new_class: str, sit
         raise AddNormError(f"{site.module}'s template norm has no weight to start at the scale s")
     offset = kind in OFFSET_NORM_KINDS
     return tuple(_NewTensor(f"{norm_path}.{name}", shape, site,
-                            "bias" if name == "bias" else "offset" if offset else "weight") for name in names)
+                            "bias" if name == "bias" else "offset" if offset else "weight", factor) for name in names)
 
 
 def _rewrite(tensors: tuple[_NewTensor, ...], steps: dict[str, Step], scales: Scales) -> None:
     """Each new norm's tensors, constants from the measured scales: weight ``s`` (offset: ``s - 1``), bias 0."""
     for tensor in tensors:
-        scale = scales[tensor.site].scale
+        scale = scales[tensor.site].scale * abs(tensor.factor)
         value = {"weight": scale, "offset": scale - 1.0, "bias": 0.0}[tensor.role]
         steps[tensor.key] = constant(functools.partial(torch.full, tensor.shape, value, dtype=torch.float64))

@@ -146,4 +146,5 @@ def branch_norm_setup(model: nn.Module, names: Sequence[str], conversion: str, t
     topology = inspect(model)
     recipe = recipe_for(topology.model_type) if native else None
     stock = recipe.native_target(target) if recipe is not None else None
-    return compose(model, topology, [_PASSES[name](model, topology) for name in names], conversion, stock)
+    return compose(model, topology, [_PASSES[name](model, topology) for name in names], conversion, stock,
+                   wanted=target)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..detect import inspect
+from ..errors import NormswapError
 from ..recipe import NativeTarget
 from ..topology import Topology
 from .generated import generate_family_code
@@ -93,11 +94,30 @@ class ComposedReport:
         return {**self.drift.to_dict(), "passes": [each.to_dict() for each in self.passes]}
 
 
+class UnreachedPlacementError(NormswapError):
+    """The generated code does not have the placement its passes were to give it."""
+
+
+def _require_reached(target: Topology, wanted: str) -> None:
+    """Refuse a model whose code detects as another placement than the one asked for: the norms were added or
+    removed where the code has them, but a branch reads the stream some other way too (NeoMME's attention reads a
+    learned mix of the stream and the first layer's input, and only its norm's output is wrapped)."""
+    if target.placement == wanted:
+        return
+    where = next(((layer.path, index, sub) for layer in target.layers for index, sub in enumerate(layer.sublayers)
+                  if sub.placement not in (wanted, "parallel")), None)
+    detail = (f"; sublayer {where[1]} of {where[0]} ({where[2].kind}) detects as {where[2].placement}, its branch "
+              "not reading the stream through the norms the conversion placed" if where else "")
+    raise UnreachedPlacementError(f"the converted {target.model_type} code detects as {target.placement}, not "
+                                  f"{wanted}{detail}: normswap writes no model whose layout is not the one asked for")
+
+
 def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversion: str,
-            native: NativeTarget | None = None) -> ConversionSetup:
+            native: NativeTarget | None = None, wanted: str | None = None) -> ConversionSetup:
     """The setup that carries out ``passes`` on ``model`` (loaded or meta) in one generated module, or as the stock
     family ``native`` where its recipe names one (the generated code is still planned: its topology says which
-    stock norm each new norm is, slot by slot, and a stock family that does not line up falls back to it)."""
+    stock norm each new norm is, slot by slot, and a stock family that does not line up falls back to it).
+    ``wanted``: the placement the generated code must detect as, else the conversion is refused."""
     passes = tuple(passes)
     edits = [edit for each in passes for edit in each.edits]
     unique_edits = list(dict.fromkeys(edits))
@@ -110,6 +130,8 @@ def compose(model: nn.Module, source: Topology, passes: Sequence[Pass], conversi
         generated, cls, config = generate_family_code(model, source, unique_edits, conversion, config_values,
                                                       **helpers)
         target = inspect(meta_instance(cls, config))
+        if wanted is not None:
+            _require_reached(target, wanted)
     else:  # the passes only rewrite tensors (stream_scale.py): the model keeps its own classes and code
         generated, cls, config = getattr(model, "normswap_generated", None), type(model), copy.deepcopy(model.config)
         target = source

@@ -100,7 +100,8 @@ def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
 
     def fold_one(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
         for reader in fold.readers:
-            fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps)
+            fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps,
+                             factor=reader.factor)
 
     return _drop_pass(model, topology, "pre", norms, folds, moves, fold_one)
 

@@ -7,9 +7,11 @@
   is exact. ``norm_inputs`` follows every linear map's output through such operations, merging sums (routed
   experts plus a shared expert), and records the terms that reach each norm's input.
 * A ``pre`` norm (``h + F(N(h))``) must be read by weights alone: ``pre_norm_readers`` follows its output
-  through re-layouts (a view before a router) to the linear modules and fused experts called on it and to
-  ``F.linear`` of a raw parameter (Mixtral's router), and reports any other operation on it (the residual
-  taken after the norm, as BLOOM can), which a fold into weights could not reach.
+  through re-layouts (a view before a router) and products with a Python number (Falcon-H1's
+  ``attention_in_multiplier``: ``W (c y) = c (W y)``, so ``W`` takes the fold and its bias ``c W beta``) to the
+  linear modules and fused experts called on it and to ``F.linear`` of a raw parameter (Mixtral's router), and
+  reports any other operation on it (the residual taken after the norm, as BLOOM can), which a fold into weights
+  could not reach.
 
 Both run one forward pass of the model's meta twin on synthetic inputs under a ``TorchFunctionMode``.
 """
@@ -223,6 +225,7 @@ class ReaderTensor:
     weight: str
     in_dim: int
     bias: str | None = None
+    factor: float = 1.0  # the constant the norm's output is multiplied by on the way: the bias takes ``factor W beta``
 
 
 @dataclass(frozen=True)
@@ -235,14 +238,14 @@ class NormReaders:
 
 
 class _WatchReaders(TorchFunctionMode):
-    """Follows each pre norm's output through re-layouts (views, reshapes) to the weights that read it: linear
-    modules and fused experts called on it (their own forward is not looked into), and ``F.linear`` of a raw
-    parameter (a router's weight); any other operation on it is recorded as foreign."""
+    """Follows each pre norm's output through re-layouts (views, reshapes) and products with Python numbers to the
+    weights that read it: linear modules and fused experts called on it (their own forward is not looked into), and
+    ``F.linear`` of a raw parameter (a router's weight); any other operation on it is recorded as foreign."""
 
     def __init__(self, names: dict[int, tuple[str, Tensor]]) -> None:
         super().__init__()
         self.names = names  # id(parameter) -> (state-dict key, parameter)
-        self.watched: dict[int, tuple[str, Tensor]] = {}
+        self.watched: dict[int, tuple[str, Tensor, float]] = {}  # id -> (norm, tensor, constant factor so far)
         self.stack: list[bool] = []  # per running candidate module: whether it reads a watched tensor
         self.readers: dict[str, dict[ReaderTensor, None]] = {}
         self.foreign: dict[str, str] = {}
@@ -251,10 +254,21 @@ class _WatchReaders(TorchFunctionMode):
         found = self.watched.get(id(value)) if isinstance(value, Tensor) else None
         return found[0] if found is not None and found[1] is value else None
 
-    def watch(self, norm: str, output: Any) -> None:
+    def factor_of(self, value: Tensor) -> float:
+        return self.watched[id(value)][2]
+
+    def watch(self, norm: str, output: Any, factor: float = 1.0) -> None:
         if isinstance(output, Tensor):
-            self.watched[id(output)] = (norm, output)
+            self.watched[id(output)] = (norm, output, factor)
             self.readers.setdefault(norm, {})
+
+    def read(self, norm: str, reader: ReaderTensor) -> None:
+        """One weight reads the norm's output; one that reads it at two constant factors takes no single fold."""
+        found = self.readers[norm]
+        other = next((known for known in found if known.weight == reader.weight and known != reader), None)
+        if other is not None:
+            self.foreign.setdefault(norm, f"{reader.weight} at two scales ({other.factor:g} and {reader.factor:g})")
+        found[reader] = None
 
     def enter(self, path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         first = next((value for value in (*args, *kwargs.values()) if isinstance(value, Tensor)), None)
@@ -263,10 +277,10 @@ class _WatchReaders(TorchFunctionMode):
         if norm is None:
             return
         width = first.shape[-1]
-        found = self.readers[norm]
+        factor = self.factor_of(first)
         if linear_layout(module):
             bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
-            found[ReaderTensor(f"{path}.weight", 1 if linear_layout(module) == "out_in" else 0, bias)] = None
+            self.read(norm, ReaderTensor(f"{path}.weight", 1 if linear_layout(module) == "out_in" else 0, bias, factor))
             return
         # fused experts: the layout of down_proj, (experts, out, in) or (experts, in, out), tells the others'
         down = module.down_proj.shape
@@ -279,7 +293,7 @@ class _WatchReaders(TorchFunctionMode):
                                               "dimension neither its shape nor down_proj's tells)")
                 continue
             bias = f"{path}.{name}_bias" if getattr(module, f"{name}_bias", None) is not None else None
-            found[ReaderTensor(f"{path}.{name}", in_dim, bias)] = None
+            self.read(norm, ReaderTensor(f"{path}.{name}", in_dim, bias, factor))
 
     def leave(self) -> None:
         self.stack.pop()
@@ -293,11 +307,14 @@ class _WatchReaders(TorchFunctionMode):
             norm = self.norm_of(value)
             if norm is None:
                 continue
+            number = _constant_factor(func, args, position)
             if func in _PASS_THROUGH and position == 0 and result.shape[-1:] == value.shape[-1:]:
-                self.watch(norm, result)
+                self.watch(norm, result, self.factor_of(value))
+            elif number is not None and result.shape == value.shape:
+                self.watch(norm, result, self.factor_of(value) * number)
             elif func is torch.nn.functional.linear and position == 0 and self._parameter(args[1]) is not None:
                 bias = self._parameter(args[2]) if len(args) > 2 else self._parameter(kwargs.get("bias"))
-                self.readers[norm][ReaderTensor(self._parameter(args[1]) or "", 1, bias)] = None
+                self.read(norm, ReaderTensor(self._parameter(args[1]) or "", 1, bias, self.factor_of(value)))
             else:
                 self.foreign.setdefault(norm, getattr(func, "__name__", str(func)))
         return result
@@ -305,6 +322,24 @@ class _WatchReaders(TorchFunctionMode):
     def _parameter(self, value: Any) -> str | None:
         found = self.names.get(id(value)) if isinstance(value, Tensor) else None
         return found[0] if found is not None and found[1] is value else None
+
+
+_DIVIDE = frozenset({torch.div, Tensor.div, Tensor.__truediv__})
+
+
+def _constant_factor(func: Callable, args: tuple, position: int) -> float | None:
+    """The number a product (or a division, the watched tensor first) multiplies the watched tensor at
+    ``position`` by, where the other operand is a Python number; else None."""
+    if len(args) != 2:
+        return None
+    other = args[1 - position]
+    if isinstance(other, bool) or not isinstance(other, (int, float)):
+        return None
+    if func in _MULTIPLY:
+        return float(other)
+    if func in _DIVIDE and position == 0 and other != 0:
+        return 1.0 / float(other)
+    return None
 
 
 def pre_norm_readers(model: nn.Module, norms: Iterable[str]) -> dict[str, NormReaders]:

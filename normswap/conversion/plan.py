@@ -45,6 +45,7 @@ class NormMove:
     note: str = ""
     copy: bool = False  # one source norm copied to several branches: a carried original takes precedence
     target_kind: str = ""  # the target norm's kind; a unit rmsnorm-offset norm has weight 0, not 1
+    source_kind: str = ""  # the source norm's kind: a (1 + w) norm moved into a plain slot takes weight 1 + w
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,10 @@ def _mark_copies(moves: list[NormMove]) -> tuple[NormMove, ...]:
 
 # A LayerNorm with or without its bias is one kind for a placement change: a norm moved into a slot that has the
 # tensor it lacks gets the unit value (bias 0), and one that loses a tensor must have the unit value there, which
-# the weight mapping checks (ESMC's final LayerNorm has a bias, its layer norms none).
-_KIND_FAMILY = {"layernorm-nobias": "layernorm"}
+# the weight mapping checks (ESMC's final LayerNorm has a bias, its layer norms none). A (1 + w) norm and a plain
+# one are one kind too: the plain weight 1 + w computes the same function (docs/design.md §6), so a move between
+# them converts the weight (Muse Glimmer's final norm is an offset RMSNorm, its layer norms plain ones).
+_KIND_FAMILY = {"layernorm-nobias": "layernorm", "rmsnorm-offset": "rmsnorm", "layernorm-offset": "layernorm"}
 
 
 def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], target_role: str,
@@ -245,19 +248,19 @@ def _entry_moves(index: int, source_role: str, sources: tuple[NormSite, ...], ta
         notes.append(f"{targets[0].path} ({target_role}) has no source norm and starts as a unit norm")
         return [NormMove(index, source_role, None, target_role, t.path, note, target_kind=t.kind) for t in targets]
     if len(sources) == len(targets):
-        return [NormMove(index, source_role, s.path, target_role, t.path, target_kind=t.kind)
+        return [NormMove(index, source_role, s.path, target_role, t.path, target_kind=t.kind, source_kind=s.kind)
                 for s, t in zip(sources, targets, strict=True)]
     if len(targets) == 1:  # two branch norms -> one post norm: both branches will read one input
         kept, *dropped = sources
         notes.append(f"parallel block: {targets[0].path} takes {kept.path} (the first branch's norm); "
                      f"{', '.join(d.path for d in dropped)} is dropped")
         return [NormMove(index, source_role, kept.path, target_role, targets[0].path, "kept: first branch's norm",
-                         target_kind=targets[0].kind),
+                         target_kind=targets[0].kind, source_kind=kept.kind),
                 *(NormMove(index, source_role, d.path, target_role, None, "dropped: branches share one input")
                   for d in dropped)]
     if len(sources) == 1:  # one norm -> one per branch: every branch reads a copy
         return [NormMove(index, source_role, sources[0].path, target_role, t.path, "copied to each branch",
-                         copy=True, target_kind=t.kind) for t in targets]
+                         copy=True, target_kind=t.kind, source_kind=sources[0].kind) for t in targets]
     raise PlanError(f"cannot map {len(sources)} norms ({source_role}) onto {len(targets)} ({target_role})")
 
 

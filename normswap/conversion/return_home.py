@@ -238,7 +238,7 @@ def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str
     for pre in pre_folds:
         for reader in pre.readers:
             fold_into_reader(pre.stand_in, scales[pre.stand_in.norm], reader.weight, reader.in_dim, reader.bias, steps,
-                             centre=False)
+                             centre=False, factor=reader.factor)
     return [PassMove("fold", move.norm, move.into, note="at its carried starting scale")
             for move in (*out_moves, *pre_moves)]
 
@@ -312,7 +312,7 @@ def _unfold_writers(fold: OutFold, scale: float, steps: dict[str, Step], means: 
 
 
 def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step], means: Mapping[str, Tensor]) -> None:
-    """``W = (s W' + m) diag(1/g)`` and ``b = b' - W beta``: the inverse of ``stand_in.fold_into_reader`` (``m``, a
+    """``W = (s W' + m) diag(1/g)`` and ``b = b' - c W beta``: the inverse of ``stand_in.fold_into_reader`` (``m``, a
     LayerNorm's, the carried mean its centring removed)."""
     stand_in = fold.stand_in
     # beta went into the readers' biases only where every reader had one (else the norm kept it: stream_scale.py)
@@ -325,12 +325,12 @@ def _unfold_readers(fold: PreFold, scale: float, steps: dict[str, Step], means: 
             return _unscaled(stand_in, scale, tensor, norm_tensors, in_dim, mean).to(tensor.dtype)
 
         def bias(tensor: Tensor, matrix: Tensor, *norm_tensors: Tensor, in_dim: int = reader.in_dim,
-                 mean: Tensor | None = mean) -> Tensor:
+                 mean: Tensor | None = mean, factor: float = reader.factor) -> Tensor:
             beta = stand_in.shift(dict(zip(stand_in.keys, norm_tensors, strict=True)))
             assert beta is not None  # only unfolded for a norm with a bias
             unfolded = _unscaled(stand_in, scale, matrix, norm_tensors, in_dim, mean)
             shift = (unfolded.movedim(in_dim, -1) @ beta).reshape(tensor.shape)
-            return (tensor.double() - shift).to(tensor.dtype)
+            return (tensor.double() - factor * shift).to(tensor.dtype)
 
         folded, norm_steps = steps[reader.weight], [steps[k] for k in stand_in.keys]
         if shifted and reader.bias is not None:

@@ -112,10 +112,11 @@ def fold_into_writer(stand_in: StandIn, scale: float, key: str, dim: int, steps:
 
 
 def fold_into_reader(stand_in: StandIn, scale: float, weight: str, in_dim: int, bias: str | None,
-                     steps: dict[str, Step], centre: bool = True) -> None:
+                     steps: dict[str, Step], centre: bool = True, factor: float = 1.0) -> None:
     """A linear map reading the norm's output: ``W <- W diag(g) [C] / s`` (``in_dim``: the dimension of ``W``
-    over its inputs) and, for a norm with a bias, ``b <- b + W beta`` with the original ``W``. ``centre=False``
-    leaves ``C`` out, for a LayerNorm that stays in place and keeps centring what the map reads."""
+    over its inputs) and, for a norm with a bias, ``b <- b + c W beta`` with the original ``W``, where ``c`` is
+    ``factor``, the constant the map's input is the norm's output times (1 mostly). ``centre=False`` leaves ``C``
+    out, for a LayerNorm that stays in place and keeps centring what the map reads."""
     def folded_weight(tensor: Tensor, *norm_tensors: Tensor) -> Tensor:
         named = dict(zip(stand_in.keys, norm_tensors, strict=True))
         wide = tensor.double() * _along(stand_in.gain(named, tensor.shape[in_dim]), tensor, in_dim)
@@ -127,7 +128,7 @@ def fold_into_reader(stand_in: StandIn, scale: float, weight: str, in_dim: int, 
         beta = stand_in.shift(dict(zip(stand_in.keys, norm_tensors, strict=True)))
         assert beta is not None  # only called for a norm with a bias
         shift = (matrix.double().movedim(in_dim, -1) @ beta).reshape(tensor.shape)
-        return (tensor.double() + shift).to(tensor.dtype)
+        return (tensor.double() + factor * shift).to(tensor.dtype)
 
     original = steps[weight]
     norm_steps = [steps[k] for k in stand_in.keys]

@@ -51,7 +51,7 @@ def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozense
             if _shift_to_readers(fold):
                 for reader in fold.readers:
                     fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps,
-                                     centre=False)  # a LayerNorm still centres what they read
+                                     centre=False, factor=reader.factor)  # a LayerNorm still centres what they read
                 _set_to_scale(fold, scale, originals, steps)
             else:
                 _rescale_keeping_shift(fold, scale, originals, steps)

@@ -1,7 +1,8 @@
 """A plan's norm moves as a tensor program. Every other tensor keeps its name and its bits.
 
 Norm weights move between slots unchanged (a move is a rename), so a round trip through the
-inverse plan returns bit-identical tensors. A norm the target has no slot for is *carried*:
+inverse plan returns bit-identical tensors; a ``(1 + w)`` weight moved into a plain norm becomes ``1 + w``, its
+original carried so that the way back restores it. A norm the target has no slot for is *carried*:
 kept aside under its source name, so that converting back can restore it bit for bit.
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from ..errors import NormswapError
 from ..topology import OFFSET_NORM_KINDS
-from .plan import ConversionPlan
+from .plan import ConversionPlan, NormMove
 from .program import Step, TensorProgram, combine, constant, copy_of
 from .removed_norm_tensors import removed_norm_step
 
@@ -65,6 +66,9 @@ def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionP
                 source = {name: copy_of(f"{move.source}.{name}")
                           for name in norm_tensors(source_shapes, move.source)}  # type: ignore[arg-type]
                 source_path = move.source
+            if source and "weight" in source and source_path == move.source and _offset_changes(move):
+                dropped[f"{move.source}.weight"] = source["weight"]  # the way back restores it bit for bit
+                source = {**source, "weight": _reoffset(source["weight"], move, norm_tensors(carried, move.target))}
             for name, shape in wanted.items():
                 outputs[f"{move.target}.{name}"] = _fill(source, shapes, source_path, name, shape, move.target,
                                                          move.target_kind)
@@ -81,6 +85,28 @@ def placement_program(source_shapes: Mapping[str, torch.Size], plan: ConversionP
         outputs[key] = removed_norm_step()
     _check_fits({key: _shape_of(step, shapes, target_shapes, key) for key, step in outputs.items()}, target_shapes)
     return TensorProgram(outputs, dropped, tuple(checks))
+
+
+def _offset_changes(move: NormMove) -> bool:
+    """A move between a ``(1 + w)`` norm and a plain one, whose weight must change to compute the same function."""
+    return bool(move.source_kind and move.target_kind) and (
+        (move.source_kind in OFFSET_NORM_KINDS) != (move.target_kind in OFFSET_NORM_KINDS))
+
+
+def _reoffset(weight: Step, move: NormMove, own: Mapping[str, torch.Tensor]) -> Step:
+    """The moved weight in the target's form: ``1 + w`` into a plain norm, ``g - 1`` into a ``(1 + w)`` one, in
+    float64 and cast back. Where the target slot's own weight is carried (it left by the opposite move) and gives
+    the incoming weight exactly, that weight comes back bit for bit instead of the rounded difference."""
+    shift = 1.0 if move.source_kind in OFFSET_NORM_KINDS else -1.0
+    original = own.get("weight")
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        if original is not None and original.shape == tensor.shape and torch.equal(
+                (original.double() - shift).to(tensor.dtype), tensor):
+            return original.to(tensor.dtype).clone()
+        return (tensor.double() + shift).to(tensor.dtype)
+
+    return combine(convert, weight)
 
 
 def _carried(tensor: torch.Tensor) -> Step:
