@@ -5,6 +5,7 @@ the KV cache; the refusals that remain name their structural reason."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,31 +123,36 @@ def test_a_mixed_model_gets_norms_only_where_its_sublayers_lack_them(target: str
     assert out_norms == ({"OlmoHybridRMSNorm"} if target == "sandwich" else {"NormswapRemovedNorm"})
 
 
-def test_a_branch_that_reads_more_than_the_stream_is_refused_not_written_as_another_layout() -> None:
-    """NeoMME's attention reads a learned mix of the stream and the first layer's input through its own norm, so
-    detection sees no pre norm there; the pre norm the conversion adds wraps that norm's output and the branch still
-    does not read the stream through it. The generated code detects as mixed, and nothing is written."""
+def _neomme() -> torch.nn.Module:
     config = transformers.AutoConfig.for_model(
         "neomme", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, embedding_rank=256, embedding_dim=128, max_position_embeddings=64,
         layer_types=["sliding_attention", "full_attention"])
-    model = transformers.AutoModelForMaskedLM.from_config(config)
-    assert normswap.inspect(model).placement == "mixed"
-    with pytest.raises(normswap.NormswapError, match=r"code detects as mixed, not pre; sublayer 0 of model\.layers\.0 "
-                                                     r"\(attention\) detects as none"):
-        normswap.convert(model, "pre")
+    return transformers.AutoModelForMaskedLM.from_config(config)
 
 
-def test_a_mixed_model_with_a_stream_norm_is_refused_with_its_reason() -> None:
-    """MiniMax normalises the stream itself after the attention's add (the MLP reads it and adds to it): that norm
-    moves only by the norm shift, which needs one placement throughout the stack."""
+def _minimax() -> torch.nn.Module:
     fields = {key: value for key, value in TINY_CONFIGS["llama"].items() if key != "model_type"}
     config = transformers.AutoConfig.for_model("minimax", **fields, num_local_experts=4, num_experts_per_tok=2,
                                                layer_types=["full_attention", "full_attention"])
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(("build", "reason"), [
+    # MiniMax normalises the stream itself after the attention's add (the MLP reads it and adds to it): that norm
+    # moves only by the norm shift, which needs one placement throughout the stack
+    (_minimax, r"sublayer 0 of model\.layers\.0 normalises the stream itself after its add "
+               r"\(model\.layers\.0\.post_attention_layernorm\)"),
+    # NeoMME's attention reads a learned mix of the stream and the first layer's input through its own norm, so
+    # detection sees no pre norm there; the pre norm the conversion adds wraps that norm's output, and the branch
+    # still does not read the stream through it: the generated code detects as mixed, and nothing is written
+    (_neomme, r"code detects as mixed, not pre; sublayer 0 of model\.layers\.0 \(attention\) detects as none"),
+], ids=["minimax-stream-norm", "neomme-mixed-read"])
+def test_a_mixed_model_that_no_branch_norm_pass_makes_pre_is_refused_with_its_reason(
+        build: Callable[[], torch.nn.Module], reason: str) -> None:
+    model = build()
     assert normswap.inspect(model).placement == "mixed"
-    with pytest.raises(normswap.NormswapError, match=r"sublayer 0 of model\.layers\.0 normalises the stream itself "
-                                                     r"after its add \(model\.layers\.0\.post_attention_layernorm\)"):
+    with pytest.raises(normswap.NormswapError, match=reason):
         normswap.convert(model, "pre")
 
 
