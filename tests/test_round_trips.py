@@ -151,8 +151,8 @@ def test_post_back_to_pre_restores_the_rescaled_pre_norms() -> None:
 def test_a_plain_final_norm_moves_into_an_offset_slot_as_g_minus_one_and_comes_home_bit_for_bit() -> None:
     """Muse Glimmer's layer norms are ``(1 + w)`` RMSNorms and its final norm a plain one. Going to post, the final
     norm becomes the last layer's post norm (the generated code's layers.1.input_layernorm, after the branch), an
-    offset one, with weight ``g - 1`` (the same function,
-    docs/design.md §6); the way back gives ``1 + w``, and the carried ``g`` where that is the incoming weight."""
+    offset one, with weight ``g - 1`` (the same function, docs/design.md §6); the way back gives ``1 + w``, and the
+    carried ``g`` where that is the incoming weight."""
     config = transformers.AutoConfig.for_model(
         "muse_glimmer_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
@@ -170,10 +170,10 @@ def test_a_plain_final_norm_moves_into_an_offset_slot_as_g_minus_one_and_comes_h
     final_g = model.state_dict()["norm.weight"]
     assert torch.equal(post.state_dict()["layers.1.input_layernorm.weight"], (final_g.double() - 1).float())
     inputs = {"input_ids": torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))}
-    assert_home(model, normswap.convert(post, "sandwich"))
+    back = normswap.convert(post, "sandwich")
+    assert_home(model, back)
     with torch.no_grad():  # the way back computes what the original did
-        reference = model(**inputs).last_hidden_state
-        assert torch.allclose(normswap.convert(post, "sandwich")(**inputs).last_hidden_state, reference, atol=1e-5)
+        assert torch.allclose(back(**inputs).last_hidden_state, model(**inputs).last_hidden_state, atol=1e-5)
 
 
 def test_a_weight_whose_offset_form_rounds_comes_home_from_the_carried_original() -> None:

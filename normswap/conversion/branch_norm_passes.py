@@ -9,8 +9,8 @@ readers.
 
 A mixed model whose sublayers hold their norms only in branch slots (OLMo-Hybrid: Pre-Norm linear-attention layers
 among Post-sublayer attention layers; a sandwich attention beside a Pre-Norm MLP) takes the same passes sublayer by
-sublayer (``MIXED_EDGES``): each pass acts where its slot needs it and leaves the sublayers that have the target's
-norms already.
+sublayer (``_MIXED_STEPS``, one edge from ``mixed`` to each): each pass acts where its slot needs it and leaves
+the sublayers that have the target's norms already.
 """
 
 from __future__ import annotations

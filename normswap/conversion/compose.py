@@ -95,7 +95,7 @@ class ComposedReport:
 
 
 class UnreachedPlacementError(NormswapError):
-    """The generated code does not have the placement its passes were to give it."""
+    """The generated code does not detect as the placement the conversion was asked for."""
 
 
 def _require_reached(target: Topology, wanted: str) -> None:

@@ -104,3 +104,9 @@ def shapes_of(state: Mapping[str, Any]) -> dict[str, torch.Size]:
 def one_plus(weight: torch.Tensor) -> torch.Tensor:
     """``1 + w``, computed in fp64: the plain weight of an offset norm, ``(1 + w) * n``."""
     return (weight.double() + 1.0).to(weight.dtype)
+
+
+def minus_one(weight: torch.Tensor) -> torch.Tensor:
+    """``g - 1``, computed in fp64: the offset norm's weight ``w`` for a plain weight ``g``, the inverse of
+    ``one_plus``."""
+    return (weight.double() - 1.0).to(weight.dtype)

@@ -16,7 +16,7 @@ import torch
 from ..errors import NormswapError
 from ..topology import OFFSET_NORM_KINDS
 from .plan import ConversionPlan, NormMove
-from .program import Step, TensorProgram, combine, constant, copy_of
+from .program import Step, TensorProgram, combine, constant, copy_of, minus_one, one_plus
 from .removed_norm_tensors import removed_norm_step
 
 
@@ -97,14 +97,15 @@ def _reoffset(weight: Step, move: NormMove, own: Mapping[str, torch.Tensor]) -> 
     """The moved weight in the target's form: ``1 + w`` into a plain norm, ``g - 1`` into a ``(1 + w)`` one, in
     float64 and cast back. Where the target slot's own weight is carried (it left by the opposite move) and gives
     the incoming weight exactly, that weight comes back bit for bit instead of the rounded difference."""
-    shift = 1.0 if move.source_kind in OFFSET_NORM_KINDS else -1.0
+    to_target, to_source = ((one_plus, minus_one) if move.source_kind in OFFSET_NORM_KINDS
+                            else (minus_one, one_plus))
     original = own.get("weight")
 
     def convert(tensor: torch.Tensor) -> torch.Tensor:
         if original is not None and original.shape == tensor.shape and torch.equal(
-                (original.double() - shift).to(tensor.dtype), tensor):
+                to_source(original).to(tensor.dtype), tensor):
             return original.to(tensor.dtype).clone()
-        return (tensor.double() + shift).to(tensor.dtype)
+        return to_target(tensor)
 
     return combine(convert, weight)
 
