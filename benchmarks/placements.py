@@ -9,7 +9,8 @@ weight but drops its statistic, an added norm starts at weight 1, a moved norm m
 plain norm shift does; for Pre -> Post the calibrated start is `--keep-stream-size`). Both are measured
 zero-shot on held-out text: output cosine of the last hidden states and next-token KL(original || converted).
 Then sandwich -> pre and post-sublayer -> pre are healed for --heal-minutes each, and --norm none on the
-GPT-2-style decoder for --none-heal-minutes.
+GPT-2-style decoder for --none-heal-minutes (with --none-stages, also a fresh conversion healed in those stages,
+``heal --stages``, in the same time).
 
 Targets (issue 18): calibrated KL < naive KL on every pair; healed KL <= 10% of unhealed for sandwich -> pre
 and post-sublayer -> pre.
@@ -62,7 +63,10 @@ def main() -> None:
     parser.add_argument("--pretrain-minutes", type=float, default=2.0)
     parser.add_argument("--heal-minutes", type=float, default=2.0)
     parser.add_argument("--none-heal-minutes", type=float, default=10.0)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="the placement models ('' for none)")
+    parser.add_argument("--none-stages", default="",
+                        help="also heal a fresh --norm none conversion in these stages (heal --stages), in the same "
+                        "time, for example mlp,attention,final")
     parser.add_argument("--heal-learning-rate", type=float, default=5e-4,
                         help="AdamW's peak rate for the placement heals (the norm-free heal keeps 5e-4)")
     parser.add_argument("--heal-batch-size", type=int, default=16, help="texts per step of the placement heals")
@@ -75,6 +79,7 @@ def main() -> None:
     import normswap
     from normswap.healing.api import heal
     from normswap.healing.rows import TokenisedTexts
+    from normswap.healing.stages import heal_in_stages
     from normswap.healing.texts import load_texts, split_texts
 
     corpus = load_texts(None)  # the shipped healing corpus; healing gets it explicitly (no teacher sampling)
@@ -84,7 +89,7 @@ def main() -> None:
     batch = {"input_ids": held.input_ids[:32], "attention_mask": held.attention_mask[:32]}
     calibration = {"input_ids": train.input_ids[:16], "attention_mask": train.attention_mask[:16]}
     rows, healed = [], []
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         config_class, extra = MODELS[name]
         torch.manual_seed(0)
         original = transformers.AutoModelForCausalLM.from_config(config_class(**_SHAPE, **extra))
@@ -128,15 +133,28 @@ def main() -> None:
                          learning_rate=5e-4, eval_steps=200, quiet=True)
         before, after = report.before["next_token_kl"], report.after["next_token_kl"]
         healed.append(("gpt2 --norm none", before, after, report.steps))
+        print(f"gpt2 --norm none healed {report.steps} steps: KL {before:.4f} -> {after:.4f}", flush=True)
+        if args.none_stages:
+            stages = [tuple(stage.split("+")) for stage in args.none_stages.split(",")]
+            free = normswap.convert(gpt2, norm="none", inputs=calibration)
+            _, report = heal_in_stages(gpt2, free, stages, corpus, max_steps=1_000_000,
+                                       max_time=args.none_heal_minutes * 60, batch_size=16, learning_rate=5e-4,
+                                       eval_steps=200, quiet=True)
+            before, after = report.before["next_token_kl"], report.after["next_token_kl"]
+            healed.append((f"gpt2 --norm none, stages {args.none_stages}", before, after, report.steps))
+            print(f"gpt2 --norm none in stages healed {report.steps} steps: KL {before:.4f} -> {after:.4f}; "
+                  + "; ".join(f"{'+'.join(stage['groups'])}: {stage['before']['next_token_kl']:.4f} -> "
+                              f"{stage['after']['next_token_kl']:.4f} ({stage['steps']} steps)"
+                              for stage in report.stages), flush=True)
 
     print(f"\n{'model':8} {'from':14} {'to':14} {'cos calib':>9} {'KL calib':>9} {'cos unit':>9} {'KL unit':>9} "
           f"{'calib < unit':>12}")
     for name, source, target, cos_m, kl_m, cos_n, kl_n in rows:
         verdict = "n/a" if kl_m == kl_n else "yes" if kl_m < kl_n else "NO"  # n/a: no calibrated step on the way
         print(f"{name:8} {source:14} {target:14} {cos_m:9.4f} {kl_m:9.4f} {cos_n:9.4f} {kl_n:9.4f} {verdict:>12}")
-    print(f"\n{'healed':34} {'KL before':>10} {'KL after':>9} {'after/before':>13} {'steps':>7}")
+    print(f"\n{'healed':50} {'KL before':>10} {'KL after':>9} {'after/before':>13} {'steps':>7}")
     for label, before, after, steps in healed:
-        print(f"{label:34} {before:10.4f} {after:9.4f} {after / before:13.1%} {steps:7d}")
+        print(f"{label:50} {before:10.4f} {after:9.4f} {after / before:13.1%} {steps:7d}")
     print("targets: calibrated KL < unit KL on every pair; healed KL <= 10% of unhealed for sandwich -> pre and "
           "post-sublayer -> pre")
 

@@ -111,6 +111,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                          "input first (its weight folded into its readers, exactly), so the moved norms keep the "
                          "stream's size: a much closer start, and the way back is within float rounding instead of "
                          "bit for bit")
+    convert.add_argument("--only", type=_groups, default=(), metavar="GROUPS",
+                         help="with --norm none|dyt: replace only these norms and keep the others, one stage of a "
+                         "staged removal (convert, heal, convert the healed model with the next group, ...): a comma "
+                         "list of embedding, final, a sublayer kind (attention, mlp, as inspect names them), a slot "
+                         "(pre, post, out) or both (mlp:pre); default: every residual norm")
     convert.add_argument("--heal", action="store_true",
                          help="after converting, heal the result toward SRC (defaults of `normswap heal`)")
     convert.add_argument("--heal-data", metavar="PATH",
@@ -177,6 +182,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="train rank-R LoRA adapters on the branch projections (plus the norms and the "
                       "projections' biases) instead of every weight, and merge them into DST, an ordinary "
                       "checkpoint (needs peft: the heal extra; default: every weight trains)")
+    heal.add_argument("--stages", type=_stages, metavar="STAGES",
+                      help="CONVERTED is ORIGINAL converted with --norm none: remove its norms in stages instead of "
+                      "at once, each stage fixing its groups' stand-ins at their scale in the model healed so far, "
+                      "then healing (the budget shared out over the stages); groups as convert --only names them, "
+                      "stages separated by commas, groups of one stage joined by + (for example "
+                      "mlp,attention,final; default: no stages)")
     heal.add_argument("--keep-dropout", action="store_true",
                       help="train with the model's dropout (off by default: it holds healing back; the saved "
                       "config keeps its rates either way)")
@@ -253,7 +264,8 @@ def _run_convert(args: argparse.Namespace) -> int:
                                     allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
                                     verify_max_size=args.verify_max_size,
                                     verify_offloaded=args.verify_offloaded, mirror=mirror,
-                                    calibrate=args.calibrate, keep_stream_size=args.keep_stream_size)
+                                    calibrate=args.calibrate, keep_stream_size=args.keep_stream_size,
+                                    only=args.only)
     if args.heal and result.destination is not None:
         return _heal_converted(args, result)
     if args.json:
@@ -330,7 +342,7 @@ def _run_heal(args: argparse.Namespace) -> int:
                              resume=args.resume, quiet=args.quiet, plot=args.plot, match=args.match,
                              keep_dropout=args.keep_dropout, lora_rank=args.lora_rank,
                              logit_weight=args.logit_weight, output_weight=args.output_weight,
-                             adam_beta2=args.adam_beta2, started=started)
+                             adam_beta2=args.adam_beta2, stages=args.stages, started=started)
     if not distributed.is_main():
         return 0  # rank 0 prints the report
     if args.json:
@@ -391,6 +403,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _groups(value: str) -> tuple[str, ...]:
+    """``--only``'s comma list, without empty items."""
+    groups = tuple(item.strip() for item in value.split(",") if item.strip())
+    if not groups:
+        raise argparse.ArgumentTypeError("give at least one group, for example --only mlp")
+    return groups
+
+
+def _stages(value: str) -> tuple[tuple[str, ...], ...]:
+    """``--stages``: commas separate the stages, ``+`` joins the groups of one."""
+    stages = tuple(tuple(group.strip() for group in stage.split("+") if group.strip()) for stage in value.split(","))
+    if not stages or any(not stage for stage in stages):
+        raise argparse.ArgumentTypeError(f"{value!r}: give groups separated by commas (a stage of several groups joins "
+                                         "them with +), for example mlp,attention,final")
+    return stages
+
+
 def _require_declared_conversion(args: argparse.Namespace) -> None:
     """``--placement`` and ``--norm`` take what the conversion files declare (``conversion/registry.py``), so a new
     conversion needs no change here; a value none declares is a usage error (exit 2), as argparse's choices would
@@ -408,6 +437,10 @@ def _require_declared_conversion(args: argparse.Namespace) -> None:
             close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
             command.error(f"argument {flag}: invalid choice: {value!r} (choose from {', '.join(choices)})"
                           f"{f'; did you mean {close[0]}?' if close else ''}")
+    some = [name for name, kind in norm_kinds().items() if kind.plan_some is not None]
+    if args.only and args.norm not in some:
+        command.error(f"--only picks which norms --norm {'|'.join(some)} replaces: add --norm {some[0]}, or leave "
+                      "--only out")
 
 
 def _activity(args: argparse.Namespace) -> str:

@@ -140,7 +140,7 @@ def _placement_setup(model: nn.Module, plan: ConversionPlan, source: Topology, t
 def convert(model: nn.Module, placement: str | None = None, *, norm: str | None = None, exact: bool = False,
             untie: bool = False, native: bool = True, allow_nonfinite: bool = False,
             inputs: dict[str, torch.Tensor] | None = None, calibrate: bool = True,
-            keep_stream_size: bool = False) -> nn.Module:
+            keep_stream_size: bool = False, only: tuple[str, ...] = ()) -> nn.Module:
     """Return ``model`` converted to ``placement`` (pre, post, sandwich, post-sublayer), to ``norm``, or both.
 
     Pre <-> Post follows the norm-shift mapping (inexact; converting to the placement the model already
@@ -156,7 +156,9 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
     (``NonFiniteError`` names the tensor) unless ``allow_nonfinite``. ``keep_stream_size`` (Pre -> Post only):
     first set each pre norm to the calibrated scale of its input, folding its own weight into its readers, so the
     moved norms keep the stream's size (``stream_scale.py``; the way back is then within float rounding, not bit
-    for bit).
+    for bit). ``only`` (``norm="none"`` or ``"dyt"``): replace only the norms of these groups (``embedding``,
+    ``final``, a sublayer kind such as ``mlp``, a slot such as ``pre``, or both as ``mlp:pre``) and keep the others,
+    one stage of a staged removal.
     """
     from .route import plan_layout
 
@@ -174,7 +176,7 @@ def convert(model: nn.Module, placement: str | None = None, *, norm: str | None 
                 require_topology(converted, setup.target)
             return converted
     setup = plan_layout(model, placement, norm, exact=exact, untie=untie, native=native,
-                        keep_stream_size=keep_stream_size)
+                        keep_stream_size=keep_stream_size, only=tuple(only))
     converted, setup, _ = convert_in_memory(model, setup, inputs, allow_nonfinite, unit_scales=not calibrate)
     if setup.target is not None and converted is not model:
         require_topology(converted, setup.target)

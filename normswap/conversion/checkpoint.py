@@ -77,7 +77,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
                        trust_remote_code: bool = False, dtype: str | None = None, allow_nonfinite: bool = False,
                        progress: bool = False, verify_max_size: str = DEFAULT_VERIFY_LIMIT,
                        verify_offloaded: bool = False, mirror: SourceMirror | None = None,
-                       calibrate: bool = True, keep_stream_size: bool = False) -> ConversionResult:
+                       calibrate: bool = True, keep_stream_size: bool = False,
+                       only: tuple[str, ...] = ()) -> ConversionResult:
     """Convert the checkpoint folder ``source`` to ``placement`` or ``norm``, streamed, into ``destination``.
 
     Planning reads config.json only; the weights are then read one tensor at a time and written to
@@ -93,7 +94,8 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
 
     ``calibrate=False`` starts every norm a conversion removes, adds or rescales at unit scale instead of the
     source's measured one: no forward pass before writing, so a conversion of any size streams without
-    ``verify_offloaded`` (the naive start, further from the original). ``keep_stream_size``: as ``convert``'s.
+    ``verify_offloaded`` (the naive start, further from the original). ``keep_stream_size`` and ``only``: as
+    ``convert``'s.
     """
     if placement is None and norm is None:
         raise NormswapError("pass --placement, --norm or both")
@@ -117,7 +119,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         if carried_path.is_file():
             meta.normswap_carried = read_safetensors_file(carried_path)
 
-        setup = _plan(meta, placement, norm, exact, untie, native, keep_stream_size)
+        setup = _plan(meta, placement, norm, exact, untie, native, keep_stream_size, only)
         if setup.noop:
             return ConversionResult(setup.plan, None, None, setup.plan.notes[0])
         above_limit = weights.total_bytes > verify_limit
@@ -204,9 +206,9 @@ def _adopt_mirror(mirror: SourceMirror, program: Any, planned: list[PlannedTenso
 
 
 def _plan(meta: nn.Module, placement: str | None, norm: str | None, exact: bool, untie: bool, native: bool,
-          keep_stream_size: bool) -> ConversionSetup:
+          keep_stream_size: bool, only: tuple[str, ...]) -> ConversionSetup:
     return plan_layout(meta, placement, norm, exact=exact, untie=untie, native=native,
-                       keep_stream_size=keep_stream_size)
+                       keep_stream_size=keep_stream_size, only=only)
 
 
 def _calibrated(setup: ConversionSetup, source: Path, config: Any, texts: list[str] | None, trust_remote_code: bool,

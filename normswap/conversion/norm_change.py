@@ -24,10 +24,12 @@ _ALREADY_RMS = frozenset({"rmsnorm", "rmsnorm-noaffine"})
 _ALREADY_LAYER = frozenset({"layernorm", "layernorm-nobias", "layernorm-noaffine", "layernorm-offset"})
 
 
-def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False) -> ConversionSetup:
+def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: bool = False,
+                   only: tuple[str, ...] = ()) -> ConversionSetup:
     """The setup for ``norm`` (a declared ``NORM_KINDS`` name: rmsnorm, layernorm, none, dyt) on a loaded or
     meta-device ``model``. What every kind shares is here: the refusal of ``exact`` where the kind cannot be exact,
-    and nothing to do where the model's norms are that kind already, or where it has none."""
+    and nothing to do where the model's norms are that kind already, or where it has none. ``only``: the groups of
+    norms to replace, for the kinds that can keep the rest (``NormKind.plan_some``)."""
     from .registry import norm_kinds
     from .route import require_norm_kind
 
@@ -35,6 +37,12 @@ def plan_norm_kind(model: nn.Module, norm: str, *, exact: bool = False, untie: b
     kind = norm_kinds()[norm]
     if exact and kind.exact_refusal:
         raise NormswapError(kind.exact_refusal)
+    if only:
+        if kind.plan_some is None:
+            some = ", ".join(name for name, each in norm_kinds().items() if each.plan_some is not None)
+            raise NormswapError(f"--only picks the norms a norm-removing kind replaces ({some}); --norm {norm} "
+                                "changes every norm of the model, so leave out --only")
+        return kind.plan_some(model, only)
     try:
         topology = inspect(model)
     except NormswapError:  # no stack inspection can describe (MobileNet's convolutions): nothing to change either

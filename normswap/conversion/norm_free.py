@@ -72,10 +72,42 @@ def calibration_site(norm: NormSite) -> CalibrationSite:
     return CalibrationSite(norm.path, "input", statistic, norm.axis, float(norm.eps or 0.0))
 
 
-def stand_in_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str = "") -> Pass:
-    """Each residual norm -> ``NormswapStandIn`` (weight ``g / s``, bias kept). ``centred``: the stream has zero
-    mean (a centring pass ran first), so a LayerNorm's stand-in needs no mean subtraction; else ``why_not``."""
-    sites = _replaceable(model, topology)
+def norm_groups(topology: Topology) -> dict[str, tuple[str, ...]]:
+    """The names ``--only`` picks each residual norm by: ``embedding`` and ``final``; a sublayer's norm by its
+    sublayer's kind (``attention``, ``mlp``), its slot (``pre``, ``post``, ``out``) and both (``mlp:pre``)."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for stack in topology.stacks:
+        for norm, name in ((stack.embedding_norm, "embedding"), (stack.final_norm, "final")):
+            if norm is not None:
+                groups[norm.path] = (name,)
+    for layer in topology.layers:
+        for sub in layer.sublayers:
+            for norm in sub.norms:
+                names = (sub.kind, norm.slot, f"{sub.kind}:{norm.slot}")
+                groups[norm.path] = tuple(dict.fromkeys((*groups.get(norm.path, ()), *names)))
+    return groups
+
+
+def chosen_sites(topology: Topology, sites: tuple[NormSite, ...], only: tuple[str, ...]) -> tuple[NormSite, ...]:
+    """The sites ``only`` names (all of them where it is empty), in model order; a name no residual norm answers to
+    is refused with the names there are, so that a staged removal cannot skip a group by a typo."""
+    if not only:
+        return sites
+    groups = norm_groups(topology)
+    known = sorted({name for site in sites for name in groups.get(site.path, ())})
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise NormswapError(f"--only {','.join(unknown)}: no residual norm of {topology.model_type} left to replace is "
+                            f"called that; its groups are {', '.join(known)}")
+    return tuple(site for site in sites if set(groups.get(site.path, ())) & set(only))
+
+
+def stand_in_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str = "",
+                  only: tuple[str, ...] = ()) -> Pass:
+    """Each residual norm (of the groups ``only`` names) -> ``NormswapStandIn`` (weight ``g / s``, bias kept).
+    ``centred``: the stream has zero mean (a centring pass ran first), so a LayerNorm's stand-in needs no mean
+    subtraction; else ``why_not``."""
+    sites = chosen_sites(topology, _replaceable(model, topology), only)
     keeps_mean = [norm for norm in sites if norm.kind in _LAYER_NORMS and not centred]
     edits = tuple(dict.fromkeys(_replacement(model, norm, "NormswapStandIn", centre=norm in keeps_mean)
                                 for norm in sites))
@@ -95,10 +127,12 @@ def stand_in_pass(model: nn.Module, topology: Topology, centred: bool, why_not: 
                 helpers=frozenset({"stand_in"}), notes=notes)
 
 
-def dyt_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str = "") -> Pass:
-    """Each residual norm -> ``NormswapDyT`` (weight ``g``, bias kept, ``alpha = 1 / s``). ``centred``: as for
-    ``stand_in_pass``; where a LayerNorm's stream is not centred (``why_not``), its DyT drops the mean subtraction."""
-    sites = _replaceable(model, topology)
+def dyt_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str = "",
+             only: tuple[str, ...] = ()) -> Pass:
+    """Each residual norm (of the groups ``only`` names) -> ``NormswapDyT`` (weight ``g``, bias kept, ``alpha = 1 /
+    s``). ``centred``: as for ``stand_in_pass``; where a LayerNorm's stream is not centred (``why_not``), its DyT
+    drops the mean subtraction."""
+    sites = chosen_sites(topology, _replaceable(model, topology), only)
     edits = tuple(dict.fromkeys(_replacement(model, norm, "NormswapDyT") for norm in sites))
 
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
@@ -119,7 +153,8 @@ def dyt_pass(model: nn.Module, topology: Topology, centred: bool, why_not: str =
 
 def _norm_free_kind(name: str, description: str) -> NormKind:
     return NormKind(name, lambda model, _topology, _exact, _untie: plan_norm_free(model, name),
-                    exact_refusal=exact_refusal(name), removes_norms=True, description=description)
+                    exact_refusal=exact_refusal(name), removes_norms=True, description=description,
+                    plan_some=lambda model, only: plan_norm_free(model, name, only))
 
 
 NORM_KINDS = (
@@ -129,9 +164,11 @@ NORM_KINDS = (
 )
 
 
-def plan_norm_free(model: nn.Module, norm: str) -> ConversionSetup:
+def plan_norm_free(model: nn.Module, norm: str, only: tuple[str, ...] = ()) -> ConversionSetup:
     """The setup for ``norm`` = ``"none"`` or ``"dyt"`` on a loaded or meta-device ``model``: a centring pass first
-    where the model is Pre-LN (exact), then the replacement pass (approximate), composed into one conversion."""
+    where the model is Pre-LN (exact), then the replacement pass (approximate), composed into one conversion.
+    ``only``: replace the norms of these groups (``norm_groups``) and keep the others, one stage of a staged
+    removal (docs/design.md §10)."""
     if norm not in NORM_FREE_KINDS:
         raise NormswapError(f"norm={norm!r}: choose 'none' or 'dyt'")
     topology = inspect(model)
@@ -144,8 +181,9 @@ def plan_norm_free(model: nn.Module, norm: str) -> ConversionSetup:
             why_not = (f"{topology.model_type} is Post-LN, where a norm reads the previous norm's output g * n + b, "
                        "whose mean no weight change removes" if topology.placement == "post" else first_line(error))
     make = stand_in_pass if norm == "none" else dyt_pass
-    passes.append(make(model, topology, centred=bool(passes), why_not=why_not))
-    return compose(model, topology, passes, f"norm {topology.norm} -> {norm} (calibrated, approximate)")
+    passes.append(make(model, topology, centred=bool(passes), why_not=why_not, only=only))
+    which = f" ({', '.join(only)} only)" if only else ""
+    return compose(model, topology, passes, f"norm {topology.norm} -> {norm}{which} (calibrated, approximate)")
 
 
 def _replaceable(model: nn.Module, topology: Topology) -> tuple[NormSite, ...]:

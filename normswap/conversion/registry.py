@@ -65,6 +65,8 @@ class NormKind:
     removes_norms: bool = False
     description: str = ""  # what the conversion does, for the next engineer reading the declarations
     plural: str = ""  # "RMSNorms": how a note names norms of this kind
+    # kinds that can replace some norms and keep the rest (``--only``, a staged removal): model, groups -> setup
+    plan_some: Callable[[nn.Module, tuple[str, ...]], ConversionSetup] | None = None
 
     @property
     def norms_named(self) -> str:

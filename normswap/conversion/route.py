@@ -29,10 +29,12 @@ logger = logging.getLogger("normswap")
 
 
 def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None = None, *, exact: bool = False,
-                untie: bool = False, native: bool = True, keep_stream_size: bool = False) -> ConversionSetup:
+                untie: bool = False, native: bool = True, keep_stream_size: bool = False,
+                only: tuple[str, ...] = ()) -> ConversionSetup:
     """The setup for ``--placement`` and/or ``--norm`` on ``model`` (loaded or meta), as one conversion.
     ``keep_stream_size``: a Pre-Norm model moved to post first sets its pre norms to the stream's calibrated scale
-    (``stream_scale.py``), so the moved norms keep the stream's size; refused for any other placement change."""
+    (``stream_scale.py``), so the moved norms keep the stream's size; refused for any other placement change.
+    ``only``: with ``--norm none|dyt``, the groups of norms to replace (a stage of a staged removal)."""
     if placement is None and norm is None:
         raise NormswapError("pass placement=, norm= or both")
     if placement is not None and placement not in placements():
@@ -40,7 +42,7 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
     if norm is not None:
         require_norm_kind(norm)
     if placement is None:
-        return norm_planner(norm, exact, untie)(model)
+        return norm_planner(norm, exact, untie, only)(model)
     topology = inspect(model)
     source = topology.placement
     if source not in source_placements():
@@ -53,7 +55,7 @@ def plan_layout(model: nn.Module, placement: str | None = None, norm: str | None
         return _already(topology, placement)
     if norm is None:
         return chain(model, planners)
-    kind = norm_planner(norm, exact, untie)
+    kind = norm_planner(norm, exact, untie, only)
     removes = norm_kinds()[norm].removes_norms
     ordered = [kind, *planners] if source in PRE_LIKE and not removes else [*planners, kind]
     return chain(model, ordered)
@@ -92,7 +94,7 @@ def home_or(target: str, planners: list[Planner]) -> Planner:
     return plan
 
 
-def norm_planner(norm: str | None, exact: bool, untie: bool) -> Planner:
+def norm_planner(norm: str | None, exact: bool, untie: bool, only: tuple[str, ...] = ()) -> Planner:
     from .norm_change import plan_norm_kind
 
-    return lambda model: plan_norm_kind(model, norm or "", exact=exact, untie=untie)
+    return lambda model: plan_norm_kind(model, norm or "", exact=exact, untie=untie, only=only)

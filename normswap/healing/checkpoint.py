@@ -29,6 +29,7 @@ from . import budget, distributed
 from .api import heal
 from .plot import PLOT_FILE, plot_drift, require_matplotlib
 from .report import HealReport
+from .stages import heal_in_stages
 
 
 def heal_checkpoint(original: str | Path, converted: str | Path, destination: str | Path, *,
@@ -38,9 +39,11 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     """Load both checkpoints, heal the converted one toward the original, write it to ``destination``
     (with ``plot``, also a PNG of per-sublayer drift before and after).
 
-    ``max_time`` (in ``options``) bounds all of it, the loading and the save included, counted from
-    ``started`` (a ``budget.now()`` reading; default: now): the save's time is estimated from the converted
-    checkpoint's size and kept free. Trainer checkpoints are written only to a ``work_dir`` the caller names.
+    ``stages`` (in ``options``): remove a ``--norm none`` conversion's norms group by group, healing after each
+    (``stages.heal_in_stages``). ``max_time`` (in ``options``) bounds all of it, the loading and the save
+    included, counted from ``started`` (a ``budget.now()`` reading; default: now): the save's time is estimated
+    from the converted checkpoint's size and kept free. Trainer checkpoints are written only to a ``work_dir``
+    the caller names.
 
     ``trust_remote_code`` allows the custom code of the original and of both tokenizers (the converted
     checkpoint's tokenizer files are the original's); ``trust_converted_code`` (default: the same) allows
@@ -76,9 +79,15 @@ def heal_checkpoint(original: str | Path, converted: str | Path, destination: st
     scratch = None if options.get("work_dir") or not main else make_scratch(destination_path, "heal")
     try:
         reserve = budget.save_seconds(sum(t.numel() * t.element_size() for t in student.state_dict().values()))
-        student, report = heal(teacher, student, tokenizer=tokenizer, started=started, reserve=reserve,
-                               **{"checkpoints": bool(options.get("work_dir")), **options,
-                                  "work_dir": options.get("work_dir") or scratch})
+        stages = options.pop("stages", None)
+        heal_options = {"checkpoints": bool(options.get("work_dir")), **options,
+                        "work_dir": options.get("work_dir") or scratch}
+        if stages:  # a staged removal of a --norm none conversion's norms (stages.py)
+            student, report = heal_in_stages(teacher, student, stages, tokenizer=tokenizer, started=started,
+                                             reserve=reserve, **heal_options)
+        else:
+            student, report = heal(teacher, student, tokenizer=tokenizer, started=started, reserve=reserve,
+                                   **heal_options)
     finally:
         if scratch is not None:
             remove_scratch(scratch)

@@ -35,6 +35,8 @@ class HealReport:
     notes: tuple[str, ...] = field(default=())  # what the time budget changed, in words
     command_seconds: float | None = None  # the whole command, the save included (set once it is written)
     lora: dict[str, Any] | None = None  # with lora_rank: the rank, the wrapped projections, what trained
+    # a staged removal (``stages.py``): per stage its groups, the norms it fixed, its steps, before and after
+    stages: tuple[dict[str, Any], ...] = field(default=())
 
     def summary(self) -> str:
         evaluated = ("" if self.evaluated_texts in (0, self.held_out_texts)
@@ -59,6 +61,11 @@ class HealReport:
         elif self.warm_start:
             lines.append(f"  the closed-form warm start (output cosine {self.warm_start['output_cosine']:.4f}) was "
                          "further from the teacher than the converted model, so it was undone")
+        for number, stage in enumerate(self.stages, 1):
+            figure = next((name for name in ("next_token_kl", "output_cosine") if name in stage["before"]), None)
+            change = f": {figure} {stage['before'][figure]:.4f} -> {stage['after'][figure]:.4f}" if figure else ""
+            lines.append(f"  stage {number} ({'+'.join(stage['groups'])}, {plural(len(stage['norms']), 'norm')}), "
+                         f"{plural(stage['steps'], 'step')}{change}")
         worst_before, worst_after = min(self.before["entry_cosines"]), min(self.after["entry_cosines"])
         lines.append(f"  lowest per-sublayer cosine {worst_before:.4f} -> {worst_after:.4f}")
         return "\n".join(lines)
