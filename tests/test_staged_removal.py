@@ -154,3 +154,13 @@ def test_heal_stages_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit) as usage:
         main([*heal, "--stages", "mlp,,final"])
     assert usage.value.code == 2
+
+
+def test_a_partial_conversion_loads_without_trusting_remote_code(tmp_path: Path) -> None:
+    """Its modeling code is normswap's own: planned again from its provenance, ``--only`` included."""
+    source("gpt2").save_pretrained(tmp_path / "source")
+    assert main(["convert", str(tmp_path / "source"), str(tmp_path / "part"), "--norm", "none", "--only",
+                 "mlp,final", "--quiet"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "part", trust_remote_code=False)
+    assert len(stand_in_paths(model)) == 3
+    assert main(["inspect", str(tmp_path / "part")]) == 0

@@ -40,6 +40,7 @@ class ConversionRequest:
     # the stream read it too (Qwen3's q_norm), and writes the stream norms' eps into the code instead
     eps_field_scaled: bool = True
     native: bool = False  # a composed conversion's earlier pass may have gone to a stock family, a later one wrote code
+    only: tuple[str, ...] = ()  # --norm none|dyt --only: the groups of norms it replaced
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ _PLACES = r"pre|post|parallel|sandwich|post-sublayer"
 _PLACEMENT = re.compile(rf"placement (?:{_PLACES}) -> (?P<target>{_PLACES})(?: \(calibrated stand-ins\))?")
 _THEN = "; then "
 _NORM = re.compile(r"norm (?P<source>[a-z-]+) -> (?P<target>rmsnorm|layernorm|none|dyt)(?: \((?P<detail>.*)\))?")
+_ONLY = re.compile(r"(?P<groups>[^()]+) only\) \(")  # "mlp, final only) (calibrated, approximate"
 _WIDENED = re.compile(r"exact, hidden (?P<d>\d+) -> (?P<wider>\d+)\b.*")
 _KEYS_NOT_CARRIED = ("auto_map", "normswap", "transformers_version", "_name_or_path")
 
@@ -89,7 +91,8 @@ def _single_requests(conversion: str) -> list[ConversionRequest]:
                                 "not plan")
     detail = norm["detail"] or ""
     if norm["target"] in ("none", "dyt"):  # norm-free: one reading (the stream is centred wherever it can be)
-        return [ConversionRequest(norm=norm["target"])]
+        some = _ONLY.match(detail)
+        return [ConversionRequest(norm=norm["target"], only=tuple(some["groups"].split(", ")) if some else ())]
     if norm["target"] == "rmsnorm":
         if norm["source"] == "layernorm" and not detail:
             return [ConversionRequest(norm="rmsnorm"), ConversionRequest(norm="rmsnorm", untie=True)]
@@ -151,7 +154,7 @@ def _plan(config: Any, request: ConversionRequest) -> ConversionSetup:
     """The conversion planned as ``convert`` planned it; a placement that wrote code had no native target."""
     meta = meta_model(config, trust_remote_code=False)
     setup = plan_layout(meta, request.placement, request.norm, exact=request.exact, untie=request.untie,
-                        native=request.native)
+                        native=request.native, only=request.only)
     if setup.generated is None:
         raise RegenerationError("planned again, its conversion writes no modeling code")
     return setup
