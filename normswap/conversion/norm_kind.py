@@ -245,7 +245,7 @@ def convert_to_rms_norm(model: nn.Module, inputs: dict[str, torch.Tensor] | None
     return converted, setup.plan, report, setup.generated
 
 
-def _head_output(output: Any) -> dict[str, torch.Tensor]:
+def head_output(output: Any) -> dict[str, torch.Tensor]:
     """The logits; a model without a head, its last hidden state (the final norm's output, projected back)."""
     logits = getattr(output, "logits", None)
     return {"logits": logits} if logits is not None else {"last_hidden_state": output.last_hidden_state}
@@ -260,7 +260,7 @@ def check_exact(original: nn.Module, converted: nn.Module, inputs: dict[str, tor
     from its fp32 twin: its rounding, the converted model's rounding (the same size), and the rounding of the
     centred weights back to the checkpoint dtype (smaller).
     """
-    pick = _head_output if logits_only else _named_final_outputs
+    pick = head_output if logits_only else _named_final_outputs
     original_output, converted_output = _run(original, inputs), _run(converted, inputs)
     outputs, converted_outputs = pick(original_output), pick(converted_output)
     diff = max(_max_diff(outputs[name], converted_outputs[name]) for name in outputs)

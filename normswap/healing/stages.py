@@ -21,8 +21,8 @@ from torch import nn
 
 from ..conversion.calibration import calibrate
 from ..conversion.norm_free import calibration_site, norm_groups, residual_norm_sites
+from ..conversion.norm_kind import head_output
 from ..detect import inspect
-from ..detect.norms import is_norm_stand_in
 from ..errors import NormswapError
 from ..topology import OFFSET_NORM_KINDS, NormSite
 from . import budget, distributed
@@ -104,11 +104,12 @@ def heal_in_stages(teacher: nn.Module, student: nn.Module, stages: Sequence[Sequ
 
 def _stand_ins(teacher: nn.Module, student: nn.Module) -> dict[str, StandIn]:
     """Every stand-in of ``student`` with the teacher's norm in its place, in model order."""
-    norms = {norm.path: norm for norm in residual_norm_sites(inspect(teacher))}
-    groups = norm_groups(inspect(teacher))
+    topology = inspect(teacher)
+    norms = {norm.path: norm for norm in residual_norm_sites(topology)}
+    groups = norm_groups(topology)
     found: dict[str, StandIn] = {}
     for path, module in student.named_modules():
-        if not is_norm_stand_in(module) or type(module).__name__ != "NormswapStandIn":
+        if type(module).__name__ != "NormswapStandIn":  # not DyT, the other stand-in class: it cannot normalise
             continue
         if path not in norms:
             raise NormswapError(f"the student's stand-in {path} has no residual norm at that path in the teacher: "
@@ -200,20 +201,12 @@ def _require_teacher(teacher: nn.Module, student: nn.Module, rows: dict[str, tor
     inputs = {key: value[:4].to(device) for key, value in rows.items()}
     teacher.eval()
     student.eval()
-    expected, found = _main_output(teacher(**inputs)), _main_output(student(**inputs))
+    expected, found = (next(iter(head_output(model(**inputs)).values())) for model in (teacher, student))
     off = float((expected.float() - found.float()).abs().max() / expected.float().abs().max().clamp_min(1e-12))
     if not off <= _SAME_AS_TEACHER:
         raise NormswapError(f"with its norms restored, the converted model differs from the original by {off:.2g} of "
                             "its output's size: --stages starts from a fresh --norm none conversion of the original "
                             "(not a healed one); convert it again and heal that")
-
-
-def _main_output(output: Any) -> torch.Tensor:
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return output[0]
 
 
 def _combined(before: dict[str, Any], reports: list[HealReport],
