@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import inspect as pyinspect
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -66,19 +66,24 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
     edits: list[Edit] = []
     for stack in topology.stacks:
         stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
-        for position, layers in enumerate(_by_class(topology, stack, stack_layers)):
+
+        def stack_edits(position: int, layers: list[Layer], stack: Stack = stack,
+                        stack_layers: list[Layer] = stack_layers) -> list[Edit]:
             parallel = any(sub.kind == "parallel" for sub in layers[0].sublayers)
             template = next((layer for layer in layers if not identity_pre_norms(layer)), layers[0])
             if placement == "post":
                 keep = embedding_norm_stays(stack, stack_layers[0].sublayers[0].norms_in("pre"))
-                stack_edits = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep,
-                                            shared_loop=_shares_loop(model, topology, stack)),
-                               *_realised_placeholders(model, layers, template)]
+                found = [*_post_edits(model, stack, template, path, classes, keep_embedding_norm=keep,
+                                      shared_loop=_shares_loop(model, topology, stack)),
+                         *_realised_placeholders(model, layers, template)]
             else:
-                stack_edits = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
-            if position:  # the stack's own norm is added once, from its first layer class
-                stack_edits = [edit for edit in stack_edits if not isinstance(edit, AddStackNorm)]
-            edits += [edit for edit in stack_edits if edit not in edits]
+                found = (_serial_edits if parallel else _pre_edits)(model, stack, template, path, classes)
+            if position:  # the stack's own norm is added once, from its first layer group
+                found = [edit for edit in found if not isinstance(edit, AddStackNorm)]
+            return found
+
+        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, stack_edits)
+                  if edit not in edits]
     require_one_stage_norm_list(edits)
     return edits
 
@@ -97,20 +102,70 @@ def require_one_stage_norm_list(edits: list[Edit]) -> None:
 
 
 def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[list[Layer]]:
-    """The stack's layers grouped by class, in order of first appearance: a hybrid stack (Nemotron-H's Mamba,
-    attention and MLP blocks, Jamba's layer classes) has each class's code rewritten once. Within a class the
-    layers must place their norms alike, since one rewrite serves them all."""
-    groups: dict[str, list[Layer]] = {}
+    """The stack's layers grouped by class and, within a class, by where they place their norms, in order of first
+    appearance: a hybrid stack (Nemotron-H's Mamba, attention and MLP blocks, Jamba's layer classes) has each
+    class's code rewritten once, and a class whose layers build different modules (AXK1's MoE layers, with an out
+    norm inside the MoE, beside its dense ones) has each variant's edits derived from a layer of that variant
+    (``variant_edits`` checks that they agree on the code the variants share)."""
+    groups: dict[tuple[str, object], list[Layer]] = {}
     for layer in layers:
-        groups.setdefault(layer.layer_class, []).append(layer)
-    for group in groups.values():
-        shapes = {tuple((s.placement, tuple(layer.relative(n.path) for n in s.norms))
-                        for s in layer.sublayers) for layer in group}
-        if len(shapes) != 1:
-            raise CodegenError(f"the {group[0].layer_class} layers of {topology.model_type}'s {stack.path} place "
-                               "their norms differently from each other, and generated code rewrites each layer "
-                               "class once for all its layers")
+        groups.setdefault((layer.layer_class, _norm_shape(layer)), []).append(layer)
     return list(groups.values())
+
+
+def _norm_shape(layer: Layer) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each sublayer's placement and the paths of its norms, relative to the layer."""
+    return tuple((sub.placement, tuple(layer.relative(norm.path) for norm in sub.norms)) for sub in layer.sublayers)
+
+
+def variant_edits(model: nn.Module, topology: Topology, stack: Stack, layers: list[Layer],
+                  derive: Callable[[int, list[Layer]], list[Edit]]) -> list[Edit]:
+    """The union of ``derive``'s edits for each group of ``_by_class`` (its position and layers).
+
+    A class's code serves every instance of it, so an edit derived from one variant of a layer class must hold for
+    every other variant that holds that class too: refused where it does not (AXK2's dense layers call their
+    ``post_attention_layernorm`` in the layer's forward, where its MoE layers call a gate around the norm, so the
+    one line that calls it would have to unwrap a norm in some layers and keep a gate in others)."""
+    groups = _by_class(topology, stack, layers)
+    derived = [derive(position, group) for position, group in enumerate(groups)]
+    require_agreeing_variants(model, groups, derived)
+    edits: list[Edit] = []
+    for found in derived:
+        edits += [edit for edit in found if edit not in edits]
+    return edits
+
+
+def require_agreeing_variants(model: nn.Module, groups: list[list[Layer]], derived: list[list[Edit]]) -> None:
+    """Refuse an edit derived from one group of ``_by_class`` (``derived[i]`` from ``groups[i]``) that another
+    group holding the edited class did not derive: both run that class's code."""
+    held = [{type(module).__name__ for layer in group for module in model.get_submodule(layer.path).modules()}
+            for group in groups]
+    for index, (group, found) in enumerate(zip(groups, derived, strict=True)):
+        for edit in found:
+            class_name = getattr(edit, "class_name", "")
+            other = next((j for j, classes in enumerate(held)
+                          if j != index and class_name in classes and edit not in derived[j]), None)
+            if other is not None:
+                raise CodegenError(
+                    f"{group[0].path} and {groups[other][0].path}, both {group[0].layer_class} layers, place their "
+                    f"norms differently ({_describe_shape(group[0])}; {_describe_shape(groups[other][0])}), and "
+                    f"{_describe_edit(edit)} would hold for one and not the other, while both run that code of "
+                    f"{class_name}: one class's code cannot move a norm in some of its instances and not in others")
+
+
+def _describe_shape(layer: Layer) -> str:
+    return ", ".join(f"{sub.kind} {sub.placement}: {' + '.join(layer.relative(n.path) for n in sub.norms) or '-'}"
+                     for sub in layer.sublayers)
+
+
+def _describe_edit(edit: Edit) -> str:
+    """One edit in words, for a refusal."""
+    line = getattr(edit, "line", None)
+    what = type(edit).__name__
+    where = f" at line {line}" if line is not None else ""
+    fields = ", ".join(f"{name}={value!r}" for name, value in vars(edit).items() if name not in ("class_name", "line")
+                       and value not in ("", None, ()))
+    return f"{what}({fields}){where}"
 
 
 def _post_edits(model: nn.Module, stack: Stack, layer: Layer, path: Path, classes: list[tuple[str, int, int]],

@@ -2,24 +2,24 @@
 
 Each call of a removed norm is unwrapped where the trace found it (``self.<norm>(x)`` -> ``x``) and its
 constructor becomes the placeholder every removed norm becomes (``NeutraliseNorm``), so the generated code
-runs no norm there and the checkpoint keeps none of its weights. Layers are rewritten once per layer class,
-as ``placement_edits`` does.
+runs no norm there and the checkpoint keeps none of its weights. Layers are rewritten once per layer class and
+variant, as ``placement_edits`` does.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..topology import NormSlot, Topology
+from ..topology import Layer, NormSlot, Topology
 from .derive import (
     _branch_called_beside,
-    _by_class,
     _class_lines,
     _is_list_item,
     _Locator,
     _parameter_names,
     modeling_file,
     owner_and_attribute,
+    variant_edits,
 )
 from .edits import Edit, NeutraliseNorm, UnwrapNormCall
 
@@ -31,18 +31,22 @@ def removed_norm_edits(model: nn.Module, topology: Topology, slot: NormSlot) -> 
     edits: list[Edit] = []
     for stack in topology.stacks:
         stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
-        for layers in _by_class(topology, stack, stack_layers):
+
+        def layer_edits(_: int, layers: list[Layer]) -> list[Edit]:
             layer = layers[0]
             locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
+            found: list[Edit] = []
             for sub in layer.sublayers:
                 for norm in sub.norms_in(slot):
                     class_name, attribute = locate.attribute(norm.source, norm.path)
                     # a pre norm's call beside its branch's call on one line (FocalNet) must not take the other
                     beside = _branch_called_beside(locate, sub, class_name, norm.source) if slot == "pre" else ""
-                    for edit in (UnwrapNormCall(class_name, locate.line(norm.source), attribute, beside),
-                                 _placeholder(model, norm.path)):
-                        if edit not in edits:
-                            edits.append(edit)
+                    found += [edit for edit in (UnwrapNormCall(class_name, locate.line(norm.source), attribute, beside),
+                                                _placeholder(model, norm.path)) if edit not in found]
+            return found
+
+        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, layer_edits)
+                  if edit not in edits]
     return edits
 
 

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from ..codegen.branch_terms import FUNCTIONAL_DROPOUT, BranchTerm, branch_terms, entry_call, helper_call_terms
-from ..codegen.derive import CodegenError, _by_class, _class_lines, _Locator, modeling_file
+from ..codegen.derive import (
+    CodegenError,
+    _by_class,
+    _class_lines,
+    _Locator,
+    modeling_file,
+    require_agreeing_variants,
+)
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..detect.width import WIDTH_NAMES
 from ..errors import NormswapError
@@ -92,7 +99,10 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
     helpers: set[str] = set()
     for stack in topology.stacks:
         stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
-        for layers in _by_class(topology, stack, stack_layers):
+        groups = _by_class(topology, stack, stack_layers)
+        derived: list[list[Edit]] = []
+        for layers in groups:
+            derived.append([])
             for layer in layers:
                 if layer.items:
                     raise AddNormError(f"{layer.path} runs its layer as items of module lists, with no layer module "
@@ -107,9 +117,11 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                     for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken,
                                                stack.width):
                         edits += [edit for edit in new.edits if edit not in edits]
+                        derived[-1] += [edit for edit in new.edits if edit not in derived[-1]]
                         tensors += new.tensors
                         moves.append(new.move)
                         helpers |= new.helpers
+        require_agreeing_variants(model, groups, derived)
     placement = combine_placements(placements)
     what = "out norms on each branch's output" if slot == "out" else "pre norms on each branch's input"
     return Pass(name=f"{topology.placement} -> {placement}: {what}, started at the calibrated scale", exact=False,

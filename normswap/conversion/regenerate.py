@@ -52,7 +52,7 @@ class Regenerated:
 
 
 _PLACES = r"pre|post|parallel|sandwich|post-sublayer"
-_PLACEMENT = re.compile(rf"placement (?:{_PLACES}) -> (?P<target>{_PLACES})(?: \(calibrated stand-ins\))?")
+_PLACEMENT = re.compile(rf"placement (?:{_PLACES}|mixed) -> (?P<target>{_PLACES})(?: \(calibrated stand-ins\))?")
 _THEN = "; then "
 _NORM = re.compile(r"norm (?P<source>[a-z-]+) -> (?P<target>rmsnorm|layernorm|none|dyt)(?: \((?P<detail>.*)\))?")
 _ONLY = re.compile(r"(?P<groups>[^()]+) only\) \(")  # "mlp, final only) (calibrated, approximate"

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..topology import NormSite, Topology
 from .drop_norms import PreFold, pre_norm_folds
+from .norm_neighbours import pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step, combine
 from .round_trip_carry import removed_norms_carried
@@ -38,11 +39,15 @@ def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozense
     norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")
              if norm.path not in keep]
     weighted = [norm for norm in norms if _has_weight(model, norm)]
-    folds, moves = pre_norm_folds(model, weighted, shift_to_readers=False)
+    unfoldable = _unfoldable(model, weighted)
+    folds, moves = pre_norm_folds(model, [norm for norm in weighted if norm.path not in unfoldable],
+                                  shift_to_readers=False)
     moves = tuple(PassMove("rescale", move.norm, move.into, move.site, "weight s; g/s folded into its readers")
                   if move.action == "fold" else move for move in moves)
     moves += tuple(PassMove("keep", norm.path, note="no weight to hold s: the stream after it stays at unit scale")
                    for norm in norms if norm not in weighted)
+    moves += tuple(PassMove("keep", path, note=f"{reason}, so its readers cannot take g/s: the stream after it "
+                            "stays at the scale of its weight") for path, reason in unfoldable.items())
 
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
         originals = {key: steps[key] for fold in folds for key in fold.stand_in.keys}  # before any is rescaled
@@ -60,6 +65,14 @@ def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozense
                 placement=topology.placement, rewrite=rewrite,
                 calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
                 carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
+
+
+def _unfoldable(model: nn.Module, norms: list[NormSite]) -> dict[str, str]:
+    """The norms whose output something other than linear maps reads (AXK1's MoE router picks experts by it), each
+    with why: the rescale is exact only where ``g / s`` folds into every reader, so these keep their weights (the
+    conversion is approximate anyway; the rescale only keeps the moved norm's stream at the original's size)."""
+    found = pre_norm_readers(model, [norm.path for norm in norms])
+    return {path: read.reason for path, read in found.items() if read.reason}
 
 
 def _has_weight(model: nn.Module, norm: NormSite) -> bool:

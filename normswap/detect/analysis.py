@@ -276,6 +276,8 @@ def _find_residual_adds(graph: LayerGraph) -> list[_RawSublayer]:
         pre = _unique(norm for _, origin, norms in entries if origin is read_point for norm in norms)
         pre = [n for n in pre if n not in residual_norms]
         groups = _split_branches(graph, branch_nodes, [e for e, _, _ in entries])
+        if out_norms and len(groups) > 1:  # N(A(x) + M(x)): the norm reads their sum, so they are one branch
+            groups = [set().union(*groups)]  # (AXK1's routed and shared experts), not a parallel block
         for group in groups:  # each branch remembers the norms its entries read through
             group.update(norm for entry, _, norms in entries if entry in group for norm in norms)
         raw.append(_RawSublayer(node, residual_norms, out_norms, read_point, pre, groups, residual_scale=scale,
@@ -420,7 +422,9 @@ def _describe_branch(graph: LayerGraph, nodes: set[fx.Node], pre_norms: list[fx.
                      if graph.module_path(n) and not graph.is_norm(n) and not graph.is_light(n)]
     entry = graph.module_path(heavy_modules[0]) if heavy_modules else None
     entry_source = graph.source_of(heavy_modules[0]) if heavy_modules else None
-    names = " ".join(paths + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
+    # a norm's name says nothing of the branch: AXK2's MoE branch runs the gate of ``post_attention_layernorm``
+    names = " ".join([".".join(part for part in p.split(".") if "norm" not in part.lower()) for p in paths]
+                     + [type(graph.layer.get_submodule(p)).__name__ for p in paths])
     reads_encoder = any(i.op == "placeholder" and "encoder" in str(i.target) for n in nodes for i in n.all_input_nodes)
     kind: BranchKind
     if _ATTENTION.search(names):
