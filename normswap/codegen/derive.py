@@ -37,6 +37,7 @@ from .edits import (
     ReplaceResidualAdd,
     UnwrapModelNorm,
     UnwrapNormCall,
+    VariantStatement,
     WrapBranchInput,
     WrapResidualAdd,
 )
@@ -120,37 +121,83 @@ def _norm_shape(layer: Layer) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def variant_edits(model: nn.Module, topology: Topology, stack: Stack, layers: list[Layer],
                   derive: Callable[[int, list[Layer]], list[Edit]]) -> list[Edit]:
-    """The union of ``derive``'s edits for each group of ``_by_class`` (its position and layers).
-
-    A class's code serves every instance of it, so an edit derived from one variant of a layer class must hold for
-    every other variant that holds that class too: refused where it does not (AXK2's dense layers call their
-    ``post_attention_layernorm`` in the layer's forward, where its MoE layers call a gate around the norm, so the
-    one line that calls it would have to unwrap a norm in some layers and keep a gate in others)."""
+    """``derive``'s edits for each group of ``_by_class`` (its position and layers), joined by
+    ``joined_variant_edits``."""
     groups = _by_class(topology, stack, layers)
-    derived = [derive(position, group) for position, group in enumerate(groups)]
-    require_agreeing_variants(model, groups, derived)
-    edits: list[Edit] = []
-    for found in derived:
-        edits += [edit for edit in found if edit not in edits]
-    return edits
+    return joined_variant_edits(model, groups, [derive(position, group) for position, group in enumerate(groups)])
 
 
-def require_agreeing_variants(model: nn.Module, groups: list[list[Layer]], derived: list[list[Edit]]) -> None:
-    """Refuse an edit derived from one group of ``_by_class`` (``derived[i]`` from ``groups[i]``) that another
-    group holding the edited class did not derive: both run that class's code."""
+def joined_variant_edits(model: nn.Module, groups: list[list[Layer]], derived: list[list[Edit]]) -> list[Edit]:
+    """The edits derived from each group of ``_by_class`` (``derived[i]`` from ``groups[i]``), as one list.
+
+    A class's code serves every instance of it, so an edit derived from one group must hold for every other group
+    that holds the edited class too. Where variants of one layer class need different edits of a statement of that
+    class (AXK2's dense layers call their ``post_attention_layernorm``, a norm, on the line where its MoE layers call
+    a gated norm), the statement runs as each variant needs: ``VariantStatement``, guarded by the class of a module
+    that tells the variants apart. Anything else that differs is refused."""
     held = [{type(module).__name__ for layer in group for module in model.get_submodule(layer.path).modules()}
             for group in groups]
-    for index, (group, found) in enumerate(zip(groups, derived, strict=True)):
-        for edit in found:
-            class_name = getattr(edit, "class_name", "")
-            other = next((j for j, classes in enumerate(held)
-                          if j != index and class_name in classes and edit not in derived[j]), None)
-            if other is not None:
-                raise CodegenError(
-                    f"{group[0].path} and {groups[other][0].path}, both {group[0].layer_class} layers, place their "
-                    f"norms differently ({_describe_shape(group[0])}; {_describe_shape(groups[other][0])}), and "
-                    f"{_describe_edit(edit)} would hold for one and not the other, while both run that code of "
-                    f"{class_name}: one class's code cannot move a norm in some of its instances and not in others")
+    conflicts = [(index, other, edit) for index, found in enumerate(derived) for edit in found
+                 for other, classes in enumerate(held)
+                 if other != index and getattr(edit, "class_name", "") in classes and edit not in derived[other]]
+    statements: dict[tuple[str, int], list[int]] = {}
+    for index, other, edit in conflicts:
+        line = getattr(edit, "line", None)
+        layer_class = groups[index][0].layer_class
+        if edit.class_name != layer_class or groups[other][0].layer_class != layer_class or line is None:
+            raise _variant_refusal(groups[index][0], groups[other][0], edit)
+        statements.setdefault((layer_class, line), [i for i, group in enumerate(groups)
+                                                    if group[0].layer_class == layer_class])
+    dispatched = [_variant_statement(model, name, line, [groups[i] for i in members], [derived[i] for i in members])
+                  for (name, line), members in statements.items()]
+    edits: list[Edit] = []
+    for found in derived:
+        edits += [edit for edit in found if edit not in edits
+                  and (getattr(edit, "class_name", ""), getattr(edit, "line", None)) not in statements]
+    return [*edits, *dispatched]
+
+
+def _variant_statement(model: nn.Module, class_name: str, line: int, groups: list[list[Layer]],
+                       derived: list[list[Edit]]) -> VariantStatement:
+    guards = _variant_guards(model, groups)
+    if guards is None:
+        raise CodegenError(f"the {class_name} layers {', '.join(group[0].path for group in groups)} place their norms "
+                           f"differently and need different code at line {line}, and no module of theirs has a "
+                           "class of its own in each variant for the code to tell them apart by")
+    return VariantStatement(class_name, line, tuple(
+        (guard, tuple(edit for edit in found if getattr(edit, "line", None) == line
+                      and getattr(edit, "class_name", "") == class_name))
+        for guard, found in zip(guards, derived, strict=True)))
+
+
+def _variant_guards(model: nn.Module, groups: list[list[Layer]]) -> list[str] | None:
+    """For each group, an expression true in exactly its layers: the class of the first module (relative to the
+    layer) whose class is one in each group and another in every other group; None where no module tells them
+    apart."""
+    def classes(layer: Layer) -> dict[str, str]:
+        return {path: type(module).__name__ for path, module in model.get_submodule(layer.path).named_modules()
+                if path}
+
+    per_group = []
+    for group in groups:
+        first, *rest = (classes(layer) for layer in group)
+        per_group.append({path: name for path, name in first.items() if all(other.get(path) == name for other in rest)})
+    for path in per_group[0]:
+        names = [found.get(path) for found in per_group]
+        if None not in names and len(set(names)) == len(names):
+            reads = "self." + path if all(part.isidentifier() for part in path.split(".")) else ""
+            if reads:
+                return [f'type({reads}).__name__ == "{name}"' for name in names]
+    return None
+
+
+def _variant_refusal(layer: Layer, other: Layer, edit: Edit) -> CodegenError:
+    class_name = getattr(edit, "class_name", "")
+    return CodegenError(
+        f"{layer.path} and {other.path} ({layer.layer_class} and {other.layer_class} layers) place their norms "
+        f"differently ({_describe_shape(layer)}; {_describe_shape(other)}), and {_describe_edit(edit)} would hold for "
+        f"one and not the other, while both run that code of {class_name}: code that one class shares with other "
+        "layers cannot move a norm in some of them and not in others")
 
 
 def _describe_shape(layer: Layer) -> str:

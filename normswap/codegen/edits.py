@@ -323,8 +323,20 @@ class BuildAtSourceWidth:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class VariantStatement:
+    """The statement at ``line`` -> ``if <guard 1>: <it, with edits 1> elif ...``: instances of one layer class that
+    place their norms differently (AXK2's dense layers call a norm where its MoE layers call a gated norm) each run
+    the statement as their own edits make it. Each guard names the class of a module that tells the variants apart,
+    ``type(self.<path>).__name__ == "<class>"``; the last case is the ``else``."""
+
+    class_name: str
+    line: int
+    cases: tuple[tuple[str, tuple[Edit, ...]], ...]  # (guard, the edits of the statement in that variant)
+
+
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | WrapBranchOutput | UnwrapModelNorm | NeutraliseNorm
         | BuildNormAlways | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
         | ReplaceResidualAdd | DropStatement | SizeByInnerWidth | AddOutputProjection | AddStackProjection
-        | BuildAtSourceWidth)
+        | BuildAtSourceWidth | VariantStatement)

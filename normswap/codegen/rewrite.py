@@ -35,6 +35,7 @@ from .edits import (
     SizeByInnerWidth,
     UnwrapModelNorm,
     UnwrapNormCall,
+    VariantStatement,
     WrapBranchInput,
     WrapBranchOutput,
     WrapResidualAdd,
@@ -267,7 +268,12 @@ class _Rewriter(cst.CSTTransformer):
         self.statement_lines.append(self.lines.get(id(node), (0, -1)))  # no span: only class-wide edits wanted
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine
-                                  ) -> cst.SimpleStatementLine | cst.RemovalSentinel | cst.FlattenSentinel:
+                                  ) -> cst.BaseStatement | cst.RemovalSentinel | cst.FlattenSentinel:
+        variant = next((edit for edit in self.edits if isinstance(edit, VariantStatement) and self._here(edit)), None)
+        if variant is not None:
+            self.statement_lines.pop()
+            self.applied[variant] += 1
+            return self._dispatched(original, variant)
         dropped = next((edit for edit in self.edits if isinstance(edit, DropStatement) and self._here(edit)), None)
         normalised = self._normalised_after_item_add(updated) if dropped is None else None
         self.statement_lines.pop()
@@ -286,6 +292,28 @@ class _Rewriter(cst.CSTTransformer):
             self.before_statement = []
             return cst.FlattenSentinel([*added, updated])
         return updated
+
+    def _dispatched(self, statement: cst.SimpleStatementLine, variant: VariantStatement) -> cst.If:
+        """``if <guard>: <the statement as one variant's edits make it> elif ... else ...``: each variant's edits
+        applied to the original statement by a rewriter of their own, in this one's context, exactly once each."""
+        cases = []
+        for guard, edits in variant.cases:
+            nested = _Rewriter(edits, self.constructors, self.lines, self.module_names, self.width_aliases)
+            nested.classes, nested.functions = list(self.classes), list(self.functions)
+            nested.parameters, nested.loop_variables = list(self.parameters), list(self.loop_variables)
+            edited = statement.visit(nested)
+            missed = [edit for edit in edits if nested.applied[edit] != 1]
+            if missed:
+                raise CodegenError(f"the statement at line {variant.line} of {variant.class_name} did not take the "
+                                   f"edits of its variant {guard} ({', '.join(map(str, missed))})")
+            if not isinstance(edited, cst.SimpleStatementLine):  # ``x = self.norm(x)`` became ``x = x``: nothing
+                edited = cst.SimpleStatementLine([cst.Pass()])
+            cases.append((guard, edited.with_changes(leading_lines=())))
+        otherwise: cst.If | cst.Else = cst.Else(cst.IndentedBlock([cases[-1][1]]))
+        for guard, edited in reversed(cases[:-1]):
+            otherwise = cst.If(cst.parse_expression(guard), cst.IndentedBlock([edited]), otherwise)
+        assert isinstance(otherwise, cst.If)  # a variant statement has two cases or more
+        return otherwise.with_changes(leading_lines=statement.leading_lines)
 
     def _normalised_after_item_add(self, statement: cst.SimpleStatementLine) -> cst.FlattenSentinel | None:
         """``h[m] += F`` adds to the stream in place, with no sum to wrap: a ``WrapResidualAdd`` there normalises

@@ -30,8 +30,8 @@ from ..codegen.derive import (
     _by_class,
     _class_lines,
     _Locator,
+    joined_variant_edits,
     modeling_file,
-    require_agreeing_variants,
 )
 from ..codegen.edits import AddLayerNorm, Edit, ReplaceResidualAdd, WrapBranchInput, WrapBranchOutput
 from ..detect.width import WIDTH_NAMES
@@ -116,12 +116,11 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                     placements.append(_placement_after(layer, index, sub, slot))
                     for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken,
                                                stack.width):
-                        edits += [edit for edit in new.edits if edit not in edits]
                         derived[-1] += [edit for edit in new.edits if edit not in derived[-1]]
                         tensors += new.tensors
                         moves.append(new.move)
                         helpers |= new.helpers
-        require_agreeing_variants(model, groups, derived)
+        edits += [edit for edit in joined_variant_edits(model, groups, derived) if edit not in edits]
     placement = combine_placements(placements)
     what = "out norms on each branch's output" if slot == "out" else "pre norms on each branch's input"
     return Pass(name=f"{topology.placement} -> {placement}: {what}, started at the calibrated scale", exact=False,
