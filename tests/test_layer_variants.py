@@ -19,6 +19,7 @@ from test_placements import assert_saved_loads_and_generates_alike
 
 import normswap
 from normswap.cli import main
+from normswap.conversion.route import plan_layout
 
 _SHARED = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=4, head_dim=8, q_lora_rank=32, kv_lora_rank=32,
@@ -75,6 +76,10 @@ def test_variants_of_one_layer_class_convert(target: str, tmp_path: Path) -> Non
     whole = getattr(report, "whole", None) or report.drift
     assert not report.exact and 0.5 < whole.output_cosine < 0.99999
     assert_saved_loads_and_generates_alike(converted, tmp_path)
+    if target == "post":  # the rescale before the shift keeps the router-read norm and rescales the rest
+        plan = plan_layout(model, "post").plan.describe()
+        assert "keep model.layers.1.post_attention_layernorm   # " in plan
+        assert "rescale model.layers.0.post_attention_layernorm into" in plan
 
 
 def test_a_converted_variant_model_inspects_without_running_its_code(tmp_path: Path) -> None:
@@ -114,6 +119,6 @@ def test_a_statement_the_variants_need_differently_runs_as_each_needs(tmp_path: 
 def test_a_norm_added_to_one_variant_only_is_refused() -> None:
     """AXK1 to sandwich adds an out norm to the dense layers' MLP in the layer's own code, which its MoE layers run
     too, where the MoE holds an out norm already."""
-    with pytest.raises(normswap.NormswapError, match=r"model\.layers\.0 and model\.layers\.1 \(AXK1DecoderLayer and "
-                       r"AXK1DecoderLayer layers\) place their norms differently .* AddLayerNorm\(norm="):
+    with pytest.raises(normswap.NormswapError, match=r"model\.layers\.0 and model\.layers\.1 \(both AXK1DecoderLayer "
+                       r"layers\) place their norms differently .* AddLayerNorm\(norm="):
         normswap.convert(axk1(), "sandwich")

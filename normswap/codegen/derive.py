@@ -193,8 +193,10 @@ def _variant_guards(model: nn.Module, groups: list[list[Layer]]) -> list[str] | 
 
 def _variant_refusal(layer: Layer, other: Layer, edit: Edit) -> CodegenError:
     class_name = getattr(edit, "class_name", "")
+    classes = (f"both {layer.layer_class} layers" if layer.layer_class == other.layer_class
+               else f"{layer.layer_class} and {other.layer_class} layers")
     return CodegenError(
-        f"{layer.path} and {other.path} ({layer.layer_class} and {other.layer_class} layers) place their norms "
+        f"{layer.path} and {other.path} ({classes}) place their norms "
         f"differently ({_describe_shape(layer)}; {_describe_shape(other)}), and {_describe_edit(edit)} would hold for "
         f"one and not the other, while both run that code of {class_name}: code that one class shares with other "
         "layers cannot move a norm in some of them and not in others")
