@@ -139,10 +139,11 @@ def _minimax() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(("build", "reason"), [
-    # MiniMax normalises the stream itself after the attention's add (the MLP reads it and adds to it): that norm
-    # moves only by the norm shift, which needs one placement throughout the stack
-    (_minimax, r"sublayer 0 of model\.layers\.0 normalises the stream itself after its add "
-               r"\(model\.layers\.0\.post_attention_layernorm\)"),
+    # MiniMax normalises the stream itself at each layer's start and after the attention's add: Post-Norm read one
+    # layer off, each layer's last add normalised by the next layer's first norm
+    (_minimax, r"every layer of minimax normalises the stream itself where it starts "
+               r"\(model\.layers\.1\.input_layernorm, the residual taken after it\) and after an add inside it "
+               r"\(model\.layers\.0\.post_attention_layernorm\): a Post-Norm stack"),
     # NeoMME's attention reads a learned mix of the stream and the first layer's input through its own norm, so
     # detection sees no pre norm there; the pre norm the conversion adds wraps that norm's output, and the branch
     # still does not read the stream through it: the generated code detects as mixed, and nothing is written

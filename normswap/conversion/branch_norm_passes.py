@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..detect import inspect
+from ..detect.stem_norm import TAKEN_AFTER_PRE_NORM
 from ..recipe import recipe_for
 from ..topology import Topology
 from .add_norms import add_out_norms, add_pre_norms
@@ -112,6 +113,7 @@ def mixed_planner(target: str, native: bool, extra: tuple[str, ...] = ()) -> Pla
 def _require_branch_slots_only(topology: Topology) -> None:
     """The sublayer by sublayer passes move norms on branches; a norm of the stream itself (after an add) or a
     parallel block among sequential sublayers is a different mapping's business, named here."""
+    _require_no_stem_norm_in_every_layer(topology)
     for layer in topology.layers:
         for index, sub in enumerate(layer.sublayers):
             stream_norms = [norm.path for norm in sub.norms if norm.slot not in _BRANCH_SLOTS]
@@ -126,6 +128,21 @@ def _require_branch_slots_only(topology: Topology) -> None:
                     f"{topology.model_type} has mixed placement, and sublayer {index} of {layer.path} is a parallel "
                     "block among sequential sublayers; the branch-norm passes (docs/design.md §9) take a mixed model "
                     "whose sublayers are all sequential")
+
+
+def _require_no_stem_norm_in_every_layer(topology: Topology) -> None:
+    """Every layer normalising the stream itself where it starts (the residual taken after its first norm) and
+    after an add inside it is a Post-Norm stack read one layer off (MiniMax): the norm after each layer's last add
+    is the next layer's first norm, which that layer holds, and the final norm the last layer's."""
+    first_norms = [next((norm.path for norm in layer.sublayers[0].norms_in("pre")), "") for layer in topology.layers
+                   if TAKEN_AFTER_PRE_NORM in layer.sublayers[0].notes]
+    stream_norms = [norm.path for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("post")]
+    if len(first_norms) == len(topology.layers) > 1 and all(first_norms) and stream_norms:
+        raise PlanError(
+            f"every layer of {topology.model_type} normalises the stream itself where it starts ({first_norms[1]}, "
+            f"the residual taken after it) and after an add inside it ({stream_norms[0]}): a Post-Norm stack whose "
+            "last add in each layer is normalised by the next layer's first norm, a norm another layer holds, while "
+            "the norm-shift mapping (docs/design.md §3) and the generated code move each layer's norms within it")
 
 
 def _mixed_edge(target: str) -> PlacementEdge:
