@@ -14,7 +14,6 @@ import transformers
 from test_convert_native import tiny_model
 from test_layer_norm_exact_weightless import CONFIGS as WEIGHTLESS
 from test_layer_norm_exact_weightless import perturbed as weightless_model
-from tiny_configs import TINY_CONFIGS
 
 import normswap
 from normswap.cli import main
@@ -131,24 +130,12 @@ def _neomme() -> torch.nn.Module:
     return transformers.AutoModelForMaskedLM.from_config(config)
 
 
-def _minimax() -> torch.nn.Module:
-    fields = {key: value for key, value in TINY_CONFIGS["llama"].items() if key != "model_type"}
-    config = transformers.AutoConfig.for_model("minimax", **fields, num_local_experts=4, num_experts_per_tok=2,
-                                               layer_types=["full_attention", "full_attention"])
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
 @pytest.mark.parametrize(("build", "reason"), [
-    # MiniMax normalises the stream itself at each layer's start and after the attention's add: Post-Norm read one
-    # layer off, each layer's last add normalised by the next layer's first norm
-    (_minimax, r"every layer of minimax normalises the stream itself where it starts "
-               r"\(model\.layers\.1\.input_layernorm, the residual taken after it\) and after an add inside it "
-               r"\(model\.layers\.0\.post_attention_layernorm\): a Post-Norm stack"),
     # NeoMME's attention reads a learned mix of the stream and the first layer's input through its own norm, so
     # detection sees no pre norm there; the pre norm the conversion adds wraps that norm's output, and the branch
     # still does not read the stream through it: the generated code detects as mixed, and nothing is written
     (_neomme, r"code detects as mixed, not pre; sublayer 0 of model\.layers\.0 \(attention\) detects as none"),
-], ids=["minimax-stream-norm", "neomme-mixed-read"])
+], ids=["neomme-mixed-read"])
 def test_a_mixed_model_that_no_branch_norm_pass_makes_pre_is_refused_with_its_reason(
         build: Callable[[], torch.nn.Module], reason: str) -> None:
     model = build()

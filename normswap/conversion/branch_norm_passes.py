@@ -21,16 +21,17 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..detect import inspect
-from ..detect.stem_norm import TAKEN_AFTER_PRE_NORM
 from ..recipe import recipe_for
 from ..topology import Topology
 from .add_norms import add_out_norms, add_pre_norms
+from .chain import chain
 from .compose import compose
 from .drop_norms import drop_out_norms, drop_pre_norms
 from .passes import Pass
 from .plan import PlanError
 from .registry import PlacementEdge, Planner
 from .setup import ConversionSetup
+from .stem_norm_shift import shifted_stream_norms, stem_norm_in_every_layer
 from .stream_scale import stream_scaled_pre_norms
 
 _PASSES: dict[str, Callable[[nn.Module, Topology], Pass]] = {
@@ -98,6 +99,8 @@ def mixed_planner(target: str, native: bool, extra: tuple[str, ...] = ()) -> Pla
     (with the passes ``extra`` after its own)."""
     def plan(model: nn.Module) -> ConversionSetup:
         topology = inspect(model)
+        if stem_norm_in_every_layer(topology):  # MiniMax: Post-Norm read one layer off, first to Pre-Norm
+            return _from_stem_norms(model, topology, target, native, extra)
         _require_branch_slots_only(topology)
         held = {norm.slot for layer in topology.layers for sub in layer.sublayers for norm in sub.norms}
         lacking = {slot for slot in _BRANCH_SLOTS
@@ -113,7 +116,6 @@ def mixed_planner(target: str, native: bool, extra: tuple[str, ...] = ()) -> Pla
 def _require_branch_slots_only(topology: Topology) -> None:
     """The sublayer by sublayer passes move norms on branches; a norm of the stream itself (after an add) or a
     parallel block among sequential sublayers is a different mapping's business, named here."""
-    _require_no_stem_norm_in_every_layer(topology)
     for layer in topology.layers:
         for index, sub in enumerate(layer.sublayers):
             stream_norms = [norm.path for norm in sub.norms if norm.slot not in _BRANCH_SLOTS]
@@ -130,19 +132,25 @@ def _require_branch_slots_only(topology: Topology) -> None:
                     "whose sublayers are all sequential")
 
 
-def _require_no_stem_norm_in_every_layer(topology: Topology) -> None:
-    """Every layer normalising the stream itself where it starts (the residual taken after its first norm) and
-    after an add inside it is a Post-Norm stack read one layer off (MiniMax): the norm after each layer's last add
-    is the next layer's first norm, which that layer holds, and the final norm the last layer's."""
-    first_norms = [next((norm.path for norm in layer.sublayers[0].norms_in("pre")), "") for layer in topology.layers
-                   if TAKEN_AFTER_PRE_NORM in layer.sublayers[0].notes]
-    stream_norms = [norm.path for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("post")]
-    if len(first_norms) == len(topology.layers) > 1 and all(first_norms) and stream_norms:
-        raise PlanError(
-            f"every layer of {topology.model_type} normalises the stream itself where it starts ({first_norms[1]}, "
-            f"the residual taken after it) and after an add inside it ({stream_norms[0]}): a Post-Norm stack whose "
-            "last add in each layer is normalised by the next layer's first norm, a norm another layer holds, while "
-            "the norm-shift mapping (docs/design.md §3) and the generated code move each layer's norms within it")
+def _from_stem_norms(model: nn.Module, topology: Topology, target: str, native: bool, extra: tuple[str, ...]
+                     ) -> ConversionSetup:
+    """A stack that normalises the stream where each layer starts and after an add inside it (``stem_norm_shift``):
+    its norms moved onto the branches make it Pre-Norm; from there, ``extra`` (planned on that model) and the route
+    to ``target``, each a step of the chain."""
+    from .registry import find_route
+    from .route import route_planner
+
+    def to_pre(source: nn.Module) -> ConversionSetup:
+        return compose(source, topology, [shifted_stream_norms(source, topology)], "placement mixed -> pre",
+                       wanted="pre")
+
+    steps: list[Planner] = [to_pre]
+    if extra:
+        steps.append(lambda meta: compose(meta, inspect(meta), [_PASSES[name](meta, inspect(meta)) for name in extra],
+                                          ""))
+    if target != "pre":
+        steps.append(route_planner(find_route("pre", target), native))
+    return chain(model, steps)
 
 
 def _mixed_edge(target: str) -> PlacementEdge:
