@@ -19,6 +19,9 @@ from test_placements import assert_saved_loads_and_generates_alike
 
 import normswap
 from normswap.cli import main
+from normswap.codegen.derive import CodegenError
+from normswap.codegen.edits import UnwrapNormCall, VariantStatement, WrapBranchInput
+from normswap.codegen.rewrite import apply_edits
 from normswap.conversion.route import plan_layout
 
 _SHARED = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=2,
@@ -122,3 +125,34 @@ def test_a_norm_added_to_one_variant_only_is_refused() -> None:
     with pytest.raises(normswap.NormswapError, match=r"model\.layers\.0 and model\.layers\.1 \(both AXK1DecoderLayer "
                        r"layers\) place their norms differently .* AddLayerNorm\(norm="):
         normswap.convert(axk1(), "sandwich")
+
+
+_THREE_VARIANTS = '''class Layer(nn.Module):
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+'''
+
+
+def test_a_variant_statement_runs_each_variants_edits_and_only_those() -> None:
+    """Three variants of one statement: the first unwraps the norm, the second leaves it, the third reads its input
+    through another module first; each case is the original statement with its own edits, the last the else."""
+    dense, gated, inner = ('type(self.mlp).__name__ == "Dense"', 'type(self.mlp).__name__ == "Gated"',
+                           'type(self.mlp).__name__ == "Inner"')
+    rewritten = apply_edits(_THREE_VARIANTS, [VariantStatement("Layer", 4, (
+        (dense, (UnwrapNormCall("Layer", 4, "norm"),)),
+        (gated, ()),
+        (inner, (WrapBranchInput("Layer", 4, "norm", "inner"),))))])
+    assert rewritten == _THREE_VARIANTS.replace(
+        "        hidden_states = self.norm(hidden_states)\n",
+        f"        if {dense}:\n            pass\n"
+        f"        elif {gated}:\n            hidden_states = self.norm(hidden_states)\n"
+        "        else:\n            hidden_states = self.norm(self.inner(hidden_states))\n")
+
+
+def test_a_variant_statement_whose_edit_does_not_apply_is_an_error() -> None:
+    with pytest.raises(CodegenError, match=r"did not take the edits of its variant"):
+        apply_edits(_THREE_VARIANTS, [VariantStatement("Layer", 4, (
+            ("a", (UnwrapNormCall("Layer", 4, "absent"),)), ("b", ())))])
