@@ -127,6 +127,25 @@ def variant_edits(model: nn.Module, topology: Topology, stack: Stack, layers: li
     return joined_variant_edits(model, groups, [derive(position, group) for position, group in enumerate(groups)])
 
 
+def each_variant_edits(model: nn.Module, topology: Topology,
+                       derive: Callable[[_Locator, Layer], list[Edit]]) -> list[Edit]:
+    """``derive(locate, layer)`` for one layer of each group of ``_by_class`` in every stack, joined by
+    ``joined_variant_edits``: the edits of a pass that rewrites each layer's own norm calls."""
+    path = modeling_file(model, topology)
+    classes = _class_lines(path)
+    edits: list[Edit] = []
+    for stack in topology.stacks:
+        stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
+
+        def derive_group(_: int, layers: list[Layer]) -> list[Edit]:
+            locate = _Locator(model.get_submodule(layers[0].path), layers[0], classes, path.name)
+            return derive(locate, layers[0])
+
+        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, derive_group)
+                  if edit not in edits]
+    return edits
+
+
 def joined_variant_edits(model: nn.Module, groups: list[list[Layer]], derived: list[list[Edit]]) -> list[Edit]:
     """The edits derived from each group of ``_by_class`` (``derived[i]`` from ``groups[i]``), as one list.
 

@@ -13,41 +13,29 @@ from torch import nn
 from ..topology import Layer, NormSlot, Topology
 from .derive import (
     _branch_called_beside,
-    _class_lines,
     _is_list_item,
     _Locator,
     _parameter_names,
-    modeling_file,
+    each_variant_edits,
     owner_and_attribute,
-    variant_edits,
 )
 from .edits import Edit, NeutraliseNorm, UnwrapNormCall
 
 
 def removed_norm_edits(model: nn.Module, topology: Topology, slot: NormSlot) -> list[Edit]:
     """Unwrap and neutralise every ``slot`` norm of the layers (``pre`` or ``out``)."""
-    path = modeling_file(model, topology)
-    classes = _class_lines(path)
-    edits: list[Edit] = []
-    for stack in topology.stacks:
-        stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
+    def layer_edits(locate: _Locator, layer: Layer) -> list[Edit]:
+        found: list[Edit] = []
+        for sub in layer.sublayers:
+            for norm in sub.norms_in(slot):
+                class_name, attribute = locate.attribute(norm.source, norm.path)
+                # a pre norm's call beside its branch's call on one line (FocalNet) must not take the other
+                beside = _branch_called_beside(locate, sub, class_name, norm.source) if slot == "pre" else ""
+                found += [edit for edit in (UnwrapNormCall(class_name, locate.line(norm.source), attribute, beside),
+                                            _placeholder(model, norm.path)) if edit not in found]
+        return found
 
-        def layer_edits(_: int, layers: list[Layer]) -> list[Edit]:
-            layer = layers[0]
-            locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
-            found: list[Edit] = []
-            for sub in layer.sublayers:
-                for norm in sub.norms_in(slot):
-                    class_name, attribute = locate.attribute(norm.source, norm.path)
-                    # a pre norm's call beside its branch's call on one line (FocalNet) must not take the other
-                    beside = _branch_called_beside(locate, sub, class_name, norm.source) if slot == "pre" else ""
-                    found += [edit for edit in (UnwrapNormCall(class_name, locate.line(norm.source), attribute, beside),
-                                                _placeholder(model, norm.path)) if edit not in found]
-            return found
-
-        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, layer_edits)
-                  if edit not in edits]
-    return edits
+    return each_variant_edits(model, topology, layer_edits)
 
 
 def _placeholder(model: nn.Module, path: str) -> NeutraliseNorm:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..codegen.derive import _class_lines, _Locator, modeling_file, variant_edits
+from ..codegen.derive import _Locator, each_variant_edits
 from ..codegen.edits import Edit, UnwrapNormCall, WrapBranchInput
 from ..detect.stem_norm import TAKEN_AFTER_PRE_NORM
 from ..topology import Layer, NormSite, Topology
@@ -32,31 +32,21 @@ def stem_norm_in_every_layer(topology: Topology) -> bool:
 
 def shifted_stream_norms(model: nn.Module, topology: Topology) -> Pass:
     """The pass: each norm of the stream moved onto the branch that reads its output."""
-    path = modeling_file(model, topology)
-    classes = _class_lines(path)
-    edits: list[Edit] = []
-    for stack in topology.stacks:
-        stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
+    def layer_edits(locate: _Locator, layer: Layer) -> list[Edit]:
+        found: list[Edit] = []
+        for index, norm in enumerate(_norms_read(layer)):
+            branch = layer.sublayers[index].branches[0]
+            class_name, attribute = locate.attribute(norm.source, norm.path)
+            branch_class, branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")
+            _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
+            found += [UnwrapNormCall(class_name, locate.line(norm.source), attribute),
+                      WrapBranchInput(branch_class, locate.line(branch.entry_source), branch_attribute, norm_attribute)]
+            for reader, source in branch.other_readers():
+                reader_class, reader_attribute = locate.attribute(source, reader)
+                found.append(WrapBranchInput(reader_class, locate.line(source), reader_attribute, norm_attribute))
+        return found
 
-        def layer_edits(_: int, layers: list[Layer]) -> list[Edit]:
-            layer = layers[0]
-            locate = _Locator(model.get_submodule(layer.path), layer, classes, path.name)
-            found: list[Edit] = []
-            for index, norm in enumerate(_norms_read(layer)):
-                branch = layer.sublayers[index].branches[0]
-                class_name, attribute = locate.attribute(norm.source, norm.path)
-                branch_class, branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")
-                _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
-                found += [UnwrapNormCall(class_name, locate.line(norm.source), attribute),
-                          WrapBranchInput(branch_class, locate.line(branch.entry_source), branch_attribute,
-                                          norm_attribute)]
-                for reader, source in branch.other_readers():
-                    reader_class, reader_attribute = locate.attribute(source, reader)
-                    found.append(WrapBranchInput(reader_class, locate.line(source), reader_attribute, norm_attribute))
-            return found
-
-        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, layer_edits)
-                  if edit not in edits]
+    edits = each_variant_edits(model, topology, layer_edits)
     moves = tuple(PassMove("move", norm.path, note=f"onto the input of {layer.sublayers[index].kind} "
                            f"({layer.sublayers[index].branches[0].entry}); its weights stay")
                   for layer in topology.layers for index, norm in enumerate(_norms_read(layer)))
