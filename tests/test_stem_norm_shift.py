@@ -18,9 +18,10 @@ from normswap.cli import main
 
 
 def minimax() -> torch.nn.Module:
+    """A lightning-attention layer, whose branch starts inside its attention module, and a softmax-attention one."""
     fields = {key: value for key, value in TINY_CONFIGS["llama"].items() if key != "model_type"}
     config = transformers.AutoConfig.for_model("minimax", **fields, num_local_experts=4, num_experts_per_tok=2,
-                                               layer_types=["full_attention", "full_attention"])
+                                               layer_types=["linear_attention", "full_attention"])
     model = transformers.AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # norm weights away from 1: a norm moved without its weights changes the output

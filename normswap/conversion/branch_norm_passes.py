@@ -144,10 +144,11 @@ def _from_stem_norms(model: nn.Module, topology: Topology, target: str, native: 
         return compose(source, topology, [shifted_stream_norms(source, topology)], "placement mixed -> pre",
                        wanted="pre")
 
-    steps: list[Planner] = [to_pre]
-    if extra:
-        steps.append(lambda meta: compose(meta, inspect(meta), [_PASSES[name](meta, inspect(meta)) for name in extra],
-                                          ""))
+    def then_extra(meta: nn.Module) -> ConversionSetup:
+        made = inspect(meta)
+        return compose(meta, made, [_PASSES[name](meta, made) for name in extra], "")
+
+    steps: list[Planner] = [to_pre, *([then_extra] if extra else [])]
     if target != "pre":
         steps.append(route_planner(find_route("pre", target), native))
     return chain(model, steps)

@@ -11,10 +11,14 @@ exact (the stream is no longer normalised between the branches).
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 from torch import nn
 
-from ..codegen.derive import _Locator, each_variant_edits
+from ..codegen.derive import _Locator, each_variant_edits, modeling_file
 from ..codegen.edits import Edit, UnwrapNormCall, WrapBranchInput
+from ..codegen.serialise import forward_of
 from ..detect.stem_norm import TAKEN_AFTER_PRE_NORM
 from ..topology import Layer, NormSite, Topology
 from .passes import Pass, PassMove
@@ -32,18 +36,23 @@ def stem_norm_in_every_layer(topology: Topology) -> bool:
 
 def shifted_stream_norms(model: nn.Module, topology: Topology) -> Pass:
     """The pass: each norm of the stream moved onto the branch that reads its output."""
+    source = modeling_file(model, topology)
+
     def layer_edits(locate: _Locator, layer: Layer) -> list[Edit]:
         found: list[Edit] = []
         for index, norm in enumerate(_norms_read(layer)):
             branch = layer.sublayers[index].branches[0]
             class_name, attribute = locate.attribute(norm.source, norm.path)
-            branch_class, branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")
-            _, norm_attribute = locate.attribute(branch.entry_source, norm.path)
-            found += [UnwrapNormCall(class_name, locate.line(norm.source), attribute),
-                      WrapBranchInput(branch_class, locate.line(branch.entry_source), branch_attribute, norm_attribute)]
-            for reader, source in branch.other_readers():
-                reader_class, reader_attribute = locate.attribute(source, reader)
-                found.append(WrapBranchInput(reader_class, locate.line(source), reader_attribute, norm_attribute))
+            found.append(UnwrapNormCall(class_name, locate.line(norm.source), attribute))
+            if locate.enclosing_class(branch.entry_source) == class_name:
+                branch_attribute = locate.attribute(branch.entry_source, branch.entry or "")[1]
+                found.append(WrapBranchInput(class_name, locate.line(branch.entry_source), branch_attribute, attribute))
+                for reader, where in branch.other_readers():
+                    reader_attribute = locate.attribute(where, reader)[1]
+                    found.append(WrapBranchInput(class_name, locate.line(where), reader_attribute, attribute))
+            else:  # the branch's first map is inside a child module (MiniMax's lightning attention): wrap its call
+                child = locate.relative(branch.entry or "").split(".")[0]
+                found.append(WrapBranchInput(class_name, _call_line(source, class_name, child), child, attribute))
         return found
 
     edits = each_variant_edits(model, topology, layer_edits)
@@ -54,6 +63,17 @@ def shifted_stream_norms(model: nn.Module, topology: Topology) -> Pass:
                 "off)", exact=False, placement="pre", edits=tuple(edits), moves=moves,
                 notes=("every norm keeps its module and weights; the stream between branches is no longer "
                        "normalised, so the model is not the original's function: heal it",))
+
+
+def _call_line(source: Path, class_name: str, child: str) -> int:
+    """The line of the one call of ``self.<child>`` in ``class_name.forward``."""
+    forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
+    lines = [node.lineno for node in ast.walk(forward) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == f"self.{child}"]
+    if len(lines) != 1:
+        raise PlanError(f"{class_name}.forward calls self.{child} {len(lines)} times, so there is no one call whose "
+                        "input the norm moved onto that branch can wrap")
+    return lines[0]
 
 
 def _norms_read(layer: Layer) -> list[NormSite]:
