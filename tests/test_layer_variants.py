@@ -111,12 +111,25 @@ def test_a_statement_the_variants_need_differently_runs_as_each_needs(tmp_path: 
     assert [[n.path for n in sub.norms] for sub in topology.layers[1].sublayers] == [
         ["model.layers.1.post_attention_layernorm.norm"], ["model.layers.1.input_layernorm.norm"]]
     assert_saved_loads_and_generates_alike(converted, tmp_path / "saved")
+    _same_under_lora(converted)
     assert main(["convert", str(tmp_path / "post"), str(tmp_path / "back"), "--placement", "pre",
                  "--trust-remote-code", "--quiet"]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", trust_remote_code=True).state_dict()
     original = model.state_dict()
     assert back.keys() == original.keys()
     assert all(torch.equal(back[key], original[key]) for key in original)
+
+
+def _same_under_lora(model: torch.nn.Module) -> None:
+    """PEFT wraps the linear maps in its own classes; the variant guards read other modules, so each layer still
+    runs its own case (LoRA starts as the identity: the output must not move)."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model.eval()(ids).logits
+        wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_a_proj", "fc1", "fc2", "down_proj"]))
+        assert torch.allclose(wrapped.eval()(ids).logits, before, atol=1e-6)
 
 
 def test_a_norm_added_to_one_variant_only_is_refused() -> None:

@@ -190,12 +190,14 @@ def _variant_statement(model: nn.Module, class_name: str, line: int, groups: lis
 
 
 def _variant_guards(model: nn.Module, groups: list[list[Layer]]) -> list[str] | None:
-    """For each group, an expression true in exactly its layers: the class of the first module (relative to the
-    layer) whose class is one in each group and another in every other group; None where no module tells them
-    apart."""
+    """For each group, an expression true in exactly its layers: the class of the shallowest module (relative to
+    the layer) whose class is one in each group and another in every other group; None where no module tells them
+    apart. torch's own classes (``nn.Linear``) are passed over: PEFT replaces those modules by its own wrappers when
+    it fine-tunes the converted model, which would change what the guard reads."""
     def classes(layer: Layer) -> dict[str, str]:
-        return {path: type(module).__name__ for path, module in model.get_submodule(layer.path).named_modules()
-                if path}
+        found = {path: type(module).__name__ for path, module in model.get_submodule(layer.path).named_modules()
+                 if path and not type(module).__module__.startswith("torch.")}
+        return dict(sorted(found.items(), key=lambda item: item[0].count(".")))
 
     per_group = []
     for group in groups:
