@@ -83,7 +83,7 @@ def placement_edits(model: nn.Module, topology: Topology, placement: str) -> lis
                 found = [edit for edit in found if not isinstance(edit, AddStackNorm)]
             return found
 
-        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, stack_edits)
+        edits += [edit for edit in variant_edits(model, stack_layers, stack_edits)
                   if edit not in edits]
     require_one_stage_norm_list(edits)
     return edits
@@ -102,7 +102,7 @@ def require_one_stage_norm_list(edits: list[Edit]) -> None:
                                    "stage norms is built by one expression that copies it")
 
 
-def _by_class(topology: Topology, stack: Stack, layers: list[Layer]) -> list[list[Layer]]:
+def _by_class(layers: list[Layer]) -> list[list[Layer]]:
     """The stack's layers grouped by class and, within a class, by where they place their norms, in order of first
     appearance: a hybrid stack (Nemotron-H's Mamba, attention and MLP blocks, Jamba's layer classes) has each
     class's code rewritten once, and a class whose layers build different modules (AXK1's MoE layers, with an out
@@ -119,11 +119,11 @@ def _norm_shape(layer: Layer) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((sub.placement, tuple(layer.relative(norm.path) for norm in sub.norms)) for sub in layer.sublayers)
 
 
-def variant_edits(model: nn.Module, topology: Topology, stack: Stack, layers: list[Layer],
-                  derive: Callable[[int, list[Layer]], list[Edit]]) -> list[Edit]:
+def variant_edits(model: nn.Module, layers: list[Layer], derive: Callable[[int, list[Layer]], list[Edit]]
+                  ) -> list[Edit]:
     """``derive``'s edits for each group of ``_by_class`` (its position and layers), joined by
     ``joined_variant_edits``."""
-    groups = _by_class(topology, stack, layers)
+    groups = _by_class(layers)
     return joined_variant_edits(model, groups, [derive(position, group) for position, group in enumerate(groups)])
 
 
@@ -141,7 +141,7 @@ def each_variant_edits(model: nn.Module, topology: Topology,
             locate = _Locator(model.get_submodule(layers[0].path), layers[0], classes, path.name)
             return derive(locate, layers[0])
 
-        edits += [edit for edit in variant_edits(model, topology, stack, stack_layers, derive_group)
+        edits += [edit for edit in variant_edits(model, stack_layers, derive_group)
                   if edit not in edits]
     return edits
 

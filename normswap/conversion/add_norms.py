@@ -99,7 +99,7 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
     helpers: set[str] = set()
     for stack in topology.stacks:
         stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
-        groups = _by_class(topology, stack, stack_layers)
+        groups = _by_class(stack_layers)
         derived: list[list[Edit]] = []
         for layers in groups:
             derived.append([])

@@ -24,7 +24,7 @@ from ..codegen.removed_norms import removed_norm_edits
 from ..errors import NormswapError
 from ..topology import NormSite, NormSlot, Topology, combine_placements, placement_of_slots
 from .norm_kind import _output_dims, linear_layout
-from .norm_neighbours import NormInput, ReaderTensor, norm_inputs, pre_norm_readers
+from .norm_neighbours import NormInput, NormReaders, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step
 from .removed_norm_tensors import removed_norm_step
@@ -135,11 +135,14 @@ def _carried(folds: Sequence[OutFold | PreFold], initial: Mapping[str, Step], sc
     return carried
 
 
-def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers: bool = True
+def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers: bool = True,
+                   readers: Mapping[str, NormReaders] | None = None
                    ) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:
     """The linear maps that read each ``pre`` norm's output (identity placeholders have none), and the plan's lines;
-    ``shift_to_readers=False``: a norm that stays may keep its bias, so readers without one are not refused."""
-    found = pre_norm_readers(model, [norm.path for norm in norms if norm.kind != "identity"])
+    ``shift_to_readers=False``: a norm that stays may keep its bias, so readers without one are not refused.
+    ``readers``: ``pre_norm_readers``'s answer for these norms where the caller has it already (it runs the model)."""
+    found = readers if readers is not None else pre_norm_readers(
+        model, [norm.path for norm in norms if norm.kind != "identity"])
     owners: dict[str, str] = {}
     folds: list[PreFold] = []
     moves = []

@@ -39,9 +39,13 @@ def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozense
     norms = [norm for layer in topology.layers for sub in layer.sublayers for norm in sub.norms_in("pre")
              if norm.path not in keep]
     weighted = [norm for norm in norms if _has_weight(model, norm)]
-    unfoldable = _unfoldable(model, weighted)
+    # a norm whose output something other than linear maps reads (AXK1's MoE router picks experts by it) keeps its
+    # weight: the rescale is exact only where g / s folds into every reader (the conversion is approximate anyway;
+    # the rescale only keeps the moved norm's stream at the original's size)
+    readers = pre_norm_readers(model, [norm.path for norm in weighted])
+    unfoldable = {path: found.reason for path, found in readers.items() if found.reason}
     folds, moves = pre_norm_folds(model, [norm for norm in weighted if norm.path not in unfoldable],
-                                  shift_to_readers=False)
+                                  shift_to_readers=False, readers=readers)
     moves = tuple(PassMove("rescale", move.norm, move.into, move.site, "weight s; g/s folded into its readers")
                   if move.action == "fold" else move for move in moves)
     moves += tuple(PassMove("keep", norm.path, note="no weight to hold s: the stream after it stays at unit scale")
@@ -65,14 +69,6 @@ def stream_scaled_pre_norms(model: nn.Module, topology: Topology, keep: frozense
                 placement=topology.placement, rewrite=rewrite,
                 calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
                 carry=functools.partial(removed_norms_carried, tuple(fold.stand_in for fold in folds)))
-
-
-def _unfoldable(model: nn.Module, norms: list[NormSite]) -> dict[str, str]:
-    """The norms whose output something other than linear maps reads (AXK1's MoE router picks experts by it), each
-    with why: the rescale is exact only where ``g / s`` folds into every reader, so these keep their weights (the
-    conversion is approximate anyway; the rescale only keeps the moved norm's stream at the original's size)."""
-    found = pre_norm_readers(model, [norm.path for norm in norms])
-    return {path: read.reason for path, read in found.items() if read.reason}
 
 
 def _has_weight(model: nn.Module, norm: NormSite) -> bool:
