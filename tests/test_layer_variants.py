@@ -20,7 +20,7 @@ from test_placements import assert_saved_loads_and_generates_alike
 import normswap
 from normswap.cli import main
 from normswap.codegen.derive import CodegenError
-from normswap.codegen.edits import UnwrapNormCall, VariantStatement, WrapBranchInput
+from normswap.codegen.edits import ReadAfterBranch, UnwrapNormCall, VariantStatement, WrapBranchInput
 from normswap.codegen.rewrite import apply_edits
 from normswap.conversion.route import plan_layout
 
@@ -169,3 +169,13 @@ def test_a_variant_statement_whose_edit_does_not_apply_is_an_error() -> None:
     with pytest.raises(CodegenError, match=r"did not take the edits of its variant"):
         apply_edits(_THREE_VARIANTS, [VariantStatement("Layer", 4, (
             ("a", (UnwrapNormCall("Layer", 4, "absent"),)), ("b", ())))])
+
+
+def test_a_variant_case_keeps_the_statements_its_edits_add_before_it() -> None:
+    """A case whose edit names the stream in a statement of its own (``ReadAfterBranch``) holds both statements."""
+    rewritten = apply_edits(_THREE_VARIANTS, [VariantStatement("Layer", 5, (
+        ("a", (ReadAfterBranch("Layer", 5, "mlp", "norm2", "after", "hidden_states"),)), ("b", ())))])
+    assert rewritten == _THREE_VARIANTS.replace(
+        "        hidden_states = self.mlp(hidden_states)\n",
+        "        if a:\n            after = hidden_states\n            hidden_states = self.mlp(self.norm2(after))\n"
+        "        else:\n            hidden_states = self.mlp(hidden_states)\n")

@@ -306,12 +306,17 @@ class _Rewriter(cst.CSTTransformer):
             if missed:
                 raise CodegenError(f"the statement at line {variant.line} of {variant.class_name} did not take the "
                                    f"edits of its variant {guard} ({', '.join(map(str, missed))})")
-            if not isinstance(edited, cst.SimpleStatementLine):  # ``x = self.norm(x)`` became ``x = x``: nothing
-                edited = cst.SimpleStatementLine([cst.Pass()])
-            cases.append((guard, edited.with_changes(leading_lines=())))
-        otherwise: cst.If | cst.Else = cst.Else(cst.IndentedBlock([cases[-1][1]]))
-        for guard, edited in reversed(cases[:-1]):
-            otherwise = cst.If(cst.parse_expression(guard), cst.IndentedBlock([edited]), otherwise)
+            if isinstance(edited, cst.RemovalSentinel):  # ``x = self.norm(x)`` became ``x = x``: nothing
+                body: list[cst.BaseStatement] = [cst.SimpleStatementLine([cst.Pass()])]
+            elif isinstance(edited, cst.FlattenSentinel):  # statements added before it (``ReadAfterBranch``)
+                body = list(edited.nodes)
+            else:
+                body = [edited]
+            body[0] = body[0].with_changes(leading_lines=())
+            cases.append((guard, body))
+        otherwise: cst.If | cst.Else = cst.Else(cst.IndentedBlock(cases[-1][1]))
+        for guard, body in reversed(cases[:-1]):
+            otherwise = cst.If(cst.parse_expression(guard), cst.IndentedBlock(body), otherwise)
         assert isinstance(otherwise, cst.If)  # a variant statement has two cases or more
         return otherwise.with_changes(leading_lines=statement.leading_lines)
 
