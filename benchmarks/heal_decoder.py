@@ -71,6 +71,8 @@ def main() -> None:
                         help="also heal with AdamW's second-moment decay at this value (heal --adam-beta2)")
     parser.add_argument("--output-weight", type=float, default=None,
                         help="also heal with the stack outputs weighed this many times a sublayer entry")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also heal in mixed precision (heal --precision bf16), from the same pretrained model")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # out_of_source.py beside this file
 
@@ -92,7 +94,8 @@ def main() -> None:
         *([(f"per-sublayer, AdamW beta2 {args.adam_beta2:g}", {"adam_beta2": args.adam_beta2})]
           if args.adam_beta2 is not None else []),
         *([(f"per-sublayer, output weight {args.output_weight:g}", {"output_weight": args.output_weight})]
-          if args.output_weight is not None else [])]
+          if args.output_weight is not None else []),
+        *([("per-sublayer, bf16", {"precision": "bf16"})] if args.bf16 else [])]
     rows = []
     for name, config in configs.items():
         if name not in args.models.split(","):

@@ -50,6 +50,8 @@ def main() -> None:
                         help="normswap's method with Gaussian noise of this relative size on both models' embeddings")
     parser.add_argument("--input-mix", type=float, default=0.0,
                         help="normswap's method with each row's embeddings mixed with another row's (weight up to it)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="healing's arithmetic (heal --precision): bf16 autocast over float32 weights")
     parser.add_argument("--adam-beta2", type=float, default=None,
                         help="normswap's method with AdamW's second-moment decay at this value (heal --adam-beta2)")
     args = parser.parse_args()
@@ -70,11 +72,13 @@ def main() -> None:
              + (" + branch outputs" if args.match_branches else "")
              + (f" + input noise {args.input_noise}" if args.input_noise else "")
              + (f" + input mix {args.input_mix}" if args.input_mix else "")
-             + (f", AdamW beta2 {args.adam_beta2:g}" if args.adam_beta2 is not None else "") + ")")
+             + (f", AdamW beta2 {args.adam_beta2:g}" if args.adam_beta2 is not None else "")
+             + (", bf16" if args.precision == "bf16" else "") + ")")
     sources = args.data.split(",")
     method = {"warm_start": args.warm_start, "match": match, "output_weight": args.output_weight,
               "augment": not args.no_augment, "freeze_embeddings": not args.train_embeddings,
-              "input_noise": args.input_noise, "input_mix": args.input_mix, "adam_beta2": args.adam_beta2}
+              "input_noise": args.input_noise, "input_mix": args.input_mix, "adam_beta2": args.adam_beta2,
+              "precision": args.precision}
     runs = [(f"{label}, {source}", source, method) for source in sources]
     runs.append((f"baseline (output-only MSE), {sources[0]}", sources[0],
                  {"warm_start": False, "match": "output", "augment": False}))

@@ -74,6 +74,8 @@ def main() -> None:
                         help="the placement heals also match the next-token distributions, with this weight")
     parser.add_argument("--heal-output-weight", type=float, default=None,
                         help="weigh the stack outputs this many times a sublayer entry (heal's output_weight)")
+    parser.add_argument("--heal-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the arithmetic of every heal here (heal --precision)")
     args = parser.parse_args()
 
     import normswap
@@ -116,6 +118,7 @@ def main() -> None:
                 _, report = heal(original, measured, corpus, max_steps=100_000, max_time=args.heal_minutes * 60,
                                  batch_size=args.heal_batch_size, learning_rate=args.heal_learning_rate,
                                  logit_weight=args.heal_logit_weight, eval_steps=100, quiet=True,
+                                 precision=args.heal_precision,
                                  **({} if args.heal_output_weight is None else
                                     {"output_weight": args.heal_output_weight}))
                 before, after = report.before["next_token_kl"], report.after["next_token_kl"]
@@ -130,7 +133,7 @@ def main() -> None:
         gpt2.eval()
         free = normswap.convert(gpt2, norm="none", inputs=calibration)
         _, report = heal(gpt2, free, corpus, max_steps=1_000_000, max_time=args.none_heal_minutes * 60, batch_size=16,
-                         learning_rate=5e-4, eval_steps=200, quiet=True)
+                         learning_rate=5e-4, eval_steps=200, quiet=True, precision=args.heal_precision)
         before, after = report.before["next_token_kl"], report.after["next_token_kl"]
         healed.append(("gpt2 --norm none", before, after, report.steps))
         print(f"gpt2 --norm none healed {report.steps} steps: KL {before:.4f} -> {after:.4f}", flush=True)
@@ -139,7 +142,7 @@ def main() -> None:
             free = normswap.convert(gpt2, norm="none", inputs=calibration)
             _, report = heal_in_stages(gpt2, free, stages, corpus, max_steps=1_000_000,
                                        max_time=args.none_heal_minutes * 60, batch_size=16, learning_rate=5e-4,
-                                       eval_steps=200, quiet=True)
+                                       eval_steps=200, quiet=True, precision=args.heal_precision)
             before, after = report.before["next_token_kl"], report.after["next_token_kl"]
             healed.append((f"gpt2 --norm none, stages {args.none_stages}", before, after, report.steps))
             print(f"gpt2 --norm none in stages healed {report.steps} steps: KL {before:.4f} -> {after:.4f}; "

@@ -193,6 +193,57 @@ def test_adam_beta2_reaches_the_optimiser(tmp_path: Path, monkeypatch: pytest.Mo
             in " ".join(capsys.readouterr().out.split()))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_sets_the_training_steps_arithmetic_and_nothing_else(precision: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bf16``: every training step (the objective's forward, both models) runs under bfloat16 autocast, the
+    timed planning step too; the weights stay float32, the loss still falls, and the CLI's DST is float32.
+    ``fp32``: no step autocasts."""
+    autocasting: list[bool] = []
+    forward = heal_api.HealingObjective.forward
+
+    def recording(self: heal_api.HealingObjective, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        autocasting.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(heal_api.HealingObjective, "forward", recording)
+    teacher, student = pair()
+    _, report = heal_api.heal(teacher, student, load_texts(None), max_steps=12, max_time=600, learning_rate=1e-3,
+                              precision=precision, **QUICK)
+    assert len(autocasting) == 13  # the step timed to plan the budget, then 12 training steps
+    assert set(autocasting) == {precision == "bf16"}
+    assert all(parameter.dtype == torch.float32 for parameter in student.parameters())
+    assert report.losses[-1] < report.losses[0]
+    assert report.after["output_cosine"] > report.before["output_cosine"]
+
+
+def test_cli_heals_in_bf16_to_a_float32_checkpoint_and_refuses_what_cannot(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors import safe_open
+
+    from normswap.healing.precision import check_precision
+
+    teacher, student = pair()
+    teacher.save_pretrained(tmp_path / "original")
+    student.save_pretrained(tmp_path / "converted")
+    assert main(["heal", str(tmp_path / "original"), str(tmp_path / "converted"), str(tmp_path / "healed"),
+                 "--precision", "bf16", "--max-steps", "2", "--eval-steps", "1", "--held-out", "8", "--quiet"]) == 0
+    capsys.readouterr()
+    with safe_open(str(tmp_path / "healed" / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"F32"}  # noqa: SIM118 (safe_open has no __iter__)
+    with pytest.raises(SystemExit) as usage:
+        main(["heal", str(tmp_path), str(tmp_path), str(tmp_path / "out"), "--precision", "fp16"])
+    assert usage.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(normswap.NormswapError, match=r"precision='half': choose 'fp32' or 'bf16'"):
+        heal_api.heal(teacher, student, max_steps=1, precision="half", **QUICK)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(normswap.NormswapError, match=r"Tesla V100-SXM2-16GB has no bfloat16 arithmetic .* "
+                                                     r"heal with --precision fp32"):
+        check_precision("bf16", torch.device("cuda", 0))
+
+
 @pytest.mark.parametrize(("config", "model_class", "placement"),
                          [("llama", "LlamaForCausalLM", "post"), ("bert", "BertModel", "pre")],
                          ids=["llama-pre-to-post", "bert-post-to-pre"])

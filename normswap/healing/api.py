@@ -35,6 +35,7 @@ from .evaluation import HeldOutEvaluation
 from .lora import LEARNING_RATE as LORA_LEARNING_RATE
 from .lora import attach, check_rank, require_matching_checkpoint, require_peft
 from .objective import HealingObjective
+from .precision import autocast, check_precision
 from .report import HealReport, plural
 from .resume import last_complete_checkpoint
 from .rows import AugmentedTexts, TokenisedTexts
@@ -63,8 +64,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
          output_weight: float = 1.0, augment: bool = True, keep_dropout: bool = False,
          started: float | None = None, reserve: float = 0.0,
          checkpoints: bool | None = None, lora_rank: int | None = None, input_noise: float = 0.0,
-         input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float | None = None
-         ) -> tuple[nn.Module, HealReport]:
+         input_mix: float = 0.0, logit_weight: float = 0.0, adam_beta2: float | None = None,
+         precision: str = "fp32") -> tuple[nn.Module, HealReport]:
     """Train ``student`` (in place) to behave like ``teacher``; returns it and the report.
 
     ``data``: texts, a file or folder, ``"teacher"`` or None (``teacher_texts.healing_texts``); ``held_out``
@@ -87,6 +88,8 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     MiniLM 4 ended lower out of source, ``benchmarks/README.md``).
     ``logit_weight``: also match the next-token distributions (KL), for models with an LM head; off by default.
     ``adam_beta2``: AdamW's second-moment decay, by default 0.95, or 0.999 with ``lora_rank``.
+    ``precision``: ``"fp32"``, or ``"bf16"``: both models' forward passes, and the backward, autocast to bfloat16
+    while the weights and AdamW's state stay float32 (``precision``); the evaluations run in float32 either way.
 
     Under ``torchrun`` or ``accelerate launch`` (``distributed``), ``batch_size`` is a step's texts, all processes
     together, and each process trains on its share with DDP; ``resume`` takes the newest complete checkpoint
@@ -110,6 +113,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                             "and the mix a weight from 0 to 1")
     if lora_rank is not None:
         require_peft()
+    check_precision(precision, next(student.parameters()).device)
     if learning_rate is None:
         learning_rate = FULL_LEARNING_RATE if lora_rank is None else LORA_LEARNING_RATE
     begun = budget.now() if started is None else started
@@ -147,7 +151,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                                             branch_weight=1.0 if match == "branches" else 0.0,
                                             input_noise=input_noise, input_mix=input_mix,
                                             logit_weight=logit_weight),
-                           train.batches(batch_size, limit=batch_size)[0], keep_dropout)
+                           train.batches(batch_size, limit=batch_size)[0], keep_dropout, precision)
         marks["planning"] = budget.now()  # a batch through each model, and a training step, timed
         plan = plan_budget(max_time, budget.now() - begun, reserve, evaluator.cost(), lengths, len(first), step,
                            earlier_training=earlier, cached=evaluator.cacheable(lengths))
@@ -197,7 +201,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     arguments = training_arguments(str(work), batch_size=share, learning_rate=learning_rate,
                                    max_steps=limit, eval_steps=eval_steps,
                                    save_steps=eval_steps if saving else None, seed=seed, quiet=quiet,
-                                   adam_beta2=adam_beta2)
+                                   adam_beta2=adam_beta2, precision=precision)
     training_rows = AugmentedTexts(train, tokenizer, seed=seed) if augment else train
     trainer = HealingTrainer(model=objective, args=arguments, train_dataset=training_rows, eval_dataset=evaluation,
                              data_collator=training_rows.pad_batch,
@@ -245,9 +249,9 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
     return student, report
 
 
-def _timed_step(objective: HealingObjective, batch: dict[str, Any], keep_dropout: bool) -> float:
+def _timed_step(objective: HealingObjective, batch: dict[str, Any], keep_dropout: bool, precision: str) -> float:
     """Seconds of one forward and backward of ``batch``, cold as the Trainer's first step will be (the first
-    backward is the slowest); nothing is updated, and the objective's hooks are removed."""
+    backward is the slowest) and in its precision; nothing is updated, and the objective's hooks are removed."""
     student = objective.student
     device = next(student.parameters()).device
     batch = {name: value.to(device) for name, value in batch.items()}
@@ -255,7 +259,9 @@ def _timed_step(objective: HealingObjective, batch: dict[str, Any], keep_dropout
     try:
         with contextlib.nullcontext() if keep_dropout else without_dropout(student):
             started = budget.now()
-            objective(**batch)["loss"].backward()
+            with autocast(precision, device):
+                loss = objective(**batch)["loss"]
+            loss.backward()
             return budget.now() - started
     finally:
         objective.close()

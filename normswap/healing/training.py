@@ -141,7 +141,7 @@ class MetricProgressBar(ProgressCallback):
 
 def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float, max_steps: int | None,
                        eval_steps: int, save_steps: int | None, seed: int, quiet: bool,
-                       adam_beta2: float) -> TrainingArguments:
+                       adam_beta2: float, precision: str = "fp32") -> TrainingArguments:
     """Defaults sized for a CPU and a small model; a GPU is used when there is one. ``max_steps=None``: no step
     limit (the time budget ends training); ``save_steps=None``: no Trainer checkpoints (nothing would resume
     from them).
@@ -149,7 +149,12 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
     ``accelerate launch --cpu`` says "CPU" through ``ACCELERATE_USE_CPU``: transformers' accelerator honours it
     but ``args.device`` does not (inputs went to cuda:0, the model stayed on the CPU), so it is passed on here,
     as is a launch on a machine without a GPU (``distributed.use_cpu``).
+
+    ``precision="bf16"`` is the Trainer's own mixed precision (``bf16=True``: accelerate autocasts the objective's
+    forward, both models', on the CPU as on a GPU); the weights and the optimiser stay float32. transformers
+    allows it on a machine without a GPU only with ``use_cpu``, which is where the Trainer trains there anyway.
     """
+    bf16 = precision == "bf16"
     steps = budget.UNBOUNDED_STEPS if max_steps is None else max_steps
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
@@ -158,7 +163,8 @@ def training_arguments(output_dir: str, *, batch_size: int, learning_rate: float
         save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or eval_steps,
         save_total_limit=2, logging_steps=max(1, eval_steps // 2), report_to=[],
         seed=seed, disable_tqdm=quiet, remove_unused_columns=False, dataloader_num_workers=0,
-        max_grad_norm=1.0, use_cpu=distributed.use_cpu(),
+        max_grad_norm=1.0, bf16=bf16,
+        use_cpu=distributed.use_cpu() or (bf16 and not torch.cuda.is_available()),
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning warns and does nothing without a GPU
     )
 
