@@ -486,3 +486,29 @@ def test_exact_layer_norm_refuses_a_norm_of_a_stream_norm_by_name() -> None:
     with pytest.raises(normswap.NormswapError, match=r"indexer\.q_input_norm in mistral_large4_text normalises "
                                                      r"layers\.0\.input_layernorm's output again"):
         plan_norm_kind(_mistral_large4_text(), "layernorm", exact=True)
+
+
+def _mobilebert(normalization_type: str) -> nn.Module:
+    config = transformers.MobileBertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, embedding_size=32, intra_bottleneck_size=32,
+                                           true_hidden_size=32, num_feedforward_networks=2,
+                                           normalization_type=normalization_type)
+    return transformers.MobileBertModel(config).eval()
+
+
+def test_an_elementwise_affine_where_a_post_norm_would_be_is_refused_by_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MobileBERT's default NoNorm computes ``x * w + b`` on the last residual add: no norm, and the refusal says
+    so (it said only that the output came from another add); with LayerNorm the same model is Post-Norm."""
+    assert normswap.inspect(_mobilebert("layer_norm")).placement == "post"
+    _mobilebert("no_norm").save_pretrained(tmp_path / "mobilebert")
+    capsys.readouterr()  # transformers' own progress bar of the save
+    for command in (["inspect", str(tmp_path / "mobilebert")],
+                    ["convert", str(tmp_path / "mobilebert"), str(tmp_path / "out"), "--placement", "pre"]):
+        assert normswap.cli.main(command) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        assert ("MobileBertLayer (encoder.layer.0): the layer output is its last residual add times a weight plus a "
+                "bias, channel by channel (output.bottleneck.LayerNorm, a NoNorm): an elementwise affine map, which "
+                "normalises nothing") in lines[0]
+    assert not (tmp_path / "out").exists()

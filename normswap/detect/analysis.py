@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import TopologyError
 from ..topology import Branch, BranchKind, NormSite, ResidualScale, Sublayer, placement_of_slots
+from .elementwise_affine import elementwise_affine_message, elementwise_affine_module
 from .no_residual_add import describe_node, no_residual_add_message
 from .norms import NormInfo, is_norm_stand_in
 from .scaling import Followed, ScaleReader
@@ -390,6 +391,9 @@ def _assign_post_norms(graph: LayerGraph, raw: list[_RawSublayer], layer_path: s
         raise TopologyError(f"{type(graph.layer).__name__} ({layer_path}) returns no tensor normswap can follow")
     output = graph.scales.follow(result)
     if output.origin is not raw[-1].add:
+        affine = elementwise_affine_module(graph, output.origin, raw[-1].add)
+        if affine is not None:
+            raise OutputPastLastAddError(elementwise_affine_message(graph, layer_path, affine))
         source = graph.source_of(output.origin)
         raise OutputPastLastAddError(
             f"{type(graph.layer).__name__} ({layer_path}): the layer output does not come from its last residual add "
