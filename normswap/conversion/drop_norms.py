@@ -162,7 +162,8 @@ def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers
             if shift_to_readers and stand_in.bias is not None and reader.bias is None:
                 raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
                                    "(b <- b + W beta): the stand-in's shift has nowhere to go, so the norm cannot be "
-                                   "dropped (a placement that keeps it, such as sandwich, can be reached)")
+                                   "dropped (a placement that keeps the pre norms, as sandwich does, needs no such "
+                                   "bias)")
         folds.append(PreFold(stand_in, read.readers))
         into = tuple(key for reader in read.readers
                      for key in (reader.weight, reader.bias if stand_in.bias is not None else None) if key)
