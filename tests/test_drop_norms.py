@@ -249,6 +249,8 @@ class GatedLayer(nn.Module):
         x = self.norm(hidden_states)
         if self.variant == "scaled-read":  # every reader reads the norm's output times a number
             x = 2.5 * x / 2.0
+        if self.variant in ("routed-read", "channel-read"):
+            return hidden_states + self._routed(x)
         written = self.down(torch.relu(self.up(x)))
         if self.layer_scale is not None:
             written = self.layer_scale * written
@@ -258,6 +260,18 @@ class GatedLayer(nn.Module):
         if self.variant == "escaping":  # the branch output is read by something else too
             return hidden_states + self.out_norm(written) + self.extra(written)
         return hidden_states + self.out_norm(written)
+
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """What an MoE block does with its input (GraniteMoE, JetMoE, Kolibri): a router reads it through a cast,
+        its weights take the input's dtype (``type_as``: only the dtype is read), an expert reads the rows of the
+        tokens routed to it; ``channel-read`` picks channels instead, which no fold of the channels passes."""
+        flat = x.reshape(-1, x.shape[-1])
+        gates = torch.sigmoid(self.gate(flat.type(torch.float32))).type_as(flat)
+        picked = torch.arange(0, flat.shape[0], 2)
+        rows = flat[picked] if self.variant == "routed-read" else flat[:, torch.arange(flat.shape[-1] - 1, -1, -1)]
+        expert = torch.zeros(flat.shape).index_add(0, picked, gates[picked] * self.shared(rows)[:len(picked)])
+        return (self.down(torch.relu(self.up(flat))) + expert).reshape(x.shape)
 
 
 class GatedModel(PreTrainedModel):
@@ -362,3 +376,39 @@ def test_a_pre_norm_read_times_a_number_folds_its_bias_times_that_number(monkeyp
         for norm, read in found(*args).items()})
     actual, reference = folded_by(make_pass(model, "pre"))
     assert relative(actual, reference) > 1e-3
+
+
+def test_a_pre_norm_read_as_an_moe_reads_it_folds_into_every_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a cast (``.type``), as a dtype template (``w.type_as(h)`` reads no value of ``h``) and by token rows
+    (``h[rows]``), a pre norm's output still reaches only linear maps: all three are found, and the folded weights,
+    run with the pre norms gone, equal the source run with its pre norms replaced by their stand-ins. Those three
+    refused GraniteMoE, JetMoE and Kolibri to post-sublayer ("read by type_as"); picking channels is still refused."""
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    torch.manual_seed(0)
+    model = GatedModel(GatedConfig(variant="routed-read")).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
+    assert found.reason == "" and {reader.weight for reader in found.readers} == {
+        "layers.0.up.weight", "layers.0.shared.weight", "layers.0.gate.weight"}
+    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
+    pass_ = make_pass(model, "pre")
+    scales = calibrate(model, pass_.calibration, ids)
+    steps = {key: copy_of(key) for key in model.state_dict()}
+    assert pass_.rewrite is not None
+    pass_.rewrite(steps, scales)
+    state, _ = evaluate(TensorProgram({key: step for key, step in steps.items()
+                                       if key.split(".")[-2:-1] != ["norm"]}), model.state_dict(), torch.float32)
+    folded = copy.deepcopy(model)
+    for layer in folded.layers:
+        layer.norm = nn.Identity()
+    folded.load_state_dict(state)
+    with torch.no_grad():
+        with stand_in_reference(model, pass_, scales):
+            reference = model(**ids).double()
+        assert relative(folded(**ids).double(), reference) <= TOLERANCE
+        assert relative(model(**ids).double(), reference) > 1e-3  # the stand-ins are not the norms: it can fail
+    channel_read = GatedModel(GatedConfig(variant="channel-read")).eval()
+    assert "layers.0.norm is read by __getitem__" in norm_neighbours.pre_norm_readers(
+        channel_read, ["layers.0.norm"])["layers.0.norm"].reason

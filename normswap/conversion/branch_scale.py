@@ -35,8 +35,10 @@ _ADD = frozenset({torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__r
 # operations that hand their first argument on unchanged in value at inference (or only re-laid out)
 _PASS_THROUGH = frozenset({
     torch.nn.functional.dropout, torch.dropout, Tensor.contiguous, Tensor.clone, Tensor.to, Tensor.type_as,
-    Tensor.float, Tensor.view, Tensor.reshape, torch.reshape,
+    Tensor.type, Tensor.float, Tensor.view, Tensor.reshape, torch.reshape,
 })
+# casts that read only the dtype (and device) of a tensor passed after the first: ``x.type_as(y)``, ``x.to(y)``
+_DTYPE_TEMPLATES = frozenset({Tensor.type_as, Tensor.to})
 # elementwise functions that are not linear: a writer's output that goes through one is no branch output
 _NONLINEAR = frozenset({
     torch.sigmoid, Tensor.sigmoid, torch.tanh, Tensor.tanh, torch.relu, Tensor.relu, torch.nn.functional.relu,

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..detect.capture import synthetic_forward
 from ..detect.real_run import on_meta_else_cpu
-from .branch_scale import _ADD, _MULTIPLY, _PARAMETER_VIEWS, _PASS_THROUGH
+from .branch_scale import _ADD, _DTYPE_TEMPLATES, _MULTIPLY, _PARAMETER_VIEWS, _PASS_THROUGH
 from .native import meta_twin
 from .norm_kind import fused_experts, linear_layout
 
@@ -305,10 +305,11 @@ class _WatchReaders(TorchFunctionMode):
             return result
         for position, value in enumerate((*args, *kwargs.values())):
             norm = self.norm_of(value)
-            if norm is None:
+            if norm is None or (func in _DTYPE_TEMPLATES and position > 0):  # a router's ``w.type_as(h)``: h's dtype
                 continue
             number = _constant_factor(func, args, position)
-            if func in _PASS_THROUGH and position == 0 and result.shape[-1:] == value.shape[-1:]:
+            if ((func in _PASS_THROUGH and position == 0 and result.shape[-1:] == value.shape[-1:])
+                    or (func is Tensor.__getitem__ and position == 0 and _picks_tokens(value, args[1]))):
                 self.watch(norm, result, self.factor_of(value))
             elif number is not None and result.shape == value.shape:
                 self.watch(norm, result, self.factor_of(value) * number)
@@ -325,6 +326,16 @@ class _WatchReaders(TorchFunctionMode):
 
 
 _DIVIDE = frozenset({torch.div, Tensor.div, Tensor.__truediv__})
+
+
+def _picks_tokens(value: Tensor, index: Any) -> bool:
+    """``value[index]`` keeps every picked token's channels whole (an MoE's ``h[token_indices]``): the index
+    addresses leading axes only, so a fold of the channels reaches the picked rows unchanged."""
+    items = index if isinstance(index, tuple) else (index,)
+    reach = sum(item.dim() if isinstance(item, Tensor) and item.dtype is torch.bool else 1 for item in items
+                if item is not None)
+    return (value.dim() >= 2 and reach < value.dim() and not any(item is Ellipsis for item in items)
+            and all(isinstance(item, (Tensor, int, slice)) or item is None for item in items))
 
 
 def _constant_factor(func: Callable, args: tuple, position: int) -> float | None:
