@@ -334,6 +334,34 @@ def test_a_term_is_a_branch_output_through_renames_first_items_and_pass_through_
 
 
 
+_CHOSEN_SOURCE = '''
+class Layer:
+    def forward(self, hidden_states, extra=None):
+        mlp_output = self.mlp(hidden_states) if extra is None else self.mlp(hidden_states, extra)
+        hidden_states = hidden_states + mlp_output
+        either = self.mlp(hidden_states) if extra is None else self.other(hidden_states)
+        hidden_states = hidden_states + either
+        scaled = self.mlp(hidden_states) if extra is None else 2.0 * self.mlp(hidden_states)
+        return hidden_states + scaled
+'''
+
+
+def test_a_term_chosen_by_a_conditional_expression_is_the_module_both_sides_call(tmp_path: Path) -> None:
+    """``self.mlp(h) if flag else self.mlp(h, extra)`` (Moshi's flexible linear): either way the term is what
+    ``self.mlp`` returns. Sides that call different modules, or scale the same one differently, leave the term no
+    one module's output."""
+    source = tmp_path / "modeling_chosen.py"
+    source.write_text(_CHOSEN_SOURCE, encoding="utf-8")
+    lines = _CHOSEN_SOURCE.splitlines()
+    chosen = branch_terms(source, "Layer", lines.index("        hidden_states = hidden_states + mlp_output") + 1,
+                          {"mlp"}, lambda _: False)
+    assert chosen.branches["mlp"].term == "mlp_output" and chosen.branches["mlp"].factors == ()
+    either = branch_terms(source, "Layer", lines.index("        hidden_states = hidden_states + either") + 1,
+                          {"mlp", "other"}, lambda _: False)
+    assert either.branches == {}
+    assert branch_terms(source, "Layer", len(lines), {"mlp"}, lambda _: False).branches == {}
+
+
 _PRODUCT_SOURCE = '''
 class Layer:
     def forward(self, hidden_states):

@@ -184,6 +184,13 @@ def _call_of(node: ast.expr, before: int, assignments: _Assignments, attributes:
         return None
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
         return _call_of(node.value, before, assignments, attributes, passes_through, depth + 1)
+    if isinstance(node, ast.IfExp):  # ``self.mlp(h) if flag else self.mlp(h, extra)`` (Moshi): one module either way
+        sides = [_call_of(side, before, assignments, attributes, passes_through, depth + 1)
+                 for side in (node.body, node.orelse)]
+        if sides[0] is None or sides[1] is None or ast.unparse(sides[0][0].func) != ast.unparse(sides[1][0].func) \
+                or sides[0][1] != sides[1][1]:
+            return None  # another module, or another factor, on each side: the term is no one module's output
+        return sides[0]
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
         sides = ([(node.left, node.right), (node.right, node.left)] if isinstance(node.op, ast.Mult)
                  else [(node.left, node.right)])
