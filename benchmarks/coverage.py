@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -101,10 +101,12 @@ class Run:
         return asdict(self)
 
 
-def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False, state: Path | None = None) -> Run:
+def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False, state: Path | None = None,
+        cells: Sequence[str] = ()) -> Run:
     """The matrix for ``names`` (None: every candidate transformers ships, found first); ``sample``: only the
-    sample's cells (``SAMPLE``) and the inspection. ``state``: a folder that keeps what is done, so that a run
-    that was stopped goes on where it was."""
+    sample's cells (``SAMPLE``) and the inspection; ``cells``: these cells on every family instead of those its
+    layout calls for. ``state``: a folder that keeps what is done, so that a run that was stopped goes on where it
+    was."""
     import coverage_checks
 
     clock = _Clock(state)
@@ -123,8 +125,8 @@ def run(names: Iterable[str] | None, jobs: int, scope: str, sample: bool = False
             names = sorted(name for name, own in lines.items() if not _skip_reason(own))
         names = list(names)
         per_batch = max(1, min(FAMILY_BATCH, -(-len(names) // jobs)))  # the sample: one worker per job
-        lines = _batched(names, per_batch, jobs, work, "--family", ["--sample"] if sample else [], FAMILY_SECONDS,
-                         journal("families"), clock)
+        extra = (["--sample"] if sample else []) + (["--cells", ",".join(cells)] if cells else [])
+        lines = _batched(names, per_batch, jobs, work, "--family", extra, FAMILY_SECONDS, journal("families"), clock)
     return _assembled(lines, skipped, clock.tick(), jobs, scope, _versions(state))
 
 
@@ -324,14 +326,14 @@ def _work_discover(names: list[str], record: Path) -> None:
             _write(record, {"name": name, "kind": "skip", "skipped": str(error)})
 
 
-def _work_families(names: list[str], record: Path, work: Path, sample: bool) -> None:
+def _work_families(names: list[str], record: Path, work: Path, sample: bool, cells: list[str]) -> None:
     import coverage_checks
 
     for name in names:
         folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
         try:
             coverage_checks.check_family(name, folder, lambda line, name=name: _write(record, {"name": name, **line}),
-                                         SAMPLE.get(name) if sample else None)
+                                         SAMPLE.get(name) if sample else (cells or None))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         _write(record, {"name": name, "kind": "done"})
@@ -583,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", help="write --out from an earlier run's --json file instead of running")
     parser.add_argument("--render-state", help="write --out (and --json) from the families a stopped run's --state "
                                                "folder has finished, instead of running")
+    parser.add_argument("--cells", help="comma-separated conversion cells to run on every family instead of those "
+                                        "its layout calls for (e.g. 'placement sandwich,placement post-sublayer'); "
+                                        "the run then writes the summary and --json, never the matrix document")
     parser.add_argument("--discover", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--record", help=argparse.SUPPRESS)
@@ -595,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.discover:
             _work_discover(args.discover.split(","), Path(args.record))
         else:
-            _work_families(args.family.split(","), Path(args.record), Path(args.work), args.sample)
+            _work_families(args.family.split(","), Path(args.record), Path(args.work), args.sample,
+                           args.cells.split(",") if args.cells else [])
         return 0
     if args.render:
         Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(load(Path(args.render))))
@@ -615,8 +621,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(SAMPLE) if args.sample else (args.families.split(",") if args.families else None)
     scope = "sample" if args.sample else ("selected families" if args.families else "every family")
-    result = run(names, max(1, args.jobs), scope, sample=args.sample, state=Path(args.state) if args.state else None)
-    out = args.out or (str(HERE.parent / "docs" / "coverage.md") if names is None else None)
+    cells = args.cells.split(",") if args.cells else []
+    result = run(names, max(1, args.jobs), scope, sample=args.sample, state=Path(args.state) if args.state else None,
+                 cells=cells)
+    out = None if cells else args.out or (str(HERE.parent / "docs" / "coverage.md") if names is None else None)
     if out:
         Path(out).write_text(markdown(result))
     if args.json_out:
