@@ -256,3 +256,24 @@ def test_a_one_wider_model_moving_its_norms_is_told_to_convert_the_original_in_o
         normswap.convert_checkpoint(tmp_path / "wide", tmp_path / "post", "post", trust_remote_code=True)
     assert "\n" not in str(error.value) and "--placement and --norm" in str(error.value)
     assert not (tmp_path / "post").exists()
+
+
+def test_an_out_norm_wraps_a_term_whose_pre_norm_the_same_conversion_drops(tmp_path: Path) -> None:
+    """ModernBERT adds ``self.mlp(self.mlp_norm(h))`` in one expression; to post-sublayer its pre norm leaves the
+    term and an out norm wraps it, in one statement. The wrap was matched against the term's text after the unwrap
+    and never applied ("did not take the planned edits"); the result now inspects as post-sublayer, saves and
+    loads with transformers and computes what it computed."""
+    model = tiny_model("modernbert", "ModernBertForMaskedLM")
+    assert normswap.inspect(model).placement == "pre"
+    converted = normswap.convert(model, "post-sublayer")
+    assert normswap.inspect(converted).placement == "post-sublayer"
+    report = converted.normswap_report
+    assert getattr(report, "whole", getattr(report, "drift", report)).output_cosine > 0.3
+    converted.save_pretrained(tmp_path)
+    source_file = Path(sys.modules[type(converted).__module__].__file__ or "")
+    assert "hidden_states + self.normswap_mlp_out_norm(self.mlp(hidden_states))" in source_file.read_text()
+    (tmp_path / source_file.name).write_text(source_file.read_text())
+    loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, converted.eval()(ids).logits)

@@ -354,7 +354,7 @@ class _Rewriter(cst.CSTTransformer):
         inside_add = any(self.additions)
         if not is_add or inside_add:
             return updated
-        updated = self._wrapped_terms(updated)
+        updated = self._wrapped_terms(original, updated)
         for edit in self.edits:
             if isinstance(edit, WrapResidualAdd) and not edit.call and self._here(edit):
                 self.applied[edit] += 1
@@ -364,23 +364,30 @@ class _Rewriter(cst.CSTTransformer):
                 return cst.parse_expression(edit.expression)
         return updated
 
-    def _wrapped_terms(self, add: cst.BinaryOperation) -> cst.BinaryOperation:
-        """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm."""
+    def _wrapped_terms(self, original: cst.BinaryOperation, add: cst.BinaryOperation) -> cst.BinaryOperation:
+        """The add with each term a ``WrapBranchOutput`` here names wrapped in its norm. A term is known by its text
+        as written or as other edits of this statement left it: ModernBERT's ``self.mlp(self.mlp_norm(h))`` is
+        ``self.mlp(h)`` once its pre norm is dropped, in the same conversion that puts an out norm around it."""
         wanted = {edit.term: edit for edit in self.edits
                   if isinstance(edit, WrapBranchOutput) and not edit.helper and self._here(edit)}
         if not wanted:
             return add
 
-        def wrap(node: cst.BaseExpression) -> cst.BaseExpression:
-            if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
-                return node.with_changes(left=wrap(node.left), right=wrap(node.right))
-            edit = wanted.get(_normalised(node))
+        def is_add(node: cst.BaseExpression) -> bool:
+            return isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add)
+
+        def wrap(written: cst.BaseExpression | None, node: cst.BaseExpression) -> cst.BaseExpression:
+            if is_add(node):
+                assert isinstance(node, cst.BinaryOperation)
+                sides = (written.left, written.right) if written is not None and is_add(written) else (None, None)
+                return node.with_changes(left=wrap(sides[0], node.left), right=wrap(sides[1], node.right))
+            edit = wanted.get(_normalised(node)) or (wanted.get(_normalised(written)) if written is not None else None)
             if edit is None:
                 return node
             self.applied[edit] += 1
             return _self_call(edit.norm, node.with_changes(lpar=[], rpar=[]), self._index())
 
-        return wrap(add)
+        return wrap(original, add)
 
     def _wrapped_arguments(self, call: cst.Call, helper: str | None) -> cst.Call:
         """The call of a module-level helper that adds, with each argument a ``WrapBranchOutput`` here names wrapped
