@@ -362,6 +362,31 @@ def test_a_term_chosen_by_a_conditional_expression_is_the_module_both_sides_call
     assert branch_terms(source, "Layer", len(lines), {"mlp"}, lambda _: False).branches == {}
 
 
+_RESHAPED_SOURCE = '''
+class Layer:
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.feed_forward(hidden_states)
+        if self.is_moe_layer:
+            hidden_states, _ = hidden_states
+        hidden_states = residual + hidden_states.view(residual.shape)
+        return hidden_states + self.scale(hidden_states).view(residual.shape)
+'''
+
+
+def test_a_term_re_shaped_by_a_tensor_method_is_the_module_output_it_re_shapes(tmp_path: Path) -> None:
+    """Llama 4 adds ``hidden_states.view(residual.shape)``: a view keeps every token's channels, so the term is
+    still ``feed_forward``'s output (through the tuple's first item an MoE layer unpacks); a module call's view is not
+    followed into that module's input."""
+    source = tmp_path / "modeling_reshaped.py"
+    source.write_text(_RESHAPED_SOURCE, encoding="utf-8")
+    lines = _RESHAPED_SOURCE.splitlines()
+    add = branch_terms(source, "Layer", lines.index("        hidden_states = residual + hidden_states.view("
+                                                    "residual.shape)") + 1, {"feed_forward"}, lambda _: False)
+    assert add.branches["feed_forward"].term == "hidden_states.view(residual.shape)"
+    assert branch_terms(source, "Layer", len(lines), {"feed_forward"}, lambda _: False).branches == {}
+
+
 _PRODUCT_SOURCE = '''
 class Layer:
     def forward(self, hidden_states):

@@ -181,6 +181,9 @@ def _call_of(node: ast.expr, before: int, assignments: _Assignments, attributes:
             return node, ()
         if node.args and passes_through(callee):
             return _call_of(node.args[0], before, assignments, attributes, passes_through, depth + 1)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in _VALUE_KEEPING_METHODS \
+                and ast.unparse(node.func.value) != "self":  # Llama 4's ``h.view(residual.shape)``: h, re-shaped
+            return _call_of(node.func.value, before, assignments, attributes, passes_through, depth + 1)
         return None
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
         return _call_of(node.value, before, assignments, attributes, passes_through, depth + 1)
@@ -211,6 +214,10 @@ def _call_of(node: ast.expr, before: int, assignments: _Assignments, attributes:
     if value is None or not _binds_first(target, node.id):
         return None  # changed in place, or a later item of a tuple: not the call's output as it returns it
     return _call_of(value, line, assignments, attributes, passes_through, depth + 1)
+
+
+# tensor methods that hand on their tensor's values, each token's channels whole: a new norm reads what it read
+_VALUE_KEEPING_METHODS = frozenset({"view", "reshape", "contiguous", "to", "type_as", "float"})
 
 
 def _constant_like(node: ast.expr) -> bool:
