@@ -69,7 +69,8 @@ def test_a_branch_is_not_named_after_the_norm_that_holds_its_module() -> None:
 @pytest.mark.parametrize("target", ["pre", "post"])
 def test_variants_of_one_layer_class_convert(target: str, tmp_path: Path) -> None:
     """To pre the MoE's out norm folds as its stand-in; to post the dense and the MoE layers' pre norms move behind
-    the adds alike (the norm the router reads keeps its weight: its readers cannot take g / s)."""
+    the adds alike, each rescaled to the stream's scale first (the MoE's router and experts read theirs through a
+    cast and by token rows, which pass ``g / s`` on to their weights)."""
     model = axk1()
     converted = normswap.convert(model, target)
     topology = normswap.inspect(converted)
@@ -79,10 +80,11 @@ def test_variants_of_one_layer_class_convert(target: str, tmp_path: Path) -> Non
     whole = getattr(report, "whole", None) or report.drift
     assert not report.exact and 0.5 < whole.output_cosine < 0.99999
     assert_saved_loads_and_generates_alike(converted, tmp_path)
-    if target == "post":  # the rescale before the shift keeps the router-read norm and rescales the rest
+    if target == "post":  # the rescale before the shift reaches the MoE's router, its experts and shared experts
         plan = plan_layout(model, "post").plan.describe()
-        assert "keep model.layers.1.post_attention_layernorm   # " in plan
-        assert "rescale model.layers.0.post_attention_layernorm into" in plan
+        assert ("rescale model.layers.1.post_attention_layernorm into model.layers.1.mlp.gate.weight, "
+                "model.layers.1.mlp.experts.gate_up_proj, model.layers.1.mlp.shared_experts.gate_proj.weight") in plan
+        assert "rescale model.layers.0.post_attention_layernorm into" in plan and "keep " not in plan
 
 
 def test_a_converted_variant_model_inspects_without_running_its_code(tmp_path: Path) -> None:

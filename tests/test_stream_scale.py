@@ -162,3 +162,25 @@ def test_keeping_the_stream_size_is_for_pre_to_post_only(tmp_path: Path, capsys:
     assert bert.state_dict().keys() == back.state_dict().keys()
     assert all(torch.equal(tensor, back.state_dict()[key]) for key, tensor in bert.state_dict().items())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pre_norm_read_by_no_linear_map_keeps_its_weight_and_the_rest_are_rescaled() -> None:
+    """Llama 4's MoE reads its pre norm's output through ``repeat`` (one copy per expert): no weight after it can
+    take ``g / s``, so that norm keeps its weight (the stream after it stays at its weight's scale) while the
+    attention's pre norms are rescaled, and the conversion still runs and moves the model only a little."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import coverage_checks  # the coverage run's tiny, perturbed models of every family
+
+    from normswap.conversion.route import plan_layout
+
+    model = coverage_checks.build(coverage_checks.candidate("llama4_text")).model.eval()
+    plan = plan_layout(model, "post", keep_stream_size=True).plan.describe()
+    for layer in (0, 1):
+        assert (f"keep model.layers.{layer}.post_attention_layernorm   # the output of model.layers.{layer}."
+                "post_attention_layernorm is read by repeat") in plan
+        assert f"rescale model.layers.{layer}.input_layernorm into model.layers.{layer}.self_attn.q_proj.weight" in plan
+    converted = normswap.convert(model, "post", keep_stream_size=True)
+    assert normswap.inspect(converted).placement == "post"
+    assert converted.normswap_report.output_cosine > 0.5
