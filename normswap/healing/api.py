@@ -35,7 +35,7 @@ from .evaluation import HeldOutEvaluation
 from .lora import LEARNING_RATE as LORA_LEARNING_RATE
 from .lora import attach, check_rank, require_matching_checkpoint, require_peft
 from .objective import HealingObjective
-from .precision import autocast, check_precision
+from .precision import autocast, check_precision, training_device
 from .report import HealReport, plural
 from .resume import last_complete_checkpoint
 from .rows import AugmentedTexts, TokenisedTexts
@@ -113,7 +113,7 @@ def heal(teacher: nn.Module, student: nn.Module, data: str | Path | Sequence[str
                             "and the mix a weight from 0 to 1")
     if lora_rank is not None:
         require_peft()
-    check_precision(precision, next(student.parameters()).device)
+    check_precision(precision, training_device(distributed.use_cpu()))
     if learning_rate is None:
         learning_rate = FULL_LEARNING_RATE if lora_rank is None else LORA_LEARNING_RATE
     begun = budget.now() if started is None else started
