@@ -178,8 +178,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
                       help="AdamW's second-moment decay (default 0.95, or 0.999 with --lora-rank; see docs/heal.md)")
     heal.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                       help="arithmetic of the training steps: fp32, or bf16 autocast over float32 weights and "
-                      "optimiser (faster on GPUs and on CPUs with AMX or AVX-512 BF16; the evaluations and DST stay "
-                      "in their own dtype; default fp32; see docs/heal.md)")
+                      "optimiser (for models of MiniLM's width and up on hardware with bfloat16 units; the "
+                      "evaluations and DST keep their dtype; default fp32; see docs/heal.md)")
     heal.add_argument("--train-embeddings", dest="freeze_embeddings", action="store_false",
                       help="train the embedding tables too (frozen by default)")
     heal.add_argument("--lora-rank", type=_lora_rank, metavar="R",
