@@ -352,29 +352,13 @@ def test_a_pre_norm_read_times_a_number_folds_its_bias_times_that_number(monkeyp
     readers = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"].readers
     assert {reader.weight: reader.factor for reader in readers} == {
         "layers.0.up.weight": 1.25, "layers.0.shared.weight": 1.25, "layers.0.gate.weight": 1.25}
-    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
-
-    def folded_by(pass_: Pass) -> tuple[torch.Tensor, torch.Tensor]:
-        scales = calibrate(model, pass_.calibration, ids)
-        steps = {key: copy_of(key) for key in model.state_dict()}
-        assert pass_.rewrite is not None
-        pass_.rewrite(steps, scales)
-        kept = {key: step for key, step in steps.items() if key.split(".")[-2:-1] != ["norm"]}
-        state, _ = evaluate(TensorProgram(kept), model.state_dict(), torch.float32)
-        folded = copy.deepcopy(model)
-        for layer in folded.layers:
-            layer.norm = nn.Identity()
-        folded.load_state_dict(state)
-        with torch.no_grad(), stand_in_reference(model, pass_, scales):
-            return folded(**ids).double(), model(**ids).double()
-
-    actual, reference = folded_by(make_pass(model, "pre"))
+    actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
     assert relative(actual, reference) <= TOLERANCE
     found = norm_neighbours.pre_norm_readers
     monkeypatch.setattr(drop_norms, "pre_norm_readers", lambda *args: {
         norm: dataclasses.replace(read, readers=tuple(dataclasses.replace(r, factor=1.0) for r in read.readers))
         for norm, read in found(*args).items()})
-    actual, reference = folded_by(make_pass(model, "pre"))
+    actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
     assert relative(actual, reference) > 1e-3
 
 
@@ -392,23 +376,30 @@ def test_a_pre_norm_read_as_an_moe_reads_it_folds_into_every_reader(monkeypatch:
     found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
     assert found.reason == "" and {reader.weight for reader in found.readers} == {
         "layers.0.up.weight", "layers.0.shared.weight", "layers.0.gate.weight"}
-    ids = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
-    pass_ = make_pass(model, "pre")
-    scales = calibrate(model, pass_.calibration, ids)
+    actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
+    assert relative(actual, reference) <= TOLERANCE
+    with torch.no_grad():  # the stand-ins are not the norms: the check can fail
+        assert relative(model(**_IDS).double(), reference) > 1e-3
+    channel_read = GatedModel(GatedConfig(variant="channel-read")).eval()
+    assert "layers.0.norm is read by __getitem__" in norm_neighbours.pre_norm_readers(
+        channel_read, ["layers.0.norm"])["layers.0.norm"].reason
+
+
+_IDS = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
+
+
+def _pre_norms_folded(model: nn.Module, pass_: Pass) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model`` with its pre norms gone and ``pass_``'s folded weights, and ``model`` with its pre norms replaced by
+    their stand-ins (the reference the folded model must compute), both on ``_IDS``."""
+    scales = calibrate(model, pass_.calibration, _IDS)
     steps = {key: copy_of(key) for key in model.state_dict()}
     assert pass_.rewrite is not None
     pass_.rewrite(steps, scales)
-    state, _ = evaluate(TensorProgram({key: step for key, step in steps.items()
-                                       if key.split(".")[-2:-1] != ["norm"]}), model.state_dict(), torch.float32)
+    kept = {key: step for key, step in steps.items() if key.split(".")[-2:-1] != ["norm"]}
+    state, _ = evaluate(TensorProgram(kept), model.state_dict(), torch.float32)
     folded = copy.deepcopy(model)
     for layer in folded.layers:
         layer.norm = nn.Identity()
     folded.load_state_dict(state)
-    with torch.no_grad():
-        with stand_in_reference(model, pass_, scales):
-            reference = model(**ids).double()
-        assert relative(folded(**ids).double(), reference) <= TOLERANCE
-        assert relative(model(**ids).double(), reference) > 1e-3  # the stand-ins are not the norms: it can fail
-    channel_read = GatedModel(GatedConfig(variant="channel-read")).eval()
-    assert "layers.0.norm is read by __getitem__" in norm_neighbours.pre_norm_readers(
-        channel_read, ["layers.0.norm"])["layers.0.norm"].reason
+    with torch.no_grad(), stand_in_reference(model, pass_, scales):
+        return folded(**_IDS).double(), model(**_IDS).double()
