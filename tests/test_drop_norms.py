@@ -299,11 +299,7 @@ def test_every_term_of_a_branch_output_takes_the_stand_in(rms: bool, monkeypatch
     norms gone, equal the source run with the out norms replaced by their stand-ins. (Code generation reads the
     source lines of transformers' modeling files, which a test module is not: the weights alone are checked.)"""
     monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
-    torch.manual_seed(0)
-    model = GatedModel(GatedConfig(rms=rms)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
+    model = _perturbed_gated(rms=rms)
     pass_ = make_pass(model, "out")
     assert pass_.moves[0].into == (
         "layers.0.down.weight", "layers.0.down.bias", "layers.0.shared.weight", "layers.0.shared.bias",
@@ -344,11 +340,7 @@ def test_a_pre_norm_read_times_a_number_folds_its_bias_times_that_number(monkeyp
     product stays in the code), equal the source run with its pre norms replaced by their stand-ins; ``beta``
     folded once, not 1.25 times, misses them."""
     monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
-    torch.manual_seed(0)
-    model = GatedModel(GatedConfig(variant="scaled-read")).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
+    model = _perturbed_gated(variant="scaled-read")
     readers = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"].readers
     assert {reader.weight: reader.factor for reader in readers} == {
         "layers.0.up.weight": 1.25, "layers.0.shared.weight": 1.25, "layers.0.gate.weight": 1.25}
@@ -368,11 +360,7 @@ def test_a_pre_norm_read_as_an_moe_reads_it_folds_into_every_reader(monkeypatch:
     run with the pre norms gone, equal the source run with its pre norms replaced by their stand-ins. Those three
     refused GraniteMoE, JetMoE and Kolibri to post-sublayer ("read by type_as"); picking channels is still refused."""
     monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
-    torch.manual_seed(0)
-    model = GatedModel(GatedConfig(variant="routed-read")).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
+    model = _perturbed_gated(variant="routed-read")
     found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
     assert found.reason == "" and {reader.weight for reader in found.readers} == {
         "layers.0.up.weight", "layers.0.shared.weight", "layers.0.gate.weight"}
@@ -403,3 +391,13 @@ def _pre_norms_folded(model: nn.Module, pass_: Pass) -> tuple[torch.Tensor, torc
     folded.load_state_dict(state)
     with torch.no_grad(), stand_in_reference(model, pass_, scales):
         return folded(**_IDS).double(), model(**_IDS).double()
+
+
+def _perturbed_gated(**settings: Any) -> GatedModel:
+    """A ``GatedModel`` whose every weight is moved away from its initial value (folding bugs hide at init)."""
+    torch.manual_seed(0)
+    model = GatedModel(GatedConfig(**settings)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model
