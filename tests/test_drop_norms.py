@@ -261,7 +261,6 @@ class GatedLayer(nn.Module):
             return hidden_states + self.out_norm(written) + self.extra(written)
         return hidden_states + self.out_norm(written)
 
-
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         """What an MoE block does with its input (GraniteMoE, JetMoE, Kolibri): a router reads it through a cast,
         its weights take the input's dtype (``type_as``: only the dtype is read), an expert reads the rows of the
