@@ -9,6 +9,7 @@ biases included.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,13 @@ from test_drop_norms import logits, measured_scales, perturbed, relative
 
 import normswap
 from normswap.conversion.branch_norm_passes import branch_norm_setup
+from normswap.conversion.route import plan_layout
 from normswap.conversion.setup import convert_in_memory
 from normswap.conversion.verify import probe_inputs
 from normswap.topology import OFFSET_NORM_KINDS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import coverage_checks  # the coverage run's tiny, perturbed models of every family
 
 FAMILIES = ["llama", "gpt2", "gemma2"]  # RMSNorm; LayerNorm with biases and Conv1D readers; offset (1 + w) RMSNorm
 SANDWICH = ["gemma2", "glm4"]  # offset RMSNorm; plain RMSNorm, whose post_attention_layernorm is a pre norm
@@ -168,13 +173,6 @@ def test_a_pre_norm_read_by_no_linear_map_keeps_its_weight_and_the_rest_are_resc
     """Llama 4's MoE reads its pre norm's output through ``repeat`` (one copy per expert): no weight after it can
     take ``g / s``, so that norm keeps its weight (the stream after it stays at its weight's scale) while the
     attention's pre norms are rescaled, and the conversion still runs and moves the model only a little."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import coverage_checks  # the coverage run's tiny, perturbed models of every family
-
-    from normswap.conversion.route import plan_layout
-
     model = coverage_checks.build(coverage_checks.candidate("llama4_text")).model.eval()
     plan = plan_layout(model, "post", keep_stream_size=True).plan.describe()
     for layer in (0, 1):
