@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cells = args.cells.split(",") if args.cells else []
     if args.discover or args.family:
         import torch
 
@@ -600,8 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.discover:
             _work_discover(args.discover.split(","), Path(args.record))
         else:
-            _work_families(args.family.split(","), Path(args.record), Path(args.work), args.sample,
-                           args.cells.split(",") if args.cells else [])
+            _work_families(args.family.split(","), Path(args.record), Path(args.work), args.sample, cells)
         return 0
     if args.render:
         Path(args.out or HERE.parent / "docs" / "coverage.md").write_text(markdown(load(Path(args.render))))
@@ -621,7 +621,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(SAMPLE) if args.sample else (args.families.split(",") if args.families else None)
     scope = "sample" if args.sample else ("selected families" if args.families else "every family")
-    cells = args.cells.split(",") if args.cells else []
     result = run(names, max(1, args.jobs), scope, sample=args.sample, state=Path(args.state) if args.state else None,
                  cells=cells)
     out = None if cells else args.out or (str(HERE.parent / "docs" / "coverage.md") if names is None else None)
