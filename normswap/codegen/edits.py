@@ -80,6 +80,16 @@ class NeutraliseNorm:
 
 
 @dataclass(frozen=True)
+class GiveBias:
+    """``normswap_give_bias(self.<attribute>)`` right after each statement of ``__init__`` that assigns
+    ``self.<attribute>`` (a linear map built without a bias): a dropped LayerNorm's ``beta`` folds into its bias
+    (``conversion/reader_bias.py``)."""
+
+    class_name: str
+    attribute: str
+
+
+@dataclass(frozen=True)
 class BuildNormAlways:
     """``self.<norm> = nn.Identity()`` in ``__init__`` -> the norm constructor the same ``__init__`` uses otherwise.
 
@@ -336,7 +346,7 @@ class VariantStatement:
 
 
 Edit = (UnwrapNormCall | WrapResidualAdd | WrapBranchInput | WrapBranchOutput | UnwrapModelNorm | NeutraliseNorm
-        | BuildNormAlways | AddStackNorm
+        | BuildNormAlways | GiveBias | AddStackNorm
         | ReplaceNormClass | CentreStream | CentreNormInput | BuildSubmodelDirectly | AddLayerNorm | ReadAfterBranch
         | ReplaceResidualAdd | DropStatement | SizeByInnerWidth | AddOutputProjection | AddStackProjection
         | BuildAtSourceWidth | VariantStatement)

@@ -282,6 +282,17 @@ def normswap_fresh_copy(module):
 '''
 
 
+_GIVE_BIAS_FUNCTION = '''
+
+def normswap_give_bias(linear):
+    """A zero bias for a linear map built without one: a dropped LayerNorm's shift ``W beta`` is stored there, and
+    loading replaces it."""
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                     device=linear.weight.device))
+'''
+
+
 _NORM_ITEM_FUNCTION = '''
 
 def normswap_norm_item(norm, output, item):
@@ -442,6 +453,8 @@ for _model_class in ({", ".join(model_classes)},):
         footer = _LIFTED_PROJECTOR_FUNCTIONS + footer
     if "normswap_fresh_copy(" in body:
         footer = _FRESH_COPY_FUNCTION + footer
+    if "normswap_give_bias(" in body:
+        footer = _GIVE_BIAS_FUNCTION + footer
     if rms_norm:
         footer = _RMS_NORM_CLASS + footer
     if layer_norm:
@@ -476,6 +489,7 @@ def repackage(previous: GeneratedModule, rewritten: str, conversion: str, rms_no
         if wanted and f"class {name}(" not in body:
             body += text
     for used, text in (("normswap_norm_item(", _NORM_ITEM_FUNCTION), ("normswap_fresh_copy(", _FRESH_COPY_FUNCTION),
+                       ("normswap_give_bias(", _GIVE_BIAS_FUNCTION),
                        ("normswap_lifted_projector(", _LIFTED_PROJECTOR_FUNCTIONS)):
         if used in body and text.strip().splitlines()[0] not in body:
             body += text

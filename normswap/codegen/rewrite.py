@@ -28,6 +28,7 @@ from .edits import (
     CentreStream,
     DropStatement,
     Edit,
+    GiveBias,
     NeutraliseNorm,
     ReadAfterBranch,
     ReplaceNormClass,
@@ -562,6 +563,8 @@ class _Rewriter(cst.CSTTransformer):
                     updated = self._add_call(updated, edit)
             if isinstance(edit, AddLayerNorm) and self._here(edit) and name == "__init__":
                 updated = self._add_beside(updated, edit)
+            if isinstance(edit, GiveBias) and self._here(edit) and name == "__init__":
+                updated = self._give_bias(updated, edit)
             if isinstance(edit, AddOutputProjection) and self._here(edit) and name == "__init__":
                 updated = self._add_linear_map(updated, edit, edit.norm)
                 if edit.input_map:
@@ -599,6 +602,19 @@ class _Rewriter(cst.CSTTransformer):
                     self.applied[edit] += 1
                 return function.with_changes(body=function.body.with_changes(body=body))
         raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{after} in its own body")
+
+    def _give_bias(self, function: cst.FunctionDef, edit: GiveBias) -> cst.FunctionDef:
+        """``normswap_give_bias(self.<attribute>)`` after each statement that builds it, in whichever branch of an
+        ``if`` does."""
+        body = list(function.body.body)
+        given = [cst.parse_statement(f"normswap_give_bias(self.{edit.attribute})\n")]
+        for index, statement in enumerate(body):
+            if _assigns_within(statement, edit.attribute):
+                body[index:index + 1] = _inserted_after(statement, edit.attribute, given)
+                self.applied[edit] += 1
+                return function.with_changes(body=function.body.with_changes(body=body))
+        raise CodegenError(f"{edit.class_name}.__init__ does not assign self.{edit.attribute} in its own body, so "
+                           "the generated code cannot give it a bias")
 
     def _add_module(self, function: cst.FunctionDef, edit: AddStackNorm) -> cst.FunctionDef:
         if edit.per_stage:

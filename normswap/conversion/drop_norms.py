@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -27,6 +27,7 @@ from .norm_kind import _output_dims, linear_layout
 from .norm_neighbours import NormInput, NormReaders, ReaderTensor, norm_inputs, pre_norm_readers
 from .passes import Pass, PassMove, Scales
 from .program import Step
+from .reader_bias import ReaderBiasError, given_biases, new_bias_key, zero_bias
 from .removed_norm_tensors import removed_norm_step
 from .round_trip_carry import reader_means_carried, removed_norms_carried, writer_means_carried
 from .stand_in import StandIn, fold_into_reader, fold_into_writer, stand_in_of
@@ -44,14 +45,17 @@ class OutFold:
     stand_in: StandIn
     tensors: Mapping[str, int]
     carrier: str | None
+    new_bias: str | None = None  # the carrier, where it is a writer's bias the generated code adds (reader_bias.py)
 
 
 @dataclass(frozen=True)
 class PreFold:
-    """A ``pre`` norm's stand-in and the linear maps that read its output."""
+    """A ``pre`` norm's stand-in and the linear maps that read its output; ``new_biases``: the biases of those
+    readers that had none, given one for the norm's ``beta`` (``reader_bias.py``)."""
 
     stand_in: StandIn
     readers: tuple[ReaderTensor, ...]
+    new_biases: tuple[str, ...] = ()
 
 
 def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
@@ -60,14 +64,19 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     folds, moves = out_norm_folds(model, norms)
 
     def fold_one(fold: OutFold, scale: float, steps: dict[str, Step]) -> None:
+        if fold.new_bias is not None:
+            steps[fold.new_bias] = zero_bias(steps[fold.new_bias.removesuffix(".bias") + ".weight"])
         for key, dim in fold.tensors.items():
             fold_into_writer(fold.stand_in, scale, key, dim, steps, carries_shift=key == fold.carrier)
 
     return _drop_pass(model, topology, "out", norms, folds, moves, fold_one)
 
 
-def out_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[OutFold, ...], tuple[PassMove, ...]]:
-    """Where each ``out`` norm's stand-in folds (identity placeholders have nothing to fold), and the plan's lines."""
+def out_norm_folds(model: nn.Module, norms: Sequence[NormSite], give_biases: bool = True
+                   ) -> tuple[tuple[OutFold, ...], tuple[PassMove, ...]]:
+    """Where each ``out`` norm's stand-in folds (identity placeholders have nothing to fold), and the plan's lines;
+    ``give_biases=False``: a LayerNorm whose writers have no bias for its ``beta`` folds with no carrier (its
+    ``beta`` must be 0: the caller checks) instead of giving one a bias."""
     found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
     keys = dict.fromkeys(model.state_dict())
     owners: dict[str, str] = {}
@@ -86,7 +95,12 @@ def out_norm_folds(model: nn.Module, norms: Sequence[NormSite]) -> tuple[tuple[O
             if other != norm.path:
                 raise StandInError(f"{key} writes the inputs of both {other} and {norm.path}, so it cannot take "
                                    "both stand-ins")
-        folds.append(OutFold(stand_in, tensors, _shift_carrier(model, stand_in, read, tensors)))
+        carrier = _shift_carrier(model, stand_in, read, tensors)
+        new_bias = None
+        if carrier is None and stand_in.bias is not None and give_biases:
+            carrier = new_bias = _new_carrier(model, stand_in, read, tensors)
+            tensors = {**tensors, new_bias: 0}
+        folds.append(OutFold(stand_in, tensors, carrier, new_bias))
         moves.append(PassMove("fold", norm.path, tuple(tensors), stand_in.site,
                               f"1/s of its input's {stand_in.site.statistic}"))
     return tuple(folds), tuple(moves)
@@ -100,6 +114,8 @@ def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
 
     def fold_one(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
         for reader in fold.readers:
+            if reader.bias in fold.new_biases:
+                steps[reader.bias] = zero_bias(steps[reader.weight])
             fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps,
                              factor=reader.factor)
 
@@ -111,13 +127,18 @@ def _drop_pass(model: nn.Module, topology: Topology, slot: str, norms: Sequence[
                fold_one: Callable[[Any, float, dict[str, Step]], None]) -> Pass:
     """The pass that removes ``slot``'s norms: each fold at its site's calibrated scale, the norms' tensors gone,
     their calls unwrapped in the code, their vectors and scales carried for the way back."""
+    given, zero_biases = given_biases(model, [bias for fold in folds for bias in (
+        fold.new_biases if isinstance(fold, PreFold) else (fold.new_bias,) if fold.new_bias else ())])
+
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
         for fold in folds:
             fold_one(fold, scales[fold.stand_in.site].scale, steps)
+        for bias in zero_biases:
+            steps[bias] = zero_bias(steps[bias.removesuffix(".bias") + ".weight"])
         _remove_norm_tensors(model, norms, steps)
 
     return Pass(_name(topology, slot), exact=False, placement=_placement_without(topology, slot),
-                edits=tuple(removed_norm_edits(model, topology, slot)), rewrite=rewrite,
+                edits=(*removed_norm_edits(model, topology, slot), *given), rewrite=rewrite,
                 calibration=tuple(dict.fromkeys(fold.stand_in.site for fold in folds)), moves=moves,
                 carry=functools.partial(_carried, tuple(folds)))
 
@@ -127,8 +148,9 @@ def _carried(folds: Sequence[OutFold | PreFold], initial: Mapping[str, Step], sc
     the tensors it folded into (computed from the source's tensors: no other pass of a conversion changes them)."""
     carried = removed_norms_carried(tuple(fold.stand_in for fold in folds), initial, scales)
     for fold in folds:
-        if isinstance(fold, OutFold):
-            carried.update(writer_means_carried(fold.stand_in, fold.tensors, initial))
+        if isinstance(fold, OutFold):  # a new bias has no source tensor: its mean is 0, and it is not kept home
+            carried.update(writer_means_carried(fold.stand_in, {key: dim for key, dim in fold.tensors.items()
+                                                                if key != fold.new_bias}, initial))
         else:
             carried.update(reader_means_carried(fold.stand_in, [(reader.weight, reader.in_dim)
                                                                 for reader in fold.readers], initial))
@@ -139,7 +161,8 @@ def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers
                    readers: Mapping[str, NormReaders] | None = None
                    ) -> tuple[tuple[PreFold, ...], tuple[PassMove, ...]]:
     """The linear maps that read each ``pre`` norm's output (identity placeholders have none), and the plan's lines;
-    ``shift_to_readers=False``: a norm that stays may keep its bias, so readers without one are not refused.
+    ``shift_to_readers=False``: a norm that stays may keep its bias, so readers without one are not given one
+    (with it, they are: ``new_biases``).
     ``readers``: ``pre_norm_readers``'s answer for these norms where the caller has it already (it runs the model)."""
     found = readers if readers is not None else pre_norm_readers(
         model, [norm.path for norm in norms if norm.kind != "identity"])
@@ -159,16 +182,34 @@ def pre_norm_folds(model: nn.Module, norms: Sequence[NormSite], shift_to_readers
             if other != norm.path:
                 raise StandInError(f"{reader.weight} reads both {other} and {norm.path} (one weight called twice), "
                                    "so it cannot take both stand-ins")
-            if shift_to_readers and stand_in.bias is not None and reader.bias is None:
-                raise StandInError(f"{reader.weight} reads {norm.path} but has no bias to take the norm's bias beta "
-                                   "(b <- b + W beta): the stand-in's shift has nowhere to go, so the norm cannot be "
-                                   "dropped (a placement that keeps the pre norms, as sandwich does, needs no such "
-                                   "bias)")
-        folds.append(PreFold(stand_in, read.readers))
-        into = tuple(key for reader in read.readers
+        biased, new_biases = _with_biases(model, norm, read.readers) if shift_to_readers and stand_in.bias else (
+            read.readers, ())
+        folds.append(PreFold(stand_in, biased, new_biases))
+        into = tuple(key for reader in biased
                      for key in (reader.weight, reader.bias if stand_in.bias is not None else None) if key)
         moves.append(PassMove("fold", norm.path, into, stand_in.site, f"1/s of its input's {stand_in.site.statistic}"))
     return tuple(folds), tuple(moves)
+
+
+def _with_biases(model: nn.Module, norm: NormSite, readers: Sequence[ReaderTensor]
+                 ) -> tuple[tuple[ReaderTensor, ...], tuple[str, ...]]:
+    """``readers``, each with a bias for the norm's ``beta``: a linear map built without one is given one (its key
+    among the new ones); one that cannot take one is refused with the reason."""
+    biased, new = [], []
+    for reader in readers:
+        if reader.bias is None:
+            try:
+                if reader.in_dim != 1:
+                    raise ReaderBiasError(f"{reader.weight} reads {norm.path} along its dimension {reader.in_dim}, "
+                                          "not as a linear map's input, and has no bias for the norm's beta")
+                key = new_bias_key(model, reader.weight, norm.path)
+            except ReaderBiasError as error:
+                raise StandInError(f"{error}: the stand-in's shift has nowhere to go, so the norm cannot be "
+                                   "dropped") from error
+            reader = replace(reader, bias=key)
+            new.append(key)
+        biased.append(reader)
+    return tuple(biased), tuple(new)
 
 
 def _slot_norms(topology: Topology, slot: NormSlot) -> list[NormSite]:
@@ -221,8 +262,23 @@ def _shift_carrier(model: nn.Module, stand_in: StandIn, read: NormInput, tensors
         key = f"{term.source}.bias"
         if linear_layout(module) and key in tensors:
             return key
+    return None
+
+
+def _new_carrier(model: nn.Module, stand_in: StandIn, read: NormInput, tensors: Mapping[str, int]) -> str:
+    """The bias the generated code gives the first linear writer of the norm's input (added once per token,
+    unscaled) to carry its ``beta``, where no writer has one."""
+    reasons = []
+    for term in read.terms:
+        if term.token_scaled or term.scales or not term.writer or tensors.get(f"{term.source}.weight") != 0:
+            continue
+        try:
+            return new_bias_key(model, f"{term.source}.weight", stand_in.norm, reads=False)
+        except ReaderBiasError as error:
+            reasons.append(str(error))
     raise StandInError(f"{stand_in.norm} has a bias, and no bias among what writes its input is added once per "
-                       "token unscaled, so the stand-in's shift has nowhere to go")
+                       "token unscaled" + (f" ({reasons[0]})" if reasons else "") + ", so the stand-in's shift has "
+                       "nowhere to go")
 
 
 def _remove_norm_tensors(model: nn.Module, norms: list[NormSite], steps: dict[str, Step]) -> None:

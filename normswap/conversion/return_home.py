@@ -195,7 +195,8 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
                                  f"{home.model_type}")
 
     steps = {key: copy_of(key) for key in model.state_dict()}
-    moves = _drop_added(model, added, scales, steps)
+    checks: list[Step] = []
+    moves = _drop_added(model, added, scales, steps, checks)
     moves += _restore_removed(home.meta, removed, carried, scales, steps)
     moves += _restore_removed(home.meta, rescaled, carried, scales, steps, folded_centring=False)
     source_shapes, target_shapes = shapes_of(model.state_dict()), shapes_of(home.meta.state_dict())
@@ -206,7 +207,7 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
         if key not in restored and tuple(source_shapes.get(key, ())) != tuple(shape):
             raise NoWayHomeError(f"{key} has shape {tuple(source_shapes.get(key, ()))} here, {tuple(shape)} in "
                                  f"{home.model_type}")
-    program = TensorProgram({key: steps[key] for key in target_shapes})
+    program = TensorProgram({key: steps[key] for key in target_shapes}, checks=tuple(checks))
     target = home.topology
     where = f"the {home.model_type} code of the way out" if home.generated else f"the stock {home.model_type} classes"
     name = f"{source.placement} -> {placement}: back to {where}"
@@ -224,13 +225,21 @@ def _home_setup(model: nn.Module, placement: str, home: _Home, carried: Mapping[
                            verify)
 
 
-def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str, float], steps: dict[str, Step]
-                ) -> list[PassMove]:
+def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str, float], steps: dict[str, Step],
+                checks: list[Step]) -> list[PassMove]:
     """Fold each added norm's stand-in, at the scale it was started at, into its neighbours (as the drop passes do),
     without a LayerNorm's centring ``C``: the original had no norm there, and while ``g`` is still its start ``s``
-    (and ``beta`` 0) the fold is then the identity, so the neighbours come home as they were."""
-    out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"])
+    (and ``beta`` 0) the fold is then the identity, so the neighbours come home as they were. An out LayerNorm
+    whose writers have no bias (StableLM's ``o_proj``) goes home only while its ``beta`` is 0 (``checks``)."""
+    out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"], give_biases=False)
+    for fold in out_folds:
+        if fold.carrier is None and fold.stand_in.bias is not None:
+            checks.append(_zero_beta(model, fold.stand_in.bias))
     pre_folds, pre_moves = pre_norm_folds(model, [norm for norm in added if norm.slot == "pre"])
+    for pre in pre_folds:
+        if pre.new_biases:
+            raise NoWayHomeError(f"{pre.new_biases[0]} would be needed for the beta of {pre.stand_in.norm}, a norm the "
+                                 "way out added, and the stock class has no such bias")
     for fold in out_folds:
         for key, dim in fold.tensors.items():
             fold_into_writer(fold.stand_in, scales[fold.stand_in.norm], key, dim, steps,
@@ -241,6 +250,22 @@ def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str
                              centre=False, factor=reader.factor)
     return [PassMove("fold", move.norm, move.into, note="at its carried starting scale")
             for move in (*out_moves, *pre_moves)]
+
+
+def _zero_beta(model: nn.Module, key: str) -> Step:
+    """The check that ``key``, an added out LayerNorm's ``beta`` with no writer bias to go into at home, is 0: at
+    plan time where the model holds its tensors, else as the conversion reads it."""
+    untrained = f"{key} is not 0 (it was trained after the way out), and no bias of the stock class holds it"
+    tensor = model.get_parameter(key)
+    if tensor.device.type != "meta" and bool(tensor.ne(0).any()):
+        raise NoWayHomeError(untrained)
+
+    def check(beta: Tensor) -> Tensor:
+        if bool(beta.ne(0).any()):
+            raise NoWayHomeError(untrained)
+        return beta
+
+    return Step((key,), check)
 
 
 def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapping[str, Tensor],
@@ -263,7 +288,8 @@ def _restore_removed(home: nn.Module, removed: Sequence[NormSite], carried: Mapp
             raise NoWayHomeError(f"{stand_in.weight} has a channel where g = 0, which its fold erased")
     for fold in out_folds:
         _unfold_writers(fold, scales[fold.stand_in.norm], steps,
-                        _means(fold.stand_in, fold.tensors, carried) if folded_centring else {})
+                        _means(fold.stand_in, [key for key in fold.tensors if key != fold.new_bias], carried)
+                        if folded_centring else {})
     for pre in pre_folds:
         _unfold_readers(pre, scales[pre.stand_in.norm], steps,
                         _means(pre.stand_in, [reader.weight for reader in pre.readers], carried)
