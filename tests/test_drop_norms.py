@@ -257,6 +257,10 @@ class GatedLayer(nn.Module):
             x = 2.5 * x / 2.0
         if self.variant in ("routed-read", "channel-read"):
             return hidden_states + self._routed(x)
+        if self.variant == "sequence-first-read":  # Longformer's and LED's ``h.transpose(0, 1)``: channels stay last
+            return hidden_states + self.down(torch.relu(self.up(x.transpose(0, 1)))).transpose(0, 1)
+        if self.variant == "channels-first-read":  # the channels moved off the last axis (PVT's, before a conv)
+            return hidden_states + self.down(torch.relu(self.up(x.transpose(1, 2).transpose(1, 2))))
         written = self.down(torch.relu(self.up(x)))
         if self.layer_scale is not None:
             written = self.layer_scale * written
@@ -376,6 +380,24 @@ def test_a_pre_norm_read_as_an_moe_reads_it_folds_into_every_reader(monkeypatch:
     channel_read = GatedModel(GatedConfig(variant="channel-read")).eval()
     assert "layers.0.norm is read by __getitem__" in norm_neighbours.pre_norm_readers(
         channel_read, ["layers.0.norm"])["layers.0.norm"].reason
+
+
+def test_a_pre_norm_read_sequence_first_folds_and_one_read_channels_first_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transpose that keeps the channels last (Longformer's and LED's sequence-first attention) passes the norm's
+    output to its readers whole: they fold, and equal the source with its pre norms replaced by their stand-ins. One
+    that moves the channels is still a foreign read."""
+    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
+    model = _perturbed_gated(variant="sequence-first-read")
+    found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
+    assert found.reason == "" and {reader.weight for reader in found.readers} == {"layers.0.up.weight"}
+    actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
+    assert relative(actual, reference) <= TOLERANCE
+    with torch.no_grad():  # the stand-ins are not the norms: the check can fail
+        assert relative(model(**_IDS).double(), reference) > 1e-3
+    channels_first = GatedModel(GatedConfig(variant="channels-first-read")).eval()
+    assert "layers.0.norm is read by transpose" in norm_neighbours.pre_norm_readers(
+        channels_first, ["layers.0.norm"])["layers.0.norm"].reason
 
 
 _IDS = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}

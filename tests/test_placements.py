@@ -37,6 +37,8 @@ SOURCES = {
     "falcon_new": ("FalconForCausalLM", "parallel"),
     "falcon_new_one_norm": ("FalconForCausalLM", "parallel"),
     "falcon_rw": ("FalconForCausalLM", "pre"),
+    # LFM2: one layer class whose branch is self.conv or self.self_attn by a per-layer flag; one out norm serves both
+    "lfm2": ("Lfm2ForCausalLM", "pre"),
     # OLMo-Hybrid: Pre-Norm linear-attention layers among OLMo 2 (post-sublayer) attention layers
     "olmo_hybrid": ("OlmoHybridForCausalLM", "mixed"),
 }

@@ -63,6 +63,10 @@ CASES = [
     # where the restored norm adds beta again
     ("stablelm", "StableLmForCausalLM", "post-sublayer"),
     ("falcon_sequential", "FalconForCausalLM", "post-sublayer"),
+    # one out norm on the term `hidden_states`, which is self.conv's output in the convolution layer and
+    # self.self_attn's in the attention layer (LFM2's `if self.is_attention_layer:`)
+    ("lfm2", "Lfm2ForCausalLM", "sandwich"),
+    ("lfm2", "Lfm2ForCausalLM", "post-sublayer"),
 ]
 
 

@@ -65,6 +65,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "nemotron": {"model_type": "nemotron", **_GQA},
     "phimoe": {"model_type": "phimoe", **_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
     "stablelm_parallel": {"model_type": "stablelm", **_GQA, "use_parallel_residual": True},
+    # a convolution layer, then an attention layer: one class, its branch module chosen by a per-layer flag
+    "lfm2": {"model_type": "lfm2", **_GQA, "layer_types": ["conv", "full_attention"]},
     "llama": {"model_type": "llama", **_GQA},
     "mistral": {"model_type": "mistral", **_GQA},
     "qwen2": {"model_type": "qwen2", **_GQA},

@@ -70,19 +70,22 @@ class AddTerms:
 
 
 def branch_terms(source: Path, class_name: str, add_line: int, attributes: Collection[str],
-                 passes_through: Callable[[str], bool], config: Any | None = None) -> AddTerms:
+                 passes_through: Callable[[str], bool], config: Any | None = None, holder: Any | None = None
+                 ) -> AddTerms:
     """The terms of the add at ``add_line`` in ``class_name.forward``, and for each ``self.<attribute>`` (of
     ``attributes``) whose output is one of them, that term. ``passes_through(callee)`` says whether the call of
     ``callee`` (``self.dropout``, ``nn.functional.dropout``) returns its first argument unchanged at inference: the
     term passes through it on its way to the add. ``config``, the module's own, leaves out the statements its ``if``
-    tests rule out (``config_branches``)."""
+    tests rule out (``config_branches``), and ``holder``, the module running the code, those its own plain attributes
+    rule out (LFM2's ``if self.is_attention_layer:``)."""
     forward = forward_of(ast.parse(source.read_text(encoding="utf-8")), class_name)
     return _terms_of(forward, add_summands(forward, add_line), add_line, class_name, attributes, passes_through,
-                     config)
+                     config, holder)
 
 
 def helper_call_terms(source: Path, class_name: str, call_line: int, add_line: int, attributes: Collection[str],
-                      passes_through: Callable[[str], bool], config: Any | None = None) -> AddTerms:
+                      passes_through: Callable[[str], bool], config: Any | None = None, holder: Any | None = None
+                      ) -> AddTerms:
     """``branch_terms`` for an add inside a module-level helper (BLOOM's and Falcon's ``dropout_add(x, residual,
     ...)``), called from ``class_name.forward`` at ``call_line``: each term of the helper's add at ``add_line`` is
     followed back, inside the helper and through pass-through calls (its dropout), to the parameter it comes from,
@@ -111,7 +114,7 @@ def helper_call_terms(source: Path, class_name: str, call_line: int, add_line: i
                                f"not one of the arguments {class_name} passes it at line {call_line}, so no argument "
                                "there is the branch's output")
         terms.append(passed[parameter])
-    return replace(_terms_of(forward, terms, call_line, class_name, attributes, passes_through, config),
+    return replace(_terms_of(forward, terms, call_line, class_name, attributes, passes_through, config, holder),
                    helper=helper.name)
 
 
@@ -135,12 +138,12 @@ def _parameter_of(node: ast.expr, before: int, assignments: list[tuple[int, ast.
     return _parameter_of(value, line, assignments, passes_through, depth + 1)
 
 
-def _assignments(function: ast.FunctionDef, config: Any | None = None
+def _assignments(function: ast.FunctionDef, config: Any | None = None, holder: Any | None = None
                  ) -> list[tuple[int, ast.expr, ast.expr | None]]:
-    """(line, target, value) of every assignment in ``function`` that may run for ``config``, in line order (value
-    None: augmented)."""
+    """(line, target, value) of every assignment in ``function`` that may run for ``config`` and ``holder``, in line
+    order (value None: augmented)."""
     return sorted(((node.lineno, target, node.value if isinstance(node, ast.Assign) else None)
-                   for node in running_statements(function, config)
+                   for node in running_statements(function, config, holder)
                    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
                    for target in (node.targets if isinstance(node, ast.Assign) else [node.target])),
                   key=lambda assignment: assignment[0])
@@ -150,10 +153,11 @@ _Assignments = list[tuple[int, ast.expr, ast.expr | None]]
 
 
 def _terms_of(forward: ast.FunctionDef, terms: list[ast.expr], add_line: int, class_name: str,
-              attributes: Collection[str], passes_through: Callable[[str], bool], config: Any | None) -> AddTerms:
+              attributes: Collection[str], passes_through: Callable[[str], bool], config: Any | None,
+              holder: Any | None = None) -> AddTerms:
     """The terms, as source text, and the branch call each one returns, followed back through ``forward``."""
     start = min(term.lineno for term in terms)
-    assignments = _assignments(forward, config)
+    assignments = _assignments(forward, config, holder)
     written = [ast.unparse(term) for term in terms]
     found: dict[str, BranchTerm] = {}
     for term, text in zip(terms, written, strict=True):

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import NormswapError
 from ..topology import Branch, Layer, NormSite, Stack, Sublayer, Topology, embedding_norm_stays
 from .caller_adds import caller_of_add
+from .config_branches import running_statements
 from .edits import (
     INPUT_KEYWORDS,
     AddLayerNorm,
@@ -108,10 +109,17 @@ def _by_class(layers: list[Layer]) -> list[list[Layer]]:
     class's code rewritten once, and a class whose layers build different modules (AXK1's MoE layers, with an out
     norm inside the MoE, beside its dense ones) has each variant's edits derived from a layer of that variant
     (``variant_edits`` checks that they agree on the code the variants share)."""
-    groups: dict[tuple[str, object], list[Layer]] = {}
+    groups: dict[tuple[str, object, object], list[Layer]] = {}
     for layer in layers:
-        groups.setdefault((layer.layer_class, _norm_shape(layer)), []).append(layer)
+        groups.setdefault((layer.layer_class, _norm_shape(layer), _branch_attributes(layer)), []).append(layer)
     return list(groups.values())
+
+
+def _branch_attributes(layer: Layer) -> tuple[str, ...]:
+    """The attributes of the layer that hold its branches' modules: LFM2's one layer class runs ``self.conv`` in some
+    layers and ``self.self_attn`` in others (by a per-layer flag), on different lines of its code."""
+    return tuple(sorted({layer.relative(module).split(".", 1)[0] for sub in layer.sublayers for branch in sub.branches
+                         for module in branch.modules}))
 
 
 def _norm_shape(layer: Layer) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -158,7 +166,8 @@ def joined_variant_edits(model: nn.Module, groups: list[list[Layer]], derived: l
             for group in groups]
     conflicts = [(index, other, edit) for index, found in enumerate(derived) for edit in found
                  for other, classes in enumerate(held)
-                 if other != index and getattr(edit, "class_name", "") in classes and edit not in derived[other]]
+                 if other != index and getattr(edit, "class_name", "") in classes and edit not in derived[other]
+                 and _runs(model, groups[other], edit)]
     statements: dict[tuple[str, int], list[int]] = {}
     for index, other, edit in conflicts:
         line = getattr(edit, "line", None)
@@ -174,6 +183,32 @@ def joined_variant_edits(model: nn.Module, groups: list[list[Layer]], derived: l
         edits += [edit for edit in found if edit not in edits
                   and (getattr(edit, "class_name", ""), getattr(edit, "line", None)) not in statements]
     return [*edits, *dispatched]
+
+
+def _runs(model: nn.Module, group: list[Layer], edit: Edit) -> bool:
+    """Whether the layers of ``group`` may run the statement ``edit`` changes: not where it lies in a branch of an
+    ``if`` that their own plain attributes rule out (LFM2's convolution layers never run the attention's call, whose
+    norm an edit derived from an attention layer moves). Edits of other classes, or of no line, count as run."""
+    line = getattr(edit, "line", None)
+    layer = model.get_submodule(group[0].path)
+    if line is None or getattr(edit, "class_name", "") != type(layer).__name__:
+        return True
+    try:
+        source = Path(pyinspect.getsourcefile(type(layer)) or "")
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    functions = [item for node in tree.body if isinstance(node, ast.ClassDef) and node.name == type(layer).__name__
+                 for item in node.body if isinstance(item, ast.FunctionDef)
+                 and item.lineno <= line <= (item.end_lineno or item.lineno)]
+    if not functions:
+        return True
+    holding = [node for node in ast.walk(functions[0]) if isinstance(node, ast.stmt) and node is not functions[0]
+               and node.lineno <= line <= (node.end_lineno or node.lineno)]
+    if not holding:
+        return True
+    innermost = min(holding, key=lambda node: (node.end_lineno or node.lineno) - node.lineno)
+    return any(node is innermost for node in running_statements(functions[0], getattr(layer, "config", None), layer))
 
 
 def _variant_statement(model: nn.Module, class_name: str, line: int, groups: list[list[Layer]],

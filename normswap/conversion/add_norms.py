@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,10 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
     for stack in topology.stacks:
         stack_layers = [layer for layer in topology.layers if layer.stack == stack.path]
         groups = _by_class(stack_layers)
-        derived: list[list[Edit]] = []
+        per_group: list[list[_NewNorm]] = []
         for layers in groups:
-            derived.append([])
+            found: list[_NewNorm] = []
+            per_group.append(found)
             for layer in layers:
                 if layer.items:
                     raise AddNormError(f"{layer.path} runs its layer as items of module lists, with no layer module "
@@ -114,12 +116,15 @@ def _add_norms(model: nn.Module, topology: Topology, slot: str, kind: str | None
                         placements.append(sub.placement)
                         continue
                     placements.append(_placement_after(layer, index, sub, slot))
-                    for new in _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken,
-                                               stack.width):
-                        derived[-1] += [edit for edit in new.edits if edit not in derived[-1]]
-                        tensors += new.tensors
-                        moves.append(new.move)
-                        helpers |= new.helpers
+                    found += _sublayer_norms(model, layer, index, sub, slot, kind, locate, path, taken, stack.width)
+        derived: list[list[Edit]] = []
+        for found in _one_name_per_term(per_group):
+            derived.append([])
+            for new in found:
+                derived[-1] += [edit for edit in new.edits if edit not in derived[-1]]
+                tensors += new.tensors
+                moves.append(new.move)
+                helpers |= new.helpers
         edits += [edit for edit in joined_variant_edits(model, groups, derived) if edit not in edits]
     placement = combine_placements(placements)
     what = "out norms on each branch's output" if slot == "out" else "pre norms on each branch's input"
@@ -178,8 +183,8 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
     passes = functools.partial(_passes_through, holder) if slot == "out" else _any_call
     try:
         config = getattr(holder, "config", None)  # what the class's ``if self.config...`` tests read
-        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes, config) if in_function
-               else branch_terms(path, class_name, add_line, wanted, passes, config))
+        add = (helper_call_terms(path, class_name, call_line, add_line, wanted, passes, config, holder) if in_function
+               else branch_terms(path, class_name, add_line, wanted, passes, config, holder))
     except CodegenError as error:
         raise AddNormError(str(error)) from error
     template, copy_from, template_attribute = _template(model, layer, sub, class_path, locate)
@@ -230,6 +235,37 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
         built[0] = replace(built[0], edits=(*built[0].edits,
                                             ReplaceResidualAdd(class_name, locate.line(sub.residual_add), sum_of)))
     return built
+
+
+def _one_name_per_term(per_group: list[list[_NewNorm]]) -> list[list[_NewNorm]]:
+    """The new norms of each group of a stack's layers, with one name for every norm that wraps the same term of the
+    same add. Layers of one class may reach that term from different modules (LFM2's ``hidden_states`` is
+    ``self.self_attn``'s output in its attention layers and ``self.conv``'s in its convolution layers, by a per-layer
+    flag): the class's code builds and calls one norm there, named after all of them
+    (``normswap_conv_or_self_attn_out_norm``)."""
+    names: dict[tuple[str, int, str], set[str]] = {}
+    for found in per_group:
+        for new in found:
+            for edit in new.edits:
+                if isinstance(edit, WrapBranchOutput):
+                    names.setdefault((edit.class_name, edit.line, edit.term), set()).add(edit.norm)
+    renamed = {norm: "normswap_" + "_or_".join(sorted(name.removeprefix("normswap_").removesuffix("_out_norm")
+                                                      for name in shared)) + "_out_norm"
+               for shared in names.values() if len(shared) > 1 for norm in shared}
+    return [[_renamed(new, renamed) for new in found] for found in per_group] if renamed else per_group
+
+
+def _renamed(new: _NewNorm, renamed: Mapping[str, str]) -> _NewNorm:
+    """``new`` with its norm's attribute named as ``renamed`` says, in its edits, tensor keys and plan line."""
+    def path(value: str) -> str:
+        head, _, last = value.rpartition(".")
+        return f"{head}.{renamed.get(last, last)}" if head else renamed.get(last, last)
+
+    edits = tuple(replace(edit, norm=renamed.get(edit.norm, edit.norm))
+                  if isinstance(edit, (AddLayerNorm, WrapBranchOutput)) else edit for edit in new.edits)
+    tensors = tuple(replace(tensor, key=f"{path(tensor.key.rsplit('.', 1)[0])}.{tensor.key.rsplit('.', 1)[1]}")
+                    for tensor in new.tensors)
+    return replace(new, edits=edits, tensors=tensors, move=replace(new.move, norm=path(new.move.norm)))
 
 
 def _reading_call(locate: _Locator, path: Path, class_name: str, class_path: str, branch: Branch,

@@ -238,9 +238,10 @@ class NormReaders:
 
 
 class _WatchReaders(TorchFunctionMode):
-    """Follows each pre norm's output through re-layouts (views, reshapes) and products with Python numbers to the
-    weights that read it: linear modules and fused experts called on it (their own forward is not looked into), and
-    ``F.linear`` of a raw parameter (a router's weight); any other operation on it is recorded as foreign."""
+    """Follows each pre norm's output through re-layouts (views, reshapes, transposes that keep the channels last) and
+    products with Python numbers to the weights that read it: linear modules and fused experts called on it (their
+    own forward is not looked into), and ``F.linear`` of a raw parameter (a router's weight); any other operation on
+    it is recorded as foreign."""
 
     def __init__(self, names: dict[int, tuple[str, Tensor]]) -> None:
         super().__init__()
@@ -309,7 +310,8 @@ class _WatchReaders(TorchFunctionMode):
                 continue
             number = _constant_factor(func, args, position)
             if ((func in _PASS_THROUGH and position == 0 and result.shape[-1:] == value.shape[-1:])
-                    or (func is Tensor.__getitem__ and position == 0 and _picks_tokens(value, args[1]))):
+                    or (func is Tensor.__getitem__ and position == 0 and _picks_tokens(value, args[1]))
+                    or (func in _AXIS_MOVES and position == 0 and _keeps_channels_last(func, args, value.dim()))):
                 self.watch(norm, result, self.factor_of(value))
             elif number is not None and result.shape == value.shape:
                 self.watch(norm, result, self.factor_of(value) * number)
@@ -326,6 +328,22 @@ class _WatchReaders(TorchFunctionMode):
 
 
 _DIVIDE = frozenset({torch.div, Tensor.div, Tensor.__truediv__})
+
+
+_AXIS_MOVES = frozenset({Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.permute,
+                         torch.permute})
+
+
+def _keeps_channels_last(func: Callable, args: tuple, dims: int) -> bool:
+    """A transpose or permute that leaves the last axis, the channels, where it is (Longformer's and LED's
+    ``h.transpose(0, 1)``, sequence first): the readers after it read every token's channels unchanged. One that
+    moves the channels (PVT's ``permute`` before a convolution) stays foreign."""
+    if func in (Tensor.permute, torch.permute):
+        order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return (len(order) == dims and all(isinstance(axis, int) for axis in order)
+                and order[-1] % dims == dims - 1)
+    axes = args[1:3]
+    return len(axes) == 2 and all(isinstance(axis, int) and axis % dims != dims - 1 for axis in axes)
 
 
 def _picks_tokens(value: Tensor, index: Any) -> bool:
