@@ -13,6 +13,7 @@ runs after the loop.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect as pyinspect
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -194,8 +195,7 @@ def _runs(model: nn.Module, group: list[Layer], edit: Edit) -> bool:
     if line is None or getattr(edit, "class_name", "") != type(layer).__name__:
         return True
     try:
-        source = Path(pyinspect.getsourcefile(type(layer)) or "")
-        tree = ast.parse(source.read_text(encoding="utf-8"))
+        tree = _parsed(pyinspect.getsourcefile(type(layer)) or "")
     except (OSError, TypeError, SyntaxError):
         return True
     functions = [item for node in tree.body if isinstance(node, ast.ClassDef) and node.name == type(layer).__name__
@@ -209,6 +209,12 @@ def _runs(model: nn.Module, group: list[Layer], edit: Edit) -> bool:
         return True
     innermost = min(holding, key=lambda node: (node.end_lineno or node.lineno) - node.lineno)
     return any(node is innermost for node in running_statements(functions[0], getattr(layer, "config", None), layer))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str) -> ast.Module:
+    """The modeling file's syntax tree, parsed once per file for every edit ``_runs`` asks about."""
+    return ast.parse(Path(path).read_text(encoding="utf-8"))
 
 
 def _variant_statement(model: nn.Module, class_name: str, line: int, groups: list[list[Layer]],
