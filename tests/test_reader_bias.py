@@ -8,15 +8,19 @@ with the norms replaced by their stand-ins, on models whose norm weights and bia
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_convert_native import tiny_model
 from test_drop_norms import TOLERANCE, converted_by, logits, relative
 from torch import nn
 
 import normswap
+from normswap.cli import main
 from normswap.conversion.drop_norms import StandInError, drop_out_norms, drop_pre_norms
 from normswap.conversion.stand_in import stand_in_reference
 
@@ -98,3 +102,26 @@ def test_a_reader_whose_forward_ignores_a_bias_is_refused_with_that_reason() -> 
     model = tiny_model("phimoe", "PhimoeForCausalLM")
     with pytest.raises(StandInError, match=r"router\.weight reads .* its forward \(PhimoeTopKRouter\) ignores a bias"):
         drop_pre_norms(model, normswap.inspect(model))
+
+
+def test_the_command_line_reads_a_trained_beta_from_src_before_it_chooses_the_way_home(tmp_path: Path) -> None:
+    """``normswap convert`` plans on the meta device, where no tensor holds a value: the way home reads the added out
+    norms' ``beta`` from SRC. At 0 the model goes home to stock StableLM; moved off 0, it takes the ordinary way
+    (generated code whose ``o_proj`` carries ``beta``) instead of failing while it writes."""
+    tiny_model("stablelm", "StableLmForCausalLM").save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "post_sublayer"), "--placement", "post-sublayer",
+                 "--quiet"]) == 0
+    assert main(["convert", str(tmp_path / "post_sublayer"), str(tmp_path / "home"), "--placement", "pre",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "home" / "config.json").read_text())["model_type"] == "stablelm"
+
+    weights = tmp_path / "post_sublayer" / "model.safetensors"
+    state = load_file(weights)
+    trained = {key: tensor + 0.1 if key.endswith("out_norm.bias") else tensor for key, tensor in state.items()}
+    assert trained.keys() == state.keys() and any(key.endswith("out_norm.bias") for key in state)
+    save_file(trained, weights, metadata={"format": "pt"})
+    assert main(["convert", str(tmp_path / "post_sublayer"), str(tmp_path / "back"), "--placement", "pre",
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"].startswith("normswap-stablelm")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert back["model.layers.0.self_attn.o_proj.bias"].abs().max() > 0

@@ -118,6 +118,7 @@ def convert_checkpoint(source: str | Path, destination: str | Path, placement: s
         carried_path = source_path / CARRIED_FILE
         if carried_path.is_file():
             meta.normswap_carried = read_safetensors_file(carried_path)
+        meta.normswap_source_tensor = weights.read  # a plan may read a vector (return_home.py: a trained beta)
 
         setup = _plan(meta, placement, norm, exact, untie, native, keep_stream_size, only)
         if setup.noop:

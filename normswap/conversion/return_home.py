@@ -254,10 +254,14 @@ def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str
 
 def _zero_beta(model: nn.Module, key: str) -> Step:
     """The check that ``key``, an added out LayerNorm's ``beta`` with no writer bias to go into at home, is 0: at
-    plan time where the model holds its tensors, else as the conversion reads it."""
+    plan time from the model's tensors or SRC's (``normswap_source_tensor``, on the meta device), and again as the
+    conversion reads it."""
     untrained = f"{key} is not 0 (it was trained after the way out), and no bias of the stock class holds it"
-    tensor = model.get_parameter(key)
-    if tensor.device.type != "meta" and bool(tensor.ne(0).any()):
+    tensor: Tensor | None = model.get_parameter(key)
+    if tensor is not None and tensor.device.type == "meta":  # planned on the meta device: read it from SRC
+        read = getattr(model, "normswap_source_tensor", None)
+        tensor = read(key) if read is not None else None
+    if tensor is not None and bool(tensor.ne(0).any()):
         raise NoWayHomeError(untrained)
 
     def check(beta: Tensor) -> Tensor:
