@@ -196,6 +196,13 @@ EXPECTED: dict[str, Expected] = {
     "starcoder2": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_LN)]),
     # PhiMoE: LayerNorm, fused mixture-of-experts MLP
     "phimoe": Expected("pre", LN, 1e-5, [StackSpec("layers", None, "norm", HF_DECODER_LN)]),
+    # LFM2: a short convolution (read as an mlp branch: no attention in it) in layer 0, attention with QK norms in
+    # layer 1, one class; its final norm is called embedding_norm
+    "lfm2": Expected("pre", RMS, 1e-5, [StackSpec(
+        "layers", None, "embedding_norm",
+        [pre("attention", ("operator_norm", RMS)), pre("mlp", ("ffn_norm", RMS))],
+        first_layer=[pre("mlp", ("operator_norm", RMS)), pre("mlp", ("ffn_norm", RMS))],
+        inner_norms=(("self_attn.k_layernorm", 16), ("self_attn.q_layernorm", 16)), first_inner_norms=())]),
     # Nemotron: LayerNorm1P, (1 + w) * n + b
     "nemotron": Expected("pre", LN_OFFSET, 1e-5, [StackSpec("layers", None, "norm", [
         pre("attention", ("input_layernorm", LN_OFFSET)), pre("mlp", ("post_attention_layernorm", LN_OFFSET))])]),
