@@ -368,18 +368,7 @@ def test_a_pre_norm_read_as_an_moe_reads_it_folds_into_every_reader(monkeypatch:
     (``h[rows]``), a pre norm's output still reaches only linear maps: all three are found, and the folded weights,
     run with the pre norms gone, equal the source run with its pre norms replaced by their stand-ins. Those three
     refused GraniteMoE, JetMoE and Kolibri to post-sublayer ("read by type_as"); picking channels is still refused."""
-    monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
-    model = _perturbed_gated(variant="routed-read")
-    found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
-    assert found.reason == "" and {reader.weight for reader in found.readers} == {
-        "layers.0.up.weight", "layers.0.shared.weight", "layers.0.gate.weight"}
-    actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
-    assert relative(actual, reference) <= TOLERANCE
-    with torch.no_grad():  # the stand-ins are not the norms: the check can fail
-        assert relative(model(**_IDS).double(), reference) > 1e-3
-    channel_read = GatedModel(GatedConfig(variant="channel-read")).eval()
-    assert "layers.0.norm is read by __getitem__" in norm_neighbours.pre_norm_readers(
-        channel_read, ["layers.0.norm"])["layers.0.norm"].reason
+    _assert_folds_and_foreign(monkeypatch, "routed-read", {"up", "shared", "gate"}, "channel-read", "__getitem__")
 
 
 def test_a_pre_norm_read_sequence_first_folds_and_one_read_channels_first_is_refused(
@@ -387,17 +376,26 @@ def test_a_pre_norm_read_sequence_first_folds_and_one_read_channels_first_is_ref
     """A transpose that keeps the channels last (Longformer's and LED's sequence-first attention) passes the norm's
     output to its readers whole: they fold, and equal the source with its pre norms replaced by their stand-ins. One
     that moves the channels is still a foreign read."""
+    _assert_folds_and_foreign(monkeypatch, "sequence-first-read", {"up"}, "channels-first-read", "transpose")
+
+
+def _assert_folds_and_foreign(monkeypatch: pytest.MonkeyPatch, variant: str, readers: set[str], foreign: str,
+                              read_by: str) -> None:
+    """``GatedModel`` in ``variant``: its pre norm's output reaches exactly ``readers`` (modules of the layer), whose
+    folded weights, run with the pre norms gone, equal the source with its pre norms replaced by their stand-ins;
+    in ``foreign`` the norm's output is read by ``read_by``, which no fold passes."""
     monkeypatch.setattr(drop_norms, "removed_norm_edits", lambda *args: [])
-    model = _perturbed_gated(variant="sequence-first-read")
+    model = _perturbed_gated(variant=variant)
     found = norm_neighbours.pre_norm_readers(model, ["layers.0.norm"])["layers.0.norm"]
-    assert found.reason == "" and {reader.weight for reader in found.readers} == {"layers.0.up.weight"}
+    assert found.reason == "" and {reader.weight for reader in found.readers} == {
+        f"layers.0.{reader}.weight" for reader in readers}
     actual, reference = _pre_norms_folded(model, make_pass(model, "pre"))
     assert relative(actual, reference) <= TOLERANCE
     with torch.no_grad():  # the stand-ins are not the norms: the check can fail
         assert relative(model(**_IDS).double(), reference) > 1e-3
-    channels_first = GatedModel(GatedConfig(variant="channels-first-read")).eval()
-    assert "layers.0.norm is read by transpose" in norm_neighbours.pre_norm_readers(
-        channels_first, ["layers.0.norm"])["layers.0.norm"].reason
+    other = GatedModel(GatedConfig(variant=foreign)).eval()
+    assert f"layers.0.norm is read by {read_by}" in norm_neighbours.pre_norm_readers(
+        other, ["layers.0.norm"])["layers.0.norm"].reason
 
 
 _IDS = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))}
