@@ -400,7 +400,9 @@ class Layer:
 def test_a_branch_output_times_constants_is_read_at_their_product_of_its_scale(tmp_path: Path) -> None:
     """``self.attn(x) * self.multiplier``, then ``0.5 * ... / self.config.divisor`` in the add: the term is the
     attention's output, its factors the three constants, and the new norm's scale is their product's size times
-    the output's; a learned gain (``self.gamma``, a parameter) is no constant, and is refused with that reason."""
+    the output's. A learned per-channel gain (``self.gamma``, a vector parameter: BEiT's layer scale) is measured
+    with the output instead (the site's ``channel_scale``); a learned scalar gain is no constant, and is refused
+    with that reason."""
     source = tmp_path / "modeling_product.py"
     source.write_text(_PRODUCT_SOURCE, encoding="utf-8")
     lines = _PRODUCT_SOURCE.splitlines()
@@ -411,9 +413,12 @@ def test_a_branch_output_times_constants_is_read_at_their_product_of_its_scale(t
         ("self.multiplier", False), ("0.5", False), ("self.config.divisor", True)]
     holder = torch.nn.Module()
     holder.multiplier, holder.config = -3.0, transformers.PretrainedConfig(divisor=4)
-    assert _factor(holder, term, "modeling_product.py") == pytest.approx(-3.0 * 0.5 / 4)
+    factor, channel_scale = _factor(holder, term, "modeling_product.py")
+    assert factor == pytest.approx(-3.0 * 0.5 / 4) and channel_scale == ""
     gained = branch_terms(source, "Layer", len(lines), {"mlp"}, lambda _: False).branches["mlp"]
     holder.gamma = torch.nn.Parameter(torch.ones(8))
+    assert _factor(holder, gained, "modeling_product.py") == (1.0, "gamma")
+    holder.gamma = torch.nn.Parameter(torch.ones(()))
     with pytest.raises(AddNormError, match=r"multiplied by self.gamma .* no number but a Parameter"):
         _factor(holder, gained, "modeling_product.py")
 

@@ -208,9 +208,11 @@ def _sublayer_norms(model: nn.Module, layer: Layer, index: int, sub: Sublayer, s
                                "other arguments, so the scale measured at its input would not be the stream's")
         norm = _norm_name(holder, term, slot, index, taken, class_path)
         module = ".".join(part for part in (layer.path, class_path, term.attribute) if part)
+        factor, channel_scale = _factor(holder, term, locate.filename) if slot == "out" else (1.0, "")
+        holder_path = ".".join(part for part in (layer.path, class_path) if part)
         site = CalibrationSite(module, "output" if slot == "out" else "input",
-                               "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0)
-        factor = _factor(holder, term, locate.filename) if slot == "out" else 1.0
+                               "std" if new_kind.startswith("layernorm") else "rms", eps=template.eps or 0.0,
+                               channel_scale=f"{holder_path}.{channel_scale}" if channel_scale else "")
         wrap: Edit | None = (WrapBranchOutput(class_name, call_line, term.term, norm, add.helper)
                              if slot == "out" else WrapBranchInput(class_name, term.call_line, term.attribute, norm))
         if slot == "out" and len(sub.branches) > 1:
@@ -287,10 +289,13 @@ def _reading_call(locate: _Locator, path: Path, class_name: str, class_path: str
     return found
 
 
-def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> float:
+def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> tuple[float, str]:
     """The product of the constants the branch's output is multiplied (or divided) by before the add, each a number
-    or an attribute of the module that runs the code; refused where one is no number (a learned gain, a tensor)."""
-    value = 1.0
+    or an attribute of the module that runs the code, and the name of the one parameter of that module that may
+    multiply it channel by channel (BEiT's layer scale ``self.lambda_1 * attention_output``: the new norm's scale is
+    measured on the product); refused where a factor is anything else (a learned scalar gain, a tensor)."""
+    value, channel_scale = 1.0, ""
+    width = None
     for factor in term.factors:
         found: Any = holder
         if factor.text.startswith("self."):
@@ -298,15 +303,20 @@ def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> float:
                 found = getattr(found, part, None)
         else:
             found = ast.literal_eval(factor.text)
+        if (isinstance(found, nn.Parameter) and found.dim() == 1 and not factor.divides and not channel_scale
+                and "." not in factor.text.removeprefix("self.")):
+            channel_scale, width = factor.text.removeprefix("self."), found.shape[0]
+            continue
         number = isinstance(found, (int, float)) and not isinstance(found, bool)
         if not number or (factor.divides and found == 0):
             raise AddNormError(f"self.{term.attribute}'s output is {'divided' if factor.divides else 'multiplied'} by "
                                f"{factor.text} at {filename}:{term.call_line} or after, which is "
                                f"{'zero' if number else 'no number but a ' + type(found).__name__} when the model "
                                "is built, so the scale of what a new norm there reads is no constant times that "
-                               "module's output")
+                               "module's output" + (" (a layer scale, a vector of the module's own, may multiply "
+                                                    "it once)" if width is None and not number else ""))
         value = value / found if factor.divides else value * found
-    return value
+    return value, channel_scale
 
 
 def _class_path(locate: _Locator, class_name: str, sub: Sublayer, slot: str) -> str:

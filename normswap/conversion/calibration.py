@@ -36,6 +36,8 @@ class CalibrationSite:
 
     ``statistic`` is ``rms`` for an RMSNorm (or a norm-free site) and ``std`` for a LayerNorm, whose stand-in
     subtracts the mean first. ``eps`` is the norm's own, so that ``s`` is what the norm divides by.
+    ``channel_scale``: the key of a parameter that multiplies the tensor channel by channel on its way to the norm
+    (BEiT's layer scale ``lambda_1 * attention_output``), applied before the statistic.
     """
 
     module: str
@@ -43,6 +45,7 @@ class CalibrationSite:
     statistic: Statistic = "rms"
     axis: int = -1
     eps: float = 0.0
+    channel_scale: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def calibrate(model: nn.Module, sites: Iterable[CalibrationSite], inputs: Mappin
                 return
             for site in module_sites:
                 if site.side == side:
-                    per_token[site].append(_token_scales(tensor, site, mask))
+                    scaled = tensor * _channel_scale(model, site, tensor) if site.channel_scale else tensor
+                    per_token[site].append(_token_scales(scaled, site, mask))
 
         handles.append(module.register_forward_pre_hook(
             lambda _m, args, kwargs, measure=measure: measure((args, kwargs), "input"), with_kwargs=True))
@@ -97,6 +101,15 @@ def calibrate(model: nn.Module, sites: Iterable[CalibrationSite], inputs: Mappin
         for handle in handles:
             handle.remove()
     return {site: _summarise(site, found) for site, found in per_token.items()}
+
+
+def _channel_scale(model: nn.Module, site: CalibrationSite, tensor: torch.Tensor) -> torch.Tensor:
+    """The site's per-channel scale, shaped to multiply ``tensor`` along its channel axis; read when the module
+    runs, so that an offloaded model has loaded it."""
+    scale = model.get_parameter(site.channel_scale).detach().to(tensor.device, tensor.dtype)
+    shape = [1] * tensor.dim()
+    shape[site.axis] = -1
+    return scale.reshape(shape)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:

@@ -72,11 +72,13 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     return _drop_pass(model, topology, "out", norms, folds, moves, fold_one)
 
 
-def out_norm_folds(model: nn.Module, norms: Sequence[NormSite], give_biases: bool = True
+def out_norm_folds(model: nn.Module, norms: Sequence[NormSite], give_biases: bool = True, centred: bool = True
                    ) -> tuple[tuple[OutFold, ...], tuple[PassMove, ...]]:
     """Where each ``out`` norm's stand-in folds (identity placeholders have nothing to fold), and the plan's lines;
     ``give_biases=False``: a LayerNorm whose writers have no bias for its ``beta`` folds with no carrier (its
-    ``beta`` must be 0: the caller checks) instead of giving one a bias."""
+    ``beta`` must be 0: the caller checks) instead of giving one a bias. ``centred=False``: the fold leaves a
+    LayerNorm's centring out (a norm dropped on the way home), so a per-channel scale on the way (a layer scale)
+    commutes with it."""
     found = norm_inputs(model, [norm.path for norm in norms if norm.kind != "identity"])
     keys = dict.fromkeys(model.state_dict())
     owners: dict[str, str] = {}
@@ -89,7 +91,7 @@ def out_norm_folds(model: nn.Module, norms: Sequence[NormSite], give_biases: boo
         stand_in, read = stand_in_of(model, norm), found[norm.path]
         if read.reason:
             raise StandInError(f"{read.reason}: cannot drop {norm.path} by its stand-in")
-        tensors = _term_tensors(model, stand_in, read, keys)
+        tensors = _term_tensors(model, stand_in, read, keys, centred)
         for key in tensors:
             other = owners.setdefault(key, norm.path)
             if other != norm.path:
@@ -234,12 +236,13 @@ def _placement_without(topology: Topology, slot: str) -> str:
     return combine_placements(placements)
 
 
-def _term_tensors(model: nn.Module, stand_in: StandIn, read: NormInput, keys: dict[str, None]) -> dict[str, int]:
+def _term_tensors(model: nn.Module, stand_in: StandIn, read: NormInput, keys: dict[str, None], centred: bool = True
+                  ) -> dict[str, int]:
     """Every tensor of the terms of the norm's input (among ``keys``, the state dict's), with the dimension that
     runs over the norm's channels."""
     tensors: dict[str, int] = {}
     for term in read.terms:
-        if stand_in.centred and term.scales:
+        if stand_in.centred and centred and term.scales:
             raise StandInError(f"{term.scales[0]} scales {term.source}'s part of the input of {stand_in.norm} per "
                                "channel before the LayerNorm's centring, which does not commute with it")
         if term.writer:

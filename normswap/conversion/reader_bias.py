@@ -14,13 +14,13 @@ running the module with a zero weight and a bias of ones, on the meta-device mod
 
 from __future__ import annotations
 
+import inspect as pyinspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..codegen.derive import owner_and_attribute
 from ..codegen.edits import GiveBias
 from ..errors import NormswapError
 from .program import Step, combine
@@ -69,12 +69,31 @@ def given_biases(model: nn.Module, new_biases: Sequence[str]) -> tuple[tuple[Giv
     """The edits that build each of ``new_biases``' modules with a bias, and the other biases they give: a class's
     code builds every instance of it, so the same attribute of other instances (Whisper's cross-attention
     ``k_proj``, beside the self-attention one that reads the dropped norm) gets a bias too, which starts at 0."""
-    edits = dict.fromkeys(GiveBias(*owner_and_attribute(model, bias.removesuffix(".bias"))) for bias in new_biases)
-    wanted = {(edit.class_name, edit.attribute) for edit in edits}
-    zeros = [f"{name}.{attribute}.bias" for name, owner in model.named_modules()
-             for class_name, attribute in wanted if type(owner).__name__ == class_name
+    builders: dict[tuple[type, str], None] = {}
+    for bias in new_biases:
+        path = bias.removesuffix(".bias")
+        owner = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        builders[(_builder(type(owner), path.rsplit(".", 1)[-1]), path.rsplit(".", 1)[-1])] = None
+    edits = tuple(GiveBias(cls.__name__, attribute) for cls, attribute in builders)
+    zeros = [f"{name}.{attribute}.bias".removeprefix(".") for name, owner in model.named_modules()
+             for cls, attribute in builders if isinstance(owner, cls)
              and isinstance(getattr(owner, attribute, None), nn.Linear) and getattr(owner, attribute).bias is None]
-    return tuple(edits), tuple(key.removeprefix(".") for key in zeros if key.removeprefix(".") not in new_biases)
+    return edits, tuple(key for key in zeros if key not in new_biases)
+
+
+def _builder(cls: type, attribute: str) -> type:
+    """The class whose own ``__init__`` builds ``self.<attribute>``: ``cls`` or the base it inherits that
+    ``__init__`` from (Data2Vec-vision's SDPA attention builds its ``key`` in the eager class's ``__init__``)."""
+    for base in cls.__mro__:
+        init = base.__dict__.get("__init__")
+        if init is None or base.__module__ != cls.__module__:
+            continue
+        try:
+            if f"self.{attribute} =" in pyinspect.getsource(init):
+                return base
+        except (OSError, TypeError):
+            break
+    return cls
 
 
 def zero_bias(weight: Step) -> Step:

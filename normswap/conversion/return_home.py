@@ -231,7 +231,8 @@ def _drop_added(model: nn.Module, added: Sequence[NormSite], scales: Mapping[str
     without a LayerNorm's centring ``C``: the original had no norm there, and while ``g`` is still its start ``s``
     (and ``beta`` 0) the fold is then the identity, so the neighbours come home as they were. An out LayerNorm
     whose writers have no bias (StableLM's ``o_proj``) goes home only while its ``beta`` is 0 (``checks``)."""
-    out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"], give_biases=False)
+    out_folds, out_moves = out_norm_folds(model, [norm for norm in added if norm.slot == "out"], give_biases=False,
+                                          centred=False)
     for fold in out_folds:
         if fold.carrier is None and fold.stand_in.bias is not None:
             checks.append(_zero_beta(model, fold.stand_in.bias))
