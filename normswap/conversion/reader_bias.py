@@ -27,7 +27,8 @@ from .program import Step, combine
 
 
 class ReaderBiasError(NormswapError):
-    """A map that reads a dropped LayerNorm has no bias and cannot be given one."""
+    """A linear map beside a dropped LayerNorm (a reader of its output, or the writer chosen to carry its ``beta``)
+    has no bias and cannot be given one."""
 
 
 def new_bias_key(model: nn.Module, weight: str, norm: str, reads: bool = True) -> str:
