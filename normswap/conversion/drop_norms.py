@@ -64,8 +64,6 @@ def drop_out_norms(model: nn.Module, topology: Topology) -> Pass:
     folds, moves = out_norm_folds(model, norms)
 
     def fold_one(fold: OutFold, scale: float, steps: dict[str, Step]) -> None:
-        if fold.new_bias is not None:
-            steps[fold.new_bias] = zero_bias(steps[fold.new_bias.removesuffix(".bias") + ".weight"])
         for key, dim in fold.tensors.items():
             fold_into_writer(fold.stand_in, scale, key, dim, steps, carries_shift=key == fold.carrier)
 
@@ -116,8 +114,6 @@ def drop_pre_norms(model: nn.Module, topology: Topology) -> Pass:
 
     def fold_one(fold: PreFold, scale: float, steps: dict[str, Step]) -> None:
         for reader in fold.readers:
-            if reader.bias in fold.new_biases:
-                steps[reader.bias] = zero_bias(steps[reader.weight])
             fold_into_reader(fold.stand_in, scale, reader.weight, reader.in_dim, reader.bias, steps,
                              factor=reader.factor)
 
@@ -129,14 +125,14 @@ def _drop_pass(model: nn.Module, topology: Topology, slot: str, norms: Sequence[
                fold_one: Callable[[Any, float, dict[str, Step]], None]) -> Pass:
     """The pass that removes ``slot``'s norms: each fold at its site's calibrated scale, the norms' tensors gone,
     their calls unwrapped in the code, their vectors and scales carried for the way back."""
-    given, zero_biases = given_biases(model, [bias for fold in folds for bias in (
+    given, biases = given_biases(model, [bias for fold in folds for bias in (
         fold.new_biases if isinstance(fold, PreFold) else (fold.new_bias,) if fold.new_bias else ())])
 
     def rewrite(steps: dict[str, Step], scales: Scales) -> None:
+        for bias in biases:  # every bias the generated code gives starts at 0; the folds fill those they reach
+            steps[bias] = zero_bias(steps, bias)
         for fold in folds:
             fold_one(fold, scales[fold.stand_in.site].scale, steps)
-        for bias in zero_biases:
-            steps[bias] = zero_bias(steps[bias.removesuffix(".bias") + ".weight"])
         _remove_norm_tensors(model, norms, steps)
 
     return Pass(_name(topology, slot), exact=False, placement=_placement_without(topology, slot),
@@ -201,9 +197,6 @@ def _with_biases(model: nn.Module, norm: NormSite, readers: Sequence[ReaderTenso
     for reader in readers:
         if reader.bias is None:
             try:
-                if reader.in_dim != 1:
-                    raise ReaderBiasError(f"{reader.weight} reads {norm.path} along its dimension {reader.in_dim}, "
-                                          "not as a linear map's input, and has no bias for the norm's beta")
                 key = new_bias_key(model, reader.weight, norm.path)
             except ReaderBiasError as error:
                 raise StandInError(f"{error}: the stand-in's shift has nowhere to go, so the norm cannot be "

@@ -15,7 +15,7 @@ running the module with a zero weight and a bias of ones, on the meta-device mod
 from __future__ import annotations
 
 import inspect as pyinspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,19 +67,19 @@ def _adds_bias(module: nn.Linear) -> bool:
 
 
 def given_biases(model: nn.Module, new_biases: Sequence[str]) -> tuple[tuple[GiveBias, ...], tuple[str, ...]]:
-    """The edits that build each of ``new_biases``' modules with a bias, and the other biases they give: a class's
-    code builds every instance of it, so the same attribute of other instances (Whisper's cross-attention
-    ``k_proj``, beside the self-attention one that reads the dropped norm) gets a bias too, which starts at 0."""
+    """The edits that build each of ``new_biases``' modules with a bias, and every bias they give, each to start at
+    0: a class's code builds every instance of it, so the same attribute of other instances (Whisper's
+    cross-attention ``k_proj``, beside the self-attention one that reads the dropped norm) gets a bias too."""
     builders: dict[tuple[type, str], None] = {}
     for bias in new_biases:
         path = bias.removesuffix(".bias")
         owner = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
         builders[(_builder(type(owner), path.rsplit(".", 1)[-1]), path.rsplit(".", 1)[-1])] = None
     edits = tuple(GiveBias(cls.__name__, attribute) for cls, attribute in builders)
-    zeros = [f"{name}.{attribute}.bias".removeprefix(".") for name, owner in model.named_modules()
+    given = [f"{name}.{attribute}.bias".removeprefix(".") for name, owner in model.named_modules()
              for cls, attribute in builders if isinstance(owner, cls)
              and isinstance(getattr(owner, attribute, None), nn.Linear) and getattr(owner, attribute).bias is None]
-    return edits, tuple(key for key in zeros if key not in new_biases)
+    return edits, tuple(given)
 
 
 def _builder(cls: type, attribute: str) -> type:
@@ -97,7 +97,8 @@ def _builder(cls: type, attribute: str) -> type:
     return cls
 
 
-def zero_bias(weight: Step) -> Step:
-    """A zero bias sized by the map's output channels (dimension 0 of its weight), in the weight's dtype: the
-    ``b`` that ``b <- b + W beta`` then fills."""
-    return combine(lambda matrix: torch.zeros(matrix.shape[0], dtype=matrix.dtype), weight)
+def zero_bias(steps: Mapping[str, Step], bias: str) -> Step:
+    """The given ``bias``, 0 and sized by its map's output channels (dimension 0 of its weight), in the weight's
+    dtype: the ``b`` that a fold (``b <- b + W beta``, or ``beta`` on its carrier) then fills."""
+    return combine(lambda matrix: torch.zeros(matrix.shape[0], dtype=matrix.dtype),
+                   steps[bias.removesuffix(".bias") + ".weight"])
