@@ -295,7 +295,6 @@ def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> tuple[float, 
     multiply it channel by channel (BEiT's layer scale ``self.lambda_1 * attention_output``: the new norm's scale is
     measured on the product); refused where a factor is anything else (a learned scalar gain, a tensor)."""
     value, channel_scale = 1.0, ""
-    width = None
     for factor in term.factors:
         found: Any = holder
         if factor.text.startswith("self."):
@@ -305,7 +304,7 @@ def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> tuple[float, 
             found = ast.literal_eval(factor.text)
         if (isinstance(found, nn.Parameter) and found.dim() == 1 and not factor.divides and not channel_scale
                 and "." not in factor.text.removeprefix("self.")):
-            channel_scale, width = factor.text.removeprefix("self."), found.shape[0]
+            channel_scale = factor.text.removeprefix("self.")
             continue
         number = isinstance(found, (int, float)) and not isinstance(found, bool)
         if not number or (factor.divides and found == 0):
@@ -314,7 +313,7 @@ def _factor(holder: nn.Module, term: BranchTerm, filename: str) -> tuple[float, 
                                f"{'zero' if number else 'no number but a ' + type(found).__name__} when the model "
                                "is built, so the scale of what a new norm there reads is no constant times that "
                                "module's output" + (" (a layer scale, a vector of the module's own, may multiply "
-                                                    "it once)" if width is None and not number else ""))
+                                                    "it once)" if not channel_scale and not number else ""))
         value = value / found if factor.divides else value * found
     return value, channel_scale
 
